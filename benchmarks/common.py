@@ -1,0 +1,110 @@
+"""Shared pieces of the benchmarks: timing, environment facts and result rows.
+
+Every benchmark writes rows through `Recorder`, one JSON object a line, with the fields that
+`benchmarks/gpu_check.sh` gathers into results.json and summary.md. Run benchmarks from the
+repository root: `python benchmarks/bench_<op>.py ...`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `python benchmarks/x.py` puts benchmarks/ first on the path, not the root
+    sys.path.insert(0, str(REPO))
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True, text=True)
+        commit = out.stdout.strip() or "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+def environment() -> dict:
+    import triton
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return {
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": sys.version.split()[0],
+        "commit": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def bench(fn, *, warmup_ms: float = 25, rep_ms: float = 100) -> dict:
+    """Median and 20/80 percentiles in ms, timed with device events (triton.testing.do_bench) on a GPU,
+    and peak memory above what was allocated before the call."""
+    if torch.cuda.is_available():
+        import triton.testing
+
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        median, p20, p80 = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+        return {"median_ms": median, "p20_ms": p20, "p80_ms": p80, "peak_mem_mb": peak}
+    import time
+
+    fn()
+    times = []
+    deadline = time.perf_counter() + rep_ms / 1000
+    while True:
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000)
+        if time.perf_counter() > deadline and len(times) >= 3:
+            break
+    times.sort()
+    pick = lambda q: times[min(len(times) - 1, int(q * len(times)))]  # noqa: E731
+    return {"median_ms": pick(0.5), "p20_ms": pick(0.2), "p80_ms": pick(0.8), "peak_mem_mb": None}
+
+
+class Recorder:
+    """Collects result rows; appends them as JSON lines to `path` (default: $FINEVITI_RESULTS, else none)."""
+
+    def __init__(self, benchmark: str, path: str | None = None):
+        self.benchmark = benchmark
+        self.path = path or os.environ.get("FINEVITI_RESULTS")
+        self.env = environment()
+        self.rows: list[dict] = []
+
+    def add(self, *, provider: str, mode: str, shape: dict, dtype: str, timing: dict,
+            tflops: float | None = None, gbps: float | None = None, **extra) -> dict:
+        row = {"benchmark": self.benchmark, "provider": provider, "mode": mode, "shape": shape, "dtype": dtype,
+               **timing, "tflops": tflops, "gbps": gbps, **extra, **self.env}
+        self.rows.append(row)
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        shown = f"{tflops:8.1f} TFLOP/s" if tflops is not None else (f"{gbps:8.1f} GB/s" if gbps is not None else "")
+        print(f"{self.benchmark:12s} {provider:16s} {mode:5s} {json.dumps(shape):60s} {dtype:9s} "
+              f"{timing['median_ms']:9.3f} ms {shown}", flush=True)
+        return row
+
+    def error(self, *, provider: str, mode: str, shape: dict, dtype: str, error: str) -> None:
+        row = {"benchmark": self.benchmark, "provider": provider, "mode": mode, "shape": shape, "dtype": dtype,
+               "error": error, **self.env}
+        self.rows.append(row)
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        print(f"{self.benchmark:12s} {provider:16s} {mode:5s} {json.dumps(shape):60s} {dtype:9s} ERROR {error}",
+              flush=True)

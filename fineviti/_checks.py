@@ -1,0 +1,49 @@
+"""Input checks shared by the ops.
+
+Shape, dtype and device checks always run. Checks of tensor values need the values on the host:
+free for CPU tensors, a device-to-host synchronisation for CUDA ones, so on CUDA they run only when
+asked for (an op's `check_values=True`, or FINEVITI_CHECKS=1 in the environment).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def value_checks_enabled(tensor: torch.Tensor, check_values: bool | None = None) -> bool:
+    """Whether to check the values of `tensor`: always on the CPU, opt-in on an accelerator."""
+    if check_values is not None:
+        return check_values
+    if tensor.device.type == "cpu":
+        return True
+    return os.environ.get("FINEVITI_CHECKS", "0") not in ("", "0", "false", "False")
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, name: str = "cu_seqlens",
+                     max_seqlen: int | None = None, max_seqlen_name: str = "max_seqlen",
+                     check_values: bool | None = None) -> None:
+    """Check a cu_seqlens tensor: int32, 1-D with at least 2 entries; values when enabled."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"{name} must have shape (n+1,) with n >= 1, got {tuple(cu_seqlens.shape)}")
+    if not value_checks_enabled(cu_seqlens, check_values):
+        return
+    values = cu_seqlens.tolist()
+    if values[0] != 0:
+        raise ValueError(f"{name}[0] must be 0, got {values[0]}")
+    for i in range(1, len(values)):
+        if values[i] < values[i - 1]:
+            raise ValueError(f"{name} must be non-decreasing, but {name}[{i}]={values[i]} < "
+                             f"{name}[{i - 1}]={values[i - 1]}")
+    if values[-1] != total:
+        raise ValueError(f"{name}[-1] must equal the number of tokens {total}, got {values[-1]}")
+    if max_seqlen is not None:
+        longest = max(b - a for a, b in zip(values[:-1], values[1:]))
+        if longest > max_seqlen:
+            raise ValueError(f"{max_seqlen_name}={max_seqlen} is smaller than the longest sequence "
+                             f"in {name} ({longest})")

@@ -1,0 +1,26 @@
+"""The public ops of fineviti: packed, variable-length inputs; each with a pure-torch reference.
+
+Names resolve lazily, so that importing one op does not import the others' kernels.
+"""
+
+import importlib
+
+_WHERE = {
+    "varlen_attention": "attention",
+    "varlen_attention_ref": "attention",
+    "rope_2d": "rope",
+    "rope_2d_qk": "rope",
+    "rope_2d_ref": "rope",
+    "siglip_loss": "contrastive",
+    "siglip_loss_ref": "contrastive",
+    "clip_loss": "contrastive",
+    "clip_loss_ref": "contrastive",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'fineviti.ops' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"fineviti.ops.{_WHERE[name]}"), name)

@@ -1,0 +1,66 @@
+"""What each Triton kernel ships: the configurations the kernel report compiles for the GPU.
+
+A kernel module calls `declare(name, kernel, configs)` at import time, where `configs` is a function
+returning `Shipped` rows: one per (autotune config x representative constexprs x dtype) that the
+kernel can launch with in production. `benchmarks/kernel_report.py` compiles each row ahead of time
+for a named target (no GPU needed) and reads its resources; the interpreter tests run the same
+configurations through `Shipped.launch_options()` on small ragged inputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+
+@dataclasses.dataclass(frozen=True)
+class Shipped:
+    """One compiled variant of a kernel.
+
+    signature: every argument of the kernel by name -> Triton type string ('*fp16', '*bf16', '*fp32',
+        '*i32', 'i32', 'i64', 'fp32', or 'constexpr'), in the kernel's argument order.
+    constexprs: the value of every 'constexpr' argument (block sizes, HEAD_DIM, flags).
+    """
+
+    kernel_name: str
+    label: str
+    signature: dict[str, str]
+    constexprs: dict[str, object]
+    num_warps: int = 4
+    num_stages: int = 2
+    warp_specialize: bool = False  # asked for through tl.range(..., warp_specialize=True)
+    fn: object = dataclasses.field(default=None, compare=False, repr=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Declared:
+    name: str
+    fn: object  # the triton.JITFunction
+    configs: Callable[[], list[Shipped]]
+
+
+_REGISTRY: dict[str, Declared] = {}
+
+
+def declare(name: str, fn: object, configs: Callable[[], list[Shipped]]) -> None:
+    """Register `fn` (a @triton.jit function) under `name` with the function listing what it ships."""
+    if name in _REGISTRY and _REGISTRY[name].fn is not fn:
+        raise ValueError(f"kernel name {name!r} is declared twice")
+    _REGISTRY[name] = Declared(name, fn, configs)
+
+
+def declared() -> dict[str, Declared]:
+    """Every declared kernel, after importing all kernel modules."""
+    import fineviti.kernels  # noqa: F401  (imports every kernel module, which declare themselves)
+
+    return dict(_REGISTRY)
+
+
+def shipped(name: str | None = None) -> list[Shipped]:
+    """Every shipped configuration (of one kernel when `name` is given), with `fn` filled in."""
+    rows = []
+    for decl in declared().values():
+        if name is not None and decl.name != name:
+            continue
+        rows.extend(dataclasses.replace(row, fn=decl.fn) for row in decl.configs())
+    return rows
