@@ -1,0 +1,51 @@
+// The one registration block of fineviti: every schema of torch.ops.fineviti.* is declared here.
+//
+// To add an op: append one `m.def(...)` line with its schema under a comment naming its family, and
+// register the implementations in the family's own files with TORCH_LIBRARY_IMPL(fineviti, CPU, m)
+// (csrc/<family>.cpp) and TORCH_LIBRARY_IMPL(fineviti, CUDA, m) (csrc/<family>.cu). CMakeLists.txt
+// globs csrc/*.cpp and csrc/*.cu, so a new file needs no build change. Training ops are functional
+// (they return tensors); their autograd lives in Python (fineviti/ops/).
+//
+// Loading the shared library (`import fineviti._C`, done by `import fineviti`) runs the static
+// registrations below; the Python module itself defines nothing.
+
+#include <Python.h>
+#include <torch/library.h>
+
+#include <string>
+
+namespace fineviti {
+
+// Whether the CUDA sources were compiled into this library, and for which TORCH_CUDA_ARCH_LIST.
+bool cuda_built() {
+#ifdef FINEVITI_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+std::string cuda_arch_list() {
+#ifdef FINEVITI_CUDA_ARCH_LIST
+  return FINEVITI_CUDA_ARCH_LIST;
+#else
+  return "";
+#endif
+}
+
+}  // namespace fineviti
+
+TORCH_LIBRARY(fineviti, m) {
+  // Build information (no tensors: one implementation for every backend).
+  m.def("cuda_built() -> bool", &fineviti::cuda_built);
+  m.def("cuda_arch_list() -> str", &fineviti::cuda_arch_list);
+
+  // positions.cpp, positions.cu: packed (row, col) positions and cu_seqlens of a batch of patch grids.
+  m.def("build_positions(Tensor grid_hw, int merge) -> (Tensor, Tensor)");
+}
+
+// `import fineviti._C` needs a module init function; the module is empty on purpose.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,87 @@
+"""Builds fineviti._C from csrc/ through CMake; package metadata lives in pyproject.toml.
+
+Environment: MAX_JOBS (parallel compile jobs), TORCH_CUDA_ARCH_LIST (default: the visible GPU's
+capability, else "9.0+PTX"), FINEVITI_SKIP_CUDA_BUILD=1 (C++ only), CUDA_HOME (the toolkit; default
+/usr/local/cuda), FINEVITI_BUILD_TYPE (default Release). Nothing here reaches the network.
+
+The CMake build directory is kept under build/cmake/, one per configuration, so that an editable
+install and a wheel built from the same checkout share compiled objects.
+"""
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _nvcc() -> str | None:
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+    candidate = Path(cuda_home) / "bin" / "nvcc"
+    return str(candidate) if candidate.exists() else shutil.which("nvcc")
+
+
+def _cuda_arch_list(torch) -> str:
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return os.environ["TORCH_CUDA_ARCH_LIST"]
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        return f"{major}.{minor}"
+    return "9.0+PTX"
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name: str):
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext: Extension) -> None:
+        import torch
+
+        nvcc = None if os.environ.get("FINEVITI_SKIP_CUDA_BUILD") == "1" else _nvcc()
+        with_cuda = torch.version.cuda is not None and nvcc is not None
+        build_type = os.environ.get("FINEVITI_BUILD_TYPE", "Debug" if self.debug else "Release")
+        env = dict(os.environ)
+        args = [
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-DCMAKE_BUILD_TYPE={build_type}",
+            f"-DFINEVITI_BUILD_CUDA={'ON' if with_cuda else 'OFF'}",
+        ]
+        if torch.version.cuda is not None and nvcc is not None:
+            # torch's CMake config enables CUDA for a CUDA build of torch even when we skip our .cu files.
+            env["TORCH_CUDA_ARCH_LIST"] = _cuda_arch_list(torch)
+            toolkit = Path(nvcc).resolve().parent.parent
+            # CUDA_TOOLKIT_ROOT_DIR: torch's config still runs the old FindCUDA, which would otherwise take
+            # the first nvcc on PATH (possibly a wrapper script outside the toolkit).
+            args += [f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DCUDAToolkit_ROOT={toolkit}", f"-DCUDA_TOOLKIT_ROOT_DIR={toolkit}"]
+        elif torch.version.cuda is not None:
+            raise RuntimeError(
+                f"torch {torch.__version__} is a CUDA build, and its CMake config needs a CUDA toolkit even for "
+                "a C++-only build; no nvcc was found in $CUDA_HOME/bin, /usr/local/cuda/bin or on PATH"
+            )
+        if shutil.which("ninja"):
+            args.append("-GNinja")
+
+        tag = hashlib.sha1(repr((sys.executable, torch.__version__, args, env.get("TORCH_CUDA_ARCH_LIST"))).encode())
+        build_dir = ROOT / "build" / "cmake" / tag.hexdigest()[:12]
+        build_dir.mkdir(parents=True, exist_ok=True)
+        jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
+        print(f"fineviti: CUDA sources {'on' if with_cuda else 'off'}, TORCH_CUDA_ARCH_LIST="
+              f"{env.get('TORCH_CUDA_ARCH_LIST', '')}, {jobs} jobs, build dir {build_dir}", flush=True)
+        subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build_dir), *args], check=True, env=env)
+        subprocess.run(["cmake", "--build", str(build_dir), "--parallel", jobs], check=True, env=env)
+
+        built = next(build_dir.glob("_C.*.so"))
+        target = Path(self.get_ext_fullpath(ext.name))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(built, target)
+
+
+setup(ext_modules=[CMakeExtension("fineviti._C")], cmdclass={"build_ext": CMakeBuild})
