@@ -1,0 +1,96 @@
+"""`fineviti info`: what it reports, as text and JSON, through the CLI and the console script."""
+
+import importlib.abc
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from fineviti import _ext, cli, info
+
+
+def run_cli(capsys, *argv) -> tuple[int, str]:
+    code = cli.main(list(argv))
+    return code, capsys.readouterr().out
+
+
+def test_info_json_reports_this_environment(capsys):
+    code, out = run_cli(capsys, "info", "--json")
+    assert code == 0
+    report = json.loads(out)
+    assert report["torch"]["version"] == torch.__version__
+    assert report["python"]["executable"] == sys.executable
+    assert report["cuda"]["available"] == torch.cuda.is_available()
+    assert len(report["gpus"]) == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    ext = report["extension"]
+    assert ext["loaded"] is True, ext["error"]
+    assert {"build_positions", "cuda_built", "cuda_arch_list"} <= set(ext["ops"])
+    assert ext["cuda_built"] == torch.ops.fineviti.cuda_built()
+    assert ("build_positions" in ext["cuda_ops"]) == ext["cuda_built"]
+    import triton
+
+    assert report["triton"]["version"] == triton.__version__
+    for name in ("flash_attn", "xformers", "apex"):
+        assert report["optional"][name]["status"] == "unverified"
+    assert "unverified" in report["optional"]["nvidia.dali"]["status"]
+
+
+def test_info_text(capsys):
+    code, out = run_cli(capsys, "info")
+    assert code == 0
+    assert f"torch        {torch.__version__}" in out
+    assert "build_positions" in out
+    assert "flash_attn" in out and "[unverified]" in out
+
+
+class BrokenInstall(importlib.abc.MetaPathFinder):
+    """An installed package whose import fails with something other than ImportError."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "apex":
+            raise RuntimeError("apex was built for another torch")
+        return None
+
+
+def test_optional_packages_are_probed_by_import(monkeypatch):
+    fake = types.ModuleType("flash_attn")
+    fake.__version__ = "9.9.9"
+    monkeypatch.setitem(sys.modules, "flash_attn", fake)
+    monkeypatch.delitem(sys.modules, "apex", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [BrokenInstall(), *sys.meta_path])
+    report = info.collect()["optional"]
+    assert report["flash_attn"] == {"importable": True, "version": "9.9.9", "status": "unverified", "error": None}
+    assert report["apex"] == {
+        "importable": False,
+        "version": None,
+        "status": "unverified",
+        "error": "RuntimeError: apex was built for another torch",
+    }
+
+
+def test_info_without_the_extension(monkeypatch):
+    monkeypatch.setattr(_ext, "load", lambda required=True: False)
+    monkeypatch.setattr(_ext, "load_error", lambda: ImportError("no _C here"))
+    report = info.collect()
+    assert report["extension"] == {"loaded": False, "path": None, "error": "no _C here"}
+    assert "extension    not loaded: no _C here" in info.format_text(report)
+
+
+def test_cli_without_a_command_prints_usage(capsys):
+    assert cli.main([]) == 2
+    assert "info" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["no-such-command"])
+
+
+def test_console_script():
+    script = Path(sys.executable).parent / "fineviti"
+    if not script.exists():
+        pytest.skip(f"fineviti is not installed into {sys.executable}'s environment (no {script})")
+    done = subprocess.run([str(script), "info", "--json"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["extension"]["loaded"] is True
