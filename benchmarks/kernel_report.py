@@ -1,0 +1,816 @@
+"""Kernel report: every shipped Triton configuration and every CUDA kernel of csrc/, compiled for the H100 (sm_90)
+on a machine without a GPU, with the resources each one takes.
+
+Triton compiles ahead of time for a named target (`triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`
+needs no GPU); nvcc does the same for csrc/*.cu. The cubins are read with the `cuobjdump` and `nvdisasm` that ship
+inside the triton package: registers, stack and local memory (`--dump-resource-usage`), the SASS (matrix
+instructions HGMMA / HMMA, local loads and stores, setmaxnreg). Triton's shared memory is dynamic, so it comes from
+the compiled kernel's metadata ("shared"), not from the cubin. Blocks per SM follow CUDA's occupancy calculator
+(cuda_occupancy.h) with the H100's limits.
+
+    python benchmarks/kernel_report.py [--arch 90] [--out DIR] [--kernel NAME] [--quick] [--check] [--jobs N]
+
+--check exits non-zero, naming kernel and configuration, when a shipped configuration fails to compile, uses local
+memory (spills), or needs more shared memory than a block may have. Warnings (not failures): a 16-bit matrix kernel
+on sm_90 that uses HMMA rather than HGMMA, and warp specialisation that was asked for and did not happen.
+With --device-check on a machine with a GPU, each cubin is also loaded through the CUDA driver and the report's
+registers, local memory, static shared memory and blocks per SM are compared with what the driver says.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import importlib
+import importlib.util
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `python benchmarks/kernel_report.py` puts benchmarks/ first on the path, not the root
+    sys.path.insert(0, str(REPO))
+
+DEFAULT_OUT = REPO / "benchmarks" / "results"
+RESERVED_SMEM_NAME = "__nv_reservedSMEM"  # symbol of the per-block system window ptxas puts in the shared section
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Occupancy
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SMLimits:
+    """Per-SM and per-block limits of one GPU, in the terms of CUDA's occupancy calculator."""
+
+    name: str = "H100"
+    regs_per_sm: int = 65536
+    regs_per_block: int = 65536
+    reg_alloc_unit: int = 256  # registers are allocated per warp, rounded up to this many
+    max_regs_per_thread: int = 255
+    sub_partitions: int = 4  # each holds regs_per_sm / 4 registers; a warp lives in one
+    smem_per_sm: int = 228 * 1024
+    smem_per_block: int = 227 * 1024  # the most (static + dynamic) shared memory one block may ask for
+    smem_reserved_per_block: int = 1024  # the system's window, on top of what the kernel asks for
+    smem_alloc_unit: int = 128
+    max_warps_per_sm: int = 64
+    max_blocks_per_sm: int = 32
+    max_threads_per_block: int = 1024
+    warp_size: int = 32
+
+
+H100 = SMLimits()
+
+
+def _round_up(x: int, unit: int) -> int:
+    return -(-x // unit) * unit
+
+
+def blocks_per_sm(regs: int, num_warps: int, shared_bytes: int, limits: SMLimits = H100) -> tuple[int, str]:
+    """Resident blocks per SM and the resource that limits them ('regs', 'smem', 'warps', 'blocks').
+
+    regs: registers per thread; num_warps: warps per block; shared_bytes: static + dynamic shared memory the kernel
+    asks for per block (without the system's reserved window, which is added here). 0 blocks means the launch fails.
+    """
+    if num_warps < 1 or num_warps * limits.warp_size > limits.max_threads_per_block:
+        return 0, "threads"
+    if regs > limits.max_regs_per_thread:
+        return 0, "regs"
+    if shared_bytes > limits.smem_per_block:
+        return 0, "smem"
+    # Registers (cudaOccMaxBlocksPerSMRegsLimit): per warp, rounded up to the allocation unit; the hardware check
+    # of the per-block limit assumes the warps are spread over all sub-partitions.
+    regs_per_warp = _round_up(max(regs, 1) * limits.warp_size, limits.reg_alloc_unit)
+    assumed_per_block = regs_per_warp * _round_up(num_warps, limits.sub_partitions)
+    if assumed_per_block > limits.regs_per_block or regs_per_warp * num_warps > limits.regs_per_block:
+        return 0, "regs"
+    warps_per_sub_partition = (limits.regs_per_sm // limits.sub_partitions) // regs_per_warp
+    by_regs = warps_per_sub_partition * limits.sub_partitions // num_warps
+    # Shared memory (cudaOccMaxBlocksPerSMSmemLimit): reserved window added, rounded to the allocation unit.
+    smem = _round_up(shared_bytes + limits.smem_reserved_per_block, limits.smem_alloc_unit)
+    by_smem = limits.smem_per_sm // smem
+    by_warps = limits.max_warps_per_sm // num_warps
+    limits_by = {"regs": by_regs, "smem": by_smem, "warps": by_warps, "blocks": limits.max_blocks_per_sm}
+    limiter = min(limits_by, key=lambda k: limits_by[k])
+    return limits_by[limiter], limiter
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading cubins
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def nvidia_tool(name: str) -> str:
+    """Path of `cuobjdump` / `nvdisasm` / `ptxas` as shipped inside the triton package (no import of triton)."""
+    spec = importlib.util.find_spec("triton")
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(list(spec.submodule_search_locations)[0]) / "backends" / "nvidia" / "bin" / name
+        if path.exists():
+            return str(path)
+    found = shutil.which(name) or (Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / name)
+    if not Path(found).exists():
+        raise FileNotFoundError(f"{name} not found inside the triton package nor on PATH nor in $CUDA_HOME/bin")
+    return str(found)
+
+
+def _run_tool(args: list[str]) -> str:
+    out = subprocess.run(args, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed ({out.returncode}): {out.stderr.strip()[-2000:]}")
+    return out.stdout
+
+
+_USAGE_FN = re.compile(r"^\s*Function\s+(\S+?):?\s*$")
+_USAGE_KV = re.compile(r"([A-Z_]+(?:\[\d+\])?):(\d+)")
+
+
+def parse_resource_usage(text: str) -> dict[str, dict[str, int]]:
+    """`cuobjdump --dump-resource-usage` -> {function: {"REG": .., "STACK": .., "SHARED": .., "LOCAL": .., ...}}."""
+    usage: dict[str, dict[str, int]] = {}
+    current = None
+    for line in text.splitlines():
+        m = _USAGE_FN.match(line)
+        if m:
+            current = m.group(1)
+            usage[current] = {}
+            continue
+        if current is not None and "REG:" in line:
+            usage[current].update({k: int(v) for k, v in _USAGE_KV.findall(line)})
+    return usage
+
+
+_SASS_FN = re.compile(r"^\s*Function\s*:\s*(\S+)\s*$")
+_SASS_INST = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)((?:\.[A-Za-z0-9_]+)*)")
+
+
+def parse_sass(text: str) -> dict[str, Counter]:
+    """`cuobjdump -sass` -> {function: Counter of opcodes}. Counts both the base opcode ('HGMMA') and, for the few
+    opcodes whose modifiers matter here, the opcode with modifiers ('USETMAXREG.DEALLOC.CTAPOOL')."""
+    counts: dict[str, Counter] = {}
+    current = None
+    for line in text.splitlines():
+        m = _SASS_FN.match(line)
+        if m:
+            current = m.group(1)
+            counts[current] = Counter()
+            continue
+        m = _SASS_INST.match(line)
+        if m and current is not None:
+            op, mods = m.group(1), m.group(2)
+            counts[current][op] += 1
+            if "SETMAXREG" in op:
+                counts[current][op + mods] += 1
+    return counts
+
+
+def mma_kinds(ops: Counter) -> list[str]:
+    """Matrix instructions in a function's SASS: warpgroup (HGMMA, IGMMA, QGMMA) and warp-level (HMMA, IMMA, ...)."""
+    return sorted(op for op in ops if re.fullmatch(r"[A-Z]G?MMA", op) and ops[op] > 0)
+
+
+def warp_specialised(ops: Counter) -> bool:
+    """Producer warps giving registers back (setmaxnreg.dec) and consumer warps taking them (setmaxnreg.inc)."""
+    dealloc = sum(n for op, n in ops.items() if "SETMAXREG" in op and "DEALLOC" in op)
+    alloc = sum(n for op, n in ops.items() if "SETMAXREG" in op and "ALLOC" in op and "DEALLOC" not in op)
+    return dealloc > 0 and alloc > 0
+
+
+_DOT_TYPES = re.compile(r"tt\.dot(?:_scaled)?\s[^\n]*?:\s*tensor<(?:[0-9?]+x)+([A-Za-z]\w*)")
+
+
+def dot_operand_types(ttir: str) -> list[str]:
+    """Element types of the first operand of every tt.dot in Triton IR ('f16', 'bf16', 'f32', 'f8E4M3FN', ...)."""
+    return _DOT_TYPES.findall(ttir)
+
+
+def read_cubin(cubin: str | Path) -> dict[str, dict]:
+    """Every function in a cubin -> {"usage": resource usage, "ops": SASS opcode counts, "reserved_smem": bool}."""
+    cuobjdump = nvidia_tool("cuobjdump")
+    usage = parse_resource_usage(_run_tool([cuobjdump, "--dump-resource-usage", str(cubin)]))
+    ops = parse_sass(_run_tool([cuobjdump, "-sass", str(cubin)]))
+    reserved = RESERVED_SMEM_NAME in _run_tool([cuobjdump, "-elf", str(cubin)])
+    return {
+        fn: {"usage": usage.get(fn, {}), "ops": ops.get(fn, Counter()), "reserved_smem": reserved}
+        for fn in sorted(set(usage) | set(ops))
+    }
+
+
+def analyse(
+    fn_info: dict,
+    *,
+    kernel: str,
+    config: str,
+    arch: int,
+    num_warps: int | None,
+    dynamic_shared: int = 0,
+    dot_types: list[str] | None = None,
+    warp_specialize: bool = False,
+    limits: SMLimits = H100,
+) -> dict:
+    """One report row from one function of a cubin (`read_cubin(...)[name]`) and what the compiler said about it.
+
+    num_warps: warps per block as launched (Triton's metadata, which counts the extra warps of warp specialisation;
+    None when the block size is not known at compile time). dynamic_shared: bytes of dynamic shared memory per block
+    (Triton's metadata "shared"). dot_types: operand element types of the tl.dot calls (from the TTIR), if known.
+    """
+    usage, ops = fn_info["usage"], fn_info["ops"]
+    regs = usage.get("REG", 0)
+    stack = usage.get("STACK", 0)
+    local = usage.get("LOCAL", 0) + stack  # ptxas puts spills in the stack frame, which lives in local memory
+    static_shared = usage.get("SHARED", 0)
+    if fn_info.get("reserved_smem") and static_shared >= limits.smem_reserved_per_block:
+        static_shared -= limits.smem_reserved_per_block  # cuobjdump counts the system's window in the section
+    mmas = mma_kinds(ops)
+    row = {
+        "kernel": kernel,
+        "config": config,
+        "arch": arch,
+        "regs": regs,
+        "shared_bytes": dynamic_shared + static_shared,
+        "local_bytes": local,
+        "mma": "+".join(mmas) if mmas else "none",
+        "blocks_per_sm": None,
+        "occupancy_limiter": None,
+        "stack_bytes": stack,
+        "static_shared_bytes": static_shared,
+        "num_warps": num_warps,
+        "mma_instructions": sum(ops[m] for m in mmas),
+        "local_instructions": ops["LDL"] + ops["STL"],
+        "setmaxnreg_instructions": sum(n for op, n in ops.items() if op.endswith("SETMAXREG")),
+        "warp_specialized": warp_specialised(ops) if warp_specialize else None,
+        "dot_types": sorted(set(dot_types)) if dot_types is not None else None,
+        "warnings": [],
+        "error": None,
+    }
+    if num_warps is not None:
+        row["blocks_per_sm"], row["occupancy_limiter"] = blocks_per_sm(regs, num_warps, row["shared_bytes"], limits)
+    sixteen_bit = [t for t in (dot_types or []) if t in ("f16", "bf16")]
+    if arch == 90 and sixteen_bit:
+        if not any(m.endswith("GMMA") for m in mmas):
+            row["warnings"].append(f"{'/'.join(sorted(set(sixteen_bit)))} matrix kernel uses {row['mma']}, not HGMMA")
+        elif "HMMA" in mmas:
+            row["warnings"].append(f"{ops['HMMA']} HMMA instructions beside HGMMA: some tl.dot did not become wgmma")
+    elif arch == 90 and not dot_types and "HMMA" in mmas:
+        row["warnings"].append("uses HMMA, not HGMMA")
+    if warp_specialize and not row["warp_specialized"]:
+        row["warnings"].append("warp specialisation asked for (warp_specialize=True) but the SASS has no setmaxnreg "
+                               "producer/consumer split")
+    return row
+
+
+def failures(row: dict, limits: SMLimits = H100) -> list[str]:
+    """Why a row fails --check (empty when it passes)."""
+    if row.get("error"):
+        return [f"does not compile: {row['error'].strip().splitlines()[-1][:300] if row['error'].strip() else '?'}"]
+    out = []
+    if row["local_bytes"] > 0:
+        out.append(f"uses {row['local_bytes']} bytes of local memory per thread (stack {row['stack_bytes']}, "
+                   f"{row['local_instructions']} local loads/stores): register spills")
+    if row["shared_bytes"] > limits.smem_per_block:
+        out.append(f"needs {row['shared_bytes']} bytes of shared memory, more than the {limits.smem_per_block} a "
+                   f"block may have on the {limits.name}")
+    if row["regs"] > limits.max_regs_per_thread:
+        out.append(f"uses {row['regs']} registers per thread, more than {limits.max_regs_per_thread}")
+    if row.get("blocks_per_sm") == 0 and not out:
+        out.append(f"cannot launch on the {limits.name} (limited by {row['occupancy_limiter']})")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton rows
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def config_label(row) -> str:
+    if row.label:
+        return row.label
+    consts = "-".join(f"{k}{v}" for k, v in row.constexprs.items())
+    return f"{consts}-w{row.num_warps}-s{row.num_stages}"
+
+
+def _python_function(fn):
+    """The plain Python function under a JITFunction, InterpretedFunction, Autotuner or Heuristics."""
+    seen = 0
+    while not callable(getattr(fn, "__code__", None)) and hasattr(fn, "fn") and seen < 10:
+        fn, seen = fn.fn, seen + 1
+    if not hasattr(fn, "__code__"):
+        raise TypeError(f"row.fn: expected a @triton.jit function (or a wrapper of one), got {type(fn).__name__}")
+    return fn
+
+
+def jit_function(fn):
+    """A compilable triton.JITFunction for `fn`, also when it was created under TRITON_INTERPRET=1."""
+    from triton.runtime.jit import JITFunction
+
+    while not isinstance(fn, JITFunction):
+        if fn.__class__.__name__ == "InterpretedFunction" or not hasattr(fn, "fn"):
+            return JITFunction(_python_function(fn))
+        fn = fn.fn
+    return fn
+
+
+def _locate(row) -> tuple[str, str, int]:
+    """(module, name, first line) of the row's kernel: what a worker process needs to import it again."""
+    py = _python_function(row.fn)
+    return py.__module__, py.__name__, py.__code__.co_firstlineno
+
+
+def _import_kernel(module: str, name: str, line: int):
+    mod = importlib.import_module(module)
+    candidates = [getattr(mod, name, None)] + list(vars(mod).values())
+    for obj in candidates:
+        try:
+            py = _python_function(obj)
+        except (TypeError, AttributeError):
+            continue
+        if py.__name__ == name and py.__code__.co_firstlineno == line:
+            return obj
+    raise LookupError(f"kernel {name!r} (line {line}) not found in module {module!r}")
+
+
+def _pointer_attrs(fn, signature: dict[str, str]) -> dict:
+    """Pointer arguments as 16-byte aligned, as the JIT specialises torch allocations at launch. Integer arguments are
+    left unspecialised (whether a stride is a multiple of 16 depends on the call), the conservative case."""
+    return {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k, t in signature.items() if t.startswith("*")}
+
+
+def compile_row(row, arch: int = 90, keep_dir: str | Path | None = None, limits: SMLimits = H100) -> dict:
+    """Compile one Shipped row for GPUTarget('cuda', arch, 32) in this process and analyse its cubin.
+
+    Needs TRITON_INTERPRET unset only in the sense that `row.fn` must not be run: a kernel created under the
+    interpreter is rebuilt as a JITFunction. With `keep_dir`, the cubin, PTX, TTIR and metadata are kept there
+    (paths in the row's "files"). A compile error is returned in the row's "error", not raised.
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    label = config_label(row)
+    base = {"kernel": row.kernel_name, "config": label, "arch": arch, "triton": triton.__version__, "source": "triton",
+            "num_stages": row.num_stages, "warp_specialize": row.warp_specialize}
+    start = time.perf_counter()
+    try:
+        fn = jit_function(row.fn)
+        missing = [a for a in fn.arg_names if a not in row.signature]
+        if missing:
+            raise ValueError(f"signature of {row.kernel_name} lacks arguments {missing}; expected every argument "
+                             f"of {fn.arg_names}")
+        src = ASTSource(fn=fn, signature=dict(row.signature), constexprs=dict(row.constexprs),
+                        attrs=_pointer_attrs(fn, row.signature))
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                  options={"num_warps": row.num_warps, "num_stages": row.num_stages})
+    except Exception as exc:  # noqa: BLE001  (any compile failure is a report row, not a crash)
+        return {**_empty_row(row.kernel_name, label, arch), **base, "error": f"{type(exc).__name__}: {exc}",
+                "compile_s": round(time.perf_counter() - start, 2)}
+    meta = compiled.metadata
+    with tempfile.TemporaryDirectory() as tmp:
+        where = Path(keep_dir) if keep_dir is not None else Path(tmp)
+        where.mkdir(parents=True, exist_ok=True)
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{row.kernel_name}__{label}")
+        files = {}
+        for ext in ("cubin", "ptx", "ttir", "ttgir"):
+            if ext in compiled.asm:
+                data = compiled.asm[ext]
+                path = where / f"{stem}.{ext}"
+                path.write_bytes(data) if isinstance(data, bytes) else path.write_text(data)
+                files[ext] = str(path)
+        info = read_cubin(files["cubin"]).get(meta.name)
+        if info is None:
+            raise RuntimeError(f"function {meta.name} not found in the cubin of {row.kernel_name} {label}")
+    out = analyse(info, kernel=row.kernel_name, config=label, arch=arch, num_warps=meta.num_warps,
+                  dynamic_shared=meta.shared, dot_types=dot_operand_types(compiled.asm.get("ttir", "")),
+                  warp_specialize=row.warp_specialize, limits=limits)
+    out.update(base)
+    out["function"] = meta.name
+    out["global_scratch_bytes"] = getattr(meta, "global_scratch_size", 0) or 0
+    out["compile_s"] = round(time.perf_counter() - start, 2)
+    if keep_dir is not None:
+        meta_path = Path(keep_dir) / f"{stem}.json"
+        meta_path.write_text(json.dumps({k: v for k, v in meta._asdict().items() if k != "target"}, default=str))
+        files["metadata"] = str(meta_path)
+        out["files"] = files
+    return out
+
+
+def _empty_row(kernel: str, config: str, arch: int) -> dict:
+    return {"kernel": kernel, "config": config, "arch": arch, "regs": None, "shared_bytes": None, "local_bytes": None,
+            "mma": None, "blocks_per_sm": None, "stack_bytes": None, "warp_specialized": None, "warnings": [],
+            "error": None, "triton": None}
+
+
+def _worker_init() -> None:
+    os.environ.pop("TRITON_INTERPRET", None)  # before this process imports triton: compile, do not interpret
+
+
+def _compile_located(located: tuple[str, str, int], fields: dict, arch: int, keep_dir: str | None) -> dict:
+    from fineviti.kernels.registry import Shipped
+
+    fn = _import_kernel(*located)
+    return compile_row(Shipped(**fields, fn=fn), arch, keep_dir)
+
+
+def compile_rows(rows, arch: int = 90, jobs: int | None = None, keep_dir: str | Path | None = None) -> list[dict]:
+    """Compile rows in a pool of fresh processes (spawned without TRITON_INTERPRET), in the rows' order."""
+    rows = list(rows)
+    if not rows:
+        return []
+    jobs = max(1, min(jobs or os.cpu_count() or 1, len(rows)))
+    tasks = []
+    for row in rows:
+        fields = {f.name: getattr(row, f.name) for f in dataclasses.fields(row) if f.name != "fn"}
+        tasks.append((_locate(row), fields, arch, None if keep_dir is None else str(keep_dir)))
+    ctx = multiprocessing.get_context("spawn")
+    saved = os.environ.pop("TRITON_INTERPRET", None)  # the spawned interpreters inherit the environment
+    try:
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init) as pool:
+            futures = [pool.submit(_compile_located, *task) for task in tasks]
+            results = []
+            for row, fut in zip(rows, futures):
+                try:
+                    results.append(fut.result())
+                except Exception as exc:  # noqa: BLE001  (a worker that died names its row)
+                    results.append({**_empty_row(row.kernel_name, config_label(row), arch), "source": "triton",
+                                    "error": f"{type(exc).__name__}: {exc}"})
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
+    return results
+
+
+def quick_rows(rows) -> list:
+    """One configuration per kernel, head dim and dtype: the first row of each group."""
+    seen, out = set(), []
+    for row in rows:
+        head = tuple(sorted((k, v) for k, v in row.constexprs.items() if "HEAD_DIM" in k.upper() or k in ("D", "DIM")))
+        dtypes = tuple(sorted({t for t in row.signature.values() if t.startswith("*")}))
+        key = (row.kernel_name, head, dtypes)
+        if key not in seen:
+            seen.add(key)
+            out.append(row)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CUDA kernels of csrc/
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def cuda_home() -> Path:
+    nvcc = shutil.which("nvcc")
+    guess = Path(nvcc).resolve().parents[1] if nvcc and Path(nvcc).resolve().parent.name == "bin" else None
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda", guess):
+        if home and (Path(home) / "bin" / "nvcc").exists():
+            return Path(home)
+    raise FileNotFoundError("no CUDA toolkit: set CUDA_HOME to a folder with bin/nvcc")
+
+
+def cuda_include_dirs(scratch: str | Path) -> list[str]:
+    """torch's C++/CUDA headers, then the headers of the pip CUDA wheels (site-packages/nvidia/cu*/include) that the
+    toolkit lacks, linked into `scratch`, as CMakeLists.txt does, so that the toolkit's own headers keep priority."""
+    from torch.utils import cpp_extension
+
+    try:
+        dirs = cpp_extension.include_paths(device_type="cuda")
+    except TypeError:  # torch before 2.6 spelled it cuda=True
+        dirs = cpp_extension.include_paths(cuda=True)
+    toolkit = cuda_home() / "include"
+    spec = importlib.util.find_spec("nvidia")
+    scratch = Path(scratch)
+    scratch.mkdir(parents=True, exist_ok=True)
+    for base in list(spec.submodule_search_locations) if spec and spec.submodule_search_locations else []:
+        for inc in sorted(Path(base).glob("cu*/include")):
+            for header in inc.glob("*.h"):
+                if not (toolkit / header.name).exists() and not (scratch / header.name).exists():
+                    (scratch / header.name).symlink_to(header)
+    return [d for d in dirs if Path(d).is_dir() and Path(d) != Path("/usr/local/include")] + [str(scratch)]
+
+
+_PTXAS_FN = re.compile(r"Function properties for (\S+)")
+_PTXAS_ENTRY = re.compile(r"Compiling entry function '(\S+)'")
+_PTXAS_STACK = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_PTXAS_USED = re.compile(r"Used (\d+) registers")
+_PTXAS_SMEM = re.compile(r"(\d+) bytes smem")
+_PTXAS_LMEM = re.compile(r"(\d+) bytes lmem")
+
+
+def parse_ptxas_verbose(text: str) -> dict[str, dict[str, int]]:
+    """`ptxas -v` output -> {mangled entry: {"regs", "stack", "spill_stores", "spill_loads", "smem", "lmem"}}."""
+    out: dict[str, dict[str, int]] = {}
+    current = None
+    for line in text.splitlines():
+        m = _PTXAS_ENTRY.search(line) or _PTXAS_FN.search(line)
+        if m:
+            current = m.group(1)
+            out.setdefault(current, {"regs": 0, "stack": 0, "spill_stores": 0, "spill_loads": 0, "smem": 0,
+                                     "lmem": 0})
+            continue
+        if current is None:
+            continue
+        if m := _PTXAS_STACK.search(line):
+            out[current].update(stack=int(m[1]), spill_stores=int(m[2]), spill_loads=int(m[3]))
+        if m := _PTXAS_USED.search(line):
+            out[current]["regs"] = int(m[1])
+        if m := _PTXAS_SMEM.search(line):
+            out[current]["smem"] = int(m[1])
+        if m := _PTXAS_LMEM.search(line):
+            out[current]["lmem"] = int(m[1])
+    return out
+
+
+def demangle(names: list[str]) -> dict[str, str]:
+    cxxfilt = shutil.which("c++filt") or shutil.which("cu++filt")
+    if not cxxfilt or not names:
+        return {n: n for n in names}
+    out = subprocess.run([cxxfilt], input="\n".join(names), capture_output=True, text=True)
+    lines = out.stdout.splitlines()
+    return dict(zip(names, lines)) if out.returncode == 0 and len(lines) == len(names) else {n: n for n in names}
+
+
+_MAX_THREADS = re.compile(r"EIATTR_MAX_THREADS\s*\n\s*Format:[^\n]*\n\s*Value:\s*0x([0-9a-f]+)\s+0x([0-9a-f]+)\s+"
+                          r"0x([0-9a-f]+)")
+
+
+def _launch_bounds(elf: str) -> dict[str, int]:
+    """Threads per block fixed by __launch_bounds__, per function (from the .nv.info.<function> sections)."""
+    out = {}
+    for section in re.split(r"\n(?=\.nv\.info\.)", elf):
+        head = section.split("\n", 1)[0].strip()
+        if head.startswith(".nv.info.") and (m := _MAX_THREADS.search(section)):
+            out[head[len(".nv.info."):]] = int(m[1], 16) * int(m[2], 16) * int(m[3], 16)
+    return out
+
+
+def compile_cuda_file(path: str | Path, arch: int = 90, include_dirs: list[str] | None = None,
+                      assumed_threads: int = 256, limits: SMLimits = H100, keep_dir: str | Path | None = None
+                      ) -> list[dict]:
+    """Compile one .cu with `nvcc -cubin -arch=sm_<arch> -Xptxas -v` (flags as CMakeLists.txt builds csrc/);
+    one row per __global__ function, named by its demangled name."""
+    path = Path(path)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        include_dirs = cuda_include_dirs(Path(tmp) / "include") if include_dirs is None else include_dirs
+        where = Path(keep_dir) if keep_dir is not None else Path(tmp)
+        where.mkdir(parents=True, exist_ok=True)
+        cubin = where / (path.stem + f".sm_{arch}.cubin")
+        cmd = [str(cuda_home() / "bin" / "nvcc"), "-cubin", f"-arch=sm_{arch}", "-Xptxas", "-v", "-std=c++20", "-O3",
+               "--expt-relaxed-constexpr", "-DFINEVITI_WITH_CUDA", "-DTORCH_EXTENSION_NAME=_C",
+               "-I", str(path.parent), *[f"-I{d}" for d in include_dirs], str(path), "-o", str(cubin)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            row = {**_empty_row(path.name, f"nvcc sm_{arch}", arch), "source": "cuda",
+                   "error": f"nvcc failed ({proc.returncode}): {proc.stderr.strip()[-3000:]}",
+                   "compile_s": round(time.perf_counter() - start, 2)}
+            return [row]
+        ptxas = parse_ptxas_verbose(proc.stderr + proc.stdout)
+        funcs = read_cubin(cubin)
+        bounds = _launch_bounds(_run_tool([nvidia_tool("cuobjdump"), "-elf", str(cubin)]))
+    names = demangle(sorted(funcs))
+    rows = []
+    for fn, info in funcs.items():
+        threads = bounds.get(fn)
+        num_warps = -(-(threads or assumed_threads) // limits.warp_size)
+        config = f"{path.name} sm_{arch}, " + (f"{threads} threads (__launch_bounds__)" if threads
+                                               else f"{assumed_threads} threads (assumed)")
+        row = analyse(info, kernel=names[fn], config=config, arch=arch, num_warps=num_warps, limits=limits)
+        p = ptxas.get(fn, {})
+        row.update(source="cuda", function=fn, triton=None, spill_store_bytes=p.get("spill_stores"),
+                   spill_load_bytes=p.get("spill_loads"), compile_s=round(time.perf_counter() - start, 2))
+        if p and (p["regs"], p["smem"]) != (row["regs"], row["static_shared_bytes"]):
+            row["warnings"].append(f"ptxas -v says {p['regs']} registers and {p['smem']} B shared memory, cuobjdump "
+                                   f"{row['regs']} and {row['static_shared_bytes']}")
+        if keep_dir is not None:
+            row["files"] = {"cubin": str(cubin)}
+        rows.append(row)
+    return rows
+
+
+def compile_csrc(csrc: str | Path = REPO / "csrc", arch: int = 90, jobs: int | None = None,
+                 keep_dir: str | Path | None = None) -> list[dict]:
+    """Every csrc/*.cu (none when the folder is missing), nvcc runs in parallel."""
+    files = sorted(Path(csrc).glob("*.cu")) if Path(csrc).is_dir() else []
+    if not files:
+        return []
+    jobs = max(1, min(jobs or os.cpu_count() or 1, len(files)))
+    with tempfile.TemporaryDirectory() as tmp:
+        include_dirs = cuda_include_dirs(Path(tmp) / "include")
+        with concurrent.futures.ThreadPoolExecutor(jobs) as pool:  # nvcc is its own process: threads suffice
+            per_file = pool.map(lambda f: compile_cuda_file(f, arch, include_dirs, keep_dir=keep_dir), files)
+            return [row for rows in per_file for row in rows]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checking on a GPU (optional)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def device_check(rows: list[dict], limits: SMLimits = H100) -> list[str]:
+    """On a machine with a GPU: load each kept cubin through the CUDA driver and compare the report's registers, local
+    memory, static shared memory and blocks per SM with the driver's figures; blocks per SM also at other dynamic
+    shared memory sizes, which tests `blocks_per_sm` itself. Fills row["device"]; returns the mismatches."""
+    import ctypes
+
+    cuda = ctypes.CDLL("libcuda.so.1")
+
+    def ok(res, what):
+        if res != 0:
+            raise RuntimeError(f"{what} failed with CUresult {res}")
+
+    ok(cuda.cuInit(0), "cuInit")
+    dev, ctx = ctypes.c_int(), ctypes.c_void_p()
+    ok(cuda.cuDeviceGet(ctypes.byref(dev), 0), "cuDeviceGet")
+    ok(cuda.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev), "cuDevicePrimaryCtxRetain")
+    ok(cuda.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
+    mismatches = []
+    for row in rows:
+        cubin = (row.get("files") or {}).get("cubin")
+        if row.get("error") or not cubin or row.get("num_warps") is None:
+            continue
+        mod, func = ctypes.c_void_p(), ctypes.c_void_p()
+        data = Path(cubin).read_bytes()
+        ok(cuda.cuModuleLoadData(ctypes.byref(mod), ctypes.c_char_p(data)), f"cuModuleLoadData {cubin}")
+        ok(cuda.cuModuleGetFunction(ctypes.byref(func), mod, row["function"].encode()), "cuModuleGetFunction")
+        got = {}
+        for name, code in (("regs", 4), ("local_bytes", 3), ("static_shared_bytes", 1)):
+            v = ctypes.c_int()
+            ok(cuda.cuFuncGetAttribute(ctypes.byref(v), code, func), "cuFuncGetAttribute")
+            got[name] = v.value
+        static = row["static_shared_bytes"]
+        dynamic = row["shared_bytes"] - static
+        # the most dynamic shared memory the driver will allow this function
+        ok(cuda.cuFuncSetAttribute(func, 8, ctypes.c_int(limits.smem_per_block - got["static_shared_bytes"])),
+           "cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)")
+        probes = {}
+        for extra in sorted({dynamic, 0, 20 * 1024, 40 * 1024 + 8, 75 * 1024, 100 * 1024 + 1, 113 * 1024,
+                             114 * 1024, 150 * 1024, limits.smem_per_block - static}):
+            if extra < 0 or extra + static > limits.smem_per_block:
+                continue
+            n = ctypes.c_int()
+            ok(cuda.cuOccupancyMaxActiveBlocksPerMultiprocessor(
+                ctypes.byref(n), func, row["num_warps"] * limits.warp_size, ctypes.c_size_t(extra)), "cuOccupancy")
+            probes[extra] = (n.value, blocks_per_sm(row["regs"], row["num_warps"], static + extra, limits)[0])
+        got["blocks_per_sm"] = probes[dynamic][0]
+        row["device"] = {**got, "probes": {k: {"driver": a, "formula": b} for k, (a, b) in probes.items()}}
+        for key, value in got.items():
+            if row.get(key) != value:
+                mismatches.append(f"{row['kernel']} [{row['config']}]: {key} report {row.get(key)} driver {value}")
+        for extra, (drv, formula) in probes.items():
+            if drv != formula:
+                mismatches.append(f"{row['kernel']} [{row['config']}]: blocks per SM at {extra} B dynamic shared "
+                                  f"memory: formula {formula}, driver {drv}")
+        cuda.cuModuleUnload(mod)
+    return mismatches
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------------------------
+
+JSON_FIELDS = ("kernel", "config", "arch", "regs", "shared_bytes", "local_bytes", "mma", "blocks_per_sm",
+               "stack_bytes", "warp_specialized", "warnings", "error", "triton")
+
+
+def _cell(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    return str(v)
+
+
+def render_markdown(rows: list[dict], *, arch: int, elapsed_s: float, triton_version: str | None,
+                    problems: list[str], command: str, jobs: int) -> str:
+    lines = [
+        f"# Kernel report (sm_{arch})",
+        "",
+        f"Compiled ahead of time for sm_{arch} without a GPU by `{command}`: triton {triton_version or '-'}, "
+        f"{len(rows)} rows, {jobs} parallel jobs, {elapsed_s:.1f} s in all.",
+        "Occupancy under the H100's limits (65536 registers per SM allocated per warp in units of 256; 228 KB shared "
+        "memory per SM, 1 KB reserved per block, 227 KB per block; 64 warps and 32 blocks per SM). Shared memory of "
+        "Triton kernels is dynamic and comes from the compiled metadata; local memory is the per-thread stack frame "
+        "plus local data (spills land there). CUDA kernels without `__launch_bounds__` are assumed at 256 threads.",
+        "",
+        "| kernel | config | regs | warps | shared B | local B | stack B | MMA | WS | blocks/SM (limit) | notes |",
+        "|---|---|---:|---:|---:|---:|---:|---|---|---|---|",
+    ]
+    for r in rows:
+        notes = "; ".join([f"FAIL: {why}" for why in failures(r)] + list(r.get("warnings") or []))
+        limit = (f"{r['blocks_per_sm']} ({r.get('occupancy_limiter')})" if r.get("blocks_per_sm") is not None
+                 else "-")
+        ws = "-" if r.get("warp_specialized") is None else _cell(r["warp_specialized"])
+        lines.append(f"| {r['kernel']} | {r['config']} | {_cell(r.get('regs'))} | {_cell(r.get('num_warps'))} | "
+                     f"{_cell(r.get('shared_bytes'))} | {_cell(r.get('local_bytes'))} | {_cell(r.get('stack_bytes'))} "
+                     f"| {_cell(r.get('mma'))} | {ws} | {limit} | {notes.replace('|', '/')} |")
+    if not rows:
+        lines.append("| (no kernels declared) | | | | | | | | | | |")
+    lines += ["", f"Check: {'FAILED' if problems else 'passed'}"]
+    lines += [f"- {p}" for p in problems]
+    warned = [f"- {r['kernel']} [{r['config']}]: {w}" for r in rows for w in r.get("warnings") or []]
+    if warned:
+        lines += ["", "Warnings:", *warned]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(rows: list[dict], out_dir: str | Path, **kwargs) -> tuple[Path, Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_rows = []
+    for r in rows:
+        full = {k: r.get(k) for k in JSON_FIELDS}
+        full.update({k: v for k, v in r.items() if k not in JSON_FIELDS and k != "files"})
+        json_rows.append(full)
+    md = out_dir / "kernel_report.md"
+    js = out_dir / "kernel_report.json"
+    md.write_text(render_markdown(rows, **kwargs))
+    js.write_text(json.dumps(json_rows, indent=1, default=str) + "\n")
+    return md, js
+
+
+def _load_rows(spec: str | None, kernel: str | None) -> list:
+    if spec:
+        module, _, func = spec.partition(":")
+        rows = list(getattr(importlib.import_module(module), func or "rows")())
+    else:
+        from fineviti.kernels import registry
+
+        rows = registry.shipped()
+    if kernel:
+        known = sorted({r.kernel_name for r in rows})
+        rows = [r for r in rows if r.kernel_name == kernel]
+        if not rows:
+            raise SystemExit(f"--kernel {kernel!r}: no such kernel; expected one of {known}")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU; must happen before anything imports triton
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--arch", type=int, default=90, help="compute capability to compile for (default 90)")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="folder for kernel_report.md/.json")
+    p.add_argument("--kernel", help="only this kernel (a registry name)")
+    p.add_argument("--quick", action="store_true", help="one configuration per kernel, head dim and dtype")
+    p.add_argument("--check", action="store_true", help="exit 1 when a configuration fails to compile, spills, "
+                   "or overflows shared memory")
+    p.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: CPU count)")
+    p.add_argument("--no-csrc", action="store_true", help="leave out the CUDA kernels of csrc/")
+    p.add_argument("--csrc", help="folder of .cu files (default csrc/, or none with --rows or --kernel)")
+    p.add_argument("--rows", help="MODULE:FUNCTION returning Shipped rows, instead of the registry")
+    p.add_argument("--keep", help="keep cubins, PTX and IR in this folder")
+    p.add_argument("--device-check", action="store_true", help="on a GPU: compare with the CUDA driver's figures")
+    args = p.parse_args(argv)
+    if args.jobs is not None and args.jobs < 1:
+        p.error(f"--jobs: expected a positive count, got {args.jobs}")
+
+    start = time.perf_counter()
+    rows = _load_rows(args.rows, args.kernel)
+    if args.quick:
+        rows = quick_rows(rows)
+    keep = args.keep
+    tmp = None
+    if args.device_check and keep is None:
+        tmp = tempfile.TemporaryDirectory()
+        keep = tmp.name
+    results = compile_rows(rows, args.arch, args.jobs, keep)
+    csrc = args.csrc or (None if args.rows or args.kernel else REPO / "csrc")
+    if csrc is not None and not args.no_csrc:
+        results += compile_csrc(csrc, args.arch, args.jobs, keep)
+    triton_version = None
+    if importlib.util.find_spec("triton") is not None:
+        import triton
+
+        triton_version = triton.__version__
+    problems = [f"{r['kernel']} [{r['config']}]: {why}" for r in results for why in failures(r)]
+    mismatches = device_check(results) if args.device_check else []
+    elapsed = time.perf_counter() - start
+    command = "python benchmarks/kernel_report.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    md, js = write_report(results, args.out, arch=args.arch, elapsed_s=elapsed, triton_version=triton_version,
+                          problems=problems, command=command.strip(),
+                          jobs=max(1, min(args.jobs or os.cpu_count() or 1, max(len(rows), 1))))
+    if mismatches:
+        with md.open("a") as f:
+            f.write("\nDevice check (CUDA driver vs report) mismatches:\n" + "".join(f"- {m}\n" for m in mismatches))
+    print(md.read_text())
+    print(f"wrote {md} and {js} ({elapsed:.1f} s)")
+    if tmp is not None:
+        tmp.cleanup()
+    rc = 0
+    if args.device_check:
+        print(f"device check: {len(mismatches)} mismatches" + "".join(f"\n  {m}" for m in mismatches))
+        rc |= 2 if mismatches else 0
+    if args.check and problems:
+        print("kernel report check FAILED:\n" + "\n".join(f"  {p}" for p in problems), file=sys.stderr)
+        rc |= 1
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
