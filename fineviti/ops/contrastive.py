@@ -1,0 +1,598 @@
+"""SigLIP (sigmoid) and CLIP (softmax) contrastive losses that never hold the N x N logits, on one process or many.
+
+Backends (one contract):
+
+  triton     ours (kernels/contrastive.py): the forward reduces logit tiles to per-row sums / log-sum-exps in
+             registers; the backward recomputes the tiles of one chunk of rows into a (chunk, N) dL/dz buffer in
+             the features' dtype and multiplies it with cuBLAS. Memory: O(N * D) plus a buffer of at most
+             _GPU_CHUNK_BYTES.
+  chunked    memory-efficient torch path (the default on the CPU): the same algorithm with torch matmuls in fp32,
+             at most a (chunk, N) block alive in the forward or the backward.
+  reference  plain torch with autograd over the full logits (siglip_loss_ref / clip_loss_ref).
+
+`backend="auto"` is a fixed rule: triton for CUDA tensors in bf16/fp16/fp32, chunked otherwise;
+FINEVITI_LOSS_BACKEND overrides it. Distributed (a process group): negatives come from every rank, by an
+all-gather of the features (the default) or a ring of point-to-point transfers (`dist_impl="ring"`). Conventions
+are open_clip's (ClipLoss, SigLipLoss); the SigLIP paper (Zhai et al., 2023) describes the ring, Inf-CL (Cheng et
+al., 2024) the tiling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+import torch.nn.functional as F
+
+from fineviti._checks import value_checks_enabled
+
+BACKENDS = ("triton", "chunked", "reference")
+DIST_IMPLS = ("all_gather", "ring")
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_CPU_CHUNK_ELEMS = 1 << 22  # chunked path: a (chunk, N) fp32 block of at most 16 MiB
+_GPU_CHUNK_BYTES = 256 << 20  # triton path: the (chunk, N) dL/dz buffer of the backward
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# References
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def siglip_loss_ref(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor,
+                    upcast: bool = False) -> torch.Tensor:
+    """Plain-torch SigLIP loss over the full (N, N) logits: -sum(logsigmoid(labels * (scale * img @ txt.T + bias)))
+    / N with labels +1 on the diagonal and -1 elsewhere. Computes in the features' dtype (the error budget a kernel
+    in that dtype is held to), in fp32 with `upcast`; pass fp64 tensors for a gold reference."""
+    compute = torch.float32 if upcast and img.dtype in (torch.float16, torch.bfloat16) else img.dtype
+    img, txt = img.to(compute), txt.to(compute)
+    logits = logit_scale.to(compute) * (img @ txt.T) + logit_bias.to(compute)
+    n = logits.shape[0]
+    labels = 2 * torch.eye(n, device=logits.device, dtype=compute) - 1
+    return -F.logsigmoid(labels * logits).sum() / n
+
+
+def clip_loss_ref(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
+                  upcast: bool = False) -> torch.Tensor:
+    """Plain-torch CLIP loss over the full logits: the mean of the image-to-text and text-to-image cross-entropies
+    of scale * img @ txt.T with labels arange(N) (open_clip's ClipLoss). Dtypes as siglip_loss_ref."""
+    compute = torch.float32 if upcast and img.dtype in (torch.float16, torch.bfloat16) else img.dtype
+    img, txt = img.to(compute), txt.to(compute)
+    logits = logit_scale.to(compute) * (img @ txt.T)
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Block primitives: rows of x against all rows of y. Both backends give, in fp32:
+#   rows(...)  per row of x: SigLIP sum_j softplus(-label_ij * z_ij), or CLIP logsumexp_j z_ij
+#   grads(...) with g = dL/dz per pair (no 1/N): (g @ y, g.T @ x, sum(g * x.y), sum(g))
+# where z = scale * x @ y.T + bias and the positive of row i is column i + diag_offset.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _positives(start: int, stop: int, diag_offset: int, n_cols: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = torch.arange(start, stop, device=device)
+    cols = rows + diag_offset
+    keep = (cols >= 0) & (cols < n_cols)
+    return rows[keep] - start, cols[keep]
+
+
+class _Chunked:
+    """torch matmuls in fp32 over chunks of rows: never more than a few (chunk, N) fp32 blocks alive."""
+
+    name = "chunked"
+
+    def __init__(self, chunk_elems: int | None = None):
+        self.chunk_elems = chunk_elems or _CPU_CHUNK_ELEMS
+
+    def _chunks(self, m: int, n: int):
+        step = max(1, self.chunk_elems // max(n, 1))
+        return [(start, min(m, start + step)) for start in range(0, m, step)]
+
+    def rows(self, x, y, scale, bias, loss, diag_offset=0):
+        y32 = y.float()
+        out = torch.empty(x.shape[0], device=x.device, dtype=torch.float32)
+        for start, stop in self._chunks(x.shape[0], y.shape[0]):
+            z = (x[start:stop].float() @ y32.T).mul_(scale).add_(bias)
+            if loss == "siglip":
+                r, c = _positives(start, stop, diag_offset, y.shape[0], x.device)
+                z[r, c] = -z[r, c]  # now -label * z
+                out[start:stop] = F.softplus(z).sum(1)
+            else:
+                out[start:stop] = torch.logsumexp(z, dim=1)
+        return out
+
+    def grads(self, x, y, scale, bias, loss, diag_offset=0, lse_row=None, lse_col=None):
+        m, n = x.shape[0], y.shape[0]
+        y32 = y.float()
+        dx = torch.empty(x.shape, device=x.device, dtype=torch.float32)
+        dy = torch.zeros(y.shape, device=x.device, dtype=torch.float32)
+        ds_db = torch.zeros(2, device=x.device, dtype=torch.float32)
+        for start, stop in self._chunks(m, n):
+            xc = x[start:stop].float()
+            dots = xc @ y32.T
+            r, c = _positives(start, stop, diag_offset, n, x.device)
+            if loss == "siglip":
+                g = torch.sigmoid(dots * scale + bias)  # -label * sigmoid(-label * z) = sigmoid(z) - [positive]
+                g[r, c] -= 1
+            else:
+                z = dots * scale
+                g = (z - lse_row[start:stop, None]).exp_()
+                g += z.sub_(lse_col[None, :]).exp_()
+                del z
+                g[r, c] -= 2
+            ds_db[0] += torch.dot(g.view(-1), dots.view(-1))
+            ds_db[1] += g.sum()
+            del dots
+            torch.mm(g, y32, out=dx[start:stop])
+            dy.addmm_(g.T, xc)
+        return dx, dy, ds_db[0], ds_db[1]
+
+
+def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with an fp32 result: on CUDA from 16-bit inputs with fp32 accumulation and output where torch has it
+    (torch.mm(out_dtype=...)), else rounded to the inputs' dtype first."""
+    if a.dtype == torch.float32 or a.device.type != "cuda":
+        return a.float() @ b.float()
+    try:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    except (TypeError, RuntimeError, NotImplementedError):
+        return (a @ b).float()
+
+
+class _Triton:
+    """Our kernels: forward reductions in Triton; backward dL/dz in Triton chunk by chunk, its products in cuBLAS."""
+
+    name = "triton"
+
+    def __init__(self, chunk_bytes: int | None = None):
+        self.chunk_bytes = chunk_bytes or _GPU_CHUNK_BYTES
+
+    @staticmethod
+    def _kernels():
+        from fineviti.kernels import contrastive
+
+        return contrastive
+
+    def rows(self, x, y, scale, bias, loss, diag_offset=0):
+        if x.shape[0] == 0 or y.shape[0] == 0:  # no columns: an empty sum, or the log of one
+            fill = 0.0 if loss == "siglip" else float("-inf")
+            return torch.full((x.shape[0],), fill, device=x.device, dtype=torch.float32)
+        return self._kernels().loss_rows(x.contiguous(), y.contiguous(), scale, bias, loss=loss,
+                                         diag_offset=diag_offset)
+
+    def grads(self, x, y, scale, bias, loss, diag_offset=0, lse_row=None, lse_col=None):
+        kc = self._kernels()
+        x, y = x.contiguous(), y.contiguous()
+        m, n = x.shape[0], y.shape[0]
+        block_m = kc.config(x.shape[1], x.dtype)["BLOCK_M"]
+        step = max(block_m, self.chunk_bytes // max(1, n * x.element_size()) // block_m * block_m)
+        g = torch.empty((min(step, m), n), device=x.device, dtype=x.dtype)
+        dx = torch.empty(x.shape, device=x.device, dtype=torch.float32)
+        dy = torch.zeros(y.shape, device=x.device, dtype=torch.float32)
+        ds_db = torch.zeros(2, device=x.device, dtype=torch.float32)
+        for start in range(0, m if n else 0, step):
+            stop = min(m, start + step)
+            gc, xc = g[:stop - start], x[start:stop]
+            ds_db += kc.loss_grad_logits(xc, y, scale, bias, gc, loss=loss, diag_offset=diag_offset + start,
+                                         lse_row=None if lse_row is None else lse_row[start:stop], lse_col=lse_col)
+            dx[start:stop] = _mm_f32(gc, y)
+            dy += _mm_f32(gc.T, xc)
+        return dx, dy, ds_db[0], ds_db[1]
+
+
+def _backend_impl(name: str):
+    return _Triton() if name == "triton" else _Chunked()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Process groups: counts per rank, padded all-gathers, the autograd all-gather and the ring.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Dist:
+    group: object  # a ProcessGroup, or None on one process
+    world: int
+    rank: int
+    counts: tuple[int, ...]  # rows of every rank
+
+    @property
+    def offsets(self) -> list[int]:
+        out = [0]
+        for c in self.counts[:-1]:
+            out.append(out[-1] + c)
+        return out
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+    @property
+    def row_start(self) -> int:
+        return self.offsets[self.rank]
+
+    @property
+    def n_max(self) -> int:
+        return max(self.counts)
+
+
+def _resolve_group(group):
+    import torch.distributed as dist
+
+    if group is None:
+        return None
+    if isinstance(group, str):
+        if group != "default":
+            raise ValueError(f"group must be None, 'default' or a ProcessGroup, got {group!r}")
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        return dist.group.WORLD
+    return group
+
+
+def _make_dist(group, img: torch.Tensor) -> _Dist:
+    if group is None:
+        return _Dist(None, 1, 0, (img.shape[0],))
+    import torch.distributed as dist
+
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    mine = torch.tensor([img.shape[0], img.shape[1]], device=_comm_device(group, img), dtype=torch.int64)
+    every = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(every, mine, group=group)
+    rows = [t.tolist() for t in every]  # one host synchronisation: the shapes of everything below depend on it
+    widths = {d for _, d in rows}
+    if len(widths) != 1:
+        raise ValueError(f"img and txt must have the same D on every rank, got D per rank {[d for _, d in rows]}")
+    return _Dist(group, world, rank, tuple(c for c, _ in rows))
+
+
+def _comm_device(group, t: torch.Tensor) -> torch.device:
+    import torch.distributed as dist
+
+    return t.device if dist.get_backend(group) != "gloo" else torch.device("cpu")
+
+
+def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    if t.shape[0] == rows:
+        return t.contiguous()
+    out = t.new_zeros((rows, *t.shape[1:]))
+    out[:t.shape[0]] = t
+    return out
+
+
+def _gather_rows(t: torch.Tensor, d: _Dist) -> torch.Tensor:
+    """Concatenation over ranks of every rank's `t` (counts[r] rows each), without autograd."""
+    if d.world == 1:
+        return t
+    import torch.distributed as dist
+
+    padded = _pad_rows(t.detach(), d.n_max)
+    parts = [torch.empty_like(padded) for _ in range(d.world)]
+    dist.all_gather(parts, padded, group=d.group)
+    return torch.cat([p[:c] for p, c in zip(parts, d.counts)], 0)
+
+
+def _reduce_rows(t: torch.Tensor, d: _Dist) -> torch.Tensor:
+    """Sum over ranks of the (total, ...) tensor `t`, returning this rank's rows: a reduce-scatter where the backend
+    has one (NCCL), else an all-reduce and a slice (gloo)."""
+    if d.world == 1:
+        return t
+    import torch.distributed as dist
+
+    padded = torch.cat([_pad_rows(t[o:o + c], d.n_max) for o, c in zip(d.offsets, d.counts)], 0).contiguous()
+    if dist.get_backend(d.group) == "nccl":
+        out = padded.new_empty((d.n_max, *t.shape[1:]))
+        dist.reduce_scatter_tensor(out, padded, group=d.group)
+    else:
+        dist.all_reduce(padded, group=d.group)
+        out = padded[d.rank * d.n_max:(d.rank + 1) * d.n_max]
+    return out[:d.counts[d.rank]]
+
+
+class _AllGatherRows(torch.autograd.Function):
+    """All-gather of rows whose gradient flows back to the owner: the backward sums every rank's gradient of the
+    gathered tensor and keeps this rank's rows."""
+
+    @staticmethod
+    def forward(ctx, t, d):
+        ctx.d = d
+        return _gather_rows(t, d)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_rows(grad.contiguous(), ctx.d), None
+
+
+def _exchange(send: torch.Tensor, recv: torch.Tensor, d: _Dist, tag: int):
+    """Post send -> rank + 1 and recv <- rank - 1 (asynchronous); returns the requests to wait on."""
+    import torch.distributed as dist
+
+    nxt = dist.get_global_rank(d.group, (d.rank + 1) % d.world)
+    prv = dist.get_global_rank(d.group, (d.rank - 1) % d.world)
+    ops = [dist.P2POp(dist.isend, send, nxt, d.group, tag), dist.P2POp(dist.irecv, recv, prv, d.group, tag)]
+    return dist.batch_isend_irecv(ops)
+
+
+def _ring(local_padded: torch.Tensor, d: _Dist):
+    """Yield (owner, buffer) for every rank's block in ring order, starting with ours; the transfer of the next
+    block is in flight while the caller computes on the current one."""
+    current = local_padded
+    for step in range(d.world):
+        owner = (d.rank - step) % d.world
+        requests = None
+        if step < d.world - 1:
+            incoming = torch.empty_like(current)
+            requests = _exchange(current, incoming, d, tag=0)
+        yield owner, current
+        if requests is not None:
+            for req in requests:
+                req.wait()
+            current = incoming
+
+
+def _ring_grads(impl, x, y, scale, bias, loss, d: _Dist, lse_row=None, lse_col_all=None):
+    """Backward of the ring: text blocks travel again and their gradient accumulators travel with them, one hop
+    behind, so that after a full turn each accumulator reaches its owner. Returns fp32 (dx, dy_local, ds, db)."""
+    dx = torch.zeros(x.shape, device=x.device, dtype=torch.float32)
+    ds_db = torch.zeros(2, device=x.device, dtype=torch.float32)
+    pending, received = None, None
+    offsets = d.offsets
+    for step, (owner, block) in enumerate(_ring(_pad_rows(y, d.n_max), d)):
+        count = d.counts[owner]
+        lse_col = None if lse_col_all is None else lse_col_all[offsets[owner]:offsets[owner] + count]
+        dxk, dyk, ds, db = impl.grads(x, block[:count], scale, bias, loss, diag_offset=d.row_start - offsets[owner],
+                                      lse_row=lse_row, lse_col=lse_col)
+        dx += dxk
+        ds_db[0] += ds
+        ds_db[1] += db
+        acc = _pad_rows(dyk, d.n_max)
+        if pending is not None:  # the accumulator of this block from the rank before us
+            for req in pending:
+                req.wait()
+            acc += received
+        if d.world == 1:
+            return dx, acc[:count], ds_db[0], ds_db[1]
+        received = torch.empty_like(acc)
+        pending = _exchange(acc, received, d, tag=1)
+    for req in pending:
+        req.wait()
+    return dx, received[:d.counts[d.rank]], ds_db[0], ds_db[1]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Autograd Functions. coef = world / total rows: each rank's loss is (its rows' share) * world / N_global, so that
+# the mean over ranks of the losses is the global loss and the mean of the gradients is the global gradient.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _scalar(t: torch.Tensor, device) -> torch.Tensor:
+    return t.detach().to(device=device, dtype=torch.float32).reshape(1)
+
+
+def _param_grad(raw: torch.Tensor, factor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return (raw * factor).reshape(like.shape).to(like.dtype)
+
+
+class _SiglipFn(torch.autograd.Function):
+    """Local image rows against all text columns (gathered, or this process's own); or, with `ring`, text blocks
+    passed around the ring in the forward and again in the backward."""
+
+    @staticmethod
+    def forward(ctx, x, y, scale, bias, impl, d, ring):
+        s32, b32 = _scalar(scale, x.device), _scalar(bias, x.device)
+        total = torch.zeros((), device=x.device, dtype=torch.float32)
+        if ring:
+            for owner, block in _ring(_pad_rows(y, d.n_max), d):
+                total += impl.rows(x, block[:d.counts[owner]], s32, b32, "siglip",
+                                   diag_offset=d.row_start - d.offsets[owner]).sum()
+        else:
+            total += impl.rows(x, y, s32, b32, "siglip", diag_offset=d.row_start).sum()
+        ctx.save_for_backward(x, y, scale, bias)
+        ctx.impl, ctx.d, ctx.ring = impl, d, ring
+        return total * (d.world / d.total)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, y, scale, bias = ctx.saved_tensors
+        impl, d = ctx.impl, ctx.d
+        s32, b32 = _scalar(scale, x.device), _scalar(bias, x.device)
+        if ctx.ring:
+            dx, dy, ds, db = _ring_grads(impl, x, y, s32, b32, "siglip", d)
+        else:
+            dx, dy, ds, db = impl.grads(x, y, s32, b32, "siglip", diag_offset=d.row_start)
+        factor = grad.float() * (d.world / d.total)
+        return (_param_grad(dx, factor * s32, x), _param_grad(dy, factor * s32, y), _param_grad(ds, factor, scale),
+                _param_grad(db, factor, bias), None, None, None)
+
+
+class _ClipFn(torch.autograd.Function):
+    """CLIP over this rank's image rows and text rows. Forward: image-to-text log-sum-exps of the local images
+    against all texts, text-to-image ones of the local texts against all images, and their positives. Backward:
+    dL/dz of both directions for the pairs (local image, every text), which needs every text's log-sum-exp (an
+    all-gather of N floats): gradients for the local images and for all texts (summed to their owners)."""
+
+    @staticmethod
+    def forward(ctx, x, y, scale, x_all, impl, d, ring):
+        s32 = _scalar(scale, x.device)
+        zero = torch.zeros(1, device=x.device, dtype=torch.float32)
+        n = d.counts[d.rank]
+        y_loc = y if ring else y[d.row_start:d.row_start + n]
+        if ring:
+            lse_row = torch.full((n,), float("-inf"), device=x.device, dtype=torch.float32)
+            lse_col = torch.full((n,), float("-inf"), device=x.device, dtype=torch.float32)
+            both = torch.cat([_pad_rows(x, d.n_max), _pad_rows(y, d.n_max)], 0)
+            for owner, block in _ring(both, d):
+                count = d.counts[owner]
+                lse_row = torch.logaddexp(lse_row, impl.rows(x, block[d.n_max:d.n_max + count], s32, zero, "clip"))
+                lse_col = torch.logaddexp(lse_col, impl.rows(y_loc, block[:count], s32, zero, "clip"))
+        else:
+            lse_row = impl.rows(x, y, s32, zero, "clip")
+            lse_col = impl.rows(y_loc, x_all, s32, zero, "clip")
+        positive = s32 * (x.float() * y_loc.float()).sum(-1)
+        total = (lse_row - positive).sum() + (lse_col - positive).sum()
+        lse_col_all = _gather_rows(lse_col, d)
+        ctx.save_for_backward(x, y, scale, lse_row, lse_col_all)
+        ctx.impl, ctx.d, ctx.ring = impl, d, ring
+        return total * (d.world / (2 * d.total))
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, y, scale, lse_row, lse_col_all = ctx.saved_tensors
+        impl, d = ctx.impl, ctx.d
+        s32 = _scalar(scale, x.device)
+        zero = torch.zeros(1, device=x.device, dtype=torch.float32)
+        if ctx.ring:
+            dx, dy, ds, _ = _ring_grads(impl, x, y, s32, zero, "clip", d, lse_row=lse_row, lse_col_all=lse_col_all)
+        else:
+            dx, dy, ds, _ = impl.grads(x, y, s32, zero, "clip", diag_offset=d.row_start, lse_row=lse_row,
+                                       lse_col=lse_col_all)
+        factor = grad.float() * (d.world / (2 * d.total))
+        return (_param_grad(dx, factor * s32, x), _param_grad(dy, factor * s32, y), _param_grad(ds, factor, scale),
+                None, None, None, None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public ops
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _as_param(value, name: str, img: torch.Tensor) -> torch.Tensor:
+    if isinstance(value, (int, float)):
+        return torch.tensor(float(value), device=img.device, dtype=torch.float32)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor (or a number), got {type(value).__name__}")
+    if value.numel() != 1 or not value.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor with one element, got shape {tuple(value.shape)} "
+                         f"dtype {value.dtype}")
+    if value.device != img.device:
+        raise ValueError(f"{name} must be on the features' device {img.device}, got {value.device}")
+    return value
+
+
+def _check_inputs(img, txt, params: dict, check_values, distributed: bool) -> None:
+    for name, t in (("img", img), ("txt", txt)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must have shape (N, D), got {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got {t.dtype}")
+    if txt.shape != img.shape:
+        raise ValueError(f"txt must have img's shape {tuple(img.shape)} (one text per image), got {tuple(txt.shape)}")
+    if txt.dtype != img.dtype:
+        raise TypeError(f"txt must have img's dtype {img.dtype}, got {txt.dtype}")
+    if txt.device != img.device:
+        raise ValueError(f"txt must be on img's device {img.device}, got {txt.device}")
+    if img.shape[1] == 0:
+        raise ValueError(f"img and txt need D >= 1 features, got shape {tuple(img.shape)}")
+    if img.shape[0] == 0 and not distributed:
+        raise ValueError("img and txt are empty (N = 0): a contrastive loss needs at least one pair")
+    for name, value in params.items():
+        if value_checks_enabled(value, check_values) and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{name} must be finite, got {value.detach().reshape(-1).tolist()[0]}")
+
+
+def _resolve_backend(backend: str, img: torch.Tensor) -> str:
+    if backend == "auto":
+        backend = os.environ.get("FINEVITI_LOSS_BACKEND", "") or "auto"
+    if backend == "auto":
+        return "triton" if img.device.type == "cuda" and img.dtype in _KERNEL_DTYPES else "chunked"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    if backend == "triton":
+        if img.dtype not in _KERNEL_DTYPES:
+            raise TypeError(f"backend='triton' takes bf16, fp16 or fp32 features, got {img.dtype}")
+        if img.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+            raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {img.device}")
+    return backend
+
+
+def _prepare(img, txt, params, backend, group, dist_impl, check_values):
+    if dist_impl not in DIST_IMPLS:
+        raise ValueError(f"dist_impl must be one of {DIST_IMPLS}, got {dist_impl!r}")
+    group = _resolve_group(group)
+    _check_inputs(img, txt, params, check_values, distributed=group is not None)
+    backend = _resolve_backend(backend, img)
+    d = _make_dist(group, img)
+    if d.total == 0:
+        raise ValueError("img and txt are empty on every rank (global N = 0): a contrastive loss needs a pair")
+    return backend, d
+
+
+def siglip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor, *,
+                backend: str = "auto", group=None, dist_impl: str = "all_gather",
+                check_values: bool | None = None) -> torch.Tensor:
+    """SigLIP's sigmoid loss without the N x N logits.
+
+    img, txt: (N, D) image and text features of one dtype (bf16, fp16 or fp32; fp64 on the torch paths), already
+    normalised by the caller; row i of each is a positive pair. logit_scale (the multiplier, already exponentiated)
+    and logit_bias: one-element tensors, learnable. Returns an fp32 scalar (the reference backend: the features'
+    dtype) equal on one process to -sum_ij logsigmoid(label_ij * (scale * img_i . txt_j + bias)) / N, labels +1
+    for i == j and -1 otherwise; gradients flow to img, txt, logit_scale and logit_bias.
+
+    group: None (this process's pairs only), a ProcessGroup, or "default" (the world group when torch.distributed
+    is initialised). Then every rank's texts are negatives for every rank's images, N may differ per rank, and
+    this rank's loss is  world_size / N_global * sum over its own images i, all texts j of the term above.
+    So the mean of the ranks' losses is the global loss, and after DDP or FSDP average the gradients over the
+    ranks every parameter's gradient is that of the single-process loss over the global batch (the features'
+    gradients from other ranks' losses reach their owner through the all-gather's backward, a sum).
+    dist_impl: "all_gather" gathers the texts (gradient: reduce-scatter, or all-reduce + slice on gloo);
+    "ring" passes text blocks to the next rank with isend/irecv while the current block is computed, and in the
+    backward passes them again together with their gradient accumulators, which end at their owners: no rank
+    ever holds more than two text blocks. The reference backend always all-gathers.
+    check_values: check that logit_scale and logit_bias are finite (always on CPU; on CUDA only when True or
+    FINEVITI_CHECKS=1, since it synchronises).
+    """
+    logit_scale = _as_param(logit_scale, "logit_scale", img)
+    logit_bias = _as_param(logit_bias, "logit_bias", img)
+    backend, d = _prepare(img, txt, {"logit_scale": logit_scale, "logit_bias": logit_bias}, backend, group,
+                          dist_impl, check_values)
+    if backend == "reference":
+        if d.world == 1:
+            return siglip_loss_ref(img, txt, logit_scale, logit_bias)
+        txt_all = _AllGatherRows.apply(txt, d)
+        logits = logit_scale.to(img.dtype) * (img @ txt_all.T) + logit_bias.to(img.dtype)
+        labels = -torch.ones_like(logits)
+        r, c = _positives(0, img.shape[0], d.row_start, d.total, img.device)
+        labels[r, c] = 1
+        return -F.logsigmoid(labels * logits).sum() * (d.world / d.total)
+    ring = dist_impl == "ring" and d.world > 1
+    txt_cols = txt if ring or d.world == 1 else _AllGatherRows.apply(txt, d)
+    return _SiglipFn.apply(img, txt_cols, logit_scale, logit_bias, _backend_impl(backend), d, ring)
+
+
+def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor, *, backend: str = "auto",
+              group=None, dist_impl: str = "all_gather", check_values: bool | None = None) -> torch.Tensor:
+    """CLIP's softmax loss without the N x N logits: the mean of the image-to-text and text-to-image
+    cross-entropies of logit_scale * img @ txt.T with labels arange(N) (open_clip's ClipLoss).
+
+    Shapes, dtypes, backend, group, dist_impl and check_values as in siglip_loss. Distributed, the labels of this
+    rank's rows are offset by its position in the global batch, and this rank's loss is
+    world_size / (2 N_global) * (sum over its images of their image-to-text cross-entropy against all texts +
+    sum over its texts of their text-to-image cross-entropy against all images); the mean over ranks is the global
+    loss. The gradient each rank returns is a different split of the global gradient (its images' rows of dL/dz
+    for both directions); their sum over ranks, which DDP and FSDP average, is exact, so after averaging every
+    parameter's gradient is that of the single-process loss over the global batch. "all_gather" gathers images and
+    texts (texts with a gradient: its backward sums to the owner); "ring" passes (image, text) blocks in the
+    forward and (text, gradient accumulator) blocks in the backward; the text log-sum-exps (N floats) are
+    all-gathered in both.
+    """
+    logit_scale = _as_param(logit_scale, "logit_scale", img)
+    backend, d = _prepare(img, txt, {"logit_scale": logit_scale}, backend, group, dist_impl, check_values)
+    if backend == "reference":
+        if d.world == 1:
+            return clip_loss_ref(img, txt, logit_scale)
+        img_all, txt_all = _AllGatherRows.apply(img, d), _AllGatherRows.apply(txt, d)
+        scale = logit_scale.to(img.dtype)
+        labels = torch.arange(img.shape[0], device=img.device) + d.row_start
+        i2t = F.cross_entropy(scale * (img @ txt_all.T), labels, reduction="sum")
+        t2i = F.cross_entropy(scale * (txt @ img_all.T), labels, reduction="sum")
+        return (i2t + t2i) * (d.world / (2 * d.total))
+    ring = dist_impl == "ring" and d.world > 1
+    if ring or d.world == 1:
+        txt_cols, img_all = txt, img
+    else:
+        txt_cols, img_all = _AllGatherRows.apply(txt, d), _gather_rows(img, d)
+    return _ClipFn.apply(img, txt_cols, logit_scale, img_all.detach(), _backend_impl(backend), d, ring)

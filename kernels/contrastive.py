@@ -1,0 +1,290 @@
+"""Tiled SigLIP and CLIP losses: the N x N logits are recomputed tile by tile and never stored.
+
+Forward: each program owns BLOCK_M rows and one split of the columns, computes z = scale * x @ y.T + bias one
+(BLOCK_M, BLOCK_N) tile at a time (looping over D in BLOCK_K chunks, fp32 accumulation) and reduces it into
+per-row SigLIP sums of softplus(-label * z) or per-row CLIP log-sum-exps (online max). Backward: one program
+per tile recomputes z and writes dL/dz (without the 1/N and scale factors) for a chunk of rows into a buffer
+that the caller multiplies with cuBLAS (fineviti/ops/contrastive.py), plus per-tile partial sums for the
+gradients of scale and bias. The SigLIP paper (Zhai et al., 2023) and Inf-CL (Cheng et al., 2024) do the same.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import registry
+
+SIGLIP = 0
+CLIP = 1
+_LOSSES = {"siglip": SIGLIP, "clip": CLIP}
+_TRITON_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+@triton.jit
+def _logit_dots(
+    X, Y, offs_m, offs_n, mask_m, mask_n, D, stride_x_m, stride_y_n,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+):
+    """x[offs_m] @ y[offs_n].T as a (BLOCK_M, BLOCK_N) fp32 tile, D looped in BLOCK_K chunks (tails zero)."""
+    dots = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, D, BLOCK_K):
+        offs_k = k + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < D
+        x = tl.load(X + offs_m[:, None] * stride_x_m + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :],
+                    other=0.0)
+        y = tl.load(Y + offs_n[:, None] * stride_y_n + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :],
+                    other=0.0)
+        if IEEE:
+            dots = tl.dot(x, tl.trans(y), dots, input_precision="ieee")
+        else:
+            dots = tl.dot(x, tl.trans(y), dots)
+    return dots
+
+
+@triton.jit
+def _softplus(u):
+    """log(1 + exp(u)) without overflow, and without losing the small values that SigLIP's negatives give:
+    log1p(e) as log(1 + e) * e / ((1 + e) - 1) (Goldberg), exact to a few ulp wherever log is."""
+    e = tl.exp(-tl.abs(u))
+    w = 1.0 + e
+    log1p_e = tl.where(w == 1.0, e, tl.log(w) * (e / (w - 1.0)))
+    return tl.maximum(u, 0.0) + log1p_e
+
+
+@triton.jit
+def contrastive_fwd_kernel(
+    X,  # (M, D) row features (images; texts for CLIP's text-to-image direction)
+    Y,  # (N, D) column features
+    SCALE,  # (1,) fp32 logit scale (the multiplier, already exponentiated)
+    BIAS,  # (1,) fp32 logit bias (SigLIP; zero for CLIP, where it cancels)
+    OUT,  # (SPLITS, M) fp32: per column split, SigLIP row sums of -logsigmoid(label * z) or CLIP row log-sum-exps
+    M,
+    N,
+    D,
+    stride_x_m,
+    stride_y_n,
+    stride_out_s,
+    diag_offset,  # the positive of row i is column i + diag_offset (none where that is outside [0, N))
+    cols_per_split,  # columns per program along axis 1, a multiple of BLOCK_N
+    LOSS: tl.constexpr,  # 0 SigLIP, 1 CLIP
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    IEEE: tl.constexpr,  # fp32 inputs: true fp32 products, not TF32
+):
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    scale = tl.load(SCALE)
+    bias = tl.load(BIAS)
+    col_start = pid_s * cols_per_split
+    col_end = tl.minimum(col_start + cols_per_split, N)
+    row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    row_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    for start_n in range(col_start, col_end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < col_end
+        z = scale * _logit_dots(X, Y, offs_m, offs_n, mask_m, mask_n, D, stride_x_m, stride_y_n,
+                                BLOCK_M, BLOCK_N, BLOCK_K, IEEE) + bias
+        if LOSS == 0:
+            positive = offs_n[None, :] == offs_m[:, None] + diag_offset
+            term = _softplus(tl.where(positive, -z, z))  # -logsigmoid(label * z)
+            row_sum += tl.sum(tl.where(mask_n[None, :], term, 0.0), axis=1)
+        else:
+            z = tl.where(mask_n[None, :], z, float("-inf"))
+            new_max = tl.maximum(row_max, tl.max(z, axis=1))
+            row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
+            row_max = new_max
+    if LOSS == 0:
+        out = row_sum
+    else:
+        out = row_max + tl.log(row_sum)
+    tl.store(OUT + pid_s * stride_out_s + offs_m, out, mask=mask_m)
+
+
+@triton.jit
+def contrastive_bwd_kernel(
+    X,  # (M, D) row features
+    Y,  # (N, D) column features
+    SCALE,  # (1,) fp32
+    BIAS,  # (1,) fp32
+    LSE_ROW,  # (M,) fp32 CLIP row log-sum-exps (unused by SigLIP: pass any fp32 tensor)
+    LSE_COL,  # (N,) fp32 CLIP column log-sum-exps (likewise)
+    G,  # (M, N) input dtype, out: dL/dz without the 1/N factor
+    PARTIAL,  # (2, grid_m * grid_n) fp32, out: per tile sum(dL/dz * x.y) and sum(dL/dz)
+    M,
+    N,
+    D,
+    stride_x_m,
+    stride_y_n,
+    stride_g_m,
+    diag_offset,
+    LOSS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,  # row blocks that walk the columns together, so that Y tiles are reused from L2
+    IEEE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * grid_n
+    first_m = (pid // group_size) * GROUP_M
+    rows_in_group = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = (first_m + (pid % group_size) % rows_in_group).to(tl.int64)
+    pid_n = ((pid % group_size) // rows_in_group).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    scale = tl.load(SCALE)
+    dots = _logit_dots(X, Y, offs_m, offs_n, mask_m, mask_n, D, stride_x_m, stride_y_n,
+                       BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
+    z = scale * dots
+    positive = offs_n[None, :] == offs_m[:, None] + diag_offset
+    if LOSS == 0:
+        z += tl.load(BIAS)
+        # d/dz softplus(-label * z) = -label * sigmoid(-label * z)
+        g = tl.where(positive, -1.0 / (1.0 + tl.exp(z)), 1.0 / (1.0 + tl.exp(-z)))
+    else:
+        lse_row = tl.load(LSE_ROW + offs_m, mask=mask_m, other=0.0)
+        lse_col = tl.load(LSE_COL + offs_n, mask=mask_n, other=0.0)
+        # image-to-text softmax + text-to-image softmax - 2 at the positive
+        g = tl.exp(z - lse_row[:, None]) + tl.exp(z - lse_col[None, :]) - tl.where(positive, 2.0, 0.0)
+    valid = mask_m[:, None] & mask_n[None, :]
+    g = tl.where(valid, g, 0.0)
+    tl.store(G + offs_m[:, None] * stride_g_m + offs_n[None, :], g.to(G.dtype.element_ty), mask=valid)
+    tile = pid_m * grid_n + pid_n
+    tl.store(PARTIAL + tile, tl.sum(tl.sum(g * dots, axis=1), axis=0))
+    tl.store(PARTIAL + grid_m * grid_n + tile, tl.sum(tl.sum(g, axis=1), axis=0))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Configurations and launchers
+
+
+def config(d: int, dtype: torch.dtype) -> dict:
+    """Block sizes and launch options for feature width `d` and input dtype (one config: no autotuning, so that
+    the interpreter runs exactly what the GPU runs)."""
+    if dtype == torch.float32:  # true fp32 products run on the FMA pipes: small tiles over 8 warps, no spills
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 2}
+    return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64 if d >= 64 else 32, "num_warps": 8, "num_stages": 3}
+
+
+_GROUP_M = 8
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2  # the interpreter: a small count, so that tests still split the columns
+
+
+def _check(x: torch.Tensor, y: torch.Tensor) -> None:
+    if x.dtype not in _TRITON_DTYPES or y.dtype != x.dtype:
+        raise TypeError(f"contrastive kernels take bf16, fp16 or fp32 features of one dtype, got {x.dtype} and "
+                        f"{y.dtype}")
+    if x.stride(-1) != 1 or y.stride(-1) != 1:
+        raise ValueError(f"contrastive kernels need unit stride along D, got strides {x.stride()} and {y.stride()}")
+
+
+def loss_rows(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, *, loss: str,
+              diag_offset: int = 0, splits: int | None = None) -> torch.Tensor:
+    """Per row of x (M, D) against all rows of y (N, D), in fp32: SigLIP sums of -logsigmoid(label * z) or CLIP
+    log-sum-exps of z, with z = scale * x @ y.T + bias. scale and bias: (1,) fp32 on the features' device."""
+    _check(x, y)
+    m, d = x.shape
+    n = y.shape[0]
+    cfg = config(d, x.dtype)
+    block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    grid_m = triton.cdiv(m, block_m)
+    col_blocks = triton.cdiv(n, block_n)
+    if splits is None:  # enough programs to fill the GPU a few times over when M alone would not
+        splits = triton.cdiv(4 * _sm_count(x.device), grid_m)
+    blocks_per_split = triton.cdiv(col_blocks, max(1, min(splits, col_blocks)))
+    cols_per_split = blocks_per_split * block_n
+    splits = triton.cdiv(n, cols_per_split)
+    out = torch.empty((splits, m), device=x.device, dtype=torch.float32)
+    contrastive_fwd_kernel[(grid_m, splits)](
+        x, y, scale, bias, out, m, n, d, x.stride(0), y.stride(0), out.stride(0), diag_offset, cols_per_split,
+        LOSS=_LOSSES[loss], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=cfg["BLOCK_K"],
+        IEEE=x.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if splits == 1:
+        return out[0]
+    return out.sum(0) if loss == "siglip" else torch.logsumexp(out, dim=0)
+
+
+def loss_grad_logits(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, g: torch.Tensor, *,
+                     loss: str, diag_offset: int = 0, lse_row: torch.Tensor | None = None,
+                     lse_col: torch.Tensor | None = None) -> torch.Tensor:
+    """Fill g (M, N), in the features' dtype, with dL/dz per pair (without the 1/N factor): SigLIP
+    -label * sigmoid(-label * z); CLIP softmax_row + softmax_col - 2 at the positive, from the saved fp32
+    log-sum-exps. Returns the fp32 pair (sum(g * x.y), sum(g)) for the gradients of scale and bias."""
+    _check(x, y)
+    m, d = x.shape
+    n = y.shape[0]
+    if g.shape != (m, n) or g.dtype != x.dtype or g.stride(1) != 1:
+        raise ValueError(f"g must be a ({m}, {n}) {x.dtype} buffer with unit column stride, got {tuple(g.shape)} "
+                         f"{g.dtype} strides {g.stride()}")
+    if loss == "clip" and (lse_row is None or lse_col is None):
+        raise ValueError("the CLIP gradient needs lse_row and lse_col")
+    cfg = config(d, x.dtype)
+    block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    partial = torch.empty((2, tiles), device=x.device, dtype=torch.float32)
+    lse_row = scale if lse_row is None else lse_row
+    lse_col = scale if lse_col is None else lse_col
+    contrastive_bwd_kernel[(tiles,)](
+        x, y, scale, bias, lse_row, lse_col, g, partial, m, n, d, x.stride(0), y.stride(0), g.stride(0), diag_offset,
+        LOSS=_LOSSES[loss], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=cfg["BLOCK_K"], GROUP_M=_GROUP_M,
+        IEEE=x.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return partial.sum(1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What ships: the configs above for a small D and the D of the base and fine presets, per dtype and loss.
+
+SHIPPED_D = (32, 64, 768, 1152)
+
+
+def _configs() -> list[registry.Shipped]:
+    rows, seen = [], {}
+    for dtype, tname in _TRITON_DTYPES.items():
+        ptr = "*" + tname
+        for d in SHIPPED_D:
+            cfg = config(d, dtype)
+            blocks = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"]}
+            for loss_name, loss in _LOSSES.items():
+                common = {"X": ptr, "Y": ptr, "SCALE": "*fp32", "BIAS": "*fp32"}
+                fwd_sig = {**common, "OUT": "*fp32", "M": "i32", "N": "i32", "D": "i32", "stride_x_m": "i32",
+                           "stride_y_n": "i32", "stride_out_s": "i32", "diag_offset": "i32",
+                           "cols_per_split": "i32", "LOSS": "constexpr", "BLOCK_M": "constexpr",
+                           "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "IEEE": "constexpr"}
+                bwd_sig = {**common, "LSE_ROW": "*fp32", "LSE_COL": "*fp32", "G": ptr, "PARTIAL": "*fp32",
+                           "M": "i32", "N": "i32", "D": "i32", "stride_x_m": "i32", "stride_y_n": "i32",
+                           "stride_g_m": "i32", "diag_offset": "i32", "LOSS": "constexpr", "BLOCK_M": "constexpr",
+                           "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "GROUP_M": "constexpr",
+                           "IEEE": "constexpr"}
+                ieee = dtype == torch.float32
+                for kernel, sig, extra in (("contrastive_fwd_kernel", fwd_sig, {}),
+                                           ("contrastive_bwd_kernel", bwd_sig, {"GROUP_M": _GROUP_M})):
+                    constexprs = {"LOSS": loss, **blocks, **extra, "IEEE": ieee}
+                    key = (kernel, tname, tuple(sorted(constexprs.items())))
+                    if key in seen:  # same compiled variant for another D: name the D in the existing label
+                        seen[key][0] += f",{d}"
+                        continue
+                    seen[key] = [f"{loss_name} {kernel.split('_')[1]} {tname} d{d}", kernel, sig, constexprs, cfg]
+    for label, kernel, sig, constexprs, cfg in seen.values():
+        rows.append(registry.Shipped(kernel_name=kernel, label=label, signature=sig, constexprs=constexprs,
+                                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+    return rows
+
+
+registry.declare("contrastive_fwd", contrastive_fwd_kernel, lambda: [r for r in _configs()
+                                                                     if r.kernel_name == "contrastive_fwd_kernel"])
+registry.declare("contrastive_bwd", contrastive_bwd_kernel, lambda: [r for r in _configs()
+                                                                     if r.kernel_name == "contrastive_bwd_kernel"])
