@@ -42,6 +42,11 @@ TORCH_LIBRARY(fineviti, m) {
 
   // positions.cpp, positions.cu: packed (row, col) positions and cu_seqlens of a batch of patch grids.
   m.def("build_positions(Tensor grid_hw, int merge) -> (Tensor, Tensor)");
+
+  // rope.cpp, rope.cu: 2D rotary position embedding (Qwen2-VL vision RoPE); autograd in fineviti/ops/rope.py.
+  m.def("rope_2d(Tensor x, Tensor pos, float theta, bool inverse, bool check_pos) -> Tensor");
+  m.def("rope_2d_qk(Tensor q, Tensor k, Tensor pos, float theta, bool inverse, bool check_pos) -> (Tensor, Tensor)");
+  m.def("rope_2d_(Tensor(a!) x, Tensor pos, float theta, bool inverse, bool check_pos) -> ()");
 }
 
 // `import fineviti._C` needs a module init function; the module is empty on purpose.
