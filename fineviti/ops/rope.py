@@ -1,0 +1,417 @@
+"""2D rotary position embedding of packed vision tokens: Qwen2-VL's vision RoPE, fused.
+
+x (total, heads, head_dim) rotates by each token's (row, col): head_dim/4 frequencies theta**(-f/(head_dim/4)),
+row angles then column angles, repeated twice, applied as x*cos + rotate_half(x)*sin in fp32 (Hugging Face
+transformers, Qwen2-VL: VisionRotaryEmbedding + apply_rotary_pos_emb_vision). The backward is the rotation by the
+negative angle. Backends: "triton" (kernels/rope.py, q and k in one launch, sin/cos on the fly), "cuda"
+(csrc/rope.cu), "cpp" (csrc/rope.cpp, CPU), "torch" (the reference). `qkv_split_rope` splits a fused QKV
+projection into contiguous q, k, v while rotating q and k, reading the projection once.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from fineviti import _checks, _ext
+
+BACKENDS = ("auto", "triton", "cuda", "cpp", "torch")
+BACKEND_ENV = "FINEVITI_ROPE_BACKEND"
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_INT32_MAX = 2**31 - 1
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) over the halves of the last dim, as in Hugging Face transformers."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_2d_angles(pos: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> torch.Tensor:
+    """(total, head_dim // 2) angles: row * inv_freq then col * inv_freq, computed in `dtype`."""
+    half = head_dim // 2
+    inv_freq = 1.0 / (theta ** (torch.arange(0, half, 2, dtype=dtype, device=pos.device) / half))
+    return torch.cat((pos[:, :1].to(dtype) * inv_freq, pos[:, 1:2].to(dtype) * inv_freq), dim=-1)
+
+
+def rope_2d_ref(x: torch.Tensor, pos: torch.Tensor, theta: float = 10000.0, *, inverse: bool = False,
+                upcast: bool = True) -> torch.Tensor:
+    """Plain-torch 2D RoPE: x (total, heads, head_dim), pos (total, 2) integer (row, col); returns x's dtype.
+
+    upcast=True computes in fp32 (fp64 for fp64 x), as Qwen2-VL does; upcast=False multiplies in x's dtype with
+    cos/sin rounded to it. inverse=True rotates by the negative angle (the gradient of the forward rotation).
+    """
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    angles = rope_2d_angles(pos, x.shape[-1], theta, compute)
+    emb = torch.cat((angles, angles), dim=-1)[:, None, :]
+    cos, sin = emb.cos(), emb.sin()
+    if inverse:
+        sin = -sin
+    xc = x.to(compute) if upcast else x
+    out = xc * cos.to(xc.dtype) + rotate_half(xc) * sin.to(xc.dtype)
+    return out.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checks
+
+
+def _check_x(name: str, x: torch.Tensor, op: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 3:
+        raise ValueError(f"{op}: {name} must have shape (total, heads, head_dim), got shape {tuple(x.shape)}")
+    if x.shape[-1] % 4 != 0:
+        raise ValueError(f"{op}: head_dim of {name} must be divisible by 4 (row and column halves of "
+                         f"cos/sin pairs), got head_dim={x.shape[-1]}")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"{op}: {name} must be float32, float16 or bfloat16, got {x.dtype}")
+
+
+def _check_pos(pos: torch.Tensor, total: int, device: torch.device, op: str) -> None:
+    if not isinstance(pos, torch.Tensor):
+        raise TypeError(f"{op}: pos must be a torch.Tensor, got {type(pos).__name__}")
+    if pos.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{op}: pos must be int32 or int64 (row, col) positions, got {pos.dtype}")
+    if pos.dim() != 2 or pos.shape[1] != 2:
+        raise ValueError(f"{op}: pos must have shape (total, 2) holding (row, col), got shape {tuple(pos.shape)}")
+    if pos.shape[0] != total:
+        raise ValueError(f"{op}: pos has {pos.shape[0]} rows but the input has {total} tokens; expected one "
+                         f"(row, col) per token")
+    if pos.device != device:
+        raise ValueError(f"{op}: pos is on {pos.device} but the input is on {device}")
+
+
+def check_positions(pos: torch.Tensor) -> None:
+    """Value check (reads pos on the host): positions must be non-negative and fit in int32."""
+    if pos.numel() == 0:
+        return
+    bad = (pos < 0) | (pos > _INT32_MAX)
+    if bool(bad.any()):
+        i, c = (int(v) for v in bad.nonzero()[0])
+        raise ValueError(f"rope_2d: positions must be non-negative integers below 2**31, got "
+                         f"pos[{i}, {c}]={int(pos[i, c])} ({'row' if c == 0 else 'col'} of token {i})")
+
+
+def _env_backend() -> str | None:
+    value = os.environ.get(BACKEND_ENV, "")
+    if value in ("", "auto"):
+        return None
+    if value not in BACKENDS:
+        raise ValueError(f"{BACKEND_ENV}={value!r} is not a rope backend; expected one of {BACKENDS}")
+    return value
+
+
+def _cpp_ops_available() -> bool:
+    return _ext.loaded() and hasattr(torch.ops.fineviti, "rope_2d")
+
+
+_HAS_CPP_OPS = _cpp_ops_available()
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend "auto" means on `device` (FINEVITI_ROPE_BACKEND overrides it); checks an explicit one."""
+    if backend not in BACKENDS:
+        raise ValueError(f"rope_2d: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = _env_backend() or ("triton" if device.type == "cuda" else ("cpp" if _HAS_CPP_OPS else "torch"))
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise ValueError(f"rope_2d: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {device}")
+    if backend in ("cuda", "cpp") and not _HAS_CPP_OPS:
+        raise RuntimeError(f"rope_2d: backend={backend!r} needs the compiled extension fineviti._C with the rope "
+                           f"ops ({_ext.load_error() or 'it has no rope_2d op'}); build it with "
+                           f"`pip install --no-build-isolation -e .`")
+    if backend == "cuda" and device.type != "cuda":
+        raise ValueError(f"rope_2d: backend='cuda' needs CUDA tensors, got {device}")
+    if backend == "cpp" and device.type != "cpu":
+        raise ValueError(f"rope_2d: backend='cpp' needs CPU tensors, got {device}")
+    return backend
+
+
+def _unit_last(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Views with a unit last stride sharing (token, head) strides; copies only where they are not."""
+    out = [t if t.stride(-1) == 1 else t.contiguous() for t in tensors]
+    if any(t.stride() != out[0].stride() for t in out[1:]):
+        out = [t.contiguous() for t in out]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Triton ops (torch.library custom ops with fake implementations, so torch.compile traces through them)
+
+
+def _triton_launch(q, k, v, q_out, k_out, v_out, pos, theta, inverse):
+    from fineviti.kernels import rope as kernels
+
+    kernels.launch(q, k, v, q_out, k_out, v_out, pos.to(torch.int32), theta, inverse)
+
+
+def _empty(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@torch.library.custom_op("fineviti::rope_2d_triton", mutates_args=())
+def _rope_2d_triton(x: torch.Tensor, pos: torch.Tensor, theta: float, inverse: bool,
+                    check_pos: bool) -> torch.Tensor:
+    if check_pos:
+        check_positions(pos)
+    (x,) = _unit_last(x)
+    out = _empty(x)
+    _triton_launch(x, None, None, out, None, None, pos, theta, inverse)
+    return out
+
+
+@_rope_2d_triton.register_fake
+def _(x, pos, theta, inverse, check_pos):
+    return _empty(x)
+
+
+@torch.library.custom_op("fineviti::rope_2d_qk_triton", mutates_args=())
+def _rope_2d_qk_triton(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, theta: float, inverse: bool,
+                       check_pos: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if check_pos:
+        check_positions(pos)
+    q, k = _unit_last(q, k)
+    q_out, k_out = _empty(q), _empty(k)
+    _triton_launch(q, k, None, q_out, k_out, None, pos, theta, inverse)
+    return q_out, k_out
+
+
+@_rope_2d_qk_triton.register_fake
+def _(q, k, pos, theta, inverse, check_pos):
+    return _empty(q), _empty(k)
+
+
+@torch.library.custom_op("fineviti::rope_2d_qk_triton_", mutates_args=("q", "k"))
+def _rope_2d_qk_triton_(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, theta: float, inverse: bool,
+                        check_pos: bool) -> None:
+    """In place: q and k are overwritten (each element is read and written by the same program)."""
+    if check_pos:
+        check_positions(pos)
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or q.stride() != k.stride():
+        for t in (q, k):  # rotate each separately through a contiguous copy
+            (t_unit,) = _unit_last(t)
+            _triton_launch(t_unit, None, None, t_unit, None, None, pos, theta, inverse)
+            if t_unit is not t:
+                t.copy_(t_unit)
+        return
+    _triton_launch(q, k, None, q, k, None, pos, theta, inverse)
+
+
+@_rope_2d_qk_triton_.register_fake
+def _(q, k, pos, theta, inverse, check_pos):
+    return None
+
+
+@torch.library.custom_op("fineviti::rope_2d_triton_", mutates_args=("x",))
+def _rope_2d_triton_(x: torch.Tensor, pos: torch.Tensor, theta: float, inverse: bool, check_pos: bool) -> None:
+    if check_pos:
+        check_positions(pos)
+    (x_unit,) = _unit_last(x)
+    _triton_launch(x_unit, None, None, x_unit, None, None, pos, theta, inverse)
+    if x_unit is not x:
+        x.copy_(x_unit)
+
+
+@_rope_2d_triton_.register_fake
+def _(x, pos, theta, inverse, check_pos):
+    return None
+
+
+def _qkv_views(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    total, width = qkv.shape
+    return qkv.view(total, 3, heads, width // (3 * heads)).unbind(1)
+
+
+@torch.library.custom_op("fineviti::qkv_split_rope_triton", mutates_args=())
+def _qkv_split_rope_triton(qkv: torch.Tensor, pos: torch.Tensor, heads: int, theta: float,
+                           check_pos: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if check_pos:
+        check_positions(pos)
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
+    q, k, v = _qkv_views(qkv, heads)
+    q_out, k_out, v_out = _empty(q), _empty(k), _empty(v)
+    _triton_launch(q, k, v, q_out, k_out, v_out, pos, theta, False)
+    return q_out, k_out, v_out
+
+
+@_qkv_split_rope_triton.register_fake
+def _(qkv, pos, heads, theta, check_pos):
+    q, k, v = _qkv_views(qkv, heads)
+    return _empty(q), _empty(k), _empty(v)
+
+
+@torch.library.custom_op("fineviti::qkv_split_rope_triton_bwd", mutates_args=())
+def _qkv_split_rope_triton_bwd(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, pos: torch.Tensor,
+                               theta: float) -> torch.Tensor:
+    dq, dk, dv = _unit_last(dq, dk, dv)
+    total, heads, head_dim = dq.shape
+    dqkv = torch.empty((total, 3 * heads * head_dim), dtype=dq.dtype, device=dq.device)
+    dq_out, dk_out, dv_out = _qkv_views(dqkv, heads)
+    _triton_launch(dq, dk, dv, dq_out, dk_out, dv_out, pos, theta, True)
+    return dqkv
+
+
+@_qkv_split_rope_triton_bwd.register_fake
+def _(dq, dk, dv, pos, theta):
+    total, heads, head_dim = dq.shape
+    return dq.new_empty((total, 3 * heads * head_dim))
+
+
+# Fake implementations of the C++/CUDA ops (csrc/rope.cpp, csrc/rope.cu), so that torch.compile traces them too.
+if _HAS_CPP_OPS:
+
+    @torch.library.register_fake("fineviti::rope_2d")
+    def _(x, pos, theta, inverse, check_pos):
+        return _empty(x)
+
+    @torch.library.register_fake("fineviti::rope_2d_qk")
+    def _(q, k, pos, theta, inverse, check_pos):
+        return _empty(q), _empty(k)
+
+    @torch.library.register_fake("fineviti::rope_2d_")
+    def _(x, pos, theta, inverse, check_pos):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dispatch and autograd
+
+
+def _rotate(tensors: tuple[torch.Tensor, ...], pos: torch.Tensor, theta: float, inverse: bool, backend: str,
+            check_pos: bool, inplace: bool = False) -> tuple[torch.Tensor, ...]:
+    """Rotate one tensor or a (q, k) pair with `backend`; out of place unless `inplace`."""
+    if backend == "torch":
+        if check_pos and not torch.compiler.is_compiling():
+            check_positions(pos)
+        outs = tuple(rope_2d_ref(t, pos, theta, inverse=inverse) for t in tensors)
+        if inplace:
+            for t, out in zip(tensors, outs):
+                t.copy_(out)
+            return tensors
+        return outs
+    if backend == "triton":
+        if len(tensors) == 1:
+            if inplace:
+                torch.ops.fineviti.rope_2d_triton_(tensors[0], pos, theta, inverse, check_pos)
+                return tensors
+            return (torch.ops.fineviti.rope_2d_triton(tensors[0], pos, theta, inverse, check_pos),)
+        if inplace:
+            torch.ops.fineviti.rope_2d_qk_triton_(*tensors, pos, theta, inverse, check_pos)
+            return tensors
+        return tuple(torch.ops.fineviti.rope_2d_qk_triton(*tensors, pos, theta, inverse, check_pos))
+    # "cuda" and "cpp": the same C++ ops, registered for the CUDA and CPU dispatch keys.
+    if inplace:
+        for i, t in enumerate(tensors):
+            torch.ops.fineviti.rope_2d_(t, pos, theta, inverse, check_pos and i == 0)
+        return tensors
+    if len(tensors) == 1:
+        return (torch.ops.fineviti.rope_2d(tensors[0], pos, theta, inverse, check_pos),)
+    return tuple(torch.ops.fineviti.rope_2d_qk(*tensors, pos, theta, inverse, check_pos))
+
+
+class _Rope2d(torch.autograd.Function):
+    """Rotation of x, or of q and k together; the backward rotates the gradients by the negative angle."""
+
+    @staticmethod
+    def forward(ctx, pos, theta, backend, inplace, check_pos, *tensors):
+        outs = _rotate(tensors, pos, theta, False, backend, check_pos, inplace)
+        ctx.save_for_backward(pos)
+        ctx.theta, ctx.backend = theta, backend
+        if inplace:
+            ctx.mark_dirty(*tensors)
+        return outs
+
+    @staticmethod
+    def backward(ctx, *grads):
+        (pos,) = ctx.saved_tensors
+        grads_in = _rotate(grads, pos, ctx.theta, True, ctx.backend, False)
+        return (None, None, None, None, None, *grads_in)
+
+
+class _QKVSplitRope(torch.autograd.Function):
+    """Split (total, 3*heads*head_dim) into rotated q, k and v; the backward gathers dqkv = [R^-1 dq | R^-1 dk | dv]."""
+
+    @staticmethod
+    def forward(ctx, qkv, pos, heads, theta, backend, check_pos):
+        ctx.save_for_backward(pos)
+        ctx.theta, ctx.backend = theta, backend
+        if backend == "triton":
+            return tuple(torch.ops.fineviti.qkv_split_rope_triton(qkv, pos, heads, theta, check_pos))
+        q, k, v = _qkv_views(qkv, heads)
+        q, k = _rotate((q, k), pos, theta, False, backend, check_pos)
+        return q, k, v.contiguous()
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        (pos,) = ctx.saved_tensors
+        if ctx.backend == "triton":
+            dqkv = torch.ops.fineviti.qkv_split_rope_triton_bwd(dq, dk, dv, pos, ctx.theta)
+        else:
+            dq, dk = _rotate((dq, dk), pos, ctx.theta, True, ctx.backend, False)
+            dqkv = torch.stack((dq, dk, dv), dim=1).view(dq.shape[0], -1)
+        return dqkv, None, None, None, None, None
+
+
+def rope_2d(x: torch.Tensor, pos: torch.Tensor, *, theta: float = 10000.0, backend: str = "auto",
+            inplace: bool = False, check_values: bool | None = None) -> torch.Tensor:
+    """Rotate x by its tokens' (row, col) positions (Qwen2-VL vision RoPE).
+
+    x: (total, heads, head_dim) float32/float16/bfloat16, head_dim divisible by 4; pos: (total, 2) int32/int64.
+    Returns a tensor of x's shape and dtype (contiguous; x itself when inplace=True). Computed in fp32.
+    backend: "auto" (triton on CUDA; on CPU cpp when the extension is built, else torch; FINEVITI_ROPE_BACKEND
+    overrides it), "triton", "cuda", "cpp" or "torch". check_values: check that positions are non-negative
+    (default: always on CPU, on CUDA only with FINEVITI_CHECKS=1, since it synchronises).
+    """
+    _check_x("x", x, "rope_2d")
+    _check_pos(pos, x.shape[0], x.device, "rope_2d")
+    backend = resolve_backend(backend, x.device)
+    check_pos = _checks.value_checks_enabled(pos, check_values)
+    return _Rope2d.apply(pos, float(theta), backend, inplace, check_pos, x)[0]
+
+
+def rope_2d_qk(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, theta: float = 10000.0, *,
+               backend: str = "auto", inplace: bool = False,
+               check_values: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q and k (same shape (total, heads, head_dim) and dtype) in one launch; returns (q_rot, k_rot).
+
+    Same arguments and rules as `rope_2d`.
+    """
+    _check_x("q", q, "rope_2d_qk")
+    _check_x("k", k, "rope_2d_qk")
+    if q.shape != k.shape or q.dtype != k.dtype or q.device != k.device:
+        raise ValueError(f"rope_2d_qk: q and k must have the same shape, dtype and device, got q {tuple(q.shape)} "
+                         f"{q.dtype} {q.device} and k {tuple(k.shape)} {k.dtype} {k.device}")
+    _check_pos(pos, q.shape[0], q.device, "rope_2d_qk")
+    backend = resolve_backend(backend, q.device)
+    check_pos = _checks.value_checks_enabled(pos, check_values)
+    q_rot, k_rot = _Rope2d.apply(pos, float(theta), backend, inplace, check_pos, q, k)
+    return q_rot, k_rot
+
+
+def qkv_split_rope(qkv: torch.Tensor, pos: torch.Tensor, heads: int, theta: float = 10000.0, *,
+                   backend: str = "auto",
+                   check_values: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split a fused QKV projection and rotate q and k: the same result as splitting, then `rope_2d_qk`.
+
+    qkv: (total, 3 * heads * head_dim) laid out [q | k | v], each (heads, head_dim); returns q, k, v, each
+    (total, heads, head_dim) contiguous in qkv's dtype. The triton backend reads qkv once and writes the three.
+    """
+    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 2:
+        raise ValueError(f"qkv_split_rope: qkv must be a (total, 3 * heads * head_dim) tensor, got "
+                         f"{tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__}")
+    if not isinstance(heads, int) or heads < 1 or qkv.shape[1] % (3 * heads) != 0:
+        raise ValueError(f"qkv_split_rope: heads must be a positive int dividing qkv.shape[1] / 3, got heads={heads} "
+                         f"for qkv of shape {tuple(qkv.shape)}")
+    head_dim = qkv.shape[1] // (3 * heads)
+    if head_dim % 4 != 0:
+        raise ValueError(f"qkv_split_rope: head_dim = qkv.shape[1] / (3 * heads) must be divisible by 4, got "
+                         f"head_dim={head_dim} (qkv of shape {tuple(qkv.shape)}, heads={heads})")
+    if qkv.dtype not in _DTYPES:
+        raise TypeError(f"qkv_split_rope: qkv must be float32, float16 or bfloat16, got {qkv.dtype}")
+    _check_pos(pos, qkv.shape[0], qkv.device, "qkv_split_rope")
+    backend = resolve_backend(backend, qkv.device)
+    check_pos = _checks.value_checks_enabled(pos, check_values)
+    return _QKVSplitRope.apply(qkv, pos, heads, float(theta), backend, check_pos)

@@ -1,0 +1,173 @@
+"""2D rotary position embedding (Qwen2-VL vision RoPE) in one pass, cos and sin computed on the fly.
+
+Pairs (j, j + head_dim/2) of each head rotate by angle pos * theta**(-f/(head_dim/4)), with pos the token's row
+for j < head_dim/4 and its column above, f = j mod head_dim/4 (fineviti.ops.rope.rope_2d_ref is the definition).
+One program takes BLOCK_T tokens: it computes their angles once (fp64, reduced to [-pi, pi], then fp32 sin/cos)
+and applies them to every head of q, of k (HAS_K) and copies v (HAS_V), so the trigonometry is shared by all
+heads and tensors and the kernel reads and writes each element once. INVERSE rotates by the negative angle (the
+backward). Inputs and outputs may be strided views (the fused QKV split reads q, k, v out of one projection).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from . import registry
+
+TWO_PI = tl.constexpr(6.283185307179586)
+INV_TWO_PI = tl.constexpr(0.15915494309189535)
+
+
+@triton.jit
+def _rotate_tile(x_ptrs, out_ptrs, cos, sin, mask, HALF: tl.constexpr):
+    """out = x * cos + rotate_half(x) * sin on a (BLOCK_T, BLOCK_H, HALF_PAD) tile of first halves at x_ptrs."""
+    x1 = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
+    out1 = x1 * cos - x2 * sin
+    out2 = x2 * cos + x1 * sin
+    tl.store(out_ptrs, out1.to(out_ptrs.dtype.element_ty), mask=mask)
+    tl.store(out_ptrs + HALF, out2.to(out_ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def rope_2d_kernel(
+    q_ptr,  # (total, heads, HEAD_DIM), strides (stride_in_t, stride_in_h, 1)
+    k_ptr,  # same shape and strides as q (read only when HAS_K)
+    v_ptr,  # same shape and strides as q (read only when HAS_V)
+    q_out_ptr,  # (total, heads, HEAD_DIM), strides (stride_out_t, stride_out_h, 1); may alias q_ptr
+    k_out_ptr,  # like q_out (written only when HAS_K)
+    v_out_ptr,  # like q_out (written only when HAS_V)
+    pos_ptr,  # (total, 2) int32 (row, col), strides (stride_pos_t, stride_pos_c)
+    total,
+    heads,
+    theta,
+    stride_in_t,
+    stride_in_h,
+    stride_out_t,
+    stride_out_h,
+    stride_pos_t,
+    stride_pos_c,
+    HEAD_DIM: tl.constexpr,
+    HALF_PAD: tl.constexpr,  # next power of two >= HEAD_DIM // 2
+    BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    HAS_K: tl.constexpr,
+    HAS_V: tl.constexpr,
+    INVERSE: tl.constexpr,
+):
+    HALF: tl.constexpr = HEAD_DIM // 2
+    QUARTER: tl.constexpr = HEAD_DIM // 4
+    pid = tl.program_id(0).to(tl.int64)
+    tokens = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    token_mask = tokens < total
+    row = tl.load(pos_ptr + tokens * stride_pos_t, mask=token_mask, other=0)
+    col = tl.load(pos_ptr + tokens * stride_pos_t + stride_pos_c, mask=token_mask, other=0)
+
+    # Angles in fp64 (exact enough for any position), reduced to [-pi, pi] before fp32 sin/cos.
+    j = tl.arange(0, HALF_PAD)
+    freq = (j % QUARTER).to(tl.float64)
+    log2_theta = tl.log2(tl.zeros((HALF_PAD,), dtype=tl.float64) + theta)
+    inv_freq = tl.exp2(-(freq / QUARTER) * log2_theta)
+    coord = tl.where((j < QUARTER)[None, :], row[:, None], col[:, None]).to(tl.float64)
+    angle = coord * inv_freq[None, :]
+    turns = tl.floor(angle * INV_TWO_PI + 0.5)
+    reduced = (angle - turns * TWO_PI).to(tl.float32)
+    cos = tl.cos(reduced)[:, None, :]
+    sin = tl.sin(reduced)[:, None, :]
+    if INVERSE:
+        sin = -sin
+
+    lane_mask = token_mask[:, None, None] & (j < HALF)[None, None, :]
+    in_base = tokens[:, None, None] * stride_in_t + j[None, None, :]
+    out_base = tokens[:, None, None] * stride_out_t + j[None, None, :]
+    for h0 in range(0, heads, BLOCK_H):
+        h = h0 + tl.arange(0, BLOCK_H)
+        mask = lane_mask & (h < heads)[None, :, None]
+        in_offsets = in_base + h[None, :, None].to(tl.int64) * stride_in_h
+        out_offsets = out_base + h[None, :, None].to(tl.int64) * stride_out_h
+        _rotate_tile(q_ptr + in_offsets, q_out_ptr + out_offsets, cos, sin, mask, HALF)
+        if HAS_K:
+            _rotate_tile(k_ptr + in_offsets, k_out_ptr + out_offsets, cos, sin, mask, HALF)
+        if HAS_V:
+            v1 = tl.load(v_ptr + in_offsets, mask=mask)
+            v2 = tl.load(v_ptr + in_offsets + HALF, mask=mask)
+            tl.store(v_out_ptr + out_offsets, v1.to(v_out_ptr.dtype.element_ty), mask=mask)
+            tl.store(v_out_ptr + out_offsets + HALF, v2.to(v_out_ptr.dtype.element_ty), mask=mask)
+
+
+# Block sizes: a tile of about 2048 pairs per tensor (BLOCK_T tokens x BLOCK_H heads x HALF_PAD lanes), all
+# heads of a token in one tile up to 16 heads, so that one program's sin/cos serve 16 heads x 2 tensors.
+TILE_PAIRS = 2048
+MAX_BLOCK_H = 16
+NUM_WARPS = 4
+NUM_STAGES = 1  # the head loop carries no loads across iterations worth pipelining
+
+
+def launch_config(head_dim: int, heads: int) -> dict:
+    """The constexprs and launch options used for a head dim and head count."""
+    half_pad = triton.next_power_of_2(head_dim // 2)
+    block_h = min(MAX_BLOCK_H, triton.next_power_of_2(heads))
+    block_t = max(1, TILE_PAIRS // (half_pad * block_h))
+    return {"HALF_PAD": half_pad, "BLOCK_T": block_t, "BLOCK_H": block_h, "num_warps": NUM_WARPS,
+            "num_stages": NUM_STAGES}
+
+
+def launch(q, k, v, q_out, k_out, v_out, pos, theta: float, inverse: bool) -> None:
+    """Rotate q (and k) into q_out (and k_out), copy v into v_out. k, v (and their outputs) may be None.
+
+    q, k, v share shape (total, heads, head_dim) and strides with a unit last stride; so do the outputs. pos is
+    (total, 2) int32. The caller checks shapes; this only builds the grid and launches.
+    """
+    total, heads, head_dim = q.shape
+    if total == 0:
+        return
+    config = launch_config(head_dim, heads)
+    grid = (triton.cdiv(total, config["BLOCK_T"]),)
+    rope_2d_kernel[grid](
+        q, k if k is not None else q, v if v is not None else q,
+        q_out, k_out if k_out is not None else q_out, v_out if v_out is not None else q_out,
+        pos, total, heads, float(theta),
+        q.stride(0), q.stride(1), q_out.stride(0), q_out.stride(1), pos.stride(0), pos.stride(1),
+        HEAD_DIM=head_dim, HAS_K=k is not None, HAS_V=v is not None, INVERSE=bool(inverse), **config,
+    )
+
+
+SHIPPED_HEAD_DIMS = (64, 72, 80, 96, 128)
+SHIPPED_HEADS = 16
+# (HAS_K, HAS_V, INVERSE): rope_2d forward/backward, rope_2d_qk forward/backward, qkv_split_rope forward/backward.
+SHIPPED_VARIANTS = {
+    "x_fwd": (False, False, False),
+    "x_bwd": (False, False, True),
+    "qk_fwd": (True, False, False),
+    "qk_bwd": (True, False, True),
+    "qkv_fwd": (True, True, False),
+    "qkv_bwd": (True, True, True),
+}
+
+
+def _configs() -> list[registry.Shipped]:
+    rows = []
+    for head_dim in SHIPPED_HEAD_DIMS:
+        for dtype in ("bf16", "fp16"):
+            ptr = "*" + dtype
+            signature = {
+                "q_ptr": ptr, "k_ptr": ptr, "v_ptr": ptr, "q_out_ptr": ptr, "k_out_ptr": ptr, "v_out_ptr": ptr,
+                "pos_ptr": "*i32", "total": "i32", "heads": "i32", "theta": "fp32",
+                "stride_in_t": "i32", "stride_in_h": "i32", "stride_out_t": "i32", "stride_out_h": "i32",
+                "stride_pos_t": "i32", "stride_pos_c": "i32",
+                "HEAD_DIM": "constexpr", "HALF_PAD": "constexpr", "BLOCK_T": "constexpr", "BLOCK_H": "constexpr",
+                "HAS_K": "constexpr", "HAS_V": "constexpr", "INVERSE": "constexpr",
+            }
+            config = launch_config(head_dim, SHIPPED_HEADS)
+            for variant, (has_k, has_v, inverse) in SHIPPED_VARIANTS.items():
+                constexprs = {"HEAD_DIM": head_dim, "HALF_PAD": config["HALF_PAD"], "BLOCK_T": config["BLOCK_T"],
+                              "BLOCK_H": config["BLOCK_H"], "HAS_K": has_k, "HAS_V": has_v, "INVERSE": inverse}
+                rows.append(registry.Shipped(
+                    kernel_name="rope_2d_kernel", label=f"{variant} d{head_dim} {dtype} h{SHIPPED_HEADS}",
+                    signature=signature, constexprs=constexprs, num_warps=config["num_warps"],
+                    num_stages=config["num_stages"]))
+    return rows
+
+
+registry.declare("rope_2d", rope_2d_kernel, _configs)
