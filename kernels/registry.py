@@ -29,6 +29,9 @@ class Shipped:
     num_warps: int = 4
     num_stages: int = 2
     warp_specialize: bool = False  # asked for through tl.range(..., warp_specialize=True)
+    # Arguments the launch specialises as divisible by 16 (Triton does so at run time for 16-byte-aligned
+    # pointers and for ints that are multiples of 16); None means every pointer argument and no int.
+    aligned: tuple[str, ...] | None = None
     fn: object = dataclasses.field(default=None, compare=False, repr=False)
 
 
@@ -47,6 +50,16 @@ def declare(name: str, fn: object, configs: Callable[[], list[Shipped]]) -> None
     if name in _REGISTRY and _REGISTRY[name].fn is not fn:
         raise ValueError(f"kernel name {name!r} is declared twice")
     _REGISTRY[name] = Declared(name, fn, configs)
+
+
+def compile_attrs(row: Shipped) -> dict:
+    """`attrs` for triton.compiler.ASTSource that reproduce the run-time specialisation of `row`."""
+    names = list(row.signature)
+    if row.aligned is None:
+        aligned = [n for n, t in row.signature.items() if t.startswith("*")]
+    else:
+        aligned = list(row.aligned)
+    return {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
 
 
 def declared() -> dict[str, Declared]:

@@ -1,0 +1,331 @@
+"""Variable-length packed attention: the public op, its backends and its pure-torch reference.
+
+Tokens of many sequences are concatenated along dim 0; `cu_seqlens` (int32, (n+1,), from 0) marks where each
+starts. Attention is non-causal within a sequence and never crosses sequences. Backends (one call, one contract):
+
+  triton        ours (kernels/varlen_attention.py), forward and deterministic backward
+  torch         reference path: scaled_dot_product_attention per sequence; runs everywhere, differentiable
+  torch_varlen  torch.nn.attention.varlen.varlen_attn (FlashAttention inside torch; CUDA only)
+  flex          FlexAttention with a document mask (CUDA only; compiles per shape)
+  flash_attn    flash_attn.flash_attn_varlen_func (unverified: never run on a machine of this project)
+  xformers      xformers.ops.memory_efficient_attention with BlockDiagonalMask (unverified likewise)
+
+`backend="auto"` follows a fixed rule table, never a timing: triton for CUDA tensors, torch for CPU tensors.
+FINEVITI_ATTN_BACKEND overrides "auto".
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import math
+import os
+
+import torch
+
+from fineviti._checks import check_cu_seqlens
+
+BACKENDS = ("triton", "torch", "torch_varlen", "flex", "flash_attn", "xformers")
+UNVERIFIED = ("flash_attn", "xformers")  # tested through fake modules only
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reference
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def varlen_attention_ref(q, k, v, cu_seqlens, cu_seqlens_k=None, softmax_scale=None, upcast=True, return_lse=False):
+    """Plain-torch varlen attention, one sequence at a time (host loop over the lengths).
+
+    With `upcast`, 16-bit inputs are computed in fp32 (pass fp64 tensors for an fp64 reference); without it,
+    everything runs in the inputs' dtype, which gives the error budget a kernel in that dtype is held to.
+    Returns (total, heads, head_dim) in q's dtype, and with `return_lse` also the (heads, total) log-sum-exp.
+    """
+    cu_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    compute = torch.float32 if (upcast and q.dtype in (torch.float16, torch.bfloat16)) else q.dtype
+    bounds_q, bounds_k = cu_seqlens.tolist(), cu_k.tolist()
+    outs, lses = [], []
+    for i in range(len(bounds_q) - 1):
+        qi = q[bounds_q[i]:bounds_q[i + 1]].to(compute).transpose(0, 1)  # (heads, Lq, d)
+        ki = k[bounds_k[i]:bounds_k[i + 1]].to(compute).transpose(0, 1)
+        vi = v[bounds_k[i]:bounds_k[i + 1]].to(compute).transpose(0, 1)
+        scores = (qi @ ki.transpose(1, 2)) * scale
+        lse = torch.logsumexp(scores, dim=-1)  # (heads, Lq)
+        if ki.shape[1] == 0:
+            outs.append(torch.zeros_like(qi).transpose(0, 1))
+        else:
+            outs.append((torch.softmax(scores, dim=-1) @ vi).transpose(0, 1))
+        lses.append(lse)
+    out = torch.cat(outs, 0).to(q.dtype) if outs else q.new_empty(q.shape)
+    if return_lse:
+        return out, torch.cat(lses, 1).float() if lses else q.new_empty((q.shape[1], 0), dtype=torch.float32)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Ours: Triton, as a torch.library custom op with an autograd formula, so torch.compile traces it whole.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _kernels():
+    from fineviti.kernels import varlen_attention
+
+    return varlen_attention
+
+
+@torch.library.custom_op("fineviti::varlen_attention_fwd", mutates_args=(), device_types=("cuda", "cpu"))
+def _triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
+                seqlens_q: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return _kernels().attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                        softmax_scale, seqlens_q)
+
+
+@_triton_fwd.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, seqlens_q=None):
+    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("fineviti::varlen_attention_bwd", mutates_args=(), device_types=("cuda", "cpu"))
+def _triton_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
+                max_seqlen_k: int, softmax_scale: float,
+                seqlens_q: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _kernels().attention_backward(do.contiguous() if do.stride(-1) != 1 else do, q, k, v, o, lse,
+                                         cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                                         seqlens_q, seqlens_q if cu_seqlens_k is cu_seqlens_q else None)
+
+
+@_triton_bwd.register_fake
+def _(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, seqlens_q=None):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _fwd_setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, scale, seqlens_q = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, cu_q, cu_k)
+    ctx.args = (max_q, max_k, scale, seqlens_q)
+    ctx.mark_non_differentiable(lse)
+
+
+def _fwd_backward(ctx, do, dlse):
+    q, k, v, o, lse, cu_q, cu_k = ctx.saved_tensors
+    max_q, max_k, scale, seqlens_q = ctx.args
+    dq, dk, dv = _triton_bwd(do, q, k, v, o, lse, cu_q, cu_k, max_q, max_k, scale, seqlens_q)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+torch.library.register_autograd("fineviti::varlen_attention_fwd", _fwd_backward, setup_context=_fwd_setup_context)
+
+
+def _run_triton(q, k, v, cu_q, cu_k, max_q, max_k, scale, seqlens, return_lse):
+    if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported "
+                           "(Triton's interpreter); use backend='torch' on a CPU")
+    prep = [t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v)]
+    o, lse = _triton_fwd(*prep, cu_q, cu_k, max_q, max_k, scale, seqlens)
+    return (o, lse) if return_lse else o
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Other backends
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _run_torch(q, k, v, cu_q, cu_k, max_q, max_k, scale, seqlens, return_lse):
+    bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()  # a host read: this path is the reference, not the fast one
+    outs, lses = [], []
+    for i in range(len(bounds_q) - 1):
+        qi = q[bounds_q[i]:bounds_q[i + 1]].transpose(0, 1)[None]
+        ki = k[bounds_k[i]:bounds_k[i + 1]].transpose(0, 1)[None]
+        vi = v[bounds_k[i]:bounds_k[i + 1]].transpose(0, 1)[None]
+        if ki.shape[2] == 0:
+            outs.append(torch.zeros_like(qi[0]).transpose(0, 1))
+        else:
+            outs.append(torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, scale=scale)[0].transpose(0, 1))
+        if return_lse:
+            lses.append(torch.logsumexp((qi[0].float() @ ki[0].float().transpose(1, 2)) * scale, dim=-1))
+    out = torch.cat(outs, 0) if outs else torch.empty_like(q)
+    if return_lse:
+        return out, (torch.cat(lses, 1) if lses else q.new_empty((q.shape[1], 0), dtype=torch.float32))
+    return out
+
+
+def _run_torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, seqlens, return_lse):
+    from torch.nn.attention import varlen
+
+    params = inspect.signature(varlen.varlen_attn).parameters
+    kwargs = {}
+    if "scale" in params:
+        kwargs["scale"] = scale
+    elif not math.isclose(scale, 1.0 / math.sqrt(q.shape[-1])):
+        q = q * (scale * math.sqrt(q.shape[-1]))
+    if return_lse:
+        out, lse = varlen.varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, return_aux=varlen.AuxRequest(lse=True),
+                                      **kwargs)
+        return out, lse
+    return varlen.varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
+
+
+def _run_flex(q, k, v, cu_q, cu_k, max_q, max_k, scale, seqlens, return_lse):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if cu_k is not cu_q and not torch.equal(cu_k, cu_q):
+        raise ValueError("backend='flex' supports self-attention only (cu_seqlens_k equal to cu_seqlens)")
+    total = q.shape[0]
+    doc = torch.searchsorted(cu_q[1:], torch.arange(total, device=q.device, dtype=torch.int32), right=True)
+
+    def same_doc(b, h, qi, ki):
+        return doc[qi] == doc[ki]
+
+    mask = create_block_mask(same_doc, B=None, H=None, Q_LEN=total, KV_LEN=total, device=q.device)
+    fn = _compiled_flex(flex_attention)
+    out = fn(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], block_mask=mask,
+             scale=scale, return_lse=return_lse)
+    if return_lse:
+        return out[0][0].transpose(0, 1), out[1][0]
+    return out[0].transpose(0, 1)
+
+
+_FLEX = {}
+
+
+def _compiled_flex(flex_attention):
+    if "fn" not in _FLEX:
+        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+    return _FLEX["fn"]
+
+
+def _run_flash_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale, seqlens, return_lse, deterministic=False):
+    from flash_attn import flash_attn_varlen_func
+
+    result = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=scale,
+                                    causal=False, deterministic=deterministic, return_attn_probs=return_lse)
+    if return_lse:
+        return result[0], result[1]
+    return result
+
+
+def _run_xformers(q, k, v, cu_q, cu_k, max_q, max_k, scale, seqlens, return_lse):
+    from xformers.ops import fmha
+
+    if return_lse:
+        raise ValueError("backend='xformers' does not return the log-sum-exp here; use return_lse=False")
+    lens_q = seqlens if seqlens is not None else (cu_q[1:] - cu_q[:-1]).tolist()
+    lens_k = (cu_k[1:] - cu_k[:-1]).tolist() if cu_k is not cu_q else lens_q
+    bias = fmha.BlockDiagonalMask.from_seqlens(lens_q, lens_k)
+    return fmha.memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias, scale=scale)[0]
+
+
+_RUN = {"triton": _run_triton, "torch": _run_torch, "torch_varlen": _run_torch_varlen, "flex": _run_flex,
+        "flash_attn": _run_flash_attn, "xformers": _run_xformers}
+_NEEDS = {"triton": "triton", "flash_attn": "flash_attn", "xformers": "xformers"}
+
+
+def backend_available(name: str, device: torch.device | str = "cuda") -> tuple[bool, str]:
+    """(available, reason) for backend `name` on `device`."""
+    device = torch.device(device)
+    if name not in BACKENDS:
+        return False, f"unknown backend {name!r}; expected one of {BACKENDS}"
+    module = _NEEDS.get(name)
+    if module and importlib.util.find_spec(module) is None:
+        return False, f"backend {name!r} needs the package {module!r}, which is not installed"
+    if name == "torch_varlen":
+        if importlib.util.find_spec("torch.nn.attention.varlen") is None:
+            return False, f"backend 'torch_varlen' needs torch.nn.attention.varlen (torch {torch.__version__} lacks it)"
+        if device.type != "cuda":
+            return False, "backend 'torch_varlen' runs on CUDA tensors only"
+    if name in ("flex", "flash_attn", "xformers") and device.type != "cuda":
+        return False, f"backend {name!r} runs on CUDA tensors only"
+    if name == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return False, "backend 'triton' on a CPU needs TRITON_INTERPRET=1 set before triton is imported"
+    return True, ""
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The fixed rule table: an explicit backend stays; 'auto' is FINEVITI_ATTN_BACKEND, else triton on CUDA and
+    torch on a CPU."""
+    if backend == "auto":
+        backend = os.environ.get("FINEVITI_ATTN_BACKEND", "auto")
+        if backend == "auto":
+            backend = "triton" if device.type == "cuda" else "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    ok, why = backend_available(backend, device)
+    if not ok:
+        raise RuntimeError(why)
+    return backend
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public op
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _check_inputs(q, k, v, cu_q, cu_k, max_q, max_k, check_values):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"{name} must have shape (total, heads, head_dim), got {tuple(t.shape)}")
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; they must match")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; they must match")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[1:] != k.shape[1:]:
+        raise ValueError(f"q and k must have the same (heads, head_dim), got {tuple(q.shape[1:])} and "
+                         f"{tuple(k.shape[1:])}")
+    for name, value in (("max_seqlen", max_q), ("max_seqlen_k", max_k)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be a non-negative Python int, got {value!r}")
+    for name, cu in (("cu_seqlens", cu_q), ("cu_seqlens_k", cu_k)):
+        if isinstance(cu, torch.Tensor) and cu.device != q.device:
+            raise ValueError(f"{name} is on {cu.device} but q is on {q.device}; they must match")
+    check_cu_seqlens(cu_q, q.shape[0], "cu_seqlens", max_q, "max_seqlen", check_values)
+    check_cu_seqlens(cu_k, k.shape[0], "cu_seqlens_k", max_k, "max_seqlen_k", check_values)
+    if cu_k.numel() != cu_q.numel():
+        raise ValueError(f"cu_seqlens_k must have as many entries as cu_seqlens ({cu_q.numel()}), "
+                         f"got {cu_k.numel()}")
+
+
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, cu_seqlens_k=None, max_seqlen_k=None, softmax_scale=None,
+                     backend="auto", return_lse=False, deterministic=False, seqlens=None, check_values=None):
+    """Non-causal attention within each packed sequence.
+
+    q, k, v: (total, heads, head_dim), float16/bfloat16/float32, the same dtype and device; head_dim 16..256.
+    cu_seqlens: int32 (n+1,), 0 first, non-decreasing, last = total. max_seqlen: Python int >= every length.
+    cu_seqlens_k / max_seqlen_k: separate key lengths (default: the query ones).
+    softmax_scale: default 1/sqrt(head_dim).
+    backend: 'auto' or one of BACKENDS (module docstring).
+    return_lse: also return the (heads, total) fp32 log-sum-exp (natural log) of the scaled scores.
+    deterministic: ask for a bit-reproducible backward; the triton and torch backends always are, and it is
+        passed on to flash_attn.
+    seqlens: optional host-side list of the sequence lengths (the data planner knows them): lets the triton
+        backend launch an exact grid, and xformers skip a host read.
+    check_values: check cu_seqlens' values (default: always on CPU, FINEVITI_CHECKS=1 on CUDA, since it costs a
+        device-to-host synchronisation).
+    Returns (total, heads, head_dim) in q's dtype (and the log-sum-exp with return_lse).
+    """
+    cu_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
+    max_k = max_seqlen if max_seqlen_k is None else max_seqlen_k
+    _check_inputs(q, k, v, cu_seqlens, cu_k, max_seqlen, max_k, check_values)
+    if seqlens is not None and len(seqlens) != cu_seqlens.numel() - 1:
+        raise ValueError(f"seqlens must have one length per sequence ({cu_seqlens.numel() - 1}), got {len(seqlens)}")
+    head_dim = q.shape[-1]
+    if not 16 <= head_dim <= 256:
+        raise ValueError(f"head_dim must be in [16, 256], got {head_dim}")
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+    name = resolve_backend(backend, q.device)
+    if name == "flash_attn":
+        return _run_flash_attn(q, k, v, cu_seqlens, cu_k, max_seqlen, max_k, scale, seqlens, return_lse,
+                               deterministic=deterministic)
+    return _RUN[name](q, k, v, cu_seqlens, cu_k, max_seqlen, max_k, scale,
+                      list(seqlens) if seqlens is not None else None, return_lse)

@@ -1,0 +1,680 @@
+"""Variable-length packed attention (non-causal), forward and backward, in Triton.
+
+FlashAttention-2's algorithm (Dao 2023, arXiv 2307.08691) over packed sequences. Each program owns one block of
+queries (forward, dq) or of keys (dk, dv) of one sequence and head; programs map to (sequence, block) through a
+cumulative block count built on the device, so a launch never synchronises with the host and uneven packs launch
+no idle programs when the caller passes host-side lengths (at most one per sequence otherwise). Head dims that are
+not powers of two are split into two power-of-two pieces, each with its own tl.dot (80 = 64 + 16, 96 = 64 + 32,
+72 = 64 + 16 with 8 columns masked), instead of padding to the next power of two. The backward recomputes the
+probabilities from the saved fp32 log-sum-exp and writes dq, dk, dv without atomics, so it is deterministic.
+The pure-torch reference lives in fineviti/ops/attention.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from . import registry
+
+LOG2E = 1.4426950408889634
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _locate(block_cu, n_seqs, pid):
+    """Largest s in [0, n_seqs) with block_cu[s] <= pid: the sequence that owns program `pid` (binary search)."""
+    lo = 0
+    hi = n_seqs - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if tl.load(block_cu + mid) <= pid:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+@triton.jit
+def _load_tile(base, tok, row_ok, stride_tok, COL0: tl.constexpr, COLS: tl.constexpr, HEAD_DIM: tl.constexpr,
+               MASK_ROWS: tl.constexpr):
+    """Rows `tok` (int64 token indices) x columns [COL0, COL0 + COLS) of a (total, head_dim) head slice."""
+    cols = COL0 + tl.arange(0, COLS)
+    ptrs = base + tok[:, None] * stride_tok + cols[None, :]
+    if MASK_ROWS:
+        if COL0 + COLS > HEAD_DIM:
+            x = tl.load(ptrs, mask=row_ok[:, None] & (cols[None, :] < HEAD_DIM), other=0.0)
+        else:
+            x = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+    else:
+        if COL0 + COLS > HEAD_DIM:
+            x = tl.load(ptrs, mask=cols[None, :] < HEAD_DIM, other=0.0)
+        else:
+            x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _store_tile(base, x, tok, row_ok, stride_tok, COL0: tl.constexpr, COLS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    cols = COL0 + tl.arange(0, COLS)
+    ptrs = base + tok[:, None] * stride_tok + cols[None, :]
+    if COL0 + COLS > HEAD_DIM:
+        tl.store(ptrs, x, mask=row_ok[:, None] & (cols[None, :] < HEAD_DIM))
+    else:
+        tl.store(ptrs, x, mask=row_ok[:, None])
+
+
+@triton.jit
+def _fwd_step(acc_a, acc_b, m_i, l_i, q_a, q_b, K, V, kv_start, start_n, seqlen_k, stride_k_tok, stride_v_tok,
+              qk_scale, HEAD_DIM: tl.constexpr, DIM_A: tl.constexpr, DIM_B: tl.constexpr, BLOCK_N: tl.constexpr,
+              MASK_N: tl.constexpr, PRECISION: tl.constexpr):
+    rows = start_n + tl.arange(0, BLOCK_N)
+    row_ok = rows < seqlen_k
+    tok = (kv_start + rows).to(tl.int64)
+    k_a = _load_tile(K, tok, row_ok, stride_k_tok, 0, DIM_A, HEAD_DIM, MASK_N)
+    qk = tl.dot(q_a, tl.trans(k_a), input_precision=PRECISION)
+    if DIM_B > 0:
+        k_b = _load_tile(K, tok, row_ok, stride_k_tok, DIM_A, DIM_B, HEAD_DIM, MASK_N)
+        qk = tl.dot(q_b, tl.trans(k_b), qk, input_precision=PRECISION)
+    qk = qk * qk_scale
+    if MASK_N:
+        qk = tl.where(row_ok[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    p = tl.math.exp2(qk - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v_a = _load_tile(V, tok, row_ok, stride_v_tok, 0, DIM_A, HEAD_DIM, MASK_N)
+    acc_a = tl.dot(p.to(v_a.dtype), v_a, acc_a * alpha[:, None], input_precision=PRECISION)
+    if DIM_B > 0:
+        v_b = _load_tile(V, tok, row_ok, stride_v_tok, DIM_A, DIM_B, HEAD_DIM, MASK_N)
+        acc_b = tl.dot(p.to(v_b.dtype), v_b, acc_b * alpha[:, None], input_precision=PRECISION)
+    return acc_a, acc_b, m_new, l_i
+
+
+@triton.jit
+def _attn_fwd(
+    Q, K, V,  # (total_q | total_k, heads, HEAD_DIM), last dim contiguous
+    O,  # (total_q, heads, HEAD_DIM), written
+    LSE,  # (heads, total_q) fp32, written: natural-log log-sum-exp of the scaled scores
+    cu_seqlens_q, cu_seqlens_k,  # (n_seqs + 1,) int32
+    block_cu,  # (n_seqs + 1,) int32: cumulative count of BLOCK_M query blocks per sequence
+    n_seqs,
+    stride_q_tok, stride_q_head, stride_k_tok, stride_k_head, stride_v_tok, stride_v_head,
+    stride_o_tok, stride_o_head, stride_lse_head,
+    softmax_scale,
+    HEAD_DIM: tl.constexpr, DIM_A: tl.constexpr, DIM_B: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr,
+):
+    # Token and head strides are multiples of ALIGN elements (checked by the launcher): 16-byte vector loads.
+    stride_q_tok = tl.multiple_of(stride_q_tok, ALIGN)
+    stride_q_head = tl.multiple_of(stride_q_head, ALIGN)
+    stride_k_tok = tl.multiple_of(stride_k_tok, ALIGN)
+    stride_k_head = tl.multiple_of(stride_k_head, ALIGN)
+    stride_v_tok = tl.multiple_of(stride_v_tok, ALIGN)
+    stride_v_head = tl.multiple_of(stride_v_head, ALIGN)
+    stride_o_tok = tl.multiple_of(stride_o_tok, ALIGN)
+    stride_o_head = tl.multiple_of(stride_o_head, ALIGN)
+    pid = tl.program_id(0)
+    head = tl.program_id(1).to(tl.int64)
+    if pid >= tl.load(block_cu + n_seqs):
+        return
+    seq = _locate(block_cu, n_seqs, pid)
+    m_block = pid - tl.load(block_cu + seq)
+    q_start = tl.load(cu_seqlens_q + seq)
+    seqlen_q = tl.load(cu_seqlens_q + seq + 1) - q_start
+    kv_start = tl.load(cu_seqlens_k + seq)
+    seqlen_k = tl.load(cu_seqlens_k + seq + 1) - kv_start
+
+    Q += head * stride_q_head
+    K += head * stride_k_head
+    V += head * stride_v_head
+    O += head * stride_o_head
+
+    rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < seqlen_q
+    tok = (q_start + rows).to(tl.int64)
+    q_a = _load_tile(Q, tok, row_ok, stride_q_tok, 0, DIM_A, HEAD_DIM, True)
+    q_b = q_a
+    if DIM_B > 0:
+        q_b = _load_tile(Q, tok, row_ok, stride_q_tok, DIM_A, DIM_B, HEAD_DIM, True)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc_a = tl.zeros([BLOCK_M, DIM_A], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_M, DIM_B if DIM_B > 0 else 16], dtype=tl.float32) if DIM_B > 0 else 0.0
+    qk_scale = softmax_scale * 1.4426950408889634
+
+    n_full = (seqlen_k // BLOCK_N) * BLOCK_N
+    for start_n in tl.range(0, n_full, BLOCK_N):
+        acc_a, acc_b, m_i, l_i = _fwd_step(acc_a, acc_b, m_i, l_i, q_a, q_b, K, V, kv_start, start_n, seqlen_k,
+                                           stride_k_tok, stride_v_tok, qk_scale, HEAD_DIM, DIM_A, DIM_B, BLOCK_N,
+                                           False, PRECISION)
+    if n_full < seqlen_k:
+        acc_a, acc_b, m_i, l_i = _fwd_step(acc_a, acc_b, m_i, l_i, q_a, q_b, K, V, kv_start, n_full, seqlen_k,
+                                           stride_k_tok, stride_v_tok, qk_scale, HEAD_DIM, DIM_A, DIM_B, BLOCK_N,
+                                           True, PRECISION)
+
+    # A query with no keys (an empty key sequence) gets output 0 and log-sum-exp -inf instead of 0/0.
+    has_keys = l_i > 0
+    inv_l = tl.where(has_keys, 1.0 / tl.where(has_keys, l_i, 1.0), 0.0)
+    _store_tile(O, (acc_a * inv_l[:, None]).to(O.dtype.element_ty), tok, row_ok, stride_o_tok, 0, DIM_A, HEAD_DIM)
+    if DIM_B > 0:
+        _store_tile(O, (acc_b * inv_l[:, None]).to(O.dtype.element_ty), tok, row_ok, stride_o_tok, DIM_A, DIM_B,
+                    HEAD_DIM)
+    lse = tl.where(has_keys, (m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453,
+                   float("-inf"))
+    tl.store(LSE + head * stride_lse_head + tok, lse, mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_preprocess(
+    O, DO,  # (total, heads, HEAD_DIM)
+    DELTA,  # (heads, total) fp32, written: rowsum(O * dO)
+    total,
+    stride_o_tok, stride_o_head, stride_do_tok, stride_do_head, stride_delta_head,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1).to(tl.int64)
+    tok = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_D)
+    mask = (tok[:, None] < total) & (cols[None, :] < HEAD_DIM)
+    o = tl.load(O + head * stride_o_head + tok[:, None] * stride_o_tok + cols[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + head * stride_do_head + tok[:, None] * stride_do_tok + cols[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + head * stride_delta_head + tok, delta, mask=tok < total)
+
+
+@triton.jit
+def _dkdv_step(dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, Q, DO, LSE, DELTA, q_start, start_m, seqlen_q,
+               stride_q_tok, stride_do_tok, qk_scale, HEAD_DIM: tl.constexpr, DIM_A: tl.constexpr,
+               DIM_B: tl.constexpr, BLOCK_M: tl.constexpr, MASK_M: tl.constexpr, PRECISION: tl.constexpr):
+    rows = start_m + tl.arange(0, BLOCK_M)
+    row_ok = rows < seqlen_q
+    tok = (q_start + rows).to(tl.int64)
+    q_a = _load_tile(Q, tok, row_ok, stride_q_tok, 0, DIM_A, HEAD_DIM, MASK_M)
+    qk_t = tl.dot(k_a, tl.trans(q_a), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M)
+    if DIM_B > 0:
+        q_b = _load_tile(Q, tok, row_ok, stride_q_tok, DIM_A, DIM_B, HEAD_DIM, MASK_M)
+        qk_t = tl.dot(k_b, tl.trans(q_b), qk_t, input_precision=PRECISION)
+    if MASK_M:
+        lse = tl.load(LSE + tok, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + tok, mask=row_ok, other=0.0)
+    else:
+        lse = tl.load(LSE + tok)
+        delta = tl.load(DELTA + tok)
+    p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :] * 1.4426950408889634)
+    if MASK_M:
+        p_t = tl.where(row_ok[None, :], p_t, 0.0)
+    do_a = _load_tile(DO, tok, row_ok, stride_do_tok, 0, DIM_A, HEAD_DIM, MASK_M)
+    dv_a = tl.dot(p_t.to(do_a.dtype), do_a, dv_a, input_precision=PRECISION)
+    dp_t = tl.dot(v_a, tl.trans(do_a), input_precision=PRECISION)
+    if DIM_B > 0:
+        do_b = _load_tile(DO, tok, row_ok, stride_do_tok, DIM_A, DIM_B, HEAD_DIM, MASK_M)
+        dv_b = tl.dot(p_t.to(do_b.dtype), do_b, dv_b, input_precision=PRECISION)
+        dp_t = tl.dot(v_b, tl.trans(do_b), dp_t, input_precision=PRECISION)
+    ds_t = (p_t * (dp_t - delta[None, :])).to(q_a.dtype)
+    dk_a = tl.dot(ds_t, q_a, dk_a, input_precision=PRECISION)
+    if DIM_B > 0:
+        dk_b = tl.dot(ds_t, q_b, dk_b, input_precision=PRECISION)
+    return dk_a, dk_b, dv_a, dv_b
+
+
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, K, V, DO,  # (total_q | total_k, heads, HEAD_DIM)
+    DK, DV,  # (total_k, heads, HEAD_DIM), written
+    LSE, DELTA,  # (heads, total_q) fp32
+    cu_seqlens_q, cu_seqlens_k,
+    block_cu,  # (n_seqs + 1,) int32: cumulative count of BLOCK_N key blocks per sequence
+    n_seqs,
+    stride_q_tok, stride_q_head, stride_k_tok, stride_k_head, stride_v_tok, stride_v_head,
+    stride_do_tok, stride_do_head, stride_dk_tok, stride_dk_head, stride_dv_tok, stride_dv_head,
+    stride_lse_head,
+    softmax_scale,
+    HEAD_DIM: tl.constexpr, DIM_A: tl.constexpr, DIM_B: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr,
+):
+    # Token and head strides are multiples of ALIGN elements (checked by the launcher): 16-byte vector loads.
+    stride_q_tok = tl.multiple_of(stride_q_tok, ALIGN)
+    stride_q_head = tl.multiple_of(stride_q_head, ALIGN)
+    stride_k_tok = tl.multiple_of(stride_k_tok, ALIGN)
+    stride_k_head = tl.multiple_of(stride_k_head, ALIGN)
+    stride_v_tok = tl.multiple_of(stride_v_tok, ALIGN)
+    stride_v_head = tl.multiple_of(stride_v_head, ALIGN)
+    stride_do_tok = tl.multiple_of(stride_do_tok, ALIGN)
+    stride_do_head = tl.multiple_of(stride_do_head, ALIGN)
+    stride_dk_tok = tl.multiple_of(stride_dk_tok, ALIGN)
+    stride_dk_head = tl.multiple_of(stride_dk_head, ALIGN)
+    stride_dv_tok = tl.multiple_of(stride_dv_tok, ALIGN)
+    stride_dv_head = tl.multiple_of(stride_dv_head, ALIGN)
+    pid = tl.program_id(0)
+    head = tl.program_id(1).to(tl.int64)
+    if pid >= tl.load(block_cu + n_seqs):
+        return
+    seq = _locate(block_cu, n_seqs, pid)
+    n_block = pid - tl.load(block_cu + seq)
+    q_start = tl.load(cu_seqlens_q + seq)
+    seqlen_q = tl.load(cu_seqlens_q + seq + 1) - q_start
+    kv_start = tl.load(cu_seqlens_k + seq)
+    seqlen_k = tl.load(cu_seqlens_k + seq + 1) - kv_start
+
+    Q += head * stride_q_head
+    K += head * stride_k_head
+    V += head * stride_v_head
+    DO += head * stride_do_head
+    LSE += head * stride_lse_head
+    DELTA += head * stride_lse_head
+
+    rows = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < seqlen_k
+    tok = (kv_start + rows).to(tl.int64)
+    k_a = _load_tile(K, tok, row_ok, stride_k_tok, 0, DIM_A, HEAD_DIM, True)
+    v_a = _load_tile(V, tok, row_ok, stride_v_tok, 0, DIM_A, HEAD_DIM, True)
+    k_b = k_a
+    v_b = v_a
+    if DIM_B > 0:
+        k_b = _load_tile(K, tok, row_ok, stride_k_tok, DIM_A, DIM_B, HEAD_DIM, True)
+        v_b = _load_tile(V, tok, row_ok, stride_v_tok, DIM_A, DIM_B, HEAD_DIM, True)
+    dk_a = tl.zeros([BLOCK_N, DIM_A], dtype=tl.float32)
+    dv_a = tl.zeros([BLOCK_N, DIM_A], dtype=tl.float32)
+    dk_b = tl.zeros([BLOCK_N, DIM_B if DIM_B > 0 else 16], dtype=tl.float32)
+    dv_b = tl.zeros([BLOCK_N, DIM_B if DIM_B > 0 else 16], dtype=tl.float32)
+    qk_scale = softmax_scale * 1.4426950408889634
+
+    m_full = (seqlen_q // BLOCK_M) * BLOCK_M
+    for start_m in tl.range(0, m_full, BLOCK_M):
+        dk_a, dk_b, dv_a, dv_b = _dkdv_step(dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, Q, DO, LSE, DELTA, q_start,
+                                            start_m, seqlen_q, stride_q_tok, stride_do_tok, qk_scale, HEAD_DIM,
+                                            DIM_A, DIM_B, BLOCK_M, False, PRECISION)
+    if m_full < seqlen_q:
+        dk_a, dk_b, dv_a, dv_b = _dkdv_step(dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, Q, DO, LSE, DELTA, q_start,
+                                            m_full, seqlen_q, stride_q_tok, stride_do_tok, qk_scale, HEAD_DIM,
+                                            DIM_A, DIM_B, BLOCK_M, True, PRECISION)
+
+    DK += head * stride_dk_head
+    DV += head * stride_dv_head
+    _store_tile(DK, (dk_a * softmax_scale).to(DK.dtype.element_ty), tok, row_ok, stride_dk_tok, 0, DIM_A, HEAD_DIM)
+    _store_tile(DV, dv_a.to(DV.dtype.element_ty), tok, row_ok, stride_dv_tok, 0, DIM_A, HEAD_DIM)
+    if DIM_B > 0:
+        _store_tile(DK, (dk_b * softmax_scale).to(DK.dtype.element_ty), tok, row_ok, stride_dk_tok, DIM_A, DIM_B,
+                    HEAD_DIM)
+        _store_tile(DV, dv_b.to(DV.dtype.element_ty), tok, row_ok, stride_dv_tok, DIM_A, DIM_B, HEAD_DIM)
+
+
+@triton.jit
+def _dq_step(dq_a, dq_b, q_a, q_b, do_a, do_b, lse, delta, K, V, kv_start, start_n, seqlen_k, stride_k_tok,
+             stride_v_tok, qk_scale, HEAD_DIM: tl.constexpr, DIM_A: tl.constexpr, DIM_B: tl.constexpr,
+             BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, PRECISION: tl.constexpr):
+    rows = start_n + tl.arange(0, BLOCK_N)
+    row_ok = rows < seqlen_k
+    tok = (kv_start + rows).to(tl.int64)
+    k_a = _load_tile(K, tok, row_ok, stride_k_tok, 0, DIM_A, HEAD_DIM, MASK_N)
+    v_a = _load_tile(V, tok, row_ok, stride_v_tok, 0, DIM_A, HEAD_DIM, MASK_N)
+    qk = tl.dot(q_a, tl.trans(k_a), input_precision=PRECISION)
+    dp = tl.dot(do_a, tl.trans(v_a), input_precision=PRECISION)
+    if DIM_B > 0:
+        k_b = _load_tile(K, tok, row_ok, stride_k_tok, DIM_A, DIM_B, HEAD_DIM, MASK_N)
+        v_b = _load_tile(V, tok, row_ok, stride_v_tok, DIM_A, DIM_B, HEAD_DIM, MASK_N)
+        qk = tl.dot(q_b, tl.trans(k_b), qk, input_precision=PRECISION)
+        dp = tl.dot(do_b, tl.trans(v_b), dp, input_precision=PRECISION)
+    p = tl.math.exp2(qk * qk_scale - lse[:, None])
+    if MASK_N:
+        p = tl.where(row_ok[None, :], p, 0.0)
+    ds = (p * (dp - delta[:, None])).to(k_a.dtype)
+    dq_a = tl.dot(ds, k_a, dq_a, input_precision=PRECISION)
+    if DIM_B > 0:
+        dq_b = tl.dot(ds, k_b, dq_b, input_precision=PRECISION)
+    return dq_a, dq_b
+
+
+@triton.jit
+def _attn_bwd_dq(
+    Q, K, V, DO,  # (total_q | total_k, heads, HEAD_DIM)
+    DQ,  # (total_q, heads, HEAD_DIM), written
+    LSE, DELTA,  # (heads, total_q) fp32
+    cu_seqlens_q, cu_seqlens_k,
+    block_cu,  # (n_seqs + 1,) int32: cumulative count of BLOCK_M query blocks per sequence
+    n_seqs,
+    stride_q_tok, stride_q_head, stride_k_tok, stride_k_head, stride_v_tok, stride_v_head,
+    stride_do_tok, stride_do_head, stride_dq_tok, stride_dq_head,
+    stride_lse_head,
+    softmax_scale,
+    HEAD_DIM: tl.constexpr, DIM_A: tl.constexpr, DIM_B: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr,
+):
+    # Token and head strides are multiples of ALIGN elements (checked by the launcher): 16-byte vector loads.
+    stride_q_tok = tl.multiple_of(stride_q_tok, ALIGN)
+    stride_q_head = tl.multiple_of(stride_q_head, ALIGN)
+    stride_k_tok = tl.multiple_of(stride_k_tok, ALIGN)
+    stride_k_head = tl.multiple_of(stride_k_head, ALIGN)
+    stride_v_tok = tl.multiple_of(stride_v_tok, ALIGN)
+    stride_v_head = tl.multiple_of(stride_v_head, ALIGN)
+    stride_do_tok = tl.multiple_of(stride_do_tok, ALIGN)
+    stride_do_head = tl.multiple_of(stride_do_head, ALIGN)
+    stride_dq_tok = tl.multiple_of(stride_dq_tok, ALIGN)
+    stride_dq_head = tl.multiple_of(stride_dq_head, ALIGN)
+    pid = tl.program_id(0)
+    head = tl.program_id(1).to(tl.int64)
+    if pid >= tl.load(block_cu + n_seqs):
+        return
+    seq = _locate(block_cu, n_seqs, pid)
+    m_block = pid - tl.load(block_cu + seq)
+    q_start = tl.load(cu_seqlens_q + seq)
+    seqlen_q = tl.load(cu_seqlens_q + seq + 1) - q_start
+    kv_start = tl.load(cu_seqlens_k + seq)
+    seqlen_k = tl.load(cu_seqlens_k + seq + 1) - kv_start
+
+    Q += head * stride_q_head
+    K += head * stride_k_head
+    V += head * stride_v_head
+    DO += head * stride_do_head
+
+    rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < seqlen_q
+    tok = (q_start + rows).to(tl.int64)
+    q_a = _load_tile(Q, tok, row_ok, stride_q_tok, 0, DIM_A, HEAD_DIM, True)
+    do_a = _load_tile(DO, tok, row_ok, stride_do_tok, 0, DIM_A, HEAD_DIM, True)
+    q_b = q_a
+    do_b = do_a
+    if DIM_B > 0:
+        q_b = _load_tile(Q, tok, row_ok, stride_q_tok, DIM_A, DIM_B, HEAD_DIM, True)
+        do_b = _load_tile(DO, tok, row_ok, stride_do_tok, DIM_A, DIM_B, HEAD_DIM, True)
+    lse = tl.load(LSE + head * stride_lse_head + tok, mask=row_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + head * stride_lse_head + tok, mask=row_ok, other=0.0)
+    dq_a = tl.zeros([BLOCK_M, DIM_A], dtype=tl.float32)
+    dq_b = tl.zeros([BLOCK_M, DIM_B if DIM_B > 0 else 16], dtype=tl.float32)
+    qk_scale = softmax_scale * 1.4426950408889634
+
+    n_full = (seqlen_k // BLOCK_N) * BLOCK_N
+    for start_n in tl.range(0, n_full, BLOCK_N):
+        dq_a, dq_b = _dq_step(dq_a, dq_b, q_a, q_b, do_a, do_b, lse, delta, K, V, kv_start, start_n, seqlen_k,
+                              stride_k_tok, stride_v_tok, qk_scale, HEAD_DIM, DIM_A, DIM_B, BLOCK_N, False,
+                              PRECISION)
+    if n_full < seqlen_k:
+        dq_a, dq_b = _dq_step(dq_a, dq_b, q_a, q_b, do_a, do_b, lse, delta, K, V, kv_start, n_full, seqlen_k,
+                              stride_k_tok, stride_v_tok, qk_scale, HEAD_DIM, DIM_A, DIM_B, BLOCK_N, True,
+                              PRECISION)
+
+    DQ += head * stride_dq_head
+    _store_tile(DQ, (dq_a * softmax_scale).to(DQ.dtype.element_ty), tok, row_ok, stride_dq_tok, 0, DIM_A, HEAD_DIM)
+    if DIM_B > 0:
+        _store_tile(DQ, (dq_b * softmax_scale).to(DQ.dtype.element_ty), tok, row_ok, stride_dq_tok, DIM_A, DIM_B,
+                    HEAD_DIM)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configurations: pinned per (head-dim piece layout, dtype, power-of-two bucket of max_seqlen); never keyed on
+# `total`, which changes every step. FINEVITI_ATTN_CONFIG="BM,BN,warps,stages" overrides one launch kind for
+# experiments.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+    @property
+    def label(self) -> str:
+        return f"M{self.block_m}N{self.block_n}w{self.num_warps}s{self.num_stages}"
+
+
+def split_head_dim(head_dim: int) -> tuple[int, int]:
+    """(DIM_A, DIM_B): the largest power of two <= head_dim, and the power of two (>= 16) covering the rest, or 0."""
+    if not 16 <= head_dim <= 256:
+        raise ValueError(f"head_dim must be in [16, 256], got {head_dim}")
+    dim_a = 1 << (head_dim.bit_length() - 1)
+    rest = head_dim - dim_a
+    dim_b = 0 if rest == 0 else max(16, triton.next_power_of_2(rest))
+    return dim_a, dim_b
+
+
+def _seqlen_bucket(max_seqlen: int) -> int:
+    return triton.next_power_of_2(max(max_seqlen, 16))
+
+
+def pick_config(kind: str, head_dim: int, dtype: torch.dtype, max_seqlen: int) -> Config:
+    """The pinned configuration of launch `kind` ('fwd', 'dkdv' or 'dq')."""
+    override = os.environ.get(f"FINEVITI_ATTN_{kind.upper()}_CONFIG")
+    if override:
+        return Config(*(int(x) for x in override.split(",")))
+    dim_a, dim_b = split_head_dim(head_dim)
+    width = dim_a + dim_b
+    short = _seqlen_bucket(max_seqlen) <= 64
+    if dtype == torch.float32:  # correctness path: no tensor cores for true fp32, small tiles keep it in registers
+        return Config(32, 32, 8, 1)
+    if kind == "fwd":
+        if width <= 64:
+            return Config(64 if short else 128, 64, 4, 3)
+        if width <= 128:
+            return Config(64 if short else 128, 64, 8, 3)
+        return Config(64, 32, 8, 2)
+    if kind == "dkdv":
+        if width <= 64:
+            return Config(64, 64 if short else 128, 8, 2)
+        if width <= 128:
+            return Config(64, 64, 8, 2)
+        return Config(32, 64, 8, 1)
+    if kind == "dq":
+        if width <= 64:
+            return Config(64 if short else 128, 64, 8, 2)
+        if width <= 128:
+            return Config(64, 64, 8, 2)
+        return Config(64, 32, 8, 1)
+    raise ValueError(f"kind must be 'fwd', 'dkdv' or 'dq', got {kind!r}")
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "tf32x3" if dtype == torch.float32 else "tf32"  # fp32 as true fp32; the setting is unused for 16-bit
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launchers: allocate, build the grid, launch.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def block_schedule(cu_seqlens: torch.Tensor, block: int, total: int, max_seqlen: int,
+                   seqlens: list[int] | None = None) -> tuple[torch.Tensor, int]:
+    """Cumulative count of `block`-sized blocks per sequence (on the device) and the number of programs to launch.
+
+    With host-side `seqlens` the count is exact; without them it is an upper bound (at most one idle program per
+    sequence, which exits at once), so that nothing waits for the device.
+    """
+    n = cu_seqlens.numel() - 1
+    counts = (cu_seqlens[1:] - cu_seqlens[:-1] + (block - 1)) // block
+    block_cu = torch.zeros(n + 1, dtype=torch.int32, device=cu_seqlens.device)
+    torch.cumsum(counts, 0, out=block_cu[1:])
+    if seqlens is not None:
+        programs = sum((length + block - 1) // block for length in seqlens)
+    else:
+        programs = min(triton.cdiv(total, block) + n - 1, n * triton.cdiv(max_seqlen, block))
+    return block_cu, max(programs, 0)
+
+
+def _alignment(*tensors: torch.Tensor) -> int:
+    """The largest of 8, 4, 2, 1 dividing every token and head stride: lets the kernels load 16 bytes at a time."""
+    g = 0
+    for t in tensors:
+        g = math.gcd(g, math.gcd(t.stride(0), t.stride(1)))
+    return next(a for a in (8, 4, 2, 1) if g % a == 0)
+
+
+def _common_strides(*tensors: torch.Tensor) -> list[int]:
+    strides = []
+    for t in tensors:
+        strides += [t.stride(0), t.stride(1)]
+    return strides
+
+
+def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                      seqlens_q=None):
+    """O (total_q, heads, head_dim) in q's dtype and LSE (heads, total_q) fp32."""
+    total_q, heads, head_dim = q.shape
+    dim_a, dim_b = split_head_dim(head_dim)
+    cfg = pick_config("fwd", head_dim, q.dtype, max(max_seqlen_q, max_seqlen_k))
+    o = torch.empty_like(q)
+    lse = torch.empty((heads, total_q), dtype=torch.float32, device=q.device)
+    block_cu, programs = block_schedule(cu_seqlens_q, cfg.block_m, total_q, max_seqlen_q, seqlens_q)
+    if programs == 0:
+        return o, lse.fill_(float("-inf"))
+    _attn_fwd[(programs, heads)](
+        q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, block_cu, cu_seqlens_q.numel() - 1,
+        *_common_strides(q, k, v, o), lse.stride(0), softmax_scale,
+        HEAD_DIM=head_dim, DIM_A=dim_a, DIM_B=dim_b, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        PRECISION=_precision(q.dtype), ALIGN=_alignment(q, k, v, o), num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    return o, lse
+
+
+def attention_backward(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                       seqlens_q=None, seqlens_k=None):
+    """dq, dk, dv in the inputs' dtypes; deterministic (no atomics)."""
+    total_q, heads, head_dim = q.shape
+    total_k = k.shape[0]
+    dim_a, dim_b = split_head_dim(head_dim)
+    longest = max(max_seqlen_q, max_seqlen_k)
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    delta = torch.empty_like(lse)
+    if total_q > 0:
+        block_t = 64
+        _attn_bwd_preprocess[(triton.cdiv(total_q, block_t), heads)](
+            o, do, delta, total_q, o.stride(0), o.stride(1), do.stride(0), do.stride(1), delta.stride(0),
+            HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_T=block_t,
+        )
+    n_seqs = cu_seqlens_q.numel() - 1
+    common = dict(HEAD_DIM=head_dim, DIM_A=dim_a, DIM_B=dim_b, PRECISION=_precision(q.dtype),
+                  ALIGN=_alignment(q, k, v, do, dq, dk, dv))
+
+    cfg = pick_config("dkdv", head_dim, q.dtype, longest)
+    block_cu, programs = block_schedule(cu_seqlens_k, cfg.block_n, total_k, max_seqlen_k, seqlens_k)
+    if programs:
+        _attn_bwd_dkdv[(programs, heads)](
+            q, k, v, do, dk, dv, lse, delta, cu_seqlens_q, cu_seqlens_k, block_cu, n_seqs,
+            *_common_strides(q, k, v, do, dk, dv), lse.stride(0), softmax_scale,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
+        )
+    else:
+        dk.zero_()
+        dv.zero_()
+
+    cfg = pick_config("dq", head_dim, q.dtype, longest)
+    block_cu, programs = block_schedule(cu_seqlens_q, cfg.block_m, total_q, max_seqlen_q, seqlens_q)
+    if programs:
+        _attn_bwd_dq[(programs, heads)](
+            q, k, v, do, dq, lse, delta, cu_seqlens_q, cu_seqlens_k, block_cu, n_seqs,
+            *_common_strides(q, k, v, do, dq), lse.stride(0), softmax_scale,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
+        )
+    else:
+        dq.zero_()
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What ships: every pinned configuration at the representative head dims and dtypes (read by the kernel report).
+# ----------------------------------------------------------------------------------------------------------------
+
+SHIPPED_HEAD_DIMS = (64, 72, 80, 96, 128)
+SHIPPED_SEQLENS = (64, 4096)  # one short and one long bucket
+_TORCH_TO_TRITON = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def _params(fn) -> list[tuple[str, bool]]:
+    """(name, is_constexpr) of every argument of a @triton.jit function (also under the interpreter)."""
+    params = inspect.signature(getattr(fn, "fn", fn)).parameters.values()
+    return [(p.name, "constexpr" in str(p.annotation)) for p in params]
+
+
+def _signature(fn, dtype_name: str, pointer_dtypes: dict[str, str]) -> dict[str, str]:
+    """Triton type of every argument of `fn`: constexprs, then the listed pointers, ints, the scale, data."""
+    sig = {}
+    for name, is_constexpr in _params(fn):
+        if is_constexpr:
+            sig[name] = "constexpr"
+        elif name in pointer_dtypes:
+            sig[name] = pointer_dtypes[name]
+        elif name.startswith("stride_") or name in ("n_seqs", "total"):
+            sig[name] = "i32"
+        elif name == "softmax_scale":
+            sig[name] = "fp32"
+        else:
+            sig[name] = f"*{dtype_name}"
+    return sig
+
+
+def shipped_configs(kind: str) -> list[registry.Shipped]:
+    fn = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}[kind]
+    rows, seen = [], set()
+    cases = [(d, t) for d in SHIPPED_HEAD_DIMS for t in (torch.bfloat16, torch.float16)] + [(64, torch.float32)]
+    for head_dim, dtype in cases:
+        for seqlen in SHIPPED_SEQLENS:
+            cfg = pick_config(kind, head_dim, dtype, seqlen)
+            dim_a, dim_b = split_head_dim(head_dim)
+            key = (head_dim, dtype, cfg)
+            if key in seen:
+                continue
+            seen.add(key)
+            name = _TORCH_TO_TRITON[dtype]
+            pointers = {p: "*fp32" for p in ("LSE", "DELTA")}
+            pointers.update({p: "*i32" for p in ("cu_seqlens_q", "cu_seqlens_k", "block_cu")})
+            rows.append(registry.Shipped(
+                kernel_name=f"attn_{kind}", label=f"d{head_dim}-{name}-{cfg.label}",
+                signature=_signature(fn, name, pointers),
+                constexprs=dict(HEAD_DIM=head_dim, DIM_A=dim_a, DIM_B=dim_b, BLOCK_M=cfg.block_m,
+                                BLOCK_N=cfg.block_n, PRECISION=_precision(dtype),
+                                ALIGN=8 if head_dim % 8 == 0 else 1),
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, aligned=_aligned(fn, head_dim),
+            ))
+    return rows
+
+
+def _aligned(fn, head_dim: int, heads: int = 16) -> tuple[str, ...]:
+    """What Triton specialises as divisible by 16 for contiguous (total, heads, head_dim) inputs: the pointers,
+    the token strides (heads * head_dim) and the head strides when head_dim is a multiple of 16."""
+    names = []
+    for name, is_constexpr in _params(fn):
+        if is_constexpr or name in ("n_seqs", "total", "softmax_scale", "stride_lse_head", "stride_delta_head"):
+            continue
+        if name.endswith("_tok"):
+            names.append(name) if (heads * head_dim) % 16 == 0 else None
+        elif name.endswith("_head"):
+            names.append(name) if head_dim % 16 == 0 else None
+        else:
+            names.append(name)
+    return tuple(names)
+
+
+def _shipped_preprocess() -> list[registry.Shipped]:
+    rows = []
+    for head_dim in SHIPPED_HEAD_DIMS:
+        for dtype in (torch.bfloat16, torch.float16):
+            name = _TORCH_TO_TRITON[dtype]
+            rows.append(registry.Shipped(
+                kernel_name="attn_bwd_preprocess", label=f"d{head_dim}-{name}",
+                signature=_signature(_attn_bwd_preprocess, name, {"DELTA": "*fp32"}),
+                constexprs=dict(HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_T=64),
+                num_warps=4, num_stages=1,
+            ))
+    return rows
+
+
+registry.declare("attn_fwd", _attn_fwd, lambda: shipped_configs("fwd"))
+registry.declare("attn_bwd_dkdv", _attn_bwd_dkdv, lambda: shipped_configs("dkdv"))
+registry.declare("attn_bwd_dq", _attn_bwd_dq, lambda: shipped_configs("dq"))
+registry.declare("attn_bwd_preprocess", _attn_bwd_preprocess, _shipped_preprocess)
