@@ -104,16 +104,18 @@ NUM_WARPS = 4
 NUM_STAGES = 1  # the head loop carries no loads across iterations worth pipelining
 
 
-def launch_config(head_dim: int, heads: int) -> dict:
-    """The constexprs and launch options used for a head dim and head count."""
+def launch_config(head_dim: int, heads: int, tile_pairs: int = TILE_PAIRS, max_block_h: int = MAX_BLOCK_H,
+                  num_warps: int = NUM_WARPS) -> dict:
+    """The constexprs and launch options used for a head dim and head count (the defaults are what ships; the
+    other arguments exist for the benchmark's config sweep)."""
     half_pad = triton.next_power_of_2(head_dim // 2)
-    block_h = min(MAX_BLOCK_H, triton.next_power_of_2(heads))
-    block_t = max(1, TILE_PAIRS // (half_pad * block_h))
-    return {"HALF_PAD": half_pad, "BLOCK_T": block_t, "BLOCK_H": block_h, "num_warps": NUM_WARPS,
+    block_h = min(max_block_h, triton.next_power_of_2(heads))
+    block_t = max(1, tile_pairs // (half_pad * block_h))
+    return {"HALF_PAD": half_pad, "BLOCK_T": block_t, "BLOCK_H": block_h, "num_warps": num_warps,
             "num_stages": NUM_STAGES}
 
 
-def launch(q, k, v, q_out, k_out, v_out, pos, theta: float, inverse: bool) -> None:
+def launch(q, k, v, q_out, k_out, v_out, pos, theta: float, inverse: bool, config: dict | None = None) -> None:
     """Rotate q (and k) into q_out (and k_out), copy v into v_out. k, v (and their outputs) may be None.
 
     q, k, v share shape (total, heads, head_dim) and strides with a unit last stride; so do the outputs. pos is
@@ -122,7 +124,7 @@ def launch(q, k, v, q_out, k_out, v_out, pos, theta: float, inverse: bool) -> No
     total, heads, head_dim = q.shape
     if total == 0:
         return
-    config = launch_config(head_dim, heads)
+    config = config or launch_config(head_dim, heads)
     grid = (triton.cdiv(total, config["BLOCK_T"]),)
     rope_2d_kernel[grid](
         q, k if k is not None else q, v if v is not None else q,

@@ -146,13 +146,33 @@ def test_rope_cpu_full(backend, grid, head_dim, theta, dtype, poisoned):
     check_rope(backend, "cpu", GRIDS[grid], 3, head_dim, theta, dtype)
 
 
+# On a GPU every distinct (head dim, dtype, variant, integer specialisation) is a Triton compile: every head dim in
+# bf16 on a pack, fp32 and fp16 at two head dims, and the other grids at one; the full product is under `slow`.
+GPU_CASES = ([("pack", d, torch.bfloat16) for d in (32, 64, 72, 80, 96, 128)]
+             + [("pack", d, dt) for d in (72, 128) for dt in (torch.float32, torch.float16)]
+             + [(g, 80, torch.bfloat16) for g in ("1x1", "7x13", "16x16", "37x29")])
+
+
+def check_rope_gpu(backend, grid, head_dim, dtype):
+    check_rope(backend, "cuda", GRIDS[grid], 16 if head_dim != 32 else 3, head_dim, 500.0 if head_dim == 64 else 10000.0,
+               dtype)
+
+
 @pytest.mark.parametrize("backend", gpu_backends())
+@pytest.mark.parametrize("grid,head_dim,dtype", GPU_CASES)
+def test_rope_gpu(backend, grid, head_dim, dtype, poisoned):
+    check_rope_gpu(backend, grid, head_dim, dtype)
+
+
+@pytest.mark.slow  # not marked `gpu`, so that `-m gpu` (the GPU check) stays short
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["triton", pytest.param("cuda", marks=pytest.mark.skipif(
+    not CPP_BUILT, reason="fineviti._C with the rope ops is not built"))])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("head_dim", [32, 64, 72, 80, 96, 128])
 @pytest.mark.parametrize("grid", list(GRIDS))
-def test_rope_gpu(backend, grid, head_dim, dtype, poisoned):
-    check_rope(backend, "cuda", GRIDS[grid], 16 if head_dim != 32 else 3, head_dim, 10000.0 if head_dim % 64 else 500.0,
-               dtype)
+def test_rope_gpu_full(backend, grid, head_dim, dtype, poisoned):
+    check_rope_gpu(backend, grid, head_dim, dtype)
 
 
 def test_large_positions_stay_accurate():
@@ -278,8 +298,8 @@ def test_qkv_split_rope_cpu(backend, grid, heads, head_dim, dtype, poisoned):
 
 
 @pytest.mark.parametrize("backend", gpu_backends())
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("head_dim", [64, 72, 80, 96, 128])
+@pytest.mark.parametrize("head_dim,dtype", [(d, torch.bfloat16) for d in (64, 72, 80, 96, 128)]
+                         + [(80, torch.float32)])
 def test_qkv_split_rope_gpu(backend, head_dim, dtype, poisoned):
     check_qkv_split(backend, "cuda", GRIDS["pack"] + GRIDS["37x29"], 16, head_dim, dtype)
 
