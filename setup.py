@@ -27,6 +27,11 @@ def _nvcc() -> str | None:
     return str(candidate) if candidate.exists() else shutil.which("nvcc")
 
 
+def _tool(name: str) -> str | None:
+    # Prefer the cmake/ninja installed beside the interpreter (pip's), which need not be on PATH.
+    return shutil.which(name, path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+
+
 def _cuda_arch_list(torch) -> str:
     if os.environ.get("TORCH_CUDA_ARCH_LIST"):
         return os.environ["TORCH_CUDA_ARCH_LIST"]
@@ -45,8 +50,9 @@ class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
         import torch
 
-        nvcc = None if os.environ.get("FINEVITI_SKIP_CUDA_BUILD") == "1" else _nvcc()
-        with_cuda = torch.version.cuda is not None and nvcc is not None
+        nvcc = _nvcc()
+        skip_cuda = os.environ.get("FINEVITI_SKIP_CUDA_BUILD", "0") not in ("", "0")
+        with_cuda = torch.version.cuda is not None and nvcc is not None and not skip_cuda
         build_type = os.environ.get("FINEVITI_BUILD_TYPE", "Debug" if self.debug else "Release")
         env = dict(os.environ)
         args = [
@@ -66,17 +72,22 @@ class CMakeBuild(build_ext):
                 f"torch {torch.__version__} is a CUDA build, and its CMake config needs a CUDA toolkit even for "
                 "a C++-only build; no nvcc was found in $CUDA_HOME/bin, /usr/local/cuda/bin or on PATH"
             )
-        if shutil.which("ninja"):
-            args.append("-GNinja")
+        cmake, ninja = _tool("cmake"), _tool("ninja")
+        if cmake is None:
+            raise RuntimeError("building fineviti._C needs CMake >= 3.22: `pip install cmake` or install it system-wide")
+        if ninja:
+            args += ["-GNinja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
 
-        tag = hashlib.sha1(repr((sys.executable, torch.__version__, args, env.get("TORCH_CUDA_ARCH_LIST"))).encode())
+        # One build dir per environment and configuration; `python` and `python3` of one venv share it.
+        key = (sys.prefix, sys.version, torch.__version__, torch.__file__, args[1:], env.get("TORCH_CUDA_ARCH_LIST"))
+        tag = hashlib.sha1(repr(key).encode())
         build_dir = ROOT / "build" / "cmake" / tag.hexdigest()[:12]
         build_dir.mkdir(parents=True, exist_ok=True)
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
         print(f"fineviti: CUDA sources {'on' if with_cuda else 'off'}, TORCH_CUDA_ARCH_LIST="
               f"{env.get('TORCH_CUDA_ARCH_LIST', '')}, {jobs} jobs, build dir {build_dir}", flush=True)
-        subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build_dir), *args], check=True, env=env)
-        subprocess.run(["cmake", "--build", str(build_dir), "--parallel", jobs], check=True, env=env)
+        subprocess.run([cmake, "-S", str(ROOT), "-B", str(build_dir), *args], check=True, env=env)
+        subprocess.run([cmake, "--build", str(build_dir), "--parallel", jobs], check=True, env=env)
 
         built = next(build_dir.glob("_C.*.so"))
         target = Path(self.get_ext_fullpath(ext.name))

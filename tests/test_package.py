@@ -1,0 +1,82 @@
+"""The package: fineviti.kernels imports from the repository root and from an installed wheel, and the
+wheel holds the Triton sources once, as fineviti/kernels, never as a top-level `kernels` package.
+
+The wheel is built once per session with pip, like a user would (`pip wheel --no-build-isolation`), and
+reuses setup.py's CMake build directory of the editable build, so it costs seconds after scripts/setup.sh.
+"""
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_python(code: str, cwd: Path, **env) -> str:
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=300, env={**os.environ, **env}
+    )
+    assert done.returncode == 0, f"python -c {code!r} failed in {cwd}:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def test_kernels_import_from_the_repository_root():
+    out = run_python("import fineviti.kernels as k, fineviti as f; print(f.__file__); print(k.__file__)", cwd=ROOT)
+    package, kernels = (Path(line) for line in out.split())
+    assert package == ROOT / "fineviti" / "__init__.py"
+    assert kernels.resolve() == ROOT / "kernels" / "__init__.py"
+
+
+def test_kernels_import_without_the_extension():
+    code = (
+        "import sys; sys.modules['fineviti._C'] = None\n"  # any import of the extension now fails
+        "import fineviti.kernels, fineviti._ext as e\n"
+        "assert not e.loaded() and e.load_error() is not None\n"
+        "assert isinstance(fineviti.kernels.registry.declared(), dict)\n"
+    )
+    run_python(code, cwd=ROOT)
+
+
+@pytest.fixture(scope="session")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "--quiet", "-w", str(out), str(ROOT)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    (path,) = out.glob("fineviti-*.whl")
+    return path
+
+
+def test_wheel_contents(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    assert not [n for n in names if n.startswith("kernels/")], "the wheel must not install a top-level kernels"
+    shipped = sorted(n for n in names if n.startswith("fineviti/kernels/"))
+    assert len(shipped) == len(set(shipped))
+    sources = sorted(f"fineviti/kernels/{p.name}" for p in (ROOT / "kernels").glob("*.py"))
+    assert [n for n in shipped if n.endswith(".py")] == sources
+    assert any(n.startswith("fineviti/_C.") and n.endswith(".so") for n in names)
+    entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
+    assert "fineviti = fineviti.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+
+
+def test_installed_wheel_outside_the_repository(wheel, tmp_path):
+    site = tmp_path / "site"
+    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--quiet", "--target", str(site), str(wheel)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert not (site / "kernels").exists()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    code = (
+        "import fineviti, fineviti.kernels, torch\n"
+        "cu, pos = torch.ops.fineviti.build_positions(torch.tensor([[2, 4]], dtype=torch.int32), 2)\n"
+        "assert cu.tolist() == [0, 8] and pos[:, 1].tolist() == [0, 1, 0, 1, 2, 3, 2, 3]\n"
+        "print(fineviti.__file__); print(fineviti.kernels.__file__)\n"
+    )
+    out = run_python(code, cwd=elsewhere, PYTHONPATH=str(site))
+    for line in out.split():
+        assert Path(line).is_relative_to(site), f"{line} was imported from outside the installed wheel"
