@@ -2,7 +2,7 @@
 
 Pairs (j, j + head_dim/2) of each head rotate by angle pos * theta**(-f/(head_dim/4)), with pos the token's row
 for j < head_dim/4 and its column above, f = j mod head_dim/4 (fineviti.ops.rope.rope_2d_ref is the definition).
-One program takes BLOCK_T tokens: it computes their angles once (fp64, reduced to [-pi, pi], then fp32 sin/cos)
+One program takes BLOCK_T tokens: it computes their angles once (fp64, reduced to [-pi/4, pi/4], fp32 polynomials)
 and applies them to every head of q, of k (HAS_K) and copies v (HAS_V), so the trigonometry is shared by all
 heads and tensors and the kernel reads and writes each element once. INVERSE rotates by the negative angle (the
 backward). Inputs and outputs may be strided views (the fused QKV split reads q, k, v out of one projection).
@@ -15,8 +15,8 @@ import triton.language as tl
 
 from . import registry
 
-TWO_PI = tl.constexpr(6.283185307179586)
-INV_TWO_PI = tl.constexpr(0.15915494309189535)
+HALF_PI = tl.constexpr(1.5707963267948966)
+TWO_OVER_PI = tl.constexpr(0.6366197723675814)
 
 
 @triton.jit
@@ -28,6 +28,21 @@ def _rotate_tile(x_ptrs, out_ptrs, cos, sin, mask, HALF: tl.constexpr):
     out2 = x2 * cos + x1 * sin
     tl.store(out_ptrs, out1.to(out_ptrs.dtype.element_ty), mask=mask)
     tl.store(out_ptrs + HALF, out2.to(out_ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _sin_cos(angle):
+    """sin and cos (fp32) of fp64 angles: reduced in fp64 to r in [-pi/4, pi/4] and a quadrant, then Taylor
+    polynomials in fp32 (truncation below 1e-9). No table, no slow path for large arguments, no local memory."""
+    quadrant = tl.floor(angle * TWO_OVER_PI + 0.5)
+    r = (angle - quadrant * HALF_PI).to(tl.float32)
+    r2 = r * r
+    sin_r = r + r * r2 * (-1.0 / 6 + r2 * (1.0 / 120 + r2 * (-1.0 / 5040 + r2 * (1.0 / 362880))))
+    cos_r = 1.0 + r2 * (-0.5 + r2 * (1.0 / 24 + r2 * (-1.0 / 720 + r2 * (1.0 / 40320 + r2 * (-1.0 / 3628800)))))
+    n = quadrant.to(tl.int64) & 3
+    sin = tl.where(n == 0, sin_r, tl.where(n == 1, cos_r, tl.where(n == 2, -sin_r, -cos_r)))
+    cos = tl.where(n == 0, cos_r, tl.where(n == 1, -sin_r, tl.where(n == 2, -cos_r, sin_r)))
+    return sin, cos
 
 
 @triton.jit
@@ -55,6 +70,7 @@ def rope_2d_kernel(
     HAS_K: tl.constexpr,
     HAS_V: tl.constexpr,
     INVERSE: tl.constexpr,
+    STRIDE_MULTIPLE: tl.constexpr,  # a power of two dividing every q/k/v and output stride (1, 2, 4 or 8)
 ):
     HALF: tl.constexpr = HEAD_DIM // 2
     QUARTER: tl.constexpr = HEAD_DIM // 4
@@ -64,28 +80,30 @@ def rope_2d_kernel(
     row = tl.load(pos_ptr + tokens * stride_pos_t, mask=token_mask, other=0)
     col = tl.load(pos_ptr + tokens * stride_pos_t + stride_pos_c, mask=token_mask, other=0)
 
-    # Angles in fp64 (exact enough for any position), reduced to [-pi, pi] before fp32 sin/cos.
+    # Angles in fp64 (exact enough for any position); sin/cos once per (token, pair), shared by heads and tensors.
     j = tl.arange(0, HALF_PAD)
     freq = (j % QUARTER).to(tl.float64)
     log2_theta = tl.log2(tl.zeros((HALF_PAD,), dtype=tl.float64) + theta)
     inv_freq = tl.exp2(-(freq / QUARTER) * log2_theta)
     coord = tl.where((j < QUARTER)[None, :], row[:, None], col[:, None]).to(tl.float64)
-    angle = coord * inv_freq[None, :]
-    turns = tl.floor(angle * INV_TWO_PI + 0.5)
-    reduced = (angle - turns * TWO_PI).to(tl.float32)
-    cos = tl.cos(reduced)[:, None, :]
-    sin = tl.sin(reduced)[:, None, :]
+    sin, cos = _sin_cos(coord * inv_freq[None, :])
+    sin = sin[:, None, :]
+    cos = cos[:, None, :]
     if INVERSE:
         sin = -sin
 
     lane_mask = token_mask[:, None, None] & (j < HALF)[None, None, :]
-    in_base = tokens[:, None, None] * stride_in_t + j[None, None, :]
-    out_base = tokens[:, None, None] * stride_out_t + j[None, None, :]
     for h0 in range(0, heads, BLOCK_H):
         h = h0 + tl.arange(0, BLOCK_H)
         mask = lane_mask & (h < heads)[None, :, None]
-        in_offsets = in_base + h[None, :, None].to(tl.int64) * stride_in_h
-        out_offsets = out_base + h[None, :, None].to(tl.int64) * stride_out_h
+        # Row starts are multiples of STRIDE_MULTIPLE (Triton itself only hints ints divisible by 16; head_dim 72
+        # strides are multiples of 8), which lets the half rows load as wide vectors.
+        in_rows = tokens[:, None] * stride_in_t + h[None, :].to(tl.int64) * stride_in_h
+        out_rows = tokens[:, None] * stride_out_t + h[None, :].to(tl.int64) * stride_out_h
+        in_rows = tl.multiple_of(in_rows, [STRIDE_MULTIPLE, STRIDE_MULTIPLE])
+        out_rows = tl.multiple_of(out_rows, [STRIDE_MULTIPLE, STRIDE_MULTIPLE])
+        in_offsets = in_rows[:, :, None] + j[None, None, :]
+        out_offsets = out_rows[:, :, None] + j[None, None, :]
         _rotate_tile(q_ptr + in_offsets, q_out_ptr + out_offsets, cos, sin, mask, HALF)
         if HAS_K:
             _rotate_tile(k_ptr + in_offsets, k_out_ptr + out_offsets, cos, sin, mask, HALF)
@@ -126,12 +144,15 @@ def launch(q, k, v, q_out, k_out, v_out, pos, theta: float, inverse: bool, confi
         return
     config = config or launch_config(head_dim, heads)
     grid = (triton.cdiv(total, config["BLOCK_T"]),)
+    strides = (q.stride(0), q.stride(1), q_out.stride(0), q_out.stride(1))
+    multiple = next(m for m in (8, 4, 2, 1) if all(s % m == 0 for s in strides))
     rope_2d_kernel[grid](
         q, k if k is not None else q, v if v is not None else q,
         q_out, k_out if k_out is not None else q_out, v_out if v_out is not None else q_out,
         pos, total, heads, float(theta),
         q.stride(0), q.stride(1), q_out.stride(0), q_out.stride(1), pos.stride(0), pos.stride(1),
-        HEAD_DIM=head_dim, HAS_K=k is not None, HAS_V=v is not None, INVERSE=bool(inverse), **config,
+        HEAD_DIM=head_dim, HAS_K=k is not None, HAS_V=v is not None, INVERSE=bool(inverse),
+        STRIDE_MULTIPLE=multiple, **config,
     )
 
 
@@ -149,6 +170,9 @@ SHIPPED_VARIANTS = {
 
 
 def _configs() -> list[registry.Shipped]:
+    """Contiguous (total, 16, head_dim) tensors (qkv views for the split), int32 contiguous pos: every pointer
+    16-byte aligned, token strides multiples of 16, head strides too except at head_dim 72, and pos's column
+    stride 1, which Triton specialises as a constant."""
     rows = []
     for head_dim in SHIPPED_HEAD_DIMS:
         for dtype in ("bf16", "fp16"):
@@ -157,18 +181,23 @@ def _configs() -> list[registry.Shipped]:
                 "q_ptr": ptr, "k_ptr": ptr, "v_ptr": ptr, "q_out_ptr": ptr, "k_out_ptr": ptr, "v_out_ptr": ptr,
                 "pos_ptr": "*i32", "total": "i32", "heads": "i32", "theta": "fp32",
                 "stride_in_t": "i32", "stride_in_h": "i32", "stride_out_t": "i32", "stride_out_h": "i32",
-                "stride_pos_t": "i32", "stride_pos_c": "i32",
+                "stride_pos_t": "i32", "stride_pos_c": "constexpr",
                 "HEAD_DIM": "constexpr", "HALF_PAD": "constexpr", "BLOCK_T": "constexpr", "BLOCK_H": "constexpr",
-                "HAS_K": "constexpr", "HAS_V": "constexpr", "INVERSE": "constexpr",
+                "HAS_K": "constexpr", "HAS_V": "constexpr", "INVERSE": "constexpr", "STRIDE_MULTIPLE": "constexpr",
             }
+            aligned = [name for name, kind in signature.items() if kind.startswith("*")]
+            aligned += ["heads", "stride_in_t", "stride_out_t"]
+            if head_dim % 16 == 0:
+                aligned += ["stride_in_h", "stride_out_h"]
             config = launch_config(head_dim, SHIPPED_HEADS)
             for variant, (has_k, has_v, inverse) in SHIPPED_VARIANTS.items():
-                constexprs = {"HEAD_DIM": head_dim, "HALF_PAD": config["HALF_PAD"], "BLOCK_T": config["BLOCK_T"],
-                              "BLOCK_H": config["BLOCK_H"], "HAS_K": has_k, "HAS_V": has_v, "INVERSE": inverse}
+                constexprs = {"stride_pos_c": 1, "HEAD_DIM": head_dim, "HALF_PAD": config["HALF_PAD"],
+                              "BLOCK_T": config["BLOCK_T"], "BLOCK_H": config["BLOCK_H"], "HAS_K": has_k,
+                              "HAS_V": has_v, "INVERSE": inverse, "STRIDE_MULTIPLE": 8}
                 rows.append(registry.Shipped(
                     kernel_name="rope_2d_kernel", label=f"{variant} d{head_dim} {dtype} h{SHIPPED_HEADS}",
                     signature=signature, constexprs=constexprs, num_warps=config["num_warps"],
-                    num_stages=config["num_stages"]))
+                    num_stages=config["num_stages"], aligned=tuple(aligned)))
     return rows
 
 

@@ -544,12 +544,8 @@ SM90_CHECK = textwrap.dedent("""
     for row in registry.shipped("rope_2d"):
         if labels and row.label not in labels:
             continue
-        names = list(row.signature)
-        # What the launcher meets at run time: 16-byte aligned pointers, strides divisible by 16, unit pos stride.
-        aligned = [n for n in names if row.signature[n].startswith("*") or n.startswith("stride_") and n != "stride_pos_c"]
-        signature, constexprs = dict(row.signature), dict(row.constexprs)
-        signature["stride_pos_c"], constexprs["stride_pos_c"] = "constexpr", 1
-        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+        # registry.compile_attrs: the run-time specialisation each row declares (aligned pointers and strides).
+        signature, constexprs, attrs = row.signature, row.constexprs, registry.compile_attrs(row)
         kernel = triton.compile(ASTSource(fn=row.fn, signature=signature, constexprs=constexprs, attrs=attrs),
                                 target=GPUTarget("cuda", 90, 32),
                                 options={"num_warps": row.num_warps, "num_stages": row.num_stages})
@@ -584,7 +580,7 @@ def check_sm90_rows(rows, expected_count):
 
 
 def test_shipped_configs_compile_for_sm90_sample():
-    labels = ["qk_fwd d128 bf16 h16", "qkv_bwd d72 bf16 h16", "x_fwd d80 fp16 h16"]
+    labels = ["qk_fwd d128 bf16 h16", "qkv_fwd d72 bf16 h16", "x_bwd d80 fp16 h16"]
     check_sm90_rows(compile_for_sm90(labels), len(labels))
 
 
