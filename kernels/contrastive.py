@@ -10,6 +10,8 @@ gradients of scale and bias. The SigLIP paper (Zhai et al., 2023) and Inf-CL (Ch
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
@@ -49,7 +51,7 @@ def _softplus(u):
     log1p(e) as log(1 + e) * e / ((1 + e) - 1) (Goldberg), exact to a few ulp wherever log is."""
     e = tl.exp(-tl.abs(u))
     w = 1.0 + e
-    log1p_e = tl.where(w == 1.0, e, tl.log(w) * (e / (w - 1.0)))
+    log1p_e = tl.where(w == 1.0, e, tl.log(w) * (e / tl.where(w == 1.0, 1.0, w - 1.0)))
     return tl.maximum(u, 0.0) + log1p_e
 
 
@@ -148,8 +150,11 @@ def contrastive_bwd_kernel(
     positive = offs_n[None, :] == offs_m[:, None] + diag_offset
     if LOSS == 0:
         z += tl.load(BIAS)
-        # d/dz softplus(-label * z) = -label * sigmoid(-label * z)
-        g = tl.where(positive, -1.0 / (1.0 + tl.exp(z)), 1.0 / (1.0 + tl.exp(-z)))
+        # d/dz softplus(-label * z) = -label * sigmoid(-label * z): sigmoid(z) for negatives, -sigmoid(-z) for the
+        # positive, both from e = exp(-|z|) <= 1 so that nothing overflows and tails keep their precision
+        e = tl.exp(-tl.abs(z))
+        r = 1.0 / (1.0 + e)
+        g = tl.where(positive, -tl.where(z >= 0, e * r, r), tl.where(z >= 0, r, e * r))
     else:
         lse_row = tl.load(LSE_ROW + offs_m, mask=mask_m, other=0.0)
         lse_col = tl.load(LSE_COL + offs_n, mask=mask_n, other=0.0)
@@ -223,7 +228,8 @@ def loss_grad_logits(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias
                      lse_col: torch.Tensor | None = None) -> torch.Tensor:
     """Fill g (M, N), in the features' dtype, with dL/dz per pair (without the 1/N factor): SigLIP
     -label * sigmoid(-label * z); CLIP softmax_row + softmax_col - 2 at the positive, from the saved fp32
-    log-sum-exps. Returns the fp32 pair (sum(g * x.y), sum(g)) for the gradients of scale and bias."""
+    log-sum-exps. Returns the fp32 pair (sum(g * x.y), sum(g)) for the gradients of scale and bias. Give g a row
+    stride that is a multiple of 16 (new_grad_buffer), or its stores do not vectorise."""
     _check(x, y)
     m, d = x.shape
     n = y.shape[0]
@@ -245,10 +251,19 @@ def loss_grad_logits(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias
     return partial.sum(1)
 
 
+def new_grad_buffer(rows: int, n: int, like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised (rows, n) buffer for loss_grad_logits, its row stride padded to a multiple of 16 elements so
+    that the kernel's stores vectorise."""
+    padded = triton.cdiv(n, 16) * 16
+    return torch.empty((rows, padded), device=like.device, dtype=like.dtype)[:, :n]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # What ships: the configs above for a small D and the D of the base and fine presets, per dtype and loss.
 
 SHIPPED_D = (32, 64, 768, 1152)
+_ALIGNED_INTS = ("D", "stride_x_m", "stride_y_n", "stride_g_m", "cols_per_split")
+_SHIPPED_FIELDS = {f.name for f in dataclasses.fields(registry.Shipped)}
 
 
 def _configs() -> list[registry.Shipped]:
@@ -279,12 +294,19 @@ def _configs() -> list[registry.Shipped]:
                         continue
                     seen[key] = [f"{loss_name} {kernel.split('_')[1]} {tname} d{d}", kernel, sig, constexprs, cfg]
     for label, kernel, sig, constexprs, cfg in seen.values():
+        # At run time the JIT also specialises D and the row strides (multiples of 16 for the shipped D; the
+        # caller pads G's rows to one) and cols_per_split (a multiple of BLOCK_N); without them Triton can neither
+        # vectorise nor pipeline the loads, and G's stores take a 64-bit address per element (spills).
+        aligned = tuple(k for k, t in sig.items() if t.startswith("*") or k in _ALIGNED_INTS)
+        extra = {"aligned": aligned} if "aligned" in _SHIPPED_FIELDS else {}
         rows.append(registry.Shipped(kernel_name=kernel, label=label, signature=sig, constexprs=constexprs,
-                                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+                                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **extra))
     return rows
 
 
-registry.declare("contrastive_fwd", contrastive_fwd_kernel, lambda: [r for r in _configs()
-                                                                     if r.kernel_name == "contrastive_fwd_kernel"])
-registry.declare("contrastive_bwd", contrastive_bwd_kernel, lambda: [r for r in _configs()
-                                                                     if r.kernel_name == "contrastive_bwd_kernel"])
+def _configs_of(kernel_name: str):
+    return lambda: [row for row in _configs() if row.kernel_name == kernel_name]
+
+
+registry.declare("contrastive_fwd", contrastive_fwd_kernel, _configs_of("contrastive_fwd_kernel"))
+registry.declare("contrastive_bwd", contrastive_bwd_kernel, _configs_of("contrastive_bwd_kernel"))

@@ -66,7 +66,8 @@ def clip_loss_ref(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tenso
 # ----------------------------------------------------------------------------------------------------------------
 # Block primitives: rows of x against all rows of y. Both backends give, in fp32:
 #   rows(...)  per row of x: SigLIP sum_j softplus(-label_ij * z_ij), or CLIP logsumexp_j z_ij
-#   grads(...) with g = dL/dz per pair (no 1/N): (g @ y, g.T @ x, sum(g * x.y), sum(g))
+#   grads(...) with g = dL/dz per pair (no 1/N): (g @ y, g.T @ x, sum(g * x.y), sum(g)); with dx_scale, the first
+#              comes back multiplied by it and in x's dtype (no fp32 (M, D) buffer), the rest stay fp32
 # where z = scale * x @ y.T + bias and the positive of row i is column i + diag_offset.
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -103,10 +104,10 @@ class _Chunked:
                 out[start:stop] = torch.logsumexp(z, dim=1)
         return out
 
-    def grads(self, x, y, scale, bias, loss, diag_offset=0, lse_row=None, lse_col=None):
+    def grads(self, x, y, scale, bias, loss, diag_offset=0, lse_row=None, lse_col=None, dx_scale=None):
         m, n = x.shape[0], y.shape[0]
         y32 = y.float()
-        dx = torch.empty(x.shape, device=x.device, dtype=torch.float32)
+        dx = torch.empty(x.shape, device=x.device, dtype=torch.float32 if dx_scale is None else x.dtype)
         dy = torch.zeros(y.shape, device=x.device, dtype=torch.float32)
         ds_db = torch.zeros(2, device=x.device, dtype=torch.float32)
         for start, stop in self._chunks(m, n):
@@ -125,20 +126,37 @@ class _Chunked:
             ds_db[0] += torch.dot(g.view(-1), dots.view(-1))
             ds_db[1] += g.sum()
             del dots
-            torch.mm(g, y32, out=dx[start:stop])
+            dx[start:stop] = (g @ y32) if dx_scale is None else (g @ y32).mul_(dx_scale)
             dy.addmm_(g.T, xc)
         return dx, dy, ds_db[0], ds_db[1]
 
 
+_FP32_OUT_MM = {"mm": True, "addmm": True}  # whether this torch has mm/addmm(out_dtype=float32); found on first use
+
+
 def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b with an fp32 result: on CUDA from 16-bit inputs with fp32 accumulation and output where torch has it
-    (torch.mm(out_dtype=...)), else rounded to the inputs' dtype first."""
+    """a @ b as fp32: from 16-bit CUDA inputs with fp32 output where torch has it (torch.mm(out_dtype=...)), else
+    rounded to the inputs' dtype first."""
     if a.dtype == torch.float32 or a.device.type != "cuda":
         return a.float() @ b.float()
-    try:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    except (TypeError, RuntimeError, NotImplementedError):
-        return (a @ b).float()
+    if _FP32_OUT_MM["mm"]:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            _FP32_OUT_MM["mm"] = False
+    return (a @ b).float()
+
+
+def _addmm_f32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b for an fp32 acc: in place in cuBLAS (beta = 1) where torch has addmm(out_dtype=...), so that no
+    second acc-sized buffer exists."""
+    if a.device.type == "cuda" and a.dtype != torch.float32 and _FP32_OUT_MM["addmm"]:
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            return
+        except (TypeError, RuntimeError, NotImplementedError):
+            _FP32_OUT_MM["addmm"] = False
+    acc += _mm_f32(a, b)
 
 
 class _Triton:
@@ -162,14 +180,15 @@ class _Triton:
         return self._kernels().loss_rows(x.contiguous(), y.contiguous(), scale, bias, loss=loss,
                                          diag_offset=diag_offset)
 
-    def grads(self, x, y, scale, bias, loss, diag_offset=0, lse_row=None, lse_col=None):
+    def grads(self, x, y, scale, bias, loss, diag_offset=0, lse_row=None, lse_col=None, dx_scale=None):
         kc = self._kernels()
         x, y = x.contiguous(), y.contiguous()
         m, n = x.shape[0], y.shape[0]
         block_m = kc.config(x.shape[1], x.dtype)["BLOCK_M"]
         step = max(block_m, self.chunk_bytes // max(1, n * x.element_size()) // block_m * block_m)
-        g = torch.empty((min(step, m), n), device=x.device, dtype=x.dtype)
-        dx = torch.empty(x.shape, device=x.device, dtype=torch.float32)
+        g = kc.new_grad_buffer(min(step, m), n, x)
+        empty = torch.zeros if n == 0 else torch.empty  # no columns: no chunk writes dx
+        dx = empty(x.shape, device=x.device, dtype=torch.float32 if dx_scale is None else x.dtype)
         dy = torch.zeros(y.shape, device=x.device, dtype=torch.float32)
         ds_db = torch.zeros(2, device=x.device, dtype=torch.float32)
         for start in range(0, m if n else 0, step):
@@ -177,8 +196,8 @@ class _Triton:
             gc, xc = g[:stop - start], x[start:stop]
             ds_db += kc.loss_grad_logits(xc, y, scale, bias, gc, loss=loss, diag_offset=diag_offset + start,
                                          lse_row=None if lse_row is None else lse_row[start:stop], lse_col=lse_col)
-            dx[start:stop] = _mm_f32(gc, y)
-            dy += _mm_f32(gc.T, xc)
+            dx[start:stop] = _mm_f32(gc, y) if dx_scale is None else _mm_f32(gc, y).mul_(dx_scale)
+            _addmm_f32(dy, gc.T, xc)
         return dx, dy, ds_db[0], ds_db[1]
 
 
@@ -271,7 +290,7 @@ def _gather_rows(t: torch.Tensor, d: _Dist) -> torch.Tensor:
     padded = _pad_rows(t.detach(), d.n_max)
     parts = [torch.empty_like(padded) for _ in range(d.world)]
     dist.all_gather(parts, padded, group=d.group)
-    return torch.cat([p[:c] for p, c in zip(parts, d.counts)], 0)
+    return torch.cat([p[:c] for p, c in zip(parts, d.counts, strict=True)], 0)
 
 
 def _reduce_rows(t: torch.Tensor, d: _Dist) -> torch.Tensor:
@@ -281,7 +300,8 @@ def _reduce_rows(t: torch.Tensor, d: _Dist) -> torch.Tensor:
         return t
     import torch.distributed as dist
 
-    padded = torch.cat([_pad_rows(t[o:o + c], d.n_max) for o, c in zip(d.offsets, d.counts)], 0).contiguous()
+    blocks = [_pad_rows(t[o:o + c], d.n_max) for o, c in zip(d.offsets, d.counts, strict=True)]
+    padded = torch.cat(blocks, 0).contiguous()
     if dist.get_backend(d.group) == "nccl":
         out = padded.new_empty((d.n_max, *t.shape[1:]))
         dist.reduce_scatter_tensor(out, padded, group=d.group)
@@ -339,7 +359,7 @@ def _ring_grads(impl, x, y, scale, bias, loss, d: _Dist, lse_row=None, lse_col_a
     ds_db = torch.zeros(2, device=x.device, dtype=torch.float32)
     pending, received = None, None
     offsets = d.offsets
-    for step, (owner, block) in enumerate(_ring(_pad_rows(y, d.n_max), d)):
+    for owner, block in _ring(_pad_rows(y, d.n_max), d):
         count = d.counts[owner]
         lse_col = None if lse_col_all is None else lse_col_all[offsets[owner]:offsets[owner] + count]
         dxk, dyk, ds, db = impl.grads(x, block[:count], scale, bias, loss, diag_offset=d.row_start - offsets[owner],
@@ -375,6 +395,12 @@ def _param_grad(raw: torch.Tensor, factor: torch.Tensor, like: torch.Tensor) -> 
     return (raw * factor).reshape(like.shape).to(like.dtype)
 
 
+def _feature_grad(raw: torch.Tensor, factor: torch.Tensor, like: torch.Tensor, scaled: bool = False) -> torch.Tensor:
+    """The gradient of a feature tensor from grads()'s fp32 accumulator (scaled here, in place) or from its dx that
+    dx_scale already scaled (`scaled`)."""
+    return (raw if scaled else raw.mul_(factor)).to(like.dtype)
+
+
 class _SiglipFn(torch.autograd.Function):
     """Local image rows against all text columns (gathered, or this process's own); or, with `ring`, text blocks
     passed around the ring in the forward and again in the backward."""
@@ -398,13 +424,13 @@ class _SiglipFn(torch.autograd.Function):
         x, y, scale, bias = ctx.saved_tensors
         impl, d = ctx.impl, ctx.d
         s32, b32 = _scalar(scale, x.device), _scalar(bias, x.device)
+        factor = grad.float() * (d.world / d.total)
         if ctx.ring:
             dx, dy, ds, db = _ring_grads(impl, x, y, s32, b32, "siglip", d)
         else:
-            dx, dy, ds, db = impl.grads(x, y, s32, b32, "siglip", diag_offset=d.row_start)
-        factor = grad.float() * (d.world / d.total)
-        return (_param_grad(dx, factor * s32, x), _param_grad(dy, factor * s32, y), _param_grad(ds, factor, scale),
-                _param_grad(db, factor, bias), None, None, None)
+            dx, dy, ds, db = impl.grads(x, y, s32, b32, "siglip", diag_offset=d.row_start, dx_scale=factor * s32)
+        return (_feature_grad(dx, factor * s32, x, scaled=not ctx.ring), _feature_grad(dy, factor * s32, y),
+                _param_grad(ds, factor, scale), _param_grad(db, factor, bias), None, None, None)
 
 
 class _ClipFn(torch.autograd.Function):
@@ -443,14 +469,14 @@ class _ClipFn(torch.autograd.Function):
         impl, d = ctx.impl, ctx.d
         s32 = _scalar(scale, x.device)
         zero = torch.zeros(1, device=x.device, dtype=torch.float32)
+        factor = grad.float() * (d.world / (2 * d.total))
         if ctx.ring:
             dx, dy, ds, _ = _ring_grads(impl, x, y, s32, zero, "clip", d, lse_row=lse_row, lse_col_all=lse_col_all)
         else:
             dx, dy, ds, _ = impl.grads(x, y, s32, zero, "clip", diag_offset=d.row_start, lse_row=lse_row,
-                                       lse_col=lse_col_all)
-        factor = grad.float() * (d.world / (2 * d.total))
-        return (_param_grad(dx, factor * s32, x), _param_grad(dy, factor * s32, y), _param_grad(ds, factor, scale),
-                None, None, None, None)
+                                       lse_col=lse_col_all, dx_scale=factor * s32)
+        return (_feature_grad(dx, factor * s32, x, scaled=not ctx.ring), _feature_grad(dy, factor * s32, y),
+                _param_grad(ds, factor, scale), None, None, None, None)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,186 @@
+"""Contrastive losses (SigLIP, CLIP): ours (Triton) against the naive reference (full N x N logits), the chunked torch
+path and torch.compile of the reference; forward and forward+backward time and peak memory.
+
+TFLOP/s count the logit matmuls a plain implementation does: forward 2*N*N*D (img @ txt.T), forward+backward
+6*N*N*D (also the d_img and d_txt products). Work a fused implementation adds is not counted: our backward
+recomputes the logits (+2*N*N*D) and our CLIP forward computes the text-to-image log-sum-exps in a second pass
+(+2*N*N*D), so TFLOP/s compare wall time for the same useful work, as FlashAttention's figures do. Peak memory is
+what the call allocates beyond its inputs (features, scale, bias), gradients included. The naive and compiled
+references are skipped where their logits would not fit.
+
+    python benchmarks/bench_contrastive.py                       # the sweep: N 4k..128k, D 768 and 1152, bf16
+    python benchmarks/bench_contrastive.py --quick               # a fixed small set (part of the GPU check)
+    python benchmarks/bench_contrastive.py --provider ours --n 65536 --d 768 --loss clip --mode full
+    python benchmarks/bench_contrastive.py --sweep-configs       # block-size candidates for our kernels
+    python benchmarks/bench_contrastive.py --quick --device cpu  # tiny shapes on a CPU (Triton interpreted)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+PROVIDERS = ("ours", "naive", "chunked", "compiled")
+MODES = ("fwd", "full")
+LOSSES = ("siglip", "clip")
+SWEEP_N = (4096, 8192, 16384, 32768, 65536, 131072)
+SWEEP_D = (768, 1152)
+QUICK = [(16384, 768), (65536, 768)]  # (N, D); the naive and compiled providers only where they fit
+QUICK_CPU = [(256, 64)]
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# bytes per logit a provider keeps alive at its peak (forward + backward, 16-bit inputs), for the skip rule
+_BYTES_PER_LOGIT = {"naive": 14, "compiled": 6}
+
+
+def make_inputs(n: int, d: int, dtype: torch.dtype, device: torch.device):
+    gen = torch.Generator(device=device).manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(n, d, device=device, generator=gen), dim=-1)
+    txt = torch.nn.functional.normalize(img + torch.randn(n, d, device=device, generator=gen), dim=-1)
+    scale = torch.tensor(10.0, device=device, requires_grad=True)
+    bias = torch.tensor(-10.0, device=device, requires_grad=True)
+    return img.to(dtype).requires_grad_(), txt.to(dtype).requires_grad_(), scale, bias
+
+
+_COMPILED = {}
+
+
+def loss_fn(provider: str, loss: str):
+    from fineviti.ops import contrastive as C
+
+    if provider == "compiled":
+        if loss not in _COMPILED:
+            ref = C.siglip_loss_ref if loss == "siglip" else C.clip_loss_ref
+            _COMPILED[loss] = torch.compile(ref, dynamic=False)
+        fn = _COMPILED[loss]
+        return (lambda i, t, s, b: fn(i, t, s, b)) if loss == "siglip" else (lambda i, t, s, b: fn(i, t, s))
+    backend = {"ours": "triton", "naive": "reference", "chunked": "chunked"}[provider]
+    if loss == "siglip":
+        return lambda i, t, s, b: C.siglip_loss(i, t, s, b, backend=backend)
+    return lambda i, t, s, b: C.clip_loss(i, t, s, backend=backend)
+
+
+def skip_reason(provider: str, n: int, device: torch.device) -> str | None:
+    if provider == "ours" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "Triton needs a GPU (or TRITON_INTERPRET=1)"
+    if provider in _BYTES_PER_LOGIT and device.type == "cuda":
+        need = _BYTES_PER_LOGIT[provider] * n * n
+        free = torch.cuda.mem_get_info(device)[0]
+        if need > 0.85 * free:
+            return f"would not fit: about {need / 2**30:.0f} GiB of logits and their gradients, {free / 2**30:.0f} free"
+    return None
+
+
+def run_case(rec, provider, loss, mode, n, d, dtype_name, device, label=None):
+    from benchmarks.common import bench
+
+    label = label or provider
+    shape = {"loss": loss, "N": n, "D": d}
+    reason = skip_reason(provider, n, device)
+    if reason:
+        rec.error(provider=label, mode=mode, shape=shape, dtype=dtype_name, error=f"skipped: {reason}")
+        return
+    img, txt, scale, bias = make_inputs(n, d, _DTYPES[dtype_name], device)
+    fn = loss_fn(provider, loss)
+
+    def forward():
+        with torch.no_grad():
+            fn(img, txt, scale, bias)
+
+    def full():
+        for t in (img, txt, scale, bias):
+            t.grad = None
+        fn(img, txt, scale, bias).backward()
+
+    try:
+        timing = bench(forward if mode == "fwd" else full)
+    except torch.cuda.OutOfMemoryError as exc:
+        rec.error(provider=label, mode=mode, shape=shape, dtype=dtype_name, error=f"out of memory: {exc}"[:300])
+        return
+    finally:
+        for t in (img, txt, scale, bias):
+            t.grad = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    flops = (2 if mode == "fwd" else 6) * n * n * d
+    rec.add(provider=label, mode=mode, shape=shape, dtype=dtype_name, timing=timing,
+            tflops=flops / (timing["median_ms"] * 1e-3) / 1e12)
+
+
+def sweep_configs(rec, n, d, dtype_name, device):
+    """Our forward and backward at block-size candidates (the config the launcher picks is patched per run)."""
+    from fineviti.kernels import contrastive as kc
+
+    default = kc.config
+    candidates = [
+        {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+        {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4},
+        {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+        {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
+        {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
+    ]
+    try:
+        for cfg in candidates:
+            kc.config = lambda _d, _dtype, cfg=cfg: dict(cfg)
+            label = "ours[{BLOCK_M}x{BLOCK_N}x{BLOCK_K} w{num_warps} s{num_stages}]".format(**cfg)
+            for loss in LOSSES:
+                for mode in MODES:
+                    try:
+                        run_case(rec, "ours", loss, mode, n, d, dtype_name, device, label=label)
+                    except Exception as exc:  # a config that does not compile or fit: say so, go on
+                        rec.error(provider=label, mode=mode, shape={"loss": loss, "N": n, "D": d},
+                                  dtype=dtype_name, error=f"{type(exc).__name__}: {exc}"[:300])
+    finally:
+        kc.config = default
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="the fixed small set of the GPU check")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--provider", choices=PROVIDERS, action="append", help="run only these providers")
+    parser.add_argument("--loss", choices=LOSSES, action="append", help="run only these losses")
+    parser.add_argument("--mode", choices=MODES, action="append", help="run only these modes")
+    parser.add_argument("--n", type=int, action="append", help="batch sizes N")
+    parser.add_argument("--d", type=int, action="append", help="feature widths D")
+    parser.add_argument("--dtype", choices=tuple(_DTYPES), default="bf16")
+    parser.add_argument("--sweep-configs", action="store_true", help="block-size candidates of our kernels")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+    from benchmarks.common import Recorder
+
+    rec = Recorder("contrastive")
+    if args.sweep_configs:
+        sweep_configs(rec, (args.n or [32768])[0], (args.d or [768])[0], args.dtype, device)
+        return
+    if args.n or args.d:
+        shapes = [(n, d) for n in (args.n or [16384]) for d in (args.d or [768])]
+    elif args.quick:
+        shapes = QUICK if device.type == "cuda" else QUICK_CPU
+    else:
+        shapes = [(n, d) for d in SWEEP_D for n in SWEEP_N] if device.type == "cuda" else QUICK_CPU
+    providers = args.provider or list(PROVIDERS)
+    modes = args.mode or (["full"] if args.quick else list(MODES))
+    for n, d in shapes:
+        for loss in args.loss or LOSSES:
+            for provider in providers:
+                if args.quick and provider in ("chunked", "compiled") and n > QUICK[0][0]:
+                    continue  # the GPU check's time: the slow baselines at the small shape only
+                for mode in modes:
+                    try:
+                        run_case(rec, provider, loss, mode, n, d, args.dtype, device)
+                    except Exception as exc:  # one provider failing must not hide the others' rows
+                        rec.error(provider=provider, mode=mode, shape={"loss": loss, "N": n, "D": d},
+                                  dtype=args.dtype, error=f"{type(exc).__name__}: {exc}"[:300])
+
+
+if __name__ == "__main__":
+    main()

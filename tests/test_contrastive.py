@@ -1,0 +1,315 @@
+"""SigLIP and CLIP losses on one process: every backend against an fp64 reference, loss and all four gradients.
+
+Each backend in dtype X is held to err <= 2 * err(reference computed in X) + atol, both against the reference in
+fp64. Triton runs under the interpreter on the CPU (small shapes by default, the full matrix under -m slow) and
+natively under -m gpu.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fineviti.ops import clip_loss, clip_loss_ref, siglip_loss, siglip_loss_ref
+from fineviti.ops import contrastive as C
+
+CUDA = torch.cuda.is_available()
+ATOL = {torch.float64: 1e-10, torch.float32: 2e-6, torch.float16: 2e-4, torch.bfloat16: 2e-3}
+NAMES = ("loss", "d_img", "d_txt", "d_scale", "d_bias")
+
+
+def make_inputs(n, d, *, scale=10.0, bias=-5.0, device="cpu", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    img = F.normalize(torch.randn(n, d, generator=gen, dtype=torch.float64), dim=-1)
+    txt = F.normalize(img + 0.7 * torch.randn(n, d, generator=gen, dtype=torch.float64), dim=-1)  # positives agree
+    return [t.to(device) for t in (img, txt, torch.tensor(scale, dtype=torch.float64),
+                                   torch.tensor(bias, dtype=torch.float64))]
+
+
+def run(loss, backend, inputs, dtype, **kwargs):
+    """Loss and gradients (img, txt, scale, bias) in fp64, from features in `dtype` and fp32 scale and bias."""
+    param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    img, txt, scale, bias = [t.detach().to(dtype if t.dim() else param_dtype).requires_grad_() for t in inputs]
+    if loss == "siglip":
+        out = siglip_loss(img, txt, scale, bias, backend=backend, **kwargs)
+    else:
+        out = clip_loss(img, txt, scale, backend=backend, **kwargs)
+    out.backward()
+    grads = [t.grad.double() if t.grad is not None else torch.zeros((), dtype=torch.float64) for t in
+             (img, txt, scale, bias)]
+    return [out.detach().double()] + grads
+
+
+def assert_matches(loss, backend, inputs, dtype, **kwargs):
+    gold = run(loss, "reference", inputs, torch.float64)
+    ref = run(loss, "reference", inputs, dtype)
+    got = run(loss, backend, inputs, dtype, **kwargs)
+    for name, g, r, o in zip(NAMES, got, ref, gold, strict=True):
+        assert torch.isfinite(g).all(), f"{loss} {backend} {dtype}: {name} is not finite"
+        err, err_ref = (g - o).abs().max().item(), (r - o).abs().max().item()
+        atol = ATOL[dtype] * max(1.0, o.abs().max().item())
+        assert err <= 2 * err_ref + atol, (f"{loss} {backend} {dtype} N={inputs[0].shape[0]}: {name} error {err:.3e} "
+                                           f"> 2 * reference error {err_ref:.3e} + {atol:.1e}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Against the reference
+
+
+@pytest.mark.parametrize("loss", ["siglip", "clip"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("d", [32, 64, 96])
+@pytest.mark.parametrize("n", [1, 7, 128, 1000])
+def test_chunked_matches_reference(n, d, dtype, loss, monkeypatch):
+    monkeypatch.setattr(C, "_CPU_CHUNK_ELEMS", 50 * n)  # several chunks, the last one ragged
+    assert_matches(loss, "chunked", make_inputs(n, d, seed=n + d), dtype)
+
+
+TRITON_FAST = [(1, 32), (7, 96), (128, 64), (300, 96)]
+TRITON_SLOW = [(n, d) for n in (1, 7, 128, 1000) for d in (32, 64, 96) if (n, d) not in TRITON_FAST]
+
+
+@pytest.mark.parametrize("loss", ["siglip", "clip"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("n,d", TRITON_FAST + [pytest.param(n, d, marks=pytest.mark.slow) for n, d in TRITON_SLOW])
+def test_triton_matches_reference(n, d, dtype, loss, monkeypatch):
+    monkeypatch.setattr(C, "_GPU_CHUNK_BYTES", 1)  # one BLOCK_M-row chunk at a time: the chunk loop runs
+    inputs = make_inputs(n, d, seed=n + d, device="cuda" if CUDA else "cpu")
+    assert_matches(loss, "triton", inputs, dtype)
+
+
+@pytest.mark.parametrize("backend", ["chunked", "triton"])
+@pytest.mark.parametrize("loss", ["siglip", "clip"])
+def test_large_logits_stay_finite(backend, loss):
+    """scale 100 (open_clip's clamp) with positives and negatives far apart: softplus, log-sum-exp and sigmoid must
+    neither overflow nor lose the tiny negative terms."""
+    inputs = make_inputs(64, 32, scale=100.0, bias=-20.0, seed=3, device="cuda" if CUDA else "cpu")
+    inputs[1] = inputs[0].clone()
+    inputs[1][::2] = -inputs[1][::2]  # half the positives anti-aligned: logits of +-100 on the diagonal
+    assert_matches(loss, backend, inputs, torch.float32)
+
+
+def test_fp64_on_the_torch_paths():
+    inputs = make_inputs(37, 16, seed=5)
+    for loss in ("siglip", "clip"):
+        gold = run(loss, "reference", inputs, torch.float64)
+        got = run(loss, "chunked", inputs, torch.float64)
+        for name, g, o in zip(NAMES, got, gold, strict=True):  # the chunked path computes in fp32
+            assert (g - o).abs().max() <= 1e-5 * max(1.0, o.abs().max()), name
+
+
+@pytest.mark.parametrize("shape", [(), (1,)])
+def test_param_gradients_keep_their_shape_and_dtype(shape):
+    img, txt, _, _ = make_inputs(9, 8)
+    scale = torch.full(shape, 5.0, dtype=torch.float64, requires_grad=True)
+    bias = torch.full(shape, -1.0, dtype=torch.float32, requires_grad=True)
+    siglip_loss(img.float(), txt.float(), scale, bias).backward()
+    assert scale.grad.shape == scale.shape and scale.grad.dtype == torch.float64
+    assert bias.grad.shape == bias.shape and bias.grad.dtype == torch.float32
+
+
+def test_no_grad_for_constant_scale():
+    img, txt, _, _ = make_inputs(9, 8)
+    img = img.float().requires_grad_()
+    loss = clip_loss(img, txt.float(), 10.0)
+    loss.backward()
+    expected = clip_loss_ref(img.double(), txt, torch.tensor(10.0, dtype=torch.float64))
+    assert abs(loss.item() - expected.item()) < 1e-5
+
+
+def test_references_follow_open_clip_conventions():
+    """SigLIP: -sum logsigmoid(labels * logits) / N; CLIP: the mean of both cross-entropies, written out by hand."""
+    img, txt, scale, bias = make_inputs(5, 4)
+    logits = scale * img @ txt.T + bias
+    siglip = sum(-math.log(torch.sigmoid((1 if i == j else -1) * logits[i, j]).item())
+                 for i in range(5) for j in range(5)) / 5
+    assert abs(siglip_loss_ref(img, txt, scale, bias).item() - siglip) < 1e-12
+    logits = scale * img @ txt.T
+    i2t = -torch.log_softmax(logits, 1).diagonal().mean()
+    t2i = -torch.log_softmax(logits, 0).diagonal().mean()
+    assert abs(clip_loss_ref(img, txt, scale).item() - (i2t + t2i).item() / 2) < 1e-12
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The block primitives with the positive off the diagonal (what each rank computes against another rank's block)
+
+
+@pytest.mark.parametrize("impl", ["chunked", "triton"])
+@pytest.mark.parametrize("diag_offset", [-3, 0, 5, 40, -200])
+def test_block_primitives_with_offset_positives(impl, diag_offset):
+    gen = torch.Generator().manual_seed(11)
+    m, n, d = 37, 45, 24
+    x = torch.randn(m, d, generator=gen) / 3
+    y = torch.randn(n, d, generator=gen) / 3
+    scale, bias = torch.tensor([4.0]), torch.tensor([-2.0])
+    backend = C._Triton(chunk_bytes=1) if impl == "triton" else C._Chunked(chunk_elems=3 * n)
+    z = scale * (x.double() @ y.double().T) + bias
+    labels = -torch.ones_like(z)
+    rows = torch.arange(m)
+    keep = (rows + diag_offset >= 0) & (rows + diag_offset < n)
+    labels[rows[keep], rows[keep] + diag_offset] = 1
+    torch.testing.assert_close(backend.rows(x, y, scale, bias, "siglip", diag_offset).double(),
+                               F.softplus(-labels * z).sum(1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(backend.rows(x, y, scale, bias * 0, "clip").double(),
+                               torch.logsumexp(z - bias, 1), rtol=1e-5, atol=1e-5)
+    g = torch.sigmoid(z) - (labels > 0).double()
+    dx, dy, ds, db = backend.grads(x, y, scale, bias, "siglip", diag_offset)
+    dots = x.double() @ y.double().T
+    for got, want in ((dx, g @ y.double()), (dy, g.T @ x.double()), (ds, (g * dots).sum()), (db, g.sum())):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The kernels themselves: poisoned outputs, NaN beyond the valid rows and columns, every column split
+
+
+def _nan_padded(t: torch.Tensor, extra_rows: int, extra_cols: int) -> torch.Tensor:
+    """A view of t whose storage has NaN rows after it and NaN columns to its right: a load past a mask shows."""
+    buf = torch.full((t.shape[0] + extra_rows, t.shape[1] + extra_cols), float("nan"), dtype=t.dtype)
+    buf[:t.shape[0], :t.shape[1]] = t
+    return buf[:t.shape[0], :t.shape[1]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("loss", ["siglip", "clip"])
+def test_kernels_mask_tails_and_write_every_output(loss, dtype):
+    from fineviti.kernels import contrastive as kc
+
+    if CUDA:
+        pytest.skip("the NaN-padding views are CPU tensors for the interpreter")
+    gen = torch.Generator().manual_seed(2)
+    m, n, d = 131, 259, 40  # ragged against every block size
+    x32, y32 = torch.randn(m, d, generator=gen) / 4, torch.randn(n, d, generator=gen) / 4
+    x, y = _nan_padded(x32.to(dtype), 200, 24), _nan_padded(y32.to(dtype), 200, 24)
+    scale, bias = torch.tensor([3.0]), torch.tensor([-1.0] if loss == "siglip" else [0.0])
+    z = scale.double() * (x.double() @ y.double().T) + bias.double()
+    pos = torch.zeros(m, n, dtype=torch.bool)
+    pos[torch.arange(m), torch.arange(m) + 7] = True
+    if loss == "siglip":
+        want_rows = F.softplus(torch.where(pos, -z, z)).sum(1)
+        lse_row = lse_col = None
+        want_g = torch.sigmoid(z) - pos.double()
+    else:
+        want_rows = torch.logsumexp(z, 1)
+        lse_row, lse_col = torch.logsumexp(z, 1).float(), torch.logsumexp(z, 0).float()
+        want_g = (z - lse_row.double()[:, None]).exp() + (z - lse_col.double()[None, :]).exp() - 2 * pos.double()
+    tol = {"rtol": 2e-3, "atol": 2e-3} if dtype == torch.float16 else {"rtol": 1e-5, "atol": 1e-5}
+    for splits in (1, 2, 3, 100):
+        got = kc.loss_rows(x, y, scale, bias, loss=loss, diag_offset=7, splits=splits)
+        torch.testing.assert_close(got.double(), want_rows, **tol)
+    g = kc.new_grad_buffer(m, n, x)
+    g.fill_(float("nan"))
+    ds_db = kc.loss_grad_logits(x, y, scale, bias, g, loss=loss, diag_offset=7, lse_row=lse_row, lse_col=lse_col)
+    assert not torch.isnan(g).any(), "the gradient kernel left entries unwritten"
+    torch.testing.assert_close(g.double(), want_g, **tol)
+    dots = x.double() @ y.double().T
+    torch.testing.assert_close(ds_db.double(), torch.stack([(want_g * dots).sum(), want_g.sum()]), rtol=1e-3, atol=1e-3)
+
+
+def test_registry_rows_match_what_the_launcher_runs():
+    from fineviti.kernels import contrastive as kc
+    from fineviti.kernels import registry
+
+    declared = registry.declared()
+    rows = [(row, declared[name].fn) for name in ("contrastive_fwd", "contrastive_bwd")
+            for row in declared[name].configs()]
+    launched = {(name, kc._TRITON_DTYPES[dtype], tuple(sorted(kc.config(d, dtype).items())))
+                for name in ("contrastive_fwd_kernel", "contrastive_bwd_kernel")
+                for dtype in kc._TRITON_DTYPES for d in (32, 768, 1152)}
+    shipped = {(r.kernel_name, r.signature["X"][1:],
+                tuple(sorted({**{k: r.constexprs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")},
+                              "num_warps": r.num_warps, "num_stages": r.num_stages}.items())))
+               for r, _ in rows}
+    assert launched == shipped
+    for r, fn in rows:
+        assert list(r.signature) == fn.arg_names
+        assert {k for k, t in r.signature.items() if t == "constexpr"} == set(r.constexprs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Errors and dispatch
+
+
+def test_bad_inputs_are_named():
+    img, txt, scale, bias = [t.float() for t in make_inputs(6, 8)]
+    with pytest.raises(ValueError, match="N = 0"):
+        siglip_loss(img[:0], txt[:0], scale, bias)
+    with pytest.raises(ValueError, match="txt must have img's shape"):
+        clip_loss(img, txt[:5], scale)
+    with pytest.raises(TypeError, match="txt must have img's dtype"):
+        clip_loss(img, txt.half(), scale)
+    with pytest.raises(ValueError, match=r"img must have shape \(N, D\)"):
+        clip_loss(img[0], txt[0], scale)
+    with pytest.raises(ValueError, match="logit_scale must be finite, got inf"):
+        siglip_loss(img, txt, torch.tensor(float("inf")), bias)
+    with pytest.raises(ValueError, match="logit_bias must be finite, got nan"):
+        siglip_loss(img, txt, scale, torch.tensor(float("nan")))
+    with pytest.raises(ValueError, match="logit_scale must be a floating-point tensor with one element"):
+        clip_loss(img, txt, torch.ones(2))
+    with pytest.raises(ValueError, match="backend must be"):
+        clip_loss(img, txt, scale, backend="cuda")
+    with pytest.raises(ValueError, match="dist_impl must be"):
+        clip_loss(img, txt, scale, dist_impl="tree")
+    with pytest.raises(TypeError, match="backend='triton' takes bf16, fp16 or fp32"):
+        clip_loss(img.double(), txt.double(), scale, backend="triton")
+    with pytest.raises(ValueError, match="group must be"):
+        clip_loss(img, txt, scale, group="world")
+
+
+def test_value_checks_can_be_turned_off():
+    img, txt, _, bias = [t.float() for t in make_inputs(6, 8)]
+    out = siglip_loss(img, txt, torch.tensor(float("inf")), bias, check_values=False)
+    assert not torch.isfinite(out)
+
+
+def test_auto_backend_rule_and_override(monkeypatch):
+    cpu = torch.zeros(2, 2)
+    monkeypatch.delenv("FINEVITI_LOSS_BACKEND", raising=False)
+    assert C._resolve_backend("auto", cpu) == "chunked"
+    assert C._resolve_backend("auto", cpu.double()) == "chunked"
+    monkeypatch.setenv("FINEVITI_LOSS_BACKEND", "reference")
+    assert C._resolve_backend("auto", cpu) == "reference"
+    assert C._resolve_backend("chunked", cpu) == "chunked"  # an explicit backend wins over the variable
+
+
+def test_group_default_without_distributed_is_one_process():
+    img, txt, scale, bias = [t.float() for t in make_inputs(6, 8)]
+    a = siglip_loss(img, txt, scale, bias, group="default")
+    b = siglip_loss(img, txt, scale, bias)
+    assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU: the kernels natively, bf16 included, at the widths the models use
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("loss", ["siglip", "clip"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("n,d", [(1000, 768), (4097, 1152), (33, 64)])
+def test_gpu_triton_matches_reference(n, d, dtype, loss):
+    assert_matches(loss, "triton", make_inputs(n, d, seed=n, device="cuda"), dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_chunked_backward_over_several_chunks(monkeypatch):
+    monkeypatch.setattr(C, "_GPU_CHUNK_BYTES", 1 << 20)  # 1 MiB: many chunks of dL/dz at N = 3000
+    for loss in ("siglip", "clip"):
+        assert_matches(loss, "triton", make_inputs(3000, 256, seed=1, device="cuda"), torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_gpu_memory_is_linear_in_n():
+    """N = 32768, D = 768, bf16: forward + backward must add far less than one bf16 logit matrix (2 GiB)."""
+    img, txt, scale, bias = make_inputs(32768, 768, device="cuda")
+    img, txt = img.bfloat16().requires_grad_(), txt.bfloat16().requires_grad_()
+    scale, bias = scale.float().requires_grad_(), bias.float().requires_grad_()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    for loss in (siglip_loss(img, txt, scale, bias), clip_loss(img, txt, scale)):
+        loss.backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra < 768 << 20, f"loss used {extra / 2**20:.0f} MiB beyond its inputs"

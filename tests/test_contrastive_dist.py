@@ -1,0 +1,101 @@
+"""Distributed SigLIP and CLIP on two gloo processes: after averaging the gradients over the ranks (what DDP and
+FSDP do), every gradient and the mean of the losses equal the single-process loss over the concatenated batch.
+
+Both ranks build the same global batch; rank r feeds its rows [offset_r, offset_r + n_r) (equal, unequal and empty
+shares), so that the gradient of the global tensors, all-reduced and divided by the world size, is exactly the
+DDP-averaged gradient. One spawn runs every case; the tests compare its results.
+"""
+
+import datetime
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from fineviti.ops import clip_loss, clip_loss_ref, siglip_loss, siglip_loss_ref
+
+WORLD = 2
+D = 24
+COUNTS = [(6, 6), (9, 4), (11, 0)]
+CASES = [(loss, impl, counts, backend)
+         for loss in ("siglip", "clip")
+         for counts in COUNTS
+         for impl, backend in (("all_gather", "chunked"), ("ring", "chunked"), ("all_gather", "triton"),
+                               ("ring", "triton"), ("all_gather", "reference"))]
+NAMES = ("loss", "d_img", "d_txt", "d_scale", "d_bias")
+
+
+def _global_batch(counts, dtype):
+    gen = torch.Generator().manual_seed(sum(counts) * 7 + counts[0])
+    n = sum(counts)
+    img = F.normalize(torch.randn(n, D, generator=gen, dtype=torch.float64), dim=-1)
+    txt = F.normalize(img + 0.8 * torch.randn(n, D, generator=gen, dtype=torch.float64), dim=-1)
+    leaves = [img, txt, torch.tensor(8.0, dtype=torch.float64), torch.tensor(-3.0, dtype=torch.float64)]
+    return [t.to(dtype).requires_grad_() for t in leaves]
+
+
+def _run_case(case, rank):
+    import torch.distributed as dist
+
+    loss, impl, counts, backend = case
+    img, txt, scale, bias = _global_batch(counts, torch.float32)
+    start = sum(counts[:rank])
+    x, y = img[start:start + counts[rank]], txt[start:start + counts[rank]]
+    if loss == "siglip":
+        out = siglip_loss(x, y, scale, bias, backend=backend, group=dist.group.WORLD, dist_impl=impl)
+    else:
+        out = clip_loss(x, y, scale, backend=backend, group="default", dist_impl=impl)
+    out.backward()
+    values = [out.detach().float().reshape(())] + [
+        t.grad if t.grad is not None else torch.zeros_like(t) for t in (img, txt, scale, bias)]
+    for v in values:  # DDP: the mean over ranks
+        dist.all_reduce(v)
+        v /= WORLD
+    return [v.double() for v in values]
+
+
+def _worker(rank, port, path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))  # a mismatched collective fails, never hangs
+    try:
+        results = {}
+        for case in CASES:
+            try:
+                results[case] = _run_case(case, rank)
+            except Exception as exc:  # reported by the test of that case; the other cases still run
+                results[case] = f"rank {rank}: {type(exc).__name__}: {exc}"
+        if rank == 0:
+            torch.save(results, path)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    path = tmp_path_factory.mktemp("dist") / "results.pt"
+    mp.spawn(_worker, args=(_free_port(), str(path)), nprocs=WORLD, join=True)
+    return torch.load(path)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}-{c[2][0]}+{c[2][1]}-{c[3]}")
+def test_averaged_gradients_equal_single_process(results, case):
+    got = results[case]
+    assert not isinstance(got, str), got
+    loss, _, counts, _ = case
+    img, txt, scale, bias = _global_batch(counts, torch.float64)
+    out = siglip_loss_ref(img, txt, scale, bias) if loss == "siglip" else clip_loss_ref(img, txt, scale)
+    out.backward()
+    gold = [out.detach()] + [t.grad if t.grad is not None else torch.zeros_like(t) for t in (img, txt, scale, bias)]
+    for name, g, o in zip(NAMES, got, gold, strict=True):
+        torch.testing.assert_close(g, o, rtol=2e-5, atol=2e-5 * max(1.0, o.abs().max().item()),
+                                   msg=lambda m, name=name: f"{name}: {m}")
