@@ -140,13 +140,14 @@ def test_references_follow_open_clip_conventions():
 def test_block_primitives_with_offset_positives(impl, diag_offset):
     gen = torch.Generator().manual_seed(11)
     m, n, d = 37, 45, 24
-    x = torch.randn(m, d, generator=gen) / 3
-    y = torch.randn(n, d, generator=gen) / 3
-    scale, bias = torch.tensor([4.0]), torch.tensor([-2.0])
+    device = "cuda" if CUDA and impl == "triton" else "cpu"
+    x = (torch.randn(m, d, generator=gen) / 3).to(device)
+    y = (torch.randn(n, d, generator=gen) / 3).to(device)
+    scale, bias = torch.tensor([4.0], device=device), torch.tensor([-2.0], device=device)
     backend = C._Triton(chunk_bytes=1) if impl == "triton" else C._Chunked(chunk_elems=3 * n)
     z = scale * (x.double() @ y.double().T) + bias
     labels = -torch.ones_like(z)
-    rows = torch.arange(m)
+    rows = torch.arange(m, device=device)
     keep = (rows + diag_offset >= 0) & (rows + diag_offset < n)
     labels[rows[keep], rows[keep] + diag_offset] = 1
     torch.testing.assert_close(backend.rows(x, y, scale, bias, "siglip", diag_offset).double(),
@@ -165,10 +166,10 @@ def test_block_primitives_with_offset_positives(impl, diag_offset):
 
 
 def _nan_padded(t: torch.Tensor, extra_rows: int, extra_cols: int) -> torch.Tensor:
-    """A view of t whose storage has NaN rows after it and NaN columns to its right: a load past a mask shows."""
+    """t in a buffer with NaN rows after it and NaN columns to its right: a load past a mask shows."""
     buf = torch.full((t.shape[0] + extra_rows, t.shape[1] + extra_cols), float("nan"), dtype=t.dtype)
     buf[:t.shape[0], :t.shape[1]] = t
-    return buf[:t.shape[0], :t.shape[1]]
+    return buf
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
@@ -176,15 +177,16 @@ def _nan_padded(t: torch.Tensor, extra_rows: int, extra_cols: int) -> torch.Tens
 def test_kernels_mask_tails_and_write_every_output(loss, dtype):
     from fineviti.kernels import contrastive as kc
 
-    if CUDA:
-        pytest.skip("the NaN-padding views are CPU tensors for the interpreter")
     gen = torch.Generator().manual_seed(2)
     m, n, d = 131, 259, 40  # ragged against every block size
+    device = "cuda" if CUDA else "cpu"
     x32, y32 = torch.randn(m, d, generator=gen) / 4, torch.randn(n, d, generator=gen) / 4
-    x, y = _nan_padded(x32.to(dtype), 200, 24), _nan_padded(y32.to(dtype), 200, 24)
-    scale, bias = torch.tensor([3.0]), torch.tensor([-1.0] if loss == "siglip" else [0.0])
+    x = _nan_padded(x32.to(dtype), 200, 24).to(device)[:m, :d]  # a view: the NaN storage travels with it
+    y = _nan_padded(y32.to(dtype), 200, 24).to(device)[:n, :d]
+    scale = torch.tensor([3.0], device=device)
+    bias = torch.tensor([-1.0] if loss == "siglip" else [0.0], device=device)
     z = scale.double() * (x.double() @ y.double().T) + bias.double()
-    pos = torch.zeros(m, n, dtype=torch.bool)
+    pos = torch.zeros(m, n, dtype=torch.bool, device=device)
     pos[torch.arange(m), torch.arange(m) + 7] = True
     if loss == "siglip":
         want_rows = F.softplus(torch.where(pos, -z, z)).sum(1)
