@@ -2,9 +2,9 @@
 
 Pairs (j, j + head_dim/2) of each head rotate by angle pos * theta**(-f/(head_dim/4)), with pos the token's row
 for j < head_dim/4 and its column above, f = j mod head_dim/4 (fineviti.ops.rope.rope_2d_ref is the definition).
-One program takes BLOCK_T tokens: it computes their angles once (fp64, reduced to [-pi/4, pi/4], fp32 polynomials)
-and applies them to every head of q, of k (HAS_K) and copies v (HAS_V), so the trigonometry is shared by all
-heads and tensors and the kernel reads and writes each element once. INVERSE rotates by the negative angle (the
+One program takes BLOCK_T tokens x BLOCK_H heads (all heads up to 16): it computes the tokens' angles once (fp64,
+reduced to [-pi/4, pi/4], fp32 polynomials) and applies them to those heads of q, of k (HAS_K) and copies v
+(HAS_V), so the trigonometry is shared by heads and tensors and each element is read and written once. INVERSE rotates by the negative angle (the
 backward). Inputs and outputs may be strided views (the fused QKV split reads q, k, v out of one projection).
 """
 
@@ -92,30 +92,29 @@ def rope_2d_kernel(
     if INVERSE:
         sin = -sin
 
-    lane_mask = token_mask[:, None, None] & (j < HALF)[None, None, :]
-    for h0 in range(0, heads, BLOCK_H):
-        h = h0 + tl.arange(0, BLOCK_H)
-        mask = lane_mask & (h < heads)[None, :, None]
-        # Row starts are multiples of STRIDE_MULTIPLE (Triton itself only hints ints divisible by 16; head_dim 72
-        # strides are multiples of 8), which lets the half rows load as wide vectors.
-        in_rows = tokens[:, None] * stride_in_t + h[None, :].to(tl.int64) * stride_in_h
-        out_rows = tokens[:, None] * stride_out_t + h[None, :].to(tl.int64) * stride_out_h
-        in_rows = tl.multiple_of(in_rows, [STRIDE_MULTIPLE, STRIDE_MULTIPLE])
-        out_rows = tl.multiple_of(out_rows, [STRIDE_MULTIPLE, STRIDE_MULTIPLE])
-        in_offsets = in_rows[:, :, None] + j[None, None, :]
-        out_offsets = out_rows[:, :, None] + j[None, None, :]
-        _rotate_tile(q_ptr + in_offsets, q_out_ptr + out_offsets, cos, sin, mask, HALF)
-        if HAS_K:
-            _rotate_tile(k_ptr + in_offsets, k_out_ptr + out_offsets, cos, sin, mask, HALF)
-        if HAS_V:
-            v1 = tl.load(v_ptr + in_offsets, mask=mask)
-            v2 = tl.load(v_ptr + in_offsets + HALF, mask=mask)
-            tl.store(v_out_ptr + out_offsets, v1.to(v_out_ptr.dtype.element_ty), mask=mask)
-            tl.store(v_out_ptr + out_offsets + HALF, v2.to(v_out_ptr.dtype.element_ty), mask=mask)
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask = token_mask[:, None, None] & (h < heads)[None, :, None] & (j < HALF)[None, None, :]
+    # Row starts are multiples of STRIDE_MULTIPLE (Triton itself only hints ints divisible by 16; head_dim 72
+    # strides are multiples of 8), which lets the half rows load as wide vectors.
+    in_rows = tokens[:, None] * stride_in_t + h[None, :].to(tl.int64) * stride_in_h
+    out_rows = tokens[:, None] * stride_out_t + h[None, :].to(tl.int64) * stride_out_h
+    in_rows = tl.multiple_of(in_rows, [STRIDE_MULTIPLE, STRIDE_MULTIPLE])
+    out_rows = tl.multiple_of(out_rows, [STRIDE_MULTIPLE, STRIDE_MULTIPLE])
+    in_offsets = in_rows[:, :, None] + j[None, None, :]
+    out_offsets = out_rows[:, :, None] + j[None, None, :]
+    _rotate_tile(q_ptr + in_offsets, q_out_ptr + out_offsets, cos, sin, mask, HALF)
+    if HAS_K:
+        _rotate_tile(k_ptr + in_offsets, k_out_ptr + out_offsets, cos, sin, mask, HALF)
+    if HAS_V:
+        v1 = tl.load(v_ptr + in_offsets, mask=mask)
+        v2 = tl.load(v_ptr + in_offsets + HALF, mask=mask)
+        tl.store(v_out_ptr + out_offsets, v1.to(v_out_ptr.dtype.element_ty), mask=mask)
+        tl.store(v_out_ptr + out_offsets + HALF, v2.to(v_out_ptr.dtype.element_ty), mask=mask)
 
 
 # Block sizes: a tile of about 2048 pairs per tensor (BLOCK_T tokens x BLOCK_H heads x HALF_PAD lanes), all
-# heads of a token in one tile up to 16 heads, so that one program's sin/cos serve 16 heads x 2 tensors.
+# heads of a token in one tile up to 16 heads, so that one program's sin/cos serve 16 heads x 2 tensors. More heads
+# take more programs along the grid's second axis (each recomputes its tokens' sin/cos).
 TILE_PAIRS = 2048
 MAX_BLOCK_H = 16
 NUM_WARPS = 4
@@ -143,7 +142,7 @@ def launch(q, k, v, q_out, k_out, v_out, pos, theta: float, inverse: bool, confi
     if total == 0:
         return
     config = config or launch_config(head_dim, heads)
-    grid = (triton.cdiv(total, config["BLOCK_T"]),)
+    grid = (triton.cdiv(total, config["BLOCK_T"]), triton.cdiv(heads, config["BLOCK_H"]))
     strides = (q.stride(0), q.stride(1), q_out.stride(0), q_out.stride(1))
     multiple = next(m for m in (8, 4, 2, 1) if all(s % m == 0 for s in strides))
     rope_2d_kernel[grid](
