@@ -1,6 +1,6 @@
 // build_positions on a GPU. The output length is the sum of rows * cols, so the grid (n * 8 bytes) is
-// read to the host once: that one synchronising copy sizes the output and lets every value check run
-// for free. The (row, col) fill runs on the device, one thread per token.
+// read to the host once (checked_offsets, in positions.cpp): that one synchronising copy sizes the output
+// and lets every value check run for free. The (row, col) fill runs on the device, one thread per token.
 #include "positions.h"
 
 #include <ATen/ATen.h>
@@ -35,14 +35,10 @@ __global__ void fill_positions_kernel(const int32_t* __restrict__ hw, const int3
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> build_positions_cuda(const at::Tensor& grid_hw, int64_t merge) {
-  check_build_positions_args(grid_hw, merge);
+  auto [cu_host, total] = checked_offsets(grid_hw, merge);  // the one device -> host read, and every check
   const c10::cuda::CUDAGuard device_guard(grid_hw.device());
-  const at::Tensor hw_host = grid_hw.to(at::kCPU).contiguous();  // the one device -> host read
-  const int64_t n = hw_host.size(0);
-  at::Tensor cu_host = at::empty({n + 1}, hw_host.options().pinned_memory(true));
-  const int64_t total = check_grids_and_offsets(hw_host.data_ptr<int32_t>(), n, merge, cu_host.data_ptr<int32_t>());
-
-  at::Tensor cu_seqlens = cu_host.to(grid_hw.device(), /*non_blocking=*/true);
+  const at::Tensor cu_seqlens = cu_host.to(grid_hw.device());
+  const int64_t n = grid_hw.size(0);
   at::Tensor pos = at::empty({total, 2}, grid_hw.options());
   if (total > 0) {
     const at::Tensor hw = grid_hw.contiguous();
