@@ -24,6 +24,7 @@ import concurrent.futures
 import dataclasses
 import importlib
 import importlib.util
+import inspect
 import json
 import multiprocessing
 import os
@@ -311,10 +312,11 @@ def config_label(row) -> str:
 
 def _python_function(fn):
     """The plain Python function under a JITFunction, InterpretedFunction, Autotuner or Heuristics."""
-    seen = 0
-    while not callable(getattr(fn, "__code__", None)) and hasattr(fn, "fn") and seen < 10:
-        fn, seen = fn.fn, seen + 1
-    if not hasattr(fn, "__code__"):
+    for _ in range(10):  # wrappers keep the wrapped object in `.fn`
+        if inspect.isfunction(fn) or not hasattr(fn, "fn"):
+            break
+        fn = fn.fn
+    if not inspect.isfunction(fn):
         raise TypeError(f"row.fn: expected a @triton.jit function (or a wrapper of one), got {type(fn).__name__}")
     return fn
 
@@ -363,9 +365,9 @@ def compile_attrs(row, fn) -> dict:
 def compile_row(row, arch: int = 90, keep_dir: str | Path | None = None, limits: SMLimits = H100) -> dict:
     """Compile one Shipped row for GPUTarget('cuda', arch, 32) in this process and analyse its cubin.
 
-    Needs TRITON_INTERPRET unset only in the sense that `row.fn` must not be run: a kernel created under the
-    interpreter is rebuilt as a JITFunction. With `keep_dir`, the cubin, PTX, TTIR and metadata are kept there
-    (paths in the row's "files"). A compile error is returned in the row's "error", not raised.
+    Works in any process, also one that imported triton under TRITON_INTERPRET=1 (a kernel made by the interpreter
+    is rebuilt as a JITFunction; compiling never interprets). With `keep_dir`, the cubin, PTX, TTIR and metadata are
+    kept there (paths in the row's "files"). A failure is returned in the row's "error", not raised.
     """
     import triton
     from triton.backends.compiler import GPUTarget
@@ -387,6 +389,17 @@ def compile_row(row, arch: int = 90, keep_dir: str | Path | None = None, limits:
     except Exception as exc:  # noqa: BLE001  (any compile failure is a report row, not a crash)
         return {**_empty_row(row.kernel_name, label, arch), **base, "error": f"{type(exc).__name__}: {exc}",
                 "compile_s": round(time.perf_counter() - start, 2)}
+    try:
+        return _analyse_compiled(compiled, row, label, arch, keep_dir, limits, base, start)
+    except Exception as exc:  # noqa: BLE001  (a cubin the tools cannot read is reported, not a crash)
+        return {**_empty_row(row.kernel_name, label, arch), **base,
+                "error": f"compiled, but reading the cubin failed: {type(exc).__name__}: {exc}"}
+
+
+def _analyse_compiled(compiled, row, label: str, arch: int, keep_dir, limits: SMLimits, base: dict,
+                      start: float) -> dict:
+    from triton.backends.compiler import GPUTarget
+
     meta = compiled.metadata
     with tempfile.TemporaryDirectory() as tmp:
         where = Path(keep_dir) if keep_dir is not None else Path(tmp)
@@ -758,36 +771,50 @@ def _cell(v) -> str:
     return str(v)
 
 
+def _short(text: str) -> str:
+    text = text.split(" (")[0].split(": ")[0]
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def render_markdown(rows: list[dict], *, arch: int, elapsed_s: float, triton_version: str | None,
                     problems: list[str], command: str, jobs: int) -> str:
     lines = [
         f"# Kernel report (sm_{arch})",
         "",
-        f"Compiled ahead of time for sm_{arch} without a GPU by `{command}`: triton {triton_version or '-'}, "
+        f"Compiled ahead of time for sm_{arch} (no GPU needed) by `{command}`: triton {triton_version or '-'}, "
         f"{len(rows)} rows, {jobs} parallel jobs, {elapsed_s:.1f} s in all.",
         "Occupancy under the H100's limits (65536 registers per SM allocated per warp in units of 256; 228 KB shared "
         "memory per SM, 1 KB reserved per block, 227 KB per block; 64 warps and 32 blocks per SM). Shared memory of "
         "Triton kernels is dynamic and comes from the compiled metadata; local memory is the per-thread stack frame "
-        "plus local data (spills land there). CUDA kernels without `__launch_bounds__` are assumed at 256 threads.",
+        "plus local data, spill B the bytes of spill stores ptxas reports. CUDA kernels without `__launch_bounds__` "
+        "are assumed at 256 threads.",
         "",
-        "| kernel | config | regs | warps | shared B | local B | stack B | MMA | WS | blocks/SM (limit) | notes |",
+        "| kernel | config | regs | warps | shared B | local B | spill B | MMA | WS | blocks/SM (limit) | notes |",
         "|---|---|---:|---:|---:|---:|---:|---|---|---|---|",
     ]
     for r in rows:
-        notes = "; ".join([f"FAIL: {why}" for why in failures(r)] + list(r.get("warnings") or []))
+        notes = "; ".join([f"FAIL: {_short(why)}" for why in failures(r)]
+                          + [f"warn: {_short(w)}" for w in r.get("warnings") or []])
         limit = (f"{r['blocks_per_sm']} ({r.get('occupancy_limiter')})" if r.get("blocks_per_sm") is not None
                  else "-")
         ws = "-" if r.get("warp_specialized") is None else _cell(r["warp_specialized"])
         lines.append(f"| {r['kernel']} | {r['config']} | {_cell(r.get('regs'))} | {_cell(r.get('num_warps'))} | "
-                     f"{_cell(r.get('shared_bytes'))} | {_cell(r.get('local_bytes'))} | {_cell(r.get('stack_bytes'))} "
-                     f"| {_cell(r.get('mma'))} | {ws} | {limit} | {notes.replace('|', '/')} |")
+                     f"{_cell(r.get('shared_bytes'))} | {_cell(r.get('local_bytes'))} | "
+                     f"{_cell(r.get('spill_store_bytes'))} | {_cell(r.get('mma'))} | {ws} | {limit} | "
+                     f"{notes.replace('|', '/')} |")
     if not rows:
         lines.append("| (no kernels declared) | | | | | | | | | | |")
     lines += ["", f"Check: {'FAILED' if problems else 'passed'}"]
     lines += [f"- {p}" for p in problems]
-    warned = [f"- {r['kernel']} [{r['config']}]: {w}" for r in rows for w in r.get("warnings") or []]
-    if warned:
-        lines += ["", "Warnings:", *warned]
+    grouped: dict[str, list[str]] = {}  # the same warning on many configurations is listed once
+    for r in rows:
+        for w in r.get("warnings") or []:
+            grouped.setdefault(w, []).append(f"{r['kernel']} [{r['config']}]")
+    if grouped:
+        lines += ["", "Warnings:"]
+        for warning, where in grouped.items():
+            shown = "; ".join(where[:3]) + (f"; and {len(where) - 3} more" if len(where) > 3 else "")
+            lines.append(f"- {warning}: {shown}")
     return "\n".join(lines) + "\n"
 
 
