@@ -37,8 +37,9 @@ def _tool(name: str) -> str:
 def compiled(tmp_path_factory):
     """Every fixture row compiled once for sm_90 (in two spawned processes), cubins kept: {kernel/config: row}."""
     keep = tmp_path_factory.mktemp("cubins")
+    before = os.environ.get("TRITON_INTERPRET")
     rows = kr.compile_rows(fixtures.rows(), arch=90, jobs=2, keep_dir=keep)
-    assert os.environ.get("TRITON_INTERPRET") == "1"  # the pytest process keeps its interpreter
+    assert os.environ.get("TRITON_INTERPRET") == before  # the pytest process keeps its interpreter setting
     return {f"{r['kernel']}/{r['config']}": r for r in rows}
 
 
@@ -130,6 +131,15 @@ def test_warp_specialisation_detected_and_missing_one_warned(compiled):
     assert asked["warp_specialized"] is False
     assert any("warp specialisation" in w for w in asked["warnings"])
     assert kr.failures(asked) == []
+
+
+@pytest.mark.gpu
+def test_figures_match_the_cuda_driver(compiled):
+    """On a GPU: registers, local memory, static shared memory and blocks per SM (also at other dynamic shared memory
+    sizes, which tests the occupancy formula) as the CUDA driver reports them for the same cubins."""
+    rows = [dict(r) for r in compiled.values() if not r.get("error")]
+    assert kr.device_check(rows) == []
+    assert all(r["device"]["probes"] for r in rows)
 
 
 def test_compile_failure_names_the_cause(compiled):
