@@ -126,7 +126,7 @@ def sweep_configs(rec, n, d, dtype_name, device):
     ]
     try:
         for cfg in candidates:
-            kc.config = lambda _d, _dtype, cfg=cfg: dict(cfg)
+            kc.config = lambda *_args, cfg=cfg, **_kwargs: dict(cfg)
             label = "ours[{BLOCK_M}x{BLOCK_N}x{BLOCK_K} w{num_warps} s{num_stages}]".format(**cfg)
             for loss in LOSSES:
                 for mode in MODES:

@@ -51,7 +51,7 @@ def _softplus(u):
     log1p(e) as log(1 + e) * e / ((1 + e) - 1) (Goldberg), exact to a few ulp wherever log is."""
     e = tl.exp(-tl.abs(u))
     w = 1.0 + e
-    log1p_e = tl.where(w == 1.0, e, tl.log(w) * (e / tl.where(w == 1.0, 1.0, w - 1.0)))
+    log1p_e = tl.where(w == 1.0, e, tl.log(w) * (e / tl.maximum(w - 1.0, 1e-30)))
     return tl.maximum(u, 0.0) + log1p_e
 
 
@@ -172,12 +172,18 @@ def contrastive_bwd_kernel(
 # Configurations and launchers
 
 
-def config(d: int, dtype: torch.dtype) -> dict:
-    """Block sizes and launch options for feature width `d` and input dtype (one config: no autotuning, so that
-    the interpreter runs exactly what the GPU runs)."""
+def config(d: int, dtype: torch.dtype, kernel: str = "bwd", loss: str = "siglip") -> dict:
+    """Block sizes and launch options of `kernel` ("fwd" or "bwd") for feature width `d`, input dtype and loss: one
+    config, no autotuning, so that the interpreter runs what the GPU runs. The 16-bit choices are the fastest of a
+    sweep on an H100 at N = 32768, D = 768 (benchmarks/bench_contrastive.py --sweep-configs)."""
     if dtype == torch.float32:  # true fp32 products run on the FMA pipes: small tiles over 8 warps, no spills
         return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 2}
-    return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64 if d >= 64 else 32, "num_warps": 8, "num_stages": 3}
+    block_k = 64 if d >= 64 else 32
+    if kernel == "fwd" and loss == "clip":  # the online log-sum-exp rescales once per 256 columns
+        return {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": block_k, "num_warps": 8, "num_stages": 3}
+    # a fourth stage measured faster in bf16; fp16 (not measured) keeps three, where ptxas does not spill
+    return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": block_k, "num_warps": 8,
+            "num_stages": 4 if dtype == torch.bfloat16 else 3}
 
 
 _GROUP_M = 8
@@ -204,7 +210,7 @@ def loss_rows(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias: torch
     _check(x, y)
     m, d = x.shape
     n = y.shape[0]
-    cfg = config(d, x.dtype)
+    cfg = config(d, x.dtype, "fwd", loss)
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
     grid_m = triton.cdiv(m, block_m)
     col_blocks = triton.cdiv(n, block_n)
@@ -238,7 +244,7 @@ def loss_grad_logits(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias
                          f"{g.dtype} strides {g.stride()}")
     if loss == "clip" and (lse_row is None or lse_col is None):
         raise ValueError("the CLIP gradient needs lse_row and lse_col")
-    cfg = config(d, x.dtype)
+    cfg = config(d, x.dtype, "bwd", loss)
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     partial = torch.empty((2, tiles), device=x.device, dtype=torch.float32)
@@ -266,41 +272,45 @@ _ALIGNED_INTS = ("D", "stride_x_m", "stride_y_n", "stride_g_m", "cols_per_split"
 _SHIPPED_FIELDS = {f.name for f in dataclasses.fields(registry.Shipped)}
 
 
+def _signature(kernel: str, ptr: str) -> dict[str, str]:
+    common = {"X": ptr, "Y": ptr, "SCALE": "*fp32", "BIAS": "*fp32"}
+    if kernel == "fwd":
+        return {**common, "OUT": "*fp32", "M": "i32", "N": "i32", "D": "i32", "stride_x_m": "i32", "stride_y_n": "i32",
+                "stride_out_s": "i32", "diag_offset": "i32", "cols_per_split": "i32", "LOSS": "constexpr",
+                "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "IEEE": "constexpr"}
+    return {**common, "LSE_ROW": "*fp32", "LSE_COL": "*fp32", "G": ptr, "PARTIAL": "*fp32", "M": "i32", "N": "i32",
+            "D": "i32", "stride_x_m": "i32", "stride_y_n": "i32", "stride_g_m": "i32", "diag_offset": "i32",
+            "LOSS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
+            "GROUP_M": "constexpr", "IEEE": "constexpr"}
+
+
 def _configs() -> list[registry.Shipped]:
-    rows, seen = [], {}
+    seen = {}  # one row per compiled variant; the D it serves are listed in its label
     for dtype, tname in _TRITON_DTYPES.items():
-        ptr = "*" + tname
         for d in SHIPPED_D:
-            cfg = config(d, dtype)
-            blocks = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"]}
             for loss_name, loss in _LOSSES.items():
-                common = {"X": ptr, "Y": ptr, "SCALE": "*fp32", "BIAS": "*fp32"}
-                fwd_sig = {**common, "OUT": "*fp32", "M": "i32", "N": "i32", "D": "i32", "stride_x_m": "i32",
-                           "stride_y_n": "i32", "stride_out_s": "i32", "diag_offset": "i32",
-                           "cols_per_split": "i32", "LOSS": "constexpr", "BLOCK_M": "constexpr",
-                           "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "IEEE": "constexpr"}
-                bwd_sig = {**common, "LSE_ROW": "*fp32", "LSE_COL": "*fp32", "G": ptr, "PARTIAL": "*fp32",
-                           "M": "i32", "N": "i32", "D": "i32", "stride_x_m": "i32", "stride_y_n": "i32",
-                           "stride_g_m": "i32", "diag_offset": "i32", "LOSS": "constexpr", "BLOCK_M": "constexpr",
-                           "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "GROUP_M": "constexpr",
-                           "IEEE": "constexpr"}
-                ieee = dtype == torch.float32
-                for kernel, sig, extra in (("contrastive_fwd_kernel", fwd_sig, {}),
-                                           ("contrastive_bwd_kernel", bwd_sig, {"GROUP_M": _GROUP_M})):
-                    constexprs = {"LOSS": loss, **blocks, **extra, "IEEE": ieee}
-                    key = (kernel, tname, tuple(sorted(constexprs.items())))
-                    if key in seen:  # same compiled variant for another D: name the D in the existing label
-                        seen[key][0] += f",{d}"
+                for kernel in ("fwd", "bwd"):
+                    cfg = config(d, dtype, kernel, loss_name)
+                    constexprs = {"LOSS": loss, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
+                                  "BLOCK_K": cfg["BLOCK_K"], **({"GROUP_M": _GROUP_M} if kernel == "bwd" else {}),
+                                  "IEEE": dtype == torch.float32}
+                    key = (kernel, tname, tuple(sorted(constexprs.items())), cfg["num_warps"], cfg["num_stages"])
+                    if key in seen:
+                        seen[key]["label"] += f",{d}"
                         continue
-                    seen[key] = [f"{loss_name} {kernel.split('_')[1]} {tname} d{d}", kernel, sig, constexprs, cfg]
-    for label, kernel, sig, constexprs, cfg in seen.values():
+                    seen[key] = {"label": f"{loss_name} {kernel} {tname} d{d}", "kernel": kernel, "tname": tname,
+                                 "constexprs": constexprs, "cfg": cfg}
+    rows = []
+    for row in seen.values():
+        sig = _signature(row["kernel"], "*" + row["tname"])
         # At run time the JIT also specialises D and the row strides (multiples of 16 for the shipped D; the
         # caller pads G's rows to one) and cols_per_split (a multiple of BLOCK_N); without them Triton can neither
         # vectorise nor pipeline the loads, and G's stores take a 64-bit address per element (spills).
         aligned = tuple(k for k, t in sig.items() if t.startswith("*") or k in _ALIGNED_INTS)
         extra = {"aligned": aligned} if "aligned" in _SHIPPED_FIELDS else {}
-        rows.append(registry.Shipped(kernel_name=kernel, label=label, signature=sig, constexprs=constexprs,
-                                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **extra))
+        rows.append(registry.Shipped(kernel_name=f"contrastive_{row['kernel']}_kernel", label=row["label"],
+                                     signature=sig, constexprs=row["constexprs"], num_warps=row["cfg"]["num_warps"],
+                                     num_stages=row["cfg"]["num_stages"], **extra))
     return rows
 
 

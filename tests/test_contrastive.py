@@ -216,10 +216,11 @@ def test_registry_rows_match_what_the_launcher_runs():
     declared = registry.declared()
     rows = [(row, declared[name].fn) for name in ("contrastive_fwd", "contrastive_bwd")
             for row in declared[name].configs()]
-    launched = {(name, kc._TRITON_DTYPES[dtype], tuple(sorted(kc.config(d, dtype).items())))
-                for name in ("contrastive_fwd_kernel", "contrastive_bwd_kernel")
+    launched = {(f"contrastive_{kernel}_kernel", kc._TRITON_DTYPES[dtype], kc._LOSSES[loss],
+                 tuple(sorted(kc.config(d, dtype, kernel, loss).items())))
+                for kernel in ("fwd", "bwd") for loss in kc._LOSSES
                 for dtype in kc._TRITON_DTYPES for d in (32, 768, 1152)}
-    shipped = {(r.kernel_name, r.signature["X"][1:],
+    shipped = {(r.kernel_name, r.signature["X"][1:], r.constexprs["LOSS"],
                 tuple(sorted({**{k: r.constexprs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")},
                               "num_warps": r.num_warps, "num_stages": r.num_stages}.items())))
                for r, _ in rows}
