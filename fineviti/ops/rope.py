@@ -302,7 +302,13 @@ def _rotate(tensors: tuple[torch.Tensor, ...], pos: torch.Tensor, theta: float, 
             torch.ops.fineviti.rope_2d_qk_triton_(*tensors, pos, theta, inverse, check_pos)
             return tensors
         return tuple(torch.ops.fineviti.rope_2d_qk_triton(*tensors, pos, theta, inverse, check_pos))
-    # "cuda" and "cpp": the same C++ ops, registered for the CUDA and CPU dispatch keys.
+    # "cuda" and "cpp": the same C++ ops, registered for the CUDA and CPU dispatch keys. On CUDA the (opt-in) value
+    # check runs here: an error thrown inside the extension's CUDA ops crashed the process on the H100 machine
+    # (torch 2.11; build_positions' CUDA errors too), so the C++ CUDA op is never asked to throw for a bad value.
+    if backend == "cuda" and check_pos:
+        if not torch.compiler.is_compiling():
+            check_positions(pos)
+        check_pos = False
     if inplace:
         for i, t in enumerate(tensors):
             torch.ops.fineviti.rope_2d_(t, pos, theta, inverse, check_pos and i == 0)
