@@ -22,6 +22,9 @@ if str(REPO) not in sys.path:  # `python benchmarks/x.py` puts benchmarks/ first
 
 
 def git_commit() -> str:
+    """The commit benchmarked: FINEVITI_COMMIT when set (the GPU machine gets a copy of the tree without .git)."""
+    if os.environ.get("FINEVITI_COMMIT"):
+        return os.environ["FINEVITI_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True, text=True)
         commit = out.stdout.strip() or "unknown"

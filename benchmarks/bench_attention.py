@@ -1,0 +1,224 @@
+"""Varlen attention: ours against stock attention, forward, backward and forward+backward.
+
+Shapes: packs of native-resolution images (total 16k or 64k tokens, image lengths drawn from 256-4096, seeded), and
+the fixed-length shapes of the FlashAttention-3 paper (batch x seqlen = 16k tokens, hidden 2048, non-causal), so
+that its published numbers compare directly. FLOPs: forward 4 * sum(L_i^2) * heads * head_dim, backward 2.5x that.
+
+  python benchmarks/bench_attention.py --quick                         # the set the GPU check runs
+  python benchmarks/bench_attention.py --provider ours --shape fa3:4096 --head-dim 128 --mode fwd_bwd --once
+                                                                       # one provider and shape alone (ncu, nsys)
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+
+from common import Recorder, bench  # noqa: I001  (benchmarks/ is on the path when run as a script)
+
+import torch
+import torch.nn.functional as F
+
+from fineviti.ops import attention as attention_ops
+
+HIDDEN = 2048
+PROVIDERS = ("ours", "torch_varlen", "flash_attn", "xformers", "flex", "sdpa_flash", "sdpa_cudnn", "sdpa_mask")
+
+
+def pack_lengths(total: int, seed: int, low: int = 256, high: int = 4096) -> list[int]:
+    """Image token counts drawn from [low, high] until `total` is reached; the last one takes the rest."""
+    rng = random.Random(seed)
+    lens = []
+    while sum(lens) < total:
+        lens.append(min(rng.randint(low, high), total - sum(lens)))
+    return lens
+
+
+def shape_lengths(shape: str) -> tuple[list[int], str]:
+    kind, _, value = shape.partition(":")
+    if kind == "fa3":  # batch x seqlen = 16k tokens
+        seqlen = int(value)
+        return [seqlen] * max(1, 16384 // seqlen), f"fa3 seqlen {seqlen}"
+    if kind == "pack":
+        total = int(value)
+        return pack_lengths(total, seed=total), f"pack {total}"
+    raise ValueError(f"--shape must be fa3:SEQLEN or pack:TOTAL, got {shape!r}")
+
+
+def _sdpa_per_sequence(q, k, v, lens, backend):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    chosen = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
+    outs, start = [], 0
+    with sdpa_kernel([chosen]):
+        if len(set(lens)) == 1:  # fixed length: one batched call, as a user would write it
+            b, n = len(lens), lens[0]
+            view = lambda t: t.view(b, n, *t.shape[1:]).transpose(1, 2)  # noqa: E731
+            return F.scaled_dot_product_attention(view(q), view(k), view(v)).transpose(1, 2).reshape(q.shape)
+        for length in lens:
+            sl = slice(start, start + length)
+            outs.append(F.scaled_dot_product_attention(q[sl].transpose(0, 1)[None], k[sl].transpose(0, 1)[None],
+                                                       v[sl].transpose(0, 1)[None])[0].transpose(0, 1))
+            start += length
+    return torch.cat(outs)
+
+
+def _sdpa_mask(q, k, v, doc):
+    mask = doc[:, None] == doc[None, :]
+    return F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                          attn_mask=mask)[0].transpose(0, 1)
+
+
+def make_call(provider, q, k, v, cu, lens):
+    max_len = max(lens)
+    if provider == "ours":
+        return lambda: attention_ops.varlen_attention(q, k, v, cu, max_len, backend="triton", seqlens=lens)
+    if provider in ("torch_varlen", "flash_attn", "xformers", "flex"):
+        ok, why = attention_ops.backend_available(provider, q.device)
+        if not ok:
+            raise RuntimeError(why)
+        return lambda: attention_ops.varlen_attention(q, k, v, cu, max_len, backend=provider, seqlens=lens)
+    if provider in ("sdpa_flash", "sdpa_cudnn"):
+        return lambda: _sdpa_per_sequence(q, k, v, lens, provider)
+    if provider == "sdpa_mask":
+        total = sum(lens)
+        if total > 32768:
+            raise RuntimeError(f"the dense mask of {total} tokens takes {total * total / 2**30:.1f} GiB; skipped")
+        doc = torch.repeat_interleave(torch.arange(len(lens), device=q.device), torch.tensor(lens, device=q.device))
+        return lambda: _sdpa_mask(q, k, v, doc)
+    raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
+
+
+def run_case(rec, provider, shape, head_dim, mode, dtype, device, once=False, heads=None):
+    lens, shape_name = shape_lengths(shape)
+    heads = heads or (HIDDEN // head_dim if shape.startswith("fa3") else 16)
+    total = sum(lens)
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0).tolist()), dtype=torch.int32, device=device)
+    q, k, v = (torch.randn(total, heads, head_dim, device=device, dtype=dtype, requires_grad=mode != "fwd")
+               for _ in range(3))
+    flops_fwd = 4 * sum(n * n for n in lens) * heads * head_dim
+    flops = {"fwd": flops_fwd, "bwd": 2.5 * flops_fwd, "fwd_bwd": 3.5 * flops_fwd}[mode]
+    info = {"shape": shape_name, "tokens": total, "images": len(lens), "max_len": max(lens), "heads": heads,
+            "head_dim": head_dim}
+    dtype_name = str(dtype).replace("torch.", "")
+    try:
+        call = make_call(provider, q, k, v, cu, lens)
+        if mode == "fwd":
+            fn = call
+        else:
+            out = call()
+            grad = torch.randn_like(out)
+            if mode == "bwd":
+                fn = lambda: torch.autograd.grad(out, (q, k, v), grad, retain_graph=True)  # noqa: E731
+            else:
+                fn = lambda: torch.autograd.grad(call(), (q, k, v), grad)  # noqa: E731
+        if once:
+            fn()
+            torch.cuda.synchronize() if device == "cuda" else None
+            return
+        timing = bench(fn)
+    except Exception as exc:  # a provider that cannot run this case is reported, not fatal
+        rec.error(provider=provider, mode=mode, shape=info, dtype=dtype_name, error=f"{type(exc).__name__}: {exc}")
+        return
+    rec.add(provider=provider, mode=mode, shape=info, dtype=dtype_name, timing=timing,
+            tflops=flops / (timing["median_ms"] * 1e-3) / 1e12)
+
+
+QUICK = (
+    # (shapes, head dims, modes, providers)
+    (["fa3:1024", "fa3:4096", "fa3:16384"], [64, 128], ["fwd_bwd"],
+     ["ours", "torch_varlen", "sdpa_flash", "sdpa_cudnn", "flash_attn"]),
+    (["fa3:4096"], [64, 128], ["fwd", "bwd"], ["ours", "torch_varlen"]),
+    (["pack:16384"], [64, 72, 80, 96, 128], ["fwd_bwd"], ["ours", "torch_varlen"]),
+    (["pack:16384"], [64], ["fwd_bwd"], ["sdpa_flash", "sdpa_mask", "flex"]),
+    (["pack:65536"], [64, 128], ["fwd_bwd"], ["ours", "torch_varlen"]),
+)
+
+FULL = (
+    (["fa3:512", "fa3:1024", "fa3:2048", "fa3:4096", "fa3:8192", "fa3:16384", "pack:16384", "pack:65536"],
+     [64, 72, 80, 96, 128], ["fwd", "bwd", "fwd_bwd"], list(PROVIDERS)),
+)
+
+
+def plot(rows, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed: no plot written to {path}")
+        return
+    rows = [r for r in rows if r.get("tflops") and r["mode"] == "fwd_bwd"]
+    cases = sorted({(r["shape"]["shape"], r["shape"]["head_dim"]) for r in rows}, key=str)
+    providers = sorted({r["provider"] for r in rows})
+    fig, ax = plt.subplots(figsize=(max(8, len(cases) * 0.9), 4.5))
+    width = 0.8 / max(1, len(providers))
+    for i, provider in enumerate(providers):
+        values = [next((r["tflops"] for r in rows if r["provider"] == provider
+                        and (r["shape"]["shape"], r["shape"]["head_dim"]) == c), 0) for c in cases]
+        ax.bar([x + i * width for x in range(len(cases))], values, width, label=provider)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(cases))])
+    ax.set_xticklabels([f"{s}\nd{d}" for s, d in cases], fontsize=7)
+    ax.set_ylabel("TFLOP/s (fwd+bwd)")
+    ax.legend(fontsize=7)
+    ax.set_title(f"varlen attention, {rows[0]['dtype'] if rows else ''}, {rows[0]['gpu'] if rows else ''}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot written to {path}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="the fixed set the GPU check runs")
+    parser.add_argument("--provider", choices=PROVIDERS, action="append")
+    parser.add_argument("--shape", action="append", help="fa3:SEQLEN or pack:TOTAL (repeatable)")
+    parser.add_argument("--head-dim", type=int, action="append")
+    parser.add_argument("--mode", choices=("fwd", "bwd", "fwd_bwd"), action="append")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--once", action="store_true", help="run each case once without timing (for profilers)")
+    parser.add_argument("--plot", help="write a PNG of fwd+bwd TFLOP/s per provider here")
+    args = parser.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+    if args.provider or args.shape or args.head_dim or args.mode:
+        plan = ((args.shape or ["fa3:4096"], args.head_dim or [64], args.mode or ["fwd_bwd"],
+                 args.provider or ["ours"]),)
+    else:
+        plan = QUICK if args.quick else FULL
+    rec = Recorder("attention")
+    if args.device == "cpu":  # a smoke check of the code path (Triton's interpreter): toy size, fp32, 2 heads
+        print("no GPU: one toy case on the CPU as a smoke check")
+        provider = "ours" if _interpreting() else "sdpa_mask"
+        run_case(rec, provider, "pack:200", 64, "fwd_bwd", torch.float32, "cpu", once=args.once, heads=2)
+        plan = ()
+    for shapes, head_dims, modes, providers in plan:
+        for shape in shapes:
+            for head_dim in head_dims:
+                for mode in modes:
+                    for provider in providers:
+                        run_case(rec, provider, shape, head_dim, mode, dtype, args.device, once=args.once)
+    if args.plot:
+        plot(rec.rows, args.plot)
+    _print_ratios(rec.rows)
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _print_ratios(rows):
+    ours = {(r["shape"]["shape"], r["shape"]["head_dim"], r["mode"]): r for r in rows
+            if r["provider"] == "ours" and "median_ms" in r}
+    for r in rows:
+        key = (r["shape"].get("shape"), r["shape"].get("head_dim"), r["mode"])
+        if r["provider"] != "ours" and "median_ms" in r and key in ours:
+            ratio = r["median_ms"] / ours[key]["median_ms"]
+            print(f"ratio {key[0]:18s} d{key[1]:<4d} {key[2]:8s} ours is {ratio:5.2f}x as fast as {r['provider']}")
+
+
+if __name__ == "__main__":
+    main()
