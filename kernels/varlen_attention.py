@@ -432,7 +432,7 @@ class Config:
         return f"M{self.block_m}N{self.block_n}w{self.num_warps}s{self.num_stages}"
 
 
-def split_head_dim(head_dim: int) -> tuple[int, int]:
+def split_head_dim(head_dim: int, dtype: torch.dtype = torch.bfloat16) -> tuple[int, int]:
     """(DIM_A, DIM_B): the largest power of two <= head_dim, and the power of two (>= 16) covering the rest, or 0."""
     if not 16 <= head_dim <= 256:
         raise ValueError(f"head_dim must be in [16, 256], got {head_dim}")
@@ -440,6 +440,19 @@ def split_head_dim(head_dim: int) -> tuple[int, int]:
     rest = head_dim - dim_a
     dim_b = 0 if rest == 0 else max(16, triton.next_power_of_2(rest))
     return dim_a, dim_b
+
+
+# fp32 runs as 3xTF32 products, which keep split copies of the operands in registers: at head_dim 128 every kernel
+# spilled 540-980 bytes of stack on sm_90 whatever the tile (16x16 to 32x32, 2 to 8 warps), so on a GPU fp32 stops
+# at 64 (the interpreter has no such limit).
+FP32_MAX_HEAD_DIM_GPU = 64
+
+
+def check_supported(q: torch.Tensor) -> None:
+    if q.is_cuda and q.dtype == torch.float32 and q.shape[-1] > FP32_MAX_HEAD_DIM_GPU:
+        raise ValueError(f"the triton backend takes float32 inputs on a GPU up to head_dim "
+                         f"{FP32_MAX_HEAD_DIM_GPU}, got head_dim {q.shape[-1]}; use bfloat16/float16 inputs or "
+                         f"backend='torch'")
 
 
 def _seqlen_bucket(max_seqlen: int) -> int:
@@ -451,11 +464,11 @@ def pick_config(kind: str, head_dim: int, dtype: torch.dtype, max_seqlen: int) -
     override = os.environ.get(f"FINEVITI_ATTN_{kind.upper()}_CONFIG")
     if override:
         return Config(*(int(x) for x in override.split(",")))
-    dim_a, dim_b = split_head_dim(head_dim)
+    dim_a, dim_b = split_head_dim(head_dim, dtype)
     width = dim_a + dim_b
     short = _seqlen_bucket(max_seqlen) <= 64
-    if dtype == torch.float32:  # correctness path: no tensor cores for true fp32, small tiles keep it in registers
-        return Config(32, 32, 8, 1)
+    if dtype == torch.float32:  # the accuracy path (3xTF32): small tiles keep the split operands in registers
+        return Config(32, 32, 8, 1) if kind == "fwd" else Config(16, 16, 4, 1)
     if kind == "fwd":
         if width <= 64:
             return Config(64 if short else 128, 64, 4, 3)
@@ -523,7 +536,8 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
                       seqlens_q=None):
     """O (total_q, heads, head_dim) in q's dtype and LSE (heads, total_q) fp32."""
     total_q, heads, head_dim = q.shape
-    dim_a, dim_b = split_head_dim(head_dim)
+    check_supported(q)
+    dim_a, dim_b = split_head_dim(head_dim, q.dtype)
     cfg = pick_config("fwd", head_dim, q.dtype, max(max_seqlen_q, max_seqlen_k))
     o = torch.empty_like(q)
     lse = torch.empty((heads, total_q), dtype=torch.float32, device=q.device)
@@ -545,7 +559,7 @@ def attention_backward(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, max_seql
     """dq, dk, dv in the inputs' dtypes; deterministic (no atomics)."""
     total_q, heads, head_dim = q.shape
     total_k = k.shape[0]
-    dim_a, dim_b = split_head_dim(head_dim)
+    dim_a, dim_b = split_head_dim(head_dim, q.dtype)
     longest = max(max_seqlen_q, max_seqlen_k)
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
@@ -625,7 +639,7 @@ def shipped_configs(kind: str) -> list[registry.Shipped]:
     for head_dim, dtype in cases:
         for seqlen in SHIPPED_SEQLENS:
             cfg = pick_config(kind, head_dim, dtype, seqlen)
-            dim_a, dim_b = split_head_dim(head_dim)
+            dim_a, dim_b = split_head_dim(head_dim, dtype)
             key = (head_dim, dtype, cfg)
             if key in seen:
                 continue

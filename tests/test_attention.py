@@ -365,3 +365,10 @@ def test_gpu_compiled_triton_path():
 
     compiled = torch.compile(f, fullgraph=True)
     assert rel_err(compiled(q, k, v), f(q, k, v)) < 1e-3
+
+
+@pytest.mark.gpu
+def test_gpu_fp32_head_dim_limit_is_a_clear_error():
+    q, k, v, cu = make_pack([10, 20], 2, 128, torch.float32, device="cuda")
+    with pytest.raises(ValueError, match="float32 inputs on a GPU up to head_dim 64"):
+        varlen_attention(q, k, v, cu, 20, backend="triton")
