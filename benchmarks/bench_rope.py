@@ -183,9 +183,9 @@ def graph_timing(prepare, fn, inner: int = 5, reps: int = 40) -> dict:
 def measure(forward, inputs, mode) -> dict:
     """common.bench (host-inclusive do_bench, peak memory), and on a GPU the CUDA-graph device time as the median."""
     prepare, fn = mode_closures(forward, inputs, mode)
-    state = prepare()
-    timing = bench(lambda: fn(state))
-    del state
+    state = [prepare()]
+    timing = bench(lambda: fn(state[0]))
+    state.clear()
     if not torch.cuda.is_available():
         timing["timer"] = "host"
         return timing
@@ -277,8 +277,9 @@ def sweep_configs(rec, tokens, heads, head_dims, dtype, device):
             for max_block_h in (8, 16):
                 for num_warps in (4, 8):
                     config = kernels.launch_config(head_dim, heads, tile_pairs, max_block_h, num_warps)
-                    timing = measure(lambda: kernels.launch(q, k, None, q_out, k_out, None, pos, 10000.0, False,
-                                                            config), [], "fwd")
+                    def launch(q=q, k=k, q_out=q_out, k_out=k_out, pos=pos, config=config):
+                        kernels.launch(q, k, None, q_out, k_out, None, pos, 10000.0, False, config)
+                    timing = measure(launch, [], "fwd")
                     rec.add(provider="triton_cfg", mode="fwd",
                             shape={"tokens": tokens, "heads": heads, "head_dim": head_dim},
                             dtype=str(dtype).replace("torch.", ""), timing=timing,
@@ -299,7 +300,8 @@ def run_case(rec, provider, mode, tokens, heads, head_dim, dtype, device, copy_g
             return None
         timing = measure(forward, inputs, mode)
     except Exception as exc:
-        rec.error(provider=provider, mode=mode, shape=shape, dtype=dtype_name, error=f"{type(exc).__name__}: {exc}"[:300])
+        rec.error(provider=provider, mode=mode, shape=shape, dtype=dtype_name,
+                  error=f"{type(exc).__name__}: {exc}"[:300])
         return None
     if provider == "copy" and "host_median_ms" in timing:
         # A captured copy_ becomes a graph memcpy node, which ran slower than the same copy launched eagerly

@@ -104,7 +104,8 @@ int pick_vec(const RopeCudaTensors<scalar_t>& tensors, int64_t half) {
     for (int n = 0; n < tensors.count; ++n) {
       ok = ok && reinterpret_cast<uintptr_t>(tensors.in[n]) % bytes == 0 &&
            reinterpret_cast<uintptr_t>(tensors.out[n]) % bytes == 0 && tensors.stride_in_t[n] % vec == 0 &&
-           tensors.stride_in_h[n] % vec == 0 && tensors.stride_out_t[n] % vec == 0 && tensors.stride_out_h[n] % vec == 0;
+           tensors.stride_in_h[n] % vec == 0 && tensors.stride_out_t[n] % vec == 0 &&
+           tensors.stride_out_h[n] % vec == 0;
     }
     if (ok) return vec;
   }
@@ -181,7 +182,9 @@ void rope_2d_cuda_apply(std::initializer_list<at::Tensor> ins, std::initializer_
 void check_cuda_args(const char* op, const at::Tensor& x, const at::Tensor& pos, bool check_pos) {
   check_rope_tensor(op, "x", x);
   check_rope_pos(op, pos, x);
-  if (check_pos) check_rope_positions(pos);  // opt-in: a device-to-host copy
+  // Opt-in (a device-to-host copy). fineviti/ops/rope.py checks CUDA positions itself and passes false: on the H100
+  // machine (torch 2.11) an error thrown inside this extension's CUDA ops crashed the process instead of raising.
+  if (check_pos) check_rope_positions(pos);
 }
 
 }  // namespace

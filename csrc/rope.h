@@ -41,8 +41,8 @@ inline void check_rope_tensor(const char* op, const char* name, const at::Tensor
 inline void check_rope_pos(const char* op, const at::Tensor& pos, const at::Tensor& x) {
   TORCH_CHECK_TYPE(pos.scalar_type() == at::kInt || pos.scalar_type() == at::kLong, op,
                    ": pos must be int32 or int64 (row, col) positions, got ", pos.scalar_type());
-  TORCH_CHECK_VALUE(pos.dim() == 2 && pos.size(1) == 2, op, ": pos must have shape (total, 2) holding (row, col), got shape ",
-                    pos.sizes());
+  TORCH_CHECK_VALUE(pos.dim() == 2 && pos.size(1) == 2, op,
+                    ": pos must have shape (total, 2) holding (row, col), got shape ", pos.sizes());
   TORCH_CHECK_VALUE(pos.size(0) == x.size(0), op, ": pos has ", pos.size(0), " rows but the input has ", x.size(0),
                     " tokens; expected one (row, col) per token");
   TORCH_CHECK_VALUE(pos.device() == x.device(), op, ": pos is on ", pos.device(), " but the input is on ", x.device());

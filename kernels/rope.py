@@ -4,8 +4,9 @@ Pairs (j, j + head_dim/2) of each head rotate by angle pos * theta**(-f/(head_di
 for j < head_dim/4 and its column above, f = j mod head_dim/4 (fineviti.ops.rope.rope_2d_ref is the definition).
 One program takes BLOCK_T tokens x BLOCK_H heads (all heads up to 16): it computes the tokens' angles once (fp64,
 reduced to [-pi/4, pi/4], fp32 polynomials) and applies them to those heads of q, of k (HAS_K) and copies v
-(HAS_V), so the trigonometry is shared by heads and tensors and each element is read and written once. INVERSE rotates by the negative angle (the
-backward). Inputs and outputs may be strided views (the fused QKV split reads q, k, v out of one projection).
+(HAS_V), so the trigonometry is shared by heads and tensors and each element is read and written once. INVERSE
+rotates by the negative angle (the backward). Inputs and outputs may be strided views (the fused QKV split reads
+q, k, v out of one projection).
 """
 
 from __future__ import annotations

@@ -154,8 +154,8 @@ GPU_CASES = ([("pack", d, torch.bfloat16) for d in (32, 64, 72, 80, 96, 128)]
 
 
 def check_rope_gpu(backend, grid, head_dim, dtype):
-    check_rope(backend, "cuda", GRIDS[grid], 16 if head_dim != 32 else 3, head_dim, 500.0 if head_dim == 64 else 10000.0,
-               dtype)
+    theta = 500.0 if head_dim == 64 else 10000.0
+    check_rope(backend, "cuda", GRIDS[grid], 16 if head_dim != 32 else 3, head_dim, theta, dtype)
 
 
 @pytest.mark.parametrize("backend", gpu_backends())
@@ -251,7 +251,8 @@ def test_reference_matches_qwen2_vl(dtype, head_dim):
     assert torch.equal(pos_ids.to(torch.int32), positions([(4, 6), (2, 2), (10, 8)], merge=2))
     assert torch.equal(rope_2d_ref(q, pos_ids), q_hf)  # same fp32 operations, bit for bit
     assert torch.equal(rope_2d_ref(k, pos_ids), k_hf)
-    backends = ["torch"] + (["cpp"] if CPP_BUILT else []) + (["triton"] if INTERPRET and dtype != torch.bfloat16 else [])
+    triton_here = INTERPRET and dtype != torch.bfloat16  # the interpreter's bf16 arithmetic is wrong
+    backends = ["torch"] + (["cpp"] if CPP_BUILT else []) + (["triton"] if triton_here else [])
     for backend in backends:
         q_ours, k_ours, v_ours = qkv_split_rope(qkv, pos_ids, heads, backend=backend)
         # On-the-fly angles differ from the fp32 table by rounding only: within an ulp of the output dtype.
@@ -410,7 +411,8 @@ def test_backend_selection(monkeypatch):
     monkeypatch.delenv(rope_mod.BACKEND_ENV)
     with pytest.raises(ValueError, match="backend must be one of.*'flash'"):
         rope_2d(torch.randn(4, 1, 8), positions([(2, 2)]), backend="flash")
-    with pytest.raises((ValueError, RuntimeError), match="backend='cuda' needs CUDA tensors|needs the compiled extension"):
+    with pytest.raises((ValueError, RuntimeError),
+                       match="backend='cuda' needs CUDA tensors|needs the compiled extension"):
         rope_2d(torch.randn(4, 1, 8), positions([(2, 2)]), backend="cuda")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
@@ -498,7 +500,7 @@ def test_torch_compile_fullgraph(backend):
     loss_e = block(qkv, x, pos)
     grads_e = torch.autograd.grad(loss_e, (qkv, x))
     torch.testing.assert_close(loss_c, loss_e)
-    for gc, ge in zip(grads_c, grads_e):
+    for gc, ge in zip(grads_c, grads_e, strict=True):
         torch.testing.assert_close(gc, ge)
 
 
@@ -525,7 +527,7 @@ def test_shipped_configs_run_in_interpreter():
         outs = [torch.full((5, heads, head_dim), float("nan"), dtype=torch.float16, device=DEVICE) for _ in range(3)]
         kernels.launch(ins[0], ins[1] if c["HAS_K"] else None, ins[2] if c["HAS_V"] else None, outs[0],
                        outs[1] if c["HAS_K"] else None, outs[2] if c["HAS_V"] else None, pos, 10000.0, c["INVERSE"])
-        for i, (x, out) in enumerate(zip(ins, outs)):
+        for i, (x, out) in enumerate(zip(ins, outs, strict=True)):
             if i == 1 and not c["HAS_K"] or i == 2 and not c["HAS_V"]:
                 assert torch.isnan(out).all(), row.label
                 continue
@@ -554,7 +556,8 @@ SM90_CHECK = textwrap.dedent("""
         report = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
                                 capture_output=True, text=True, check=True).stderr
         os.unlink(f.name)
-        spills = [int(a) + int(b) for a, b in re.findall(r"(\\d+) bytes spill stores, (\\d+) bytes spill loads", report)]
+        spills = [int(a) + int(b)
+                  for a, b in re.findall(r"(\\d+) bytes spill stores, (\\d+) bytes spill loads", report)]
         regs = int(re.search(r"Used (\\d+) registers", report).group(1))
         wide = len(re.findall(r"ld\\.global(?:\\.nc)?\\.v[24]\\.b32", kernel.asm["ptx"]))
         print(json.dumps({"label": row.label, "spills": sum(spills), "regs": regs, "vector_loads": wide}))

@@ -288,7 +288,7 @@ def _rotate(tensors: tuple[torch.Tensor, ...], pos: torch.Tensor, theta: float, 
             check_positions(pos)
         outs = tuple(rope_2d_ref(t, pos, theta, inverse=inverse) for t in tensors)
         if inplace:
-            for t, out in zip(tensors, outs):
+            for t, out in zip(tensors, outs, strict=True):
                 t.copy_(out)
             return tensors
         return outs
