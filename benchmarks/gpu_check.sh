@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The GPU check: one prepared command for a GPU machine with no network.
+#
+#   FINEVITI_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_check.sh [OUTDIR]     (OUTDIR: default $OUT)
+#
+# Installs the package into this machine's python3 (offline: --no-deps --no-build-isolation --no-index), builds
+# the extension for the visible GPU, runs `pytest -m gpu`, every benchmark's --quick set (pinned configurations,
+# no autotuning) and the kernel report with its on-device check (compiling on the CPU cores while the benchmarks
+# run), then writes to OUTDIR: results.json and summary.md (benchmarks/summarize.py), logs.txt, attention.png,
+# kernel_report.json/.md (six files: the device tool brings back at most eight). Exits non-zero when any section
+# failed (a wrong result fails pytest), after writing the summary. Sized for about 5 minutes on an H100.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+OUTDIR=${1:-${OUT:-benchmarks/results/latest}}
+mkdir -p "$OUTDIR"
+WORK=$(mktemp -d)
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.triton_cache}  # ignored by git: a rerun on this machine reuses it
+export FINEVITI_RESULTS="$WORK/rows.jsonl"
+export FINEVITI_COMMIT=${FINEVITI_COMMIT:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)}
+: > "$FINEVITI_RESULTS"
+: > "$WORK/sections.jsonl"
+failed=0
+
+section() {  # section NAME LIMIT_SECONDS COMMAND...: runs it under a time limit, its output to WORK/NAME.log
+  local name=$1 limit=$2; shift 2
+  local start rc=0 wall
+  start=$(date +%s.%N)
+  echo "== gpu_check: $name"
+  timeout "$limit" "$@" > "$WORK/$name.log" 2>&1 || rc=$?
+  wall=$(python3 -c "import time; print(round(time.time() - $start, 1))")
+  tail -n 3 "$WORK/$name.log"
+  echo "{\"section\": \"$name\", \"rc\": $rc, \"wall_s\": $wall, \"limit_s\": $limit}" >> "$WORK/sections.jsonl"
+  echo "== gpu_check: $name rc=$rc in ${wall}s"
+  [ "$rc" -eq 0 ] || failed=1
+}
+
+nvidia-smi -L | tee "$WORK/gpu.log"
+section install 150 "$PY" -m pip install --no-deps --no-build-isolation --no-index -e .
+section info 30 "$PY" -m fineviti.cli info
+section pytest_gpu 150 "$PY" -m pytest -m gpu -q -p no:cacheprovider --durations=15 tests
+( section kernel_report 200 "$PY" benchmarks/kernel_report.py --device-check --jobs 8 --out "$OUTDIR"
+  echo "$failed" > "$WORK/kernel_report.failed" ) &
+report_pid=$!
+section bench_attention 120 "$PY" benchmarks/bench_attention.py --quick --plot "$OUTDIR/attention.png"
+for bench in rope contrastive data train; do
+  [ -f "benchmarks/bench_$bench.py" ] && section "bench_$bench" 90 "$PY" "benchmarks/bench_$bench.py" --quick
+done
+wait "$report_pid"
+[ "$(cat "$WORK/kernel_report.failed" 2>/dev/null || echo 1)" -eq 0 ] || failed=1
+
+for log in "$WORK"/*.log; do echo "===== $(basename "$log")"; cat "$log"; done > "$OUTDIR/logs.txt"
+"$PY" benchmarks/summarize.py "$WORK" "$OUTDIR" || failed=1
+echo "== gpu_check: results in $OUTDIR/results.json and $OUTDIR/summary.md (failed=$failed)"
+exit "$failed"

@@ -1,0 +1,47 @@
+"""The GPU check script: valid bash, runs every benchmark, and its summary carries every row."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import summarize  # noqa: E402
+
+
+def test_script_is_valid_bash():
+    subprocess.run(["bash", "-n", str(REPO / "benchmarks" / "gpu_check.sh")], check=True)
+
+
+def test_every_benchmark_runs_in_the_check():
+    script = (REPO / "benchmarks" / "gpu_check.sh").read_text()
+    looped = re.search(r"for bench in ([a-z ]+); do", script).group(1).split()
+    for bench in sorted((REPO / "benchmarks").glob("bench_*.py")):
+        name = bench.stem.removeprefix("bench_")
+        assert name in looped or f"benchmarks/{bench.name}" in script, f"{bench.name} is not run by gpu_check.sh"
+
+
+def test_summary_has_every_row_and_ratios(tmp_path):
+    env = {"gpu": "G", "torch": "t", "triton": "tr", "cuda": "c", "python": "p", "commit": "abc", "date": "d"}
+    rows = [
+        {"benchmark": "attention", "provider": "ours", "mode": "fwd", "shape": {"L": 4}, "dtype": "bf16",
+         "median_ms": 2.0, "p20_ms": 1.9, "p80_ms": 2.1, "tflops": 100.0, "gbps": None, "peak_mem_mb": 5, **env},
+        {"benchmark": "attention", "provider": "torch", "mode": "fwd", "shape": {"L": 4}, "dtype": "bf16",
+         "median_ms": 3.0, "p20_ms": 2.9, "p80_ms": 3.1, "tflops": 66.7, "gbps": None, "peak_mem_mb": 7, **env},
+        {"benchmark": "rope", "provider": "x", "mode": "fwd", "shape": {"T": 1}, "dtype": "bf16", "error": "boom",
+         **env},
+    ]
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (work / "sections.jsonl").write_text(json.dumps({"section": "install", "rc": 0, "wall_s": 1.5}) + "\n")
+    summarize.main([str(work), str(tmp_path / "out")])
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["rows"] == rows and results["sections"][0]["section"] == "install"
+    text = (tmp_path / "out" / "summary.md").read_text()
+    assert "| torch | fwd | L=4 | bf16 | 3.000 |" in text
+    assert "| L=4 | fwd | bf16 | torch | 1.50 |" in text  # torch takes 1.5x ours
+    assert "error: boom" in text
