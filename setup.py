@@ -41,6 +41,22 @@ def _cuda_arch_list(torch) -> str:
     return "9.0+PTX"
 
 
+def _private_libstdcxx(library: Path) -> bool:
+    """Whether `library` defines libstdc++'s stream code itself (a static copy) instead of importing it."""
+    nm = shutil.which("nm")
+    if nm is None:
+        return False
+    symbols = subprocess.run([nm, "--defined-only", str(library)], capture_output=True, text=True).stdout
+    return "_ZNSo9_M_insertIlEERSoT_" in symbols  # std::ostream::_M_insert<long>
+
+
+def _cache_value(build_dir: Path, name: str) -> str:
+    for line in (build_dir / "CMakeCache.txt").read_text().splitlines():
+        if line.startswith(f"{name}:"):
+            return line.split("=", 1)[1]
+    return ""
+
+
 class CMakeExtension(Extension):
     def __init__(self, name: str):
         super().__init__(name, sources=[])
@@ -78,21 +94,38 @@ class CMakeBuild(build_ext):
         if ninja:
             args += ["-GNinja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
 
-        # One build dir per environment and configuration; `python` and `python3` of one venv share it.
-        key = (sys.prefix, sys.version, torch.__version__, torch.__file__, args[1:], env.get("TORCH_CUDA_ARCH_LIST"))
-        tag = hashlib.sha1(repr(key).encode())
-        build_dir = ROOT / "build" / "cmake" / tag.hexdigest()[:12]
-        build_dir.mkdir(parents=True, exist_ok=True)
-        jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
-        print(f"fineviti: CUDA sources {'on' if with_cuda else 'off'}, TORCH_CUDA_ARCH_LIST="
-              f"{env.get('TORCH_CUDA_ARCH_LIST', '')}, {jobs} jobs, build dir {build_dir}", flush=True)
-        subprocess.run([cmake, "-S", str(ROOT), "-B", str(build_dir), *args], check=True, env=env)
-        subprocess.run([cmake, "--build", str(build_dir), "--parallel", jobs], check=True, env=env)
+        built = self._cmake(cmake, args, env, torch)
+        if _private_libstdcxx(built):
+            # A C++ compiler that links its own libstdc++ statically (the GPU machines' $CXX does) gives the
+            # extension a second copy of the C++ runtime beside torch's: number formatting in error messages
+            # then breaks or crashes the process. The system compiler links the shared one.
+            compiler = _cache_value(built.parent, "CMAKE_CXX_COMPILER")
+            system = shutil.which("c++", path="/usr/bin")
+            if system is None or Path(system).resolve() == Path(compiler).resolve():
+                raise RuntimeError(f"fineviti._C links a private copy of libstdc++ (compiler {compiler}); build with "
+                                   "a compiler that links the shared libstdc++, e.g. CXX=/usr/bin/c++")
+            print(f"fineviti: {compiler} linked a private copy of libstdc++ into {built.name}; "
+                  f"rebuilding with {system}", flush=True)
+            built = self._cmake(cmake, [*args, f"-DCMAKE_CXX_COMPILER={system}"], env, torch)
+            if _private_libstdcxx(built):
+                raise RuntimeError(f"fineviti._C links a private copy of libstdc++ even when built with {system}")
 
-        built = next(build_dir.glob("_C.*.so"))
         target = Path(self.get_ext_fullpath(ext.name))
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(built, target)
+
+    def _cmake(self, cmake: str, args: list[str], env: dict, torch) -> Path:
+        # One build dir per environment and configuration; `python` and `python3` of one venv share it.
+        key = (sys.prefix, sys.version, torch.__version__, torch.__file__, args[1:], env.get("TORCH_CUDA_ARCH_LIST"),
+               env.get("CXX"))
+        build_dir = ROOT / "build" / "cmake" / hashlib.sha1(repr(key).encode()).hexdigest()[:12]
+        build_dir.mkdir(parents=True, exist_ok=True)
+        jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
+        print(f"fineviti: CUDA sources {'on' if '-DFINEVITI_BUILD_CUDA=ON' in args else 'off'}, TORCH_CUDA_ARCH_LIST="
+              f"{env.get('TORCH_CUDA_ARCH_LIST', '')}, {jobs} jobs, build dir {build_dir}", flush=True)
+        subprocess.run([cmake, "-S", str(ROOT), "-B", str(build_dir), *args], check=True, env=env)
+        subprocess.run([cmake, "--build", str(build_dir), "--parallel", jobs], check=True, env=env)
+        return next(build_dir.glob("_C.*.so"))
 
 
 setup(ext_modules=[CMakeExtension("fineviti._C")], cmdclass={"build_ext": CMakeBuild})

@@ -6,6 +6,7 @@ reuses setup.py's CMake build directory of the editable build, so it costs secon
 """
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -39,6 +40,18 @@ def test_kernels_import_without_the_extension():
         "assert isinstance(fineviti.kernels.registry.declared(), dict)\n"
     )
     run_python(code, cwd=ROOT)
+
+
+def test_extension_uses_the_shared_libstdcxx():
+    # A private static copy of libstdc++ beside torch's shared one breaks number formatting in error messages
+    # (truncated here, a crash on the H100 machine); setup.py rebuilds with the system compiler when it sees one.
+    import fineviti._C
+
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("nm (binutils) is not installed")
+    symbols = subprocess.run([nm, "--defined-only", fineviti._C.__file__], capture_output=True, text=True).stdout
+    assert "_ZNSo9_M_insertIlEERSoT_" not in symbols, f"{fineviti._C.__file__} holds its own copy of libstdc++"
 
 
 @pytest.fixture(scope="session")
