@@ -29,7 +29,33 @@ def _add_info(subparsers) -> None:
     parser.set_defaults(run=_run_info)
 
 
-COMMANDS = [_add_info]
+def _run_data_synth(args: argparse.Namespace) -> int:
+    from fineviti.data import synth
+
+    info = synth.generate(args.out, args.images, seed=args.seed, heldout=args.heldout,
+                          samples_per_shard=args.per_shard, processes=args.processes)
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def _add_data(subparsers) -> None:
+    parser = subparsers.add_parser("data", help="data sets: the synthetic generator",
+                                   description="Data set tools (see fineviti/data/).")
+    actions = parser.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    synth = actions.add_parser(
+        "synth", help="write the synthetic dense-caption data set",
+        description="Deterministic synthetic scenes as webdataset shards (OUT/train, OUT/heldout with hard "
+        "negatives), a tokenizer trained on their captions (OUT/tokenizer.json) and OUT/info.json.")
+    synth.add_argument("--out", required=True, help="output folder")
+    synth.add_argument("--images", type=int, required=True, help="training images")
+    synth.add_argument("--seed", type=int, default=0, help="same seed, byte-identical shards (default 0)")
+    synth.add_argument("--heldout", type=int, default=500, help="held-out images (default 500)")
+    synth.add_argument("--per-shard", type=int, default=1000, help="samples per shard (default 1000)")
+    synth.add_argument("--processes", type=int, default=None, help="generator processes (default: CPU count)")
+    synth.set_defaults(run=_run_data_synth)
+
+
+COMMANDS = [_add_info, _add_data]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,88 @@
+"""Caption tokenizer: a Hugging Face `tokenizers` JSON file, trained on a data set's own captions when it has none.
+
+The trained tokenizer is a byte-level BPE (any text encodes, no unknown token) with four special tokens at fixed ids:
+<pad> = 0, <bos> = 1, <eos> = 2, <image> = 3 (a placeholder for image tokens in stage-2 prompts). Encoding adds
+<bos> ... <eos>. Truncation to `max_length` keeps <bos>, the first tokens and a final <eos>, and returns how many
+tokens it cut, which the loader reports as PackedBatch.truncated_tokens.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<image>")
+PAD_ID, BOS_ID, EOS_ID, IMAGE_ID = range(4)
+
+
+def train_tokenizer(texts: Iterable[str], path: str | os.PathLike, vocab_size: int = 2000) -> Path:
+    """Trains a byte-level BPE on `texts` and saves it to `path` (a tokenizer.json); deterministic for the same
+    texts in the same order."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(list(texts), trainer=trainer)
+    for i, token in enumerate(SPECIAL_TOKENS):
+        if tokenizer.token_to_id(token) != i:
+            raise RuntimeError(f"train_tokenizer: special token {token} got id {tokenizer.token_to_id(token)}, "
+                               f"expected {i}")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A <eos>", special_tokens=[("<bos>", BOS_ID), ("<eos>", EOS_ID)])
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(path))
+    return path
+
+
+class CaptionTokenizer:
+    """Loads a tokenizer.json; encodes captions with <bos>/<eos> and truncation that counts what it cut."""
+
+    def __init__(self, path: str | os.PathLike):
+        from tokenizers import Tokenizer
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"CaptionTokenizer: no tokenizer file at {self.path}")
+        self.tokenizer = Tokenizer.from_file(str(self.path))
+        self.tokenizer.no_truncation()
+        self.tokenizer.no_padding()
+        self.bos_id = self.tokenizer.token_to_id("<bos>")
+        self.eos_id = self.tokenizer.token_to_id("<eos>")
+        self.pad_id = self.tokenizer.token_to_id("<pad>")
+        self.image_id = self.tokenizer.token_to_id("<image>")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def encode_batch(self, texts: list[str], max_length: int | None = 256) -> tuple[list[list[int]], int]:
+        """Token ids of each text (with <bos>/<eos> when the tokenizer adds them) cut to `max_length`, and the
+        number of tokens cut in total."""
+        if max_length is not None and max_length < 2:
+            raise ValueError(f"encode_batch: max_length must be >= 2 (room for <bos> and <eos>), got {max_length}")
+        encodings = self.tokenizer.encode_batch(list(texts))
+        out, cut = [], 0
+        for enc in encodings:
+            ids = enc.ids
+            if max_length is not None and len(ids) > max_length:
+                cut += len(ids) - max_length
+                ends_with_eos = self.eos_id is not None and ids[-1] == self.eos_id
+                ids = ids[: max_length - 1] + [ids[-1]] if ends_with_eos else ids[:max_length]
+            out.append(list(ids))
+        return out, cut
+
+    def decode(self, ids: list[int]) -> str:
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        # the byte-level pre-tokenizer adds a space before the first word; a trained tokenizer's decode keeps it
+        return text[1:] if text.startswith(" ") else text
+
+    def __getstate__(self):
+        return {"path": self.path}
+
+    def __setstate__(self, state):
+        self.__init__(state["path"])

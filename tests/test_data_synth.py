@@ -1,0 +1,156 @@
+"""Synthetic generator, shards and their wds2idx index, caption tokenizer."""
+
+import io
+import json
+import shutil
+import tarfile
+
+import pytest
+from PIL import Image
+
+from fineviti.data import shards, synth
+from fineviti.data.tokenizer import BOS_ID, EOS_ID, CaptionTokenizer
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth") / "a"
+    synth.generate(out, images=30, seed=3, heldout=8, samples_per_shard=12, processes=1)
+    return out
+
+
+def _members(tar_path):
+    with tarfile.open(tar_path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar if m.isreg()}
+
+
+def test_generator_is_byte_identical_for_a_seed(dataset, tmp_path):
+    again = tmp_path / "b"
+    synth.generate(again, images=30, seed=3, heldout=8, samples_per_shard=12, processes=2)
+    names = sorted(p.relative_to(dataset).as_posix() for p in dataset.rglob("*") if p.is_file())
+    assert names == sorted(p.relative_to(again).as_posix() for p in again.rglob("*") if p.is_file())
+    assert "train/shard-00002.tar" in names and "heldout/shard-00000.tar" in names
+    for name in names:
+        if name != "info.json":  # holds timings
+            assert (dataset / name).read_bytes() == (again / name).read_bytes(), name
+    other = tmp_path / "c"
+    synth.generate(other, images=30, seed=4, heldout=0, samples_per_shard=12, processes=1)
+    assert (other / "train/shard-00000.tar").read_bytes() != (dataset / "train/shard-00000.tar").read_bytes()
+    assert not (other / "heldout").exists()
+
+
+def test_samples_follow_the_spec(dataset):
+    tokenizer = CaptionTokenizer(dataset / "tokenizer.json")
+    for split in ("train", "heldout"):
+        files = {}
+        for tar in shards.list_shards(dataset / split):
+            files.update(_members(tar))
+        keys = sorted({name.split(".")[0] for name in files})
+        assert len(keys) == (30 if split == "train" else 8)
+        for key in keys:
+            meta = json.loads(files[f"{key}.json"])
+            caption = files[f"{key}.txt"].decode()
+            image = Image.open(io.BytesIO(files[f"{key}.jpg"]))
+            assert image.format == "JPEG" and image.size == (meta["width"], meta["height"])
+            w, h = image.size
+            assert 64 <= min(w, h) and max(w, h) <= 1024 and max(w, h) / min(w, h) <= 4.01
+            assert 50 <= len(caption.split()) <= 250
+            ids, cut = tokenizer.encode_batch([caption])
+            assert cut == 0 and len(ids[0]) <= 256
+            assert 1 <= len(meta["regions"]) <= 8 and len(meta["regions"]) == len(meta["objects"])
+            for region, obj in zip(meta["regions"], meta["objects"], strict=True):
+                x0, y0, x1, y1 = region["bbox"]
+                assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
+                phrase = f"{obj['size']} {obj['colour']} {obj['shape']}"
+                assert phrase in region["caption"] and phrase in caption and obj["position"] in caption
+            if split == "heldout":
+                negatives = meta["hard_negatives"]
+                assert len(negatives) >= 4
+                for negative in negatives:
+                    assert negative["caption"] != caption
+                    assert negative["kind"] in ("colour", "shape", "size", "position", "word")
+            else:
+                assert "hard_negatives" not in meta
+
+
+def test_objects_are_drawn_where_their_boxes_say(dataset):
+    files = _members(dataset / "train/shard-00000.tar")
+    meta = json.loads(files["000000000.json"])
+    image = Image.open(io.BytesIO(files["000000000.jpg"])).convert("RGB")
+    for region, obj in zip(meta["regions"], meta["objects"], strict=True):
+        x0, y0, x1, y1 = region["bbox"]
+        if obj["shape"] in ("ring", "cross") or obj["word"] or min(x1 - x0, y1 - y0) < 8:
+            continue  # hollow, covered by the word, or too small for JPEG to keep a clean centre
+        centre = image.getpixel(((x0 + x1) // 2, (y0 + y1) // 2 + (y1 - y0) // 6))
+        expected = synth.COLOURS[obj["colour"]]
+        assert max(abs(a - b) for a, b in zip(centre, expected, strict=True)) < 40, (obj, centre)
+
+
+def test_index_matches_dalis_wds2idx_and_gives_random_access(dataset, tmp_path):
+    tar = dataset / "train/shard-00001.tar"
+    ours = shards.index_path(tar)
+    wds2idx = pytest.importorskip("wds2idx")  # ships with nvidia-dali
+    theirs = tmp_path / "theirs.idx"
+    with wds2idx.IndexCreator(str(tar), str(theirs), verbose=False) as creator:
+        creator.create_index()
+    assert ours.read_text() == theirs.read_text()
+    samples = shards.read_index(ours)
+    assert len(samples) == 12
+    reader = shards.ShardReader([tar])
+    files = _members(tar)
+    for sample in samples[::-1]:
+        for ext, member in sample.members.items():
+            assert reader.read(0, member) == files[f"{sample.key}.{ext}"]
+    reader.close()
+
+
+def test_truncated_tar_is_indexed_up_to_its_last_whole_sample(dataset, tmp_path):
+    tar = tmp_path / "cut.tar"
+    data = (dataset / "train/shard-00000.tar").read_bytes()
+    whole = shards.read_index(shards.index_path(dataset / "train/shard-00000.tar"))
+    cut_at = whole[7].members["jpg"].offset + 100  # inside the 8th sample's image
+    tar.write_bytes(data[:cut_at])
+    idx, error = shards.write_index(tar)
+    assert error is not None
+    samples = shards.read_index(idx)
+    assert [s.key for s in samples] == [s.key for s in whole[:7]]
+    # an index written before the cut: reading past the end raises a clear error (the loader skips and counts)
+    reader = shards.ShardReader([tar])
+    with pytest.raises(EOFError, match="truncated"):
+        reader.read(0, whole[9].members["json"])
+
+
+def test_writer_rejects_keys_with_dots(tmp_path):
+    with shards.ShardWriter(tmp_path) as writer, pytest.raises(ValueError, match="key"):
+        writer.write("a.b", [("txt", b"x")])
+
+
+def test_read_index_rejects_other_formats(tmp_path):
+    bad = tmp_path / "bad.idx"
+    bad.write_text("v9 1\njpg 0 1 a.jpg\n")
+    with pytest.raises(ValueError, match="v1.2"):
+        shards.read_index(bad)
+
+
+def test_tokenizer_truncation_keeps_the_first_tokens_and_counts_the_cut(dataset):
+    tokenizer = CaptionTokenizer(dataset / "tokenizer.json")
+    text = (dataset / "train").glob("*.tar").__next__()
+    caption = next(v for k, v in _members(text).items() if k.endswith(".txt")).decode()
+    (full,), cut = tokenizer.encode_batch([caption], max_length=None)
+    assert cut == 0 and full[0] == BOS_ID and full[-1] == EOS_ID
+    (short,), cut = tokenizer.encode_batch([caption], max_length=10)
+    assert short == full[:9] + [EOS_ID] and cut == len(full) - 10
+    assert tokenizer.decode(full) == caption
+    with pytest.raises(ValueError, match="max_length"):
+        tokenizer.encode_batch([caption], max_length=1)
+
+
+def test_cli_data_synth(tmp_path, capsys):
+    from fineviti import cli
+
+    assert cli.main(["data", "synth", "--out", str(tmp_path / "d"), "--images", "5", "--seed", "1",
+                     "--heldout", "2", "--processes", "1"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["images"] == 5 and info["heldout"] == 2
+    assert (tmp_path / "d/tokenizer.json").is_file()
+    shutil.rmtree(tmp_path / "d")
