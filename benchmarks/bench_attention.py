@@ -7,18 +7,18 @@ that its published numbers compare directly. FLOPs: forward 4 * sum(L_i^2) * hea
   python benchmarks/bench_attention.py --quick                         # the set the GPU check runs
   python benchmarks/bench_attention.py --provider ours --shape fa3:4096 --head-dim 128 --mode fwd_bwd --once
                                                                        # one provider and shape alone (ncu, nsys)
+  python benchmarks/bench_attention.py --sweep --shape fa3:4096 --head-dim 128
+                                                                       # candidate configurations, to pick pins
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import random
-
-from common import Recorder, bench  # noqa: I001  (benchmarks/ is on the path when run as a script)
 
 import torch
 import torch.nn.functional as F
+from common import Recorder, bench  # noqa: I001  (benchmarks/ is on the path when run as a script)
 
 from fineviti.ops import attention as attention_ops
 
@@ -90,7 +90,7 @@ def make_call(provider, q, k, v, cu, lens):
     raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
 
 
-def run_case(rec, provider, shape, head_dim, mode, dtype, device, once=False, heads=None):
+def run_case(rec, provider, shape, head_dim, mode, dtype, device, once=False, heads=None, tag=None):
     lens, shape_name = shape_lengths(shape)
     heads = heads or (HIDDEN // head_dim if shape.startswith("fa3") else 16)
     total = sum(lens)
@@ -101,6 +101,8 @@ def run_case(rec, provider, shape, head_dim, mode, dtype, device, once=False, he
     flops = {"fwd": flops_fwd, "bwd": 2.5 * flops_fwd, "fwd_bwd": 3.5 * flops_fwd}[mode]
     info = {"shape": shape_name, "tokens": total, "images": len(lens), "max_len": max(lens), "heads": heads,
             "head_dim": head_dim}
+    if tag:
+        info["config"] = tag
     dtype_name = str(dtype).replace("torch.", "")
     try:
         call = make_call(provider, q, k, v, cu, lens)
@@ -139,6 +141,39 @@ FULL = (
     (["fa3:512", "fa3:1024", "fa3:2048", "fa3:4096", "fa3:8192", "fa3:16384", "pack:16384", "pack:65536"],
      [64, 72, 80, 96, 128], ["fwd", "bwd", "fwd_bwd"], list(PROVIDERS)),
 )
+
+
+SWEEP = {  # candidate configurations (BLOCK_M, BLOCK_N, warps, stages) per launch kind, for --sweep
+    "fwd": [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (128, 64, 8, 4),
+            (64, 128, 4, 3), (128, 32, 4, 4)],
+    "dkdv": [(64, 128, 8, 2), (64, 64, 8, 2), (32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 2),
+             (128, 128, 8, 2), (16, 128, 4, 4)],
+    "dq": [(128, 64, 8, 2), (64, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 2), (128, 64, 8, 3), (64, 32, 4, 3),
+           (128, 128, 8, 2), (64, 128, 8, 2)],
+}
+
+
+def sweep(rec, shape, head_dim, dtype, device):
+    """Time every candidate configuration of each launch kind (the others at their pinned choice), to pick pins."""
+    import os
+
+    best = {}
+    for kind, candidates in SWEEP.items():
+        mode = "fwd" if kind == "fwd" else "bwd"
+        timings = []
+        for cfg in candidates:
+            os.environ[f"FINEVITI_ATTN_{kind.upper()}_CONFIG"] = ",".join(map(str, cfg))
+            before = len(rec.rows)
+            tag = f"{kind}=M{cfg[0]}N{cfg[1]}w{cfg[2]}s{cfg[3]}"
+            run_case(rec, "ours", shape, head_dim, mode, dtype, device, tag=tag)
+            row = rec.rows[before] if len(rec.rows) > before else {}
+            if "median_ms" in row:
+                timings.append((row["median_ms"], cfg))
+        os.environ.pop(f"FINEVITI_ATTN_{kind.upper()}_CONFIG", None)
+        if timings:
+            best[kind] = min(timings)
+    for kind, (ms, cfg) in best.items():
+        print(f"sweep {shape} d{head_dim} {kind}: best {cfg} at {ms:.3f} ms (mode {'fwd' if kind == 'fwd' else 'bwd'})")
 
 
 def plot(rows, path):
@@ -180,6 +215,8 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--once", action="store_true", help="run each case once without timing (for profilers)")
     parser.add_argument("--plot", help="write a PNG of fwd+bwd TFLOP/s per provider here")
+    parser.add_argument("--sweep", action="store_true",
+                        help="time the candidate configurations of each kernel at --shape/--head-dim (ours only)")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     if args.provider or args.shape or args.head_dim or args.mode:
@@ -188,6 +225,11 @@ def main(argv=None):
     else:
         plan = QUICK if args.quick else FULL
     rec = Recorder("attention")
+    if args.sweep:
+        for shape in args.shape or ["fa3:4096"]:
+            for head_dim in args.head_dim or [64, 128]:
+                sweep(rec, shape, head_dim, dtype, args.device)
+        return
     if args.device == "cpu":  # a smoke check of the code path (Triton's interpreter): toy size, fp32, 2 heads
         print("no GPU: one toy case on the CPU as a smoke check")
         provider = "ours" if _interpreting() else "sdpa_mask"

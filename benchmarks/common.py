@@ -46,7 +46,7 @@ def environment() -> dict:
         "cuda": torch.version.cuda,
         "python": sys.version.split()[0],
         "commit": git_commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
 
 

@@ -43,7 +43,7 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, name: str = "cu_seqle
     if values[-1] != total:
         raise ValueError(f"{name}[-1] must equal the number of tokens {total}, got {values[-1]}")
     if max_seqlen is not None:
-        longest = max(b - a for a, b in zip(values[:-1], values[1:]))
+        longest = max(b - a for a, b in zip(values[:-1], values[1:], strict=True))
         if longest > max_seqlen:
             raise ValueError(f"{max_seqlen_name}={max_seqlen} is smaller than the longest sequence "
                              f"in {name} ({longest})")

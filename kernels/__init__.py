@@ -7,7 +7,7 @@ Importing the package imports every kernel module in it, so that each declares w
 import importlib
 import pkgutil
 
-from . import registry
+from . import registry  # noqa: F401  (fineviti.kernels.registry is public)
 
 for _module in pkgutil.iter_modules(__path__):
     if not _module.name.startswith("_") and _module.name != "registry":

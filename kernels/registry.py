@@ -10,7 +10,7 @@ configurations through `Shipped.launch_options()` on small ragged inputs.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 
 @dataclasses.dataclass(frozen=True)

@@ -104,7 +104,7 @@ def _fwd_step(acc_a, acc_b, m_i, l_i, q_a, q_b, K, V, kv_start, start_n, seqlen_
 @triton.jit
 def _attn_fwd(
     Q, K, V,  # (total_q | total_k, heads, HEAD_DIM), last dim contiguous
-    O,  # (total_q, heads, HEAD_DIM), written
+    OUT,  # (total_q, heads, HEAD_DIM), written
     LSE,  # (heads, total_q) fp32, written: natural-log log-sum-exp of the scaled scores
     cu_seqlens_q, cu_seqlens_k,  # (n_seqs + 1,) int32
     block_cu,  # (n_seqs + 1,) int32: cumulative count of BLOCK_M query blocks per sequence
@@ -138,7 +138,7 @@ def _attn_fwd(
     Q += head * stride_q_head
     K += head * stride_k_head
     V += head * stride_v_head
-    O += head * stride_o_head
+    OUT += head * stride_o_head
 
     rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < seqlen_q
@@ -167,9 +167,9 @@ def _attn_fwd(
     # A query with no keys (an empty key sequence) gets output 0 and log-sum-exp -inf instead of 0/0.
     has_keys = l_i > 0
     inv_l = tl.where(has_keys, 1.0 / tl.where(has_keys, l_i, 1.0), 0.0)
-    _store_tile(O, (acc_a * inv_l[:, None]).to(O.dtype.element_ty), tok, row_ok, stride_o_tok, 0, DIM_A, HEAD_DIM)
+    _store_tile(OUT, (acc_a * inv_l[:, None]).to(OUT.dtype.element_ty), tok, row_ok, stride_o_tok, 0, DIM_A, HEAD_DIM)
     if DIM_B > 0:
-        _store_tile(O, (acc_b * inv_l[:, None]).to(O.dtype.element_ty), tok, row_ok, stride_o_tok, DIM_A, DIM_B,
+        _store_tile(OUT, (acc_b * inv_l[:, None]).to(OUT.dtype.element_ty), tok, row_ok, stride_o_tok, DIM_A, DIM_B,
                     HEAD_DIM)
     lse = tl.where(has_keys, (m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453,
                    float("-inf"))
@@ -178,7 +178,7 @@ def _attn_fwd(
 
 @triton.jit
 def _attn_bwd_preprocess(
-    O, DO,  # (total, heads, HEAD_DIM)
+    OUT, DO,  # (total, heads, HEAD_DIM)
     DELTA,  # (heads, total) fp32, written: rowsum(O * dO)
     total,
     stride_o_tok, stride_o_head, stride_do_tok, stride_do_head, stride_delta_head,
@@ -189,7 +189,7 @@ def _attn_bwd_preprocess(
     tok = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_D)
     mask = (tok[:, None] < total) & (cols[None, :] < HEAD_DIM)
-    o = tl.load(O + head * stride_o_head + tok[:, None] * stride_o_tok + cols[None, :], mask=mask, other=0.0)
+    o = tl.load(OUT + head * stride_o_head + tok[:, None] * stride_o_tok + cols[None, :], mask=mask, other=0.0)
     do = tl.load(DO + head * stride_do_head + tok[:, None] * stride_do_tok + cols[None, :], mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + head * stride_delta_head + tok, delta, mask=tok < total)

@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 
+
 # TRITON_INTERPRET must be set before triton is imported by anything.
 def _has_cuda_device() -> bool:
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":

@@ -9,8 +9,8 @@ import torch
 
 from fineviti.kernels import registry
 from fineviti.kernels import varlen_attention as kernels
-from fineviti.ops import varlen_attention, varlen_attention_ref
 from fineviti.ops import attention as attention_mod
+from fineviti.ops import varlen_attention, varlen_attention_ref
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -44,7 +44,7 @@ def check_against_reference(lens, heads, head_dim, dtype, backend="triton", atol
 
     atol = atol if atol is not None else (1e-5 if dtype == torch.float32 else 2e-3)
     for name, ours, same, exact in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref_same, *grads_same),
-                                       (ref64, *grads64)):
+                                       (ref64, *grads64), strict=True):
         assert torch.isfinite(ours).all(), f"{name} has non-finite values"
         err = (ours.double() - exact).abs().max().item()
         budget = 2 * (same.double() - exact).abs().max().item() + atol
@@ -151,7 +151,7 @@ def test_cross_lengths_and_lse():
     ours = torch.autograd.grad(out, (q, k, v), grad)
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     theirs = torch.autograd.grad(varlen_attention_ref(*leaves, cu_q, cu_k, softmax_scale=0.3), leaves, grad.double())
-    for a, b in zip(ours, theirs):
+    for a, b in zip(ours, theirs, strict=True):
         assert (a.double() - b).abs().max() < 1e-5
 
 
@@ -161,12 +161,11 @@ def test_backward_is_deterministic():
     grad = torch.randn_like(out)
     first = torch.autograd.grad(out, (q, k, v), grad, retain_graph=True)
     second = torch.autograd.grad(out, (q, k, v), grad)
-    for a, b in zip(first, second):
+    for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
 
 
 def test_strided_views_of_fused_qkv():
-    lens = [10, 33]
     qkv = torch.randn(43, 3, 2, 64, requires_grad=True)
     cu = torch.tensor([0, 10, 43], dtype=torch.int32)
     out = varlen_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, 33, backend="triton")
@@ -280,7 +279,8 @@ def test_xformers_through_fake_module(monkeypatch):
         cu = torch.tensor([0] + list(torch.tensor(seen["q"]).cumsum(0)), dtype=torch.int32)
         return varlen_attention_ref(query[0], key[0], value[0], cu, softmax_scale=scale)[None]
 
-    fmha = types.SimpleNamespace(BlockDiagonalMask=BlockDiagonalMask, memory_efficient_attention=memory_efficient_attention)
+    fmha = types.SimpleNamespace(BlockDiagonalMask=BlockDiagonalMask,
+                                 memory_efficient_attention=memory_efficient_attention)
     ops = types.ModuleType("xformers.ops")
     ops.fmha = fmha
     monkeypatch.setitem(sys.modules, "xformers", types.ModuleType("xformers"))
@@ -332,7 +332,8 @@ def test_gpu_matches_reference(dtype, head_dim):
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     same = varlen_attention_ref(*leaves, cu, upcast=False)
     same_grads = torch.autograd.grad(same, leaves, grad)
-    for name, a, s, r in zip(("out", "dq", "dk", "dv"), (out, *grads), (same, *same_grads), (ref, *ref_grads)):
+    for name, a, s, r in zip(("out", "dq", "dk", "dv"), (out, *grads), (same, *same_grads), (ref, *ref_grads),
+                             strict=True):
         err = (a.double() - r).abs().max().item()
         budget = 2 * (s.double() - r).abs().max().item() + 2e-3
         assert err <= budget, f"{name}: {err:.3e} > {budget:.3e}"
