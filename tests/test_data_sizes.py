@@ -44,7 +44,7 @@ def test_edges():
     assert SizeRule(min_pixels=1).target(3, 3) == (14, 14)  # never below one factor
     big = rule.target(4000, 3000)
     assert big[0] * big[1] <= DEFAULT_MAX_PIXELS and big[0] % 14 == 0 and big[1] % 14 == 0
-    assert rule.target(1002, 1001) == (1008, 994)  # 1008 x 994 = 1001952 <= max_pixels = 1003520: kept
+    assert rule.target(1002, 1001) == (994, 994)  # rounds to 1008 x 1008 > max_pixels: scaled by beta, floored
     exact = SizeRule(min_pixels=1, max_pixels=28 * 28)  # one 2 x 2 patch grid, a side may not grow past 28
     assert exact.target(1000, 1000) == (28, 28)
     assert exact.target(28, 10) == (28, 14)
