@@ -1,0 +1,349 @@
+"""Stage 2: the vision tower aligned with a causal language model on region-level tasks.
+
+packed images -> vision tower (patch tokens) -> 2x2 patch merger (RMSNorm, the 4 tokens of each 2x2 group
+concatenated, Linear-GELU-Linear; the groups are contiguous in the packed order, as build_positions(merge=2)
+lays them out) -> 2-layer MLP projector into the LM's hidden size -> spliced into the LM's input embeddings at the
+placeholder tokens of each sample -> causal LM -> next-token loss on the answer tokens only (labels -100
+elsewhere).
+
+A sample is [n_image_tokens placeholders, prompt, answer(, eos)]: `build_example` makes its (input_ids, labels)
+and `collate` right-pads a list of them. The LM is `BuiltinLM` (a small decoder for the demo and the tests) or
+any Hugging Face causal LM from a local directory (`HFCausalLM`; never downloaded).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fineviti import _checks
+from fineviti.model import config as config_mod
+from fineviti.model.config import AlignerConfig, BuiltinLMConfig
+from fineviti.model.layers import RMSNorm, SwiGLU, init_transformer, rope_1d, rope_1d_cos_sin
+from fineviti.model.vision import VisionTower
+
+IGNORE_INDEX = -100
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Merger and projector
+
+
+class PatchMerger(nn.Module):
+    """(total, width) tokens, each 2x2 group contiguous -> (total / 4, out_dim): RMSNorm per token, the group's
+    4 tokens concatenated, Linear-GELU-Linear (Qwen2-VL's PatchMerger with RMSNorm)."""
+
+    def __init__(self, width: int, hidden: int, out_dim: int, eps: float = 1e-6, group: int = 4):
+        super().__init__()
+        self.group = group
+        self.norm = RMSNorm(width, eps)
+        self.fc1 = nn.Linear(group * width, hidden)
+        self.fc2 = nn.Linear(hidden, out_dim)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.shape[0] % self.group:
+            raise ValueError(f"the patch merger needs whole 2x2 groups: got {tokens.shape[0]} tokens, not a "
+                             f"multiple of {self.group}")
+        x = self.norm(tokens).reshape(tokens.shape[0] // self.group, -1)
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Projector(nn.Module):
+    """2-layer MLP from the merger's output into the LM's hidden size."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, out_dim)
+        self.fc2 = nn.Linear(out_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Language models: forward(inputs_embeds (B, T, H), attention_mask (B, T) or None) -> logits (B, T, V)
+
+
+class _CausalBlock(nn.Module):
+    def __init__(self, cfg: BuiltinLMConfig):
+        super().__init__()
+        self.heads = cfg.heads
+        self.norm1 = RMSNorm(cfg.width, cfg.norm_eps)
+        self.qkv = nn.Linear(cfg.width, 3 * cfg.width, bias=False)
+        self.proj = nn.Linear(cfg.width, cfg.width, bias=False)
+        self.norm2 = RMSNorm(cfg.width, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.width, cfg.mlp_hidden)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, t, w = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b * t, 3, self.heads, -1).unbind(1)
+        q, k = rope_1d(q, cos, sin), rope_1d(k, cos, sin)
+        q, k, v = (y.view(b, t, self.heads, -1).transpose(1, 2) for y in (q, k, v))
+        # Causal: with right padding no real token ever attends to a pad, so no padding mask is needed.
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(out.transpose(1, 2).reshape(b, t, w))
+        return x + self.mlp(self.norm2(x))
+
+
+class BuiltinLM(nn.Module):
+    """A small causal decoder (RMSNorm, 1D RoPE, SwiGLU, output head tied to the embedding). Takes right-padded
+    batches; positions count from 0 at each row's first token."""
+
+    def __init__(self, cfg: BuiltinLMConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.vocab_size = cfg.vocab_size
+        self.hidden_size = cfg.width
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.blocks = nn.ModuleList(_CausalBlock(cfg) for _ in range(cfg.depth))
+        self.norm = RMSNorm(cfg.width, cfg.norm_eps)
+        self.grad_checkpointing = False
+        init_transformer(self, cfg.depth)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed
+
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, t, _ = inputs_embeds.shape
+        if t > self.cfg.max_length:
+            raise ValueError(f"sequence length {t} exceeds the built-in LM's max_length {self.cfg.max_length}")
+        if attention_mask is not None and _checks.value_checks_enabled(attention_mask) and t > 1:
+            if bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):
+                raise ValueError("the built-in LM takes right-padded batches: attention_mask must be 1s then 0s "
+                                 "in every row (use collate)")
+        positions = torch.arange(t, device=inputs_embeds.device).repeat(b)
+        cos, sin = rope_1d_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        x = inputs_embeds
+        recompute = self.grad_checkpointing and torch.is_grad_enabled()
+        for block in self.blocks:
+            if recompute:
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin)
+        return F.linear(self.norm(x), self.embed.weight)
+
+
+class HFCausalLM(nn.Module):
+    """A Hugging Face causal LM loaded from a local directory (local_files_only: never downloaded)."""
+
+    def __init__(self, path: str, dtype: torch.dtype | None = None):
+        super().__init__()
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"lm={path!r} is neither 'builtin' nor a local directory holding a Hugging Face "
+                                    f"causal LM (config.json and weights)")
+        try:
+            import transformers
+        except ImportError as err:
+            raise ImportError(f"lm={path!r} needs the `transformers` package to load a Hugging Face causal LM; "
+                              f"install it (`pip install transformers`) or use lm='builtin'") from err
+        kwargs = {"local_files_only": True}
+        if dtype is not None:
+            kwargs["torch_dtype"] = dtype
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        self.vocab_size = self.model.get_input_embeddings().num_embeddings
+        self.hidden_size = self.model.get_input_embeddings().embedding_dim
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask).logits
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Samples
+
+
+def build_example(prompt_ids: Sequence[int], answer_ids: Sequence[int], n_image_tokens: int, placeholder_id: int,
+                  *, bos_id: int | None = None, eos_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, labels), int64 of one length: [bos] + n_image_tokens placeholders + prompt + answer + [eos].
+
+    labels equal input_ids on the answer (and eos) and are -100 elsewhere; the loss predicts token t + 1 from
+    position t, so only answer tokens are ever targets. n_image_tokens: the image's merged token count
+    (patch rows * cols / 4)."""
+    if n_image_tokens < 0:
+        raise ValueError(f"n_image_tokens must be >= 0, got {n_image_tokens}")
+    if len(answer_ids) == 0 and eos_id is None:
+        raise ValueError("answer_ids is empty and there is no eos_id: the sample would have no target")
+    head = ([bos_id] if bos_id is not None else []) + [placeholder_id] * n_image_tokens + list(prompt_ids)
+    answer = list(answer_ids) + ([eos_id] if eos_id is not None else [])
+    input_ids = torch.tensor(head + answer, dtype=torch.long)
+    labels = torch.tensor([IGNORE_INDEX] * len(head) + answer, dtype=torch.long)
+    return input_ids, labels
+
+
+def collate(examples: Sequence[tuple[torch.Tensor, torch.Tensor]], pad_id: int = 0
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad (input_ids, labels) pairs into (input_ids, labels, attention_mask), each (B, T_max)."""
+    if not examples:
+        raise ValueError("collate needs at least one example")
+    longest = max(ids.numel() for ids, _ in examples)
+    input_ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), longest), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), longest), dtype=torch.long)
+    for i, (ids, lab) in enumerate(examples):
+        if ids.shape != lab.shape:
+            raise ValueError(f"example {i}: input_ids {tuple(ids.shape)} and labels {tuple(lab.shape)} differ")
+        input_ids[i, :ids.numel()] = ids
+        labels[i, :ids.numel()] = lab
+        mask[i, :ids.numel()] = 1
+    return input_ids, labels, mask
+
+
+def image_token_count(rows: int, cols: int, merge: int = 2) -> int:
+    """Merged tokens of an image of rows x cols patches: what its sample's placeholders must number."""
+    if rows % merge or cols % merge:
+        raise ValueError(f"an image of {rows}x{cols} patches does not split into {merge}x{merge} groups")
+    return rows * cols // (merge * merge)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The aligner
+
+
+class Aligner(nn.Module):
+    """Vision tower + merger + projector + causal LM. `visual` may be a stage-1 model's tower (shared, not
+    copied); its pooling head gets no gradient in stage 2 and is frozen here, so that DDP finds no unused
+    parameters."""
+
+    def __init__(self, cfg: AlignerConfig, visual: VisionTower | None = None, lm: nn.Module | None = None):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        if visual is None:
+            visual = VisionTower(cfg.vision, cfg.embed_dim, cfg.attn_backend, cfg.rope_backend,
+                                 cfg.grad_checkpointing)
+        if visual.merge != 2:
+            raise ValueError(f"the vision tower's tokens must come in 2x2 groups (merge=2), got merge={visual.merge}")
+        self.visual = visual
+        self.visual.pool.requires_grad_(False)
+        if lm is None:
+            lm = BuiltinLM(cfg.builtin_lm) if cfg.lm == "builtin" else HFCausalLM(cfg.lm)
+        self.lm = lm
+        width = visual.width
+        merger_out = cfg.merger_out or width
+        self.merger = PatchMerger(width, cfg.merger_hidden or 4 * width, merger_out, cfg.vision.norm_eps)
+        self.projector = Projector(merger_out, lm.hidden_size)
+        self.placeholder_id = cfg.placeholder_id if cfg.placeholder_id >= 0 else lm.vocab_size
+        self.set_grad_checkpointing(cfg.grad_checkpointing)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.visual.set_grad_checkpointing(enable)
+        if isinstance(self.lm, BuiltinLM):
+            self.lm.grad_checkpointing = enable
+        elif enable and hasattr(self.lm, "model"):
+            self.lm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def encode_images(self, patches: torch.Tensor, cu_seqlens: torch.Tensor, pos: torch.Tensor, max_seqlen: int,
+                      seqlens: list[int] | None = None) -> torch.Tensor:
+        """(total / 4, lm hidden): each image's merged tokens in the packed order, projected for the LM."""
+        if _checks.value_checks_enabled(cu_seqlens) and bool((cu_seqlens % 4 != 0).any()):
+            raise ValueError(f"every image must have a whole number of 2x2 groups: cu_seqlens must be multiples "
+                             f"of 4, got {cu_seqlens.tolist()}")
+        tokens = self.visual.forward_tokens(patches, cu_seqlens, pos, max_seqlen, seqlens)
+        return self.projector(self.merger(tokens))
+
+    def splice(self, input_ids: torch.Tensor, image_embeds: torch.Tensor, cu_merged: torch.Tensor,
+               sample_image: torch.Tensor | None = None) -> torch.Tensor:
+        """The LM's input embeddings (B, T, H): token embeddings, with the placeholders of each sample (row
+        order) replaced by its image's merged tokens. Sample b uses image sample_image[b] (default: image b)."""
+        is_image = input_ids == self.placeholder_id
+        lengths = cu_merged[1:] - cu_merged[:-1]
+        n_images = lengths.numel()
+        if sample_image is None:
+            if n_images != input_ids.shape[0]:
+                raise ValueError(f"{input_ids.shape[0]} samples but {n_images} images; pass sample_image to say "
+                                 f"which image each sample uses")
+            rows = image_embeds
+            per_sample = lengths
+        else:
+            if sample_image.shape != (input_ids.shape[0],):
+                raise ValueError(f"sample_image must have shape ({input_ids.shape[0]},), got "
+                                 f"{tuple(sample_image.shape)}")
+            per_sample = lengths[sample_image]
+            starts = cu_merged[:-1][sample_image].long()
+            total = int(per_sample.sum())  # host read: the gathered rows' count sizes the gather
+            owner = torch.repeat_interleave(torch.arange(per_sample.numel(), device=input_ids.device),
+                                            per_sample.long(), output_size=total)
+            offset = torch.arange(total, device=input_ids.device) - (per_sample.long().cumsum(0) - per_sample)[owner]
+            rows = image_embeds[starts[owner] + offset]
+        if _checks.value_checks_enabled(input_ids):
+            counts = is_image.sum(1)
+            if not torch.equal(counts.to(per_sample.dtype), per_sample):
+                raise ValueError(f"placeholder tokens (id {self.placeholder_id}) per sample {counts.tolist()} do not "
+                                 f"match the merged image tokens per sample {per_sample.tolist()}")
+        embeds = self.lm.get_input_embeddings()(input_ids.masked_fill(is_image, 0))
+        return embeds.masked_scatter(is_image[..., None], rows.to(embeds.dtype))
+
+    def forward(self, patches: torch.Tensor, cu_seqlens: torch.Tensor, pos: torch.Tensor, max_seqlen: int,
+                input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, seqlens: list[int] | None = None,
+                sample_image: torch.Tensor | None = None) -> dict[str, Any]:
+        """Packed images (PackedBatch's fields), input_ids / labels / attention_mask (B, T) as `collate` makes
+        them. Returns logits (B, T, V) and, with labels, the mean next-token cross-entropy over answer tokens
+        (`loss`) and their count (`n_targets`)."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (batch, length), got {tuple(input_ids.shape)}")
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(f"labels must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+        image_embeds = self.encode_images(patches, cu_seqlens, pos, max_seqlen, seqlens)
+        inputs_embeds = self.splice(input_ids, image_embeds, torch.div(cu_seqlens, 4, rounding_mode="floor"),
+                                    sample_image)
+        logits = self.lm(inputs_embeds, attention_mask)
+        out: dict[str, Any] = {"logits": logits}
+        if labels is not None:
+            out["loss"], out["n_targets"] = next_token_loss(logits, labels)
+        return out
+
+    @torch.no_grad()
+    def generate(self, patches: torch.Tensor, cu_seqlens: torch.Tensor, pos: torch.Tensor, max_seqlen: int,
+                 input_ids: torch.Tensor, max_new_tokens: int = 32, eos_id: int | None = None) -> torch.Tensor:
+        """Greedy decoding for one image and one prompt (input_ids (T,) with its placeholders): returns the new
+        tokens (up to max_new_tokens, stopping after eos_id). Recomputes the whole sequence per token (no cache):
+        for the demo and the evaluation of small models."""
+        image_embeds = self.encode_images(patches, cu_seqlens, pos, max_seqlen)
+        cu_merged = torch.div(cu_seqlens, 4, rounding_mode="floor")
+        ids = input_ids.view(1, -1)
+        new: list[int] = []
+        for _ in range(max_new_tokens):
+            logits = self.lm(self.splice(ids, image_embeds, cu_merged), None)
+            token = int(logits[0, -1].argmax())
+            new.append(token)
+            if token == eos_id:
+                break
+            ids = torch.cat([ids, ids.new_tensor([[token]])], dim=1)
+        return torch.tensor(new, dtype=torch.long)
+
+
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy of logits[:, t] against labels[:, t + 1] over targets != -100 (fp32), and their count.
+    A batch without targets gives 0 (with a gradient of 0), not NaN."""
+    targets = labels[:, 1:].reshape(-1)
+    flat = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    total = F.cross_entropy(flat, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    count = (targets != IGNORE_INDEX).sum()
+    return total / count.clamp(min=1), count
+
+
+def create_aligner(preset: str | config_mod.ModelConfig | AlignerConfig = "tiny", *, visual: VisionTower | None = None,
+                   lm: nn.Module | None = None, device: torch.device | str | None = None,
+                   **overrides: Any) -> Aligner:
+    """The stage-2 model for a stage-1 preset (or config) or an AlignerConfig, with overrides (dotted keys as in
+    create_model, e.g. lm="/path/to/local/hf_model", **{"builtin_lm.vocab_size": 5000}). visual: a trained
+    stage-1 tower to start from (its config wins over the preset's vision config)."""
+    if isinstance(preset, AlignerConfig):
+        cfg = config_mod.apply_overrides(preset, overrides)
+    else:
+        cfg = config_mod.aligner_config(preset, **overrides)
+    if visual is not None:
+        cfg = dataclasses.replace(cfg, vision=visual.cfg)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        return Aligner(cfg, visual=visual, lm=lm)

@@ -1,0 +1,143 @@
+"""The stage-1 two-tower model (open_clip's interface): `.visual`, `.text`, `encode_image`, `encode_text`, and a
+forward over a PackedBatch that returns the normalised features and the contrastive loss.
+
+SigLIP (default): learnable logit scale and bias, stored as log(10) and -10 and used as exp(log scale) and bias,
+as SigLIP initialises them. CLIP (option): logit scale stored as log(1/0.07), used as min(exp(.), 100), no bias.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fineviti.model import config as config_mod
+from fineviti.model.config import ModelConfig
+from fineviti.model.text import TextTower
+from fineviti.model.vision import VisionTower
+
+CLIP_MAX_SCALE = 100.0
+
+
+class FineViT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.visual = VisionTower(cfg.vision, cfg.embed_dim, cfg.attn_backend, cfg.rope_backend,
+                                  cfg.grad_checkpointing)
+        self.text = TextTower(cfg.text, cfg.embed_dim, cfg.attn_backend, cfg.grad_checkpointing)
+        self.logit_scale = nn.Parameter(torch.empty(()))
+        self.logit_bias = nn.Parameter(torch.empty(())) if cfg.loss == "siglip" else None
+        self._init_logits()
+
+    def _init_logits(self) -> None:
+        with torch.no_grad():
+            self.logit_scale.fill_(math.log(self.cfg.init_logit_scale))
+            if self.logit_bias is not None:
+                self.logit_bias.fill_(self.cfg.init_logit_bias)
+
+    def init_weights(self) -> None:
+        """Re-initialise every parameter (after `to_empty` from a model built on the meta device)."""
+        self.visual.init_weights()
+        self.text.init_weights()
+        self._init_logits()
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.visual.set_grad_checkpointing(enable)
+        self.text.set_grad_checkpointing(enable)
+
+    def encode_image(self, patches: torch.Tensor, cu_seqlens: torch.Tensor, pos: torch.Tensor, max_seqlen: int,
+                     seqlens: list[int] | None = None, return_tokens: bool = False, normalize: bool = False):
+        """(n_images, embed_dim) image features (unit norm with normalize), and with return_tokens the
+        (total, width) patch tokens too. Arguments as PackedBatch's fields of the same names."""
+        out = self.visual(patches, cu_seqlens, pos, max_seqlen, seqlens, return_tokens=return_tokens)
+        features, tokens = out if return_tokens else (out, None)
+        if normalize:
+            features = _normalize(features)
+        return (features, tokens) if return_tokens else features
+
+    def encode_text(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                    seqlens: list[int] | None = None, normalize: bool = False) -> torch.Tensor:
+        """(n_texts, embed_dim) caption features (unit norm with normalize)."""
+        features = self.text(tokens, cu_seqlens, max_seqlen, seqlens)
+        return _normalize(features) if normalize else features
+
+    def logit_params(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The logit scale as the loss uses it (exp of the stored log, clamped at 100 for CLIP) and the bias."""
+        scale = self.logit_scale.exp()
+        if self.cfg.loss == "clip":
+            scale = scale.clamp(max=CLIP_MAX_SCALE)
+        return scale, self.logit_bias
+
+    def forward(self, batch, *, group=None, compute_loss: bool = True) -> dict[str, Any]:
+        """batch: a fineviti.data.batch.PackedBatch. Returns image_features (n_images, D) and text_features
+        (n_texts, D), unit norm; logit_scale (the multiplier) and logit_bias (None for CLIP); and loss.
+
+        Captions pair with images one to one unless batch.text_image maps each caption to its image; then each
+        caption is a positive of its image and every other pair a negative (several captions of one image are
+        then negatives of each other's images: give one caption per image per step to avoid that).
+        group: passed to the loss, for negatives from every rank (see fineviti.ops.siglip_loss)."""
+        image_features = self.encode_image(batch.patches, batch.cu_seqlens, batch.pos, batch.max_seqlen,
+                                           batch.seqlens, normalize=True)
+        text_features = self.encode_text(batch.tokens, batch.text_cu_seqlens, batch.text_max_seqlen,
+                                         batch.text_seqlens, normalize=True)
+        scale, bias = self.logit_params()
+        out = {"image_features": image_features, "text_features": text_features, "logit_scale": scale,
+               "logit_bias": bias}
+        if compute_loss:
+            out["loss"] = self.contrastive_loss(image_features, text_features, batch.text_image, group=group)
+        return out
+
+    def contrastive_loss(self, image_features: torch.Tensor, text_features: torch.Tensor,
+                         text_image: torch.Tensor | None = None, *, group=None) -> torch.Tensor:
+        """The configured loss of normalised features; text_image (n_texts,) pairs caption j with image
+        text_image[j] (default: caption i with image i)."""
+        from fineviti.ops.contrastive import clip_loss, siglip_loss
+
+        if text_image is not None:
+            image_features = image_features[text_image]
+        elif image_features.shape[0] != text_features.shape[0]:
+            raise ValueError(f"the batch has {image_features.shape[0]} images and {text_features.shape[0]} "
+                             f"captions; without text_image they must pair one to one")
+        scale, bias = self.logit_params()
+        text_features = text_features.to(image_features.dtype)
+        if self.cfg.loss == "siglip":
+            return siglip_loss(image_features, text_features, scale, bias, backend=self.cfg.loss_backend,
+                               group=group)
+        return clip_loss(image_features, text_features, scale, backend=self.cfg.loss_backend, group=group)
+
+    def flops(self, batch, *, training: bool = True, world_negatives: int | None = None):
+        """The FlopCount of one step on `batch` (fineviti.model.flops.count_flops)."""
+        from fineviti.model.flops import count_flops
+
+        return count_flops(self.cfg, batch.seqlens, batch.text_seqlens, training=training,
+                           recompute=self.visual.grad_checkpointing, world_negatives=world_negatives)
+
+
+def _normalize(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x.float(), dim=-1).to(x.dtype)
+
+
+def resolve_config(preset: str | ModelConfig = "tiny", **overrides: Any) -> ModelConfig:
+    """A preset's config (or a copy of `preset` when it is a config) with overrides: field names, dotted paths
+    ("vision.depth") or sub-config dicts (text={"vocab_size": 5000})."""
+    cfg = config_mod.preset(preset) if isinstance(preset, str) else dataclasses.replace(preset)
+    return config_mod.apply_overrides(cfg, overrides)
+
+
+def create_model(preset: str | ModelConfig = "tiny", *, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None, **overrides: Any) -> FineViT:
+    """The stage-1 two-tower model of a preset ("tiny", "base", "large", "fine") or a ModelConfig.
+
+    create_model("tiny", text={"vocab_size": tokenizer_vocab}, attn_backend="torch"); device="meta" builds it
+    without memory (then `to_empty(device=...)` and `init_weights()`)."""
+    cfg = resolve_config(preset, **overrides)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = FineViT(cfg)
+    return model.to(dtype) if dtype is not None else model
