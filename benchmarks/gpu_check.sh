@@ -39,7 +39,7 @@ section() {  # section NAME LIMIT_SECONDS COMMAND...: runs it under a time limit
 nvidia-smi -L | tee "$WORK/gpu.log"
 section install 150 "$PY" -m pip install --no-deps --no-build-isolation --no-index -e .
 section info 30 "$PY" -m fineviti.cli info
-section pytest_gpu 150 "$PY" -m pytest -m gpu -q -p no:cacheprovider --durations=15 tests
+section pytest_gpu 150 "$PY" -m pytest -m "gpu and not slow" -q -p no:cacheprovider --durations=15 tests
 ( section kernel_report 200 "$PY" benchmarks/kernel_report.py --device-check --jobs 8 --out "$OUTDIR"
   echo "$failed" > "$WORK/kernel_report.failed" ) &
 report_pid=$!

@@ -11,6 +11,7 @@ _WHERE = {
     "rope_2d": "rope",
     "rope_2d_qk": "rope",
     "rope_2d_ref": "rope",
+    "qkv_split_rope": "rope",
     "siglip_loss": "contrastive",
     "siglip_loss_ref": "contrastive",
     "clip_loss": "contrastive",
