@@ -14,9 +14,10 @@ multiply-add counted as 2 FLOPs; a training step (forward + backward) costs 3x t
              the vision pool's one-query attention is 12 x L_i x w per image
   loss       6 x N x M x E: the (N, M) logits forward, then the gradients of both feature sets, for N pairs
              (one per caption) against M captions (M = all ranks' captions when negatives come from every rank)
-  recompute  with activation checkpointing, each block's forward runs again in the backward:
-             2 x d*(4w^2 + 3wh) x tokens + 4 x sum(L^2) x w x d per tower. Hardware FLOPs, not model FLOPs:
-             MFU uses `model`, the hardware rate `hardware`.
+  recompute  with activation checkpointing, each block's forward runs again in the backward, up to the last
+             tensor the backward needs (torch.utils.checkpoint's early stop: the SwiGLU down projection's output
+             is never needed, so it is not recomputed): 2 x d*(4w^2 + 2wh) x tokens + 4 x sum(L^2) x w x d per
+             tower. Hardware FLOPs, not model FLOPs: MFU uses `model`, the hardware rate `hardware`.
 
 Biases, norms, RoPE, softmax and other elementwise work are not counted (a few percent at most). A forward-only
 count (training=False) uses 2x, 4x and 2x instead of 6x, 12x and 6x, and never recomputes.
@@ -62,6 +63,11 @@ def _lengths(name: str, seqlens: Sequence[int]) -> list[int]:
     return lengths
 
 
+def _recompute(cfg: VisionConfig | TextConfig, tokens: int, sum_sq: int) -> int:
+    w = cfg.width
+    return 2 * cfg.depth * (4 * w * w + 2 * w * cfg.mlp_hidden) * tokens + 4 * sum_sq * w * cfg.depth
+
+
 def vision_flops(cfg: VisionConfig, embed_dim: int, seqlens: Sequence[int], *, training: bool = True,
                  recompute: bool = False) -> FlopCount:
     """The vision tower's part of `count_flops` for images of `seqlens` patch tokens."""
@@ -70,7 +76,7 @@ def vision_flops(cfg: VisionConfig, embed_dim: int, seqlens: Sequence[int], *, t
     w, tokens, sq = cfg.width, sum(lengths), sum(n * n for n in lengths)
     block = 4 * w * w + 3 * w * cfg.mlp_hidden
     per_token = cfg.patch_dim * w + cfg.depth * block + 2 * w * w
-    recomputed = (2 * cfg.depth * block * tokens + 4 * sq * w * cfg.depth) if (training and recompute) else 0
+    recomputed = _recompute(cfg, tokens, sq) if (training and recompute) else 0
     return FlopCount(vision_matmul=mm * (per_token * tokens + w * embed_dim * len(lengths)),
                      vision_attention=attn * sq * w * cfg.depth, vision_pool_attention=attn * tokens * w,
                      recompute=recomputed)
@@ -83,7 +89,7 @@ def text_flops(cfg: TextConfig, embed_dim: int, seqlens: Sequence[int], *, train
     mm, attn = (6, 12) if training else (2, 4)
     w, tokens, sq = cfg.width, sum(lengths), sum(n * n for n in lengths)
     block = 4 * w * w + 3 * w * cfg.mlp_hidden
-    recomputed = (2 * cfg.depth * block * tokens + 4 * sq * w * cfg.depth) if (training and recompute) else 0
+    recomputed = _recompute(cfg, tokens, sq) if (training and recompute) else 0
     return FlopCount(text_matmul=mm * (cfg.depth * block * tokens + w * embed_dim * len(lengths)),
                      text_attention=attn * sq * w * cfg.depth, recompute=recomputed)
 

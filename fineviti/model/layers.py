@@ -120,8 +120,9 @@ def rope_1d_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tup
 
 
 def rope_1d(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (total, heads, head_dim) rotated as x*cos + rotate_half(x)*sin in fp32; returns x's dtype."""
-    xf = x.float()
+    """x (total, heads, head_dim) rotated as x*cos + rotate_half(x)*sin in fp32 (fp64 for fp64 x); returns x's
+    dtype."""
+    xf = x if x.dtype == torch.float64 else x.float()
     return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
 
 

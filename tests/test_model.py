@@ -1,0 +1,488 @@
+"""The FineViT model: parameter counts, packing invariance, degenerate grids, gradients, the text tower's lengths,
+the towers against a plain re-implementation, SigLIP/CLIP initialisation, activation checkpointing, the Triton
+backends under the interpreter, and the stage-2 aligner (splicing, answer-only loss, padding).
+
+Small configs in fp32 on the CPU, attention backend "torch" unless a test says otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fineviti
+from fineviti.data.batch import PackedBatch
+from fineviti.data.positions import build_positions_ref
+from fineviti.model import (
+    AlignerConfig,
+    BuiltinLM,
+    FineViT,
+    HFCausalLM,
+    build_example,
+    collate,
+    create_aligner,
+    create_model,
+)
+from fineviti.model import config as cfg_mod
+from fineviti.model.aligner import IGNORE_INDEX, next_token_loss
+from fineviti.model.layers import rope_1d, rope_1d_cos_sin
+from fineviti.ops.attention import varlen_attention_ref
+from fineviti.ops.rope import rope_2d_ref
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+SMALL = {"attn_backend": "torch", "rope_backend": "torch", "embed_dim": 48,
+         "vision": {"width": 64, "depth": 2, "heads": 2, "mlp_hidden": 96},
+         "text": {"vocab_size": 300, "width": 64, "depth": 2, "heads": 2, "mlp_hidden": 96}}
+
+
+def small_model(**overrides) -> FineViT:
+    torch.manual_seed(0)
+    settings = {**SMALL, **overrides}
+    return create_model("tiny", **settings)
+
+
+def pack_images(grids, merge=1, patch_dim=588, seed=0):
+    """patches, cu_seqlens, pos, max_seqlen, seqlens of images with these patch grids (fresh random pixels)."""
+    gen = torch.Generator().manual_seed(seed)
+    grid_hw = torch.tensor(grids, dtype=torch.int32)
+    cu, pos = build_positions_ref(grid_hw, merge)
+    lengths = (cu[1:] - cu[:-1]).tolist()
+    patches = torch.randn(int(cu[-1]), patch_dim, generator=gen)
+    return patches, cu, pos, max(lengths), lengths
+
+
+def pack_captions(lengths, vocab=300, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab, (sum(lengths),), generator=gen)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    return tokens, cu, max(lengths), list(lengths)
+
+
+def make_batch(grids, caption_lengths, merge=1, vocab=300, seed=0) -> PackedBatch:
+    patches, cu, pos, max_len, lengths = pack_images(grids, merge, seed=seed)
+    tokens, tcu, tmax, tlens = pack_captions(caption_lengths, vocab, seed=seed + 1)
+    return PackedBatch(patches=patches, cu_seqlens=cu, pos=pos, max_seqlen=max_len, seqlens=lengths,
+                       grid_hw=torch.tensor(grids, dtype=torch.int32), tokens=tokens, text_cu_seqlens=tcu,
+                       text_max_seqlen=tmax, text_seqlens=tlens)
+
+
+def select(packed, cu, order):
+    """The rows of the sequences `order` of a packed tensor, concatenated in that order."""
+    bounds = cu.tolist()
+    return torch.cat([packed[bounds[i]:bounds[i + 1]] for i in order])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Configs and parameter counts
+
+
+@pytest.mark.parametrize("name", ["tiny", "base", "large", "fine"])
+def test_param_count_matches_modules(name):
+    device = "cpu" if name == "tiny" else "meta"  # the large presets are built without memory
+    model = create_model(name, device=device)
+    cfg = model.cfg
+    assert cfg_mod.count_params(model.visual) == cfg.vision.num_params(cfg.embed_dim)
+    assert cfg_mod.count_params(model.text) == cfg.text.num_params(cfg.embed_dim)
+    assert cfg_mod.count_params(model) == cfg.num_params()
+
+
+def test_preset_shapes():
+    fine = cfg_mod.fine()
+    assert (fine.vision.width, fine.vision.depth, fine.vision.heads, fine.vision.head_dim,
+            fine.vision.mlp_hidden) == (1536, 28, 16, 96, 4608)
+    assert 0.84e9 < fine.vision.num_params(fine.embed_dim) < 0.88e9  # "about 0.86B" in the paper
+    assert (cfg_mod.base().vision.width, cfg_mod.base().vision.depth, cfg_mod.base().vision.head_dim) == (768, 12, 64)
+    assert (cfg_mod.large().vision.width, cfg_mod.large().vision.depth, cfg_mod.large().vision.head_dim) == \
+        (1024, 24, 64)
+    for name in cfg_mod.PRESETS:
+        assert cfg_mod.preset(name).text.context_length >= 256
+
+
+def test_overrides_and_errors():
+    cfg = cfg_mod.apply_overrides(cfg_mod.tiny(), {"vision.depth": 2, "text": {"vocab_size": 1234}, "loss": "clip"})
+    assert (cfg.vision.depth, cfg.text.vocab_size, cfg.loss) == (2, 1234, "clip")
+    assert cfg_mod.tiny().vision.depth == 4  # presets are fresh copies
+    with pytest.raises(KeyError, match="vision.dpeth"):
+        cfg_mod.apply_overrides(cfg_mod.tiny(), {"vision.dpeth": 2})
+    with pytest.raises(ValueError, match="heads"):
+        cfg_mod.apply_overrides(cfg_mod.tiny(), {"vision.heads": 5})
+    with pytest.raises(ValueError, match="head_dim"):
+        cfg_mod.apply_overrides(cfg_mod.tiny(), {"vision.heads": 64})  # head_dim 3
+    with pytest.raises(ValueError, match="context_length"):
+        cfg_mod.apply_overrides(cfg_mod.tiny(), {"text.context_length": 128})
+    with pytest.raises(ValueError, match="unknown model preset"):
+        create_model("huge")
+    model = fineviti.create_model("tiny", device="meta", text={"vocab_size": 777})
+    assert model.text.token_embed.num_embeddings == 777 and model.visual.patch_size == 14
+    assert model.visual.merge == 2
+
+
+def test_logit_initialisation():
+    siglip = small_model()
+    scale, bias = siglip.logit_params()
+    assert torch.allclose(scale, torch.tensor(10.0)) and torch.allclose(bias, torch.tensor(-10.0))
+    assert torch.allclose(siglip.logit_scale, torch.tensor(math.log(10.0)))
+    clip = small_model(loss="clip")
+    scale, bias = clip.logit_params()
+    assert bias is None and clip.logit_bias is None
+    assert torch.allclose(scale, torch.tensor(1 / 0.07))
+    with torch.no_grad():
+        clip.logit_scale.fill_(math.log(500.0))
+    assert float(clip.logit_params()[0].detach()) == 100.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Vision tower
+
+
+def test_packing_invariance():
+    """An image's embedding (and its patch tokens) is the same alone, packed with others, in another order."""
+    model = small_model().eval()
+    grids = [(4, 6), (2, 2), (6, 4), (2, 8)]
+    patches, cu, pos, max_len, lengths = pack_images(grids, merge=2)
+    with torch.no_grad():
+        packed, tokens = model.encode_image(patches, cu, pos, max_len, lengths, return_tokens=True)
+        order = [2, 0, 3, 1]
+        cu_perm = torch.tensor([0, *torch.tensor([lengths[i] for i in order]).cumsum(0).tolist()], dtype=torch.int32)
+        permuted, tokens_perm = model.encode_image(select(patches, cu, order), cu_perm, select(pos, cu, order),
+                                                   max_len, return_tokens=True)
+        for j, i in enumerate(order):
+            torch.testing.assert_close(permuted[j], packed[i], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(tokens_perm, select(tokens, cu, order), rtol=1e-5, atol=1e-6)
+        for i in range(len(grids)):
+            alone = model.encode_image(select(patches, cu, [i]), torch.tensor([0, lengths[i]], dtype=torch.int32),
+                                       select(pos, cu, [i]), lengths[i])
+            torch.testing.assert_close(alone[0], packed[i], rtol=1e-5, atol=1e-6)
+
+
+def test_degenerate_grids():
+    """1x1 and 1x64 patch grids: finite features and gradients; a one-token image pools to its own value."""
+    model = small_model()
+    patches, cu, pos, max_len, lengths = pack_images([(1, 1), (1, 64), (64, 1)])
+    patches.requires_grad_(True)
+    features, tokens = model.encode_image(patches, cu, pos, max_len, lengths, return_tokens=True)
+    assert features.shape == (3, 48) and tokens.shape == (129, 64)
+    features.square().sum().backward()
+    assert torch.isfinite(features).all() and torch.isfinite(patches.grad).all()
+    pool = model.visual.pool
+    with torch.no_grad():  # softmax over one token is 1: the pool returns out(v) of that token
+        _, v = pool.kv(tokens[:1]).chunk(2, dim=-1)
+        torch.testing.assert_close(features[0], pool.out(v)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_attention_pool_against_per_image_softmax():
+    torch.manual_seed(1)
+    pool = small_model().visual.pool.double()
+    lengths = [1, 7, 3, 30]
+    x = torch.randn(sum(lengths), 64, dtype=torch.float64) * 3
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    x.requires_grad_(True)
+    got = pool(x, cu)
+    expected = []
+    heads, hd = pool.heads, pool.head_dim
+    for chunk in x.split(lengths):
+        k, v = pool.kv(chunk).view(len(chunk), 2, heads, hd).unbind(1)
+        attn = torch.softmax(torch.einsum("thd,hd->ht", k, pool.query.view(heads, hd)) / math.sqrt(hd), dim=-1)
+        expected.append(pool.out(torch.einsum("ht,thd->hd", attn, v).reshape(-1)))
+    expected = torch.stack(expected)
+    torch.testing.assert_close(got, expected)
+    g = torch.randn_like(got)
+    grads = torch.autograd.grad(got, [x, pool.query], g)
+    grads_ref = torch.autograd.grad(expected, [x, pool.query], g)
+    for a, b in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_vision_tower_against_plain_reimplementation():
+    """The fused QKV layout, 2D RoPE and varlen attention wired as the docs say: recompute the tower with the
+    ops' references, one image at a time."""
+    model = small_model(**{"vision.depth": 2})
+    vis = model.visual
+    patches, cu, pos, max_len, lengths = pack_images([(2, 4), (3, 3), (1, 5)])
+    got = vis.forward_tokens(patches, cu, pos, max_len, lengths)
+
+    def rms(layer, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + layer.eps) * layer.weight
+
+    heads, hd = vis.heads, vis.width // vis.heads
+    x = patches @ vis.patch_embed.weight.T + vis.patch_embed.bias
+    for block in vis.blocks:
+        h = rms(block.norm1, x)
+        qkv = h @ block.attn.qkv.weight.T + block.attn.qkv.bias
+        q, k, v = qkv[:, :64].view(-1, heads, hd), qkv[:, 64:128].view(-1, heads, hd), qkv[:, 128:].view(-1, heads, hd)
+        q, k = rope_2d_ref(q, pos), rope_2d_ref(k, pos)
+        o = varlen_attention_ref(q, k, v, cu).reshape(-1, 64)
+        x = x + o @ block.attn.proj.weight.T + block.attn.proj.bias
+        gate, up = (rms(block.norm2, x) @ block.mlp.gate_up.weight.T).chunk(2, dim=-1)
+        x = x + (F.silu(gate) * up) @ block.mlp.down.weight.T
+    torch.testing.assert_close(got, rms(vis.norm, x), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_vision_inputs():
+    model = small_model()
+    patches, cu, pos, max_len, lengths = pack_images([(2, 3)])
+    with pytest.raises(ValueError, match="patches must have shape"):
+        model.encode_image(patches[:, :100], cu, pos, max_len)
+    with pytest.raises(ValueError, match="pos must have shape"):
+        model.encode_image(patches, cu, pos[:-1], max_len)
+    with pytest.raises(ValueError, match="max_seqlen=3"):
+        model.encode_image(patches, cu, pos, 3)
+    with pytest.raises(TypeError, match="int32"):
+        model.encode_image(patches, cu.long(), pos, max_len)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Text tower
+
+
+def test_rope_1d_is_the_rotary_embedding():
+    """rope_1d rotates the pairs (i, i + d/2) by position * theta**(-2i/d): relative positions only."""
+    torch.manual_seed(0)
+    d, theta = 32, 10000.0
+    positions = torch.tensor([0, 1, 5, 17, 255])
+    x = torch.randn(5, 3, d, dtype=torch.float64)
+    cos, sin = rope_1d_cos_sin(positions, d, theta)
+    got = rope_1d(x, cos.double(), sin.double())
+    freqs = theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    rot = torch.polar(torch.ones(5, d // 2, dtype=torch.float64), positions[:, None].double() * freqs)
+    z = torch.complex(x[..., : d // 2], x[..., d // 2:]) * rot[:, None, :]
+    # cos and sin are fp32 (as in Llama): angles up to 255 rad carry ~1e-5 of rounding
+    torch.testing.assert_close(got, torch.cat((z.real, z.imag), dim=-1), rtol=0, atol=3e-5)
+    q, k = torch.randn(2, 1, 1, d, dtype=torch.float64)
+
+    def score(pq, pk):
+        cq, sq = rope_1d_cos_sin(torch.tensor([pq]), d, theta)
+        ck, sk = rope_1d_cos_sin(torch.tensor([pk]), d, theta)
+        return float((rope_1d(q, cq.double(), sq.double()) * rope_1d(k, ck.double(), sk.double())).sum())
+
+    assert score(3, 10) == pytest.approx(score(103, 110), rel=1e-5)
+    assert score(3, 10) != pytest.approx(score(3, 11), rel=1e-3)
+
+
+def test_caption_lengths_and_text_packing():
+    """Captions of length 1 and of the full context, alone and packed: the same embeddings."""
+    model = small_model().eval()
+    context = model.text.context_length
+    lengths = [1, context, 17, 1]
+    tokens, cu, max_len, tlens = pack_captions(lengths)
+    with torch.no_grad():
+        packed = model.encode_text(tokens, cu, max_len, tlens)
+        assert packed.shape == (4, 48) and torch.isfinite(packed).all()
+        for i, n in enumerate(lengths):
+            alone = model.encode_text(select(tokens, cu, [i]), torch.tensor([0, n], dtype=torch.int32), n)
+            torch.testing.assert_close(alone[0], packed[i], rtol=1e-5, atol=1e-6)
+    # A token's position matters (RoPE): reversing a caption changes its embedding.
+    with torch.no_grad():
+        fwd = model.encode_text(tokens[1:18], torch.tensor([0, 17], dtype=torch.int32), 17)
+        rev = model.encode_text(tokens[1:18].flip(0), torch.tensor([0, 17], dtype=torch.int32), 17)
+    assert not torch.allclose(fwd, rev, atol=1e-4)
+    with pytest.raises(ValueError, match="context length"):
+        model.encode_text(torch.zeros(context + 1, dtype=torch.long),
+                          torch.tensor([0, context + 1], dtype=torch.int32), context + 1)
+    with pytest.raises(ValueError, match="vocab_size=300"):
+        model.encode_text(torch.tensor([1, 300]), torch.tensor([0, 2], dtype=torch.int32), 2)
+
+
+def test_last_token_pool():
+    model = small_model(**{"text.pool": "last"}).eval()
+    tokens, cu, max_len, tlens = pack_captions([3, 1, 9])
+    with torch.no_grad():
+        feats = model.encode_text(tokens, cu, max_len, tlens)
+        x = model.text.forward_tokens(tokens, cu, max_len, tlens)
+        torch.testing.assert_close(feats, model.text.proj(x[cu[1:].long() - 1]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The two-tower model
+
+
+@pytest.mark.parametrize("loss", ["siglip", "clip"])
+def test_every_parameter_gets_a_gradient(loss):
+    model = small_model(loss=loss)
+    batch = make_batch([(2, 2), (1, 5), (4, 3)], [5, 1, 12])
+    out = model(batch)
+    assert out["image_features"].shape == (3, 48) and out["text_features"].shape == (3, 48)
+    torch.testing.assert_close(out["image_features"].norm(dim=-1), torch.ones(3))
+    assert torch.isfinite(out["loss"])
+    out["loss"].backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def test_loss_matches_reference_and_text_image_pairs():
+    from fineviti.ops.contrastive import siglip_loss_ref
+
+    model = small_model()
+    batch = make_batch([(2, 2), (3, 1)], [4, 6, 2])
+    batch.text_image = torch.tensor([0, 1, 1])
+    out = model(batch)
+    scale, bias = model.logit_params()
+    expected = siglip_loss_ref(out["image_features"][batch.text_image].double(), out["text_features"].double(),
+                               scale.double(), bias.double())
+    torch.testing.assert_close(out["loss"].double(), expected, rtol=1e-5, atol=1e-6)
+    batch.text_image = None
+    with pytest.raises(ValueError, match="2 images and 3 captions"):
+        model(batch)
+
+
+def test_checkpointing_gives_the_same_gradients():
+    batch = make_batch([(2, 4), (3, 3)], [7, 3])
+    grads = []
+    for ckpt in (False, True):
+        model = small_model(grad_checkpointing=ckpt)
+        model(batch)["loss"].backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.skipif(not INTERPRET and not torch.cuda.is_available(),
+                    reason="Triton on a CPU needs TRITON_INTERPRET=1 (tests/conftest.py sets it without a GPU)")
+def test_triton_backends_match_torch():
+    """The vision tower with the Triton attention and fused QKV-split RoPE (the GPU defaults), fp32, forward and
+    backward, against the torch backends; on the CPU under Triton's interpreter, at a tiny size."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    settings = {"vision": {"width": 64, "depth": 1, "heads": 2, "mlp_hidden": 64}}
+    ref = small_model(**settings).to(device)
+    tri = small_model(attn_backend="triton", rope_backend="triton", **settings).to(device)
+    tri.load_state_dict(ref.state_dict())
+    patches, cu, pos, max_len, lengths = (t.to(device) if isinstance(t, torch.Tensor) else t
+                                          for t in pack_images([(3, 5), (1, 1), (2, 7)]))
+    outs = []
+    for model in (ref, tri):
+        x = patches.clone().requires_grad_(True)
+        feats = model.encode_image(x, cu, pos, max_len, lengths)
+        feats.square().sum().backward()
+        outs.append((feats, x.grad, model.visual.blocks[0].attn.qkv.weight.grad))
+    for a, b in zip(*outs, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage-2 aligner
+
+LM = {"builtin_lm.vocab_size": 200, "builtin_lm.width": 64, "builtin_lm.depth": 2, "builtin_lm.heads": 2,
+      "builtin_lm.mlp_hidden": 96}
+
+
+def small_aligner(**overrides):
+    torch.manual_seed(0)
+    stage1 = small_model()
+    return create_aligner(stage1.cfg, visual=stage1.visual, **{**LM, **overrides})
+
+
+def aligner_inputs(aligner, grids=((2, 4), (2, 2)), prompts=((5, 6, 7), (8,)), answers=((9, 10), (11, 12, 13))):
+    patches, cu, pos, max_len, lengths = pack_images(list(grids), merge=2)
+    examples = [build_example(p, a, rows * cols // 4, aligner.placeholder_id, bos_id=1, eos_id=2)
+                for (rows, cols), p, a in zip(grids, prompts, answers, strict=True)]
+    ids, labels, mask = collate(examples, pad_id=0)
+    return (patches, cu, pos, max_len, lengths), ids, labels, mask
+
+
+def test_build_example_and_collate():
+    ids, labels = build_example([5, 6], [7, 8], 3, placeholder_id=99, bos_id=1, eos_id=2)
+    assert ids.tolist() == [1, 99, 99, 99, 5, 6, 7, 8, 2]
+    assert labels.tolist() == [IGNORE_INDEX] * 6 + [7, 8, 2]
+    ids2, labels2 = build_example([5], [7], 1, placeholder_id=99)
+    batch_ids, batch_labels, mask = collate([(ids, labels), (ids2, labels2)], pad_id=0)
+    assert batch_ids[1].tolist() == [99, 5, 7] + [0] * 6 and mask[1].tolist() == [1, 1, 1] + [0] * 6
+    assert batch_labels[1].tolist() == [IGNORE_INDEX, IGNORE_INDEX, 7] + [IGNORE_INDEX] * 6
+
+
+def test_splice_places_image_tokens_at_placeholders():
+    aligner = small_aligner()
+    images, ids, labels, mask = aligner_inputs(aligner)
+    patches, cu, pos, max_len, lengths = images
+    image_embeds = aligner.encode_images(*images)
+    assert image_embeds.shape == (sum(lengths) // 4, aligner.lm.hidden_size)
+    embeds = aligner.splice(ids, image_embeds, cu // 4)
+    is_image = ids == aligner.placeholder_id
+    torch.testing.assert_close(embeds[is_image], image_embeds)
+    torch.testing.assert_close(embeds[~is_image], aligner.lm.embed(ids[~is_image]))
+    # sample_image: two samples asking about the same image get the same rows
+    ids_same = torch.stack([ids[1, :8], ids[1, :8]])
+    embeds_same = aligner.splice(ids_same, image_embeds, cu // 4, sample_image=torch.tensor([1, 1]))
+    torch.testing.assert_close(embeds_same[0], embeds_same[1])
+    torch.testing.assert_close(embeds_same[0][ids_same[0] == aligner.placeholder_id], image_embeds[2:3])
+    with pytest.raises(ValueError, match="placeholder tokens"):
+        aligner.splice(torch.cat([ids[:, :1], ids[:, 2:]], 1), image_embeds, cu // 4)  # one placeholder fewer
+
+
+def test_aligner_loss_is_answer_only():
+    aligner = small_aligner()
+    images, ids, labels, mask = aligner_inputs(aligner)
+    out = aligner(*images[:4], ids, labels, mask, images[4])
+    logits = out["logits"]
+    manual, count = [], 0
+    for b in range(ids.shape[0]):
+        for t in range(ids.shape[1] - 1):
+            if labels[b, t + 1] != IGNORE_INDEX:
+                manual.append(F.cross_entropy(logits[b, t][None].float(), labels[b, t + 1][None]))
+                count += 1
+    assert int(out["n_targets"]) == count == 3 + 4  # answers plus eos
+    torch.testing.assert_close(out["loss"], torch.stack(manual).mean())
+    # The loss has no gradient at positions whose next token is not an answer token.
+    (dlogits,) = torch.autograd.grad(out["loss"], logits, retain_graph=True)
+    targets = torch.zeros_like(labels, dtype=torch.bool)
+    targets[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    assert dlogits[~targets].abs().max() == 0 and dlogits[targets].abs().sum(-1).min() > 0
+    # Relabelling a non-answer position (as if it were a target) changes the loss; the loss with the
+    # original labels ignores what the model predicts there.
+    relabelled = labels.clone()
+    relabelled[0, 3] = 5
+    assert not torch.allclose(next_token_loss(logits, relabelled)[0], out["loss"])
+    # every parameter that trains in stage 2 gets a gradient (the pooling head is frozen)
+    out["loss"].backward()
+    assert all(not p.requires_grad for p in aligner.visual.pool.parameters())
+    for name, p in aligner.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_aligner_right_padding_does_not_leak():
+    """A sample's logits are the same alone and batched with a longer sample (right padding, causal LM)."""
+    aligner = small_aligner().eval()
+    images, ids, labels, mask = aligner_inputs(aligner)
+    patches, cu, pos, max_len, lengths = images
+    with torch.no_grad():
+        both = aligner(patches, cu, pos, max_len, ids, labels, mask, lengths)["logits"]
+        n = int(mask[1].sum())
+        alone = aligner(patches[lengths[0]:], cu[1:] - cu[1], pos[lengths[0]:], lengths[1], ids[1:, :n])["logits"]
+    torch.testing.assert_close(both[1, :n], alone[0], rtol=1e-5, atol=1e-5)
+
+
+def test_aligner_checkpointing_and_generate():
+    images, ids, labels, mask = aligner_inputs(small_aligner())
+    grads = []
+    for ckpt in (False, True):
+        aligner = small_aligner(grad_checkpointing=ckpt)
+        aligner(*images[:4], ids, labels, mask, images[4])["loss"].backward()
+        grads.append({n: p.grad.clone() for n, p in aligner.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-7, msg=name)
+    patches, cu, pos, max_len, lengths = images
+    new = aligner.generate(patches[:lengths[0]], cu[:2], pos[:lengths[0]], lengths[0], ids[0, :12],
+                           max_new_tokens=3)
+    assert new.shape == (3,) and int(new.max()) < aligner.lm.vocab_size
+
+
+def test_aligner_config_and_hf_adapter_errors(tmp_path):
+    cfg = cfg_mod.aligner_config("tiny")
+    assert isinstance(cfg, AlignerConfig) and cfg.vision == cfg_mod.tiny().vision
+    aligner = create_aligner("tiny", device="meta")
+    assert isinstance(aligner.lm, BuiltinLM) and aligner.placeholder_id == aligner.lm.vocab_size
+    assert cfg_mod.count_params(aligner.lm) == aligner.cfg.builtin_lm.num_params()
+    with pytest.raises(FileNotFoundError, match="local directory"):
+        HFCausalLM(str(tmp_path / "missing"))
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="transformers"):
+            HFCausalLM(str(tmp_path))
