@@ -1,0 +1,212 @@
+"""The global planner: a seeded order per epoch, packs of at most `budget` patch tokens, and the dealing of packs to
+ranks and loader workers. All integers, no pixels; its state is what a checkpoint saves.
+
+Plan of epoch e (independent of the number of ranks and workers):
+1. order: a permutation of the samples from numpy's Generator seeded with (seed, e);
+2. packing: windowed first-fit over that order (`plan_packs`: C++ op `torch.ops.fineviti.plan_packs`, Python
+   reference `plan_packs_ref`, identical results): a buffer of `window` samples; each pack takes, in buffer order,
+   every sample that still fits; skipped samples wait (at most `window` packs) for a later one;
+3. balance: within each block of `cost_block` consecutive packs, packs are sorted by attention cost
+   sum(L_i^2) (descending), then tokens (descending), then position (stable), so that neighbouring packs cost
+   about the same.
+
+The stream is the packs of epoch 0, then those of epoch 1, and so on. Dealing for R ranks: global step k takes the
+next R packs of the stream, rank r gets the r-th; after step 3 they have about the same cost whatever R is, and
+every rank runs the same number of steps. Loader workers of a rank take its steps round robin (worker w: steps
+k = w mod W) and the loader yields them in step order. A step whose R packs straddle an epoch boundary takes the
+last packs of one epoch and the first of the next: no sample is dropped or repeated within an epoch (the remainder
+of an epoch is deferred to the next step, not dropped). Only a run limited to a number of epochs ends at the last
+full step, leaving fewer than R packs of its last epoch unused.
+
+State (`PlanState`): seed, epoch, pack (packs of that epoch consumed) and step (global batches consumed).
+Consumed means taken by the optimizer (see the loader's mark_consumed), not produced by a prefetching loader.
+Resuming from (epoch, pack) with any number of ranks continues the same stream at the same pack, so every sample
+is seen exactly once per epoch across a change of world size; only the grouping of later packs into steps changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+from fineviti import _ext
+
+
+def _check(lengths: np.ndarray, budget: int, window: int) -> None:
+    if budget < 1:
+        raise ValueError(f"plan_packs: budget must be >= 1, got {budget}")
+    if window < 1:
+        raise ValueError(f"plan_packs: window must be >= 1, got {window}")
+    if lengths.ndim != 1:
+        raise ValueError(f"plan_packs: lengths must be 1-D, got shape {list(lengths.shape)}")
+    bad = np.flatnonzero((lengths < 1) | (lengths > budget))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"plan_packs: lengths[{i}] = {int(lengths[i])} is outside [1, budget = {budget}]; every "
+                         "sample must fit one pack")
+
+
+def plan_packs_ref(lengths, budget: int, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """Python reference of `plan_packs`: (pack_offsets int64 (n_packs + 1,), order int64 (n,))."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    _check(lengths, budget, window)
+    values = lengths.tolist()
+    n = len(values)
+    order: list[int] = []
+    offsets = [0]
+    buffer: list[int] = []
+    next_in = 0
+    while next_in < n or buffer:
+        while len(buffer) < window and next_in < n:
+            buffer.append(next_in)
+            next_in += 1
+        room = budget
+        kept = []
+        for sample in buffer:
+            if values[sample] <= room:
+                order.append(sample)
+                room -= values[sample]
+            else:
+                kept.append(sample)
+        buffer = kept
+        offsets.append(len(order))
+    return np.asarray(offsets, dtype=np.int64), np.asarray(order, dtype=np.int64)
+
+
+def plan_packs(lengths, budget: int, window: int, backend: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """Windowed first-fit packing. lengths: (n,) ints in [1, budget]. Returns numpy int64 (pack_offsets, order):
+    pack j holds samples order[pack_offsets[j]:pack_offsets[j + 1]] (indices into `lengths`).
+    backend: "cpp" (the C++ op), "python" (the reference) or "auto" (C++ when the extension is built)."""
+    if backend not in ("auto", "cpp", "python"):
+        raise ValueError(f"plan_packs: backend must be 'auto', 'cpp' or 'python', got {backend!r}")
+    if backend == "python" or (backend == "auto" and not _ext.load(required=False)):
+        return plan_packs_ref(lengths, budget, window)
+    _ext.load(required=True)
+    tensor = torch.as_tensor(np.ascontiguousarray(lengths, dtype=np.int64))
+    offsets, order = torch.ops.fineviti.plan_packs(tensor, int(budget), int(window))
+    return offsets.numpy(), order.numpy()
+
+
+def balance_packs(order: np.ndarray, offsets: np.ndarray, lengths: np.ndarray,
+                  block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorts the packs within each block of `block` packs by attention cost sum(L^2), then tokens, descending
+    (stable), so that any R consecutive packs cost about the same. Returns the new (order, offsets)."""
+    n_packs = len(offsets) - 1
+    if n_packs == 0 or block <= 1:
+        return order, offsets
+    sizes = np.diff(offsets)
+    taken = lengths[order]
+    starts = offsets[:-1]
+    tokens = np.add.reduceat(taken, starts) if len(taken) else np.zeros(0, np.int64)
+    cost = np.add.reduceat(taken.astype(np.float64) ** 2, starts)
+    block_id = np.arange(n_packs) // block
+    new = np.lexsort((np.arange(n_packs), -tokens, -cost, block_id))
+    new_offsets = np.zeros(n_packs + 1, dtype=np.int64)
+    np.cumsum(sizes[new], out=new_offsets[1:])
+    gather = np.repeat(offsets[new] - new_offsets[:-1], sizes[new]) + np.arange(len(order))
+    return order[gather], new_offsets
+
+
+@dataclasses.dataclass
+class EpochPlan:
+    epoch: int
+    order: np.ndarray  # int64 sample ids, pack after pack
+    offsets: np.ndarray  # int64 (n_packs + 1,)
+
+    @property
+    def n_packs(self) -> int:
+        return len(self.offsets) - 1
+
+    def pack(self, j: int) -> np.ndarray:
+        return self.order[self.offsets[j]:self.offsets[j + 1]]
+
+
+@dataclasses.dataclass
+class PlanState:
+    """The planner's global state: what a checkpoint saves (identical on every rank)."""
+
+    seed: int
+    epoch: int = 0
+    pack: int = 0  # packs of `epoch` consumed
+    step: int = 0  # global batches consumed since the start of training
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> PlanState:
+        return cls(**{f.name: int(state[f.name]) for f in dataclasses.fields(cls)})
+
+
+class Planner:
+    """Plans epochs of `lengths` (patch tokens per sample) into packs of at most `budget` tokens; deals them.
+
+    epochs: None for an endless stream, else the number of epochs after which the stream ends."""
+
+    def __init__(self, lengths, budget: int, *, seed: int = 0, window: int = 128, cost_block: int = 64,
+                 epochs: int | None = None, backend: str = "auto"):
+        self.lengths = np.ascontiguousarray(lengths, dtype=np.int64)
+        if self.lengths.size == 0:
+            raise ValueError("Planner: no samples to plan (lengths is empty)")
+        _check(self.lengths, budget, window)
+        if cost_block < 1:
+            raise ValueError(f"Planner: cost_block must be >= 1, got {cost_block}")
+        if epochs is not None and epochs < 1:
+            raise ValueError(f"Planner: epochs must be None or >= 1, got {epochs}")
+        self.budget, self.seed, self.window, self.cost_block = int(budget), int(seed), int(window), int(cost_block)
+        self.epochs, self.backend = epochs, backend
+        self._cache: OrderedDict[int, EpochPlan] = OrderedDict()
+
+    def epoch(self, epoch: int) -> EpochPlan:
+        plan = self._cache.get(epoch)
+        if plan is None:
+            perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.lengths))
+            offsets, positions = plan_packs(self.lengths[perm], self.budget, self.window, self.backend)
+            order, offsets = balance_packs(perm[positions], offsets, self.lengths, self.cost_block)
+            plan = self._cache[epoch] = EpochPlan(epoch, order, offsets)
+            while len(self._cache) > 2:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(epoch)
+        return plan
+
+    def advance(self, epoch: int, pack: int, count: int) -> tuple[int, int] | None:
+        """The stream position `count` packs after (epoch, pack), or None when it lies past the last epoch."""
+        pack += count
+        while True:
+            if self.epochs is not None and epoch >= self.epochs:
+                return None
+            n_packs = self.epoch(epoch).n_packs
+            if pack < n_packs:
+                return epoch, pack
+            pack -= n_packs
+            epoch += 1
+
+    def step_packs(self, state: PlanState, step: int, world_size: int) -> list[tuple[int, int]] | None:
+        """Stream positions of the `world_size` packs of the `step`-th global step after `state` (rank r gets the
+        r-th), or None when the stream ends before the step is complete."""
+        if world_size < 1:
+            raise ValueError(f"Planner.step_packs: world_size must be >= 1, got {world_size}")
+        first = self.advance(state.epoch, state.pack, step * world_size)
+        if first is None:
+            return None
+        positions = [first]
+        for _ in range(world_size - 1):
+            following = self.advance(*positions[-1], 1)
+            if following is None:
+                return None
+            positions.append(following)
+        return positions
+
+    def consumed(self, state: PlanState, steps: int, world_size: int) -> PlanState:
+        """The state after the next `steps` global steps of `world_size` packs are consumed."""
+        position = self.advance(state.epoch, state.pack, steps * world_size)
+        if position is None:  # the stream ended: park past the last epoch
+            position = (self.epochs, 0)
+        return PlanState(state.seed, position[0], position[1], state.step + steps)
+
+    def pack_samples(self, epoch: int, pack: int) -> np.ndarray:
+        return self.epoch(epoch).pack(pack)

@@ -1,0 +1,168 @@
+"""The planner: windowed first-fit packing (C++ op against the Python reference), epoch plans, dealing, resume."""
+
+import numpy as np
+import pytest
+
+from fineviti import _ext
+from fineviti.data.planner import Planner, PlanState, balance_packs, plan_packs, plan_packs_ref
+
+needs_ext = pytest.mark.skipif(not _ext.load(required=False), reason="fineviti._C is not built")
+
+
+def check_packs(lengths, budget, offsets, order):
+    assert offsets[0] == 0 and offsets[-1] == len(lengths) and (np.diff(offsets) > 0).all()
+    assert sorted(order.tolist()) == list(range(len(lengths)))  # every sample exactly once
+    tokens = np.add.reduceat(lengths[order], offsets[:-1]) if len(order) else np.zeros(0)
+    assert (tokens <= budget).all()
+
+
+def test_reference_on_a_hand_example():
+    offsets, order = plan_packs_ref([5, 3, 8, 2, 7, 1, 4], budget=10, window=3)
+    # buffer [5, 3, 8]: takes 5, 3; [8, 2, 7]: 8, 2; [7, 1, 4]: 7, 1 (4 waits); [4]
+    assert offsets.tolist() == [0, 2, 4, 6, 7] and order.tolist() == [0, 1, 2, 3, 4, 5, 6]
+    offsets, order = plan_packs_ref([6, 6, 3, 1], budget=10, window=4)
+    assert offsets.tolist() == [0, 3, 4] and order.tolist() == [0, 2, 3, 1]
+
+
+@needs_ext
+@pytest.mark.parametrize("n", [0, 1, 7, 300, 5000])
+@pytest.mark.parametrize("budget, window", [(64, 1), (64, 8), (256, 64), (1000, 10000)])
+def test_cpp_equals_python(n, budget, window):
+    rng = np.random.default_rng(n + budget + window)
+    lengths = np.minimum(budget, rng.integers(1, budget + 1, n) // rng.integers(1, 6, n) + 1)
+    lengths[:: max(1, n // 5)] = budget  # some full packs
+    for dtype in (np.int64, np.int32):
+        cpp = plan_packs(lengths.astype(dtype), budget, window, backend="cpp")
+        ref = plan_packs(lengths.astype(dtype), budget, window, backend="python")
+        assert cpp[0].dtype == cpp[1].dtype == np.int64
+        np.testing.assert_array_equal(cpp[0], ref[0])
+        np.testing.assert_array_equal(cpp[1], ref[1])
+    check_packs(lengths, budget, *ref)
+
+
+def test_no_sample_waits_longer_than_the_window():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 200, 3000)
+    window = 16
+    offsets, order = plan_packs(lengths, 256, window)
+    pack_of = np.empty(len(lengths), dtype=np.int64)
+    pack_of[order] = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+    # every pack places at least one sample, so sample i is in the buffer by pack max(0, i - window + 1); every pack
+    # takes the buffer's oldest sample, so fewer than `window` packs later it is placed
+    assert (pack_of <= np.arange(len(lengths)) + window).all()
+
+
+@pytest.mark.parametrize("backend", ["python", pytest.param("cpp", marks=needs_ext)])
+def test_bad_arguments(backend):
+    with pytest.raises(ValueError, match=r"lengths\[1\] = 11 is outside \[1, budget = 10\]"):
+        plan_packs(np.array([3, 11]), 10, 4, backend=backend)
+    with pytest.raises(ValueError, match=r"lengths\[0\] = 0"):
+        plan_packs(np.array([0]), 10, 4, backend=backend)
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        plan_packs(np.array([1]), 10, 0, backend=backend)
+    with pytest.raises(ValueError, match="budget must be >= 1"):
+        plan_packs(np.array([1]), 0, 1, backend=backend)
+
+
+def test_balance_keeps_packs_and_sorts_blocks_by_cost():
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(1, 500, 2000)
+    offsets, order = plan_packs(lengths, 1024, 32)
+    new_order, new_offsets = balance_packs(order, offsets, lengths, block=8)
+    before = sorted(tuple(sorted(order[a:b].tolist())) for a, b in zip(offsets[:-1], offsets[1:], strict=True))
+    after = [tuple(sorted(new_order[a:b].tolist())) for a, b in zip(new_offsets[:-1], new_offsets[1:], strict=True)]
+    assert sorted(after) == before
+    cost = [float((lengths[new_order[a:b]].astype(float) ** 2).sum())
+            for a, b in zip(new_offsets[:-1], new_offsets[1:], strict=True)]
+    for start in range(0, len(cost), 8):
+        block = cost[start:start + 8]
+        assert block == sorted(block, reverse=True)
+
+
+def test_epoch_plans_are_seeded_and_differ_by_epoch():
+    lengths = np.random.default_rng(2).integers(1, 300, 500)
+    a, b = Planner(lengths, 512, seed=5), Planner(lengths, 512, seed=5)
+    np.testing.assert_array_equal(a.epoch(0).order, b.epoch(0).order)
+    np.testing.assert_array_equal(a.epoch(3).offsets, b.epoch(3).offsets)
+    assert not np.array_equal(a.epoch(0).order, a.epoch(1).order)
+    assert not np.array_equal(a.epoch(0).order, Planner(lengths, 512, seed=6).epoch(0).order)
+    for e in range(3):
+        check_packs(lengths, 512, a.epoch(e).offsets, a.epoch(e).order)
+
+
+def run_steps(planner, state, world, steps=None):
+    """Packs (sample id arrays) per step and rank from `state` on, until the stream ends or `steps` are taken."""
+    out, k = [], 0
+    while steps is None or k < steps:
+        positions = planner.step_packs(state, k, world)
+        if positions is None:
+            break
+        out.append([planner.pack_samples(*p) for p in positions])
+        k += 1
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+def test_ranks_get_equal_steps_and_disjoint_samples(world):
+    lengths = np.random.default_rng(3).integers(1, 300, 701)
+    planner = Planner(lengths, 600, seed=1, epochs=1, cost_block=16)
+    steps = run_steps(planner, PlanState(seed=1), world)
+    n_packs = planner.epoch(0).n_packs
+    assert len(steps) == n_packs // world and all(len(s) == world for s in steps)
+    seen = np.concatenate([p for s in steps for p in s])
+    assert len(np.unique(seen)) == len(seen)  # ranks disjoint, no repeats
+    left = [planner.pack_samples(0, j) for j in range(len(steps) * world, n_packs)]
+    everything = np.concatenate([seen, *left]) if left else seen
+    assert sorted(everything.tolist()) == list(range(len(lengths)))  # only the final < world packs are unused
+    # the same stream and dealing from a fresh planner: deterministic
+    again = run_steps(Planner(lengths, 600, seed=1, epochs=1, cost_block=16), PlanState(seed=1), world)
+    assert all(np.array_equal(x, y) for s, t in zip(steps, again, strict=True) for x, y in zip(s, t, strict=True))
+
+
+def test_endless_stream_defers_the_remainder_to_the_next_epoch():
+    lengths = np.random.default_rng(4).integers(1, 300, 401)
+    planner = Planner(lengths, 600, seed=2)
+    n0 = planner.epoch(0).n_packs
+    world = 3 if n0 % 3 else 4  # a world size that does not divide the epoch
+    steps = run_steps(planner, PlanState(seed=2), world, steps=n0 // world + 2)
+    stream = [p for s in steps for p in s]
+    epoch0 = np.concatenate(stream[:n0])
+    assert sorted(epoch0.tolist()) == list(range(len(lengths)))
+    assert np.array_equal(stream[n0], planner.pack_samples(1, 0))  # the step straddling the boundary
+
+
+@pytest.mark.parametrize("consumed", [0, 3, 7])
+def test_resume_on_two_ranks_from_one_keeps_every_sample_once(consumed):
+    lengths = np.random.default_rng(5).integers(1, 300, 333)
+    planner = Planner(lengths, 600, seed=3)
+    state = PlanState(seed=3)
+    first = run_steps(planner, state, 1, steps=consumed)
+    state = planner.consumed(state, consumed, 1)
+    assert (state.epoch, state.pack, state.step) == (0, consumed, consumed)
+    resumed = Planner(lengths, 600, seed=3)  # a new process: only the state carries over
+    n0 = resumed.epoch(0).n_packs
+    rest = run_steps(resumed, PlanState.from_state_dict(state.state_dict()), 2, steps=(n0 - consumed + 1) // 2)
+    stream = [p for s in first for p in s] + [p for s in rest for p in s]
+    assert sorted(np.concatenate(stream[:n0]).tolist()) == list(range(len(lengths)))
+    after = resumed.consumed(state, len(rest), 2)
+    assert after.step == consumed + len(rest)
+    assert (after.epoch, after.pack) == divmod_stream(n0, consumed + 2 * len(rest))
+
+
+def divmod_stream(n0, packs):
+    return (0, packs) if packs < n0 else (1, packs - n0)
+
+
+def test_cost_balance_evens_out_the_ranks():
+    rng = np.random.default_rng(6)
+    lengths = np.where(rng.random(4000) < 0.2, rng.integers(1500, 4000, 4000), rng.integers(16, 400, 4000))
+
+    def imbalance(cost_block):
+        planner = Planner(lengths, 8192, seed=0, epochs=1, cost_block=cost_block)
+        ratios = []
+        for step in run_steps(planner, PlanState(seed=0), 4):
+            costs = [float((lengths[p].astype(float) ** 2).sum()) for p in step]
+            ratios.append(max(costs) / np.mean(costs))
+        return float(np.mean(ratios))
+
+    assert imbalance(64) < imbalance(1) - 0.05
