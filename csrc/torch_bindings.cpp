@@ -47,6 +47,9 @@ TORCH_LIBRARY(fineviti, m) {
   m.def("rope_2d(Tensor x, Tensor pos, float theta, bool inverse, bool check_pos) -> Tensor");
   m.def("rope_2d_qk(Tensor q, Tensor k, Tensor pos, float theta, bool inverse, bool check_pos) -> (Tensor, Tensor)");
   m.def("rope_2d_(Tensor(a!) x, Tensor pos, float theta, bool inverse, bool check_pos) -> ()");
+
+  // planner.cpp: windowed first-fit packing of sample lengths into token-budget packs (host-side data planner).
+  m.def("plan_packs(Tensor lengths, int budget, int window) -> (Tensor pack_offsets, Tensor order)");
 }
 
 // `import fineviti._C` needs a module init function; the module is empty on purpose.
