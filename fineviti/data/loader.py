@@ -1,0 +1,330 @@
+"""The packed loader: shards -> planner -> pixel path -> PackedBatch, one per step for one rank, prefetched.
+
+    loader = PackedLoader(DataConfig(path="data/train"), rank=rank, world_size=world)
+    for batch in loader:           # batch: PackedBatch on the CPU (pinned when CUDA is there) or the pixel path's GPU
+        step(batch)
+        if due: save({"data": loader.state_dict(), ...})
+    loader.load_state_dict(saved["data"])   # the next iteration yields exactly the batches that were still to come
+
+State: the planner's global state (seed, epoch, pack, step; see fineviti.data.planner), advanced only by batches
+the consumer has consumed. By default a batch counts as consumed when the loader hands it out (the batches
+prefetched behind it do not count); with `manual_consume=True` only `mark_consumed()` advances it, for a
+trainer that saves between receiving a batch and stepping on it. Prefetch: a background thread
+(`num_workers=0`) or DataLoader worker processes (`num_workers>0`, steps dealt round robin, yielded in step
+order); `prefetch` batches ahead per worker. Batches are a pure function of (state, step, rank, world size), so
+a resumed run's batches are byte-identical to the ones it would have seen, with any number of workers.
+
+Bad data is skipped and counted (`loader.stats`, also in state_dict and `summary()`); a pack whose images all fail
+yields a batch with no images (counted as empty_pack) so that every rank still runs the step.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import queue
+import threading
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fineviti.data.batch import PackedBatch
+from fineviti.data.dataset import BadSample, ShardDataset
+from fineviti.data.planner import Planner, PlanState
+from fineviti.data.sizes import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, DEFAULT_TOKEN_BUDGET, SizeRule
+from fineviti.data.tokenizer import CaptionTokenizer
+
+PIXEL_PATHS = ("pil", "dali", "nvjpeg", "auto")
+
+
+@dataclasses.dataclass
+class DataConfig:
+    path: str = "data/train"  # a folder of .tar shards (or one .tar)
+    tokenizer: str | None = None  # tokenizer.json; default: the one in `path` or its parent folder
+    token_budget: int = DEFAULT_TOKEN_BUDGET  # patch tokens per pack (per rank and step)
+    patch: int = 14
+    merge: int = 1
+    min_pixels: int = DEFAULT_MIN_PIXELS
+    max_pixels: int = DEFAULT_MAX_PIXELS  # lowered to token_budget * patch^2 when that is smaller
+    max_aspect: float = 8.0
+    aspect: str = "clamp"
+    window: int = 128  # packer lookahead
+    cost_block: int = 64  # packs sorted by attention cost within blocks of this many
+    seed: int = 0
+    epochs: int | None = None  # None: endless
+    pixel_path: str = "pil"  # pil | dali | nvjpeg | auto (nvjpeg or DALI on a GPU, else PIL)
+    device: str | None = None  # where GPU paths put pixels (default cuda when available)
+    norm: str = "siglip"  # or "clip"
+    dtype: str = "float32"  # of the patches
+    max_text_tokens: int = 256
+    pad_to_budget: bool = False  # static shapes: patches padded to token_budget
+    num_workers: int = 0
+    prefetch: int = 2
+    planner_backend: str = "auto"  # cpp | python | auto
+
+
+def _tokenizer_path(cfg: DataConfig) -> Path:
+    if cfg.tokenizer:
+        return Path(cfg.tokenizer)
+    root = Path(cfg.path)
+    root = root if root.is_dir() else root.parent
+    for candidate in (root / "tokenizer.json", root.parent / "tokenizer.json"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"DataConfig: no tokenizer given and no tokenizer.json in {root} or its parent")
+
+
+def make_pixel_path(name: str, device: str | None = None):
+    if name not in PIXEL_PATHS:
+        raise ValueError(f"pixel_path must be one of {PIXEL_PATHS}, got {name!r}")
+    if name == "auto":
+        if torch.cuda.is_available():
+            from fineviti.data import dali, nvjpeg
+
+            name = "dali" if dali.available() else "nvjpeg" if nvjpeg.available() else "pil"
+        else:
+            name = "pil"
+    if name == "pil":
+        from fineviti.data.pixels import PilPath
+
+        return PilPath()
+    if name == "dali":
+        from fineviti.data.dali import DaliPath
+
+        return DaliPath(device=device)
+    from fineviti.data.nvjpeg import NvjpegPath
+
+    return NvjpegPath(device=device or "cuda")
+
+
+class _Producer:
+    """Builds the batch of one step for one rank; picklable (sent to DataLoader workers), opens files lazily."""
+
+    def __init__(self, cfg: DataConfig, dataset: ShardDataset, planner: Planner, targets: np.ndarray,
+                 rank: int, world_size: int):
+        self.cfg, self.dataset, self.planner, self.targets = cfg, dataset, planner, targets
+        self.rank, self.world_size = rank, world_size
+        self.tokenizer = CaptionTokenizer(_tokenizer_path(cfg))
+        self._pixels = None
+
+    @property
+    def pixels(self):
+        if self._pixels is None:
+            self._pixels = make_pixel_path(self.cfg.pixel_path, self.cfg.device)
+        return self._pixels
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_pixels"] = None
+        return state
+
+    def __call__(self, start: PlanState, step: int) -> tuple[PackedBatch, Counter] | None:
+        from fineviti.data.pixels import assemble
+
+        positions = self.planner.step_packs(start, step, self.world_size)
+        if positions is None:
+            return None
+        epoch, pack = positions[self.rank]
+        ids = self.planner.pack_samples(epoch, pack).tolist()
+        counters: Counter = Counter()
+        samples, images, targets = [], [], []
+        for i in ids:
+            try:
+                raw = self.dataset.load(i, epoch)
+            except BadSample as bad:
+                counters[bad.reason] += 1
+                continue
+            samples.append(raw)
+            images.append(raw.image)
+            targets.append((int(self.targets[0][i]), int(self.targets[1][i])))
+        decoded = self.pixels.decode_resize(images, targets) if images else []
+        cfg = self.cfg
+        batch = assemble(samples, decoded, targets, patch=cfg.patch, merge=cfg.merge, tokenizer=self.tokenizer,
+                         max_text_tokens=cfg.max_text_tokens, norm=cfg.norm, dtype=getattr(torch, cfg.dtype),
+                         pad_to=cfg.token_budget if cfg.pad_to_budget else None, counters=counters)
+        if batch.n_images == 0:
+            counters["empty_pack"] += 1
+        return batch, counters
+
+
+class _StepStream(torch.utils.data.IterableDataset):
+    """DataLoader side: worker w of W yields steps first + w, first + w + W, ... (the DataLoader interleaves the
+    workers round robin, so batches come out in step order)."""
+
+    def __init__(self, producer: _Producer, start: PlanState):
+        super().__init__()
+        self.producer, self.start = producer, start
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        step = worker
+        while True:
+            out = self.producer(self.start, step)
+            if out is None:
+                return
+            yield out
+            step += workers
+
+
+class PackedLoader:
+    """Packed batches of one rank; see the module docstring."""
+
+    def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1, *, manual_consume: bool = False):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"PackedLoader: rank must be in [0, world_size = {world_size}), got {rank}")
+        if cfg.prefetch < 1 or cfg.num_workers < 0:
+            raise ValueError(f"PackedLoader: prefetch must be >= 1 and num_workers >= 0, got {cfg.prefetch}, "
+                             f"{cfg.num_workers}")
+        if cfg.pixel_path not in PIXEL_PATHS:
+            raise ValueError(f"PackedLoader: pixel_path must be one of {PIXEL_PATHS}, got {cfg.pixel_path!r}")
+        self.cfg, self.rank, self.world_size, self.manual_consume = cfg, rank, world_size, manual_consume
+        self.dataset = ShardDataset(cfg.path)
+        if len(self.dataset) == 0:
+            raise ValueError(f"PackedLoader: no usable samples in {cfg.path} (skipped: {dict(self.dataset.stats)})")
+        self.rule = SizeRule.for_budget(cfg.token_budget, patch=cfg.patch, merge=cfg.merge,
+                                        min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
+                                        max_aspect=cfg.max_aspect, aspect=cfg.aspect)
+        heights, widths = self.rule.targets(self.dataset.heights, self.dataset.widths)
+        self.targets = np.stack([heights, widths])
+        self.lengths = (heights // cfg.patch) * (widths // cfg.patch)
+        self.planner = Planner(self.lengths, cfg.token_budget, seed=cfg.seed, window=cfg.window,
+                               cost_block=cfg.cost_block, epochs=cfg.epochs, backend=cfg.planner_backend)
+        self.state = PlanState(seed=cfg.seed)
+        self.stats: Counter = Counter(self.dataset.stats)
+        self._producer = _Producer(cfg, self.dataset, self.planner, self.targets, rank, world_size)
+        self._pending: collections.deque = collections.deque()  # keys of batches handed out, not yet consumed
+        self._iterator = None
+
+    # -- state -------------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {"planner": self.state.state_dict(), "world_size": self.world_size, "stats": dict(self.stats)}
+
+    def load_state_dict(self, state: dict) -> None:
+        planned = PlanState.from_state_dict(state["planner"])
+        if planned.seed != self.cfg.seed:
+            raise ValueError(f"PackedLoader.load_state_dict: the state's seed {planned.seed} differs from "
+                             f"DataConfig.seed = {self.cfg.seed}; expected the seed the run started with")
+        self.close()
+        self.state = planned
+        self.stats = Counter(state.get("stats", {}))
+
+    def mark_consumed(self, batch: PackedBatch | None = None) -> None:
+        """The oldest batch handed out and not yet consumed is now consumed (with `batch`, checks it is that one)."""
+        if not self._pending:
+            raise RuntimeError("PackedLoader.mark_consumed: no batch handed out is waiting to be consumed")
+        keys = self._pending.popleft()
+        if batch is not None and list(batch.keys) != keys:
+            raise ValueError("PackedLoader.mark_consumed: batches are consumed in the order they are handed out; "
+                             f"got one with keys {batch.keys[:3]}..., expected {keys[:3]}...")
+        self.state = self.planner.consumed(self.state, 1, self.world_size)
+
+    def summary(self) -> str:
+        skipped = ", ".join(f"{k} {v}" for k, v in sorted(self.stats.items())) or "none"
+        return (f"data: {len(self.dataset)} samples, epoch {self.state.epoch} pack {self.state.pack}, "
+                f"step {self.state.step}; skipped or repaired: {skipped}")
+
+    # -- iteration ---------------------------------------------------------------------------------------------
+
+    def __iter__(self):
+        self.close()
+        start = dataclasses.replace(self.state)
+        self._pending.clear()
+        source = self._thread_source(start) if self.cfg.num_workers == 0 else self._worker_source(start)
+        self._iterator = source
+        try:
+            for batch, counters in source:
+                self.stats.update(counters)
+                self._pending.append(list(batch.keys))
+                if not self.manual_consume:
+                    self.mark_consumed()
+                yield batch
+        finally:
+            self._stop()
+
+    def _worker_source(self, start: PlanState):
+        loader = torch.utils.data.DataLoader(
+            _StepStream(self._producer, start), batch_size=None, num_workers=self.cfg.num_workers,
+            prefetch_factor=self.cfg.prefetch, pin_memory=torch.cuda.is_available(),
+            multiprocessing_context="fork" if os.name == "posix" else None)
+        yield from loader
+
+    def _thread_source(self, start: PlanState):
+        results: queue.Queue = queue.Queue(maxsize=self.cfg.prefetch)
+        stop = threading.Event()
+        cuda_out = self.cfg.pixel_path in ("dali", "nvjpeg", "auto") and torch.cuda.is_available()
+        pin = torch.cuda.is_available()
+
+        def work():
+            stream = torch.cuda.Stream() if cuda_out else None
+            step = 0
+            try:
+                while not stop.is_set():
+                    with torch.cuda.stream(stream) if stream is not None else _nullcontext():
+                        out = self._producer(start, step)
+                        if out is not None and pin:
+                            out = (_pin(out[0]), out[1])
+                        event = stream.record_event() if stream is not None else None
+                    item = ("end", None) if out is None else ("batch", (out, event))
+                    while not stop.is_set():
+                        try:
+                            results.put(item, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if out is None:
+                        return
+                    step += 1
+            except BaseException as exc:  # noqa: BLE001 (handed to the consumer, which re-raises)
+                results.put(("error", exc))
+
+        thread = threading.Thread(target=work, name="fineviti-loader", daemon=True)
+        self._thread = (thread, stop)
+        thread.start()
+        while True:
+            kind, payload = results.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise RuntimeError("PackedLoader: the prefetch thread failed") from payload
+            (batch, counters), event = payload
+            if event is not None:
+                current = torch.cuda.current_stream()
+                current.wait_event(event)
+                for value in vars(batch).values():
+                    if isinstance(value, torch.Tensor) and value.is_cuda:
+                        value.record_stream(current)
+            yield batch, counters
+
+    def _stop(self) -> None:
+        thread = getattr(self, "_thread", None)
+        if thread is not None:
+            thread[1].set()
+            thread[0].join(timeout=10)
+            self._thread = None
+
+    def close(self) -> None:
+        """Stops prefetching (batches handed out and not consumed are forgotten: the state does not include them)."""
+        if self._iterator is not None:
+            self._iterator.close()
+            self._iterator = None
+        self._stop()
+        self._pending.clear()
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _pin(batch: PackedBatch) -> PackedBatch:
+    if batch.patches.is_cuda:
+        return batch
+    return batch.pin_memory()

@@ -1,0 +1,236 @@
+"""Pixels, batch assembly and the packed loader: patch layout, resume with prefetch and workers, bad data."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fineviti.data import synth
+from fineviti.data.loader import DataConfig, PackedLoader
+from fineviti.data.pixels import NORMS, normalise, patchify
+from fineviti.data.positions import build_positions_ref
+from fineviti.data.shards import ShardWriter, index_path, read_index
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("loader")
+    synth.generate(out, images=36, seed=11, heldout=0, samples_per_shard=10, processes=1)
+    return out
+
+
+def config(data, **kwargs):
+    base = dict(path=str(data / "train"), token_budget=2048, max_pixels=112 * 112 * 4, window=8, cost_block=4,
+                seed=7)
+    base.update(kwargs)
+    return DataConfig(**base)
+
+
+def fingerprint(batch):
+    """Every field of a batch as bytes/values, for byte-identity checks."""
+    out = []
+    for name, value in vars(batch).items():
+        out.append((name, value.numpy().tobytes() if isinstance(value, torch.Tensor) else value))
+    return out
+
+
+@pytest.mark.parametrize("merge", [1, 2])
+def test_patchify_puts_the_crop_at_pos_in_each_patch(merge):
+    p = 4
+    image = torch.randint(0, 256, (p * 2 * merge * 3, p * 2 * merge * 2, 3), dtype=torch.uint8)
+    patches = patchify(image, p, merge)
+    grid = torch.tensor([[image.shape[0] // p, image.shape[1] // p]], dtype=torch.int32)
+    _, pos = build_positions_ref(grid, merge)
+    assert patches.shape == (grid.prod().item(), 3 * p * p)
+    for t, (r, c) in enumerate(pos.tolist()):
+        crop = image[r * p:(r + 1) * p, c * p:(c + 1) * p, :].permute(2, 0, 1).reshape(-1)  # channel, row, col
+        assert torch.equal(patches[t], crop)
+
+
+@pytest.mark.parametrize("merge", [1, 2])
+def test_batch_patches_hold_the_resized_image_crops(data, merge):
+    cfg = config(data, merge=merge, epochs=1)
+    loader = PackedLoader(cfg)
+    batch = next(iter(loader))
+    loader.close()
+    p = cfg.patch
+    assert batch.patches.dtype == torch.float32 and batch.patches.shape == (batch.cu_seqlens[-1], 3 * p * p)
+    lookup = {key: i for i, key in enumerate(loader.dataset.keys)}
+    mean, std = (torch.tensor(v) for v in NORMS["siglip"])
+    for image, key in enumerate(batch.keys):
+        i = lookup[key]
+        target_h, target_w = (int(v) for v in loader.targets[:, i])
+        rows, cols = batch.grid_hw[image].tolist()
+        assert (rows * p, cols * p) == (target_h, target_w) and rows % merge == 0 and cols % merge == 0
+        raw = loader.dataset.load(i)
+        resized = Image.open(io.BytesIO(raw.image)).convert("RGB").resize((target_w, target_h), Image.BICUBIC)
+        pixels = torch.from_numpy(np.asarray(resized).copy()).float() / 255
+        pixels = (pixels - mean) / std
+        start, end = batch.cu_seqlens[image].item(), batch.cu_seqlens[image + 1].item()
+        for t in range(start, end):
+            r, c = batch.pos[t].tolist()
+            crop = pixels[r * p:(r + 1) * p, c * p:(c + 1) * p, :].permute(2, 0, 1).reshape(-1)
+            torch.testing.assert_close(batch.patches[t], crop, atol=1e-6, rtol=0)
+        # boxes: scaled from the json's pixels to the resized image's
+        scale = torch.tensor([target_w / raw.width, target_h / raw.height] * 2)
+        expected = torch.tensor([r["bbox"] for r in raw.regions], dtype=torch.float32) * scale
+        torch.testing.assert_close(batch.boxes[batch.box_image == image], expected)
+    assert batch.text_cu_seqlens.tolist()[-1] == batch.tokens.numel() and batch.n_texts == batch.n_images
+    assert batch.region_cu_seqlens[-1] == batch.region_tokens.numel()
+    assert batch.region_cu_seqlens.numel() == batch.boxes.shape[0] + 1
+
+
+def test_normalise_clip_and_dtype():
+    patches = torch.randint(0, 256, (5, 3 * 4), dtype=torch.uint8)
+    out = normalise(patches, 2, "clip", torch.bfloat16)
+    mean, std = (torch.tensor(v).repeat_interleave(4) for v in NORMS["clip"])
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), (patches / 255 - mean) / std, atol=2e-2, rtol=1e-2)
+
+
+def test_budget_respected_and_static_shapes(data):
+    loader = PackedLoader(config(data, epochs=1, pad_to_budget=True))
+    keys = []
+    for batch in loader:
+        assert batch.patches.shape[0] == 2048 and batch.pos.shape[0] == 2048
+        assert batch.cu_seqlens[-1] + batch.padding_tokens == 2048
+        assert batch.patches[batch.cu_seqlens[-1]:].abs().sum() == 0
+        keys += batch.keys
+    assert len(keys) == len(set(keys)) and len(keys) <= 36
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_after_k_consumed_batches_is_byte_identical(data, workers):
+    cfg = config(data, num_workers=workers, prefetch=2)
+    loader = PackedLoader(cfg)
+    it = iter(loader)
+    for _ in range(3):
+        next(it)
+    state = loader.state_dict()  # prefetching has run ahead; the state must not include that
+    assert state["planner"]["step"] == 3
+    expected = [fingerprint(next(it)) for _ in range(4)]
+    loader.close()
+    resumed = PackedLoader(cfg)
+    resumed.load_state_dict(state)
+    got = [fingerprint(b) for b, _ in zip(resumed, range(4), strict=False)]
+    resumed.close()
+    assert got == expected
+    # and the same batches with the other kind of prefetch
+    other = PackedLoader(config(data, num_workers=2 - workers, prefetch=1))
+    other.load_state_dict(state)
+    assert [fingerprint(b) for b, _ in zip(other, range(4), strict=False)] == expected
+    other.close()
+
+
+def test_manual_consume_counts_only_what_the_trainer_consumed(data):
+    loader = PackedLoader(config(data), manual_consume=True)
+    it = iter(loader)
+    batches = [next(it) for _ in range(3)]
+    loader.mark_consumed(batches[0].to("cpu"))
+    assert loader.state_dict()["planner"]["step"] == 1
+    with pytest.raises(ValueError, match="order"):
+        loader.mark_consumed(batches[2])
+    state = loader.state_dict()
+    loader.close()
+    resumed = PackedLoader(config(data), manual_consume=True)
+    resumed.load_state_dict(state)
+    again = next(iter(resumed))
+    assert fingerprint(again) == fingerprint(batches[1])
+    resumed.close()
+    with pytest.raises(RuntimeError, match="no batch"):
+        resumed.mark_consumed()
+
+
+def test_resume_on_two_ranks_from_one_keeps_every_sample_once(data):
+    single = PackedLoader(config(data))
+    seen = []
+    it = iter(single)
+    for _ in range(4):
+        seen.append(next(it).keys)
+    state = single.state_dict()
+    single.close()
+    n_packs = single.planner.epoch(0).n_packs
+    ranks = [PackedLoader(config(data), rank=r, world_size=2) for r in range(2)]
+    for loader in ranks:
+        loader.load_state_dict(state)
+    iters = [iter(loader) for loader in ranks]
+    while len(seen) < n_packs:
+        seen += [next(i).keys for i in iters]
+    epoch0 = [k for keys in seen[:n_packs] for k in keys]
+    assert sorted(epoch0) == sorted(single.dataset.keys)
+    assert ranks[0].state_dict()["planner"] == ranks[1].state_dict()["planner"]
+    for loader in ranks:
+        loader.close()
+
+
+def test_seed_mismatch_is_refused(data):
+    loader = PackedLoader(config(data))
+    with pytest.raises(ValueError, match="seed"):
+        loader.load_state_dict({"planner": {"seed": 1, "epoch": 0, "pack": 0, "step": 0}})
+
+
+def _jpeg(w, h, colour=(200, 30, 30)):
+    buffer = io.BytesIO()
+    Image.new("RGB", (w, h), colour).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def test_bad_data_is_skipped_and_counted(data, tmp_path):
+    folder = tmp_path / "bad"
+    meta = lambda w, h, **kw: json.dumps({"width": w, "height": h, **kw}).encode()  # noqa: E731
+    good_regions = [{"bbox": [2, 2, 30, 30], "caption": "a red square"}]
+    with ShardWriter(folder, samples_per_shard=100) as writer:
+        writer.write("good0", [("jpg", _jpeg(64, 64)), ("txt", b"a red picture"), ("json", meta(64, 64,
+                                                                                              regions=good_regions))])
+        writer.write("corrupt", [("jpg", b"\xff\xd8\xff" + bytes(500)), ("txt", b"x"), ("json", meta(64, 64))])
+        writer.write("nocaption", [("jpg", _jpeg(64, 64)), ("json", meta(64, 64))])
+        writer.write("noheader", [("jpg", b"garbage"), ("txt", b"y"), ("json", b"{}")])
+        writer.write("badjson", [("jpg", _jpeg(70, 64)), ("txt", b"json is broken"), ("json", b"{nope")])
+        writer.write("badbox", [("jpg", _jpeg(64, 64)), ("txt", b"boxes"), ("json", meta(64, 64, regions=[
+            {"bbox": [0, 0, 100, 20], "caption": "outside"}, {"bbox": [10, 10, 5, 20], "caption": "inverted"},
+            {"bbox": [1, 1, 9, 9], "caption": "fine"}, {"bbox": [1, 2], "caption": "short"}]))])
+        writer.write("liar", [("jpg", _jpeg(96, 64)), ("txt", b"the json says 64 x 64"), ("json", meta(64, 64))])
+        writer.write("noimage", [("txt", b"no image at all")])
+    # a second shard cut short in its last sample, its index written before the cut
+    with ShardWriter(folder, prefix="zcut", samples_per_shard=100) as writer:
+        for i in range(3):
+            writer.write(f"cut{i}", [("jpg", _jpeg(64, 64)), ("txt", b"z"), ("json", meta(64, 64))])
+    tar = folder / "zcut-00000.tar"
+    last = read_index(index_path(tar))[-1]
+    tar.write_bytes(tar.read_bytes()[:last.members["json"].offset + 10])
+    (folder / "tokenizer.json").write_bytes((data / "tokenizer.json").read_bytes())
+    loader = PackedLoader(DataConfig(path=str(folder), token_budget=4096, epochs=1, seed=0))
+    batches = list(loader)
+    keys = sorted(k for b in batches for k in b.keys)
+    assert keys == ["badbox", "badjson", "cut0", "cut1", "good0", "liar"]
+    stats = loader.stats
+    assert stats["missing_caption"] == 1 and stats["unreadable_header"] == 1 and stats["missing_image"] == 1
+    assert stats["undecodable_image"] == 1 and stats["bad_json"] == 1 and stats["truncated_shard"] == 1
+    assert stats["bad_box"] == 3 and stats["size_mismatch"] == 1
+    boxes = {b.keys[i]: b.boxes[b.box_image == i] for b in batches for i in range(b.n_images)}
+    assert boxes["badbox"].shape == (1, 4) and boxes["good0"].shape == (1, 4) and boxes["badjson"].shape == (0, 4)
+    # the liar's image decodes at 96 x 64 and is resized to the planned 64 x 64 grid (56 x 56 after rounding)
+    assert "skipped or repaired" in loader.summary() and "undecodable_image 1" in loader.summary()
+    assert loader.state_dict()["stats"]["bad_box"] == 3
+
+
+def test_a_pack_of_only_bad_images_gives_an_empty_batch(data, tmp_path):
+    folder = tmp_path / "allbad"
+    with ShardWriter(folder) as writer:
+        writer.write("corrupt", [("jpg", b"\xff\xd8\xff" + bytes(500)), ("txt", b"x"),
+                                 ("json", json.dumps({"width": 64, "height": 64}).encode())])
+    (folder / "tokenizer.json").write_bytes((data / "tokenizer.json").read_bytes())
+    loader = PackedLoader(DataConfig(path=str(folder), token_budget=4096, epochs=1))
+    (batch,) = list(loader)
+    assert batch.n_images == 0 and batch.patches.shape == (0, 588) and batch.tokens.numel() == 0
+    assert loader.stats["empty_pack"] == 1 and loader.stats["undecodable_image"] == 1
+
+
+def test_bad_config_is_refused(data):
+    with pytest.raises(ValueError, match="rank"):
+        PackedLoader(config(data), rank=2, world_size=2)
+    with pytest.raises(ValueError, match="pixel_path"):
+        PackedLoader(config(data, pixel_path="opencv"))
