@@ -85,6 +85,7 @@ def make_pixel_path(name: str, device: str | None = None):
             from fineviti.data import dali, nvjpeg
 
             name = "dali" if dali.available() else "nvjpeg" if nvjpeg.available() else "pil"
+            device = device or "cuda"
         else:
             name = "pil"
     if name == "pil":
