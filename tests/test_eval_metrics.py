@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from fineviti.data.positions import build_positions_ref
 from fineviti.eval import metrics
 from fineviti.eval.metrics import (
     classification_accuracy,
@@ -13,6 +14,8 @@ from fineviti.eval.metrics import (
     retrieval_metrics_multi,
     retrieval_ranks,
 )
+from fineviti.eval.regions import pool_boxes, region_classification
+from fineviti.eval.zeroshot import SIMPLE_IMAGENET_TEMPLATES, build_classifier, class_embeddings, prompts
 
 
 def _ring(n: int, offset: float, dim: int = 6) -> torch.Tensor:
@@ -198,3 +201,200 @@ def test_classification_accuracy_known_answers():
     out = classification_accuracy(emb, classes, (labels + 3) % 6, ks=(1, 5, 6))
     assert out["top5"] == 0.0 and out["top6"] == 1.0
     assert out["chance_top1"] == pytest.approx(1 / 6)
+
+
+# ---- region pooling -------------------------------------------------------------------------------------------
+
+
+def _packed_grid(grids, merge, width, gen):
+    """Tokens of several images in merge order: token i holds table[image][pos[i]] (tables are row-major)."""
+    grid_hw = torch.tensor(grids, dtype=torch.int32)
+    cu, pos = build_positions_ref(grid_hw, merge)
+    tables = [torch.randn(r, c, width, generator=gen) for r, c in grids]
+    tokens = torch.cat([tables[i][pos[cu[i]:cu[i + 1], 0].long(), pos[cu[i]:cu[i + 1], 1].long()]
+                        for i in range(len(grids))])
+    return tokens, cu, grid_hw, pos, tables
+
+
+def _direct_mean(table, box, cell):
+    """Area-weighted mean over a row-major (rows, cols, width) table, by loops over the cells."""
+    rows, cols = table.shape[:2]
+    x0, y0, x1, y1 = (min(max(v, 0.0), lim) for v, lim in zip(box, (cols * cell, rows * cell) * 2, strict=True))
+    acc, total = torch.zeros(table.shape[2], dtype=torch.float64), 0.0
+    for r in range(rows):
+        for c in range(cols):
+            ox = max(0.0, min(x1, (c + 1) * cell) - max(x0, c * cell))
+            oy = max(0.0, min(y1, (r + 1) * cell) - max(y0, r * cell))
+            acc += ox * oy * table[r, c].double()
+            total += ox * oy
+    return acc / total
+
+
+@pytest.mark.parametrize("merge", [1, 2])
+def test_pool_boxes_mean_matches_direct_computation(merge):
+    gen = torch.Generator().manual_seed(6)
+    patch = 4
+    grids = [(4, 6), (6, 2), (2, 8)]
+    tokens, cu, grid_hw, pos, tables = _packed_grid(grids, merge, 5, gen)
+    boxes = torch.tensor([[0.0, 0.0, 24.0, 16.0],  # the whole first image
+                          [3.5, 2.25, 9.0, 13.75],  # fractional cells
+                          [1.0, 1.0, 2.0, 2.0],  # inside one cell
+                          [-5.0, 10.0, 7.0, 40.0],  # partly outside: clipped
+                          [4.0, 4.0, 8.0, 8.0],  # exactly one cell
+                          [30.0, 1.0, 31.5, 7.0]])
+    box_image = torch.tensor([0, 0, 1, 1, 2, 2])
+    out = pool_boxes(tokens, cu, grid_hw, pos, boxes, box_image, patch, merge)
+    for b in range(boxes.shape[0]):
+        ref = _direct_mean(tables[int(box_image[b])], boxes[b].tolist(), patch)
+        torch.testing.assert_close(out[b].double(), ref, rtol=1e-5, atol=1e-6)
+    # The whole image is the plain mean; a box on cell boundaries is the plain masked mean.
+    torch.testing.assert_close(out[0], tables[0].reshape(-1, 5).mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[4], tables[2][1, 1], rtol=1e-5, atol=1e-6)
+
+
+def test_pool_boxes_on_merged_tokens():
+    gen = torch.Generator().manual_seed(7)
+    patch, merge = 3, 2
+    grid_hw = torch.tensor([[4, 6], [2, 2]], dtype=torch.int32)
+    cu, pos = build_positions_ref(grid_hw, merge)
+    groups = [torch.randn(2, 3, 4, generator=gen), torch.randn(1, 1, 4, generator=gen)]
+    # Merged tokens: one per 2x2 group, groups in row-major order (Qwen2-VL's merger output).
+    merged = torch.cat([g.reshape(-1, 4) for g in groups])
+    boxes = torch.tensor([[1.0, 2.0, 13.0, 11.0], [0.0, 0.0, 6.0, 6.0]])
+    out = pool_boxes(merged, cu, grid_hw, pos, boxes, torch.tensor([0, 1]), patch, merge)
+    torch.testing.assert_close(out[0].double(), _direct_mean(groups[0], boxes[0].tolist(), patch * merge))
+    torch.testing.assert_close(out[1], groups[1][0, 0])
+
+
+def _roi_align_loops(table, box, cell, output_size, sampling_ratio):
+    """A transcription of torchvision's roi_align_forward_kernel (aligned=True) for one box, then the bin mean."""
+    rows, cols, width = table.shape
+    x0, y0, x1, y1 = (v / cell - 0.5 for v in box)
+    bin_h, bin_w = (y1 - y0) / output_size, (x1 - x0) / output_size
+
+    def bilinear(y, x):
+        if y < -1.0 or y > rows or x < -1.0 or x > cols:
+            return torch.zeros(width, dtype=torch.float64)
+        y, x = max(y, 0.0), max(x, 0.0)
+        yl, xl = int(y), int(x)
+        if yl >= rows - 1:
+            yl = yh = rows - 1
+            y = float(yl)
+        else:
+            yh = yl + 1
+        if xl >= cols - 1:
+            xl = xh = cols - 1
+            x = float(xl)
+        else:
+            xh = xl + 1
+        ly, lx = y - yl, x - xl
+        t = table.double()
+        top = (1 - lx) * t[yl, xl] + lx * t[yl, xh]
+        bottom = (1 - lx) * t[yh, xl] + lx * t[yh, xh]
+        return (1 - ly) * top + ly * bottom
+
+    bins = []
+    for ph in range(output_size):
+        for pw in range(output_size):
+            acc = torch.zeros(width, dtype=torch.float64)
+            for iy in range(sampling_ratio):
+                for ix in range(sampling_ratio):
+                    y = y0 + ph * bin_h + (iy + 0.5) * bin_h / sampling_ratio
+                    x = x0 + pw * bin_w + (ix + 0.5) * bin_w / sampling_ratio
+                    acc += bilinear(y, x)
+            bins.append(acc / sampling_ratio**2)
+    return torch.stack(bins).mean(0)
+
+
+@pytest.mark.parametrize("merge", [1, 2])
+def test_pool_boxes_roi_align_matches_torchvision_kernel(merge):
+    gen = torch.Generator().manual_seed(8)
+    patch = 4
+    grids = [(4, 6), (2, 2)]
+    tokens, cu, grid_hw, pos, tables = _packed_grid(grids, merge, 3, gen)
+    boxes = torch.tensor([[0.0, 0.0, 24.0, 16.0], [3.5, 2.25, 9.0, 13.75], [0.5, 0.5, 2.0, 7.9], [1.0, 2.0, 7.0, 3.0]])
+    box_image = torch.tensor([0, 0, 0, 1])
+    out = pool_boxes(tokens, cu, grid_hw, pos, boxes, box_image, patch, merge, method="roi_align",
+                     output_size=3, sampling_ratio=2)
+    for b in range(boxes.shape[0]):
+        ref = _roi_align_loops(tables[int(box_image[b])], boxes[b].tolist(), patch, 3, 2)
+        torch.testing.assert_close(out[b].double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_pool_boxes_roi_align_of_a_linear_map_is_its_value_at_the_box_centre():
+    # Bilinear interpolation is exact on a linear map; away from the border nothing is clamped.
+    rows, cols, patch = 8, 10, 2
+    r, c = torch.meshgrid(torch.arange(rows, dtype=torch.float32), torch.arange(cols, dtype=torch.float32),
+                          indexing="ij")
+    table = torch.stack([0.5 * r - 0.25 * c + 1.0, 2.0 * c], dim=-1)
+    grid_hw = torch.tensor([[rows, cols]], dtype=torch.int32)
+    cu, pos = build_positions_ref(grid_hw, 1)
+    tokens = table[pos[:, 0].long(), pos[:, 1].long()]
+    box = torch.tensor([[3.0, 4.0, 13.0, 11.0]])
+    out = pool_boxes(tokens, cu, grid_hw, pos, box, torch.tensor([0]), patch, method="roi_align")
+    cy, cx = (4.0 + 11.0) / 2 / patch - 0.5, (3.0 + 13.0) / 2 / patch - 0.5  # centre in cell-centre coordinates
+    torch.testing.assert_close(out[0], torch.tensor([0.5 * cy - 0.25 * cx + 1.0, 2.0 * cx]))
+
+
+def test_pool_boxes_roi_align_against_torchvision():
+    ops = pytest.importorskip("torchvision.ops")
+    gen = torch.Generator().manual_seed(9)
+    patch = 4
+    tokens, cu, grid_hw, pos, tables = _packed_grid([(5, 7)], 1, 3, gen)
+    boxes = torch.tensor([[0.0, 0.0, 28.0, 20.0], [3.5, 2.25, 9.0, 13.75]])
+    out = pool_boxes(tokens, cu, grid_hw, pos, boxes, torch.tensor([0, 0]), patch, method="roi_align",
+                     output_size=4, sampling_ratio=2)
+    feature = tables[0].permute(2, 0, 1)[None]
+    ref = ops.roi_align(feature, [boxes], output_size=4, spatial_scale=1 / patch, sampling_ratio=2, aligned=True)
+    torch.testing.assert_close(out, ref.mean(dim=(2, 3)), rtol=1e-5, atol=1e-6)
+
+
+def test_pool_boxes_bad_inputs():
+    gen = torch.Generator().manual_seed(10)
+    tokens, cu, grid_hw, pos, _ = _packed_grid([(2, 2)], 1, 3, gen)
+    with pytest.raises(ValueError, match=r"boxes\[1\].*no area inside its 8x8 image"):
+        pool_boxes(tokens, cu, grid_hw, pos, torch.tensor([[0.0, 0, 4, 4], [9.0, 0, 12, 4]]),
+                   torch.tensor([0, 0]), 4)
+    with pytest.raises(ValueError, match="tokens has 3 rows"):
+        pool_boxes(tokens[:3], cu, grid_hw, pos, torch.tensor([[0.0, 0, 4, 4]]), torch.tensor([0]), 4)
+    with pytest.raises(ValueError, match=r"box_image\[0\] = 1"):
+        pool_boxes(tokens, cu, grid_hw, pos, torch.tensor([[0.0, 0, 4, 4]]), torch.tensor([1]), 4)
+
+
+def test_region_classification_with_a_projection():
+    # Box features are class embeddings rotated by a fixed matrix; the projection undoes it.
+    gen = torch.Generator().manual_seed(11)
+    rot, _ = torch.linalg.qr(torch.randn(6, 6, generator=gen))
+    classes = torch.nn.functional.normalize(torch.randn(4, 6, generator=gen), dim=-1)
+    labels = torch.tensor([0, 1, 2, 3, 2, 1])
+    feats = classes[labels] @ rot.T
+    out = region_classification(feats, lambda f: f @ rot, classes, labels)
+    assert out["top1"] == 1.0 and out["n"] == 6
+    out = region_classification(feats, lambda f: f, classes, labels)  # without the projection: not all right
+    assert out["top1"] < 1.0
+
+
+# ---- zero-shot classifier -------------------------------------------------------------------------------------
+
+
+def test_class_embeddings_average_normalised_template_embeddings():
+    names = ["cat", "dog", "red circle"]
+    texts = prompts(names, SIMPLE_IMAGENET_TEMPLATES[:2])
+    assert texts[:3] == ["itap of a cat.", "a bad photo of the cat.", "itap of a dog."]
+    assert prompts(["x"], [lambda c: f"<{c}>"]) == ["<x>"]
+    gen = torch.Generator().manual_seed(12)
+    emb = torch.randn(6, 8, generator=gen)
+    weights = class_embeddings(emb, 3)
+    for k in range(3):
+        a, b = torch.nn.functional.normalize(emb[2 * k : 2 * k + 2], dim=-1)
+        ref = (a + b) / (a + b).norm()
+        torch.testing.assert_close(weights[k], ref)
+    calls = []
+
+    def encode(batch):
+        calls.append(list(batch))
+        return torch.randn(len(batch), 8, generator=gen)
+
+    assert build_classifier(encode, names, ("a {}",)).shape == (3, 8) and calls == [["a cat", "a dog", "a red circle"]]
+    with pytest.raises(ValueError, match="no '\\{\\}' placeholder"):
+        prompts(names, ["a photo"])
