@@ -1,0 +1,73 @@
+"""torchvision's decode path (nvJPEG on a GPU; the same code on the CPU here) against PIL."""
+
+import io
+
+import pytest
+import torch
+from PIL import Image
+
+from fineviti.data import synth
+from fineviti.data.loader import DataConfig, PackedLoader
+
+pytest.importorskip("torchvision")
+from fineviti.data import nvjpeg  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("nvjpeg")
+    synth.generate(out, images=16, seed=8, heldout=0, samples_per_shard=8, processes=1)
+    return out
+
+
+def batches(data, pixel_path, device=None, merge=1):
+    cfg = DataConfig(path=str(data / "train"), token_budget=4096, merge=merge, epochs=1, seed=2, window=8,
+                     pixel_path=pixel_path, device=device)
+    loader = PackedLoader(cfg)
+    return list(loader), loader
+
+
+def check_against_pil(got, pil):
+    assert len(got) == len(pil)
+    for a, b in zip(got, pil, strict=True):
+        assert a.keys == b.keys
+        for name in ("cu_seqlens", "pos", "grid_hw", "tokens", "boxes", "region_tokens"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+        levels = (a.patches.cpu() - b.patches).abs() * 0.5 * 255
+        assert levels.max() <= nvjpeg.PIXEL_TOLERANCE + 1e-3
+        for i in range(a.n_images):
+            assert levels[a.cu_seqlens[i]:a.cu_seqlens[i + 1]].mean() <= nvjpeg.MEAN_TOLERANCE
+
+
+@pytest.mark.parametrize("merge", [1, 2])
+def test_torchvision_cpu_matches_pil(data, merge):
+    pil, _ = batches(data, "pil", merge=merge)
+    got, loader = batches(data, "nvjpeg", device="cpu", merge=merge)
+    assert not loader.stats
+    check_against_pil(got, pil)
+
+
+def _encode(w, h, fmt):
+    buffer = io.BytesIO()
+    Image.new("RGB", (w, h), (10, 200, 30)).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_bad_images_are_isolated_and_pngs_decode(device):
+    path = nvjpeg.NvjpegPath(device)
+    images = [_encode(60, 40, "JPEG"), b"\xff\xd8\xff" + bytes(300), _encode(30, 90, "PNG"), b"not an image"]
+    out = path.decode_resize(images, [(28, 42), (28, 28), (84, 28), (14, 14)])
+    assert [type(o).__name__ for o in out] == ["Decoded", "BadSample", "Decoded", "BadSample"]
+    assert out[0].pixels.shape == (28, 42, 3) and out[0].source_hw == (40, 60)
+    assert out[2].pixels.shape == (84, 28, 3) and out[2].source_hw == (90, 30)
+    assert out[0].pixels.device.type == device
+    assert (out[2].pixels.float().mean(dim=(0, 1)).cpu() - torch.tensor([10.0, 200.0, 30.0])).abs().max() < 2
+
+
+@pytest.mark.gpu
+def test_nvjpeg_on_the_gpu_matches_pil(data):
+    pil, _ = batches(data, "pil")
+    got, loader = batches(data, "nvjpeg", device="cuda")
+    assert all(b.patches.is_cuda for b in got) and not loader.stats
+    check_against_pil(got, pil)  # nvJPEG's IDCT against libjpeg-turbo: held to the same tolerance
