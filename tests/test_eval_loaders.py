@@ -1,0 +1,122 @@
+"""Each benchmark loader on a tiny fixture written in that benchmark's layout."""
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from fineviti.eval import loaders
+from tests import fixtures_eval as fx
+
+
+def _colour_of(path) -> str:
+    with Image.open(path) as image:
+        rgb = image.convert("RGB").getpixel((0, 0))
+    return min(fx.COLOURS, key=lambda c: sum((a - b) ** 2 for a, b in zip(fx.COLOURS[c], rgb, strict=True)))
+
+
+@pytest.mark.parametrize("dataset", ["coco", "flickr30k"])
+def test_karpathy_split(tmp_path, dataset):
+    path = fx.build_karpathy(tmp_path, dataset)
+    test = loaders.karpathy_captions(path, tmp_path, "test")
+    assert test.kind == "retrieval" and len(test) == 4 and test.name == f"{dataset}_test"
+    for record, colour in zip(test.records, ["red", "green", "blue", "yellow"], strict=True):
+        image, captions, _key = record  # records unpack as tuples
+        assert captions == [f"A {colour} picture.", f"mostly {colour}"]
+        assert Path(image).is_file() and _colour_of(image) == colour
+    if dataset == "coco":
+        assert Path(test.records[0].image).parent.name == "val2014"
+    else:
+        assert Path(test.records[0].image).parent.name == "flickr30k-images"
+    assert len(loaders.karpathy_captions(path, tmp_path, "train")) == 2
+    with pytest.raises(ValueError, match=r"no image has split 'val'.*\['test', 'train'\]"):
+        loaders.karpathy_captions(path, tmp_path, "val")
+    with pytest.raises(FileNotFoundError, match="images\\[0\\] not found"):
+        loaders.karpathy_captions(path, tmp_path / "elsewhere", "test")
+
+
+def test_image_folder_with_and_without_a_mapping(tmp_path):
+    root, mapping = fx.build_image_folder(tmp_path)
+    plain = loaders.image_folder(root)
+    assert plain.kind == "zero_shot"
+    assert plain.classnames == ["n00000001", "n00000002", "n00000003"]  # sorted folders, as ImageFolder
+    assert [r.label for r in plain.records] == [0, 0, 1, 1, 2, 2]  # notes.txt is not an image
+    assert [_colour_of(r.image) for r in plain.records] == ["red", "red", "green", "green", "blue", "blue"]
+    named = loaders.image_folder(root, mapping)
+    assert named.classnames == ["red", "green", "blue"]  # first synonym of "red, red thing"
+    assert loaders.image_folder(root, mapping, first_synonym=False).classnames[0] == "red, red thing"
+    as_json = tmp_path / "imagenet_class_index.json"
+    as_json.write_text(json.dumps({"0": ["n00000001", "tench"], "1": ["n00000002", "goldfish"],
+                                   "2": ["n00000003", "great_white_shark"]}))
+    assert loaders.image_folder(root, as_json).classnames == ["tench", "goldfish", "great white shark"]
+    as_json.write_text(json.dumps({"n00000001": "tench"}))
+    with pytest.raises(ValueError, match="'n00000002' is missing from the mapping"):
+        loaders.image_folder(root, as_json)
+
+
+def test_urban1k(tmp_path):
+    root = fx.build_urban1k(tmp_path)
+    data = loaders.urban1k(root)
+    assert [r.captions for r in data.records] == [[f"A long {c} caption about the photo."]
+                                                  for c in ("red", "green", "blue")]
+    assert [_colour_of(r.image) for r in data.records] == ["red", "green", "blue"]
+    (root / "caption" / "9.txt").write_text("orphan")
+    with pytest.raises(FileNotFoundError, match="9.txt has no image"):
+        loaders.urban1k(root)
+
+
+def test_dci(tmp_path):
+    root = fx.build_dci(tmp_path)
+    everything = loaders.dci(root)  # the parent of densely_captioned_images works too
+    assert everything.name == "dci_all" and len(everything) == 3
+    assert everything.records[0].captions == ["A red picture.\nIt is mostly red."]
+    assert _colour_of(everything.records[2].image) == "blue"
+    test = loaders.dci(root / "densely_captioned_images", split="test", caption="short")
+    assert [r.captions for r in test.records] == [["A blue picture."]]
+    with pytest.raises(ValueError, match="split 'dev' is not in"):
+        loaders.dci(root, split="dev")
+
+
+def test_docci(tmp_path):
+    root = fx.build_docci(tmp_path)
+    test = loaders.docci(root)
+    assert [r.key for r in test.records] == ["test_00000", "test_00002"]
+    assert [r.captions for r in test.records] == [["A red photo."], ["A blue photo."]]
+    assert [_colour_of(r.image) for r in test.records] == ["red", "blue"]
+    assert len(loaders.docci(root, "qual_dev")) == 1
+    with pytest.raises(ValueError, match="no row has split 'val'"):
+        loaders.docci(root, "val")
+
+
+def test_coco_instances(tmp_path):
+    path = fx.build_coco_instances(tmp_path)
+    data = loaders.coco_instances(path, tmp_path)
+    assert data.kind == "regions" and data.classnames == ["red", "green", "blue"]
+    assert [r.key for r in data.records] == ["3", "7"]  # image 9 has no boxes
+    assert data.records[1].boxes == [(0, 0, 32, 24), (32, 24, 64, 48)]  # [x, y, w, h] -> x0, y0, x1, y1
+    assert data.records[1].labels == [0, 2]
+    assert data.records[0].boxes == [(4, 4, 24, 24)] and data.info["dropped_boxes"] == 1  # the 0.5 px wide box
+    no_crowd = loaders.coco_instances(path, tmp_path, skip_crowd=True)
+    assert no_crowd.records[1].labels == [0] and no_crowd.info["dropped_boxes"] == 2
+
+
+def test_shards(tmp_path):
+    root = fx.build_shards(tmp_path / "heldout")
+    captions = loaders.shard_captions(root)
+    assert len(captions) == 6
+    assert captions.records[0].captions == ["red green"]
+    assert captions.records[5].captions == ["magenta red", "magenta then red"]  # json "captions": all of them
+    assert isinstance(captions.records[0].image.read(), bytes)
+    negatives = loaders.shard_hard_negatives(root)
+    assert negatives.records[1][1:3] == ("green blue", ["blue green"])
+    regions = loaders.shard_regions(root)  # classes from json "objects": "colour shape"
+    assert regions.classnames == sorted(f"{c} square" for c in list(fx.COLOURS)[:6])
+    assert regions.records[0].boxes == [(0.0, 0.0, 28.0, 28.0), (28.0, 0.0, 56.0, 28.0)]
+    assert [regions.classnames[k] for k in regions.records[0].labels] == ["red square", "green square"]
+    with pytest.raises(ValueError, match="sample 000000000 has a region of class 'green square'"):
+        loaders.shard_regions(root, classnames=loaders.synthetic_region_classes()[:3])
+    by_caption = loaders.shard_regions(root, label_of=lambda region, meta, j: region["caption"])
+    assert by_caption.classnames[:2] == ["a blue square", "a cyan square"]
+    names = [by_caption.classnames[k] for k in by_caption.records[0].labels]
+    assert names == ["a red square", "a green square"]
