@@ -160,6 +160,26 @@ def test_packing_invariance():
             torch.testing.assert_close(alone[0], packed[i], rtol=1e-5, atol=1e-6)
 
 
+def test_static_padding():
+    """Zero rows after cu_seqlens[-1] (PackedBatch.padding_tokens): the same features, the padding in no image."""
+    model = small_model().eval()
+    batch = make_batch([(2, 4), (3, 3)], [5, 9])
+    with torch.no_grad():
+        plain = model(batch)
+        padded = make_batch([(2, 4), (3, 3)], [5, 9])
+        padded.patches = torch.cat([padded.patches, torch.zeros(13, padded.patches.shape[1])])
+        padded.pos = torch.cat([padded.pos, torch.zeros(13, 2, dtype=padded.pos.dtype)])
+        padded.padding_tokens = 13
+        out = model(padded)
+        torch.testing.assert_close(out["image_features"], plain["image_features"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out["loss"], plain["loss"], rtol=1e-5, atol=1e-6)
+        _, tokens = model.encode_image(padded.patches, padded.cu_seqlens, padded.pos, padded.max_seqlen,
+                                       padding_tokens=13, return_tokens=True)
+        assert tokens.shape[0] == 17 + 13 and torch.isfinite(tokens).all()
+        with pytest.raises(ValueError, match=r"padding_tokens must equal the number of patches 30, got 17 \+ 12"):
+            model.encode_image(padded.patches, padded.cu_seqlens, padded.pos, padded.max_seqlen, padding_tokens=12)
+
+
 def test_degenerate_grids():
     """1x1 and 1x64 patch grids: finite features and gradients; a one-token image pools to its own value."""
     model = small_model()
@@ -362,6 +382,31 @@ def test_triton_backends_match_torch():
         outs.append((feats, x.grad, model.visual.blocks[0].attn.qkv.weight.grad))
     for a, b in zip(*outs, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_training_step():
+    """On the GPU with the default backends (Triton attention and fused QKV-split RoPE, fused SigLIP loss) under
+    bf16 autocast, with checkpointing: finite loss and gradients, features close to the fp32 torch-backend model.
+    Head dim 64 (a shipped kernel configuration) keeps the compile count small."""
+    settings = {"vision": {"width": 128, "depth": 2, "heads": 2, "mlp_hidden": 256},
+                "text": {"vocab_size": 300, "width": 128, "depth": 2, "heads": 2, "mlp_hidden": 256}}
+    ref = small_model(attn_backend="torch", rope_backend="torch", loss_backend="reference", **settings).cuda()
+    fast = small_model(attn_backend="auto", rope_backend="auto", grad_checkpointing=True, **settings).cuda()
+    fast.load_state_dict(ref.state_dict())
+    batch = make_batch([(16, 12), (2, 2), (30, 8), (4, 20)], [40, 1, 256, 77], merge=2).to("cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = fast(batch)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"])
+    for name, p in fast.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    with torch.no_grad():
+        expected = ref(batch)
+    for key in ("image_features", "text_features"):
+        cos = F.cosine_similarity(out[key].float(), expected[key], dim=-1)
+        assert cos.min() > 0.99, (key, cos)
+    torch.testing.assert_close(out["loss"].float(), expected["loss"], rtol=0.05, atol=0.05)
 
 
 # ---------------------------------------------------------------------------------------------------------------

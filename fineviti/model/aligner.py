@@ -243,12 +243,15 @@ class Aligner(nn.Module):
             self.lm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def encode_images(self, patches: torch.Tensor, cu_seqlens: torch.Tensor, pos: torch.Tensor, max_seqlen: int,
-                      seqlens: list[int] | None = None) -> torch.Tensor:
-        """(total / 4, lm hidden): each image's merged tokens in the packed order, projected for the LM."""
+                      seqlens: list[int] | None = None, padding_tokens: int = 0) -> torch.Tensor:
+        """(cu_seqlens[-1] / 4, lm hidden): each image's merged tokens in the packed order, projected for the LM
+        (padding rows, if any, dropped)."""
         if _checks.value_checks_enabled(cu_seqlens) and bool((cu_seqlens % 4 != 0).any()):
             raise ValueError(f"every image must have a whole number of 2x2 groups: cu_seqlens must be multiples "
                              f"of 4, got {cu_seqlens.tolist()}")
-        tokens = self.visual.forward_tokens(patches, cu_seqlens, pos, max_seqlen, seqlens)
+        tokens = self.visual.forward_tokens(patches, cu_seqlens, pos, max_seqlen, seqlens, padding_tokens)
+        if padding_tokens:
+            tokens = tokens[:tokens.shape[0] - padding_tokens]
         return self.projector(self.merger(tokens))
 
     def splice(self, input_ids: torch.Tensor, image_embeds: torch.Tensor, cu_merged: torch.Tensor,
@@ -286,7 +289,7 @@ class Aligner(nn.Module):
     def forward(self, patches: torch.Tensor, cu_seqlens: torch.Tensor, pos: torch.Tensor, max_seqlen: int,
                 input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, seqlens: list[int] | None = None,
-                sample_image: torch.Tensor | None = None) -> dict[str, Any]:
+                sample_image: torch.Tensor | None = None, padding_tokens: int = 0) -> dict[str, Any]:
         """Packed images (PackedBatch's fields), input_ids / labels / attention_mask (B, T) as `collate` makes
         them. Returns logits (B, T, V) and, with labels, the mean next-token cross-entropy over answer tokens
         (`loss`) and their count (`n_targets`)."""
@@ -294,7 +297,7 @@ class Aligner(nn.Module):
             raise ValueError(f"input_ids must have shape (batch, length), got {tuple(input_ids.shape)}")
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"labels must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
-        image_embeds = self.encode_images(patches, cu_seqlens, pos, max_seqlen, seqlens)
+        image_embeds = self.encode_images(patches, cu_seqlens, pos, max_seqlen, seqlens, padding_tokens)
         inputs_embeds = self.splice(input_ids, image_embeds, torch.div(cu_seqlens, 4, rounding_mode="floor"),
                                     sample_image)
         logits = self.lm(inputs_embeds, attention_mask)

@@ -53,10 +53,12 @@ class FineViT(nn.Module):
         self.text.set_grad_checkpointing(enable)
 
     def encode_image(self, patches: torch.Tensor, cu_seqlens: torch.Tensor, pos: torch.Tensor, max_seqlen: int,
-                     seqlens: list[int] | None = None, return_tokens: bool = False, normalize: bool = False):
+                     seqlens: list[int] | None = None, return_tokens: bool = False, normalize: bool = False,
+                     padding_tokens: int = 0):
         """(n_images, embed_dim) image features (unit norm with normalize), and with return_tokens the
         (total, width) patch tokens too. Arguments as PackedBatch's fields of the same names."""
-        out = self.visual(patches, cu_seqlens, pos, max_seqlen, seqlens, return_tokens=return_tokens)
+        out = self.visual(patches, cu_seqlens, pos, max_seqlen, seqlens, return_tokens=return_tokens,
+                          padding_tokens=padding_tokens)
         features, tokens = out if return_tokens else (out, None)
         if normalize:
             features = _normalize(features)
@@ -84,7 +86,7 @@ class FineViT(nn.Module):
         then negatives of each other's images: give one caption per image per step to avoid that).
         group: passed to the loss, for negatives from every rank (see fineviti.ops.siglip_loss)."""
         image_features = self.encode_image(batch.patches, batch.cu_seqlens, batch.pos, batch.max_seqlen,
-                                           batch.seqlens, normalize=True)
+                                           batch.seqlens, normalize=True, padding_tokens=batch.padding_tokens)
         text_features = self.encode_text(batch.tokens, batch.text_cu_seqlens, batch.text_max_seqlen,
                                          batch.text_seqlens, normalize=True)
         scale, bias = self.logit_params()

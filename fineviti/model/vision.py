@@ -1,14 +1,18 @@
-"""The native-resolution vision tower: patches of many images packed along dim 0, no padding, no position table.
+"""The native-resolution vision tower: patches of many images packed along dim 0, no position table.
 
 patches (total, 3*p*p) -> Linear patch embedding -> depth x [RMSNorm, fused QKV (bias) + 2D RoPE (Qwen2-VL's
 vision RoPE on each patch's (row, col)), varlen attention within each image, RMSNorm, SwiGLU] -> RMSNorm ->
 per-image attention pooling (one learned query, multi-head, a softmax over each image's own tokens computed as a
 segment softmax over the packed tokens) -> Linear into the joint embedding.
+
+Batches padded to a static token count (PackedBatch.padding_tokens rows after cu_seqlens[-1]) run the padding as
+one extra sequence, so it never attends to an image or enters a pool.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fineviti import _checks
@@ -103,27 +107,47 @@ class VisionTower(nn.Module):
         if _checks.value_checks_enabled(pos):
             check_positions(pos)
 
+    def _with_padding(self, cu_seqlens, max_seqlen, seqlens, padding_tokens, total):
+        """Trailing padding (a static-shape batch) becomes one more sequence, so it attends only to itself."""
+        if isinstance(padding_tokens, bool) or not isinstance(padding_tokens, int) or padding_tokens < 0:
+            raise ValueError(f"padding_tokens must be a non-negative Python int, got {padding_tokens!r}")
+        if padding_tokens == 0:
+            return cu_seqlens, max_seqlen, seqlens
+        if isinstance(cu_seqlens, torch.Tensor) and _checks.value_checks_enabled(cu_seqlens) and cu_seqlens.numel():
+            last = int(cu_seqlens[-1])
+            if last + padding_tokens != total:
+                raise ValueError(f"cu_seqlens[-1] + padding_tokens must equal the number of patches {total}, got "
+                                 f"{last} + {padding_tokens}")
+        cu_seqlens = F.pad(cu_seqlens, (0, 1), value=total)
+        seqlens = None if seqlens is None else [*seqlens, padding_tokens]
+        return cu_seqlens, max(max_seqlen, padding_tokens), seqlens
+
     def forward_tokens(self, patches: torch.Tensor, cu_seqlens: torch.Tensor, pos: torch.Tensor, max_seqlen: int,
-                       seqlens: list[int] | None = None) -> torch.Tensor:
-        """The patch tokens after the last block and the final norm: (total, width), in the packed order."""
-        self._check(patches, cu_seqlens, pos, max_seqlen, seqlens)
+                       seqlens: list[int] | None = None, padding_tokens: int = 0) -> torch.Tensor:
+        """The patch tokens after the last block and the final norm: (total, width), in the packed order (the
+        padding rows included, at the end)."""
+        cu_all, max_all, seqlens_all = self._with_padding(cu_seqlens, max_seqlen, seqlens, padding_tokens,
+                                                          patches.shape[0])
+        self._check(patches, cu_all, pos, max_all, seqlens_all)
         theta, backend = self.cfg.rope_theta, self.rope_backend
 
         def split_rotate(qkv: torch.Tensor, heads: int):
-            # One read of the fused projection, q and k rotated, three contiguous outputs; on the CPU backends
-            # the same function as splitting, then rope_2d_qk.
+            # Always the fused split: one read of the projection, q and k rotated, three contiguous outputs (the
+            # Triton kernel on a GPU); on the CPU backends it is exactly splitting, then rope_2d_qk.
             return qkv_split_rope(qkv, pos, heads, theta, backend=backend, check_values=False)
 
-        packed = Packed(cu_seqlens, max_seqlen, seqlens, split_rotate)
+        packed = Packed(cu_all, max_all, seqlens_all, split_rotate)
         x = self.patch_embed(patches)
         x = run_blocks(self.blocks, x, packed, self.grad_checkpointing)
         return self.norm(x)
 
     def forward(self, patches: torch.Tensor, cu_seqlens: torch.Tensor, pos: torch.Tensor, max_seqlen: int,
-                seqlens: list[int] | None = None, return_tokens: bool = False):
+                seqlens: list[int] | None = None, return_tokens: bool = False, padding_tokens: int = 0):
         """patches (total, 3*p*p) float, cu_seqlens (n+1,) int32, pos (total, 2) int (row, col), max_seqlen int,
-        seqlens: optional host list of the n lengths. Returns (n, embed_dim) in the activations' dtype, and with
-        return_tokens also the (total, width) patch tokens."""
-        tokens = self.forward_tokens(patches, cu_seqlens, pos, max_seqlen, seqlens)
-        pooled = self.pool(tokens, cu_seqlens)
+        seqlens: optional host list of the n lengths; padding_tokens: rows of padding after cu_seqlens[-1]
+        (PackedBatch.padding_tokens; they never mix with the images). Returns (n, embed_dim) in the activations'
+        dtype, and with return_tokens also the (total, width) patch tokens."""
+        tokens = self.forward_tokens(patches, cu_seqlens, pos, max_seqlen, seqlens, padding_tokens)
+        real = tokens[:tokens.shape[0] - padding_tokens] if padding_tokens else tokens
+        pooled = self.pool(real, cu_seqlens)
         return (pooled, tokens) if return_tokens else pooled
