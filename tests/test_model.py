@@ -120,6 +120,11 @@ def test_overrides_and_errors():
     model = fineviti.create_model("tiny", device="meta", text={"vocab_size": 777})
     assert model.text.token_embed.num_embeddings == 777 and model.visual.patch_size == 14
     assert model.visual.merge == 2
+    model = model.to_empty(device="cpu")  # meta -> memory, as FSDP2's deferred init does, then initialise
+    model.init_weights()
+    assert torch.allclose(model.logit_scale, torch.tensor(math.log(10.0))) and float(model.logit_bias.detach()) == -10.0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert 0.015 < float(model.visual.blocks[0].attn.qkv.weight.std()) < 0.025
 
 
 def test_logit_initialisation():

@@ -174,7 +174,9 @@ class AlignerConfig:
     builtin_lm: BuiltinLMConfig = dataclasses.field(default_factory=BuiltinLMConfig)
     merger_hidden: int | None = None  # default: 4 * vision.width (Qwen2-VL's merger)
     merger_out: int | None = None  # default: vision.width
-    placeholder_id: int = -1  # token id of an image token in input_ids; -1: the LM's vocab_size (outside it)
+    # Token id of an image token in input_ids (never looked up in the LM's embedding): -1 means the LM's vocab_size,
+    # an id no tokenizer emits; the data path's tokenizer reserves <image> = 3 for it.
+    placeholder_id: int = -1
     attn_backend: str = "auto"
     rope_backend: str = "auto"
     grad_checkpointing: bool = False

@@ -2,10 +2,10 @@
 depth x [RMSNorm, fused QKV (bias) + 1D RoPE on each token's position in its caption, bidirectional varlen
 attention within each caption, RMSNorm, SwiGLU] -> RMSNorm -> pool -> Linear (no bias) into the joint embedding.
 
-Pooling is the mean over a caption's tokens by default: the captions are long and truncation keeps the first
-tokens, so a final EOS may be cut and a last-token pool would then read an arbitrary token; a bidirectional
-encoder lets every token see the whole caption, so the mean loses nothing. `pool="last"` takes the last token
-instead (an EOS pool, for tokenizers that always end a caption with EOS).
+Pooling is the mean over a caption's tokens by default: it needs nothing from the tokenizer (a last-token pool
+reads an arbitrary token when a tokenizer adds no EOS or truncation cuts it), and in a bidirectional encoder every
+token already sees the whole caption. `pool="last"` takes each caption's last token instead: an EOS pool with the
+data path's tokenizer, which ends every caption with <eos> and keeps it through truncation.
 """
 
 from __future__ import annotations
