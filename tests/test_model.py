@@ -124,7 +124,7 @@ def test_overrides_and_errors():
     model.init_weights()
     assert torch.allclose(model.logit_scale, torch.tensor(math.log(10.0))) and float(model.logit_bias.detach()) == -10.0
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert 0.015 < float(model.visual.blocks[0].attn.qkv.weight.std()) < 0.025
+    assert 0.015 < float(model.visual.blocks[0].attn.qkv.weight.detach().std()) < 0.025
 
 
 def test_logit_initialisation():
