@@ -30,17 +30,20 @@ std::tuple<at::Tensor, at::Tensor> pack(const T* lengths, int64_t n, int64_t bud
   std::vector<int64_t> buffer;
   buffer.reserve(static_cast<size_t>(std::min(window, n)));
   int64_t next = 0, placed = 0;
-  while (next < n || !buffer.empty()) {
-    while (static_cast<int64_t>(buffer.size()) < window && next < n) buffer.push_back(next++);
+  while (static_cast<int64_t>(buffer.size()) < window && next < n) buffer.push_back(next++);
+  while (!buffer.empty()) {
     int64_t room = budget;
     size_t kept = 0;
     size_t k = 0;
-    for (; k < buffer.size() && room >= shortest; ++k) {  // below `shortest` nothing fits: stop scanning
+    // buffer grows while it is scanned: every sample placed lets one more sample of the stream in, so that
+    // `window` samples are always pending. Below `shortest` nothing fits: stop scanning.
+    for (; k < buffer.size() && room >= shortest; ++k) {
       const int64_t sample = buffer[k];
       const int64_t length = lengths[sample];
       if (length <= room) {
         out[placed++] = sample;
         room -= length;
+        if (next < n) buffer.push_back(next++);
       } else {
         buffer[kept++] = sample;
       }

@@ -1,10 +1,12 @@
 // plan_packs: windowed first-fit packing of sample lengths into packs of at most `budget` tokens (the data
 // planner's hot loop; fineviti/data/planner.py holds the Python reference and the rest of the planner).
 //
-// Rule (the Python reference `plan_packs_ref` follows it step for step): a buffer holds up to `window` samples,
-// refilled in stream order. Each pack scans the buffer in order and takes every sample that still fits; the
-// samples it skips stay in the buffer, in order, for the next pack. The oldest sample always fits an empty pack
-// (lengths are at most the budget), so no sample waits more than `window` packs. Cost O(n * window) at worst.
+// Rule (the Python reference `plan_packs_ref` follows it step for step): a buffer holds the next `window`
+// pending samples of the stream, in stream order. A pack scans the buffer in order and takes every sample that
+// still fits; each sample taken lets the next sample of the stream into the buffer's end, where the same scan
+// reaches it, so `window` samples are always pending. Samples skipped stay, in order, for the next pack. The
+// oldest pending sample always fits an empty pack (lengths are at most the budget), so no sample waits more than
+// `window` packs. Cost O(window + samples placed) per pack.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -18,8 +18,9 @@ def check_packs(lengths, budget, offsets, order):
 
 def test_reference_on_a_hand_example():
     offsets, order = plan_packs_ref([5, 3, 8, 2, 7, 1, 4], budget=10, window=3)
-    # buffer [5, 3, 8]: takes 5, 3; [8, 2, 7]: 8, 2; [7, 1, 4]: 7, 1 (4 waits); [4]
-    assert offsets.tolist() == [0, 2, 4, 6, 7] and order.tolist() == [0, 1, 2, 3, 4, 5, 6]
+    # buffer [5, 3, 8]: takes 5 (2 comes in), 3 (7 comes in), skips 8, takes 2: full. [8, 7, 1]: takes 8 (4 comes
+    # in), skips 7, takes 1, skips 4. [7, 4]: takes 7. [4].
+    assert offsets.tolist() == [0, 3, 5, 6, 7] and order.tolist() == [0, 1, 3, 2, 5, 4, 6]
     offsets, order = plan_packs_ref([6, 6, 3, 1], budget=10, window=4)
     assert offsets.tolist() == [0, 3, 4] and order.tolist() == [0, 2, 3, 1]
 

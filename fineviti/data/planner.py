@@ -4,8 +4,9 @@ ranks and loader workers. All integers, no pixels; its state is what a checkpoin
 Plan of epoch e (independent of the number of ranks and workers):
 1. order: a permutation of the samples from numpy's Generator seeded with (seed, e);
 2. packing: windowed first-fit over that order (`plan_packs`: C++ op `torch.ops.fineviti.plan_packs`, Python
-   reference `plan_packs_ref`, identical results): a buffer of `window` samples; each pack takes, in buffer order,
-   every sample that still fits; skipped samples wait (at most `window` packs) for a later one;
+   reference `plan_packs_ref`, identical results): a buffer of the next `window` pending samples; each pack takes,
+   in buffer order, every sample that still fits, and each sample taken lets the next one of the stream into the
+   buffer (scanned by the same pack); skipped samples wait (at most `window` packs) for a later one;
 3. balance: within each block of `cost_block` consecutive packs, packs are sorted by attention cost
    sum(L_i^2) (descending), then tokens (descending), then position (stable), so that neighbouring packs cost
    about the same.
@@ -55,23 +56,30 @@ def plan_packs_ref(lengths, budget: int, window: int) -> tuple[np.ndarray, np.nd
     _check(lengths, budget, window)
     values = lengths.tolist()
     n = len(values)
+    shortest = min(values, default=1)  # below it nothing fits: a pack stops scanning (the C++ op does the same)
     order: list[int] = []
     offsets = [0]
     buffer: list[int] = []
     next_in = 0
-    while next_in < n or buffer:
-        while len(buffer) < window and next_in < n:
-            buffer.append(next_in)
-            next_in += 1
+    while len(buffer) < window and next_in < n:
+        buffer.append(next_in)
+        next_in += 1
+    while buffer:
         room = budget
         kept = []
-        for sample in buffer:
+        k = 0
+        while k < len(buffer) and room >= shortest:  # grows while scanned: each sample placed lets the next one in
+            sample = buffer[k]
+            k += 1
             if values[sample] <= room:
                 order.append(sample)
                 room -= values[sample]
+                if next_in < n:
+                    buffer.append(next_in)
+                    next_in += 1
             else:
                 kept.append(sample)
-        buffer = kept
+        buffer = kept + buffer[k:]
         offsets.append(len(order))
     return np.asarray(offsets, dtype=np.int64), np.asarray(order, dtype=np.int64)
 
