@@ -8,6 +8,7 @@ The CMake build directory is kept under build/cmake/, one per configuration, so 
 install and a wheel built from the same checkout share compiled objects.
 """
 
+import fcntl
 import hashlib
 import os
 import shutil
@@ -82,7 +83,11 @@ class CMakeBuild(build_ext):
             toolkit = Path(nvcc).resolve().parent.parent
             # CUDA_TOOLKIT_ROOT_DIR: torch's config still runs the old FindCUDA, which would otherwise take
             # the first nvcc on PATH (possibly a wrapper script outside the toolkit).
-            args += [f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DCUDAToolkit_ROOT={toolkit}", f"-DCUDA_TOOLKIT_ROOT_DIR={toolkit}"]
+            args += [
+                f"-DCMAKE_CUDA_COMPILER={nvcc}",
+                f"-DCUDAToolkit_ROOT={toolkit}",
+                f"-DCUDA_TOOLKIT_ROOT_DIR={toolkit}",
+            ]
         elif torch.version.cuda is not None:
             raise RuntimeError(
                 f"torch {torch.__version__} is a CUDA build, and its CMake config needs a CUDA toolkit even for "
@@ -90,7 +95,9 @@ class CMakeBuild(build_ext):
             )
         cmake, ninja = _tool("cmake"), _tool("ninja")
         if cmake is None:
-            raise RuntimeError("building fineviti._C needs CMake >= 3.22: `pip install cmake` or install it system-wide")
+            raise RuntimeError(
+                "building fineviti._C needs CMake >= 3.22: `pip install cmake` or install it system-wide"
+            )
         if ninja:
             args += ["-GNinja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
 
@@ -102,10 +109,14 @@ class CMakeBuild(build_ext):
             compiler = _cache_value(built.parent, "CMAKE_CXX_COMPILER")
             system = shutil.which("c++", path="/usr/bin")
             if system is None or Path(system).resolve() == Path(compiler).resolve():
-                raise RuntimeError(f"fineviti._C links a private copy of libstdc++ (compiler {compiler}); build with "
-                                   "a compiler that links the shared libstdc++, e.g. CXX=/usr/bin/c++")
-            print(f"fineviti: {compiler} linked a private copy of libstdc++ into {built.name}; "
-                  f"rebuilding with {system}", flush=True)
+                raise RuntimeError(
+                    f"fineviti._C links a private copy of libstdc++ (compiler {compiler}); build with "
+                    "a compiler that links the shared libstdc++, e.g. CXX=/usr/bin/c++"
+                )
+            print(
+                f"fineviti: {compiler} linked a private copy of libstdc++ into {built.name}; rebuilding with {system}",
+                flush=True,
+            )
             built = self._cmake(cmake, [*args, f"-DCMAKE_CXX_COMPILER={system}"], env, torch)
             if _private_libstdcxx(built):
                 raise RuntimeError(f"fineviti._C links a private copy of libstdc++ even when built with {system}")
@@ -116,15 +127,29 @@ class CMakeBuild(build_ext):
 
     def _cmake(self, cmake: str, args: list[str], env: dict, torch) -> Path:
         # One build dir per environment and configuration; `python` and `python3` of one venv share it.
-        key = (sys.prefix, sys.version, torch.__version__, torch.__file__, args[1:], env.get("TORCH_CUDA_ARCH_LIST"),
-               env.get("CXX"))
+        key = (
+            sys.prefix,
+            sys.version,
+            torch.__version__,
+            torch.__file__,
+            args[1:],
+            env.get("TORCH_CUDA_ARCH_LIST"),
+            env.get("CXX"),
+        )
         build_dir = ROOT / "build" / "cmake" / hashlib.sha1(repr(key).encode()).hexdigest()[:12]
         build_dir.mkdir(parents=True, exist_ok=True)
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
-        print(f"fineviti: CUDA sources {'on' if '-DFINEVITI_BUILD_CUDA=ON' in args else 'off'}, TORCH_CUDA_ARCH_LIST="
-              f"{env.get('TORCH_CUDA_ARCH_LIST', '')}, {jobs} jobs, build dir {build_dir}", flush=True)
-        subprocess.run([cmake, "-S", str(ROOT), "-B", str(build_dir), *args], check=True, env=env)
-        subprocess.run([cmake, "--build", str(build_dir), "--parallel", jobs], check=True, env=env)
+        print(
+            f"fineviti: CUDA sources {'on' if '-DFINEVITI_BUILD_CUDA=ON' in args else 'off'}, TORCH_CUDA_ARCH_LIST="
+            f"{env.get('TORCH_CUDA_ARCH_LIST', '')}, {jobs} jobs, build dir {build_dir}",
+            flush=True,
+        )
+        # Builds sharing a dir (an editable install and the wheel test, say) take turns: ninja's logs do not
+        # survive two writers.
+        with open(build_dir / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            subprocess.run([cmake, "-S", str(ROOT), "-B", str(build_dir), *args], check=True, env=env)
+            subprocess.run([cmake, "--build", str(build_dir), "--parallel", jobs], check=True, env=env)
         return next(build_dir.glob("_C.*.so"))
 
 

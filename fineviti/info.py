@@ -8,17 +8,17 @@ import os
 import platform
 import sys
 
-# Optional packages: (import name, distribution name, what this project has run of it on a machine).
-# "unverified": no machine here can run it; it is tested through fakes with its real signatures.
+# Optional packages: (import name, distribution name, note). "unverified": this project has never run it on
+# a machine (no machine here can); it is tested through fakes with its real signatures.
 OPTIONAL = [
     ("flash_attn", "flash-attn", "unverified"),
     ("xformers", "xformers", "unverified"),
     ("apex", "apex", "unverified"),
-    ("nvidia.dali", "nvidia-dali-cuda130", "CPU path run here; GPU path unverified"),
-    ("torchvision", "torchvision", "verified"),
-    ("tokenizers", "tokenizers", "verified"),
-    ("safetensors", "safetensors", "verified"),
-    ("tensorboard", "tensorboard", "verified"),
+    ("nvidia.dali", "nvidia-dali-cuda130", "GPU path unverified"),
+    ("torchvision", "torchvision", None),
+    ("tokenizers", "tokenizers", None),
+    ("safetensors", "safetensors", None),
+    ("tensorboard", "tensorboard", None),
 ]
 ENV_VARS = ["TRITON_INTERPRET", "FINEVITI_CHECKS", "CUDA_VISIBLE_DEVICES", "TORCH_CUDA_ARCH_LIST"]
 
@@ -33,7 +33,7 @@ def _version(module, distribution: str) -> str | None:
     return str(version)
 
 
-def _optional_package(name: str, distribution: str, status: str) -> dict:
+def _optional_package(name: str, distribution: str, status: str | None) -> dict:
     try:
         module = importlib.import_module(name)
     except Exception as exc:  # a broken install raises more than ImportError; report it, don't crash
@@ -85,7 +85,7 @@ def collect() -> dict:
 
     import fineviti
 
-    triton = _optional_package("triton", "triton", "verified")
+    triton = _optional_package("triton", "triton", None)
     return {
         "python": {"version": platform.python_version(), "executable": sys.executable},
         "fineviti": {"version": fineviti.__version__, "path": os.path.dirname(fineviti.__file__)},
@@ -135,7 +135,7 @@ def format_text(info: dict) -> str:
     lines.append("optional packages:")
     for name, pkg in info["optional"].items():
         state = f"{pkg['version'] or 'importable'}" if pkg["importable"] else "not importable"
-        lines.append(f"  {name:<13}{state:<24}[{pkg['status']}]")
+        lines.append(f"  {name:<13}{state:<24}{'[' + pkg['status'] + ']' if pkg['status'] else ''}".rstrip())
     env = ", ".join(f"{k}={v}" for k, v in info["env"].items() if v is not None)
     lines.append(f"environment  {env or '(none of ' + ', '.join(info['env']) + ' set)'}")
     return "\n".join(lines)

@@ -18,6 +18,7 @@ echo "== test.sh: tests took $(elapsed "$start")"
 
 if [ -f scripts/kernel_report_ci.sh ]; then
   start=$(date +%s%N)
-  bash scripts/kernel_report_ci.sh
+  bash scripts/kernel_report_ci.sh || status=$?
   echo "== test.sh: kernel report took $(elapsed "$start")"
+  [ "$status" -eq 0 ] || exit "$status"
 fi

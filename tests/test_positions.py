@@ -43,10 +43,10 @@ def test_cpu_op_edge_cases():
     cu, pos = build_positions(torch.empty(0, 2, dtype=torch.int32), 2)
     assert cu.tolist() == [0] and pos.shape == (0, 2)
     grid = torch.tensor([[4, 1], [1, 1], [1, 5]], dtype=torch.int32)  # single rows and columns
-    for got, want in zip(build_positions(grid), build_positions_ref(grid)):
+    for got, want in zip(build_positions(grid), build_positions_ref(grid), strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     strided = torch.tensor([[6, 4, 99], [2, 8, 99]], dtype=torch.int32)[:, :2]  # not contiguous
-    for got, want in zip(build_positions(strided, 2), build_positions_ref(strided.contiguous(), 2)):
+    for got, want in zip(build_positions(strided, 2), build_positions_ref(strided.contiguous(), 2), strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
