@@ -57,11 +57,11 @@ def test_dali_skips_an_undecodable_image_and_keeps_the_others():
     images = [_jpeg(60, 40), b"\xff\xd8\xff" + bytes(300), _jpeg(30, 90)]
     out = path.decode_resize(images, [(28, 42), (28, 28), (84, 28)])
     assert isinstance(out[1], dali.BadSample) and out[1].reason == "undecodable_image"
-    assert out[0].pixels.shape == (28, 42, 3) and out[0].source_hw == (40, 60)
-    assert out[2].pixels.shape == (84, 28, 3) and out[2].source_hw == (90, 30)
-    assert (out[0].pixels.float().mean(dim=(0, 1)) - torch.tensor([10.0, 200.0, 30.0])).abs().max() < 4
+    assert out[0].pixels.shape == (3, 28, 42) and out[0].source_hw == (40, 60)
+    assert out[2].pixels.shape == (3, 84, 28) and out[2].source_hw == (90, 30)
+    assert (out[0].pixels.float().mean(dim=(1, 2)) - torch.tensor([10.0, 200.0, 30.0])).abs().max() < 4
     again = path.decode_resize([_jpeg(16, 16)], [(14, 14)])  # the pipeline works after the failure
-    assert again[0].pixels.shape == (14, 14, 3)
+    assert again[0].pixels.shape == (3, 14, 14)
 
 
 def test_dali_in_a_loader_worker_process(data):

@@ -40,13 +40,13 @@ def fingerprint(batch):
 @pytest.mark.parametrize("merge", [1, 2])
 def test_patchify_puts_the_crop_at_pos_in_each_patch(merge):
     p = 4
-    image = torch.randint(0, 256, (p * 2 * merge * 3, p * 2 * merge * 2, 3), dtype=torch.uint8)
+    image = torch.randint(0, 256, (3, p * 2 * merge * 3, p * 2 * merge * 2), dtype=torch.uint8)
     patches = patchify(image, p, merge)
-    grid = torch.tensor([[image.shape[0] // p, image.shape[1] // p]], dtype=torch.int32)
+    grid = torch.tensor([[image.shape[1] // p, image.shape[2] // p]], dtype=torch.int32)
     _, pos = build_positions_ref(grid, merge)
     assert patches.shape == (grid.prod().item(), 3 * p * p)
     for t, (r, c) in enumerate(pos.tolist()):
-        crop = image[r * p:(r + 1) * p, c * p:(c + 1) * p, :].permute(2, 0, 1).reshape(-1)  # channel, row, col
+        crop = image[:, r * p:(r + 1) * p, c * p:(c + 1) * p].reshape(-1)  # channel, row, column
         assert torch.equal(patches[t], crop)
 
 

@@ -60,7 +60,7 @@ class DaliPath:
             shapes = fn.peek_image_shape(encoded)
             images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
             resized = fn.resize(images, size=sizes, interp_type=types.INTERP_CUBIC, antialias=True)
-            return resized, shapes
+            return fn.transpose(resized, perm=[2, 0, 1]), shapes  # planar, as the patch cutter wants
 
         pipe = pipeline()
         pipe.build()
@@ -83,8 +83,8 @@ class DaliPath:
                 pixels = torch.from_dlpack(resized[i]).clone()  # DALI reuses its buffers
             else:
                 pixels = torch.from_numpy(np.array(resized.at(i)))
-            if tuple(pixels.shape) != (targets[i][0], targets[i][1], 3):
-                raise RuntimeError(f"DaliPath: resize gave {tuple(pixels.shape)}, expected {targets[i]} x 3")
+            if tuple(pixels.shape) != (3, targets[i][0], targets[i][1]):
+                raise RuntimeError(f"DaliPath: resize gave {tuple(pixels.shape)}, expected 3 x {targets[i]}")
             out.append(Decoded(pixels, (int(shape[0]), int(shape[1]))))
         return out
 

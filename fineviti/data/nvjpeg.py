@@ -80,5 +80,5 @@ class NvjpegPath:
                 resized = F.interpolate(image[None].float(), size=(height, width), mode="bicubic", antialias=True,
                                         align_corners=False)[0]
                 image = resized.round_().clamp_(0, 255).to(torch.uint8)
-            out.append(Decoded(image.permute(1, 2, 0), source_hw))  # (h, w, 3) view; patchify copies
+            out.append(Decoded(image, source_hw))
         return out

@@ -2,8 +2,9 @@
 
 Every pixel path (PIL here, DALI in fineviti.data.dali, torchvision's nvJPEG in fineviti.data.nvjpeg) implements
 `decode_resize(images, targets) -> list[Decoded | BadSample]`: each image decoded to RGB and resized to its
-planned (height, width) with a bicubic, antialiased filter, as a uint8 (height, width, 3) tensor on the path's
-device. The rest is shared, so every path gives the same layout:
+planned (height, width) with a bicubic, antialiased filter, as a planar uint8 (3, height, width) tensor on the
+path's device (planar, so that cutting patches copies runs of p contiguous bytes). The rest is shared, so every
+path gives the same layout:
 
 - patches: an image of h x w pixels is cut into (h / p) x (w / p) patches, each flattened channel, then row, then
   column of the patch (c * p * p + i * p + j, Qwen2-VL's processor order), in `build_positions`' token order (the
@@ -21,6 +22,7 @@ import io
 import math
 from collections import Counter
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -37,7 +39,7 @@ NORMS = {
 
 @dataclasses.dataclass
 class Decoded:
-    pixels: torch.Tensor  # uint8 (height, width, 3), resized to the target
+    pixels: torch.Tensor  # uint8 (3, height, width), resized to the target
     source_hw: tuple[int, int]  # the decoded image's size before resizing
 
 
@@ -59,32 +61,42 @@ class PilPath:
             source_w, source_h = source.size
             if source.size != (width, height):
                 source = source.resize((width, height), Image.BICUBIC)
-            pixels = torch.frombuffer(bytearray(source.tobytes()), dtype=torch.uint8).view(height, width, 3)
-            out.append(Decoded(pixels, (source_h, source_w)))
+            planes = np.stack([np.asarray(band) for band in source.split()])  # numpy: 4x faster than torch.stack
+            out.append(Decoded(torch.from_numpy(planes), (source_h, source_w)))
         return out
 
 
-def patchify(pixels: torch.Tensor, patch: int, merge: int) -> torch.Tensor:
-    """uint8 or float (h, w, 3) -> (h * w / p^2, 3 * p * p): patches in build_positions' order, each flattened
-    channel, row, column."""
-    h, w, c = pixels.shape
+def _patch_view(pixels: torch.Tensor, patch: int, merge: int) -> torch.Tensor:
+    c, h, w = pixels.shape
     gh, gw = h // patch, w // patch
-    if gh * patch != h or gw * patch != w or gh % merge or gw % merge:
-        raise ValueError(f"patchify: a {h}x{w} image is not a whole number of {merge}x{merge} groups of "
-                         f"{patch}x{patch} patches")
-    x = pixels.view(gh // merge, merge, patch, gw // merge, merge, patch, c)
+    if c != 3 or gh * patch != h or gw * patch != w or gh % merge or gw % merge:
+        raise ValueError(f"patchify: a {c}x{h}x{w} image is not 3 planes of a whole number of {merge}x{merge} "
+                         f"groups of {patch}x{patch} patches")
+    x = pixels.view(c, gh // merge, merge, patch, gw // merge, merge, patch)
     # (group row, group col, row in group, col in group, channel, row in patch, col in patch)
-    return x.permute(0, 3, 1, 4, 6, 2, 5).reshape(gh * gw, c * patch * patch)
+    return x.permute(1, 4, 2, 5, 0, 3, 6)
+
+
+def patchify(pixels: torch.Tensor, patch: int, merge: int) -> torch.Tensor:
+    """(3, h, w) -> (h * w / p^2, 3 * p * p): patches in build_positions' order, each flattened channel, row,
+    column (same dtype and device)."""
+    _, h, w = pixels.shape
+    return _patch_view(pixels, patch, merge).reshape(h * w // patch**2, 3 * patch * patch)
+
+
+def _norm_vectors(patch: int, norm: str | tuple, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """scale, shift (3 * p * p,) float32 with x_normalised = x_uint8 * scale + shift."""
+    mean, std = NORMS[norm] if isinstance(norm, str) else norm
+    mean = torch.tensor(mean, dtype=torch.float32, device=device).repeat_interleave(patch * patch)
+    std = torch.tensor(std, dtype=torch.float32, device=device).repeat_interleave(patch * patch)
+    return 1.0 / (255.0 * std), -mean / std
 
 
 def normalise(patches: torch.Tensor, patch: int, norm: str | tuple = "siglip",
               dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 patches (n, 3 * p * p) -> (x / 255 - mean) / std per channel, in `dtype` (computed in float32)."""
-    mean, std = NORMS[norm] if isinstance(norm, str) else norm
-    mean = torch.tensor(mean, dtype=torch.float32, device=patches.device).repeat_interleave(patch * patch)
-    std = torch.tensor(std, dtype=torch.float32, device=patches.device).repeat_interleave(patch * patch)
-    scale = 1.0 / (255.0 * std)
-    return torch.addcmul(-mean / std, patches.float(), scale).to(dtype)
+    scale, shift = _norm_vectors(patch, norm, patches.device)
+    return torch.addcmul(shift, patches.float(), scale).to(dtype)
 
 
 def _positions(grid_hw: torch.Tensor, merge: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,18 +147,29 @@ def assemble(samples: list[RawSample], decoded: list[Decoded | BadSample], targe
     grid = torch.tensor([[h // patch, w // patch] for _, _, (h, w) in kept], dtype=torch.int32).view(-1, 2)
     cu_seqlens, pos = _positions(grid, merge)
     seqlens = [int(h * w) for h, w in grid.tolist()]
-    pieces = [patchify(d.pixels, patch, merge) for _, d, _ in kept]
-    flat = torch.cat(pieces) if pieces else torch.zeros(0, 3 * patch * patch, dtype=torch.uint8, device=device)
+    total = sum(seqlens)
     padding = 0
     if pad_to is not None:
-        padding = pad_to - flat.shape[0]
+        padding = pad_to - total
         if padding < 0:
-            raise ValueError(f"assemble: pad_to = {pad_to} is below the batch's {flat.shape[0]} tokens")
-        flat = torch.cat([flat, flat.new_zeros(padding, flat.shape[1])])
+            raise ValueError(f"assemble: pad_to = {pad_to} is below the batch's {total} tokens")
         pos = torch.cat([pos, pos.new_zeros(padding, 2)])
-    patches = normalise(flat, patch, norm, dtype)
-    if padding:
-        patches[-padding:] = 0
+    # one float32 buffer: each image's patches are cut straight into it (the uint8 -> float conversion rides on
+    # the copy), then normalised in place
+    patches = torch.empty(total + padding, 3 * patch * patch, dtype=torch.float32, device=device)
+    for (_, d, _), start, length in zip(kept, cu_seqlens.tolist(), seqlens, strict=False):
+        source = _patch_view(d.pixels, patch, merge)
+        target = patches[start:start + length].view(source.shape)
+        if device.type == "cpu":  # numpy's strided uint8 -> float copy is ~1.5x torch's on the CPU
+            np.copyto(target.numpy(), source.numpy())
+        else:
+            target.copy_(source)
+    scale, shift = _norm_vectors(patch, norm, device)
+    real = patches[:total]
+    real.mul_(scale).add_(shift)
+    patches[total:] = 0
+    if dtype != torch.float32:
+        patches = patches.to(dtype)
 
     captions = [raw.caption for raw, _, _ in kept]
     ids, cut = tokenizer.encode_batch(captions, max_length=max_text_tokens) if captions else ([], 0)
