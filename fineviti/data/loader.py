@@ -259,8 +259,11 @@ class PackedLoader:
         stop = threading.Event()
         cuda_out = self.cfg.pixel_path in ("dali", "nvjpeg", "auto") and torch.cuda.is_available()
         pin = torch.cuda.is_available()
+        device_index = torch.cuda.current_device() if cuda_out else None  # threads start on device 0
 
         def work():
+            if device_index is not None:
+                torch.cuda.set_device(device_index)
             stream = torch.cuda.Stream() if cuda_out else None
             step = 0
             try:

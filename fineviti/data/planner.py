@@ -28,6 +28,7 @@ is seen exactly once per epoch across a change of world size; only the grouping 
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections import OrderedDict
 
 import numpy as np
@@ -167,19 +168,32 @@ class Planner:
         self.budget, self.seed, self.window, self.cost_block = int(budget), int(seed), int(window), int(cost_block)
         self.epochs, self.backend = epochs, backend
         self._cache: OrderedDict[int, EpochPlan] = OrderedDict()
+        self._lock = threading.Lock()  # the loader's prefetch thread and its consumer both read plans
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        del state["_lock"]
+        state["_cache"] = OrderedDict()
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def epoch(self, epoch: int) -> EpochPlan:
-        plan = self._cache.get(epoch)
-        if plan is None:
-            perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.lengths))
-            offsets, positions = plan_packs(self.lengths[perm], self.budget, self.window, self.backend)
-            order, offsets = balance_packs(perm[positions], offsets, self.lengths, self.cost_block)
-            plan = self._cache[epoch] = EpochPlan(epoch, order, offsets)
-            while len(self._cache) > 2:
-                self._cache.popitem(last=False)
-        else:
-            self._cache.move_to_end(epoch)
-        return plan
+        """The plan of `epoch` (the last two are cached)."""
+        with self._lock:
+            plan = self._cache.get(epoch)
+            if plan is None:
+                perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.lengths))
+                offsets, positions = plan_packs(self.lengths[perm], self.budget, self.window, self.backend)
+                order, offsets = balance_packs(perm[positions], offsets, self.lengths, self.cost_block)
+                plan = self._cache[epoch] = EpochPlan(epoch, order, offsets)
+                while len(self._cache) > 2:
+                    self._cache.popitem(last=False)
+            else:
+                self._cache.move_to_end(epoch)
+            return plan
 
     def advance(self, epoch: int, pack: int, count: int) -> tuple[int, int] | None:
         """The stream position `count` packs after (epoch, pack), or None when it lies past the last epoch."""
