@@ -201,14 +201,16 @@ def test_bad_data_is_skipped_and_counted(data, tmp_path):
     tar = folder / "zcut-00000.tar"
     last = read_index(index_path(tar))[-1]
     tar.write_bytes(tar.read_bytes()[:last.members["json"].offset + 10])
+    cut_again = folder / "zcut2-00000.tar"  # a copy with no index: indexed up to its last whole sample
+    cut_again.write_bytes(tar.read_bytes())
     (folder / "tokenizer.json").write_bytes((data / "tokenizer.json").read_bytes())
     loader = PackedLoader(DataConfig(path=str(folder), token_budget=4096, epochs=1, seed=0))
     batches = list(loader)
     keys = sorted(k for b in batches for k in b.keys)
-    assert keys == ["badbox", "badjson", "cut0", "cut1", "good0", "liar"]
+    assert keys == ["badbox", "badjson", "cut0", "cut0", "cut1", "cut1", "good0", "liar"]
     stats = loader.stats
     assert stats["missing_caption"] == 1 and stats["unreadable_header"] == 1 and stats["missing_image"] == 1
-    assert stats["undecodable_image"] == 1 and stats["bad_json"] == 1 and stats["truncated_shard"] == 1
+    assert stats["undecodable_image"] == 1 and stats["bad_json"] == 1 and stats["truncated_shard"] == 2
     assert stats["bad_box"] == 3 and stats["size_mismatch"] == 1
     boxes = {b.keys[i]: b.boxes[b.box_image == i] for b in batches for i in range(b.n_images)}
     assert boxes["badbox"].shape == (1, 4) and boxes["good0"].shape == (1, 4) and boxes["badjson"].shape == (0, 4)

@@ -65,7 +65,9 @@ class ShardDataset:
         for shard_id, tar in enumerate(self.shards):
             idx = shards_mod.index_path(tar)
             if not idx.is_file():
-                shards_mod.write_index(tar, idx)
+                _, damage = shards_mod.write_index(tar, idx)
+                if damage is not None:  # indexed up to its last whole sample; what followed is lost (uncounted)
+                    self._skip("truncated_shard")
             indexed = shards_mod.read_index(idx)
             file_size = os.path.getsize(tar)
             for sample in indexed:
