@@ -341,7 +341,7 @@ def _write_split(out: Path, seed: int, split: int, n: int, per_shard: int, proce
     captions = []
     jobs = [(seed, split, i) for i in range(n)]
     with ShardWriter(out, prefix="shard", samples_per_shard=per_shard) as writer:
-        if processes > 1 and n >= 64:
+        if processes > 1 and n > 16:  # one chunk of 16 or less: not worth a pool
             with multiprocessing.get_context("fork").Pool(processes) as pool:
                 samples = pool.imap(_make, jobs, chunksize=16)
                 for key, jpg, txt, meta in samples:
