@@ -213,6 +213,14 @@ def test_bad_inputs(mutate, match):
         varlen_attention(q, k, v, cu, max_seqlen, backend="torch")
 
 
+def test_seqlens_must_match_cu_seqlens():
+    q, k, v, cu = _ok_inputs()
+    with pytest.raises(ValueError, match="seqlens must hold 2 lengths summing to 8"):
+        varlen_attention(q, k, v, cu, 5, backend="torch", seqlens=[3, 4])
+    with pytest.raises(ValueError, match="seqlens disagrees with cu_seqlens"):
+        varlen_attention(q, k, v, cu, 5, backend="torch", seqlens=[5, 3])
+
+
 def test_bad_backend_and_head_dim():
     q, k, v, cu = _ok_inputs()
     with pytest.raises(ValueError, match="backend must be"):

@@ -24,7 +24,7 @@ import os
 
 import torch
 
-from fineviti._checks import check_cu_seqlens
+from fineviti._checks import check_cu_seqlens, value_checks_enabled
 
 BACKENDS = ("triton", "torch", "torch_varlen", "flex", "flash_attn", "xformers")
 UNVERIFIED = ("flash_attn", "xformers")  # tested through fake modules only
@@ -137,12 +137,13 @@ def _run_triton(q, k, v, cu_q, cu_k, max_q, max_k, scale, seqlens, return_lse):
 
 
 def _run_torch(q, k, v, cu_q, cu_k, max_q, max_k, scale, seqlens, return_lse):
-    bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()  # a host read: this path is the reference, not the fast one
+    # One host read of the lengths unless `seqlens` is given: this path is the reference, not the fast one.
+    # torch.split, not slicing: the backward of a slice writes a zero tensor of the whole input per sequence.
+    lens_q = seqlens if seqlens is not None else (cu_q[1:] - cu_q[:-1]).tolist()
+    lens_k = lens_q if cu_k is cu_q else (cu_k[1:] - cu_k[:-1]).tolist()
     outs, lses = [], []
-    for i in range(len(bounds_q) - 1):
-        qi = q[bounds_q[i]:bounds_q[i + 1]].transpose(0, 1)[None]
-        ki = k[bounds_k[i]:bounds_k[i + 1]].transpose(0, 1)[None]
-        vi = v[bounds_k[i]:bounds_k[i + 1]].transpose(0, 1)[None]
+    for qi, ki, vi in zip(q.split(lens_q), k.split(lens_k), v.split(lens_k), strict=True):
+        qi, ki, vi = (t.transpose(0, 1)[None] for t in (qi, ki, vi))
         if ki.shape[2] == 0:
             outs.append(torch.zeros_like(qi[0]).transpose(0, 1))
         else:
@@ -317,8 +318,13 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, cu_seqlens_k=None, max_
     cu_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
     max_k = max_seqlen if max_seqlen_k is None else max_seqlen_k
     _check_inputs(q, k, v, cu_seqlens, cu_k, max_seqlen, max_k, check_values)
-    if seqlens is not None and len(seqlens) != cu_seqlens.numel() - 1:
-        raise ValueError(f"seqlens must have one length per sequence ({cu_seqlens.numel() - 1}), got {len(seqlens)}")
+    if seqlens is not None:
+        if len(seqlens) != cu_seqlens.numel() - 1 or sum(seqlens) != q.shape[0]:
+            raise ValueError(f"seqlens must hold {cu_seqlens.numel() - 1} lengths summing to {q.shape[0]} tokens, "
+                             f"got {len(seqlens)} lengths summing to {sum(seqlens)}")
+        if value_checks_enabled(cu_seqlens, check_values) and (cu_seqlens[1:] - cu_seqlens[:-1]).tolist() != list(
+                seqlens):
+            raise ValueError("seqlens disagrees with cu_seqlens: it must list the differences of cu_seqlens")
     head_dim = q.shape[-1]
     if not 16 <= head_dim <= 256:
         raise ValueError(f"head_dim must be in [16, 256], got {head_dim}")
