@@ -55,7 +55,13 @@ def _add_data(subparsers) -> None:
     synth.set_defaults(run=_run_data_synth)
 
 
-COMMANDS = [_add_info, _add_data]
+def _add_eval(subparsers) -> None:
+    from fineviti.eval import cli as eval_cli  # argparse only: the heavy imports happen when it runs
+
+    eval_cli.add_parser(subparsers)
+
+
+COMMANDS = [_add_info, _add_data, _add_eval]
 
 
 def build_parser() -> argparse.ArgumentParser:

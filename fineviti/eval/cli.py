@@ -1,0 +1,188 @@
+"""`fineviti eval`: one benchmark in its own format, one checkpoint, one command (torchrun works too).
+
+    fineviti eval --format coco --data /data/coco --checkpoint runs/x/step_1000 --preset base --out eval/coco
+    fineviti eval --format synthetic --data data/heldout --checkpoint runs/demo/stage1 --preset tiny
+    torchrun --nproc-per-node 8 -m fineviti.cli eval --format imagenet --data /data/imagenet/val ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+FORMAT_HELP = {
+    "coco": "Karpathy-split COCO: DATA holds dataset_coco.json (or --annotations) and val2014/ etc.",
+    "flickr30k": "Karpathy-split Flickr30k: DATA holds dataset_flickr30k.json and the images (or flickr30k-images/)",
+    "imagenet": "class folders DATA/<class>/*.JPEG; --class-names for a synset mapping file",
+    "urban1k": "Urban1k: DATA/image/*.jpg and DATA/caption/*.txt (long-caption retrieval)",
+    "dci": "Densely Captioned Images: DATA/densely_captioned_images/{photos,annotations,splits.json}",
+    "docci": "DOCCI: DATA/docci_descriptions.jsonlines and DATA/images/",
+    "coco_instances": "COCO boxes (FG-CLIP box classification): --annotations instances_val2017.json, images in DATA",
+    "shards": "webdataset shards (img2dataset layout): retrieval on their captions",
+    "synthetic": "fineviti's synthetic held-out shards: retrieval, hard negatives and region classification",
+}
+# The synthetic region classes are "colour shape"; the sizes are averaged over as templates.
+SYNTHETIC_REGION_TEMPLATES = ("a small {}", "a medium {}", "a large {}")
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "eval", help="evaluate a checkpoint on a benchmark (retrieval, zero-shot, hard negatives, regions)",
+        description="Evaluate a checkpoint on one benchmark given in its own format; writes report.json and "
+        "report.md with --out. Formats: " + "; ".join(f"{k}: {v}" for k, v in FORMAT_HELP.items()),
+    )
+    parser.add_argument("--format", required=True, choices=sorted(FORMAT_HELP), help="the benchmark's layout")
+    parser.add_argument("--data", required=True, help="the benchmark's folder (or shard folder)")
+    parser.add_argument("--annotations", help="the annotation file where the format has one (default: in --data)")
+    parser.add_argument("--split", help="split to evaluate (coco/flickr30k: test; dci: all; docci: test)")
+    parser.add_argument("--class-names", help="imagenet: a synset mapping (LOC_synset_mapping.txt or json)")
+    parser.add_argument("--checkpoint", help="stage-1 checkpoint: DCP folder, .safetensors or torch file")
+    parser.add_argument("--vision-checkpoint", help="load only the vision tower from this one (e.g. stage 2)")
+    parser.add_argument("--preset", default="tiny", help="model preset the checkpoint was trained with")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="model config override (as in training), e.g. --set vision.depth=2")
+    parser.add_argument("--tokenizer", help="tokenizer.json (default: beside the checkpoint or the data)")
+    parser.add_argument("--out", help="folder for report.json and report.md")
+    parser.add_argument("--token-budget", type=int, default=16384, help="patch tokens per image batch")
+    parser.add_argument("--max-pixels", type=int, help="size rule's max_pixels (default: Qwen2-VL's, capped)")
+    parser.add_argument("--context-length", type=int, help="caption tokens kept (default: the text tower's)")
+    parser.add_argument("--templates", choices=("default", "imagenet"), default=None,
+                        help="zero-shot prompts: 'a photo of a {}.' or open_clip's 7 ImageNet templates")
+    parser.add_argument("--region-method", choices=("mean", "roi_align"), default="mean")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--pixel-path", default="pil", choices=("pil", "dali", "nvjpeg", "auto"))
+    parser.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
+    parser.set_defaults(run=run)
+
+
+def _parse_overrides(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise SystemExit(f"fineviti eval: --set expects KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _find_tokenizer(args) -> Path:
+    if args.tokenizer:
+        return Path(args.tokenizer)
+    places = []
+    for start in (args.checkpoint, args.vision_checkpoint, args.data):
+        if start:
+            path = Path(start)
+            places += [path / "tokenizer.json", path.parent / "tokenizer.json", path.parent.parent / "tokenizer.json"]
+    for place in places:
+        if place.is_file():
+            return place
+    raise SystemExit("fineviti eval: no --tokenizer given and no tokenizer.json found beside the checkpoint or the "
+                     f"data (looked at {', '.join(map(str, places))})")
+
+
+def load_sets(args) -> dict:
+    """{task name: EvalSet} of the benchmark `args` names."""
+    from fineviti.eval import loaders
+
+    data = Path(args.data)
+    fmt = args.format
+    if fmt in ("coco", "flickr30k"):
+        annotations = args.annotations or data / f"dataset_{fmt}.json"
+        return {fmt: loaders.karpathy_captions(annotations, data, args.split or "test")}
+    if fmt == "imagenet":
+        return {"zero_shot": loaders.image_folder(data, args.class_names)}
+    if fmt == "urban1k":
+        return {"urban1k": loaders.urban1k(data)}
+    if fmt == "dci":
+        return {"dci": loaders.dci(data, args.split or "all")}
+    if fmt == "docci":
+        return {"docci": loaders.docci(data, args.split or "test")}
+    if fmt == "coco_instances":
+        annotations = args.annotations or data / "annotations" / "instances_val2017.json"
+        return {"regions": loaders.coco_instances(annotations, data)}
+    if fmt == "shards":
+        return {"retrieval": loaders.shard_captions(data)}
+    if fmt == "synthetic":
+        return {
+            "retrieval": loaders.shard_captions(data),
+            "hard_negatives": loaders.shard_hard_negatives(data),
+            "regions": loaders.shard_regions(data, classnames=loaders.synthetic_region_classes()),
+        }
+    raise SystemExit(f"fineviti eval: unknown format {fmt!r}")
+
+
+def _init_distributed(device: str):
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    if device.startswith("cuda"):
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return True
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from fineviti.data.tokenizer import CaptionTokenizer
+    from fineviti.eval import runner, zeroshot
+    from fineviti.eval.checkpoint import CheckpointMismatchError, load_checkpoint
+    from fineviti.model import create_model
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    started = _init_distributed(device)
+    try:
+        if device == "cuda":
+            device = f"cuda:{torch.cuda.current_device()}"
+        tokenizer = CaptionTokenizer(_find_tokenizer(args))
+        overrides = _parse_overrides(args.overrides)
+        if not any(k in overrides for k in ("text.vocab_size", "text")):
+            overrides["text.vocab_size"] = tokenizer.vocab_size  # as training reads it from the tokenizer
+        model = create_model(args.preset, **overrides).to(device)
+        loaded = {}
+        try:
+            if args.checkpoint:
+                loaded["checkpoint"] = load_checkpoint(model, args.checkpoint)
+            if args.vision_checkpoint:
+                loaded["vision_checkpoint"] = load_checkpoint(model.visual, args.vision_checkpoint)
+        except CheckpointMismatchError as exc:
+            print(f"fineviti eval: {exc} (preset {args.preset!r}, overrides {overrides})", file=sys.stderr)
+            return 2
+        if not loaded:
+            print("fineviti eval: no --checkpoint: the model has random weights", file=sys.stderr)
+        sets = load_sets(args)
+        templates = zeroshot.SIMPLE_IMAGENET_TEMPLATES if args.templates == "imagenet" else None
+        tasks = {}
+        for name, evalset in sets.items():
+            task = runner.task_for(evalset, templates)
+            if isinstance(task, runner.RegionTask):
+                task.method = args.region_method
+                if args.format == "synthetic" and templates is None:
+                    task.templates = SYNTHETIC_REGION_TEMPLATES
+            tasks[name] = task
+        cfg = runner.EvalConfig(token_budget=args.token_budget, context_length=args.context_length,
+                                pixel_path=args.pixel_path, **({"max_pixels": args.max_pixels}
+                                                               if args.max_pixels else {}))
+        meta = {"format": args.format, "data": str(args.data), "preset": args.preset, "overrides": overrides,
+                "loaded": loaded, "sets": {k: len(v) for k, v in sets.items()}}
+        report = runner.evaluate(model, tokenizer, tasks, cfg=cfg, out_dir=args.out, device=device, meta=meta)
+        import torch.distributed as dist
+
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(json.dumps(report, indent=2) if args.json else runner.markdown_table(report), end="")
+            if args.out:
+                print(f"wrote {Path(args.out) / 'report.json'} and report.md", file=sys.stderr)
+        return 0
+    finally:
+        if started:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()

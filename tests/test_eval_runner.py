@@ -1,0 +1,333 @@
+"""The evaluation runner with a fake model whose answers are known, the real tiny model, checkpoints, torchrun."""
+
+import json
+
+import pytest
+import torch
+
+from fineviti.eval import loaders
+from fineviti.eval.checkpoint import CheckpointMismatchError, load_checkpoint
+from fineviti.eval.runner import (
+    EvalConfig,
+    Evaluator,
+    HardNegativeTask,
+    RegionTask,
+    ZeroShotTask,
+    default_box_projection,
+    evaluate,
+    markdown_table,
+    task_for,
+)
+from tests import fixtures_eval as fx
+
+# dcp.save / dcp.load without a process group warn that they assume one process: they do.
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+
+
+def _evaluator(model=None, **cfg):
+    model = model or fx.FakeModel()
+    return model, Evaluator(model, fx.word_tokenizer(), EvalConfig(**cfg))
+
+
+def test_retrieval_with_several_captions_and_packing(tmp_path):
+    data = loaders.karpathy_captions(fx.build_karpathy(tmp_path, "coco"), tmp_path, "test")
+    # 40x30 images become 56x84 (4 x 6 patches of 14, factor 28 and min_pixels 3136): two per 50-token batch.
+    model, ev = _evaluator(token_budget=50)
+    out = ev.run({"coco": task_for(data)})["coco"]
+    for key in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"):
+        assert out[key] == 1.0, key
+    assert out["n"] == 4 and out["n_texts"] == 8 and out["chance_r1"] == pytest.approx(0.25)
+    assert model.image_calls == [2, 2] and model.text_calls == [8]
+    assert out["caption_tokens_mean"] == pytest.approx((3 + 2) / 2) and out["truncated_tokens"] == 0
+
+
+def test_encode_images_is_independent_of_packing(tmp_path):
+    data = loaders.karpathy_captions(fx.build_karpathy(tmp_path, "flickr30k"), tmp_path, "train")
+    images = [r.image for r in data.records] * 3
+    one = _evaluator(token_budget=16384)[1].encode_images(images)[0]
+    many = _evaluator(token_budget=24)[1].encode_images(images)[0]
+    torch.testing.assert_close(one, many, rtol=0, atol=0)
+    assert one.shape == (6, 5)
+
+
+def test_long_captions_are_cut_to_the_context(tmp_path):
+    data = loaders.urban1k(fx.build_urban1k(tmp_path))
+    full = _evaluator()[1].run({"urban1k": task_for(data)})["urban1k"]
+    assert full["i2t_r1"] == 1.0 and full["t2i_r1"] == 1.0 and full["truncated_tokens"] == 0
+    assert full["caption_tokens_max"] == 7  # "A long red caption about the photo."
+    # Two tokens keep "a long": the colour word is cut, every caption embeds to zero, and ties count as misses.
+    cut = _evaluator(context_length=2)[1].run({"urban1k": task_for(data)})["urban1k"]
+    assert cut["truncated_tokens"] == 3 * 5 and cut["caption_tokens_max"] == 2
+    assert cut["i2t_r1"] == 0.0 and cut["t2i_r1"] == 0.0
+
+
+def test_zero_shot_on_a_tiny_image_folder(tmp_path):
+    root, mapping = fx.build_image_folder(tmp_path)
+    named = loaders.image_folder(root, mapping)
+    model, ev = _evaluator()
+    out = ev.run({"zs": ZeroShotTask(named.records, named.classnames, ("a photo of the {}.", "a {} picture"))})["zs"]
+    assert out["top1"] == 1.0 and out["n"] == 6 and out["n_classes"] == 3 and out["templates"] == 2
+    assert model.text_calls == [6]  # 3 classes x 2 templates in one batch
+    # Folder names say nothing about colour: every class embeds to zero, all tie, and ties count as misses.
+    out = ev.run({"zs": task_for(loaders.image_folder(root))})["zs"]
+    assert out["top1"] == 0.0 and out["top5"] == 1.0  # 3 classes: everything is in the top 5
+
+
+def test_hard_negatives_on_shards(tmp_path):
+    data = loaders.shard_hard_negatives(fx.build_shards(tmp_path / "heldout"))
+    out = _evaluator()[1].run({"hn": task_for(data)})["hn"]
+    # "red green" against "green red": a bag of words cannot tell them apart, so every pair ties: accuracy 0.
+    assert out["accuracy"] == 0.0 and out["n"] == 6 and out["chance"] == pytest.approx(0.5)
+
+
+def test_hard_negatives_when_the_negative_names_another_colour():
+    records = [(fx.blocks((28, 28), [((0, 0, 28, 28), c)]), f"a {c} photo", [f"a {o} photo"])
+               for c, o in (("red", "blue"), ("green", "red"), ("cyan", "cyan"))]
+    out = _evaluator()[1].run({"hn": HardNegativeTask(records)})["hn"]
+    assert out["accuracy"] == pytest.approx(2 / 3)  # the third negative equals its caption: a tie, a loss
+
+
+@pytest.mark.parametrize("method", ["mean", "roi_align"])
+def test_region_classification_on_coco_instances(tmp_path, method):
+    data = loaders.coco_instances(fx.build_coco_instances(tmp_path), tmp_path)
+    task = RegionTask(data.records, data.classnames, ("a {} box",), method=method, project=fx.box_projection)
+    out = _evaluator()[1].run({"boxes": task})["boxes"]
+    assert out["top1"] == 1.0 and out["n"] == 3 and out["n_images"] == 2 and out["method"] == method
+
+
+def test_region_boxes_are_scaled_to_the_resized_image():
+    # A 200x50 image (resized to 196x56) with four 50 px wide colour columns; boxes in original pixels.
+    colours = ["red", "green", "blue", "yellow"]
+    image = fx.blocks((200, 50), [((50 * k, 0, 50 * k + 50, 50), c) for k, c in enumerate(colours)])
+    boxes = [(50 * k + 6, 5, 50 * k + 44, 45) for k in range(4)]
+    task = RegionTask([(image, boxes, [0, 1, 2, 3])], colours, ("{}",), project=fx.box_projection)
+    assert _evaluator()[1].run({"r": task})["r"]["top1"] == 1.0
+    shifted = RegionTask([(image, boxes, [1, 2, 3, 0])], colours, ("{}",), project=fx.box_projection)
+    assert _evaluator()[1].run({"r": shifted})["r"]["top1"] == 0.0
+
+
+def test_report_files(tmp_path):
+    data = loaders.urban1k(fx.build_urban1k(tmp_path / "u"))
+    report = evaluate(fx.FakeModel(), fx.word_tokenizer(), {"retrieval": task_for(data)}, out_dir=tmp_path / "out",
+                      meta={"checkpoint": "none"})
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert saved == json.loads(json.dumps(report))
+    assert set(saved["retrieval"]) >= {"i2t_r1", "t2i_r1", "chance_r1", "n"} and saved["meta"]["checkpoint"] == "none"
+    table = (tmp_path / "out" / "report.md").read_text()
+    assert "| retrieval | 3 | i2t_r1 | 1.0000 |" in table and table == markdown_table(report)
+
+
+def test_model_mode_is_restored(tmp_path):
+    model = fx.FakeModel().train()
+    data = loaders.urban1k(fx.build_urban1k(tmp_path))
+    seen = []
+    original = model.encode_image
+    model.encode_image = lambda *a, **k: (seen.append(model.training), original(*a, **k))[1]
+    Evaluator(model, fx.word_tokenizer()).run({"r": task_for(data)})
+    assert seen == [False] and model.training
+
+
+# ---- the real tiny model --------------------------------------------------------------------------------------
+
+
+def _tiny_model(vocab_size: int = 64):
+    from fineviti.model import create_model
+
+    torch.manual_seed(0)
+    return create_model("tiny", vision={"depth": 1, "width": 64, "heads": 2, "mlp_hidden": 128},
+                        text={"depth": 1, "width": 64, "heads": 2, "mlp_hidden": 128, "vocab_size": vocab_size},
+                        embed_dim=32, attn_backend="torch", rope_backend="torch")
+
+
+def test_default_box_projection_is_uniform_attention_pooling():
+    model = _tiny_model().eval()
+    with torch.no_grad():
+        model.visual.pool.query.zero_()  # uniform attention over each image's tokens
+    side = 2 * 14
+    patches = torch.randn(2 * 4 + 6 * 4, 3 * 14 * 14)
+    grid = torch.tensor([[2, 4], [4, 6]], dtype=torch.int32)
+    from fineviti.data.positions import build_positions_ref
+
+    cu, pos = build_positions_ref(grid, 2)
+    with torch.no_grad():
+        emb, tokens = model.encode_image(patches, cu, pos, 24, [8, 24], return_tokens=True)
+        from fineviti.eval.regions import pool_boxes
+
+        whole = torch.tensor([[0.0, 0, 4 * 14, side], [0, 0, 6 * 14, 4 * 14]])
+        pooled = pool_boxes(tokens, cu, grid, pos, whole, torch.tensor([0, 1]), 14, 2)
+        torch.testing.assert_close(default_box_projection(model)(pooled), emb, rtol=1e-4, atol=1e-5)
+
+
+def test_real_tiny_model_end_to_end(tmp_path):
+    from fineviti.data.tokenizer import CaptionTokenizer, train_tokenizer
+
+    data = loaders.karpathy_captions(fx.build_karpathy(tmp_path, "coco"), tmp_path, "test")
+    texts = [c for r in data.records for c in r.captions]
+    tokenizer = CaptionTokenizer(train_tokenizer(texts * 4, tmp_path / "tokenizer.json", vocab_size=300))
+    model = _tiny_model(tokenizer.vocab_size)
+    coco = loaders.coco_instances(fx.build_coco_instances(tmp_path), tmp_path)
+    tasks = {"retrieval": task_for(data), "regions": task_for(coco)}
+    report = evaluate(model, tokenizer, tasks, cfg=EvalConfig(token_budget=60), out_dir=tmp_path / "out")
+    assert report["retrieval"]["n"] == 4 and 0.0 <= report["retrieval"]["i2t_r1"] <= 1.0
+    assert report["regions"]["n"] == 3 and 0.0 <= report["regions"]["top1"] <= 1.0
+    assert report["meta"]["merge"] == model.visual.merge and report["meta"]["context_length"] == 256
+    assert (tmp_path / "out" / "report.md").is_file()
+
+
+# ---- checkpoints ----------------------------------------------------------------------------------------------
+
+
+def _perturbed(model):
+    other = fx.FakeModel()
+    with torch.no_grad():
+        other.token_table.add_(torch.randn_like(other.token_table))
+        other.visual.scale.fill_(3.0)
+    assert not torch.equal(other.token_table, model.token_table)
+    return other
+
+
+@pytest.mark.parametrize("fmt", ["torch", "nested", "safetensors", "dcp"])
+def test_load_checkpoint_formats(tmp_path, fmt):
+    model = fx.FakeModel()
+    source = _perturbed(model)
+    if fmt == "torch":
+        path = tmp_path / "model.pt"
+        torch.save({"module." + k: v for k, v in source.state_dict().items()}, path)  # a DDP-wrapped save
+    elif fmt == "nested":
+        path = tmp_path / "ckpt.pt"
+        torch.save({"model": source.state_dict(), "step": 3}, path)
+    elif fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        path = tmp_path / "model.safetensors"
+        save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    else:
+        import torch.distributed.checkpoint as dcp
+
+        path = tmp_path / "step_10"
+        dcp.save({"model": source.state_dict(), "optim": {"lr": 0.1}}, checkpoint_id=str(path), no_dist=True)
+    info = load_checkpoint(model, path)
+    assert info["format"] == ("torch" if fmt == "nested" else fmt) and info["tensors"] == 3
+    assert info["prefix"] == ("model." if fmt == "dcp" else "")
+    for key, value in source.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_load_a_stage2_vision_tower_into_the_stage1_model(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    stage2 = {"visual": fx.FakeVisual().state_dict(), "merger": {"w": torch.ones(3)}}
+    with torch.no_grad():
+        stage2["visual"]["scale"].fill_(7.0)
+    dcp.save({"model": stage2}, checkpoint_id=str(tmp_path / "s2"), no_dist=True)
+    model = fx.FakeModel()
+    info = load_checkpoint(model.visual, tmp_path / "s2")
+    assert info["prefix"] == "model.visual." and float(model.visual.scale.detach()) == 7.0
+
+
+def test_checkpoint_mismatch_names_the_first_difference(tmp_path):
+    model = fx.FakeModel()
+    bigger = fx.FakeModel(vocab=fx.WORDS + ["extra"])
+    torch.save(bigger.state_dict(), tmp_path / "bigger.pt")
+    before = model.token_table.clone()
+    with pytest.raises(CheckpointMismatchError, match=r"'token_table' has shape \(18, 5\) in checkpoint .*"
+                                                      r"model's 'token_table' has shape \(17, 5\)"):
+        load_checkpoint(model, tmp_path / "bigger.pt")
+    assert torch.equal(model.token_table, before)  # nothing copied
+    state = model.state_dict()
+    del state["visual.scale"]
+    torch.save(state, tmp_path / "missing.pt")
+    with pytest.raises(CheckpointMismatchError, match="has no tensor 'visual.scale'"):
+        load_checkpoint(model, tmp_path / "missing.pt")
+    state = dict(model.state_dict(), **{"visual.extra": torch.zeros(2)})
+    torch.save(state, tmp_path / "extra.pt")
+    with pytest.raises(CheckpointMismatchError, match="has 'visual.extra', which the model does not have"):
+        load_checkpoint(model, tmp_path / "extra.pt")
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        load_checkpoint(model, tmp_path / "nothing.pt")
+
+
+# ---- torchrun: 2 gloo processes ---------------------------------------------------------------------------------
+
+
+def _worker(rank, world, root, out):
+    import torch.distributed as dist
+
+    # A file rendezvous: no TCP port to race for with other tests on the machine.
+    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=world)
+    try:
+        from pathlib import Path
+
+        root = Path(root)
+        data = loaders.karpathy_captions(root / "dataset_coco.json", root, "test")
+        images, mapping = root / "folder" / "train", root / "folder" / "LOC_synset_mapping.txt"
+        folder = loaders.image_folder(images, mapping)
+        model = fx.FakeModel()
+        tasks = {"coco": task_for(data), "zs": task_for(folder)}
+        report = evaluate(model, fx.word_tokenizer(), tasks, cfg=EvalConfig(token_budget=24), out_dir=out)
+        emb = Evaluator(model, fx.word_tokenizer()).encode_images([r.image for r in data.records])[0]
+        # 3 images / captions, one per call: rank 0 has two, rank 1 one and must pad with a dummy call.
+        uneven = fx.FakeModel()
+        ev = Evaluator(uneven, fx.word_tokenizer(), EvalConfig(token_budget=24, text_token_budget=1))
+        ev.encode_images([r.image for r in data.records[:3]])
+        texts = ev.encode_texts(["red", "green", "blue"])
+        torch.save({"report": report, "emb": emb, "texts": texts, "uneven": (uneven.image_calls, uneven.text_calls)},
+                   Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_match_one_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    root = tmp_path / "data"
+    root.mkdir()
+    fx.build_karpathy(root, "coco")
+    fx.build_image_folder(root / "folder")
+    out = tmp_path / "out"
+    out.mkdir()
+    mp.spawn(_worker, args=(2, str(root), str(out)), nprocs=2, join=True)
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    data = loaders.karpathy_captions(root / "dataset_coco.json", root, "test")
+    single = Evaluator(fx.FakeModel(), fx.word_tokenizer()).encode_images([r.image for r in data.records])[0]
+    for rank in ranks:
+        torch.testing.assert_close(rank["emb"], single, rtol=0, atol=0)  # every rank holds all, in order
+        assert rank["report"]["coco"]["i2t_r1"] == 1.0 and rank["report"]["zs"]["top1"] == 1.0
+        assert rank["report"]["meta"]["world_size"] == 2
+    # Every rank made the same number of model calls: rank 1 padded its one real call with a dummy one.
+    assert ranks[0]["uneven"] == ranks[1]["uneven"] == ([1, 1], [1, 1])
+    torch.testing.assert_close(ranks[1]["texts"], fx.FakeModel().token_table[[9, 10, 11]].detach(), rtol=0, atol=0)
+    assert (out / "report.json").is_file()
+
+
+# ---- the command line ---------------------------------------------------------------------------------------------
+
+
+def test_cli_eval_on_synthetic_heldout(tmp_path, capsys):
+    import torch.distributed.checkpoint as dcp
+
+    from fineviti.cli import main
+    from fineviti.data import synth
+    from fineviti.data.tokenizer import CaptionTokenizer
+    from fineviti.model import create_model
+
+    synth.generate(tmp_path / "data", images=6, heldout=8, processes=1, vocab_size=400)
+    small = {"vision.depth": 1, "vision.width": 64, "vision.heads": 2, "vision.mlp_hidden": 96, "text.depth": 1,
+             "text.width": 64, "text.heads": 2, "text.mlp_hidden": 96, "embed_dim": 32, "attn_backend": "torch"}
+    vocab = CaptionTokenizer(tmp_path / "data" / "tokenizer.json").vocab_size
+    model = create_model("tiny", **small, **{"text.vocab_size": vocab})
+    dcp.save({"model": model.state_dict(), "step": 1}, checkpoint_id=str(tmp_path / "run" / "step_1"), no_dist=True)
+    sets = [f"--set={k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in small.items()]
+    args = ["eval", "--format", "synthetic", "--data", str(tmp_path / "data" / "heldout"), "--checkpoint",
+            str(tmp_path / "run" / "step_1"), "--out", str(tmp_path / "eval"), "--max-pixels", str(28 * 28 * 16),
+            "--region-method", "roi_align", *sets]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["retrieval"]["n"] == 8 and report["hard_negatives"]["n"] == 8
+    assert report["regions"]["n_classes"] == len(synth.COLOURS) * len(synth.SHAPES)
+    assert report["regions"]["method"] == "roi_align"
+    assert report["meta"]["loaded"]["checkpoint"]["prefix"] == "model."
+    assert "| retrieval | 8 | i2t_r1 |" in capsys.readouterr().out
+    # The same checkpoint against the model without the overrides: a clear error, exit code 2.
+    assert main(args[: args.index("--region-method")]) == 2
+    assert "checkpoint does not match the model config" in capsys.readouterr().err
