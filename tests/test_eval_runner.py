@@ -117,6 +117,18 @@ def test_report_files(tmp_path):
     assert "| retrieval | 3 | i2t_r1 | 1.0000 |" in table and table == markdown_table(report)
 
 
+def test_a_wrapped_model_is_unwrapped(tmp_path):
+    class Wrapper(torch.nn.Module):  # as DistributedDataParallel holds the model in .module
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    model = fx.FakeModel()
+    data = loaders.urban1k(fx.build_urban1k(tmp_path))
+    out = Evaluator(Wrapper(model), fx.word_tokenizer()).run({"r": task_for(data)})["r"]
+    assert out["i2t_r1"] == 1.0 and model.image_calls == [3]
+
+
 def test_model_mode_is_restored(tmp_path):
     model = fx.FakeModel().train()
     data = loaders.urban1k(fx.build_urban1k(tmp_path))

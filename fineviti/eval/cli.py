@@ -24,8 +24,6 @@ FORMAT_HELP = {
     "shards": "webdataset shards (img2dataset layout): retrieval on their captions",
     "synthetic": "fineviti's synthetic held-out shards: retrieval, hard negatives and region classification",
 }
-# The synthetic region classes are "colour shape"; the sizes are averaged over as templates.
-SYNTHETIC_REGION_TEMPLATES = ("a small {}", "a medium {}", "a large {}")
 
 
 def add_parser(subparsers) -> None:
@@ -87,7 +85,7 @@ def _find_tokenizer(args) -> Path:
 
 
 def load_sets(args) -> dict:
-    """{task name: EvalSet} of the benchmark `args` names."""
+    """{task name: EvalSet} of the benchmark `args` names (the synthetic set is `runner.synthetic_tasks`)."""
     from fineviti.eval import loaders
 
     data = Path(args.data)
@@ -108,12 +106,6 @@ def load_sets(args) -> dict:
         return {"regions": loaders.coco_instances(annotations, data)}
     if fmt == "shards":
         return {"retrieval": loaders.shard_captions(data)}
-    if fmt == "synthetic":
-        return {
-            "retrieval": loaders.shard_captions(data),
-            "hard_negatives": loaders.shard_hard_negatives(data),
-            "regions": loaders.shard_regions(data, classnames=loaders.synthetic_region_classes()),
-        }
     raise SystemExit(f"fineviti eval: unknown format {fmt!r}")
 
 
@@ -158,21 +150,21 @@ def run(args: argparse.Namespace) -> int:
             return 2
         if not loaded:
             print("fineviti eval: no --checkpoint: the model has random weights", file=sys.stderr)
-        sets = load_sets(args)
         templates = zeroshot.SIMPLE_IMAGENET_TEMPLATES if args.templates == "imagenet" else None
-        tasks = {}
-        for name, evalset in sets.items():
-            task = runner.task_for(evalset, templates)
-            if isinstance(task, runner.RegionTask):
-                task.method = args.region_method
-                if args.format == "synthetic" and templates is None:
-                    task.templates = SYNTHETIC_REGION_TEMPLATES
-            tasks[name] = task
+        if args.format == "synthetic":
+            tasks = runner.synthetic_tasks(args.data, region_method=args.region_method)
+            if templates is not None:
+                tasks["regions"].templates = templates
+        else:
+            tasks = {name: runner.task_for(evalset, templates) for name, evalset in load_sets(args).items()}
+            for task in tasks.values():
+                if isinstance(task, runner.RegionTask):
+                    task.method = args.region_method
         cfg = runner.EvalConfig(token_budget=args.token_budget, context_length=args.context_length,
                                 pixel_path=args.pixel_path, **({"max_pixels": args.max_pixels}
                                                                if args.max_pixels else {}))
         meta = {"format": args.format, "data": str(args.data), "preset": args.preset, "overrides": overrides,
-                "loaded": loaded, "sets": {k: len(v) for k, v in sets.items()}}
+                "loaded": loaded, "sets": {k: len(t.records) for k, t in tasks.items()}}
         report = runner.evaluate(model, tokenizer, tasks, cfg=cfg, out_dir=args.out, device=device, meta=meta)
         import torch.distributed as dist
 

@@ -101,6 +101,24 @@ def task_for(evalset: EvalSet, templates: Sequence[Template] | None = None) -> T
     raise ValueError(f"unknown evaluation kind {evalset.kind!r} of set {evalset.name!r}")
 
 
+# The synthetic scenes' region classes are "colour shape"; their sizes are averaged over as prompt templates.
+SYNTHETIC_REGION_TEMPLATES: tuple[str, ...] = ("a small {}", "a medium {}", "a large {}")
+
+
+def synthetic_tasks(heldout: str | os.PathLike, *, region_method: str = "mean", project=None) -> dict[str, Task]:
+    """The three tasks of fineviti's synthetic held-out shards (fineviti.data.synth): "retrieval" (long captions),
+    "hard_negatives" (one attribute or position changed) and "regions" (each object's box against every
+    "colour shape")."""
+    from fineviti.eval import loaders
+
+    boxes = loaders.shard_regions(heldout, classnames=loaders.synthetic_region_classes())
+    return {
+        "retrieval": RetrievalTask(loaders.shard_captions(heldout).records),
+        "hard_negatives": HardNegativeTask(loaders.shard_hard_negatives(heldout).records),
+        "regions": RegionTask(boxes.records, boxes.classnames, SYNTHETIC_REGION_TEMPLATES, region_method, project),
+    }
+
+
 def default_box_projection(model) -> Callable[[torch.Tensor], torch.Tensor]:
     """For fineviti.model.FineViT: the image pooling with its attention spread evenly over the box's tokens, i.e.
     the pool's value projection and output Linear applied to the pooled tokens (both linear, so pooling then
@@ -231,6 +249,8 @@ class Evaluator:
 
     def __init__(self, model, tokenizer, cfg: EvalConfig | None = None, *, device: torch.device | str | None = None,
                  group=None):
+        while not hasattr(model, "encode_image") and hasattr(model, "module"):
+            model = model.module  # a DDP wrapper: its forward is the training step, the towers are inside
         self.model = model
         self.cfg = cfg = cfg or EvalConfig()
         visual = getattr(model, "visual", None)
