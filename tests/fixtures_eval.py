@@ -195,17 +195,19 @@ class FakeModel(nn.Module):
         assert max(seqlens) == max_seqlen
         self.image_calls.append(cu_seqlens.numel() - 1)
         tokens = self.visual.tokens(patches)
-        seg = torch.repeat_interleave(torch.arange(len(seqlens)), torch.tensor(seqlens))
-        sums = torch.zeros(len(seqlens), 3).index_add(0, seg, tokens)
-        emb = self._pad(sums / torch.tensor(seqlens, dtype=torch.float32)[:, None])
+        lengths = torch.tensor(seqlens, device=patches.device)
+        seg = torch.repeat_interleave(torch.arange(len(seqlens), device=patches.device), lengths)
+        sums = tokens.new_zeros(len(seqlens), 3).index_add(0, seg, tokens)
+        emb = self._pad(sums / lengths[:, None].float())
         return (emb, tokens) if return_tokens else emb
 
     def encode_text(self, tokens, cu_seqlens, max_seqlen, seqlens=None):
         assert max(seqlens) == max_seqlen <= self.context_length
         self.text_calls.append(cu_seqlens.numel() - 1)
-        seg = torch.repeat_interleave(torch.arange(len(seqlens)), torch.tensor(seqlens))
-        sums = torch.zeros(len(seqlens), self.embed_dim).index_add(0, seg, self.token_table[tokens])
-        return sums / torch.tensor(seqlens, dtype=torch.float32)[:, None]
+        lengths = torch.tensor(seqlens, device=tokens.device)
+        seg = torch.repeat_interleave(torch.arange(len(seqlens), device=tokens.device), lengths)
+        sums = self.token_table.new_zeros(len(seqlens), self.embed_dim).index_add(0, seg, self.token_table[tokens])
+        return sums / lengths[:, None].float()
 
 
 def word_tokenizer(vocab: list[str] = WORDS):

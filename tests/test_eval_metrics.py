@@ -398,3 +398,18 @@ def test_class_embeddings_average_normalised_template_embeddings():
     assert build_classifier(encode, names, ("a {}",)).shape == (3, 8) and calls == [["a cat", "a dog", "a red circle"]]
     with pytest.raises(ValueError, match="no '\\{\\}' placeholder"):
         prompts(names, ["a photo"])
+
+
+@pytest.mark.gpu
+def test_gpu_metrics_and_pooling_match_the_cpu():
+    gen = torch.Generator().manual_seed(13)
+    img, txt = torch.randn(300, 16, generator=gen), torch.randn(300, 16, generator=gen)
+    txt = img + txt
+    for a, b in zip(retrieval_ranks(img, txt), retrieval_ranks(img.cuda(), txt.cuda()), strict=True):
+        assert torch.equal(a, b.cpu())
+    tokens, cu, grid_hw, pos, _ = _packed_grid([(4, 6), (6, 2)], 2, 5, gen)
+    boxes, box_image = torch.tensor([[3.5, 2.25, 9.0, 13.75], [1.0, 1.0, 7.0, 20.0]]), torch.tensor([0, 1])
+    for method in ("mean", "roi_align"):
+        ref = pool_boxes(tokens, cu, grid_hw, pos, boxes, box_image, 4, 2, method=method)
+        out = pool_boxes(tokens.cuda(), cu.cuda(), grid_hw.cuda(), pos.cuda(), boxes, box_image, 4, 2, method=method)
+        torch.testing.assert_close(out.cpu(), ref, rtol=1e-5, atol=1e-6)

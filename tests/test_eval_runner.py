@@ -343,3 +343,32 @@ def test_cli_eval_on_synthetic_heldout(tmp_path, capsys):
     # The same checkpoint against the model without the overrides: a clear error, exit code 2.
     assert main(args[: args.index("--region-method")]) == 2
     assert "checkpoint does not match the model config" in capsys.readouterr().err
+
+
+# ---- on a GPU -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_gpu_runner_matches_the_cpu(tmp_path):
+    data = loaders.karpathy_captions(fx.build_karpathy(tmp_path, "coco"), tmp_path, "test")
+    coco = loaders.coco_instances(fx.build_coco_instances(tmp_path), tmp_path)
+    tasks = {"retrieval": task_for(data),
+             "regions": RegionTask(coco.records, coco.classnames, ("a {} box",), method="roi_align",
+                                   project=fx.box_projection)}
+    cpu = Evaluator(fx.FakeModel(), fx.word_tokenizer()).run(tasks)
+    gpu = Evaluator(fx.FakeModel().cuda(), fx.word_tokenizer()).run(tasks)
+    for name in tasks:
+        for key, value in cpu[name].items():
+            if key != "seconds":
+                assert gpu[name][key] == pytest.approx(value), (name, key)
+    assert gpu["meta"]["device"].startswith("cuda") and gpu["retrieval"]["i2t_r1"] == 1.0
+
+
+@pytest.mark.gpu
+def test_gpu_tiny_model_embeddings_match_the_cpu(tmp_path):
+    data = loaders.karpathy_captions(fx.build_karpathy(tmp_path, "coco"), tmp_path, "test")
+    images = [r.image for r in data.records]
+    model = _tiny_model()
+    cpu = Evaluator(model, fx.word_tokenizer(), EvalConfig(token_budget=60)).encode_images(images)[0]
+    gpu = Evaluator(model.cuda(), fx.word_tokenizer(), EvalConfig(token_budget=60)).encode_images(images)[0]
+    torch.testing.assert_close(gpu, cpu, rtol=1e-3, atol=1e-3)

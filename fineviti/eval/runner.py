@@ -305,6 +305,10 @@ class Evaluator:
         dist.all_gather_object(parts, local, group=self.group)
         return parts
 
+    def _on_device(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # The similarity chunks run where the model runs: a GPU does n = 100k in seconds, a CPU in minutes.
+        return tuple(t.to(self.device) for t in tensors)
+
     def _autocast(self):
         if self.cfg.autocast_dtype is None:
             return torch.autocast(self.device.type, enabled=False)
@@ -462,9 +466,9 @@ class Evaluator:
         img = self.encode_images([r[0] for r in records])[0]
         txt = self.encode_texts(texts)
         if len(texts) == len(records):
-            out = metrics.retrieval_metrics(img, txt)
+            out = metrics.retrieval_metrics(*self._on_device(img, txt))
         else:
-            out = metrics.retrieval_metrics_multi(img, txt, torch.tensor(txt_image))
+            out = metrics.retrieval_metrics_multi(*self._on_device(img, txt, torch.tensor(txt_image)))
         return {**out, **self.last_text_stats}
 
     def zero_shot(self, task: ZeroShotTask) -> dict:
@@ -472,7 +476,8 @@ class Evaluator:
         classes = self.class_embeddings(task.classnames, task.templates)
         img = self.encode_images([r[0] for r in records])[0]
         labels = torch.tensor([int(r[1]) for r in records])
-        return {**zeroshot.zero_shot_accuracy(img, classes, labels), "templates": len(task.templates)}
+        accuracy = zeroshot.zero_shot_accuracy(*self._on_device(img, classes, labels))
+        return {**accuracy, "templates": len(task.templates)}
 
     def hard_negatives(self, task: HardNegativeTask) -> dict:
         records = list(task.records)
@@ -481,7 +486,7 @@ class Evaluator:
         negatives = [(i, text) for i, r in enumerate(records) for text in r[2]]
         neg = self.encode_texts([text for _, text in negatives])
         neg_image = torch.tensor([i for i, _ in negatives], dtype=torch.int64)
-        return metrics.hard_negative_accuracy(img, pos, neg, neg_image)
+        return metrics.hard_negative_accuracy(*self._on_device(img, pos, neg, neg_image))
 
     def regions(self, task: RegionTask) -> dict:
         records = [r for r in task.records if len(r[1])]
@@ -495,7 +500,7 @@ class Evaluator:
         _, box_emb = self.encode_images([r[0] for r in records], [r[1] for r in records], project, task.method)
         emb = torch.cat(box_emb)
         labels = torch.tensor([int(label) for r in records for label in r[2]])
-        out = metrics.classification_accuracy(emb, classes, labels)
+        out = metrics.classification_accuracy(*self._on_device(emb, classes, labels))
         return {**out, "n_images": len(records), "method": task.method}
 
     def run_task(self, task: Task) -> dict:
