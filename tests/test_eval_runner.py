@@ -372,3 +372,12 @@ def test_gpu_tiny_model_embeddings_match_the_cpu(tmp_path):
     cpu = Evaluator(model, fx.word_tokenizer(), EvalConfig(token_budget=60)).encode_images(images)[0]
     gpu = Evaluator(model.cuda(), fx.word_tokenizer(), EvalConfig(token_budget=60)).encode_images(images)[0]
     torch.testing.assert_close(gpu, cpu, rtol=1e-3, atol=1e-3)
+
+
+def test_encode_images_with_boxes_some_empty():
+    images = [fx.blocks((56, 28), [((0, 0, 28, 28), "red"), ((28, 0, 56, 28), "blue")]), fx.blocks((28, 28), [])]
+    emb, boxes = _evaluator()[1].encode_images(images, [[(0, 0, 28, 28), (28, 0, 56, 28)], []], fx.box_projection)
+    assert emb.shape == (2, 5) and boxes[0].shape == (2, 5) and boxes[1].shape == (0, 5)
+    assert boxes[0][:, :3].argmax(1).tolist() == [0, 2]  # the red box's strongest channel is red, the blue one's blue
+    _, none = _evaluator()[1].encode_images(images[1:], [[]], fx.box_projection)
+    assert none[0].shape == (0, 5)

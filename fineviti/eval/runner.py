@@ -338,8 +338,10 @@ class Evaluator:
             for x0, y0, x1, y1 in image_boxes:
                 all_boxes.append((x0 * w / src_w, y0 * h / src_h, x1 * w / src_w, y1 * h / src_h))
                 box_image.append(k)
-        pooled = regions.pool_boxes(tokens, cu_dev, grid, pos_dev, torch.tensor(all_boxes, dtype=torch.float32),
-                                    torch.tensor(box_image), self.patch, self.merge, method=method)
+        box_tensor = torch.tensor(all_boxes, dtype=torch.float32).view(-1, 4)  # (0, 4) when no image has a box
+        box_index = torch.tensor(box_image, dtype=torch.int64)
+        pooled = regions.pool_boxes(tokens, cu_dev, grid, pos_dev, box_tensor, box_index, self.patch, self.merge,
+                                    method=method)
         with self._autocast():
             box_emb = project(pooled).float().cpu()
         return emb.float().cpu(), list(torch.split(box_emb, [len(b) for b in boxes]))
