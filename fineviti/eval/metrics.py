@@ -205,7 +205,7 @@ def hard_negative_accuracy(img_emb: torch.Tensor, pos_emb: torch.Tensor, neg_emb
         "accuracy": float(wins.sum()) / n_scored,
         "n": n_scored,
         "n_negatives": int(neg.shape[0]),
-        "chance": float((1.0 / (1.0 + count[scored].float())).mean()),
+        "chance": float((1.0 / (1.0 + count[scored].double())).mean()),
         "n_without_negatives": int(n - n_scored),
     }
 
