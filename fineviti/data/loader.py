@@ -200,6 +200,11 @@ class PackedLoader:
         self._pending: collections.deque = collections.deque()  # keys of batches handed out, not yet consumed
         self._iterator = None
 
+    @property
+    def tokenizer(self) -> CaptionTokenizer:
+        """The caption tokenizer the batches are encoded with (vocab_size, pad/bos/eos/image ids, decode)."""
+        return self._producer.tokenizer
+
     # -- state -------------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
