@@ -135,7 +135,7 @@ def retrieval_ranks(img_emb: torch.Tensor, txt_emb: torch.Tensor, txt_image: tor
 
 def recall_at(ranks: torch.Tensor, k: int) -> float:
     """Fraction of queries whose true match has rank < k."""
-    return float((ranks < k).float().mean())
+    return float((ranks < k).double().mean())
 
 
 def _recalls(i2t: torch.Tensor, t2i: torch.Tensor, ks: Sequence[int]) -> dict[str, float]:
