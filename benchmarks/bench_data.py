@@ -165,6 +165,21 @@ def bench_balance(rec: Recorder, budget: int, n: int, world: int = 8) -> None:
               f"{np.mean(ratios):.3f}", flush=True)
 
 
+def bench_synth_and_load(rec: Recorder, args, tmp: str) -> None:
+    data = args.data
+    if data is None:
+        data = Path(tmp)
+        processes = min(os.cpu_count() or 1, 8)
+        start = time.perf_counter()
+        synth.generate(data, images=args.images, seed=0, heldout=0, processes=processes)
+        ms = (time.perf_counter() - start) * 1000
+        rec.add(provider="synth", mode="generate", shape={"images": args.images}, dtype="uint8",
+                timing={"median_ms": ms, "p20_ms": ms, "p80_ms": ms, "peak_mem_mb": None},
+                images_per_s=args.images / (ms / 1000), processes=processes)
+        print(f"    synth: {args.images / (ms / 1000):.0f} images/s with {processes} processes", flush=True)
+    bench_load(rec, data, args.budget, args.workers, args.batches)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="the small fixed set of the GPU check")
@@ -180,20 +195,12 @@ def main() -> int:
         args.images, args.batches, args.plan_samples = 400, 8, 2_000_000
         args.workers = min(args.workers, 4)
     rec = Recorder("data")
-    with tempfile.TemporaryDirectory() as tmp:
-        data = args.data
-        if data is None:
-            data = Path(tmp)
-            start = time.perf_counter()
-            synth.generate(data, images=args.images, seed=0, heldout=0)
-            seconds = time.perf_counter() - start
-            ms = seconds * 1000
-            rec.add(provider="synth", mode="generate", shape={"images": args.images}, dtype="uint8",
-                    timing={"median_ms": ms, "p20_ms": ms, "p80_ms": ms, "peak_mem_mb": None},
-                    images_per_s=args.images / seconds, processes=min(os.cpu_count() or 1, 8))
-            print(f"    synth: {args.images / seconds:.0f} images/s with {min(os.cpu_count() or 1, 8)} processes",
-                  flush=True)
-        bench_load(rec, data, args.budget, args.workers, args.batches)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            bench_synth_and_load(rec, args, tmp)
+    except ImportError as exc:  # e.g. no `tokenizers` on an offline machine: the planner rows still run
+        rec.error(provider="synth", mode="generate", shape={"images": args.images}, dtype="uint8",
+                  error=f"{type(exc).__name__}: {exc}")
     bench_padding(rec, args.budget, 200_000 if args.quick else 1_000_000)
     bench_planner(rec, args.budget, args.plan_samples, min(args.plan_samples, 200_000))
     bench_balance(rec, args.budget, 50_000 if args.quick else 200_000)

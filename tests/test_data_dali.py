@@ -10,6 +10,7 @@ from fineviti.data import synth
 from fineviti.data.loader import DataConfig, PackedLoader
 
 pytest.importorskip("nvidia.dali")
+pytest.importorskip("tokenizers")
 from fineviti.data import dali  # noqa: E402
 
 

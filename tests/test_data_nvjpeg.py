@@ -10,6 +10,7 @@ from fineviti.data import synth
 from fineviti.data.loader import DataConfig, PackedLoader
 
 pytest.importorskip("torchvision")
+pytest.importorskip("tokenizers")  # the synthetic data's tokenizer (the GPU machines install offline)
 from fineviti.data import nvjpeg  # noqa: E402
 
 
