@@ -14,6 +14,9 @@ trainer that saves between receiving a batch and stepping on it. Prefetch: a bac
 order); `prefetch` batches ahead per worker. Batches are a pure function of (state, step, rank, world size), so
 a resumed run's batches are byte-identical to the ones it would have seen, with any number of workers.
 
+Static shapes: `pad_to_budget=True` pads patches and pos with zeros to token_budget rows; cu_seqlens and seqlens
+still cover only the real tokens, and PackedBatch.padding_tokens says how many rows were added.
+
 Bad data is skipped and counted (`loader.stats`, also in state_dict and `summary()`); a pack whose images all fail
 yields a batch with no images (counted as empty_pack) so that every rank still runs the step.
 """
