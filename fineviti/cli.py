@@ -61,7 +61,13 @@ def _add_eval(subparsers) -> None:
     eval_cli.add_parser(subparsers)
 
 
-COMMANDS = [_add_info, _add_data, _add_eval]
+def _add_train(subparsers) -> None:
+    from fineviti.train import cli as train_cli  # argparse only: train, export and demo
+
+    train_cli.add_parsers(subparsers)
+
+
+COMMANDS = [_add_info, _add_data, _add_eval, _add_train]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,240 @@
+"""Checkpoints with torch.distributed.checkpoint (DCP): written to a temporary folder, then renamed, so that a
+checkpoint folder is either complete or absent.
+
+Layout: run_dir/checkpoints/step-00000100/ holds the DCP files (.metadata, one .distcp per rank) and config.json
+(the run's resolved config, so that stage 2 and `fineviti export` can rebuild the model). A save in progress
+writes run_dir/checkpoints/.tmp-step-00000100/ and renames it when every rank has written and the metadata is
+down; folders left by a save that died are ignored, and removed when the next run starts.
+
+Contents: model (parameters by their names without wrapper prefixes, DTensor shards under FSDP2), optim (the
+optimizer's state in the same names), scheduler, step, data (the loader's global state: planner seed, epoch,
+cursor), and rng.rank<r> (the torch CPU and CUDA generator states of rank r: DCP keeps one copy of a key that all
+ranks share, so per-rank state needs per-rank keys).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+TMP_PREFIX = ".tmp-"
+
+
+@contextlib.contextmanager
+def _quiet():
+    """DCP warns on every single-process save and load that it assumes one process: that is the intent here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is (disabled|unavailable)")
+        yield
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def list_checkpoints(folder: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints in `folder` as (step, path), oldest first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = []
+    for child in folder.iterdir():
+        match = STEP_DIR.match(child.name)
+        if match and child.is_dir() and (child / ".metadata").is_file():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint folder from a path that is one, a run's checkpoints folder or a run folder (newest)."""
+    path = Path(path)
+    if (path / ".metadata").is_file():
+        return path
+    for folder in (path, path / "checkpoints"):
+        found = list_checkpoints(folder)
+        if found:
+            return found[-1][1]
+    raise FileNotFoundError(f"no complete checkpoint at {str(path)!r} (expected a step-XXXXXXXX folder holding "
+                            f".metadata, or a run folder with checkpoints/)")
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"].cpu())
+
+
+class Checkpointer:
+    def __init__(self, cfg, run_dir: Path, *, rank: int, world_size: int, config_json: str):
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.folder = Path(run_dir) / "checkpoints"
+        self.config_json = config_json
+        self._pending = None  # (future, tmp, final, step) of an asynchronous save
+
+    # -- state ---------------------------------------------------------------------------------------------
+
+    def _options(self) -> StateDictOptions:
+        return StateDictOptions(ignore_frozen_params=False)
+
+    def state(self, model, optimizer, scheduler, step: int, data_state: dict) -> dict:
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=self._options())
+        return {"model": model_sd, "optim": optim_sd, "scheduler": scheduler.state_dict(), "step": step,
+                "data": data_state, "rng": {f"rank{self.rank}": rng_state()}}
+
+    # -- saving --------------------------------------------------------------------------------------------
+
+    def due(self, step: int, last_step: int) -> bool:
+        if step == last_step:
+            return self.cfg.save_final
+        return self.cfg.interval > 0 and step % self.cfg.interval == 0
+
+    def save(self, state: dict, step: int) -> Path:
+        """Writes `state` as the checkpoint of `step` (collective: every rank calls it)."""
+        self.finish_pending()
+        final = self.folder / step_dir_name(step)
+        tmp = self.folder / f"{TMP_PREFIX}{step_dir_name(step)}"
+        if self.rank == 0:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+            (tmp / "config.json").write_text(self.config_json)
+        self._barrier()
+        if self.cfg.async_save:
+            with _quiet():
+                future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._group(),
+                                        no_dist=self._no_dist)
+            self._pending = (future, tmp, final, step)
+            return final
+        with _quiet():
+            dcp.save(state, checkpoint_id=str(tmp), process_group=self._group(), no_dist=self._no_dist)
+        self._commit(tmp, final)
+        return final
+
+    def poll(self) -> bool:
+        """True when an asynchronous save is still being written on this rank."""
+        return self._pending is not None and not self._pending[0].done()
+
+    def finish_pending(self) -> None:
+        """Waits for an asynchronous save and commits it (collective)."""
+        if self._pending is None:
+            return
+        future, tmp, final, _ = self._pending
+        self._pending = None
+        future.result()
+        self._commit(tmp, final)
+
+    def _commit(self, tmp: Path, final: Path) -> None:
+        self._barrier()  # every rank's files and the metadata are written
+        if self.rank == 0:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            self._prune()
+        self._barrier()
+
+    def _prune(self) -> None:
+        if self.cfg.keep <= 0:
+            return
+        found = list_checkpoints(self.folder)
+        for _, path in found[: max(0, len(found) - self.cfg.keep)]:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def clean_partial(self) -> list[Path]:
+        """Removes folders of saves that never finished (rank 0); returns them."""
+        removed = []
+        if self.rank == 0 and self.folder.is_dir():
+            for child in self.folder.iterdir():
+                if child.name.startswith(TMP_PREFIX):
+                    shutil.rmtree(child, ignore_errors=True)
+                    removed.append(child)
+        self._barrier()
+        return removed
+
+    # -- loading -------------------------------------------------------------------------------------------
+
+    def resume_path(self) -> Path | None:
+        """The checkpoint `checkpoint.resume` names: "" none, "auto" the newest of this run (if any), else a path."""
+        setting = self.cfg.resume
+        if not setting:
+            return None
+        if setting == "auto":
+            found = list_checkpoints(self.folder)
+            return found[-1][1] if found else None
+        return resolve_checkpoint(setting)
+
+    def load(self, path: Path, model, optimizer, scheduler, data_source) -> int:
+        """Restores everything `state` saved from checkpoint `path`; returns its step."""
+        state = self.state(model, optimizer, scheduler, 0, data_source.state_dict())
+        keys = saved_keys(path)
+        rank_key = f"rng.rank{self.rank}"
+        if not any(k.startswith(rank_key + ".") for k in keys):
+            warnings.warn(f"checkpoint {path} has no RNG state for rank {self.rank} (saved with another world "
+                          f"size?); this rank keeps its freshly seeded generators", stacklevel=2)
+            state.pop("rng")
+        with _quiet():
+            dcp.load(state, checkpoint_id=str(path), process_group=self._group(), no_dist=self._no_dist)
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=self._options())
+        scheduler.load_state_dict(state["scheduler"])
+        data_source.load_state_dict(state["data"])
+        if "rng" in state:
+            set_rng_state(state["rng"][f"rank{self.rank}"])
+        return int(state["step"])
+
+    @property
+    def _no_dist(self) -> bool:
+        return self.world_size == 1
+
+    def _group(self):
+        return dist.group.WORLD if self.world_size > 1 else None
+
+    def _barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        self.finish_pending()
+
+
+def saved_keys(path: str | os.PathLike) -> list[str]:
+    reader = dcp.FileSystemReader(str(path))
+    return list(reader.read_metadata().state_dict_metadata)
+
+
+def saved_config(path: str | os.PathLike) -> dict:
+    """The resolved config a checkpoint was written with."""
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"checkpoint {path} has no config.json (not written by fineviti's trainer?)")
+    return json.loads(file.read_text())
+
+
+def load_module_state(path: str | os.PathLike, module: torch.nn.Module, prefix: str) -> None:
+    """Loads the tensors of `module` from the checkpoint's model entries under `prefix` (e.g. "visual."), without
+    a process group (every tensor read whole)."""
+    state = {"model": {f"{prefix}{k}": v for k, v in module.state_dict().items()}}
+    missing = [k for k in state["model"] if f"model.{k}" not in set(saved_keys(path))]
+    if missing:
+        raise KeyError(f"checkpoint {path} lacks {len(missing)} tensors of the module (first: model.{missing[0]}); "
+                       f"expected a checkpoint of a model with this part")
+    with _quiet():
+        dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    module.load_state_dict({k[len(prefix):]: v for k, v in state["model"].items()})

@@ -1,0 +1,475 @@
+"""Training configs: one small dataclass per component, a JobConfig that holds them, presets as functions, and
+`key=value` overrides from the command line.
+
+    cfg = preset("tiny")                                   # a full JobConfig
+    cfg = apply_cli_overrides(cfg, ["training.steps=50", "optimizer.lr=3e-4", "model.vision.depth=2"])
+
+A value is parsed by the type of the field it sets (int, float, bool, str, `X | None` with "none", tuples as
+comma-separated lists); an unknown key or a value of the wrong type is an error that names the key, the value and
+what was expected. The model (`model`, stage 1) and the aligner (`aligner`, stage 2) configs are the model
+package's own dataclasses; the data config is the loader's (fineviti.data.loader.DataConfig).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from typing import Any
+
+from fineviti.model.config import AlignerConfig, BuiltinLMConfig, ModelConfig
+from fineviti.model.config import preset as model_preset
+
+
+def _data_config_cls():
+    from fineviti.data.loader import DataConfig
+
+    return DataConfig
+
+
+def _default_data():
+    return _data_config_cls()(path="data/synthetic/train", token_budget=4096, max_text_tokens=256)
+
+
+@dataclasses.dataclass
+class RandomDataConfig:
+    """Random packed batches (no files): benchmarks and tests. Batch k of rank r is a pure function of
+    (seed, k, r), so a resumed run sees the batches it would have seen."""
+
+    token_budget: int = 4096  # patch tokens per rank and step
+    min_side: int = 4  # patch-grid side range of an image (rounded to multiples of the model's merge)
+    max_side: int = 32
+    min_text: int = 16  # caption lengths in tokens
+    max_text: int = 256
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class OptimizerConfig:
+    name: str = "adamw"  # adamw (torch) | apex_fused_adam (apex.optimizers.FusedAdam: unverified)
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # not applied to biases, norms, the pooling query and the logit scale/bias
+    implementation: str = "auto"  # auto (fused on CUDA, foreach otherwise) | fused | foreach | for_loop
+
+
+@dataclasses.dataclass
+class SchedulerConfig:
+    warmup_steps: int = 100  # linear from warmup_init * lr to lr
+    warmup_init: float = 0.0
+    decay: str = "cosine"  # cosine | linear | constant (after the warmup, down to min_lr_ratio * lr at the end)
+    min_lr_ratio: float = 0.0
+
+
+@dataclasses.dataclass
+class TrainingConfig:
+    stage: int = 1  # 1: contrastive two-tower; 2: vision tower + merger + projector + LM on region tasks
+    steps: int = 1000
+    seed: int = 0
+    data_source: str = "shards"  # shards (the data set at data.path) | random (RandomDataConfig)
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping (the norm is still logged)
+    # caption tokens per step: "64" or a schedule "0:64,800:256" (from step 0 on 64 tokens, from 800 on 256);
+    # captions are cut keeping their first tokens and the final <eos>
+    text_length: str = "256"
+    grad_cache_images: int = 0  # GradCache chunk size in images; 0: the whole batch in one forward/backward
+    mixed_precision: str = "auto"  # auto (bf16 on CUDA, none on CPU) | bf16 | fp16 | none
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclasses.dataclass
+class ParallelConfig:
+    strategy: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard); ignored on one process
+    activation_checkpointing: str = "none"  # none | full (every block) | selective (every `selective_every` block)
+    selective_every: int = 2
+    compile: bool = False  # torch.compile each block
+    reshard_after_forward: bool = True  # FSDP2
+    backend: str = "auto"  # process group backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    timeout_s: int = 600
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    interval: int = 0  # save every `interval` steps (0: only at the end)
+    keep: int = 2  # checkpoints kept (the newest); 0 keeps all
+    async_save: bool = False  # torch.distributed.checkpoint.async_save: the step goes on while it writes
+    resume: str = ""  # "" (start fresh), "auto" (the newest checkpoint of the run dir if any), or a checkpoint path
+    save_final: bool = True
+    export: str = ""  # at the end, also write model.safetensors: "" | vision | full
+
+
+@dataclasses.dataclass
+class MetricsConfig:
+    log_every: int = 1  # JSONL and TensorBoard rows (metrics are computed every step)
+    tensorboard: str = "auto"  # auto (when installed) | on | off
+    progress: str = "auto"  # auto (a bar on a TTY) | on | off
+    profile: str = ""  # "START:END": a torch.profiler trace of steps START..END (inclusive) in run_dir/profile
+    nvtx: bool = True  # NVTX ranges around the phases of a step (CUDA only)
+
+
+@dataclasses.dataclass
+class Stage2Config:
+    init_from: str = ""  # a stage-1 checkpoint (folder) whose vision tower stage 2 starts from; "" = random init
+    freeze: str = ""  # comma-separated parts kept frozen: vision, merger, projector, lm (e.g. "lm")
+    vision_lr_scale: float = 0.1  # learning rate of each part as a multiple of optimizer.lr
+    merger_lr_scale: float = 1.0
+    projector_lr_scale: float = 1.0
+    lm_lr_scale: float = 1.0
+    regions_per_image: int = 4  # region tasks drawn per image and step (each box once at most)
+    tasks: str = "box2caption,caption2box"  # box -> caption, caption -> box (coordinates as text, 0..1000)
+
+
+@dataclasses.dataclass
+class JobConfig:
+    name: str = "run"
+    run_dir: str = ""  # default: runs/<name>
+    model: ModelConfig = dataclasses.field(default_factory=lambda: model_preset("tiny"))
+    aligner: AlignerConfig = dataclasses.field(default_factory=AlignerConfig)
+    data: Any = dataclasses.field(default_factory=_default_data)  # fineviti.data.loader.DataConfig
+    random_data: RandomDataConfig = dataclasses.field(default_factory=RandomDataConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = dataclasses.field(default_factory=SchedulerConfig)
+    training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
+    stage2: Stage2Config = dataclasses.field(default_factory=Stage2Config)
+
+    @property
+    def out_dir(self) -> str:
+        return self.run_dir or f"runs/{self.name}"
+
+    def validate(self) -> None:
+        _choice("training.stage", self.training.stage, (1, 2))
+        _choice("training.data_source", self.training.data_source, ("shards", "random"))
+        _choice("training.mixed_precision", self.training.mixed_precision, ("auto", "bf16", "fp16", "none"))
+        _choice("training.device", self.training.device, ("auto", "cpu", "cuda"))
+        _choice("optimizer.name", self.optimizer.name, ("adamw", "apex_fused_adam"))
+        _choice("optimizer.implementation", self.optimizer.implementation, ("auto", "fused", "foreach", "for_loop"))
+        _choice("scheduler.decay", self.scheduler.decay, ("cosine", "linear", "constant"))
+        _choice("parallel.strategy", self.parallel.strategy, ("ddp", "fsdp"))
+        _choice("parallel.activation_checkpointing", self.parallel.activation_checkpointing,
+                ("none", "full", "selective"))
+        _choice("parallel.backend", self.parallel.backend, ("auto", "nccl", "gloo"))
+        _choice("checkpoint.export", self.checkpoint.export, ("", "vision", "full"))
+        _choice("metrics.tensorboard", self.metrics.tensorboard, ("auto", "on", "off"))
+        _choice("metrics.progress", self.metrics.progress, ("auto", "on", "off"))
+        for key in ("training.steps", "metrics.log_every", "parallel.selective_every", "stage2.regions_per_image",
+                    "random_data.token_budget", "random_data.min_side", "random_data.min_text"):
+            value = get_key(self, key)
+            if value < 1:
+                raise ValueError(f"{key} must be >= 1, got {value}")
+        for key in ("training.grad_cache_images", "checkpoint.interval", "checkpoint.keep",
+                    "scheduler.warmup_steps"):
+            value = get_key(self, key)
+            if value < 0:
+                raise ValueError(f"{key} must be >= 0, got {value}")
+        if self.optimizer.lr <= 0:
+            raise ValueError(f"optimizer.lr must be > 0, got {self.optimizer.lr}")
+        if self.training.grad_clip < 0:
+            raise ValueError(f"training.grad_clip must be >= 0 (0 disables clipping), got {self.training.grad_clip}")
+        if self.random_data.max_side < self.random_data.min_side:
+            raise ValueError(f"random_data.max_side ({self.random_data.max_side}) must be >= random_data.min_side "
+                             f"({self.random_data.min_side})")
+        if self.random_data.max_text < self.random_data.min_text:
+            raise ValueError(f"random_data.max_text ({self.random_data.max_text}) must be >= random_data.min_text "
+                             f"({self.random_data.min_text})")
+        parse_text_schedule(self.training.text_length)
+        parse_profile(self.metrics.profile)
+        parse_parts(self.stage2.freeze, "stage2.freeze", STAGE2_PARTS)
+        parse_parts(self.stage2.tasks, "stage2.tasks", STAGE2_TASKS)
+        if self.training.stage == 1:
+            self.model.validate()
+        else:
+            self.aligner.validate()
+
+
+STAGE2_PARTS = ("vision", "merger", "projector", "lm")
+STAGE2_TASKS = ("box2caption", "caption2box")
+
+
+def _choice(key: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{key} must be one of {list(allowed)}, got {value!r}")
+
+
+def parse_parts(text: str, key: str, allowed) -> list[str]:
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    for part in parts:
+        _choice(key, part, allowed)
+    return parts
+
+
+def parse_text_schedule(text: str) -> list[tuple[int, int]]:
+    """"64" -> [(0, 64)]; "0:64,800:256" -> [(0, 64), (800, 256)] (from step s on, captions of at most n tokens)."""
+    schedule = []
+    for piece in str(text).split(","):
+        piece = piece.strip()
+        try:
+            step, length = (int(v) for v in piece.split(":")) if ":" in piece else (0, int(piece))
+        except ValueError:
+            raise ValueError(f"training.text_length must be 'N' or 'STEP:N,STEP:N,...' with integers, got "
+                             f"{text!r}") from None
+        if length < 2 or step < 0:
+            raise ValueError(f"training.text_length: {piece!r} needs a step >= 0 and a length >= 2 (<bos> and <eos>)")
+        schedule.append((step, length))
+    schedule.sort()
+    if schedule[0][0] != 0:
+        raise ValueError(f"training.text_length must start at step 0, got {text!r}")
+    return schedule
+
+
+def text_length_at(schedule: list[tuple[int, int]], step: int) -> int:
+    length = schedule[0][1]
+    for start, n in schedule:
+        if step >= start:
+            length = n
+    return length
+
+
+def parse_profile(text: str) -> tuple[int, int] | None:
+    if not text:
+        return None
+    try:
+        start, end = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise ValueError(f"metrics.profile (--profile) must be START:END with step numbers, got {text!r}") from None
+    if not 1 <= start <= end:
+        raise ValueError(f"metrics.profile (--profile) must satisfy 1 <= START <= END, got {text!r}")
+    return start, end
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Presets: functions returning a full JobConfig
+
+
+def _stage1(name: str, model: str, **data) -> JobConfig:
+    cfg = JobConfig(name=name, model=model_preset(model))
+    for key, value in data.items():
+        setattr(cfg.data, key, value)
+    return cfg
+
+
+def tiny() -> JobConfig:
+    """Stage 1 of the CPU demo: the `tiny` model on the synthetic data set, small native-resolution images."""
+    cfg = _stage1("tiny", "tiny", path="data/synthetic/train", token_budget=2048, max_pixels=112 * 112,
+                  min_pixels=56 * 56, max_text_tokens=256)
+    cfg.model.text.vocab_size = 2000  # the synthetic data set's tokenizer
+    cfg.model.attn_backend = "auto"
+    cfg.training.steps = 300
+    cfg.training.text_length = "0:64,200:128"
+    cfg.optimizer.lr = 2e-3
+    cfg.optimizer.weight_decay = 0.05
+    cfg.scheduler.warmup_steps = 30
+    cfg.checkpoint.interval = 100
+    return cfg
+
+
+def tiny_stage2() -> JobConfig:
+    """Stage 2 of the CPU demo: the tiny vision tower (from a stage-1 checkpoint) with the built-in LM."""
+    cfg = tiny()
+    cfg.name = "tiny-stage2"
+    cfg.training.stage = 2
+    cfg.training.steps = 150
+    cfg.data.merge = 2
+    cfg.aligner = AlignerConfig(vision=dataclasses.replace(cfg.model.vision), embed_dim=cfg.model.embed_dim,
+                                builtin_lm=BuiltinLMConfig(vocab_size=2000, width=192, depth=2, heads=4,
+                                                           mlp_hidden=512, max_length=512), name="tiny")
+    cfg.optimizer.lr = 1e-3
+    cfg.scheduler.warmup_steps = 20
+    return cfg
+
+
+def _gpu(name: str, model: str, budget: int) -> JobConfig:
+    cfg = _stage1(name, model, path="data/train", token_budget=budget, num_workers=4, pixel_path="auto")
+    cfg.model.text.vocab_size = 32000
+    cfg.training.steps = 100_000
+    cfg.training.text_length = "0:64,80000:256"
+    cfg.optimizer.lr = 1e-3 if model == "base" else 5e-4
+    cfg.optimizer.weight_decay = 0.1
+    cfg.scheduler.warmup_steps = 2000
+    cfg.checkpoint.interval = 1000
+    cfg.checkpoint.async_save = True
+    cfg.parallel.activation_checkpointing = "selective" if model == "base" else "full"
+    return cfg
+
+
+def base() -> JobConfig:
+    """Stage 1 of the `base` model on GPUs (16k patch tokens per rank and step)."""
+    return _gpu("base", "base", 16384)
+
+
+def large() -> JobConfig:
+    """Stage 1 of the `large` model on GPUs, FSDP2."""
+    cfg = _gpu("large", "large", 16384)
+    cfg.parallel.strategy = "fsdp"
+    return cfg
+
+
+def fine() -> JobConfig:
+    """Stage 1 of the FineViT-sized model (0.86B vision tower) on GPUs, FSDP2 with full activation checkpointing."""
+    cfg = _gpu("fine", "fine", 16384)
+    cfg.parallel.strategy = "fsdp"
+    cfg.optimizer.lr = 3e-4
+    return cfg
+
+
+def debug() -> JobConfig:
+    """A model of a few thousand parameters on random packed batches, for tests and for trying the engine out:
+    a step takes milliseconds on a CPU."""
+    from fineviti.model.config import TextConfig, VisionConfig
+
+    cfg = JobConfig(name="debug")
+    cfg.model = ModelConfig(vision=VisionConfig(width=32, depth=2, heads=2, mlp_hidden=64),
+                            text=TextConfig(vocab_size=96, context_length=256, width=32, depth=2, heads=2,
+                                            mlp_hidden=64), embed_dim=16, name="debug")
+    cfg.aligner = AlignerConfig(vision=dataclasses.replace(cfg.model.vision), embed_dim=16,
+                                builtin_lm=BuiltinLMConfig(vocab_size=96, width=32, depth=2, heads=2, mlp_hidden=64,
+                                                           max_length=512), name="debug")
+    cfg.training.data_source = "random"
+    cfg.training.steps = 6
+    cfg.training.text_length = "0:16,3:24"
+    cfg.random_data = RandomDataConfig(token_budget=192, min_side=2, max_side=8, min_text=4, max_text=24)
+    cfg.optimizer.lr = 3e-3
+    cfg.scheduler.warmup_steps = 2
+    cfg.metrics.progress = "off"
+    cfg.metrics.tensorboard = "off"
+    return cfg
+
+
+PRESETS = {"debug": debug, "tiny": tiny, "tiny-stage2": tiny_stage2, "base": base, "large": large, "fine": fine}
+
+
+def preset(name: str) -> JobConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown training preset {name!r}; expected one of {sorted(PRESETS)}")
+    return PRESETS[name]()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Overrides
+
+
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def get_key(cfg, key: str):
+    value = cfg
+    for piece in key.split("."):
+        value = getattr(value, piece)
+    return value
+
+
+def _parse_value(key: str, text: str, hint, current):
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if text.lower() in ("none", "null") and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        errors = []
+        for candidate in inner:
+            try:
+                return _parse_value(key, text, candidate, current)
+            except ValueError as err:
+                errors.append(str(err))
+        raise ValueError(errors[0])
+    if hint is Any:  # an untyped field: keep the current value's type
+        hint = type(current) if current is not None else str
+    if origin is tuple:
+        pieces = [p.strip() for p in text.strip("()[] ").split(",") if p.strip()]
+        element = args[0] if args else str
+        if args and args[-1] is not Ellipsis and len(pieces) != len(args):
+            raise ValueError(f"config key {key!r} takes {len(args)} comma-separated values, got {text!r}")
+        return tuple(_parse_value(key, p, element, None) for p in pieces)
+    if hint is bool:
+        lowered = text.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"config key {key!r} takes a bool (true/false), got {text!r}")
+    if hint is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"config key {key!r} takes an int, got {text!r}") from None
+    if hint is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"config key {key!r} takes a float, got {text!r}") from None
+    if hint is str:
+        return text
+    raise ValueError(f"config key {key!r} has a type ({hint}) that cannot be set from the command line")
+
+
+def set_key(cfg, key: str, text: str) -> None:
+    """Sets dotted `key` of the config tree from its text form (parsed by the field's type)."""
+    node = cfg
+    pieces = key.split(".")
+    for depth, piece in enumerate(pieces):
+        if not dataclasses.is_dataclass(node):
+            raise KeyError(f"unknown config key {key!r}: {'.'.join(pieces[:depth])!r} is not a section")
+        names = [f.name for f in dataclasses.fields(node)]
+        if piece not in names:
+            where = ".".join(pieces[:depth]) or "the top level"
+            raise KeyError(f"unknown config key {key!r}: {where} has no {piece!r}; expected one of {names}")
+        if depth == len(pieces) - 1:
+            current = getattr(node, piece)
+            if dataclasses.is_dataclass(current):
+                raise KeyError(f"config key {key!r} is a section; set one of its fields "
+                               f"({[f.name for f in dataclasses.fields(current)]})")
+            hint = _field_types(type(node))[piece]
+            setattr(node, piece, _parse_value(key, text, hint, current))
+        else:
+            node = getattr(node, piece)
+
+
+def apply_cli_overrides(cfg: JobConfig, overrides: list[str]) -> JobConfig:
+    """A copy of `cfg` with `key=value` strings applied, validated."""
+    cfg = copy_config(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key=value (e.g. training.steps=100)")
+        key, text = item.split("=", 1)
+        set_key(cfg, key.strip(), text.strip())
+    cfg.validate()
+    return cfg
+
+
+def copy_config(cfg):
+    changes = {f.name: copy_config(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
+               if dataclasses.is_dataclass(getattr(cfg, f.name))}
+    return dataclasses.replace(cfg, **changes)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_json(cfg) -> str:
+    return json.dumps(to_dict(cfg), indent=2, sort_keys=False, default=str)
+
+
+def from_dict(data: dict, cls=JobConfig):
+    """Rebuilds a config tree saved with `to_dict` (unknown keys are an error, missing ones keep defaults)."""
+    if cls is Any:
+        cls = _data_config_cls()
+    hints = _field_types(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise KeyError(f"{cls.__name__} has no field {key!r} (a config saved by another version?)")
+        hint = hints[key]
+        sub = hint if dataclasses.is_dataclass(hint) else (_data_config_cls() if hint is Any else None)
+        if sub is not None and isinstance(value, dict):
+            kwargs[key] = from_dict(value, sub)
+        elif isinstance(value, list):
+            kwargs[key] = tuple(value)
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)

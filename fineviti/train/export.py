@@ -1,0 +1,62 @@
+"""`fineviti export`: a checkpoint's vision tower (or whole model) as one safetensors file with its config.
+
+The file holds the tensors by their parameter names (the vision tower's without the "visual." prefix) and, in
+the safetensors metadata, the resolved training config ("config", JSON) and what was exported ("part"); the
+same config is also written beside it as <file>.json. Loading: safetensors.torch.load_file, then
+VisionTower(VisionConfig(**config["model"]["vision"]), ...).load_state_dict (fineviti.eval reads it too).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+PARTS = ("vision", "full")
+
+
+def export_model(model: nn.Module, out: str | os.PathLike, *, part: str = "vision", config: dict | None = None) -> Path:
+    """Writes `model` (a FineViT or an Aligner; part "vision": its .visual) to `out` (.safetensors)."""
+    from safetensors.torch import save_file
+
+    if part not in PARTS:
+        raise ValueError(f"part must be one of {list(PARTS)}, got {part!r}")
+    module = model.visual if part == "vision" else model
+    state = {}
+    for name, tensor in module.state_dict().items():
+        if hasattr(tensor, "full_tensor"):
+            tensor = tensor.full_tensor()
+        state[name] = tensor.detach().to("cpu").contiguous()
+    # tied weights (the built-in LM's head) are one tensor under two names: safetensors wants distinct storage
+    seen: dict[int, str] = {}
+    for name in list(state):
+        ptr = state[name].untyped_storage().data_ptr()
+        if ptr in seen:
+            state[name] = state[name].clone()
+        seen[ptr] = name
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"part": part, "format": "fineviti", "config": json.dumps(config or {})}
+    save_file(state, str(out), metadata=meta)
+    out.with_suffix(out.suffix + ".json").write_text(json.dumps({"part": part, "config": config or {}}, indent=2))
+    return out
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, part: str = "vision") -> Path:
+    """Loads a trainer checkpoint (any world size, DDP or FSDP2) on this process and exports it."""
+    from fineviti.model import FineViT
+    from fineviti.model.aligner import Aligner
+    from fineviti.train.checkpoint import load_module_state, resolve_checkpoint, saved_config
+    from fineviti.train.config import from_dict
+
+    path = resolve_checkpoint(checkpoint)
+    saved = saved_config(path)
+    cfg = from_dict(saved)
+    with torch.device("meta"):
+        model = FineViT(cfg.model) if cfg.training.stage == 1 else Aligner(cfg.aligner)
+    model = model.to_empty(device="cpu")
+    load_module_state(path, model, "")
+    return export_model(model, out, part=part, config=saved)

@@ -1,0 +1,180 @@
+"""Metrics of every step, and where they go: JSONL always, TensorBoard when installed, a progress bar on a TTY.
+
+Throughput is global (all ranks): images/s and tokens/s (patch + caption tokens). TFLOP/s and MFU are per GPU:
+the model FLOPs of the step (fineviti.model.flops, recomputation excluded) over the step time, divided by the
+peak dense bf16 rate of the device from PEAK_BF16_TFLOPS; an unknown device gets no MFU rather than a wrong one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from NVIDIA's data sheets. Matched against
+# torch.cuda.get_device_name() by the substrings of each row, first match wins.
+PEAK_BF16_TFLOPS = (
+    (("H200",), 989.0),
+    (("H100", "PCIE"), 756.0),
+    (("H100", "SXM"), 989.0),
+    (("H100", "HBM3"), 989.0),  # the SXM5 board reports itself as "NVIDIA H100 80GB HBM3"
+    (("A100",), 312.0),
+)
+
+
+def peak_tflops(device_name: str | None) -> float | None:
+    """Peak dense bf16 TFLOP/s of a GPU by its name, or None when the name is not in the table (e.g. H100 NVL)."""
+    if not device_name:
+        return None
+    name = device_name.upper()
+    for keys, peak in PEAK_BF16_TFLOPS:
+        if all(k in name for k in keys):
+            return peak
+    return None
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def check_finite(loss: float, step: int) -> None:
+    if not math.isfinite(loss):
+        raise NonFiniteLossError(
+            f"the loss is {loss} at step {step}: training stopped (lower optimizer.lr, check the data of this "
+            f"step, or resume from the last checkpoint)")
+
+
+@contextlib.contextmanager
+def nvtx_range(name: str, enabled: bool):
+    """An NVTX range around a phase of a step (visible in Nsight Systems); nothing without CUDA."""
+    if enabled:
+        torch.cuda.nvtx.range_push(name)
+        try:
+            yield
+        finally:
+            torch.cuda.nvtx.range_pop()
+    else:
+        yield
+
+
+class ProgressBar:
+    def __init__(self, total: int, start: int, stream=None):
+        self.total, self.stream = total, stream or sys.stderr
+        self.start_step, self.start_time = start, time.perf_counter()
+
+    def update(self, step: int, row: dict) -> None:
+        width = 30
+        done = int(width * step / max(1, self.total))
+        elapsed = time.perf_counter() - self.start_time
+        rate = (step - self.start_step) / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - step) / rate if rate > 0 else float("nan")
+        text = (f"\r[{'#' * done}{'.' * (width - done)}] {step}/{self.total} loss {row['loss']:.4f} "
+                f"lr {row['lr']:.2e} {row['images_per_s']:.1f} img/s eta {eta:5.0f}s ")
+        self.stream.write(text)
+        self.stream.flush()
+
+    def close(self) -> None:
+        self.stream.write("\n")
+        self.stream.flush()
+
+
+class MetricsLogger:
+    """Writes step rows to run_dir/metrics.jsonl (and TensorBoard, and a progress bar). Only rank 0 writes."""
+
+    def __init__(self, cfg, run_dir: Path, *, rank: int, total_steps: int, start_step: int):
+        self.cfg, self.rank = cfg, rank
+        self.enabled = rank == 0
+        self._jsonl = None
+        self._tb = None
+        self._bar = None
+        if not self.enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        if cfg.tensorboard != "off":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:
+                if cfg.tensorboard == "on":
+                    raise ImportError("metrics.tensorboard=on needs the `tensorboard` package "
+                                      "(pip install tensorboard)") from None
+        tty = sys.stderr.isatty()
+        if cfg.progress == "on" or (cfg.progress == "auto" and tty):
+            self._bar = ProgressBar(total_steps, start_step)
+
+    def log(self, step: int, row: dict) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.update(step, row)
+        if step % self.cfg.log_every:
+            return
+        row = {"step": step, **row}
+        self._jsonl.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)) and value is not None:
+                    self._tb.add_scalar(f"train/{key}", value, step)
+
+    def event(self, **fields) -> None:
+        """A non-step row (a checkpoint saved, a resume): JSONL only."""
+        if self.enabled:
+            self._jsonl.write(json.dumps({"event": fields.pop("kind"), **fields}) + "\n")
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+
+
+class StepProfiler:
+    """torch.profiler over steps START..END (inclusive), a Chrome trace per rank in run_dir/profile."""
+
+    def __init__(self, window: tuple[int, int] | None, run_dir: Path, rank: int):
+        self.window, self.rank = window, rank
+        self.folder = run_dir / "profile"
+        self._prof = None
+
+    def begin(self, step: int) -> None:
+        if self.window is None or step != self.window[0]:
+            return
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        self._prof = profile(activities=activities, record_shapes=True, with_stack=False)
+        self._prof.__enter__()
+
+    def end(self, step: int) -> Path | None:
+        if self._prof is None or step != self.window[1]:
+            return None
+        self._prof.__exit__(None, None, None)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"trace_steps{self.window[0]}-{self.window[1]}_rank{self.rank}.json"
+        self._prof.export_chrome_trace(str(path))
+        self._prof = None
+        return path
+
+    def close(self) -> None:
+        if self._prof is not None:
+            self._prof.__exit__(None, None, None)
+            self._prof = None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return os.uname().machine if hasattr(os, "uname") else "cpu"

@@ -1,0 +1,151 @@
+"""Process groups, and parallelism applied in one place in a fixed order: activation checkpointing, compile, then
+FSDP2 (fully_shard per block, then the root) or DDP. On one process only the first two apply.
+
+Launch with torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT in the environment); gloo on CPUs, NCCL on
+GPUs. The blocks are every nn.ModuleList named `blocks` in the model (the two towers, the built-in LM).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclasses.dataclass
+class World:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
+    group: object = None  # the process group of the contrastive negatives (None on one process)
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def init_world(cfg, device: str) -> World:
+    """The device, and the process group when torchrun started several processes."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("training.device=cuda but no CUDA device is available")
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if world_size == 1:
+        return World(device=dev)
+    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if dev.type == "cuda" else "gloo")
+    if backend == "nccl" and dev.type != "cuda":
+        raise ValueError("parallel.backend=nccl needs training.device=cuda")
+    if not dist.is_initialized():
+        kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.timeout_s), **kwargs)
+    return World(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=dev,
+                 group=dist.group.WORLD)
+
+
+def close_world(world: World) -> None:
+    if world.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def block_lists(model: nn.Module) -> list[nn.ModuleList]:
+    return [m for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and name.split(".")[-1] == "blocks"]
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 2) -> int:
+    """Wraps blocks in torch's non-reentrant checkpoint wrapper: all of them ("full") or every `every`-th
+    ("selective", torchtitan's layer-level selection). Returns how many blocks were wrapped."""
+    if mode == "none":
+        return 0
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+
+    wrapped = 0
+    for blocks in block_lists(model):
+        for i in range(len(blocks)):
+            if mode == "full" or i % every == 0:
+                blocks[i] = checkpoint_wrapper(blocks[i], checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+                wrapped += 1
+    return wrapped
+
+
+def apply_compile(model: nn.Module) -> int:
+    """torch.compile each block (in place: parameter names do not change)."""
+    count = 0
+    for blocks in block_lists(model):
+        for block in blocks:
+            block.compile()
+            count += 1
+    return count
+
+
+def mixed_precision_dtype(setting: str, device: torch.device) -> torch.dtype | None:
+    if setting == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[setting]
+
+
+def apply_fsdp(model: nn.Module, cfg, param_dtype: torch.dtype | None) -> nn.Module:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for blocks in block_lists(model):
+        for block in blocks:
+            fully_shard(block, mp_policy=policy, reshard_after_forward=cfg.reshard_after_forward)
+    fully_shard(model, mp_policy=policy, reshard_after_forward=cfg.reshard_after_forward)
+    return model
+
+
+def apply_ddp(model: nn.Module, world: World) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [world.device.index] if world.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+
+
+def parallelize(model: nn.Module, cfg, world: World, mp_dtype: torch.dtype | None) -> nn.Module:
+    """The model, moved to the device, with activation checkpointing, compile and FSDP2/DDP applied in that
+    order. With FSDP2 the mixed-precision policy casts the parameters (the trainer then skips autocast)."""
+    model.to(world.device)
+    apply_activation_checkpointing(model, cfg.activation_checkpointing, cfg.selective_every)
+    if cfg.compile:
+        apply_compile(model)
+    if not world.distributed:
+        return model
+    if cfg.strategy == "fsdp":
+        return apply_fsdp(model, cfg, mp_dtype)
+    return apply_ddp(model, world)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model under a DDP wrapper (FSDP2 shards in place: the model is itself)."""
+    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+
+
+def no_grad_sync(model: nn.Module, sync: bool):
+    """Context (DDP) or switch (FSDP2) that holds back the gradient reduction of a backward when sync is False."""
+    import contextlib
+
+    if sync:
+        if hasattr(model, "set_requires_gradient_sync"):
+            model.set_requires_gradient_sync(True)
+        return contextlib.nullcontext()
+    if hasattr(model, "no_sync") and isinstance(getattr(model, "module", None), nn.Module):
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(False)
+    return contextlib.nullcontext()

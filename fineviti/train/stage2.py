@@ -1,0 +1,165 @@
+"""Stage 2: region tasks built from a packed batch's boxes, the aligner built from a stage-1 checkpoint's vision
+tower, and the FLOPs of a step.
+
+Tasks (coordinates as text, each normalised to 0..1000 of the resized image's width or height):
+  box2caption   "<image> describe the region [x0, y0, x1, y1]:" -> the region's caption
+  caption2box   "<image> find the box of: <caption>" -> " [x0, y0, x1, y1]"
+Each image of a step gets up to `regions_per_image` of its boxes (each at most once), each with one task; the
+choice is a pure function of (seed, step, rank). The loss is on answer tokens only (fineviti.model.aligner).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from fineviti.data.batch import PackedBatch
+from fineviti.model.aligner import Aligner, build_example, collate
+from fineviti.model.config import AlignerConfig, VisionConfig
+
+BOX_PROMPT = " describe the region {box}:"
+FIND_PROMPT = " find the box of:"
+
+
+def box_text(box: list[int]) -> str:
+    return "[{}, {}, {}, {}]".format(*box)
+
+
+def normalised_box(box: torch.Tensor, height: int, width: int) -> list[int]:
+    """Pixels of the resized image -> integers 0..1000 (x by the width, y by the height)."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    scale = (width, height, width, height)
+    return [int(round(min(max(v / s, 0.0), 1.0) * 1000)) for v, s in zip((x0, y0, x1, y1), scale, strict=True)]
+
+
+class ByteIds:
+    """A stand-in tokenizer for random data (no tokenizer.json): bytes mapped to ids 4..vocab-1; <bos> 1, <eos> 2."""
+
+    bos_id, eos_id, pad_id = 1, 2, 0
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def encode(self, text: str) -> list[int]:
+        return [4 + b % (self.vocab_size - 4) for b in text.encode()]
+
+
+class TextIds:
+    """Prompt pieces through the run's CaptionTokenizer, without <bos>/<eos>."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.bos_id, self.eos_id, self.pad_id = tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
+        self.vocab_size = tokenizer.vocab_size
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.tokenizer.encode(text, add_special_tokens=False).ids
+
+
+@dataclasses.dataclass
+class RegionBatch:
+    input_ids: torch.Tensor  # (B, T)
+    labels: torch.Tensor  # (B, T), -100 outside answers
+    attention_mask: torch.Tensor  # (B, T)
+    sample_image: torch.Tensor  # (B,) the image of each sample
+    n_samples: int
+    answer_tokens: int
+
+
+def region_tasks(batch: PackedBatch, ids, *, tasks: list[str], regions_per_image: int, patch_size: int,
+                 merge: int, placeholder_id: int, seed: int, step: int, rank: int) -> RegionBatch | None:
+    """The stage-2 samples of one step (None when the batch has no boxes)."""
+    if batch.boxes is None or batch.box_image is None or batch.boxes.shape[0] == 0:
+        return None
+    rng = np.random.default_rng([seed, step, rank, 2])
+    box_image = batch.box_image.tolist()
+    rcu = batch.region_cu_seqlens.tolist()
+    region_tokens = batch.region_tokens.tolist()
+    grid = batch.grid_hw.tolist()
+    specials = {ids.bos_id, ids.eos_id, ids.pad_id}
+    examples, sample_image, answers = [], [], 0
+    by_image: dict[int, list[int]] = {}
+    for j, i in enumerate(box_image):
+        by_image.setdefault(i, []).append(j)
+    box_prompt_cache = {}
+    find_ids = ids.encode(FIND_PROMPT)
+    for image in sorted(by_image):
+        rows, cols = grid[image]
+        height, width = rows * patch_size, cols * patch_size
+        n_tokens = rows * cols // (merge * merge)
+        boxes = by_image[image]
+        chosen = rng.permutation(len(boxes))[:regions_per_image]
+        for k in chosen.tolist():
+            j = boxes[k]
+            caption = [t for t in region_tokens[rcu[j]:rcu[j + 1]] if t not in specials]
+            coords = box_text(normalised_box(batch.boxes[j], height, width))
+            task = tasks[int(rng.integers(len(tasks)))]
+            if task == "box2caption":
+                if coords not in box_prompt_cache:
+                    box_prompt_cache[coords] = ids.encode(BOX_PROMPT.format(box=coords))
+                prompt, answer = box_prompt_cache[coords], caption
+            else:
+                prompt, answer = find_ids + caption, ids.encode(" " + coords)
+            examples.append(build_example(prompt, answer, n_tokens, placeholder_id, bos_id=ids.bos_id,
+                                          eos_id=ids.eos_id))
+            sample_image.append(image)
+            answers += len(answer) + 1
+    if not examples:
+        return None
+    input_ids, labels, mask = collate(examples, pad_id=ids.pad_id)
+    return RegionBatch(input_ids, labels, mask, torch.tensor(sample_image, dtype=torch.long), len(examples),
+                       answers)
+
+
+def build_aligner(cfg) -> tuple[Aligner, AlignerConfig]:
+    """The stage-2 model; with stage2.init_from, the vision tower's config and weights come from that
+    checkpoint (stage 1 or 2)."""
+    from fineviti.train.checkpoint import load_module_state, resolve_checkpoint, saved_config
+    from fineviti.train.config import from_dict
+
+    aligner_cfg = cfg.aligner
+    source = None
+    if cfg.stage2.init_from:
+        source = resolve_checkpoint(cfg.stage2.init_from)
+        saved = saved_config(source)
+        section = saved["model"] if saved["training"]["stage"] == 1 else saved["aligner"]
+        vision = from_dict(section["vision"], VisionConfig)
+        aligner_cfg = dataclasses.replace(aligner_cfg, vision=vision, embed_dim=section["embed_dim"])
+    model = Aligner(aligner_cfg)
+    if source is not None:
+        load_module_state(source, model.visual, "visual.")
+    return model, aligner_cfg
+
+
+def freeze_parts(model: Aligner, parts: list[str]) -> None:
+    names = {"vision": model.visual, "merger": model.merger, "projector": model.projector, "lm": model.lm}
+    for part in parts:
+        names[part].requires_grad_(False)
+
+
+def part_scales(cfg) -> dict[str, float]:
+    s = cfg.stage2
+    return {"visual": s.vision_lr_scale, "merger": s.merger_lr_scale, "projector": s.projector_lr_scale,
+            "lm": s.lm_lr_scale}
+
+
+def stage2_flops(model: Aligner, seqlens: list[int], region: RegionBatch | None) -> int:
+    """Model FLOPs of a training step: the vision tower (fineviti.model.flops), 6 x (merger, projector and LM
+    matmul weights) x tokens, and the LM's causal attention (6 x T^2 x width per layer and sample)."""
+    from fineviti.model.flops import vision_flops
+
+    vision = model.visual.cfg
+    flops = vision_flops(vision, model.cfg.embed_dim, seqlens, training=True).model
+    merged = sum(seqlens) // 4
+    mm = sum(p.numel() for m in (model.merger, model.projector) for p in m.parameters() if p.dim() == 2)
+    flops += 6 * mm * merged
+    if region is not None:
+        lm_matmul = sum(p.numel() for name, p in model.lm.named_parameters() if p.dim() == 2)
+        tokens = int(region.attention_mask.sum())
+        width = getattr(model.lm, "hidden_size", 0)
+        depth = len(getattr(model.lm, "blocks", []))
+        lengths = region.attention_mask.sum(1).tolist()
+        flops += 6 * lm_matmul * tokens + 6 * depth * width * sum(n * n for n in lengths)
+    return int(flops)

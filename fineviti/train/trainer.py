@@ -1,0 +1,393 @@
+"""The trainer: config -> Trainer -> train() -> close().
+
+    trainer = Trainer(preset("tiny"))
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+
+Stage 1 trains the two-tower model with its contrastive loss, negatives from every rank; with
+training.grad_cache_images it follows GradCache (Gao et al., 2021): embeddings of the whole batch without
+gradients, the loss and its gradients with respect to the embeddings, then a forward and backward per chunk of
+images with those gradients, so that a batch larger than memory keeps all of its negatives. Stage 2 trains the
+aligner on region tasks (fineviti.train.stage2). Each step: the next batch on every rank (or the run ends on all
+of them), forward and backward, the metrics reduced over ranks (a non-finite loss stops the run before the
+optimizer step), gradient clipping, the optimizer and schedule steps; then the batch counts as consumed, the
+metrics are logged and a checkpoint is written if due.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from fineviti.train import checkpoint as ckpt
+from fineviti.train import parallel
+from fineviti.train.config import (
+    STAGE2_PARTS,
+    STAGE2_TASKS,
+    JobConfig,
+    parse_parts,
+    parse_profile,
+    parse_text_schedule,
+    text_length_at,
+    to_json,
+)
+from fineviti.train.data import LoaderSource, RandomBatches, split_images, truncate_captions
+from fineviti.train.metrics import (
+    MetricsLogger,
+    StepProfiler,
+    check_finite,
+    device_name,
+    nvtx_range,
+    peak_tflops,
+)
+from fineviti.train.optim import build_optimizer, build_scheduler
+
+
+class DataExhaustedError(RuntimeError):
+    pass
+
+
+class Trainer:
+    def __init__(self, cfg: JobConfig):
+        cfg.validate()
+        self.cfg = cfg
+        self.world = parallel.init_world(cfg.parallel, cfg.training.device)
+        self.device = self.world.device
+        self.rank = self.world.rank
+        torch.manual_seed(cfg.training.seed)  # the same initial weights on every rank
+        self.run_dir = Path(cfg.out_dir)
+        self.stage = cfg.training.stage
+        self.mp_dtype = parallel.mixed_precision_dtype(cfg.training.mixed_precision, self.device)
+        self.text_schedule = parse_text_schedule(cfg.training.text_length)
+
+        if self.stage == 1:
+            from fineviti.model import FineViT
+
+            raw = FineViT(cfg.model)
+            scales = None
+        else:
+            from fineviti.train import stage2
+
+            raw, cfg.aligner = stage2.build_aligner(cfg)
+            stage2.freeze_parts(raw, parse_parts(cfg.stage2.freeze, "stage2.freeze", STAGE2_PARTS))
+            scales = stage2.part_scales(cfg)
+        self.raw_model = raw
+        self.model = parallel.parallelize(raw, cfg.parallel, self.world, self.mp_dtype)
+        fsdp = self.world.distributed and cfg.parallel.strategy == "fsdp"
+        self.autocast_dtype = None if fsdp else self.mp_dtype  # FSDP2's policy casts the parameters itself
+        self.optimizer = build_optimizer(self.model, cfg.optimizer, device=self.device, part_scales=scales)
+        self.scheduler = build_scheduler(self.optimizer, cfg.scheduler, cfg.training.steps)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+
+        self.data = self._build_data()
+        self.tokens = self._prompt_ids() if self.stage == 2 else None
+        self.config_json = to_json(cfg)
+        self.checkpointer = ckpt.Checkpointer(cfg.checkpoint, self.run_dir, rank=self.rank,
+                                              world_size=self.world.world_size, config_json=self.config_json)
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(self.config_json)
+        self.checkpointer.clean_partial()
+        self.step = 0
+        resume = self.checkpointer.resume_path()
+        if resume is not None:
+            self.step = self.checkpointer.load(resume, self.model, self.optimizer, self.scheduler, self.data)
+        self.metrics = MetricsLogger(cfg.metrics, self.run_dir, rank=self.rank, total_steps=cfg.training.steps,
+                                     start_step=self.step)
+        if resume is not None:
+            self.metrics.event(kind="resume", step=self.step, checkpoint=str(resume))
+        self.profiler = StepProfiler(parse_profile(cfg.metrics.profile), self.run_dir, self.rank)
+        self.nvtx = cfg.metrics.nvtx and self.device.type == "cuda"
+        self.peak = peak_tflops(device_name(self.device)) if self.device.type == "cuda" else None
+        self.last_row: dict = {}
+
+    # -- construction helpers ----------------------------------------------------------------------------------
+
+    def _build_data(self):
+        cfg = self.cfg
+        if cfg.training.data_source == "random":
+            if self.stage == 1:
+                patch, merge, vocab = cfg.model.vision.patch_size, cfg.model.vision.merge, cfg.model.text.vocab_size
+            else:
+                patch, merge = cfg.aligner.vision.patch_size, cfg.aligner.vision.merge
+                vocab = self.raw_model.lm.vocab_size
+            return RandomBatches(cfg.random_data, patch_size=patch, merge=merge, vocab_size=vocab, rank=self.rank,
+                                 world_size=self.world.world_size, with_regions=self.stage == 2)
+        vision = cfg.model.vision if self.stage == 1 else cfg.aligner.vision
+        if cfg.data.patch != vision.patch_size:
+            raise ValueError(f"data.patch = {cfg.data.patch} differs from the model's patch_size "
+                             f"{vision.patch_size}; expected them equal")
+        if self.stage == 2 and cfg.data.merge != 2:
+            raise ValueError(f"stage 2 merges 2x2 patch groups: data.merge must be 2, got {cfg.data.merge}")
+        source = LoaderSource(cfg.data, self.rank, self.world.world_size)
+        vocab = source.tokenizer.vocab_size
+        limit = cfg.model.text.vocab_size if self.stage == 1 else self.raw_model.lm.vocab_size
+        if vocab > limit:
+            part = "model.text.vocab_size" if self.stage == 1 else "aligner.builtin_lm.vocab_size"
+            raise ValueError(f"the data set's tokenizer has {vocab} tokens but {part} = {limit}; expected at least "
+                             f"the tokenizer's size")
+        return source
+
+    def _prompt_ids(self):
+        from fineviti.train import stage2
+
+        if isinstance(self.data, LoaderSource):
+            return stage2.TextIds(self.data.tokenizer)
+        return stage2.ByteIds(self.raw_model.lm.vocab_size)
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    # -- the loop ----------------------------------------------------------------------------------------------
+
+    def train(self) -> dict:
+        """Runs to training.steps (from the resumed step); returns the last step's metrics."""
+        last = self.cfg.training.steps
+        batches = iter(self.data)
+        tick = time.perf_counter()
+        while self.step < last:
+            batch = next(batches, None)
+            if not self._every_rank_has(batch):
+                raise DataExhaustedError(f"the data ran out after {self.step} of {last} steps on at least one rank "
+                                         f"({self.data.summary()}); lower training.steps or allow more epochs")
+            data_wait = time.perf_counter() - tick
+            self.step += 1
+            self.profiler.begin(self.step)
+            with torch.profiler.record_function(f"step {self.step}"):
+                row = self.train_step(batch)
+            self.data.mark_consumed(batch)
+            self.profiler.end(self.step)
+            row.update(self._timing(row, time.perf_counter() - tick, data_wait))
+            self.metrics.log(self.step, row)
+            self.last_row = row
+            if self.checkpointer.due(self.step, last):
+                self.save()
+            tick = time.perf_counter()
+        return self.last_row
+
+    def save(self) -> Path:
+        state = self.checkpointer.state(self.model, self.optimizer, self.scheduler, self.step,
+                                        self.data.state_dict())
+        path = self.checkpointer.save(state, self.step)
+        self.metrics.event(kind="checkpoint", step=self.step, path=str(path),
+                           asynchronous=self.cfg.checkpoint.async_save)
+        return path
+
+    def close(self) -> None:
+        try:
+            self.checkpointer.close()
+            if self.cfg.checkpoint.export and self.rank == 0 and self.step > 0:
+                from fineviti.train.export import export_model
+
+                export_model(self.raw_model, self.run_dir / "model.safetensors", part=self.cfg.checkpoint.export,
+                             config=json.loads(self.config_json))
+        finally:
+            self.profiler.close()
+            self.metrics.close()
+            self.data.close()
+            parallel.close_world(self.world)
+
+    # -- one step ----------------------------------------------------------------------------------------------
+
+    def train_step(self, batch) -> dict:
+        with nvtx_range("h2d", self.nvtx):
+            batch = batch.to(self.device, non_blocking=True)
+        if self.stage == 1:
+            batch = truncate_captions(batch, text_length_at(self.text_schedule, self.step - 1))
+            with nvtx_range("forward_backward", self.nvtx):
+                if self.cfg.training.grad_cache_images:
+                    loss, out = self._grad_cache_step(batch)
+                else:
+                    loss, out = self._stage1_step(batch)
+            local = self._stage1_counts(batch)
+        else:
+            with nvtx_range("forward_backward", self.nvtx):
+                loss, out, region = self._stage2_step(batch)
+            local = self._stage2_counts(batch, region)
+        totals = self._reduce(loss.detach().float(), local)
+        check_finite(totals["loss"], self.step)
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate of this step (the schedule moves on below)
+        with nvtx_range("optimizer", self.nvtx):
+            grad_norm = self._clip()
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        row = {"loss": totals["loss"], "lr": lr, "grad_norm": grad_norm}
+        if self.stage == 1:
+            row["logit_scale"] = float(out["logit_scale"].detach().float())
+            if out.get("logit_bias") is not None:
+                row["logit_bias"] = float(out["logit_bias"].detach().float())
+            row["text_length"] = text_length_at(self.text_schedule, self.step - 1)
+        row.update({k: v for k, v in totals.items() if k != "loss"})
+        return row
+
+    def _stage1_step(self, batch):
+        with self._autocast():
+            out = self.model(batch, group=self.world.group)
+        loss = out["loss"]
+        loss.backward()
+        return loss, out
+
+    def _grad_cache_step(self, batch):
+        """GradCache: (1) embeddings of every chunk without autograd, (2) the loss over all of them and its
+        gradients with respect to the embeddings (and the logit scale and bias), (3) per chunk, the forward
+        again and a backward of the embeddings with those gradients (the logit scale and bias with the last
+        chunk, where the gradient reduction of DDP / FSDP2 also happens)."""
+        chunks, order = split_images(batch, self.cfg.training.grad_cache_images)
+        images, texts = [], []
+        with torch.no_grad(), self._autocast():
+            for chunk in chunks:
+                out = self.model(chunk, compute_loss=False)
+                images.append(out["image_features"])
+                texts.append(out["text_features"])
+        img = torch.cat(images).detach().requires_grad_()
+        txt = torch.cat(texts).detach().requires_grad_()
+        scale = out["logit_scale"].detach().float().requires_grad_()
+        bias = out["logit_bias"].detach().float().requires_grad_() if out["logit_bias"] is not None else None
+        text_image = batch.text_image[order.to(batch.text_image.device)] if order is not None else batch.text_image
+        loss = contrastive_loss(self.cfg.model, img, txt, text_image, scale, bias, self.world.group)
+        loss.backward()
+        img_rows = [x.shape[0] for x in images]
+        txt_rows = [x.shape[0] for x in texts]
+        img_grads, txt_grads = img.grad.split(img_rows), txt.grad.split(txt_rows)
+        for i, chunk in enumerate(chunks):
+            is_last = i == len(chunks) - 1
+            with parallel.no_grad_sync(self.model, sync=is_last):
+                with self._autocast():
+                    out = self.model(chunk, compute_loss=False)
+                tensors = [out["image_features"], out["text_features"]]
+                grads = [img_grads[i].to(tensors[0].dtype), txt_grads[i].to(tensors[1].dtype)]
+                if is_last:
+                    tensors.append(out["logit_scale"])
+                    grads.append(scale.grad.to(out["logit_scale"].dtype))
+                    if bias is not None:
+                        tensors.append(out["logit_bias"])
+                        grads.append(bias.grad.to(out["logit_bias"].dtype))
+                torch.autograd.backward(tensors, grads)
+        return loss.detach(), {"logit_scale": scale.detach(), "logit_bias": None if bias is None else bias.detach()}
+
+    def _stage2_step(self, batch):
+        from fineviti.train import stage2
+
+        cfg = self.cfg
+        region = stage2.region_tasks(
+            batch, self.tokens, tasks=parse_parts(cfg.stage2.tasks, "stage2.tasks", STAGE2_TASKS),
+            regions_per_image=cfg.stage2.regions_per_image, patch_size=self.raw_model.visual.patch_size, merge=2,
+            placeholder_id=self.raw_model.placeholder_id, seed=cfg.training.seed, step=self.step, rank=self.rank)
+        if region is None:
+            raise ValueError(f"stage 2 step {self.step}: the batch has no region boxes (keys {batch.keys[:3]}...); "
+                             f"stage 2 needs data with regions in its json")
+        dev = self.device
+        with self._autocast():
+            out = self.model(batch.patches, batch.cu_seqlens, batch.pos, batch.max_seqlen,
+                             region.input_ids.to(dev), labels=region.labels.to(dev),
+                             attention_mask=region.attention_mask.to(dev), seqlens=batch.seqlens,
+                             sample_image=region.sample_image.to(dev))
+        loss = out["loss"]
+        loss.backward()
+        return loss, out, region
+
+    def _clip(self) -> float:
+        max_norm = self.cfg.training.grad_clip if self.cfg.training.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        return float(norm)
+
+    # -- metrics -----------------------------------------------------------------------------------------------
+
+    def _stage1_counts(self, batch) -> dict:
+        from fineviti.model.flops import count_flops
+
+        towers = count_flops(self.cfg.model, batch.seqlens, batch.text_seqlens, training=True, recompute=False,
+                             world_negatives=0).model
+        return {"images": batch.n_images, "patch_tokens": sum(batch.seqlens), "text_tokens": sum(batch.text_seqlens),
+                "padding_tokens": batch.padding_tokens, "truncated_tokens": batch.truncated_tokens,
+                "pairs": batch.n_texts, "flops": towers}
+
+    def _stage2_counts(self, batch, region) -> dict:
+        from fineviti.train.stage2 import stage2_flops
+
+        return {"images": batch.n_images, "patch_tokens": sum(batch.seqlens),
+                "text_tokens": int(region.attention_mask.sum()), "padding_tokens": batch.padding_tokens,
+                "truncated_tokens": batch.truncated_tokens, "pairs": 0, "answer_tokens": region.answer_tokens,
+                "samples": region.n_samples, "flops": stage2_flops(self.raw_model, batch.seqlens, region)}
+
+    def _reduce(self, loss: torch.Tensor, local: dict) -> dict:
+        """Sums the counts over ranks and averages the loss, in one all-reduce (float64: exact integers)."""
+        keys = list(local)
+        values = torch.tensor([float(loss)] + [float(local[k]) for k in keys], dtype=torch.float64)
+        if self.world.distributed:
+            comm = values.to(self.device) if dist.get_backend() == "nccl" else values
+            dist.all_reduce(comm)
+            values = comm.cpu()
+            values[0] /= self.world.world_size
+        out = {"loss": float(values[0])}
+        out.update({k: float(v) for k, v in zip(keys, values[1:].tolist(), strict=True)})
+        if self.stage == 1:  # the loss FLOPs: every pair against every caption of every rank
+            out["flops"] += 6 * out["pairs"] * out["pairs"] * self.cfg.model.embed_dim
+        return out
+
+    def _timing(self, row: dict, step_time: float, data_wait: float) -> dict:
+        world = self.world.world_size
+        tokens = row["patch_tokens"] + row["text_tokens"]
+        out = {"step_time_s": step_time, "data_wait_s": data_wait, "images_per_s": row["images"] / step_time,
+               "tokens_per_s": tokens / step_time,
+               "padding_fraction": row["padding_tokens"] / max(1.0, row["patch_tokens"] + row["padding_tokens"])}
+        if self.device.type == "cuda":
+            tflops = row["flops"] / world / step_time / 1e12
+            out["tflops_per_gpu"] = tflops
+            out["mfu"] = tflops / self.peak if self.peak else None
+        for key in ("images", "patch_tokens", "text_tokens", "padding_tokens", "truncated_tokens", "pairs",
+                    "answer_tokens", "samples"):
+            if key in row:
+                row[key] = int(row[key])
+        return out
+
+    def _every_rank_has(self, batch) -> bool:
+        if not self.world.distributed:
+            return batch is not None
+        flag = torch.tensor([0 if batch is None else 1], dtype=torch.int64)
+        if dist.get_backend() == "nccl":
+            flag = flag.to(self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+
+def contrastive_loss(model_cfg, img, txt, text_image, scale, bias, group):
+    """The model's contrastive loss of normalised features with given logit scale (multiplier) and bias (GradCache
+    computes it outside the model's forward; FineViT.contrastive_loss does the same with its own parameters)."""
+    from fineviti.ops.contrastive import clip_loss, siglip_loss
+
+    if text_image is not None:
+        img = img[text_image]
+    txt = txt.to(img.dtype)
+    if model_cfg.loss == "siglip":
+        return siglip_loss(img, txt, scale, bias, backend=model_cfg.loss_backend, group=group)
+    return clip_loss(img, txt, scale, backend=model_cfg.loss_backend, group=group)
+
+
+def run(cfg: JobConfig) -> dict:
+    """config -> trainer -> train() -> close(); returns the last step's metrics."""
+    trainer = Trainer(cfg)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
+
+
+def summarise(row: dict) -> str:
+    keys = ("loss", "lr", "grad_norm", "images_per_s", "tokens_per_s", "tflops_per_gpu", "mfu")
+    return ", ".join(f"{k} {row[k]:.4g}" for k in keys if isinstance(row.get(k), float) and math.isfinite(row[k]))
+
+

@@ -1,0 +1,90 @@
+"""Training configs: presets, key=value overrides (types, unknown keys, bad values), the saved JSON, the CLI."""
+
+import json
+
+import pytest
+
+from fineviti import cli
+from fineviti.train.config import (
+    PRESETS,
+    apply_cli_overrides,
+    from_dict,
+    parse_profile,
+    parse_text_schedule,
+    preset,
+    text_length_at,
+    to_dict,
+    to_json,
+)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_validate_and_round_trip(name):
+    cfg = preset(name)
+    cfg.validate()
+    assert to_dict(from_dict(json.loads(to_json(cfg)))) == to_dict(cfg)
+
+
+def test_overrides_are_typed():
+    cfg = apply_cli_overrides(preset("tiny"), [
+        "training.steps=7", "optimizer.lr=3e-4", "optimizer.betas=0.8,0.9", "parallel.compile=true",
+        "model.vision.depth=2", "data.token_budget=1024", "aligner.merger_hidden=none", "aligner.merger_out=64",
+        "name=x", "checkpoint.resume=auto"])
+    assert cfg.training.steps == 7 and isinstance(cfg.training.steps, int)
+    assert cfg.optimizer.lr == 3e-4 and cfg.optimizer.betas == (0.8, 0.9)
+    assert cfg.parallel.compile is True and cfg.model.vision.depth == 2 and cfg.data.token_budget == 1024
+    assert cfg.aligner.merger_hidden is None and cfg.aligner.merger_out == 64
+    assert cfg.out_dir == "runs/x"
+    assert preset("tiny").training.steps != 7  # the preset itself is untouched
+
+
+@pytest.mark.parametrize("override, message", [
+    ("training.stepz=3", "unknown config key 'training.stepz': training has no 'stepz'"),
+    ("nope=1", "unknown config key 'nope'"),
+    ("model.vision.depth.x=1", "'model.vision.depth' is not a section"),
+    ("training=1", "is a section"),
+    ("training.steps=ten", "'training.steps' takes an int, got 'ten'"),
+    ("optimizer.lr=fast", "'optimizer.lr' takes a float, got 'fast'"),
+    ("parallel.compile=maybe", "takes a bool"),
+    ("optimizer.betas=0.9", "takes 2 comma-separated values"),
+    ("parallel.strategy=zero3", "parallel.strategy must be one of ['ddp', 'fsdp'], got 'zero3'"),
+    ("training.steps=0", "training.steps must be >= 1, got 0"),
+    ("training.text_length=64:0", "training.text_length"),
+    ("metrics.profile=5:2", "1 <= START <= END"),
+    ("stage2.freeze=vision,eyes", "stage2.freeze must be one of"),
+    ("model.vision.heads=5", "divisible"),
+    ("steps", "must look like key=value"),
+])
+def test_bad_overrides_are_named(override, message):
+    with pytest.raises((KeyError, ValueError)) as info:
+        apply_cli_overrides(preset("tiny"), [override])
+    text = info.value.args[0] if info.value.args else str(info.value)
+    assert message in text
+
+
+def test_schedules():
+    schedule = parse_text_schedule("0:64, 800:256")
+    assert [text_length_at(schedule, s) for s in (0, 799, 800, 10**6)] == [64, 64, 256, 256]
+    assert parse_text_schedule("128") == [(0, 128)]
+    with pytest.raises(ValueError, match="start at step 0"):
+        parse_text_schedule("10:64")
+    assert parse_profile("") is None and parse_profile("3:5") == (3, 5)
+
+
+def test_cli_print_config_and_errors(capsys, tmp_path):
+    assert cli.main(["train", "--preset", "debug", "--print-config", "training.steps=3", "--resume",
+                     "--profile", "2:3"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["training"]["steps"] == 3 and printed["checkpoint"]["resume"] == "auto"
+    assert printed["metrics"]["profile"] == "2:3"
+    assert cli.main(["train", "--preset", "debug", "training.bogus=1"]) == 2
+    assert "unknown config key 'training.bogus'" in capsys.readouterr().err
+
+
+def test_cli_train_runs_and_saves_config(capsys, tmp_path):
+    run_dir = tmp_path / "cli"
+    assert cli.main(["train", "--preset", "debug", f"run_dir={run_dir}", "training.steps=2"]) == 0
+    assert "finished step 2" in capsys.readouterr().out
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["training"]["steps"] == 2 and saved["run_dir"] == str(run_dir)
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) >= 2

@@ -1,0 +1,294 @@
+"""The trainer on one process: stage 1 and 2 steps and their metrics, exact resume, a save interrupted halfway,
+a non-finite loss, GradCache against the full batch, the text-length schedule, the profiler and export.
+
+Everything runs the `debug` preset (a model of a few thousand parameters on random packed batches)."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from fineviti.train import checkpoint as ckpt
+from fineviti.train.config import apply_cli_overrides, from_dict, preset, to_dict
+from fineviti.train.data import RandomBatches, split_images, truncate_captions
+from fineviti.train.metrics import NonFiniteLossError, peak_tflops
+from fineviti.train.trainer import Trainer, run
+
+STAGE1_KEYS = {"loss", "lr", "grad_norm", "logit_scale", "logit_bias", "images_per_s", "tokens_per_s",
+               "padding_fraction", "text_length", "step_time_s", "data_wait_s", "images", "patch_tokens",
+               "text_tokens"}
+
+
+def config(tmp_path, *overrides, name="run"):
+    return apply_cli_overrides(preset("debug"), [f"run_dir={tmp_path / name}", *overrides])
+
+
+def rows(run_dir):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if '"step"' in line and '"event"' not in line]
+
+
+def losses(run_dir):
+    return {r["step"]: r["loss"] for r in rows(run_dir)}
+
+
+def test_stage1_steps_write_metrics_and_config(tmp_path):
+    cfg = config(tmp_path, "training.steps=4")
+    last = run(cfg)
+    run_dir = tmp_path / "run"
+    logged = rows(run_dir)
+    assert [r["step"] for r in logged] == [1, 2, 3, 4]
+    for r in logged:
+        assert STAGE1_KEYS <= set(r), STAGE1_KEYS - set(r)
+        assert math.isfinite(r["loss"]) and r["images"] >= 1 and r["grad_norm"] > 0
+        assert "mfu" not in r  # no GPU: no MFU
+    assert last["loss"] == logged[-1]["loss"]
+    # warmup over 2 steps (1.5e-3, 3e-3), then a cosine that would reach 0 at step 4 (0-based; HF's convention)
+    assert [r["lr"] for r in logged] == pytest.approx([1.5e-3, 3e-3, 3e-3, 1.5e-3], abs=1e-9)
+    assert [r["text_length"] for r in logged] == [16, 16, 16, 24]
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert to_dict(from_dict(saved)) == to_dict(cfg)
+    assert [s for s, _ in ckpt.list_checkpoints(run_dir / "checkpoints")] == [4]
+
+
+def test_stage1_learns_a_repeated_batch(tmp_path):
+    """The same batch every step (a one-batch data set): the loss must fall."""
+    cfg = config(tmp_path, "training.steps=12", "scheduler.warmup_steps=1", "optimizer.lr=1e-2",
+                 "checkpoint.save_final=false")
+    trainer = Trainer(cfg)
+    fixed = trainer.data.make(0)
+    trainer.data.make = lambda step: fixed
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    values = [r["loss"] for r in rows(tmp_path / "run")]
+    assert values[-1] < 0.5 * values[0], values
+
+
+def _crash_at(trainer, step):
+    original = trainer.train_step
+
+    def train_step(batch):
+        if trainer.step == step:
+            raise KeyboardInterrupt(f"simulated kill at step {step}")
+        return original(batch)
+
+    trainer.train_step = train_step
+
+
+def test_exact_resume(tmp_path):
+    steps = ["training.steps=6", "checkpoint.interval=3"]
+    run(config(tmp_path, *steps, name="straight"))
+    expected = losses(tmp_path / "straight")
+
+    trainer = Trainer(config(tmp_path, *steps, name="crashed"))
+    _crash_at(trainer, 5)
+    with pytest.raises(KeyboardInterrupt):
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "crashed" / "checkpoints")] == [3]
+
+    resumed = Trainer(config(tmp_path, *steps, "checkpoint.resume=auto", name="crashed"))
+    assert resumed.step == 3
+    try:
+        resumed.train()
+    finally:
+        resumed.close()
+    got = {r["step"]: r for r in rows(tmp_path / "crashed")}
+    # steps 4 (logged before the crash and again after the resume) to 6 equal the uninterrupted run's exactly
+    for step in (4, 5, 6):
+        assert got[step]["loss"] == expected[step], (step, got[step]["loss"], expected[step])
+    assert rows(tmp_path / "crashed")[-1]["grad_norm"] == rows(tmp_path / "straight")[-1]["grad_norm"]
+
+
+def test_interrupted_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
+    steps = ["training.steps=4", "checkpoint.interval=2"]
+    run(config(tmp_path, *steps, name="straight"))
+    expected = losses(tmp_path / "straight")
+
+    original = ckpt.dcp.FileSystemWriter.finish
+
+    def finish(self, metadata, results):  # every data file is written; the metadata never lands
+        if "step-00000004" in str(self.path):
+            raise OSError("simulated crash in the middle of a save")
+        return original(self, metadata, results)
+
+    monkeypatch.setattr(ckpt.dcp.FileSystemWriter, "finish", finish)
+    trainer = Trainer(config(tmp_path, *steps, name="crashed"))
+    with pytest.raises(BaseException, match="simulated crash"):  # DCP wraps it in a CheckpointException
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
+    folder = tmp_path / "crashed" / "checkpoints"
+    assert (folder / ".tmp-step-00000004").is_dir()
+    assert not (folder / "step-00000004").exists()
+    assert [s for s, _ in ckpt.list_checkpoints(folder)] == [2]
+    monkeypatch.setattr(ckpt.dcp.FileSystemWriter, "finish", original)
+
+    resumed = Trainer(config(tmp_path, *steps, "checkpoint.resume=auto", name="crashed"))
+    assert resumed.step == 2 and not (folder / ".tmp-step-00000004").exists()
+    try:
+        resumed.train()
+    finally:
+        resumed.close()
+    assert losses(tmp_path / "crashed")[4] == expected[4]
+    assert [s for s, _ in ckpt.list_checkpoints(folder)] == [2, 4]
+
+
+def test_non_finite_loss_stops_before_the_update(tmp_path):
+    trainer = Trainer(config(tmp_path, "training.steps=4"))
+    make = trainer.data.make
+
+    def poisoned(step):
+        batch = make(step)
+        if step == 1:
+            batch.patches[0, 0] = float("nan")
+        return batch
+
+    trainer.data.make = poisoned
+    with pytest.raises(NonFiniteLossError, match="at step 2"):
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
+    assert all(torch.isfinite(p).all() for p in trainer.raw_model.parameters())
+
+
+@pytest.mark.parametrize("several_captions", [False, True])
+def test_grad_cache_gives_the_full_batch_gradients(tmp_path, several_captions):
+    grads, values = [], []
+    for chunk in (0, 2):
+        trainer = Trainer(config(tmp_path, f"training.grad_cache_images={chunk}", name=f"gc{chunk}"))
+        batch = trainer.data.make(0)
+        assert batch.n_images >= 5
+        if several_captions:  # captions 0..n-1, plus a second caption for images 1 and 3, listed last
+            starts = batch.text_cu_seqlens.tolist()
+            extra = [batch.tokens[starts[i]:starts[i + 1]].flip(0) for i in (1, 3)]
+            batch.tokens = torch.cat([batch.tokens, *extra])
+            lengths = batch.text_seqlens + [len(t) for t in extra]
+            batch.text_seqlens = lengths
+            batch.text_cu_seqlens = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+            batch.text_image = torch.tensor(list(range(batch.n_images)) + [1, 3])
+        if chunk:
+            loss, _ = trainer._grad_cache_step(batch)
+        else:
+            loss, _ = trainer._stage1_step(batch)
+        values.append(float(loss))
+        grads.append({n: p.grad.clone() for n, p in trainer.raw_model.named_parameters()})
+        trainer.close()
+    assert values[1] == pytest.approx(values[0], rel=1e-6)
+    for name, full in grads[0].items():
+        cached = grads[1][name]
+        torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-6 * full.abs().max().item() + 1e-9,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_split_images_keeps_every_image_and_caption():
+    source = RandomBatches(preset("debug").random_data, patch_size=14, merge=2, vocab_size=96)
+    batch = source.make(3)
+    chunks, order = split_images(batch, 2)
+    assert order is None and sum(c.n_images for c in chunks) == batch.n_images
+    assert torch.equal(torch.cat([c.patches for c in chunks]), batch.patches)
+    assert torch.equal(torch.cat([c.tokens for c in chunks]), batch.tokens)
+    assert torch.equal(torch.cat([c.pos for c in chunks]), batch.pos)
+    for c in chunks:
+        assert c.cu_seqlens[0] == 0 and c.cu_seqlens[-1] == c.patches.shape[0] == sum(c.seqlens)
+
+
+def test_truncate_captions_keeps_first_tokens_and_the_last():
+    source = RandomBatches(preset("debug").random_data, patch_size=14, merge=2, vocab_size=96)
+    batch = source.make(0)
+    lengths = batch.text_seqlens
+    cut = truncate_captions(batch, 6)
+    starts = batch.text_cu_seqlens.tolist()
+    new_starts = cut.text_cu_seqlens.tolist()
+    for i, n in enumerate(lengths):
+        old = batch.tokens[starts[i]:starts[i] + n]
+        new = cut.tokens[new_starts[i]:new_starts[i + 1]]
+        expected = old if n <= 6 else torch.cat([old[:5], old[-1:]])
+        assert torch.equal(new, expected)
+    assert cut.truncated_tokens == sum(max(0, n - 6) for n in lengths) > 0
+    assert cut.text_max_seqlen == min(6, max(lengths))
+
+
+def test_stage2_from_a_stage1_checkpoint(tmp_path):
+    run(config(tmp_path, "training.steps=2", name="stage1"))
+    stage1 = ckpt.resolve_checkpoint(tmp_path / "stage1")
+    cfg = config(tmp_path, "training.stage=2", "training.steps=3", f"stage2.init_from={tmp_path / 'stage1'}",
+                 "stage2.freeze=lm", "stage2.vision_lr_scale=0.5", name="stage2")
+    trainer = Trainer(cfg)
+    from fineviti.model import FineViT
+
+    reference = FineViT(preset("debug").model)
+    ckpt.load_module_state(stage1, reference, "")
+    for name, tensor in reference.visual.state_dict().items():
+        assert torch.equal(trainer.raw_model.visual.state_dict()[name], tensor), name
+    lm_before = {n: p.clone() for n, p in trainer.raw_model.lm.named_parameters()}
+    vision_lrs = {g["part"]: g["lr"] for g in trainer.optimizer.param_groups}
+    assert "lm" not in vision_lrs and vision_lrs["visual"] == pytest.approx(0.5 * vision_lrs["merger"])
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    logged = rows(tmp_path / "stage2")
+    assert len(logged) == 3 and all(math.isfinite(r["loss"]) and r["answer_tokens"] > 0 for r in logged)
+    for n, p in trainer.raw_model.lm.named_parameters():
+        assert torch.equal(p, lm_before[n]), n
+    assert not torch.equal(trainer.raw_model.visual.blocks[0].attn.qkv.weight,
+                           reference.visual.blocks[0].attn.qkv.weight)
+
+
+def test_profile_writes_a_trace(tmp_path):
+    run(config(tmp_path, "training.steps=3", "metrics.profile=2:3", "checkpoint.save_final=false"))
+    traces = list((tmp_path / "run" / "profile").glob("*.json"))
+    assert len(traces) == 1 and "traceEvents" in traces[0].read_text()[:2000]
+
+
+def test_export_vision_tower(tmp_path):
+    from safetensors.torch import load_file
+
+    from fineviti.model import VisionTower
+    from fineviti.model.config import VisionConfig
+    from fineviti.train.export import export_checkpoint
+
+    cfg = config(tmp_path, "training.steps=2")
+    trainer = Trainer(cfg)
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    out = export_checkpoint(tmp_path / "run", tmp_path / "vision.safetensors")
+    meta = json.loads((tmp_path / "vision.safetensors.json").read_text())
+    vision = from_dict(meta["config"]["model"]["vision"], VisionConfig)
+    tower = VisionTower(vision, meta["config"]["model"]["embed_dim"])
+    tower.load_state_dict(load_file(str(out)))
+    for name, tensor in trainer.raw_model.visual.state_dict().items():
+        assert torch.equal(tower.state_dict()[name], tensor), name
+    full = export_checkpoint(tmp_path / "run", tmp_path / "full.safetensors", part="full")
+    assert set(load_file(str(full))) == set(trainer.raw_model.state_dict())
+
+
+def test_peak_table():
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989
+    assert peak_tflops("NVIDIA H100 PCIe") == 756
+    assert peak_tflops("NVIDIA H200") == 989
+    assert peak_tflops("NVIDIA A100-SXM4-80GB") == 312
+    assert peak_tflops("NVIDIA H100 NVL") is None
+    assert peak_tflops("Tesla T4") is None and peak_tflops(None) is None
+
+
+def test_apex_requested_but_missing(tmp_path):
+    pytest.importorskip("torch")
+    try:
+        import apex  # noqa: F401
+
+        pytest.skip("apex is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(ImportError, match="apex"):
+        Trainer(config(tmp_path, "optimizer.name=apex_fused_adam"))
