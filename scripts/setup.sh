@@ -19,7 +19,7 @@ fi
 PY=.venv/bin/python
 stage_done "virtual environment"
 
-# The packages to install: the project's dependencies and its `test` and `dali` extras, at the versions of
+# The packages to install: the project's dependencies and its `test`, `dali` and `vision` extras, at the versions of
 # constraints.txt, plus the build tools (setuptools, cmake, ninja) since the build runs without isolation.
 stage "dependencies"
 deps_stamp=$(cat constraints.txt pyproject.toml <("$PY" -V) | sha256sum | cut -c1-16)
@@ -28,7 +28,7 @@ if [ "$(cat build/.deps-stamp 2>/dev/null)" != "$deps_stamp" ]; then
 import tomllib
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
 extras = project["optional-dependencies"]
-for requirement in [*project["dependencies"], *extras["test"], *extras["dali"], "setuptools", "cmake", "ninja"]:
+for requirement in [*project["dependencies"], *extras["test"], *extras["dali"], *extras["vision"], "setuptools", "cmake", "ninja"]:
     print(requirement)
 PYEOF
 )
