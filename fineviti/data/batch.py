@@ -46,7 +46,7 @@ class PackedBatch:
     def n_texts(self) -> int:
         return self.text_cu_seqlens.numel() - 1
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "PackedBatch":
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedBatch:
         """A copy with every tensor on `device` (host lists stay)."""
         moved = {}
         for field in dataclasses.fields(self):
@@ -56,7 +56,7 @@ class PackedBatch:
             moved[field.name] = value
         return PackedBatch(**moved)
 
-    def pin_memory(self) -> "PackedBatch":
+    def pin_memory(self) -> PackedBatch:
         pinned = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         for name, value in pinned.items():
             if isinstance(value, torch.Tensor):
