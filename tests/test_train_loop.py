@@ -178,7 +178,7 @@ def test_grad_cache_gives_the_full_batch_gradients(tmp_path, several_captions):
             loss, _ = trainer._grad_cache_step(batch)
         else:
             loss, _ = trainer._stage1_step(batch)
-        values.append(float(loss))
+        values.append(float(loss.detach()))
         grads.append({n: p.grad.clone() for n, p in trainer.raw_model.named_parameters()})
         trainer.close()
     assert values[1] == pytest.approx(values[0], rel=1e-6)
@@ -191,13 +191,17 @@ def test_grad_cache_gives_the_full_batch_gradients(tmp_path, several_captions):
 def test_split_images_keeps_every_image_and_caption():
     source = RandomBatches(preset("debug").random_data, patch_size=14, merge=2, vocab_size=96)
     batch = source.make(3)
-    chunks, order = split_images(batch, 2)
-    assert order is None and sum(c.n_images for c in chunks) == batch.n_images
+    chunks, real, order = split_images(batch, 3)
+    assert real == 3 and order is None and sum(c.n_images for c in chunks) == batch.n_images
     assert torch.equal(torch.cat([c.patches for c in chunks]), batch.patches)
     assert torch.equal(torch.cat([c.tokens for c in chunks]), batch.tokens)
     assert torch.equal(torch.cat([c.pos for c in chunks]), batch.pos)
     for c in chunks:
         assert c.cu_seqlens[0] == 0 and c.cu_seqlens[-1] == c.patches.shape[0] == sum(c.seqlens)
+    assert max(c.n_images for c in chunks) - min(c.n_images for c in chunks) <= 1
+    chunks, real, _ = split_images(batch, batch.n_images + 2)  # more chunks than images: two fillers
+    assert real == batch.n_images and len(chunks) == real + 2
+    assert torch.equal(chunks[-1].patches, chunks[0].patches)
 
 
 def test_truncate_captions_keeps_first_tokens_and_the_last():

@@ -174,38 +174,46 @@ def truncate_captions(batch: PackedBatch, max_tokens: int) -> PackedBatch:
 # Chunks of images (GradCache)
 
 
-def split_images(batch: PackedBatch, images_per_chunk: int) -> tuple[list[PackedBatch], torch.Tensor | None]:
-    """The batch cut into chunks of at most `images_per_chunk` consecutive images, each with its own captions.
-
-    Returns the chunks and, when the batch maps captions to images (`text_image`), the caption order of the
-    concatenated chunks as indices into the batch's captions (None otherwise: captions follow their images)."""
-    n = batch.n_images
-    if images_per_chunk <= 0 or images_per_chunk >= n:
-        return [batch], None
+def take_images(batch: PackedBatch, first: int, last: int) -> tuple[PackedBatch, list[int]]:
+    """Images first..last-1 of `batch` with their captions (text_image renumbered from 0), and the indices of
+    those captions in `batch`."""
     cu = batch.cu_seqlens.tolist()
     tcu = batch.text_cu_seqlens.tolist()
     text_image = batch.text_image.tolist() if batch.text_image is not None else None
+    texts = list(range(first, last)) if text_image is None else [j for j, i in enumerate(text_image)
+                                                                  if first <= i < last]
+    lo, hi = cu[first], cu[last]
+    text_lens = [batch.text_seqlens[j] for j in texts]
+    token_index = [t for j in texts for t in range(tcu[j], tcu[j + 1])]
+    seqlens = batch.seqlens[first:last]
+    chunk = PackedBatch(
+        patches=batch.patches[lo:hi], cu_seqlens=(batch.cu_seqlens[first:last + 1] - lo),
+        pos=batch.pos[lo:hi], max_seqlen=max(seqlens), seqlens=seqlens, grid_hw=batch.grid_hw[first:last],
+        tokens=batch.tokens[torch.tensor(token_index, dtype=torch.long, device=batch.tokens.device)],
+        text_cu_seqlens=_cumulative(text_lens).to(batch.text_cu_seqlens.device),
+        text_max_seqlen=max(text_lens, default=0), text_seqlens=text_lens,
+        text_image=(None if text_image is None else
+                    torch.tensor([text_image[j] - first for j in texts], dtype=torch.int64,
+                                 device=batch.text_image.device)),
+        keys=batch.keys[first:last])
+    return chunk, texts
+
+
+def split_images(batch: PackedBatch, n_chunks: int) -> tuple[list[PackedBatch], int, torch.Tensor | None]:
+    """The batch cut into `n_chunks` chunks of consecutive images (sizes differing by at most one), each with its
+    own captions. When the batch has fewer images than chunks, the missing chunks repeat its first image: they are
+    fillers (every rank must run as many forwards under FSDP2) whose gradients the caller zeroes.
+
+    Returns the chunks, how many of them are real (the fillers come last) and, when the batch maps captions to
+    images (`text_image`), the caption order of the concatenated real chunks as indices into the batch's
+    captions (None otherwise: captions follow their images)."""
+    n = batch.n_images
+    real = min(n, n_chunks)
+    bounds = [round(k * n / real) for k in range(real + 1)]
     chunks, order = [], []
-    for first in range(0, n, images_per_chunk):
-        last = min(first + images_per_chunk, n)
-        lo, hi = cu[first], cu[last]
-        if text_image is None:
-            texts = list(range(first, last))
-        else:
-            texts = [j for j, i in enumerate(text_image) if first <= i < last]
-        order += texts
-        text_lens = [batch.text_seqlens[j] for j in texts]
-        token_index = [t for j in texts for t in range(tcu[j], tcu[j + 1])]
-        seqlens = batch.seqlens[first:last]
-        chunk = PackedBatch(
-            patches=batch.patches[lo:hi], cu_seqlens=(batch.cu_seqlens[first:last + 1] - lo),
-            pos=batch.pos[lo:hi], max_seqlen=max(seqlens), seqlens=seqlens, grid_hw=batch.grid_hw[first:last],
-            tokens=batch.tokens[torch.tensor(token_index, dtype=torch.long, device=batch.tokens.device)],
-            text_cu_seqlens=_cumulative(text_lens).to(batch.text_cu_seqlens.device),
-            text_max_seqlen=max(text_lens, default=0), text_seqlens=text_lens,
-            text_image=(None if text_image is None else
-                        torch.tensor([text_image[j] - first for j in texts], dtype=torch.int64,
-                                     device=batch.text_image.device)),
-            keys=batch.keys[first:last])
+    for first, last in zip(bounds[:-1], bounds[1:], strict=True):
+        chunk, texts = take_images(batch, first, last)
         chunks.append(chunk)
-    return chunks, (None if text_image is None else torch.tensor(order, dtype=torch.long))
+        order += texts
+    chunks += [take_images(batch, 0, 1)[0] for _ in range(n_chunks - real)]
+    return chunks, real, (None if batch.text_image is None else torch.tensor(order, dtype=torch.long))

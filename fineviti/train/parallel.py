@@ -23,6 +23,7 @@ class World:
     local_rank: int = 0
     device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
     group: object = None  # the process group of the contrastive negatives (None on one process)
+    owns_group: bool = False  # this World created the default process group (and destroys it on close)
 
     @property
     def distributed(self) -> bool:
@@ -34,8 +35,9 @@ class World:
 
 
 def init_world(cfg, device: str) -> World:
-    """The device, and the process group when torchrun started several processes."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    """The device, and the process group when torchrun started several processes (an existing default group is
+    used as it is, and left to its owner)."""
+    world_size = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -51,15 +53,16 @@ def init_world(cfg, device: str) -> World:
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if dev.type == "cuda" else "gloo")
     if backend == "nccl" and dev.type != "cuda":
         raise ValueError("parallel.backend=nccl needs training.device=cuda")
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns:
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.timeout_s), **kwargs)
     return World(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=dev,
-                 group=dist.group.WORLD)
+                 group=dist.group.WORLD, owns_group=owns)
 
 
 def close_world(world: World) -> None:
-    if world.distributed and dist.is_initialized():
+    if world.owns_group and dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -100,21 +103,73 @@ def mixed_precision_dtype(setting: str, device: torch.device) -> torch.dtype | N
 
 
 def apply_fsdp(model: nn.Module, cfg, param_dtype: torch.dtype | None) -> nn.Module:
+    """fully_shard per block, then the root. Scalar parameters (the logit scale and bias) cannot be sharded: they
+    stay replicated, outside FSDP, and `reduce_replicated_grads` averages their gradients."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for blocks in block_lists(model):
         for block in blocks:
             fully_shard(block, mp_policy=policy, reshard_after_forward=cfg.reshard_after_forward)
-    fully_shard(model, mp_policy=policy, reshard_after_forward=cfg.reshard_after_forward)
+    scalars = {p for p in model.parameters() if p.dim() == 0}
+    fully_shard(model, mp_policy=policy, reshard_after_forward=cfg.reshard_after_forward,
+                ignored_params=scalars or None)
     return model
+
+
+def replicated_params(model: nn.Module) -> list[nn.Parameter]:
+    """Trainable parameters FSDP2 left unsharded (plain tensors among DTensors): their gradients need an
+    all-reduce of their own."""
+    from torch.distributed.tensor import DTensor
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not any(isinstance(p, DTensor) for p in params):
+        return []
+    return [p for p in params if not isinstance(p, DTensor)]
+
+
+def reduce_replicated_grads(params: list[nn.Parameter], world: World) -> None:
+    """Averages the gradients of `params` over the ranks (what DDP or FSDP would have done)."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    dist.all_reduce(flat)
+    flat /= world.world_size
+    offset = 0
+    for p, g in zip(params, grads, strict=True):
+        n = g.numel()
+        p.grad = flat[offset:offset + n].view_as(g).to(g.dtype)
+        offset += n
+
+
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
+    """The global gradient norm (over DTensor shards and plain tensors alike), and the gradients scaled down to
+    max_norm when it is larger (max_norm = inf: only the norm)."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None]
+    groups = [[g for g in grads if isinstance(g, DTensor)], [g for g in grads if not isinstance(g, DTensor)]]
+    squared = 0.0
+    for group in groups:
+        if group:
+            norm = torch.nn.utils.get_total_norm(group, norm_type=2.0, foreach=True)
+            norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+            squared += float(norm) ** 2
+    total = squared**0.5
+    coef = max_norm / (total + 1e-6)
+    if coef < 1.0:
+        for group in groups:
+            if group:
+                torch._foreach_mul_(group, coef)
+    return total
 
 
 def apply_ddp(model: nn.Module, world: World) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [world.device.index] if world.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+    return DistributedDataParallel(model, device_ids=device_ids)
 
 
 def parallelize(model: nn.Module, cfg, world: World, mp_dtype: torch.dtype | None) -> nn.Module:

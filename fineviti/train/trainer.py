@@ -86,6 +86,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optimizer, device=self.device, part_scales=scales)
         self.scheduler = build_scheduler(self.optimizer, cfg.scheduler, cfg.training.steps)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.replicated = parallel.replicated_params(self.model) if fsdp else []
 
         self.data = self._build_data()
         self.tokens = self._prompt_ids() if self.stage == 2 else None
@@ -243,13 +244,17 @@ class Trainer:
         gradients with respect to the embeddings (and the logit scale and bias), (3) per chunk, the forward
         again and a backward of the embeddings with those gradients (the logit scale and bias with the last
         chunk, where the gradient reduction of DDP / FSDP2 also happens)."""
-        chunks, order = split_images(batch, self.cfg.training.grad_cache_images)
+        per_chunk = self.cfg.training.grad_cache_images
+        n_chunks = self._max_over_ranks(-(-batch.n_images // per_chunk))  # FSDP2: one count of forwards per rank
+        chunks, real, order = split_images(batch, n_chunks)
         images, texts = [], []
         with torch.no_grad(), self._autocast():
-            for chunk in chunks:
+            for chunk in chunks[:real]:
                 out = self.model(chunk, compute_loss=False)
                 images.append(out["image_features"])
                 texts.append(out["text_features"])
+            for chunk in chunks[real:]:  # fillers: the forwards the other ranks run
+                self.model(chunk, compute_loss=False)
         img = torch.cat(images).detach().requires_grad_()
         txt = torch.cat(texts).detach().requires_grad_()
         scale = out["logit_scale"].detach().float().requires_grad_()
@@ -257,16 +262,18 @@ class Trainer:
         text_image = batch.text_image[order.to(batch.text_image.device)] if order is not None else batch.text_image
         loss = contrastive_loss(self.cfg.model, img, txt, text_image, scale, bias, self.world.group)
         loss.backward()
-        img_rows = [x.shape[0] for x in images]
-        txt_rows = [x.shape[0] for x in texts]
-        img_grads, txt_grads = img.grad.split(img_rows), txt.grad.split(txt_rows)
+        img_grads = list(img.grad.split([x.shape[0] for x in images]))
+        txt_grads = list(txt.grad.split([x.shape[0] for x in texts]))
         for i, chunk in enumerate(chunks):
             is_last = i == len(chunks) - 1
             with parallel.no_grad_sync(self.model, sync=is_last):
                 with self._autocast():
                     out = self.model(chunk, compute_loss=False)
                 tensors = [out["image_features"], out["text_features"]]
-                grads = [img_grads[i].to(tensors[0].dtype), txt_grads[i].to(tensors[1].dtype)]
+                if i < real:
+                    grads = [img_grads[i].to(tensors[0].dtype), txt_grads[i].to(tensors[1].dtype)]
+                else:
+                    grads = [torch.zeros_like(t) for t in tensors]
                 if is_last:
                     tensors.append(out["logit_scale"])
                     grads.append(scale.grad.to(out["logit_scale"].dtype))
@@ -298,11 +305,10 @@ class Trainer:
         return loss, out, region
 
     def _clip(self) -> float:
+        if self.replicated:
+            parallel.reduce_replicated_grads(self.replicated, self.world)
         max_norm = self.cfg.training.grad_clip if self.cfg.training.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
-        return float(norm)
+        return parallel.clip_grad_norm(self.params, max_norm)
 
     # -- metrics -----------------------------------------------------------------------------------------------
 
@@ -353,6 +359,14 @@ class Trainer:
             if key in row:
                 row[key] = int(row[key])
         return out
+
+    def _max_over_ranks(self, value: int) -> int:
+        if not self.world.distributed:
+            return value
+        t = torch.tensor([value], dtype=torch.int64)
+        t = t.to(self.device) if dist.get_backend() == "nccl" else t
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
 
     def _every_rank_has(self, batch) -> bool:
         if not self.world.distributed:

@@ -1,0 +1,175 @@
+"""The trainer on two gloo processes: DDP and FSDP2 (with and without GradCache) give the losses and weights of
+one process training on both ranks' batches together (negatives from every rank), and a run killed after a
+checkpoint and resumed with two ranks continues exactly (each rank its own next batch, its own RNG entry).
+
+One spawn runs every case; the tests compare its results with single-process references built here."""
+
+import dataclasses
+import datetime
+import json
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from fineviti.data.batch import PackedBatch
+from fineviti.train import checkpoint as ckpt
+from fineviti.train.config import apply_cli_overrides, preset
+from fineviti.train.trainer import Trainer
+
+WORLD = 2
+STEPS = 4
+CASES = {  # name: overrides
+    "ddp": ["parallel.strategy=ddp"],
+    "fsdp": ["parallel.strategy=fsdp"],
+    "ddp_gradcache": ["parallel.strategy=ddp", "training.grad_cache_images=2"],
+    "fsdp_gradcache": ["parallel.strategy=fsdp", "training.grad_cache_images=2"],
+}
+RESUMED = ("ddp", "fsdp")
+
+
+def _config(root, name, *overrides):
+    return apply_cli_overrides(preset("debug"), [f"run_dir={root / name}", f"training.steps={STEPS}",
+                                                 "checkpoint.interval=2", *overrides])
+
+
+def _losses(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "step" in r and "event" not in r}
+
+
+def _full_params(trainer):
+    out = {}
+    for name, p in trainer.raw_model.named_parameters():
+        p = p.full_tensor() if hasattr(p, "full_tensor") else p
+        out[name.replace("_checkpoint_wrapped_module.", "")] = p.detach().clone()
+    return out
+
+
+def _run_case(root, name, overrides, crash_at=None):
+    trainer = Trainer(_config(root, name, *overrides))
+    if crash_at is not None:
+        original = trainer.train_step
+
+        def train_step(batch):
+            if trainer.step == crash_at:
+                raise KeyboardInterrupt("simulated kill")
+            return original(batch)
+
+        trainer.train_step = train_step
+    try:
+        trainer.train()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        trainer.close()
+    return trainer
+
+
+def _worker(rank, port, root, names):
+    import os
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    root = Path(root)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120))
+    results = {}
+    try:
+        for name in names:
+            overrides = CASES[name]
+            try:
+                trainer = _run_case(root, name, overrides)
+                results[name] = {"losses": _losses(root / name) if rank == 0 else None,
+                                 "params": _full_params(trainer)}
+                if name in RESUMED:
+                    _run_case(root, f"{name}_resumed", overrides, crash_at=3)
+                    resumed = _run_case(root, f"{name}_resumed", [*overrides, "checkpoint.resume=auto"])
+                    results[f"{name}_resumed"] = {"losses": _losses(root / f"{name}_resumed") if rank == 0 else None,
+                                                  "params": _full_params(resumed)}
+            except Exception as exc:  # reported by the test of that case
+                import traceback
+
+                results[name] = f"rank {rank}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+        if rank == 0:
+            torch.save(results, root / "results.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def dist_results(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_dist")
+    mp.start_processes(_worker, args=(_free_port(), str(root), list(CASES)), nprocs=WORLD, join=True,
+                       start_method="spawn")
+    return root, torch.load(root / "results.pt", weights_only=False)
+
+
+def _concat(a: PackedBatch, b: PackedBatch) -> PackedBatch:
+    n_a, t_a = a.cu_seqlens[-1], a.text_cu_seqlens[-1]
+    return dataclasses.replace(
+        a, patches=torch.cat([a.patches, b.patches]), cu_seqlens=torch.cat([a.cu_seqlens, b.cu_seqlens[1:] + n_a]),
+        pos=torch.cat([a.pos, b.pos]), max_seqlen=max(a.max_seqlen, b.max_seqlen), seqlens=a.seqlens + b.seqlens,
+        grid_hw=torch.cat([a.grid_hw, b.grid_hw]), tokens=torch.cat([a.tokens, b.tokens]),
+        text_cu_seqlens=torch.cat([a.text_cu_seqlens, b.text_cu_seqlens[1:] + t_a]),
+        text_max_seqlen=max(a.text_max_seqlen, b.text_max_seqlen), text_seqlens=a.text_seqlens + b.text_seqlens,
+        keys=a.keys + b.keys)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One process training on rank 0's and rank 1's batches of each step together."""
+    from fineviti.train.data import RandomBatches
+
+    root = tmp_path_factory.mktemp("train_ref")
+    trainer = Trainer(_config(root, "reference"))
+    cfg = trainer.cfg
+    ranks = [RandomBatches(cfg.random_data, patch_size=14, merge=2, vocab_size=cfg.model.text.vocab_size, rank=r,
+                           world_size=WORLD) for r in range(WORLD)]
+    trainer.data.make = lambda step: _concat(ranks[0].make(step), ranks[1].make(step))
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    return _losses(root / "reference"), _full_params(trainer)
+
+
+def _check(result):
+    if isinstance(result, str):
+        pytest.fail(result)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_two_ranks_equal_one_process_on_both_batches(dist_results, reference, name):
+    _, results = dist_results
+    result = results[name]
+    _check(result)
+    ref_losses, ref_params = reference
+    assert list(result["losses"]) == list(range(1, STEPS + 1))
+    for step, loss in result["losses"].items():
+        assert loss == pytest.approx(ref_losses[step], rel=1e-5, abs=1e-6), (step, loss, ref_losses[step])
+    for key, value in ref_params.items():
+        torch.testing.assert_close(result["params"][key], value, rtol=1e-4, atol=1e-5,
+                                   msg=lambda m, key=key: f"{name} {key}: {m}")
+
+
+@pytest.mark.parametrize("name", RESUMED)
+def test_two_rank_resume_is_exact(dist_results, name):
+    root, results = dist_results
+    _check(results[name])
+    _check(results[f"{name}_resumed"])
+    straight, resumed = results[name], results[f"{name}_resumed"]
+    assert resumed["losses"] == straight["losses"]  # steps 1-2 before the kill, 3-4 after the resume (logged twice)
+    for key, value in straight["params"].items():
+        assert torch.equal(resumed["params"][key], value), key
+    keys = ckpt.saved_keys(ckpt.resolve_checkpoint(root / f"{name}_resumed"))
+    assert any(k.startswith("rng.rank0.") for k in keys) and any(k.startswith("rng.rank1.") for k in keys)
