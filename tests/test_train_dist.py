@@ -1,6 +1,7 @@
 """The trainer on two gloo processes: DDP and FSDP2 (with and without GradCache) give the losses and weights of
 one process training on both ranks' batches together (negatives from every rank), and a run killed after a
-checkpoint and resumed with two ranks continues exactly (each rank its own next batch, its own RNG entry).
+checkpoint and resumed with two ranks continues exactly (each rank its own next batch, its own RNG entry), on
+random batches and on shards through the packed loader (the planner's global state in the checkpoint).
 
 One spawn runs every case; the tests compare its results with single-process references built here."""
 
@@ -25,8 +26,11 @@ CASES = {  # name: overrides
     "fsdp": ["parallel.strategy=fsdp"],
     "ddp_gradcache": ["parallel.strategy=ddp", "training.grad_cache_images=2"],
     "fsdp_gradcache": ["parallel.strategy=fsdp", "training.grad_cache_images=2"],
+    "ddp_shards": ["parallel.strategy=ddp", "training.data_source=shards", "data.path={root}/data/train",
+                   "data.merge=2", "data.token_budget=256", "model.text.vocab_size=2000"],
 }
-RESUMED = ("ddp", "fsdp")
+EQUIVALENT = ("ddp", "fsdp", "ddp_gradcache", "fsdp_gradcache")  # random batches: a one-process reference
+RESUMED = ("ddp", "fsdp", "ddp_shards")
 
 
 def _config(root, name, *overrides):
@@ -48,7 +52,7 @@ def _full_params(trainer):
 
 
 def _run_case(root, name, overrides, crash_at=None):
-    trainer = Trainer(_config(root, name, *overrides))
+    trainer = Trainer(_config(root, name, *(o.format(root=root) for o in overrides)))
     if crash_at is not None:
         original = trainer.train_step
 
@@ -108,7 +112,10 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def dist_results(tmp_path_factory):
+    from fineviti.data import synth
+
     root = tmp_path_factory.mktemp("train_dist")
+    synth.generate(root / "data", 48, heldout=0, samples_per_shard=16, processes=1)
     mp.start_processes(_worker, args=(_free_port(), str(root), list(CASES)), nprocs=WORLD, join=True,
                        start_method="spawn")
     return root, torch.load(root / "results.pt", weights_only=False)
@@ -148,7 +155,7 @@ def _check(result):
         pytest.fail(result)
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", EQUIVALENT)
 def test_two_ranks_equal_one_process_on_both_batches(dist_results, reference, name):
     _, results = dist_results
     result = results[name]
@@ -173,3 +180,6 @@ def test_two_rank_resume_is_exact(dist_results, name):
         assert torch.equal(resumed["params"][key], value), key
     keys = ckpt.saved_keys(ckpt.resolve_checkpoint(root / f"{name}_resumed"))
     assert any(k.startswith("rng.rank0.") for k in keys) and any(k.startswith("rng.rank1.") for k in keys)
+    if name == "ddp_shards":  # the planner's global state: 4 steps of 2 packs consumed
+        state = [k for k in keys if k.startswith("data.")]
+        assert state, keys

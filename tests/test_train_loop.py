@@ -3,6 +3,7 @@ a non-finite loss, GradCache against the full batch, the text-length schedule, t
 
 Everything runs the `debug` preset (a model of a few thousand parameters on random packed batches)."""
 
+import dataclasses
 import json
 import math
 
@@ -138,6 +139,72 @@ def test_interrupted_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
         resumed.close()
     assert losses(tmp_path / "crashed")[4] == expected[4]
     assert [s for s, _ in ckpt.list_checkpoints(folder)] == [2, 4]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from fineviti.data import synth
+
+    root = tmp_path_factory.mktemp("synthetic")
+    synth.generate(root, 48, heldout=8, samples_per_shard=16, processes=1)
+    return root
+
+
+def shard_config(tmp_path, shards, *overrides, name="run"):
+    return config(tmp_path, "training.data_source=shards", f"data.path={shards / 'train'}", "data.merge=2",
+                  "data.token_budget=256", "model.text.vocab_size=2000", "aligner.builtin_lm.vocab_size=2000",
+                  *overrides, name=name)
+
+
+def test_exact_resume_on_shards(tmp_path, shards):
+    """The packed loader's planner state is in the checkpoint: the resumed run sees the batches it would have."""
+    steps = ["training.steps=6", "checkpoint.interval=3"]
+    run(shard_config(tmp_path, shards, *steps, name="straight"))
+    expected = {r["step"]: r for r in rows(tmp_path / "straight")}
+    trainer = Trainer(shard_config(tmp_path, shards, *steps, name="crashed"))
+    _crash_at(trainer, 4)
+    with pytest.raises(KeyboardInterrupt):
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
+    run(shard_config(tmp_path, shards, *steps, "checkpoint.resume=auto", name="crashed"))
+    got = {r["step"]: r for r in rows(tmp_path / "crashed")}
+    for step in range(1, 7):
+        assert got[step]["loss"] == expected[step]["loss"], step
+        assert got[step]["patch_tokens"] == expected[step]["patch_tokens"], step
+    state = json.loads((tmp_path / "crashed" / "config.json").read_text())
+    assert state["data"]["path"] == str(shards / "train")
+
+
+def test_stage2_on_shards_with_the_data_tokenizer(tmp_path, shards):
+    run(shard_config(tmp_path, shards, "training.steps=2", name="stage1"))
+    run(shard_config(tmp_path, shards, "training.stage=2", "training.steps=2",
+                     f"stage2.init_from={tmp_path / 'stage1'}", name="stage2"))
+    logged = rows(tmp_path / "stage2")
+    assert len(logged) == 2 and all(r["answer_tokens"] > 0 and math.isfinite(r["loss"]) for r in logged)
+
+
+def test_region_tasks_put_boxes_in_text():
+    from fineviti.data.tokenizer import CaptionTokenizer, train_tokenizer
+    from fineviti.train.stage2 import TextIds, region_tasks
+
+    batch = RandomBatches(dataclasses.replace(preset("debug").random_data, seed=1), patch_size=14, merge=2,
+                          vocab_size=96, with_regions=True).make(0)
+    batch.boxes[0] = torch.tensor([0.0, 0.0, batch.grid_hw[0, 1] * 14 / 2, batch.grid_hw[0, 0] * 14.0])
+    captions = ["a red circle in the top left of the image", "describe the region find the box of: [0, 1000]"]
+    tokenizer = CaptionTokenizer(train_tokenizer(captions * 20, "/tmp/fineviti_test_tok.json", vocab_size=300))
+    ids = TextIds(tokenizer)
+    region = region_tasks(batch, ids, tasks=["box2caption"], regions_per_image=8, patch_size=14, merge=2,
+                          placeholder_id=999, seed=0, step=0, rank=0)
+    assert region.n_samples == batch.boxes.shape[0]
+    texts = [tokenizer.decode([t for t in row.tolist() if t not in (999, 0)])
+             for row in region.input_ids[region.sample_image == 0]]
+    assert any("describe the region [0, 0, 500, 1000]:" in text for text in texts), texts
+    image_tokens = (region.input_ids == 999).sum(1)
+    expected = (batch.grid_hw[region.sample_image].prod(1) // 4)
+    assert torch.equal(image_tokens, expected)
+    assert (region.labels != -100).sum() == region.answer_tokens
 
 
 def test_non_finite_loss_stops_before_the_update(tmp_path):
