@@ -106,6 +106,22 @@ def test_exact_resume(tmp_path):
     assert rows(tmp_path / "crashed")[-1]["grad_norm"] == rows(tmp_path / "straight")[-1]["grad_norm"]
 
 
+def test_async_save_then_resume(tmp_path):
+    trainer = Trainer(config(tmp_path, "training.steps=4", "checkpoint.interval=2", "checkpoint.async_save=true"))
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")] == [2, 4]
+    resumed = Trainer(config(tmp_path, "training.steps=4", "checkpoint.resume=auto"))
+    try:
+        assert resumed.step == 4
+        for (name, p), q in zip(resumed.raw_model.named_parameters(), trainer.raw_model.parameters(), strict=True):
+            assert torch.equal(p, q), name
+    finally:
+        resumed.close()
+
+
 def test_interrupted_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
     steps = ["training.steps=4", "checkpoint.interval=2"]
     run(config(tmp_path, *steps, name="straight"))

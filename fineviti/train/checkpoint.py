@@ -31,11 +31,14 @@ STEP_DIR = re.compile(r"^step-(\d{8})$")
 TMP_PREFIX = ".tmp-"
 
 
+_SINGLE_PROCESS_WARNING = "torch.distributed is (disabled|unavailable)"
+
+
 @contextlib.contextmanager
 def _quiet():
     """DCP warns on every single-process save and load that it assumes one process: that is the intent here."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is (disabled|unavailable)")
+        warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_WARNING)
         yield
 
 
@@ -88,6 +91,8 @@ class Checkpointer:
         self.folder = Path(run_dir) / "checkpoints"
         self.config_json = config_json
         self._pending = None  # (future, tmp, final, step) of an asynchronous save
+        if world_size == 1:  # async_save warns from its writer thread, past any catch_warnings here
+            warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_WARNING)
 
     # -- state ---------------------------------------------------------------------------------------------
 

@@ -1,0 +1,153 @@
+"""Training throughput: steps/s, images/s, tokens/s, TFLOP/s and MFU of a full stage-1 step (forward, backward,
+optimizer) for the `base` and `large` presets on synthetic packed native-resolution batches, ours beside the same
+model built from torch's own pieces and torch.compile, in the same run.
+
+Providers:
+  ours   the model as the trainer runs it: our Triton varlen attention, fused QKV split + 2D RoPE, Triton SigLIP
+  torch  the same modules with torch's attention (torch.nn.attention.varlen where this torch has it, else
+         FlexAttention with a document mask), the plain-torch RoPE and the chunked torch loss, every block
+         compiled (torch.compile)
+A step runs under bf16 autocast with fused AdamW and the preset's activation checkpointing. The batch: images
+of random native-resolution patch grids (sides 8..64 patches, multiples of 2) packed to `--budget` patch tokens
+plus one 64-token caption per image; the same batch every step, so shapes are static. TFLOP/s and MFU count model
+FLOPs (fineviti.model.flops, recomputation excluded) against the device's dense bf16 peak
+(fineviti.train.metrics.PEAK_BF16_TFLOPS; none for an unknown device).
+
+    python benchmarks/bench_train.py --quick                 # base and large, ours and torch (the GPU check)
+    python benchmarks/bench_train.py --preset large --provider ours --budget 32768 --steps 20
+    python benchmarks/bench_train.py --quick --device cpu    # the debug model, a smoke test of this script
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+PROVIDERS = ("ours", "torch")
+QUICK = [("base", 16384), ("large", 16384)]
+QUICK_CPU = [("debug", 256)]
+
+
+def torch_attention_backend() -> str:
+    try:
+        from torch.nn.attention import varlen  # noqa: F401
+
+        return "torch_varlen"
+    except ImportError:
+        return "flex"
+
+
+def build(preset_name: str, provider: str, device: torch.device):
+    from fineviti.model import FineViT
+    from fineviti.train import parallel
+    from fineviti.train.config import preset
+
+    cfg = preset(preset_name)
+    if provider == "torch":
+        cfg.model.attn_backend = torch_attention_backend() if device.type == "cuda" else "torch"
+        cfg.model.rope_backend = "torch"
+        cfg.model.loss_backend = "chunked"
+    torch.manual_seed(0)
+    model = FineViT(cfg.model).to(device)
+    parallel.apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing,
+                                            cfg.parallel.selective_every)
+    if provider == "torch":
+        parallel.apply_compile(model)
+    fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, **fused)
+    return cfg, model, optimizer
+
+
+def make_batch(cfg, budget: int, device: torch.device, seed: int = 0):
+    from fineviti.train.config import RandomDataConfig
+    from fineviti.train.data import RandomBatches
+
+    low, high = (8, 64) if budget >= 4096 else (2, 8)
+    random = RandomDataConfig(token_budget=budget, min_side=low, max_side=high, min_text=64, max_text=64, seed=seed)
+    source = RandomBatches(random, patch_size=cfg.model.vision.patch_size, merge=cfg.model.vision.merge,
+                           vocab_size=cfg.model.text.vocab_size)
+    return source.make(0).to(device)
+
+
+def run_case(rec, preset_name: str, provider: str, budget: int, steps: int, warmup: int, device: torch.device):
+    from fineviti.model.flops import count_flops
+    from fineviti.train.metrics import device_name, peak_tflops
+
+    cfg, model, optimizer = build(preset_name, provider, device)
+    batch = make_batch(cfg, budget, device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def step():
+        with autocast:
+            loss = model(batch)["loss"]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / steps
+    flops = count_flops(cfg.model, batch.seqlens, batch.text_seqlens, training=True, recompute=False).model
+    tflops = flops / seconds / 1e12
+    peak = peak_tflops(device_name(device)) if device.type == "cuda" else None
+    images, tokens = batch.n_images, sum(batch.seqlens) + sum(batch.text_seqlens)
+    timing = {"median_ms": seconds * 1000, "p20_ms": None, "p80_ms": None,
+              "peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None}
+    shape = {"preset": preset_name, "patch_tokens": sum(batch.seqlens), "images": images,
+             "text_tokens": sum(batch.text_seqlens), "ac": cfg.parallel.activation_checkpointing}
+    return rec.add(provider=provider, mode="train", shape=shape, dtype="bf16" if device.type == "cuda" else "fp32",
+                   timing=timing, tflops=tflops, steps_per_s=1 / seconds, images_per_s=images / seconds,
+                   tokens_per_s=tokens / seconds, mfu=tflops / peak if peak else None)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="base and large at a 16k budget, both providers")
+    parser.add_argument("--preset", default="base", help="training preset (base, large, fine, tiny, debug)")
+    parser.add_argument("--provider", default="all", choices=(*PROVIDERS, "all"))
+    parser.add_argument("--budget", type=int, default=16384, help="patch tokens per step")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps (compilation, autotuning)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    from benchmarks.common import Recorder
+
+    device = torch.device(args.device)
+    rec = Recorder("train")
+    cases = (QUICK if device.type == "cuda" else QUICK_CPU) if args.quick else [(args.preset, args.budget)]
+    steps, warmup = (5, 2) if args.quick else (args.steps, args.warmup)
+    providers = PROVIDERS if args.provider == "all" else (args.provider,)
+    for preset_name, budget in cases:
+        results = {}
+        for provider in providers:
+            try:
+                results[provider] = run_case(rec, preset_name, provider, budget, steps, warmup, device)
+            except Exception as exc:  # noqa: BLE001 (one failing provider must not hide the others' rows)
+                rec.error(provider=provider, mode="train", shape={"preset": preset_name, "patch_tokens": budget},
+                          dtype="bf16", error=f"{type(exc).__name__}: {exc}")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        if {"ours", "torch"} <= set(results):
+            ratio = results["ours"]["tokens_per_s"] / results["torch"]["tokens_per_s"]
+            mfu = results["ours"]["mfu"]
+            print(f"{preset_name}: ours / torch+compile throughput {ratio:.2f}x; MFU "
+                  f"{'n/a' if mfu is None else f'{100 * mfu:.1f}%'}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
