@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 PROVIDERS = ("ours", "torch")
-QUICK = [("base", 16384), ("large", 16384)]
+QUICK = [("large", 16384), ("base", 16384)]  # large first: the GPU check gives this script 90 s
 QUICK_CPU = [("debug", 256)]
 
 

@@ -193,6 +193,15 @@ def test_exact_resume_on_shards(tmp_path, shards):
     assert state["data"]["path"] == str(shards / "train")
 
 
+def test_evaluation_during_training(tmp_path, shards):
+    run(shard_config(tmp_path, shards, "training.steps=4", "eval.every=2", f"eval.path={shards / 'heldout'}"))
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in lines if r.get("event") == "eval"]
+    assert [r["step"] for r in evals] == [2, 4]
+    for r in evals:
+        assert r["n"] == 8 and 0 <= r["i2t_r1"] <= 1 and r["chance_r1"] == pytest.approx(1 / 8)
+
+
 def test_stage2_on_shards_with_the_data_tokenizer(tmp_path, shards):
     run(shard_config(tmp_path, shards, "training.steps=2", name="stage1"))
     run(shard_config(tmp_path, shards, "training.stage=2", "training.steps=2",
@@ -379,3 +388,15 @@ def test_apex_requested_but_missing(tmp_path):
         pass
     with pytest.raises(ImportError, match="apex"):
         Trainer(config(tmp_path, "optimizer.name=apex_fused_adam"))
+
+
+@pytest.mark.gpu
+def test_cuda_steps_report_mfu(tmp_path):
+    """On a GPU: bf16 autocast, fused AdamW, our kernels; every row has TFLOP/s, and MFU where the GPU is known."""
+    run(config(tmp_path, "training.steps=3", "training.device=cuda", "random_data.token_budget=4096",
+               "random_data.max_side=32", "checkpoint.save_final=false"))
+    logged = rows(tmp_path / "run")
+    name = torch.cuda.get_device_name()
+    for r in logged:
+        assert math.isfinite(r["loss"]) and r["tflops_per_gpu"] > 0
+        assert (r["mfu"] is None) == (peak_tflops(name) is None)

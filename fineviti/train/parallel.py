@@ -7,6 +7,7 @@ GPUs. The blocks are every nn.ModuleList named `blocks` in the model (the two to
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import os
@@ -191,10 +192,24 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
 
 
+@contextlib.contextmanager
+def unsharded(model: nn.Module):
+    """Every FSDP2 module of `model` gathered (for calls that bypass forward, such as encode_image); nothing
+    without FSDP2."""
+    from torch.distributed.fsdp import FSDPModule
+
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in modules:
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.reshard()
+
+
 def no_grad_sync(model: nn.Module, sync: bool):
     """Context (DDP) or switch (FSDP2) that holds back the gradient reduction of a backward when sync is False."""
-    import contextlib
-
     if sync:
         if hasattr(model, "set_requires_gradient_sync"):
             model.set_requires_gradient_sync(True)

@@ -173,6 +173,8 @@ class Trainer:
             self.last_row = row
             if self.checkpointer.due(self.step, last):
                 self.save()
+            if self.cfg.eval.every and (self.step % self.cfg.eval.every == 0 or self.step == last):
+                self.evaluate()
             tick = time.perf_counter()
         return self.last_row
 
@@ -183,6 +185,28 @@ class Trainer:
         self.metrics.event(kind="checkpoint", step=self.step, path=str(path),
                            asynchronous=self.cfg.checkpoint.async_save)
         return path
+
+    def evaluate(self) -> dict:
+        """Retrieval on eval.path (fineviti.eval, every rank in step); logged as an "eval" event."""
+        from fineviti.eval import loaders
+        from fineviti.eval.runner import EvalConfig, Evaluator, RetrievalTask
+
+        cfg = self.cfg
+        records = loaders.shard_captions(cfg.eval.path).records[: cfg.eval.max_images]
+        tokenizer = getattr(self.data, "tokenizer", None)
+        if tokenizer is None:
+            raise ValueError("evaluation needs the data set's tokenizer: training.data_source=shards")
+        eval_cfg = EvalConfig(token_budget=cfg.eval.token_budget, min_pixels=cfg.data.min_pixels,
+                              max_pixels=cfg.data.max_pixels, max_aspect=cfg.data.max_aspect,
+                              autocast_dtype=self.autocast_dtype or self.mp_dtype)
+        start = time.perf_counter()
+        with parallel.unsharded(self.model):
+            report = Evaluator(self.raw_model, tokenizer, eval_cfg, device=self.device,
+                               group=self.world.group).run({"retrieval": RetrievalTask(records)})
+        result = {k: v for k, v in report["retrieval"].items() if isinstance(v, (int, float))}
+        result["seconds"] = time.perf_counter() - start
+        self.metrics.event(kind="eval", step=self.step, **result)
+        return result
 
     def close(self) -> None:
         try:
