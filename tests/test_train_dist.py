@@ -187,3 +187,19 @@ def test_two_rank_resume_is_exact(dist_results, name):
         lines = [json.loads(line) for line in (root / name / "metrics.jsonl").read_text().splitlines()]
         evals = [r for r in lines if r.get("event") == "eval"]
         assert [r["step"] for r in evals] == [2, 4] and all(r["n"] == 8 for r in evals)
+
+
+def test_export_of_a_sharded_checkpoint(dist_results, tmp_path):
+    """An FSDP2 checkpoint (DTensor shards from two ranks) exports on one process to the full tensors."""
+    from safetensors.torch import load_file
+
+    from fineviti.train.export import export_checkpoint
+
+    root, results = dist_results
+    _check(results["fsdp"])
+    out = export_checkpoint(root / "fsdp", tmp_path / "fsdp_full.safetensors", part="full")
+    exported = load_file(str(out))
+    params = results["fsdp"]["params"]
+    assert set(params) <= set(exported)
+    for key, value in params.items():
+        assert torch.equal(exported[key], value), key
