@@ -5,4 +5,4 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
 echo "== demo"
 # The main job. The training issue replaces this line with: .venv/bin/fineviti demo --out runs/demo "$@"
-.venv/bin/fineviti info "$@"
+.venv/bin/fineviti demo --out runs/demo "$@"

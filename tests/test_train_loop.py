@@ -339,6 +339,24 @@ def test_stage2_from_a_stage1_checkpoint(tmp_path):
                            reference.visual.blocks[0].attn.qkv.weight)
 
 
+def test_activation_checkpointing_keeps_the_losses(tmp_path):
+    from fineviti.train.parallel import block_lists
+
+    results = {}
+    for mode in ("none", "full", "selective"):
+        trainer = Trainer(config(tmp_path, "training.steps=3", f"parallel.activation_checkpointing={mode}",
+                                 "parallel.selective_every=2", "checkpoint.save_final=false", name=mode))
+        wrapped = [type(b).__name__ == "CheckpointWrapper" for blocks in block_lists(trainer.raw_model) for b in blocks]
+        assert wrapped == {"none": [False] * 4, "full": [True] * 4, "selective": [True, False] * 2}[mode]
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
+        results[mode] = [r["loss"] for r in rows(tmp_path / mode)]
+    assert results["full"] == pytest.approx(results["none"], rel=1e-6)
+    assert results["selective"] == pytest.approx(results["none"], rel=1e-6)
+
+
 def test_profile_writes_a_trace(tmp_path):
     run(config(tmp_path, "training.steps=3", "metrics.profile=2:3", "checkpoint.save_final=false"))
     traces = list((tmp_path / "run" / "profile").glob("*.json"))
