@@ -4,5 +4,5 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
 echo "== demo"
-# The main job. The training issue replaces this line with: .venv/bin/fineviti demo --out runs/demo "$@"
+# The main job: synthetic data, stage 1, evaluation, stage 2 (fineviti/train/demo.py).
 .venv/bin/fineviti demo --out runs/demo "$@"
