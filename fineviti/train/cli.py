@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -35,7 +36,7 @@ def _run_train(args: argparse.Namespace) -> int:
     from fineviti.train.trainer import run, summarise
 
     row = run(cfg)
-    if row:
+    if row and os.environ.get("RANK", "0") == "0":
         print(f"finished step {cfg.training.steps}: {summarise(row)}; run folder {cfg.out_dir}")
     return 0
 
