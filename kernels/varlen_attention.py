@@ -75,6 +75,23 @@ def _store_tile(base, x, tok, row_ok, stride_tok, COL0: tl.constexpr, COLS: tl.c
 
 
 @triton.jit
+def _atomic_add_tile(base, x, tok, row_ok, stride_tok, COL0: tl.constexpr, COLS: tl.constexpr,
+                     HEAD_DIM: tl.constexpr, MASK_ROWS: tl.constexpr):
+    cols = COL0 + tl.arange(0, COLS)
+    ptrs = base + tok[:, None] * stride_tok + cols[None, :]
+    if MASK_ROWS:
+        if COL0 + COLS > HEAD_DIM:
+            tl.atomic_add(ptrs, x, mask=row_ok[:, None] & (cols[None, :] < HEAD_DIM), sem="relaxed")
+        else:
+            tl.atomic_add(ptrs, x, mask=row_ok[:, None], sem="relaxed")
+    else:
+        if COL0 + COLS > HEAD_DIM:
+            tl.atomic_add(ptrs, x, mask=cols[None, :] < HEAD_DIM, sem="relaxed")
+        else:
+            tl.atomic_add(ptrs, x, sem="relaxed")
+
+
+@triton.jit
 def _fwd_step(acc_a, acc_b, m_i, l_i, q_a, q_b, K, V, kv_start, start_n, seqlen_k, stride_k_tok, stride_v_tok,
               qk_scale, HEAD_DIM: tl.constexpr, DIM_A: tl.constexpr, DIM_B: tl.constexpr, BLOCK_N: tl.constexpr,
               MASK_N: tl.constexpr, PRECISION: tl.constexpr):
@@ -86,11 +103,10 @@ def _fwd_step(acc_a, acc_b, m_i, l_i, q_a, q_b, K, V, kv_start, start_n, seqlen_
     if DIM_B > 0:
         k_b = _load_tile(K, tok, row_ok, stride_k_tok, DIM_A, DIM_B, HEAD_DIM, MASK_N)
         qk = tl.dot(q_b, tl.trans(k_b), qk, input_precision=PRECISION)
-    qk = qk * qk_scale
     if MASK_N:
         qk = tl.where(row_ok[None, :], qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    p = tl.math.exp2(qk - m_new[:, None])
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # the scale folded into the exponent: one FMA per score
+    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     v_a = _load_tile(V, tok, row_ok, stride_v_tok, 0, DIM_A, HEAD_DIM, MASK_N)
@@ -196,9 +212,10 @@ def _attn_bwd_preprocess(
 
 
 @triton.jit
-def _dkdv_step(dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, Q, DO, LSE, DELTA, q_start, start_m, seqlen_q,
-               stride_q_tok, stride_do_tok, qk_scale, HEAD_DIM: tl.constexpr, DIM_A: tl.constexpr,
-               DIM_B: tl.constexpr, BLOCK_M: tl.constexpr, MASK_M: tl.constexpr, PRECISION: tl.constexpr):
+def _dkdv_step(dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, Q, DO, LSE, DELTA, DQ_ACC, q_start, start_m, seqlen_q,
+               stride_q_tok, stride_do_tok, stride_dqa_tok, qk_scale, softmax_scale, HEAD_DIM: tl.constexpr,
+               DIM_A: tl.constexpr, DIM_B: tl.constexpr, BLOCK_M: tl.constexpr, MASK_M: tl.constexpr,
+               PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr):
     rows = start_m + tl.arange(0, BLOCK_M)
     row_ok = rows < seqlen_q
     tok = (q_start + rows).to(tl.int64)
@@ -227,6 +244,13 @@ def _dkdv_step(dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, Q, DO, LSE, DELTA, q_
     dk_a = tl.dot(ds_t, q_a, dk_a, input_precision=PRECISION)
     if DIM_B > 0:
         dk_b = tl.dot(ds_t, q_b, dk_b, input_precision=PRECISION)
+    if ATOMIC_DQ:  # FlashAttention-2's dq: this key block's share, added into an fp32 buffer (order not fixed)
+        ds = tl.trans(ds_t)
+        dq_a = tl.dot(ds, k_a, input_precision=PRECISION) * softmax_scale
+        _atomic_add_tile(DQ_ACC, dq_a, tok, row_ok, stride_dqa_tok, 0, DIM_A, HEAD_DIM, MASK_M)
+        if DIM_B > 0:
+            dq_b = tl.dot(ds, k_b, input_precision=PRECISION) * softmax_scale
+            _atomic_add_tile(DQ_ACC, dq_b, tok, row_ok, stride_dqa_tok, DIM_A, DIM_B, HEAD_DIM, MASK_M)
     return dk_a, dk_b, dv_a, dv_b
 
 
@@ -234,16 +258,18 @@ def _dkdv_step(dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, Q, DO, LSE, DELTA, q_
 def _attn_bwd_dkdv(
     Q, K, V, DO,  # (total_q | total_k, heads, HEAD_DIM)
     DK, DV,  # (total_k, heads, HEAD_DIM), written
+    DQ_ACC,  # (total_q, heads, HEAD_DIM) fp32, zeroed, added into (ATOMIC_DQ only; else unused)
     LSE, DELTA,  # (heads, total_q) fp32
     cu_seqlens_q, cu_seqlens_k,
     block_cu,  # (n_seqs + 1,) int32: cumulative count of BLOCK_N key blocks per sequence
     n_seqs,
     stride_q_tok, stride_q_head, stride_k_tok, stride_k_head, stride_v_tok, stride_v_head,
     stride_do_tok, stride_do_head, stride_dk_tok, stride_dk_head, stride_dv_tok, stride_dv_head,
-    stride_lse_head,
+    stride_dqa_tok, stride_dqa_head, stride_lse_head,
     softmax_scale,
     HEAD_DIM: tl.constexpr, DIM_A: tl.constexpr, DIM_B: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
 ):
     # Token and head strides are multiples of ALIGN elements (checked by the launcher): 16-byte vector loads.
     stride_q_tok = tl.multiple_of(stride_q_tok, ALIGN)
@@ -258,6 +284,8 @@ def _attn_bwd_dkdv(
     stride_dk_head = tl.multiple_of(stride_dk_head, ALIGN)
     stride_dv_tok = tl.multiple_of(stride_dv_tok, ALIGN)
     stride_dv_head = tl.multiple_of(stride_dv_head, ALIGN)
+    stride_dqa_tok = tl.multiple_of(stride_dqa_tok, ALIGN)
+    stride_dqa_head = tl.multiple_of(stride_dqa_head, ALIGN)
     pid = tl.program_id(0)
     head = tl.program_id(1).to(tl.int64)
     if pid >= tl.load(block_cu + n_seqs):
@@ -273,6 +301,7 @@ def _attn_bwd_dkdv(
     K += head * stride_k_head
     V += head * stride_v_head
     DO += head * stride_do_head
+    DQ_ACC += head * stride_dqa_head
     LSE += head * stride_lse_head
     DELTA += head * stride_lse_head
 
@@ -294,13 +323,15 @@ def _attn_bwd_dkdv(
 
     m_full = (seqlen_q // BLOCK_M) * BLOCK_M
     for start_m in tl.range(0, m_full, BLOCK_M):
-        dk_a, dk_b, dv_a, dv_b = _dkdv_step(dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, Q, DO, LSE, DELTA, q_start,
-                                            start_m, seqlen_q, stride_q_tok, stride_do_tok, qk_scale, HEAD_DIM,
-                                            DIM_A, DIM_B, BLOCK_M, False, PRECISION)
+        dk_a, dk_b, dv_a, dv_b = _dkdv_step(dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, Q, DO, LSE, DELTA, DQ_ACC,
+                                            q_start, start_m, seqlen_q, stride_q_tok, stride_do_tok,
+                                            stride_dqa_tok, qk_scale, softmax_scale, HEAD_DIM, DIM_A, DIM_B,
+                                            BLOCK_M, False, PRECISION, ATOMIC_DQ)
     if m_full < seqlen_q:
-        dk_a, dk_b, dv_a, dv_b = _dkdv_step(dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, Q, DO, LSE, DELTA, q_start,
-                                            m_full, seqlen_q, stride_q_tok, stride_do_tok, qk_scale, HEAD_DIM,
-                                            DIM_A, DIM_B, BLOCK_M, True, PRECISION)
+        dk_a, dk_b, dv_a, dv_b = _dkdv_step(dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, Q, DO, LSE, DELTA, DQ_ACC,
+                                            q_start, m_full, seqlen_q, stride_q_tok, stride_do_tok,
+                                            stride_dqa_tok, qk_scale, softmax_scale, HEAD_DIM, DIM_A, DIM_B,
+                                            BLOCK_M, True, PRECISION, ATOMIC_DQ)
 
     DK += head * stride_dk_head
     DV += head * stride_dv_head
@@ -475,7 +506,7 @@ def pick_config(kind: str, head_dim: int, dtype: torch.dtype, max_seqlen: int) -
         if width <= 128:
             return Config(64 if short else 128, 64, 8, 3)
         return Config(64, 32, 8, 2)
-    if kind == "dkdv":
+    if kind in ("dkdv", "dkdv_atomic"):
         if width <= 64:
             return Config(64, 64 if short else 128, 8, 2)
         if width <= 128:
@@ -487,7 +518,7 @@ def pick_config(kind: str, head_dim: int, dtype: torch.dtype, max_seqlen: int) -
         if width <= 128:
             return Config(64, 64, 8, 2)
         return Config(64, 32, 8, 1)
-    raise ValueError(f"kind must be 'fwd', 'dkdv' or 'dq', got {kind!r}")
+    raise ValueError(f"kind must be 'fwd', 'dkdv', 'dkdv_atomic' or 'dq', got {kind!r}")
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -537,6 +568,8 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     """O (total_q, heads, head_dim) in q's dtype and LSE (heads, total_q) fp32."""
     total_q, heads, head_dim = q.shape
     check_supported(q)
+    if not softmax_scale > 0:  # the kernel takes the row maximum of the raw scores, then scales it
+        raise ValueError(f"softmax_scale must be > 0 for the triton backend, got {softmax_scale}")
     dim_a, dim_b = split_head_dim(head_dim, q.dtype)
     cfg = pick_config("fwd", head_dim, q.dtype, max(max_seqlen_q, max_seqlen_k))
     o = torch.empty_like(q)
@@ -554,14 +587,43 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     return o, lse
 
 
+DQ_MODES = ("atomic", "separate")
+# How dq is computed when the caller does not ask for a deterministic backward. "atomic": inside the dk/dv kernel,
+# each key block adds its share into an fp32 buffer (FlashAttention-2's way: 5 matmuls per tile pair, the order of
+# the additions not fixed). "separate": a second kernel per query block recomputes the scores and dP (7 matmuls,
+# bit-reproducible). FINEVITI_ATTN_DQ=atomic|separate overrides it for experiments.
+DEFAULT_DQ_MODE = "atomic"
+
+
+def atomic_dq_supported(head_dim: int, dtype: torch.dtype) -> bool:
+    """Where the atomic variant compiles without spilling on sm_90 (kernel report): 16-bit inputs and head dims
+    whose pieces have no masked columns, up to 128. Elsewhere (fp32, 72, > 128) the extra dq tile spilled 32-900
+    bytes of registers whatever the tile (16x16 to 64x128, 4 or 8 warps), so those use the separate kernel."""
+    dim_a, dim_b = split_head_dim(head_dim, dtype)
+    return dtype in (torch.float16, torch.bfloat16) and dim_a + dim_b == head_dim and head_dim <= 128
+
+
+def dq_mode(deterministic: bool, head_dim: int = 64, dtype: torch.dtype = torch.bfloat16) -> str:
+    """'separate' when `deterministic` or where atomic_dq_supported is false, else FINEVITI_ATTN_DQ or
+    DEFAULT_DQ_MODE."""
+    mode = os.environ.get("FINEVITI_ATTN_DQ") or DEFAULT_DQ_MODE
+    if mode not in DQ_MODES:
+        raise ValueError(f"FINEVITI_ATTN_DQ must be one of {DQ_MODES}, got {mode!r}")
+    if deterministic or not atomic_dq_supported(head_dim, dtype):
+        return "separate"
+    return mode
+
+
 def attention_backward(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                       seqlens_q=None, seqlens_k=None):
-    """dq, dk, dv in the inputs' dtypes; deterministic (no atomics)."""
+                       seqlens_q=None, seqlens_k=None, deterministic=False):
+    """dq, dk, dv in the inputs' dtypes. With `deterministic`, no atomics (bit-reproducible); else dq_mode()."""
     total_q, heads, head_dim = q.shape
     total_k = k.shape[0]
     dim_a, dim_b = split_head_dim(head_dim, q.dtype)
     longest = max(max_seqlen_q, max_seqlen_k)
+    atomic = dq_mode(deterministic, head_dim, q.dtype) == "atomic"
     dq = torch.empty_like(q)
+    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic else lse
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     delta = torch.empty_like(lse)
@@ -573,19 +635,23 @@ def attention_backward(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, max_seql
         )
     n_seqs = cu_seqlens_q.numel() - 1
     common = dict(HEAD_DIM=head_dim, DIM_A=dim_a, DIM_B=dim_b, PRECISION=_precision(q.dtype),
-                  ALIGN=_alignment(q, k, v, do, dq, dk, dv))
+                  ALIGN=_alignment(q, k, v, do, dq, dk, dv, *([dq_acc] if atomic else [])))
 
-    cfg = pick_config("dkdv", head_dim, q.dtype, longest)
+    cfg = pick_config("dkdv_atomic" if atomic else "dkdv", head_dim, q.dtype, longest)
     block_cu, programs = block_schedule(cu_seqlens_k, cfg.block_n, total_k, max_seqlen_k, seqlens_k)
     if programs:
         _attn_bwd_dkdv[(programs, heads)](
-            q, k, v, do, dk, dv, lse, delta, cu_seqlens_q, cu_seqlens_k, block_cu, n_seqs,
-            *_common_strides(q, k, v, do, dk, dv), lse.stride(0), softmax_scale,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
+            q, k, v, do, dk, dv, dq_acc, lse, delta, cu_seqlens_q, cu_seqlens_k, block_cu, n_seqs,
+            *_common_strides(q, k, v, do, dk, dv), *(_common_strides(dq_acc) if atomic else (0, 0)),
+            lse.stride(0), softmax_scale, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ATOMIC_DQ=atomic,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
         )
     else:
         dk.zero_()
         dv.zero_()
+    if atomic:
+        dq.copy_(dq_acc)
+        return dq, dk, dv
 
     cfg = pick_config("dq", head_dim, q.dtype, longest)
     block_cu, programs = block_schedule(cu_seqlens_q, cfg.block_m, total_q, max_seqlen_q, seqlens_q)
@@ -633,10 +699,12 @@ def _signature(fn, dtype_name: str, pointer_dtypes: dict[str, str]) -> dict[str,
 
 
 def shipped_configs(kind: str) -> list[registry.Shipped]:
-    fn = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}[kind]
+    fn = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dkdv_atomic": _attn_bwd_dkdv, "dq": _attn_bwd_dq}[kind]
     rows, seen = [], set()
     cases = [(d, t) for d in SHIPPED_HEAD_DIMS for t in (torch.bfloat16, torch.float16)] + [(64, torch.float32)]
     for head_dim, dtype in cases:
+        if kind == "dkdv_atomic" and not atomic_dq_supported(head_dim, dtype):
+            continue
         for seqlen in SHIPPED_SEQLENS:
             cfg = pick_config(kind, head_dim, dtype, seqlen)
             dim_a, dim_b = split_head_dim(head_dim, dtype)
@@ -645,14 +713,16 @@ def shipped_configs(kind: str) -> list[registry.Shipped]:
                 continue
             seen.add(key)
             name = _TORCH_TO_TRITON[dtype]
-            pointers = {p: "*fp32" for p in ("LSE", "DELTA")}
+            pointers = {p: "*fp32" for p in ("LSE", "DELTA", "DQ_ACC")}
             pointers.update({p: "*i32" for p in ("cu_seqlens_q", "cu_seqlens_k", "block_cu")})
             rows.append(registry.Shipped(
-                kernel_name=f"attn_{kind}", label=f"d{head_dim}-{name}-{cfg.label}",
+                kernel_name="attn_fwd" if kind == "fwd" else f"attn_bwd_{kind}",
+                label=f"d{head_dim}-{name}-{cfg.label}",
                 signature=_signature(fn, name, pointers),
                 constexprs=dict(HEAD_DIM=head_dim, DIM_A=dim_a, DIM_B=dim_b, BLOCK_M=cfg.block_m,
                                 BLOCK_N=cfg.block_n, PRECISION=_precision(dtype),
-                                ALIGN=8 if head_dim % 8 == 0 else 1),
+                                ALIGN=8 if head_dim % 8 == 0 else 1,
+                                **({"ATOMIC_DQ": kind == "dkdv_atomic"} if kind.startswith("dkdv") else {})),
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, aligned=_aligned(fn, head_dim),
             ))
     return rows
@@ -690,5 +760,6 @@ def _shipped_preprocess() -> list[registry.Shipped]:
 
 registry.declare("attn_fwd", _attn_fwd, lambda: shipped_configs("fwd"))
 registry.declare("attn_bwd_dkdv", _attn_bwd_dkdv, lambda: shipped_configs("dkdv"))
+registry.declare("attn_bwd_dkdv_atomic", _attn_bwd_dkdv, lambda: shipped_configs("dkdv_atomic"))
 registry.declare("attn_bwd_dq", _attn_bwd_dq, lambda: shipped_configs("dq"))
 registry.declare("attn_bwd_preprocess", _attn_bwd_preprocess, _shipped_preprocess)

@@ -28,9 +28,9 @@ def rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-def check_against_reference(lens, heads, head_dim, dtype, backend="triton", atol=None):
+def check_against_reference(lens, heads, head_dim, dtype, backend="triton", atol=None, deterministic=False):
     q, k, v, cu = make_pack(lens, heads, head_dim, dtype)
-    out = varlen_attention(q, k, v, cu, max(lens), backend=backend)
+    out = varlen_attention(q, k, v, cu, max(lens), backend=backend, deterministic=deterministic)
     grad_out = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), grad_out)
 
@@ -66,7 +66,28 @@ CASES = [
 
 @pytest.mark.parametrize("head_dim,dtype,heads,lens", CASES)
 def test_triton_matches_reference(head_dim, dtype, heads, lens):
-    check_against_reference(lens, heads, head_dim, dtype)
+    check_against_reference(lens, heads, head_dim, dtype)  # the default backward: dq by atomics
+
+
+@pytest.mark.parametrize("head_dim,dtype,heads,lens", [CASES[1], CASES[2], CASES[5]])
+def test_triton_deterministic_backward_matches_reference(head_dim, dtype, heads, lens):
+    check_against_reference(lens, heads, head_dim, dtype, deterministic=True)  # dq in its own kernel
+
+
+def test_dq_mode_rule(monkeypatch):
+    monkeypatch.delenv("FINEVITI_ATTN_DQ", raising=False)
+    assert kernels.dq_mode(True) == "separate"
+    assert kernels.dq_mode(False) == kernels.DEFAULT_DQ_MODE
+    monkeypatch.setenv("FINEVITI_ATTN_DQ", "atomic")
+    assert kernels.dq_mode(False, 80, torch.float16) == "atomic"
+    assert kernels.dq_mode(False, 72, torch.float16) == "separate"  # the atomic variant spills there
+    assert kernels.dq_mode(False, 64, torch.float32) == "separate"
+    assert kernels.dq_mode(False, 256, torch.bfloat16) == "separate"
+    monkeypatch.setenv("FINEVITI_ATTN_DQ", "separate")
+    assert kernels.dq_mode(False) == "separate"
+    monkeypatch.setenv("FINEVITI_ATTN_DQ", "fast")
+    with pytest.raises(ValueError, match="FINEVITI_ATTN_DQ must be one of .* got 'fast'"):
+        kernels.dq_mode(False)
 
 
 @pytest.mark.slow
@@ -74,24 +95,32 @@ def test_triton_matches_reference(head_dim, dtype, heads, lens):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("heads", [1, 3])
 @pytest.mark.parametrize("lens", [[1, 3, 17, 197, 257, 577], [577, 1], [3, 257, 17]])
-def test_triton_matches_reference_full(head_dim, dtype, heads, lens):
-    check_against_reference(lens, heads, head_dim, dtype)
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_triton_matches_reference_full(head_dim, dtype, heads, lens, deterministic):
+    check_against_reference(lens, heads, head_dim, dtype, deterministic=deterministic)
+
+
+LAUNCH_KINDS = {"attn_fwd": "fwd", "attn_bwd_dkdv": "dkdv", "attn_bwd_dkdv_atomic": "dkdv_atomic",
+                "attn_bwd_dq": "dq"}
 
 
 def _shipped_block_shapes():
     shapes = set()
     for row in registry.shipped():
-        if row.kernel_name in ("attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq"):
-            kind = row.kernel_name.split("_")[-1]
-            shapes.add((kind, row.constexprs["BLOCK_M"], row.constexprs["BLOCK_N"]))
+        if row.kernel_name in LAUNCH_KINDS:
+            shapes.add((LAUNCH_KINDS[row.kernel_name], row.constexprs["BLOCK_M"], row.constexprs["BLOCK_N"]))
     return sorted(shapes)
+
+
+def test_every_launch_kind_ships():
+    assert {kind for kind, _, _ in _shipped_block_shapes()} == set(LAUNCH_KINDS.values())
 
 
 @pytest.mark.parametrize("kind,block_m,block_n", _shipped_block_shapes())
 def test_every_shipped_block_shape(monkeypatch, kind, block_m, block_n):
     # The interpreter ignores warps and stages, so the block shapes are what differ between shipped configs.
     monkeypatch.setenv(f"FINEVITI_ATTN_{kind.upper()}_CONFIG", f"{block_m},{block_n},4,1")
-    check_against_reference([1, 130, 3, 67], 2, 80, torch.float16)
+    check_against_reference([1, 130, 3, 67], 2, 80, torch.float16, deterministic=kind in ("dkdv", "dq"))
 
 
 def test_torch_backend_matches_reference():
@@ -221,6 +250,13 @@ def test_seqlens_must_match_cu_seqlens():
         varlen_attention(q, k, v, cu, 5, backend="torch", seqlens=[5, 3])
 
 
+def test_negative_softmax_scale_is_a_clear_error():
+    q, k, v, cu = make_pack([3, 5], 1, 32, torch.float32)
+    for bad in (-0.5, 0.0, float("nan")):
+        with pytest.raises(ValueError, match=f"softmax_scale must be > 0 for the triton backend, got {bad}"):
+            varlen_attention(q, k, v, cu, 5, backend="triton", softmax_scale=bad)
+
+
 def test_bad_backend_and_head_dim():
     q, k, v, cu = _ok_inputs()
     with pytest.raises(ValueError, match="backend must be"):
@@ -345,6 +381,22 @@ def test_gpu_matches_reference(dtype, head_dim):
         err = (a.double() - r).abs().max().item()
         budget = 2 * (s.double() - r).abs().max().item() + 2e-3
         assert err <= budget, f"{name}: {err:.3e} > {budget:.3e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 80, 128])
+def test_gpu_deterministic_backward(head_dim):
+    lens = [1, 197, 577, 1024]
+    q, k, v, cu = make_pack(lens, 4, head_dim, torch.bfloat16, device="cuda")
+    grad = torch.randn(q.shape, device="cuda", dtype=q.dtype)
+    runs = []
+    for deterministic in (True, True, False):
+        out = varlen_attention(q, k, v, cu, max(lens), backend="triton", seqlens=lens, deterministic=deterministic)
+        runs.append(torch.autograd.grad(out, (q, k, v), grad))
+    for a, b in zip(runs[0], runs[1], strict=True):
+        assert torch.equal(a, b)  # bit-reproducible
+    for a, b in zip(runs[0], runs[2], strict=True):
+        assert rel_err(b, a) < 1e-2  # the atomic dq computes the same function
 
 
 @pytest.mark.gpu

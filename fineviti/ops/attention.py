@@ -3,7 +3,8 @@
 Tokens of many sequences are concatenated along dim 0; `cu_seqlens` (int32, (n+1,), from 0) marks where each
 starts. Attention is non-causal within a sequence and never crosses sequences. Backends (one call, one contract):
 
-  triton        ours (kernels/varlen_attention.py), forward and deterministic backward
+  triton        ours (kernels/varlen_attention.py), forward and backward (dq by atomics, or without them
+                when deterministic=True)
   torch         reference path: scaled_dot_product_attention per sequence; runs everywhere, differentiable
   torch_varlen  torch.nn.attention.varlen.varlen_attn (FlashAttention inside torch; CUDA only)
   flex          FlexAttention with a document mask (CUDA only; compiles per shape)
@@ -79,55 +80,58 @@ def _kernels():
 @torch.library.custom_op("fineviti::varlen_attention_fwd", mutates_args=(), device_types=("cuda", "cpu"))
 def _triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                 cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
-                seqlens_q: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                seqlens_q: list[int] | None = None, deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     return _kernels().attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                         softmax_scale, seqlens_q)
 
 
 @_triton_fwd.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, seqlens_q=None):
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, seqlens_q=None,
+      deterministic=False):
     return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
 @torch.library.custom_op("fineviti::varlen_attention_bwd", mutates_args=(), device_types=("cuda", "cpu"))
 def _triton_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                 lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
-                max_seqlen_k: int, softmax_scale: float,
-                seqlens_q: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                max_seqlen_k: int, softmax_scale: float, seqlens_q: list[int] | None = None,
+                deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _kernels().attention_backward(do.contiguous() if do.stride(-1) != 1 else do, q, k, v, o, lse,
                                          cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                                         seqlens_q, seqlens_q if cu_seqlens_k is cu_seqlens_q else None)
+                                         seqlens_q, seqlens_q if cu_seqlens_k is cu_seqlens_q else None,
+                                         deterministic=deterministic)
 
 
 @_triton_bwd.register_fake
-def _(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, seqlens_q=None):
+def _(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, seqlens_q=None,
+      deterministic=False):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _fwd_setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, max_q, max_k, scale, seqlens_q = inputs
+    q, k, v, cu_q, cu_k, max_q, max_k, scale, seqlens_q, deterministic = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse, cu_q, cu_k)
-    ctx.args = (max_q, max_k, scale, seqlens_q)
+    ctx.args = (max_q, max_k, scale, seqlens_q, deterministic)
     ctx.mark_non_differentiable(lse)
 
 
 def _fwd_backward(ctx, do, dlse):
     q, k, v, o, lse, cu_q, cu_k = ctx.saved_tensors
-    max_q, max_k, scale, seqlens_q = ctx.args
-    dq, dk, dv = _triton_bwd(do, q, k, v, o, lse, cu_q, cu_k, max_q, max_k, scale, seqlens_q)
-    return dq, dk, dv, None, None, None, None, None, None
+    max_q, max_k, scale, seqlens_q, deterministic = ctx.args
+    dq, dk, dv = _triton_bwd(do, q, k, v, o, lse, cu_q, cu_k, max_q, max_k, scale, seqlens_q, deterministic)
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("fineviti::varlen_attention_fwd", _fwd_backward, setup_context=_fwd_setup_context)
 
 
-def _run_triton(q, k, v, cu_q, cu_k, max_q, max_k, scale, seqlens, return_lse):
+def _run_triton(q, k, v, cu_q, cu_k, max_q, max_k, scale, seqlens, return_lse, deterministic=False):
     if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported "
                            "(Triton's interpreter); use backend='torch' on a CPU")
     prep = [t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v)]
-    o, lse = _triton_fwd(*prep, cu_q, cu_k, max_q, max_k, scale, seqlens)
+    o, lse = _triton_fwd(*prep, cu_q, cu_k, max_q, max_k, scale, seqlens, deterministic)
     return (o, lse) if return_lse else o
 
 
@@ -307,8 +311,9 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, cu_seqlens_k=None, max_
     softmax_scale: default 1/sqrt(head_dim).
     backend: 'auto' or one of BACKENDS (module docstring).
     return_lse: also return the (heads, total) fp32 log-sum-exp (natural log) of the scaled scores.
-    deterministic: ask for a bit-reproducible backward; the triton and torch backends always are, and it is
-        passed on to flash_attn.
+    deterministic: ask for a bit-reproducible backward. The triton backend then computes dq in a second kernel
+        without atomics; otherwise it follows kernels.varlen_attention.dq_mode (FINEVITI_ATTN_DQ overrides).
+        The torch backend always is; it is passed on to flash_attn.
     seqlens: optional host-side list of the sequence lengths (the data planner knows them): lets the triton
         backend launch an exact grid, and xformers skip a host read.
     check_values: check cu_seqlens' values (default: always on CPU, FINEVITI_CHECKS=1 on CUDA, since it costs a
@@ -330,6 +335,9 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, cu_seqlens_k=None, max_
         raise ValueError(f"head_dim must be in [16, 256], got {head_dim}")
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
     name = resolve_backend(backend, q.device)
+    if name == "triton":
+        return _run_triton(q, k, v, cu_seqlens, cu_k, max_seqlen, max_k, scale,
+                           list(seqlens) if seqlens is not None else None, return_lse, deterministic=deterministic)
     if name == "flash_attn":
         return _run_flash_attn(q, k, v, cu_seqlens, cu_k, max_seqlen, max_k, scale, seqlens, return_lse,
                                deterministic=deterministic)
