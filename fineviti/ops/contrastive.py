@@ -11,10 +11,11 @@ Backends (one contract):
   reference  plain torch with autograd over the full logits (siglip_loss_ref / clip_loss_ref).
 
 `backend="auto"` is a fixed rule: triton for CUDA tensors in bf16/fp16/fp32, chunked otherwise;
-FINEVITI_LOSS_BACKEND overrides it. Distributed (a process group): negatives come from every rank, by an
-all-gather of the features (the default) or a ring of point-to-point transfers (`dist_impl="ring"`). Conventions
-are open_clip's (ClipLoss, SigLipLoss); the SigLIP paper (Zhai et al., 2023) describes the ring, Inf-CL (Cheng et
-al., 2024) the tiling.
+FINEVITI_LOSS_BACKEND overrides it. On one process, triton and chunked run as torch.library custom ops
+(fineviti::siglip_loss_fwd / _bwd, fineviti::clip_loss_fwd / _bwd), which torch.compile traces without a break.
+Distributed (a process group): negatives come from every rank, by an all-gather of the features (the default) or a
+ring of point-to-point transfers (`dist_impl="ring"`). Conventions are open_clip's (ClipLoss, SigLipLoss); the
+SigLIP paper (Zhai et al., 2023) describes the ring, Inf-CL (Cheng et al., 2024) the tiling.
 """
 
 from __future__ import annotations
@@ -202,6 +203,8 @@ class _Triton:
 
 
 def _backend_impl(name: str):
+    if name not in ("triton", "chunked"):
+        raise ValueError(f"backend must be 'triton' or 'chunked' here, got {name!r}")
     return _Triton() if name == "triton" else _Chunked()
 
 
@@ -382,8 +385,9 @@ def _ring_grads(impl, x, y, scale, bias, loss, d: _Dist, lse_row=None, lse_col_a
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Autograd Functions. coef = world / total rows: each rank's loss is (its rows' share) * world / N_global, so that
-# the mean over ranks of the losses is the global loss and the mean of the gradients is the global gradient.
+# Forward and backward bodies, shared by the custom ops (one process) and the autograd Functions (a process group).
+# coef = world / total rows: each rank's loss is (its rows' share) * world / N_global, so that the mean over ranks
+# of the losses is the global loss and the mean of the gradients is the global gradient.
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -410,82 +414,191 @@ def _feature_grad(raw: torch.Tensor, factor: torch.Tensor, like: torch.Tensor, s
     return (raw if scaled else raw.mul_(factor)).to(like.dtype)
 
 
-class _SiglipFn(torch.autograd.Function):
+def _siglip_forward(x, y, scale, bias, impl, d: _Dist, ring: bool) -> torch.Tensor:
     """Local image rows against all text columns (gathered, or this process's own); or, with `ring`, text blocks
-    passed around the ring in the forward and again in the backward."""
+    passed around the ring."""
+    s32, b32 = _scalar(scale, x.device), _scalar(bias, x.device)
+    total = torch.zeros((), device=x.device, dtype=torch.float32)
+    if ring:
+        for owner, block in _ring(_pad_rows(y, d.n_max), d):
+            total += impl.rows(x, block[:d.counts[owner]], s32, b32, "siglip",
+                               diag_offset=d.row_start - d.offsets[owner]).sum()
+    else:
+        total += impl.rows(x, y, s32, b32, "siglip", diag_offset=d.row_start).sum()
+    return total * (d.world / d.total)
+
+
+def _siglip_backward(grad, x, y, scale, bias, impl, d: _Dist, ring: bool):
+    """(d_img, d_txt, d_scale, d_bias) in the dtypes and shapes of the inputs; with `ring`, the text blocks travel
+    again, with their gradient accumulators."""
+    s32, b32 = _scalar(scale, x.device), _scalar(bias, x.device)
+    factor = grad.float() * (d.world / d.total)
+    if ring:
+        dx, dy, ds, db = _ring_grads(impl, x, y, s32, b32, "siglip", d)
+    else:
+        dx, dy, ds, db = impl.grads(x, y, s32, b32, "siglip", diag_offset=d.row_start, dx_scale=factor * s32)
+    return (_feature_grad(dx, factor * s32, x, scaled=not ring), _feature_grad(dy, factor * s32, y),
+            _param_grad(ds, factor, scale), _param_grad(db, factor, bias))
+
+
+def _clip_forward(x, y, scale, x_all, impl, d: _Dist, ring: bool):
+    """CLIP over this rank's image rows and text rows: image-to-text log-sum-exps of the local images against all
+    texts, text-to-image ones of the local texts against all images, and their positives. Returns the loss, the
+    local images' log-sum-exps and every text's (an all-gather of N floats), both fp32, for the backward."""
+    s32 = _scalar(scale, x.device)
+    zero = torch.zeros(1, device=x.device, dtype=torch.float32)
+    n = d.counts[d.rank]
+    y_loc = y if ring else y[d.row_start:d.row_start + n]
+    if ring:
+        lse_row = torch.full((n,), float("-inf"), device=x.device, dtype=torch.float32)
+        lse_col = torch.full((n,), float("-inf"), device=x.device, dtype=torch.float32)
+        both = torch.cat([_pad_rows(x, d.n_max), _pad_rows(y, d.n_max)], 0)
+        for owner, block in _ring(both, d):
+            count = d.counts[owner]
+            lse_row = torch.logaddexp(lse_row, impl.rows(x, block[d.n_max:d.n_max + count], s32, zero, "clip"))
+            lse_col = torch.logaddexp(lse_col, impl.rows(y_loc, block[:count], s32, zero, "clip"))
+    else:
+        lse_row = impl.rows(x, y, s32, zero, "clip")
+        lse_col = impl.rows(y_loc, x_all, s32, zero, "clip")
+    positive = s32 * _row_dots(x, y_loc)
+    total = (lse_row - positive).sum() + (lse_col - positive).sum()
+    return total * (d.world / (2 * d.total)), lse_row, _gather_rows(lse_col, d)
+
+
+def _clip_backward(grad, x, y, scale, lse_row, lse_col_all, impl, d: _Dist, ring: bool):
+    """dL/dz of both directions for the pairs (local image, every text): (d_img, d_txt, d_scale), the texts' for
+    all texts (the caller sums them to their owners)."""
+    s32 = _scalar(scale, x.device)
+    zero = torch.zeros(1, device=x.device, dtype=torch.float32)
+    factor = grad.float() * (d.world / (2 * d.total))
+    if ring:
+        dx, dy, ds, _ = _ring_grads(impl, x, y, s32, zero, "clip", d, lse_row=lse_row, lse_col_all=lse_col_all)
+    else:
+        dx, dy, ds, _ = impl.grads(x, y, s32, zero, "clip", diag_offset=d.row_start, lse_row=lse_row,
+                                   lse_col=lse_col_all, dx_scale=factor * s32)
+    return (_feature_grad(dx, factor * s32, x, scaled=not ring), _feature_grad(dy, factor * s32, y),
+            _param_grad(ds, factor, scale))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One process: torch.library custom ops with an autograd formula and fake implementations, so that torch.compile
+# traces them whole. `backend` is "triton" or "chunked"; the gradients come back in the inputs' dtypes and shapes.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _one_process(img: torch.Tensor) -> _Dist:
+    return _Dist(None, 1, 0, (img.shape[0],))
+
+
+@torch.library.custom_op("fineviti::siglip_loss_fwd", mutates_args=())
+def _siglip_fwd_op(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor,
+                   backend: str) -> torch.Tensor:
+    return _siglip_forward(img, txt, logit_scale, logit_bias, _backend_impl(backend), _one_process(img), ring=False)
+
+
+@_siglip_fwd_op.register_fake
+def _(img, txt, logit_scale, logit_bias, backend):
+    return img.new_empty((), dtype=torch.float32)
+
+
+@torch.library.custom_op("fineviti::siglip_loss_bwd", mutates_args=())
+def _siglip_bwd_op(grad: torch.Tensor, img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
+                   logit_bias: torch.Tensor,
+                   backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _siglip_backward(grad, img, txt, logit_scale, logit_bias, _backend_impl(backend), _one_process(img),
+                            ring=False)
+
+
+@_siglip_bwd_op.register_fake
+def _(grad, img, txt, logit_scale, logit_bias, backend):
+    return tuple(t.new_empty(t.shape) for t in (img, txt, logit_scale, logit_bias))
+
+
+def _siglip_setup_context(ctx, inputs, output):
+    *tensors, ctx.backend = inputs
+    ctx.save_for_backward(*tensors)
+
+
+def _siglip_fwd_backward(ctx, grad):
+    return *_siglip_bwd_op(grad, *ctx.saved_tensors, ctx.backend), None
+
+
+torch.library.register_autograd("fineviti::siglip_loss_fwd", _siglip_fwd_backward,
+                                setup_context=_siglip_setup_context)
+
+
+@torch.library.custom_op("fineviti::clip_loss_fwd", mutates_args=())
+def _clip_fwd_op(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
+                 backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, lse_row, lse_col): the loss and the fp32 (N,) image-to-text and text-to-image log-sum-exps."""
+    return _clip_forward(img, txt, logit_scale, img, _backend_impl(backend), _one_process(img), ring=False)
+
+
+@_clip_fwd_op.register_fake
+def _(img, txt, logit_scale, backend):
+    lse = img.new_empty((img.shape[0],), dtype=torch.float32)
+    return img.new_empty((), dtype=torch.float32), lse, torch.empty_like(lse)
+
+
+@torch.library.custom_op("fineviti::clip_loss_bwd", mutates_args=())
+def _clip_bwd_op(grad: torch.Tensor, img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
+                 lse_row: torch.Tensor, lse_col: torch.Tensor,
+                 backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _clip_backward(grad, img, txt, logit_scale, lse_row, lse_col, _backend_impl(backend), _one_process(img),
+                          ring=False)
+
+
+@_clip_bwd_op.register_fake
+def _(grad, img, txt, logit_scale, lse_row, lse_col, backend):
+    return tuple(t.new_empty(t.shape) for t in (img, txt, logit_scale))
+
+
+def _clip_setup_context(ctx, inputs, output):
+    img, txt, logit_scale, ctx.backend = inputs
+    _, lse_row, lse_col = output
+    ctx.save_for_backward(img, txt, logit_scale, lse_row, lse_col)
+    ctx.mark_non_differentiable(lse_row, lse_col)
+
+
+def _clip_fwd_backward(ctx, grad, grad_lse_row, grad_lse_col):
+    return *_clip_bwd_op(grad, *ctx.saved_tensors, ctx.backend), None
+
+
+torch.library.register_autograd("fineviti::clip_loss_fwd", _clip_fwd_backward, setup_context=_clip_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A process group: autograd Functions (collectives and the ring do not go through torch.library).
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _SiglipFn(torch.autograd.Function):
+    """SigLIP on a process group: texts all-gathered by the caller, or passed around the ring."""
 
     @staticmethod
     def forward(ctx, x, y, scale, bias, impl, d, ring):
-        s32, b32 = _scalar(scale, x.device), _scalar(bias, x.device)
-        total = torch.zeros((), device=x.device, dtype=torch.float32)
-        if ring:
-            for owner, block in _ring(_pad_rows(y, d.n_max), d):
-                total += impl.rows(x, block[:d.counts[owner]], s32, b32, "siglip",
-                                   diag_offset=d.row_start - d.offsets[owner]).sum()
-        else:
-            total += impl.rows(x, y, s32, b32, "siglip", diag_offset=d.row_start).sum()
         ctx.save_for_backward(x, y, scale, bias)
         ctx.impl, ctx.d, ctx.ring = impl, d, ring
-        return total * (d.world / d.total)
+        return _siglip_forward(x, y, scale, bias, impl, d, ring)
 
     @staticmethod
     def backward(ctx, grad):
-        x, y, scale, bias = ctx.saved_tensors
-        impl, d = ctx.impl, ctx.d
-        s32, b32 = _scalar(scale, x.device), _scalar(bias, x.device)
-        factor = grad.float() * (d.world / d.total)
-        if ctx.ring:
-            dx, dy, ds, db = _ring_grads(impl, x, y, s32, b32, "siglip", d)
-        else:
-            dx, dy, ds, db = impl.grads(x, y, s32, b32, "siglip", diag_offset=d.row_start, dx_scale=factor * s32)
-        return (_feature_grad(dx, factor * s32, x, scaled=not ctx.ring), _feature_grad(dy, factor * s32, y),
-                _param_grad(ds, factor, scale), _param_grad(db, factor, bias), None, None, None)
+        return *_siglip_backward(grad, *ctx.saved_tensors, ctx.impl, ctx.d, ctx.ring), None, None, None
 
 
 class _ClipFn(torch.autograd.Function):
-    """CLIP over this rank's image rows and text rows. Forward: image-to-text log-sum-exps of the local images
-    against all texts, text-to-image ones of the local texts against all images, and their positives. Backward:
-    dL/dz of both directions for the pairs (local image, every text), which needs every text's log-sum-exp (an
-    all-gather of N floats): gradients for the local images and for all texts (summed to their owners)."""
+    """CLIP on a process group: texts and images all-gathered by the caller, or passed around the ring."""
 
     @staticmethod
     def forward(ctx, x, y, scale, x_all, impl, d, ring):
-        s32 = _scalar(scale, x.device)
-        zero = torch.zeros(1, device=x.device, dtype=torch.float32)
-        n = d.counts[d.rank]
-        y_loc = y if ring else y[d.row_start:d.row_start + n]
-        if ring:
-            lse_row = torch.full((n,), float("-inf"), device=x.device, dtype=torch.float32)
-            lse_col = torch.full((n,), float("-inf"), device=x.device, dtype=torch.float32)
-            both = torch.cat([_pad_rows(x, d.n_max), _pad_rows(y, d.n_max)], 0)
-            for owner, block in _ring(both, d):
-                count = d.counts[owner]
-                lse_row = torch.logaddexp(lse_row, impl.rows(x, block[d.n_max:d.n_max + count], s32, zero, "clip"))
-                lse_col = torch.logaddexp(lse_col, impl.rows(y_loc, block[:count], s32, zero, "clip"))
-        else:
-            lse_row = impl.rows(x, y, s32, zero, "clip")
-            lse_col = impl.rows(y_loc, x_all, s32, zero, "clip")
-        positive = s32 * _row_dots(x, y_loc)
-        total = (lse_row - positive).sum() + (lse_col - positive).sum()
-        lse_col_all = _gather_rows(lse_col, d)
+        loss, lse_row, lse_col_all = _clip_forward(x, y, scale, x_all, impl, d, ring)
         ctx.save_for_backward(x, y, scale, lse_row, lse_col_all)
         ctx.impl, ctx.d, ctx.ring = impl, d, ring
-        return total * (d.world / (2 * d.total))
+        return loss
 
     @staticmethod
     def backward(ctx, grad):
-        x, y, scale, lse_row, lse_col_all = ctx.saved_tensors
-        impl, d = ctx.impl, ctx.d
-        s32 = _scalar(scale, x.device)
-        zero = torch.zeros(1, device=x.device, dtype=torch.float32)
-        factor = grad.float() * (d.world / (2 * d.total))
-        if ctx.ring:
-            dx, dy, ds, _ = _ring_grads(impl, x, y, s32, zero, "clip", d, lse_row=lse_row, lse_col_all=lse_col_all)
-        else:
-            dx, dy, ds, _ = impl.grads(x, y, s32, zero, "clip", diag_offset=d.row_start, lse_row=lse_row,
-                                       lse_col=lse_col_all, dx_scale=factor * s32)
-        return (_feature_grad(dx, factor * s32, x, scaled=not ctx.ring), _feature_grad(dy, factor * s32, y),
-                _param_grad(ds, factor, scale), None, None, None, None)
+        return *_clip_backward(grad, *ctx.saved_tensors, ctx.impl, ctx.d, ctx.ring), None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -593,8 +706,10 @@ def siglip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
         r, c = _positives(0, img.shape[0], d.row_start, d.total, img.device)
         labels[r, c] = 1
         return -F.logsigmoid(labels * logits).sum() * (d.world / d.total)
-    ring = dist_impl == "ring" and d.world > 1
-    txt_cols = txt if ring or d.world == 1 else _AllGatherRows.apply(txt, d)
+    if d.world == 1:
+        return _siglip_fwd_op(img, txt, logit_scale, logit_bias, backend)
+    ring = dist_impl == "ring"
+    txt_cols = txt if ring else _AllGatherRows.apply(txt, d)
     return _SiglipFn.apply(img, txt_cols, logit_scale, logit_bias, _backend_impl(backend), d, ring)
 
 
@@ -625,8 +740,10 @@ def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor, *
         i2t = F.cross_entropy(scale * (img @ txt_all.T), labels, reduction="sum")
         t2i = F.cross_entropy(scale * (txt @ img_all.T), labels, reduction="sum")
         return (i2t + t2i) * (d.world / (2 * d.total))
-    ring = dist_impl == "ring" and d.world > 1
-    if ring or d.world == 1:
+    if d.world == 1:
+        return _clip_fwd_op(img, txt, logit_scale, backend)[0]
+    ring = dist_impl == "ring"
+    if ring:
         txt_cols, img_all = txt, img
     else:
         txt_cols, img_all = _AllGatherRows.apply(txt, d), _gather_rows(img, d)
