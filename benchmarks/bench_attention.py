@@ -23,7 +23,8 @@ from common import Recorder, bench  # noqa: I001  (benchmarks/ is on the path wh
 from fineviti.ops import attention as attention_ops
 
 HIDDEN = 2048
-PROVIDERS = ("ours", "torch_varlen", "flash_attn", "xformers", "flex", "sdpa_flash", "sdpa_cudnn", "sdpa_mask")
+PROVIDERS = ("ours", "ours_det", "torch_varlen", "flash_attn", "xformers", "flex", "sdpa_flash", "sdpa_cudnn",
+             "sdpa_mask")
 
 
 def pack_lengths(total: int, seed: int, low: int = 256, high: int = 4096) -> list[int]:
@@ -72,8 +73,10 @@ def _sdpa_mask(q, k, v, doc):
 
 def make_call(provider, q, k, v, cu, lens):
     max_len = max(lens)
-    if provider == "ours":
-        return lambda: attention_ops.varlen_attention(q, k, v, cu, max_len, backend="triton", seqlens=lens)
+    if provider in ("ours", "ours_det"):  # ours_det: deterministic=True, dq in its own kernel without atomics
+        det = provider == "ours_det"
+        return lambda: attention_ops.varlen_attention(q, k, v, cu, max_len, backend="triton", seqlens=lens,
+                                                      deterministic=det)
     if provider in ("torch_varlen", "flash_attn", "xformers", "flex"):
         ok, why = attention_ops.backend_available(provider, q.device)
         if not ok:
@@ -132,7 +135,9 @@ QUICK = (
     (["fa3:1024", "fa3:4096", "fa3:16384"], [64, 128], ["fwd_bwd"],
      ["ours", "torch_varlen", "sdpa_flash", "sdpa_cudnn", "flash_attn"]),
     (["fa3:4096"], [64, 128], ["fwd", "bwd"], ["ours", "torch_varlen"]),
+    (["fa3:4096"], [64, 128], ["bwd"], ["ours_det"]),
     (["pack:16384"], [64, 72, 80, 96, 128], ["fwd_bwd"], ["ours", "torch_varlen"]),
+    (["pack:16384"], [64, 128], ["fwd_bwd"], ["ours_det"]),
     (["pack:16384"], [64], ["fwd_bwd"], ["sdpa_flash", "sdpa_mask", "flex"]),
     (["pack:65536"], [64, 128], ["fwd_bwd"], ["ours", "torch_varlen"]),
 )
@@ -143,9 +148,12 @@ FULL = (
 )
 
 
-SWEEP = {  # candidate configurations (BLOCK_M, BLOCK_N, warps, stages) per launch kind, for --sweep
-    "fwd": [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (128, 64, 8, 4),
+SWEEP = {  # candidate configurations (BLOCK_M, BLOCK_N, warps, stages) per launch kind, for --sweep; the most
+    # plausible first (--sweep-max keeps a prefix)
+    "fwd": [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3),
             (64, 128, 4, 3), (128, 32, 4, 4)],
+    "dkdv_atomic": [(64, 64, 8, 2), (64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 8, 3), (128, 64, 8, 2),
+                    (64, 128, 8, 3), (32, 64, 4, 3), (128, 128, 8, 2)],
     "dkdv": [(64, 128, 8, 2), (64, 64, 8, 2), (32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 2),
              (128, 128, 8, 2), (16, 128, 4, 4)],
     "dq": [(128, 64, 8, 2), (64, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 2), (128, 64, 8, 3), (64, 32, 4, 3),
@@ -153,19 +161,23 @@ SWEEP = {  # candidate configurations (BLOCK_M, BLOCK_N, warps, stages) per laun
 }
 
 
-def sweep(rec, shape, head_dim, dtype, device):
-    """Time every candidate configuration of each launch kind (the others at their pinned choice), to pick pins."""
+def sweep(rec, shape, head_dim, dtype, device, kinds=None, max_candidates=None):
+    """Time the candidate configurations of each launch kind (the others at their pinned choice), to pick pins.
+    The dk/dv and dq kinds of the deterministic backward run as provider ours_det, dkdv_atomic as ours."""
     import os
 
     best = {}
     for kind, candidates in SWEEP.items():
+        if kinds and kind not in kinds:
+            continue
         mode = "fwd" if kind == "fwd" else "bwd"
+        provider = "ours_det" if kind in ("dkdv", "dq") else "ours"
         timings = []
-        for cfg in candidates:
+        for cfg in candidates[:max_candidates]:
             os.environ[f"FINEVITI_ATTN_{kind.upper()}_CONFIG"] = ",".join(map(str, cfg))
             before = len(rec.rows)
             tag = f"{kind}=M{cfg[0]}N{cfg[1]}w{cfg[2]}s{cfg[3]}"
-            run_case(rec, "ours", shape, head_dim, mode, dtype, device, tag=tag)
+            run_case(rec, provider, shape, head_dim, mode, dtype, device, tag=tag)
             row = rec.rows[before] if len(rec.rows) > before else {}
             if "median_ms" in row:
                 timings.append((row["median_ms"], cfg))
@@ -217,6 +229,8 @@ def main(argv=None):
     parser.add_argument("--plot", help="write a PNG of fwd+bwd TFLOP/s per provider here")
     parser.add_argument("--sweep", action="store_true",
                         help="time the candidate configurations of each kernel at --shape/--head-dim (ours only)")
+    parser.add_argument("--sweep-kind", choices=tuple(SWEEP), action="append", help="only these launch kinds")
+    parser.add_argument("--sweep-max", type=int, help="only the first N candidates of each kind")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     if args.provider or args.shape or args.head_dim or args.mode:
@@ -228,7 +242,7 @@ def main(argv=None):
     if args.sweep:
         for shape in args.shape or ["fa3:4096"]:
             for head_dim in args.head_dim or [64, 128]:
-                sweep(rec, shape, head_dim, dtype, args.device)
+                sweep(rec, shape, head_dim, dtype, args.device, args.sweep_kind, args.sweep_max)
         return
     if args.device == "cpu":  # a smoke check of the code path (Triton's interpreter): toy size, fp32, 2 heads
         print("no GPU: one toy case on the CPU as a smoke check")

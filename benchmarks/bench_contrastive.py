@@ -112,6 +112,19 @@ def run_case(rec, provider, loss, mode, n, d, dtype_name, device, label=None):
             tflops=flops / (timing["median_ms"] * 1e-3) / 1e12)
 
 
+def matmul_ceiling(rec, n, d, dtype_name, device):
+    """The logit matmul alone through torch (cuBLAS): img @ txt.T, (n, d) x (d, n), output in the input dtype. Its
+    TFLOP/s is the ceiling the loss kernels' matmul share is read against (measured, not the datasheet's)."""
+    from benchmarks.common import bench
+
+    img, txt, _, _ = make_inputs(n, d, _DTYPES[dtype_name], device)
+    img, txt = img.detach(), txt.detach()
+    out = torch.empty(n, n, device=device, dtype=img.dtype)
+    timing = bench(lambda: torch.matmul(img, txt.T, out=out))
+    rec.add(provider="matmul_ceiling", mode="fwd", shape={"N": n, "D": d}, dtype=dtype_name, timing=timing,
+            tflops=2 * n * n * d / (timing["median_ms"] * 1e-3) / 1e12)
+
+
 def sweep_configs(rec, n, d, dtype_name, device):
     """Our forward and backward at block-size candidates (the config the launcher picks is patched per run)."""
     from fineviti.kernels import contrastive as kc
@@ -169,6 +182,9 @@ def main(argv=None) -> None:
         shapes = [(n, d) for d in SWEEP_D for n in SWEEP_N] if device.type == "cuda" else QUICK_CPU
     providers = args.provider or list(PROVIDERS)
     modes = args.mode or (["full"] if args.quick else list(MODES))
+    if device.type == "cuda" and not args.provider:
+        matmul_ceiling(rec, shapes[0][0], shapes[0][1], args.dtype, device)
+        torch.cuda.empty_cache()
     for n, d in shapes:
         for loss in args.loss or LOSSES:
             for provider in providers:

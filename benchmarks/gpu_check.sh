@@ -8,7 +8,12 @@
 # no autotuning) and the kernel report with its on-device check (compiling on the CPU cores while the benchmarks
 # run), then writes to OUTDIR: results.json and summary.md (benchmarks/summarize.py), logs.txt, attention.png,
 # kernel_report.json/.md (six files: the device tool brings back at most eight). Exits non-zero when any section
-# failed (a wrong result fails pytest), after writing the summary. Sized for about 5 minutes on an H100.
+# failed or was skipped (a wrong result fails pytest), after writing the summary.
+#
+# GPU_CHECK_BUDGET (seconds, default 540) bounds the whole script: each section's limit is cut to what is left
+# (30 s kept for the summary) and a section that would get under 20 s is skipped (exit code "skipped"), so the
+# summary is always written inside the device call's timeout. Sections run in order of what they are for: the
+# attention benchmark first, then correctness, then the other benchmarks, then the attention config sweep.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUTDIR=${1:-${OUT:-benchmarks/results/latest}}
@@ -22,10 +27,20 @@ export FINEVITI_COMMIT=${FINEVITI_COMMIT:-$(git rev-parse --short=12 HEAD 2>/dev
 : > "$FINEVITI_RESULTS"
 : > "$WORK/sections.jsonl"
 failed=0
+BUDGET=${GPU_CHECK_BUDGET:-540}
+T0=$(date +%s)
 
 section() {  # section NAME LIMIT_SECONDS COMMAND...: runs it under a time limit, its output to WORK/NAME.log
   local name=$1 limit=$2; shift 2
-  local start rc=0 wall
+  local start rc=0 wall left
+  left=$(( BUDGET - ($(date +%s) - T0) - 30 ))
+  if [ "$left" -lt 20 ]; then
+    echo "== gpu_check: $name skipped (${left}s of the budget left)"
+    echo "{\"section\": \"$name\", \"rc\": \"skipped\", \"wall_s\": 0, \"limit_s\": $limit}" >> "$WORK/sections.jsonl"
+    failed=1
+    return
+  fi
+  [ "$limit" -le "$left" ] || limit=$left
   start=$(date +%s.%N)
   echo "== gpu_check: $name"
   timeout "$limit" "$@" > "$WORK/$name.log" 2>&1 || rc=$?
@@ -39,14 +54,17 @@ section() {  # section NAME LIMIT_SECONDS COMMAND...: runs it under a time limit
 nvidia-smi -L | tee "$WORK/gpu.log"
 section install 150 "$PY" -m pip install --no-deps --no-build-isolation --no-index -e .
 section info 30 "$PY" -m fineviti.cli info
-section pytest_gpu 150 "$PY" -m pytest -m "gpu and not slow" -q -p no:cacheprovider --durations=15 tests
 ( section kernel_report 200 "$PY" benchmarks/kernel_report.py --device-check --jobs 8 --out "$OUTDIR"
   echo "$failed" > "$WORK/kernel_report.failed" ) &
 report_pid=$!
-section bench_attention 120 "$PY" benchmarks/bench_attention.py --quick --plot "$OUTDIR/attention.png"
+section bench_attention 150 "$PY" benchmarks/bench_attention.py --quick --plot "$OUTDIR/attention.png"
+section pytest_gpu 150 "$PY" -m pytest -m "gpu and not slow" -q -p no:cacheprovider --durations=15 tests
+section rope_attn_block 60 "$PY" benchmarks/bench_rope.py --provider attn_block --tokens 65536 --head-dim 64
 for bench in rope contrastive data train; do
   [ -f "benchmarks/bench_$bench.py" ] && section "bench_$bench" 90 "$PY" "benchmarks/bench_$bench.py" --quick
 done
+section attention_sweep 150 "$PY" benchmarks/bench_attention.py --sweep --shape fa3:4096 --head-dim 128 \
+  --head-dim 64 --sweep-kind fwd --sweep-kind dkdv_atomic --sweep-max 5
 wait "$report_pid"
 [ "$(cat "$WORK/kernel_report.failed" 2>/dev/null || echo 1)" -eq 0 ] || failed=1
 
