@@ -51,6 +51,19 @@ def _private_libstdcxx(library: Path) -> bool:
     return "_ZNSo9_M_insertIlEERSoT_" in symbols  # std::ostream::_M_insert<long>
 
 
+def _loaded_libstdcxx() -> str | None:
+    """The libstdc++ that this Python process (torch imported) has loaded, by its path in /proc/self/maps."""
+    try:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return None
+    for line in maps:
+        fields = line.split()
+        if len(fields) >= 6 and "libstdc++.so" in fields[-1]:
+            return fields[-1]
+    return None
+
+
 def _cache_value(build_dir: Path, name: str) -> str:
     for line in (build_dir / "CMakeCache.txt").read_text().splitlines():
         if line.startswith(f"{name}:"):
@@ -101,25 +114,31 @@ class CMakeBuild(build_ext):
         if ninja:
             args += ["-GNinja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
 
+        if os.environ.get("FINEVITI_LIBSTDCXX"):
+            args.append(f"-DFINEVITI_LIBSTDCXX={os.environ['FINEVITI_LIBSTDCXX']}")
         built = self._cmake(cmake, args, env, torch)
         if _private_libstdcxx(built):
             # A C++ compiler that links its own libstdc++ statically (the GPU machines' $CXX does) gives the
             # extension a second copy of the C++ runtime beside torch's: number formatting in error messages
             # then breaks or crashes the process. The system compiler links the shared one.
+            # The fix: link the shared libstdc++ this process has loaded (torch's) by its path, ahead of what the
+            # compiler driver appends, so that no archive member of a static copy is pulled in; and prefer the
+            # system compiler. Seen on the GPU machines: /usr/bin/c++ alone still linked a private copy.
             compiler = _cache_value(built.parent, "CMAKE_CXX_COMPILER")
             system = shutil.which("c++", path="/usr/bin")
-            if system is None or Path(system).resolve() == Path(compiler).resolve():
-                raise RuntimeError(
-                    f"fineviti._C links a private copy of libstdc++ (compiler {compiler}); build with "
-                    "a compiler that links the shared libstdc++, e.g. CXX=/usr/bin/c++"
-                )
-            print(
-                f"fineviti: {compiler} linked a private copy of libstdc++ into {built.name}; rebuilding with {system}",
-                flush=True,
-            )
-            built = self._cmake(cmake, [*args, f"-DCMAKE_CXX_COMPILER={system}"], env, torch)
+            shared = _loaded_libstdcxx()
+            retry = list(args)
+            if system is not None and Path(system).resolve() != Path(compiler).resolve():
+                retry.append(f"-DCMAKE_CXX_COMPILER={system}")
+            if shared is not None:
+                retry.append(f"-DFINEVITI_LIBSTDCXX={shared}")
+            print(f"fineviti: {compiler} linked a private copy of libstdc++ into {built.name}; rebuilding with "
+                  f"{system or compiler} and {shared or 'no loaded libstdc++ found'}", flush=True)
+            built = self._cmake(cmake, retry, env, torch)
             if _private_libstdcxx(built):
-                raise RuntimeError(f"fineviti._C links a private copy of libstdc++ even when built with {system}")
+                print("fineviti: WARNING: fineviti._C still links a private copy of libstdc++; C++ error messages "
+                      "with numbers may crash the process. Build with a compiler that links the shared libstdc++ "
+                      "(CXX=...).", flush=True)
 
         target = Path(self.get_ext_fullpath(ext.name))
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@
 # kernel_report.json/.md (six files: the device tool brings back at most eight). Exits non-zero when any section
 # failed or was skipped (a wrong result fails pytest), after writing the summary.
 #
+# GPU_CHECK_SECTIONS="install pytest_gpu ..." runs only the named sections (a rerun of what failed).
 # GPU_CHECK_BUDGET (seconds, default 540) bounds the whole script: each section's limit is cut to what is left
 # (30 s kept for the summary) and a section that would get under 20 s is skipped (exit code "skipped"), so the
 # summary is always written inside the device call's timeout. Sections run in order of what they are for: the
@@ -33,6 +34,7 @@ T0=$(date +%s)
 section() {  # section NAME LIMIT_SECONDS COMMAND...: runs it under a time limit, its output to WORK/NAME.log
   local name=$1 limit=$2; shift 2
   local start rc=0 wall left
+  if [ -n "${GPU_CHECK_SECTIONS:-}" ] && [[ " $GPU_CHECK_SECTIONS " != *" $name "* ]]; then return; fi
   left=$(( BUDGET - ($(date +%s) - T0) - 30 ))
   if [ "$left" -lt 20 ]; then
     echo "== gpu_check: $name skipped (${left}s of the budget left)"
@@ -58,7 +60,9 @@ section info 30 "$PY" -m fineviti.cli info
   echo "$failed" > "$WORK/kernel_report.failed" ) &
 report_pid=$!
 section bench_attention 150 "$PY" benchmarks/bench_attention.py --quick --plot "$OUTDIR/attention.png"
-section pytest_gpu 150 "$PY" -m pytest -m "gpu and not slow" -q -p no:cacheprovider --durations=15 tests
+# test_attention.py last: a device fault is sticky for the process, and would turn every later test into an error.
+section pytest_gpu 150 "$PY" -m pytest -m "gpu and not slow" -q -p no:cacheprovider --durations=15 \
+  $(ls tests/test_*.py | grep -v 'tests/test_attention.py') tests/test_attention.py
 section rope_attn_block 60 "$PY" benchmarks/bench_rope.py --provider attn_block --tokens 65536 --head-dim 64
 for bench in rope contrastive data train; do
   [ -f "benchmarks/bench_$bench.py" ] && section "bench_$bench" 90 "$PY" "benchmarks/bench_$bench.py" --quick

@@ -74,6 +74,12 @@ def test_triton_deterministic_backward_matches_reference(head_dim, dtype, heads,
     check_against_reference(lens, heads, head_dim, dtype, deterministic=True)  # dq in its own kernel
 
 
+def test_masked_head_dims_padded_path(monkeypatch):
+    # The padding that CUDA tensors take at head dims with masked columns, run on the CPU.
+    monkeypatch.setattr(attention_mod, "PAD_MASKED_HEAD_DIMS_ON", ("cuda", "cpu"))
+    check_against_reference([1, 70, 3], 2, 72, torch.float16)
+
+
 def test_dq_mode_rule(monkeypatch):
     monkeypatch.delenv("FINEVITI_ATTN_DQ", raising=False)
     assert kernels.dq_mode(True) == "separate"

@@ -131,8 +131,21 @@ def _run_triton(q, k, v, cu_q, cu_k, max_q, max_k, scale, seqlens, return_lse, d
         raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported "
                            "(Triton's interpreter); use backend='torch' on a CPU")
     prep = [t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v)]
-    o, lse = _triton_fwd(*prep, cu_q, cu_k, max_q, max_k, scale, seqlens, deterministic)
+    head_dim = q.shape[-1]
+    width = sum(_kernels().split_head_dim(head_dim, q.dtype))
+    if width != head_dim and q.device.type in PAD_MASKED_HEAD_DIMS_ON:
+        # Head dims whose second piece has masked columns (72 = 64 + 16 with 8 masked) ran into an illegal memory
+        # access on an H100 (2026-11-27, triton 3.6; not yet located). The kernels compute the masked columns as
+        # zeros anyway, so zero-padding to the pieces' width costs copies, not FLOPs.
+        prep = [torch.nn.functional.pad(t, (0, width - head_dim)) for t in prep]
+        o, lse = _triton_fwd(*prep, cu_q, cu_k, max_q, max_k, scale, seqlens, deterministic)
+        o = o[..., :head_dim].contiguous()
+    else:
+        o, lse = _triton_fwd(*prep, cu_q, cu_k, max_q, max_k, scale, seqlens, deterministic)
     return (o, lse) if return_lse else o
+
+
+PAD_MASKED_HEAD_DIMS_ON = ("cuda",)  # device types where such head dims are padded (the interpreter runs both)
 
 
 # ----------------------------------------------------------------------------------------------------------------
