@@ -284,7 +284,13 @@ def failures(row: dict, limits: SMLimits = H100) -> list[str]:
         return [f"does not compile: {row['error'].strip().splitlines()[-1][:300] if row['error'].strip() else '?'}"]
     out = []
     spills = row.get("spill_store_bytes")
-    if row["local_bytes"] > 0 and (spills is None or spills > 0):
+    allowance = row.get("spill_allowance") or 0
+    if row["local_bytes"] > 0 and spills is not None and 0 < spills <= allowance:
+        note = (f"spills {spills} bytes, within its declared allowance of {allowance}: "
+                f"{row.get('spill_reason') or 'no reason given'}")
+        if note not in row["warnings"]:
+            row["warnings"].append(note)
+    elif row["local_bytes"] > 0 and (spills is None or spills > 0):
         what = f"{spills} bytes of spill stores" if spills is not None else "spills assumed (ptxas log unavailable)"
         out.append(f"spills registers to local memory: {what}, {row['local_bytes']} bytes of local memory per "
                    f"thread, {row['local_instructions']} local loads/stores")
@@ -375,7 +381,8 @@ def compile_row(row, arch: int = 90, keep_dir: str | Path | None = None, limits:
 
     label = config_label(row)
     base = {"kernel": row.kernel_name, "config": label, "arch": arch, "triton": triton.__version__, "source": "triton",
-            "num_stages": row.num_stages, "warp_specialize": row.warp_specialize}
+            "num_stages": row.num_stages, "warp_specialize": row.warp_specialize,
+            "spill_allowance": row.spill_allowance, "spill_reason": row.spill_reason}
     start = time.perf_counter()
     try:
         fn = jit_function(row.fn)

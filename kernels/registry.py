@@ -32,6 +32,10 @@ class Shipped:
     # Arguments the launch specialises as divisible by 16 (Triton does so at run time for 16-byte-aligned
     # pointers and for ints that are multiples of 16); None means every pointer argument and no int.
     aligned: tuple[str, ...] | None = None
+    # A measured exception to the kernel report's no-spill gate: up to this many bytes of spill stores pass as a
+    # warning, with `spill_reason` (what was measured against what) printed beside them. 0: any spill fails.
+    spill_allowance: int = 0
+    spill_reason: str = ""
     fn: object = dataclasses.field(default=None, compare=False, repr=False)
 
 

@@ -66,7 +66,7 @@ CASES = [
 
 @pytest.mark.parametrize("head_dim,dtype,heads,lens", CASES)
 def test_triton_matches_reference(head_dim, dtype, heads, lens):
-    check_against_reference(lens, heads, head_dim, dtype)  # the default backward: dq by atomics
+    check_against_reference(lens, heads, head_dim, dtype)  # the default backward (atomic dq at 80 and 128)
 
 
 @pytest.mark.parametrize("head_dim,dtype,heads,lens", [CASES[1], CASES[2], CASES[5]])
@@ -74,26 +74,31 @@ def test_triton_deterministic_backward_matches_reference(head_dim, dtype, heads,
     check_against_reference(lens, heads, head_dim, dtype, deterministic=True)  # dq in its own kernel
 
 
-def test_masked_head_dims_padded_path(monkeypatch):
-    # The padding that CUDA tensors take at head dims with masked columns, run on the CPU.
-    monkeypatch.setattr(attention_mod, "PAD_MASKED_HEAD_DIMS_ON", ("cuda", "cpu"))
+def test_split_head_dims_padded_path(monkeypatch):
+    # The zero-padding to a power of two that CUDA tensors take at head dims that are not one, run on the CPU.
+    monkeypatch.setattr(attention_mod, "PAD_SPLIT_HEAD_DIMS_ON", ("cuda", "cpu"))
+    q = torch.empty(2, 1, 80)
+    assert attention_mod.triton_padded_head_dim(80, q) == 128
+    assert attention_mod.triton_padded_head_dim(64, q) == 64
     check_against_reference([1, 70, 3], 2, 72, torch.float16)
 
 
 def test_dq_mode_rule(monkeypatch):
     monkeypatch.delenv("FINEVITI_ATTN_DQ", raising=False)
-    assert kernels.dq_mode(True) == "separate"
-    assert kernels.dq_mode(False) == kernels.DEFAULT_DQ_MODE
+    assert kernels.dq_mode(True, 128, torch.float16) == "separate"
+    assert kernels.dq_mode(False, 128, torch.float16) == kernels.DEFAULT_DQ_MODE
     monkeypatch.setenv("FINEVITI_ATTN_DQ", "atomic")
     assert kernels.dq_mode(False, 80, torch.float16) == "atomic"
+    assert kernels.dq_mode(False, 128, torch.bfloat16) == "atomic"
+    assert kernels.dq_mode(False, 64, torch.bfloat16) == "separate"  # measured faster there
     assert kernels.dq_mode(False, 72, torch.float16) == "separate"  # the atomic variant spills there
     assert kernels.dq_mode(False, 64, torch.float32) == "separate"
     assert kernels.dq_mode(False, 256, torch.bfloat16) == "separate"
     monkeypatch.setenv("FINEVITI_ATTN_DQ", "separate")
-    assert kernels.dq_mode(False) == "separate"
+    assert kernels.dq_mode(False, 128, torch.float16) == "separate"
     monkeypatch.setenv("FINEVITI_ATTN_DQ", "fast")
     with pytest.raises(ValueError, match="FINEVITI_ATTN_DQ must be one of .* got 'fast'"):
-        kernels.dq_mode(False)
+        kernels.dq_mode(False, 128, torch.float16)
 
 
 @pytest.mark.slow

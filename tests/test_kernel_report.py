@@ -103,6 +103,17 @@ def test_spilling_kernel_is_flagged(compiled):
     assert any("spills registers to local memory" in r for r in reasons), reasons
 
 
+def test_declared_spill_allowance_turns_a_spill_into_a_warning(compiled):
+    row = _row(compiled, fixtures.spilling_row())
+    spills = row["spill_store_bytes"]
+    assert spills > 0
+    within = {**row, "warnings": [], "spill_allowance": spills, "spill_reason": "measured faster"}
+    assert kr.failures(within) == []
+    assert any("within its declared allowance" in w and "measured faster" in w for w in within["warnings"])
+    short = {**row, "warnings": [], "spill_allowance": spills - 1}
+    assert any("spills registers to local memory" in r for r in kr.failures(short))
+
+
 def test_clean_kernel_passes_and_uses_hgmma(compiled):
     row = _row(compiled, fixtures.clean_row())
     assert row["error"] is None

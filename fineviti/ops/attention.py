@@ -131,12 +131,11 @@ def _run_triton(q, k, v, cu_q, cu_k, max_q, max_k, scale, seqlens, return_lse, d
         raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported "
                            "(Triton's interpreter); use backend='torch' on a CPU")
     prep = [t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v)]
+    kernels = _kernels()
+    kernels.check_supported(q)
     head_dim = q.shape[-1]
-    width = sum(_kernels().split_head_dim(head_dim, q.dtype))
-    if width != head_dim and q.device.type in PAD_MASKED_HEAD_DIMS_ON:
-        # Head dims whose second piece has masked columns (72 = 64 + 16 with 8 masked) ran into an illegal memory
-        # access on an H100 (2026-11-27, triton 3.6; not yet located). The kernels compute the masked columns as
-        # zeros anyway, so zero-padding to the pieces' width costs copies, not FLOPs.
+    width = triton_padded_head_dim(head_dim, q)
+    if width != head_dim:
         prep = [torch.nn.functional.pad(t, (0, width - head_dim)) for t in prep]
         o, lse = _triton_fwd(*prep, cu_q, cu_k, max_q, max_k, scale, seqlens, deterministic)
         o = o[..., :head_dim].contiguous()
@@ -145,7 +144,20 @@ def _run_triton(q, k, v, cu_q, cu_k, max_q, max_k, scale, seqlens, return_lse, d
     return (o, lse) if return_lse else o
 
 
-PAD_MASKED_HEAD_DIMS_ON = ("cuda",)  # device types where such head dims are padded (the interpreter runs both)
+def triton_padded_head_dim(head_dim: int, q: torch.Tensor) -> int:
+    """The head dim the triton kernels run at. Head dims that are not powers of two run as two power-of-two
+    pieces (80 = 64 + 16) under the interpreter, but on an H100 (2026-11-27, triton 3.6) those kernels hit an
+    illegal memory access: at 72 first, then at 80 when 72 was zero-padded to 80 (benchmarks/results/
+    2026-11-27_H100-80GB-HBM3_gpu_check*.md). Until the fault is located (triton issues 10486, 10573 and 11366
+    report illegal shared-memory reads of Hopper wgmma with narrow dot operands in 3.6-3.7), CUDA tensors at
+    such head dims are zero-padded to the next power of two, which costs FLOPs: 72 and 80 run at 128."""
+    dim_a, dim_b = _kernels().split_head_dim(head_dim, q.dtype)
+    if dim_b == 0 or q.device.type not in PAD_SPLIT_HEAD_DIMS_ON:
+        return head_dim
+    return 1 << (head_dim - 1).bit_length()
+
+
+PAD_SPLIT_HEAD_DIMS_ON = ("cuda",)  # device types where such head dims are padded (the interpreter runs both)
 
 
 # ----------------------------------------------------------------------------------------------------------------
