@@ -150,9 +150,12 @@ def triton_padded_head_dim(head_dim: int, q: torch.Tensor) -> int:
     illegal memory access: at 72 first, then at 80 when 72 was zero-padded to 80 (benchmarks/results/
     2026-11-27_H100-80GB-HBM3_gpu_check*.md). Until the fault is located (triton issues 10486, 10573 and 11366
     report illegal shared-memory reads of Hopper wgmma with narrow dot operands in 3.6-3.7), CUDA tensors at
-    such head dims are zero-padded to the next power of two, which costs FLOPs: 72 and 80 run at 128."""
+    such head dims are zero-padded to the next power of two, which costs FLOPs: 72 and 80 run at 128.
+    FINEVITI_ATTN_PAD_SPLIT=0 turns the padding off, to probe the fault (benchmarks/attention_split_probe.py)."""
     dim_a, dim_b = _kernels().split_head_dim(head_dim, q.dtype)
     if dim_b == 0 or q.device.type not in PAD_SPLIT_HEAD_DIMS_ON:
+        return head_dim
+    if os.environ.get("FINEVITI_ATTN_PAD_SPLIT", "1") == "0":  # for benchmarks/attention_split_probe.py only
         return head_dim
     return 1 << (head_dim - 1).bit_length()
 

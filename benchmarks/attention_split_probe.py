@@ -1,0 +1,84 @@
+"""Probe of the two-piece attention kernels (head dims that are not powers of two) on a GPU.
+
+On an H100 (2026-11-27, triton 3.6) the forward at head_dim 72, and at 80, hit an illegal memory access, so CUDA
+tensors at such head dims are zero-padded to a power of two (fineviti/ops/attention.py, triton_padded_head_dim).
+Under the interpreter the same kernels read nothing outside their inputs (NaN guard bands stay untouched), so the
+fault is expected in the compiled code. This runs one head dim with the padding off, forward then backward, each
+launch synchronised, in a process of its own, and says which launch faulted:
+
+    python benchmarks/attention_split_probe.py --head-dim 80                # OK or the faulting step
+    compute-sanitizer --tool memcheck python benchmarks/attention_split_probe.py --head-dim 80 --small
+
+    python benchmarks/attention_split_probe.py --all    # 72, 80 and 96, each in its own process; then the
+                                                        # first that faults again under compute-sanitizer
+
+benchmarks/gpu_check.sh runs --all.
+"""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ["FINEVITI_ATTN_PAD_SPLIT"] = "0"
+
+import torch  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--head-dim", type=int)
+    parser.add_argument("--all", action="store_true", help="72, 80 and 96 in subprocesses, then the sanitizer")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
+    parser.add_argument("--small", action="store_true", help="one short pack (for compute-sanitizer)")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("no GPU: nothing to probe")
+        return 0
+    if args.all:
+        return probe_all(args.dtype)
+    if args.head_dim is None:
+        parser.error("--head-dim is required without --all")
+    from fineviti.kernels import varlen_attention as kernels
+
+    dtype = getattr(torch, args.dtype)
+    lens = [1, 3, 197, 130] if args.small else [1, 3, 197, 257, 577, 1024]
+    total, heads, d = sum(lens), 4, args.head_dim
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    q, k, v = (torch.randn(total, heads, d, device="cuda", dtype=dtype) for _ in range(3))
+    step = "forward"
+    try:
+        o, lse = kernels.attention_forward(q, k, v, cu, cu, max(lens), max(lens), d ** -0.5, lens)
+        torch.cuda.synchronize()
+        for deterministic in (True, False):
+            step = f"backward (deterministic={deterministic}, dq {kernels.dq_mode(deterministic, d, dtype)})"
+            kernels.attention_backward(torch.randn_like(o), q, k, v, o, lse, cu, cu, max(lens), max(lens),
+                                       d ** -0.5, lens, lens, deterministic=deterministic)
+            torch.cuda.synchronize()
+    except Exception as exc:  # noqa: BLE001  (the fault is what this reports)
+        print(f"head_dim {d} {args.dtype}: FAULT in the {step}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+        return 1
+    print(f"head_dim {d} {args.dtype}: OK (forward and both backwards)")
+    return 0
+
+
+def probe_all(dtype: str) -> int:
+    me = [sys.executable, str(Path(__file__).resolve())]
+    faulted = [d for d in (72, 80, 96)
+               if subprocess.run([*me, "--head-dim", str(d), "--dtype", dtype], timeout=120).returncode != 0]
+    if not faulted:
+        return 0
+    sanitizer = shutil.which("compute-sanitizer")
+    if sanitizer is None:
+        print("compute-sanitizer is not on PATH: no memcheck run")
+    else:
+        subprocess.run([sanitizer, "--tool", "memcheck", "--print-limit", "5", *me, "--head-dim", str(faulted[0]),
+                        "--dtype", dtype, "--small"], timeout=120)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
