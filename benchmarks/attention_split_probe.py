@@ -77,6 +77,12 @@ def probe_all(dtype: str) -> int:
     else:
         subprocess.run([sanitizer, "--tool", "memcheck", "--print-limit", "5", *me, "--head-dim", str(faulted[0]),
                         "--dtype", dtype, "--small"], timeout=120)
+    # Which forward tiles fault at the first failing head dim: pipelining depth and block shape are the suspects
+    # (narrow wgmma operands in multi-stage loops). The backward keeps its pins.
+    for config in ("128,64,8,1", "128,64,8,2", "64,64,4,3", "64,64,4,1", "64,32,4,2"):
+        env = {**os.environ, "FINEVITI_ATTN_FWD_CONFIG": config}
+        rc = subprocess.run([*me, "--head-dim", str(faulted[0]), "--dtype", dtype], env=env, timeout=120).returncode
+        print(f"forward config {config} at head_dim {faulted[0]}: {'OK' if rc == 0 else 'FAULT'}")
     return 1
 
 
