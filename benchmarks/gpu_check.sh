@@ -67,7 +67,7 @@ section rope_attn_block 60 "$PY" benchmarks/bench_rope.py --provider attn_block 
 for bench in rope contrastive data train; do
   [ -f "benchmarks/bench_$bench.py" ] && section "bench_$bench" 90 "$PY" "benchmarks/bench_$bench.py" --quick
 done
-section attention_split_probe 90 "$PY" benchmarks/attention_split_probe.py --all
+section attention_split_probe 150 "$PY" benchmarks/attention_split_probe.py --all
 section attention_sweep 150 "$PY" benchmarks/bench_attention.py --sweep --shape fa3:4096 --head-dim 128 \
   --head-dim 64 --sweep-kind dkdv --sweep-kind dq --sweep-max 4
 wait "$report_pid"
