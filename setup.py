@@ -135,10 +135,13 @@ class CMakeBuild(build_ext):
             print(f"fineviti: {compiler} linked a private copy of libstdc++ into {built.name}; rebuilding with "
                   f"{system or compiler} and {shared or 'no loaded libstdc++ found'}", flush=True)
             built = self._cmake(cmake, retry, env, torch)
-            if _private_libstdcxx(built):
-                print("fineviti: WARNING: fineviti._C still links a private copy of libstdc++; C++ error messages "
-                      "with numbers may crash the process. Build with a compiler that links the shared libstdc++ "
-                      "(CXX=...).", flush=True)
+            if _private_libstdcxx(built) and os.environ.get("FINEVITI_ALLOW_PRIVATE_LIBSTDCXX", "0") in ("", "0"):
+                raise RuntimeError(
+                    f"fineviti._C still links a private copy of libstdc++ after a rebuild with {system or compiler} "
+                    f"and {shared or 'no loaded libstdc++'}: C++ error messages with numbers may crash the process. "
+                    "Build with a compiler that links the shared libstdc++ (CXX=...), or set "
+                    "FINEVITI_ALLOW_PRIVATE_LIBSTDCXX=1 to install it anyway"
+                )
 
         target = Path(self.get_ext_fullpath(ext.name))
         target.parent.mkdir(parents=True, exist_ok=True)

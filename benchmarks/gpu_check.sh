@@ -11,7 +11,8 @@
 # failed or was skipped (a wrong result fails pytest), after writing the summary.
 #
 # GPU_CHECK_SECTIONS="install pytest_gpu ..." runs only the named sections (a rerun of what failed).
-# GPU_CHECK_BUDGET (seconds, default 540) bounds the whole script: each section's limit is cut to what is left
+# GPU_CHECK_BUDGET (seconds, default 300, the design's five minutes; the whole list took about 450 s on an H100 on
+# 2026-11-27, so at the default the last sections are skipped and listed as such) bounds the whole script: each section's limit is cut to what is left
 # (30 s kept for the summary) and a section that would get under 20 s is skipped (exit code "skipped"), so the
 # summary is always written inside the device call's timeout. Sections run in order of what they are for: the
 # attention benchmark first, then correctness, then the other benchmarks, then the attention config sweep.
@@ -28,7 +29,7 @@ export FINEVITI_COMMIT=${FINEVITI_COMMIT:-$(git rev-parse --short=12 HEAD 2>/dev
 : > "$FINEVITI_RESULTS"
 : > "$WORK/sections.jsonl"
 failed=0
-BUDGET=${GPU_CHECK_BUDGET:-540}
+BUDGET=${GPU_CHECK_BUDGET:-300}
 T0=$(date +%s)
 
 section() {  # section NAME LIMIT_SECONDS COMMAND...: runs it under a time limit, its output to WORK/NAME.log
@@ -67,7 +68,7 @@ section rope_attn_block 60 "$PY" benchmarks/bench_rope.py --provider attn_block 
 for bench in rope contrastive data train; do
   [ -f "benchmarks/bench_$bench.py" ] && section "bench_$bench" 90 "$PY" "benchmarks/bench_$bench.py" --quick
 done
-section attention_split_probe 150 "$PY" benchmarks/attention_split_probe.py --all
+section attention_split_probe 180 "$PY" benchmarks/attention_split_probe.py --all
 section attention_sweep 150 "$PY" benchmarks/bench_attention.py --sweep --shape fa3:4096 --head-dim 128 \
   --head-dim 64 --sweep-kind dkdv --sweep-kind dq --sweep-max 4
 wait "$report_pid"

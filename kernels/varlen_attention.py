@@ -5,9 +5,11 @@ queries (forward, dq) or of keys (dk, dv) of one sequence and head; programs map
 cumulative block count built on the device, so a launch never synchronises with the host and uneven packs launch
 no idle programs when the caller passes host-side lengths (at most one per sequence otherwise). Head dims that are
 not powers of two are split into two power-of-two pieces, each with its own tl.dot (80 = 64 + 16, 96 = 64 + 32,
-72 = 64 + 16 with 8 columns masked), instead of padding to the next power of two. The backward recomputes the
-probabilities from the saved fp32 log-sum-exp and writes dq, dk, dv without atomics, so it is deterministic.
-The pure-torch reference lives in fineviti/ops/attention.py.
+72 = 64 + 16 with 8 columns masked), instead of padding to the next power of two (on a GPU the ops layer pads them
+for now: those kernels faulted on an H100, see benchmarks/NOTES-attention.md). The backward recomputes the
+probabilities from the saved fp32 log-sum-exp. dk and dv are written without atomics; dq either by a second
+kernel per query block (deterministic) or, by fp32 atomic adds from the dk/dv kernel (dq_mode). The pure-torch
+reference lives in fineviti/ops/attention.py.
 """
 
 from __future__ import annotations
@@ -212,8 +214,8 @@ def _attn_bwd_preprocess(
 
 
 @triton.jit
-def _dkdv_step(dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, Q, DO, LSE, DELTA, DQ_ACC, q_start, start_m, seqlen_q,
-               stride_q_tok, stride_do_tok, stride_dqa_tok, qk_scale, softmax_scale, HEAD_DIM: tl.constexpr,
+def _dkdv_step(dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, key_ok, Q, DO, LSE, DELTA, DQ_ACC, q_start, start_m,
+               seqlen_q, stride_q_tok, stride_do_tok, stride_dqa_tok, qk_scale, softmax_scale, HEAD_DIM: tl.constexpr,
                DIM_A: tl.constexpr, DIM_B: tl.constexpr, BLOCK_M: tl.constexpr, MASK_M: tl.constexpr,
                PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr):
     rows = start_m + tl.arange(0, BLOCK_M)
@@ -233,6 +235,8 @@ def _dkdv_step(dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, Q, DO, LSE, DELTA, DQ
     p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :] * 1.4426950408889634)
     if MASK_M:
         p_t = tl.where(row_ok[None, :], p_t, 0.0)
+    if ATOMIC_DQ:  # key rows past the sequence (zeros) must add nothing to dq: exp(-lse) there can overflow
+        p_t = tl.where(key_ok[:, None], p_t, 0.0)
     do_a = _load_tile(DO, tok, row_ok, stride_do_tok, 0, DIM_A, HEAD_DIM, MASK_M)
     dv_a = tl.dot(p_t.to(do_a.dtype), do_a, dv_a, input_precision=PRECISION)
     dp_t = tl.dot(v_a, tl.trans(do_a), input_precision=PRECISION)
@@ -323,13 +327,13 @@ def _attn_bwd_dkdv(
 
     m_full = (seqlen_q // BLOCK_M) * BLOCK_M
     for start_m in tl.range(0, m_full, BLOCK_M):
-        dk_a, dk_b, dv_a, dv_b = _dkdv_step(dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, Q, DO, LSE, DELTA, DQ_ACC,
-                                            q_start, start_m, seqlen_q, stride_q_tok, stride_do_tok,
+        dk_a, dk_b, dv_a, dv_b = _dkdv_step(dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, row_ok, Q, DO, LSE,
+                                            DELTA, DQ_ACC, q_start, start_m, seqlen_q, stride_q_tok, stride_do_tok,
                                             stride_dqa_tok, qk_scale, softmax_scale, HEAD_DIM, DIM_A, DIM_B,
                                             BLOCK_M, False, PRECISION, ATOMIC_DQ)
     if m_full < seqlen_q:
-        dk_a, dk_b, dv_a, dv_b = _dkdv_step(dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, Q, DO, LSE, DELTA, DQ_ACC,
-                                            q_start, m_full, seqlen_q, stride_q_tok, stride_do_tok,
+        dk_a, dk_b, dv_a, dv_b = _dkdv_step(dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, row_ok, Q, DO, LSE,
+                                            DELTA, DQ_ACC, q_start, m_full, seqlen_q, stride_q_tok, stride_do_tok,
                                             stride_dqa_tok, qk_scale, softmax_scale, HEAD_DIM, DIM_A, DIM_B,
                                             BLOCK_M, True, PRECISION, ATOMIC_DQ)
 
@@ -446,8 +450,8 @@ def _attn_bwd_dq(
 
 # ----------------------------------------------------------------------------------------------------------------
 # Configurations: pinned per (head-dim piece layout, dtype, power-of-two bucket of max_seqlen); never keyed on
-# `total`, which changes every step. FINEVITI_ATTN_CONFIG="BM,BN,warps,stages" overrides one launch kind for
-# experiments.
+# `total`, which changes every step. FINEVITI_ATTN_{FWD,DKDV,DKDV_ATOMIC,DQ}_CONFIG="BM,BN,warps,stages" overrides
+# one launch kind for experiments.
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -571,8 +575,8 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     """O (total_q, heads, head_dim) in q's dtype and LSE (heads, total_q) fp32."""
     total_q, heads, head_dim = q.shape
     check_supported(q)
-    if not softmax_scale > 0:  # the kernel takes the row maximum of the raw scores, then scales it
-        raise ValueError(f"softmax_scale must be > 0 for the triton backend, got {softmax_scale}")
+    if not (math.isfinite(softmax_scale) and softmax_scale > 0):  # the row maximum is taken before scaling
+        raise ValueError(f"softmax_scale must be finite and > 0 for the triton backend, got {softmax_scale}")
     dim_a, dim_b = split_head_dim(head_dim, q.dtype)
     cfg = pick_config("fwd", head_dim, q.dtype, max(max_seqlen_q, max_seqlen_k))
     o = torch.empty_like(q)
@@ -598,23 +602,28 @@ DQ_MODES = ("atomic", "separate")
 DEFAULT_DQ_MODE = "atomic"
 
 
-def atomic_dq_supported(head_dim: int, dtype: torch.dtype) -> bool:
+def atomic_dq_supported(head_dim: int, dtype: torch.dtype, max_seqlen: int | None = None) -> bool:
     """Where the atomic variant is used: 16-bit inputs at head dims above 64 and up to 128 without masked columns.
     Not at fp32, 72 or above 128: the extra dq tile spilled 32-900 bytes of registers on sm_90 whatever the tile
     (16x16 to 64x128, 4 or 8 warps; kernel report). Not at 64 and below: measured slower on an H100 (FA3 shape
     seqlen 4096, d64, bf16: backward 5.149 and 5.084 ms with atomics, 4.909 and 4.900 ms without, two runs;
-    benchmarks/results/2026-11-27_H100-80GB-HBM3_gpu_check{,_rerun}_summary.md)."""
+    benchmarks/results/2026-11-27_H100-80GB-HBM3_gpu_check{,_rerun}_summary.md). Not when every sequence fits
+    one 64-row block (`max_seqlen` <= 64): there the short tile spilled once the key-row mask was added, and a
+    single key block per sequence leaves no recomputation to save."""
     dim_a, dim_b = split_head_dim(head_dim, dtype)
+    if max_seqlen is not None and _seqlen_bucket(max_seqlen) <= 64:
+        return False
     return dtype in (torch.float16, torch.bfloat16) and dim_a + dim_b == head_dim and 64 < head_dim <= 128
 
 
-def dq_mode(deterministic: bool, head_dim: int = 64, dtype: torch.dtype = torch.bfloat16) -> str:
+def dq_mode(deterministic: bool, head_dim: int = 64, dtype: torch.dtype = torch.bfloat16,
+            max_seqlen: int | None = None) -> str:
     """'separate' when `deterministic` or where atomic_dq_supported is false, else FINEVITI_ATTN_DQ or
     DEFAULT_DQ_MODE."""
     mode = os.environ.get("FINEVITI_ATTN_DQ") or DEFAULT_DQ_MODE
     if mode not in DQ_MODES:
         raise ValueError(f"FINEVITI_ATTN_DQ must be one of {DQ_MODES}, got {mode!r}")
-    if deterministic or not atomic_dq_supported(head_dim, dtype):
+    if deterministic or not atomic_dq_supported(head_dim, dtype, max_seqlen):
         return "separate"
     return mode
 
@@ -626,7 +635,7 @@ def attention_backward(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, max_seql
     total_k = k.shape[0]
     dim_a, dim_b = split_head_dim(head_dim, q.dtype)
     longest = max(max_seqlen_q, max_seqlen_k)
-    atomic = dq_mode(deterministic, head_dim, q.dtype) == "atomic"
+    atomic = dq_mode(deterministic, head_dim, q.dtype, longest) == "atomic"
     dq = torch.empty_like(q)
     dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic else lse
     dk = torch.empty_like(k)
@@ -708,9 +717,9 @@ def shipped_configs(kind: str) -> list[registry.Shipped]:
     rows, seen = [], set()
     cases = [(d, t) for d in SHIPPED_HEAD_DIMS for t in (torch.bfloat16, torch.float16)] + [(64, torch.float32)]
     for head_dim, dtype in cases:
-        if kind == "dkdv_atomic" and not atomic_dq_supported(head_dim, dtype):
-            continue
         for seqlen in SHIPPED_SEQLENS:
+            if kind == "dkdv_atomic" and not atomic_dq_supported(head_dim, dtype, seqlen):
+                continue
             cfg = pick_config(kind, head_dim, dtype, seqlen)
             dim_a, dim_b = split_head_dim(head_dim, dtype)
             key = (head_dim, dtype, cfg)
@@ -728,7 +737,8 @@ def shipped_configs(kind: str) -> list[registry.Shipped]:
                                 BLOCK_N=cfg.block_n, PRECISION=_precision(dtype),
                                 ALIGN=8 if head_dim % 8 == 0 else 1,
                                 **({"ATOMIC_DQ": kind == "dkdv_atomic"} if kind.startswith("dkdv") else {})),
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages, aligned=_aligned(fn, head_dim),
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                aligned=_aligned(fn, head_dim, zero_dqa=kind == "dkdv"),
                 **_spill_allowance(kind, head_dim, cfg),
             ))
     return rows
@@ -736,21 +746,25 @@ def shipped_configs(kind: str) -> list[registry.Shipped]:
 
 def _spill_allowance(kind: str, head_dim: int, cfg: Config) -> dict:
     """The measured exception to the no-spill gate: dk/dv with atomic dq at d128, M64N128 w8 s2, spills 88 bytes
-    with triton 3.6 (the build that was timed) and 56 with 3.8 (sm_90), yet ran the backward in 4.537 ms against 5.723 for the best tile that does not spill
-    (M32N128) and 7.466 for M64N64 (H100, FA3 shape seqlen 4096, bf16; benchmarks/results/
-    2026-11-27_H100-80GB-HBM3_gpu_check_summary.md)."""
+    with triton 3.6 (the build that was timed) and 56 with 3.8 (sm_90), yet ran the backward in 4.537 ms against
+    5.723 for the best tile that does not spill (M32N128) and 7.466 for M64N64 (H100, FA3 shape seqlen 4096, bf16;
+    benchmarks/results/2026-11-27_H100-80GB-HBM3_gpu_check_summary.md; timed before the key-row mask of the atomic
+    dq was added, which the next GPU check re-times)."""
     if kind == "dkdv_atomic" and head_dim == 128 and (cfg.block_m, cfg.block_n, cfg.num_warps) == (64, 128, 8):
         return {"spill_allowance": 96, "spill_reason": "measured on an H100 with these spills (triton 3.6): bwd "
                                                        "4.537 ms against 5.723 ms for the best non-spilling tile"}
     return {}
 
 
-def _aligned(fn, head_dim: int, heads: int = 16) -> tuple[str, ...]:
+def _aligned(fn, head_dim: int, heads: int = 16, zero_dqa: bool = False) -> tuple[str, ...]:
     """What Triton specialises as divisible by 16 for contiguous (total, heads, head_dim) inputs: the pointers,
     the token strides (heads * head_dim) and the head strides when head_dim is a multiple of 16."""
     names = []
     for name, is_constexpr in _params(fn):
         if is_constexpr or name in ("n_seqs", "total", "softmax_scale", "stride_lse_head", "stride_delta_head"):
+            continue
+        if name.startswith("stride_dqa_") and zero_dqa:  # passed as 0 when dq is not accumulated by atomics
+            names.append(name)
             continue
         if name.endswith("_tok"):
             names.append(name) if (heads * head_dim) % 16 == 0 else None

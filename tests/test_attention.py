@@ -80,7 +80,67 @@ def test_split_head_dims_padded_path(monkeypatch):
     q = torch.empty(2, 1, 80)
     assert attention_mod.triton_padded_head_dim(80, q) == 128
     assert attention_mod.triton_padded_head_dim(64, q) == 64
+    seen = []
+    original = attention_mod._triton_fwd
+
+    def spy(q, *args):
+        seen.append(q.shape[-1])
+        return original(q, *args)
+
+    monkeypatch.setattr(attention_mod, "_triton_fwd", spy)
     check_against_reference([1, 70, 3], 2, 72, torch.float16)
+    assert seen == [128]  # the kernels ran at the padded width
+    monkeypatch.setenv("FINEVITI_ATTN_PAD_SPLIT", "0")
+    check_against_reference([1, 7], 1, 72, torch.float16)
+    assert seen == [128, 72]
+
+
+def _backward_spy(monkeypatch):
+    calls = []
+    original = kernels.attention_backward
+
+    def spy(*args, deterministic=False, **kwargs):
+        q = args[1]
+        calls.append(kernels.dq_mode(deterministic, q.shape[-1], q.dtype, max(args[8], args[9])))
+        return original(*args, deterministic=deterministic, **kwargs)
+
+    monkeypatch.setattr(kernels, "attention_backward", spy)
+    return calls
+
+
+def test_deterministic_reaches_the_backward(monkeypatch):
+    monkeypatch.delenv("FINEVITI_ATTN_DQ", raising=False)
+    calls = _backward_spy(monkeypatch)
+    q, k, v, cu = make_pack([5, 70], 1, 128, torch.float16)
+    for det in (False, True):
+        out = varlen_attention(q, k, v, cu, 70, backend="triton", deterministic=det)
+        torch.autograd.grad(out.sum(), (q, k, v))
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        out = varlen_attention(q, k, v, cu, 70, backend="triton")
+        torch.autograd.grad(out.sum(), (q, k, v))
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert calls == [kernels.DEFAULT_DQ_MODE, "separate", "separate"] and kernels.DEFAULT_DQ_MODE == "atomic"
+
+
+def test_atomic_dq_ignores_key_rows_past_the_sequence():
+    # Every score of a query far below its row's others: exp(-lse) overflows fp16 on the padding rows of the last
+    # key block, which must add nothing to dq (they did: NaN through inf * 0).
+    # (70 keys: one 128-row key block with 58 padding rows; max_seqlen > 64, so the default uses the atomic dq)
+    assert kernels.dq_mode(False, 128, torch.float16, 70) == "atomic"
+    q = 4 * torch.randn(1, 1, 128) + 0.01 * torch.randn(71, 1, 128)
+    k = -1.5 * q
+    q, k, v = (t.to(torch.float16).requires_grad_() for t in (q, k, torch.randn(71, 1, 128)))
+    cu = torch.tensor([0, 1, 71], dtype=torch.int32)
+    grads = {}
+    for det in (False, True):
+        out = varlen_attention(q, k, v, cu, 70, backend="triton", deterministic=det)
+        grads[det] = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    for atomic, separate in zip(grads[False], grads[True], strict=True):
+        assert torch.isfinite(atomic).all()
+        assert torch.allclose(atomic.float(), separate.float(), atol=1e-3, rtol=1e-2)
 
 
 def test_dq_mode_rule(monkeypatch):
@@ -90,6 +150,7 @@ def test_dq_mode_rule(monkeypatch):
     monkeypatch.setenv("FINEVITI_ATTN_DQ", "atomic")
     assert kernels.dq_mode(False, 80, torch.float16) == "atomic"
     assert kernels.dq_mode(False, 128, torch.bfloat16) == "atomic"
+    assert kernels.dq_mode(False, 128, torch.bfloat16, 64) == "separate"  # one key block per sequence
     assert kernels.dq_mode(False, 64, torch.bfloat16) == "separate"  # measured faster there
     assert kernels.dq_mode(False, 72, torch.float16) == "separate"  # the atomic variant spills there
     assert kernels.dq_mode(False, 64, torch.float32) == "separate"
@@ -263,8 +324,8 @@ def test_seqlens_must_match_cu_seqlens():
 
 def test_negative_softmax_scale_is_a_clear_error():
     q, k, v, cu = make_pack([3, 5], 1, 32, torch.float32)
-    for bad in (-0.5, 0.0, float("nan")):
-        with pytest.raises(ValueError, match=f"softmax_scale must be > 0 for the triton backend, got {bad}"):
+    for bad in (-0.5, 0.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=f"softmax_scale must be finite and > 0 for the triton backend, got {bad}"):
             varlen_attention(q, k, v, cu, 5, backend="triton", softmax_scale=bad)
 
 

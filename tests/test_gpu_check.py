@@ -49,15 +49,18 @@ def test_summary_has_every_row_and_ratios(tmp_path):
 
 def test_budget_cuts_limits_and_skips_sections(tmp_path):
     # The script's section() under a 52 s budget (30 s kept for the summary): the first section runs, the second
-    # is cut from 100 s to what is left, the third is skipped and recorded as such.
+    # is cut from 100 s to what is left and passes, then (the clock moved 100 s on) the third is skipped and
+    # recorded as such, which alone marks the run failed; GPU_CHECK_SECTIONS leaves out what it does not name.
     script = (REPO / "benchmarks" / "gpu_check.sh").read_text()
     function = re.search(r"^section\(\) \{.*?^\}", script, re.S | re.M).group(0)
     driver = (f"set -uo pipefail\nWORK={tmp_path}\nfailed=0\nBUDGET=52\nT0=$(date +%s)\n{function}\n"
-              "section quick 5 true\nsection cut 100 sleep 30\nsection late 100 true\necho failed=$failed\n")
+              "section quick 5 true\nsection cut 100 true\necho after_cut=$failed\nT0=$((T0 - 100))\n"
+              "section late 100 true\necho failed=$failed\n"
+              "GPU_CHECK_SECTIONS='other'\nsection unnamed 5 true\n")
     out = subprocess.run(["bash", "-c", driver], capture_output=True, text=True, check=True).stdout
     sections = [json.loads(line) for line in (tmp_path / "sections.jsonl").read_text().splitlines()]
     assert [s["section"] for s in sections] == ["quick", "cut", "late"]
-    assert sections[0]["rc"] == 0
-    assert sections[1]["rc"] == 124 and sections[1]["limit_s"] <= 22
+    assert sections[0]["rc"] == 0 and sections[0]["limit_s"] == 5
+    assert sections[1]["rc"] == 0 and 15 <= sections[1]["limit_s"] <= 22
     assert sections[2]["rc"] == "skipped"
-    assert "failed=1" in out
+    assert "after_cut=0" in out and "failed=1" in out

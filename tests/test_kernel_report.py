@@ -112,6 +112,20 @@ def test_declared_spill_allowance_turns_a_spill_into_a_warning(compiled):
     assert any("within its declared allowance" in w and "measured faster" in w for w in within["warnings"])
     short = {**row, "warnings": [], "spill_allowance": spills - 1}
     assert any("spills registers to local memory" in r for r in kr.failures(short))
+    # compile_row carries the declared allowance into the row that failures() reads (a row that cannot compile is
+    # enough to see the fields, and costs no compile)
+    import dataclasses
+
+    declared = dataclasses.replace(fixtures.spilling_row(), signature={}, spill_allowance=7, spill_reason="why")
+    assert {"spill_allowance": 7, "spill_reason": "why"}.items() <= kr.compile_row(declared).items()
+
+
+def test_attention_declares_its_one_spill_exception():
+    from fineviti.kernels import registry
+
+    declared = [r for r in registry.shipped() if r.spill_allowance]
+    assert declared and all(r.kernel_name == "attn_bwd_dkdv_atomic" and "M64N128" in r.label and "d128" in r.label
+                            and r.spill_reason for r in declared)
 
 
 def test_clean_kernel_passes_and_uses_hgmma(compiled):

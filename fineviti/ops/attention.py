@@ -151,11 +151,12 @@ def triton_padded_head_dim(head_dim: int, q: torch.Tensor) -> int:
     2026-11-27_H100-80GB-HBM3_gpu_check*.md). Until the fault is located (triton issues 10486, 10573 and 11366
     report illegal shared-memory reads of Hopper wgmma with narrow dot operands in 3.6-3.7), CUDA tensors at
     such head dims are zero-padded to the next power of two, which costs FLOPs: 72 and 80 run at 128.
-    FINEVITI_ATTN_PAD_SPLIT=0 turns the padding off, to probe the fault (benchmarks/attention_split_probe.py)."""
+    FINEVITI_ATTN_PAD_SPLIT=0 turns the padding off (to run the two-piece kernels through this op on a GPU;
+    benchmarks/attention_split_probe.py calls the kernels directly)."""
     dim_a, dim_b = _kernels().split_head_dim(head_dim, q.dtype)
     if dim_b == 0 or q.device.type not in PAD_SPLIT_HEAD_DIMS_ON:
         return head_dim
-    if os.environ.get("FINEVITI_ATTN_PAD_SPLIT", "1") == "0":  # for benchmarks/attention_split_probe.py only
+    if os.environ.get("FINEVITI_ATTN_PAD_SPLIT", "1") == "0":
         return head_dim
     return 1 << (head_dim - 1).bit_length()
 
@@ -339,8 +340,10 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, cu_seqlens_k=None, max_
     softmax_scale: default 1/sqrt(head_dim).
     backend: 'auto' or one of BACKENDS (module docstring).
     return_lse: also return the (heads, total) fp32 log-sum-exp (natural log) of the scaled scores.
-    deterministic: ask for a bit-reproducible backward. The triton backend then computes dq in a second kernel
-        without atomics; otherwise it follows kernels.varlen_attention.dq_mode (FINEVITI_ATTN_DQ overrides).
+    deterministic: ask for a bit-reproducible backward (also on when torch.use_deterministic_algorithms(True) is
+        set). The triton backend then computes dq in a second kernel without atomics; otherwise it follows
+        kernels.varlen_attention.dq_mode (atomic dq at 16-bit head dims above 64; FINEVITI_ATTN_DQ overrides).
+    softmax_scale with the triton backend: finite and > 0.
         The torch backend always is; it is passed on to flash_attn.
     seqlens: optional host-side list of the sequence lengths (the data planner knows them): lets the triton
         backend launch an exact grid, and xformers skip a host read.
@@ -363,6 +366,7 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, cu_seqlens_k=None, max_
         raise ValueError(f"head_dim must be in [16, 256], got {head_dim}")
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
     name = resolve_backend(backend, q.device)
+    deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
     if name == "triton":
         return _run_triton(q, k, v, cu_seqlens, cu_k, max_seqlen, max_k, scale,
                            list(seqlens) if seqlens is not None else None, return_lse, deterministic=deterministic)
