@@ -5,7 +5,8 @@ beside the copy bandwidth measured on the same device (`copy`: one device-to-dev
 provider is Hugging Face's apply_rotary_pos_emb_vision with its cos/sin tables built beforehand (Qwen2-VL builds
 them once per forward and shares them across layers), so it is timed without building them; ours computes cos/sin
 on the fly. `attn_block` rows time QKV split (+ rotation) + varlen attention, forward and backward: the cost of
-the rotation inside the attention block.
+the rotation inside the attention block, against torch's copying split and against attention reading strided views
+of the fused projection with no split at all (what a model without RoPE would run).
 
     python benchmarks/bench_rope.py                 # the sweep: 16k-256k tokens, head dims 64/80/96/128, bf16
     python benchmarks/bench_rope.py --quick         # a fixed small set (part of the GPU check)
@@ -231,6 +232,9 @@ def run_attn_block(rec, tokens, heads, head_dim, dtype, device, seqlen=1024):
     def split_only():
         return qkv.view(tokens, 3, heads, head_dim).permute(1, 0, 2, 3).contiguous().unbind(0)
 
+    def views_only():  # no split copy at all: the attention kernels read strided views of the fused projection
+        return qkv.view(tokens, 3, heads, head_dim).unbind(1)
+
     def fused():
         return rope_ops.qkv_split_rope(qkv, pos, heads, backend="triton", check_values=False)
 
@@ -239,7 +243,8 @@ def run_attn_block(rec, tokens, heads, head_dim, dtype, device, seqlen=1024):
         q, k = rope_ops.rope_2d_qk(q, k, pos, backend="triton", check_values=False)
         return q, k, v
 
-    variants = {"attn_no_rope": split_only, "attn_fused_split": fused, "attn_standalone": standalone}
+    variants = {"attn_no_rope": split_only, "attn_views_no_rope": views_only, "attn_fused_split": fused,
+                "attn_standalone": standalone}
     shape = {"tokens": tokens, "heads": heads, "head_dim": head_dim, "seqlen": max_seqlen}
     times = {}
     for name, make_qkv in variants.items():
@@ -254,8 +259,10 @@ def run_attn_block(rec, tokens, heads, head_dim, dtype, device, seqlen=1024):
             return
         times[name] = timing["median_ms"]
         extra = {}
-        if name != "attn_no_rope":
+        if name not in ("attn_no_rope", "attn_views_no_rope"):  # against the copy split, and against no split
             extra["rope_share"] = (timing["median_ms"] - times["attn_no_rope"]) / times["attn_no_rope"]
+            extra["rope_share_vs_views"] = ((timing["median_ms"] - times["attn_views_no_rope"])
+                                            / times["attn_views_no_rope"])
         rec.add(provider=name, mode="full", shape=shape, dtype=str(dtype).replace("torch.", ""), timing=timing,
                 **extra)
 
