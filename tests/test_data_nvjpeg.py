@@ -35,9 +35,12 @@ def check_against_pil(got, pil):
         for name in ("cu_seqlens", "pos", "grid_hw", "tokens", "boxes", "region_tokens"):
             assert torch.equal(getattr(a, name), getattr(b, name)), name
         levels = (a.patches.cpu() - b.patches).abs() * 0.5 * 255
-        assert levels.max() <= nvjpeg.PIXEL_TOLERANCE + 1e-3
-        for i in range(a.n_images):
-            assert levels[a.cu_seqlens[i]:a.cu_seqlens[i + 1]].mean() <= nvjpeg.MEAN_TOLERANCE
+        means = [levels[a.cu_seqlens[i]:a.cu_seqlens[i + 1]].mean().item() for i in range(a.n_images)]
+        # the whole distribution in the message: a failure on a GPU (nvJPEG) then says how far off it is
+        spread = (f"max {levels.max().item():.1f}, 99.9th percentile {levels.flatten().float().quantile(0.999):.1f}, "
+                  f"share above 4 levels {(levels > 4).float().mean().item():.2e}, worst image mean {max(means):.3f}")
+        assert levels.max() <= nvjpeg.PIXEL_TOLERANCE + 1e-3, spread
+        assert max(means) <= nvjpeg.MEAN_TOLERANCE, spread
 
 
 @pytest.mark.parametrize("merge", [1, 2])
