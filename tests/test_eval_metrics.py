@@ -183,6 +183,9 @@ def test_hard_negative_accuracy():
     assert out["n"] == 5 and out["n_without_negatives"] == 1 and out["n_negatives"] == 6
     assert out["accuracy"] == pytest.approx(3 / 5)
     assert out["chance"] == pytest.approx((1 / 3 + 1 / 2 + 1 / 2 + 1 / 2 + 1 / 2) / 5)
+    # pairs: image 0's two and images 1, 2 win; image 3's tie and image 4's closer negative lose
+    assert out["pair_accuracy"] == pytest.approx(4 / 6) and out["pair_chance"] == 0.5
+    assert out["chance_independent"] == pytest.approx((1 / 4 + 1 / 2 + 1 / 2 + 1 / 2 + 1 / 2) / 5)
     with pytest.raises(ValueError, match="no image has a hard negative"):
         hard_negative_accuracy(img, pos, neg[:0], neg_image[:0])
 

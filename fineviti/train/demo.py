@@ -156,6 +156,8 @@ def format_table(report: dict) -> str:
         ("retrieval image->text R@5", r.get("i2t_r5"), None, ""),
         ("retrieval text->image R@5", r.get("t2i_r5"), None, ""),
         ("hard negatives accuracy", h["accuracy"], h.get("chance"), f"n={h['n']}"),
+        ("  chance if blind to the edits", h.get("chance_independent"), None, "0.5 ** negatives"),
+        ("hard negatives, per pair", h.get("pair_accuracy"), h.get("pair_chance"), f"pairs={h['n_negatives']}"),
         ("regions top-1, after stage 1", s1["top1"], s1.get("chance_top1"), f"n={s1['n']}"),
         ("regions top-1, after stage 2", s2["top1"], s2.get("chance_top1"), f"n={s2['n']}"),
     ]
