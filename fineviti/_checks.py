@@ -13,9 +13,12 @@ import torch
 
 
 def value_checks_enabled(tensor: torch.Tensor, check_values: bool | None = None) -> bool:
-    """Whether to check the values of `tensor`: always on the CPU, opt-in on an accelerator."""
+    """Whether to check the values of `tensor`: always on the CPU, opt-in on an accelerator; by default not while
+    torch.compile traces (a host read of a value would break the graph; check_values=True still asks for it)."""
     if check_values is not None:
         return check_values
+    if torch.compiler.is_compiling():
+        return False
     if tensor.device.type == "cpu":
         return True
     return os.environ.get("FINEVITI_CHECKS", "0") not in ("", "0", "false", "False")

@@ -5,7 +5,8 @@ gradients equal the eager ones. torch.library.opcheck checks the ops' schemas, f
 aot_eager (not inductor) on the CPU: it traces with the fake implementations and then runs the ops eagerly, so the
 triton backend runs under Triton's interpreter (conftest sets TRITON_INTERPRET=1 without a GPU).
 The value checks of logit_scale / logit_bias read the tensors on the host (the default on CPU tensors), which
-cannot be traced: the compiled calls pass check_values=False.
+cannot be traced: while torch.compile traces, the default skips them (fineviti._checks.value_checks_enabled), so
+these calls leave check_values at its default.
 """
 
 import pytest
@@ -36,9 +37,9 @@ def loss_and_grads(fn, inputs):
 
 def loss_fn(loss, backend):
     if loss == "siglip":
-        return lambda img, txt, scale, bias: siglip_loss(img, txt, scale, bias, backend=backend, check_values=False)
+        return lambda img, txt, scale, bias: siglip_loss(img, txt, scale, bias, backend=backend)
     # bias unused: its gradient stays None in both runs
-    return lambda img, txt, scale, bias: clip_loss(img, txt, scale, backend=backend, check_values=False)
+    return lambda img, txt, scale, bias: clip_loss(img, txt, scale, backend=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
