@@ -219,7 +219,7 @@ def available(provider, device) -> str | None:
 
 
 def run_attn_block(rec, tokens, heads, head_dim, dtype, device, seqlen=1024):
-    from fineviti.ops import varlen_attention
+    from fineviti.ops import varlen_attention, varlen_attention_rope
 
     side = int(seqlen ** 0.5)
     pos = grid_positions(tokens, side, device)
@@ -244,11 +244,14 @@ def run_attn_block(rec, tokens, heads, head_dim, dtype, device, seqlen=1024):
         return q, k, v
 
     variants = {"attn_no_rope": split_only, "attn_views_no_rope": views_only, "attn_fused_split": fused,
-                "attn_standalone": standalone}
+                "attn_standalone": standalone, "attn_rope_in_kernel": None}
     shape = {"tokens": tokens, "heads": heads, "head_dim": head_dim, "seqlen": max_seqlen}
     times = {}
     for name, make_qkv in variants.items():
         def forward(make_qkv=make_qkv):
+            if make_qkv is None:  # variant (b): strided views, rotated inside the attention kernel
+                q, k, v = views_only()
+                return varlen_attention_rope(q, k, v, cu, max_seqlen, pos, check_values=False)
             q, k, v = make_qkv()
             return varlen_attention(q, k, v, cu, max_seqlen)
         try:

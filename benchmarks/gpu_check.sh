@@ -65,7 +65,7 @@ section bench_attention 150 "$PY" benchmarks/bench_attention.py --quick --plot "
 # test_attention.py last: a device fault is sticky for the process, and would turn every later test into an error.
 section pytest_gpu 150 "$PY" -m pytest -m "gpu and not slow" -q -p no:cacheprovider --durations=15 \
   $(ls tests/test_*.py | grep -v 'tests/test_attention.py') tests/test_attention.py
-section rope_attn_block 60 "$PY" benchmarks/bench_rope.py --provider attn_block --tokens 65536 --head-dim 64
+section rope_attn_block 90 "$PY" benchmarks/bench_rope.py --provider attn_block --tokens 65536 --head-dim 64
 section attention_split_probe 180 "$PY" benchmarks/attention_split_probe.py --all
 section attention_sweep 150 "$PY" benchmarks/bench_attention.py --sweep --shape fa3:4096 --head-dim 128 \
   --head-dim 64 --sweep-kind dkdv --sweep-kind dq --sweep-max 4

@@ -77,6 +77,36 @@ def _store_tile(base, x, tok, row_ok, stride_tok, COL0: tl.constexpr, COLS: tl.c
 
 
 @triton.jit
+def _load_rotated(base, tok, row_ok, stride_tok, POS, COS, SIN, HEAD_DIM: tl.constexpr, MASK_ROWS: tl.constexpr):
+    """Rows `tok` of a (total, HEAD_DIM) head slice rotated by 2D RoPE (DESIGN.md's rope_2d): x * cos +
+    rotate_half(x) * sin, in fp32, returned in x's dtype (as rope_2d would have stored it). rotate_half is a second
+    load of the same rows with the halves swapped; cos and sin come from (positions, HEAD_DIM // 4) fp32 tables
+    indexed by the token's row (first quarter of each half) or column (second quarter)."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    QUARTER: tl.constexpr = HEAD_DIM // 4
+    cols = tl.arange(0, HEAD_DIM)
+    row_ptrs = base + tok[:, None] * stride_tok
+    if MASK_ROWS:
+        x = tl.load(row_ptrs + cols[None, :], mask=row_ok[:, None], other=0.0)
+        swapped = tl.load(row_ptrs + ((cols + HALF) % HEAD_DIM)[None, :], mask=row_ok[:, None], other=0.0)
+        r = tl.load(POS + tok * 2, mask=row_ok, other=0)
+        c = tl.load(POS + tok * 2 + 1, mask=row_ok, other=0)
+    else:
+        x = tl.load(row_ptrs + cols[None, :])
+        swapped = tl.load(row_ptrs + ((cols + HALF) % HEAD_DIM)[None, :])
+        r = tl.load(POS + tok * 2)
+        c = tl.load(POS + tok * 2 + 1)
+    pair = cols % HALF
+    coord = tl.where((pair < QUARTER)[None, :], r[:, None], c[:, None])
+    index = coord * QUARTER + (pair % QUARTER)[None, :]
+    cos = tl.load(COS + index)
+    sin = tl.load(SIN + index)
+    sign = tl.where(cols < HALF, -1.0, 1.0)
+    out = x.to(tl.float32) * cos + sign[None, :] * swapped.to(tl.float32) * sin
+    return out.to(x.dtype)
+
+
+@triton.jit
 def _atomic_add_tile(base, x, tok, row_ok, stride_tok, COL0: tl.constexpr, COLS: tl.constexpr,
                      HEAD_DIM: tl.constexpr, MASK_ROWS: tl.constexpr):
     cols = COL0 + tl.arange(0, COLS)
@@ -94,13 +124,16 @@ def _atomic_add_tile(base, x, tok, row_ok, stride_tok, COL0: tl.constexpr, COLS:
 
 
 @triton.jit
-def _fwd_step(acc_a, acc_b, m_i, l_i, q_a, q_b, K, V, kv_start, start_n, seqlen_k, stride_k_tok, stride_v_tok,
-              qk_scale, HEAD_DIM: tl.constexpr, DIM_A: tl.constexpr, DIM_B: tl.constexpr, BLOCK_N: tl.constexpr,
-              MASK_N: tl.constexpr, PRECISION: tl.constexpr):
+def _fwd_step(acc_a, acc_b, m_i, l_i, q_a, q_b, K, V, POS_K, COS, SIN, kv_start, start_n, seqlen_k, stride_k_tok,
+              stride_v_tok, qk_scale, HEAD_DIM: tl.constexpr, DIM_A: tl.constexpr, DIM_B: tl.constexpr,
+              BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, PRECISION: tl.constexpr, ROPE: tl.constexpr):
     rows = start_n + tl.arange(0, BLOCK_N)
     row_ok = rows < seqlen_k
     tok = (kv_start + rows).to(tl.int64)
-    k_a = _load_tile(K, tok, row_ok, stride_k_tok, 0, DIM_A, HEAD_DIM, MASK_N)
+    if ROPE:  # DIM_B == 0 (checked by the launcher)
+        k_a = _load_rotated(K, tok, row_ok, stride_k_tok, POS_K, COS, SIN, HEAD_DIM, MASK_N)
+    else:
+        k_a = _load_tile(K, tok, row_ok, stride_k_tok, 0, DIM_A, HEAD_DIM, MASK_N)
     qk = tl.dot(q_a, tl.trans(k_a), input_precision=PRECISION)
     if DIM_B > 0:
         k_b = _load_tile(K, tok, row_ok, stride_k_tok, DIM_A, DIM_B, HEAD_DIM, MASK_N)
@@ -126,12 +159,15 @@ def _attn_fwd(
     LSE,  # (heads, total_q) fp32, written: natural-log log-sum-exp of the scaled scores
     cu_seqlens_q, cu_seqlens_k,  # (n_seqs + 1,) int32
     block_cu,  # (n_seqs + 1,) int32: cumulative count of BLOCK_M query blocks per sequence
+    POS_Q, POS_K,  # (total_q | total_k, 2) int32 (row, col), contiguous (ROPE only; else unused)
+    COS, SIN,  # (positions, HEAD_DIM // 4) fp32 tables (ROPE only; else unused)
     n_seqs,
     stride_q_tok, stride_q_head, stride_k_tok, stride_k_head, stride_v_tok, stride_v_head,
     stride_o_tok, stride_o_head, stride_lse_head,
     softmax_scale,
     HEAD_DIM: tl.constexpr, DIM_A: tl.constexpr, DIM_B: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr,
+    ROPE: tl.constexpr,  # rotate q and k by 2D RoPE as they are loaded (variant (b) of rope's placement)
 ):
     # Token and head strides are multiples of ALIGN elements (checked by the launcher): 16-byte vector loads.
     stride_q_tok = tl.multiple_of(stride_q_tok, ALIGN)
@@ -161,7 +197,10 @@ def _attn_fwd(
     rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < seqlen_q
     tok = (q_start + rows).to(tl.int64)
-    q_a = _load_tile(Q, tok, row_ok, stride_q_tok, 0, DIM_A, HEAD_DIM, True)
+    if ROPE:
+        q_a = _load_rotated(Q, tok, row_ok, stride_q_tok, POS_Q, COS, SIN, HEAD_DIM, True)
+    else:
+        q_a = _load_tile(Q, tok, row_ok, stride_q_tok, 0, DIM_A, HEAD_DIM, True)
     q_b = q_a
     if DIM_B > 0:
         q_b = _load_tile(Q, tok, row_ok, stride_q_tok, DIM_A, DIM_B, HEAD_DIM, True)
@@ -174,13 +213,13 @@ def _attn_fwd(
 
     n_full = (seqlen_k // BLOCK_N) * BLOCK_N
     for start_n in tl.range(0, n_full, BLOCK_N):
-        acc_a, acc_b, m_i, l_i = _fwd_step(acc_a, acc_b, m_i, l_i, q_a, q_b, K, V, kv_start, start_n, seqlen_k,
-                                           stride_k_tok, stride_v_tok, qk_scale, HEAD_DIM, DIM_A, DIM_B, BLOCK_N,
-                                           False, PRECISION)
+        acc_a, acc_b, m_i, l_i = _fwd_step(acc_a, acc_b, m_i, l_i, q_a, q_b, K, V, POS_K, COS, SIN, kv_start,
+                                           start_n, seqlen_k, stride_k_tok, stride_v_tok, qk_scale, HEAD_DIM, DIM_A,
+                                           DIM_B, BLOCK_N, False, PRECISION, ROPE)
     if n_full < seqlen_k:
-        acc_a, acc_b, m_i, l_i = _fwd_step(acc_a, acc_b, m_i, l_i, q_a, q_b, K, V, kv_start, n_full, seqlen_k,
-                                           stride_k_tok, stride_v_tok, qk_scale, HEAD_DIM, DIM_A, DIM_B, BLOCK_N,
-                                           True, PRECISION)
+        acc_a, acc_b, m_i, l_i = _fwd_step(acc_a, acc_b, m_i, l_i, q_a, q_b, K, V, POS_K, COS, SIN, kv_start,
+                                           n_full, seqlen_k, stride_k_tok, stride_v_tok, qk_scale, HEAD_DIM, DIM_A,
+                                           DIM_B, BLOCK_N, True, PRECISION, ROPE)
 
     # A query with no keys (an empty key sequence) gets output 0 and log-sum-exp -inf instead of 0/0.
     has_keys = l_i > 0
@@ -571,27 +610,44 @@ def _common_strides(*tensors: torch.Tensor) -> list[int]:
 
 
 def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                      seqlens_q=None):
-    """O (total_q, heads, head_dim) in q's dtype and LSE (heads, total_q) fp32."""
+                      seqlens_q=None, rope=None):
+    """O (total_q, heads, head_dim) in q's dtype and LSE (heads, total_q) fp32. With `rope` = (pos_q, pos_k, cos,
+    sin), q and k are rotated by 2D RoPE as they are loaded: pos (total, 2) int32 contiguous, cos/sin the
+    (positions, head_dim // 4) fp32 tables of rope_tables(); head_dim a power of two."""
     total_q, heads, head_dim = q.shape
     check_supported(q)
     if not (math.isfinite(softmax_scale) and softmax_scale > 0):  # the row maximum is taken before scaling
         raise ValueError(f"softmax_scale must be finite and > 0 for the triton backend, got {softmax_scale}")
     dim_a, dim_b = split_head_dim(head_dim, q.dtype)
+    if rope is not None and dim_b:
+        raise ValueError(f"RoPE inside the attention kernel takes a power-of-two head_dim, got {head_dim}")
     cfg = pick_config("fwd", head_dim, q.dtype, max(max_seqlen_q, max_seqlen_k))
     o = torch.empty_like(q)
     lse = torch.empty((heads, total_q), dtype=torch.float32, device=q.device)
     block_cu, programs = block_schedule(cu_seqlens_q, cfg.block_m, total_q, max_seqlen_q, seqlens_q)
     if programs == 0:
         return o, lse.fill_(float("-inf"))
+    # without rope, POS_* and COS/SIN are not read: any int32 / fp32 tensor fills them
+    pos_q, pos_k, cos, sin = rope if rope is not None else (cu_seqlens_q, cu_seqlens_q, lse, lse)
     _attn_fwd[(programs, heads)](
-        q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, block_cu, cu_seqlens_q.numel() - 1,
+        q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, block_cu, pos_q, pos_k, cos, sin, cu_seqlens_q.numel() - 1,
         *_common_strides(q, k, v, o), lse.stride(0), softmax_scale,
         HEAD_DIM=head_dim, DIM_A=dim_a, DIM_B=dim_b, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        PRECISION=_precision(q.dtype), ALIGN=_alignment(q, k, v, o), num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        PRECISION=_precision(q.dtype), ALIGN=_alignment(q, k, v, o), ROPE=rope is not None,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return o, lse
+
+
+def rope_tables(pos: torch.Tensor, head_dim: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin, (max coordinate + 1, head_dim // 4) fp32, of DESIGN.md's rope_2d frequencies
+    theta ** (-arange(0, head_dim / 2, 2) / (head_dim / 2)), computed in fp64. One host read of pos.max()."""
+    if head_dim % 4:
+        raise ValueError(f"head_dim must be divisible by 4 for RoPE, got {head_dim}")
+    positions = int(pos.max()) + 1 if pos.numel() else 1
+    inv_freq = theta ** (-torch.arange(0, head_dim // 2, 2, dtype=torch.float64, device=pos.device) / (head_dim // 2))
+    angles = torch.arange(positions, dtype=torch.float64, device=pos.device)[:, None] * inv_freq[None, :]
+    return angles.cos().float().contiguous(), angles.sin().float().contiguous()
 
 
 DQ_MODES = ("atomic", "separate")
@@ -713,30 +769,37 @@ def _signature(fn, dtype_name: str, pointer_dtypes: dict[str, str]) -> dict[str,
 
 
 def shipped_configs(kind: str) -> list[registry.Shipped]:
-    fn = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dkdv_atomic": _attn_bwd_dkdv, "dq": _attn_bwd_dq}[kind]
+    fn = {"fwd": _attn_fwd, "fwd_rope": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dkdv_atomic": _attn_bwd_dkdv,
+          "dq": _attn_bwd_dq}[kind]
     rows, seen = [], set()
     cases = [(d, t) for d in SHIPPED_HEAD_DIMS for t in (torch.bfloat16, torch.float16)] + [(64, torch.float32)]
+    if kind == "fwd_rope":  # varlen_attention_rope: power-of-two head dims, 16-bit, the long bucket
+        cases = [(d, t) for d in (64, 128) for t in (torch.bfloat16, torch.float16)]
     for head_dim, dtype in cases:
         for seqlen in SHIPPED_SEQLENS:
             if kind == "dkdv_atomic" and not atomic_dq_supported(head_dim, dtype, seqlen):
                 continue
-            cfg = pick_config(kind, head_dim, dtype, seqlen)
+            if kind == "fwd_rope" and seqlen <= 64:
+                continue
+            cfg = pick_config("fwd" if kind == "fwd_rope" else kind, head_dim, dtype, seqlen)
             dim_a, dim_b = split_head_dim(head_dim, dtype)
             key = (head_dim, dtype, cfg)
             if key in seen:
                 continue
             seen.add(key)
             name = _TORCH_TO_TRITON[dtype]
-            pointers = {p: "*fp32" for p in ("LSE", "DELTA", "DQ_ACC")}
+            pointers = {p: "*fp32" for p in ("LSE", "DELTA", "DQ_ACC", "COS", "SIN")}
+            pointers.update({p: "*i32" for p in ("POS_Q", "POS_K")})
             pointers.update({p: "*i32" for p in ("cu_seqlens_q", "cu_seqlens_k", "block_cu")})
             rows.append(registry.Shipped(
-                kernel_name="attn_fwd" if kind == "fwd" else f"attn_bwd_{kind}",
+                kernel_name=f"attn_{kind}" if kind.startswith("fwd") else f"attn_bwd_{kind}",
                 label=f"d{head_dim}-{name}-{cfg.label}",
                 signature=_signature(fn, name, pointers),
                 constexprs=dict(HEAD_DIM=head_dim, DIM_A=dim_a, DIM_B=dim_b, BLOCK_M=cfg.block_m,
                                 BLOCK_N=cfg.block_n, PRECISION=_precision(dtype),
                                 ALIGN=8 if head_dim % 8 == 0 else 1,
-                                **({"ATOMIC_DQ": kind == "dkdv_atomic"} if kind.startswith("dkdv") else {})),
+                                **({"ATOMIC_DQ": kind == "dkdv_atomic"} if kind.startswith("dkdv") else {}),
+                                **({"ROPE": kind == "fwd_rope"} if kind.startswith("fwd") else {})),
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                 aligned=_aligned(fn, head_dim, zero_dqa=kind == "dkdv"),
                 **_spill_allowance(kind, head_dim, cfg),
@@ -790,6 +853,7 @@ def _shipped_preprocess() -> list[registry.Shipped]:
 
 
 registry.declare("attn_fwd", _attn_fwd, lambda: shipped_configs("fwd"))
+registry.declare("attn_fwd_rope", _attn_fwd, lambda: shipped_configs("fwd_rope"))
 registry.declare("attn_bwd_dkdv", _attn_bwd_dkdv, lambda: shipped_configs("dkdv"))
 registry.declare("attn_bwd_dkdv_atomic", _attn_bwd_dkdv, lambda: shipped_configs("dkdv_atomic"))
 registry.declare("attn_bwd_dq", _attn_bwd_dq, lambda: shipped_configs("dq"))

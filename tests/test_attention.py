@@ -423,6 +423,70 @@ def test_custom_op_traces_without_graph_break():
     assert q.grad is not None and torch.isfinite(q.grad).all()
 
 
+# --- RoPE inside the attention kernel (variant (b)) -------------------------------------------------------------
+
+
+def _grid_pos(lens, device=DEVICE):
+    """(row, col) of each token of images laid out on grids about as wide as tall."""
+    rows = []
+    for n in lens:
+        width = max(1, int(n ** 0.5))
+        idx = torch.arange(n)
+        rows.append(torch.stack((idx // width, idx % width), 1))
+    return torch.cat(rows).to(device=device, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("head_dim,dtype,lens", [(32, torch.float32, [1, 17, 70]), (64, torch.float16, [3, 130]),
+                                                 (128, torch.float32, [5, 66])])
+def test_rope_in_kernel_matches_rope_then_attention(head_dim, dtype, lens):
+    from fineviti.ops import rope_2d_ref, varlen_attention_rope
+
+    q, k, v, cu = make_pack(lens, 2, head_dim, dtype)
+    pos = _grid_pos(lens)
+    out = varlen_attention_rope(q, k, v, cu, max(lens), pos, theta=100.0, seqlens=lens)
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+
+    def composed(q, k, v, upcast=True):
+        return varlen_attention_ref(rope_2d_ref(q, pos, theta=100.0), rope_2d_ref(k, pos, theta=100.0), v, cu,
+                                    upcast=upcast)
+
+    leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref64 = composed(*leaves64)
+    grads64 = torch.autograd.grad(ref64, leaves64, grad.double())
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    same = composed(*leaves, upcast=False)
+    same_grads = torch.autograd.grad(same, leaves, grad)
+    atol = 1e-5 if dtype == torch.float32 else 3e-3
+    for name, ours, s, exact in zip(("out", "dq", "dk", "dv"), (out, *grads), (same, *same_grads),
+                                    (ref64, *grads64), strict=True):
+        assert torch.isfinite(ours).all(), name
+        err = (ours.double() - exact).abs().max().item()
+        budget = 2 * (s.double() - exact).abs().max().item() + atol
+        assert err <= budget, f"{name}: {err:.3e} > {budget:.3e}"
+
+
+def test_rope_in_kernel_takes_strided_views_and_checks_inputs():
+    from fineviti.ops import rope_2d_ref, varlen_attention_rope
+
+    lens = [9, 20]
+    qkv = torch.randn(29, 3, 2, 32, requires_grad=True)
+    q, k, v = qkv.unbind(1)
+    cu = torch.tensor([0, 9, 29], dtype=torch.int32)
+    pos = _grid_pos(lens, "cpu")
+    out = varlen_attention_rope(q, k, v, cu, 20, pos)
+    want = varlen_attention_ref(rope_2d_ref(q, pos), rope_2d_ref(k, pos), v, cu)
+    assert (out - want).abs().max() < 1e-5
+    out.sum().backward()
+    assert qkv.grad is not None and torch.isfinite(qkv.grad).all()
+    with pytest.raises(ValueError, match="power-of-two head_dim from 16 to 128, got 80"):
+        varlen_attention_rope(*(torch.randn(29, 2, 80) for _ in range(3)), cu, 20, pos)
+    with pytest.raises(ValueError, match=r"pos must be an int32/int64 tensor of shape \(29, 2\)"):
+        varlen_attention_rope(q, k, v, cu, 20, pos[:, :1])
+    with pytest.raises(ValueError, match="positions must be non-negative"):
+        varlen_attention_rope(q, k, v, cu, 20, -pos)
+
+
 # --- GPU -------------------------------------------------------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ import importlib
 _WHERE = {
     "varlen_attention": "attention",
     "varlen_attention_ref": "attention",
+    "varlen_attention_rope": "attention",
     "rope_2d": "rope",
     "rope_2d_qk": "rope",
     "rope_2d_ref": "rope",

@@ -165,6 +165,81 @@ PAD_SPLIT_HEAD_DIMS_ON = ("cuda",)  # device types where such head dims are padd
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# RoPE inside the attention kernel (variant (b) of where the rotation goes; issue 4): an experiment beside the
+# fused QKV split that the model uses, kept so that the benchmark can time both.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _AttentionRope(torch.autograd.Function):
+    """Forward: q and k rotated as the kernel loads them (no rotated copies written). Backward: the rotated q and k
+    are rebuilt by the rope kernel, the usual backward runs on them, and dq, dk are rotated back (the rotation by
+    the negative angle is the transpose of the rotation)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu, max_seqlen, pos, theta, scale, seqlens, deterministic):
+        kernels = _kernels()
+        cos, sin = kernels.rope_tables(pos, q.shape[-1], theta)
+        o, lse = kernels.attention_forward(q, k, v, cu, cu, max_seqlen, max_seqlen, scale, seqlens,
+                                           rope=(pos, pos, cos, sin))
+        ctx.save_for_backward(q, k, v, o, lse, cu, pos)
+        ctx.args = (max_seqlen, theta, scale, seqlens, deterministic)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        from fineviti.kernels import rope as rope_kernels
+
+        q, k, v, o, lse, cu, pos = ctx.saved_tensors
+        max_seqlen, theta, scale, seqlens, deterministic = ctx.args
+        q_rot = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous, also for strided q and k
+        k_rot = torch.empty_like(q_rot)
+        rope_kernels.launch(q, k, None, q_rot, k_rot, None, pos, theta, False)
+        dq_rot, dk_rot, dv = _kernels().attention_backward(
+            do.contiguous(), q_rot, k_rot, v, o, lse, cu, cu, max_seqlen, max_seqlen, scale, seqlens, seqlens,
+            deterministic=deterministic)
+        dq, dk = torch.empty_like(dq_rot), torch.empty_like(dk_rot)
+        rope_kernels.launch(dq_rot, dk_rot, None, dq, dk, None, pos, theta, True)
+        return dq, dk, dv, None, None, None, None, None, None, None
+
+
+def varlen_attention_rope(q, k, v, cu_seqlens, max_seqlen, pos, *, theta=10000.0, softmax_scale=None, seqlens=None,
+                          deterministic=False, check_values=None):
+    """varlen_attention(rope_2d(q, pos), rope_2d(k, pos), v, cu_seqlens, max_seqlen) with the rotation done inside
+    the triton attention kernel as it loads q and k (no rotated copies in the forward). Self-attention only
+    (one cu_seqlens), the triton backend only (a GPU, or the interpreter on a CPU), head_dim a power of two from
+    16 to 128. pos: (total, 2) integer (row, col), as rope_2d takes it. One host read of pos.max() (the size of the
+    cos/sin tables). The model uses the fused QKV split (qkv_split_rope) instead; this exists so that the two can
+    be timed against each other (benchmarks/bench_rope.py, attn_block rows)."""
+    _check_inputs(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, check_values)
+    total, heads, head_dim = q.shape
+    if head_dim & (head_dim - 1) or not 16 <= head_dim <= 128:
+        raise ValueError(f"varlen_attention_rope takes a power-of-two head_dim from 16 to 128, got {head_dim}")
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k and v must have one shape here (self-attention), got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if not isinstance(pos, torch.Tensor) or pos.shape != (total, 2) or pos.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"pos must be an int32/int64 tensor of shape ({total}, 2), got "
+                         f"{getattr(pos, 'dtype', type(pos).__name__)} {tuple(getattr(pos, 'shape', ()))}")
+    if pos.device != q.device:
+        raise ValueError(f"pos is on {pos.device} but q is on {q.device}; they must match")
+    if value_checks_enabled(pos, check_values):
+        from fineviti.ops.rope import check_positions
+
+        check_positions(pos)
+    if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise RuntimeError("varlen_attention_rope on CPU tensors needs TRITON_INTERPRET=1 set before triton is "
+                           "imported; use rope_2d and varlen_attention on a CPU")
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+    q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
+    if k.stride() != q.stride():  # the rope kernel of the backward reads q and k with one set of strides
+        q, k = q.contiguous(), k.contiguous()
+    v = v if v.stride(-1) == 1 else v.contiguous()
+    deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
+    return _AttentionRope.apply(q, k, v, cu_seqlens, max_seqlen, pos.to(torch.int32).contiguous(), float(theta),
+                                scale, list(seqlens) if seqlens is not None else None, deterministic)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Other backends
 # ----------------------------------------------------------------------------------------------------------------
 
