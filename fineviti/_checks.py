@@ -2,7 +2,9 @@
 
 Shape, dtype and device checks always run. Checks of tensor values need the values on the host:
 free for CPU tensors, a device-to-host synchronisation for CUDA ones, so on CUDA they run only when
-asked for (an op's `check_values=True`, or FINEVITI_CHECKS=1 in the environment).
+asked for (an op's `check_values=True`, or FINEVITI_CHECKS=1 in the environment). While torch.compile traces, the
+default leaves them out on CPU tensors too (a host read breaks the graph); check_values=True or FINEVITI_CHECKS=1
+still ask for them there.
 """
 
 from __future__ import annotations
@@ -17,11 +19,9 @@ def value_checks_enabled(tensor: torch.Tensor, check_values: bool | None = None)
     torch.compile traces (a host read of a value would break the graph; check_values=True still asks for it)."""
     if check_values is not None:
         return check_values
-    if torch.compiler.is_compiling():
-        return False
-    if tensor.device.type == "cpu":
+    if os.environ.get("FINEVITI_CHECKS", "0") not in ("", "0", "false", "False"):
         return True
-    return os.environ.get("FINEVITI_CHECKS", "0") not in ("", "0", "false", "False")
+    return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, name: str = "cu_seqlens",

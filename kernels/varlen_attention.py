@@ -641,10 +641,16 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
 
 def rope_tables(pos: torch.Tensor, head_dim: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin, (max coordinate + 1, head_dim // 4) fp32, of DESIGN.md's rope_2d frequencies
-    theta ** (-arange(0, head_dim / 2, 2) / (head_dim / 2)), computed in fp64. One host read of pos.max()."""
+    theta ** (-arange(0, head_dim / 2, 2) / (head_dim / 2)), computed in fp64. One host read of pos's extremes."""
     if head_dim % 4:
         raise ValueError(f"head_dim must be divisible by 4 for RoPE, got {head_dim}")
-    positions = int(pos.max()) + 1 if pos.numel() else 1
+    low, high = (int(x) for x in torch.aminmax(pos)) if pos.numel() else (0, 0)
+    if low < 0:  # the kernel indexes the tables by position: a negative one would read before them
+        raise ValueError(f"RoPE inside the attention kernel takes non-negative positions, got a minimum of {low}")
+    if (high + 1) * (head_dim // 4) >= 2**31:
+        raise ValueError(f"positions up to {high} make a cos/sin table of more than 2**31 entries at head_dim "
+                         f"{head_dim}")
+    positions = high + 1
     inv_freq = theta ** (-torch.arange(0, head_dim // 2, 2, dtype=torch.float64, device=pos.device) / (head_dim // 2))
     angles = torch.arange(positions, dtype=torch.float64, device=pos.device)[:, None] * inv_freq[None, :]
     return angles.cos().float().contiguous(), angles.sin().float().contiguous()

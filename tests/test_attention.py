@@ -485,6 +485,29 @@ def test_rope_in_kernel_takes_strided_views_and_checks_inputs():
         varlen_attention_rope(q, k, v, cu, 20, pos[:, :1])
     with pytest.raises(ValueError, match="positions must be non-negative"):
         varlen_attention_rope(q, k, v, cu, 20, -pos)
+    with pytest.raises(ValueError, match="non-negative positions, got a minimum of -1"):
+        varlen_attention_rope(q, k, v, cu, 20, pos - 1, check_values=False)  # the kernel's own guard
+    with pytest.raises(ValueError, match="seqlens must hold 2 lengths summing to 29 tokens"):
+        varlen_attention_rope(q, k, v, cu, 20, pos, seqlens=[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_gpu_rope_in_kernel(head_dim):
+    from fineviti.ops import rope_2d, varlen_attention_rope
+
+    lens = [1, 197, 577, 1024]
+    q, k, v, cu = make_pack(lens, 4, head_dim, torch.bfloat16, device="cuda")
+    pos = _grid_pos(lens, "cuda")
+    out = varlen_attention_rope(q, k, v, cu, max(lens), pos, seqlens=lens)
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    want = varlen_attention(rope_2d(leaves[0], pos), rope_2d(leaves[1], pos), leaves[2], cu, max(lens),
+                            backend="triton", seqlens=lens)
+    want_grads = torch.autograd.grad(want, leaves, grad)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), (out, *grads), (want, *want_grads), strict=True):
+        assert torch.isfinite(a).all() and rel_err(a, b) < 2e-2, name
 
 
 # --- GPU -------------------------------------------------------------------------------------------------------------

@@ -207,10 +207,12 @@ def varlen_attention_rope(q, k, v, cu_seqlens, max_seqlen, pos, *, theta=10000.0
     """varlen_attention(rope_2d(q, pos), rope_2d(k, pos), v, cu_seqlens, max_seqlen) with the rotation done inside
     the triton attention kernel as it loads q and k (no rotated copies in the forward). Self-attention only
     (one cu_seqlens), the triton backend only (a GPU, or the interpreter on a CPU), head_dim a power of two from
-    16 to 128. pos: (total, 2) integer (row, col), as rope_2d takes it. One host read of pos.max() (the size of the
-    cos/sin tables). The model uses the fused QKV split (qkv_split_rope) instead; this exists so that the two can
+    16 to 128. pos: (total, 2) non-negative integers (row, col), as rope_2d takes them. One host read of pos's
+    minimum and maximum (the size of the cos/sin tables: (max + 1) x head_dim / 4 floats each; a negative position
+    raises). The model uses the fused QKV split (qkv_split_rope) instead; this exists so that the two can
     be timed against each other (benchmarks/bench_rope.py, attn_block rows)."""
     _check_inputs(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, check_values)
+    _check_seqlens(seqlens, cu_seqlens, q.shape[0], check_values)
     total, heads, head_dim = q.shape
     if head_dim & (head_dim - 1) or not 16 <= head_dim <= 128:
         raise ValueError(f"varlen_attention_rope takes a power-of-two head_dim from 16 to 128, got {head_dim}")
@@ -405,6 +407,17 @@ def _check_inputs(q, k, v, cu_q, cu_k, max_q, max_k, check_values):
                          f"got {cu_k.numel()}")
 
 
+def _check_seqlens(seqlens, cu_seqlens, total: int, check_values) -> None:
+    if seqlens is None:
+        return
+    if len(seqlens) != cu_seqlens.numel() - 1 or sum(seqlens) != total:
+        raise ValueError(f"seqlens must hold {cu_seqlens.numel() - 1} lengths summing to {total} tokens, "
+                         f"got {len(seqlens)} lengths summing to {sum(seqlens)}")
+    if value_checks_enabled(cu_seqlens, check_values) and (cu_seqlens[1:] - cu_seqlens[:-1]).tolist() != list(
+            seqlens):
+        raise ValueError("seqlens disagrees with cu_seqlens: it must list the differences of cu_seqlens")
+
+
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, cu_seqlens_k=None, max_seqlen_k=None, softmax_scale=None,
                      backend="auto", return_lse=False, deterministic=False, seqlens=None, check_values=None):
     """Non-causal attention within each packed sequence.
@@ -429,13 +442,7 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, cu_seqlens_k=None, max_
     cu_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
     max_k = max_seqlen if max_seqlen_k is None else max_seqlen_k
     _check_inputs(q, k, v, cu_seqlens, cu_k, max_seqlen, max_k, check_values)
-    if seqlens is not None:
-        if len(seqlens) != cu_seqlens.numel() - 1 or sum(seqlens) != q.shape[0]:
-            raise ValueError(f"seqlens must hold {cu_seqlens.numel() - 1} lengths summing to {q.shape[0]} tokens, "
-                             f"got {len(seqlens)} lengths summing to {sum(seqlens)}")
-        if value_checks_enabled(cu_seqlens, check_values) and (cu_seqlens[1:] - cu_seqlens[:-1]).tolist() != list(
-                seqlens):
-            raise ValueError("seqlens disagrees with cu_seqlens: it must list the differences of cu_seqlens")
+    _check_seqlens(seqlens, cu_seqlens, q.shape[0], check_values)
     head_dim = q.shape[-1]
     if not 16 <= head_dim <= 256:
         raise ValueError(f"head_dim must be in [16, 256], got {head_dim}")
