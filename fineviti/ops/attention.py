@@ -173,7 +173,10 @@ PAD_SPLIT_HEAD_DIMS_ON = ("cuda",)  # device types where such head dims are padd
 class _AttentionRope(torch.autograd.Function):
     """Forward: q and k rotated as the kernel loads them (no rotated copies written). Backward: the rotated q and k
     are rebuilt by the rope kernel, the usual backward runs on them, and dq, dk are rotated back (the rotation by
-    the negative angle is the transpose of the rotation)."""
+    the negative angle is the transpose of the rotation). The forward's cos/sin come from fp64 tables rounded to
+    fp32, the rope kernel's from its own fp32 polynomials: the rebuilt q and k can differ from what the forward
+    used by an ulp of their dtype. The forward's half-swapped second load ((cols + HALF) % HEAD_DIM) may not
+    vectorise; loading the halves apart would, if the timing says it matters."""
 
     @staticmethod
     def forward(ctx, q, k, v, cu, max_seqlen, pos, theta, scale, seqlens, deterministic):
