@@ -53,7 +53,7 @@ def main(argv=None) -> int:
         o, lse = kernels.attention_forward(q, k, v, cu, cu, max(lens), max(lens), d ** -0.5, lens)
         torch.cuda.synchronize()
         for deterministic in (True, False):
-            step = f"backward (deterministic={deterministic}, dq {kernels.dq_mode(deterministic, d, dtype)})"
+            step = f"backward (deterministic={deterministic}, dq {kernels.dq_mode(deterministic, d, dtype, max(lens))})"
             kernels.attention_backward(torch.randn_like(o), q, k, v, o, lse, cu, cu, max(lens), max(lens),
                                        d ** -0.5, lens, lens, deterministic=deterministic)
             torch.cuda.synchronize()

@@ -678,8 +678,7 @@ def atomic_dq_supported(head_dim: int, dtype: torch.dtype, max_seqlen: int | Non
     return dtype in (torch.float16, torch.bfloat16) and dim_a + dim_b == head_dim and 64 < head_dim <= 128
 
 
-def dq_mode(deterministic: bool, head_dim: int = 64, dtype: torch.dtype = torch.bfloat16,
-            max_seqlen: int | None = None) -> str:
+def dq_mode(deterministic: bool, head_dim: int, dtype: torch.dtype, max_seqlen: int | None = None) -> str:
     """'separate' when `deterministic` or where atomic_dq_supported is false, else FINEVITI_ATTN_DQ or
     DEFAULT_DQ_MODE."""
     mode = os.environ.get("FINEVITI_ATTN_DQ") or DEFAULT_DQ_MODE
@@ -698,8 +697,8 @@ def attention_backward(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, max_seql
     dim_a, dim_b = split_head_dim(head_dim, q.dtype)
     longest = max(max_seqlen_q, max_seqlen_k)
     atomic = dq_mode(deterministic, head_dim, q.dtype, longest) == "atomic"
-    dq = torch.empty_like(q)
     dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic else lse
+    dq = None if atomic else torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     delta = torch.empty_like(lse)
@@ -711,7 +710,7 @@ def attention_backward(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, max_seql
         )
     n_seqs = cu_seqlens_q.numel() - 1
     common = dict(HEAD_DIM=head_dim, DIM_A=dim_a, DIM_B=dim_b, PRECISION=_precision(q.dtype),
-                  ALIGN=_alignment(q, k, v, do, dq, dk, dv, *([dq_acc] if atomic else [])))
+                  ALIGN=_alignment(q, k, v, do, dk, dv, dq_acc if atomic else dq))
 
     cfg = pick_config("dkdv_atomic" if atomic else "dkdv", head_dim, q.dtype, longest)
     block_cu, programs = block_schedule(cu_seqlens_k, cfg.block_n, total_k, max_seqlen_k, seqlens_k)
@@ -726,8 +725,7 @@ def attention_backward(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, max_seql
         dk.zero_()
         dv.zero_()
     if atomic:
-        dq.copy_(dq_acc)
-        return dq, dk, dv
+        return dq_acc.to(q.dtype), dk, dv
 
     cfg = pick_config("dq", head_dim, q.dtype, longest)
     block_cu, programs = block_schedule(cu_seqlens_q, cfg.block_m, total_q, max_seqlen_q, seqlens_q)

@@ -7,7 +7,6 @@ DDP-averaged gradient. One spawn runs every case; the tests compare its results.
 """
 
 import datetime
-import socket
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from fineviti.ops import clip_loss, clip_loss_ref, siglip_loss, siglip_loss_ref
+from tests.dist_util import free_port
 
 WORLD = 2
 D = 24
@@ -74,16 +74,10 @@ def _worker(rank, port, path):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     path = tmp_path_factory.mktemp("dist") / "results.pt"
-    mp.spawn(_worker, args=(_free_port(), str(path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(path)), nprocs=WORLD, join=True)
     return torch.load(path)
 
 

@@ -8,7 +8,6 @@ One spawn runs every case; the tests compare its results with single-process ref
 import dataclasses
 import datetime
 import json
-import socket
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ from fineviti.data.batch import PackedBatch
 from fineviti.train import checkpoint as ckpt
 from fineviti.train.config import apply_cli_overrides, preset
 from fineviti.train.trainer import Trainer
+from tests.dist_util import free_port
 
 WORLD = 2
 STEPS = 4
@@ -106,19 +106,13 @@ def _worker(rank, port, root, names):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def dist_results(tmp_path_factory):
     from fineviti.data import synth
 
     root = tmp_path_factory.mktemp("train_dist")
     synth.generate(root / "data", 48, heldout=8, samples_per_shard=16, processes=1)
-    mp.start_processes(_worker, args=(_free_port(), str(root), list(CASES)), nprocs=WORLD, join=True,
+    mp.start_processes(_worker, args=(free_port(), str(root), list(CASES)), nprocs=WORLD, join=True,
                        start_method="spawn")
     return root, torch.load(root / "results.pt", weights_only=False)
 
