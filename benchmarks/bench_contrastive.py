@@ -2,9 +2,9 @@
 path and torch.compile of the reference; forward and forward+backward time and peak memory.
 
 TFLOP/s count the logit matmuls a plain implementation does: forward 2*N*N*D (img @ txt.T), forward+backward
-6*N*N*D (also the d_img and d_txt products). Work a fused implementation adds is not counted: our backward
-recomputes the logits (+2*N*N*D) and our CLIP forward computes the text-to-image log-sum-exps in a second pass
-(+2*N*N*D), so TFLOP/s compare wall time for the same useful work, as FlashAttention's figures do. Peak memory is
+6*N*N*D (also the d_img and d_txt products). Work a fused implementation adds is not counted (our CLIP backward
+recomputes the logits, +2*N*N*D; our SigLIP computes its gradients in the forward's own pass and adds nothing), so
+TFLOP/s compare wall time for the same useful work, as FlashAttention's figures do. Peak memory is
 what the call allocates beyond its inputs (features, scale, bias), gradients included. The naive and compiled
 references are skipped where their logits would not fit.
 
@@ -126,7 +126,9 @@ def matmul_ceiling(rec, n, d, dtype_name, device):
 
 
 def sweep_configs(rec, n, d, dtype_name, device):
-    """Our forward and backward at block-size candidates (the config the launcher picks is patched per run)."""
+    """Our forward and backward at block-size candidates (the config the launcher picks is patched per run, for every
+    kernel variant at once: compare whole-loss times per loss; SigLIP with gradients runs only the gradient kernel
+    with its loss sum, CLIP the forward with column log-sum-exps and the gradient kernel)."""
     from fineviti.kernels import contrastive as kc
 
     default = kc.config
@@ -135,6 +137,8 @@ def sweep_configs(rec, n, d, dtype_name, device):
         {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4},
         {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
         {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
+        {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4},
+        {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
         {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
     ]
     try:

@@ -2,10 +2,13 @@
 
 Forward: each program owns BLOCK_M rows and one split of the columns, computes z = scale * x @ y.T + bias one
 (BLOCK_M, BLOCK_N) tile at a time (looping over D in BLOCK_K chunks, fp32 accumulation) and reduces it into
-per-row SigLIP sums of softplus(-label * z) or per-row CLIP log-sum-exps (online max). Backward: one program
-per tile recomputes z and writes dL/dz (without the 1/N and scale factors) for a chunk of rows into a buffer
-that the caller multiplies with cuBLAS (fineviti/ops/contrastive.py), plus per-tile partial sums for the
-gradients of scale and bias. The SigLIP paper (Zhai et al., 2023) and Inf-CL (Cheng et al., 2024) do the same.
+per-row SigLIP sums of softplus(-label * z) or per-row CLIP log-sum-exps (online max); with COLS, CLIP also writes
+each tile's column log-sum-exps over its rows, so that one pass over the logits gives both directions.
+Gradient: one program per tile recomputes z and writes dL/dz (without the 1/N and scale factors) for a chunk of
+rows into a buffer that the caller multiplies with cuBLAS (fineviti/ops/contrastive.py), plus per-tile partial
+sums for the gradient of the bias and, with WITH_LOSS (SigLIP), of the loss itself: SigLIP's dL/dz needs no
+normaliser, so one pass gives the loss and every gradient. The SigLIP paper (Zhai et al., 2023) and Inf-CL
+(Cheng et al., 2024) tile the same way.
 """
 
 from __future__ import annotations
@@ -46,13 +49,17 @@ def _logit_dots(
 
 
 @triton.jit
-def _softplus(u):
-    """log(1 + exp(u)) without overflow, and without losing the small values that SigLIP's negatives give:
-    log1p(e) as log(1 + e) * e / ((1 + e) - 1) (Goldberg), exact to a few ulp wherever log is."""
-    e = tl.exp(-tl.abs(u))
+def _log1p(e):
+    """log(1 + e) for e in [0, 1], without losing the small values that SigLIP's negatives give: as
+    log(1 + e) * e / ((1 + e) - 1) (Goldberg), exact to a few ulp wherever log is."""
     w = 1.0 + e
-    log1p_e = tl.where(w == 1.0, e, tl.log(w) * (e / tl.maximum(w - 1.0, 1e-30)))
-    return tl.maximum(u, 0.0) + log1p_e
+    return tl.where(w == 1.0, e, tl.log(w) * (e / tl.maximum(w - 1.0, 1e-30)))
+
+
+@triton.jit
+def _softplus(u):
+    """log(1 + exp(u)) without overflow: max(u, 0) + log1p(exp(-|u|))."""
+    return tl.maximum(u, 0.0) + _log1p(tl.exp(-tl.abs(u)))
 
 
 @triton.jit
@@ -62,15 +69,18 @@ def contrastive_fwd_kernel(
     SCALE,  # (1,) fp32 logit scale (the multiplier, already exponentiated)
     BIAS,  # (1,) fp32 logit bias (SigLIP; zero for CLIP, where it cancels)
     OUT,  # (SPLITS, M) fp32: per column split, SigLIP row sums of -logsigmoid(label * z) or CLIP row log-sum-exps
+    COL_OUT,  # (cdiv(M, BLOCK_M), N) fp32, with COLS: per row block, CLIP column log-sum-exps (else unused)
     M,
     N,
     D,
     stride_x_m,
     stride_y_n,
     stride_out_s,
+    stride_col_m,
     diag_offset,  # the positive of row i is column i + diag_offset (none where that is outside [0, N))
     cols_per_split,  # columns per program along axis 1, a multiple of BLOCK_N
     LOSS: tl.constexpr,  # 0 SigLIP, 1 CLIP
+    COLS: tl.constexpr,  # CLIP: also write the column log-sum-exps of each tile
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -100,6 +110,13 @@ def contrastive_fwd_kernel(
             new_max = tl.maximum(row_max, tl.max(z, axis=1))
             row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
             row_max = new_max
+            if COLS:
+                # a second exponential per logit: shifting by the row maxima instead could underflow a column's
+                # largest terms (|z| reaches twice the scale), and every column is seen once per program
+                zc = tl.where(mask_m[:, None], z, float("-inf"))
+                col_max = tl.where(mask_n, tl.max(zc, axis=0), 0.0)  # columns past N: no -inf - -inf
+                col_sum = tl.where(mask_n, tl.sum(tl.exp(zc - col_max[None, :]), axis=0), 1.0)
+                tl.store(COL_OUT + pid_m * stride_col_m + offs_n, col_max + tl.log(col_sum), mask=mask_n)
     if LOSS == 0:
         out = row_sum
     else:
@@ -116,7 +133,7 @@ def contrastive_bwd_kernel(
     LSE_ROW,  # (M,) fp32 CLIP row log-sum-exps (unused by SigLIP: pass any fp32 tensor)
     LSE_COL,  # (N,) fp32 CLIP column log-sum-exps (likewise)
     G,  # (M, N) input dtype, out: dL/dz without the 1/N factor
-    PARTIAL,  # (2, grid_m * grid_n) fp32, out: per tile sum(dL/dz * x.y) and sum(dL/dz)
+    PARTIAL,  # (2, grid_m * grid_n) fp32, out: per tile sum(dL/dz) and (WITH_LOSS) the sum of the loss terms
     M,
     N,
     D,
@@ -125,12 +142,16 @@ def contrastive_bwd_kernel(
     stride_g_m,
     diag_offset,
     LOSS: tl.constexpr,
+    WITH_LOSS: tl.constexpr,  # SigLIP: also the sum of -logsigmoid(label * z) over the tile
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,  # row blocks that walk the columns together, so that Y tiles are reused from L2
     IEEE: tl.constexpr,
 ):
+    # The gradient of the scale, sum(dL/dz * x.y), is not reduced here: the caller gets it from the cuBLAS product
+    # as sum_i x_i . (dL/dz @ y)_i, so that the dot products need not stay alive beside z (with the loss terms,
+    # 128 x 128 tiles would spill).
     pid = tl.program_id(0)
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_n = tl.cdiv(N, BLOCK_N)
@@ -143,16 +164,20 @@ def contrastive_bwd_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
+    valid = mask_m[:, None] & mask_n[None, :]
+    tile = pid_m * grid_n + pid_n
     scale = tl.load(SCALE)
-    dots = _logit_dots(X, Y, offs_m, offs_n, mask_m, mask_n, D, stride_x_m, stride_y_n,
-                       BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
-    z = scale * dots
+    z = scale * _logit_dots(X, Y, offs_m, offs_n, mask_m, mask_n, D, stride_x_m, stride_y_n,
+                            BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
     positive = offs_n[None, :] == offs_m[:, None] + diag_offset
     if LOSS == 0:
         z += tl.load(BIAS)
+        e = tl.exp(-tl.abs(z))
+        if WITH_LOSS:  # softplus(-label * z) = max(-label * z, 0) + log1p(e), from the same e
+            term = tl.where(valid, tl.maximum(tl.where(positive, -z, z), 0.0) + _log1p(e), 0.0)
+            tl.store(PARTIAL + grid_m * grid_n + tile, tl.sum(tl.sum(term, axis=1), axis=0))
         # d/dz softplus(-label * z) = -label * sigmoid(-label * z): sigmoid(z) for negatives, -sigmoid(-z) for the
         # positive, both from e = exp(-|z|) <= 1 so that nothing overflows and tails keep their precision
-        e = tl.exp(-tl.abs(z))
         r = 1.0 / (1.0 + e)
         g = tl.where(positive, -tl.where(z >= 0, e * r, r), tl.where(z >= 0, r, e * r))
     else:
@@ -160,31 +185,34 @@ def contrastive_bwd_kernel(
         lse_col = tl.load(LSE_COL + offs_n, mask=mask_n, other=0.0)
         # image-to-text softmax + text-to-image softmax - 2 at the positive
         g = tl.exp(z - lse_row[:, None]) + tl.exp(z - lse_col[None, :]) - tl.where(positive, 2.0, 0.0)
-    valid = mask_m[:, None] & mask_n[None, :]
     g = tl.where(valid, g, 0.0)
     tl.store(G + offs_m[:, None] * stride_g_m + offs_n[None, :], g.to(G.dtype.element_ty), mask=valid)
-    tile = pid_m * grid_n + pid_n
-    tl.store(PARTIAL + tile, tl.sum(tl.sum(g * dots, axis=1), axis=0))
-    tl.store(PARTIAL + grid_m * grid_n + tile, tl.sum(tl.sum(g, axis=1), axis=0))
+    tl.store(PARTIAL + tile, tl.sum(tl.sum(g, axis=1), axis=0))
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Configurations and launchers
 
 
+KERNELS = ("fwd", "fwd_cols", "bwd", "bwd_loss")  # what config() takes: the two kernels and their flag variants
+
+
 def config(d: int, dtype: torch.dtype, kernel: str = "bwd", loss: str = "siglip") -> dict:
-    """Block sizes and launch options of `kernel` ("fwd" or "bwd") for feature width `d`, input dtype and loss: one
-    config, no autotuning, so that the interpreter runs what the GPU runs. The 16-bit choices are the fastest of a
-    sweep on an H100 at N = 32768, D = 768 (benchmarks/bench_contrastive.py --sweep-configs)."""
+    """Block sizes and launch options of `kernel` (one of KERNELS: the forward, CLIP's forward with the column
+    log-sum-exps, the gradient, SigLIP's gradient with the loss sum) for feature width `d`, input dtype and loss: one
+    config, no autotuning, so that the interpreter runs what the GPU runs. The 16-bit forward and gradient choices
+    are the fastest of a sweep on an H100 at N = 32768, D = 768 (benchmarks/bench_contrastive.py --sweep-configs)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if dtype == torch.float32:  # true fp32 products run on the FMA pipes: small tiles over 8 warps, no spills
         return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 2}
     block_k = 64 if d >= 64 else 32
     # The H100 sweep's fastest CLIP forward, 128 x 256 tiles, spilled 108-160 bytes per thread on sm_90 (kernel
-    # report), and so did three-stage fp16 backwards (4-8 bytes): the kernel report's CI gate fails any shipped
-    # spill, so CLIP's forward takes 128 x 128 tiles and fp16 two stages (neither re-measured on a GPU yet).
-    # A fourth stage measured faster in bf16. The fp16 backward spilled 4-8 bytes at 128 x 128 with 2, 3 or 4
-    # stages (bf16 does not), so fp16 takes 128 x 64 tiles there.
-    block_n = 64 if (dtype == torch.float16 and kernel == "bwd") else 128
+    # report): the kernel report's CI gate fails any shipped spill, so CLIP's forward takes 128 x 128 tiles. A
+    # fourth stage measured faster in bf16. SigLIP's gradient with its loss sum spilled 300-1000 bytes at 128 x 128
+    # (triton 3.6 and 3.8, bf16 and fp16) and none at 128 x 64 (185-213 registers): it takes 128 x 64, not yet
+    # measured on a GPU against the two passes it replaces.
+    block_n = 64 if kernel == "bwd_loss" else 128
     return {"BLOCK_M": 128, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 8, "num_stages": 4}
 
 
@@ -205,14 +233,12 @@ def _check(x: torch.Tensor, y: torch.Tensor) -> None:
         raise ValueError(f"contrastive kernels need unit stride along D, got strides {x.stride()} and {y.stride()}")
 
 
-def loss_rows(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, *, loss: str,
-              diag_offset: int = 0, splits: int | None = None) -> torch.Tensor:
-    """Per row of x (M, D) against all rows of y (N, D), in fp32: SigLIP sums of -logsigmoid(label * z) or CLIP
-    log-sum-exps of z, with z = scale * x @ y.T + bias. scale and bias: (1,) fp32 on the features' device."""
-    _check(x, y)
+def _launch_rows(x, y, scale, bias, loss, diag_offset, splits, col_out):
+    """Per-row partials (splits, M) of x against y; with col_out (cdiv(M, BLOCK_M), N), CLIP's per-row-block column
+    log-sum-exps too."""
     m, d = x.shape
     n = y.shape[0]
-    cfg = config(d, x.dtype, "fwd", loss)
+    cfg = config(d, x.dtype, "fwd_cols" if col_out is not None else "fwd", loss)
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
     grid_m = triton.cdiv(m, block_m)
     col_blocks = triton.cdiv(n, block_n)
@@ -222,22 +248,62 @@ def loss_rows(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias: torch
     cols_per_split = blocks_per_split * block_n
     splits = triton.cdiv(n, cols_per_split)
     out = torch.empty((splits, m), device=x.device, dtype=torch.float32)
+    cols = col_out is not None
     contrastive_fwd_kernel[(grid_m, splits)](
-        x, y, scale, bias, out, m, n, d, x.stride(0), y.stride(0), out.stride(0), diag_offset, cols_per_split,
-        LOSS=_LOSSES[loss], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=cfg["BLOCK_K"],
+        x, y, scale, bias, out, col_out if cols else out, m, n, d, x.stride(0), y.stride(0), out.stride(0),
+        col_out.stride(0) if cols else 0, diag_offset, cols_per_split,
+        LOSS=_LOSSES[loss], COLS=cols, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=cfg["BLOCK_K"],
         IEEE=x.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    if splits == 1:
+    return out
+
+
+def loss_rows(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, *, loss: str,
+              diag_offset: int = 0, splits: int | None = None) -> torch.Tensor:
+    """Per row of x (M, D) against all rows of y (N, D), in fp32: SigLIP sums of -logsigmoid(label * z) or CLIP
+    log-sum-exps of z, with z = scale * x @ y.T + bias. scale and bias: (1,) fp32 on the features' device."""
+    _check(x, y)
+    out = _launch_rows(x, y, scale, bias, loss, diag_offset, splits, None)
+    if out.shape[0] == 1:
         return out[0]
     return out.sum(0) if loss == "siglip" else torch.logsumexp(out, dim=0)
 
 
+COL_PARTIAL_BYTES = 64 << 20  # loss_rows_cols: the per-row-block column partials of one chunk of rows
+
+
+def loss_rows_cols(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, *, splits: int | None = None,
+                   chunk_bytes: int = COL_PARTIAL_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP's log-sum-exps of z = scale * x @ y.T along both axes from one pass over the logits: (per row of x
+    (M,), per row of y (N,)), fp32. Each row block writes its column log-sum-exps to a partial buffer of at most
+    `chunk_bytes` (rows are taken in chunks that fit), reduced by torch."""
+    _check(x, y)
+    m, n = x.shape[0], y.shape[0]
+    block_m = config(x.shape[1], x.dtype, "fwd_cols", "clip")["BLOCK_M"]
+    blocks = max(1, chunk_bytes // max(1, 4 * n))
+    step = blocks * block_m
+    zero = torch.zeros(1, device=x.device, dtype=torch.float32)
+    lse_row = torch.empty(m, device=x.device, dtype=torch.float32)
+    lse_col = None
+    col_part = torch.empty((min(blocks, triton.cdiv(m, block_m)), n), device=x.device, dtype=torch.float32)
+    for start in range(0, m, step):
+        stop = min(m, start + step)
+        part = col_part[:triton.cdiv(stop - start, block_m)]
+        rows = _launch_rows(x[start:stop], y, scale, zero, "clip", 0, splits, part)
+        lse_row[start:stop] = rows[0] if rows.shape[0] == 1 else torch.logsumexp(rows, dim=0)
+        cols = torch.logsumexp(part, dim=0)
+        lse_col = cols if lse_col is None else torch.logaddexp(lse_col, cols)
+    return lse_row, lse_col
+
+
 def loss_grad_logits(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, g: torch.Tensor, *,
                      loss: str, diag_offset: int = 0, lse_row: torch.Tensor | None = None,
-                     lse_col: torch.Tensor | None = None) -> torch.Tensor:
+                     lse_col: torch.Tensor | None = None, with_loss: bool = False) -> torch.Tensor:
     """Fill g (M, N), in the features' dtype, with dL/dz per pair (without the 1/N factor): SigLIP
     -label * sigmoid(-label * z); CLIP softmax_row + softmax_col - 2 at the positive, from the saved fp32
-    log-sum-exps. Returns the fp32 pair (sum(g * x.y), sum(g)) for the gradients of scale and bias. Give g a row
-    stride that is a multiple of 16 (new_grad_buffer), or its stores do not vectorise."""
+    log-sum-exps. Returns fp32 sum(g) (the gradient of the bias) and, with `with_loss` (SigLIP only), the sum of
+    -logsigmoid(label * z) over the block: (1,) or (2,). The gradient of the scale, sum(g * x.y), is the caller's,
+    from sum(x * (g @ y)). Give g a row stride that is a multiple of 16 (new_grad_buffer), or its stores do not
+    vectorise."""
     _check(x, y)
     m, d = x.shape
     n = y.shape[0]
@@ -246,7 +312,10 @@ def loss_grad_logits(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias
                          f"{g.dtype} strides {g.stride()}")
     if loss == "clip" and (lse_row is None or lse_col is None):
         raise ValueError("the CLIP gradient needs lse_row and lse_col")
-    cfg = config(d, x.dtype, "bwd", loss)
+    if with_loss and loss != "siglip":
+        raise ValueError(f"with_loss needs loss='siglip' (CLIP's gradient needs the finished log-sum-exps), got "
+                         f"{loss!r}")
+    cfg = config(d, x.dtype, "bwd_loss" if with_loss else "bwd", loss)
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     partial = torch.empty((2, tiles), device=x.device, dtype=torch.float32)
@@ -254,9 +323,9 @@ def loss_grad_logits(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias
     lse_col = scale if lse_col is None else lse_col
     contrastive_bwd_kernel[(tiles,)](
         x, y, scale, bias, lse_row, lse_col, g, partial, m, n, d, x.stride(0), y.stride(0), g.stride(0), diag_offset,
-        LOSS=_LOSSES[loss], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=cfg["BLOCK_K"], GROUP_M=_GROUP_M,
-        IEEE=x.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return partial.sum(1)
+        LOSS=_LOSSES[loss], WITH_LOSS=with_loss, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=cfg["BLOCK_K"],
+        GROUP_M=_GROUP_M, IEEE=x.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return partial[:2 if with_loss else 1].sum(1)
 
 
 def new_grad_buffer(rows: int, n: int, like: torch.Tensor) -> torch.Tensor:
@@ -270,20 +339,29 @@ def new_grad_buffer(rows: int, n: int, like: torch.Tensor) -> torch.Tensor:
 # What ships: the configs above for a small D and the D of the base and fine presets, per dtype and loss.
 
 SHIPPED_D = (32, 64, 768, 1152)
-_ALIGNED_INTS = ("D", "stride_x_m", "stride_y_n", "stride_g_m", "cols_per_split")
+_ALIGNED_INTS = ("D", "stride_x_m", "stride_y_n", "stride_g_m", "stride_col_m", "cols_per_split")
 _SHIPPED_FIELDS = {f.name for f in dataclasses.fields(registry.Shipped)}
 
 
 def _signature(kernel: str, ptr: str) -> dict[str, str]:
     common = {"X": ptr, "Y": ptr, "SCALE": "*fp32", "BIAS": "*fp32"}
     if kernel == "fwd":
-        return {**common, "OUT": "*fp32", "M": "i32", "N": "i32", "D": "i32", "stride_x_m": "i32", "stride_y_n": "i32",
-                "stride_out_s": "i32", "diag_offset": "i32", "cols_per_split": "i32", "LOSS": "constexpr",
-                "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "IEEE": "constexpr"}
+        return {**common, "OUT": "*fp32", "COL_OUT": "*fp32", "M": "i32", "N": "i32", "D": "i32", "stride_x_m": "i32",
+                "stride_y_n": "i32", "stride_out_s": "i32", "stride_col_m": "i32", "diag_offset": "i32",
+                "cols_per_split": "i32", "LOSS": "constexpr", "COLS": "constexpr", "BLOCK_M": "constexpr",
+                "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "IEEE": "constexpr"}
     return {**common, "LSE_ROW": "*fp32", "LSE_COL": "*fp32", "G": ptr, "PARTIAL": "*fp32", "M": "i32", "N": "i32",
             "D": "i32", "stride_x_m": "i32", "stride_y_n": "i32", "stride_g_m": "i32", "diag_offset": "i32",
-            "LOSS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
-            "GROUP_M": "constexpr", "IEEE": "constexpr"}
+            "LOSS": "constexpr", "WITH_LOSS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
+            "BLOCK_K": "constexpr", "GROUP_M": "constexpr", "IEEE": "constexpr"}
+
+
+# (kernel, flag constexprs) per loss: SigLIP's gradient with and without its loss sum (the one-process op and the
+# ring), CLIP's forward with and without the column log-sum-exps (one process, and rows against gathered columns).
+_VARIANTS = {
+    "siglip": [("fwd", {"COLS": False}), ("bwd", {"WITH_LOSS": False}), ("bwd_loss", {"WITH_LOSS": True})],
+    "clip": [("fwd", {"COLS": False}), ("fwd_cols", {"COLS": True}), ("bwd", {"WITH_LOSS": False})],
+}
 
 
 def _configs() -> list[registry.Shipped]:
@@ -291,17 +369,19 @@ def _configs() -> list[registry.Shipped]:
     for dtype, tname in _TRITON_DTYPES.items():
         for d in SHIPPED_D:
             for loss_name, loss in _LOSSES.items():
-                for kernel in ("fwd", "bwd"):
-                    cfg = config(d, dtype, kernel, loss_name)
-                    constexprs = {"LOSS": loss, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
-                                  "BLOCK_K": cfg["BLOCK_K"], **({"GROUP_M": _GROUP_M} if kernel == "bwd" else {}),
-                                  "IEEE": dtype == torch.float32}
+                for variant, flags in _VARIANTS[loss_name]:
+                    cfg = config(d, dtype, variant, loss_name)
+                    kernel = variant.split("_")[0]
+                    constexprs = {"LOSS": loss, **flags, "BLOCK_M": cfg["BLOCK_M"],
+                                  "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"],
+                                  **({"GROUP_M": _GROUP_M} if kernel == "bwd" else {}), "IEEE": dtype == torch.float32}
                     key = (kernel, tname, tuple(sorted(constexprs.items())), cfg["num_warps"], cfg["num_stages"])
                     if key in seen:
                         seen[key]["label"] += f",{d}"
                         continue
-                    seen[key] = {"label": f"{loss_name} {kernel} {tname} d{d}", "kernel": kernel, "tname": tname,
-                                 "constexprs": constexprs, "cfg": cfg}
+                    suffix = " +cols" if flags.get("COLS") else " +loss" if flags.get("WITH_LOSS") else ""
+                    seen[key] = {"label": f"{loss_name} {kernel}{suffix} {tname} d{d}", "kernel": kernel,
+                                 "tname": tname, "constexprs": constexprs, "cfg": cfg}
     rows = []
     for row in seen.values():
         sig = _signature(row["kernel"], "*" + row["tname"])

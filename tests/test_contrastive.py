@@ -118,6 +118,57 @@ def test_no_grad_for_constant_scale():
     assert abs(loss.item() - expected.item()) < 1e-5
 
 
+@pytest.mark.parametrize("backend", ["chunked", "triton"])
+def test_siglip_gradients_from_the_forward(backend):
+    """With gradients wanted, SigLIP's forward computes them in its pass over the logits and the backward only scales
+    them: the loss must equal the gradient-free forward's, and the gradients those of the separate backward
+    (fineviti::siglip_loss_bwd) for any upstream gradient, on any subset of inputs that require them."""
+    dtype = torch.float32
+    img, txt, scale, bias = [t.to(dtype) for t in make_inputs(37, 24)]
+    with torch.no_grad():
+        plain = siglip_loss(img, txt, scale, bias, backend=backend)
+    upstream = torch.tensor(-2.5)
+    want = torch.ops.fineviti.siglip_loss_bwd(upstream, img, txt, scale.reshape(()), bias.reshape(()), backend)
+    for wanted in ((0, 1, 2, 3), (2,), (0,), (1, 3)):
+        leaves = [t.clone().requires_grad_(i in wanted) for i, t in enumerate((img, txt, scale, bias))]
+        loss = siglip_loss(*leaves, backend=backend)
+        assert loss.requires_grad
+        torch.testing.assert_close(loss.detach(), plain, rtol=1e-6, atol=1e-7)
+        (loss * upstream).backward()
+        for i, (leaf, w) in enumerate(zip(leaves, want, strict=True)):
+            if i in wanted:
+                torch.testing.assert_close(leaf.grad, w, rtol=1e-5, atol=1e-7, msg=lambda m, i=i: f"input {i}: {m}")
+            else:
+                assert leaf.grad is None
+    # the saved gradients survive a second backward through a retained graph
+    leaves = [t.clone().requires_grad_() for t in (img, txt, scale, bias)]
+    loss = siglip_loss(*leaves, backend=backend)
+    loss.backward(retain_graph=True)
+    first = [t.grad.clone() for t in leaves]
+    loss.backward()
+    for leaf, f in zip(leaves, first, strict=True):
+        torch.testing.assert_close(leaf.grad, 2 * f)
+
+
+def test_siglip_forward_skips_the_gradients_when_none_is_wanted(monkeypatch):
+    """No gradient wanted (no_grad, or nothing requires one): the forward takes the loss-only pass."""
+    calls = []
+    real = C._Chunked.grads
+
+    def spy(self, *args, **kwargs):
+        calls.append(kwargs.get("with_loss", False))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(C._Chunked, "grads", spy)
+    img, txt, scale, bias = [t.float() for t in make_inputs(9, 8)]
+    siglip_loss(img, txt, scale, bias, backend="chunked")
+    with torch.no_grad():
+        siglip_loss(img.requires_grad_(), txt, scale, bias, backend="chunked")
+    assert calls == []
+    siglip_loss(img, txt, scale, bias, backend="chunked").backward()
+    assert calls == [True]
+
+
 def test_references_follow_open_clip_conventions():
     """SigLIP: -sum logsigmoid(labels * logits) / N; CLIP: the mean of both cross-entropies, written out by hand."""
     img, txt, scale, bias = make_inputs(5, 4)
@@ -159,6 +210,15 @@ def test_block_primitives_with_offset_positives(impl, diag_offset):
     dots = x.double() @ y.double().T
     for got, want in ((dx, g @ y.double()), (dy, g.T @ x.double()), (ds, (g * dots).sum()), (db, g.sum())):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    # SigLIP's gradients and loss from one pass: the same gradients, and the loss sum of rows()
+    *grads, total = backend.grads(x, y, scale, bias, "siglip", diag_offset, with_loss=True)
+    for got, want in zip(grads, (dx, dy, ds, db), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(total.double(), F.softplus(-labels * z).sum(), rtol=1e-5, atol=1e-5)
+    # CLIP's log-sum-exps along both axes from one pass
+    rows, cols = backend.rows_cols(x, y, scale)
+    torch.testing.assert_close(rows.double(), torch.logsumexp(z - bias, 1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cols.double(), torch.logsumexp(z - bias, 0), rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -200,13 +260,24 @@ def test_kernels_mask_tails_and_write_every_output(loss, dtype):
     for splits in (1, 2, 3, 100):
         got = kc.loss_rows(x, y, scale, bias, loss=loss, diag_offset=7, splits=splits)
         torch.testing.assert_close(got.double(), want_rows, **tol)
-    g = kc.new_grad_buffer(m, n, x)
-    g.fill_(float("nan"))
-    ds_db = kc.loss_grad_logits(x, y, scale, bias, g, loss=loss, diag_offset=7, lse_row=lse_row, lse_col=lse_col)
-    assert not torch.isnan(g).any(), "the gradient kernel left entries unwritten"
-    torch.testing.assert_close(g.double(), want_g, **tol)
-    dots = x.double() @ y.double().T
-    torch.testing.assert_close(ds_db.double(), torch.stack([(want_g * dots).sum(), want_g.sum()]), rtol=1e-3, atol=1e-3)
+    if loss == "clip":  # both directions from one pass, over one chunk of rows and over several
+        for chunk_bytes in (kc.COL_PARTIAL_BYTES, 1):
+            for splits in (None, 3):
+                rows, cols = kc.loss_rows_cols(x, y, scale, splits=splits, chunk_bytes=chunk_bytes)
+                torch.testing.assert_close(rows.double(), torch.logsumexp(z, 1), **tol)
+                torch.testing.assert_close(cols.double(), torch.logsumexp(z, 0), **tol)
+    for with_loss in (False, True) if loss == "siglip" else (False,):
+        g = kc.new_grad_buffer(m, n, x)
+        g.fill_(float("nan"))
+        sums = kc.loss_grad_logits(x, y, scale, bias, g, loss=loss, diag_offset=7, lse_row=lse_row, lse_col=lse_col,
+                                   with_loss=with_loss)
+        assert not torch.isnan(g).any(), "the gradient kernel left entries unwritten"
+        torch.testing.assert_close(g.double(), want_g, **tol)
+        want_sums = [want_g.sum()] + ([want_rows.sum()] if with_loss else [])
+        torch.testing.assert_close(sums.double(), torch.stack(want_sums), rtol=1e-3, atol=1e-3)
+    if loss == "clip":
+        with pytest.raises(ValueError, match="with_loss needs loss='siglip'"):
+            kc.loss_grad_logits(x, y, scale, bias, g, loss=loss, lse_row=lse_row, lse_col=lse_col, with_loss=True)
 
 
 def test_registry_rows_match_what_the_launcher_runs():
@@ -216,11 +287,16 @@ def test_registry_rows_match_what_the_launcher_runs():
     declared = registry.declared()
     rows = [(row, declared[name].fn) for name in ("contrastive_fwd", "contrastive_bwd")
             for row in declared[name].configs()]
-    launched = {(f"contrastive_{kernel}_kernel", kc._TRITON_DTYPES[dtype], kc._LOSSES[loss],
-                 tuple(sorted(kc.config(d, dtype, kernel, loss).items())))
-                for kernel in ("fwd", "bwd") for loss in kc._LOSSES
-                for dtype in kc._TRITON_DTYPES for d in (32, 768, 1152)}
+    # what the launchers run: (loss, variant) pairs, a variant being a kernel and its flag
+    runs = [("siglip", "fwd"), ("siglip", "bwd"), ("siglip", "bwd_loss"), ("clip", "fwd"), ("clip", "fwd_cols"),
+            ("clip", "bwd")]
+    flag = {"fwd": ("COLS", False), "fwd_cols": ("COLS", True), "bwd": ("WITH_LOSS", False),
+            "bwd_loss": ("WITH_LOSS", True)}
+    launched = {(f"contrastive_{variant.split('_')[0]}_kernel", kc._TRITON_DTYPES[dtype], kc._LOSSES[loss],
+                 flag[variant], tuple(sorted(kc.config(d, dtype, variant, loss).items())))
+                for loss, variant in runs for dtype in kc._TRITON_DTYPES for d in (32, 768, 1152)}
     shipped = {(r.kernel_name, r.signature["X"][1:], r.constexprs["LOSS"],
+                next((k, v) for k, v in r.constexprs.items() if k in ("COLS", "WITH_LOSS")),
                 tuple(sorted({**{k: r.constexprs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")},
                               "num_warps": r.num_warps, "num_stages": r.num_stages}.items())))
                for r, _ in rows}

@@ -75,7 +75,8 @@ def _opcheck(op, args):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck_siglip(backend):
     img, txt, scale, bias = make_inputs(7, 32)
-    _opcheck(torch.ops.fineviti.siglip_loss_fwd.default, (img, txt, scale, bias, backend))
+    for with_grad in (False, True):
+        _opcheck(torch.ops.fineviti.siglip_loss_fwd.default, (img, txt, scale, bias, backend, with_grad))
     grad = torch.rand((), device=DEVICE) + 0.5
     _opcheck(torch.ops.fineviti.siglip_loss_bwd.default,
              (grad, *(t.detach() for t in (img, txt, scale, bias)), backend))

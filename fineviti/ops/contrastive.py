@@ -3,9 +3,12 @@
 Backends (one contract):
 
   triton     ours (kernels/contrastive.py): the forward reduces logit tiles to per-row sums / log-sum-exps in
-             registers; the backward recomputes the tiles of one chunk of rows into a (chunk, N) dL/dz buffer in
-             the features' dtype and multiplies it with cuBLAS. Memory: O(N * D) plus a buffer of at most
-             _GPU_CHUNK_BYTES.
+             registers (CLIP: both directions in one pass); the gradient pass computes the tiles of one chunk of
+             rows into a (chunk, N) dL/dz buffer in the features' dtype and multiplies it with cuBLAS. SigLIP's
+             dL/dz needs no normaliser, so when a gradient is wanted its forward is that gradient pass, which also
+             sums the loss: three logit matmuls in all, as a plain implementation does, and the backward only
+             scales the saved gradients. CLIP needs its log-sum-exps first: four. Memory: O(N * D) plus a buffer of
+             at most _GPU_CHUNK_BYTES.
   chunked    memory-efficient torch path (the default on the CPU): the same algorithm with torch matmuls in fp32,
              at most a (chunk, N) block alive in the forward or the backward.
   reference  plain torch with autograd over the full logits (siglip_loss_ref / clip_loss_ref).
@@ -67,8 +70,10 @@ def clip_loss_ref(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tenso
 # ----------------------------------------------------------------------------------------------------------------
 # Block primitives: rows of x against all rows of y. Both backends give, in fp32:
 #   rows(...)  per row of x: SigLIP sum_j softplus(-label_ij * z_ij), or CLIP logsumexp_j z_ij
+#   rows_cols(x, y, scale)  CLIP only, bias 0: (logsumexp_j z_ij per row, logsumexp_i z_ij per column), one pass
 #   grads(...) with g = dL/dz per pair (no 1/N): (g @ y, g.T @ x, sum(g * x.y), sum(g)); with dx_scale, the first
-#              comes back multiplied by it and in x's dtype (no fp32 (M, D) buffer), the rest stay fp32
+#              comes back multiplied by it and in x's dtype (no fp32 (M, D) buffer), the rest stay fp32; with
+#              with_loss (SigLIP), a fifth: the sum of rows(...), from the same pass
 # where z = scale * x @ y.T + bias and the positive of row i is column i + diag_offset.
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -105,18 +110,36 @@ class _Chunked:
                 out[start:stop] = torch.logsumexp(z, dim=1)
         return out
 
-    def grads(self, x, y, scale, bias, loss, diag_offset=0, lse_row=None, lse_col=None, dx_scale=None):
+    def rows_cols(self, x, y, scale):
+        """CLIP log-sum-exps of z = scale * x @ y.T along both axes, from one pass: ((M,), (N,)) fp32."""
+        y32 = y.float()
+        lse_row = torch.empty(x.shape[0], device=x.device, dtype=torch.float32)
+        lse_col = torch.full((y.shape[0],), float("-inf"), device=x.device, dtype=torch.float32)
+        for start, stop in self._chunks(x.shape[0], y.shape[0]):
+            z = (x[start:stop].float() @ y32.T).mul_(scale)
+            lse_row[start:stop] = torch.logsumexp(z, dim=1)
+            lse_col = torch.logaddexp(lse_col, torch.logsumexp(z, dim=0))
+        return lse_row, lse_col
+
+    def grads(self, x, y, scale, bias, loss, diag_offset=0, lse_row=None, lse_col=None, dx_scale=None,
+              with_loss=False):
         m, n = x.shape[0], y.shape[0]
         y32 = y.float()
         dx = torch.empty(x.shape, device=x.device, dtype=torch.float32 if dx_scale is None else x.dtype)
         dy = torch.zeros(y.shape, device=x.device, dtype=torch.float32)
-        ds_db = torch.zeros(2, device=x.device, dtype=torch.float32)
+        ds_db = torch.zeros(3, device=x.device, dtype=torch.float32)
         for start, stop in self._chunks(m, n):
             xc = x[start:stop].float()
             dots = xc @ y32.T
             r, c = _positives(start, stop, diag_offset, n, x.device)
             if loss == "siglip":
-                g = torch.sigmoid(dots * scale + bias)  # -label * sigmoid(-label * z) = sigmoid(z) - [positive]
+                z = dots * scale + bias
+                if with_loss:
+                    u = z.clone()
+                    u[r, c] = -u[r, c]  # -label * z
+                    ds_db[2] += F.softplus(u).sum()
+                    del u
+                g = torch.sigmoid_(z)  # -label * sigmoid(-label * z) = sigmoid(z) - [positive]
                 g[r, c] -= 1
             else:
                 z = dots * scale
@@ -129,7 +152,7 @@ class _Chunked:
             del dots
             dx[start:stop] = (g @ y32) if dx_scale is None else (g @ y32).mul_(dx_scale)
             dy.addmm_(g.T, xc)
-        return dx, dy, ds_db[0], ds_db[1]
+        return (dx, dy, ds_db[0], ds_db[1]) + ((ds_db[2],) if with_loss else ())
 
 
 _FP32_OUT_MM = {"mm": True, "addmm": True}  # whether this torch has mm/addmm(out_dtype=float32); found on first use
@@ -181,25 +204,37 @@ class _Triton:
         return self._kernels().loss_rows(x.contiguous(), y.contiguous(), scale, bias, loss=loss,
                                          diag_offset=diag_offset)
 
-    def grads(self, x, y, scale, bias, loss, diag_offset=0, lse_row=None, lse_col=None, dx_scale=None):
+    def rows_cols(self, x, y, scale):
+        if x.shape[0] == 0 or y.shape[0] == 0:
+            return (torch.full((x.shape[0],), float("-inf"), device=x.device, dtype=torch.float32),
+                    torch.full((y.shape[0],), float("-inf"), device=x.device, dtype=torch.float32))
+        return self._kernels().loss_rows_cols(x.contiguous(), y.contiguous(), scale)
+
+    def grads(self, x, y, scale, bias, loss, diag_offset=0, lse_row=None, lse_col=None, dx_scale=None,
+              with_loss=False):
         kc = self._kernels()
         x, y = x.contiguous(), y.contiguous()
         m, n = x.shape[0], y.shape[0]
-        block_m = kc.config(x.shape[1], x.dtype)["BLOCK_M"]
+        block_m = kc.config(x.shape[1], x.dtype, "bwd_loss" if with_loss else "bwd", loss)["BLOCK_M"]
         step = max(block_m, self.chunk_bytes // max(1, n * x.element_size()) // block_m * block_m)
         g = kc.new_grad_buffer(min(step, m), n, x)
         empty = torch.zeros if n == 0 else torch.empty  # no columns: no chunk writes dx
         dx = empty(x.shape, device=x.device, dtype=torch.float32 if dx_scale is None else x.dtype)
         dy = torch.zeros(y.shape, device=x.device, dtype=torch.float32)
-        ds_db = torch.zeros(2, device=x.device, dtype=torch.float32)
+        ds = torch.zeros((), device=x.device, dtype=torch.float32)
+        sums = torch.zeros(2 if with_loss else 1, device=x.device, dtype=torch.float32)  # sum(g) [, loss]
         for start in range(0, m if n else 0, step):
             stop = min(m, start + step)
             gc, xc = g[:stop - start], x[start:stop]
-            ds_db += kc.loss_grad_logits(xc, y, scale, bias, gc, loss=loss, diag_offset=diag_offset + start,
-                                         lse_row=None if lse_row is None else lse_row[start:stop], lse_col=lse_col)
-            dx[start:stop] = _mm_f32(gc, y) if dx_scale is None else _mm_f32(gc, y).mul_(dx_scale)
+            sums += kc.loss_grad_logits(xc, y, scale, bias, gc, loss=loss, diag_offset=diag_offset + start,
+                                        lse_row=None if lse_row is None else lse_row[start:stop], lse_col=lse_col,
+                                        with_loss=with_loss)
+            gy = _mm_f32(gc, y)
+            ds += (gy * xc).sum()  # sum_ij g_ij x_i.y_j = sum_i x_i . (g @ y)_i: the gradient of the scale
+            dx[start:stop] = gy if dx_scale is None else gy.mul_(dx_scale)
+            del gy
             _addmm_f32(dy, gc.T, xc)
-        return dx, dy, ds_db[0], ds_db[1]
+        return (dx, dy, ds, *sums.unbind())
 
 
 def _backend_impl(name: str):
@@ -428,6 +463,18 @@ def _siglip_forward(x, y, scale, bias, impl, d: _Dist, ring: bool) -> torch.Tens
     return total * (d.world / d.total)
 
 
+def _siglip_forward_with_grads(x, y, scale, bias, impl, d: _Dist):
+    """The loss and, from the same pass over the logits, (d_img, d_txt, d_scale, d_bias) for an upstream gradient of
+    1, in the inputs' dtypes and shapes: SigLIP's dL/dz needs no normaliser, so the forward can produce them and
+    the backward only multiplies (three logit matmuls in all instead of four). Texts: all of them (gathered)."""
+    s32, b32 = _scalar(scale, x.device), _scalar(bias, x.device)
+    coef = torch.full((1,), d.world / d.total, device=x.device, dtype=torch.float32)
+    dx, dy, ds, db, total = impl.grads(x, y, s32, b32, "siglip", diag_offset=d.row_start, dx_scale=coef * s32,
+                                       with_loss=True)
+    return (total * coef[0], _feature_grad(dx, coef * s32, x, scaled=True), _feature_grad(dy, coef * s32, y),
+            _param_grad(ds, coef, scale), _param_grad(db, coef, bias))
+
+
 def _siglip_backward(grad, x, y, scale, bias, impl, d: _Dist, ring: bool):
     """(d_img, d_txt, d_scale, d_bias) in the dtypes and shapes of the inputs; with `ring`, the text blocks travel
     again, with their gradient accumulators."""
@@ -457,6 +504,8 @@ def _clip_forward(x, y, scale, x_all, impl, d: _Dist, ring: bool):
             count = d.counts[owner]
             lse_row = torch.logaddexp(lse_row, impl.rows(x, block[d.n_max:d.n_max + count], s32, zero, "clip"))
             lse_col = torch.logaddexp(lse_col, impl.rows(y_loc, block[:count], s32, zero, "clip"))
+    elif d.world == 1:  # both directions from one pass over the logits
+        lse_row, lse_col = impl.rows_cols(x, y, s32)
     else:
         lse_row = impl.rows(x, y, s32, zero, "clip")
         lse_col = impl.rows(y_loc, x_all, s32, zero, "clip")
@@ -492,13 +541,23 @@ def _one_process(img: torch.Tensor) -> _Dist:
 
 @torch.library.custom_op("fineviti::siglip_loss_fwd", mutates_args=())
 def _siglip_fwd_op(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor,
-                   backend: str) -> torch.Tensor:
-    return _siglip_forward(img, txt, logit_scale, logit_bias, _backend_impl(backend), _one_process(img), ring=False)
+                   backend: str, with_grad: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, d_img, d_txt, d_scale, d_bias): with `with_grad`, the gradients for an upstream gradient of 1 come
+    from the forward's own pass over the logits (the backward scales them); without it they are empty."""
+    impl, d = _backend_impl(backend), _one_process(img)
+    if with_grad:
+        return _siglip_forward_with_grads(img, txt, logit_scale, logit_bias, impl, d)
+    loss = _siglip_forward(img, txt, logit_scale, logit_bias, impl, d, ring=False)
+    return (loss, *(t.new_empty((0,)) for t in (img, txt, logit_scale, logit_bias)))
 
 
 @_siglip_fwd_op.register_fake
-def _(img, txt, logit_scale, logit_bias, backend):
-    return img.new_empty((), dtype=torch.float32)
+def _(img, txt, logit_scale, logit_bias, backend, with_grad=False):
+    loss = img.new_empty((), dtype=torch.float32)
+    if with_grad:
+        return (loss, *(t.new_empty(t.shape) for t in (img, txt, logit_scale, logit_bias)))
+    return (loss, *(t.new_empty((0,)) for t in (img, txt, logit_scale, logit_bias)))
 
 
 @torch.library.custom_op("fineviti::siglip_loss_bwd", mutates_args=())
@@ -515,12 +574,15 @@ def _(grad, img, txt, logit_scale, logit_bias, backend):
 
 
 def _siglip_setup_context(ctx, inputs, output):
-    *tensors, ctx.backend = inputs
-    ctx.save_for_backward(*tensors)
+    *tensors, ctx.backend, ctx.with_grad = inputs
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.save_for_backward(*(output[1:] if ctx.with_grad else tensors))
 
 
-def _siglip_fwd_backward(ctx, grad):
-    return *_siglip_bwd_op(grad, *ctx.saved_tensors, ctx.backend), None
+def _siglip_fwd_backward(ctx, grad, *_):
+    if ctx.with_grad:  # the forward's gradients, for an upstream gradient of 1
+        return *(g * grad for g in ctx.saved_tensors), None, None
+    return *_siglip_bwd_op(grad, *ctx.saved_tensors, ctx.backend), None, None
 
 
 torch.library.register_autograd("fineviti::siglip_loss_fwd", _siglip_fwd_backward,
@@ -577,12 +639,21 @@ class _SiglipFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, y, scale, bias, impl, d, ring):
-        ctx.save_for_backward(x, y, scale, bias)
         ctx.impl, ctx.d, ctx.ring = impl, d, ring
+        # gathered texts: the gradients come from the forward's pass over the logits (the ring passes its text
+        # blocks again in the backward instead, so that no rank holds the gradients of every text)
+        ctx.with_grad = not ring and any(ctx.needs_input_grad[:4])
+        if ctx.with_grad:
+            loss, *grads = _siglip_forward_with_grads(x, y, scale, bias, impl, d)
+            ctx.save_for_backward(*grads)
+            return loss
+        ctx.save_for_backward(x, y, scale, bias)
         return _siglip_forward(x, y, scale, bias, impl, d, ring)
 
     @staticmethod
     def backward(ctx, grad):
+        if ctx.with_grad:
+            return *(g * grad for g in ctx.saved_tensors), None, None, None
         return *_siglip_backward(grad, *ctx.saved_tensors, ctx.impl, ctx.d, ctx.ring), None, None, None
 
 
@@ -707,7 +778,8 @@ def siglip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
         labels[r, c] = 1
         return -F.logsigmoid(labels * logits).sum() * (d.world / d.total)
     if d.world == 1:
-        return _siglip_fwd_op(img, txt, logit_scale, logit_bias, backend)
+        with_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (img, txt, logit_scale, logit_bias))
+        return _siglip_fwd_op(img, txt, logit_scale, logit_bias, backend, with_grad)[0]
     ring = dist_impl == "ring"
     txt_cols = txt if ring else _AllGatherRows.apply(txt, d)
     return _SiglipFn.apply(img, txt_cols, logit_scale, logit_bias, _backend_impl(backend), d, ring)
