@@ -15,8 +15,8 @@
 # 2026-11-27, so at the default the last sections are skipped and listed as such) bounds the whole script: each section's limit is cut to what is left
 # (30 s kept for the summary) and a section that would get under 20 s is skipped (exit code "skipped"), so the
 # summary is always written inside the device call's timeout. Sections run in order of what is still open: the
-# attention benchmark, correctness, the rope attention-block rows, the split-kernel probe, the attention sweep, then
-# the other benchmarks.
+# attention benchmark, correctness, the losses, the rope attention-block rows, the split-kernel probe, the loss and
+# attention sweeps, then the other benchmarks.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUTDIR=${1:-${OUT:-benchmarks/results/latest}}
@@ -65,12 +65,16 @@ section bench_attention 150 "$PY" benchmarks/bench_attention.py --quick --plot "
 # test_attention.py last: a device fault is sticky for the process, and would turn every later test into an error.
 section pytest_gpu 150 "$PY" -m pytest -m "gpu and not slow" -q -p no:cacheprovider --durations=15 \
   $(ls tests/test_*.py | grep -v 'tests/test_attention.py') tests/test_attention.py
+# The losses changed after the 2026-11-27 runs (SigLIP's gradients from its forward pass, CLIP's single forward
+# pass): their quick set and a block-size sweep of the new kernel variants come early.
+section bench_contrastive 90 "$PY" benchmarks/bench_contrastive.py --quick
 section rope_attn_block 90 "$PY" benchmarks/bench_rope.py --provider attn_block --tokens 65536 --head-dim 64
 section attention_split_probe 180 "$PY" benchmarks/attention_split_probe.py --all
+section contrastive_sweep 90 "$PY" benchmarks/bench_contrastive.py --sweep-configs --n 16384 --d 768
 section attention_sweep 150 "$PY" benchmarks/bench_attention.py --sweep --shape fa3:4096 --head-dim 128 \
   --head-dim 64 --sweep-kind dkdv --sweep-kind dq --sweep-max 4
 # The other benchmarks last: the 2026-11-27 files already hold their rows, the attention questions are open.
-for bench in contrastive rope data train; do
+for bench in rope data train; do
   [ -f "benchmarks/bench_$bench.py" ] && section "bench_$bench" 90 "$PY" "benchmarks/bench_$bench.py" --quick
 done
 wait "$report_pid"

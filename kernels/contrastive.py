@@ -125,48 +125,26 @@ def contrastive_fwd_kernel(
 
 
 @triton.jit
-def contrastive_bwd_kernel(
-    X,  # (M, D) row features
-    Y,  # (N, D) column features
-    SCALE,  # (1,) fp32
-    BIAS,  # (1,) fp32
-    LSE_ROW,  # (M,) fp32 CLIP row log-sum-exps (unused by SigLIP: pass any fp32 tensor)
-    LSE_COL,  # (N,) fp32 CLIP column log-sum-exps (likewise)
-    G,  # (M, N) input dtype, out: dL/dz without the 1/N factor
-    PARTIAL,  # (2, grid_m * grid_n) fp32, out: per tile sum(dL/dz) and (WITH_LOSS) the sum of the loss terms
-    M,
-    N,
-    D,
-    stride_x_m,
-    stride_y_n,
-    stride_g_m,
-    diag_offset,
-    LOSS: tl.constexpr,
-    WITH_LOSS: tl.constexpr,  # SigLIP: also the sum of -logsigmoid(label * z) over the tile
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,  # row blocks that walk the columns together, so that Y tiles are reused from L2
-    IEEE: tl.constexpr,
+def _grad_tile(
+    tile_id, X, Y, scale, BIAS, LSE_ROW, LSE_COL, G, PARTIAL, M, N, D, stride_x_m, stride_y_n, stride_g_m,
+    diag_offset, LOSS: tl.constexpr, WITH_LOSS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, IEEE: tl.constexpr,
 ):
-    # The gradient of the scale, sum(dL/dz * x.y), is not reduced here: the caller gets it from the cuBLAS product
-    # as sum_i x_i . (dL/dz @ y)_i, so that the dot products need not stay alive beside z (with the loss terms,
-    # 128 x 128 tiles would spill).
-    pid = tl.program_id(0)
+    """One (BLOCK_M, BLOCK_N) tile of dL/dz, its sum and (WITH_LOSS) its loss sum; tiles are numbered so that
+    GROUP_M row blocks walk the columns together."""
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_n = tl.cdiv(N, BLOCK_N)
     group_size = GROUP_M * grid_n
-    first_m = (pid // group_size) * GROUP_M
+    first_m = (tile_id // group_size) * GROUP_M
     rows_in_group = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = (first_m + (pid % group_size) % rows_in_group).to(tl.int64)
-    pid_n = ((pid % group_size) // rows_in_group).to(tl.int64)
+    pid_m = (first_m + (tile_id % group_size) % rows_in_group).to(tl.int64)
+    pid_n = ((tile_id % group_size) // rows_in_group).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
     valid = mask_m[:, None] & mask_n[None, :]
     tile = pid_m * grid_n + pid_n
-    scale = tl.load(SCALE)
     z = scale * _logit_dots(X, Y, offs_m, offs_n, mask_m, mask_n, D, stride_x_m, stride_y_n,
                             BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
     positive = offs_n[None, :] == offs_m[:, None] + diag_offset
@@ -190,6 +168,48 @@ def contrastive_bwd_kernel(
     tl.store(PARTIAL + tile, tl.sum(tl.sum(g, axis=1), axis=0))
 
 
+@triton.jit
+def contrastive_bwd_kernel(
+    X,  # (M, D) row features
+    Y,  # (N, D) column features
+    SCALE,  # (1,) fp32
+    BIAS,  # (1,) fp32
+    LSE_ROW,  # (M,) fp32 CLIP row log-sum-exps (unused by SigLIP: pass any fp32 tensor)
+    LSE_COL,  # (N,) fp32 CLIP column log-sum-exps (likewise)
+    G,  # (M, N) input dtype, out: dL/dz without the 1/N factor
+    PARTIAL,  # (2, grid_m * grid_n) fp32, out: per tile sum(dL/dz) and (WITH_LOSS) the sum of the loss terms
+    M,
+    N,
+    D,
+    stride_x_m,
+    stride_y_n,
+    stride_g_m,
+    diag_offset,
+    LOSS: tl.constexpr,
+    WITH_LOSS: tl.constexpr,  # SigLIP: also the sum of -logsigmoid(label * z) over the tile
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,  # row blocks that walk the columns together, so that Y tiles are reused from L2
+    PERSISTENT: tl.constexpr,  # a grid of a few programs per SM, each looping over tiles (one flattened loop)
+    IEEE: tl.constexpr,
+):
+    # The gradient of the scale, sum(dL/dz * x.y), is not reduced here: the caller gets it from the cuBLAS product
+    # as sum_i x_i . (dL/dz @ y)_i, so that the dot products need not stay alive beside z (with the loss terms,
+    # 128 x 128 tiles would spill).
+    scale = tl.load(SCALE)
+    if PERSISTENT:
+        # the tile loop and the K loop flattened into one, so that the loads of the next tile are in flight while
+        # this tile's epilogue runs
+        num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+        for tile_id in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True):
+            _grad_tile(tile_id, X, Y, scale, BIAS, LSE_ROW, LSE_COL, G, PARTIAL, M, N, D, stride_x_m, stride_y_n,
+                       stride_g_m, diag_offset, LOSS, WITH_LOSS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, IEEE)
+    else:
+        _grad_tile(tl.program_id(0), X, Y, scale, BIAS, LSE_ROW, LSE_COL, G, PARTIAL, M, N, D, stride_x_m,
+                   stride_y_n, stride_g_m, diag_offset, LOSS, WITH_LOSS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, IEEE)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Configurations and launchers
 
@@ -204,8 +224,9 @@ def config(d: int, dtype: torch.dtype, kernel: str = "bwd", loss: str = "siglip"
     are the fastest of a sweep on an H100 at N = 32768, D = 768 (benchmarks/bench_contrastive.py --sweep-configs)."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    persistent = {"PERSISTENT": False} if kernel.startswith("bwd") else {}
     if dtype == torch.float32:  # true fp32 products run on the FMA pipes: small tiles over 8 warps, no spills
-        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 2}
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 2, **persistent}
     block_k = 64 if d >= 64 else 32
     # The H100 sweep's fastest CLIP forward, 128 x 256 tiles, spilled 108-160 bytes per thread on sm_90 (kernel
     # report): the kernel report's CI gate fails any shipped spill, so CLIP's forward takes 128 x 128 tiles. A
@@ -213,7 +234,7 @@ def config(d: int, dtype: torch.dtype, kernel: str = "bwd", loss: str = "siglip"
     # (triton 3.6 and 3.8, bf16 and fp16) and none at 128 x 64 (185-213 registers): it takes 128 x 64, not yet
     # measured on a GPU against the two passes it replaces.
     block_n = 64 if kernel == "bwd_loss" else 128
-    return {"BLOCK_M": 128, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 8, "num_stages": 4}
+    return {"BLOCK_M": 128, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 8, "num_stages": 4, **persistent}
 
 
 _GROUP_M = 8
@@ -321,10 +342,13 @@ def loss_grad_logits(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias
     partial = torch.empty((2, tiles), device=x.device, dtype=torch.float32)
     lse_row = scale if lse_row is None else lse_row
     lse_col = scale if lse_col is None else lse_col
-    contrastive_bwd_kernel[(tiles,)](
+    persistent = bool(cfg.get("PERSISTENT", False))
+    programs = min(tiles, _sm_count(x.device)) if persistent else tiles  # one program per SM: 1 block/SM (regs)
+    contrastive_bwd_kernel[(programs,)](
         x, y, scale, bias, lse_row, lse_col, g, partial, m, n, d, x.stride(0), y.stride(0), g.stride(0), diag_offset,
         LOSS=_LOSSES[loss], WITH_LOSS=with_loss, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=cfg["BLOCK_K"],
-        GROUP_M=_GROUP_M, IEEE=x.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        GROUP_M=_GROUP_M, PERSISTENT=persistent, IEEE=x.dtype == torch.float32, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
     return partial[:2 if with_loss else 1].sum(1)
 
 
@@ -353,7 +377,7 @@ def _signature(kernel: str, ptr: str) -> dict[str, str]:
     return {**common, "LSE_ROW": "*fp32", "LSE_COL": "*fp32", "G": ptr, "PARTIAL": "*fp32", "M": "i32", "N": "i32",
             "D": "i32", "stride_x_m": "i32", "stride_y_n": "i32", "stride_g_m": "i32", "diag_offset": "i32",
             "LOSS": "constexpr", "WITH_LOSS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
-            "BLOCK_K": "constexpr", "GROUP_M": "constexpr", "IEEE": "constexpr"}
+            "BLOCK_K": "constexpr", "GROUP_M": "constexpr", "PERSISTENT": "constexpr", "IEEE": "constexpr"}
 
 
 # (kernel, flag constexprs) per loss: SigLIP's gradient with and without its loss sum (the one-process op and the
@@ -374,7 +398,8 @@ def _configs() -> list[registry.Shipped]:
                     kernel = variant.split("_")[0]
                     constexprs = {"LOSS": loss, **flags, "BLOCK_M": cfg["BLOCK_M"],
                                   "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"],
-                                  **({"GROUP_M": _GROUP_M} if kernel == "bwd" else {}), "IEEE": dtype == torch.float32}
+                                  **({"GROUP_M": _GROUP_M, "PERSISTENT": cfg["PERSISTENT"]} if kernel == "bwd" else {}),
+                                  "IEEE": dtype == torch.float32}
                     key = (kernel, tname, tuple(sorted(constexprs.items())), cfg["num_warps"], cfg["num_stages"])
                     if key in seen:
                         seen[key]["label"] += f",{d}"
