@@ -11,7 +11,14 @@ kernels are called directly, below the ops layer's padding):
     compute-sanitizer --tool memcheck python benchmarks/attention_split_probe.py --head-dim 80 --small
 
     python benchmarks/attention_split_probe.py --all    # 72, 80 and 96, each in its own process; then the
-                                                        # first that faults again under compute-sanitizer
+                                                        # first that faults again under compute-sanitizer; then
+                                                        # the timing below for every head dim that did not fault
+
+    python benchmarks/attention_split_probe.py --head-dim 80 --time [--pad 96]
+        forward+backward at 16k packed tokens (images of 256-4096 patches), 16 heads: the two-piece kernel
+        against the zero-padded run at the next power of two (what CUDA tensors get today) and at each --pad
+        width; rows go to FINEVITI_RESULTS as benchmark "attention_split" with the useful TFLOP/s (the
+        unpadded head dim's FLOPs), so that the padding policy can follow a measurement
 
 benchmarks/gpu_check.sh runs --all.
 """
@@ -33,6 +40,8 @@ def main(argv=None) -> int:
     parser.add_argument("--all", action="store_true", help="72, 80 and 96 in subprocesses, then the sanitizer")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
     parser.add_argument("--small", action="store_true", help="one short pack (for compute-sanitizer)")
+    parser.add_argument("--time", action="store_true", help="time the two-piece kernel against zero-padding")
+    parser.add_argument("--pad", type=int, action="append", default=[], help="also time zero-padded to this width")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("no GPU: nothing to probe")
@@ -41,6 +50,8 @@ def main(argv=None) -> int:
         return probe_all(args.dtype)
     if args.head_dim is None:
         parser.error("--head-dim is required without --all")
+    if args.time:
+        return time_split(args.head_dim, args.dtype, args.pad)
     from fineviti.kernels import varlen_attention as kernels
 
     dtype = getattr(torch, args.dtype)
@@ -64,6 +75,49 @@ def main(argv=None) -> int:
     return 0
 
 
+def time_split(d: int, dtype_name: str, pads: list[int], tokens: int = 16384, heads: int = 16,
+               device: str = "cuda") -> int:
+    """Forward+backward of the kernels (below the ops layer's padding) at head dim d unpadded (two pieces) and
+    zero-padded to each width; useful TFLOP/s count d, not the padded width. (tokens, heads, device: small on a
+    CPU under the interpreter, for the tests.)"""
+    from bench_attention import pack_lengths  # noqa: I001  (benchmarks/ is on the path when run as a script)
+    from common import Recorder, bench
+    from fineviti.kernels import varlen_attention as kernels
+
+    dtype = getattr(torch, dtype_name)
+    lens = pack_lengths(tokens, seed=tokens, low=min(256, tokens // 4), high=min(4096, tokens // 2))
+    total = sum(lens)  # 16384: the benchmark's "pack:16384"
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=device)
+    flops = 3.5 * 4 * sum(n * n for n in lens) * heads * d  # forward 4 * sum(L^2) * h * d, backward 2.5 times that
+    rec = Recorder("attention_split")
+    widths = [d] + sorted({1 << (d - 1).bit_length(), *pads} - {d})
+    for width in widths:
+        if width < d:
+            continue
+        q, k, v = (torch.randn(total, heads, width, device=device, dtype=dtype) for _ in range(3))
+        if width > d:
+            for t in (q, k, v):
+                t[..., d:] = 0
+        do = torch.randn_like(q)
+
+        def step(q=q, k=k, v=v, do=do):
+            o, lse = kernels.attention_forward(q, k, v, cu, cu, max(lens), max(lens), d ** -0.5, lens)
+            kernels.attention_backward(do, q, k, v, o, lse, cu, cu, max(lens), max(lens), d ** -0.5, lens, lens,
+                                       deterministic=False)
+
+        label = "two-piece" if width == d and kernels.split_head_dim(d, dtype)[1] else f"padded to {width}"
+        shape = {"head_dim": d, "width": width, "tokens": total, "images": len(lens), "heads": heads}
+        try:
+            timing = bench(step)
+        except Exception as exc:  # noqa: BLE001  (a fault is a result here)
+            rec.error(provider=label, mode="fwd_bwd", shape=shape, dtype=dtype_name,
+                      error=f"{type(exc).__name__}: {str(exc).splitlines()[0]}"[:300])
+            return 1
+        rec.add(provider=label, mode="fwd_bwd", shape=shape, dtype=dtype_name, timing=timing,
+                tflops=flops / (timing["median_ms"] * 1e-3) / 1e12)
+    return 0
+
+
 def probe_all(dtype: str) -> int:
     me = [sys.executable, str(Path(__file__).resolve())]
 
@@ -75,6 +129,10 @@ def probe_all(dtype: str) -> int:
             return 124
 
     faulted = [d for d in (72, 80, 96) if run([*me, "--head-dim", str(d), "--dtype", dtype]) != 0]
+    for d in (72, 80, 96):  # what the split buys where it runs: against padding to 128 (today) and to 96
+        if d not in faulted:
+            run([*me, "--head-dim", str(d), "--dtype", dtype, "--time",
+                 *(["--pad", "96"] if d < 96 and 96 not in faulted else [])], timeout=60)
     if not faulted:
         return 0
     sanitizer = shutil.which("compute-sanitizer")

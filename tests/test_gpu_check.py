@@ -64,3 +64,22 @@ def test_budget_cuts_limits_and_skips_sections(tmp_path):
     assert sections[1]["rc"] == 0 and 15 <= sections[1]["limit_s"] <= 22
     assert sections[2]["rc"] == "skipped"
     assert "after_cut=0" in out and "failed=1" in out
+
+
+def test_split_probe_times_the_two_piece_kernel_against_padding(tmp_path, monkeypatch):
+    """The probe's timing (run by gpu_check.sh through --all) on a tiny pack under the interpreter: one row per
+    width, labelled, with TFLOP/s of the unpadded head dim (so a padded run's useful rate is what is compared)."""
+    import attention_split_probe as probe
+
+    rows_path = tmp_path / "rows.jsonl"
+    monkeypatch.setenv("FINEVITI_RESULTS", str(rows_path))
+    assert probe.time_split(80, "float16", [96], tokens=96, heads=1, device="cpu") == 0
+    rows = [json.loads(line) for line in rows_path.read_text().splitlines()]
+    assert [(r["provider"], r["shape"]["width"]) for r in rows] == [("two-piece", 80), ("padded to 96", 96),
+                                                                      ("padded to 128", 128)]
+    lens_sq = None
+    for r in rows:
+        assert r["benchmark"] == "attention_split" and r["shape"]["head_dim"] == 80 and r["median_ms"] > 0
+        useful = r["tflops"] * 1e12 * r["median_ms"] * 1e-3  # the FLOPs the row was credited with
+        lens_sq = lens_sq or useful / (3.5 * 4 * 80)
+        assert abs(useful / (3.5 * 4 * 80) - lens_sq) <= 1e-6 * lens_sq  # same useful work for every width
