@@ -132,23 +132,24 @@ def sweep_configs(rec, n, d, dtype_name, device):
     from fineviti.kernels import contrastive as kc
 
     default = kc.config
-    # the shipped choices (128 x 128 forward and gradient, 128 x 64 SigLIP gradient with its loss), their
-    # persistent forms (the gradient kernel only; the forward ignores PERSISTENT) and a stage less; 128 x 256 was the
-    # fastest CLIP forward of the 2026-11-27 sweep but spills
+    # the shipped choices (128 x 128 forward and gradient, 128 x 64 SigLIP gradient with its loss), their forms with
+    # flattened loops ("flat": the forward's column loop fused with its K loop, the gradient kernel persistent) and a
+    # stage less; 128 x 256 was the fastest CLIP forward of the 2026-11-27 sweep but spills
+    flat = {"PERSISTENT": True, "FLATTEN": True}
     candidates = [
         {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4},
         {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4},
         {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
-        {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4, "PERSISTENT": True},
-        {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4, "PERSISTENT": True},
-        {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3, "PERSISTENT": True},
+        {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4, **flat},
+        {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4, **flat},
+        {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3, **flat},
         {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
     ]
     try:
         for cfg in candidates:
             kc.config = lambda *_args, cfg=cfg, **_kwargs: dict(cfg)
             label = "ours[{BLOCK_M}x{BLOCK_N}x{BLOCK_K} w{num_warps} s{num_stages}".format(**cfg)
-            label += " persistent]" if cfg.get("PERSISTENT") else "]"
+            label += " flat]" if cfg.get("PERSISTENT") else "]"
             for loss in LOSSES:
                 for mode in MODES:
                     try:

@@ -81,6 +81,7 @@ def contrastive_fwd_kernel(
     cols_per_split,  # columns per program along axis 1, a multiple of BLOCK_N
     LOSS: tl.constexpr,  # 0 SigLIP, 1 CLIP
     COLS: tl.constexpr,  # CLIP: also write the column log-sum-exps of each tile
+    FLATTEN: tl.constexpr,  # the column loop and the K loop flattened into one (loads of the next tile in flight)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -96,7 +97,7 @@ def contrastive_fwd_kernel(
     col_end = tl.minimum(col_start + cols_per_split, N)
     row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     row_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    for start_n in range(col_start, col_end, BLOCK_N):
+    for start_n in tl.range(col_start, col_end, BLOCK_N, flatten=FLATTEN):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < col_end
         z = scale * _logit_dots(X, Y, offs_m, offs_n, mask_m, mask_n, D, stride_x_m, stride_y_n,
@@ -224,7 +225,9 @@ def config(d: int, dtype: torch.dtype, kernel: str = "bwd", loss: str = "siglip"
     are the fastest of a sweep on an H100 at N = 32768, D = 768 (benchmarks/bench_contrastive.py --sweep-configs)."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    persistent = {"PERSISTENT": False} if kernel.startswith("bwd") else {}
+    # PERSISTENT (gradient) and FLATTEN (forward): the flattened loops compile without spills on triton 3.6 and 3.8
+    # but have not been measured against the plain ones; off until a GPU sweep says otherwise
+    persistent = {"PERSISTENT": False} if kernel.startswith("bwd") else {"FLATTEN": False}
     if dtype == torch.float32:  # true fp32 products run on the FMA pipes: small tiles over 8 warps, no spills
         return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 2, **persistent}
     block_k = 64 if d >= 64 else 32
@@ -273,7 +276,8 @@ def _launch_rows(x, y, scale, bias, loss, diag_offset, splits, col_out):
     contrastive_fwd_kernel[(grid_m, splits)](
         x, y, scale, bias, out, col_out if cols else out, m, n, d, x.stride(0), y.stride(0), out.stride(0),
         col_out.stride(0) if cols else 0, diag_offset, cols_per_split,
-        LOSS=_LOSSES[loss], COLS=cols, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=cfg["BLOCK_K"],
+        LOSS=_LOSSES[loss], COLS=cols, FLATTEN=bool(cfg.get("FLATTEN", False)), BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_K=cfg["BLOCK_K"],
         IEEE=x.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
 
@@ -372,7 +376,8 @@ def _signature(kernel: str, ptr: str) -> dict[str, str]:
     if kernel == "fwd":
         return {**common, "OUT": "*fp32", "COL_OUT": "*fp32", "M": "i32", "N": "i32", "D": "i32", "stride_x_m": "i32",
                 "stride_y_n": "i32", "stride_out_s": "i32", "stride_col_m": "i32", "diag_offset": "i32",
-                "cols_per_split": "i32", "LOSS": "constexpr", "COLS": "constexpr", "BLOCK_M": "constexpr",
+                "cols_per_split": "i32", "LOSS": "constexpr", "COLS": "constexpr", "FLATTEN": "constexpr",
+                "BLOCK_M": "constexpr",
                 "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "IEEE": "constexpr"}
     return {**common, "LSE_ROW": "*fp32", "LSE_COL": "*fp32", "G": ptr, "PARTIAL": "*fp32", "M": "i32", "N": "i32",
             "D": "i32", "stride_x_m": "i32", "stride_y_n": "i32", "stride_g_m": "i32", "diag_offset": "i32",
@@ -398,7 +403,8 @@ def _configs() -> list[registry.Shipped]:
                     kernel = variant.split("_")[0]
                     constexprs = {"LOSS": loss, **flags, "BLOCK_M": cfg["BLOCK_M"],
                                   "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"],
-                                  **({"GROUP_M": _GROUP_M, "PERSISTENT": cfg["PERSISTENT"]} if kernel == "bwd" else {}),
+                                  **({"GROUP_M": _GROUP_M, "PERSISTENT": cfg["PERSISTENT"]} if kernel == "bwd"
+                                     else {"FLATTEN": cfg["FLATTEN"]}),
                                   "IEEE": dtype == torch.float32}
                     key = (kernel, tname, tuple(sorted(constexprs.items())), cfg["num_warps"], cfg["num_stages"])
                     if key in seen:

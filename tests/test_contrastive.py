@@ -232,17 +232,17 @@ def _nan_padded(t: torch.Tensor, extra_rows: int, extra_cols: int) -> torch.Tens
     return buf
 
 
-@pytest.mark.parametrize("persistent", [False, True], ids=["grid", "persistent"])
+@pytest.mark.parametrize("persistent", [False, True], ids=["plain", "flattened"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("loss", ["siglip", "clip"])
 def test_kernels_mask_tails_and_write_every_output(loss, dtype, persistent, monkeypatch):
-    """Every kernel variant on a ragged problem, its inputs padded with NaN and its outputs poisoned; the gradient
-    kernel both with one program per tile and persistent (a few programs looping over the tiles)."""
+    """Every kernel variant on a ragged problem, its inputs padded with NaN and its outputs poisoned; plain, and with
+    the flattened loops (the gradient kernel persistent: a few programs looping over the tiles)."""
     from fineviti.kernels import contrastive as kc
 
     config = kc.config
-    monkeypatch.setattr(kc, "config", lambda *a, **k: {**config(*a, **k), **({"PERSISTENT": True} if persistent and
-                                                                           a[2].startswith("bwd") else {})})
+    flat = {"PERSISTENT": True, "FLATTEN": True} if persistent else {}
+    monkeypatch.setattr(kc, "config", lambda *a, **k: {**config(*a, **k), **flat})
     gen = torch.Generator().manual_seed(2)
     m, n, d = 131, 259, 40  # ragged against every block size
     device = "cuda" if CUDA else "cpu"
@@ -303,8 +303,8 @@ def test_registry_rows_match_what_the_launcher_runs():
                 for loss, variant in runs for dtype in kc._TRITON_DTYPES for d in (32, 768, 1152)}
     shipped = {(r.kernel_name, r.signature["X"][1:], r.constexprs["LOSS"],
                 next((k, v) for k, v in r.constexprs.items() if k in ("COLS", "WITH_LOSS")),
-                tuple(sorted({**{k: r.constexprs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "PERSISTENT")
-                                 if k in r.constexprs},
+                tuple(sorted({**{k: r.constexprs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "PERSISTENT",
+                                                              "FLATTEN") if k in r.constexprs},
                               "num_warps": r.num_warps, "num_stages": r.num_stages}.items())))
                for r, _ in rows}
     assert launched == shipped
