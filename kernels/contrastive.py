@@ -4,11 +4,12 @@ Forward: each program owns BLOCK_M rows and one split of the columns, computes z
 (BLOCK_M, BLOCK_N) tile at a time (looping over D in BLOCK_K chunks, fp32 accumulation) and reduces it into
 per-row SigLIP sums of softplus(-label * z) or per-row CLIP log-sum-exps (online max); with COLS, CLIP also writes
 each tile's column log-sum-exps over its rows, so that one pass over the logits gives both directions.
-Gradient: one program per tile recomputes z and writes dL/dz (without the 1/N and scale factors) for a chunk of
-rows into a buffer that the caller multiplies with cuBLAS (fineviti/ops/contrastive.py), plus per-tile partial
-sums for the gradient of the bias and, with WITH_LOSS (SigLIP), of the loss itself: SigLIP's dL/dz needs no
-normaliser, so one pass gives the loss and every gradient. The SigLIP paper (Zhai et al., 2023) and Inf-CL
-(Cheng et al., 2024) tile the same way.
+Gradient: each (BLOCK_M, BLOCK_N) tile of a chunk of rows (one program per tile, or with PERSISTENT a program per
+SM looping over tiles) computes z and writes dL/dz (without the 1/N and scale factors) into a buffer that the
+caller multiplies with cuBLAS (fineviti/ops/contrastive.py), plus per-tile partial sums for the gradient of the
+bias and, with WITH_LOSS (SigLIP), of the loss itself: SigLIP's dL/dz needs no normaliser, so this one pass
+gives the loss and every gradient (CLIP's runs after its forward, recomputing z). The SigLIP paper (Zhai et al.,
+2023) and Inf-CL (Cheng et al., 2024) tile the same way.
 """
 
 from __future__ import annotations
@@ -221,12 +222,16 @@ KERNELS = ("fwd", "fwd_cols", "bwd", "bwd_loss")  # what config() takes: the two
 def config(d: int, dtype: torch.dtype, kernel: str = "bwd", loss: str = "siglip") -> dict:
     """Block sizes and launch options of `kernel` (one of KERNELS: the forward, CLIP's forward with the column
     log-sum-exps, the gradient, SigLIP's gradient with the loss sum) for feature width `d`, input dtype and loss: one
-    config, no autotuning, so that the interpreter runs what the GPU runs. The 16-bit forward and gradient choices
-    are the fastest of a sweep on an H100 at N = 32768, D = 768 (benchmarks/bench_contrastive.py --sweep-configs)."""
+    config, no autotuning, so that the interpreter runs what the GPU runs. The bf16 forward and gradient tiles are
+    the fastest of a sweep on an H100 at N = 32768, D = 768 (benchmarks/bench_contrastive.py --sweep-configs);
+    fp16 follows bf16 (its gradient kernel took 128 x 64 while it spilled at 128 x 128; it no longer does), and
+    the two variants added since (fwd_cols, bwd_loss) are unmeasured choices that do not spill."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    # PERSISTENT (gradient) and FLATTEN (forward): the flattened loops compile without spills on triton 3.6 and 3.8
-    # but have not been measured against the plain ones; off until a GPU sweep says otherwise
+    # PERSISTENT (gradient) and FLATTEN (forward): flattened loops, not yet measured against the plain ones and off
+    # until a GPU sweep says otherwise. No spills for bf16 at the shipped tiles on triton 3.6 and 3.8; fp16's loss
+    # variant spills 4 bytes persistent on 3.8, and 128 x 128 persistent tiles spill (4-464 bytes): check the kernel
+    # report before turning either on.
     persistent = {"PERSISTENT": False} if kernel.startswith("bwd") else {"FLATTEN": False}
     if dtype == torch.float32:  # true fp32 products run on the FMA pipes: small tiles over 8 warps, no spills
         return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 2, **persistent}

@@ -7,8 +7,11 @@ Backends (one contract):
              rows into a (chunk, N) dL/dz buffer in the features' dtype and multiplies it with cuBLAS. SigLIP's
              dL/dz needs no normaliser, so when a gradient is wanted its forward is that gradient pass, which also
              sums the loss: three logit matmuls in all, as a plain implementation does, and the backward only
-             scales the saved gradients. CLIP needs its log-sum-exps first: four. Memory: O(N * D) plus a buffer of
-             at most _GPU_CHUNK_BYTES.
+             scales the saved gradients (create_graph is not supported). CLIP needs its log-sum-exps first: four.
+             Memory: O(N * D): the saved gradients of img and txt between forward and backward (fp32 for fp16
+             features, whose small gradients would flush before a loss scale reached them; else the features'
+             dtype), a dL/dz buffer of at most _GPU_CHUNK_BYTES, and for CLIP's forward column partials of at most
+             kernels.contrastive.COL_PARTIAL_BYTES (and their reduction's temporary of the same size).
   chunked    memory-efficient torch path (the default on the CPU): the same algorithm with torch matmuls in fp32,
              at most a (chunk, N) block alive in the forward or the backward.
   reference  plain torch with autograd over the full logits (siglip_loss_ref / clip_loss_ref).
@@ -23,11 +26,13 @@ SigLIP paper (Zhai et al., 2023) describes the ring, Inf-CL (Cheng et al., 2024)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from fineviti._checks import value_checks_enabled
 
@@ -35,7 +40,7 @@ BACKENDS = ("triton", "chunked", "reference")
 DIST_IMPLS = ("all_gather", "ring")
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _CPU_CHUNK_ELEMS = 1 << 22  # chunked path: a (chunk, N) fp32 block of at most 16 MiB
-_GPU_CHUNK_BYTES = 256 << 20  # triton path: the (chunk, N) dL/dz buffer of the backward
+_GPU_CHUNK_BYTES = 256 << 20  # triton path: the (chunk, N) dL/dz buffer of the gradient pass (SigLIP's forward too)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -139,8 +144,9 @@ class _Chunked:
                     u[r, c] = -u[r, c]  # -label * z
                     ds_db[2] += F.softplus(u).sum()
                     del u
-                g = torch.sigmoid_(z)  # -label * sigmoid(-label * z) = sigmoid(z) - [positive]
-                g[r, c] -= 1
+                z_pos = z[r, c]
+                g = torch.sigmoid_(z)  # -label * sigmoid(-label * z): sigmoid(z) for the negatives,
+                g[r, c] = -torch.sigmoid(-z_pos)  # -sigmoid(-z) for the positives (not sigmoid(z) - 1: no cancellation)
             else:
                 z = dots * scale
                 g = (z - lse_row[start:stop, None]).exp_()
@@ -463,16 +469,45 @@ def _siglip_forward(x, y, scale, bias, impl, d: _Dist, ring: bool) -> torch.Tens
     return total * (d.world / d.total)
 
 
+def _saved_grad_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype a feature gradient is kept in between forward and backward: fp32 for fp16 features (their small
+    gradients would flush to zero or lose bits before the upstream gradient, a loss scale, multiplies them); the
+    features' own dtype otherwise (bf16 has fp32's range: one more rounding where the upstream gradient is not 1)."""
+    return torch.float32 if t.dtype == torch.float16 else t.dtype
+
+
 def _siglip_forward_with_grads(x, y, scale, bias, impl, d: _Dist):
     """The loss and, from the same pass over the logits, (d_img, d_txt, d_scale, d_bias) for an upstream gradient of
-    1, in the inputs' dtypes and shapes: SigLIP's dL/dz needs no normaliser, so the forward can produce them and
-    the backward only multiplies (three logit matmuls in all instead of four). Texts: all of them (gathered)."""
+    1, in the shapes of the inputs and the dtypes of _saved_grad_dtype (parameters: their own): SigLIP's dL/dz needs
+    no normaliser, so the forward can produce them and the backward only multiplies (three logit matmuls in all
+    instead of four). Texts: all of them (gathered)."""
     s32, b32 = _scalar(scale, x.device), _scalar(bias, x.device)
     coef = torch.full((1,), d.world / d.total, device=x.device, dtype=torch.float32)
-    dx, dy, ds, db, total = impl.grads(x, y, s32, b32, "siglip", diag_offset=d.row_start, dx_scale=coef * s32,
-                                       with_loss=True)
-    return (total * coef[0], _feature_grad(dx, coef * s32, x, scaled=True), _feature_grad(dy, coef * s32, y),
-            _param_grad(ds, coef, scale), _param_grad(db, coef, bias))
+    scaled = _saved_grad_dtype(x) == x.dtype  # dx straight into x's dtype; else kept fp32 and scaled here
+    dx, dy, ds, db, total = impl.grads(x, y, s32, b32, "siglip", diag_offset=d.row_start,
+                                       dx_scale=coef * s32 if scaled else None, with_loss=True)
+    if not scaled:
+        dx.mul_(coef * s32)
+    return (total * coef[0], dx, dy.mul_(coef * s32).to(_saved_grad_dtype(y)), _param_grad(ds, coef, scale),
+            _param_grad(db, coef, bias))
+
+
+def _apply_upstream(grad: torch.Tensor, saved, like) -> tuple:
+    """The saved gradients (for an upstream gradient of 1) times the upstream gradient, in the inputs' dtypes. A
+    double backward (create_graph=True) would need the second-order terms, which the saved gradients do not carry:
+    it raises instead of returning a wrong answer."""
+    if torch.is_grad_enabled():  # on only under create_graph=True
+        raise RuntimeError("siglip_loss computes its gradients in the forward and does not support a double "
+                           "backward (create_graph=True through the loss); use backend='reference' for that")
+    return tuple((g * grad).to(t.dtype) for g, t in zip(saved, like, strict=True))
+
+
+def _no_autocast(device: torch.device):
+    """The ops' bodies run with autocast off: their matmuls choose their own precision (fp32 accumulation, fp32 for
+    fp32 features), and a surrounding autocast region would recast them."""
+    if device.type in ("cuda", "cpu"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _siglip_backward(grad, x, y, scale, bias, impl, d: _Dist, ring: bool):
@@ -546,9 +581,10 @@ def _siglip_fwd_op(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tens
     """(loss, d_img, d_txt, d_scale, d_bias): with `with_grad`, the gradients for an upstream gradient of 1 come
     from the forward's own pass over the logits (the backward scales them); without it they are empty."""
     impl, d = _backend_impl(backend), _one_process(img)
-    if with_grad:
-        return _siglip_forward_with_grads(img, txt, logit_scale, logit_bias, impl, d)
-    loss = _siglip_forward(img, txt, logit_scale, logit_bias, impl, d, ring=False)
+    with _no_autocast(img.device):
+        if with_grad:
+            return _siglip_forward_with_grads(img, txt, logit_scale, logit_bias, impl, d)
+        loss = _siglip_forward(img, txt, logit_scale, logit_bias, impl, d, ring=False)
     return (loss, *(t.new_empty((0,)) for t in (img, txt, logit_scale, logit_bias)))
 
 
@@ -556,7 +592,9 @@ def _siglip_fwd_op(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tens
 def _(img, txt, logit_scale, logit_bias, backend, with_grad=False):
     loss = img.new_empty((), dtype=torch.float32)
     if with_grad:
-        return (loss, *(t.new_empty(t.shape) for t in (img, txt, logit_scale, logit_bias)))
+        return (loss, img.new_empty(img.shape, dtype=_saved_grad_dtype(img)),
+                txt.new_empty(txt.shape, dtype=_saved_grad_dtype(txt)), *(t.new_empty(t.shape) for t in
+                                                                         (logit_scale, logit_bias)))
     return (loss, *(t.new_empty((0,)) for t in (img, txt, logit_scale, logit_bias)))
 
 
@@ -564,8 +602,9 @@ def _(img, txt, logit_scale, logit_bias, backend, with_grad=False):
 def _siglip_bwd_op(grad: torch.Tensor, img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
                    logit_bias: torch.Tensor,
                    backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _siglip_backward(grad, img, txt, logit_scale, logit_bias, _backend_impl(backend), _one_process(img),
-                            ring=False)
+    with _no_autocast(img.device):
+        return _siglip_backward(grad, img, txt, logit_scale, logit_bias, _backend_impl(backend), _one_process(img),
+                                ring=False)
 
 
 @_siglip_bwd_op.register_fake
@@ -576,12 +615,13 @@ def _(grad, img, txt, logit_scale, logit_bias, backend):
 def _siglip_setup_context(ctx, inputs, output):
     *tensors, ctx.backend, ctx.with_grad = inputs
     ctx.mark_non_differentiable(*output[1:])
+    ctx.like = [torch.empty((), dtype=t.dtype) for t in tensors]  # the dtypes the gradients come back in
     ctx.save_for_backward(*(output[1:] if ctx.with_grad else tensors))
 
 
 def _siglip_fwd_backward(ctx, grad, *_):
     if ctx.with_grad:  # the forward's gradients, for an upstream gradient of 1
-        return *(g * grad for g in ctx.saved_tensors), None, None
+        return *_apply_upstream(grad, ctx.saved_tensors, ctx.like), None, None
     return *_siglip_bwd_op(grad, *ctx.saved_tensors, ctx.backend), None, None
 
 
@@ -593,7 +633,8 @@ torch.library.register_autograd("fineviti::siglip_loss_fwd", _siglip_fwd_backwar
 def _clip_fwd_op(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
                  backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, lse_row, lse_col): the loss and the fp32 (N,) image-to-text and text-to-image log-sum-exps."""
-    return _clip_forward(img, txt, logit_scale, img, _backend_impl(backend), _one_process(img), ring=False)
+    with _no_autocast(img.device):
+        return _clip_forward(img, txt, logit_scale, img, _backend_impl(backend), _one_process(img), ring=False)
 
 
 @_clip_fwd_op.register_fake
@@ -606,8 +647,9 @@ def _(img, txt, logit_scale, backend):
 def _clip_bwd_op(grad: torch.Tensor, img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
                  lse_row: torch.Tensor, lse_col: torch.Tensor,
                  backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _clip_backward(grad, img, txt, logit_scale, lse_row, lse_col, _backend_impl(backend), _one_process(img),
-                          ring=False)
+    with _no_autocast(img.device):
+        return _clip_backward(grad, img, txt, logit_scale, lse_row, lse_col, _backend_impl(backend),
+                              _one_process(img), ring=False)
 
 
 @_clip_bwd_op.register_fake
@@ -638,23 +680,28 @@ class _SiglipFn(torch.autograd.Function):
     """SigLIP on a process group: texts all-gathered by the caller, or passed around the ring."""
 
     @staticmethod
-    def forward(ctx, x, y, scale, bias, impl, d, ring):
+    def forward(ctx, x, y, scale, bias, impl, d, ring, with_grad):
         ctx.impl, ctx.d, ctx.ring = impl, d, ring
-        # gathered texts: the gradients come from the forward's pass over the logits (the ring passes its text
-        # blocks again in the backward instead, so that no rank holds the gradients of every text)
-        ctx.with_grad = not ring and any(ctx.needs_input_grad[:4])
-        if ctx.with_grad:
-            loss, *grads = _siglip_forward_with_grads(x, y, scale, bias, impl, d)
-            ctx.save_for_backward(*grads)
-            return loss
-        ctx.save_for_backward(x, y, scale, bias)
-        return _siglip_forward(x, y, scale, bias, impl, d, ring)
+        # gathered texts: with a gradient wanted (decided by the caller: grad mode is off in here), the gradients
+        # come from the forward's pass over the logits (the ring passes its text blocks again in the backward
+        # instead, so that no rank holds the gradients of every text)
+        ctx.with_grad = with_grad and not ring
+        ctx.like = [torch.empty((), dtype=t.dtype) for t in (x, y, scale, bias)]
+        with _no_autocast(x.device):
+            if ctx.with_grad:
+                loss, *grads = _siglip_forward_with_grads(x, y, scale, bias, impl, d)
+                ctx.save_for_backward(*grads)
+                return loss
+            ctx.save_for_backward(x, y, scale, bias)
+            return _siglip_forward(x, y, scale, bias, impl, d, ring)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         if ctx.with_grad:
-            return *(g * grad for g in ctx.saved_tensors), None, None, None
-        return *_siglip_backward(grad, *ctx.saved_tensors, ctx.impl, ctx.d, ctx.ring), None, None, None
+            return *_apply_upstream(grad, ctx.saved_tensors, ctx.like), None, None, None, None
+        with _no_autocast(grad.device):
+            return *_siglip_backward(grad, *ctx.saved_tensors, ctx.impl, ctx.d, ctx.ring), None, None, None, None
 
 
 class _ClipFn(torch.autograd.Function):
@@ -662,14 +709,17 @@ class _ClipFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, y, scale, x_all, impl, d, ring):
-        loss, lse_row, lse_col_all = _clip_forward(x, y, scale, x_all, impl, d, ring)
+        with _no_autocast(x.device):
+            loss, lse_row, lse_col_all = _clip_forward(x, y, scale, x_all, impl, d, ring)
         ctx.save_for_backward(x, y, scale, lse_row, lse_col_all)
         ctx.impl, ctx.d, ctx.ring = impl, d, ring
         return loss
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
-        return *_clip_backward(grad, *ctx.saved_tensors, ctx.impl, ctx.d, ctx.ring), None, None, None, None
+        with _no_autocast(grad.device):
+            return *_clip_backward(grad, *ctx.saved_tensors, ctx.impl, ctx.d, ctx.ring), None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -763,6 +813,10 @@ def siglip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
     ever holds more than two text blocks. The reference backend always all-gathers.
     check_values: check that logit_scale and logit_bias are finite (always on CPU; on CUDA only when True or
     FINEVITI_CHECKS=1, since it synchronises).
+
+    With grad mode on and any input requiring a gradient, the forward also computes the gradients (one pass over
+    the logits gives both; the backward only scales them) and keeps them until the backward: a validation loss
+    should run under torch.no_grad(). A double backward (create_graph=True) through this loss raises.
     """
     logit_scale = _as_param(logit_scale, "logit_scale", img)
     logit_bias = _as_param(logit_bias, "logit_bias", img)
@@ -777,12 +831,12 @@ def siglip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
         r, c = _positives(0, img.shape[0], d.row_start, d.total, img.device)
         labels[r, c] = 1
         return -F.logsigmoid(labels * logits).sum() * (d.world / d.total)
+    with_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (img, txt, logit_scale, logit_bias))
     if d.world == 1:
-        with_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (img, txt, logit_scale, logit_bias))
         return _siglip_fwd_op(img, txt, logit_scale, logit_bias, backend, with_grad)[0]
     ring = dist_impl == "ring"
     txt_cols = txt if ring else _AllGatherRows.apply(txt, d)
-    return _SiglipFn.apply(img, txt_cols, logit_scale, logit_bias, _backend_impl(backend), d, ring)
+    return _SiglipFn.apply(img, txt_cols, logit_scale, logit_bias, _backend_impl(backend), d, ring, with_grad)
 
 
 def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor, *, backend: str = "auto",
