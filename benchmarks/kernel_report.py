@@ -501,7 +501,7 @@ def compile_rows(rows, arch: int = 90, jobs: int | None = None, keep_dir: str | 
         with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init) as pool:
             futures = [pool.submit(_compile_located, *task) for task in tasks]
             results = []
-            for row, fut in zip(rows, futures):
+            for row, fut in zip(rows, futures, strict=True):
                 try:
                     results.append(fut.result())
                 except Exception as exc:  # noqa: BLE001  (a worker that died names its row)
@@ -599,7 +599,7 @@ def demangle(names: list[str]) -> dict[str, str]:
         return {n: n for n in names}
     out = subprocess.run([cxxfilt], input="\n".join(names), capture_output=True, text=True)
     lines = out.stdout.splitlines()
-    return dict(zip(names, lines)) if out.returncode == 0 and len(lines) == len(names) else {n: n for n in names}
+    return dict(zip(names, lines, strict=True)) if out.returncode == 0 and len(lines) == len(names) else {n: n for n in names}
 
 
 _MAX_THREADS = re.compile(r"EIATTR_MAX_THREADS\s*\n\s*Format:[^\n]*\n\s*Value:\s*0x([0-9a-f]+)\s+0x([0-9a-f]+)\s+"
