@@ -599,7 +599,9 @@ def demangle(names: list[str]) -> dict[str, str]:
         return {n: n for n in names}
     out = subprocess.run([cxxfilt], input="\n".join(names), capture_output=True, text=True)
     lines = out.stdout.splitlines()
-    return dict(zip(names, lines, strict=True)) if out.returncode == 0 and len(lines) == len(names) else {n: n for n in names}
+    if out.returncode != 0 or len(lines) != len(names):
+        return {n: n for n in names}
+    return dict(zip(names, lines, strict=True))
 
 
 _MAX_THREADS = re.compile(r"EIATTR_MAX_THREADS\s*\n\s*Format:[^\n]*\n\s*Value:\s*0x([0-9a-f]+)\s+0x([0-9a-f]+)\s+"
