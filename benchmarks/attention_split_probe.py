@@ -11,8 +11,9 @@ kernels are called directly, below the ops layer's padding):
     compute-sanitizer --tool memcheck python benchmarks/attention_split_probe.py --head-dim 80 --small
 
     python benchmarks/attention_split_probe.py --all    # 72, 80 and 96, each in its own process; then the
-                                                        # first that faults again under compute-sanitizer; then
-                                                        # the timing below for every head dim that did not fault
+                                                        # first that faults again under compute-sanitizer and
+                                                        # with other forward tiles; then the timing below for
+                                                        # every head dim that did not fault (170 s in all)
 
     python benchmarks/attention_split_probe.py --head-dim 80 --time [--pad 96]
         forward+backward at 16k packed tokens (images of 256-4096 patches), 16 heads: the two-piece kernel
@@ -28,6 +29,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -69,7 +71,7 @@ def main(argv=None) -> int:
                                        d ** -0.5, lens, lens, deterministic=deterministic)
             torch.cuda.synchronize()
     except Exception as exc:  # noqa: BLE001  (the fault is what this reports)
-        print(f"head_dim {d} {args.dtype}: FAULT in the {step}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+        print(f"head_dim {d} {args.dtype}: FAULT in the {step}: {type(exc).__name__}: {_first_line(exc)}")
         return 1
     print(f"head_dim {d} {args.dtype}: OK (forward and both backwards)")
     return 0
@@ -90,7 +92,8 @@ def time_split(d: int, dtype_name: str, pads: list[int], tokens: int = 16384, he
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=device)
     flops = 3.5 * 4 * sum(n * n for n in lens) * heads * d  # forward 4 * sum(L^2) * h * d, backward 2.5 times that
     rec = Recorder("attention_split")
-    widths = [d] + sorted({1 << (d - 1).bit_length(), *pads} - {d})
+    # today's policy (the next power of two) first, so that a timeout loses the candidates, not the baseline
+    widths = sorted({1 << (d - 1).bit_length(), *pads} - {d}, reverse=True) + [d]
     for width in widths:
         if width < d:
             continue
@@ -111,43 +114,54 @@ def time_split(d: int, dtype_name: str, pads: list[int], tokens: int = 16384, he
             timing = bench(step)
         except Exception as exc:  # noqa: BLE001  (a fault is a result here)
             rec.error(provider=label, mode="fwd_bwd", shape=shape, dtype=dtype_name,
-                      error=f"{type(exc).__name__}: {str(exc).splitlines()[0]}"[:300])
+                      error=f"{type(exc).__name__}: {_first_line(exc)}"[:300])
             return 1
         rec.add(provider=label, mode="fwd_bwd", shape=shape, dtype=dtype_name, timing=timing,
                 tflops=flops / (timing["median_ms"] * 1e-3) / 1e12)
     return 0
 
 
-def probe_all(dtype: str) -> int:
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [""])[0]
+
+
+def probe_all(dtype: str, budget_s: float = 170.0) -> int:
+    """The fault probes of 72, 80 and 96, the diagnostics of the first that faults (compute-sanitizer, forward tiles),
+    then the timings of those that did not fault, all inside budget_s (the GPU check's section gives 180 s): each
+    subprocess gets what is left, and a step that would get under 20 s is skipped and said so."""
     me = [sys.executable, str(Path(__file__).resolve())]
+    deadline = time.monotonic() + budget_s
 
     def run(cmd, env=None, timeout=40) -> int:
+        timeout = min(timeout, deadline - time.monotonic())
+        if timeout < 20:
+            print(f"skipped (under 20 s of the probe's {budget_s:.0f} s left): {' '.join(cmd[-6:])}")
+            return 125
         try:
             return subprocess.run(cmd, env=env, timeout=timeout).returncode
         except subprocess.TimeoutExpired:
-            print(f"timed out after {timeout} s: {' '.join(cmd[-4:])}")
+            print(f"timed out after {timeout:.0f} s: {' '.join(cmd[-6:])}")
             return 124
 
     faulted = [d for d in (72, 80, 96) if run([*me, "--head-dim", str(d), "--dtype", dtype]) != 0]
-    for d in (72, 80, 96):  # what the split buys where it runs: against padding to 128 (today) and to 96
+    if faulted:
+        sanitizer = shutil.which("compute-sanitizer")
+        if sanitizer is None:
+            print("compute-sanitizer is not on PATH: no memcheck run")
+        else:
+            run([sanitizer, "--tool", "memcheck", "--print-limit", "5", *me, "--head-dim", str(faulted[0]),
+                 "--dtype", dtype, "--small"], timeout=60)
+        # Which forward tiles fault at the first failing head dim: pipelining depth and block shape are the suspects
+        # (narrow wgmma operands in multi-stage loops). The backward keeps its pins.
+        for config in ("128,64,8,1", "64,64,4,3", "64,64,4,1"):
+            env = {**os.environ, "FINEVITI_ATTN_FWD_CONFIG": config}
+            rc = run([*me, "--head-dim", str(faulted[0]), "--dtype", dtype], env=env)
+            print(f"forward config {config} at head_dim {faulted[0]}: {'OK' if rc == 0 else 'FAULT'}")
+    for d in (80, 96, 72):  # what the split buys where it runs, against padding to 128 (today) and to 96
         if d not in faulted:
             run([*me, "--head-dim", str(d), "--dtype", dtype, "--time",
                  *(["--pad", "96"] if d < 96 and 96 not in faulted else [])], timeout=60)
-    if not faulted:
-        return 0
-    sanitizer = shutil.which("compute-sanitizer")
-    if sanitizer is None:
-        print("compute-sanitizer is not on PATH: no memcheck run")
-    else:
-        run([sanitizer, "--tool", "memcheck", "--print-limit", "5", *me, "--head-dim", str(faulted[0]), "--dtype",
-             dtype, "--small"], timeout=60)
-    # Which forward tiles fault at the first failing head dim: pipelining depth and block shape are the suspects
-    # (narrow wgmma operands in multi-stage loops). The backward keeps its pins.
-    for config in ("128,64,8,1", "64,64,4,3", "64,64,4,1"):
-        env = {**os.environ, "FINEVITI_ATTN_FWD_CONFIG": config}
-        rc = run([*me, "--head-dim", str(faulted[0]), "--dtype", dtype], env=env)
-        print(f"forward config {config} at head_dim {faulted[0]}: {'OK' if rc == 0 else 'FAULT'}")
-    return 1
+    return 1 if faulted else 0
 
 
 if __name__ == "__main__":

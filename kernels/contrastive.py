@@ -128,7 +128,7 @@ def contrastive_fwd_kernel(
 
 @triton.jit
 def _grad_tile(
-    tile_id, X, Y, scale, BIAS, LSE_ROW, LSE_COL, G, PARTIAL, M, N, D, stride_x_m, stride_y_n, stride_g_m,
+    tile_id, X, Y, scale, BIAS, LSE_ROW, LSE_COL, G, g_scale, PARTIAL, M, N, D, stride_x_m, stride_y_n, stride_g_m,
     diag_offset, LOSS: tl.constexpr, WITH_LOSS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -158,16 +158,18 @@ def _grad_tile(
             tl.store(PARTIAL + grid_m * grid_n + tile, tl.sum(tl.sum(term, axis=1), axis=0))
         # d/dz softplus(-label * z) = -label * sigmoid(-label * z): sigmoid(z) for negatives, -sigmoid(-z) for the
         # positive, both from e = exp(-|z|) <= 1 so that nothing overflows and tails keep their precision
-        r = 1.0 / (1.0 + e)
+        # (g_scale folded into r: an extra multiply per logit cost triton 3.6 a spill in the CLIP branch)
+        r = g_scale / (1.0 + e)
         g = tl.where(positive, -tl.where(z >= 0, e * r, r), tl.where(z >= 0, r, e * r))
     else:
-        lse_row = tl.load(LSE_ROW + offs_m, mask=mask_m, other=0.0)
-        lse_col = tl.load(LSE_COL + offs_n, mask=mask_n, other=0.0)
-        # image-to-text softmax + text-to-image softmax - 2 at the positive
-        g = tl.exp(z - lse_row[:, None]) + tl.exp(z - lse_col[None, :]) - tl.where(positive, 2.0, 0.0)
-    g = tl.where(valid, g, 0.0)
+        log_scale = tl.log(g_scale)
+        lse_row = tl.load(LSE_ROW + offs_m, mask=mask_m, other=0.0) - log_scale
+        lse_col = tl.load(LSE_COL + offs_n, mask=mask_n, other=0.0) - log_scale
+        # image-to-text softmax + text-to-image softmax - 2 at the positive (all times g_scale)
+        g = tl.exp(z - lse_row[:, None]) + tl.exp(z - lse_col[None, :]) - tl.where(positive, 2.0 * g_scale, 0.0)
+    g = tl.where(valid, g, 0.0)  # g_scale * dL/dz
     tl.store(G + offs_m[:, None] * stride_g_m + offs_n[None, :], g.to(G.dtype.element_ty), mask=valid)
-    tl.store(PARTIAL + tile, tl.sum(tl.sum(g, axis=1), axis=0))
+    tl.store(PARTIAL + tile, tl.sum(tl.sum(g, axis=1), axis=0) / g_scale)
 
 
 @triton.jit
@@ -178,7 +180,8 @@ def contrastive_bwd_kernel(
     BIAS,  # (1,) fp32
     LSE_ROW,  # (M,) fp32 CLIP row log-sum-exps (unused by SigLIP: pass any fp32 tensor)
     LSE_COL,  # (N,) fp32 CLIP column log-sum-exps (likewise)
-    G,  # (M, N) input dtype, out: dL/dz without the 1/N factor
+    G,  # (M, N) input dtype, out: dL/dz without the 1/N factor, times g_scale
+    g_scale,  # fp32 power of two: fp16 stores dL/dz scaled up (|dL/dz| <= 2) so that small values stay normal
     PARTIAL,  # (2, grid_m * grid_n) fp32, out: per tile sum(dL/dz) and (WITH_LOSS) the sum of the loss terms
     M,
     N,
@@ -193,7 +196,7 @@ def contrastive_bwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,  # row blocks that walk the columns together, so that Y tiles are reused from L2
-    PERSISTENT: tl.constexpr,  # a grid of a few programs per SM, each looping over tiles (one flattened loop)
+    PERSISTENT: tl.constexpr,  # a grid of one program per SM, each looping over tiles (one flattened loop)
     IEEE: tl.constexpr,
 ):
     # The gradient of the scale, sum(dL/dz * x.y), is not reduced here: the caller gets it from the cuBLAS product
@@ -205,10 +208,10 @@ def contrastive_bwd_kernel(
         # this tile's epilogue runs
         num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
         for tile_id in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True):
-            _grad_tile(tile_id, X, Y, scale, BIAS, LSE_ROW, LSE_COL, G, PARTIAL, M, N, D, stride_x_m, stride_y_n,
-                       stride_g_m, diag_offset, LOSS, WITH_LOSS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, IEEE)
+            _grad_tile(tile_id, X, Y, scale, BIAS, LSE_ROW, LSE_COL, G, g_scale, PARTIAL, M, N, D, stride_x_m,
+                       stride_y_n, stride_g_m, diag_offset, LOSS, WITH_LOSS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, IEEE)
     else:
-        _grad_tile(tl.program_id(0), X, Y, scale, BIAS, LSE_ROW, LSE_COL, G, PARTIAL, M, N, D, stride_x_m,
+        _grad_tile(tl.program_id(0), X, Y, scale, BIAS, LSE_ROW, LSE_COL, G, g_scale, PARTIAL, M, N, D, stride_x_m,
                    stride_y_n, stride_g_m, diag_offset, LOSS, WITH_LOSS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, IEEE)
 
 
@@ -325,10 +328,17 @@ def loss_rows_cols(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, *, spl
     return lse_row, lse_col
 
 
+def grad_scale(dtype: torch.dtype) -> float:
+    """The power of two loss_grad_logits multiplies dL/dz by before storing it: 2**14 for fp16 (|dL/dz| <= 2 stays
+    below fp16's maximum, and gradients down to 2**-38 stay normal numbers instead of flushing), 1 otherwise (bf16
+    has fp32's range). The caller divides its fp32 products by it (exact)."""
+    return 16384.0 if dtype == torch.float16 else 1.0
+
+
 def loss_grad_logits(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, g: torch.Tensor, *,
                      loss: str, diag_offset: int = 0, lse_row: torch.Tensor | None = None,
                      lse_col: torch.Tensor | None = None, with_loss: bool = False) -> torch.Tensor:
-    """Fill g (M, N), in the features' dtype, with dL/dz per pair (without the 1/N factor): SigLIP
+    """Fill g (M, N), in the features' dtype, with grad_scale(dtype) * dL/dz per pair (without the 1/N factor): SigLIP
     -label * sigmoid(-label * z); CLIP softmax_row + softmax_col - 2 at the positive, from the saved fp32
     log-sum-exps. Returns fp32 sum(g) (the gradient of the bias) and, with `with_loss` (SigLIP only), the sum of
     -logsigmoid(label * z) over the block: (1,) or (2,). The gradient of the scale, sum(g * x.y), is the caller's,
@@ -354,7 +364,8 @@ def loss_grad_logits(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias
     persistent = bool(cfg.get("PERSISTENT", False))
     programs = min(tiles, _sm_count(x.device)) if persistent else tiles  # one program per SM: 1 block/SM (regs)
     contrastive_bwd_kernel[(programs,)](
-        x, y, scale, bias, lse_row, lse_col, g, partial, m, n, d, x.stride(0), y.stride(0), g.stride(0), diag_offset,
+        x, y, scale, bias, lse_row, lse_col, g, grad_scale(x.dtype), partial, m, n, d, x.stride(0), y.stride(0),
+        g.stride(0), diag_offset,
         LOSS=_LOSSES[loss], WITH_LOSS=with_loss, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=cfg["BLOCK_K"],
         GROUP_M=_GROUP_M, PERSISTENT=persistent, IEEE=x.dtype == torch.float32, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"])
@@ -384,7 +395,8 @@ def _signature(kernel: str, ptr: str) -> dict[str, str]:
                 "cols_per_split": "i32", "LOSS": "constexpr", "COLS": "constexpr", "FLATTEN": "constexpr",
                 "BLOCK_M": "constexpr",
                 "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "IEEE": "constexpr"}
-    return {**common, "LSE_ROW": "*fp32", "LSE_COL": "*fp32", "G": ptr, "PARTIAL": "*fp32", "M": "i32", "N": "i32",
+    return {**common, "LSE_ROW": "*fp32", "LSE_COL": "*fp32", "G": ptr, "g_scale": "fp32", "PARTIAL": "*fp32",
+            "M": "i32", "N": "i32",
             "D": "i32", "stride_x_m": "i32", "stride_y_n": "i32", "stride_g_m": "i32", "diag_offset": "i32",
             "LOSS": "constexpr", "WITH_LOSS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
             "BLOCK_K": "constexpr", "GROUP_M": "constexpr", "PERSISTENT": "constexpr", "IEEE": "constexpr"}

@@ -75,11 +75,44 @@ def test_split_probe_times_the_two_piece_kernel_against_padding(tmp_path, monkey
     monkeypatch.setenv("FINEVITI_RESULTS", str(rows_path))
     assert probe.time_split(80, "float16", [96], tokens=96, heads=1, device="cpu") == 0
     rows = [json.loads(line) for line in rows_path.read_text().splitlines()]
-    assert [(r["provider"], r["shape"]["width"]) for r in rows] == [("two-piece", 80), ("padded to 96", 96),
-                                                                      ("padded to 128", 128)]
+    assert [(r["provider"], r["shape"]["width"]) for r in rows] == [("padded to 128", 128), ("padded to 96", 96),
+                                                                      ("two-piece", 80)]
     lens_sq = None
     for r in rows:
         assert r["benchmark"] == "attention_split" and r["shape"]["head_dim"] == 80 and r["median_ms"] > 0
         useful = r["tflops"] * 1e12 * r["median_ms"] * 1e-3  # the FLOPs the row was credited with
         lens_sq = lens_sq or useful / (3.5 * 4 * 80)
         assert abs(useful / (3.5 * 4 * 80) - lens_sq) <= 1e-6 * lens_sq  # same useful work for every width
+
+
+def test_split_probe_runs_diagnostics_before_timings_inside_its_budget(monkeypatch):
+    """probe_all's order (fault probes, then the diagnostics of the first fault, then timings) and its budget: each
+    subprocess gets what is left of it, and a step that would get under 20 s is skipped."""
+    import subprocess as sp
+
+    import attention_split_probe as probe
+
+    clock = {"now": 0.0}
+    calls = []
+
+    def fake_run(cmd, env=None, timeout=None):
+        calls.append((cmd[cmd.index("--head-dim") + 1], "--time" in cmd, env is not None, timeout))
+        clock["now"] += 30.0  # every step takes 30 s
+        return sp.CompletedProcess(cmd, 1 if cmd[cmd.index("--head-dim") + 1] == "72" and env is None
+                                   and "--time" not in cmd else 0)
+
+    monkeypatch.setattr(probe.subprocess, "run", fake_run)
+    monkeypatch.setattr(probe.shutil, "which", lambda name: None)
+    monkeypatch.setattr(probe.time, "monotonic", lambda: clock["now"])
+    assert probe.probe_all("bfloat16", budget_s=200.0) == 1  # 72 faulted
+    # probes of 72, 80, 96; three forward tiles at 72; the timing of 80 with the 20 s left; 96's skipped
+    assert [(d, t, e) for d, t, e, _ in calls] == [("72", False, False), ("80", False, False), ("96", False, False),
+                                                  ("72", False, True), ("72", False, True), ("72", False, True),
+                                                  ("80", True, False)]
+    assert [timeout for *_, timeout in calls] == [40, 40, 40, 40, 40, 40, 20]
+    clock["now"], calls[:] = 0.0, []
+    monkeypatch.setattr(probe.subprocess, "run", lambda cmd, env=None, timeout=None: (
+        calls.append(("--time" in cmd, cmd[cmd.index("--head-dim") + 1], "--pad" in cmd)),
+        sp.CompletedProcess(cmd, 0))[1])
+    assert probe.probe_all("bfloat16", budget_s=1000.0) == 0
+    assert calls[3:] == [(True, "80", True), (True, "96", False), (True, "72", True)]

@@ -4,7 +4,8 @@ Backends (one contract):
 
   triton     ours (kernels/contrastive.py): the forward reduces logit tiles to per-row sums / log-sum-exps in
              registers (CLIP: both directions in one pass); the gradient pass computes the tiles of one chunk of
-             rows into a (chunk, N) dL/dz buffer in the features' dtype and multiplies it with cuBLAS. SigLIP's
+             rows into a (chunk, N) dL/dz buffer in the features' dtype (fp16: scaled by 2**14, so that small
+             gradients stay normal numbers) and multiplies it with cuBLAS into fp32. SigLIP's
              dL/dz needs no normaliser, so when a gradient is wanted its forward is that gradient pass, which also
              sums the loss: three logit matmuls in all, as a plain implementation does, and the backward only
              scales the saved gradients (create_graph is not supported). CLIP needs its log-sum-exps first: four.
@@ -32,7 +33,6 @@ import os
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from fineviti._checks import value_checks_enabled
 
@@ -229,6 +229,7 @@ class _Triton:
         dy = torch.zeros(y.shape, device=x.device, dtype=torch.float32)
         ds = torch.zeros((), device=x.device, dtype=torch.float32)
         sums = torch.zeros(2 if with_loss else 1, device=x.device, dtype=torch.float32)  # sum(g) [, loss]
+        unscale = 1.0 / kc.grad_scale(x.dtype)  # g is stored scaled up in fp16
         for start in range(0, m if n else 0, step):
             stop = min(m, start + step)
             gc, xc = g[:stop - start], x[start:stop]
@@ -236,10 +237,14 @@ class _Triton:
                                         lse_row=None if lse_row is None else lse_row[start:stop], lse_col=lse_col,
                                         with_loss=with_loss)
             gy = _mm_f32(gc, y)
+            if unscale != 1.0:
+                gy.mul_(unscale)  # a power of two: exact
             ds += (gy * xc).sum()  # sum_ij g_ij x_i.y_j = sum_i x_i . (g @ y)_i: the gradient of the scale
             dx[start:stop] = gy if dx_scale is None else gy.mul_(dx_scale)
             del gy
             _addmm_f32(dy, gc.T, xc)
+        if unscale != 1.0:
+            dy.mul_(unscale)
         return (dx, dy, ds, *sums.unbind())
 
 
@@ -496,18 +501,26 @@ def _apply_upstream(grad: torch.Tensor, saved, like) -> tuple:
     """The saved gradients (for an upstream gradient of 1) times the upstream gradient, in the inputs' dtypes. A
     double backward (create_graph=True) would need the second-order terms, which the saved gradients do not carry:
     it raises instead of returning a wrong answer."""
-    if torch.is_grad_enabled():  # on only under create_graph=True
-        raise RuntimeError("siglip_loss computes its gradients in the forward and does not support a double "
-                           "backward (create_graph=True through the loss); use backend='reference' for that")
+    _first_order_only("siglip_loss")
     return tuple((g * grad).to(t.dtype) for g, t in zip(saved, like, strict=True))
+
+
+def _first_order_only(name: str) -> None:
+    """Raise in a backward run with create_graph=True (the only way grad mode is on in there): the gradients these
+    backwards return carry no second-order terms, and a gradient penalty would silently miss them."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{name} does not support a double backward (create_graph=True through the loss): its "
+                           "gradients carry no second-order terms; use backend='reference' for that")
 
 
 def _no_autocast(device: torch.device):
     """The ops' bodies run with autocast off: their matmuls choose their own precision (fp32 accumulation, fp32 for
     fp32 features), and a surrounding autocast region would recast them."""
-    if device.type in ("cuda", "cpu"):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
+    try:
+        available = torch.amp.is_autocast_available(device.type)
+    except AttributeError:  # a torch without the query
+        available = device.type in ("cuda", "cpu")
+    return torch.autocast(device.type, enabled=False) if available else contextlib.nullcontext()
 
 
 def _siglip_backward(grad, x, y, scale, bias, impl, d: _Dist, ring: bool):
@@ -696,8 +709,8 @@ class _SiglipFn(torch.autograd.Function):
             return _siglip_forward(x, y, scale, bias, impl, d, ring)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad):
+        _first_order_only("siglip_loss")
         if ctx.with_grad:
             return *_apply_upstream(grad, ctx.saved_tensors, ctx.like), None, None, None, None
         with _no_autocast(grad.device):
@@ -716,8 +729,8 @@ class _ClipFn(torch.autograd.Function):
         return loss
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad):
+        _first_order_only("clip_loss")
         with _no_autocast(grad.device):
             return *_clip_backward(grad, *ctx.saved_tensors, ctx.impl, ctx.d, ctx.ring), None, None, None, None
 
@@ -815,8 +828,9 @@ def siglip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
     FINEVITI_CHECKS=1, since it synchronises).
 
     With grad mode on and any input requiring a gradient, the forward also computes the gradients (one pass over
-    the logits gives both; the backward only scales them) and keeps them until the backward: a validation loss
-    should run under torch.no_grad(). A double backward (create_graph=True) through this loss raises.
+    the logits gives both; the backward only scales them) and keeps them until the backward (except with
+    dist_impl="ring", whose backward passes the text blocks again): a validation loss should run under
+    torch.no_grad(). A backward with create_graph=True through this loss raises (no second-order terms).
     """
     logit_scale = _as_param(logit_scale, "logit_scale", img)
     logit_bias = _as_param(logit_bias, "logit_bias", img)
