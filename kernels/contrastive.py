@@ -235,9 +235,9 @@ def config(d: int, dtype: torch.dtype, kernel: str = "bwd", loss: str = "siglip"
     # until a GPU sweep says otherwise. No spills for bf16 at the shipped tiles on triton 3.6 and 3.8; fp16's loss
     # variant spills 4 bytes persistent on 3.8, and 128 x 128 persistent tiles spill (4-464 bytes): check the kernel
     # report before turning either on.
-    persistent = {"PERSISTENT": False} if kernel.startswith("bwd") else {"FLATTEN": False}
+    loops = {"PERSISTENT": False} if kernel.startswith("bwd") else {"FLATTEN": False}
     if dtype == torch.float32:  # true fp32 products run on the FMA pipes: small tiles over 8 warps, no spills
-        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 2, **persistent}
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 2, **loops}
     block_k = 64 if d >= 64 else 32
     # The H100 sweep's fastest CLIP forward, 128 x 256 tiles, spilled 108-160 bytes per thread on sm_90 (kernel
     # report): the kernel report's CI gate fails any shipped spill, so CLIP's forward takes 128 x 128 tiles. A
@@ -245,7 +245,7 @@ def config(d: int, dtype: torch.dtype, kernel: str = "bwd", loss: str = "siglip"
     # (triton 3.6 and 3.8, bf16 and fp16) and none at 128 x 64 (185-213 registers): it takes 128 x 64, not yet
     # measured on a GPU against the two passes it replaces.
     block_n = 64 if kernel == "bwd_loss" else 128
-    return {"BLOCK_M": 128, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 8, "num_stages": 4, **persistent}
+    return {"BLOCK_M": 128, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 8, "num_stages": 4, **loops}
 
 
 _GROUP_M = 8

@@ -497,12 +497,12 @@ def _siglip_forward_with_grads(x, y, scale, bias, impl, d: _Dist):
             _param_grad(db, coef, bias))
 
 
-def _apply_upstream(grad: torch.Tensor, saved, like) -> tuple:
+def _apply_upstream(grad: torch.Tensor, saved, dtypes) -> tuple:
     """The saved gradients (for an upstream gradient of 1) times the upstream gradient, in the inputs' dtypes. A
     double backward (create_graph=True) would need the second-order terms, which the saved gradients do not carry:
     it raises instead of returning a wrong answer."""
     _first_order_only("siglip_loss")
-    return tuple((g * grad).to(t.dtype) for g, t in zip(saved, like, strict=True))
+    return tuple((g * grad).to(dtype) for g, dtype in zip(saved, dtypes, strict=True))
 
 
 def _first_order_only(name: str) -> None:
@@ -628,13 +628,13 @@ def _(grad, img, txt, logit_scale, logit_bias, backend):
 def _siglip_setup_context(ctx, inputs, output):
     *tensors, ctx.backend, ctx.with_grad = inputs
     ctx.mark_non_differentiable(*output[1:])
-    ctx.like = [torch.empty((), dtype=t.dtype) for t in tensors]  # the dtypes the gradients come back in
+    ctx.dtypes = [t.dtype for t in tensors]  # the dtypes the gradients come back in
     ctx.save_for_backward(*(output[1:] if ctx.with_grad else tensors))
 
 
 def _siglip_fwd_backward(ctx, grad, *_):
     if ctx.with_grad:  # the forward's gradients, for an upstream gradient of 1
-        return *_apply_upstream(grad, ctx.saved_tensors, ctx.like), None, None
+        return *_apply_upstream(grad, ctx.saved_tensors, ctx.dtypes), None, None
     return *_siglip_bwd_op(grad, *ctx.saved_tensors, ctx.backend), None, None
 
 
@@ -699,7 +699,7 @@ class _SiglipFn(torch.autograd.Function):
         # come from the forward's pass over the logits (the ring passes its text blocks again in the backward
         # instead, so that no rank holds the gradients of every text)
         ctx.with_grad = with_grad and not ring
-        ctx.like = [torch.empty((), dtype=t.dtype) for t in (x, y, scale, bias)]
+        ctx.dtypes = [t.dtype for t in (x, y, scale, bias)]
         with _no_autocast(x.device):
             if ctx.with_grad:
                 loss, *grads = _siglip_forward_with_grads(x, y, scale, bias, impl, d)
@@ -712,7 +712,7 @@ class _SiglipFn(torch.autograd.Function):
     def backward(ctx, grad):
         _first_order_only("siglip_loss")
         if ctx.with_grad:
-            return *_apply_upstream(grad, ctx.saved_tensors, ctx.like), None, None, None, None
+            return *_apply_upstream(grad, ctx.saved_tensors, ctx.dtypes), None, None, None, None
         with _no_autocast(grad.device):
             return *_siglip_backward(grad, *ctx.saved_tensors, ctx.impl, ctx.d, ctx.ring), None, None, None, None
 
