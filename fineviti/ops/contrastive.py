@@ -361,8 +361,8 @@ def _reduce_rows(t: torch.Tensor, d: _Dist) -> torch.Tensor:
 
 
 class _AllGatherRows(torch.autograd.Function):
-    """All-gather of rows whose gradient flows back to the owner: the backward sums every rank's gradient of the
-    gathered tensor and keeps this rank's rows."""
+    """All-gather of rows whose gradient flows back to the owner (the reference backend's): the backward sums every
+    rank's gradient of the gathered tensor and keeps this rank's rows."""
 
     @staticmethod
     def forward(ctx, t, d):
@@ -371,7 +371,8 @@ class _AllGatherRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _reduce_rows(grad.contiguous(), ctx.d), None
+        summed = _reduce_rows(grad.to(_saved_grad_dtype(grad)).contiguous(), ctx.d)  # fp16: summed in fp32
+        return summed.to(grad.dtype), None
 
 
 def _exchange(send: torch.Tensor, recv: torch.Tensor, d: _Dist, tag: int):
@@ -454,10 +455,11 @@ def _param_grad(raw: torch.Tensor, factor: torch.Tensor, like: torch.Tensor) -> 
     return (raw * factor).reshape(like.shape).to(like.dtype)
 
 
-def _feature_grad(raw: torch.Tensor, factor: torch.Tensor, like: torch.Tensor, scaled: bool = False) -> torch.Tensor:
+def _feature_grad(raw: torch.Tensor, factor: torch.Tensor, like: torch.Tensor, scaled: bool = False,
+                  dtype: torch.dtype | None = None) -> torch.Tensor:
     """The gradient of a feature tensor from grads()'s fp32 accumulator (scaled here, in place) or from its dx that
-    dx_scale already scaled (`scaled`)."""
-    return (raw if scaled else raw.mul_(factor)).to(like.dtype)
+    dx_scale already scaled (`scaled`), in `like`'s dtype unless `dtype` is given."""
+    return (raw if scaled else raw.mul_(factor)).to(dtype or like.dtype)
 
 
 def _siglip_forward(x, y, scale, bias, impl, d: _Dist, ring: bool) -> torch.Tensor:
@@ -523,16 +525,16 @@ def _no_autocast(device: torch.device):
     return torch.autocast(device.type, enabled=False) if available else contextlib.nullcontext()
 
 
-def _siglip_backward(grad, x, y, scale, bias, impl, d: _Dist, ring: bool):
-    """(d_img, d_txt, d_scale, d_bias) in the dtypes and shapes of the inputs; with `ring`, the text blocks travel
-    again, with their gradient accumulators."""
+def _siglip_backward(grad, x, y, scale, bias, impl, d: _Dist, ring: bool, dy_dtype=None):
+    """(d_img, d_txt, d_scale, d_bias) in the dtypes and shapes of the inputs (d_txt: in `dy_dtype` if given); with
+    `ring`, the text blocks travel again, with their gradient accumulators."""
     s32, b32 = _scalar(scale, x.device), _scalar(bias, x.device)
     factor = grad.float() * (d.world / d.total)
     if ring:
         dx, dy, ds, db = _ring_grads(impl, x, y, s32, b32, "siglip", d)
     else:
         dx, dy, ds, db = impl.grads(x, y, s32, b32, "siglip", diag_offset=d.row_start, dx_scale=factor * s32)
-    return (_feature_grad(dx, factor * s32, x, scaled=not ring), _feature_grad(dy, factor * s32, y),
+    return (_feature_grad(dx, factor * s32, x, scaled=not ring), _feature_grad(dy, factor * s32, y, dtype=dy_dtype),
             _param_grad(ds, factor, scale), _param_grad(db, factor, bias))
 
 
@@ -562,9 +564,9 @@ def _clip_forward(x, y, scale, x_all, impl, d: _Dist, ring: bool):
     return total * (d.world / (2 * d.total)), lse_row, _gather_rows(lse_col, d)
 
 
-def _clip_backward(grad, x, y, scale, lse_row, lse_col_all, impl, d: _Dist, ring: bool):
+def _clip_backward(grad, x, y, scale, lse_row, lse_col_all, impl, d: _Dist, ring: bool, dy_dtype=None):
     """dL/dz of both directions for the pairs (local image, every text): (d_img, d_txt, d_scale), the texts' for
-    all texts (the caller sums them to their owners)."""
+    all texts (the caller sums them to their owners), d_txt in `dy_dtype` if given."""
     s32 = _scalar(scale, x.device)
     zero = torch.zeros(1, device=x.device, dtype=torch.float32)
     factor = grad.float() * (d.world / (2 * d.total))
@@ -573,7 +575,7 @@ def _clip_backward(grad, x, y, scale, lse_row, lse_col_all, impl, d: _Dist, ring
     else:
         dx, dy, ds, _ = impl.grads(x, y, s32, zero, "clip", diag_offset=d.row_start, lse_row=lse_row,
                                    lse_col=lse_col_all, dx_scale=factor * s32)
-    return (_feature_grad(dx, factor * s32, x, scaled=not ring), _feature_grad(dy, factor * s32, y),
+    return (_feature_grad(dx, factor * s32, x, scaled=not ring), _feature_grad(dy, factor * s32, y, dtype=dy_dtype),
             _param_grad(ds, factor, scale))
 
 
@@ -690,7 +692,9 @@ torch.library.register_autograd("fineviti::clip_loss_fwd", _clip_fwd_backward, s
 
 
 class _SiglipFn(torch.autograd.Function):
-    """SigLIP on a process group: texts all-gathered by the caller, or passed around the ring."""
+    """SigLIP on a process group. y: this rank's texts, all-gathered in here (or passed around the ring), so that
+    the backward sums the gathered texts' gradients over the ranks before they take y's dtype: in fp32 for fp16
+    features (_saved_grad_dtype), where a sum of fp16 partial gradients lost about 3 roundings per entry."""
 
     @staticmethod
     def forward(ctx, x, y, scale, bias, impl, d, ring, with_grad):
@@ -700,39 +704,55 @@ class _SiglipFn(torch.autograd.Function):
         # instead, so that no rank holds the gradients of every text)
         ctx.with_grad = with_grad and not ring
         ctx.dtypes = [t.dtype for t in (x, y, scale, bias)]
+        y_cols = y if ring else _gather_rows(y, d)
         with _no_autocast(x.device):
             if ctx.with_grad:
-                loss, *grads = _siglip_forward_with_grads(x, y, scale, bias, impl, d)
+                loss, *grads = _siglip_forward_with_grads(x, y_cols, scale, bias, impl, d)
                 ctx.save_for_backward(*grads)
                 return loss
-            ctx.save_for_backward(x, y, scale, bias)
-            return _siglip_forward(x, y, scale, bias, impl, d, ring)
+            ctx.save_for_backward(x, y_cols, scale, bias)
+            return _siglip_forward(x, y_cols, scale, bias, impl, d, ring)
 
     @staticmethod
     def backward(ctx, grad):
         _first_order_only("siglip_loss")
+        d, dtypes = ctx.d, list(ctx.dtypes)
+        if not ctx.ring:
+            dtypes[1] = _saved_grad_dtype(ctx.saved_tensors[1])  # every text's gradient, summed below
         if ctx.with_grad:
-            return *_apply_upstream(grad, ctx.saved_tensors, ctx.dtypes), None, None, None, None
-        with _no_autocast(grad.device):
-            return *_siglip_backward(grad, *ctx.saved_tensors, ctx.impl, ctx.d, ctx.ring), None, None, None, None
+            grads = _apply_upstream(grad, ctx.saved_tensors, dtypes)
+        else:
+            with _no_autocast(grad.device):
+                grads = _siglip_backward(grad, *ctx.saved_tensors, ctx.impl, d, ctx.ring, dy_dtype=dtypes[1])
+        dx, dy, ds, db = grads
+        if not ctx.ring:
+            dy = _reduce_rows(dy.contiguous(), d).to(ctx.dtypes[1])
+        return dx, dy, ds, db, None, None, None, None
 
 
 class _ClipFn(torch.autograd.Function):
-    """CLIP on a process group: texts and images all-gathered by the caller, or passed around the ring."""
+    """CLIP on a process group. y: this rank's texts; images and texts are all-gathered in here (or passed around
+    the ring), and the gathered texts' gradients are summed over the ranks as in _SiglipFn."""
 
     @staticmethod
-    def forward(ctx, x, y, scale, x_all, impl, d, ring):
+    def forward(ctx, x, y, scale, impl, d, ring):
+        y_cols, x_all = (y, x) if ring else (_gather_rows(y, d), _gather_rows(x, d))
         with _no_autocast(x.device):
-            loss, lse_row, lse_col_all = _clip_forward(x, y, scale, x_all, impl, d, ring)
-        ctx.save_for_backward(x, y, scale, lse_row, lse_col_all)
-        ctx.impl, ctx.d, ctx.ring = impl, d, ring
+            loss, lse_row, lse_col_all = _clip_forward(x, y_cols, scale, x_all, impl, d, ring)
+        ctx.save_for_backward(x, y_cols, scale, lse_row, lse_col_all)
+        ctx.impl, ctx.d, ctx.ring, ctx.y_dtype = impl, d, ring, y.dtype
         return loss
 
     @staticmethod
     def backward(ctx, grad):
         _first_order_only("clip_loss")
+        y_cols = ctx.saved_tensors[1]
+        dy_dtype = ctx.y_dtype if ctx.ring else _saved_grad_dtype(y_cols)
         with _no_autocast(grad.device):
-            return *_clip_backward(grad, *ctx.saved_tensors, ctx.impl, ctx.d, ctx.ring), None, None, None, None
+            dx, dy, ds = _clip_backward(grad, *ctx.saved_tensors, ctx.impl, ctx.d, ctx.ring, dy_dtype=dy_dtype)
+        if not ctx.ring:
+            dy = _reduce_rows(dy.contiguous(), ctx.d).to(ctx.y_dtype)
+        return dx, dy, ds, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -848,9 +868,8 @@ def siglip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
     with_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (img, txt, logit_scale, logit_bias))
     if d.world == 1:
         return _siglip_fwd_op(img, txt, logit_scale, logit_bias, backend, with_grad)[0]
-    ring = dist_impl == "ring"
-    txt_cols = txt if ring else _AllGatherRows.apply(txt, d)
-    return _SiglipFn.apply(img, txt_cols, logit_scale, logit_bias, _backend_impl(backend), d, ring, with_grad)
+    return _SiglipFn.apply(img, txt, logit_scale, logit_bias, _backend_impl(backend), d, dist_impl == "ring",
+                           with_grad)
 
 
 def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor, *, backend: str = "auto",
@@ -882,9 +901,4 @@ def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor, *
         return (i2t + t2i) * (d.world / (2 * d.total))
     if d.world == 1:
         return _clip_fwd_op(img, txt, logit_scale, backend)[0]
-    ring = dist_impl == "ring"
-    if ring:
-        txt_cols, img_all = txt, img
-    else:
-        txt_cols, img_all = _AllGatherRows.apply(txt, d), _gather_rows(img, d)
-    return _ClipFn.apply(img, txt_cols, logit_scale, img_all.detach(), _backend_impl(backend), d, ring)
+    return _ClipFn.apply(img, txt, logit_scale, _backend_impl(backend), d, dist_impl == "ring")
