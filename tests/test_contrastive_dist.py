@@ -109,6 +109,9 @@ def _worker(rank, port, path):
             except Exception as exc:
                 results[case] = f"rank {rank}: {type(exc).__name__}: {exc}"
         if rank == 0:
+            from fineviti.ops import contrastive
+
+            results["gloo_reduce_scatter"] = contrastive._GLOO_REDUCE_SCATTER[0]
             torch.save(results, path)
     finally:
         dist.destroy_process_group()
@@ -156,3 +159,13 @@ def test_fp16_feature_gradients_match_one_process(results, case):
         gold = gold.double() / LOSS_SCALE
         rel = (g - gold).abs() / gold.abs().clamp_min(1e-3 * gold.abs().max())
         assert rel.max().item() <= 2 ** -10, f"{name}: max relative error {rel.max().item():.3g} > 2**-10"
+
+
+def test_gloo_ran_the_reduce_scatter(results):
+    """The gradient sums above took the reduce-scatter that NCCL runs, not the all-reduce fallback (a gloo without
+    reduce-scatter: older torch)."""
+    import torch.distributed as dist
+
+    if not hasattr(dist, "reduce_scatter_single"):
+        pytest.skip("this torch's gloo may lack reduce-scatter; the fallback is what ran")
+    assert results["gloo_reduce_scatter"] is True

@@ -342,22 +342,38 @@ def _gather_rows(t: torch.Tensor, d: _Dist) -> torch.Tensor:
     return torch.cat([p[:c] for p, c in zip(parts, d.counts, strict=True)], 0)
 
 
+_GLOO_REDUCE_SCATTER = [True]  # until a gloo without reduce-scatter (older torch) says otherwise
+
+
+def _reduce_scatter(out: torch.Tensor, padded: torch.Tensor, group) -> None:
+    """dist.reduce_scatter_single where torch has it (it replaces the deprecated reduce_scatter_tensor)."""
+    import torch.distributed as dist
+
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    fn(out, padded, group=group)
+
+
 def _reduce_rows(t: torch.Tensor, d: _Dist) -> torch.Tensor:
-    """Sum over ranks of the (total, ...) tensor `t`, returning this rank's rows: a reduce-scatter where the backend
-    has one (NCCL), else an all-reduce and a slice (gloo)."""
+    """Sum over ranks of the (total, ...) tensor `t`, returning this rank's rows: a reduce-scatter (NCCL, and gloo
+    where it has one, so that the CPU tests run the GPUs' path), else an all-reduce and a slice."""
     if d.world == 1:
         return t
     import torch.distributed as dist
 
     blocks = [_pad_rows(t[o:o + c], d.n_max) for o, c in zip(d.offsets, d.counts, strict=True)]
     padded = torch.cat(blocks, 0).contiguous()
-    if dist.get_backend(d.group) == "nccl":
-        out = padded.new_empty((d.n_max, *t.shape[1:]))
-        dist.reduce_scatter_tensor(out, padded, group=d.group)
-    else:
-        dist.all_reduce(padded, group=d.group)
-        out = padded[d.rank * d.n_max:(d.rank + 1) * d.n_max]
-    return out[:d.counts[d.rank]]
+    out = padded.new_empty((d.n_max, *t.shape[1:]))
+    gloo = dist.get_backend(d.group) == "gloo"
+    if not gloo or _GLOO_REDUCE_SCATTER[0]:
+        try:
+            _reduce_scatter(out, padded, d.group)
+            return out[:d.counts[d.rank]]
+        except (RuntimeError, NotImplementedError):  # raised on every rank alike, before any transfer
+            if not gloo:
+                raise
+            _GLOO_REDUCE_SCATTER[0] = False
+    dist.all_reduce(padded, group=d.group)
+    return padded[d.rank * d.n_max:(d.rank + 1) * d.n_max][:d.counts[d.rank]]
 
 
 class _AllGatherRows(torch.autograd.Function):
