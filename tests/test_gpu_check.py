@@ -116,3 +116,25 @@ def test_split_probe_runs_diagnostics_before_timings_inside_its_budget(monkeypat
         sp.CompletedProcess(cmd, 0))[1])
     assert probe.probe_all("bfloat16", budget_s=1000.0) == 0
     assert calls[3:] == [(True, "80", True), (True, "96", False), (True, "72", True)]
+
+
+def test_loss_sweep_runs_every_candidate(tmp_path, monkeypatch):
+    """bench_contrastive --sweep-configs (a GPU check section) on a tiny fp16 batch under the interpreter: a row for
+    every candidate, loss and mode, no errors, and the launcher's config restored afterwards."""
+    import bench_contrastive
+
+    from fineviti.kernels import contrastive as kc
+
+    rows_path = tmp_path / "rows.jsonl"
+    monkeypatch.setenv("FINEVITI_RESULTS", str(rows_path))
+    shipped = kc.config
+    bench_contrastive.main(["--device", "cpu", "--sweep-configs", "--n", "40", "--d", "32", "--dtype", "fp16"])
+    assert kc.config is shipped
+    rows = [json.loads(line) for line in rows_path.read_text().splitlines()]
+    assert [r["error"] for r in rows if "error" in r] == []
+    labels = sorted({r["provider"] for r in rows})
+    assert len(labels) == 7 and all(label.startswith("ours[") for label in labels)
+    assert sum(label.endswith(" flat]") for label in labels) == 3
+    for label in labels:
+        got = sorted((r["shape"]["loss"], r["mode"]) for r in rows if r["provider"] == label)
+        assert got == sorted((loss, mode) for loss in ("siglip", "clip") for mode in ("fwd", "full"))
