@@ -138,3 +138,24 @@ def test_loss_sweep_runs_every_candidate(tmp_path, monkeypatch):
     for label in labels:
         got = sorted((r["shape"]["loss"], r["mode"]) for r in rows if r["provider"] == label)
         assert got == sorted((loss, mode) for loss in ("siglip", "clip") for mode in ("fwd", "full"))
+
+
+def test_rope_attention_block_rows(tmp_path, monkeypatch):
+    """bench_rope's attention-block rows (a GPU check section) on a tiny pack under the interpreter: every variant,
+    (a) fused split, (b) rotation in the attention kernel, standalone and the two baselines, gives a row, and the
+    rotated ones carry their share against both baselines."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    import bench_rope
+    from common import Recorder
+
+    rows_path = tmp_path / "rows.jsonl"
+    import torch
+
+    bench_rope.run_attn_block(Recorder("rope", str(rows_path)), 128, 1, 32, torch.float16, torch.device("cpu"),
+                              seqlen=64)
+    rows = {r["provider"]: r for r in map(json.loads, rows_path.read_text().splitlines())}
+    assert [r.get("error") for r in rows.values() if "error" in r] == []
+    assert set(rows) == {"attn_no_rope", "attn_views_no_rope", "attn_fused_split", "attn_standalone",
+                         "attn_rope_in_kernel"}
+    for name in ("attn_fused_split", "attn_standalone", "attn_rope_in_kernel"):
+        assert "rope_share" in rows[name] and "rope_share_vs_views" in rows[name], name
