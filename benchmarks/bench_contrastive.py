@@ -132,9 +132,10 @@ def sweep_configs(rec, n, d, dtype_name, device):
     from fineviti.kernels import contrastive as kc
 
     default = kc.config
-    # the shipped choices (128 x 128 forward and gradient, 128 x 64 SigLIP gradient with its loss), their forms with
-    # flattened loops ("flat": the forward's column loop fused with its K loop, the gradient kernel persistent) and a
-    # stage less; 128 x 256 was the fastest CLIP forward of the 2026-11-27 sweep but spills
+    # the shipped choice (128 x 128 for every kernel), 128 x 64 (SigLIP's gradient with its loss sum until the fourth
+    # session), their forms with flattened loops ("flat": the forward's column loop fused with its K loop, the
+    # gradient kernel persistent) and a stage less; 128 x 256 was the fastest CLIP forward of the 2026-11-27 sweep
+    # but spills
     flat = {"PERSISTENT": True, "FLATTEN": True}
     candidates = [
         {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4},

@@ -154,7 +154,7 @@ def contrastive_fwd_kernel(
 @triton.jit
 def _grad_tile(
     tile_id, X, Y, scale, BIAS, LSE_ROW, LSE_COL, G, g_scale, PARTIAL, M, N, D, stride_x_m, stride_y_n, stride_g_m,
-    diag_offset, LOSS: tl.constexpr, WITH_LOSS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    store_cols, diag_offset, LOSS: tl.constexpr, WITH_LOSS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, IEEE: tl.constexpr,
 ):
     """One (BLOCK_M, BLOCK_N) tile of dL/dz, its sum and (WITH_LOSS) its loss sum; tiles are numbered so that
@@ -193,7 +193,9 @@ def _grad_tile(
         # image-to-text softmax + text-to-image softmax - 2 at the positive (all times g_scale)
         g = tl.exp(z - lse_row[:, None]) + tl.exp(z - lse_col[None, :]) - tl.where(positive, 2.0 * g_scale, 0.0)
     g = tl.where(valid, g, 0.0)  # g_scale * dL/dz
-    tl.store(G + offs_m[:, None] * stride_g_m + offs_n[None, :], g.to(G.dtype.element_ty), mask=valid)
+    # zeros go to the padding columns [N, store_cols) too: a multiple of 16 there lets the stores vectorise whatever N
+    store = mask_m[:, None] & (offs_n < store_cols)[None, :]
+    tl.store(G + offs_m[:, None] * stride_g_m + offs_n[None, :], g.to(G.dtype.element_ty), mask=store)
     tl.store(PARTIAL + tile, tl.sum(tl.sum(g, axis=1), axis=0) / g_scale)
 
 
@@ -214,6 +216,7 @@ def contrastive_bwd_kernel(
     stride_x_m,
     stride_y_n,
     stride_g_m,
+    store_cols,  # columns of G the kernel writes: N, or G's padded width (zeros past N) so that stores vectorise
     diag_offset,
     LOSS: tl.constexpr,
     WITH_LOSS: tl.constexpr,  # SigLIP: also the sum of -logsigmoid(label * z) over the tile
@@ -234,10 +237,12 @@ def contrastive_bwd_kernel(
         num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
         for tile_id in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True):
             _grad_tile(tile_id, X, Y, scale, BIAS, LSE_ROW, LSE_COL, G, g_scale, PARTIAL, M, N, D, stride_x_m,
-                       stride_y_n, stride_g_m, diag_offset, LOSS, WITH_LOSS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, IEEE)
+                       stride_y_n, stride_g_m, store_cols, diag_offset, LOSS, WITH_LOSS, BLOCK_M, BLOCK_N, BLOCK_K,
+                       GROUP_M, IEEE)
     else:
         _grad_tile(tl.program_id(0), X, Y, scale, BIAS, LSE_ROW, LSE_COL, G, g_scale, PARTIAL, M, N, D, stride_x_m,
-                   stride_y_n, stride_g_m, diag_offset, LOSS, WITH_LOSS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, IEEE)
+                   stride_y_n, stride_g_m, store_cols, diag_offset, LOSS, WITH_LOSS, BLOCK_M, BLOCK_N, BLOCK_K,
+                   GROUP_M, IEEE)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -253,13 +258,12 @@ def config(d: int, dtype: torch.dtype, kernel: str = "bwd", loss: str = "siglip"
     config, no autotuning, so that the interpreter runs what the GPU runs. The bf16 forward and gradient tiles are
     the fastest of a sweep on an H100 at N = 32768, D = 768 (benchmarks/bench_contrastive.py --sweep-configs);
     fp16 follows bf16 (its gradient kernel took 128 x 64 while it spilled at 128 x 128; it no longer does), and
-    the two variants added since (fwd_cols, bwd_loss) are unmeasured choices that do not spill."""
+    the two variants added since (fwd_cols, bwd_loss) take the same tiles, unmeasured, without spills."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     # PERSISTENT (gradient) and FLATTEN (forward): flattened loops, not yet measured against the plain ones and off
-    # until a GPU sweep says otherwise. No spills for bf16 at the shipped tiles on triton 3.6 and 3.8; fp16's loss
-    # variant spills 4 bytes persistent on 3.8, and 128 x 128 persistent tiles spill (4-464 bytes): check the kernel
-    # report before turning either on.
+    # until a GPU sweep says otherwise. 128 x 128 persistent tiles of the gradient kernel with its loss sum spill
+    # (364-504 bytes, triton 3.6 and 3.8): check the kernel report before turning either on.
     loops = {"PERSISTENT": False} if kernel.startswith("bwd") else {"FLATTEN": False}
     if dtype == torch.float32:  # true fp32 products run on the FMA pipes: small tiles over 8 warps, no spills
         # (SigLIP's gradient with its loss sum spilled 8 bytes on triton 3.6 at BLOCK_K 32 once log1p became a
@@ -270,9 +274,9 @@ def config(d: int, dtype: torch.dtype, kernel: str = "bwd", loss: str = "siglip"
     # The H100 sweep's fastest CLIP forward, 128 x 256 tiles, spilled 108-160 bytes per thread on sm_90 (kernel
     # report): the kernel report's CI gate fails any shipped spill, so CLIP's forward takes 128 x 128 tiles. A
     # fourth stage measured faster in bf16. SigLIP's gradient with its loss sum spilled 300-1000 bytes at 128 x 128
-    # (triton 3.6 and 3.8, bf16 and fp16) and none at 128 x 64 (185-213 registers): it takes 128 x 64, not yet
-    # measured on a GPU against the two passes it replaces.
-    block_n = 64 if kernel == "bwd_loss" else 128
+    # until its log1p became a polynomial and its stores vectorised; now 210-254 registers, no spill (triton 3.6
+    # and 3.8), so it takes the gradient kernel's measured 128 x 128 tiles (not yet timed itself).
+    block_n = 128
     return {"BLOCK_M": 128, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 8, "num_stages": 4, **loops}
 
 
@@ -365,19 +369,25 @@ def grad_scale(dtype: torch.dtype) -> float:
 
 def loss_grad_logits(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, g: torch.Tensor, *,
                      loss: str, diag_offset: int = 0, lse_row: torch.Tensor | None = None,
-                     lse_col: torch.Tensor | None = None, with_loss: bool = False) -> torch.Tensor:
+                     lse_col: torch.Tensor | None = None, with_loss: bool = False,
+                     store_cols: int | None = None) -> torch.Tensor:
     """Fill g (M, N), in the features' dtype, with grad_scale(dtype) * dL/dz per pair (without the 1/N factor): SigLIP
     -label * sigmoid(-label * z); CLIP softmax_row + softmax_col - 2 at the positive, from the saved fp32
     log-sum-exps. Returns fp32 sum(g) (the gradient of the bias) and, with `with_loss` (SigLIP only), the sum of
     -logsigmoid(label * z) over the block: (1,) or (2,). The gradient of the scale, sum(g * x.y), is the caller's,
     from sum(x * (g @ y)). Give g a row stride that is a multiple of 16 (new_grad_buffer), or its stores do not
-    vectorise."""
+    vectorise. store_cols: the columns of each row of g the kernel may write, N (the default) up to g's row stride:
+    the columns past N get zeros, and a multiple of 16 lets the stores vectorise for any N (new_grad_buffer's
+    padded width, padded_cols(N); only for a buffer whose padding columns hold nothing)."""
     _check(x, y)
     m, d = x.shape
     n = y.shape[0]
     if g.shape != (m, n) or g.dtype != x.dtype or g.stride(1) != 1:
         raise ValueError(f"g must be a ({m}, {n}) {x.dtype} buffer with unit column stride, got {tuple(g.shape)} "
                          f"{g.dtype} strides {g.stride()}")
+    store_cols = n if store_cols is None else store_cols
+    if not n <= store_cols <= max(n, g.stride(0)):
+        raise ValueError(f"store_cols must be between N = {n} and g's row stride {g.stride(0)}, got {store_cols}")
     if loss == "clip" and (lse_row is None or lse_col is None):
         raise ValueError("the CLIP gradient needs lse_row and lse_col")
     if with_loss and loss != "siglip":
@@ -393,25 +403,29 @@ def loss_grad_logits(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias
     programs = min(tiles, _sm_count(x.device)) if persistent else tiles  # one program per SM: 1 block/SM (regs)
     contrastive_bwd_kernel[(programs,)](
         x, y, scale, bias, lse_row, lse_col, g, grad_scale(x.dtype), partial, m, n, d, x.stride(0), y.stride(0),
-        g.stride(0), diag_offset,
+        g.stride(0), store_cols, diag_offset,
         LOSS=_LOSSES[loss], WITH_LOSS=with_loss, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=cfg["BLOCK_K"],
         GROUP_M=_GROUP_M, PERSISTENT=persistent, IEEE=x.dtype == torch.float32, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"])
     return partial[:2 if with_loss else 1].sum(1)
 
 
+def padded_cols(n: int) -> int:
+    """new_grad_buffer's row stride for N columns: the next multiple of 16 elements."""
+    return triton.cdiv(n, 16) * 16
+
+
 def new_grad_buffer(rows: int, n: int, like: torch.Tensor) -> torch.Tensor:
-    """An uninitialised (rows, n) buffer for loss_grad_logits, its row stride padded to a multiple of 16 elements so
-    that the kernel's stores vectorise."""
-    padded = triton.cdiv(n, 16) * 16
-    return torch.empty((rows, padded), device=like.device, dtype=like.dtype)[:, :n]
+    """An uninitialised (rows, n) buffer for loss_grad_logits, its row stride padded to padded_cols(n) so that the
+    kernel's stores vectorise (pass store_cols=padded_cols(n))."""
+    return torch.empty((rows, padded_cols(n)), device=like.device, dtype=like.dtype)[:, :n]
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # What ships: the configs above for a small D and the D of the base and fine presets, per dtype and loss.
 
 SHIPPED_D = (32, 64, 768, 1152)
-_ALIGNED_INTS = ("D", "stride_x_m", "stride_y_n", "stride_g_m", "stride_col_m", "cols_per_split")
+_ALIGNED_INTS = ("D", "stride_x_m", "stride_y_n", "stride_g_m", "store_cols", "stride_col_m", "cols_per_split")
 _SHIPPED_FIELDS = {f.name for f in dataclasses.fields(registry.Shipped)}
 
 
@@ -425,9 +439,10 @@ def _signature(kernel: str, ptr: str) -> dict[str, str]:
                 "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "IEEE": "constexpr"}
     return {**common, "LSE_ROW": "*fp32", "LSE_COL": "*fp32", "G": ptr, "g_scale": "fp32", "PARTIAL": "*fp32",
             "M": "i32", "N": "i32",
-            "D": "i32", "stride_x_m": "i32", "stride_y_n": "i32", "stride_g_m": "i32", "diag_offset": "i32",
-            "LOSS": "constexpr", "WITH_LOSS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
-            "BLOCK_K": "constexpr", "GROUP_M": "constexpr", "PERSISTENT": "constexpr", "IEEE": "constexpr"}
+            "D": "i32", "stride_x_m": "i32", "stride_y_n": "i32", "stride_g_m": "i32", "store_cols": "i32",
+            "diag_offset": "i32", "LOSS": "constexpr", "WITH_LOSS": "constexpr", "BLOCK_M": "constexpr",
+            "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "GROUP_M": "constexpr", "PERSISTENT": "constexpr",
+            "IEEE": "constexpr"}
 
 
 # (kernel, flag constexprs) per loss: SigLIP's gradient with and without its loss sum (the one-process op and the
@@ -462,8 +477,9 @@ def _configs() -> list[registry.Shipped]:
     for row in seen.values():
         sig = _signature(row["kernel"], "*" + row["tname"])
         # At run time the JIT also specialises D and the row strides (multiples of 16 for the shipped D; the
-        # caller pads G's rows to one) and cols_per_split (a multiple of BLOCK_N); without them Triton can neither
-        # vectorise nor pipeline the loads, and G's stores take a 64-bit address per element (spills).
+        # caller pads G's rows to one, and writes them up to that width: store_cols) and cols_per_split (a multiple
+        # of BLOCK_N); without them Triton can neither vectorise nor pipeline the loads, and G's stores take a
+        # 64-bit address per element (spills). N is not: a batch of packed images rarely has a multiple of 16.
         aligned = tuple(k for k, t in sig.items() if t.startswith("*") or k in _ALIGNED_INTS)
         extra = {"aligned": aligned} if "aligned" in _SHIPPED_FIELDS else {}
         rows.append(registry.Shipped(kernel_name=f"contrastive_{row['kernel']}_kernel", label=row["label"],

@@ -362,6 +362,21 @@ def test_kernels_mask_tails_and_write_every_output(loss, dtype, persistent, monk
         torch.testing.assert_close(g.double() / kc.grad_scale(dtype), want_g, **tol)  # stored scaled in fp16
         want_sums = [want_g.sum()] + ([want_rows.sum()] if with_loss else [])
         torch.testing.assert_close(sums.double(), torch.stack(want_sums), rtol=1e-3, atol=1e-3)
+        # store_cols: zeros in the padding columns up to it (vectorised stores), nothing past it or past the rows
+        padded = kc.padded_cols(n)
+        buf = torch.full((m + 3, padded + 16), float("nan"), device=device, dtype=dtype)
+        for store_cols in (None, padded):
+            buf.fill_(float("nan"))
+            sums = kc.loss_grad_logits(x, y, scale, bias, buf[:m, :n], loss=loss, diag_offset=7, lse_row=lse_row,
+                                       lse_col=lse_col, with_loss=with_loss, store_cols=store_cols)
+            torch.testing.assert_close(buf[:m, :n].double() / kc.grad_scale(dtype), want_g, **tol)
+            torch.testing.assert_close(sums.double(), torch.stack(want_sums), rtol=1e-3, atol=1e-3)
+            written = n if store_cols is None else padded
+            assert (buf[:m, n:written] == 0).all()
+            assert buf[:m, written:].isnan().all() and buf[m:].isnan().all(), "a store outside store_cols or rows"
+        with pytest.raises(ValueError, match="store_cols must be between"):
+            kc.loss_grad_logits(x, y, scale, bias, buf[:m, :n], loss=loss, lse_row=lse_row, lse_col=lse_col,
+                                store_cols=padded + 17)
     if loss == "clip":
         with pytest.raises(ValueError, match="with_loss needs loss='siglip'"):
             kc.loss_grad_logits(x, y, scale, bias, g, loss=loss, lse_row=lse_row, lse_col=lse_col, with_loss=True)

@@ -235,7 +235,7 @@ class _Triton:
             gc, xc = g[:stop - start], x[start:stop]
             sums += kc.loss_grad_logits(xc, y, scale, bias, gc, loss=loss, diag_offset=diag_offset + start,
                                         lse_row=None if lse_row is None else lse_row[start:stop], lse_col=lse_col,
-                                        with_loss=with_loss)
+                                        with_loss=with_loss, store_cols=kc.padded_cols(n))
             gy = _mm_f32(gc, y)
             if unscale != 1.0:
                 gy.mul_(unscale)  # a power of two: exact
