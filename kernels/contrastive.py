@@ -378,7 +378,7 @@ def loss_grad_logits(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias
     from sum(x * (g @ y)). Give g a row stride that is a multiple of 16 (new_grad_buffer), or its stores do not
     vectorise. store_cols: the columns of each row of g the kernel may write, N (the default) up to g's row stride:
     the columns past N get zeros, and a multiple of 16 lets the stores vectorise for any N (new_grad_buffer's
-    padded width, padded_cols(N); only for a buffer whose padding columns hold nothing)."""
+    padded width, padded_cols(N); only for a [:, :N] view of a buffer whose padding columns hold nothing)."""
     _check(x, y)
     m, d = x.shape
     n = y.shape[0]
@@ -388,6 +388,10 @@ def loss_grad_logits(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias
     store_cols = n if store_cols is None else store_cols
     if not n <= store_cols <= max(n, g.stride(0)):
         raise ValueError(f"store_cols must be between N = {n} and g's row stride {g.stride(0)}, got {store_cols}")
+    if store_cols > n and m > 0 and g.storage_offset() % g.stride(0) != 0:
+        # columns past N would run into the next row's leading columns, outside g
+        raise ValueError(f"store_cols = {store_cols} > N needs g to start at column 0 of its buffer's rows (a "
+                         f"[:, :N] view), got storage offset {g.storage_offset()} with row stride {g.stride(0)}")
     if loss == "clip" and (lse_row is None or lse_col is None):
         raise ValueError("the CLIP gradient needs lse_row and lse_col")
     if with_loss and loss != "siglip":

@@ -377,9 +377,38 @@ def test_kernels_mask_tails_and_write_every_output(loss, dtype, persistent, monk
         with pytest.raises(ValueError, match="store_cols must be between"):
             kc.loss_grad_logits(x, y, scale, bias, buf[:m, :n], loss=loss, lse_row=lse_row, lse_col=lse_col,
                                 store_cols=padded + 17)
+        with pytest.raises(ValueError, match="needs g to start at column 0"):  # a column slice: next row's data
+            kc.loss_grad_logits(x, y, scale, bias, buf[:m, 5:5 + n], loss=loss, lse_row=lse_row, lse_col=lse_col,
+                                store_cols=padded)
     if loss == "clip":
         with pytest.raises(ValueError, match="with_loss needs loss='siglip'"):
             kc.loss_grad_logits(x, y, scale, bias, g, loss=loss, lse_row=lse_row, lse_col=lse_col, with_loss=True)
+
+
+@pytest.mark.parametrize("diag_offset", [-150, -130, -64, 63, 64, 130, 199, 2**31 - 151])
+def test_kernels_place_positives_at_any_offset(diag_offset):
+    """The positive pairs (column = row + diag_offset), fp32 (64 x 64 tiles): offsets that land a few tiles away in
+    either direction, on a tile edge, past every column, and near int32's limit (no positive at all)."""
+    from fineviti.kernels import contrastive as kc
+
+    gen = torch.Generator().manual_seed(3)
+    m, n, d = 150, 200, 24
+    device = "cuda" if CUDA else "cpu"
+    x = (torch.randn(m, d, generator=gen) / 3).to(device)
+    y = (torch.randn(n, d, generator=gen) / 3).to(device)
+    scale, bias = torch.tensor([4.0], device=device), torch.tensor([-2.0], device=device)
+    z = scale.double() * (x.double() @ y.double().T) + bias.double()
+    rows = torch.arange(m, device=device)
+    pos = (torch.arange(n, device=device)[None, :] == rows[:, None] + diag_offset)
+    want_rows = F.softplus(torch.where(pos, -z, z)).sum(1)
+    want_g = torch.sigmoid(z) - pos.double()
+    got = kc.loss_rows(x, y, scale, bias, loss="siglip", diag_offset=diag_offset, splits=3)
+    torch.testing.assert_close(got.double(), want_rows, rtol=1e-5, atol=1e-5)
+    g = kc.new_grad_buffer(m, n, x)
+    sums = kc.loss_grad_logits(x, y, scale, bias, g, loss="siglip", diag_offset=diag_offset, with_loss=True,
+                               store_cols=kc.padded_cols(n))
+    torch.testing.assert_close(g.double(), want_g, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sums.double(), torch.stack([want_g.sum(), want_rows.sum()]), rtol=1e-5, atol=1e-4)
 
 
 def test_registry_rows_match_what_the_launcher_runs():

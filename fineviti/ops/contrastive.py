@@ -856,7 +856,8 @@ def siglip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
     So the mean of the ranks' losses is the global loss, and after DDP or FSDP average the gradients over the
     ranks every parameter's gradient is that of the single-process loss over the global batch (the features'
     gradients from other ranks' losses reach their owner through the all-gather's backward, a sum).
-    dist_impl: "all_gather" gathers the texts (gradient: reduce-scatter, or all-reduce + slice on gloo);
+    dist_impl: "all_gather" gathers the texts (gradient: a reduce-scatter, in fp32 for fp16 features; every rank
+    runs it, also when the texts need no gradient, so that ranks never disagree on the collectives);
     "ring" passes text blocks to the next rank with isend/irecv while the current block is computed, and in the
     backward passes them again together with their gradient accumulators, which end at their owners: no rank
     ever holds more than two text blocks. The reference backend always all-gathers.
