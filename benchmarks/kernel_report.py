@@ -174,6 +174,63 @@ def parse_sass(text: str) -> dict[str, Counter]:
     return counts
 
 
+_SASS_ADDR = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)(\S*)\s*([^;]*);")
+_HGMMA_SHAPE = re.compile(r"^\.(\d+)x(\d+)x(\d+)")
+# Dense 16-bit tensor-core FLOPs per cycle of one H100 SM (989.4 TFLOP/s over 132 SMs at 1.83 GHz) and warp
+# instructions an SM issues per cycle (four schedulers).
+TENSOR_FLOPS_PER_CYCLE = 4096
+ISSUE_PER_CYCLE = 4
+
+
+def parse_loops(text: str) -> dict[str, list[dict]]:
+    """`cuobjdump -sass` -> {function: [loop, ...]}, a loop per backward branch: its own instructions (those not in
+    a loop nested inside it) and the FLOPs of its own HGMMA instructions per warpgroup (2 * M * N * K each)."""
+    functions: dict[str, list[tuple[int, str, str, str]]] = {}
+    current = None
+    for line in text.splitlines():
+        m = _SASS_FN.match(line)
+        if m:
+            current = functions.setdefault(m.group(1), [])
+            continue
+        m = _SASS_ADDR.match(line)
+        if m and current is not None:
+            current.append((int(m.group(1), 16), m.group(2), m.group(3), m.group(4)))
+    out = {}
+    for fn, ins in functions.items():
+        spans = []
+        for addr, op, _, operands in ins:
+            target = re.search(r"\b0x([0-9a-f]+)\b", operands) if op == "BRA" else None
+            if target and int(target.group(1), 16) <= addr:
+                spans.append((int(target.group(1), 16), addr))
+        spans = sorted(set(spans), key=lambda sp: sp[1] - sp[0])  # innermost first
+        loops = []
+        for lo, hi in spans:
+            inner = [sp for sp in spans if sp != (lo, hi) and lo <= sp[0] and sp[1] <= hi]
+            own = [(a, op, mods) for a, op, mods, _ in ins
+                   if lo <= a <= hi and not any(i_lo <= a <= i_hi for i_lo, i_hi in inner)]
+            flops = 0
+            for _, op, mods in own:
+                shape = _HGMMA_SHAPE.match(mods) if op == "HGMMA" else None
+                if shape:
+                    flops += 2 * int(shape[1]) * int(shape[2]) * int(shape[3])
+            loops.append({"start": lo, "end": hi, "instructions": len(own), "nested_loops": len(inner),
+                          "hgmma": sum(op == "HGMMA" for _, op, _ in own), "hgmma_flops_per_warpgroup": flops})
+        out[fn] = loops
+    return out
+
+
+def loop_balance(loop: dict, num_warps: int) -> float | None:
+    """Issue cycles over tensor-core cycles of one iteration of a loop, per block: its instructions times the
+    block's warps over the SM's four schedulers, against its HGMMA FLOPs (every warpgroup's) at the SM's dense
+    16-bit rate. Above 1 the loop issues for longer than its matrix work takes, so no overlap of the two can bring
+    it to the tensor cores' peak (with one block per SM; more blocks share both). None without HGMMA."""
+    if not loop["hgmma_flops_per_warpgroup"]:
+        return None
+    issue = loop["instructions"] * num_warps / ISSUE_PER_CYCLE
+    tensor = loop["hgmma_flops_per_warpgroup"] * (num_warps / 4) / TENSOR_FLOPS_PER_CYCLE
+    return issue / tensor
+
+
 def mma_kinds(ops: Counter) -> list[str]:
     """Matrix instructions in a function's SASS: warpgroup (HGMMA, IGMMA, QGMMA) and warp-level (HMMA, IMMA, ...)."""
     return sorted(op for op in ops if re.fullmatch(r"[A-Z]G?MMA", op) and ops[op] > 0)
@@ -198,10 +255,13 @@ def read_cubin(cubin: str | Path) -> dict[str, dict]:
     """Every function in a cubin -> {"usage": resource usage, "ops": SASS opcode counts, "reserved_smem": bool}."""
     cuobjdump = nvidia_tool("cuobjdump")
     usage = parse_resource_usage(_run_tool([cuobjdump, "--dump-resource-usage", str(cubin)]))
-    ops = parse_sass(_run_tool([cuobjdump, "-sass", str(cubin)]))
+    sass = _run_tool([cuobjdump, "-sass", str(cubin)])
+    ops = parse_sass(sass)
+    loops = parse_loops(sass)
     reserved = RESERVED_SMEM_NAME in _run_tool([cuobjdump, "-elf", str(cubin)])
     return {
-        fn: {"usage": usage.get(fn, {}), "ops": ops.get(fn, Counter()), "reserved_smem": reserved}
+        fn: {"usage": usage.get(fn, {}), "ops": ops.get(fn, Counter()), "reserved_smem": reserved,
+             "loops": loops.get(fn, [])}
         for fn in sorted(set(usage) | set(ops))
     }
 
@@ -255,6 +315,16 @@ def analyse(
     }
     if num_warps is not None:
         row["blocks_per_sm"], row["occupancy_limiter"] = blocks_per_sm(regs, num_warps, row["shared_bytes"], limits)
+    mma_loops = [lp for lp in fn_info.get("loops", []) if lp["hgmma"]]
+    row["loops"] = [{k: lp[k] for k in ("instructions", "hgmma", "hgmma_flops_per_warpgroup", "nested_loops")}
+                    for lp in fn_info.get("loops", [])]
+    if mma_loops and num_warps is not None:  # the HGMMA loop with the most instructions: the hot one
+        hot = max(mma_loops, key=lambda lp: lp["instructions"])
+        row["hot_loop_instructions"] = hot["instructions"]
+        row["hot_loop_issue_over_tensor"] = round(loop_balance(hot, num_warps), 2)
+        # everything else runs once per program (attention) or once per tile of K-loop trips (the losses' tile
+        # epilogue, which a K loop of D / BLOCK_K trips amortises)
+        row["outside_mma_loops_instructions"] = sum(ops.values()) - sum(lp["instructions"] for lp in mma_loops)
     sixteen_bit = [t for t in (dot_types or []) if t in ("f16", "bf16")]
     if arch == 90 and sixteen_bit:
         if not any(m.endswith("GMMA") for m in mmas):
@@ -769,7 +839,8 @@ def _measure(cuda, ok, func, mod, row: dict, limits: SMLimits, mismatches: list[
 # ----------------------------------------------------------------------------------------------------------------
 
 JSON_FIELDS = ("kernel", "config", "arch", "regs", "shared_bytes", "local_bytes", "mma", "blocks_per_sm",
-               "stack_bytes", "warp_specialized", "warnings", "error", "triton")
+               "stack_bytes", "warp_specialized", "hot_loop_instructions", "hot_loop_issue_over_tensor",
+               "outside_mma_loops_instructions", "warnings", "error", "triton")
 
 
 def _cell(v) -> str:
@@ -798,8 +869,15 @@ def render_markdown(rows: list[dict], *, arch: int, elapsed_s: float, triton_ver
         "plus local data, spill B the bytes of spill stores ptxas reports. CUDA kernels without `__launch_bounds__` "
         "are assumed at 256 threads.",
         "",
-        "| kernel | config | regs | warps | shared B | local B | spill B | MMA | WS | blocks/SM (limit) | notes |",
-        "|---|---|---:|---:|---:|---:|---:|---|---|---|---|",
+        "Hot loop: the loop holding HGMMA with the most instructions of its own (SASS instructions per iteration) and "
+        "its issue cycles over its tensor-core cycles per block (four warp instructions issued per cycle against "
+        "4096 dense 16-bit FLOPs per cycle of an SM): above 1, the loop issues longer than its matrix work takes. "
+        "'outside': the function's instructions in no HGMMA loop (set-up and epilogues; a loss kernel's tile "
+        "epilogue runs once per D / BLOCK_K trips of its K loop).",
+        "",
+        "| kernel | config | regs | warps | shared B | local B | spill B | MMA | WS | blocks/SM (limit) | hot loop "
+        "(instr, issue/tensor) | notes |",
+        "|---|---|---:|---:|---:|---:|---:|---|---|---|---|---|",
     ]
     for r in rows:
         notes = "; ".join([f"FAIL: {_short(why)}" for why in failures(r)]
@@ -807,12 +885,15 @@ def render_markdown(rows: list[dict], *, arch: int, elapsed_s: float, triton_ver
         limit = (f"{r['blocks_per_sm']} ({r.get('occupancy_limiter')})" if r.get("blocks_per_sm") is not None
                  else "-")
         ws = "-" if r.get("warp_specialized") is None else _cell(r["warp_specialized"])
+        hot = (f"{r['hot_loop_instructions']}, {r['hot_loop_issue_over_tensor']:.2f}; "
+               f"{r['outside_mma_loops_instructions']} outside"
+               if r.get("hot_loop_issue_over_tensor") is not None else "-")
         lines.append(f"| {r['kernel']} | {r['config']} | {_cell(r.get('regs'))} | {_cell(r.get('num_warps'))} | "
                      f"{_cell(r.get('shared_bytes'))} | {_cell(r.get('local_bytes'))} | "
-                     f"{_cell(r.get('spill_store_bytes'))} | {_cell(r.get('mma'))} | {ws} | {limit} | "
+                     f"{_cell(r.get('spill_store_bytes'))} | {_cell(r.get('mma'))} | {ws} | {limit} | {hot} | "
                      f"{notes.replace('|', '/')} |")
     if not rows:
-        lines.append("| (no kernels declared) | | | | | | | | | | |")
+        lines.append("| (no kernels declared) | | | | | | | | | | | |")
     lines += ["", f"Check: {'FAILED' if problems else 'passed'}"]
     lines += [f"- {p}" for p in problems]
     grouped: dict[str, list[str]] = {}  # the same warning on many configurations is listed once
