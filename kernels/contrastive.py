@@ -129,9 +129,14 @@ def contrastive_fwd_kernel(
         z = scale * _logit_dots(X, Y, offs_m, offs_n, mask_m, mask_n, D, stride_x_m, stride_y_n,
                                 BLOCK_M, BLOCK_N, BLOCK_K, IEEE) + bias
         if LOSS == 0:
-            positive = _diagonal(pid_m * BLOCK_M, start_n, diag_offset, BLOCK_M, BLOCK_N)
-            term = _softplus(tl.where(positive, -z, z))  # -logsigmoid(label * z)
-            row_sum += tl.sum(tl.where(mask_n[None, :], term, 0.0), axis=1)
+            shift = pid_m * BLOCK_M + diag_offset - start_n  # a positive pair here iff -BLOCK_M < shift < BLOCK_N
+            full = start_n + BLOCK_N <= col_end  # no column past this program's split
+            if full & ((shift <= -BLOCK_M) | (shift >= BLOCK_N)):  # nearly every tile: all negatives, no mask
+                row_sum += tl.sum(_softplus(z), axis=1)
+            else:
+                positive = _diagonal(pid_m * BLOCK_M, start_n, diag_offset, BLOCK_M, BLOCK_N)
+                term = _softplus(tl.where(positive, -z, z))  # -logsigmoid(label * z)
+                row_sum += tl.sum(tl.where(mask_n[None, :], term, 0.0), axis=1)
         else:
             z = tl.where(mask_n[None, :], z, float("-inf"))
             new_max = tl.maximum(row_max, tl.max(z, axis=1))
@@ -149,6 +154,58 @@ def contrastive_fwd_kernel(
     else:
         out = row_max + tl.log(row_sum)
     tl.store(OUT + pid_s * stride_out_s + offs_m, out, mask=mask_m)
+
+
+@triton.jit
+def _grad_epilogue(
+    z, offs_m, offs_n, mask_m, mask_n, first_m, first_n, BIAS, LSE_ROW, LSE_COL, G, g_scale, PARTIAL, tile, tiles,
+    stride_g_m, store_cols, diag_offset, LOSS: tl.constexpr, WITH_LOSS: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+):
+    """dL/dz of one tile from z = scale * x.y, stored, with its sums. MASKED: the tile has rows or columns past
+    M or N, or positive pairs; without it (an interior tile off the diagonal, nearly all of them) no mask, no
+    positive and no select is computed per logit."""
+    if MASKED:
+        valid = mask_m[:, None] & mask_n[None, :]
+        positive = _diagonal(first_m, first_n, diag_offset, BLOCK_M, BLOCK_N)
+    if LOSS == 0:
+        z += tl.load(BIAS)
+        e = tl.exp(-tl.abs(z))
+        if WITH_LOSS:  # softplus(-label * z) = max(-label * z, 0) + log1p(e), from the same e
+            if MASKED:
+                term = tl.where(valid, tl.maximum(tl.where(positive, -z, z), 0.0) + _log1p(e), 0.0)
+            else:
+                term = tl.maximum(z, 0.0) + _log1p(e)
+            tl.store(PARTIAL + tiles + tile, tl.sum(tl.sum(term, axis=1), axis=0))
+        # d/dz softplus(-label * z) = -label * sigmoid(-label * z): sigmoid(z) for negatives, -sigmoid(-z) for the
+        # positive, both from e = exp(-|z|) <= 1 so that nothing overflows and tails keep their precision
+        # (g_scale folded into r: an extra multiply per logit cost triton 3.6 a spill in the CLIP branch)
+        r = g_scale / (1.0 + e)
+        if MASKED:
+            g = tl.where(positive, -tl.where(z >= 0, e * r, r), tl.where(z >= 0, r, e * r))
+        else:
+            g = tl.where(z >= 0, r, e * r)
+    else:
+        log_scale = tl.log(g_scale)
+        if MASKED:
+            lse_row = tl.load(LSE_ROW + offs_m, mask=mask_m, other=0.0) - log_scale
+            lse_col = tl.load(LSE_COL + offs_n, mask=mask_n, other=0.0) - log_scale
+        else:
+            lse_row = tl.load(LSE_ROW + offs_m) - log_scale
+            lse_col = tl.load(LSE_COL + offs_n) - log_scale
+        # image-to-text softmax + text-to-image softmax - 2 at the positive (all times g_scale)
+        g = tl.exp(z - lse_row[:, None]) + tl.exp(z - lse_col[None, :])
+        if MASKED:
+            g -= tl.where(positive, 2.0 * g_scale, 0.0)
+    ptrs = G + offs_m[:, None] * stride_g_m + offs_n[None, :]
+    if MASKED:
+        g = tl.where(valid, g, 0.0)  # g_scale * dL/dz
+        # zeros go to the padding columns [N, store_cols) too: a multiple of 16 there lets the stores vectorise
+        # whatever N is
+        tl.store(ptrs, g.to(G.dtype.element_ty), mask=mask_m[:, None] & (offs_n < store_cols)[None, :])
+    else:
+        tl.store(ptrs, g.to(G.dtype.element_ty))
+    tl.store(PARTIAL + tile, tl.sum(tl.sum(g, axis=1), axis=0) / g_scale)
 
 
 @triton.jit
@@ -170,33 +227,21 @@ def _grad_tile(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    valid = mask_m[:, None] & mask_n[None, :]
     tile = pid_m * grid_n + pid_n
     z = scale * _logit_dots(X, Y, offs_m, offs_n, mask_m, mask_n, D, stride_x_m, stride_y_n,
                             BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
-    positive = _diagonal(pid_m * BLOCK_M, pid_n * BLOCK_N, diag_offset, BLOCK_M, BLOCK_N)
-    if LOSS == 0:
-        z += tl.load(BIAS)
-        e = tl.exp(-tl.abs(z))
-        if WITH_LOSS:  # softplus(-label * z) = max(-label * z, 0) + log1p(e), from the same e
-            term = tl.where(valid, tl.maximum(tl.where(positive, -z, z), 0.0) + _log1p(e), 0.0)
-            tl.store(PARTIAL + grid_m * grid_n + tile, tl.sum(tl.sum(term, axis=1), axis=0))
-        # d/dz softplus(-label * z) = -label * sigmoid(-label * z): sigmoid(z) for negatives, -sigmoid(-z) for the
-        # positive, both from e = exp(-|z|) <= 1 so that nothing overflows and tails keep their precision
-        # (g_scale folded into r: an extra multiply per logit cost triton 3.6 a spill in the CLIP branch)
-        r = g_scale / (1.0 + e)
-        g = tl.where(positive, -tl.where(z >= 0, e * r, r), tl.where(z >= 0, r, e * r))
+    row0 = pid_m * BLOCK_M
+    col0 = pid_n * BLOCK_N
+    shift = row0 + diag_offset - col0  # a positive pair in the tile iff -BLOCK_M < shift < BLOCK_N
+    plain = (row0 + BLOCK_M <= M) & (col0 + BLOCK_N <= N) & ((shift <= -BLOCK_M) | (shift >= BLOCK_N))
+    if plain:
+        _grad_epilogue(z, offs_m, offs_n, mask_m, mask_n, row0, col0, BIAS, LSE_ROW, LSE_COL, G, g_scale, PARTIAL,
+                       tile, grid_m * grid_n, stride_g_m, store_cols, diag_offset, LOSS, WITH_LOSS, BLOCK_M, BLOCK_N,
+                       False)
     else:
-        log_scale = tl.log(g_scale)
-        lse_row = tl.load(LSE_ROW + offs_m, mask=mask_m, other=0.0) - log_scale
-        lse_col = tl.load(LSE_COL + offs_n, mask=mask_n, other=0.0) - log_scale
-        # image-to-text softmax + text-to-image softmax - 2 at the positive (all times g_scale)
-        g = tl.exp(z - lse_row[:, None]) + tl.exp(z - lse_col[None, :]) - tl.where(positive, 2.0 * g_scale, 0.0)
-    g = tl.where(valid, g, 0.0)  # g_scale * dL/dz
-    # zeros go to the padding columns [N, store_cols) too: a multiple of 16 there lets the stores vectorise whatever N
-    store = mask_m[:, None] & (offs_n < store_cols)[None, :]
-    tl.store(G + offs_m[:, None] * stride_g_m + offs_n[None, :], g.to(G.dtype.element_ty), mask=store)
-    tl.store(PARTIAL + tile, tl.sum(tl.sum(g, axis=1), axis=0) / g_scale)
+        _grad_epilogue(z, offs_m, offs_n, mask_m, mask_n, row0, col0, BIAS, LSE_ROW, LSE_COL, G, g_scale, PARTIAL,
+                       tile, grid_m * grid_n, stride_g_m, store_cols, diag_offset, LOSS, WITH_LOSS, BLOCK_M, BLOCK_N,
+                       True)
 
 
 @triton.jit

@@ -385,30 +385,46 @@ def test_kernels_mask_tails_and_write_every_output(loss, dtype, persistent, monk
             kc.loss_grad_logits(x, y, scale, bias, g, loss=loss, lse_row=lse_row, lse_col=lse_col, with_loss=True)
 
 
-@pytest.mark.parametrize("diag_offset", [-150, -130, -64, 63, 64, 130, 199, 2**31 - 151])
-def test_kernels_place_positives_at_any_offset(diag_offset):
-    """The positive pairs (column = row + diag_offset), fp32 (64 x 64 tiles): offsets that land a few tiles away in
-    either direction, on a tile edge, past every column, and near int32's limit (no positive at all)."""
+@pytest.mark.parametrize(("dtype", "diag_offset"), [
+    *((torch.float32, off) for off in (-150, -130, -64, 63, 64, 130, 199, 2**31 - 151)),
+    *((torch.float16, off) for off in (-300, -128, 0, 127, 300))])
+def test_kernels_place_positives_at_any_offset(dtype, diag_offset):
+    """The positive pairs (column = row + diag_offset), fp32 (64 x 64 tiles) and fp16 (128 x 128): offsets that land
+    a few tiles away in either direction, on a tile edge, past every column, and near int32's limit (no positive at
+    all). Every shape has interior tiles off the diagonal, which take the gradient kernel's unmasked path, beside
+    edge and diagonal tiles, which take the masked one."""
     from fineviti.kernels import contrastive as kc
 
     gen = torch.Generator().manual_seed(3)
-    m, n, d = 150, 200, 24
+    m, n, d = (150, 200, 24) if dtype == torch.float32 else (300, 420, 32)
     device = "cuda" if CUDA else "cpu"
-    x = (torch.randn(m, d, generator=gen) / 3).to(device)
-    y = (torch.randn(n, d, generator=gen) / 3).to(device)
+    x = (torch.randn(m, d, generator=gen) / 3).to(dtype).to(device)
+    y = (torch.randn(n, d, generator=gen) / 3).to(dtype).to(device)
     scale, bias = torch.tensor([4.0], device=device), torch.tensor([-2.0], device=device)
     z = scale.double() * (x.double() @ y.double().T) + bias.double()
     rows = torch.arange(m, device=device)
     pos = (torch.arange(n, device=device)[None, :] == rows[:, None] + diag_offset)
     want_rows = F.softplus(torch.where(pos, -z, z)).sum(1)
     want_g = torch.sigmoid(z) - pos.double()
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-3, "atol": 2e-3}
     got = kc.loss_rows(x, y, scale, bias, loss="siglip", diag_offset=diag_offset, splits=3)
-    torch.testing.assert_close(got.double(), want_rows, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.double(), want_rows, **tol)
+    for with_loss in (False, True):
+        g = kc.new_grad_buffer(m, n, x)
+        g.fill_(float("nan"))
+        sums = kc.loss_grad_logits(x, y, scale, bias, g, loss="siglip", diag_offset=diag_offset, with_loss=with_loss,
+                                   store_cols=kc.padded_cols(n))
+        torch.testing.assert_close(g.double() / kc.grad_scale(dtype), want_g, **tol)
+        want_sums = [want_g.sum()] + ([want_rows.sum()] if with_loss else [])
+        torch.testing.assert_close(sums.double(), torch.stack(want_sums), rtol=1e-4, atol=1e-3)
+    # CLIP's gradient, whose unmasked path reads the log-sum-exps without masks
+    lse_row, lse_col = torch.logsumexp(z - bias.double(), 1).float(), torch.logsumexp(z - bias.double(), 0).float()
+    zc = z - bias.double()
+    want_clip = ((zc - lse_row.double()[:, None]).exp() + (zc - lse_col.double()[None, :]).exp() - 2 * pos.double())
     g = kc.new_grad_buffer(m, n, x)
-    sums = kc.loss_grad_logits(x, y, scale, bias, g, loss="siglip", diag_offset=diag_offset, with_loss=True,
-                               store_cols=kc.padded_cols(n))
-    torch.testing.assert_close(g.double(), want_g, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(sums.double(), torch.stack([want_g.sum(), want_rows.sum()]), rtol=1e-5, atol=1e-4)
+    kc.loss_grad_logits(x, y, scale, bias, g, loss="clip", diag_offset=diag_offset, lse_row=lse_row, lse_col=lse_col,
+                        store_cols=kc.padded_cols(n))
+    torch.testing.assert_close(g.double() / kc.grad_scale(dtype), want_clip, **tol)
 
 
 def test_registry_rows_match_what_the_launcher_runs():
