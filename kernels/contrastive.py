@@ -130,8 +130,10 @@ def contrastive_fwd_kernel(
                                 BLOCK_M, BLOCK_N, BLOCK_K, IEEE) + bias
         if LOSS == 0:
             shift = pid_m * BLOCK_M + diag_offset - start_n  # a positive pair here iff -BLOCK_M < shift < BLOCK_N
-            full = start_n + BLOCK_N <= col_end  # no column past this program's split
-            if full & ((shift <= -BLOCK_M) | (shift >= BLOCK_N)):  # nearly every tile: all negatives, no mask
+            plain = (start_n + BLOCK_N <= col_end) & ((shift <= -BLOCK_M) | (shift >= BLOCK_N))
+            if FLATTEN:  # triton's loop fusion cannot take a branch in the fused loop: masked tiles only
+                plain = False
+            if plain:  # nearly every tile: no column past the split, all negatives, no mask
                 row_sum += tl.sum(_softplus(z), axis=1)
             else:
                 positive = _diagonal(pid_m * BLOCK_M, start_n, diag_offset, BLOCK_M, BLOCK_N)
@@ -212,10 +214,11 @@ def _grad_epilogue(
 def _grad_tile(
     tile_id, X, Y, scale, BIAS, LSE_ROW, LSE_COL, G, g_scale, PARTIAL, M, N, D, stride_x_m, stride_y_n, stride_g_m,
     store_cols, diag_offset, LOSS: tl.constexpr, WITH_LOSS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, IEEE: tl.constexpr, SPLIT_PATHS: tl.constexpr,
 ):
     """One (BLOCK_M, BLOCK_N) tile of dL/dz, its sum and (WITH_LOSS) its loss sum; tiles are numbered so that
-    GROUP_M row blocks walk the columns together."""
+    GROUP_M row blocks walk the columns together. SPLIT_PATHS: interior tiles off the diagonal take the unmasked
+    epilogue (else every tile takes the masked one)."""
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_n = tl.cdiv(N, BLOCK_N)
     group_size = GROUP_M * grid_n
@@ -234,6 +237,8 @@ def _grad_tile(
     col0 = pid_n * BLOCK_N
     shift = row0 + diag_offset - col0  # a positive pair in the tile iff -BLOCK_M < shift < BLOCK_N
     plain = (row0 + BLOCK_M <= M) & (col0 + BLOCK_N <= N) & ((shift <= -BLOCK_M) | (shift >= BLOCK_N))
+    if not SPLIT_PATHS:  # triton's loop fusion (PERSISTENT) cannot take a branch in the fused loop
+        plain = False
     if plain:
         _grad_epilogue(z, offs_m, offs_n, mask_m, mask_n, row0, col0, BIAS, LSE_ROW, LSE_COL, G, g_scale, PARTIAL,
                        tile, grid_m * grid_n, stride_g_m, store_cols, diag_offset, LOSS, WITH_LOSS, BLOCK_M, BLOCK_N,
@@ -283,11 +288,11 @@ def contrastive_bwd_kernel(
         for tile_id in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True):
             _grad_tile(tile_id, X, Y, scale, BIAS, LSE_ROW, LSE_COL, G, g_scale, PARTIAL, M, N, D, stride_x_m,
                        stride_y_n, stride_g_m, store_cols, diag_offset, LOSS, WITH_LOSS, BLOCK_M, BLOCK_N, BLOCK_K,
-                       GROUP_M, IEEE)
+                       GROUP_M, IEEE, False)
     else:
         _grad_tile(tl.program_id(0), X, Y, scale, BIAS, LSE_ROW, LSE_COL, G, g_scale, PARTIAL, M, N, D, stride_x_m,
                    stride_y_n, stride_g_m, store_cols, diag_offset, LOSS, WITH_LOSS, BLOCK_M, BLOCK_N, BLOCK_K,
-                   GROUP_M, IEEE)
+                   GROUP_M, IEEE, True)
 
 
 # ---------------------------------------------------------------------------------------------------------------

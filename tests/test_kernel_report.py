@@ -391,3 +391,21 @@ def test_tools_ship_with_triton():
     for name in ("cuobjdump", "nvdisasm"):
         assert Path(kr.nvidia_tool(name)).exists()
     assert shutil.which(kr.nvidia_tool("cuobjdump"))
+
+
+def test_loss_sweep_flattened_candidates_compile_for_sm90():
+    """The loss sweep's "flat" candidates (FLATTEN forward, PERSISTENT gradient kernel) run only on a GPU: they
+    must at least compile for sm_90 (triton's loop fusion rejects a runtime branch inside the fused loop, which the
+    kernels therefore leave out there). Spills are allowed: these are candidates, not shipped rows."""
+    import dataclasses
+
+    from fineviti.kernels import registry
+
+    rows = {r.label: r for name in ("contrastive_fwd", "contrastive_bwd") for r in registry.shipped(name)}
+    cases = [("siglip fwd bf16 d64,768,1152", {"FLATTEN": True}),
+             ("siglip bwd +loss bf16 d64,768,1152", {"PERSISTENT": True}),
+             ("clip bwd bf16 d64,768,1152", {"PERSISTENT": True})]
+    variants = [dataclasses.replace(rows[label], constexprs={**rows[label].constexprs, **flags})
+                for label, flags in cases]
+    for (label, flags), out in zip(cases, kr.compile_rows(variants, jobs=2), strict=True):
+        assert out.get("error") is None, f"{label} {flags}: {out['error'][-300:]}"
