@@ -157,10 +157,11 @@ def probe_all(dtype: str, budget_s: float = 170.0) -> int:
             env = {**os.environ, "FINEVITI_ATTN_FWD_CONFIG": config}
             rc = run([*me, "--head-dim", str(faulted[0]), "--dtype", dtype], env=env)
             print(f"forward config {config} at head_dim {faulted[0]}: {'OK' if rc == 0 else 'FAULT'}")
-    for d in (80, 96, 72):  # what the split buys where it runs, against padding to 128 (today) and to 96
+    for d in (80, 96, 72):  # what the split buys where it runs, against padding to 128 (today), 96 and (72) 80
         if d not in faulted:
-            run([*me, "--head-dim", str(d), "--dtype", dtype, "--time",
-                 *(["--pad", "96"] if d < 96 and 96 not in faulted else [])], timeout=60)
+            pads = [str(p) for p in (80, 96) if p > d and p not in faulted]
+            run([*me, "--head-dim", str(d), "--dtype", dtype, "--time", *(a for p in pads for a in ("--pad", p))],
+                timeout=60)
     return 1 if faulted else 0
 
 
