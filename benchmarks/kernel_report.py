@@ -182,9 +182,20 @@ TENSOR_FLOPS_PER_CYCLE = 4096
 ISSUE_PER_CYCLE = 4
 
 
+def _tensor_rate(mods: str) -> float:
+    """An HGMMA's tensor-core rate against the dense 16-bit one: TF32 half, 8-bit floats twice."""
+    if ".TF32" in mods:
+        return 0.5
+    if ".E4M3" in mods or ".E5M2" in mods:
+        return 2.0
+    return 1.0
+
+
 def parse_loops(text: str) -> dict[str, list[dict]]:
-    """`cuobjdump -sass` -> {function: [loop, ...]}, a loop per backward branch: its own instructions (those not in
-    a loop nested inside it) and the FLOPs of its own HGMMA instructions per warpgroup (2 * M * N * K each)."""
+    """`cuobjdump -sass` -> {function: [loop, ...]}: a loop per branch target that some later branch jumps back to
+    (several back edges to one header are one loop, up to the last of them), with its own instructions (those not
+    in a loop nested inside it), its own HGMMA FLOPs per warpgroup (2 * M * N * K each) and their tensor-core
+    cycles at the SM's rate for their type. A branch to itself (the trap after EXIT) is no loop."""
     functions: dict[str, list[tuple[int, str, str, str]]] = {}
     current = None
     for line in text.splitlines():
@@ -197,37 +208,42 @@ def parse_loops(text: str) -> dict[str, list[dict]]:
             current.append((int(m.group(1), 16), m.group(2), m.group(3), m.group(4)))
     out = {}
     for fn, ins in functions.items():
-        spans = []
+        ends: dict[int, int] = {}  # loop header -> its last back edge
         for addr, op, _, operands in ins:
             target = re.search(r"\b0x([0-9a-f]+)\b", operands) if op == "BRA" else None
-            if target and int(target.group(1), 16) <= addr:
-                spans.append((int(target.group(1), 16), addr))
-        spans = sorted(set(spans), key=lambda sp: sp[1] - sp[0])  # innermost first
+            if target and int(target.group(1), 16) < addr:
+                lo = int(target.group(1), 16)
+                ends[lo] = max(ends.get(lo, addr), addr)
+        spans = sorted(ends.items(), key=lambda sp: sp[1] - sp[0])  # innermost first
         loops = []
         for lo, hi in spans:
             inner = [sp for sp in spans if sp != (lo, hi) and lo <= sp[0] and sp[1] <= hi]
             own = [(a, op, mods) for a, op, mods, _ in ins
                    if lo <= a <= hi and not any(i_lo <= a <= i_hi for i_lo, i_hi in inner)]
-            flops = 0
+            flops, cycles = 0, 0.0
             for _, op, mods in own:
                 shape = _HGMMA_SHAPE.match(mods) if op == "HGMMA" else None
                 if shape:
-                    flops += 2 * int(shape[1]) * int(shape[2]) * int(shape[3])
+                    f = 2 * int(shape[1]) * int(shape[2]) * int(shape[3])
+                    flops += f
+                    cycles += f / (TENSOR_FLOPS_PER_CYCLE * _tensor_rate(mods))
             loops.append({"start": lo, "end": hi, "instructions": len(own), "nested_loops": len(inner),
-                          "hgmma": sum(op == "HGMMA" for _, op, _ in own), "hgmma_flops_per_warpgroup": flops})
+                          "hgmma": sum(op == "HGMMA" for _, op, _ in own), "hgmma_flops_per_warpgroup": flops,
+                          "tensor_cycles_per_warpgroup": cycles})
         out[fn] = loops
     return out
 
 
 def loop_balance(loop: dict, num_warps: int) -> float | None:
     """Issue cycles over tensor-core cycles of one iteration of a loop, per block: its instructions times the
-    block's warps over the SM's four schedulers, against its HGMMA FLOPs (every warpgroup's) at the SM's dense
-    16-bit rate. Above 1 the loop issues for longer than its matrix work takes, so no overlap of the two can bring
-    it to the tensor cores' peak (with one block per SM; more blocks share both). None without HGMMA."""
+    block's warps over the SM's four schedulers, against its HGMMA work (every warpgroup's) at the SM's dense rate
+    for its type (16-bit: 4096 FLOPs per cycle). Above 1 the loop issues for longer than its matrix work takes, so
+    no overlap of the two can bring it to the tensor cores' peak (with one block per SM; more blocks share both).
+    None without HGMMA."""
     if not loop["hgmma_flops_per_warpgroup"]:
         return None
     issue = loop["instructions"] * num_warps / ISSUE_PER_CYCLE
-    tensor = loop["hgmma_flops_per_warpgroup"] * (num_warps / 4) / TENSOR_FLOPS_PER_CYCLE
+    tensor = loop["tensor_cycles_per_warpgroup"] * (num_warps / 4)
     return issue / tensor
 
 
@@ -324,7 +340,8 @@ def analyse(
         row["hot_loop_issue_over_tensor"] = round(loop_balance(hot, num_warps), 2)
         # everything else runs once per program (attention) or once per tile of K-loop trips (the losses' tile
         # epilogue, which a K loop of D / BLOCK_K trips amortises)
-        row["outside_mma_loops_instructions"] = sum(ops.values()) - sum(lp["instructions"] for lp in mma_loops)
+        executed = sum(n for op, n in ops.items() if "." not in op and op != "NOP")  # base opcodes, no padding
+        row["outside_mma_loops_instructions"] = executed - sum(lp["instructions"] for lp in mma_loops)
     sixteen_bit = [t for t in (dot_types or []) if t in ("f16", "bf16")]
     if arch == 90 and sixteen_bit:
         if not any(m.endswith("GMMA") for m in mmas):
@@ -872,8 +889,9 @@ def render_markdown(rows: list[dict], *, arch: int, elapsed_s: float, triton_ver
         "Hot loop: the loop holding HGMMA with the most instructions of its own (SASS instructions per iteration) and "
         "its issue cycles over its tensor-core cycles per block (four warp instructions issued per cycle against "
         "4096 dense 16-bit FLOPs per cycle of an SM): above 1, the loop issues longer than its matrix work takes. "
-        "'outside': the function's instructions in no HGMMA loop (set-up and epilogues; a loss kernel's tile "
-        "epilogue runs once per D / BLOCK_K trips of its K loop).",
+        "'outside': the function's instructions (without NOP padding) in no HGMMA loop, counted statically: set-up "
+        "and epilogues, every branch of them (a loss kernel's masked and unmasked tile epilogues both count, while "
+        "a tile runs one; it runs once per D / BLOCK_K trips of the K loop).",
         "",
         "| kernel | config | regs | warps | shared B | local B | spill B | MMA | WS | blocks/SM (limit) | hot loop "
         "(instr, issue/tensor) | notes |",

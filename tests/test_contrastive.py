@@ -385,18 +385,22 @@ def test_kernels_mask_tails_and_write_every_output(loss, dtype, persistent, monk
             kc.loss_grad_logits(x, y, scale, bias, g, loss=loss, lse_row=lse_row, lse_col=lse_col, with_loss=True)
 
 
-@pytest.mark.parametrize(("dtype", "diag_offset"), [
-    *((torch.float32, off) for off in (-150, -130, -64, 63, 64, 130, 199, 2**31 - 151)),
-    *((torch.float16, off) for off in (-300, -128, 0, 127, 300))])
-def test_kernels_place_positives_at_any_offset(dtype, diag_offset):
+@pytest.mark.parametrize(("dtype", "shape", "diag_offset"), [
+    *((torch.float32, (150, 200), off) for off in (-150, -130, -64, 63, 64, 130, 199, 2**31 - 151)),
+    *((torch.float32, (127, 191), off) for off in (-63, 0, 63)),
+    *((torch.float16, (300, 420), off) for off in (-300, -128, 0, 127, 300)),
+    *((torch.float16, (255, 383), off) for off in (-127, 127))])
+def test_kernels_place_positives_at_any_offset(dtype, shape, diag_offset):
     """The positive pairs (column = row + diag_offset), fp32 (64 x 64 tiles) and fp16 (128 x 128): offsets that land
-    a few tiles away in either direction, on a tile edge, past every column, and near int32's limit (no positive at
-    all). Every shape has interior tiles off the diagonal, which take the gradient kernel's unmasked path, beside
-    edge and diagonal tiles, which take the masked one."""
+    a few tiles away in either direction, on a tile edge, in a tile's corners (+-(BLOCK - 1)), past every column,
+    and near int32's limit (no positive at all). Every shape has interior tiles off the diagonal, which take the
+    kernels' unmasked path, beside edge and diagonal tiles, which take the masked one; M and N one short of a
+    multiple of the tile size put a single missing row or column in the last tiles. G sits in a NaN frame: a store
+    past its rows or store_cols shows."""
     from fineviti.kernels import contrastive as kc
 
     gen = torch.Generator().manual_seed(3)
-    m, n, d = (150, 200, 24) if dtype == torch.float32 else (300, 420, 32)
+    (m, n), d = shape, 24 if dtype == torch.float32 else 32
     device = "cuda" if CUDA else "cpu"
     x = (torch.randn(m, d, generator=gen) / 3).to(dtype).to(device)
     y = (torch.randn(n, d, generator=gen) / 3).to(dtype).to(device)
@@ -409,22 +413,28 @@ def test_kernels_place_positives_at_any_offset(dtype, diag_offset):
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-3, "atol": 2e-3}
     got = kc.loss_rows(x, y, scale, bias, loss="siglip", diag_offset=diag_offset, splits=3)
     torch.testing.assert_close(got.double(), want_rows, **tol)
+    padded = kc.padded_cols(n)
+    frame = torch.full((m + 2, padded + 16), float("nan"), device=device, dtype=dtype)
+
+    def framed_grad(loss, **kwargs):
+        frame.fill_(float("nan"))
+        sums = kc.loss_grad_logits(x, y, scale, bias, frame[:m, :n], loss=loss, diag_offset=diag_offset,
+                                   store_cols=padded, **kwargs)
+        assert frame[m:].isnan().all() and frame[:, padded:].isnan().all(), "a store past the rows or store_cols"
+        assert (frame[:m, n:padded] == 0).all()
+        return frame[:m, :n].double() / kc.grad_scale(dtype), sums
+
     for with_loss in (False, True):
-        g = kc.new_grad_buffer(m, n, x)
-        g.fill_(float("nan"))
-        sums = kc.loss_grad_logits(x, y, scale, bias, g, loss="siglip", diag_offset=diag_offset, with_loss=with_loss,
-                                   store_cols=kc.padded_cols(n))
-        torch.testing.assert_close(g.double() / kc.grad_scale(dtype), want_g, **tol)
+        g, sums = framed_grad("siglip", with_loss=with_loss)
+        torch.testing.assert_close(g, want_g, **tol)
         want_sums = [want_g.sum()] + ([want_rows.sum()] if with_loss else [])
         torch.testing.assert_close(sums.double(), torch.stack(want_sums), rtol=1e-4, atol=1e-3)
     # CLIP's gradient, whose unmasked path reads the log-sum-exps without masks
     lse_row, lse_col = torch.logsumexp(z - bias.double(), 1).float(), torch.logsumexp(z - bias.double(), 0).float()
     zc = z - bias.double()
     want_clip = ((zc - lse_row.double()[:, None]).exp() + (zc - lse_col.double()[None, :]).exp() - 2 * pos.double())
-    g = kc.new_grad_buffer(m, n, x)
-    kc.loss_grad_logits(x, y, scale, bias, g, loss="clip", diag_offset=diag_offset, lse_row=lse_row, lse_col=lse_col,
-                        store_cols=kc.padded_cols(n))
-    torch.testing.assert_close(g.double() / kc.grad_scale(dtype), want_clip, **tol)
+    g, _ = framed_grad("clip", lse_row=lse_row, lse_col=lse_col)
+    torch.testing.assert_close(g, want_clip, **tol)
 
 
 def test_registry_rows_match_what_the_launcher_runs():

@@ -245,32 +245,39 @@ def test_parsers_on_known_text():
 
 
 def test_loops_and_their_issue_over_tensor_balance():
-    """parse_loops: a loop per backward branch, its own instructions (not those of a loop nested in it) and its own
-    HGMMA FLOPs; loop_balance: issue cycles (instructions x warps / 4) over tensor cycles (FLOPs x warpgroups /
-    4096). A forward branch is no loop."""
+    """parse_loops: a loop per header that a later branch jumps back to (two back edges to one header are one loop),
+    its own instructions (not those of a loop nested in it) and its own HGMMA FLOPs and tensor cycles (TF32 at half
+    the 16-bit rate); a forward branch and the branch-to-self trap after EXIT are no loops. loop_balance: issue
+    cycles (instructions x warps / 4) over tensor cycles (x warpgroups)."""
     text = "\t\tFunction : k\n" + "".join(f"        /*{a:04x}*/   {ins} ;\n" for a, ins in [
         (0x00, "MOV R1, R2"),
         (0x10, "FADD R3, R3, R4"),                              # outer loop starts here
-        (0x20, "HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], R24"),  # inner loop: 0x20-0x40
+        (0x20, "HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], R24"),  # inner loop: 0x20-0x48, two back edges
         (0x30, "HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24"),
-        (0x40, "@P0 BRA 0x20"),
+        (0x38, "@P3 BRA 0x20"),
+        (0x40, "HGMMA.64x64x8.F32.TF32 R24, gdesc[UR8], R24"),
+        (0x48, "@P0 BRA 0x20"),
         (0x50, "MUFU.EX2 R5, R5"),
         (0x60, "@P1 BRA 0x80"),                                 # forward: not a loop
         (0x70, "FMUL R5, R5, R6"),
         (0x80, "@P2 BRA 0x10"),
-        (0x90, "EXIT")])
+        (0x90, "EXIT"),
+        (0xa0, "BRA 0xa0"),                                     # the trap: not a loop
+        (0xb0, "NOP")])
     loops = kr.parse_loops(text)["k"]
     inner, outer = loops
-    assert (inner["instructions"], inner["hgmma"], inner["nested_loops"]) == (3, 2, 0)
-    assert inner["hgmma_flops_per_warpgroup"] == 2 * (2 * 64 * 128 * 16)
+    assert (inner["start"], inner["end"]) == (0x20, 0x48)
+    assert (inner["instructions"], inner["hgmma"], inner["nested_loops"]) == (5, 3, 0)
+    assert inner["hgmma_flops_per_warpgroup"] == 2 * (2 * 64 * 128 * 16) + 2 * 64 * 64 * 8
+    assert inner["tensor_cycles_per_warpgroup"] == pytest.approx(2 * 262144 / 4096 + 65536 / 2048)
     assert (outer["instructions"], outer["hgmma"], outer["nested_loops"]) == (5, 0, 1)
-    # 8 warps: 3 * 8 / 4 = 6 issue cycles against 2 warpgroups * 524288 FLOPs / 4096 = 256 tensor cycles
-    assert kr.loop_balance(inner, 8) == pytest.approx(6 / 256)
+    # 8 warps: 5 * 8 / 4 = 10 issue cycles against 2 warpgroups * 160 tensor cycles
+    assert kr.loop_balance(inner, 8) == pytest.approx(10 / 320)
     assert kr.loop_balance(outer, 8) is None
     row = kr.analyse({"usage": {"REG": 100}, "ops": kr.parse_sass(text)["k"], "loops": loops}, kernel="k",
                      config="c", arch=90, num_warps=8)
-    assert row["hot_loop_instructions"] == 3 and row["hot_loop_issue_over_tensor"] == round(6 / 256, 2)
-    assert row["outside_mma_loops_instructions"] == 10 - 3
+    assert row["hot_loop_instructions"] == 5 and row["hot_loop_issue_over_tensor"] == round(10 / 320, 2)
+    assert row["outside_mma_loops_instructions"] == 13 - 5  # 14 lines, the NOP not counted
 
 
 def test_quick_keeps_one_row_per_kernel_head_dim_and_dtype():
