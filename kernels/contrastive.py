@@ -95,7 +95,8 @@ def contrastive_fwd_kernel(
     SCALE,  # (1,) fp32 logit scale (the multiplier, already exponentiated)
     BIAS,  # (1,) fp32 logit bias (SigLIP; zero for CLIP, where it cancels)
     OUT,  # (SPLITS, M) fp32: per column split, SigLIP row sums of -logsigmoid(label * z) or CLIP row log-sum-exps
-    COL_OUT,  # (cdiv(M, BLOCK_M), N) fp32, with COLS: per row block, CLIP column log-sum-exps (else unused)
+    COL_OUT,  # (2, cdiv(M, BLOCK_M), N) fp32, with COLS: per row block, CLIP column maxima and sums of exp(z - max)
+    #          (planes stride_col_part apart; the caller takes the logs: else every thread holding a column would)
     M,
     N,
     D,
@@ -103,10 +104,11 @@ def contrastive_fwd_kernel(
     stride_y_n,
     stride_out_s,
     stride_col_m,
+    stride_col_part,
     diag_offset,  # the positive of row i is column i + diag_offset (none where that is outside [0, N))
     cols_per_split,  # columns per program along axis 1, a multiple of BLOCK_N
     LOSS: tl.constexpr,  # 0 SigLIP, 1 CLIP
-    COLS: tl.constexpr,  # CLIP: also write the column log-sum-exps of each tile
+    COLS: tl.constexpr,  # CLIP: also write each tile's column maxima and sums (the column log-sum-exps' parts)
     FLATTEN: tl.constexpr,  # the column loop and the K loop flattened into one (loads of the next tile in flight)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -150,7 +152,9 @@ def contrastive_fwd_kernel(
                 zc = tl.where(mask_m[:, None], z, float("-inf"))
                 col_max = tl.where(mask_n, tl.max(zc, axis=0), 0.0)  # columns past N: no -inf - -inf
                 col_sum = tl.where(mask_n, tl.sum(tl.exp(zc - col_max[None, :]), axis=0), 1.0)
-                tl.store(COL_OUT + pid_m * stride_col_m + offs_n, col_max + tl.log(col_sum), mask=mask_n)
+                col_ptrs = COL_OUT + pid_m * stride_col_m + offs_n
+                tl.store(col_ptrs, col_max, mask=mask_n)
+                tl.store(col_ptrs + stride_col_part, col_sum, mask=mask_n)
     if LOSS == 0:
         out = row_sum
     else:
@@ -348,8 +352,8 @@ def _check(x: torch.Tensor, y: torch.Tensor) -> None:
 
 
 def _launch_rows(x, y, scale, bias, loss, diag_offset, splits, col_out):
-    """Per-row partials (splits, M) of x against y; with col_out (cdiv(M, BLOCK_M), N), CLIP's per-row-block column
-    log-sum-exps too."""
+    """Per-row partials (splits, M) of x against y; with col_out (2, cdiv(M, BLOCK_M), N), CLIP's per-row-block
+    column maxima and sums of exp(z - max) too."""
     m, d = x.shape
     n = y.shape[0]
     cfg = config(d, x.dtype, "fwd_cols" if col_out is not None else "fwd", loss)
@@ -365,7 +369,7 @@ def _launch_rows(x, y, scale, bias, loss, diag_offset, splits, col_out):
     cols = col_out is not None
     contrastive_fwd_kernel[(grid_m, splits)](
         x, y, scale, bias, out, col_out if cols else out, m, n, d, x.stride(0), y.stride(0), out.stride(0),
-        col_out.stride(0) if cols else 0, diag_offset, cols_per_split,
+        col_out.stride(1) if cols else 0, col_out.stride(0) if cols else 0, diag_offset, cols_per_split,
         LOSS=_LOSSES[loss], COLS=cols, FLATTEN=bool(cfg.get("FLATTEN", False)), BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_K=cfg["BLOCK_K"],
         IEEE=x.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
@@ -389,23 +393,27 @@ COL_PARTIAL_BYTES = 64 << 20  # loss_rows_cols: the per-row-block column partial
 def loss_rows_cols(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, *, splits: int | None = None,
                    chunk_bytes: int = COL_PARTIAL_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
     """CLIP's log-sum-exps of z = scale * x @ y.T along both axes from one pass over the logits: (per row of x
-    (M,), per row of y (N,)), fp32. Each row block writes its column log-sum-exps to a partial buffer of at most
-    `chunk_bytes` (rows are taken in chunks that fit), reduced by torch."""
+    (M,), per row of y (N,)), fp32. Each row block writes its column maxima and sums of exp(z - max) to a partial
+    buffer of at most `chunk_bytes` (rows are taken in chunks that fit), which torch reduces (and takes the logs
+    of: once per column, where the kernel would have taken each on every thread that holds the column)."""
     _check(x, y)
     m, n = x.shape[0], y.shape[0]
     block_m = config(x.shape[1], x.dtype, "fwd_cols", "clip")["BLOCK_M"]
-    blocks = max(1, chunk_bytes // max(1, 4 * n))
+    blocks = max(1, chunk_bytes // max(1, 8 * padded_cols(n)))
     step = blocks * block_m
     zero = torch.zeros(1, device=x.device, dtype=torch.float32)
     lse_row = torch.empty(m, device=x.device, dtype=torch.float32)
     lse_col = None
-    col_part = torch.empty((min(blocks, triton.cdiv(m, block_m)), n), device=x.device, dtype=torch.float32)
+    # rows padded to a multiple of 16 floats, so that both strides are too (what the registry compiles for)
+    col_part = torch.empty((2, min(blocks, triton.cdiv(m, block_m)), padded_cols(n)), device=x.device,
+                           dtype=torch.float32)[:, :, :n]
     for start in range(0, m, step):
         stop = min(m, start + step)
-        part = col_part[:triton.cdiv(stop - start, block_m)]
+        part = col_part[:, :triton.cdiv(stop - start, block_m)]
         rows = _launch_rows(x[start:stop], y, scale, zero, "clip", 0, splits, part)
         lse_row[start:stop] = rows[0] if rows.shape[0] == 1 else torch.logsumexp(rows, dim=0)
-        cols = torch.logsumexp(part, dim=0)
+        col_max = part[0].amax(0)  # finite: every row block has a row
+        cols = col_max + torch.log((part[1] * torch.exp(part[0] - col_max)).sum(0))
         lse_col = cols if lse_col is None else torch.logaddexp(lse_col, cols)
     return lse_row, lse_col
 
@@ -479,7 +487,8 @@ def new_grad_buffer(rows: int, n: int, like: torch.Tensor) -> torch.Tensor:
 # What ships: the configs above for a small D and the D of the base and fine presets, per dtype and loss.
 
 SHIPPED_D = (32, 64, 768, 1152)
-_ALIGNED_INTS = ("D", "stride_x_m", "stride_y_n", "stride_g_m", "store_cols", "stride_col_m", "cols_per_split")
+_ALIGNED_INTS = ("D", "stride_x_m", "stride_y_n", "stride_g_m", "store_cols", "stride_col_m", "stride_col_part",
+                 "cols_per_split")
 _SHIPPED_FIELDS = {f.name for f in dataclasses.fields(registry.Shipped)}
 
 
@@ -487,7 +496,8 @@ def _signature(kernel: str, ptr: str) -> dict[str, str]:
     common = {"X": ptr, "Y": ptr, "SCALE": "*fp32", "BIAS": "*fp32"}
     if kernel == "fwd":
         return {**common, "OUT": "*fp32", "COL_OUT": "*fp32", "M": "i32", "N": "i32", "D": "i32", "stride_x_m": "i32",
-                "stride_y_n": "i32", "stride_out_s": "i32", "stride_col_m": "i32", "diag_offset": "i32",
+                "stride_y_n": "i32", "stride_out_s": "i32", "stride_col_m": "i32", "stride_col_part": "i32",
+                "diag_offset": "i32",
                 "cols_per_split": "i32", "LOSS": "constexpr", "COLS": "constexpr", "FLATTEN": "constexpr",
                 "BLOCK_M": "constexpr",
                 "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "IEEE": "constexpr"}
