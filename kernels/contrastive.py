@@ -83,6 +83,14 @@ def _diagonal(offs_m_first, offs_n_first, diag_offset, BLOCK_M: tl.constexpr, BL
 
 
 @triton.jit
+def _no_positive(offs_m_first, offs_n_first, diag_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Whether the tile whose first row and column are given holds no positive pair (the scalar side of
+    _diagonal: local_n - local_m ranges over (-BLOCK_M, BLOCK_N))."""
+    shift = offs_m_first + diag_offset - offs_n_first
+    return (shift <= -BLOCK_M) | (shift >= BLOCK_N)
+
+
+@triton.jit
 def _softplus(u):
     """log(1 + exp(u)) without overflow: max(u, 0) + log1p(exp(-|u|))."""
     return tl.maximum(u, 0.0) + _log1p(tl.exp(-tl.abs(u)))
@@ -131,8 +139,8 @@ def contrastive_fwd_kernel(
         z = scale * _logit_dots(X, Y, offs_m, offs_n, mask_m, mask_n, D, stride_x_m, stride_y_n,
                                 BLOCK_M, BLOCK_N, BLOCK_K, IEEE) + bias
         if LOSS == 0:
-            shift = pid_m * BLOCK_M + diag_offset - start_n  # a positive pair here iff -BLOCK_M < shift < BLOCK_N
-            plain = (start_n + BLOCK_N <= col_end) & ((shift <= -BLOCK_M) | (shift >= BLOCK_N))
+            plain = (start_n + BLOCK_N <= col_end) & _no_positive(pid_m * BLOCK_M, start_n, diag_offset, BLOCK_M,
+                                                                  BLOCK_N)
             if FLATTEN:  # triton's loop fusion cannot take a branch in the fused loop: masked tiles only
                 plain = False
             if plain:  # nearly every tile: no column past the split, all negatives, no mask
@@ -239,8 +247,7 @@ def _grad_tile(
                             BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
     row0 = pid_m * BLOCK_M
     col0 = pid_n * BLOCK_N
-    shift = row0 + diag_offset - col0  # a positive pair in the tile iff -BLOCK_M < shift < BLOCK_N
-    plain = (row0 + BLOCK_M <= M) & (col0 + BLOCK_N <= N) & ((shift <= -BLOCK_M) | (shift >= BLOCK_N))
+    plain = (row0 + BLOCK_M <= M) & (col0 + BLOCK_N <= N) & _no_positive(row0, col0, diag_offset, BLOCK_M, BLOCK_N)
     if not SPLIT_PATHS:  # triton's loop fusion (PERSISTENT) cannot take a branch in the fused loop
         plain = False
     if plain:

@@ -360,8 +360,10 @@ def _reduce_rows(t: torch.Tensor, d: _Dist) -> torch.Tensor:
         return t
     import torch.distributed as dist
 
-    blocks = [_pad_rows(t[o:o + c], d.n_max) for o, c in zip(d.offsets, d.counts, strict=True)]
-    padded = torch.cat(blocks, 0).contiguous()
+    if all(c == d.n_max for c in d.counts):  # equal shares: already laid out as the collective wants
+        padded = t.contiguous()
+    else:
+        padded = torch.cat([_pad_rows(t[o:o + c], d.n_max) for o, c in zip(d.offsets, d.counts, strict=True)], 0)
     out = padded.new_empty((d.n_max, *t.shape[1:]))
     gloo = dist.get_backend(d.group) == "gloo"
     if not gloo or _GLOO_REDUCE_SCATTER[0]:
@@ -372,6 +374,8 @@ def _reduce_rows(t: torch.Tensor, d: _Dist) -> torch.Tensor:
             if not gloo:
                 raise
             _GLOO_REDUCE_SCATTER[0] = False
+    if padded.data_ptr() == t.data_ptr():
+        padded = padded.clone()  # the all-reduce works in place: not on the caller's tensor
     dist.all_reduce(padded, group=d.group)
     return padded[d.rank * d.n_max:(d.rank + 1) * d.n_max][:d.counts[d.rank]]
 
