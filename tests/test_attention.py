@@ -423,6 +423,21 @@ def test_custom_op_traces_without_graph_break():
     assert q.grad is not None and torch.isfinite(q.grad).all()
 
 
+def test_backend_lookup_does_no_import_machinery_per_call(monkeypatch):
+    """torch 2.11's dynamo refuses importlib.util.find_spec inside a trace (a fullgraph compile of the triton path
+    failed on the H100 on 2026-11-28; torch 2.14 here traces it): whether a package is installed is looked up once."""
+    import importlib.util
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("importlib.util.find_spec called while resolving a backend")
+
+    monkeypatch.setattr(importlib.util, "find_spec", refuse)
+    for backend in attention_mod.BACKENDS:
+        for device in ("cpu", "cuda"):
+            attention_mod.backend_available(backend, device)
+    assert attention_mod.resolve_backend("torch", torch.device("cpu")) == "torch"
+
+
 # --- RoPE inside the attention kernel (variant (b)) -------------------------------------------------------------
 
 

@@ -28,7 +28,7 @@ def batches(data, pixel_path, device=None, merge=1):
     return list(loader), loader
 
 
-def check_against_pil(got, pil):
+def check_against_pil(got, pil, max_levels=nvjpeg.PIXEL_TOLERANCE):
     assert len(got) == len(pil)
     for a, b in zip(got, pil, strict=True):
         assert a.keys == b.keys
@@ -39,7 +39,8 @@ def check_against_pil(got, pil):
         # the whole distribution in the message: a failure on a GPU (nvJPEG) then says how far off it is
         spread = (f"max {levels.max().item():.1f}, 99.9th percentile {levels.flatten().float().quantile(0.999):.1f}, "
                   f"share above 4 levels {(levels > 4).float().mean().item():.2e}, worst image mean {max(means):.3f}")
-        assert levels.max() <= nvjpeg.PIXEL_TOLERANCE + 1e-3, spread
+        assert levels.max() <= max_levels + 1e-3, spread
+        assert levels.flatten().float().quantile(0.999) <= nvjpeg.PERCENTILE_TOLERANCE + 1e-3, spread
         assert max(means) <= nvjpeg.MEAN_TOLERANCE, spread
 
 
@@ -74,4 +75,6 @@ def test_nvjpeg_on_the_gpu_matches_pil(data):
     pil, _ = batches(data, "pil")
     got, loader = batches(data, "nvjpeg", device="cuda")
     assert all(b.patches.is_cuda for b in got) and not loader.stats
-    check_against_pil(got, pil)  # nvJPEG's IDCT against libjpeg-turbo: held to the same tolerance
+    # nvJPEG against libjpeg-turbo: isolated pixels differ by more (58 levels measured on an H100); the percentile
+    # and per-image mean bounds are the CPU's, so a shifted or misplaced image still fails
+    check_against_pil(got, pil, max_levels=nvjpeg.GPU_PIXEL_TOLERANCE)

@@ -5,7 +5,11 @@
 the CPU (libjpeg-turbo), which is how it is tested without a GPU.
 
 Against PIL on the CPU: decoded pixels identical, resized pixels within PIXEL_TOLERANCE (tests/test_data_nvjpeg.py);
-nvJPEG's IDCT on a GPU may differ from libjpeg-turbo by a level or two (unverified here).
+nvJPEG on a GPU differs more, at a few pixels: on an H100 (2026-11-28, the test's 16 synthetic images) max 58
+levels, 99.9th percentile 16, 0.8% of values above 4 levels, worst image mean 0.147. Those are isolated pixels
+(chroma upsampling and IDCT rounding at sharp colour edges, magnified by the bicubic filter's overshoot), not a
+shifted or misplaced image, which would move the per-image mean by tens of levels: the GPU is held to
+GPU_PIXEL_TOLERANCE at the max and to the same percentile and mean bounds as the CPU.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from fineviti.data.pixels import Decoded
 
 PIXEL_TOLERANCE = 24  # max |torchvision - PIL| in uint8 levels
 MEAN_TOLERANCE = 0.25  # mean |torchvision - PIL| per image in uint8 levels
+PERCENTILE_TOLERANCE = 24  # 99.9th percentile of |torchvision - PIL| in uint8 levels, CPU and GPU
+GPU_PIXEL_TOLERANCE = 64  # max |nvJPEG on a GPU - PIL| in uint8 levels (58 measured on an H100)
 
 
 def available() -> bool:

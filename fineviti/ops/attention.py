@@ -338,6 +338,10 @@ def _run_xformers(q, k, v, cu_q, cu_k, max_q, max_k, scale, seqlens, return_lse)
 _RUN = {"triton": _run_triton, "torch": _run_torch, "torch_varlen": _run_torch_varlen, "flex": _run_flex,
         "flash_attn": _run_flash_attn, "xformers": _run_xformers}
 _NEEDS = {"triton": "triton", "flash_attn": "flash_attn", "xformers": "xformers"}
+# Looked up once, at import: a lookup per call would sit inside torch.compile's trace, and dynamo in torch 2.11
+# refuses importlib.util.find_spec ("marked as skipped"), which broke fullgraph compiles of the triton path there.
+_INSTALLED = {module: importlib.util.find_spec(module) is not None
+              for module in (*_NEEDS.values(), "torch.nn.attention.varlen")}
 
 
 def backend_available(name: str, device: torch.device | str = "cuda") -> tuple[bool, str]:
@@ -346,10 +350,10 @@ def backend_available(name: str, device: torch.device | str = "cuda") -> tuple[b
     if name not in BACKENDS:
         return False, f"unknown backend {name!r}; expected one of {BACKENDS}"
     module = _NEEDS.get(name)
-    if module and importlib.util.find_spec(module) is None:
+    if module and not _INSTALLED[module]:
         return False, f"backend {name!r} needs the package {module!r}, which is not installed"
     if name == "torch_varlen":
-        if importlib.util.find_spec("torch.nn.attention.varlen") is None:
+        if not _INSTALLED["torch.nn.attention.varlen"]:
             return False, f"backend 'torch_varlen' needs torch.nn.attention.varlen (torch {torch.__version__} lacks it)"
         if device.type != "cuda":
             return False, "backend 'torch_varlen' runs on CUDA tensors only"
