@@ -12,6 +12,7 @@ references are skipped where their logits would not fit.
     python benchmarks/bench_contrastive.py --quick               # a fixed small set (part of the GPU check)
     python benchmarks/bench_contrastive.py --provider ours --n 65536 --d 768 --loss clip --mode full
     python benchmarks/bench_contrastive.py --sweep-configs       # block-size candidates for our kernels
+    python benchmarks/bench_contrastive.py --profile --n 16384   # where one step of ours spends its GPU time
     python benchmarks/bench_contrastive.py --quick --device cpu  # tiny shapes on a CPU (Triton interpreted)
 """
 
@@ -132,20 +133,22 @@ def sweep_configs(rec, n, d, dtype_name, device):
     from fineviti.kernels import contrastive as kc
 
     default = kc.config
-    # the shipped choice (128 x 128 for every kernel), 128 x 64 (SigLIP's gradient with its loss sum until the fourth
-    # session), their forms with flattened loops ("flat": the forward's column loop fused with its K loop, the
-    # gradient kernel persistent) and a stage less; 128 x 256 was the fastest CLIP forward of the 2026-11-27 sweep
-    # but spills
+    # the shipped choice (128 x 128 over 8 warps: one program per SM at 210-254 registers, so the tensor cores idle
+    # while its epilogue runs) against 4-warp tiles that fit two or three programs per SM (kernel report, triton
+    # 3.6 and 3.8: no spills), where one program's epilogue overlaps another's matmul, as the attention backward's
+    # M32N128 w4 tile did (2026-11-28). The 2026-11-28 sweep measured 128 x 64 w8, the flattened loops ("flat":
+    # the forward's column loop fused with its K loop, the gradient kernel persistent) and 128 x 256 w8 (which
+    # spills): none beat the shipped choice on SigLIP; flat tiles stay available for a rerun.
     flat = {"PERSISTENT": True, "FLATTEN": True}
     candidates = [
         {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4},
-        {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4},
-        {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
-        {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4, **flat},
-        {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4, **flat},
-        {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3, **flat},
-        {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+        {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
+        {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
+        {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
+        {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
     ]
+    if os.environ.get("FINEVITI_SWEEP_FLAT"):
+        candidates += [{"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4, **flat}]
     try:
         for cfg in candidates:
             kc.config = lambda *_args, cfg=cfg, **_kwargs: dict(cfg)
@@ -162,6 +165,55 @@ def sweep_configs(rec, n, d, dtype_name, device):
         kc.config = default
 
 
+def profile_steps(n, d, dtype_name, device, steps=5):
+    """One forward+backward of our loss, repeated `steps` times under torch.profiler: the GPU time per step of each
+    kernel (ours, cuBLAS, elementwise), so that the loss's time can be split between the Triton passes and the
+    products. Rows go to benchmark "contrastive_profile" (median_ms: that kernel's time per step)."""
+    from benchmarks.common import Recorder
+
+    rec = Recorder("contrastive_profile")
+    for loss in LOSSES:
+        per_kernel = _kernel_times(loss, n, d, dtype_name, device, steps)
+        total = sum(per_kernel.values())
+        shape = {"loss": loss, "N": n, "D": d}
+        for name, ms in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:12]:
+            rec.add(provider=name[:60], mode="full", shape=shape, dtype=dtype_name,
+                    timing={"median_ms": ms}, share=ms / total if total else None)
+        print(f"contrastive_profile {loss}: {total:.3f} ms of GPU kernels per step over {len(per_kernel)} kernels")
+        torch.cuda.empty_cache()
+
+
+def _kernel_times(loss, n, d, dtype_name, device, steps) -> dict[str, float]:
+    """{kernel name: GPU ms per step} of `steps` forward+backward steps of our `loss`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    img, txt, scale, bias = make_inputs(n, d, _DTYPES[dtype_name], device)
+    fn = loss_fn("ours", loss)
+
+    def step():
+        for t in (img, txt, scale, bias):
+            t.grad = None
+        fn(img, txt, scale, bias).backward()
+
+    for _ in range(3):  # compile and warm up outside the trace
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    per_kernel = {}
+    for event in prof.key_averages():
+        if "cuda" not in str(event.device_type).lower():
+            continue
+        us = getattr(event, "self_device_time_total", None)
+        if us is None:  # older torch
+            us = getattr(event, "self_cuda_time_total", 0.0)
+        if us > 0:
+            per_kernel[event.key] = per_kernel.get(event.key, 0.0) + us / 1e3 / steps
+    return per_kernel
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="the fixed small set of the GPU check")
@@ -173,6 +225,7 @@ def main(argv=None) -> None:
     parser.add_argument("--d", type=int, action="append", help="feature widths D")
     parser.add_argument("--dtype", choices=tuple(_DTYPES), default="bf16")
     parser.add_argument("--sweep-configs", action="store_true", help="block-size candidates of our kernels")
+    parser.add_argument("--profile", action="store_true", help="GPU time per kernel of one step of ours (GPU only)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -181,6 +234,11 @@ def main(argv=None) -> None:
     from benchmarks.common import Recorder
 
     rec = Recorder("contrastive")
+    if args.profile:
+        if device.type != "cuda":
+            parser.error("--profile needs a GPU")
+        profile_steps((args.n or [16384])[0], (args.d or [768])[0], args.dtype, device)
+        return
     if args.sweep_configs:
         sweep_configs(rec, (args.n or [32768])[0], (args.d or [768])[0], args.dtype, device)
         return

@@ -10,7 +10,11 @@
 # kernel_report.json/.md (six files: the device tool brings back at most eight). Exits non-zero when any section
 # failed or was skipped (a wrong result fails pytest), after writing the summary.
 #
-# GPU_CHECK_SECTIONS="install pytest_gpu ..." runs only the named sections (a rerun of what failed).
+# GPU_CHECK_SECTIONS="install pytest_gpu ..." runs only the named sections (a rerun of what failed); it also
+# enables the targeted sections pytest_targeted and attention_d64 (below), which a full run leaves out. A rerun
+# without "install" on a fresh machine still runs every Triton section from the checkout (2026-11-28:
+# GPU_CHECK_SECTIONS="pytest_targeted attention_d64 contrastive_profile contrastive_sweep attention_sweep
+# attention_sweep_atomic", about 150 s).
 # GPU_CHECK_BUDGET (seconds, default 300, the design's five minutes; the whole list took about 450 s on an H100 on
 # 2026-11-27, so at the default the last sections are skipped and listed as such) bounds the whole script: each section's limit is cut to what is left
 # (30 s kept for the summary) and a section that would get under 20 s is skipped (exit code "skipped"), so the
@@ -58,6 +62,15 @@ section() {  # section NAME LIMIT_SECONDS COMMAND...: runs it under a time limit
 nvidia-smi -L | tee "$WORK/gpu.log"
 section install 150 "$PY" -m pip install --no-deps --no-build-isolation --no-index -e .
 section info 30 "$PY" -m fineviti.cli info
+# Targeted sections, run only when GPU_CHECK_SECTIONS names them (subsets of pytest_gpu and bench_attention, for a
+# short rerun after pins changed). Without the install section the Triton paths still run: python3 -m pytest and
+# the benchmarks import fineviti from the checkout (the C++/CUDA extension is then missing, and its ops skip).
+if [ -n "${GPU_CHECK_SECTIONS:-}" ]; then
+  section pytest_targeted 90 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_data_nvjpeg.py \
+    tests/test_attention.py -k "nvjpeg_on_the_gpu or gpu_matches_reference or gpu_compiled_triton_path or gpu_fp32"
+  section attention_d64 60 "$PY" benchmarks/bench_attention.py --provider ours --provider torch_varlen \
+    --shape fa3:1024 --shape fa3:4096 --shape fa3:16384 --head-dim 64 --mode fwd_bwd --mode bwd
+fi
 ( section kernel_report 200 "$PY" benchmarks/kernel_report.py --device-check --jobs 8 --out "$OUTDIR"
   echo "$failed" > "$WORK/kernel_report.failed" ) &
 report_pid=$!
@@ -68,11 +81,15 @@ section pytest_gpu 150 "$PY" -m pytest -m "gpu and not slow" -q -p no:cacheprovi
 # The losses changed after the 2026-11-27 runs (SigLIP's gradients from its forward pass, CLIP's single forward
 # pass): their quick set and a block-size sweep of the new kernel variants come early.
 section bench_contrastive 90 "$PY" benchmarks/bench_contrastive.py --quick
+section contrastive_profile 60 "$PY" benchmarks/bench_contrastive.py --profile --n 16384 --d 768
 section rope_attn_block 90 "$PY" benchmarks/bench_rope.py --provider attn_block --tokens 65536 --head-dim 64
 section attention_split_probe 180 "$PY" benchmarks/attention_split_probe.py --all
 section contrastive_sweep 90 "$PY" benchmarks/bench_contrastive.py --sweep-configs --n 16384 --d 768
-section attention_sweep 150 "$PY" benchmarks/bench_attention.py --sweep --shape fa3:4096 --head-dim 128 \
-  --head-dim 64 --sweep-kind dkdv --sweep-kind dq --sweep-max 4
+# The 2026-11-28 sweep timed the first four candidates of d64/d128 dk/dv and dq (pinned since); the rest of d64's
+# dk/dv list and the atomic dk/dv kernel of d128 (the default backward there) are still open.
+section attention_sweep 90 "$PY" benchmarks/bench_attention.py --sweep --shape fa3:4096 --head-dim 64 --sweep-kind dkdv
+section attention_sweep_atomic 90 "$PY" benchmarks/bench_attention.py --sweep --shape fa3:4096 --head-dim 128 \
+  --sweep-kind dkdv_atomic
 # The other benchmarks last: the 2026-11-27 files already hold their rows, the attention questions are open.
 for bench in rope data train; do
   [ -f "benchmarks/bench_$bench.py" ] && section "bench_$bench" 90 "$PY" "benchmarks/bench_$bench.py" --quick

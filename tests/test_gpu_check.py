@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
@@ -129,17 +131,26 @@ def test_loss_sweep_runs_every_candidate(tmp_path, monkeypatch):
 
     rows_path = tmp_path / "rows.jsonl"
     monkeypatch.setenv("FINEVITI_RESULTS", str(rows_path))
+    monkeypatch.setenv("FINEVITI_SWEEP_FLAT", "1")  # the flattened-loop candidate too
     shipped = kc.config
     bench_contrastive.main(["--device", "cpu", "--sweep-configs", "--n", "40", "--d", "32", "--dtype", "fp16"])
     assert kc.config is shipped
     rows = [json.loads(line) for line in rows_path.read_text().splitlines()]
     assert [r["error"] for r in rows if "error" in r] == []
     labels = sorted({r["provider"] for r in rows})
-    assert len(labels) == 7 and all(label.startswith("ours[") for label in labels)
-    assert sum(label.endswith(" flat]") for label in labels) == 3
+    assert len(labels) == 6 and all(label.startswith("ours[") for label in labels)
+    assert sum(label.endswith(" flat]") for label in labels) == 1
+    assert sum(" w4 " in label for label in labels) == 4
     for label in labels:
         got = sorted((r["shape"]["loss"], r["mode"]) for r in rows if r["provider"] == label)
         assert got == sorted((loss, mode) for loss in ("siglip", "clip") for mode in ("fwd", "full"))
+
+
+def test_loss_profile_needs_a_gpu():
+    import bench_contrastive
+
+    with pytest.raises(SystemExit):
+        bench_contrastive.main(["--device", "cpu", "--profile"])
 
 
 def test_rope_attention_block_rows(tmp_path, monkeypatch):
