@@ -172,13 +172,15 @@ def contrastive_fwd_kernel(
 
 @triton.jit
 def _grad_epilogue(
-    z, offs_m, offs_n, mask_m, mask_n, first_m, first_n, BIAS, LSE_ROW, LSE_COL, G, g_scale, PARTIAL, tile, tiles,
-    stride_g_m, store_cols, diag_offset, LOSS: tl.constexpr, WITH_LOSS: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+    dots, scale, offs_m, offs_n, mask_m, mask_n, first_m, first_n, BIAS, LSE_ROW, LSE_COL, G, g_scale, GMUL, PARTIAL,
+    tile, tiles, stride_g_m, store_cols, diag_offset, LOSS: tl.constexpr, WITH_LOSS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
 ):
-    """dL/dz of one tile from z = scale * x.y, stored, with its sums. MASKED: the tile has rows or columns past
-    M or N, or positive pairs; without it (an interior tile off the diagonal, nearly all of them) no mask, no
-    positive and no select is computed per logit."""
+    """dL/dz of one tile from the dot products x.y (z = scale * x.y), stored times GMUL, with its
+    sums: of dL/dz (the bias), of dL/dz * x.y (the scale) and, WITH_LOSS, of the loss terms. MASKED: the tile has
+    rows or columns past M or N, or positive pairs; without it (an interior tile off the diagonal, nearly all of
+    them) no mask, no positive and no select is computed per logit."""
+    z = scale * dots
     if MASKED:
         valid = mask_m[:, None] & mask_n[None, :]
         positive = _diagonal(first_m, first_n, diag_offset, BLOCK_M, BLOCK_N)
@@ -214,19 +216,24 @@ def _grad_epilogue(
     ptrs = G + offs_m[:, None] * stride_g_m + offs_n[None, :]
     if MASKED:
         g = tl.where(valid, g, 0.0)  # g_scale * dL/dz
+    out = g * tl.load(GMUL)
+    if MASKED:
         # zeros go to the padding columns [N, store_cols) too: a multiple of 16 there lets the stores vectorise
         # whatever N is
-        tl.store(ptrs, g.to(G.dtype.element_ty), mask=mask_m[:, None] & (offs_n < store_cols)[None, :])
+        tl.store(ptrs, out.to(G.dtype.element_ty), mask=mask_m[:, None] & (offs_n < store_cols)[None, :])
     else:
-        tl.store(ptrs, g.to(G.dtype.element_ty))
+        tl.store(ptrs, out.to(G.dtype.element_ty))
     tl.store(PARTIAL + tile, tl.sum(tl.sum(g, axis=1), axis=0) / g_scale)
+    # the scale's gradient, sum(dL/dz * x.y), from the fp32 dot products (masked tiles: dots and g are 0 outside)
+    tl.store(PARTIAL + 2 * tiles + tile, tl.sum(tl.sum(g * dots, axis=1), axis=0) / g_scale)
 
 
 @triton.jit
 def _grad_tile(
-    tile_id, X, Y, scale, BIAS, LSE_ROW, LSE_COL, G, g_scale, PARTIAL, M, N, D, stride_x_m, stride_y_n, stride_g_m,
-    store_cols, diag_offset, LOSS: tl.constexpr, WITH_LOSS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, IEEE: tl.constexpr, SPLIT_PATHS: tl.constexpr,
+    tile_id, X, Y, scale, BIAS, LSE_ROW, LSE_COL, G, g_scale, GMUL, PARTIAL, M, N, D, stride_x_m, stride_y_n,
+    stride_g_m, store_cols, diag_offset, LOSS: tl.constexpr, WITH_LOSS: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, IEEE: tl.constexpr,
+    SPLIT_PATHS: tl.constexpr,
 ):
     """One (BLOCK_M, BLOCK_N) tile of dL/dz, its sum and (WITH_LOSS) its loss sum; tiles are numbered so that
     GROUP_M row blocks walk the columns together. SPLIT_PATHS: interior tiles off the diagonal take the unmasked
@@ -243,21 +250,21 @@ def _grad_tile(
     mask_m = offs_m < M
     mask_n = offs_n < N
     tile = pid_m * grid_n + pid_n
-    z = scale * _logit_dots(X, Y, offs_m, offs_n, mask_m, mask_n, D, stride_x_m, stride_y_n,
-                            BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
+    dots = _logit_dots(X, Y, offs_m, offs_n, mask_m, mask_n, D, stride_x_m, stride_y_n, BLOCK_M, BLOCK_N, BLOCK_K,
+                       IEEE)
     row0 = pid_m * BLOCK_M
     col0 = pid_n * BLOCK_N
     plain = (row0 + BLOCK_M <= M) & (col0 + BLOCK_N <= N) & _no_positive(row0, col0, diag_offset, BLOCK_M, BLOCK_N)
     if not SPLIT_PATHS:  # triton's loop fusion (PERSISTENT) cannot take a branch in the fused loop
         plain = False
     if plain:
-        _grad_epilogue(z, offs_m, offs_n, mask_m, mask_n, row0, col0, BIAS, LSE_ROW, LSE_COL, G, g_scale, PARTIAL,
-                       tile, grid_m * grid_n, stride_g_m, store_cols, diag_offset, LOSS, WITH_LOSS, BLOCK_M, BLOCK_N,
-                       False)
+        _grad_epilogue(dots, scale, offs_m, offs_n, mask_m, mask_n, row0, col0, BIAS, LSE_ROW, LSE_COL, G, g_scale,
+                       GMUL, PARTIAL, tile, grid_m * grid_n, stride_g_m, store_cols, diag_offset, LOSS, WITH_LOSS,
+                       BLOCK_M, BLOCK_N, False)
     else:
-        _grad_epilogue(z, offs_m, offs_n, mask_m, mask_n, row0, col0, BIAS, LSE_ROW, LSE_COL, G, g_scale, PARTIAL,
-                       tile, grid_m * grid_n, stride_g_m, store_cols, diag_offset, LOSS, WITH_LOSS, BLOCK_M, BLOCK_N,
-                       True)
+        _grad_epilogue(dots, scale, offs_m, offs_n, mask_m, mask_n, row0, col0, BIAS, LSE_ROW, LSE_COL, G, g_scale,
+                       GMUL, PARTIAL, tile, grid_m * grid_n, stride_g_m, store_cols, diag_offset, LOSS, WITH_LOSS,
+                       BLOCK_M, BLOCK_N, True)
 
 
 @triton.jit
@@ -268,9 +275,11 @@ def contrastive_bwd_kernel(
     BIAS,  # (1,) fp32
     LSE_ROW,  # (M,) fp32 CLIP row log-sum-exps (unused by SigLIP: pass any fp32 tensor)
     LSE_COL,  # (N,) fp32 CLIP column log-sum-exps (likewise)
-    G,  # (M, N) input dtype, out: dL/dz without the 1/N factor, times g_scale
+    G,  # (M, N) input dtype, out: dL/dz without the 1/N factor, times g_scale (and GMUL)
     g_scale,  # fp32 power of two: fp16 stores dL/dz scaled up (|dL/dz| <= 2) so that small values stay normal
-    PARTIAL,  # (2, grid_m * grid_n) fp32, out: per tile sum(dL/dz) and (WITH_LOSS) the sum of the loss terms
+    GMUL,  # (1,) fp32: a factor of the stored values only (the caller's 1/N * scale * upstream, or 1)
+    PARTIAL,  # (3, grid_m * grid_n) fp32, out: per tile sum(dL/dz), (WITH_LOSS) the sum of the loss terms, and
+    #           sum(dL/dz * x.y)
     M,
     N,
     D,
@@ -288,22 +297,19 @@ def contrastive_bwd_kernel(
     PERSISTENT: tl.constexpr,  # a grid of one program per SM, each looping over tiles (one flattened loop)
     IEEE: tl.constexpr,
 ):
-    # The gradient of the scale, sum(dL/dz * x.y), is not reduced here: the caller gets it from the cuBLAS product
-    # as sum_i x_i . (dL/dz @ y)_i, so that the dot products need not stay alive beside z (with the loss terms,
-    # 128 x 128 tiles would spill).
     scale = tl.load(SCALE)
     if PERSISTENT:
         # the tile loop and the K loop flattened into one, so that the loads of the next tile are in flight while
         # this tile's epilogue runs
         num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
         for tile_id in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True):
-            _grad_tile(tile_id, X, Y, scale, BIAS, LSE_ROW, LSE_COL, G, g_scale, PARTIAL, M, N, D, stride_x_m,
-                       stride_y_n, stride_g_m, store_cols, diag_offset, LOSS, WITH_LOSS, BLOCK_M, BLOCK_N, BLOCK_K,
-                       GROUP_M, IEEE, False)
+            _grad_tile(tile_id, X, Y, scale, BIAS, LSE_ROW, LSE_COL, G, g_scale, GMUL, PARTIAL, M, N, D,
+                       stride_x_m, stride_y_n, stride_g_m, store_cols, diag_offset, LOSS, WITH_LOSS, BLOCK_M,
+                       BLOCK_N, BLOCK_K, GROUP_M, IEEE, False)
     else:
-        _grad_tile(tl.program_id(0), X, Y, scale, BIAS, LSE_ROW, LSE_COL, G, g_scale, PARTIAL, M, N, D, stride_x_m,
-                   stride_y_n, stride_g_m, store_cols, diag_offset, LOSS, WITH_LOSS, BLOCK_M, BLOCK_N, BLOCK_K,
-                   GROUP_M, IEEE, True)
+        _grad_tile(tl.program_id(0), X, Y, scale, BIAS, LSE_ROW, LSE_COL, G, g_scale, GMUL, PARTIAL, M, N, D,
+                   stride_x_m, stride_y_n, stride_g_m, store_cols, diag_offset, LOSS, WITH_LOSS, BLOCK_M,
+                   BLOCK_N, BLOCK_K, GROUP_M, IEEE, True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -334,10 +340,12 @@ def config(d: int, dtype: torch.dtype, kernel: str = "bwd", loss: str = "siglip"
     block_k = 64 if d >= 64 else 32
     # The H100 sweep's fastest CLIP forward, 128 x 256 tiles, spilled 108-160 bytes per thread on sm_90 (kernel
     # report): the kernel report's CI gate fails any shipped spill, so CLIP's forward takes 128 x 128 tiles. A
-    # fourth stage measured faster in bf16. SigLIP's gradient with its loss sum spilled 300-1000 bytes at 128 x 128
-    # until its log1p became a polynomial and its stores vectorised; now 210-254 registers, no spill (triton 3.6
-    # and 3.8), so it takes the gradient kernel's measured 128 x 128 tiles (not yet timed itself).
-    block_n = 128
+    # fourth stage measured faster in bf16. The gradient kernels take 128 x 64: since they also reduce the scale's
+    # gradient, sum(dL/dz * x.y), from the fp32 dot products (which saved the step two passes over an fp32 (N, D)
+    # product; 2026-11-28 profile), 128 x 128 tiles spill 12-104 bytes (triton 3.6 and 3.8) and 128 x 64 take
+    # 113-194 registers without; the 2026-11-27 sweep timed the two within 1% for SigLIP's step (2.859 against
+    # 2.838 ms at N = 16384, D = 768, bf16, the older epilogue).
+    block_n = 64 if kernel.startswith("bwd") else 128
     return {"BLOCK_M": 128, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 8, "num_stages": 4, **loops}
 
 
@@ -435,12 +443,13 @@ def grad_scale(dtype: torch.dtype) -> float:
 def loss_grad_logits(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, g: torch.Tensor, *,
                      loss: str, diag_offset: int = 0, lse_row: torch.Tensor | None = None,
                      lse_col: torch.Tensor | None = None, with_loss: bool = False,
-                     store_cols: int | None = None) -> torch.Tensor:
-    """Fill g (M, N), in the features' dtype, with grad_scale(dtype) * dL/dz per pair (without the 1/N factor): SigLIP
+                     store_cols: int | None = None, mult: torch.Tensor | None = None) -> torch.Tensor:
+    """Fill g (M, N), in the features' dtype, with grad_scale(dtype) * mult * dL/dz per pair (without the 1/N
+    factor; `mult`: a (1,) fp32 tensor, default 1, so that the caller's products come out scaled): SigLIP
     -label * sigmoid(-label * z); CLIP softmax_row + softmax_col - 2 at the positive, from the saved fp32
-    log-sum-exps. Returns fp32 sum(g) (the gradient of the bias) and, with `with_loss` (SigLIP only), the sum of
-    -logsigmoid(label * z) over the block: (1,) or (2,). The gradient of the scale, sum(g * x.y), is the caller's,
-    from sum(x * (g @ y)). Give g a row stride that is a multiple of 16 (new_grad_buffer), or its stores do not
+    log-sum-exps. Returns fp32 sums over the block, without grad_scale and mult: (sum(dL/dz), sum(dL/dz * x.y)) (the
+    gradients of the bias and the scale), and with `with_loss` (SigLIP only) the sum of -logsigmoid(label * z)
+    third. Give g a row stride that is a multiple of 16 (new_grad_buffer), or its stores do not
     vectorise. store_cols: the columns of each row of g the kernel may write, N (the default) up to g's row stride:
     the columns past N get zeros, and a multiple of 16 lets the stores vectorise for any N (new_grad_buffer's
     padded width, padded_cols(N); only for a [:, :N] view of a buffer whose padding columns hold nothing)."""
@@ -465,18 +474,24 @@ def loss_grad_logits(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias
     cfg = config(d, x.dtype, "bwd_loss" if with_loss else "bwd", loss)
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    partial = torch.empty((2, tiles), device=x.device, dtype=torch.float32)
+    partial = torch.empty((3, tiles), device=x.device, dtype=torch.float32)
     lse_row = scale if lse_row is None else lse_row
     lse_col = scale if lse_col is None else lse_col
+    if mult is None:
+        mult = torch.ones(1, device=x.device, dtype=torch.float32)
+    elif mult.dtype != torch.float32 or mult.numel() != 1 or mult.device != x.device:
+        raise ValueError(f"mult must be a one-element float32 tensor on {x.device}, got {tuple(mult.shape)} "
+                         f"{mult.dtype} on {mult.device}")
     persistent = bool(cfg.get("PERSISTENT", False))
     programs = min(tiles, _sm_count(x.device)) if persistent else tiles  # one program per SM: 1 block/SM (regs)
     contrastive_bwd_kernel[(programs,)](
-        x, y, scale, bias, lse_row, lse_col, g, grad_scale(x.dtype), partial, m, n, d, x.stride(0), y.stride(0),
+        x, y, scale, bias, lse_row, lse_col, g, grad_scale(x.dtype), mult, partial, m, n, d, x.stride(0), y.stride(0),
         g.stride(0), store_cols, diag_offset,
         LOSS=_LOSSES[loss], WITH_LOSS=with_loss, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=cfg["BLOCK_K"],
         GROUP_M=_GROUP_M, PERSISTENT=persistent, IEEE=x.dtype == torch.float32, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"])
-    return partial[:2 if with_loss else 1].sum(1)
+    sums = partial.sum(1)  # rows: sum(dL/dz), the loss terms (WITH_LOSS; else not written), sum(dL/dz * x.y)
+    return sums[[0, 2, 1]] if with_loss else sums[[0, 2]]
 
 
 def padded_cols(n: int) -> int:
@@ -508,8 +523,8 @@ def _signature(kernel: str, ptr: str) -> dict[str, str]:
                 "cols_per_split": "i32", "LOSS": "constexpr", "COLS": "constexpr", "FLATTEN": "constexpr",
                 "BLOCK_M": "constexpr",
                 "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "IEEE": "constexpr"}
-    return {**common, "LSE_ROW": "*fp32", "LSE_COL": "*fp32", "G": ptr, "g_scale": "fp32", "PARTIAL": "*fp32",
-            "M": "i32", "N": "i32",
+    return {**common, "LSE_ROW": "*fp32", "LSE_COL": "*fp32", "G": ptr, "g_scale": "fp32", "GMUL": "*fp32",
+            "PARTIAL": "*fp32", "M": "i32", "N": "i32",
             "D": "i32", "stride_x_m": "i32", "stride_y_n": "i32", "stride_g_m": "i32", "store_cols": "i32",
             "diag_offset": "i32", "LOSS": "constexpr", "WITH_LOSS": "constexpr", "BLOCK_M": "constexpr",
             "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "GROUP_M": "constexpr", "PERSISTENT": "constexpr",

@@ -360,8 +360,21 @@ def test_kernels_mask_tails_and_write_every_output(loss, dtype, persistent, monk
         assert not torch.isnan(g).any(), "the gradient kernel left entries unwritten"
         assert kc.grad_scale(dtype) == (16384.0 if dtype == torch.float16 else 1.0)
         torch.testing.assert_close(g.double() / kc.grad_scale(dtype), want_g, **tol)  # stored scaled in fp16
-        want_sums = [want_g.sum()] + ([want_rows.sum()] if with_loss else [])
+        dots = x.double() @ y.double().T
+        # sum(dL/dz), sum(dL/dz * x.y) (the scale's gradient, from the kernel's fp32 dot products) and the loss
+        want_sums = [want_g.sum(), (want_g * dots).sum()] + ([want_rows.sum()] if with_loss else [])
         torch.testing.assert_close(sums.double(), torch.stack(want_sums), rtol=1e-3, atol=1e-3)
+        # mult: a factor of the stored values only (0 included: an upstream gradient or a scale of zero)
+        for factor in (0.25, 0.0):
+            g.fill_(float("nan"))
+            mult = torch.tensor([factor], device=device)
+            sums = kc.loss_grad_logits(x, y, scale, bias, g, loss=loss, diag_offset=7, lse_row=lse_row,
+                                       lse_col=lse_col, with_loss=with_loss, mult=mult)
+            torch.testing.assert_close(g.double() / kc.grad_scale(dtype), want_g * factor, **tol)
+            torch.testing.assert_close(sums.double(), torch.stack(want_sums), rtol=1e-3, atol=1e-3)
+        with pytest.raises(ValueError, match="mult must be a one-element float32 tensor"):
+            kc.loss_grad_logits(x, y, scale, bias, g, loss=loss, lse_row=lse_row, lse_col=lse_col,
+                                mult=torch.ones(2, device=device))
         # store_cols: zeros in the padding columns up to it (vectorised stores), nothing past it or past the rows
         padded = kc.padded_cols(n)
         buf = torch.full((m + 3, padded + 16), float("nan"), device=device, dtype=dtype)
@@ -424,17 +437,20 @@ def test_kernels_place_positives_at_any_offset(dtype, shape, diag_offset):
         assert (frame[:m, n:padded] == 0).all()
         return frame[:m, :n].double() / kc.grad_scale(dtype), sums
 
+    dots = x.double() @ y.double().T
     for with_loss in (False, True):
         g, sums = framed_grad("siglip", with_loss=with_loss)
         torch.testing.assert_close(g, want_g, **tol)
-        want_sums = [want_g.sum()] + ([want_rows.sum()] if with_loss else [])
+        want_sums = [want_g.sum(), (want_g * dots).sum()] + ([want_rows.sum()] if with_loss else [])
         torch.testing.assert_close(sums.double(), torch.stack(want_sums), rtol=1e-4, atol=1e-3)
     # CLIP's gradient, whose unmasked path reads the log-sum-exps without masks
     lse_row, lse_col = torch.logsumexp(z - bias.double(), 1).float(), torch.logsumexp(z - bias.double(), 0).float()
     zc = z - bias.double()
     want_clip = ((zc - lse_row.double()[:, None]).exp() + (zc - lse_col.double()[None, :]).exp() - 2 * pos.double())
-    g, _ = framed_grad("clip", lse_row=lse_row, lse_col=lse_col)
+    g, sums = framed_grad("clip", lse_row=lse_row, lse_col=lse_col)
     torch.testing.assert_close(g, want_clip, **tol)
+    torch.testing.assert_close(sums.double(), torch.stack([want_clip.sum(), (want_clip * dots).sum()]), rtol=1e-4,
+                               atol=1e-3)
 
 
 def test_registry_rows_match_what_the_launcher_runs():

@@ -76,8 +76,10 @@ def clip_loss_ref(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tenso
 # Block primitives: rows of x against all rows of y. Both backends give, in fp32:
 #   rows(...)  per row of x: SigLIP sum_j softplus(-label_ij * z_ij), or CLIP logsumexp_j z_ij
 #   rows_cols(x, y, scale)  CLIP only, bias 0: (logsumexp_j z_ij per row, logsumexp_i z_ij per column), one pass
-#   grads(...) with g = dL/dz per pair (no 1/N): (g @ y, g.T @ x, sum(g * x.y), sum(g)); with dx_scale, the first
-#              comes back multiplied by it and in x's dtype (no fp32 (M, D) buffer), the rest stay fp32; with
+#   grads(...) with g = dL/dz per pair (no 1/N): (g @ y, g.T @ x, sum(g * x.y), sum(g)), fp32; with `mult` (a
+#              (1,) fp32 tensor), the first two come back multiplied by it, in dx_dtype / dy_dtype (default x's and
+#              y's dtypes; the triton backend then folds mult into its dL/dz buffer, so that cuBLAS writes them
+#              straight out, with no pass over an fp32 (M, D) or (N, D) product), the sums stay raw; with
 #              with_loss (SigLIP), a fifth: the sum of rows(...), from the same pass
 # where z = scale * x @ y.T + bias and the positive of row i is column i + diag_offset.
 # ----------------------------------------------------------------------------------------------------------------
@@ -126,11 +128,11 @@ class _Chunked:
             lse_col = torch.logaddexp(lse_col, torch.logsumexp(z, dim=0))
         return lse_row, lse_col
 
-    def grads(self, x, y, scale, bias, loss, diag_offset=0, lse_row=None, lse_col=None, dx_scale=None,
-              with_loss=False):
+    def grads(self, x, y, scale, bias, loss, diag_offset=0, lse_row=None, lse_col=None, mult=None, dx_dtype=None,
+              dy_dtype=None, with_loss=False):
         m, n = x.shape[0], y.shape[0]
         y32 = y.float()
-        dx = torch.empty(x.shape, device=x.device, dtype=torch.float32 if dx_scale is None else x.dtype)
+        dx = torch.empty(x.shape, device=x.device, dtype=torch.float32)
         dy = torch.zeros(y.shape, device=x.device, dtype=torch.float32)
         ds_db = torch.zeros(3, device=x.device, dtype=torch.float32)
         for start, stop in self._chunks(m, n):
@@ -156,8 +158,11 @@ class _Chunked:
             ds_db[0] += torch.dot(g.view(-1), dots.view(-1))
             ds_db[1] += g.sum()
             del dots
-            dx[start:stop] = (g @ y32) if dx_scale is None else (g @ y32).mul_(dx_scale)
+            dx[start:stop] = g @ y32
             dy.addmm_(g.T, xc)
+        if mult is not None:
+            dx = dx.mul_(mult).to(dx_dtype or x.dtype)
+            dy = dy.mul_(mult).to(dy_dtype or y.dtype)
         return (dx, dy, ds_db[0], ds_db[1]) + ((ds_db[2],) if with_loss else ())
 
 
@@ -216,36 +221,57 @@ class _Triton:
                     torch.full((y.shape[0],), float("-inf"), device=x.device, dtype=torch.float32))
         return self._kernels().loss_rows_cols(x.contiguous(), y.contiguous(), scale)
 
-    def grads(self, x, y, scale, bias, loss, diag_offset=0, lse_row=None, lse_col=None, dx_scale=None,
-              with_loss=False):
+    def grads(self, x, y, scale, bias, loss, diag_offset=0, lse_row=None, lse_col=None, mult=None, dx_dtype=None,
+              dy_dtype=None, with_loss=False):
         kc = self._kernels()
         x, y = x.contiguous(), y.contiguous()
         m, n = x.shape[0], y.shape[0]
+        dx_dtype = torch.float32 if mult is None else (dx_dtype or x.dtype)
+        dy_dtype = torch.float32 if mult is None else (dy_dtype or y.dtype)
+        # mult folded into the stored dL/dz, so that cuBLAS writes the scaled products straight out: not for fp16,
+        # whose buffer holds 2**14 * dL/dz (grad_scale) and has no room for a factor of unknown size
+        fold = mult is not None and x.dtype != torch.float16
         block_m = kc.config(x.shape[1], x.dtype, "bwd_loss" if with_loss else "bwd", loss)["BLOCK_M"]
         step = max(block_m, self.chunk_bytes // max(1, n * x.element_size()) // block_m * block_m)
+        starts = list(range(0, m if n else 0, step))
         g = kc.new_grad_buffer(min(step, m), n, x)
-        empty = torch.zeros if n == 0 else torch.empty  # no columns: no chunk writes dx
-        dx = empty(x.shape, device=x.device, dtype=torch.float32 if dx_scale is None else x.dtype)
-        dy = torch.zeros(y.shape, device=x.device, dtype=torch.float32)
-        ds = torch.zeros((), device=x.device, dtype=torch.float32)
-        sums = torch.zeros(2 if with_loss else 1, device=x.device, dtype=torch.float32)  # sum(g) [, loss]
+        dx = (torch.empty if starts else torch.zeros)(x.shape, device=x.device, dtype=dx_dtype)
+        dy = dy32 = None  # dy32: the fp32 sum over chunks of rows
+        sums = torch.zeros(3 if with_loss else 2, device=x.device, dtype=torch.float32)  # sum(g), sum(g x.y)[, loss]
         unscale = 1.0 / kc.grad_scale(x.dtype)  # g is stored scaled up in fp16
-        for start in range(0, m if n else 0, step):
+        for start in starts:
             stop = min(m, start + step)
             gc, xc = g[:stop - start], x[start:stop]
             sums += kc.loss_grad_logits(xc, y, scale, bias, gc, loss=loss, diag_offset=diag_offset + start,
                                         lse_row=None if lse_row is None else lse_row[start:stop], lse_col=lse_col,
-                                        with_loss=with_loss, store_cols=kc.padded_cols(n))
-            gy = _mm_f32(gc, y)
+                                        with_loss=with_loss, store_cols=kc.padded_cols(n),
+                                        mult=mult if fold else None)
+            if fold and dx_dtype == x.dtype:
+                torch.mm(gc, y, out=dx[start:stop])  # fp32 accumulation in cuBLAS, one rounding
+            else:
+                gy = _mm_f32(gc, y)
+                if unscale != 1.0:
+                    gy.mul_(unscale)  # a power of two: exact
+                if mult is not None and not fold:
+                    gy.mul_(mult)
+                dx[start:stop] = gy
+                del gy
+            if fold and len(starts) == 1 and dy_dtype == x.dtype:
+                dy = torch.mm(gc.T, xc)  # one chunk of rows: straight out, no fp32 sum
+            elif dy32 is None:
+                dy32 = _mm_f32(gc.T, xc)
+            else:
+                _addmm_f32(dy32, gc.T, xc)
+        if dy is None:
+            if dy32 is None:  # no rows or no columns: nothing contributes
+                dy32 = torch.zeros(y.shape, device=x.device, dtype=torch.float32)
             if unscale != 1.0:
-                gy.mul_(unscale)  # a power of two: exact
-            ds += (gy * xc).sum()  # sum_ij g_ij x_i.y_j = sum_i x_i . (g @ y)_i: the gradient of the scale
-            dx[start:stop] = gy if dx_scale is None else gy.mul_(dx_scale)
-            del gy
-            _addmm_f32(dy, gc.T, xc)
-        if unscale != 1.0:
-            dy.mul_(unscale)
-        return (dx, dy, ds, *sums.unbind())
+                dy32.mul_(unscale)
+            if mult is not None and not fold:
+                dy32.mul_(mult)
+            dy = dy32.to(dy_dtype)
+        db, ds, *total = sums.unbind()
+        return (dx, dy, ds, db, *total)
 
 
 def _backend_impl(name: str):
@@ -475,11 +501,11 @@ def _param_grad(raw: torch.Tensor, factor: torch.Tensor, like: torch.Tensor) -> 
     return (raw * factor).reshape(like.shape).to(like.dtype)
 
 
-def _feature_grad(raw: torch.Tensor, factor: torch.Tensor, like: torch.Tensor, scaled: bool = False,
+def _feature_grad(raw: torch.Tensor, factor: torch.Tensor, like: torch.Tensor,
                   dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The gradient of a feature tensor from grads()'s fp32 accumulator (scaled here, in place) or from its dx that
-    dx_scale already scaled (`scaled`), in `like`'s dtype unless `dtype` is given."""
-    return (raw if scaled else raw.mul_(factor)).to(dtype or like.dtype)
+    """The gradient of a feature tensor from the ring's fp32 accumulator (scaled here, in place), in `like`'s dtype
+    unless `dtype` is given."""
+    return raw.mul_(factor).to(dtype or like.dtype)
 
 
 def _siglip_forward(x, y, scale, bias, impl, d: _Dist, ring: bool) -> torch.Tensor:
@@ -510,13 +536,9 @@ def _siglip_forward_with_grads(x, y, scale, bias, impl, d: _Dist):
     instead of four). Texts: all of them (gathered)."""
     s32, b32 = _scalar(scale, x.device), _scalar(bias, x.device)
     coef = torch.full((1,), d.world / d.total, device=x.device, dtype=torch.float32)
-    scaled = _saved_grad_dtype(x) == x.dtype  # dx straight into x's dtype; else kept fp32 and scaled here
-    dx, dy, ds, db, total = impl.grads(x, y, s32, b32, "siglip", diag_offset=d.row_start,
-                                       dx_scale=coef * s32 if scaled else None, with_loss=True)
-    if not scaled:
-        dx.mul_(coef * s32)
-    return (total * coef[0], dx, dy.mul_(coef * s32).to(_saved_grad_dtype(y)), _param_grad(ds, coef, scale),
-            _param_grad(db, coef, bias))
+    dx, dy, ds, db, total = impl.grads(x, y, s32, b32, "siglip", diag_offset=d.row_start, mult=coef * s32,
+                                       dx_dtype=_saved_grad_dtype(x), dy_dtype=_saved_grad_dtype(y), with_loss=True)
+    return total * coef[0], dx, dy, _param_grad(ds, coef, scale), _param_grad(db, coef, bias)
 
 
 def _apply_upstream(grad: torch.Tensor, saved, dtypes) -> tuple:
@@ -552,10 +574,11 @@ def _siglip_backward(grad, x, y, scale, bias, impl, d: _Dist, ring: bool, dy_dty
     factor = grad.float() * (d.world / d.total)
     if ring:
         dx, dy, ds, db = _ring_grads(impl, x, y, s32, b32, "siglip", d)
+        dx, dy = _feature_grad(dx, factor * s32, x), _feature_grad(dy, factor * s32, y, dtype=dy_dtype)
     else:
-        dx, dy, ds, db = impl.grads(x, y, s32, b32, "siglip", diag_offset=d.row_start, dx_scale=factor * s32)
-    return (_feature_grad(dx, factor * s32, x, scaled=not ring), _feature_grad(dy, factor * s32, y, dtype=dy_dtype),
-            _param_grad(ds, factor, scale), _param_grad(db, factor, bias))
+        dx, dy, ds, db = impl.grads(x, y, s32, b32, "siglip", diag_offset=d.row_start, mult=factor * s32,
+                                    dy_dtype=dy_dtype)
+    return dx, dy, _param_grad(ds, factor, scale), _param_grad(db, factor, bias)
 
 
 def _clip_forward(x, y, scale, x_all, impl, d: _Dist, ring: bool):
@@ -592,11 +615,11 @@ def _clip_backward(grad, x, y, scale, lse_row, lse_col_all, impl, d: _Dist, ring
     factor = grad.float() * (d.world / (2 * d.total))
     if ring:
         dx, dy, ds, _ = _ring_grads(impl, x, y, s32, zero, "clip", d, lse_row=lse_row, lse_col_all=lse_col_all)
+        dx, dy = _feature_grad(dx, factor * s32, x), _feature_grad(dy, factor * s32, y, dtype=dy_dtype)
     else:
         dx, dy, ds, _ = impl.grads(x, y, s32, zero, "clip", diag_offset=d.row_start, lse_row=lse_row,
-                                   lse_col=lse_col_all, dx_scale=factor * s32)
-    return (_feature_grad(dx, factor * s32, x, scaled=not ring), _feature_grad(dy, factor * s32, y, dtype=dy_dtype),
-            _param_grad(ds, factor, scale))
+                                   lse_col=lse_col_all, mult=factor * s32, dy_dtype=dy_dtype)
+    return dx, dy, _param_grad(ds, factor, scale)
 
 
 # ----------------------------------------------------------------------------------------------------------------
