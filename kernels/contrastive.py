@@ -345,6 +345,14 @@ def config(d: int, dtype: torch.dtype, kernel: str = "bwd", loss: str = "siglip"
     # product; 2026-11-28 profile), 128 x 128 tiles spill 12-104 bytes (triton 3.6 and 3.8) and 128 x 64 take
     # 113-194 registers without; the 2026-11-27 sweep timed the two within 1% for SigLIP's step (2.859 against
     # 2.838 ms at N = 16384, D = 768, bf16, the older epilogue).
+    if kernel == "fwd_cols":
+        # CLIP's one-pass forward over 4 warps, two programs per SM (236-250 registers, no spills): one program's
+        # epilogue (two exponentials per logit and the column reductions) runs beside the other's matmul. H100,
+        # N = 16384, D = 768, bf16 (benchmarks/results/2026-11-28_H100-80GB-HBM3_gpu_check_targeted_summary.md):
+        # CLIP forward 1.722 ms against 1.968 for 128 x 128 over 8 warps, the whole step 4.265 against 4.528.
+        # SigLIP's forward stays at 128 x 128 (1.120 ms against 1.217 for this tile). Its column partials stay
+        # within COL_PARTIAL_BYTES whatever BLOCK_M is (loss_rows_cols takes rows in chunks).
+        return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": block_k, "num_warps": 4, "num_stages": 4, **loops}
     block_n = 64 if kernel.startswith("bwd") else 128
     return {"BLOCK_M": 128, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 8, "num_stages": 4, **loops}
 
