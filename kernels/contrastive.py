@@ -5,10 +5,12 @@ Forward: each program owns BLOCK_M rows and one split of the columns, computes z
 per-row SigLIP sums of softplus(-label * z) or per-row CLIP log-sum-exps (online max); with COLS, CLIP also writes
 each tile's column log-sum-exps over its rows, so that one pass over the logits gives both directions.
 Gradient: each (BLOCK_M, BLOCK_N) tile of a chunk of rows (one program per tile, or with PERSISTENT a program per
-SM looping over tiles) computes z and writes dL/dz (without the 1/N and scale factors) into a buffer that the
-caller multiplies with cuBLAS (fineviti/ops/contrastive.py), plus per-tile partial sums for the gradient of the
-bias and, with WITH_LOSS (SigLIP), of the loss itself: SigLIP's dL/dz needs no normaliser, so this one pass
-gives the loss and every gradient (CLIP's runs after its forward, recomputing z). The SigLIP paper (Zhai et al.,
+SM looping over tiles) computes z and writes dL/dz, times a factor the caller gives (its 1/N, scale and upstream
+gradient, read from device memory), into a buffer that the caller multiplies with cuBLAS
+(fineviti/ops/contrastive.py), plus per-tile partial sums for the gradients of the bias (sum dL/dz) and of the
+scale (sum dL/dz * x.y, from the fp32 dot products) and, with WITH_LOSS (SigLIP), of the loss itself: SigLIP's
+dL/dz needs no normaliser, so this one pass gives the loss and every gradient (CLIP's runs after its forward,
+recomputing z). The SigLIP paper (Zhai et al.,
 2023) and Inf-CL (Cheng et al., 2024) tile the same way.
 """
 
@@ -192,7 +194,7 @@ def _grad_epilogue(
                 term = tl.where(valid, tl.maximum(tl.where(positive, -z, z), 0.0) + _log1p(e), 0.0)
             else:
                 term = tl.maximum(z, 0.0) + _log1p(e)
-            tl.store(PARTIAL + tiles + tile, tl.sum(tl.sum(term, axis=1), axis=0))
+            tl.store(PARTIAL + 2 * tiles + tile, tl.sum(tl.sum(term, axis=1), axis=0))
         # d/dz softplus(-label * z) = -label * sigmoid(-label * z): sigmoid(z) for negatives, -sigmoid(-z) for the
         # positive, both from e = exp(-|z|) <= 1 so that nothing overflows and tails keep their precision
         # (g_scale folded into r: an extra multiply per logit cost triton 3.6 a spill in the CLIP branch)
@@ -225,7 +227,7 @@ def _grad_epilogue(
         tl.store(ptrs, out.to(G.dtype.element_ty))
     tl.store(PARTIAL + tile, tl.sum(tl.sum(g, axis=1), axis=0) / g_scale)
     # the scale's gradient, sum(dL/dz * x.y), from the fp32 dot products (masked tiles: dots and g are 0 outside)
-    tl.store(PARTIAL + 2 * tiles + tile, tl.sum(tl.sum(g * dots, axis=1), axis=0) / g_scale)
+    tl.store(PARTIAL + tiles + tile, tl.sum(tl.sum(g * dots, axis=1), axis=0) / g_scale)
 
 
 @triton.jit
@@ -278,8 +280,8 @@ def contrastive_bwd_kernel(
     G,  # (M, N) input dtype, out: dL/dz without the 1/N factor, times g_scale (and GMUL)
     g_scale,  # fp32 power of two: fp16 stores dL/dz scaled up (|dL/dz| <= 2) so that small values stay normal
     GMUL,  # (1,) fp32: a factor of the stored values only (the caller's 1/N * scale * upstream, or 1)
-    PARTIAL,  # (3, grid_m * grid_n) fp32, out: per tile sum(dL/dz), (WITH_LOSS) the sum of the loss terms, and
-    #           sum(dL/dz * x.y)
+    PARTIAL,  # (3, grid_m * grid_n) fp32, out: per tile sum(dL/dz), sum(dL/dz * x.y) and (WITH_LOSS) the sum of
+    #           the loss terms
     M,
     N,
     D,
@@ -324,8 +326,8 @@ def config(d: int, dtype: torch.dtype, kernel: str = "bwd", loss: str = "siglip"
     log-sum-exps, the gradient, SigLIP's gradient with the loss sum) for feature width `d`, input dtype and loss: one
     config, no autotuning, so that the interpreter runs what the GPU runs. The bf16 forward and gradient tiles are
     the fastest of a sweep on an H100 at N = 32768, D = 768 (benchmarks/bench_contrastive.py --sweep-configs);
-    fp16 follows bf16 (its gradient kernel took 128 x 64 while it spilled at 128 x 128; it no longer does), and
-    the two variants added since (fwd_cols, bwd_loss) take the same tiles, unmeasured, without spills."""
+    fp16 follows bf16. The 2026-11-28 measurements and register counts below moved CLIP's one-pass forward
+    (fwd_cols) to 64 x 128 over 4 warps and the gradient kernels (bwd, bwd_loss) to 128 x 64."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     # PERSISTENT (gradient) and FLATTEN (forward): flattened loops, not yet measured against the plain ones and off
@@ -498,8 +500,9 @@ def loss_grad_logits(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias
         LOSS=_LOSSES[loss], WITH_LOSS=with_loss, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=cfg["BLOCK_K"],
         GROUP_M=_GROUP_M, PERSISTENT=persistent, IEEE=x.dtype == torch.float32, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"])
-    sums = partial.sum(1)  # rows: sum(dL/dz), the loss terms (WITH_LOSS; else not written), sum(dL/dz * x.y)
-    return sums[[0, 2, 1]] if with_loss else sums[[0, 2]]
+    # rows: sum(dL/dz), sum(dL/dz * x.y), the loss terms (WITH_LOSS; else not written). A slice, not an index
+    # list: a list index would copy it to the device and wait for the kernel (a sync per chunk)
+    return partial[:3 if with_loss else 2].sum(1)
 
 
 def padded_cols(n: int) -> int:

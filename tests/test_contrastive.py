@@ -533,6 +533,43 @@ def test_group_default_without_distributed_is_one_process():
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("impl", ["triton", "chunked"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("chunks", ["one", "several"])
+def test_grads_with_mult_are_the_raw_ones_scaled(impl, dtype, chunks):
+    """grads(mult=m) (what the one-process and all-gather paths call; the triton backend folds m into its dL/dz
+    stores for bf16/fp32, fp16 multiplies afterwards) against the raw fp32 products times m, for both losses, one
+    chunk of rows and several, in the features' dtype and in fp32, m of either sign and zero (a zero scale or upstream
+    gradient: nothing may be divided by it)."""
+    gen = torch.Generator().manual_seed(5)
+    m, n, d = 70, 90, 32
+    device = "cuda" if CUDA and impl == "triton" else "cpu"
+    x = (torch.randn(m, d, generator=gen) / 3).to(dtype).to(device)
+    y = (torch.randn(n, d, generator=gen) / 3).to(dtype).to(device)
+    scale, bias = torch.tensor([4.0], device=device), torch.tensor([-2.0], device=device)
+    if impl == "triton":
+        backend = C._Triton(chunk_bytes=1 if chunks == "several" else None)
+    else:
+        backend = C._Chunked(chunk_elems=3 * n if chunks == "several" else None)
+    z = scale.double() * (x.double() @ y.double().T)
+    lse = {"lse_row": torch.logsumexp(z, 1).float(), "lse_col": torch.logsumexp(z, 0).float()}
+    for loss, kwargs in (("siglip", {"with_loss": True}), ("clip", lse)):
+        b = bias if loss == "siglip" else bias * 0
+        raw = backend.grads(x, y, scale, b, loss, 3, **kwargs)
+        for factor in (0.37, -2.0, 0.0):
+            mult = torch.tensor([factor], device=device)
+            for out_dtype in (None, torch.float32):
+                got = backend.grads(x, y, scale, b, loss, 3, mult=mult, dx_dtype=out_dtype, dy_dtype=out_dtype,
+                                    **kwargs)
+                want_dtype = out_dtype or dtype
+                assert got[0].dtype == want_dtype and got[1].dtype == want_dtype
+                tol = {"rtol": 2e-3, "atol": 2e-3} if want_dtype == torch.float16 else {"rtol": 1e-5, "atol": 1e-5}
+                for g, r in zip(got[:2], raw[:2], strict=True):
+                    torch.testing.assert_close(g.double(), (r * factor).double(), **tol)
+                for g, r in zip(got[2:], raw[2:], strict=True):  # the sums stay raw
+                    torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # GPU: the kernels natively, bf16 included, at the widths the models use
 
@@ -550,6 +587,24 @@ def test_gpu_chunked_backward_over_several_chunks(monkeypatch):
     monkeypatch.setattr(C, "_GPU_CHUNK_BYTES", 1 << 20)  # 1 MiB: many chunks of dL/dz at N = 3000
     for loss in ("siglip", "clip"):
         assert_matches(loss, "triton", make_inputs(3000, 256, seed=1, device="cuda"), torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_gpu_losses_never_wait_for_the_device(monkeypatch):
+    """Forward and backward of both losses, bf16, several chunks of dL/dz, under torch's sync debug mode: no call
+    may wait for the GPU (a list index on a CUDA tensor, a .item(), a host copy would)."""
+    monkeypatch.setattr(C, "_GPU_CHUNK_BYTES", 1 << 20)
+    img, txt, scale, bias = make_inputs(3000, 256, seed=2, device="cuda")
+    img, txt = img.bfloat16().requires_grad_(), txt.bfloat16().requires_grad_()
+    scale, bias = scale.float().requires_grad_(), bias.float().requires_grad_()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for loss in (siglip_loss(img, txt, scale, bias), clip_loss(img, txt, scale)):
+            loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert all(torch.isfinite(t.grad).all() for t in (img, txt, scale, bias))
 
 
 @pytest.mark.gpu

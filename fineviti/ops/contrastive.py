@@ -239,15 +239,17 @@ class _Triton:
         dy = dy32 = None  # dy32: the fp32 sum over chunks of rows
         sums = torch.zeros(3 if with_loss else 2, device=x.device, dtype=torch.float32)  # sum(g), sum(g x.y)[, loss]
         unscale = 1.0 / kc.grad_scale(x.dtype)  # g is stored scaled up in fp16
+        store_mult = mult if fold else torch.ones(1, device=x.device, dtype=torch.float32)
         for start in starts:
             stop = min(m, start + step)
             gc, xc = g[:stop - start], x[start:stop]
             sums += kc.loss_grad_logits(xc, y, scale, bias, gc, loss=loss, diag_offset=diag_offset + start,
                                         lse_row=None if lse_row is None else lse_row[start:stop], lse_col=lse_col,
-                                        with_loss=with_loss, store_cols=kc.padded_cols(n),
-                                        mult=mult if fold else None)
+                                        with_loss=with_loss, store_cols=kc.padded_cols(n), mult=store_mult)
             if fold and dx_dtype == x.dtype:
-                torch.mm(gc, y, out=dx[start:stop])  # fp32 accumulation in cuBLAS, one rounding
+                # cuBLAS accumulates in fp32 and rounds once, as every bf16 nn.Linear does (split-K partial sums
+                # follow torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction, as there)
+                torch.mm(gc, y, out=dx[start:stop])
             else:
                 gy = _mm_f32(gc, y)
                 if unscale != 1.0:
