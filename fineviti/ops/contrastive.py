@@ -132,7 +132,7 @@ class _Chunked:
               dy_dtype=None, with_loss=False):
         m, n = x.shape[0], y.shape[0]
         y32 = y.float()
-        dx = torch.empty(x.shape, device=x.device, dtype=torch.float32)
+        dx = torch.empty(x.shape, device=x.device, dtype=torch.float32 if mult is None else (dx_dtype or x.dtype))
         dy = torch.zeros(y.shape, device=x.device, dtype=torch.float32)
         ds_db = torch.zeros(3, device=x.device, dtype=torch.float32)
         for start, stop in self._chunks(m, n):
@@ -158,10 +158,9 @@ class _Chunked:
             ds_db[0] += torch.dot(g.view(-1), dots.view(-1))
             ds_db[1] += g.sum()
             del dots
-            dx[start:stop] = g @ y32
+            dx[start:stop] = (g @ y32) if mult is None else (g @ y32).mul_(mult)  # chunk by chunk: no fp32 (M, D)
             dy.addmm_(g.T, xc)
         if mult is not None:
-            dx = dx.mul_(mult).to(dx_dtype or x.dtype)
             dy = dy.mul_(mult).to(dy_dtype or y.dtype)
         return (dx, dy, ds_db[0], ds_db[1]) + ((ds_db[2],) if with_loss else ())
 
