@@ -506,10 +506,31 @@ class Config:
         return f"M{self.block_m}N{self.block_n}w{self.num_warps}s{self.num_stages}"
 
 
-def split_head_dim(head_dim: int, dtype: torch.dtype = torch.bfloat16) -> tuple[int, int]:
-    """(DIM_A, DIM_B): the largest power of two <= head_dim, and the power of two (>= 16) covering the rest, or 0."""
+SPLIT_MODES = ("pieces", "masked")
+
+
+def split_mode() -> str:
+    """How head dims that are not powers of two are tiled (FINEVITI_ATTN_SPLIT): "pieces" (the default), two
+    power-of-two pieces (80 = 64 + 16, 72 = 64 + 16 with 8 columns masked); "masked", for multiples of 16, one
+    power-of-two tile over the whole head (80 and 96 in 128 columns, the columns past head_dim loaded as zeros and
+    never stored): the FLOPs of zero-padding to that width without the padded copies of q, k, v and o, with the d128
+    kernels' tiles (which run on an H100, where the two-piece kernels fault with triton 3.6). Not 72: its head
+    stride is no multiple of 16 elements, the loads go scalar, and every kernel spilled 72-720 bytes (sm_90, triton
+    3.6 and 3.8); 72 stays in pieces (zero-padded to 128 on a GPU by the ops layer)."""
+    mode = os.environ.get("FINEVITI_ATTN_SPLIT") or "pieces"
+    if mode not in SPLIT_MODES:
+        raise ValueError(f"FINEVITI_ATTN_SPLIT must be one of {SPLIT_MODES}, got {mode!r}")
+    return mode
+
+
+def split_head_dim(head_dim: int, dtype: torch.dtype = torch.bfloat16, mode: str | None = None) -> tuple[int, int]:
+    """(DIM_A, DIM_B): the largest power of two <= head_dim, and the power of two (>= 16) covering the rest, or 0;
+    in split mode "masked" (mode, else split_mode()) and for a multiple of 16, the power of two covering head_dim,
+    and 0."""
     if not 16 <= head_dim <= 256:
         raise ValueError(f"head_dim must be in [16, 256], got {head_dim}")
+    if head_dim & (head_dim - 1) and head_dim % 16 == 0 and (mode or split_mode()) == "masked":
+        return triton.next_power_of_2(head_dim), 0
     dim_a = 1 << (head_dim.bit_length() - 1)
     rest = head_dim - dim_a
     dim_b = 0 if rest == 0 else max(16, triton.next_power_of_2(rest))
@@ -533,12 +554,12 @@ def _seqlen_bucket(max_seqlen: int) -> int:
     return triton.next_power_of_2(max(max_seqlen, 16))
 
 
-def pick_config(kind: str, head_dim: int, dtype: torch.dtype, max_seqlen: int) -> Config:
-    """The pinned configuration of launch `kind` ('fwd', 'dkdv' or 'dq')."""
+def pick_config(kind: str, head_dim: int, dtype: torch.dtype, max_seqlen: int, mode: str | None = None) -> Config:
+    """The pinned configuration of launch `kind` ('fwd', 'dkdv' or 'dq'); `mode`: the split mode (split_mode())."""
     override = os.environ.get(f"FINEVITI_ATTN_{kind.upper()}_CONFIG")
     if override:
         return Config(*(int(x) for x in override.split(",")))
-    dim_a, dim_b = split_head_dim(head_dim, dtype)
+    dim_a, dim_b = split_head_dim(head_dim, dtype, mode)
     width = dim_a + dim_b
     short = _seqlen_bucket(max_seqlen) <= 64
     if dtype == torch.float32:  # the accuracy path (3xTF32): small tiles keep the split operands in registers
@@ -624,7 +645,7 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     if not (math.isfinite(softmax_scale) and softmax_scale > 0):  # the row maximum is taken before scaling
         raise ValueError(f"softmax_scale must be finite and > 0 for the triton backend, got {softmax_scale}")
     dim_a, dim_b = split_head_dim(head_dim, q.dtype)
-    if rope is not None and dim_b:
+    if rope is not None and head_dim & (head_dim - 1):
         raise ValueError(f"RoPE inside the attention kernel takes a power-of-two head_dim, got {head_dim}")
     cfg = pick_config("fwd", head_dim, q.dtype, max(max_seqlen_q, max_seqlen_k))
     o = torch.empty_like(q)
@@ -669,18 +690,23 @@ DQ_MODES = ("atomic", "separate")
 DEFAULT_DQ_MODE = "atomic"
 
 
-def atomic_dq_supported(head_dim: int, dtype: torch.dtype, max_seqlen: int | None = None) -> bool:
-    """Where the atomic variant is used: 16-bit inputs at head dims above 64 and up to 128 without masked columns.
-    Not at fp32, 72 or above 128: the extra dq tile spilled 32-900 bytes of registers on sm_90 whatever the tile
-    (16x16 to 64x128, 4 or 8 warps; kernel report). Not at 64 and below: measured slower on an H100 (FA3 shape
+def atomic_dq_supported(head_dim: int, dtype: torch.dtype, max_seqlen: int | None = None,
+                        mode: str | None = None) -> bool:
+    """Where the atomic variant is used: 16-bit inputs at head dims above 64 and up to 128 whose tiles have no
+    masked columns (128; 80 = 64 + 16), or, in split mode "masked", 80 and 96 inside one 128-column tile. Not at
+    fp32, 72 (64 + 16 with 8 columns masked) or above 128: the extra dq tile spilled 32-900 bytes of registers on
+    sm_90 whatever the tile (16x16 to 64x128, 4 or 8 warps; kernel report). Not at 64 and below: measured slower on an H100 (FA3 shape
     seqlen 4096, d64, bf16: backward 5.149 and 5.084 ms with atomics, 4.909 and 4.900 ms without, two runs;
     benchmarks/results/2026-11-27_H100-80GB-HBM3_gpu_check{,_rerun}_summary.md). Not when every sequence fits
     one 64-row block (`max_seqlen` <= 64): there the short tile spilled once the key-row mask was added, and a
     single key block per sequence leaves no recomputation to save."""
-    dim_a, dim_b = split_head_dim(head_dim, dtype)
+    dim_a, dim_b = split_head_dim(head_dim, dtype, mode)
     if max_seqlen is not None and _seqlen_bucket(max_seqlen) <= 64:
         return False
-    return dtype in (torch.float16, torch.bfloat16) and dim_a + dim_b == head_dim and 64 < head_dim <= 128
+    # pieces that cover head_dim exactly (128; 80 = 64 + 16), or (split mode "masked") one tile with head_dim
+    # masked inside it
+    exact_or_masked = dim_a + dim_b == head_dim or (dim_b == 0 and head_dim <= dim_a)
+    return dtype in (torch.float16, torch.bfloat16) and exact_or_masked and 64 < head_dim <= 128 and dim_a <= 128
 
 
 def dq_mode(deterministic: bool, head_dim: int, dtype: torch.dtype, max_seqlen: int | None = None) -> str:
@@ -784,15 +810,18 @@ def shipped_configs(kind: str) -> list[registry.Shipped]:
     cases = [(d, t) for d in SHIPPED_HEAD_DIMS for t in (torch.bfloat16, torch.float16)] + [(64, torch.float32)]
     if kind == "fwd_rope":  # varlen_attention_rope: power-of-two head dims, 16-bit, the long bucket
         cases = [(d, t) for d in (64, 128) for t in (torch.bfloat16, torch.float16)]
-    for head_dim, dtype in cases:
+    # with the head dims that are not powers of two once more in split mode "masked" (opt-in, FINEVITI_ATTN_SPLIT)
+    modes = [(d, t, "pieces") for d, t in cases] + [(d, t, "masked") for d, t in cases
+                                                    if d & (d - 1) and d % 16 == 0 and t != torch.float32]
+    for head_dim, dtype, mode in modes:
         for seqlen in SHIPPED_SEQLENS:
-            if kind == "dkdv_atomic" and not atomic_dq_supported(head_dim, dtype, seqlen):
+            if kind == "dkdv_atomic" and not atomic_dq_supported(head_dim, dtype, seqlen, mode):
                 continue
             if kind == "fwd_rope" and seqlen <= 64:
                 continue
-            cfg = pick_config("fwd" if kind == "fwd_rope" else kind, head_dim, dtype, seqlen)
-            dim_a, dim_b = split_head_dim(head_dim, dtype)
-            key = (head_dim, dtype, cfg)
+            cfg = pick_config("fwd" if kind == "fwd_rope" else kind, head_dim, dtype, seqlen, mode)
+            dim_a, dim_b = split_head_dim(head_dim, dtype, mode)
+            key = (head_dim, dtype, mode, cfg)
             if key in seen:
                 continue
             seen.add(key)
@@ -802,7 +831,7 @@ def shipped_configs(kind: str) -> list[registry.Shipped]:
             pointers.update({p: "*i32" for p in ("cu_seqlens_q", "cu_seqlens_k", "block_cu")})
             rows.append(registry.Shipped(
                 kernel_name=f"attn_{kind}" if kind.startswith("fwd") else f"attn_bwd_{kind}",
-                label=f"d{head_dim}-{name}-{cfg.label}",
+                label=f"d{head_dim}{'' if mode == 'pieces' or dim_a == head_dim else f'in{dim_a}'}-{name}-{cfg.label}",
                 signature=_signature(fn, name, pointers),
                 constexprs=dict(HEAD_DIM=head_dim, DIM_A=dim_a, DIM_B=dim_b, BLOCK_M=cfg.block_m,
                                 BLOCK_N=cfg.block_n, PRECISION=_precision(dtype),
@@ -811,24 +840,32 @@ def shipped_configs(kind: str) -> list[registry.Shipped]:
                                 **({"ROPE": kind == "fwd_rope"} if kind.startswith("fwd") else {})),
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                 aligned=_aligned(fn, head_dim, zero_dqa=kind == "dkdv"),
-                **_spill_allowance(kind, head_dim, cfg),
+                **_spill_allowance(kind, dim_a + dim_b if dim_b == 0 else -1, cfg, masked=dim_a != head_dim),
             ))
     return rows
 
 
-def _spill_allowance(kind: str, head_dim: int, cfg: Config) -> dict:
+def _spill_allowance(kind: str, width: int, cfg: Config, masked: bool = False) -> dict:
     """The measured exceptions to the no-spill gate, the d128 dk/dv tiles (H100, FA3 shape seqlen 4096, bf16):
     with atomic dq, M64N128 w8 spilled 88 bytes at s2 (triton 3.6) and spills 76 (3.6) and 56 (3.8) at s3, yet ran
     the backward in 4.537 ms at s2 (2026-11-27) against 5.723 for the best tile that does not spill (M32N128) and
     7.466 for M64N64, and in 4.129 ms at s3 against 4.465 at s2 (2026-11-28); deterministic, M64N128 w8 s3 spills
-    16 (3.6) and 36 bytes (3.8) and ran it in 5.913 ms against 8.261 for M64N64 w8 s2, which does not spill."""
-    if head_dim == 128 and (cfg.block_m, cfg.block_n, cfg.num_warps) == (64, 128, 8):
+    16 (3.6) and 36 bytes (3.8) and ran it in 5.913 ms against 8.261 for M64N64 w8 s2, which does not spill.
+    `width`: the one tile's width (128 for head dim 128, and for 80 and 96 in split mode "masked"), -1 for two
+    pieces. `masked` (80 and 96 in 128 columns, opt-in): the same tiles spill a little more (16-96 bytes) and are not
+    timed yet; they get the d128 allowances plus 16 bytes, said as such."""
+    if width == 128 and (cfg.block_m, cfg.block_n, cfg.num_warps) == (64, 128, 8) and masked:
+        if kind in ("dkdv", "dkdv_atomic"):
+            return {"spill_allowance": 112 if kind == "dkdv_atomic" else 64,
+                    "spill_reason": "opt-in split mode 'masked', not timed yet: the d128 tile it runs was measured "
+                                    "faster with its spills (bwd 4.129 / 5.913 ms on an H100)"}
+    if width == 128 and (cfg.block_m, cfg.block_n, cfg.num_warps) == (64, 128, 8):
         if kind == "dkdv_atomic":
             return {"spill_allowance": 96, "spill_reason": "measured on an H100 with these spills (triton 3.6): "
                                                            "bwd 4.129 ms against 5.723 for the best non-spilling tile"}
         if kind == "dkdv":
             return {"spill_allowance": 48, "spill_reason": "measured on an H100 with these spills (triton 3.6): "
-                                                           "bwd 5.913 ms against 8.261 for the pinned non-spilling tile"}
+                                                           "bwd 5.913 ms against 8.261 for M64N64, no spills"}
     return {}
 
 

@@ -95,6 +95,51 @@ def test_split_head_dims_padded_path(monkeypatch):
     assert seen == [128, 72]
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_masked_split_mode(monkeypatch, deterministic):
+    """FINEVITI_ATTN_SPLIT=masked (opt-in): 80 and 96 run in one 128-column tile, the columns past head_dim loaded
+    as zeros and never stored, with no padded copies (the ops layer keeps the true width, also where it would pad);
+    72 (no multiple of 16) stays in pieces. Outputs and gradients against the references, q/k/v in NaN-padded
+    storage; the non-deterministic backward takes the atomic dq there (one power-of-two tile)."""
+    monkeypatch.setenv("FINEVITI_ATTN_SPLIT", "masked")
+    assert kernels.split_head_dim(80) == kernels.split_head_dim(96) == (128, 0)
+    assert kernels.split_head_dim(72) == (64, 16) and kernels.split_head_dim(64) == (64, 0)
+    assert kernels.atomic_dq_supported(80, torch.float16, 130) and not kernels.atomic_dq_supported(72, torch.float16)
+    monkeypatch.setattr(attention_mod, "PAD_SPLIT_HEAD_DIMS_ON", ("cuda", "cpu"))
+    q = torch.empty(2, 1, 80)
+    assert attention_mod.triton_padded_head_dim(80, q) == 80  # no copies at 80
+    assert attention_mod.triton_padded_head_dim(72, q[..., :72]) == 128  # 72: pieces, zero-padded where padding is on
+    widths = []
+    original = kernels.attention_forward
+
+    def spy(q, *args, **kwargs):
+        widths.append((q.shape[-1], kernels.split_head_dim(q.shape[-1], q.dtype)))
+        return original(q, *args, **kwargs)
+
+    monkeypatch.setattr(kernels, "attention_forward", spy)
+    plain = make_pack
+
+    def nan_guarded(lens, heads, head_dim, dtype, **kwargs):
+        """q, k, v as views of storage whose columns past head_dim (up to 128 and beyond) hold NaN: a load of a
+        masked column shows in every output."""
+        out = []
+        for t in plain(lens, heads, head_dim, dtype, requires_grad=False)[:3]:
+            buf = torch.full((t.shape[0], heads, 144), float("nan"), dtype=dtype)
+            out.append(buf[..., :head_dim].copy_(t).requires_grad_())
+        return (*out, plain(lens, heads, head_dim, dtype)[3])
+
+    monkeypatch.setattr(sys.modules[__name__], "make_pack", nan_guarded)
+    for head_dim in (80, 96):
+        check_against_reference([1, 130, 3, 67], 2, head_dim, torch.float16, deterministic=deterministic)
+    assert widths == [(80, (128, 0)), (96, (128, 0))]
+
+
+def test_split_mode_must_be_known(monkeypatch):
+    monkeypatch.setenv("FINEVITI_ATTN_SPLIT", "padded")
+    with pytest.raises(ValueError, match="FINEVITI_ATTN_SPLIT must be one of .* got 'padded'"):
+        kernels.split_head_dim(80)
+
+
 def _backward_spy(monkeypatch):
     calls = []
     original = kernels.attention_backward

@@ -88,8 +88,9 @@ def test_split_probe_times_the_two_piece_kernel_against_padding(tmp_path, monkey
 
 
 def test_split_probe_runs_diagnostics_before_timings_inside_its_budget(monkeypatch):
-    """probe_all's order (fault probes, then the diagnostics of the first fault, then timings) and its budget: each
-    subprocess gets what is left of it, and a step that would get under 20 s is skipped."""
+    """probe_all's order (split mode "masked": probes, then timings; the two-piece kernels: fault probes, the
+    diagnostics of the first fault, then timings) and its budget: each subprocess gets what is left of it, and a
+    step that would get under 20 s is skipped."""
     import subprocess as sp
 
     import attention_split_probe as probe
@@ -97,29 +98,49 @@ def test_split_probe_runs_diagnostics_before_timings_inside_its_budget(monkeypat
     clock = {"now": 0.0}
     calls = []
 
+    def tag(env):
+        if env is None:
+            return ""
+        return "masked" if env.get("FINEVITI_ATTN_SPLIT") == "masked" else "config"
+
     def fake_run(cmd, env=None, timeout=None):
-        calls.append((cmd[cmd.index("--head-dim") + 1], "--time" in cmd, env is not None, timeout))
+        d = cmd[cmd.index("--head-dim") + 1]
+        calls.append((d, "--time" in cmd, tag(env), timeout))
         clock["now"] += 30.0  # every step takes 30 s
-        return sp.CompletedProcess(cmd, 1 if cmd[cmd.index("--head-dim") + 1] == "72" and env is None
-                                   and "--time" not in cmd else 0)
+        return sp.CompletedProcess(cmd, 1 if d == "72" and env is None and "--time" not in cmd else 0)
 
     monkeypatch.setattr(probe.subprocess, "run", fake_run)
     monkeypatch.setattr(probe.shutil, "which", lambda name: None)
     monkeypatch.setattr(probe.time, "monotonic", lambda: clock["now"])
-    assert probe.probe_all("bfloat16", budget_s=200.0) == 1  # 72 faulted
-    # probes of 72, 80, 96; three forward tiles at 72; the timing of 80 with the 20 s left; 96's skipped
-    assert [(d, t, e) for d, t, e, _ in calls] == [("72", False, False), ("80", False, False), ("96", False, False),
-                                                  ("72", False, True), ("72", False, True), ("72", False, True),
-                                                  ("80", True, False)]
-    assert [timeout for *_, timeout in calls] == [40, 40, 40, 40, 40, 40, 20]
+    assert probe.probe_all("bfloat16", budget_s=320.0) == 1  # 72 faulted in two pieces
+    # masked: probes of 80 and 96, their timings; pieces: probes of 72, 80, 96, three forward tiles at 72, the
+    # timing of 80 with the 20 s left; 96's skipped
+    assert [(d, t, e) for d, t, e, _ in calls] == [
+        ("80", False, "masked"), ("96", False, "masked"), ("80", True, "masked"), ("96", True, "masked"),
+        ("72", False, ""), ("80", False, ""), ("96", False, ""),
+        ("72", False, "config"), ("72", False, "config"), ("72", False, "config"), ("80", True, "")]
+    assert [timeout for *_, timeout in calls] == [40, 40, 60, 60, 40, 40, 40, 40, 40, 40, 20]
     clock["now"], calls[:] = 0.0, []
     monkeypatch.setattr(probe.subprocess, "run", lambda cmd, env=None, timeout=None: (
         calls.append(("--time" in cmd, cmd[cmd.index("--head-dim") + 1],
-                      [cmd[i + 1] for i, a in enumerate(cmd) if a == "--pad"])),
+                      [cmd[i + 1] for i, a in enumerate(cmd) if a == "--pad"], tag(env))),
         sp.CompletedProcess(cmd, 0))[1])
     assert probe.probe_all("bfloat16", budget_s=1000.0) == 0
     # 72 (64 + 16 with 8 columns masked) is also timed zero-padded to 80, which issues fewer instructions on paper
-    assert calls[3:] == [(True, "80", ["96"]), (True, "96", []), (True, "72", ["80", "96"])]
+    assert calls[4:7] == [(False, d, [], "") for d in ("72", "80", "96")]
+    assert calls[2:4] == [(True, "80", [], "masked"), (True, "96", [], "masked")]
+    assert calls[7:] == [(True, "80", ["96"], ""), (True, "96", [], ""), (True, "72", ["80", "96"], "")]
+
+
+def test_split_probe_times_the_masked_mode_against_padding(tmp_path, monkeypatch):
+    import attention_split_probe as probe
+
+    rows_path = tmp_path / "rows.jsonl"
+    monkeypatch.setenv("FINEVITI_RESULTS", str(rows_path))
+    monkeypatch.setenv("FINEVITI_ATTN_SPLIT", "masked")
+    assert probe.time_split(80, "float16", [], tokens=96, heads=1, device="cpu") == 0
+    rows = [json.loads(line) for line in rows_path.read_text().splitlines()]
+    assert [(r["provider"], r["shape"]["width"]) for r in rows] == [("padded to 128", 128), ("masked in 128", 80)]
 
 
 def test_loss_sweep_runs_every_candidate(tmp_path, monkeypatch):

@@ -152,7 +152,9 @@ def triton_padded_head_dim(head_dim: int, q: torch.Tensor) -> int:
     report illegal shared-memory reads of Hopper wgmma with narrow dot operands in 3.6-3.7), CUDA tensors at
     such head dims are zero-padded to the next power of two, which costs FLOPs: 72 and 80 run at 128.
     FINEVITI_ATTN_PAD_SPLIT=0 turns the padding off (to run the two-piece kernels through this op on a GPU;
-    benchmarks/attention_split_probe.py calls the kernels directly)."""
+    benchmarks/attention_split_probe.py calls the kernels directly). FINEVITI_ATTN_SPLIT=masked (opt-in, not yet
+    run on a GPU) runs 80 and 96 in one 128-column tile with masked columns instead: the padded FLOPs without the
+    padded copies (kernels.split_mode())."""
     dim_a, dim_b = _kernels().split_head_dim(head_dim, q.dtype)
     if dim_b == 0 or q.device.type not in PAD_SPLIT_HEAD_DIMS_ON:
         return head_dim
