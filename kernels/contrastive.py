@@ -345,7 +345,7 @@ def config(d: int, dtype: torch.dtype, kernel: str = "bwd", loss: str = "siglip"
     # fourth stage measured faster in bf16. The gradient kernels take 128 x 64: since they also reduce the scale's
     # gradient, sum(dL/dz * x.y), from the fp32 dot products (which saved the step two passes over an fp32 (N, D)
     # product; 2026-11-28 profile), 128 x 128 tiles spill 12-104 bytes (triton 3.6 and 3.8) and 128 x 64 take
-    # 113-194 registers without; the 2026-11-27 sweep timed the two within 1% for SigLIP's step (2.859 against
+    # 113-194 registers without; the 2026-11-28 sweep timed the two within 1% for SigLIP's step (2.859 against
     # 2.838 ms at N = 16384, D = 768, bf16, the older epilogue).
     if kernel == "fwd_cols":
         # CLIP's one-pass forward over 4 warps, two programs per SM (236-250 registers, no spills): one program's
