@@ -601,10 +601,12 @@ def compile_rows(rows, arch: int = 90, jobs: int | None = None, keep_dir: str | 
 
 
 def quick_rows(rows) -> list:
-    """One configuration per kernel, head dim and dtype: the first row of each group."""
+    """One configuration per kernel, head dim (and its tiling: DIM_A / DIM_B, so that attention's split modes each
+    keep a row) and dtype: the first row of each group."""
     seen, out = set(), []
     for row in rows:
-        head = tuple(sorted((k, v) for k, v in row.constexprs.items() if "HEAD_DIM" in k.upper() or k in ("D", "DIM")))
+        head = tuple(sorted((k, v) for k, v in row.constexprs.items()
+                            if "HEAD_DIM" in k.upper() or k in ("D", "DIM", "DIM_A", "DIM_B")))
         dtypes = tuple(sorted({t for t in row.signature.values() if t.startswith("*")}))
         key = (row.kernel_name, head, dtypes)
         if key not in seen:

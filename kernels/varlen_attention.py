@@ -516,7 +516,8 @@ def split_mode() -> str:
     never stored): the FLOPs of zero-padding to that width without the padded copies of q, k, v and o, with the d128
     kernels' tiles (which run on an H100, where the two-piece kernels fault with triton 3.6). Not 72: its head
     stride is no multiple of 16 elements, the loads go scalar, and every kernel spilled 72-720 bytes (sm_90, triton
-    3.6 and 3.8); 72 stays in pieces (zero-padded to 128 on a GPU by the ops layer)."""
+    3.6 and 3.8); 72 stays in pieces (zero-padded to 128 on a GPU by the ops layer). Read at every launch (and by
+    the ops layer's padding rule): set it before a forward and leave it until that forward's backward has run."""
     mode = os.environ.get("FINEVITI_ATTN_SPLIT") or "pieces"
     if mode not in SPLIT_MODES:
         raise ValueError(f"FINEVITI_ATTN_SPLIT must be one of {SPLIT_MODES}, got {mode!r}")
@@ -695,11 +696,11 @@ def atomic_dq_supported(head_dim: int, dtype: torch.dtype, max_seqlen: int | Non
     """Where the atomic variant is used: 16-bit inputs at head dims above 64 and up to 128 whose tiles have no
     masked columns (128; 80 = 64 + 16), or, in split mode "masked", 80 and 96 inside one 128-column tile. Not at
     fp32, 72 (64 + 16 with 8 columns masked) or above 128: the extra dq tile spilled 32-900 bytes of registers on
-    sm_90 whatever the tile (16x16 to 64x128, 4 or 8 warps; kernel report). Not at 64 and below: measured slower on an H100 (FA3 shape
-    seqlen 4096, d64, bf16: backward 5.149 and 5.084 ms with atomics, 4.909 and 4.900 ms without, two runs;
-    benchmarks/results/2026-11-27_H100-80GB-HBM3_gpu_check{,_rerun}_summary.md). Not when every sequence fits
-    one 64-row block (`max_seqlen` <= 64): there the short tile spilled once the key-row mask was added, and a
-    single key block per sequence leaves no recomputation to save."""
+    sm_90 whatever the tile (16x16 to 64x128, 4 or 8 warps; kernel report). Not at 64 and below: measured slower
+    on an H100 (FA3 shape seqlen 4096, d64, bf16: backward 5.149 and 5.084 ms with atomics, 4.909 and 4.900 ms
+    without, two runs; benchmarks/results/2026-11-27_H100-80GB-HBM3_gpu_check{,_rerun}_summary.md). Not when
+    every sequence fits one 64-row block (`max_seqlen` <= 64): there the short tile spilled once the key-row mask
+    was added, and a single key block per sequence leaves no recomputation to save."""
     dim_a, dim_b = split_head_dim(head_dim, dtype, mode)
     if max_seqlen is not None and _seqlen_bucket(max_seqlen) <= 64:
         return False

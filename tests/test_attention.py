@@ -102,6 +102,7 @@ def test_masked_split_mode(monkeypatch, deterministic):
     72 (no multiple of 16) stays in pieces. Outputs and gradients against the references, q/k/v in NaN-padded
     storage; the non-deterministic backward takes the atomic dq there (one power-of-two tile)."""
     monkeypatch.setenv("FINEVITI_ATTN_SPLIT", "masked")
+    monkeypatch.delenv("FINEVITI_ATTN_DQ", raising=False)
     assert kernels.split_head_dim(80) == kernels.split_head_dim(96) == (128, 0)
     assert kernels.split_head_dim(72) == (64, 16) and kernels.split_head_dim(64) == (64, 0)
     assert kernels.atomic_dq_supported(80, torch.float16, 130) and not kernels.atomic_dq_supported(72, torch.float16)
@@ -129,9 +130,15 @@ def test_masked_split_mode(monkeypatch, deterministic):
         return (*out, plain(lens, heads, head_dim, dtype)[3])
 
     monkeypatch.setattr(sys.modules[__name__], "make_pack", nan_guarded)
+    modes = []
+    dq_mode = kernels.dq_mode
+    monkeypatch.setattr(kernels, "dq_mode", lambda *args: modes.append(dq_mode(*args)) or modes[-1])
     for head_dim in (80, 96):
         check_against_reference([1, 130, 3, 67], 2, head_dim, torch.float16, deterministic=deterministic)
-    assert widths == [(80, (128, 0)), (96, (128, 0))]
+    check_against_reference([1, 5, 60], 1, 80, torch.float16, deterministic=deterministic)  # the short bucket
+    assert widths == [(80, (128, 0)), (96, (128, 0)), (80, (128, 0))]
+    # the atomic dq where sequences span several key blocks, as at 128; the separate kernel otherwise
+    assert modes == (["separate"] * 3 if deterministic else ["atomic", "atomic", "separate"])
 
 
 def test_split_mode_must_be_known(monkeypatch):

@@ -88,38 +88,47 @@ def test_split_probe_times_the_two_piece_kernel_against_padding(tmp_path, monkey
 
 
 def test_split_probe_runs_diagnostics_before_timings_inside_its_budget(monkeypatch):
-    """probe_all's order (split mode "masked": probes, then timings; the two-piece kernels: fault probes, the
-    diagnostics of the first fault, then timings) and its budget: each subprocess gets what is left of it, and a
-    step that would get under 20 s is skipped."""
+    """probe_all's order (split mode "masked": probes of 80 and 96, the timing of 80; the two-piece kernels, with
+    FINEVITI_ATTN_SPLIT=pieces whatever the caller's environment: fault probes, the diagnostics of the first fault,
+    then timings) and its budget: each subprocess gets what is left of it, a step that would get under 20 s is
+    skipped, and a skipped step is no fault."""
     import subprocess as sp
 
     import attention_split_probe as probe
 
     clock = {"now": 0.0}
     calls = []
+    monkeypatch.setenv("FINEVITI_ATTN_SPLIT", "masked")  # the caller's: the two-piece runs must not inherit it
 
     def tag(env):
-        if env is None:
-            return ""
-        return "masked" if env.get("FINEVITI_ATTN_SPLIT") == "masked" else "config"
+        if env.get("FINEVITI_ATTN_FWD_CONFIG"):
+            assert env["FINEVITI_ATTN_SPLIT"] == "pieces"
+            return "config"
+        return env["FINEVITI_ATTN_SPLIT"]
 
-    def fake_run(cmd, env=None, timeout=None):
+    def fake_run(cmd, env=None, timeout=None, faults=("72",)):
         d = cmd[cmd.index("--head-dim") + 1]
         calls.append((d, "--time" in cmd, tag(env), timeout))
         clock["now"] += 30.0  # every step takes 30 s
-        return sp.CompletedProcess(cmd, 1 if d == "72" and env is None and "--time" not in cmd else 0)
+        return sp.CompletedProcess(cmd, 1 if d in faults and tag(env) == "pieces" and "--time" not in cmd else 0)
 
     monkeypatch.setattr(probe.subprocess, "run", fake_run)
     monkeypatch.setattr(probe.shutil, "which", lambda name: None)
     monkeypatch.setattr(probe.time, "monotonic", lambda: clock["now"])
     assert probe.probe_all("bfloat16", budget_s=320.0) == 1  # 72 faulted in two pieces
-    # masked: probes of 80 and 96, their timings; pieces: probes of 72, 80, 96, three forward tiles at 72, the
-    # timing of 80 with the 20 s left; 96's skipped
     assert [(d, t, e) for d, t, e, _ in calls] == [
-        ("80", False, "masked"), ("96", False, "masked"), ("80", True, "masked"), ("96", True, "masked"),
-        ("72", False, ""), ("80", False, ""), ("96", False, ""),
-        ("72", False, "config"), ("72", False, "config"), ("72", False, "config"), ("80", True, "")]
-    assert [timeout for *_, timeout in calls] == [40, 40, 60, 60, 40, 40, 40, 40, 40, 40, 20]
+        ("80", False, "masked"), ("96", False, "masked"), ("80", True, "masked"),
+        ("72", False, "pieces"), ("80", False, "pieces"), ("96", False, "pieces"),
+        ("72", False, "config"), ("72", False, "config"), ("72", False, "config"),
+        ("80", True, "pieces"), ("96", True, "pieces")]
+    assert [timeout for *_, timeout in calls] == [40, 40, 60, 40, 40, 40, 40, 40, 40, 50, 20]
+    # a budget that runs out before the two-piece probe of 96: skipped, not a fault, so no diagnostics either
+    clock["now"], calls[:] = 0.0, []
+    monkeypatch.setattr(probe.subprocess, "run", lambda cmd, env=None, timeout=None: fake_run(cmd, env, timeout, ()))
+    assert probe.probe_all("bfloat16", budget_s=140.0) == 0
+    assert [(d, t, e) for d, t, e, _ in calls] == [
+        ("80", False, "masked"), ("96", False, "masked"), ("80", True, "masked"),
+        ("72", False, "pieces"), ("80", False, "pieces")]
     clock["now"], calls[:] = 0.0, []
     monkeypatch.setattr(probe.subprocess, "run", lambda cmd, env=None, timeout=None: (
         calls.append(("--time" in cmd, cmd[cmd.index("--head-dim") + 1],
@@ -127,9 +136,31 @@ def test_split_probe_runs_diagnostics_before_timings_inside_its_budget(monkeypat
         sp.CompletedProcess(cmd, 0))[1])
     assert probe.probe_all("bfloat16", budget_s=1000.0) == 0
     # 72 (64 + 16 with 8 columns masked) is also timed zero-padded to 80, which issues fewer instructions on paper
-    assert calls[4:7] == [(False, d, [], "") for d in ("72", "80", "96")]
-    assert calls[2:4] == [(True, "80", [], "masked"), (True, "96", [], "masked")]
-    assert calls[7:] == [(True, "80", ["96"], ""), (True, "96", [], ""), (True, "72", ["80", "96"], "")]
+    assert calls[2] == (True, "80", [], "masked")
+    assert calls[3:6] == [(False, d, [], "pieces") for d in ("72", "80", "96")]
+    assert calls[6:] == [(True, "80", ["96"], "pieces"), (True, "96", [], "pieces"),
+                         (True, "72", ["80", "96"], "pieces")]
+
+
+def test_split_probe_checks_values_against_the_reference(monkeypatch, capsys):
+    """check_head_dim (what each probe subprocess runs) on a CPU under the interpreter, split mode "masked": the
+    forward and both backwards pass against the fp32 reference; a backward that returns wrong gradients fails."""
+    import attention_split_probe as probe
+
+    from fineviti.kernels import varlen_attention as kernels
+
+    monkeypatch.setenv("FINEVITI_ATTN_SPLIT", "masked")
+    assert probe.check_head_dim(80, "float16", [1, 3, 70], heads=1, device="cpu") == 0
+    assert "split mode masked: OK" in capsys.readouterr().out
+    original = kernels.attention_backward
+
+    def off_by_a_bit(*args, **kwargs):
+        dq, dk, dv = original(*args, **kwargs)
+        return dq, dk, dv * 1.2
+
+    monkeypatch.setattr(kernels, "attention_backward", off_by_a_bit)
+    assert probe.check_head_dim(80, "float16", [1, 3, 70], heads=1, device="cpu") == 1
+    assert "WRONG dv of the backward" in capsys.readouterr().out
 
 
 def test_split_probe_times_the_masked_mode_against_padding(tmp_path, monkeypatch):
