@@ -704,10 +704,9 @@ def atomic_dq_supported(head_dim: int, dtype: torch.dtype, max_seqlen: int | Non
     dim_a, dim_b = split_head_dim(head_dim, dtype, mode)
     if max_seqlen is not None and _seqlen_bucket(max_seqlen) <= 64:
         return False
-    # pieces that cover head_dim exactly (128; 80 = 64 + 16), or (split mode "masked") one tile with head_dim
-    # masked inside it
-    exact_or_masked = dim_a + dim_b == head_dim or (dim_b == 0 and head_dim <= dim_a)
-    return dtype in (torch.float16, torch.bfloat16) and exact_or_masked and 64 < head_dim <= 128 and dim_a <= 128
+    # one tile (128, or 80 and 96 masked inside 128), or pieces that cover head_dim exactly (80 = 64 + 16)
+    return dtype in (torch.float16, torch.bfloat16) and (dim_b == 0 or dim_a + dim_b == head_dim) and \
+        64 < head_dim <= 128
 
 
 def dq_mode(deterministic: bool, head_dim: int, dtype: torch.dtype, max_seqlen: int | None = None) -> str:
@@ -812,8 +811,9 @@ def shipped_configs(kind: str) -> list[registry.Shipped]:
     if kind == "fwd_rope":  # varlen_attention_rope: power-of-two head dims, 16-bit, the long bucket
         cases = [(d, t) for d in (64, 128) for t in (torch.bfloat16, torch.float16)]
     # with the head dims that are not powers of two once more in split mode "masked" (opt-in, FINEVITI_ATTN_SPLIT)
-    modes = [(d, t, "pieces") for d, t in cases] + [(d, t, "masked") for d, t in cases
-                                                    if d & (d - 1) and d % 16 == 0 and t != torch.float32]
+    modes = [(d, t, "pieces") for d, t in cases] + [
+        (d, t, "masked") for d, t in cases
+        if t != torch.float32 and split_head_dim(d, t, "masked") != split_head_dim(d, t, "pieces")]
     for head_dim, dtype, mode in modes:
         for seqlen in SHIPPED_SEQLENS:
             if kind == "dkdv_atomic" and not atomic_dq_supported(head_dim, dtype, seqlen, mode):
@@ -841,33 +841,31 @@ def shipped_configs(kind: str) -> list[registry.Shipped]:
                                 **({"ROPE": kind == "fwd_rope"} if kind.startswith("fwd") else {})),
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                 aligned=_aligned(fn, head_dim, zero_dqa=kind == "dkdv"),
-                **_spill_allowance(kind, dim_a + dim_b if dim_b == 0 else -1, cfg, masked=dim_a != head_dim),
+                **_spill_allowance(kind, head_dim, dim_a, dim_b, cfg),
             ))
     return rows
 
 
-def _spill_allowance(kind: str, width: int, cfg: Config, masked: bool = False) -> dict:
-    """The measured exceptions to the no-spill gate, the d128 dk/dv tiles (H100, FA3 shape seqlen 4096, bf16):
-    with atomic dq, M64N128 w8 spilled 88 bytes at s2 (triton 3.6) and spills 76 (3.6) and 56 (3.8) at s3, yet ran
-    the backward in 4.537 ms at s2 (2026-11-27) against 5.723 for the best tile that does not spill (M32N128) and
-    7.466 for M64N64, and in 4.129 ms at s3 against 4.465 at s2 (2026-11-28); deterministic, M64N128 w8 s3 spills
-    16 (3.6) and 36 bytes (3.8) and ran it in 5.913 ms against 8.261 for M64N64 w8 s2, which does not spill.
-    `width`: the one tile's width (128 for head dim 128, and for 80 and 96 in split mode "masked"), -1 for two
-    pieces. `masked` (80 and 96 in 128 columns, opt-in): the same tiles spill a little more (16-96 bytes) and are not
-    timed yet; they get the d128 allowances plus 16 bytes, said as such."""
-    if width == 128 and (cfg.block_m, cfg.block_n, cfg.num_warps) == (64, 128, 8) and masked:
-        if kind in ("dkdv", "dkdv_atomic"):
-            return {"spill_allowance": 112 if kind == "dkdv_atomic" else 64,
-                    "spill_reason": "opt-in split mode 'masked', not timed yet: the d128 tile it runs was measured "
-                                    "faster with its spills (bwd 4.129 / 5.913 ms on an H100)"}
-    if width == 128 and (cfg.block_m, cfg.block_n, cfg.num_warps) == (64, 128, 8):
-        if kind == "dkdv_atomic":
-            return {"spill_allowance": 96, "spill_reason": "measured on an H100 with these spills (triton 3.6): "
-                                                           "bwd 4.129 ms against 5.723 for the best non-spilling tile"}
-        if kind == "dkdv":
-            return {"spill_allowance": 48, "spill_reason": "measured on an H100 with these spills (triton 3.6): "
-                                                           "bwd 5.913 ms against 8.261 for M64N64, no spills"}
-    return {}
+def _spill_allowance(kind: str, head_dim: int, dim_a: int, dim_b: int, cfg: Config) -> dict:
+    """The measured exceptions to the no-spill gate, the 128-column dk/dv tiles M64N128 w8 (H100, FA3 shape seqlen
+    4096, bf16): with atomic dq it spilled 88 bytes at s2 (triton 3.6) and spills 76 (3.6) and 56 (3.8) at s3, yet
+    ran the backward in 4.537 ms at s2 (2026-11-27) against 5.723 for the best tile that does not spill (M32N128)
+    and 7.466 for M64N64, and in 4.129 ms at s3 against 4.465 at s2 (2026-11-28); deterministic, at s3 it spills 16
+    (3.6) and 36 bytes (3.8) and ran it in 5.913 ms against 8.261 for M64N64 w8 s2, which does not spill. In split
+    mode "masked" (80 and 96 in 128 columns, opt-in) the same tiles spill a little more (16-96 bytes) and are not
+    timed yet: the d128 allowances plus 16 bytes, said as such."""
+    if kind not in ("dkdv", "dkdv_atomic") or (dim_a, dim_b) != (128, 0) or \
+            (cfg.block_m, cfg.block_n, cfg.num_warps) != (64, 128, 8):
+        return {}
+    if head_dim != dim_a:
+        return {"spill_allowance": 112 if kind == "dkdv_atomic" else 64,
+                "spill_reason": "opt-in split mode 'masked', not timed yet: the d128 tile it runs was measured "
+                                "faster with its spills (bwd 4.129 / 5.913 ms on an H100)"}
+    if kind == "dkdv_atomic":
+        return {"spill_allowance": 96, "spill_reason": "measured on an H100 with these spills (triton 3.6): "
+                                                       "bwd 4.129 ms against 5.723 for the best non-spilling tile"}
+    return {"spill_allowance": 48, "spill_reason": "measured on an H100 with these spills (triton 3.6): "
+                                                   "bwd 5.913 ms against 8.261 for M64N64, no spills"}
 
 
 def _aligned(fn, head_dim: int, heads: int = 16, zero_dqa: bool = False) -> tuple[str, ...]:
