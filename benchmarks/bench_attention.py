@@ -9,6 +9,7 @@ that its published numbers compare directly. FLOPs: forward 4 * sum(L_i^2) * hea
                                                                        # one provider and shape alone (ncu, nsys)
   python benchmarks/bench_attention.py --sweep --shape fa3:4096 --head-dim 128
                                                                        # candidate configurations, to pick pins
+  python benchmarks/bench_attention.py --profile --shape fa3:1024      # GPU time per kernel against wall time
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import random
 
 import torch
 import torch.nn.functional as F
-from common import Recorder, bench  # noqa: I001  (benchmarks/ is on the path when run as a script)
+from common import Recorder, bench, gpu_kernel_times  # noqa: I001  (benchmarks/ is on the path when run as a script)
 
 from fineviti.kernels import varlen_attention as kernels  # noqa: E402
 from fineviti.ops import attention as attention_ops
@@ -94,7 +95,8 @@ def make_call(provider, q, k, v, cu, lens):
     raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
 
 
-def run_case(rec, provider, shape, head_dim, mode, dtype, device, once=False, heads=None, tag=None):
+def _case(provider, shape, head_dim, mode, dtype, device, heads=None):
+    """(fn, info, flops): one call of `provider` in `mode` on inputs of `shape` (fn raises where it cannot run)."""
     lens, shape_name = shape_lengths(shape)
     heads = heads or (HIDDEN // head_dim if shape.startswith("fa3") else 16)
     total = sum(lens)
@@ -105,20 +107,27 @@ def run_case(rec, provider, shape, head_dim, mode, dtype, device, once=False, he
     flops = {"fwd": flops_fwd, "bwd": 2.5 * flops_fwd, "fwd_bwd": 3.5 * flops_fwd}[mode]
     info = {"shape": shape_name, "tokens": total, "images": len(lens), "max_len": max(lens), "heads": heads,
             "head_dim": head_dim}
+
+    def fn():
+        call = make_call(provider, q, k, v, cu, lens)
+        if mode == "fwd":
+            return call
+        out = call()
+        grad = torch.randn_like(out)
+        if mode == "bwd":
+            return lambda: torch.autograd.grad(out, (q, k, v), grad, retain_graph=True)
+        return lambda: torch.autograd.grad(call(), (q, k, v), grad)
+
+    return fn, info, flops
+
+
+def run_case(rec, provider, shape, head_dim, mode, dtype, device, once=False, heads=None, tag=None):
+    make, info, flops = _case(provider, shape, head_dim, mode, dtype, device, heads)
     if tag:
         info["config"] = tag
     dtype_name = str(dtype).replace("torch.", "")
     try:
-        call = make_call(provider, q, k, v, cu, lens)
-        if mode == "fwd":
-            fn = call
-        else:
-            out = call()
-            grad = torch.randn_like(out)
-            if mode == "bwd":
-                fn = lambda: torch.autograd.grad(out, (q, k, v), grad, retain_graph=True)  # noqa: E731
-            else:
-                fn = lambda: torch.autograd.grad(call(), (q, k, v), grad)  # noqa: E731
+        fn = make()
         if once:
             fn()
             torch.cuda.synchronize() if device == "cuda" else None
@@ -129,6 +138,28 @@ def run_case(rec, provider, shape, head_dim, mode, dtype, device, once=False, he
         return
     rec.add(provider=provider, mode=mode, shape=info, dtype=dtype_name, timing=timing,
             tflops=flops / (timing["median_ms"] * 1e-3) / 1e12)
+
+
+def profile_case(rec, provider, shape, head_dim, mode, dtype, device, steps=5):
+    """GPU time per call of each kernel of `provider` in `mode` (torch.profiler), and the host's wall time per call
+    with calls back to back: rows of benchmark "attention_profile", provider "PROVIDER: kernel" (median_ms: that
+    kernel's time per call) and "PROVIDER: wall" (tflops from the wall time). A wall time well above the kernels'
+    sum means the host's launches, or gaps between kernels, set the pace of short shapes."""
+    make, info, flops = _case(provider, shape, head_dim, mode, dtype, device)
+    dtype_name = str(dtype).replace("torch.", "")
+    try:
+        per_kernel, wall_ms = gpu_kernel_times(make(), steps)
+    except Exception as exc:
+        rec.error(provider=provider, mode=mode, shape=info, dtype=dtype_name, error=f"{type(exc).__name__}: {exc}")
+        return
+    total = sum(per_kernel.values())
+    for name, ms in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:8]:
+        rec.add(provider=f"{provider}: {name[:60]}", mode=mode, shape=info, dtype=dtype_name,
+                timing={"median_ms": ms}, share=ms / total if total else None)
+    rec.add(provider=f"{provider}: wall", mode=mode, shape=info, dtype=dtype_name, timing={"median_ms": wall_ms},
+            tflops=flops / (wall_ms * 1e-3) / 1e12, kernels_ms=total)
+    print(f"attention_profile {provider} {mode} {info['shape']} d{head_dim}: {total:.3f} ms of GPU kernels per "
+          f"call over {len(per_kernel)} kernels, {wall_ms:.3f} ms wall per call")
 
 
 QUICK = (
@@ -153,8 +184,8 @@ SWEEP = {  # candidate configurations (BLOCK_M, BLOCK_N, warps, stages) per laun
     # plausible first (--sweep-max keeps a prefix)
     "fwd": [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3),
             (64, 128, 4, 3), (128, 32, 4, 4)],
-    "dkdv_atomic": [(64, 64, 8, 2), (64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 8, 3), (128, 64, 8, 2),
-                    (64, 128, 8, 3), (32, 64, 4, 3), (128, 128, 8, 2)],
+    "dkdv_atomic": [(64, 64, 8, 2), (64, 128, 8, 2), (64, 64, 4, 2), (64, 128, 8, 3), (32, 128, 8, 2),
+                    (64, 64, 8, 3), (128, 64, 8, 2), (32, 64, 4, 3), (128, 128, 8, 2)],
     "dkdv": [(64, 128, 8, 2), (64, 64, 8, 2), (32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 2),
              (128, 128, 8, 2), (16, 128, 4, 4)],
     "dq": [(128, 64, 8, 2), (64, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 2), (128, 64, 8, 3), (64, 32, 4, 3),
@@ -164,18 +195,27 @@ SWEEP = {  # candidate configurations (BLOCK_M, BLOCK_N, warps, stages) per laun
 
 def sweep(rec, shape, head_dim, dtype, device, kinds=None, max_candidates=None):
     """Time the candidate configurations of each launch kind (the others at their pinned choice), to pick pins.
-    The dk/dv and dq kinds of the deterministic backward run as provider ours_det, dkdv_atomic as ours."""
+    The dk/dv and dq kinds of the deterministic backward run as provider ours_det, dkdv_atomic as ours with
+    FINEVITI_ATTN_DQ=atomic (also where the default takes the separate dq, d64). Each kind's first row is the
+    shipped default of its provider (tag "pinned": at d64 the separate dq for ours), the baseline of the same run."""
     import os
 
     best = {}
+    pinned_done = set()
     for kind, candidates in SWEEP.items():
         if kinds and kind not in kinds:
             continue
         mode = "fwd" if kind == "fwd" else "bwd"
         provider = "ours_det" if kind in ("dkdv", "dq") else "ours"
         if kind == "dkdv_atomic" and not kernels.atomic_dq_supported(head_dim, dtype):
-            print(f"sweep {shape} d{head_dim} dkdv_atomic: skipped (the atomic dq is not used at this head dim)")
+            print(f"sweep {shape} d{head_dim} dkdv_atomic: skipped (no atomic dq at this head dim)")
             continue
+        if (provider, mode) not in pinned_done:
+            pinned_done.add((provider, mode))
+            run_case(rec, provider, shape, head_dim, mode, dtype, device, tag="pinned")
+        previous_dq = os.environ.get("FINEVITI_ATTN_DQ")
+        if kind == "dkdv_atomic":
+            os.environ["FINEVITI_ATTN_DQ"] = "atomic"
         timings = []
         for cfg in candidates[:max_candidates]:
             os.environ[f"FINEVITI_ATTN_{kind.upper()}_CONFIG"] = ",".join(map(str, cfg))
@@ -186,6 +226,10 @@ def sweep(rec, shape, head_dim, dtype, device, kinds=None, max_candidates=None):
             if "median_ms" in row:
                 timings.append((row["median_ms"], cfg))
         os.environ.pop(f"FINEVITI_ATTN_{kind.upper()}_CONFIG", None)
+        if previous_dq is None:
+            os.environ.pop("FINEVITI_ATTN_DQ", None)
+        else:
+            os.environ["FINEVITI_ATTN_DQ"] = previous_dq
         if timings:
             best[kind] = min(timings)
     for kind, (ms, cfg) in best.items():
@@ -235,6 +279,9 @@ def main(argv=None):
                         help="time the candidate configurations of each kernel at --shape/--head-dim (ours only)")
     parser.add_argument("--sweep-kind", choices=tuple(SWEEP), action="append", help="only these launch kinds")
     parser.add_argument("--sweep-max", type=int, help="only the first N candidates of each kind")
+    parser.add_argument("--profile", action="store_true",
+                        help="GPU time per kernel and wall time per call at --shape/--head-dim/--mode/--provider "
+                             "(default ours and torch_varlen, fwd and bwd; GPU only)")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     if args.provider or args.shape or args.head_dim or args.mode:
@@ -242,6 +289,16 @@ def main(argv=None):
                  args.provider or ["ours"]),)
     else:
         plan = QUICK if args.quick else FULL
+    if args.profile:
+        if args.device != "cuda":
+            parser.error("--profile needs a GPU")
+        rec = Recorder("attention_profile")
+        for shape in args.shape or ["fa3:1024"]:
+            for head_dim in args.head_dim or [64]:
+                for mode in args.mode or ["fwd", "bwd"]:
+                    for provider in args.provider or ["ours", "torch_varlen"]:
+                        profile_case(rec, provider, shape, head_dim, mode, dtype, args.device)
+        return
     rec = Recorder("attention")
     if args.sweep:
         for shape in args.shape or ["fa3:4096"]:

@@ -185,7 +185,7 @@ def profile_steps(n, d, dtype_name, device, steps=5):
 
 def _kernel_times(loss, n, d, dtype_name, device, steps) -> dict[str, float]:
     """{kernel name: GPU ms per step} of `steps` forward+backward steps of our `loss`."""
-    from torch.profiler import ProfilerActivity, profile
+    from benchmarks.common import gpu_kernel_times
 
     img, txt, scale, bias = make_inputs(n, d, _DTYPES[dtype_name], device)
     fn = loss_fn("ours", loss)
@@ -195,23 +195,7 @@ def _kernel_times(loss, n, d, dtype_name, device, steps) -> dict[str, float]:
             t.grad = None
         fn(img, txt, scale, bias).backward()
 
-    for _ in range(3):  # compile and warm up outside the trace
-        step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-    per_kernel = {}
-    for event in prof.key_averages():
-        if "cuda" not in str(event.device_type).lower():
-            continue
-        us = getattr(event, "self_device_time_total", None)
-        if us is None:  # older torch
-            us = getattr(event, "self_cuda_time_total", 0.0)
-        if us > 0:
-            per_kernel[event.key] = per_kernel.get(event.key, 0.0) + us / 1e3 / steps
-    return per_kernel
+    return gpu_kernel_times(step, steps)[0]
 
 
 def main(argv=None) -> None:

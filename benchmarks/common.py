@@ -35,6 +35,38 @@ def git_commit() -> str:
         return "unknown"
 
 
+def gpu_kernel_times(step, steps: int = 5, warmup: int = 3) -> tuple[dict[str, float], float]:
+    """({kernel name: GPU ms per step}, host wall ms per step) of `steps` calls of `step` under torch.profiler,
+    after `warmup` calls outside the trace. The wall time runs the steps back to back with one synchronisation at
+    the end: well above the kernels' sum, the host's launches (or gaps between kernels) set the pace."""
+    import time
+
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(warmup):  # compile and warm up outside the trace
+        step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - start) * 1e3 / steps
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    per_kernel = {}
+    for event in prof.key_averages():
+        if "cuda" not in str(event.device_type).lower():
+            continue
+        us = getattr(event, "self_device_time_total", None)
+        if us is None:  # older torch
+            us = getattr(event, "self_cuda_time_total", 0.0)
+        if us > 0:
+            per_kernel[event.key] = per_kernel.get(event.key, 0.0) + us / 1e3 / steps
+    return per_kernel, wall_ms
+
+
 def environment() -> dict:
     import triton
 

@@ -20,8 +20,8 @@
 # bounds the whole script: each section's limit is cut to what is left (30 s kept for the summary) and a section
 # that would get under 20 s is skipped (exit code "skipped"), so the summary is always written inside the device
 # call's timeout. Sections run in order of what is still open: the attention benchmark, correctness, the losses
-# and their profile, the attention and loss sweeps, the rope attention-block rows, the split-kernel probe, then
-# the other benchmarks. A fresh machine takes about 55 s to start and the install about 130 s.
+# and their profile, the atomic-dq sweep at d64, the attention profile at seqlen 1024, the attention and loss
+# sweeps, the rope attention-block rows, the split-kernel probe, then the other benchmarks. A fresh machine takes about 55 s to start and the install about 130 s.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUTDIR=${1:-${OUT:-benchmarks/results/latest}}
@@ -86,6 +86,14 @@ section contrastive_profile 60 "$PY" benchmarks/bench_contrastive.py --profile -
 # The 2026-11-28 sweeps pinned the backward at seqlen 4096 (d64 dk/dv and dq, d128 dk/dv with and without atomic
 # dq). Open: images of about 1024 patches, where our d64 forward took 0.609 ms against torch varlen's 0.456 (the
 # backward 1.240 against 1.583; ..._targeted_summary.md): the forward tiles there, then the backward's.
+# First the atomic dq at d64 (opt-in, untimed): the 128-key tiles that took d128's backward from 5.913 to 4.129 ms
+# were never tried at 64, where the separate dq (7 matmuls per tile pair against 5) is still the default. Its first
+# row is the pinned default of the same run; a candidate under it is the case for FINEVITI_ATTN_DQ's default at 64.
+section attention_sweep_atomic64 90 "$PY" benchmarks/bench_attention.py --sweep --shape fa3:4096 --head-dim 64 \
+  --sweep-kind dkdv_atomic
+# Where the d64 forward at seqlen 1024 loses (0.609 ms against torch varlen's 0.456, which at 4096 it beats): the
+# GPU time per kernel against the wall time per call, ours and torch varlen, forward and backward.
+section attention_profile 60 "$PY" benchmarks/bench_attention.py --profile --shape fa3:1024 --head-dim 64
 section attention_sweep 90 "$PY" benchmarks/bench_attention.py --sweep --shape fa3:1024 --head-dim 64 \
   --head-dim 128 --sweep-kind fwd
 section attention_sweep_bwd 90 "$PY" benchmarks/bench_attention.py --sweep --shape fa3:1024 --head-dim 64 \

@@ -581,6 +581,8 @@ def pick_config(kind: str, head_dim: int, dtype: torch.dtype, max_seqlen: int, m
         return Config(64, 32, 8, 2)
     if kind in ("dkdv", "dkdv_atomic"):
         if width <= 64:
+            if kind == "dkdv_atomic" and not short:  # opt-in at 64, not timed yet: no spill, 2 blocks per SM
+                return Config(64, 64, 4, 2)
             return Config(64, 64, 8, 2) if short else Config(32, 64, 4, 3)
         if width <= 128:
             return Config(64, 128, 8, 3) if not short and dim_b == 0 else Config(64, 64, 8, 2)
@@ -687,37 +689,47 @@ DQ_MODES = ("atomic", "separate")
 # How dq is computed when the caller does not ask for a deterministic backward. "atomic": inside the dk/dv kernel,
 # each key block adds its share into an fp32 buffer (FlashAttention-2's way: 5 matmuls per tile pair, the order of
 # the additions not fixed). "separate": a second kernel per query block recomputes the scores and dP (7 matmuls,
-# bit-reproducible). FINEVITI_ATTN_DQ=atomic|separate overrides it for experiments.
+# bit-reproducible). DEFAULT_DQ_MODE applies where atomic_dq_preferred holds; FINEVITI_ATTN_DQ=atomic|separate
+# overrides it wherever atomic_dq_supported holds (experiments and the GPU check's sweeps).
 DEFAULT_DQ_MODE = "atomic"
 
 
 def atomic_dq_supported(head_dim: int, dtype: torch.dtype, max_seqlen: int | None = None,
                         mode: str | None = None) -> bool:
-    """Where the atomic variant is used: 16-bit inputs at head dims above 64 and up to 128 whose tiles have no
-    masked columns (128; 80 = 64 + 16), or, in split mode "masked", 80 and 96 inside one 128-column tile. Not at
-    fp32, 72 (64 + 16 with 8 columns masked) or above 128: the extra dq tile spilled 32-900 bytes of registers on
-    sm_90 whatever the tile (16x16 to 64x128, 4 or 8 warps; kernel report). Not at 64 and below: measured slower
-    on an H100 (FA3 shape seqlen 4096, d64, bf16: backward 5.149 and 5.084 ms with atomics, 4.909 and 4.900 ms
-    without, two runs; benchmarks/results/2026-11-27_H100-80GB-HBM3_gpu_check{,_rerun}_summary.md). Not when
-    every sequence fits one 64-row block (`max_seqlen` <= 64): there the short tile spilled once the key-row mask
-    was added, and a single key block per sequence leaves no recomputation to save."""
+    """Where the atomic variant compiles without spilling at some tile and is tested: 16-bit inputs at head dims
+    64 to 128 whose tiles have no masked columns (64, 128; 80 = 64 + 16), or, in split mode "masked", 80 and 96
+    inside one 128-column tile. Not at fp32, 72 (64 + 16 with 8 columns masked) or above 128: the extra dq tile
+    spilled 32-900 bytes of registers on sm_90 whatever the tile (16x16 to 64x128, 4 or 8 warps; kernel report).
+    Not when every sequence fits one 64-row block (`max_seqlen` <= 64): there the short tile spilled once the
+    key-row mask was added, and a single key block per sequence leaves no recomputation to save."""
     dim_a, dim_b = split_head_dim(head_dim, dtype, mode)
     if max_seqlen is not None and _seqlen_bucket(max_seqlen) <= 64:
         return False
-    # one tile (128, or 80 and 96 masked inside 128), or pieces that cover head_dim exactly (80 = 64 + 16)
+    # one tile (64, 128, or 80 and 96 masked inside 128), or pieces that cover head_dim exactly (80 = 64 + 16)
     return dtype in (torch.float16, torch.bfloat16) and (dim_b == 0 or dim_a + dim_b == head_dim) and \
-        64 < head_dim <= 128
+        64 <= head_dim <= 128
+
+
+def atomic_dq_preferred(head_dim: int) -> bool:
+    """Where the default takes the atomic dq (when supported): above head dim 64. At 64 it was measured slower on
+    an H100 with the tiles of the time (FA3 shape seqlen 4096, d64, bf16: backward 5.149 and 5.084 ms with atomics,
+    4.909 and 4.900 ms without, two runs; benchmarks/results/2026-11-27_H100-80GB-HBM3_gpu_check{,_rerun}_
+    summary.md); the 128-column tiles that made it 30% faster at d128 (2026-11-28) were not tried at 64 yet: the GPU
+    check's attention_sweep_atomic64 times them (FINEVITI_ATTN_DQ=atomic)."""
+    return head_dim > 64
 
 
 def dq_mode(deterministic: bool, head_dim: int, dtype: torch.dtype, max_seqlen: int | None = None) -> str:
-    """'separate' when `deterministic` or where atomic_dq_supported is false, else FINEVITI_ATTN_DQ or
-    DEFAULT_DQ_MODE."""
-    mode = os.environ.get("FINEVITI_ATTN_DQ") or DEFAULT_DQ_MODE
-    if mode not in DQ_MODES:
+    """'separate' when `deterministic` or where atomic_dq_supported is false; else FINEVITI_ATTN_DQ when set;
+    else DEFAULT_DQ_MODE where atomic_dq_preferred holds, 'separate' elsewhere."""
+    mode = os.environ.get("FINEVITI_ATTN_DQ") or None
+    if mode is not None and mode not in DQ_MODES:
         raise ValueError(f"FINEVITI_ATTN_DQ must be one of {DQ_MODES}, got {mode!r}")
     if deterministic or not atomic_dq_supported(head_dim, dtype, max_seqlen):
         return "separate"
-    return mode
+    if mode:
+        return mode
+    return DEFAULT_DQ_MODE if atomic_dq_preferred(head_dim) else "separate"
 
 
 def attention_backward(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,

@@ -195,15 +195,32 @@ def test_atomic_dq_ignores_key_rows_past_the_sequence():
         assert torch.allclose(atomic.float(), separate.float(), atol=1e-3, rtol=1e-2)
 
 
+def test_atomic_dq_at_64_on_request(monkeypatch):
+    """FINEVITI_ATTN_DQ=atomic takes the atomic dq at head dim 64 too (the default there is the separate kernel):
+    outputs and gradients against the references, at its pinned tile and at the 128-key tile the sweep tries."""
+    monkeypatch.setenv("FINEVITI_ATTN_DQ", "atomic")
+    calls = _backward_spy(monkeypatch)
+    check_against_reference([1, 130, 3, 67], 2, 64, torch.float16)
+    monkeypatch.setenv("FINEVITI_ATTN_DKDV_ATOMIC_CONFIG", "64,128,8,2")
+    check_against_reference([200, 1, 17], 1, 64, torch.float16)
+    assert calls == ["atomic", "atomic"]
+    assert kernels.pick_config("dkdv_atomic", 64, torch.bfloat16, 4096) != kernels.pick_config(
+        "dkdv", 64, torch.bfloat16, 4096)  # its own pin, not the deterministic kernel's
+
+
 def test_dq_mode_rule(monkeypatch):
     monkeypatch.delenv("FINEVITI_ATTN_DQ", raising=False)
     assert kernels.dq_mode(True, 128, torch.float16) == "separate"
     assert kernels.dq_mode(False, 128, torch.float16) == kernels.DEFAULT_DQ_MODE
+    assert kernels.dq_mode(False, 64, torch.bfloat16) == "separate"  # measured faster there, not preferred
+    assert kernels.dq_mode(False, 80, torch.bfloat16) == "atomic"
+    monkeypatch.setenv("FINEVITI_ATTN_DQ", "")  # empty: unset
+    assert kernels.dq_mode(False, 64, torch.bfloat16) == "separate"
     monkeypatch.setenv("FINEVITI_ATTN_DQ", "atomic")
     assert kernels.dq_mode(False, 80, torch.float16) == "atomic"
     assert kernels.dq_mode(False, 128, torch.bfloat16) == "atomic"
     assert kernels.dq_mode(False, 128, torch.bfloat16, 64) == "separate"  # one key block per sequence
-    assert kernels.dq_mode(False, 64, torch.bfloat16) == "separate"  # measured faster there
+    assert kernels.dq_mode(False, 64, torch.bfloat16) == "atomic"  # opt-in there (the default: separate)
     assert kernels.dq_mode(False, 72, torch.float16) == "separate"  # the atomic variant spills there
     assert kernels.dq_mode(False, 64, torch.float32) == "separate"
     assert kernels.dq_mode(False, 256, torch.bfloat16) == "separate"

@@ -1,12 +1,14 @@
 """The GPU check script: valid bash, runs every benchmark, and its summary carries every row."""
 
 import json
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -272,3 +274,58 @@ def test_summary_reads_the_issue_goals():
     assert goals[(5, peak_goal)][1] == "met"
     assert goals[(5, "at least as fast as the naive loss")] == ("0.90x", "NOT met")
     assert goals[(5, "memory beyond the features well under 1024 MiB")] == ("550 MiB", "met")
+
+
+def test_attention_sweep_of_the_atomic_dq_at_64(tmp_path, monkeypatch):
+    """bench_attention --sweep --sweep-kind dkdv_atomic at d64 (a GPU check section) on a tiny fp16 pack under the
+    interpreter: first the pinned default (the separate dq), then each candidate with the atomic dq forced, and
+    FINEVITI_ATTN_DQ and the config override restored afterwards."""
+    import bench_attention
+    from common import Recorder
+
+    from fineviti.kernels import varlen_attention as kernels
+
+    monkeypatch.setattr(bench_attention, "shape_lengths", lambda shape: ([70, 5], "tiny"))
+    monkeypatch.setattr(bench_attention, "HIDDEN", 64)  # one head at d64
+    monkeypatch.delenv("FINEVITI_ATTN_DQ", raising=False)
+    modes = []
+    dq_mode = kernels.dq_mode
+    monkeypatch.setattr(kernels, "dq_mode", lambda *args: modes.append(dq_mode(*args)) or modes[-1])
+    rec = Recorder("attention", path=str(tmp_path / "rows.jsonl"))
+    bench_attention.sweep(rec, "fa3:tiny", 64, torch.float16, "cpu", kinds=["dkdv_atomic"], max_candidates=2)
+    assert [r.get("error") for r in rec.rows] == [None] * 3
+    assert [r["shape"]["config"] for r in rec.rows] == ["pinned", "dkdv_atomic=M64N64w8s2", "dkdv_atomic=M64N128w8s2"]
+    first_atomic = modes.index("atomic")  # the pinned row's backwards, then the candidates'
+    assert set(modes[:first_atomic]) == {"separate"} and set(modes[first_atomic:]) == {"atomic"}
+    assert "FINEVITI_ATTN_DQ" not in os.environ and "FINEVITI_ATTN_DKDV_ATOMIC_CONFIG" not in os.environ
+
+
+def test_attention_profile_needs_a_gpu():
+    import bench_attention
+
+    with pytest.raises(SystemExit):
+        bench_attention.main(["--device", "cpu", "--profile"])
+
+
+def test_attention_profile_rows(tmp_path, monkeypatch):
+    """The profile's rows (the profiler itself needs a GPU: its timings are stubbed, the call is real): one row per
+    kernel with its share, and a wall row whose TFLOP/s come from the wall time and which carries the kernels' sum."""
+    import bench_attention
+    from common import Recorder
+
+    monkeypatch.setattr(bench_attention, "shape_lengths", lambda shape: ([70, 5], "tiny"))
+    monkeypatch.setattr(bench_attention, "HIDDEN", 64)
+    calls = []
+
+    def fake_times(step, steps):
+        calls.append(step())
+        return {"_attn_fwd": 0.3, "copy": 0.1}, 0.5
+
+    monkeypatch.setattr(bench_attention, "gpu_kernel_times", fake_times)
+    rec = Recorder("attention_profile", path=str(tmp_path / "rows.jsonl"))
+    bench_attention.profile_case(rec, "ours", "fa3:tiny", 64, "fwd", torch.float16, "cpu")
+    assert len(calls) == 1 and calls[0].shape == (75, 1, 64)
+    assert [(r["provider"], r["median_ms"]) for r in rec.rows] == [("ours: _attn_fwd", 0.3), ("ours: copy", 0.1),
+                                                                  ("ours: wall", 0.5)]
+    assert rec.rows[0]["share"] == pytest.approx(0.75) and rec.rows[2]["kernels_ms"] == pytest.approx(0.4)
+    assert rec.rows[2]["tflops"] == pytest.approx(4 * (70 * 70 + 25) * 64 / 0.5e-3 / 1e12)

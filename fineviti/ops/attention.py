@@ -439,7 +439,8 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, cu_seqlens_k=None, max_
     return_lse: also return the (heads, total) fp32 log-sum-exp (natural log) of the scaled scores.
     deterministic: ask for a bit-reproducible backward (also on when torch.use_deterministic_algorithms(True) is
         set). The triton backend then computes dq in a second kernel without atomics; otherwise it follows
-        kernels.varlen_attention.dq_mode (atomic dq at 16-bit head dims above 64; FINEVITI_ATTN_DQ overrides).
+        kernels.varlen_attention.dq_mode (atomic dq at 16-bit head dims above 64;
+        FINEVITI_ATTN_DQ=atomic|separate overrides it from 64 to 128).
     softmax_scale with the triton backend: finite and > 0.
         The torch backend always is; it is passed on to flash_attn.
     seqlens: optional host-side list of the sequence lengths (the data planner knows them): lets the triton
