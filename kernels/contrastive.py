@@ -107,6 +107,7 @@ def contrastive_fwd_kernel(
     OUT,  # (SPLITS, M) fp32: per column split, SigLIP row sums of -logsigmoid(label * z) or CLIP row log-sum-exps
     COL_OUT,  # (2, cdiv(M, BLOCK_M), N) fp32, with COLS: per row block, CLIP column maxima and sums of exp(z - max)
     #          (planes stride_col_part apart; the caller takes the logs: else every thread holding a column would)
+    POS,  # (M,) fp32, with COLS: z of each row's positive (column row + diag_offset; rows without one: unwritten)
     M,
     N,
     D,
@@ -165,6 +166,21 @@ def contrastive_fwd_kernel(
                 col_ptrs = COL_OUT + pid_m * stride_col_m + offs_n
                 tl.store(col_ptrs, col_max, mask=mask_n)
                 tl.store(col_ptrs + stride_col_part, col_sum, mask=mask_n)
+    if COLS:  # the positives whose column is in this program's split: x_i . y_(i + diag_offset) in fp32 (exact
+        # products, as the tiles' dots): after the loop, so the loop keeps its registers (an extraction from the
+        # diagonal tiles inside it spilled 8-68 bytes), and no separate pass over fp32 copies of the features
+        first = pid_m * BLOCK_M + diag_offset
+        if (first < col_end) & (first + BLOCK_M > col_start):
+            pos_col = offs_m + diag_offset
+            here = mask_m & (pos_col >= col_start) & (pos_col < col_end)
+            pos = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            for k in range(0, D, BLOCK_K):
+                offs_k = k + tl.arange(0, BLOCK_K)
+                both = here[:, None] & (offs_k < D)[None, :]
+                xk = tl.load(X + offs_m[:, None] * stride_x_m + offs_k[None, :], mask=both, other=0.0)
+                yk = tl.load(Y + pos_col[:, None] * stride_y_n + offs_k[None, :], mask=both, other=0.0)
+                pos += tl.sum(xk.to(tl.float32) * yk.to(tl.float32), axis=1)
+            tl.store(POS + offs_m, scale * pos + bias, mask=here)
     if LOSS == 0:
         out = row_sum
     else:
@@ -376,9 +392,9 @@ def _check(x: torch.Tensor, y: torch.Tensor) -> None:
         raise ValueError(f"contrastive kernels need unit stride along D, got strides {x.stride()} and {y.stride()}")
 
 
-def _launch_rows(x, y, scale, bias, loss, diag_offset, splits, col_out):
+def _launch_rows(x, y, scale, bias, loss, diag_offset, splits, col_out, pos=None):
     """Per-row partials (splits, M) of x against y; with col_out (2, cdiv(M, BLOCK_M), N), CLIP's per-row-block
-    column maxima and sums of exp(z - max) too."""
+    column maxima and sums of exp(z - max) too, and the positives' logits into `pos` (M,)."""
     m, d = x.shape
     n = y.shape[0]
     cfg = config(d, x.dtype, "fwd_cols" if col_out is not None else "fwd", loss)
@@ -393,7 +409,7 @@ def _launch_rows(x, y, scale, bias, loss, diag_offset, splits, col_out):
     out = torch.empty((splits, m), device=x.device, dtype=torch.float32)
     cols = col_out is not None
     contrastive_fwd_kernel[(grid_m, splits)](
-        x, y, scale, bias, out, col_out if cols else out, m, n, d, x.stride(0), y.stride(0), out.stride(0),
+        x, y, scale, bias, out, col_out if cols else out, pos if cols else out, m, n, d, x.stride(0), y.stride(0), out.stride(0),
         col_out.stride(1) if cols else 0, col_out.stride(0) if cols else 0, diag_offset, cols_per_split,
         LOSS=_LOSSES[loss], COLS=cols, FLATTEN=bool(cfg.get("FLATTEN", False)), BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_K=cfg["BLOCK_K"],
@@ -416,13 +432,15 @@ COL_PARTIAL_BYTES = 64 << 20  # loss_rows_cols: the per-row-block column partial
 
 
 def loss_rows_cols(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, *, splits: int | None = None,
-                   chunk_bytes: int = COL_PARTIAL_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
-    """CLIP's log-sum-exps of z = scale * x @ y.T along both axes from one pass over the logits: (per row of x
-    (M,), per row of y (N,)), fp32. Each row block writes its column maxima and sums of exp(z - max) to a partial
-    buffer of at most `chunk_bytes` (rows are taken in chunks that fit), which torch reduces (and takes the logs
-    of: once per column, where the kernel would have taken each on every thread that holds the column)."""
+                   chunk_bytes: int = COL_PARTIAL_BYTES) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CLIP's log-sum-exps of z = scale * x @ y.T along both axes from one pass over the logits, and the positives'
+    logits: (per row of x (M,), per row of y (N,), z_ii per row of x (M,); rows past N: 0), fp32. Each row block
+    writes its column maxima and sums of exp(z - max) to a partial buffer of at most `chunk_bytes` (rows are taken
+    in chunks that fit), which torch reduces (and takes the logs of: once per column, where the kernel would have
+    taken each on every thread that holds the column)."""
     _check(x, y)
     m, n = x.shape[0], y.shape[0]
+    positive = (torch.empty if m <= n else torch.zeros)(m, device=x.device, dtype=torch.float32)
     block_m = config(x.shape[1], x.dtype, "fwd_cols", "clip")["BLOCK_M"]
     blocks = max(1, chunk_bytes // max(1, 8 * padded_cols(n)))
     step = blocks * block_m
@@ -435,12 +453,12 @@ def loss_rows_cols(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, *, spl
     for start in range(0, m, step):
         stop = min(m, start + step)
         part = col_part[:, :triton.cdiv(stop - start, block_m)]
-        rows = _launch_rows(x[start:stop], y, scale, zero, "clip", 0, splits, part)
+        rows = _launch_rows(x[start:stop], y, scale, zero, "clip", start, splits, part, positive[start:stop])
         lse_row[start:stop] = rows[0] if rows.shape[0] == 1 else torch.logsumexp(rows, dim=0)
         col_max = part[0].amax(0)  # finite: every row block has a row
         cols = col_max + torch.log((part[1] * torch.exp(part[0] - col_max)).sum(0))
         lse_col = cols if lse_col is None else torch.logaddexp(lse_col, cols)
-    return lse_row, lse_col
+    return lse_row, lse_col, positive
 
 
 def grad_scale(dtype: torch.dtype) -> float:
@@ -528,7 +546,7 @@ _SHIPPED_FIELDS = {f.name for f in dataclasses.fields(registry.Shipped)}
 def _signature(kernel: str, ptr: str) -> dict[str, str]:
     common = {"X": ptr, "Y": ptr, "SCALE": "*fp32", "BIAS": "*fp32"}
     if kernel == "fwd":
-        return {**common, "OUT": "*fp32", "COL_OUT": "*fp32", "M": "i32", "N": "i32", "D": "i32", "stride_x_m": "i32",
+        return {**common, "OUT": "*fp32", "COL_OUT": "*fp32", "POS": "*fp32", "M": "i32", "N": "i32", "D": "i32", "stride_x_m": "i32",
                 "stride_y_n": "i32", "stride_out_s": "i32", "stride_col_m": "i32", "stride_col_part": "i32",
                 "diag_offset": "i32",
                 "cols_per_split": "i32", "LOSS": "constexpr", "COLS": "constexpr", "FLATTEN": "constexpr",

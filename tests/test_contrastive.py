@@ -296,9 +296,12 @@ def test_block_primitives_with_offset_positives(impl, diag_offset):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(total.double(), F.softplus(-labels * z).sum(), rtol=1e-5, atol=1e-5)
     # CLIP's log-sum-exps along both axes from one pass
-    rows, cols = backend.rows_cols(x, y, scale)
+    rows, cols, positive = backend.rows_cols(x, y, scale)
     torch.testing.assert_close(rows.double(), torch.logsumexp(z - bias, 1), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cols.double(), torch.logsumexp(z - bias, 0), rtol=1e-5, atol=1e-5)
+    n_pos = min(x.shape[0], y.shape[0])  # z_ii where column i exists, 0 past it
+    torch.testing.assert_close(positive[:n_pos].double(), torch.diagonal(z - bias)[:n_pos], rtol=1e-5, atol=1e-5)
+    assert (positive[n_pos:] == 0).all()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -349,9 +352,17 @@ def test_kernels_mask_tails_and_write_every_output(loss, dtype, persistent, monk
     if loss == "clip":  # both directions from one pass, over one chunk of rows and over several
         for chunk_bytes in (kc.COL_PARTIAL_BYTES, 1):
             for splits in (None, 3):
-                rows, cols = kc.loss_rows_cols(x, y, scale, splits=splits, chunk_bytes=chunk_bytes)
+                rows, cols, positive = kc.loss_rows_cols(x, y, scale, splits=splits, chunk_bytes=chunk_bytes)
                 torch.testing.assert_close(rows.double(), torch.logsumexp(z, 1), **tol)
                 torch.testing.assert_close(cols.double(), torch.logsumexp(z, 0), **tol)
+                torch.testing.assert_close(positive.double(), torch.diagonal(z), **tol)  # z_ii, each row's
+        # more rows than columns: the rows past N have no positive (0), and each row block's tiles still cover
+        # the diagonal where it exists
+        rows, cols, positive = kc.loss_rows_cols(y, x[:100], scale, chunk_bytes=1)
+        zt = scale.double() * (y.double() @ x[:100].double().T)
+        torch.testing.assert_close(positive[:100].double(), torch.diagonal(zt), **tol)
+        assert (positive[100:] == 0).all()
+        torch.testing.assert_close(cols.double(), torch.logsumexp(zt, 0), **tol)
     for with_loss in (False, True) if loss == "siglip" else (False,):
         g = kc.new_grad_buffer(m, n, x)
         g.fill_(float("nan"))

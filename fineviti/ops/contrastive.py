@@ -118,15 +118,19 @@ class _Chunked:
         return out
 
     def rows_cols(self, x, y, scale):
-        """CLIP log-sum-exps of z = scale * x @ y.T along both axes, from one pass: ((M,), (N,)) fp32."""
+        """CLIP log-sum-exps of z = scale * x @ y.T along both axes, and the positives' z_ii, from one pass:
+        ((M,), (N,), (M,); rows past N: 0) fp32."""
         y32 = y.float()
         lse_row = torch.empty(x.shape[0], device=x.device, dtype=torch.float32)
         lse_col = torch.full((y.shape[0],), float("-inf"), device=x.device, dtype=torch.float32)
+        positive = torch.zeros(x.shape[0], device=x.device, dtype=torch.float32)
         for start, stop in self._chunks(x.shape[0], y.shape[0]):
             z = (x[start:stop].float() @ y32.T).mul_(scale)
             lse_row[start:stop] = torch.logsumexp(z, dim=1)
             lse_col = torch.logaddexp(lse_col, torch.logsumexp(z, dim=0))
-        return lse_row, lse_col
+            r, c = _positives(start, stop, 0, y.shape[0], x.device)
+            positive[start + r] = z[r, c]
+        return lse_row, lse_col, positive
 
     def grads(self, x, y, scale, bias, loss, diag_offset=0, lse_row=None, lse_col=None, mult=None, dx_dtype=None,
               dy_dtype=None, with_loss=False):
@@ -217,7 +221,8 @@ class _Triton:
     def rows_cols(self, x, y, scale):
         if x.shape[0] == 0 or y.shape[0] == 0:
             return (torch.full((x.shape[0],), float("-inf"), device=x.device, dtype=torch.float32),
-                    torch.full((y.shape[0],), float("-inf"), device=x.device, dtype=torch.float32))
+                    torch.full((y.shape[0],), float("-inf"), device=x.device, dtype=torch.float32),
+                    torch.zeros(x.shape[0], device=x.device, dtype=torch.float32))
         return self._kernels().loss_rows_cols(x.contiguous(), y.contiguous(), scale)
 
     def grads(self, x, y, scale, bias, loss, diag_offset=0, lse_row=None, lse_col=None, mult=None, dx_dtype=None,
@@ -590,6 +595,7 @@ def _clip_forward(x, y, scale, x_all, impl, d: _Dist, ring: bool):
     zero = torch.zeros(1, device=x.device, dtype=torch.float32)
     n = d.counts[d.rank]
     y_loc = y if ring else y[d.row_start:d.row_start + n]
+    positive = None  # s32 * x_i . y_i, where no pass over the logits gives them
     if ring:
         lse_row = torch.full((n,), float("-inf"), device=x.device, dtype=torch.float32)
         lse_col = torch.full((n,), float("-inf"), device=x.device, dtype=torch.float32)
@@ -598,12 +604,13 @@ def _clip_forward(x, y, scale, x_all, impl, d: _Dist, ring: bool):
             count = d.counts[owner]
             lse_row = torch.logaddexp(lse_row, impl.rows(x, block[d.n_max:d.n_max + count], s32, zero, "clip"))
             lse_col = torch.logaddexp(lse_col, impl.rows(y_loc, block[:count], s32, zero, "clip"))
-    elif d.world == 1:  # both directions from one pass over the logits
-        lse_row, lse_col = impl.rows_cols(x, y, s32)
+    elif d.world == 1:  # both directions and the positives from one pass over the logits
+        lse_row, lse_col, positive = impl.rows_cols(x, y, s32)
     else:
         lse_row = impl.rows(x, y, s32, zero, "clip")
         lse_col = impl.rows(y_loc, x_all, s32, zero, "clip")
-    positive = s32 * _row_dots(x, y_loc)
+    if positive is None:
+        positive = s32 * _row_dots(x, y_loc)
     total = (lse_row - positive).sum() + (lse_col - positive).sum()
     return total * (d.world / (2 * d.total)), lse_row, _gather_rows(lse_col, d)
 
