@@ -294,7 +294,7 @@ def test_attention_sweep_of_the_atomic_dq_at_64(tmp_path, monkeypatch):
     rec = Recorder("attention", path=str(tmp_path / "rows.jsonl"))
     bench_attention.sweep(rec, "fa3:tiny", 64, torch.float16, "cpu", kinds=["dkdv_atomic"], max_candidates=2)
     assert [r.get("error") for r in rec.rows] == [None] * 3
-    assert [r["shape"]["config"] for r in rec.rows] == ["pinned", "dkdv_atomic=M64N64w8s2", "dkdv_atomic=M64N128w8s2"]
+    assert [r["shape"]["config"] for r in rec.rows] == ["pinned", "dkdv_atomic=M64N128w8s3", "dkdv_atomic=M64N64w4s2"]
     first_atomic = modes.index("atomic")  # the pinned row's backwards, then the candidates'
     assert set(modes[:first_atomic]) == {"separate"} and set(modes[first_atomic:]) == {"atomic"}
     assert "FINEVITI_ATTN_DQ" not in os.environ and "FINEVITI_ATTN_DKDV_ATOMIC_CONFIG" not in os.environ
