@@ -45,6 +45,15 @@ def summary_markdown(rows: list[dict], sections: list[dict]) -> str:
         lines += ["", "## Goals of the open issues, as these rows measure them", "",
                   "| issue | goal | measured | verdict |", "|---:|---|---|---|"]
         lines += [f"| {i} | {g} | {m} | {v} |" for i, g, m, v in goals]
+    sweeps = sweep_verdicts(rows)
+    if sweeps:
+        lines += ["", "## Attention sweeps: the best candidate of each launch kind against the pinned default", "",
+                  "(same run and shape; the other kernels at their pins; above 1: the candidate is faster, a case for "
+                  "pinning it after checking the kernel report)", "",
+                  "| shape | mode | provider | kind | pinned ms | best candidate | best ms | pinned / best |",
+                  "|---|---|---|---|---:|---|---:|---:|"]
+        lines += [f"| {s} | {m} | {p} | {k} | {_fmt(pin, 3)} | {c} | {best:.3f} | {_fmt(ratio)} |"
+                  for s, m, p, k, pin, c, best, ratio in sweeps]
     for bench in sorted({r["benchmark"] for r in rows}):
         lines += ["", f"## {bench}", "", "| provider | mode | shape | dtype | median ms | p20-p80 ms | TFLOP/s | GB/s |"
                   " peak MiB |", "|---|---|---|---|---:|---:|---:|---:|---:|"]
@@ -178,6 +187,33 @@ def _loss_goals(rows: list[dict]) -> list[tuple]:
 def goal_rows(rows: list[dict]) -> list[tuple]:
     """(issue, goal, measured, verdict) for every goal of issues 3, 4 and 5 that the rows measure."""
     return _attention_goals(rows) + _rope_goals(rows) + _loss_goals(rows)
+
+
+def sweep_verdicts(rows: list[dict]) -> list[tuple]:
+    """(shape, mode, provider, kind, pinned ms or None, best candidate, its ms, pinned / best or None) for each
+    launch kind that bench_attention --sweep timed: its rows carry shape["config"], "pinned" for the default and
+    "KIND=MxNxwxsx" for a candidate."""
+    def base(r):
+        shape = {k: v for k, v in r["shape"].items() if k != "config"}
+        return json.dumps(shape, sort_keys=True), r["mode"], r["dtype"], r["provider"]
+
+    swept = [r for r in _ok(rows) if r["benchmark"] == "attention" and "config" in r["shape"]]
+    pinned = {base(r): r for r in swept if r["shape"]["config"] == "pinned"}
+    best: dict[tuple, dict] = {}
+    for r in swept:
+        if r["shape"]["config"] == "pinned":
+            continue
+        key = (*base(r), r["shape"]["config"].split("=")[0])
+        if key not in best or r["median_ms"] < best[key]["median_ms"]:
+            best[key] = r
+    out = []
+    for (shape, mode, dtype, provider, kind), r in best.items():
+        pin = pinned.get((shape, mode, dtype, provider))
+        text = _shape_text({k: v for k, v in r["shape"].items() if k in ("shape", "head_dim")})
+        out.append((f"{text}, {dtype}", mode, provider, kind, pin["median_ms"] if pin else None,
+                    r["shape"]["config"].split("=", 1)[-1], r["median_ms"],
+                    pin["median_ms"] / r["median_ms"] if pin else None))
+    return out
 
 
 def ratio_rows(rows: list[dict]) -> list[tuple]:

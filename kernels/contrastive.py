@@ -409,7 +409,8 @@ def _launch_rows(x, y, scale, bias, loss, diag_offset, splits, col_out, pos=None
     out = torch.empty((splits, m), device=x.device, dtype=torch.float32)
     cols = col_out is not None
     contrastive_fwd_kernel[(grid_m, splits)](
-        x, y, scale, bias, out, col_out if cols else out, pos if cols else out, m, n, d, x.stride(0), y.stride(0), out.stride(0),
+        x, y, scale, bias, out, col_out if cols else out, pos if cols else out, m, n, d, x.stride(0), y.stride(0),
+        out.stride(0),
         col_out.stride(1) if cols else 0, col_out.stride(0) if cols else 0, diag_offset, cols_per_split,
         LOSS=_LOSSES[loss], COLS=cols, FLATTEN=bool(cfg.get("FLATTEN", False)), BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_K=cfg["BLOCK_K"],
@@ -546,9 +547,9 @@ _SHIPPED_FIELDS = {f.name for f in dataclasses.fields(registry.Shipped)}
 def _signature(kernel: str, ptr: str) -> dict[str, str]:
     common = {"X": ptr, "Y": ptr, "SCALE": "*fp32", "BIAS": "*fp32"}
     if kernel == "fwd":
-        return {**common, "OUT": "*fp32", "COL_OUT": "*fp32", "POS": "*fp32", "M": "i32", "N": "i32", "D": "i32", "stride_x_m": "i32",
-                "stride_y_n": "i32", "stride_out_s": "i32", "stride_col_m": "i32", "stride_col_part": "i32",
-                "diag_offset": "i32",
+        return {**common, "OUT": "*fp32", "COL_OUT": "*fp32", "POS": "*fp32", "M": "i32", "N": "i32", "D": "i32",
+                "stride_x_m": "i32", "stride_y_n": "i32", "stride_out_s": "i32", "stride_col_m": "i32",
+                "stride_col_part": "i32", "diag_offset": "i32",
                 "cols_per_split": "i32", "LOSS": "constexpr", "COLS": "constexpr", "FLATTEN": "constexpr",
                 "BLOCK_M": "constexpr",
                 "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "IEEE": "constexpr"}

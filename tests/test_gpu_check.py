@@ -329,3 +329,28 @@ def test_attention_profile_rows(tmp_path, monkeypatch):
                                                                   ("ours: wall", 0.5)]
     assert rec.rows[0]["share"] == pytest.approx(0.75) and rec.rows[2]["kernels_ms"] == pytest.approx(0.4)
     assert rec.rows[2]["tflops"] == pytest.approx(4 * (70 * 70 + 25) * 64 / 0.5e-3 / 1e12)
+
+
+def test_summary_gives_each_sweep_its_verdict():
+    """The sweep rows (shape["config"]: "pinned" or "KIND=..."): per launch kind the fastest candidate against the
+    pinned row of the same shape, mode and provider; a kind without a pinned row still shows its best."""
+    def row(provider, config, ms, mode="bwd", head_dim=64):
+        return {"benchmark": "attention", "provider": provider, "mode": mode, "dtype": "bfloat16", "median_ms": ms,
+                "shape": {"shape": "fa3 seqlen 4096", "tokens": 16384, "head_dim": head_dim, "config": config}}
+
+    rows = [row("ours", "pinned", 4.0), row("ours", "dkdv_atomic=M64N128w8s3", 3.5),
+            row("ours", "dkdv_atomic=M64N64w4s2", 3.2), row("ours_det", "pinned", 4.2),
+            row("ours_det", "dkdv=M32N64w4s3", 4.3), row("ours_det", "dq=M64N64w4s2", 4.1),
+            row("ours", "fwd=M128N64w8s3", 1.4, mode="fwd"),
+            {**row("ours", "dkdv_atomic=M128N128w8s2", 0.1), "error": "OutOfResources", "median_ms": None}]
+    verdicts = {(v[2], v[3]): v for v in summarize.sweep_verdicts(rows)}
+    assert set(verdicts) == {("ours", "dkdv_atomic"), ("ours_det", "dkdv"), ("ours_det", "dq"), ("ours", "fwd")}
+    shape, mode, _, _, pinned, best, best_ms, ratio = verdicts[("ours", "dkdv_atomic")]
+    assert (shape, mode, pinned, best, best_ms) == ("shape=fa3 seqlen 4096, head_dim=64, bfloat16", "bwd", 4.0,
+                                                    "M64N64w4s2", 3.2)
+    assert ratio == pytest.approx(1.25)
+    assert verdicts[("ours_det", "dkdv")][7] == pytest.approx(4.2 / 4.3)  # slower than the pin: below 1
+    assert verdicts[("ours", "fwd")][4] is None and verdicts[("ours", "fwd")][7] is None  # no pinned fwd row
+    text = summarize.summary_markdown(rows, [])
+    assert "| shape=fa3 seqlen 4096, head_dim=64, bfloat16 | bwd | ours | dkdv_atomic | 4.000 | M64N64w4s2 | 3.200 " \
+           "| 1.25 |" in text
