@@ -197,42 +197,45 @@ SWEEP = {  # candidate configurations (BLOCK_M, BLOCK_N, warps, stages) per laun
 def sweep(rec, shape, head_dim, dtype, device, kinds=None, max_candidates=None):
     """Time the candidate configurations of each launch kind (the others at their pinned choice), to pick pins.
     The dk/dv and dq kinds of the deterministic backward run as provider ours_det, dkdv_atomic as ours with
-    FINEVITI_ATTN_DQ=atomic (also where the default takes the separate dq, d64). Each kind's first row is the
-    shipped default of its provider (tag "pinned": at d64 the separate dq for ours), the baseline of the same run."""
+    FINEVITI_ATTN_DQ=atomic (also where the default takes the separate dq, d64). Before the first candidate of
+    each provider and mode, one row of its shipped default (tag "pinned": at d64 the separate dq for ours), the
+    baseline of the same run. The environment is restored however the sweep ends."""
     import os
 
     best = {}
     pinned_done = set()
-    for kind, candidates in SWEEP.items():
-        if kinds and kind not in kinds:
-            continue
-        mode = "fwd" if kind == "fwd" else "bwd"
-        provider = "ours_det" if kind in ("dkdv", "dq") else "ours"
-        if kind == "dkdv_atomic" and not kernels.atomic_dq_supported(head_dim, dtype):
-            print(f"sweep {shape} d{head_dim} dkdv_atomic: skipped (no atomic dq at this head dim)")
-            continue
-        if (provider, mode) not in pinned_done:
-            pinned_done.add((provider, mode))
-            run_case(rec, provider, shape, head_dim, mode, dtype, device, tag="pinned")
-        previous_dq = os.environ.get("FINEVITI_ATTN_DQ")
-        if kind == "dkdv_atomic":
-            os.environ["FINEVITI_ATTN_DQ"] = "atomic"
-        timings = []
-        for cfg in candidates[:max_candidates]:
-            os.environ[f"FINEVITI_ATTN_{kind.upper()}_CONFIG"] = ",".join(map(str, cfg))
-            before = len(rec.rows)
-            tag = f"{kind}=M{cfg[0]}N{cfg[1]}w{cfg[2]}s{cfg[3]}"
-            run_case(rec, provider, shape, head_dim, mode, dtype, device, tag=tag)
-            row = rec.rows[before] if len(rec.rows) > before else {}
-            if "median_ms" in row:
-                timings.append((row["median_ms"], cfg))
-        os.environ.pop(f"FINEVITI_ATTN_{kind.upper()}_CONFIG", None)
-        if previous_dq is None:
-            os.environ.pop("FINEVITI_ATTN_DQ", None)
-        else:
-            os.environ["FINEVITI_ATTN_DQ"] = previous_dq
-        if timings:
-            best[kind] = min(timings)
+    saved = {name: os.environ.get(name) for name in
+             ("FINEVITI_ATTN_DQ", *(f"FINEVITI_ATTN_{kind.upper()}_CONFIG" for kind in SWEEP))}
+    try:
+        for kind, candidates in SWEEP.items():
+            if kinds and kind not in kinds:
+                continue
+            mode = "fwd" if kind == "fwd" else "bwd"
+            provider = "ours_det" if kind in ("dkdv", "dq") else "ours"
+            if kind == "dkdv_atomic" and not kernels.atomic_dq_supported(head_dim, dtype):
+                print(f"sweep {shape} d{head_dim} dkdv_atomic: skipped (no atomic dq at this head dim)")
+                continue
+            if (provider, mode) not in pinned_done:
+                pinned_done.add((provider, mode))
+                run_case(rec, provider, shape, head_dim, mode, dtype, device, tag="pinned")
+            if kind == "dkdv_atomic":
+                os.environ["FINEVITI_ATTN_DQ"] = "atomic"
+            timings = []
+            for cfg in candidates[:max_candidates]:
+                os.environ[f"FINEVITI_ATTN_{kind.upper()}_CONFIG"] = ",".join(map(str, cfg))
+                before = len(rec.rows)
+                tag = f"{kind}=M{cfg[0]}N{cfg[1]}w{cfg[2]}s{cfg[3]}"
+                run_case(rec, provider, shape, head_dim, mode, dtype, device, tag=tag)
+                row = rec.rows[before] if len(rec.rows) > before else {}
+                if "median_ms" in row:
+                    timings.append((row["median_ms"], cfg))
+            for name, value in saved.items():  # the next kind runs at the caller's settings
+                os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
+            if timings:
+                best[kind] = min(timings)
+    finally:
+        for name, value in saved.items():
+            os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
     for kind, (ms, cfg) in best.items():
         print(f"sweep {shape} d{head_dim} {kind}: best {cfg} at {ms:.3f} ms (mode {'fwd' if kind == 'fwd' else 'bwd'})")
 

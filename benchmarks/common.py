@@ -35,10 +35,12 @@ def git_commit() -> str:
         return "unknown"
 
 
-def gpu_kernel_times(step, steps: int = 5, warmup: int = 3) -> tuple[dict[str, float], float]:
-    """({kernel name: GPU ms per step}, host wall ms per step) of `steps` calls of `step` under torch.profiler,
-    after `warmup` calls outside the trace. The wall time runs the steps back to back with one synchronisation at
-    the end: well above the kernels' sum, the host's launches (or gaps between kernels) set the pace."""
+def gpu_kernel_times(step, steps: int = 5, warmup: int = 3, wall_repeats: int = 5) -> tuple[dict[str, float], float]:
+    """({kernel name: mean GPU ms per step}, host wall ms per step) of `steps` calls of `step` under torch.profiler,
+    after `warmup` calls outside the trace. The wall time, outside the trace: the median over `wall_repeats`
+    windows of `steps` calls back to back with one synchronisation at the end of each; well above the kernels' sum,
+    the host's launches (or gaps between kernels) set the pace."""
+    import statistics
     import time
 
     from torch.profiler import ProfilerActivity, profile
@@ -46,11 +48,14 @@ def gpu_kernel_times(step, steps: int = 5, warmup: int = 3) -> tuple[dict[str, f
     for _ in range(warmup):  # compile and warm up outside the trace
         step()
     torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    torch.cuda.synchronize()
-    wall_ms = (time.perf_counter() - start) * 1e3 / steps
+    windows = []
+    for _ in range(wall_repeats):
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        windows.append((time.perf_counter() - start) * 1e3 / steps)
+    wall_ms = statistics.median(windows)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             step()

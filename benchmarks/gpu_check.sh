@@ -21,7 +21,8 @@
 # that would get under 20 s is skipped (exit code "skipped"), so the summary is always written inside the device
 # call's timeout. Sections run in order of what is still open: the attention benchmark, correctness, the losses
 # and their profile, the atomic-dq sweep at d64, the attention profile at seqlen 1024, the attention and loss
-# sweeps, the rope attention-block rows, the split-kernel probe, then the other benchmarks. A fresh machine takes about 55 s to start and the install about 130 s.
+# sweeps, the rope attention-block rows, the split-kernel probe, then the other benchmarks. A fresh machine takes
+# about 55 s to start and the install about 130 s.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUTDIR=${1:-${OUT:-benchmarks/results/latest}}

@@ -394,7 +394,9 @@ def _check(x: torch.Tensor, y: torch.Tensor) -> None:
 
 def _launch_rows(x, y, scale, bias, loss, diag_offset, splits, col_out, pos=None):
     """Per-row partials (splits, M) of x against y; with col_out (2, cdiv(M, BLOCK_M), N), CLIP's per-row-block
-    column maxima and sums of exp(z - max) too, and the positives' logits into `pos` (M,)."""
+    column maxima and sums of exp(z - max) too, and the positives' logits into `pos` (M,), which it then needs."""
+    if (col_out is None) != (pos is None):
+        raise ValueError("col_out and pos go together (CLIP's one-pass forward writes both)")
     m, d = x.shape
     n = y.shape[0]
     cfg = config(d, x.dtype, "fwd_cols" if col_out is not None else "fwd", loss)

@@ -299,9 +299,13 @@ def test_block_primitives_with_offset_positives(impl, diag_offset):
     rows, cols, positive = backend.rows_cols(x, y, scale)
     torch.testing.assert_close(rows.double(), torch.logsumexp(z - bias, 1), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cols.double(), torch.logsumexp(z - bias, 0), rtol=1e-5, atol=1e-5)
-    n_pos = min(x.shape[0], y.shape[0])  # z_ii where column i exists, 0 past it
-    torch.testing.assert_close(positive[:n_pos].double(), torch.diagonal(z - bias)[:n_pos], rtol=1e-5, atol=1e-5)
-    assert (positive[n_pos:] == 0).all()
+    torch.testing.assert_close(positive.double(), torch.diagonal(z - bias), rtol=1e-5, atol=1e-5)  # z_ii
+    # more rows than columns: rows past N have no positive (0)
+    rows, cols, positive = backend.rows_cols(y, x[:20], scale)
+    zt = scale * (y.double() @ x[:20].double().T)
+    torch.testing.assert_close(positive[:20].double(), torch.diagonal(zt), rtol=1e-5, atol=1e-5)
+    assert positive.shape == (n,) and (positive[20:] == 0).all()
+    torch.testing.assert_close(cols.double(), torch.logsumexp(zt, 0), rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------------------

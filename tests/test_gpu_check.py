@@ -298,13 +298,24 @@ def test_attention_sweep_of_the_atomic_dq_at_64(tmp_path, monkeypatch):
     first_atomic = modes.index("atomic")  # the pinned row's backwards, then the candidates'
     assert set(modes[:first_atomic]) == {"separate"} and set(modes[first_atomic:]) == {"atomic"}
     assert "FINEVITI_ATTN_DQ" not in os.environ and "FINEVITI_ATTN_DKDV_ATOMIC_CONFIG" not in os.environ
+    # a sweep that raises still restores the caller's environment
+    monkeypatch.setenv("FINEVITI_ATTN_DQ", "separate")
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench_attention, "run_case", boom)
+    with pytest.raises(KeyboardInterrupt):
+        bench_attention.sweep(rec, "fa3:tiny", 64, torch.float16, "cpu", kinds=["dkdv_atomic"])
+    assert os.environ["FINEVITI_ATTN_DQ"] == "separate" and "FINEVITI_ATTN_DKDV_ATOMIC_CONFIG" not in os.environ
 
 
-def test_attention_profile_needs_a_gpu():
+def test_attention_profile_needs_a_gpu(capsys):
     import bench_attention
 
     with pytest.raises(SystemExit):
         bench_attention.main(["--device", "cpu", "--profile"])
+    assert "--profile needs a GPU" in capsys.readouterr().err
 
 
 def test_attention_profile_rows(tmp_path, monkeypatch):

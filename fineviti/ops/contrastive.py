@@ -75,7 +75,8 @@ def clip_loss_ref(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tenso
 # ----------------------------------------------------------------------------------------------------------------
 # Block primitives: rows of x against all rows of y. Both backends give, in fp32:
 #   rows(...)  per row of x: SigLIP sum_j softplus(-label_ij * z_ij), or CLIP logsumexp_j z_ij
-#   rows_cols(x, y, scale)  CLIP only, bias 0: (logsumexp_j z_ij per row, logsumexp_i z_ij per column), one pass
+#   rows_cols(x, y, scale)  CLIP only, bias 0: (logsumexp_j z_ij per row, logsumexp_i z_ij per column, z_ii per
+#              row: 0 for rows past N), one pass
 #   grads(...) with g = dL/dz per pair (no 1/N): (g @ y, g.T @ x, sum(g * x.y), sum(g)), fp32; with `mult` (a
 #              (1,) fp32 tensor), the first two come back multiplied by it, in dx_dtype / dy_dtype (default x's and
 #              y's dtypes; the triton backend then folds mult into its dL/dz buffer, so that cuBLAS writes them
