@@ -17,6 +17,7 @@ recomputing z). The SigLIP paper (Zhai et al.,
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 import triton
@@ -92,10 +93,25 @@ def _no_positive(offs_m_first, offs_n_first, diag_offset, BLOCK_M: tl.constexpr,
     return (shift <= -BLOCK_M) | (shift >= BLOCK_N)
 
 
+# Exponentials as exp2 of arguments in log2 units: one MUFU.EX2 per logit on sm_90, where tl.exp (exp(x) =
+# ex2(x * log2 e) with a guard for subnormal results) compiled to five instructions; the scale is multiplied by
+# log2 e once per program, not per logit (SASS counts in benchmarks/NOTES-losses.md).
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
+
+
 @triton.jit
 def _softplus(u):
     """log(1 + exp(u)) without overflow: max(u, 0) + log1p(exp(-|u|))."""
-    return tl.maximum(u, 0.0) + _log1p(tl.exp(-tl.abs(u)))
+    return tl.maximum(u, 0.0) + _log1p(tl.math.exp2(-tl.abs(u) * _LOG2E))
+
+
+@triton.jit
+def _sigmoid_of_abs(e, g_scale):
+    """g_scale / (1 + e) for e in [0, 1] (sigmoid(|z|) with e = exp(-|z|)): rsqrt of (1 + e)^2 is one MUFU.RSQ and
+    two FMA-pipe instructions, where the division (div.full.f32) took about eight; both within about 2e-7
+    relative. g_scale: a power of two (exact)."""
+    return g_scale * tl.math.rsqrt(tl.fma(e, e + 2.0, 1.0))
 
 
 @triton.jit
@@ -105,7 +121,8 @@ def contrastive_fwd_kernel(
     SCALE,  # (1,) fp32 logit scale (the multiplier, already exponentiated)
     BIAS,  # (1,) fp32 logit bias (SigLIP; zero for CLIP, where it cancels)
     OUT,  # (SPLITS, M) fp32: per column split, SigLIP row sums of -logsigmoid(label * z) or CLIP row log-sum-exps
-    COL_OUT,  # (2, cdiv(M, BLOCK_M), N) fp32, with COLS: per row block, CLIP column maxima and sums of exp(z - max)
+    COL_OUT,  # (2, cdiv(M, BLOCK_M), N) fp32, with COLS: per row block, CLIP column maxima of z * log2 e and sums of
+    #          exp2(z * log2 e - max)
     #          (planes stride_col_part apart; the caller takes the logs: else every thread holding a column would)
     POS,  # (M,) fp32, with COLS: z of each row's positive (column row + diag_offset; rows without one: unwritten)
     M,
@@ -132,6 +149,11 @@ def contrastive_fwd_kernel(
     mask_m = offs_m < M
     scale = tl.load(SCALE)
     bias = tl.load(BIAS)
+    z_scale = scale  # CLIP works in log2 units: its z carries log2 e from the scale, no multiply per logit
+    z_bias = bias
+    if LOSS == 1:
+        z_scale = scale * _LOG2E
+        z_bias = bias * _LOG2E
     col_start = pid_s * cols_per_split
     col_end = tl.minimum(col_start + cols_per_split, N)
     row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -139,8 +161,8 @@ def contrastive_fwd_kernel(
     for start_n in tl.range(col_start, col_end, BLOCK_N, flatten=FLATTEN):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < col_end
-        z = scale * _logit_dots(X, Y, offs_m, offs_n, mask_m, mask_n, D, stride_x_m, stride_y_n,
-                                BLOCK_M, BLOCK_N, BLOCK_K, IEEE) + bias
+        z = z_scale * _logit_dots(X, Y, offs_m, offs_n, mask_m, mask_n, D, stride_x_m, stride_y_n,
+                                  BLOCK_M, BLOCK_N, BLOCK_K, IEEE) + z_bias
         if LOSS == 0:
             plain = (start_n + BLOCK_N <= col_end) & _no_positive(pid_m * BLOCK_M, start_n, diag_offset, BLOCK_M,
                                                                   BLOCK_N)
@@ -152,19 +174,19 @@ def contrastive_fwd_kernel(
                 positive = _diagonal(pid_m * BLOCK_M, start_n, diag_offset, BLOCK_M, BLOCK_N)
                 term = _softplus(tl.where(positive, -z, z))  # -logsigmoid(label * z)
                 row_sum += tl.sum(tl.where(mask_n[None, :], term, 0.0), axis=1)
-        else:
+        else:  # z in log2 units; the maxima and the log-sum-exps go back to natural units once per row or column
             z = tl.where(mask_n[None, :], z, float("-inf"))
             new_max = tl.maximum(row_max, tl.max(z, axis=1))
-            row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
+            row_sum = row_sum * tl.math.exp2(row_max - new_max) + tl.sum(tl.math.exp2(z - new_max[:, None]), axis=1)
             row_max = new_max
             if COLS:
                 # a second exponential per logit: shifting by the row maxima instead could underflow a column's
                 # largest terms (|z| reaches twice the scale), and every column is seen once per program
                 zc = tl.where(mask_m[:, None], z, float("-inf"))
                 col_max = tl.where(mask_n, tl.max(zc, axis=0), 0.0)  # columns past N: no -inf - -inf
-                col_sum = tl.where(mask_n, tl.sum(tl.exp(zc - col_max[None, :]), axis=0), 1.0)
+                col_sum = tl.where(mask_n, tl.sum(tl.math.exp2(zc - col_max[None, :]), axis=0), 1.0)
                 col_ptrs = COL_OUT + pid_m * stride_col_m + offs_n
-                tl.store(col_ptrs, col_max, mask=mask_n)
+                tl.store(col_ptrs, col_max, mask=mask_n)  # log2 units, as the sums are relative to it
                 tl.store(col_ptrs + stride_col_part, col_sum, mask=mask_n)
     if COLS:  # the positives whose column is in this program's split: x_i . y_(i + diag_offset) in fp32 (exact
         # products, as the tiles' dots): after the loop, so the loop keeps its registers (an extraction from the
@@ -184,7 +206,7 @@ def contrastive_fwd_kernel(
     if LOSS == 0:
         out = row_sum
     else:
-        out = row_max + tl.log(row_sum)
+        out = (row_max + tl.log2(row_sum)) * _LN2
     tl.store(OUT + pid_s * stride_out_s + offs_m, out, mask=mask_m)
 
 
@@ -198,37 +220,38 @@ def _grad_epilogue(
     sums: of dL/dz (the bias), of dL/dz * x.y (the scale) and, WITH_LOSS, of the loss terms. MASKED: the tile has
     rows or columns past M or N, or positive pairs; without it (an interior tile off the diagonal, nearly all of
     them) no mask, no positive and no select is computed per logit."""
-    z = scale * dots
+    # z in log2 units (scale and bias times log2 e, once): exp2 of it is one instruction per logit
     if MASKED:
         valid = mask_m[:, None] & mask_n[None, :]
         positive = _diagonal(first_m, first_n, diag_offset, BLOCK_M, BLOCK_N)
     if LOSS == 0:
-        z += tl.load(BIAS)
-        e = tl.exp(-tl.abs(z))
+        z = (scale * _LOG2E) * dots + tl.load(BIAS) * _LOG2E
+        e = tl.math.exp2(-tl.abs(z))  # exp(-|z|) in natural units
         if WITH_LOSS:  # softplus(-label * z) = max(-label * z, 0) + log1p(e), from the same e
             if MASKED:
-                term = tl.where(valid, tl.maximum(tl.where(positive, -z, z), 0.0) + _log1p(e), 0.0)
+                term = tl.where(valid, tl.fma(tl.maximum(tl.where(positive, -z, z), 0.0), _LN2, _log1p(e)), 0.0)
             else:
-                term = tl.maximum(z, 0.0) + _log1p(e)
+                term = tl.fma(tl.maximum(z, 0.0), _LN2, _log1p(e))
             tl.store(PARTIAL + 2 * tiles + tile, tl.sum(tl.sum(term, axis=1), axis=0))
         # d/dz softplus(-label * z) = -label * sigmoid(-label * z): sigmoid(z) for negatives, -sigmoid(-z) for the
         # positive, both from e = exp(-|z|) <= 1 so that nothing overflows and tails keep their precision
         # (g_scale folded into r: an extra multiply per logit cost triton 3.6 a spill in the CLIP branch)
-        r = g_scale / (1.0 + e)
+        r = _sigmoid_of_abs(e, g_scale)
         if MASKED:
             g = tl.where(positive, -tl.where(z >= 0, e * r, r), tl.where(z >= 0, r, e * r))
         else:
             g = tl.where(z >= 0, r, e * r)
     else:
-        log_scale = tl.log(g_scale)
+        z = (scale * _LOG2E) * dots
+        log_scale = tl.log2(g_scale)
         if MASKED:
-            lse_row = tl.load(LSE_ROW + offs_m, mask=mask_m, other=0.0) - log_scale
-            lse_col = tl.load(LSE_COL + offs_n, mask=mask_n, other=0.0) - log_scale
+            lse_row = tl.load(LSE_ROW + offs_m, mask=mask_m, other=0.0) * _LOG2E - log_scale
+            lse_col = tl.load(LSE_COL + offs_n, mask=mask_n, other=0.0) * _LOG2E - log_scale
         else:
-            lse_row = tl.load(LSE_ROW + offs_m) - log_scale
-            lse_col = tl.load(LSE_COL + offs_n) - log_scale
+            lse_row = tl.load(LSE_ROW + offs_m) * _LOG2E - log_scale
+            lse_col = tl.load(LSE_COL + offs_n) * _LOG2E - log_scale
         # image-to-text softmax + text-to-image softmax - 2 at the positive (all times g_scale)
-        g = tl.exp(z - lse_row[:, None]) + tl.exp(z - lse_col[None, :])
+        g = tl.math.exp2(z - lse_row[:, None]) + tl.math.exp2(z - lse_col[None, :])
         if MASKED:
             g -= tl.where(positive, 2.0 * g_scale, 0.0)
     ptrs = G + offs_m[:, None] * stride_g_m + offs_n[None, :]
@@ -458,8 +481,8 @@ def loss_rows_cols(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, *, spl
         part = col_part[:, :triton.cdiv(stop - start, block_m)]
         rows = _launch_rows(x[start:stop], y, scale, zero, "clip", start, splits, part, positive[start:stop])
         lse_row[start:stop] = rows[0] if rows.shape[0] == 1 else torch.logsumexp(rows, dim=0)
-        col_max = part[0].amax(0)  # finite: every row block has a row
-        cols = col_max + torch.log((part[1] * torch.exp(part[0] - col_max)).sum(0))
+        col_max = part[0].amax(0)  # finite: every row block has a row; log2 units, as the kernel's z
+        cols = (col_max + torch.log2((part[1] * torch.exp2(part[0] - col_max)).sum(0))) * math.log(2.0)
         lse_col = cols if lse_col is None else torch.logaddexp(lse_col, cols)
     return lse_row, lse_col, positive
 

@@ -141,9 +141,13 @@ def test_averaged_gradients_equal_single_process(results, case):
 @pytest.mark.parametrize("case", FP16_CASES, ids=lambda c: "-".join(c))
 def test_fp16_feature_gradients_match_one_process(results, case):
     """fp16 features under a loss scale: the image and text gradients after averaging over the ranks equal, within
-    one fp16 rounding (2**-11 relative; 2**-10 allowed) of every entry not far below the largest, those of the same
-    backend on one process over the concatenated batch, which round each entry once. Summing the ranks' fp16
-    partial text gradients (before) was off by up to 2.8e-2 on the chunked path, 4.0e-2 on triton."""
+    about one fp16 rounding (2**-11 relative; 2**-9 allowed) of every entry not far below the largest, those of the
+    same backend on one process over the concatenated batch, which round each entry once. Summing the ranks' fp16
+    partial text gradients (before) was off by up to 2.8e-2 on the chunked path, 4.0e-2 on triton. Why 2**-9: one
+    process takes CLIP's column log-sum-exps from the one-pass forward, the ranks from a pass per direction; the
+    two differ by one or two fp32 ulps (4.8e-7 and 9.5e-7 at this batch, before and after the forward moved to log2
+    units), which flips the fp16 rounding of a few stored dL/dz entries, and an entry of d_img a thousand times
+    below the largest inherits that flip: 1.18e-3 measured on triton, above 2**-10 by chance of where it lands."""
     got = results[case]
     assert not isinstance(got, str), got
     _, loss, _, backend = case
@@ -158,7 +162,7 @@ def test_fp16_feature_gradients_match_one_process(results, case):
     for name, g, gold in zip(("d_img", "d_txt"), got, (img.grad, txt.grad), strict=True):
         gold = gold.double() / LOSS_SCALE
         rel = (g - gold).abs() / gold.abs().clamp_min(1e-3 * gold.abs().max())
-        assert rel.max().item() <= 2 ** -10, f"{name}: max relative error {rel.max().item():.3g} > 2**-10"
+        assert rel.max().item() <= 2 ** -9, f"{name}: max relative error {rel.max().item():.3g} > 2**-9"
 
 
 def test_gloo_ran_the_reduce_scatter(results):
