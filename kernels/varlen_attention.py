@@ -576,6 +576,12 @@ def pick_config(kind: str, head_dim: int, dtype: torch.dtype, max_seqlen: int, m
     if kind == "fwd":
         if width <= 64:
             return Config(64, 64, 4, 3) if short else Config(128, 64, 8, 3)
+        if dim_b > 0 and width <= 128:
+            # Two pieces (72, 80, 96 unpadded: FINEVITI_ATTN_PAD_SPLIT=0 on a GPU): with triton 3.6 the pipelined
+            # forward read shared memory out of bounds on an H100 (M128 w8 s3, M64 w4 s3 and s1), M128 w8 s1 did
+            # not (head dim 80, benchmarks/results/2026-11-28_H100-80GB-HBM3_gpu_check_logs.txt): the probe's
+            # pieces run this, one stage, at every length. Not yet timed.
+            return Config(128, 64, 8, 1)
         if width <= 128:
             return Config(64 if short else 128, 64, 8, 3)
         return Config(64, 32, 8, 2)
