@@ -14,10 +14,12 @@ reference lives in fineviti/ops/attention.py.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import inspect
 import math
 import os
+import weakref
 
 import torch
 import triton
@@ -611,6 +613,38 @@ def _precision(dtype: torch.dtype) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# block_schedule's device tensors, reused while the same cu_seqlens tensor comes back unchanged: every layer of a
+# model calls attention with one pack's cu_seqlens, and each computation is five small launches.
+_SCHEDULE_CACHE: collections.OrderedDict = collections.OrderedDict()
+_SCHEDULE_CACHE_SIZE = 16
+
+
+def _block_cu(cu_seqlens: torch.Tensor, block: int) -> torch.Tensor:
+    """(n + 1,) int32 on cu_seqlens' device: the cumulative count of `block`-sized blocks per sequence. Cached per
+    (tensor object, block, current stream), valid while the tensor is alive and its version counter unchanged (an
+    in-place write to it or to a view recomputes; a write through `.data`, which skips the counter, would not)."""
+    try:
+        version = cu_seqlens._version
+    except RuntimeError:  # an inference-mode tensor keeps no version counter: not cached
+        version = None
+    stream = torch.cuda.current_stream(cu_seqlens.device).cuda_stream if cu_seqlens.is_cuda else 0
+    key = (id(cu_seqlens), block, stream)
+    hit = _SCHEDULE_CACHE.get(key)
+    if version is not None and hit is not None and hit[0]() is cu_seqlens and hit[1] == version:
+        _SCHEDULE_CACHE.move_to_end(key)
+        return hit[2]
+    n = cu_seqlens.numel() - 1
+    counts = (cu_seqlens[1:] - cu_seqlens[:-1] + (block - 1)) // block
+    block_cu = torch.zeros(n + 1, dtype=torch.int32, device=cu_seqlens.device)
+    torch.cumsum(counts, 0, out=block_cu[1:])
+    # not while a CUDA graph is captured: the tensor would live in the graph's private pool, which replays reuse
+    if version is not None and not (cu_seqlens.is_cuda and torch.cuda.is_current_stream_capturing()):
+        _SCHEDULE_CACHE[key] = (weakref.ref(cu_seqlens), version, block_cu)
+        while len(_SCHEDULE_CACHE) > _SCHEDULE_CACHE_SIZE:
+            _SCHEDULE_CACHE.popitem(last=False)
+    return block_cu
+
+
 def block_schedule(cu_seqlens: torch.Tensor, block: int, total: int, max_seqlen: int,
                    seqlens: list[int] | None = None) -> tuple[torch.Tensor, int]:
     """Cumulative count of `block`-sized blocks per sequence (on the device) and the number of programs to launch.
@@ -619,9 +653,7 @@ def block_schedule(cu_seqlens: torch.Tensor, block: int, total: int, max_seqlen:
     sequence, which exits at once), so that nothing waits for the device.
     """
     n = cu_seqlens.numel() - 1
-    counts = (cu_seqlens[1:] - cu_seqlens[:-1] + (block - 1)) // block
-    block_cu = torch.zeros(n + 1, dtype=torch.int32, device=cu_seqlens.device)
-    torch.cumsum(counts, 0, out=block_cu[1:])
+    block_cu = _block_cu(cu_seqlens, block)
     if seqlens is not None:
         programs = sum((length + block - 1) // block for length in seqlens)
     else:

@@ -303,6 +303,30 @@ def test_block_schedule_exact_and_bound():
     assert 7 <= bound <= 7 + len(lens)
 
 
+def test_block_schedule_is_reused_only_while_cu_seqlens_is_unchanged():
+    """The device block counts are cached per cu_seqlens tensor and block size: reused for the same unchanged
+    tensor (every layer of a model), recomputed after an in-place write (to it or a view of it), for another
+    block size, for an equal but different tensor, and never handed to a new tensor that reuses a dead one's id."""
+    cu = torch.tensor([0, 1, 129, 258, 258, 558], dtype=torch.int32)
+    first, _ = kernels.block_schedule(cu, 128, 558, 300)
+    assert kernels.block_schedule(cu, 128, 558, 300)[0] is first  # reused
+    assert kernels.block_schedule(cu, 64, 558, 300)[0] is not first  # another block size
+    assert kernels.block_schedule(cu.clone(), 128, 558, 300)[0] is not first  # equal values, another tensor
+    cu[1:].add_(0)  # an in-place write through a view bumps the shared version counter
+    assert kernels.block_schedule(cu, 128, 558, 300)[0] is not first
+    cu[2:] = torch.tensor([130, 259, 259, 558], dtype=torch.int32)
+    assert kernels.block_schedule(cu, 128, 558, 300)[0].tolist() == [0, 1, 3, 5, 5, 8]  # the new lengths
+    for _ in range(3):  # dead tensors: a new one at the same id must not get their counts
+        other = torch.tensor([0, 5, 10], dtype=torch.int32)
+        assert kernels.block_schedule(other, 128, 10, 5)[0].tolist() == [0, 1, 2]
+        del other
+    with torch.inference_mode():  # no version counter: computed every time, never cached
+        inf = torch.tensor([0, 200], dtype=torch.int32)
+        assert kernels.block_schedule(inf, 128, 200, 200)[0].tolist() == [0, 2]
+        assert kernels.block_schedule(inf, 128, 200, 200)[0] is not kernels.block_schedule(inf, 128, 200, 200)[0]
+    assert len(kernels._SCHEDULE_CACHE) <= kernels._SCHEDULE_CACHE_SIZE
+
+
 def test_cross_lengths_and_lse():
     lens_q, lens_k = [3, 20, 1], [7, 2, 40]
     cu_q = torch.tensor([0, 3, 23, 24], dtype=torch.int32)
