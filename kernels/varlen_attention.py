@@ -518,8 +518,9 @@ def split_mode() -> str:
     never stored): the FLOPs of zero-padding to that width without the padded copies of q, k, v and o, with the d128
     kernels' tiles (which run on an H100, where the two-piece kernels fault with triton 3.6). Not 72: its head
     stride is no multiple of 16 elements, the loads go scalar, and every kernel spilled 72-720 bytes (sm_90, triton
-    3.6 and 3.8); 72 stays in pieces (zero-padded to 128 on a GPU by the ops layer). Read at every launch (and by
-    the ops layer's padding rule): set it before a forward and leave it until that forward's backward has run."""
+    3.6 and 3.8); 72 stays in pieces (zero-padded to 128 on a GPU by the ops layer). The ops layer reads it once
+    per forward and hands the same mode to that forward's backward (a change in between applies to the next
+    forward); attention_forward / attention_backward called directly read it when not given `mode`."""
     mode = os.environ.get("FINEVITI_ATTN_SPLIT") or "pieces"
     if mode not in SPLIT_MODES:
         raise ValueError(f"FINEVITI_ATTN_SPLIT must be one of {SPLIT_MODES}, got {mode!r}")
@@ -677,18 +678,20 @@ def _common_strides(*tensors: torch.Tensor) -> list[int]:
 
 
 def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                      seqlens_q=None, rope=None):
+                      seqlens_q=None, rope=None, mode=None):
     """O (total_q, heads, head_dim) in q's dtype and LSE (heads, total_q) fp32. With `rope` = (pos_q, pos_k, cos,
     sin), q and k are rotated by 2D RoPE as they are loaded: pos (total, 2) int32 contiguous, cos/sin the
-    (positions, head_dim // 4) fp32 tables of rope_tables(); head_dim a power of two."""
+    (positions, head_dim // 4) fp32 tables of rope_tables(); head_dim a power of two. `mode`: the split mode
+    (default split_mode())."""
     total_q, heads, head_dim = q.shape
     check_supported(q)
     if not (math.isfinite(softmax_scale) and softmax_scale > 0):  # the row maximum is taken before scaling
         raise ValueError(f"softmax_scale must be finite and > 0 for the triton backend, got {softmax_scale}")
-    dim_a, dim_b = split_head_dim(head_dim, q.dtype)
+    mode = mode or split_mode()
+    dim_a, dim_b = split_head_dim(head_dim, q.dtype, mode)
     if rope is not None and head_dim & (head_dim - 1):
         raise ValueError(f"RoPE inside the attention kernel takes a power-of-two head_dim, got {head_dim}")
-    cfg = pick_config("fwd", head_dim, q.dtype, max(max_seqlen_q, max_seqlen_k))
+    cfg = pick_config("fwd", head_dim, q.dtype, max(max_seqlen_q, max_seqlen_k), mode)
     o = torch.empty_like(q)
     lse = torch.empty((heads, total_q), dtype=torch.float32, device=q.device)
     block_cu, programs = block_schedule(cu_seqlens_q, cfg.block_m, total_q, max_seqlen_q, seqlens_q)
@@ -757,13 +760,15 @@ def atomic_dq_preferred(head_dim: int) -> bool:
     return head_dim > 64
 
 
-def dq_mode(deterministic: bool, head_dim: int, dtype: torch.dtype, max_seqlen: int | None = None) -> str:
-    """'separate' when `deterministic` or where atomic_dq_supported is false; else FINEVITI_ATTN_DQ when set;
-    else DEFAULT_DQ_MODE where atomic_dq_preferred holds, 'separate' elsewhere."""
+def dq_mode(deterministic: bool, head_dim: int, dtype: torch.dtype, max_seqlen: int | None = None,
+            split: str | None = None) -> str:
+    """'separate' when `deterministic` or where atomic_dq_supported is false (in split mode `split`, default
+    split_mode()); else FINEVITI_ATTN_DQ when set; else DEFAULT_DQ_MODE where atomic_dq_preferred holds,
+    'separate' elsewhere."""
     mode = os.environ.get("FINEVITI_ATTN_DQ") or None
     if mode is not None and mode not in DQ_MODES:
         raise ValueError(f"FINEVITI_ATTN_DQ must be one of {DQ_MODES}, got {mode!r}")
-    if deterministic or not atomic_dq_supported(head_dim, dtype, max_seqlen):
+    if deterministic or not atomic_dq_supported(head_dim, dtype, max_seqlen, split):
         return "separate"
     if mode:
         return mode
@@ -771,13 +776,15 @@ def dq_mode(deterministic: bool, head_dim: int, dtype: torch.dtype, max_seqlen: 
 
 
 def attention_backward(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                       seqlens_q=None, seqlens_k=None, deterministic=False):
-    """dq, dk, dv in the inputs' dtypes. With `deterministic`, no atomics (bit-reproducible); else dq_mode()."""
+                       seqlens_q=None, seqlens_k=None, deterministic=False, mode=None):
+    """dq, dk, dv in the inputs' dtypes. With `deterministic`, no atomics (bit-reproducible); else dq_mode().
+    `mode`: the split mode (default split_mode(); the ops layer passes its forward's)."""
     total_q, heads, head_dim = q.shape
     total_k = k.shape[0]
-    dim_a, dim_b = split_head_dim(head_dim, q.dtype)
+    mode = mode or split_mode()
+    dim_a, dim_b = split_head_dim(head_dim, q.dtype, mode)
     longest = max(max_seqlen_q, max_seqlen_k)
-    atomic = dq_mode(deterministic, head_dim, q.dtype, longest) == "atomic"
+    atomic = dq_mode(deterministic, head_dim, q.dtype, longest, mode) == "atomic"
     dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic else lse
     dq = None if atomic else torch.empty_like(q)
     dk = torch.empty_like(k)
@@ -793,7 +800,7 @@ def attention_backward(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, max_seql
     common = dict(HEAD_DIM=head_dim, DIM_A=dim_a, DIM_B=dim_b, PRECISION=_precision(q.dtype),
                   ALIGN=_alignment(q, k, v, do, dk, dv, dq_acc if atomic else dq))
 
-    cfg = pick_config("dkdv_atomic" if atomic else "dkdv", head_dim, q.dtype, longest)
+    cfg = pick_config("dkdv_atomic" if atomic else "dkdv", head_dim, q.dtype, longest, mode)
     block_cu, programs = block_schedule(cu_seqlens_k, cfg.block_n, total_k, max_seqlen_k, seqlens_k)
     if programs:
         _attn_bwd_dkdv[(programs, heads)](
@@ -808,7 +815,7 @@ def attention_backward(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, max_seql
     if atomic:
         return dq_acc.to(q.dtype), dk, dv
 
-    cfg = pick_config("dq", head_dim, q.dtype, longest)
+    cfg = pick_config("dq", head_dim, q.dtype, longest, mode)
     block_cu, programs = block_schedule(cu_seqlens_q, cfg.block_m, total_q, max_seqlen_q, seqlens_q)
     if programs:
         _attn_bwd_dq[(programs, heads)](

@@ -141,6 +141,28 @@ def test_masked_split_mode(monkeypatch, deterministic):
     assert modes == (["separate"] * 3 if deterministic else ["atomic", "atomic", "separate"])
 
 
+def test_backward_keeps_its_forwards_split_mode(monkeypatch):
+    """The split mode is read once per forward: a change of FINEVITI_ATTN_SPLIT before the backward runs applies
+    to the next forward, not to this backward (both modes compute the same gradients, but a GPU would otherwise run
+    kernels the forward's padding rule kept away)."""
+    modes = []
+    original = kernels.attention_backward
+
+    def spy(*args, mode=None, **kwargs):
+        modes.append(mode)
+        return original(*args, mode=mode, **kwargs)
+
+    monkeypatch.setattr(kernels, "attention_backward", spy)
+    for first, second in (("masked", "pieces"), ("pieces", "masked")):
+        monkeypatch.setenv("FINEVITI_ATTN_SPLIT", first)
+        q, k, v, cu = make_pack([1, 130, 3], 1, 80, torch.float16)
+        out = varlen_attention(q, k, v, cu, 130, backend="triton")
+        monkeypatch.setenv("FINEVITI_ATTN_SPLIT", second)
+        grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+        assert all(torch.isfinite(g).all() for g in grads)
+    assert modes == ["masked", "pieces"]
+
+
 def test_split_mode_must_be_known(monkeypatch):
     monkeypatch.setenv("FINEVITI_ATTN_SPLIT", "padded")
     with pytest.raises(ValueError, match="FINEVITI_ATTN_SPLIT must be one of .* got 'padded'"):

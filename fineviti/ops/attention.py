@@ -80,14 +80,15 @@ def _kernels():
 @torch.library.custom_op("fineviti::varlen_attention_fwd", mutates_args=(), device_types=("cuda", "cpu"))
 def _triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                 cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
-                seqlens_q: list[int] | None = None, deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                seqlens_q: list[int] | None = None, deterministic: bool = False,
+                split_mode: str = "pieces") -> tuple[torch.Tensor, torch.Tensor]:
     return _kernels().attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                        softmax_scale, seqlens_q)
+                                        softmax_scale, seqlens_q, mode=split_mode)
 
 
 @_triton_fwd.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, seqlens_q=None,
-      deterministic=False):
+      deterministic=False, split_mode="pieces"):
     return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
@@ -95,32 +96,34 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_s
 def _triton_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                 lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
                 max_seqlen_k: int, softmax_scale: float, seqlens_q: list[int] | None = None,
-                deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                deterministic: bool = False, split_mode: str = "pieces",
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _kernels().attention_backward(do.contiguous() if do.stride(-1) != 1 else do, q, k, v, o, lse,
                                          cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
                                          seqlens_q, seqlens_q if cu_seqlens_k is cu_seqlens_q else None,
-                                         deterministic=deterministic)
+                                         deterministic=deterministic, mode=split_mode)
 
 
 @_triton_bwd.register_fake
 def _(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, seqlens_q=None,
-      deterministic=False):
+      deterministic=False, split_mode="pieces"):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _fwd_setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, max_q, max_k, scale, seqlens_q, deterministic = inputs
+    q, k, v, cu_q, cu_k, max_q, max_k, scale, seqlens_q, deterministic, split = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse, cu_q, cu_k)
-    ctx.args = (max_q, max_k, scale, seqlens_q, deterministic)
+    ctx.args = (max_q, max_k, scale, seqlens_q, deterministic, split)
     ctx.mark_non_differentiable(lse)
 
 
 def _fwd_backward(ctx, do, dlse):
     q, k, v, o, lse, cu_q, cu_k = ctx.saved_tensors
-    max_q, max_k, scale, seqlens_q, deterministic = ctx.args
-    dq, dk, dv = _triton_bwd(do, q, k, v, o, lse, cu_q, cu_k, max_q, max_k, scale, seqlens_q, deterministic)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    max_q, max_k, scale, seqlens_q, deterministic, split = ctx.args
+    # the forward's split mode, whatever FINEVITI_ATTN_SPLIT says now
+    dq, dk, dv = _triton_bwd(do, q, k, v, o, lse, cu_q, cu_k, max_q, max_k, scale, seqlens_q, deterministic, split)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("fineviti::varlen_attention_fwd", _fwd_backward, setup_context=_fwd_setup_context)
@@ -134,17 +137,18 @@ def _run_triton(q, k, v, cu_q, cu_k, max_q, max_k, scale, seqlens, return_lse, d
     kernels = _kernels()
     kernels.check_supported(q)
     head_dim = q.shape[-1]
-    width = triton_padded_head_dim(head_dim, q)
+    split = kernels.split_mode()  # read once: the padding rule, the forward and its backward all use this one
+    width = triton_padded_head_dim(head_dim, q, split)
     if width != head_dim:
         prep = [torch.nn.functional.pad(t, (0, width - head_dim)) for t in prep]
-        o, lse = _triton_fwd(*prep, cu_q, cu_k, max_q, max_k, scale, seqlens, deterministic)
+        o, lse = _triton_fwd(*prep, cu_q, cu_k, max_q, max_k, scale, seqlens, deterministic, split)
         o = o[..., :head_dim].contiguous()
     else:
-        o, lse = _triton_fwd(*prep, cu_q, cu_k, max_q, max_k, scale, seqlens, deterministic)
+        o, lse = _triton_fwd(*prep, cu_q, cu_k, max_q, max_k, scale, seqlens, deterministic, split)
     return (o, lse) if return_lse else o
 
 
-def triton_padded_head_dim(head_dim: int, q: torch.Tensor) -> int:
+def triton_padded_head_dim(head_dim: int, q: torch.Tensor, split: str | None = None) -> int:
     """The head dim the triton kernels run at. Head dims that are not powers of two run as two power-of-two
     pieces (80 = 64 + 16) under the interpreter, but on an H100 (2026-11-27, triton 3.6) those kernels hit an
     illegal memory access: at 72 first, then at 80 when 72 was zero-padded to 80 (benchmarks/results/
@@ -154,8 +158,8 @@ def triton_padded_head_dim(head_dim: int, q: torch.Tensor) -> int:
     FINEVITI_ATTN_PAD_SPLIT=0 turns the padding off (to run the two-piece kernels through this op on a GPU;
     benchmarks/attention_split_probe.py calls the kernels directly). FINEVITI_ATTN_SPLIT=masked (opt-in, not yet
     run on a GPU) runs 80 and 96 in one 128-column tile with masked columns instead: the padded FLOPs without the
-    padded copies (kernels.split_mode())."""
-    dim_a, dim_b = _kernels().split_head_dim(head_dim, q.dtype)
+    padded copies (kernels.split_mode(), or `split`)."""
+    dim_a, dim_b = _kernels().split_head_dim(head_dim, q.dtype, split)
     if dim_b == 0 or q.device.type not in PAD_SPLIT_HEAD_DIMS_ON:
         return head_dim
     if os.environ.get("FINEVITI_ATTN_PAD_SPLIT", "1") == "0":
