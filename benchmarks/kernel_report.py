@@ -151,30 +151,39 @@ def parse_resource_usage(text: str) -> dict[str, dict[str, int]]:
 
 
 _SASS_FN = re.compile(r"^\s*Function\s*:\s*(\S+)\s*$")
-_SASS_INST = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)((?:\.[A-Za-z0-9_]+)*)")
+# one instruction: its address, an optional predicate, the opcode, its modifiers and its operands
+_SASS_INST = re.compile(
+    r"^\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)((?:\.[A-Za-z0-9_]+)*)\s*([^;]*)")
+
+
+def parse_instructions(text: str) -> dict[str, list[tuple[int, str, str, str]]]:
+    """`cuobjdump -sass` -> {function: [(address, opcode, modifiers, operands), ...]}: the one SASS parser, which
+    parse_sass and parse_loops read."""
+    functions: dict[str, list[tuple[int, str, str, str]]] = {}
+    current = None
+    for line in text.splitlines():
+        m = _SASS_FN.match(line)
+        if m:
+            current = functions.setdefault(m.group(1), [])
+            continue
+        m = _SASS_INST.match(line)
+        if m and current is not None:
+            current.append((int(m.group(1), 16), m.group(2), m.group(3), m.group(4).strip()))
+    return functions
 
 
 def parse_sass(text: str) -> dict[str, Counter]:
     """`cuobjdump -sass` -> {function: Counter of opcodes}. Counts both the base opcode ('HGMMA') and, for the few
     opcodes whose modifiers matter here, the opcode with modifiers ('USETMAXREG.DEALLOC.CTAPOOL')."""
     counts: dict[str, Counter] = {}
-    current = None
-    for line in text.splitlines():
-        m = _SASS_FN.match(line)
-        if m:
-            current = m.group(1)
-            counts[current] = Counter()
-            continue
-        m = _SASS_INST.match(line)
-        if m and current is not None:
-            op, mods = m.group(1), m.group(2)
-            counts[current][op] += 1
+    for fn, ins in parse_instructions(text).items():
+        counts[fn] = Counter()
+        for _, op, mods, _ in ins:
+            counts[fn][op] += 1
             if "SETMAXREG" in op:
-                counts[current][op + mods] += 1
+                counts[fn][op + mods] += 1
     return counts
 
-
-_SASS_ADDR = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)(\S*)\s*([^;]*);")
 _HGMMA_SHAPE = re.compile(r"^\.(\d+)x(\d+)x(\d+)")
 # Dense 16-bit tensor-core FLOPs per cycle of one H100 SM (989.4 TFLOP/s over 132 SMs at 1.83 GHz) and warp
 # instructions an SM issues per cycle (four schedulers).
@@ -196,18 +205,8 @@ def parse_loops(text: str) -> dict[str, list[dict]]:
     (several back edges to one header are one loop, up to the last of them), with its own instructions (those not
     in a loop nested inside it), its own HGMMA FLOPs per warpgroup (2 * M * N * K each) and their tensor-core
     cycles at the SM's rate for their type. A branch to itself (the trap after EXIT) is no loop."""
-    functions: dict[str, list[tuple[int, str, str, str]]] = {}
-    current = None
-    for line in text.splitlines():
-        m = _SASS_FN.match(line)
-        if m:
-            current = functions.setdefault(m.group(1), [])
-            continue
-        m = _SASS_ADDR.match(line)
-        if m and current is not None:
-            current.append((int(m.group(1), 16), m.group(2), m.group(3), m.group(4)))
     out = {}
-    for fn, ins in functions.items():
+    for fn, ins in parse_instructions(text).items():
         ends: dict[int, int] = {}  # loop header -> its last back edge
         for addr, op, _, operands in ins:
             target = re.search(r"\b0x([0-9a-f]+)\b", operands) if op == "BRA" else None
