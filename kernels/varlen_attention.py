@@ -256,7 +256,7 @@ def _attn_bwd_preprocess(
 
 @triton.jit
 def _dkdv_step(dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, key_ok, Q, DO, LSE, DELTA, DQ_ACC, q_start, start_m,
-               seqlen_q, stride_q_tok, stride_do_tok, stride_dqa_tok, qk_scale, softmax_scale, HEAD_DIM: tl.constexpr,
+               seqlen_q, stride_q_tok, stride_do_tok, stride_dqa_tok, qk_scale, HEAD_DIM: tl.constexpr,
                DIM_A: tl.constexpr, DIM_B: tl.constexpr, BLOCK_M: tl.constexpr, MASK_M: tl.constexpr,
                PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr):
     rows = start_m + tl.arange(0, BLOCK_M)
@@ -289,12 +289,13 @@ def _dkdv_step(dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, key_ok, Q, DO, LSE, D
     dk_a = tl.dot(ds_t, q_a, dk_a, input_precision=PRECISION)
     if DIM_B > 0:
         dk_b = tl.dot(ds_t, q_b, dk_b, input_precision=PRECISION)
-    if ATOMIC_DQ:  # FlashAttention-2's dq: this key block's share, added into an fp32 buffer (order not fixed)
+    if ATOMIC_DQ:  # FlashAttention-2's dq: this key block's share, added into an fp32 buffer (order not fixed);
+        # the softmax scale is applied once, when the buffer is converted, not per tile
         ds = tl.trans(ds_t)
-        dq_a = tl.dot(ds, k_a, input_precision=PRECISION) * softmax_scale
+        dq_a = tl.dot(ds, k_a, input_precision=PRECISION)
         _atomic_add_tile(DQ_ACC, dq_a, tok, row_ok, stride_dqa_tok, 0, DIM_A, HEAD_DIM, MASK_M)
         if DIM_B > 0:
-            dq_b = tl.dot(ds, k_b, input_precision=PRECISION) * softmax_scale
+            dq_b = tl.dot(ds, k_b, input_precision=PRECISION)
             _atomic_add_tile(DQ_ACC, dq_b, tok, row_ok, stride_dqa_tok, DIM_A, DIM_B, HEAD_DIM, MASK_M)
     return dk_a, dk_b, dv_a, dv_b
 
@@ -370,12 +371,12 @@ def _attn_bwd_dkdv(
     for start_m in tl.range(0, m_full, BLOCK_M):
         dk_a, dk_b, dv_a, dv_b = _dkdv_step(dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, row_ok, Q, DO, LSE,
                                             DELTA, DQ_ACC, q_start, start_m, seqlen_q, stride_q_tok, stride_do_tok,
-                                            stride_dqa_tok, qk_scale, softmax_scale, HEAD_DIM, DIM_A, DIM_B,
+                                            stride_dqa_tok, qk_scale, HEAD_DIM, DIM_A, DIM_B,
                                             BLOCK_M, False, PRECISION, ATOMIC_DQ)
     if m_full < seqlen_q:
         dk_a, dk_b, dv_a, dv_b = _dkdv_step(dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, row_ok, Q, DO, LSE,
                                             DELTA, DQ_ACC, q_start, m_full, seqlen_q, stride_q_tok, stride_do_tok,
-                                            stride_dqa_tok, qk_scale, softmax_scale, HEAD_DIM, DIM_A, DIM_B,
+                                            stride_dqa_tok, qk_scale, HEAD_DIM, DIM_A, DIM_B,
                                             BLOCK_M, True, PRECISION, ATOMIC_DQ)
 
     DK += head * stride_dk_head
@@ -812,8 +813,10 @@ def attention_backward(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, max_seql
     else:
         dk.zero_()
         dv.zero_()
-    if atomic:
-        return dq_acc.to(q.dtype), dk, dv
+    if atomic:  # the scale and the cast to q's dtype in one pass over the fp32 buffer
+        dq = torch.empty_like(q)
+        torch.mul(dq_acc, softmax_scale, out=dq)
+        return dq, dk, dv
 
     cfg = pick_config("dq", head_dim, q.dtype, longest, mode)
     block_cu, programs = block_schedule(cu_seqlens_q, cfg.block_m, total_q, max_seqlen_q, seqlens_q)
