@@ -273,7 +273,7 @@ def _dkdv_step(dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, key_ok, Q, DO, LSE, D
     else:
         lse = tl.load(LSE + tok)
         delta = tl.load(DELTA + tok)
-    p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :] * 1.4426950408889634)
+    p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])  # LSE in log2 units
     if MASK_M:
         p_t = tl.where(row_ok[None, :], p_t, 0.0)
     if ATOMIC_DQ:  # key rows past the sequence (zeros) must add nothing to dq: exp(-lse) there can overflow
@@ -305,7 +305,7 @@ def _attn_bwd_dkdv(
     Q, K, V, DO,  # (total_q | total_k, heads, HEAD_DIM)
     DK, DV,  # (total_k, heads, HEAD_DIM), written
     DQ_ACC,  # (total_q, heads, HEAD_DIM) fp32, zeroed, added into (ATOMIC_DQ only; else unused)
-    LSE, DELTA,  # (heads, total_q) fp32
+    LSE, DELTA,  # (heads, total_q) fp32; LSE in log2 units (the forward's times log2 e)
     cu_seqlens_q, cu_seqlens_k,
     block_cu,  # (n_seqs + 1,) int32: cumulative count of BLOCK_N key blocks per sequence
     n_seqs,
@@ -419,7 +419,7 @@ def _dq_step(dq_a, dq_b, q_a, q_b, do_a, do_b, lse, delta, K, V, kv_start, start
 def _attn_bwd_dq(
     Q, K, V, DO,  # (total_q | total_k, heads, HEAD_DIM)
     DQ,  # (total_q, heads, HEAD_DIM), written
-    LSE, DELTA,  # (heads, total_q) fp32
+    LSE, DELTA,  # (heads, total_q) fp32; LSE in log2 units (the forward's times log2 e)
     cu_seqlens_q, cu_seqlens_k,
     block_cu,  # (n_seqs + 1,) int32: cumulative count of BLOCK_M query blocks per sequence
     n_seqs,
@@ -467,7 +467,7 @@ def _attn_bwd_dq(
     if DIM_B > 0:
         q_b = _load_tile(Q, tok, row_ok, stride_q_tok, DIM_A, DIM_B, HEAD_DIM, True)
         do_b = _load_tile(DO, tok, row_ok, stride_do_tok, DIM_A, DIM_B, HEAD_DIM, True)
-    lse = tl.load(LSE + head * stride_lse_head + tok, mask=row_ok, other=0.0) * 1.4426950408889634
+    lse = tl.load(LSE + head * stride_lse_head + tok, mask=row_ok, other=0.0)  # log2 units
     delta = tl.load(DELTA + head * stride_lse_head + tok, mask=row_ok, other=0.0)
     dq_a = tl.zeros([BLOCK_M, DIM_A], dtype=tl.float32)
     dq_b = tl.zeros([BLOCK_M, DIM_B if DIM_B > 0 else 16], dtype=tl.float32)
@@ -797,6 +797,7 @@ def attention_backward(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, max_seql
             o, do, delta, total_q, o.stride(0), o.stride(1), do.stride(0), do.stride(1), delta.stride(0),
             HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_T=block_t,
         )
+    lse = lse * LOG2E  # log2 units, once here rather than per key block in the kernels
     n_seqs = cu_seqlens_q.numel() - 1
     common = dict(HEAD_DIM=head_dim, DIM_A=dim_a, DIM_B=dim_b, PRECISION=_precision(q.dtype),
                   ALIGN=_alignment(q, k, v, do, dk, dv, dq_acc if atomic else dq))
