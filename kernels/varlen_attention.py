@@ -258,10 +258,13 @@ def _attn_bwd_preprocess(
 def _dkdv_step(dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, key_ok, Q, DO, LSE, DELTA, DQ_ACC, q_start, start_m,
                seqlen_q, stride_q_tok, stride_do_tok, stride_dqa_tok, qk_scale, HEAD_DIM: tl.constexpr,
                DIM_A: tl.constexpr, DIM_B: tl.constexpr, BLOCK_M: tl.constexpr, MASK_M: tl.constexpr,
-               PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+               PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr, I32_TOKENS: tl.constexpr):
     rows = start_m + tl.arange(0, BLOCK_M)
     row_ok = rows < seqlen_q
-    tok = (q_start + rows).to(tl.int64)
+    if I32_TOKENS:  # token offsets in 32 bits (the launcher checked that they fit): no 64-bit multiply per row
+        tok = q_start + rows
+    else:
+        tok = (q_start + rows).to(tl.int64)
     q_a = _load_tile(Q, tok, row_ok, stride_q_tok, 0, DIM_A, HEAD_DIM, MASK_M)
     qk_t = tl.dot(k_a, tl.trans(q_a), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M)
     if DIM_B > 0:
@@ -316,6 +319,7 @@ def _attn_bwd_dkdv(
     HEAD_DIM: tl.constexpr, DIM_A: tl.constexpr, DIM_B: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr,
     ATOMIC_DQ: tl.constexpr,
+    I32_TOKENS: tl.constexpr = False,  # q-side token offsets (token x token stride) fit in 32 bits
 ):
     # Token and head strides are multiples of ALIGN elements (checked by the launcher): 16-byte vector loads.
     stride_q_tok = tl.multiple_of(stride_q_tok, ALIGN)
@@ -372,12 +376,12 @@ def _attn_bwd_dkdv(
         dk_a, dk_b, dv_a, dv_b = _dkdv_step(dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, row_ok, Q, DO, LSE,
                                             DELTA, DQ_ACC, q_start, start_m, seqlen_q, stride_q_tok, stride_do_tok,
                                             stride_dqa_tok, qk_scale, HEAD_DIM, DIM_A, DIM_B,
-                                            BLOCK_M, False, PRECISION, ATOMIC_DQ)
+                                            BLOCK_M, False, PRECISION, ATOMIC_DQ, I32_TOKENS)
     if m_full < seqlen_q:
         dk_a, dk_b, dv_a, dv_b = _dkdv_step(dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, row_ok, Q, DO, LSE,
                                             DELTA, DQ_ACC, q_start, m_full, seqlen_q, stride_q_tok, stride_do_tok,
                                             stride_dqa_tok, qk_scale, HEAD_DIM, DIM_A, DIM_B,
-                                            BLOCK_M, True, PRECISION, ATOMIC_DQ)
+                                            BLOCK_M, True, PRECISION, ATOMIC_DQ, I32_TOKENS)
 
     DK += head * stride_dk_head
     DV += head * stride_dv_head
@@ -776,6 +780,13 @@ def dq_mode(deterministic: bool, head_dim: int, dtype: torch.dtype, max_seqlen: 
     return DEFAULT_DQ_MODE if atomic_dq_preferred(head_dim) else "separate"
 
 
+def i32_tokens(width: int, *q_side: torch.Tensor) -> bool:
+    """Whether the dk/dv kernel takes its per-row token offsets in 32 bits: at tile widths up to 64 (kernel report,
+    triton 3.6: the d64 hot loops 240 -> 229 and, with the atomic dq, 560 -> 493 instructions, no spill; the
+    255-register 128-wide tiles spilled 48-52 bytes more, so they keep 64 bits) and when every offset fits."""
+    return width <= 64 and all(t.shape[0] * t.stride(0) < 2**31 for t in q_side)
+
+
 def attention_backward(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
                        seqlens_q=None, seqlens_k=None, deterministic=False, mode=None):
     """dq, dk, dv in the inputs' dtypes. With `deterministic`, no atomics (bit-reproducible); else dq_mode().
@@ -809,6 +820,7 @@ def attention_backward(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, max_seql
             q, k, v, do, dk, dv, dq_acc, lse, delta, cu_seqlens_q, cu_seqlens_k, block_cu, n_seqs,
             *_common_strides(q, k, v, do, dk, dv), *(_common_strides(dq_acc) if atomic else (0, 0)),
             lse.stride(0), softmax_scale, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ATOMIC_DQ=atomic,
+            I32_TOKENS=i32_tokens(dim_a + dim_b, q, do, dq_acc if atomic else q),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
         )
     else:
@@ -898,7 +910,8 @@ def shipped_configs(kind: str) -> list[registry.Shipped]:
                 constexprs=dict(HEAD_DIM=head_dim, DIM_A=dim_a, DIM_B=dim_b, BLOCK_M=cfg.block_m,
                                 BLOCK_N=cfg.block_n, PRECISION=_precision(dtype),
                                 ALIGN=8 if head_dim % 8 == 0 else 1,
-                                **({"ATOMIC_DQ": kind == "dkdv_atomic"} if kind.startswith("dkdv") else {}),
+                                **({"ATOMIC_DQ": kind == "dkdv_atomic", "I32_TOKENS": dim_a + dim_b <= 64}
+                                   if kind.startswith("dkdv") else {}),
                                 **({"ROPE": kind == "fwd_rope"} if kind.startswith("fwd") else {})),
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                 aligned=_aligned(fn, head_dim, zero_dqa=kind == "dkdv"),

@@ -230,6 +230,18 @@ def test_atomic_dq_at_64_on_request(monkeypatch):
         "dkdv", 64, torch.bfloat16, 4096)  # its own pin, not the deterministic kernel's
 
 
+def test_i32_token_offsets_only_where_they_fit():
+    """The dk/dv kernel's 32-bit token offsets: at tile widths up to 64, and only when every q-side tensor's
+    token x token-stride span is below 2**31 (meta tensors: no memory)."""
+    small = torch.empty((1 << 16, 16, 64), device="meta")
+    edge = torch.empty(((1 << 31) // 1024 - 1, 16, 64), device="meta")  # span just under 2**31
+    big = torch.empty(((1 << 31) // 1024, 16, 64), device="meta")  # span exactly 2**31
+    fused = torch.empty((1 << 16, 3, 16, 64), device="meta")[:, 0]  # a view into fused qkv: 3x the stride
+    assert kernels.i32_tokens(64, small, small) and kernels.i32_tokens(64, edge)
+    assert not kernels.i32_tokens(64, small, big) and not kernels.i32_tokens(128, small)
+    assert kernels.i32_tokens(64, fused) and fused.stride(0) == 3 * 16 * 64
+
+
 def test_dq_mode_rule(monkeypatch):
     monkeypatch.delenv("FINEVITI_ATTN_DQ", raising=False)
     assert kernels.dq_mode(True, 128, torch.float16) == "separate"
