@@ -128,10 +128,14 @@ def _atomic_add_tile(base, x, tok, row_ok, stride_tok, COL0: tl.constexpr, COLS:
 @triton.jit
 def _fwd_step(acc_a, acc_b, m_i, l_i, q_a, q_b, K, V, POS_K, COS, SIN, kv_start, start_n, seqlen_k, stride_k_tok,
               stride_v_tok, qk_scale, HEAD_DIM: tl.constexpr, DIM_A: tl.constexpr, DIM_B: tl.constexpr,
-              BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, PRECISION: tl.constexpr, ROPE: tl.constexpr):
+              BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, PRECISION: tl.constexpr, ROPE: tl.constexpr,
+              I32_TOKENS: tl.constexpr):
     rows = start_n + tl.arange(0, BLOCK_N)
     row_ok = rows < seqlen_k
-    tok = (kv_start + rows).to(tl.int64)
+    if I32_TOKENS:  # token offsets in 32 bits (the launcher checked that they fit): no 64-bit multiply per row
+        tok = kv_start + rows
+    else:
+        tok = (kv_start + rows).to(tl.int64)
     if ROPE:  # DIM_B == 0 (checked by the launcher)
         k_a = _load_rotated(K, tok, row_ok, stride_k_tok, POS_K, COS, SIN, HEAD_DIM, MASK_N)
     else:
@@ -170,6 +174,7 @@ def _attn_fwd(
     HEAD_DIM: tl.constexpr, DIM_A: tl.constexpr, DIM_B: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr,
     ROPE: tl.constexpr,  # rotate q and k by 2D RoPE as they are loaded (variant (b) of rope's placement)
+    I32_TOKENS: tl.constexpr = False,  # k/v token offsets (token x token stride) fit in 32 bits
 ):
     # Token and head strides are multiples of ALIGN elements (checked by the launcher): 16-byte vector loads.
     stride_q_tok = tl.multiple_of(stride_q_tok, ALIGN)
@@ -217,11 +222,11 @@ def _attn_fwd(
     for start_n in tl.range(0, n_full, BLOCK_N):
         acc_a, acc_b, m_i, l_i = _fwd_step(acc_a, acc_b, m_i, l_i, q_a, q_b, K, V, POS_K, COS, SIN, kv_start,
                                            start_n, seqlen_k, stride_k_tok, stride_v_tok, qk_scale, HEAD_DIM, DIM_A,
-                                           DIM_B, BLOCK_N, False, PRECISION, ROPE)
+                                           DIM_B, BLOCK_N, False, PRECISION, ROPE, I32_TOKENS)
     if n_full < seqlen_k:
         acc_a, acc_b, m_i, l_i = _fwd_step(acc_a, acc_b, m_i, l_i, q_a, q_b, K, V, POS_K, COS, SIN, kv_start,
                                            n_full, seqlen_k, stride_k_tok, stride_v_tok, qk_scale, HEAD_DIM, DIM_A,
-                                           DIM_B, BLOCK_N, True, PRECISION, ROPE)
+                                           DIM_B, BLOCK_N, True, PRECISION, ROPE, I32_TOKENS)
 
     # A query with no keys (an empty key sequence) gets output 0 and log-sum-exp -inf instead of 0/0.
     has_keys = l_i > 0
@@ -396,10 +401,13 @@ def _attn_bwd_dkdv(
 @triton.jit
 def _dq_step(dq_a, dq_b, q_a, q_b, do_a, do_b, lse, delta, K, V, kv_start, start_n, seqlen_k, stride_k_tok,
              stride_v_tok, qk_scale, HEAD_DIM: tl.constexpr, DIM_A: tl.constexpr, DIM_B: tl.constexpr,
-             BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, PRECISION: tl.constexpr):
+             BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, PRECISION: tl.constexpr, I32_TOKENS: tl.constexpr):
     rows = start_n + tl.arange(0, BLOCK_N)
     row_ok = rows < seqlen_k
-    tok = (kv_start + rows).to(tl.int64)
+    if I32_TOKENS:  # token offsets in 32 bits (the launcher checked that they fit)
+        tok = kv_start + rows
+    else:
+        tok = (kv_start + rows).to(tl.int64)
     k_a = _load_tile(K, tok, row_ok, stride_k_tok, 0, DIM_A, HEAD_DIM, MASK_N)
     v_a = _load_tile(V, tok, row_ok, stride_v_tok, 0, DIM_A, HEAD_DIM, MASK_N)
     qk = tl.dot(q_a, tl.trans(k_a), input_precision=PRECISION)
@@ -433,6 +441,7 @@ def _attn_bwd_dq(
     softmax_scale,
     HEAD_DIM: tl.constexpr, DIM_A: tl.constexpr, DIM_B: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr,
+    I32_TOKENS: tl.constexpr = False,  # k/v token offsets (token x token stride) fit in 32 bits
 ):
     # Token and head strides are multiples of ALIGN elements (checked by the launcher): 16-byte vector loads.
     stride_q_tok = tl.multiple_of(stride_q_tok, ALIGN)
@@ -481,11 +490,11 @@ def _attn_bwd_dq(
     for start_n in tl.range(0, n_full, BLOCK_N):
         dq_a, dq_b = _dq_step(dq_a, dq_b, q_a, q_b, do_a, do_b, lse, delta, K, V, kv_start, start_n, seqlen_k,
                               stride_k_tok, stride_v_tok, qk_scale, HEAD_DIM, DIM_A, DIM_B, BLOCK_N, False,
-                              PRECISION)
+                              PRECISION, I32_TOKENS)
     if n_full < seqlen_k:
         dq_a, dq_b = _dq_step(dq_a, dq_b, q_a, q_b, do_a, do_b, lse, delta, K, V, kv_start, n_full, seqlen_k,
                               stride_k_tok, stride_v_tok, qk_scale, HEAD_DIM, DIM_A, DIM_B, BLOCK_N, True,
-                              PRECISION)
+                              PRECISION, I32_TOKENS)
 
     DQ += head * stride_dq_head
     _store_tile(DQ, (dq_a * softmax_scale).to(DQ.dtype.element_ty), tok, row_ok, stride_dq_tok, 0, DIM_A, HEAD_DIM)
@@ -709,6 +718,7 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
         *_common_strides(q, k, v, o), lse.stride(0), softmax_scale,
         HEAD_DIM=head_dim, DIM_A=dim_a, DIM_B=dim_b, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         PRECISION=_precision(q.dtype), ALIGN=_alignment(q, k, v, o), ROPE=rope is not None,
+        I32_TOKENS=fits_i32(k, v),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return o, lse
@@ -780,11 +790,19 @@ def dq_mode(deterministic: bool, head_dim: int, dtype: torch.dtype, max_seqlen: 
     return DEFAULT_DQ_MODE if atomic_dq_preferred(head_dim) else "separate"
 
 
+def fits_i32(*tensors: torch.Tensor) -> bool:
+    """Whether every token offset (token x token stride) of these (total, heads, head_dim) tensors is below 2**31:
+    then the kernels' loops index them in 32 bits (the head offset is added in 64 bits apart)."""
+    return all(t.shape[0] * t.stride(0) < 2**31 for t in tensors)
+
+
 def i32_tokens(width: int, *q_side: torch.Tensor) -> bool:
     """Whether the dk/dv kernel takes its per-row token offsets in 32 bits: at tile widths up to 64 (kernel report,
     triton 3.6: the d64 hot loops 240 -> 229 and, with the atomic dq, 560 -> 493 instructions, no spill; the
-    255-register 128-wide tiles spilled 48-52 bytes more, so they keep 64 bits) and when every offset fits."""
-    return width <= 64 and all(t.shape[0] * t.stride(0) < 2**31 for t in q_side)
+    255-register 128-wide tiles spilled 48-52 bytes more, so they keep 64 bits) and when every offset fits. The
+    forward and dq kernels take them wherever k and v fit (their hot loops 15-34 instructions shorter at every
+    head dim, no spill)."""
+    return width <= 64 and fits_i32(*q_side)
 
 
 def attention_backward(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
@@ -837,7 +855,8 @@ def attention_backward(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, max_seql
         _attn_bwd_dq[(programs, heads)](
             q, k, v, do, dq, lse, delta, cu_seqlens_q, cu_seqlens_k, block_cu, n_seqs,
             *_common_strides(q, k, v, do, dq), lse.stride(0), softmax_scale,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            I32_TOKENS=fits_i32(k, v), **common,
         )
     else:
         dq.zero_()
@@ -911,7 +930,7 @@ def shipped_configs(kind: str) -> list[registry.Shipped]:
                                 BLOCK_N=cfg.block_n, PRECISION=_precision(dtype),
                                 ALIGN=8 if head_dim % 8 == 0 else 1,
                                 **({"ATOMIC_DQ": kind == "dkdv_atomic", "I32_TOKENS": dim_a + dim_b <= 64}
-                                   if kind.startswith("dkdv") else {}),
+                                   if kind.startswith("dkdv") else {"I32_TOKENS": True}),
                                 **({"ROPE": kind == "fwd_rope"} if kind.startswith("fwd") else {})),
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                 aligned=_aligned(fn, head_dim, zero_dqa=kind == "dkdv"),

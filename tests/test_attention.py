@@ -240,6 +240,8 @@ def test_i32_token_offsets_only_where_they_fit():
     assert kernels.i32_tokens(64, small, small) and kernels.i32_tokens(64, edge)
     assert not kernels.i32_tokens(64, small, big) and not kernels.i32_tokens(128, small)
     assert kernels.i32_tokens(64, fused) and fused.stride(0) == 3 * 16 * 64
+    # the forward and dq kernels: any width, k and v must fit
+    assert kernels.fits_i32(small, edge) and not kernels.fits_i32(small, big)
 
 
 def test_dq_mode_rule(monkeypatch):
