@@ -244,6 +244,19 @@ def test_i32_token_offsets_only_where_they_fit():
     assert kernels.fits_i32(small, edge) and not kernels.fits_i32(small, big)
 
 
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_64_bit_token_offsets_path(monkeypatch, deterministic):
+    """The kernels' 64-bit token offsets (taken where a span would overflow 32 bits, which no test tensor does):
+    forced, forward and backward against the references at d64, with the atomic dq too."""
+    asked = []
+    monkeypatch.setattr(kernels, "fits_i32", lambda *tensors: asked.append("fwd/dq") or False)
+    monkeypatch.setattr(kernels, "i32_tokens", lambda width, *tensors: asked.append("dkdv") or False)
+    monkeypatch.setenv("FINEVITI_ATTN_DQ", "atomic")
+    check_against_reference([1, 130, 3, 67], 2, 64, torch.float16, deterministic=deterministic)
+    # every launch asked (forward, dk/dv, and dq where it is a kernel of its own), so each ran 64-bit
+    assert asked == ["fwd/dq", "dkdv"] + (["fwd/dq"] if deterministic else [])
+
+
 def test_dq_mode_rule(monkeypatch):
     monkeypatch.delenv("FINEVITI_ATTN_DQ", raising=False)
     assert kernels.dq_mode(True, 128, torch.float16) == "separate"
