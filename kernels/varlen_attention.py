@@ -19,7 +19,6 @@ import dataclasses
 import inspect
 import math
 import os
-import weakref
 
 import torch
 import triton
@@ -628,35 +627,51 @@ def _precision(dtype: torch.dtype) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-# block_schedule's device tensors, reused while the same cu_seqlens tensor comes back unchanged: every layer of a
-# model calls attention with one pack's cu_seqlens, and each computation is five small launches.
+# block_schedule's device tensors, reused for the same host lengths: every layer of a model calls attention with one
+# pack's lengths (the data planner passes them), and without the cache each call launches five small device ops.
 _SCHEDULE_CACHE: collections.OrderedDict = collections.OrderedDict()
 _SCHEDULE_CACHE_SIZE = 16
 
 
-def _block_cu(cu_seqlens: torch.Tensor, block: int) -> torch.Tensor:
-    """(n + 1,) int32 on cu_seqlens' device: the cumulative count of `block`-sized blocks per sequence. Cached per
-    (tensor object, block, current stream), valid while the tensor is alive and its version counter unchanged (an
-    in-place write to it or to a view recomputes; a write through `.data`, which skips the counter, would not)."""
-    try:
-        version = cu_seqlens._version
-    except RuntimeError:  # an inference-mode tensor keeps no version counter: not cached
-        version = None
+def _block_cu(cu_seqlens: torch.Tensor, block: int, seqlens: list[int] | None) -> torch.Tensor:
+    """(n + 1,) int32 on cu_seqlens' device: the cumulative count of `block`-sized blocks per sequence.
+
+    With host `seqlens` the counts are a function of (seqlens, block) alone: built on the host, copied from pinned
+    memory without waiting for the device, and cached under (lengths, block, device, stream), so that nothing
+    about the cu_seqlens tensor (which an in-place write through a collective or a DLPack alias could change
+    without a version bump) can make a hit stale. Without them, or while a CUDA graph is captured (a cached
+    tensor would be baked into the graph, or live in its private pool), they come from cu_seqlens on the device
+    every time."""
+    capturing = cu_seqlens.is_cuda and torch.cuda.is_current_stream_capturing()
+    if seqlens is None or capturing:
+        n = cu_seqlens.numel() - 1
+        counts = (cu_seqlens[1:] - cu_seqlens[:-1] + (block - 1)) // block
+        block_cu = torch.zeros(n + 1, dtype=torch.int32, device=cu_seqlens.device)
+        torch.cumsum(counts, 0, out=block_cu[1:])
+        return block_cu
     stream = torch.cuda.current_stream(cu_seqlens.device).cuda_stream if cu_seqlens.is_cuda else 0
-    key = (id(cu_seqlens), block, stream)
+    key = (tuple(seqlens), block, str(cu_seqlens.device), stream)
     hit = _SCHEDULE_CACHE.get(key)
-    if version is not None and hit is not None and hit[0]() is cu_seqlens and hit[1] == version:
-        _SCHEDULE_CACHE.move_to_end(key)
-        return hit[2]
-    n = cu_seqlens.numel() - 1
-    counts = (cu_seqlens[1:] - cu_seqlens[:-1] + (block - 1)) // block
-    block_cu = torch.zeros(n + 1, dtype=torch.int32, device=cu_seqlens.device)
-    torch.cumsum(counts, 0, out=block_cu[1:])
-    # not while a CUDA graph is captured: the tensor would live in the graph's private pool, which replays reuse
-    if version is not None and not (cu_seqlens.is_cuda and torch.cuda.is_current_stream_capturing()):
-        _SCHEDULE_CACHE[key] = (weakref.ref(cu_seqlens), version, block_cu)
-        while len(_SCHEDULE_CACHE) > _SCHEDULE_CACHE_SIZE:
+    if hit is not None:
+        try:
+            _SCHEDULE_CACHE.move_to_end(key)
+        except KeyError:  # evicted by another thread in between: the tensor itself is still good
+            pass
+        return hit
+    cumulative = [0]
+    for length in seqlens:
+        cumulative.append(cumulative[-1] + (length + block - 1) // block)
+    host = torch.tensor(cumulative, dtype=torch.int32)
+    if cu_seqlens.is_cuda:  # pinned: the copy is queued on the stream, the host does not wait for the device
+        block_cu = host.pin_memory().to(cu_seqlens.device, non_blocking=True)
+    else:
+        block_cu = host.to(cu_seqlens.device)
+    _SCHEDULE_CACHE[key] = block_cu
+    while len(_SCHEDULE_CACHE) > _SCHEDULE_CACHE_SIZE:
+        try:
             _SCHEDULE_CACHE.popitem(last=False)
+        except KeyError:
+            break
     return block_cu
 
 
@@ -668,7 +683,7 @@ def block_schedule(cu_seqlens: torch.Tensor, block: int, total: int, max_seqlen:
     sequence, which exits at once), so that nothing waits for the device.
     """
     n = cu_seqlens.numel() - 1
-    block_cu = _block_cu(cu_seqlens, block)
+    block_cu = _block_cu(cu_seqlens, block, seqlens)
     if seqlens is not None:
         programs = sum((length + block - 1) // block for length in seqlens)
     else:

@@ -352,27 +352,27 @@ def test_block_schedule_exact_and_bound():
     assert 7 <= bound <= 7 + len(lens)
 
 
-def test_block_schedule_is_reused_only_while_cu_seqlens_is_unchanged():
-    """The device block counts are cached per cu_seqlens tensor and block size: reused for the same unchanged
-    tensor (every layer of a model), recomputed after an in-place write (to it or a view of it), for another
-    block size, for an equal but different tensor, and never handed to a new tensor that reuses a dead one's id."""
+def test_block_schedule_is_cached_by_host_lengths_only():
+    """The device block counts are cached under the host lengths and block size (every layer of a model passes the
+    planner's lengths): the same lengths give the same tensor, whatever cu_seqlens object comes with them; other
+    lengths or another block size give new counts; without host lengths nothing is cached (a cu_seqlens tensor
+    can change in place without a version bump, through a collective or a DLPack alias)."""
+    lens = [1, 128, 129, 0, 300]
     cu = torch.tensor([0, 1, 129, 258, 258, 558], dtype=torch.int32)
-    first, _ = kernels.block_schedule(cu, 128, 558, 300)
-    assert kernels.block_schedule(cu, 128, 558, 300)[0] is first  # reused
-    assert kernels.block_schedule(cu, 64, 558, 300)[0] is not first  # another block size
-    assert kernels.block_schedule(cu.clone(), 128, 558, 300)[0] is not first  # equal values, another tensor
-    cu[1:].add_(0)  # an in-place write through a view bumps the shared version counter
-    assert kernels.block_schedule(cu, 128, 558, 300)[0] is not first
-    cu[2:] = torch.tensor([130, 259, 259, 558], dtype=torch.int32)
-    assert kernels.block_schedule(cu, 128, 558, 300)[0].tolist() == [0, 1, 3, 5, 5, 8]  # the new lengths
-    for _ in range(3):  # dead tensors: a new one at the same id must not get their counts
-        other = torch.tensor([0, 5, 10], dtype=torch.int32)
-        assert kernels.block_schedule(other, 128, 10, 5)[0].tolist() == [0, 1, 2]
-        del other
-    with torch.inference_mode():  # no version counter: computed every time, never cached
-        inf = torch.tensor([0, 200], dtype=torch.int32)
-        assert kernels.block_schedule(inf, 128, 200, 200)[0].tolist() == [0, 2]
-        assert kernels.block_schedule(inf, 128, 200, 200)[0] is not kernels.block_schedule(inf, 128, 200, 200)[0]
+    first, exact = kernels.block_schedule(cu, 128, 558, 300, lens)
+    assert first.tolist() == [0, 1, 2, 4, 4, 7] and exact == 7
+    assert kernels.block_schedule(cu.clone(), 128, 558, 300, list(lens))[0] is first  # same lengths: reused
+    assert kernels.block_schedule(cu, 64, 558, 300, lens)[0].tolist() == [0, 1, 3, 6, 6, 11]  # other block
+    other = [1, 130, 127, 0, 300]
+    cu_other = torch.tensor([0, 1, 131, 258, 258, 558], dtype=torch.int32)
+    assert kernels.block_schedule(cu_other, 128, 558, 300, other)[0].tolist() == [0, 1, 3, 4, 4, 7]
+    # no host lengths: from cu_seqlens every time, so an in-place change that bumps no version still shows
+    plain, _ = kernels.block_schedule(cu, 128, 558, 300)
+    assert plain is not first and plain.tolist() == first.tolist()
+    cu.numpy()[2:] = [131, 258, 258, 558]  # a write torch's version counter does not see
+    assert kernels.block_schedule(cu, 128, 558, 300)[0].tolist() == [0, 1, 3, 4, 4, 7]
+    for i in range(kernels._SCHEDULE_CACHE_SIZE + 3):  # bounded
+        kernels.block_schedule(torch.tensor([0, 558 - i, 558], dtype=torch.int32), 128, 558, 558, [558 - i, i])
     assert len(kernels._SCHEDULE_CACHE) <= kernels._SCHEDULE_CACHE_SIZE
 
 
