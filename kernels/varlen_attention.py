@@ -951,6 +951,12 @@ def shipped_configs(kind: str) -> list[registry.Shipped]:
                 aligned=_aligned(fn, head_dim, zero_dqa=kind == "dkdv"),
                 **_spill_allowance(kind, head_dim, dim_a, dim_b, cfg),
             ))
+            last = rows[-1]
+            if (last.constexprs["I32_TOKENS"] and head_dim in (64, 128) and dtype == torch.bfloat16
+                    and mode == "pieces" and seqlen > 64 and kind != "fwd_rope"):
+                # the 64-bit token offsets taken where a span reaches 2**31: compiled at the main head dims too
+                rows.append(dataclasses.replace(last, label=f"{last.label}-i64",
+                                                constexprs={**last.constexprs, "I32_TOKENS": False}))
     return rows
 
 
