@@ -206,6 +206,14 @@ def sweep(rec, shape, head_dim, dtype, device, kinds=None, max_candidates=None):
     pinned_done = set()
     saved = {name: os.environ.get(name) for name in
              ("FINEVITI_ATTN_DQ", *(f"FINEVITI_ATTN_{kind.upper()}_CONFIG" for kind in SWEEP))}
+
+    def restore():
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
     try:
         for kind, candidates in SWEEP.items():
             if kinds and kind not in kinds:
@@ -229,13 +237,11 @@ def sweep(rec, shape, head_dim, dtype, device, kinds=None, max_candidates=None):
                 row = rec.rows[before] if len(rec.rows) > before else {}
                 if "median_ms" in row:
                     timings.append((row["median_ms"], cfg))
-            for name, value in saved.items():  # the next kind runs at the caller's settings
-                os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
+            restore()  # the next kind runs at the caller's settings
             if timings:
                 best[kind] = min(timings)
     finally:
-        for name, value in saved.items():
-            os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
+        restore()
     for kind, (ms, cfg) in best.items():
         print(f"sweep {shape} d{head_dim} {kind}: best {cfg} at {ms:.3f} ms (mode {'fwd' if kind == 'fwd' else 'bwd'})")
 

@@ -26,9 +26,6 @@ import triton.language as tl
 
 from . import registry
 
-LOG2E = 1.4426950408889634
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------------------------
@@ -243,6 +240,7 @@ def _attn_fwd(
 def _attn_bwd_preprocess(
     OUT, DO,  # (total, heads, HEAD_DIM)
     DELTA,  # (heads, total) fp32, written: rowsum(O * dO)
+    LSE, LSE2,  # (heads, total) fp32, strided as DELTA: the forward's log-sum-exp, read; times log2 e, written
     total,
     stride_o_tok, stride_o_head, stride_do_tok, stride_do_head, stride_delta_head,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -255,7 +253,10 @@ def _attn_bwd_preprocess(
     o = tl.load(OUT + head * stride_o_head + tok[:, None] * stride_o_tok + cols[None, :], mask=mask, other=0.0)
     do = tl.load(DO + head * stride_do_head + tok[:, None] * stride_do_tok + cols[None, :], mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + head * stride_delta_head + tok, delta, mask=tok < total)
+    row = head * stride_delta_head + tok
+    tl.store(DELTA + row, delta, mask=tok < total)
+    # the backward kernels take the log-sum-exp in log2 units: converted here, once, not per key block
+    tl.store(LSE2 + row, tl.load(LSE + row, mask=tok < total) * 1.4426950408889634, mask=tok < total)
 
 
 @triton.jit
@@ -633,29 +634,18 @@ _SCHEDULE_CACHE: collections.OrderedDict = collections.OrderedDict()
 _SCHEDULE_CACHE_SIZE = 16
 
 
-def _block_cu(cu_seqlens: torch.Tensor, block: int, seqlens: list[int] | None) -> torch.Tensor:
-    """(n + 1,) int32 on cu_seqlens' device: the cumulative count of `block`-sized blocks per sequence.
-
-    With host `seqlens` the counts are a function of (seqlens, block) alone: built on the host, copied from pinned
-    memory without waiting for the device, and cached under (lengths, block, device, stream), so that nothing
-    about the cu_seqlens tensor (which an in-place write through a collective or a DLPack alias could change
-    without a version bump) can make a hit stale. Without them, or while a CUDA graph is captured (a cached
-    tensor would be baked into the graph, or live in its private pool), they come from cu_seqlens on the device
-    every time."""
-    capturing = cu_seqlens.is_cuda and torch.cuda.is_current_stream_capturing()
-    if seqlens is None or capturing:
-        n = cu_seqlens.numel() - 1
-        counts = (cu_seqlens[1:] - cu_seqlens[:-1] + (block - 1)) // block
-        block_cu = torch.zeros(n + 1, dtype=torch.int32, device=cu_seqlens.device)
-        torch.cumsum(counts, 0, out=block_cu[1:])
-        return block_cu
+def _exact_schedule(cu_seqlens: torch.Tensor, block: int, seqlens: list[int]) -> tuple[torch.Tensor, int]:
+    """(cumulative block counts on cu_seqlens' device, their total) from host lengths: a function of (seqlens,
+    block) alone, built on the host, copied from pinned memory without waiting for the device, and cached under
+    (lengths, block, device, stream), so that nothing about the cu_seqlens tensor (which an in-place write through
+    a collective or a DLPack alias could change without a version bump) can make a hit stale."""
     stream = torch.cuda.current_stream(cu_seqlens.device).cuda_stream if cu_seqlens.is_cuda else 0
     key = (tuple(seqlens), block, str(cu_seqlens.device), stream)
     hit = _SCHEDULE_CACHE.get(key)
     if hit is not None:
         try:
             _SCHEDULE_CACHE.move_to_end(key)
-        except KeyError:  # evicted by another thread in between: the tensor itself is still good
+        except KeyError:  # evicted by another thread in between: the entry itself is still good
             pass
         return hit
     cumulative = [0]
@@ -666,24 +656,30 @@ def _block_cu(cu_seqlens: torch.Tensor, block: int, seqlens: list[int] | None) -
         block_cu = host.pin_memory().to(cu_seqlens.device, non_blocking=True)
     else:
         block_cu = host.to(cu_seqlens.device)
-    _SCHEDULE_CACHE[key] = block_cu
+    _SCHEDULE_CACHE[key] = (block_cu, cumulative[-1])
     while len(_SCHEDULE_CACHE) > _SCHEDULE_CACHE_SIZE:
         try:
             _SCHEDULE_CACHE.popitem(last=False)
         except KeyError:
             break
-    return block_cu
+    return block_cu, cumulative[-1]
 
 
 def block_schedule(cu_seqlens: torch.Tensor, block: int, total: int, max_seqlen: int,
                    seqlens: list[int] | None = None) -> tuple[torch.Tensor, int]:
     """Cumulative count of `block`-sized blocks per sequence (on the device) and the number of programs to launch.
 
-    With host-side `seqlens` the count is exact; without them it is an upper bound (at most one idle program per
-    sequence, which exits at once), so that nothing waits for the device.
+    With host-side `seqlens` the count is exact (and cached, _exact_schedule); without them, or while a CUDA graph
+    is captured (a cached tensor would be baked into the graph, or live in its private pool), the counts come from
+    cu_seqlens on the device and the program count is an upper bound (at most one idle program per sequence, which
+    exits at once), so that nothing waits for the device.
     """
     n = cu_seqlens.numel() - 1
-    block_cu = _block_cu(cu_seqlens, block, seqlens)
+    if seqlens is not None and not (cu_seqlens.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return _exact_schedule(cu_seqlens, block, seqlens)
+    counts = (cu_seqlens[1:] - cu_seqlens[:-1] + (block - 1)) // block
+    block_cu = torch.zeros(n + 1, dtype=torch.int32, device=cu_seqlens.device)
+    torch.cumsum(counts, 0, out=block_cu[1:])
     if seqlens is not None:
         programs = sum((length + block - 1) // block for length in seqlens)
     else:
@@ -834,14 +830,16 @@ def attention_backward(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, max_seql
     dq = None if atomic else torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
+    lse = lse.contiguous()
     delta = torch.empty_like(lse)
+    lse2 = torch.empty_like(lse)  # lse in log2 units, which the kernels below read (written with delta)
     if total_q > 0:
         block_t = 64
         _attn_bwd_preprocess[(triton.cdiv(total_q, block_t), heads)](
-            o, do, delta, total_q, o.stride(0), o.stride(1), do.stride(0), do.stride(1), delta.stride(0),
+            o, do, delta, lse, lse2, total_q, o.stride(0), o.stride(1), do.stride(0), do.stride(1), delta.stride(0),
             HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_T=block_t,
         )
-    lse = lse * LOG2E  # log2 units, once here rather than per key block in the kernels
+    lse = lse2
     n_seqs = cu_seqlens_q.numel() - 1
     common = dict(HEAD_DIM=head_dim, DIM_A=dim_a, DIM_B=dim_b, PRECISION=_precision(q.dtype),
                   ALIGN=_alignment(q, k, v, do, dk, dv, dq_acc if atomic else dq))
@@ -1008,7 +1006,7 @@ def _shipped_preprocess() -> list[registry.Shipped]:
             name = _TORCH_TO_TRITON[dtype]
             rows.append(registry.Shipped(
                 kernel_name="attn_bwd_preprocess", label=f"d{head_dim}-{name}",
-                signature=_signature(_attn_bwd_preprocess, name, {"DELTA": "*fp32"}),
+                signature=_signature(_attn_bwd_preprocess, name, {p: "*fp32" for p in ("DELTA", "LSE", "LSE2")}),
                 constexprs=dict(HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_T=64),
                 num_warps=4, num_stages=1,
             ))
