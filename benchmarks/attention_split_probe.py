@@ -7,11 +7,12 @@ fault is expected in the compiled code. This runs one head dim with the padding 
 step (forward, each backward) synchronised, in a process of its own, and says which step faulted (the
 kernels are called directly, below the ops layer's padding):
 
-    python benchmarks/attention_split_probe.py --head-dim 80                # OK or the faulting step
-    compute-sanitizer --tool memcheck python benchmarks/attention_split_probe.py --head-dim 80 --small
+    FINEVITI_ATTN_SPLIT=pieces python benchmarks/attention_split_probe.py --head-dim 80   # OK or the faulting step
+    FINEVITI_ATTN_SPLIT=pieces compute-sanitizer --tool memcheck python benchmarks/attention_split_probe.py \
+        --head-dim 80 --small
 
     python benchmarks/attention_split_probe.py --all    # 80 and 96 in split mode "masked" (one 128-column
-                                                        # tile, FINEVITI_ATTN_SPLIT=masked) and their timings
+                                                        # tile, the default) and their timings
                                                         # against padding; then 72, 80 and 96 in two pieces,
                                                         # each in its own process; the first that faults again
                                                         # under compute-sanitizer and with other forward tiles;
@@ -179,9 +180,10 @@ def probe_all(dtype: str, budget_s: float = 170.0) -> int:
             print(f"timed out after {timeout:.0f} s: {' '.join(cmd[-6:])}")
             return 124
 
-    # First the opt-in split mode "masked" (80 and 96 in one 128-column tile, the d128 kernels with masked columns:
-    # no padded copies), each in a process of its own, then its timing against zero-padding to 128 (what runs
-    # today); then the two-piece kernels, which faulted on 2026-11-27 and 2026-11-28.
+    # First split mode "masked", the default (80 and 96 in one 128-column tile, the d128 kernels with masked
+    # columns: no padded copies), each in a process of its own, then its timing against zero-padding to 128 (what
+    # FINEVITI_ATTN_SPLIT=pieces runs on a GPU); then the two-piece kernels, which faulted on 2026-11-27 and twice
+    # on 2026-11-28 (H100, H200).
     # A step skipped for want of budget (125) is no fault; the two-piece runs say "pieces" whatever the caller's
     # environment holds.
     masked = {**os.environ, "FINEVITI_ATTN_SPLIT": "masked"}

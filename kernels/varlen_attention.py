@@ -526,16 +526,19 @@ SPLIT_MODES = ("pieces", "masked")
 
 
 def split_mode() -> str:
-    """How head dims that are not powers of two are tiled (FINEVITI_ATTN_SPLIT): "pieces" (the default), two
-    power-of-two pieces (80 = 64 + 16, 72 = 64 + 16 with 8 columns masked); "masked", for multiples of 16, one
-    power-of-two tile over the whole head (80 and 96 in 128 columns, the columns past head_dim loaded as zeros and
-    never stored): the FLOPs of zero-padding to that width without the padded copies of q, k, v and o, with the d128
-    kernels' tiles (which run on an H100, where the two-piece kernels fault with triton 3.6). Not 72: its head
-    stride is no multiple of 16 elements, the loads go scalar, and every kernel spilled 72-720 bytes (sm_90, triton
-    3.6 and 3.8); 72 stays in pieces (zero-padded to 128 on a GPU by the ops layer). The ops layer reads it once
-    per forward and hands the same mode to that forward's backward (a change in between applies to the next
-    forward); attention_forward / attention_backward called directly read it when not given `mode`."""
-    mode = os.environ.get("FINEVITI_ATTN_SPLIT") or "pieces"
+    """How head dims that are not powers of two are tiled (FINEVITI_ATTN_SPLIT): "masked" (the default), for
+    multiples of 16, one power-of-two tile over the whole head (80 and 96 in 128 columns, the columns past head_dim
+    loaded as zeros and never stored): the FLOPs of zero-padding to that width without the padded copies of q, k, v
+    and o, with the d128 kernels' tiles. On an H200 (2026-11-28, triton 3.6) it passed the split probe at 80 and 96
+    and ran d80 fwd+bwd in 3.551 ms against 3.697 for the same kernels on copies padded to 128 (peak 243 against 387
+    MiB; benchmarks/results/2026-11-28_H200_gpu_check_second_summary.md). "pieces": two power-of-two pieces (80 =
+    64 + 16, 72 = 64 + 16 with 8 columns masked), the fewest FLOPs, but on Hopper with triton 3.6 those kernels
+    fault or compute wrong (same run: 72 and 96 illegal memory access, 80 wrong), so the ops layer zero-pads them
+    to the next power of two on a GPU. 72 is always in pieces: its head stride is no multiple of 16 elements, the
+    loads go scalar, and every masked kernel spilled 72-720 bytes (sm_90, triton 3.6 and 3.8). The ops layer reads
+    the mode once per forward and hands the same mode to that forward's backward (a change in between applies to
+    the next forward); attention_forward / attention_backward called directly read it when not given `mode`."""
+    mode = os.environ.get("FINEVITI_ATTN_SPLIT") or "masked"
     if mode not in SPLIT_MODES:
         raise ValueError(f"FINEVITI_ATTN_SPLIT must be one of {SPLIT_MODES}, got {mode!r}")
     return mode
@@ -915,7 +918,8 @@ def shipped_configs(kind: str) -> list[registry.Shipped]:
     cases = [(d, t) for d in SHIPPED_HEAD_DIMS for t in (torch.bfloat16, torch.float16)] + [(64, torch.float32)]
     if kind == "fwd_rope":  # varlen_attention_rope: power-of-two head dims, 16-bit, the long bucket
         cases = [(d, t) for d in (64, 128) for t in (torch.bfloat16, torch.float16)]
-    # with the head dims that are not powers of two once more in split mode "masked" (opt-in, FINEVITI_ATTN_SPLIT)
+    # the head dims that are not powers of two in both split modes: "pieces" (72 always; 80 and 96 with
+    # FINEVITI_ATTN_SPLIT=pieces) and "masked" (the default for multiples of 16)
     modes = [(d, t, "pieces") for d, t in cases] + [
         (d, t, "masked") for d, t in cases
         if t != torch.float32 and split_head_dim(d, t, "masked") != split_head_dim(d, t, "pieces")]
@@ -964,15 +968,16 @@ def _spill_allowance(kind: str, head_dim: int, dim_a: int, dim_b: int, cfg: Conf
     ran the backward in 4.537 ms at s2 (2026-11-27) against 5.723 for the best tile that does not spill (M32N128)
     and 7.466 for M64N64, and in 4.129 ms at s3 against 4.465 at s2 (2026-11-28); deterministic, at s3 it spills 16
     (3.6) and 36 bytes (3.8) and ran it in 5.913 ms against 8.261 for M64N64 w8 s2, which does not spill. In split
-    mode "masked" (80 and 96 in 128 columns, opt-in) the same tiles spill a little more (16-96 bytes) and are not
-    timed yet: the d128 allowances plus 16 bytes, said as such."""
+    mode "masked" (80 and 96 in 128 columns, the default) the same tiles spill a little more (16-96 bytes), not
+    timed on an H100: the d128 allowances plus 16 bytes, said as such. Masked 80 ran its fwd+bwd (atomic dq) on an
+    H200 in 3.551 ms against 3.697 for the d128 kernels on copies padded to 128 (2026-11-28)."""
     if kind not in ("dkdv", "dkdv_atomic") or (dim_a, dim_b) != (128, 0) or \
             (cfg.block_m, cfg.block_n, cfg.num_warps) != (64, 128, 8):
         return {}
     if head_dim != dim_a:
         return {"spill_allowance": 112 if kind == "dkdv_atomic" else 64,
-                "spill_reason": "opt-in split mode 'masked', not timed yet: the d128 tile it runs was measured "
-                                "faster with its spills (bwd 4.129 / 5.913 ms on an H100)"}
+                "spill_reason": "split mode 'masked' (80, 96 in 128 columns), timed on an H200: d80 fwd+bwd "
+                                "3.551 ms against 3.697 for the unmasked d128 kernels on padded copies"}
     if kind == "dkdv_atomic":
         return {"spill_allowance": 96, "spill_reason": "measured on an H100 with these spills (triton 3.6): "
                                                        "bwd 4.129 ms against 5.723 for the best non-spilling tile"}

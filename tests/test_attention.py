@@ -74,11 +74,22 @@ def test_triton_deterministic_backward_matches_reference(head_dim, dtype, heads,
     check_against_reference(lens, heads, head_dim, dtype, deterministic=True)  # dq in its own kernel
 
 
+@pytest.mark.parametrize("head_dim,dtype,heads,lens", [CASES[3], CASES[4]])
+def test_pieces_split_mode_matches_reference(monkeypatch, head_dim, dtype, heads, lens):
+    """FINEVITI_ATTN_SPLIT=pieces (opt-in since masked became the default): 80 = 64 + 16 and 96 = 64 + 32 in two
+    power-of-two pieces, both backwards."""
+    monkeypatch.setenv("FINEVITI_ATTN_SPLIT", "pieces")
+    assert kernels.split_head_dim(head_dim)[1] > 0
+    check_against_reference(lens, heads, head_dim, dtype)
+    check_against_reference(lens, heads, head_dim, dtype, deterministic=True)
+
+
 def test_split_head_dims_padded_path(monkeypatch):
-    # The zero-padding to a power of two that CUDA tensors take at head dims that are not one, run on the CPU.
+    # The zero-padding to a power of two that CUDA tensors take at head dims that run in two pieces, on the CPU.
     monkeypatch.setattr(attention_mod, "PAD_SPLIT_HEAD_DIMS_ON", ("cuda", "cpu"))
     q = torch.empty(2, 1, 80)
-    assert attention_mod.triton_padded_head_dim(80, q) == 128
+    assert attention_mod.triton_padded_head_dim(80, q) == 80  # the default split mode, masked: nothing to pad
+    assert attention_mod.triton_padded_head_dim(80, q, "pieces") == 128
     assert attention_mod.triton_padded_head_dim(64, q) == 64
     seen = []
     original = attention_mod._triton_fwd
@@ -97,11 +108,12 @@ def test_split_head_dims_padded_path(monkeypatch):
 
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_masked_split_mode(monkeypatch, deterministic):
-    """FINEVITI_ATTN_SPLIT=masked (opt-in): 80 and 96 run in one 128-column tile, the columns past head_dim loaded
+    """Split mode "masked", the default: 80 and 96 run in one 128-column tile, the columns past head_dim loaded
     as zeros and never stored, with no padded copies (the ops layer keeps the true width, also where it would pad);
     72 (no multiple of 16) stays in pieces. Outputs and gradients against the references, q/k/v in NaN-padded
     storage; the non-deterministic backward takes the atomic dq there (one power-of-two tile)."""
-    monkeypatch.setenv("FINEVITI_ATTN_SPLIT", "masked")
+    monkeypatch.delenv("FINEVITI_ATTN_SPLIT", raising=False)
+    assert kernels.split_mode() == "masked"
     monkeypatch.delenv("FINEVITI_ATTN_DQ", raising=False)
     assert kernels.split_head_dim(80) == kernels.split_head_dim(96) == (128, 0)
     assert kernels.split_head_dim(72) == (64, 16) and kernels.split_head_dim(64) == (64, 0)
@@ -418,12 +430,14 @@ def test_strided_views_of_fused_qkv():
     assert qkv.grad is not None and torch.isfinite(qkv.grad).all()
 
 
-def test_split_head_dim():
-    assert kernels.split_head_dim(64) == (64, 0)
-    assert kernels.split_head_dim(72) == (64, 16)
-    assert kernels.split_head_dim(80) == (64, 16)
-    assert kernels.split_head_dim(96) == (64, 32)
-    assert kernels.split_head_dim(160) == (128, 32)
+def test_split_head_dim(monkeypatch):
+    monkeypatch.delenv("FINEVITI_ATTN_SPLIT", raising=False)
+    pieces = lambda d: kernels.split_head_dim(d, mode="pieces")  # noqa: E731
+    assert kernels.split_head_dim(64) == pieces(64) == (64, 0)
+    assert kernels.split_head_dim(72) == pieces(72) == (64, 16)  # no multiple of 16: pieces in either mode
+    assert pieces(80) == (64, 16) and kernels.split_head_dim(80) == (128, 0)
+    assert pieces(96) == (64, 32) and kernels.split_head_dim(96) == (128, 0)
+    assert pieces(160) == (128, 32) and kernels.split_head_dim(160) == (256, 0)
     assert kernels.split_head_dim(256) == (256, 0)
     with pytest.raises(ValueError, match="head_dim"):
         kernels.split_head_dim(8)

@@ -77,6 +77,7 @@ def test_split_probe_times_the_two_piece_kernel_against_padding(tmp_path, monkey
 
     rows_path = tmp_path / "rows.jsonl"
     monkeypatch.setenv("FINEVITI_RESULTS", str(rows_path))
+    monkeypatch.setenv("FINEVITI_ATTN_SPLIT", "pieces")  # as probe_all runs it (the default is masked)
     assert probe.time_split(80, "float16", [96], tokens=96, heads=1, device="cpu") == 0
     rows = [json.loads(line) for line in rows_path.read_text().splitlines()]
     assert [(r["provider"], r["shape"]["width"]) for r in rows] == [("padded to 128", 128), ("padded to 96", 96),

@@ -81,14 +81,14 @@ def _kernels():
 def _triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                 cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
                 seqlens_q: list[int] | None = None, deterministic: bool = False,
-                split_mode: str = "pieces") -> tuple[torch.Tensor, torch.Tensor]:
+                split_mode: str = "masked") -> tuple[torch.Tensor, torch.Tensor]:
     return _kernels().attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                         softmax_scale, seqlens_q, mode=split_mode)
 
 
 @_triton_fwd.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, seqlens_q=None,
-      deterministic=False, split_mode="pieces"):
+      deterministic=False, split_mode="masked"):
     return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
@@ -96,7 +96,7 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_s
 def _triton_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                 lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
                 max_seqlen_k: int, softmax_scale: float, seqlens_q: list[int] | None = None,
-                deterministic: bool = False, split_mode: str = "pieces",
+                deterministic: bool = False, split_mode: str = "masked",
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _kernels().attention_backward(do.contiguous() if do.stride(-1) != 1 else do, q, k, v, o, lse,
                                          cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
@@ -106,7 +106,7 @@ def _triton_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
 
 @_triton_bwd.register_fake
 def _(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, seqlens_q=None,
-      deterministic=False, split_mode="pieces"):
+      deterministic=False, split_mode="masked"):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -156,9 +156,11 @@ def triton_padded_head_dim(head_dim: int, q: torch.Tensor, split: str | None = N
     report illegal shared-memory reads of Hopper wgmma with narrow dot operands in 3.6-3.7), CUDA tensors at
     such head dims are zero-padded to the next power of two, which costs FLOPs: 72 and 80 run at 128.
     FINEVITI_ATTN_PAD_SPLIT=0 turns the padding off (to run the two-piece kernels through this op on a GPU;
-    benchmarks/attention_split_probe.py calls the kernels directly). FINEVITI_ATTN_SPLIT=masked (opt-in, not yet
-    run on a GPU) runs 80 and 96 in one 128-column tile with masked columns instead: the padded FLOPs without the
-    padded copies (kernels.split_mode(), or `split`)."""
+    benchmarks/attention_split_probe.py calls the kernels directly). In split mode "masked", the default
+    (kernels.split_mode(), or `split`), 80 and 96 run in one 128-column tile with masked columns and nothing is
+    padded: the padded FLOPs without the copies. What is padded: 72 always, and 80 and 96 under
+    FINEVITI_ATTN_SPLIT=pieces. The H200 run of 2026-11-28 still faulted or computed wrong in the two-piece
+    kernels (72, 80, 96)."""
     dim_a, dim_b = _kernels().split_head_dim(head_dim, q.dtype, split)
     if dim_b == 0 or q.device.type not in PAD_SPLIT_HEAD_DIMS_ON:
         return head_dim
