@@ -68,9 +68,12 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, packed: Packed) -> torch.Tensor:
         q, k, v = packed.split_rotate(self.qkv(x), self.heads)
-        # The towers check cu_seqlens once per forward; the layers do not repeat it.
+        # The towers check cu_seqlens once per forward; the layers do not repeat it. Under torch.compile the host
+        # lengths stay out of the graph: dynamo would guard on the list's length and values and recompile for
+        # every pack (the kernels then count blocks from cu_seqlens on the device).
+        seqlens = None if torch.compiler.is_compiling() else packed.seqlens
         out = varlen_attention(q, k, v, packed.cu_seqlens, packed.max_seqlen, backend=self.backend,
-                               seqlens=packed.seqlens, check_values=False)
+                               seqlens=seqlens, check_values=False)
         return self.proj(out.reshape(x.shape[0], -1))
 
 

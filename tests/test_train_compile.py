@@ -1,0 +1,54 @@
+"""The trainer's `parallel.compile` (torch.compile per block) with our kernels (Triton, under the interpreter here):
+the same loss and gradients as eager, and packs of other image counts and lengths reuse the compiled blocks instead
+of recompiling each time (the host-side lengths once put a guard on every pack's list of lengths)."""
+
+import pytest
+import torch
+
+from fineviti.model import FineViT
+from fineviti.train import parallel
+from fineviti.train.config import RandomDataConfig, preset
+from fineviti.train.data import RandomBatches
+
+
+def pack(cfg, seed: int, max_side: int):
+    random = RandomDataConfig(token_budget=256, min_side=2, max_side=max_side, min_text=8, max_text=24, seed=seed)
+    source = RandomBatches(random, patch_size=cfg.model.vision.patch_size, merge=cfg.model.vision.merge,
+                           vocab_size=cfg.model.text.vocab_size)
+    return source.make(0)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_compiled_blocks_match_eager_and_do_not_recompile_per_pack():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    cfg = preset("debug")
+    cfg.model.attn_backend = cfg.model.rope_backend = cfg.model.loss_backend = "triton"
+    torch.manual_seed(0)
+    eager = FineViT(cfg.model)
+    compiled = FineViT(cfg.model)
+    compiled.load_state_dict(eager.state_dict())
+    assert parallel.apply_compile(compiled) == sum(len(blocks) for blocks in parallel.block_lists(compiled)) > 0
+    # (seed, largest side in patches): 2 to 30 images, the longest of 16 to 128 patch tokens, so the
+    # attention's short (<= 64) and long buckets both run
+    packs = [pack(cfg, seed, side) for seed, side in ((1, 8), (1, 12), (1, 4), (2, 8), (2, 16))]
+    assert len({len(b.seqlens) for b in packs}) >= 3 and len({max(b.seqlens) for b in packs}) >= 3
+    graphs = []
+    for batch in packs:
+        for model in (eager, compiled):
+            model.zero_grad(set_to_none=True)
+        want = eager(batch)["loss"]
+        want.backward()
+        got = compiled(batch)["loss"]
+        got.backward()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for (name, a), b in zip(eager.named_parameters(), compiled.parameters(), strict=True):
+            if a.grad is not None:
+                torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=name)
+        graphs.append(counters["stats"]["unique_graphs"])
+    # the first packs compile (static shapes, then dynamic ones, for each tower's blocks, and the long bucket);
+    # the last two packs compile nothing new
+    assert graphs[-1] == graphs[-3], graphs
+    torch._dynamo.reset()
