@@ -127,40 +127,45 @@ def matmul_ceiling(rec, n, d, dtype_name, device):
 
 
 def sweep_configs(rec, n, d, dtype_name, device):
-    """Our forward and backward at block-size candidates (the config the launcher picks is patched per run, for every
-    kernel variant at once: compare whole-loss times per loss; SigLIP with gradients runs only the gradient kernel
-    with its loss sum, CLIP the forward with column log-sum-exps and the gradient kernel)."""
+    """The gradient kernels (SigLIP's with its loss sum, CLIP's without) at block-size candidates, the forwards at
+    their pins, whole-loss fwd+bwd times per loss; first the pinned configuration itself ("ours[pinned]"), so that
+    every candidate is read against a row of the same run (the launcher's config is patched per run)."""
     from fineviti.kernels import contrastive as kc
 
     default = kc.config
-    # the shipped choice (128 x 128 over 8 warps: one program per SM at 210-254 registers, so the tensor cores idle
-    # while its epilogue runs) against 4-warp tiles that fit two or three programs per SM (kernel report, triton
-    # 3.6 and 3.8: no spills), where one program's epilogue overlaps another's matmul, as the attention backward's
-    # M32N128 w4 tile did (2026-11-28). The 2026-11-28 sweep measured 128 x 64 w8, the flattened loops ("flat":
-    # the forward's column loop fused with its K loop, the gradient kernel persistent) and 128 x 256 w8 (which
-    # spills): none beat the shipped choice on SigLIP; flat tiles stay available for a rerun.
-    flat = {"PERSISTENT": True, "FLATTEN": True}
+    # The H200 run of 2026-11-28 patched every kernel at once and had no pinned row (its baseline came from another
+    # section, 2.915 / 4.165 ms): 128 x 64 over 4 warps (2.622 ms, SigLIP) and 128 x 128 over 8 (2.625 SigLIP,
+    # 3.854 CLIP) looked 7-10% faster. With the loss sum, both spill on sm_90 (kernel report: 92-136 and 40-48 bytes,
+    # triton 3.6 and 3.8); CLIP's gradient kernel does not at either. 64 x 128 over 4 warps spills 32-40 there.
+    # The flattened loops ("flat": the gradient kernel persistent) lost 15-33% on an H100 and run on request.
     candidates = [
         {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4},
-        {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
         {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
-        {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
-        {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
+        {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
+        {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
     ]
     if os.environ.get("FINEVITI_SWEEP_FLAT"):
-        candidates += [{"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4, **flat}]
+        candidates += [{"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4,
+                        "PERSISTENT": True}]
+
+    def patched(cfg):
+        def config(d, dtype, kernel="bwd", loss="siglip"):
+            return {**default(d, dtype, kernel, loss), **cfg} if kernel.startswith("bwd") else default(
+                d, dtype, kernel, loss)
+        return config
+
+    runs = [("ours[pinned]", default)] + [
+        ("ours[grad {BLOCK_M}x{BLOCK_N}x{BLOCK_K} w{num_warps} s{num_stages}".format(**cfg)
+         + (" flat]" if cfg.get("PERSISTENT") else "]"), patched(cfg)) for cfg in candidates]
     try:
-        for cfg in candidates:
-            kc.config = lambda *_args, cfg=cfg, **_kwargs: dict(cfg)
-            label = "ours[{BLOCK_M}x{BLOCK_N}x{BLOCK_K} w{num_warps} s{num_stages}".format(**cfg)
-            label += " flat]" if cfg.get("PERSISTENT") else "]"
+        for label, config in runs:
+            kc.config = config
             for loss in LOSSES:
-                for mode in MODES:
-                    try:
-                        run_case(rec, "ours", loss, mode, n, d, dtype_name, device, label=label)
-                    except Exception as exc:  # a config that does not compile or fit: say so, go on
-                        rec.error(provider=label, mode=mode, shape={"loss": loss, "N": n, "D": d},
-                                  dtype=dtype_name, error=f"{type(exc).__name__}: {exc}"[:300])
+                try:
+                    run_case(rec, "ours", loss, "full", n, d, dtype_name, device, label=label)
+                except Exception as exc:  # a config that does not compile or fit: say so, go on
+                    rec.error(provider=label, mode="full", shape={"loss": loss, "N": n, "D": d},
+                              dtype=dtype_name, error=f"{type(exc).__name__}: {exc}"[:300])
     finally:
         kc.config = default
 

@@ -47,7 +47,8 @@ def summary_markdown(rows: list[dict], sections: list[dict]) -> str:
         lines += [f"| {i} | {g} | {m} | {v} |" for i, g, m, v in goals]
     sweeps = sweep_verdicts(rows)
     if sweeps:
-        lines += ["", "## Attention sweeps: the best candidate of each launch kind against the pinned default", "",
+        lines += ["", "## Sweeps: the best candidate of each launch kind against the pinned default (attention and "
+                  "the loss kernels)", "",
                   "(same run and shape; the other kernels at their pins; above 1: the candidate is faster, a case for "
                   "pinning it after checking the kernel report)", "",
                   "| shape | mode | provider | kind | pinned ms | best candidate | best ms | pinned / best |",
@@ -212,6 +213,28 @@ def sweep_verdicts(rows: list[dict]) -> list[tuple]:
         text = _shape_text({k: v for k, v in r["shape"].items() if k in ("shape", "head_dim")})
         out.append((f"{text}, {dtype}", mode, provider, kind, pin["median_ms"] if pin else None,
                     r["shape"]["config"].split("=", 1)[-1], r["median_ms"],
+                    pin["median_ms"] / r["median_ms"] if pin else None))
+    return out + _loss_sweep_verdicts(rows)
+
+
+def _loss_sweep_verdicts(rows: list[dict]) -> list[tuple]:
+    """The same for bench_contrastive --sweep-configs: providers "ours[pinned]" and "ours[grad MxNxK wW sS]" (the
+    gradient kernels' tile), per loss and mode."""
+    swept = [r for r in _ok(rows) if r["benchmark"] == "contrastive" and r["provider"].startswith("ours[")]
+    pinned = {(json.dumps(r["shape"], sort_keys=True), r["mode"], r["dtype"]): r for r in swept
+              if r["provider"] == "ours[pinned]"}
+    best: dict[tuple, dict] = {}
+    for r in swept:
+        key = (json.dumps(r["shape"], sort_keys=True), r["mode"], r["dtype"])
+        if r["provider"] != "ours[pinned]" and (key not in best or r["median_ms"] < best[key]["median_ms"]):
+            best[key] = r
+    out = []
+    for key, r in best.items():
+        pin = pinned.get(key)
+        label = r["provider"][len("ours["):-1]
+        kind, _, tile = label.partition(" ") if label.startswith("grad ") else ("all", "", label)
+        out.append((f"{_shape_text(r['shape'])}, {r['dtype']}", r["mode"], "ours", kind,
+                    pin["median_ms"] if pin else None, tile, r["median_ms"],
                     pin["median_ms"] / r["median_ms"] if pin else None))
     return out
 

@@ -366,7 +366,9 @@ def config(d: int, dtype: torch.dtype, kernel: str = "bwd", loss: str = "siglip"
     config, no autotuning, so that the interpreter runs what the GPU runs. The bf16 forward and gradient tiles are
     the fastest of a sweep on an H100 at N = 32768, D = 768 (benchmarks/bench_contrastive.py --sweep-configs);
     fp16 follows bf16. The 2026-11-28 measurements and register counts below moved CLIP's one-pass forward
-    (fwd_cols) to 64 x 128 over 4 warps and the gradient kernels (bwd, bwd_loss) to 128 x 64."""
+    (fwd_cols) to 64 x 128 over 4 warps and the gradient kernels (bwd, bwd_loss) to 128 x 64. An H200 sweep of
+    2026-11-28 hinted at 7-10% for other gradient tiles, against a baseline from another section; the sweep now
+    carries its own pinned row (benchmarks/bench_contrastive.py, sweep_configs) and decides at the next run."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     # PERSISTENT (gradient) and FLATTEN (forward): flattened loops, not yet measured against the plain ones and off

@@ -178,8 +178,9 @@ def test_split_probe_times_the_masked_mode_against_padding(tmp_path, monkeypatch
 
 
 def test_loss_sweep_runs_every_candidate(tmp_path, monkeypatch):
-    """bench_contrastive --sweep-configs (a GPU check section) on a tiny fp16 batch under the interpreter: a row for
-    every candidate, loss and mode, no errors, and the launcher's config restored afterwards."""
+    """bench_contrastive --sweep-configs (a GPU check section) on a tiny fp16 batch under the interpreter: the
+    pinned row first, then a row for every gradient-kernel candidate and loss, no errors; the candidates change the
+    gradient kernels' tile only (the forwards keep their pins), and the launcher's config is restored afterwards."""
     import bench_contrastive
 
     from fineviti.kernels import contrastive as kc
@@ -192,13 +193,53 @@ def test_loss_sweep_runs_every_candidate(tmp_path, monkeypatch):
     assert kc.config is shipped
     rows = [json.loads(line) for line in rows_path.read_text().splitlines()]
     assert [r["error"] for r in rows if "error" in r] == []
-    labels = sorted({r["provider"] for r in rows})
-    assert len(labels) == 6 and all(label.startswith("ours[") for label in labels)
+    assert rows[0]["provider"] == "ours[pinned]"
+    labels = list(dict.fromkeys(r["provider"] for r in rows))
+    assert len(labels) == 6 and all(label.startswith("ours[grad ") for label in labels[1:])
     assert sum(label.endswith(" flat]") for label in labels) == 1
-    assert sum(" w4 " in label for label in labels) == 4
     for label in labels:
         got = sorted((r["shape"]["loss"], r["mode"]) for r in rows if r["provider"] == label)
-        assert got == sorted((loss, mode) for loss in ("siglip", "clip") for mode in ("fwd", "full"))
+        assert got == [("clip", "full"), ("siglip", "full")]
+
+
+def test_loss_sweep_patches_only_the_gradient_kernels(monkeypatch):
+    import bench_contrastive
+
+    from fineviti.kernels import contrastive as kc
+
+    shipped = kc.config
+    configs = []
+    monkeypatch.setattr(bench_contrastive, "run_case",
+                        lambda *args, **kwargs: configs.append((kwargs["label"], {
+                            k: kc.config(768, torch.bfloat16, k, "clip") for k in kc.KERNELS})))
+    bench_contrastive.sweep_configs(None, 64, 768, "bf16", torch.device("cpu"))
+    assert kc.config is shipped
+    pinned = configs[0][1]
+    assert configs[0][0] == "ours[pinned]" and pinned == {k: shipped(768, torch.bfloat16, k, "clip")
+                                                          for k in kc.KERNELS}
+    assert [label for label, _ in configs[:2]] == ["ours[pinned]"] * 2  # one run per loss
+    for label, cfgs in configs[2:]:
+        for kernel, cfg in cfgs.items():
+            if kernel.startswith("bwd"):
+                assert f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg['num_warps']} " \
+                       f"s{cfg['num_stages']}" in label
+            else:
+                assert cfg == pinned[kernel], (label, kernel)
+
+
+def test_summary_gives_the_loss_sweep_its_verdict():
+    def row(provider, ms, loss="siglip"):
+        return {"benchmark": "contrastive", "provider": provider, "mode": "full", "dtype": "bf16", "median_ms": ms,
+                "shape": {"loss": loss, "N": 16384, "D": 768}}
+
+    rows = [row("ours", 2.9), row("ours[pinned]", 2.8), row("ours[grad 128x64x64 w4 s3]", 2.6),
+            row("ours[grad 128x128x64 w8 s4]", 2.7), row("ours[pinned]", 4.0, "clip"),
+            row("ours[grad 128x64x64 w4 s3]", 4.4, "clip")]
+    verdicts = {v[0]: v for v in summarize.sweep_verdicts(rows)}
+    assert verdicts["loss=siglip, N=16384, D=768, bf16"] == (
+        "loss=siglip, N=16384, D=768, bf16", "full", "ours", "grad", 2.8, "128x64x64 w4 s3", 2.6,
+        pytest.approx(2.8 / 2.6))
+    assert verdicts["loss=clip, N=16384, D=768, bf16"][7] == pytest.approx(4.0 / 4.4)  # the pin is faster
 
 
 def test_loss_profile_needs_a_gpu():
