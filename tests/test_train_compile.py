@@ -1,6 +1,7 @@
-"""The trainer's `parallel.compile` (torch.compile per block) with our kernels (Triton, under the interpreter here):
-the same loss and gradients as eager, and packs of other image counts and lengths reuse the compiled blocks instead
-of recompiling each time (the host-side lengths once put a guard on every pack's list of lengths)."""
+"""The trainer's `parallel.compile` (torch.compile per block, inside activation checkpointing) with our kernels
+(Triton, under the interpreter here): the same loss and gradients as eager, and packs of other image counts and
+lengths reuse the compiled blocks instead of recompiling each time (the host-side lengths once put a guard on every
+pack's list of lengths)."""
 
 import pytest
 import torch
@@ -30,6 +31,8 @@ def test_compiled_blocks_match_eager_and_do_not_recompile_per_pack():
     eager = FineViT(cfg.model)
     compiled = FineViT(cfg.model)
     compiled.load_state_dict(eager.state_dict())
+    # as the presets run it: activation checkpointing around the blocks, then compile (parallel.setup's order)
+    assert parallel.apply_activation_checkpointing(compiled, "full") > 0
     assert parallel.apply_compile(compiled) == sum(len(blocks) for blocks in parallel.block_lists(compiled)) > 0
     # (seed, largest side in patches): 2 to 30 images, the longest of 16 to 128 patch tokens, so the
     # attention's short (<= 64) and long buckets both run
