@@ -128,8 +128,9 @@ def matmul_ceiling(rec, n, d, dtype_name, device):
 
 def sweep_configs(rec, n, d, dtype_name, device):
     """The gradient kernels (SigLIP's with its loss sum, CLIP's without) at block-size candidates, the forwards at
-    their pins, whole-loss fwd+bwd times per loss; first the pinned configuration itself ("ours[pinned]"), so that
-    every candidate is read against a row of the same run (the launcher's config is patched per run)."""
+    their pins, whole-loss fwd+bwd times per loss; the pinned configuration itself first ("ours[pinned]") and last
+    ("ours[pinned again]"), so that every candidate is read against rows of the same run (the launcher's config is
+    patched per run)."""
     from fineviti.kernels import contrastive as kc
 
     default = kc.config
@@ -154,9 +155,11 @@ def sweep_configs(rec, n, d, dtype_name, device):
                 d, dtype, kernel, loss)
         return config
 
+    # the pinned configuration first and again last: the two rows bracket the candidates and show the run's drift
     runs = [("ours[pinned]", default)] + [
         ("ours[grad {BLOCK_M}x{BLOCK_N}x{BLOCK_K} w{num_warps} s{num_stages}".format(**cfg)
-         + (" flat]" if cfg.get("PERSISTENT") else "]"), patched(cfg)) for cfg in candidates]
+         + (" flat]" if cfg.get("PERSISTENT") else "]"), patched(cfg)) for cfg in candidates] + [
+        ("ours[pinned again]", default)]
     try:
         for label, config in runs:
             kc.config = config

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 PROVIDERS = ("ours", "ours_compile", "torch")
-QUICK = [("large", 16384), ("base", 16384)]  # large first: the GPU check gives this script 90 s
+QUICK = [("large", 16384), ("base", 16384)]  # large first: the GPU check gives this script 150 s
 QUICK_CPU = [("debug", 256)]
 
 

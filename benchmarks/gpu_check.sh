@@ -11,7 +11,9 @@
 # failed or was skipped (a wrong result fails pytest), after writing the summary.
 #
 # GPU_CHECK_SECTIONS="install pytest_gpu ..." runs only the named sections (a rerun of what failed); it also
-# enables the targeted sections pytest_targeted and attention_d64 (below), which a full run leaves out. A rerun
+# enables the targeted sections pytest_targeted and attention_d64, and the attention questions the H200 run
+# answered (attention_sweep_atomic64, attention_profile, attention_sweep, attention_sweep_bwd), which a full run
+# leaves out. A rerun
 # without "install" on a fresh machine still runs every Triton section from the checkout (2026-11-28:
 # GPU_CHECK_SECTIONS="pytest_targeted attention_d64 contrastive_profile contrastive_sweep attention_sweep
 # attention_sweep_atomic" (sweeps renamed since), about 160 s).
@@ -20,9 +22,9 @@
 # bounds the whole script: each section's limit is cut to what is left (30 s kept for the summary) and a section
 # that would get under 20 s is skipped (exit code "skipped"), so the summary is always written inside the device
 # call's timeout. Sections run in order of what is still open: the attention benchmark, correctness, the losses
-# and their profile, the atomic-dq sweep at d64, the attention profile at seqlen 1024, the attention and loss
-# sweeps, the rope attention-block rows, the split-kernel probe, then the other benchmarks. A fresh machine takes
-# about 55 s to start and the install about 130 s.
+# and their tile sweep, the training step (eager, compiled, torch), the loss profile, the split-kernel probe, the
+# rope attention-block rows, then the rope and data benchmarks. A fresh machine takes about 55 s to start and the
+# install 110-130 s; on an H200 (2026-11-28) the default sections of that day took 510 s.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUTDIR=${1:-${OUT:-benchmarks/results/latest}}

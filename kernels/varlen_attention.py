@@ -4,12 +4,13 @@ FlashAttention-2's algorithm (Dao 2023, arXiv 2307.08691) over packed sequences.
 queries (forward, dq) or of keys (dk, dv) of one sequence and head; programs map to (sequence, block) through a
 cumulative block count built on the device, so a launch never synchronises with the host and uneven packs launch
 no idle programs when the caller passes host-side lengths (at most one per sequence otherwise). Head dims that are
-not powers of two are split into two power-of-two pieces, each with its own tl.dot (80 = 64 + 16, 96 = 64 + 32,
-72 = 64 + 16 with 8 columns masked), instead of padding to the next power of two (on a GPU the ops layer pads them
-for now: those kernels faulted on an H100, see benchmarks/NOTES-attention.md). The backward recomputes the
-probabilities from the saved fp32 log-sum-exp. dk and dv are written without atomics; dq either by a second
-kernel per query block (deterministic) or, by fp32 atomic adds from the dk/dv kernel (dq_mode). The pure-torch
-reference lives in fineviti/ops/attention.py.
+not powers of two (split_mode): multiples of 16 (48, 80, 96, 112, ...) by default run in one power-of-two tile with
+the columns past head_dim masked ("masked"); the others (72), or all of them with FINEVITI_ATTN_SPLIT=pieces, in two
+power-of-two pieces, each with its own tl.dot (80 = 64 + 16, 96 = 64 + 32, 72 = 64 + 16 with 8 columns masked),
+which on a GPU the ops layer pads to the next power of two for now (those kernels fault with triton 3.6, see
+benchmarks/NOTES-attention.md). The backward recomputes the probabilities from the saved fp32 log-sum-exp. dk and
+dv are written without atomics; dq either by a second kernel per query block (deterministic) or by fp32 atomic
+adds from the dk/dv kernel (dq_mode). The pure-torch reference lives in fineviti/ops/attention.py.
 """
 
 from __future__ import annotations
@@ -526,18 +527,19 @@ SPLIT_MODES = ("pieces", "masked")
 
 
 def split_mode() -> str:
-    """How head dims that are not powers of two are tiled (FINEVITI_ATTN_SPLIT): "masked" (the default), for
-    multiples of 16, one power-of-two tile over the whole head (80 and 96 in 128 columns, the columns past head_dim
-    loaded as zeros and never stored): the FLOPs of zero-padding to that width without the padded copies of q, k, v
-    and o, with the d128 kernels' tiles. On an H200 (2026-11-28, triton 3.6) it passed the split probe at 80 and 96
-    and ran d80 fwd+bwd in 3.551 ms against 3.697 for the same kernels on copies padded to 128 (peak 243 against 387
-    MiB; benchmarks/results/2026-11-28_H200_gpu_check_second_summary.md). "pieces": two power-of-two pieces (80 =
-    64 + 16, 72 = 64 + 16 with 8 columns masked), the fewest FLOPs, but on Hopper with triton 3.6 those kernels
-    fault or compute wrong (same run: 72 and 96 illegal memory access, 80 wrong), so the ops layer zero-pads them
-    to the next power of two on a GPU. 72 is always in pieces: its head stride is no multiple of 16 elements, the
-    loads go scalar, and every masked kernel spilled 72-720 bytes (sm_90, triton 3.6 and 3.8). The ops layer reads
-    the mode once per forward and hands the same mode to that forward's backward (a change in between applies to
-    the next forward); attention_forward / attention_backward called directly read it when not given `mode`."""
+    """How head dims that are not powers of two are tiled (FINEVITI_ATTN_SPLIT): "masked" (the default), for multiples
+    of 16, one power-of-two tile over the whole head (80, 96 and 112 in 128 columns, 48 in 64, 144-240 in 256; the
+    columns past head_dim loaded as zeros and never stored): the FLOPs of zero-padding to that width without the
+    padded copies of q, k, v and o, with that width's kernels and tiles. On an H200 (2026-11-28, triton 3.6) it
+    passed the split probe at 80 and 96 and ran d80 fwd+bwd in 3.551 ms against 3.697 for the same kernels on copies
+    padded to 128 (peak 243 against 387 MiB; benchmarks/results/2026-11-28_H200_gpu_check_second_summary.md).
+    "pieces": two power-of-two pieces (80 = 64 + 16, 72 = 64 + 16 with 8 columns masked), the fewest FLOPs, but on
+    Hopper with triton 3.6 those kernels fault or compute wrong (same run: 72 and 96 illegal memory access, 80
+    wrong), so the ops layer zero-pads them to the next power of two on a GPU. 72 is always in pieces: its head
+    stride is no multiple of 16 elements, the loads go scalar, and every masked kernel spilled 72-720 bytes (sm_90,
+    triton 3.6 and 3.8). The ops layer reads the mode once per forward and hands the same mode to that forward's
+    backward (a change in between applies to the next forward); attention_forward / attention_backward called
+    directly read it when not given `mode`."""
     mode = os.environ.get("FINEVITI_ATTN_SPLIT") or "masked"
     if mode not in SPLIT_MODES:
         raise ValueError(f"FINEVITI_ATTN_SPLIT must be one of {SPLIT_MODES}, got {mode!r}")
@@ -975,9 +977,14 @@ def _spill_allowance(kind: str, head_dim: int, dim_a: int, dim_b: int, cfg: Conf
             (cfg.block_m, cfg.block_n, cfg.num_warps) != (64, 128, 8):
         return {}
     if head_dim != dim_a:
-        return {"spill_allowance": 112 if kind == "dkdv_atomic" else 64,
-                "spill_reason": "split mode 'masked' (80, 96 in 128 columns), timed on an H200: d80 fwd+bwd "
-                                "3.551 ms against 3.697 for the unmasked d128 kernels on padded copies"}
+        if kind == "dkdv_atomic":
+            return {"spill_allowance": 112,
+                    "spill_reason": "split mode 'masked' (80, 96 in 128 columns), timed on an H200 at d80 bf16: "
+                                    "fwd+bwd 3.551 ms against 3.697 for the unmasked d128 kernels on padded copies"}
+        return {"spill_allowance": 64,
+                "spill_reason": "split mode 'masked' (80, 96 in 128 columns), deterministic backward: not timed "
+                                "on a GPU; the tile that d128 runs faster with its spills (5.913 against 8.261 ms "
+                                "on an H100), plus 16 bytes"}
     if kind == "dkdv_atomic":
         return {"spill_allowance": 96, "spill_reason": "measured on an H100 with these spills (triton 3.6): "
                                                        "bwd 4.129 ms against 5.723 for the best non-spilling tile"}

@@ -86,6 +86,7 @@ def test_pieces_split_mode_matches_reference(monkeypatch, head_dim, dtype, heads
 
 def test_split_head_dims_padded_path(monkeypatch):
     # The zero-padding to a power of two that CUDA tensors take at head dims that run in two pieces, on the CPU.
+    monkeypatch.delenv("FINEVITI_ATTN_SPLIT", raising=False)
     monkeypatch.setattr(attention_mod, "PAD_SPLIT_HEAD_DIMS_ON", ("cuda", "cpu"))
     q = torch.empty(2, 1, 80)
     assert attention_mod.triton_padded_head_dim(80, q) == 80  # the default split mode, masked: nothing to pad
@@ -148,9 +149,12 @@ def test_masked_split_mode(monkeypatch, deterministic):
     for head_dim in (80, 96):
         check_against_reference([1, 130, 3, 67], 2, head_dim, torch.float16, deterministic=deterministic)
     check_against_reference([1, 5, 60], 1, 80, torch.float16, deterministic=deterministic)  # the short bucket
-    assert widths == [(80, (128, 0)), (96, (128, 0)), (80, (128, 0))]
+    # every other multiple of 16 takes the mode too: 48 in 64 columns (the separate dq, as at 64), 112 in 128
+    check_against_reference([1, 70, 3], 1, 48, torch.float16, deterministic=deterministic)
+    check_against_reference([1, 70, 3], 1, 112, torch.float16, deterministic=deterministic)
+    assert widths == [(80, (128, 0)), (96, (128, 0)), (80, (128, 0)), (48, (64, 0)), (112, (128, 0))]
     # the atomic dq where sequences span several key blocks, as at 128; the separate kernel otherwise
-    assert modes == (["separate"] * 3 if deterministic else ["atomic", "atomic", "separate"])
+    assert modes == (["separate"] * 5 if deterministic else ["atomic", "atomic", "separate", "separate", "atomic"])
 
 
 def test_backward_keeps_its_forwards_split_mode(monkeypatch):

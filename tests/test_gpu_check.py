@@ -193,9 +193,9 @@ def test_loss_sweep_runs_every_candidate(tmp_path, monkeypatch):
     assert kc.config is shipped
     rows = [json.loads(line) for line in rows_path.read_text().splitlines()]
     assert [r["error"] for r in rows if "error" in r] == []
-    assert rows[0]["provider"] == "ours[pinned]"
+    assert rows[0]["provider"] == "ours[pinned]" and rows[-1]["provider"] == "ours[pinned again]"
     labels = list(dict.fromkeys(r["provider"] for r in rows))
-    assert len(labels) == 6 and all(label.startswith("ours[grad ") for label in labels[1:])
+    assert len(labels) == 7 and all(label.startswith("ours[grad ") for label in labels[1:-1])
     assert sum(label.endswith(" flat]") for label in labels) == 1
     for label in labels:
         got = sorted((r["shape"]["loss"], r["mode"]) for r in rows if r["provider"] == label)
@@ -218,7 +218,9 @@ def test_loss_sweep_patches_only_the_gradient_kernels(monkeypatch):
     assert configs[0][0] == "ours[pinned]" and pinned == {k: shipped(768, torch.bfloat16, k, "clip")
                                                           for k in kc.KERNELS}
     assert [label for label, _ in configs[:2]] == ["ours[pinned]"] * 2  # one run per loss
-    for label, cfgs in configs[2:]:
+    assert [label for label, _ in configs[-2:]] == ["ours[pinned again]"] * 2
+    assert configs[-1][1] == pinned
+    for label, cfgs in configs[2:-2]:
         for kernel, cfg in cfgs.items():
             if kernel.startswith("bwd"):
                 assert f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg['num_warps']} " \
@@ -233,12 +235,12 @@ def test_summary_gives_the_loss_sweep_its_verdict():
                 "shape": {"loss": loss, "N": 16384, "D": 768}}
 
     rows = [row("ours", 2.9), row("ours[pinned]", 2.8), row("ours[grad 128x64x64 w4 s3]", 2.6),
-            row("ours[grad 128x128x64 w8 s4]", 2.7), row("ours[pinned]", 4.0, "clip"),
+            row("ours[grad 128x128x64 w8 s4]", 2.7), row("ours[pinned again]", 2.9), row("ours[pinned]", 4.0, "clip"),
             row("ours[grad 128x64x64 w4 s3]", 4.4, "clip")]
     verdicts = {v[0]: v for v in summarize.sweep_verdicts(rows)}
-    assert verdicts["loss=siglip, N=16384, D=768, bf16"] == (
-        "loss=siglip, N=16384, D=768, bf16", "full", "ours", "grad", 2.8, "128x64x64 w4 s3", 2.6,
-        pytest.approx(2.8 / 2.6))
+    assert verdicts["loss=siglip, N=16384, D=768, bf16"] == (  # the pinned time: the mean of its two rows
+        "loss=siglip, N=16384, D=768, bf16", "full", "ours", "grad", pytest.approx(2.85), "128x64x64 w4 s3", 2.6,
+        pytest.approx(2.85 / 2.6))
     assert verdicts["loss=clip, N=16384, D=768, bf16"][7] == pytest.approx(4.0 / 4.4)  # the pin is faster
 
 

@@ -123,7 +123,7 @@ def test_declared_spill_allowance_turns_a_spill_into_a_warning(compiled):
 def test_attention_declares_only_its_measured_spill_exceptions():
     """The 128-column dk/dv tiles (atomic dq and deterministic) are the only shipped rows allowed to spill: at head
     dim 128 each with the measurement that justified it, and in split mode "masked" (80 and 96 in 128 columns, the
-    default) with the H200 timing that made it the default."""
+    default) with the H200 timing that made it the default where there is one, and "not timed" where not."""
     from fineviti.kernels import registry
 
     declared = [r for r in registry.shipped() if r.spill_allowance]
@@ -133,7 +133,9 @@ def test_attention_declares_only_its_measured_spill_exceptions():
         if r.label.startswith("d128"):
             assert "measured on an H100" in r.spill_reason and r.spill_allowance <= 96
         else:
-            assert "in128" in r.label and "timed on an H200" in r.spill_reason and r.spill_allowance <= 112
+            assert "in128" in r.label and r.spill_allowance <= 112
+            # the atomic-dq tile was timed masked (H200, d80); the deterministic one was not, and says so
+            assert ("timed on an H200" if r.kernel_name == "attn_bwd_dkdv_atomic" else "not timed") in r.spill_reason
 
 
 def test_clean_kernel_passes_and_uses_hgmma(compiled):

@@ -3,6 +3,8 @@
 lengths reuse the compiled blocks instead of recompiling each time (the host-side lengths once put a guard on every
 pack's list of lengths)."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -21,6 +23,14 @@ def pack(cfg, seed: int, max_side: int):
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_compiled_blocks_match_eager_and_do_not_recompile_per_pack():
+    # past dynamo's recompile limit the blocks would quietly run eager, and stop adding graphs: make that an error
+    limit = (torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)
+             if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit") else contextlib.nullcontext())
+    with limit:
+        _compiled_against_eager()
+
+
+def _compiled_against_eager():
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
@@ -53,5 +63,5 @@ def test_compiled_blocks_match_eager_and_do_not_recompile_per_pack():
         graphs.append(counters["stats"]["unique_graphs"])
     # the first packs compile (static shapes, then dynamic ones, for each tower's blocks, and the long bucket);
     # the last two packs compile nothing new
-    assert graphs[-1] == graphs[-3], graphs
+    assert graphs[0] > 0 and graphs[-1] == graphs[-3], graphs
     torch._dynamo.reset()

@@ -149,12 +149,12 @@ def _run_triton(q, k, v, cu_q, cu_k, max_q, max_k, scale, seqlens, return_lse, d
 
 
 def triton_padded_head_dim(head_dim: int, q: torch.Tensor, split: str | None = None) -> int:
-    """The head dim the triton kernels run at. Head dims that are not powers of two run as two power-of-two
-    pieces (80 = 64 + 16) under the interpreter, but on an H100 (2026-11-27, triton 3.6) those kernels hit an
-    illegal memory access: at 72 first, then at 80 when 72 was zero-padded to 80 (benchmarks/results/
-    2026-11-27_H100-80GB-HBM3_gpu_check*.md). Until the fault is located (triton issues 10486, 10573 and 11366
-    report illegal shared-memory reads of Hopper wgmma with narrow dot operands in 3.6-3.7), CUDA tensors at
-    such head dims are zero-padded to the next power of two, which costs FLOPs: 72 and 80 run at 128.
+    """The head dim the triton kernels run at. Head dims that run as two power-of-two pieces (72 = 64 + 16, and
+    80 or 96 under FINEVITI_ATTN_SPLIT=pieces) run so under the interpreter, but on an H100 (2026-11-27, triton 3.6)
+    those kernels hit an illegal memory access: at 72 first, then at 80 when 72 was zero-padded to 80
+    (benchmarks/results/2026-11-27_H100-80GB-HBM3_gpu_check*.md; again on an H200, 2026-11-28). Until the fault is
+    located (triton issues 10486, 10573 and 11366 report illegal shared-memory reads of Hopper wgmma with narrow dot
+    operands in 3.6-3.7), CUDA tensors at such head dims are zero-padded to the next power of two: 72 runs at 128.
     FINEVITI_ATTN_PAD_SPLIT=0 turns the padding off (to run the two-piece kernels through this op on a GPU;
     benchmarks/attention_split_probe.py calls the kernels directly). In split mode "masked", the default
     (kernels.split_mode(), or `split`), 80 and 96 run in one 128-column tile with masked columns and nothing is
