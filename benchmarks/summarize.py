@@ -192,51 +192,42 @@ def goal_rows(rows: list[dict]) -> list[tuple]:
 
 def sweep_verdicts(rows: list[dict]) -> list[tuple]:
     """(shape, mode, provider, kind, pinned ms or None, best candidate, its ms, pinned / best or None) for each
-    launch kind that bench_attention --sweep timed: its rows carry shape["config"], "pinned" for the default and
-    "KIND=MxNxwxsx" for a candidate."""
-    def base(r):
-        shape = {k: v for k, v in r["shape"].items() if k != "config"}
-        return json.dumps(shape, sort_keys=True), r["mode"], r["dtype"], r["provider"]
-
-    swept = [r for r in _ok(rows) if r["benchmark"] == "attention" and "config" in r["shape"]]
-    pinned = {base(r): r for r in swept if r["shape"]["config"] == "pinned"}
-    best: dict[tuple, dict] = {}
-    for r in swept:
-        if r["shape"]["config"] == "pinned":
-            continue
-        key = (*base(r), r["shape"]["config"].split("=")[0])
-        if key not in best or r["median_ms"] < best[key]["median_ms"]:
-            best[key] = r
-    out = []
-    for (shape, mode, dtype, provider, kind), r in best.items():
-        pin = pinned.get((shape, mode, dtype, provider))
-        text = _shape_text({k: v for k, v in r["shape"].items() if k in ("shape", "head_dim")})
-        out.append((f"{text}, {dtype}", mode, provider, kind, pin["median_ms"] if pin else None,
-                    r["shape"]["config"].split("=", 1)[-1], r["median_ms"],
-                    pin["median_ms"] / r["median_ms"] if pin else None))
-    return out + _loss_sweep_verdicts(rows)
+    launch kind a sweep timed. bench_attention --sweep: rows carry shape["config"], "pinned" for the default and
+    "KIND=MxNxwxsx" for a candidate. bench_contrastive --sweep-configs: providers "ours[pinned]" / "ours[pinned
+    again]" (before and after the candidates) and "ours[grad MxNxK wW sS]" (the gradient kernels' tile)."""
+    entries = []  # (group: (shape text, mode, provider), kind or None for a pinned row, candidate label, ms)
+    for r in _ok(rows):
+        if r["benchmark"] == "attention" and "config" in r["shape"]:
+            text = _shape_text({k: v for k, v in r["shape"].items() if k in ("shape", "head_dim")})
+            group = (f"{text}, {r['dtype']}", r["mode"], r["provider"])
+            kind, _, label = r["shape"]["config"].partition("=")
+            entries.append((group, None, "", r["median_ms"]) if kind == "pinned" else
+                           (group, kind, label, r["median_ms"]))
+        elif r["benchmark"] == "contrastive" and r["provider"].startswith("ours["):
+            group = (f"{_shape_text(r['shape'])}, {r['dtype']}", r["mode"], "ours")
+            label = r["provider"][len("ours["):-1]
+            if label.startswith("pinned"):
+                entries.append((group, None, "", r["median_ms"]))
+            else:
+                kind, _, tile = label.partition(" ") if label.startswith("grad ") else ("all", "", label)
+                entries.append((group, kind, tile, r["median_ms"]))
+    return _best_against_pinned(entries)
 
 
-def _loss_sweep_verdicts(rows: list[dict]) -> list[tuple]:
-    """The same for bench_contrastive --sweep-configs: providers "ours[pinned]" / "ours[pinned again]" (the pinned
-    configuration before and after the candidates: their mean is the pinned time) and "ours[grad MxNxK wW sS]" (the
-    gradient kernels' tile), per loss and mode."""
-    swept = [r for r in _ok(rows) if r["benchmark"] == "contrastive" and r["provider"].startswith("ours[")]
+def _best_against_pinned(entries: list[tuple]) -> list[tuple]:
+    """Per (group, kind) the fastest candidate, set against the mean of the group's pinned rows (if any)."""
     pinned: dict[tuple, list[float]] = {}
-    best: dict[tuple, dict] = {}
-    for r in swept:
-        key = (json.dumps(r["shape"], sort_keys=True), r["mode"], r["dtype"])
-        if r["provider"].startswith("ours[pinned"):
-            pinned.setdefault(key, []).append(r["median_ms"])
-        elif key not in best or r["median_ms"] < best[key]["median_ms"]:
-            best[key] = r
+    best: dict[tuple, tuple[str, float]] = {}
+    for group, kind, label, ms in entries:
+        if kind is None:
+            pinned.setdefault(group, []).append(ms)
+        elif (group, kind) not in best or ms < best[(group, kind)][1]:
+            best[(group, kind)] = (label, ms)
     out = []
-    for key, r in best.items():
-        pin = sum(pinned[key]) / len(pinned[key]) if key in pinned else None
-        label = r["provider"][len("ours["):-1]
-        kind, _, tile = label.partition(" ") if label.startswith("grad ") else ("all", "", label)
-        out.append((f"{_shape_text(r['shape'])}, {r['dtype']}", r["mode"], "ours", kind, pin, tile, r["median_ms"],
-                    pin / r["median_ms"] if pin else None))
+    for ((shape, mode, provider), kind), (label, ms) in best.items():
+        pin = sum(pinned[(shape, mode, provider)]) / len(pinned[(shape, mode, provider)]) \
+            if (shape, mode, provider) in pinned else None
+        out.append((shape, mode, provider, kind, pin, label, ms, pin / ms if pin else None))
     return out
 
 

@@ -609,7 +609,8 @@ def pick_config(kind: str, head_dim: int, dtype: torch.dtype, max_seqlen: int, m
         return Config(64, 32, 8, 2)
     if kind in ("dkdv", "dkdv_atomic"):
         if width <= 64:
-            if kind == "dkdv_atomic" and not short:  # opt-in at 64, not timed yet: no spill, 2 blocks per SM
+            # opt-in at 64: no spill, 2 blocks per SM; H200: 5.333 ms (M64N128 w8 s3: 4.793) against 4.108 separate
+            if kind == "dkdv_atomic" and not short:
                 return Config(64, 64, 4, 2)
             return Config(64, 64, 8, 2) if short else Config(32, 64, 4, 3)
         if width <= 128:
@@ -786,8 +787,8 @@ def atomic_dq_preferred(head_dim: int) -> bool:
     """Where the default takes the atomic dq (when supported): above head dim 64. At 64 it was measured slower on
     an H100 with the tiles of the time (FA3 shape seqlen 4096, d64, bf16: backward 5.149 and 5.084 ms with atomics,
     4.909 and 4.900 ms without, two runs; benchmarks/results/2026-11-27_H100-80GB-HBM3_gpu_check{,_rerun}_
-    summary.md); the 128-column tiles that made it 30% faster at d128 (2026-11-28) were not tried at 64 yet: the GPU
-    check's attention_sweep_atomic64 times them (FINEVITI_ATTN_DQ=atomic)."""
+    summary.md), and again on an H200 with the 128-column tiles that made it 30% faster at d128: best M64N128 w8 s3,
+    4.793 ms against 4.108 for the pinned separate dq (2026-11-28_H200_gpu_check_summary.md)."""
     return head_dim > 64
 
 
