@@ -187,6 +187,10 @@ SWEEP = {  # candidate configurations (BLOCK_M, BLOCK_N, warps, stages) per laun
     # dkdv_atomic: d128's winner first (M64N128 w8 s3), then d64's pin and the tiles that do not spill at d64
     "dkdv_atomic": [(64, 128, 8, 3), (64, 64, 4, 2), (64, 128, 8, 2), (64, 64, 8, 2), (32, 64, 4, 3),
                     (32, 128, 8, 2), (64, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2)],
+    # dkdv_tma: the atomic dq's tiles with one bulk tensor reduction per tile (FINEVITI_ATTN_DQ=tma), which frees
+    # registers (d64 w4: 226 against 255 on triton 3.6) and shared memory for a deeper pipeline
+    "dkdv_tma": [(64, 128, 8, 3), (64, 64, 4, 2), (64, 128, 8, 2), (64, 64, 4, 3), (64, 64, 8, 2), (32, 64, 4, 3),
+                 (64, 128, 4, 2), (128, 64, 8, 2)],
     "dkdv": [(64, 128, 8, 2), (64, 64, 8, 2), (32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 2),
              (128, 128, 8, 2), (16, 128, 4, 4)],
     "dq": [(128, 64, 8, 2), (64, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 2), (128, 64, 8, 3), (64, 32, 4, 3),
@@ -197,8 +201,9 @@ SWEEP = {  # candidate configurations (BLOCK_M, BLOCK_N, warps, stages) per laun
 def sweep(rec, shape, head_dim, dtype, device, kinds=None, max_candidates=None):
     """Time the candidate configurations of each launch kind (the others at their pinned choice), to pick pins.
     The dk/dv and dq kinds of the deterministic backward run as provider ours_det, dkdv_atomic as ours with
-    FINEVITI_ATTN_DQ=atomic (also where the default takes the separate dq, d64). Before the first candidate of
-    each provider and mode, one row of its shipped default (tag "pinned": at d64 the separate dq for ours), the
+    FINEVITI_ATTN_DQ=atomic (also where the default takes the separate dq, d64), dkdv_tma as ours with
+    FINEVITI_ATTN_DQ=tma. Before the first candidate of each provider and mode, one row of its shipped default
+    (tag "pinned": at d64 the separate dq for ours), the
     baseline of the same run. The environment is restored however the sweep ends."""
     import os
 
@@ -220,14 +225,17 @@ def sweep(rec, shape, head_dim, dtype, device, kinds=None, max_candidates=None):
                 continue
             mode = "fwd" if kind == "fwd" else "bwd"
             provider = "ours_det" if kind in ("dkdv", "dq") else "ours"
-            if kind == "dkdv_atomic" and not kernels.atomic_dq_supported(head_dim, dtype):
-                print(f"sweep {shape} d{head_dim} dkdv_atomic: skipped (no atomic dq at this head dim)")
+            if kind in ("dkdv_atomic", "dkdv_tma") and not kernels.atomic_dq_supported(head_dim, dtype):
+                print(f"sweep {shape} d{head_dim} {kind}: skipped (no atomic dq at this head dim)")
+                continue
+            if kind == "dkdv_tma" and kernels.split_head_dim(head_dim, dtype)[1] > 0:
+                print(f"sweep {shape} d{head_dim} dkdv_tma: skipped (two pieces take the element-wise atomics)")
                 continue
             if (provider, mode) not in pinned_done:
                 pinned_done.add((provider, mode))
                 run_case(rec, provider, shape, head_dim, mode, dtype, device, tag="pinned")
-            if kind == "dkdv_atomic":
-                os.environ["FINEVITI_ATTN_DQ"] = "atomic"
+            if kind in ("dkdv_atomic", "dkdv_tma"):
+                os.environ["FINEVITI_ATTN_DQ"] = kind.removeprefix("dkdv_")
             timings = []
             for cfg in candidates[:max_candidates]:
                 os.environ[f"FINEVITI_ATTN_{kind.upper()}_CONFIG"] = ",".join(map(str, cfg))

@@ -82,7 +82,11 @@ section bench_attention 150 "$PY" benchmarks/bench_attention.py --quick --plot "
 # test_attention.py last: a device fault is sticky for the process, and would turn every later test into an error.
 section pytest_gpu 150 "$PY" -m pytest -m "gpu and not slow" -q -p no:cacheprovider --durations=15 \
   $(ls tests/test_*.py | grep -v 'tests/test_attention.py') tests/test_attention.py
-# The open questions of the H200 run (2026-11-28) first: the loss kernels' gradient tiles, each against a pinned
+# New since the H200 run: the dq by one bulk tensor reduction per tile (FINEVITI_ATTN_DQ=tma, FA3's way) against
+# the pinned backward (d64: the separate dq kernel; d128: the element-wise atomic dq), its tiles at both widths.
+section attention_sweep_tma 120 "$PY" benchmarks/bench_attention.py --sweep --shape fa3:4096 --head-dim 64 \
+  --head-dim 128 --sweep-kind dkdv_tma --sweep-max 5
+# The open questions of the H200 run (2026-11-28) next: the loss kernels' gradient tiles, each against a pinned
 # row of the same run (that run's hint of 7-10% had its baseline in another section), then the training step with
 # the blocks compiled (ours_compile; our eager model had 0.45x the throughput of compiled torch).
 section bench_contrastive 90 "$PY" benchmarks/bench_contrastive.py --quick

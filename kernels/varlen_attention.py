@@ -10,7 +10,7 @@ power-of-two pieces, each with its own tl.dot (80 = 64 + 16, 96 = 64 + 32, 72 = 
 which on a GPU the ops layer pads to the next power of two for now (those kernels fault with triton 3.6, see
 benchmarks/NOTES-attention.md). The backward recomputes the probabilities from the saved fp32 log-sum-exp. dk and
 dv are written without atomics; dq either by a second kernel per query block (deterministic) or by fp32 atomic
-adds from the dk/dv kernel (dq_mode). The pure-torch reference lives in fineviti/ops/attention.py.
+adds from the dk/dv kernel, element-wise or one bulk tensor reduction per tile (dq_mode). The pure-torch reference lives in fineviti/ops/attention.py.
 """
 
 from __future__ import annotations
@@ -24,8 +24,34 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import registry
+
+
+def _interpreter_descriptor_reduce() -> None:
+    """Triton's interpreter (3.6-3.8) has no `tensor_descriptor.atomic_add` (TMA_DQ below). Give it one with the
+    hardware's semantics: an element-wise atomic add over the block, clipped to the tensor's bounds (as its
+    descriptor store is), so the CPU tests run the same kernel code; the bulk instruction itself is a GPU test."""
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    if hasattr(builder, "create_descriptor_reduce"):
+        return
+    ir = interpreter._ir
+
+    def create_descriptor_reduce(self, kind, desc, value, indices):
+        if kind != ir.DESCRIPTOR_REDUCE_KIND.ADD:
+            raise NotImplementedError(f"descriptor reduction {kind} in the interpreter")
+        ptrs, mask = desc.materialize_pointers(indices)
+        op = ir.ATOMIC_OP.FADD if value.dtype.scalar.is_floating() else ir.ATOMIC_OP.ADD
+        return self.create_atomic_rmw(op, ptrs, value, mask, ir.MEM_SEMANTIC.RELAXED, None)
+
+    builder.create_descriptor_reduce = create_descriptor_reduce
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _interpreter_descriptor_reduce()
 
 # ----------------------------------------------------------------------------------------------------------------
 # Kernels
@@ -261,10 +287,11 @@ def _attn_bwd_preprocess(
 
 
 @triton.jit
-def _dkdv_step(dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, key_ok, Q, DO, LSE, DELTA, DQ_ACC, q_start, start_m,
-               seqlen_q, stride_q_tok, stride_do_tok, stride_dqa_tok, qk_scale, HEAD_DIM: tl.constexpr,
-               DIM_A: tl.constexpr, DIM_B: tl.constexpr, BLOCK_M: tl.constexpr, MASK_M: tl.constexpr,
-               PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr, I32_TOKENS: tl.constexpr):
+def _dkdv_step(dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, key_ok, Q, DO, LSE, DELTA, DQ_ACC, DQ_DESC, head32,
+               q_start, start_m, seqlen_q, stride_q_tok, stride_do_tok, stride_dqa_tok, qk_scale,
+               HEAD_DIM: tl.constexpr, DIM_A: tl.constexpr, DIM_B: tl.constexpr, BLOCK_M: tl.constexpr,
+               MASK_M: tl.constexpr, PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr, I32_TOKENS: tl.constexpr,
+               TMA_DQ: tl.constexpr):
     rows = start_m + tl.arange(0, BLOCK_M)
     row_ok = rows < seqlen_q
     if I32_TOKENS:  # token offsets in 32 bits (the launcher checked that they fit): no 64-bit multiply per row
@@ -302,7 +329,12 @@ def _dkdv_step(dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, key_ok, Q, DO, LSE, D
         # the softmax scale is applied once, when the buffer is converted, not per tile
         ds = tl.trans(ds_t)
         dq_a = tl.dot(ds, k_a, input_precision=PRECISION)
-        _atomic_add_tile(DQ_ACC, dq_a, tok, row_ok, stride_dqa_tok, 0, DIM_A, HEAD_DIM, MASK_M)
+        if TMA_DQ:  # one bulk reduction of the whole tile (cp.reduce.async.bulk.tensor); the rows past the
+            # sequence are zeros (p_t was masked), so adding them into the next sequence's rows changes nothing, and
+            # the tensor's bounds clip the rows past `total` and the columns past head_dim
+            DQ_DESC.atomic_add([q_start + start_m, head32, 0], tl.reshape(dq_a, [BLOCK_M, 1, DIM_A]))
+        else:
+            _atomic_add_tile(DQ_ACC, dq_a, tok, row_ok, stride_dqa_tok, 0, DIM_A, HEAD_DIM, MASK_M)
         if DIM_B > 0:
             dq_b = tl.dot(ds, k_b, input_precision=PRECISION)
             _atomic_add_tile(DQ_ACC, dq_b, tok, row_ok, stride_dqa_tok, DIM_A, DIM_B, HEAD_DIM, MASK_M)
@@ -314,6 +346,7 @@ def _attn_bwd_dkdv(
     Q, K, V, DO,  # (total_q | total_k, heads, HEAD_DIM)
     DK, DV,  # (total_k, heads, HEAD_DIM), written
     DQ_ACC,  # (total_q, heads, HEAD_DIM) fp32, zeroed, added into (ATOMIC_DQ only; else unused)
+    DQ_DESC,  # TMA_DQ: a tensor descriptor over DQ_ACC, block [BLOCK_M, 1, DIM_A]; else None
     LSE, DELTA,  # (heads, total_q) fp32; LSE in log2 units (the forward's times log2 e)
     cu_seqlens_q, cu_seqlens_k,
     block_cu,  # (n_seqs + 1,) int32: cumulative count of BLOCK_N key blocks per sequence
@@ -326,6 +359,7 @@ def _attn_bwd_dkdv(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr,
     ATOMIC_DQ: tl.constexpr,
     I32_TOKENS: tl.constexpr = False,  # q-side token offsets (token x token stride) fit in 32 bits
+    TMA_DQ: tl.constexpr = False,  # ATOMIC_DQ by bulk tensor reductions through DQ_DESC (one piece, DIM_B == 0)
 ):
     # Token and head strides are multiples of ALIGN elements (checked by the launcher): 16-byte vector loads.
     stride_q_tok = tl.multiple_of(stride_q_tok, ALIGN)
@@ -343,7 +377,8 @@ def _attn_bwd_dkdv(
     stride_dqa_tok = tl.multiple_of(stride_dqa_tok, ALIGN)
     stride_dqa_head = tl.multiple_of(stride_dqa_head, ALIGN)
     pid = tl.program_id(0)
-    head = tl.program_id(1).to(tl.int64)
+    head32 = tl.program_id(1)
+    head = head32.to(tl.int64)
     if pid >= tl.load(block_cu + n_seqs):
         return
     seq = _locate(block_cu, n_seqs, pid)
@@ -380,14 +415,14 @@ def _attn_bwd_dkdv(
     m_full = (seqlen_q // BLOCK_M) * BLOCK_M
     for start_m in tl.range(0, m_full, BLOCK_M):
         dk_a, dk_b, dv_a, dv_b = _dkdv_step(dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, row_ok, Q, DO, LSE,
-                                            DELTA, DQ_ACC, q_start, start_m, seqlen_q, stride_q_tok, stride_do_tok,
-                                            stride_dqa_tok, qk_scale, HEAD_DIM, DIM_A, DIM_B,
-                                            BLOCK_M, False, PRECISION, ATOMIC_DQ, I32_TOKENS)
+                                            DELTA, DQ_ACC, DQ_DESC, head32, q_start, start_m, seqlen_q,
+                                            stride_q_tok, stride_do_tok, stride_dqa_tok, qk_scale, HEAD_DIM, DIM_A,
+                                            DIM_B, BLOCK_M, False, PRECISION, ATOMIC_DQ, I32_TOKENS, TMA_DQ)
     if m_full < seqlen_q:
         dk_a, dk_b, dv_a, dv_b = _dkdv_step(dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, row_ok, Q, DO, LSE,
-                                            DELTA, DQ_ACC, q_start, m_full, seqlen_q, stride_q_tok, stride_do_tok,
-                                            stride_dqa_tok, qk_scale, HEAD_DIM, DIM_A, DIM_B,
-                                            BLOCK_M, True, PRECISION, ATOMIC_DQ, I32_TOKENS)
+                                            DELTA, DQ_ACC, DQ_DESC, head32, q_start, m_full, seqlen_q,
+                                            stride_q_tok, stride_do_tok, stride_dqa_tok, qk_scale, HEAD_DIM, DIM_A,
+                                            DIM_B, BLOCK_M, True, PRECISION, ATOMIC_DQ, I32_TOKENS, TMA_DQ)
 
     DK += head * stride_dk_head
     DV += head * stride_dv_head
@@ -607,6 +642,8 @@ def pick_config(kind: str, head_dim: int, dtype: torch.dtype, max_seqlen: int, m
         if width <= 128:
             return Config(64 if short else 128, 64, 8, 3)
         return Config(64, 32, 8, 2)
+    if kind == "dkdv_tma":  # the atomic dq's tiles (a bulk reduction in place of the element-wise atomics)
+        kind = "dkdv_atomic"
     if kind in ("dkdv", "dkdv_atomic"):
         if width <= 64:
             # opt-in at 64: no spill, 2 blocks per SM; H200: 5.333 ms (M64N128 w8 s3: 4.793) against 4.108 separate
@@ -622,7 +659,7 @@ def pick_config(kind: str, head_dim: int, dtype: torch.dtype, max_seqlen: int, m
         if width <= 128:
             return Config(64, 64, 8, 2)
         return Config(64, 32, 8, 1)
-    raise ValueError(f"kind must be 'fwd', 'dkdv', 'dkdv_atomic' or 'dq', got {kind!r}")
+    raise ValueError(f"kind must be 'fwd', 'dkdv', 'dkdv_atomic', 'dkdv_tma' or 'dq', got {kind!r}")
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -758,12 +795,16 @@ def rope_tables(pos: torch.Tensor, head_dim: int, theta: float = 10000.0) -> tup
     return angles.cos().float().contiguous(), angles.sin().float().contiguous()
 
 
-DQ_MODES = ("atomic", "separate")
+DQ_MODES = ("atomic", "separate", "tma")
 # How dq is computed when the caller does not ask for a deterministic backward. "atomic": inside the dk/dv kernel,
 # each key block adds its share into an fp32 buffer (FlashAttention-2's way: 5 matmuls per tile pair, the order of
 # the additions not fixed). "separate": a second kernel per query block recomputes the scores and dP (7 matmuls,
-# bit-reproducible). DEFAULT_DQ_MODE applies where atomic_dq_preferred holds; FINEVITI_ATTN_DQ=atomic|separate
-# overrides it wherever atomic_dq_supported holds (experiments and the GPU check's sweeps).
+# bit-reproducible). "tma" (opt-in, not yet timed): the atomic dq with each tile's share added by one bulk tensor
+# reduction (cp.reduce.async.bulk.tensor, FlashAttention-3's way) instead of one atomic per element: kernel report,
+# triton 3.6, hot loop 493 -> 462 instructions at d64 (M64N64 w4 s2, 255 -> 226 registers) and 673 -> 592 at d128
+# (M64N128 w8 s3, spills 76 -> 60 bytes); one tile of head_dim columns, so two pieces (72) keep the element-wise
+# atomics. DEFAULT_DQ_MODE applies where atomic_dq_preferred holds; FINEVITI_ATTN_DQ=atomic|separate|tma overrides
+# it wherever atomic_dq_supported holds (experiments and the GPU check's sweeps).
 DEFAULT_DQ_MODE = "atomic"
 
 
@@ -802,6 +843,8 @@ def dq_mode(deterministic: bool, head_dim: int, dtype: torch.dtype, max_seqlen: 
         raise ValueError(f"FINEVITI_ATTN_DQ must be one of {DQ_MODES}, got {mode!r}")
     if deterministic or not atomic_dq_supported(head_dim, dtype, max_seqlen, split):
         return "separate"
+    if mode == "tma" and split_head_dim(head_dim, dtype, split)[1] > 0:
+        return "atomic"  # the bulk reduction takes one tile; two pieces keep the element-wise atomics
     if mode:
         return mode
     return DEFAULT_DQ_MODE if atomic_dq_preferred(head_dim) else "separate"
@@ -831,7 +874,8 @@ def attention_backward(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, max_seql
     mode = mode or split_mode()
     dim_a, dim_b = split_head_dim(head_dim, q.dtype, mode)
     longest = max(max_seqlen_q, max_seqlen_k)
-    atomic = dq_mode(deterministic, head_dim, q.dtype, longest, mode) == "atomic"
+    dq_how = dq_mode(deterministic, head_dim, q.dtype, longest, mode)
+    atomic = dq_how in ("atomic", "tma")
     dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic else lse
     dq = None if atomic else torch.empty_like(q)
     dk = torch.empty_like(k)
@@ -850,14 +894,18 @@ def attention_backward(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, max_seql
     common = dict(HEAD_DIM=head_dim, DIM_A=dim_a, DIM_B=dim_b, PRECISION=_precision(q.dtype),
                   ALIGN=_alignment(q, k, v, do, dk, dv, dq_acc if atomic else dq))
 
-    cfg = pick_config("dkdv_atomic" if atomic else "dkdv", head_dim, q.dtype, longest, mode)
+    cfg = pick_config({"tma": "dkdv_tma", "atomic": "dkdv_atomic"}.get(dq_how, "dkdv"), head_dim, q.dtype, longest,
+                      mode)
     block_cu, programs = block_schedule(cu_seqlens_k, cfg.block_n, total_k, max_seqlen_k, seqlens_k)
     if programs:
+        dq_desc = None
+        if dq_how == "tma":
+            dq_desc = TensorDescriptor(dq_acc, list(dq_acc.shape), list(dq_acc.stride()), [cfg.block_m, 1, dim_a])
         _attn_bwd_dkdv[(programs, heads)](
-            q, k, v, do, dk, dv, dq_acc, lse, delta, cu_seqlens_q, cu_seqlens_k, block_cu, n_seqs,
+            q, k, v, do, dk, dv, dq_acc, dq_desc, lse, delta, cu_seqlens_q, cu_seqlens_k, block_cu, n_seqs,
             *_common_strides(q, k, v, do, dk, dv), *(_common_strides(dq_acc) if atomic else (0, 0)),
             lse.stride(0), softmax_scale, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ATOMIC_DQ=atomic,
-            I32_TOKENS=i32_tokens(dim_a + dim_b, q, do, dq_acc if atomic else q),
+            I32_TOKENS=i32_tokens(dim_a + dim_b, q, do, dq_acc if atomic else q), TMA_DQ=dq_how == "tma",
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
         )
     else:
@@ -916,7 +964,7 @@ def _signature(fn, dtype_name: str, pointer_dtypes: dict[str, str]) -> dict[str,
 
 def shipped_configs(kind: str) -> list[registry.Shipped]:
     fn = {"fwd": _attn_fwd, "fwd_rope": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dkdv_atomic": _attn_bwd_dkdv,
-          "dq": _attn_bwd_dq}[kind]
+          "dkdv_tma": _attn_bwd_dkdv, "dq": _attn_bwd_dq}[kind]
     rows, seen = [], set()
     cases = [(d, t) for d in SHIPPED_HEAD_DIMS for t in (torch.bfloat16, torch.float16)] + [(64, torch.float32)]
     if kind == "fwd_rope":  # varlen_attention_rope: power-of-two head dims, 16-bit, the long bucket
@@ -928,7 +976,9 @@ def shipped_configs(kind: str) -> list[registry.Shipped]:
         if t != torch.float32 and split_head_dim(d, t, "masked") != split_head_dim(d, t, "pieces")]
     for head_dim, dtype, mode in modes:
         for seqlen in SHIPPED_SEQLENS:
-            if kind == "dkdv_atomic" and not atomic_dq_supported(head_dim, dtype, seqlen, mode):
+            if kind in ("dkdv_atomic", "dkdv_tma") and not atomic_dq_supported(head_dim, dtype, seqlen, mode):
+                continue
+            if kind == "dkdv_tma" and split_head_dim(head_dim, dtype, mode)[1] > 0:
                 continue
             if kind == "fwd_rope" and seqlen <= 64:
                 continue
@@ -942,15 +992,21 @@ def shipped_configs(kind: str) -> list[registry.Shipped]:
             pointers = {p: "*fp32" for p in ("LSE", "DELTA", "DQ_ACC", "COS", "SIN")}
             pointers.update({p: "*i32" for p in ("POS_Q", "POS_K")})
             pointers.update({p: "*i32" for p in ("cu_seqlens_q", "cu_seqlens_k", "block_cu")})
+            signature = _signature(fn, name, pointers)
+            dkdv_flags = {}
+            if kind.startswith("dkdv"):
+                tma = kind == "dkdv_tma"
+                signature["DQ_DESC"] = f"tensordesc<fp32[{cfg.block_m},1,{dim_a}]>" if tma else "constexpr"
+                dkdv_flags = {"ATOMIC_DQ": kind != "dkdv", "I32_TOKENS": dim_a + dim_b <= 64, "TMA_DQ": tma,
+                              **({} if tma else {"DQ_DESC": None})}
             rows.append(registry.Shipped(
                 kernel_name=f"attn_{kind}" if kind.startswith("fwd") else f"attn_bwd_{kind}",
                 label=f"d{head_dim}{'' if mode == 'pieces' or dim_a == head_dim else f'in{dim_a}'}-{name}-{cfg.label}",
-                signature=_signature(fn, name, pointers),
+                signature=signature,
                 constexprs=dict(HEAD_DIM=head_dim, DIM_A=dim_a, DIM_B=dim_b, BLOCK_M=cfg.block_m,
                                 BLOCK_N=cfg.block_n, PRECISION=_precision(dtype),
                                 ALIGN=8 if head_dim % 8 == 0 else 1,
-                                **({"ATOMIC_DQ": kind == "dkdv_atomic", "I32_TOKENS": dim_a + dim_b <= 64}
-                                   if kind.startswith("dkdv") else {"I32_TOKENS": True}),
+                                **(dkdv_flags if kind.startswith("dkdv") else {"I32_TOKENS": True}),
                                 **({"ROPE": kind == "fwd_rope"} if kind.startswith("fwd") else {})),
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                 aligned=_aligned(fn, head_dim, zero_dqa=kind == "dkdv"),
@@ -973,10 +1029,16 @@ def _spill_allowance(kind: str, head_dim: int, dim_a: int, dim_b: int, cfg: Conf
     (3.6) and 36 bytes (3.8) and ran it in 5.913 ms against 8.261 for M64N64 w8 s2, which does not spill. In split
     mode "masked" (80 and 96 in 128 columns, the default) the same tiles spill a little more (16-96 bytes), not
     timed on an H100: the d128 allowances plus 16 bytes, said as such. Masked 80 ran its fwd+bwd (atomic dq) on an
-    H200 in 3.551 ms against 3.697 for the d128 kernels on copies padded to 128 (2026-11-28)."""
-    if kind not in ("dkdv", "dkdv_atomic") or (dim_a, dim_b) != (128, 0) or \
+    H200 in 3.551 ms against 3.697 for the d128 kernels on copies padded to 128 (2026-11-28). The opt-in
+    bulk-reduction dq (dkdv_tma) takes the atomic dq's tiles and spills less there."""
+    if kind not in ("dkdv", "dkdv_atomic", "dkdv_tma") or (dim_a, dim_b) != (128, 0) or \
             (cfg.block_m, cfg.block_n, cfg.num_warps) != (64, 128, 8):
         return {}
+    if kind == "dkdv_tma":
+        return {"spill_allowance": 64,
+                "spill_reason": "opt-in (FINEVITI_ATTN_DQ=tma), not yet timed: the atomic dq's tile, which ran "
+                                "faster with its spills, spilling less with the bulk reduction (60 bytes against "
+                                "76-80 on triton 3.6)"}
     if head_dim != dim_a:
         if kind == "dkdv_atomic":
             return {"spill_allowance": 112,
@@ -998,7 +1060,8 @@ def _aligned(fn, head_dim: int, heads: int = 16, zero_dqa: bool = False) -> tupl
     the token strides (heads * head_dim) and the head strides when head_dim is a multiple of 16."""
     names = []
     for name, is_constexpr in _params(fn):
-        if is_constexpr or name in ("n_seqs", "total", "softmax_scale", "stride_lse_head", "stride_delta_head"):
+        if is_constexpr or name in ("n_seqs", "total", "softmax_scale", "stride_lse_head", "stride_delta_head",
+                                    "DQ_DESC"):
             continue
         if name.startswith("stride_dqa_") and zero_dqa:  # passed as 0 when dq is not accumulated by atomics
             names.append(name)
@@ -1030,5 +1093,6 @@ registry.declare("attn_fwd", _attn_fwd, lambda: shipped_configs("fwd"))
 registry.declare("attn_fwd_rope", _attn_fwd, lambda: shipped_configs("fwd_rope"))
 registry.declare("attn_bwd_dkdv", _attn_bwd_dkdv, lambda: shipped_configs("dkdv"))
 registry.declare("attn_bwd_dkdv_atomic", _attn_bwd_dkdv, lambda: shipped_configs("dkdv_atomic"))
+registry.declare("attn_bwd_dkdv_tma", _attn_bwd_dkdv, lambda: shipped_configs("dkdv_tma"))
 registry.declare("attn_bwd_dq", _attn_bwd_dq, lambda: shipped_configs("dq"))
 registry.declare("attn_bwd_preprocess", _attn_bwd_preprocess, _shipped_preprocess)

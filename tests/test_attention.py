@@ -246,6 +246,45 @@ def test_atomic_dq_at_64_on_request(monkeypatch):
         "dkdv", 64, torch.bfloat16, 4096)  # its own pin, not the deterministic kernel's
 
 
+@pytest.mark.parametrize("head_dim,lens", [(64, [1, 130, 3, 67]), (128, [70, 5, 197, 1]), (80, [197, 3, 1, 66])])
+def test_tma_dq_matches_reference(monkeypatch, head_dim, lens):
+    """FINEVITI_ATTN_DQ=tma: the atomic dq as one bulk tensor reduction per tile (on the CPU the interpreter's
+    stand-in for it, an element-wise add over the whole block clipped to the tensor). Each sequence's last query
+    block runs past its end into the next sequence's rows, which the block adds zeros into: outputs and gradients
+    against the references, at the pinned tile and at the 128-key tile (80: masked inside 128 columns)."""
+    monkeypatch.delenv("FINEVITI_ATTN_SPLIT", raising=False)
+    monkeypatch.setenv("FINEVITI_ATTN_DQ", "tma")
+    calls = _backward_spy(monkeypatch)
+    check_against_reference(lens, 2, head_dim, torch.float16)
+    monkeypatch.setenv("FINEVITI_ATTN_DKDV_TMA_CONFIG", "64,128,8,2")
+    check_against_reference(lens[::-1], 1, head_dim, torch.float16)
+    assert calls == ["tma", "tma"]
+    assert kernels.pick_config("dkdv_tma", head_dim, torch.float16, 4096) == kernels.Config(64, 128, 8, 2)
+
+
+def test_tma_dq_block_past_the_end_adds_only_zeros():
+    """The tile of the last query block reaches past its sequence into rows that belong to the next one: poison
+    those rows' gradient buffer with a value and check that the kernel leaves it exactly there (adds +0.0)."""
+    lens = [3, 61]  # one 64-row query block for the first sequence covers 61 rows of the second
+    q, k, v, cu = make_pack(lens, 1, 64, torch.float16, requires_grad=False)
+    do = torch.randn_like(q)
+    out, lse = kernels.attention_forward(q, k, v, cu, cu, max(lens), max(lens), 0.125)[:2]
+    dq_acc = torch.full(q.shape, 7.0)
+    zeros = torch.zeros_like(q)
+    cfg = kernels.pick_config("dkdv_tma", 64, q.dtype, max(lens))
+    desc = kernels.TensorDescriptor(dq_acc, list(dq_acc.shape), list(dq_acc.stride()), [cfg.block_m, 1, 64])
+    block_cu, programs = kernels.block_schedule(cu, cfg.block_n, q.shape[0], max(lens), lens)
+    delta = (out.float() * do.float()).sum(-1).T.contiguous()
+    kernels._attn_bwd_dkdv[(programs, 1)](
+        q, k, v, do, zeros.clone(), zeros.clone(), dq_acc, desc, (lse * 1.4426950408889634).contiguous(), delta,
+        cu, cu, block_cu, 1, *kernels._common_strides(q, k, v, do, zeros, zeros), *kernels._common_strides(dq_acc),
+        lse.stride(0), 0.125, HEAD_DIM=64, DIM_A=64, DIM_B=0, PRECISION="tf32", ALIGN=8, BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n, ATOMIC_DQ=True, TMA_DQ=True)
+    # only the first sequence ran (n_seqs = 1): the second's rows were in its block's box and must be untouched
+    assert torch.equal(dq_acc[3:], torch.full_like(dq_acc[3:], 7.0))
+    assert not torch.equal(dq_acc[:3], torch.full_like(dq_acc[:3], 7.0))
+
+
 def test_i32_token_offsets_only_where_they_fit():
     """The dk/dv kernel's 32-bit token offsets: at tile widths up to 64, and only when every q-side tensor's
     token x token-stride span is below 2**31 (meta tensors: no memory)."""
@@ -291,6 +330,12 @@ def test_dq_mode_rule(monkeypatch):
     assert kernels.dq_mode(False, 256, torch.bfloat16) == "separate"
     monkeypatch.setenv("FINEVITI_ATTN_DQ", "separate")
     assert kernels.dq_mode(False, 128, torch.float16) == "separate"
+    monkeypatch.setenv("FINEVITI_ATTN_DQ", "tma")
+    assert kernels.dq_mode(False, 64, torch.bfloat16) == "tma"
+    assert kernels.dq_mode(False, 96, torch.float16, split="masked") == "tma"  # one 128-column tile
+    assert kernels.dq_mode(False, 96, torch.float16, split="pieces") == "atomic"  # two pieces: element-wise
+    assert kernels.dq_mode(True, 128, torch.float16) == "separate"
+    assert kernels.dq_mode(False, 72, torch.float16) == "separate"
     monkeypatch.setenv("FINEVITI_ATTN_DQ", "fast")
     with pytest.raises(ValueError, match="FINEVITI_ATTN_DQ must be one of .* got 'fast'"):
         kernels.dq_mode(False, 128, torch.float16)
@@ -692,6 +737,10 @@ def test_gpu_rope_in_kernel(head_dim):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("head_dim", [64, 72, 80, 96, 128])
 def test_gpu_matches_reference(dtype, head_dim):
+    _gpu_against_reference(dtype, head_dim)
+
+
+def _gpu_against_reference(dtype, head_dim):
     lens = [1, 3, 197, 257, 577, 1024]
     q, k, v, cu = make_pack(lens, 4, head_dim, dtype, device="cuda")
     grad = torch.randn(q.shape, device="cuda", dtype=dtype)
@@ -767,3 +816,15 @@ def test_gpu_fp32_head_dim_limit_is_a_clear_error():
     q, k, v, cu = make_pack([10, 20], 2, 128, torch.float32, device="cuda")
     with pytest.raises(ValueError, match="float32 inputs on a GPU up to head_dim 64"):
         varlen_attention(q, k, v, cu, 20, backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 80, 128])
+def test_gpu_tma_dq_matches_reference(monkeypatch, head_dim):
+    """FINEVITI_ATTN_DQ=tma on the GPU: the bulk tensor reduction itself (cp.reduce.async.bulk.tensor). Last in the
+    file: it is new on the device, and a fault there would turn every later test of the process into an error."""
+    monkeypatch.delenv("FINEVITI_ATTN_SPLIT", raising=False)
+    monkeypatch.setenv("FINEVITI_ATTN_DQ", "tma")
+    calls = _backward_spy(monkeypatch)
+    _gpu_against_reference(torch.bfloat16, head_dim)
+    assert set(calls) == {"tma"}

@@ -320,10 +320,9 @@ def test_summary_reads_the_issue_goals():
     assert goals[(5, "memory beyond the features well under 1024 MiB")] == ("550 MiB", "met")
 
 
-def test_attention_sweep_of_the_atomic_dq_at_64(tmp_path, monkeypatch):
-    """bench_attention --sweep --sweep-kind dkdv_atomic at d64 (a GPU check section) on a tiny fp16 pack under the
-    interpreter: first the pinned default (the separate dq), then each candidate with the atomic dq forced, and
-    FINEVITI_ATTN_DQ and the config override restored afterwards."""
+def _tiny_dq_sweep(tmp_path, monkeypatch, kind):
+    """bench_attention.sweep of `kind` on a tiny fp16 pack (one head at d64) under the interpreter, two candidates:
+    its recorder and the dq mode of every backward that ran."""
     import bench_attention
     from common import Recorder
 
@@ -336,12 +335,26 @@ def test_attention_sweep_of_the_atomic_dq_at_64(tmp_path, monkeypatch):
     dq_mode = kernels.dq_mode
     monkeypatch.setattr(kernels, "dq_mode", lambda *args: modes.append(dq_mode(*args)) or modes[-1])
     rec = Recorder("attention", path=str(tmp_path / "rows.jsonl"))
-    bench_attention.sweep(rec, "fa3:tiny", 64, torch.float16, "cpu", kinds=["dkdv_atomic"], max_candidates=2)
+    bench_attention.sweep(rec, "fa3:tiny", 64, torch.float16, "cpu", kinds=[kind], max_candidates=2)
+    return rec, modes
+
+
+@pytest.mark.parametrize("kind", ["dkdv_atomic", "dkdv_tma"])
+def test_attention_sweep_of_a_dq_variant_at_64(tmp_path, monkeypatch, kind):
+    """bench_attention --sweep --sweep-kind dkdv_atomic / dkdv_tma at d64 (GPU check sections): first the pinned
+    default (the separate dq), then each candidate with the element-wise atomic or the bulk-reduction dq forced,
+    FINEVITI_ATTN_DQ and the config override restored afterwards, and the summary's verdict against the pin."""
+    import bench_attention
+
+    rec, modes = _tiny_dq_sweep(tmp_path, monkeypatch, kind)
+    mode = kind.removeprefix("dkdv_")
     assert [r.get("error") for r in rec.rows] == [None] * 3
-    assert [r["shape"]["config"] for r in rec.rows] == ["pinned", "dkdv_atomic=M64N128w8s3", "dkdv_atomic=M64N64w4s2"]
-    first_atomic = modes.index("atomic")  # the pinned row's backwards, then the candidates'
-    assert set(modes[:first_atomic]) == {"separate"} and set(modes[first_atomic:]) == {"atomic"}
-    assert "FINEVITI_ATTN_DQ" not in os.environ and "FINEVITI_ATTN_DKDV_ATOMIC_CONFIG" not in os.environ
+    assert [r["shape"]["config"] for r in rec.rows] == ["pinned", f"{kind}=M64N128w8s3", f"{kind}=M64N64w4s2"]
+    first = modes.index(mode)  # the pinned row's backwards, then the candidates'
+    assert set(modes[:first]) == {"separate"} and set(modes[first:]) == {mode}
+    assert "FINEVITI_ATTN_DQ" not in os.environ and f"FINEVITI_ATTN_{kind.upper()}_CONFIG" not in os.environ
+    verdicts = summarize.sweep_verdicts([{**r, "benchmark": "attention"} for r in rec.rows])
+    assert [v[3] for v in verdicts] == [kind] and verdicts[0][4] is not None
     # a sweep that raises still restores the caller's environment
     monkeypatch.setenv("FINEVITI_ATTN_DQ", "separate")
 
@@ -350,8 +363,8 @@ def test_attention_sweep_of_the_atomic_dq_at_64(tmp_path, monkeypatch):
 
     monkeypatch.setattr(bench_attention, "run_case", boom)
     with pytest.raises(KeyboardInterrupt):
-        bench_attention.sweep(rec, "fa3:tiny", 64, torch.float16, "cpu", kinds=["dkdv_atomic"])
-    assert os.environ["FINEVITI_ATTN_DQ"] == "separate" and "FINEVITI_ATTN_DKDV_ATOMIC_CONFIG" not in os.environ
+        bench_attention.sweep(rec, "fa3:tiny", 64, torch.float16, "cpu", kinds=[kind])
+    assert os.environ["FINEVITI_ATTN_DQ"] == "separate" and f"FINEVITI_ATTN_{kind.upper()}_CONFIG" not in os.environ
 
 
 def test_attention_profile_needs_a_gpu(capsys):
