@@ -477,8 +477,10 @@ def compile_row(row, arch: int = 90, keep_dir: str | Path | None = None, limits:
                              f"{fn.arg_names}, got {list(row.signature)}")
         src = ASTSource(fn=fn, signature=dict(row.signature), constexprs=dict(row.constexprs),
                         attrs=compile_attrs(row, fn))
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                  options={"num_warps": row.num_warps, "num_stages": row.num_stages})
+        options = {"num_warps": row.num_warps, "num_stages": row.num_stages}
+        if getattr(row, "maxnreg", None):
+            options["maxnreg"] = row.maxnreg
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     except Exception as exc:  # noqa: BLE001  (any compile failure is a report row, not a crash)
         return {**_empty_row(row.kernel_name, label, arch), **base, "error": f"{type(exc).__name__}: {exc}",
                 "compile_s": round(time.perf_counter() - start, 2)}

@@ -403,6 +403,13 @@ def config(d: int, dtype: torch.dtype, kernel: str = "bwd", loss: str = "siglip"
 _GROUP_M = 8
 
 
+def _caps(cfg: dict) -> dict:
+    """The launch's register cap (cfg["maxnreg"], ptxas .maxnreg) where a config sets one: a cap of 128 registers
+    per thread fits two 8-warp programs on an SM (65536 registers), so that one's epilogue can run beside the other's
+    matmul."""
+    return {"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}
+
+
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -441,7 +448,7 @@ def _launch_rows(x, y, scale, bias, loss, diag_offset, splits, col_out, pos=None
         col_out.stride(1) if cols else 0, col_out.stride(0) if cols else 0, diag_offset, cols_per_split,
         LOSS=_LOSSES[loss], COLS=cols, FLATTEN=bool(cfg.get("FLATTEN", False)), BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_K=cfg["BLOCK_K"],
-        IEEE=x.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        IEEE=x.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_caps(cfg))
     return out
 
 
@@ -545,7 +552,7 @@ def loss_grad_logits(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias
         g.stride(0), store_cols, diag_offset,
         LOSS=_LOSSES[loss], WITH_LOSS=with_loss, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=cfg["BLOCK_K"],
         GROUP_M=_GROUP_M, PERSISTENT=persistent, IEEE=x.dtype == torch.float32, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"])
+        num_stages=cfg["num_stages"], **_caps(cfg))
     # rows: sum(dL/dz), sum(dL/dz * x.y), the loss terms (WITH_LOSS; else not written). A slice, not an index
     # list: a list index would copy it to the device and wait for the kernel (a sync per chunk)
     return partial[:3 if with_loss else 2].sum(1)
@@ -609,7 +616,8 @@ def _configs() -> list[registry.Shipped]:
                                   **({"GROUP_M": _GROUP_M, "PERSISTENT": cfg["PERSISTENT"]} if kernel == "bwd"
                                      else {"FLATTEN": cfg["FLATTEN"]}),
                                   "IEEE": dtype == torch.float32}
-                    key = (kernel, tname, tuple(sorted(constexprs.items())), cfg["num_warps"], cfg["num_stages"])
+                    key = (kernel, tname, tuple(sorted(constexprs.items())), cfg["num_warps"], cfg["num_stages"],
+                           cfg.get("maxnreg"))
                     if key in seen:
                         seen[key]["label"] += f",{d}"
                         continue
@@ -627,7 +635,8 @@ def _configs() -> list[registry.Shipped]:
         extra = {"aligned": aligned} if "aligned" in _SHIPPED_FIELDS else {}
         rows.append(registry.Shipped(kernel_name=f"contrastive_{row['kernel']}_kernel", label=row["label"],
                                      signature=sig, constexprs=row["constexprs"], num_warps=row["cfg"]["num_warps"],
-                                     num_stages=row["cfg"]["num_stages"], **extra))
+                                     num_stages=row["cfg"]["num_stages"], maxnreg=row["cfg"].get("maxnreg"),
+                                     **extra))
     return rows
 
 

@@ -29,6 +29,7 @@ class Shipped:
     num_warps: int = 4
     num_stages: int = 2
     warp_specialize: bool = False  # asked for through tl.range(..., warp_specialize=True)
+    maxnreg: int | None = None  # the launch's register cap per thread (ptxas .maxnreg), where the launcher sets one
     # Arguments the launch specialises as divisible by 16 (Triton does so at run time for 16-byte-aligned
     # pointers and for ints that are multiples of 16); None means every pointer argument and no int.
     aligned: tuple[str, ...] | None = None

@@ -168,10 +168,15 @@ def broken_row() -> Shipped:
                    num_warps=1, num_stages=1, fn=broken_kernel)
 
 
+def capped_row() -> Shipped:
+    """The clean kernel launched with a register cap (ptxas .maxnreg) below what it takes uncapped (168)."""
+    return dataclasses.replace(clean_row(), label="fp16-BM64-BN64-BK32-w4-s2-r96", maxnreg=96)
+
+
 def rows() -> list[Shipped]:
     """Every fixture row, as `kernel_report.py --rows tests.kernels_for_report:rows` reads them."""
     return [clean_row(), spilling_row(), warp_specialized_row(), clean_row("bf16", warp_specialize=True), hmma_row(),
-            broken_row()]
+            broken_row(), capped_row()]
 
 
 def clean_rows() -> list[Shipped]:

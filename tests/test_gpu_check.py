@@ -195,8 +195,9 @@ def test_loss_sweep_runs_every_candidate(tmp_path, monkeypatch):
     assert [r["error"] for r in rows if "error" in r] == []
     assert rows[0]["provider"] == "ours[pinned]" and rows[-1]["provider"] == "ours[pinned again]"
     labels = list(dict.fromkeys(r["provider"] for r in rows))
-    assert len(labels) == 7 and all(label.startswith("ours[grad ") for label in labels[1:-1])
+    assert len(labels) == 8 and all(label.startswith("ours[grad ") for label in labels[1:-1])
     assert sum(label.endswith(" flat]") for label in labels) == 1
+    assert labels[1] == "ours[grad 128x64x64 w8 s4 r128]"  # the register cap, launched (the interpreter ignores it)
     for label in labels:
         got = sorted((r["shape"]["loss"], r["mode"]) for r in rows if r["provider"] == label)
         assert got == [("clip", "full"), ("siglip", "full")]
@@ -225,6 +226,7 @@ def test_loss_sweep_patches_only_the_gradient_kernels(monkeypatch):
             if kernel.startswith("bwd"):
                 assert f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg['num_warps']} " \
                        f"s{cfg['num_stages']}" in label
+                assert (f" r{cfg.get('maxnreg')}" in label) == bool(cfg.get("maxnreg")), label
             else:
                 assert cfg == pinned[kernel], (label, kernel)
 

@@ -153,6 +153,13 @@ def test_clean_kernel_passes_and_uses_hgmma(compiled):
     assert row["blocks_per_sm"] == kr.blocks_per_sm(row["regs"], row["num_warps"], row["shared_bytes"])[0] > 0
 
 
+def test_register_cap_reaches_ptxas(compiled):
+    """A row's maxnreg (the launch's register cap) is compiled with it: the report reads what the launch runs."""
+    capped, clean = _row(compiled, fixtures.capped_row()), _row(compiled, fixtures.clean_row())
+    assert capped["error"] is None and clean["error"] is None
+    assert capped["regs"] <= 96 < clean["regs"]
+
+
 def test_hmma_fallback_is_a_warning_not_a_failure(compiled):
     row = _row(compiled, fixtures.hmma_row())
     assert row["mma"] == "HMMA"
