@@ -19,6 +19,12 @@ FLOPs (fineviti.model.flops, recomputation excluded) against the device's dense 
     python benchmarks/bench_train.py --quick                 # base and large, ours and torch (the GPU check)
     python benchmarks/bench_train.py --preset large --provider ours --budget 32768 --steps 20
     python benchmarks/bench_train.py --quick --device cpu    # the debug model, a smoke test of this script
+    python benchmarks/bench_train.py --profile --preset base --provider ours --provider torch   # GPU only
+
+--profile: where one step's time goes, per provider (benchmark "train_profile"): the GPU time per step of each
+kernel family (our Triton kernels, matmuls, torch's eager elementwise and reductions, Inductor's fused kernels,
+the rest), the heaviest kernels, and the host's wall time per step beside the kernels' sum (well above it: the
+host's launches set the pace).
 """
 
 from __future__ import annotations
@@ -117,11 +123,72 @@ def run_case(rec, preset_name: str, provider: str, budget: int, steps: int, warm
                    tokens_per_s=tokens / seconds, mfu=tflops / peak if peak else None)
 
 
+# Kernel families by name (first match wins): which part of the stack a kernel of a profiled step comes from.
+FAMILIES = (
+    ("ours (Triton)", ("_attn_", "contrastive_", "rope_2d")),
+    ("inductor (fused)", ("triton_poi_", "triton_red_", "triton_per_", "triton_tem_")),
+    ("matmul", ("gemm", "xmma", "cutlass", "cublas", "nvjet", "sm90_", "sm80_", "wgmma")),
+    ("attention (torch)", ("flash", "fmha", "cudnn", "attention")),
+    ("optimizer", ("adam", "multi_tensor")),
+    ("elementwise / reduce (eager)", ("elementwise", "reduce", "vectorized", "unrolled", "at::native", "cat",
+                                      "copy", "fill", "index", "scatter", "gather", "cumsum", "softmax", "norm")),
+)
+
+
+def family(kernel: str) -> str:
+    name = kernel.lower()
+    for label, keys in FAMILIES:
+        if any(key in name for key in keys):
+            return label
+    return "other"
+
+
+def profile_case(rec, preset_name: str, provider: str, budget: int, device: torch.device, steps: int = 3):
+    """Rows of benchmark "train_profile" for one provider: "PROVIDER: FAMILY" (GPU ms per step of that kernel
+    family, share of the kernels' sum), "PROVIDER: kernel NAME" for the eight heaviest kernels, and "PROVIDER:
+    wall" (host wall ms per step, kernels_ms the kernels' sum, launches the kernel count per step)."""
+    from benchmarks.common import gpu_kernel_times
+
+    cfg, model, optimizer = build(preset_name, provider, device)
+    batch = make_batch(cfg, budget, device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def step():
+        with autocast:
+            loss = model(batch)["loss"]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    shape = {"preset": preset_name, "patch_tokens": sum(batch.seqlens), "images": batch.n_images,
+             "ac": cfg.parallel.activation_checkpointing}
+    per_kernel, wall_ms = gpu_kernel_times(step, steps=steps, warmup=2, wall_repeats=2)
+    total = sum(per_kernel.values())
+    families: dict[str, float] = {}
+    for name, ms in per_kernel.items():
+        families[family(name)] = families.get(family(name), 0.0) + ms
+    for label, ms in sorted(families.items(), key=lambda kv: -kv[1]):
+        rec.add(provider=f"{provider}: {label}", mode="train", shape=shape, dtype="bf16", timing={"median_ms": ms},
+                share=ms / total if total else None)
+    for name, ms in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:8]:
+        rec.add(provider=f"{provider}: kernel {name[:60]}", mode="train", shape=shape, dtype="bf16",
+                timing={"median_ms": ms}, share=ms / total if total else None, family=family(name))
+    rec.add(provider=f"{provider}: wall", mode="train", shape=shape, dtype="bf16", timing={"median_ms": wall_ms},
+            kernels_ms=total)
+    print(f"train_profile {preset_name} {provider}: {total:.1f} ms of GPU kernels per step over {len(per_kernel)} "
+          f"kernel names, {wall_ms:.1f} ms wall; "
+          + ", ".join(f"{label} {ms:.1f}" for label, ms in sorted(families.items(), key=lambda kv: -kv[1])),
+          flush=True)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="base and large at a 16k budget, both providers")
     parser.add_argument("--preset", default="base", help="training preset (base, large, fine, tiny, debug)")
-    parser.add_argument("--provider", default="all", choices=(*PROVIDERS, "all"))
+    parser.add_argument("--provider", action="append", choices=(*PROVIDERS, "all"),
+                        help="repeatable (default: all)")
+    parser.add_argument("--profile", action="store_true",
+                        help="GPU time per kernel family and the host's wall time per step (GPU only)")
     parser.add_argument("--budget", type=int, default=16384, help="patch tokens per step")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps (compilation, autotuning)")
@@ -130,10 +197,22 @@ def main(argv=None) -> int:
     from benchmarks.common import Recorder
 
     device = torch.device(args.device)
+    providers = PROVIDERS if not args.provider or "all" in args.provider else tuple(args.provider)
+    if args.profile:
+        if device.type != "cuda":
+            parser.error("--profile needs a GPU")
+        rec = Recorder("train_profile")
+        for provider in providers:
+            try:
+                profile_case(rec, args.preset, provider, args.budget, device)
+            except Exception as exc:  # noqa: BLE001 (one failing provider must not hide the others' rows)
+                rec.error(provider=provider, mode="train", shape={"preset": args.preset, "patch_tokens": args.budget},
+                          dtype="bf16", error=f"{type(exc).__name__}: {exc}")
+            torch.cuda.empty_cache()
+        return 0
     rec = Recorder("train")
     cases = (QUICK if device.type == "cuda" else QUICK_CPU) if args.quick else [(args.preset, args.budget)]
     steps, warmup = (5, 2) if args.quick else (args.steps, args.warmup)
-    providers = PROVIDERS if args.provider == "all" else (args.provider,)
     for preset_name, budget in cases:
         results = {}
         for provider in providers:

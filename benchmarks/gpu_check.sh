@@ -92,6 +92,9 @@ section attention_sweep_tma 120 "$PY" benchmarks/bench_attention.py --sweep --sh
 section bench_contrastive 90 "$PY" benchmarks/bench_contrastive.py --quick
 section contrastive_sweep 90 "$PY" benchmarks/bench_contrastive.py --sweep-configs --n 16384 --d 768
 section bench_train 150 "$PY" benchmarks/bench_train.py --quick
+# Where our eager step loses to compiled torch (0.45x on the H200): GPU time per kernel family against the host's
+# wall time per step, ours and torch, the base preset.
+section train_profile 90 "$PY" benchmarks/bench_train.py --profile --preset base --provider ours --provider torch
 section contrastive_profile 60 "$PY" benchmarks/bench_contrastive.py --profile --n 16384 --d 768
 # Split mode "masked" became the default for 80 and 96 after that run; the probe checks it again and still tries
 # the two-piece kernels (72 always runs them, padded to 128).

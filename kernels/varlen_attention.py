@@ -10,7 +10,8 @@ power-of-two pieces, each with its own tl.dot (80 = 64 + 16, 96 = 64 + 32, 72 = 
 which on a GPU the ops layer pads to the next power of two for now (those kernels fault with triton 3.6, see
 benchmarks/NOTES-attention.md). The backward recomputes the probabilities from the saved fp32 log-sum-exp. dk and
 dv are written without atomics; dq either by a second kernel per query block (deterministic) or by fp32 atomic
-adds from the dk/dv kernel, element-wise or one bulk tensor reduction per tile (dq_mode). The pure-torch reference lives in fineviti/ops/attention.py.
+adds from the dk/dv kernel, element-wise or one bulk tensor reduction per tile (dq_mode). The pure-torch reference
+lives in fineviti/ops/attention.py.
 """
 
 from __future__ import annotations

@@ -369,6 +369,46 @@ def test_attention_sweep_of_a_dq_variant_at_64(tmp_path, monkeypatch, kind):
     assert os.environ["FINEVITI_ATTN_DQ"] == "separate" and f"FINEVITI_ATTN_{kind.upper()}_CONFIG" not in os.environ
 
 
+def test_train_profile_needs_a_gpu(capsys):
+    import bench_train
+
+    with pytest.raises(SystemExit):
+        bench_train.main(["--device", "cpu", "--profile"])
+    assert "--profile needs a GPU" in capsys.readouterr().err
+
+
+def test_train_profile_rows(tmp_path, monkeypatch):
+    """bench_train --profile's rows (the profiler needs a GPU: its timings are stubbed, the step is real, on the
+    debug model on the CPU): one row per kernel family with its share, the heaviest kernels with their family, and a
+    wall row carrying the kernels' sum."""
+    import bench_train
+    from common import Recorder
+
+    import benchmarks.common
+
+    steps = []
+
+    def fake_times(step, steps_=3, **kwargs):
+        step()
+        steps.append(1)
+        return {"_attn_fwd": 2.0, "_attn_bwd_dkdv": 3.0, "sm90_xmma_gemm_bf16": 4.0, "triton_poi_fused_mul_0": 0.5,
+                "void at::native::vectorized_elementwise_kernel<4, mul>": 0.5, "mystery": 1.0}, 15.0
+
+    monkeypatch.setattr(benchmarks.common, "gpu_kernel_times", fake_times)
+    rec = Recorder("train_profile", path=str(tmp_path / "rows.jsonl"))
+    bench_train.profile_case(rec, "debug", "ours", 256, torch.device("cpu"))
+    assert steps == [1]
+    by = {r["provider"]: r for r in rec.rows}
+    assert by["ours: ours (Triton)"]["median_ms"] == pytest.approx(5.0)
+    assert by["ours: ours (Triton)"]["share"] == pytest.approx(5.0 / 11.0)
+    assert by["ours: matmul"]["median_ms"] == 4.0 and by["ours: other"]["median_ms"] == 1.0
+    assert by["ours: inductor (fused)"]["median_ms"] == 0.5
+    assert by["ours: elementwise / reduce (eager)"]["median_ms"] == 0.5
+    assert rec.rows[0]["provider"] == "ours: ours (Triton)"  # families first, heaviest first
+    assert by["ours: kernel sm90_xmma_gemm_bf16"]["family"] == "matmul"
+    assert by["ours: wall"]["median_ms"] == 15.0 and by["ours: wall"]["kernels_ms"] == pytest.approx(11.0)
+
+
 def test_attention_profile_needs_a_gpu(capsys):
     import bench_attention
 
