@@ -58,6 +58,9 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 # Kernels
 # ----------------------------------------------------------------------------------------------------------------
 
+_LOG2E = tl.constexpr(1.4426950408889634)  # the kernels work in log2 units: exp(x) = exp2(x * log2 e)
+_LN2 = tl.constexpr(0.6931471805599453)  # back to natural units: log(x) = log2(x) * ln 2
+
 
 @triton.jit
 def _locate(block_cu, n_seqs, pid):
@@ -240,7 +243,7 @@ def _attn_fwd(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc_a = tl.zeros([BLOCK_M, DIM_A], dtype=tl.float32)
     acc_b = tl.zeros([BLOCK_M, DIM_B if DIM_B > 0 else 16], dtype=tl.float32) if DIM_B > 0 else 0.0
-    qk_scale = softmax_scale * 1.4426950408889634
+    qk_scale = softmax_scale * _LOG2E
 
     n_full = (seqlen_k // BLOCK_N) * BLOCK_N
     for start_n in tl.range(0, n_full, BLOCK_N):
@@ -259,7 +262,7 @@ def _attn_fwd(
     if DIM_B > 0:
         _store_tile(OUT, (acc_b * inv_l[:, None]).to(OUT.dtype.element_ty), tok, row_ok, stride_o_tok, DIM_A, DIM_B,
                     HEAD_DIM)
-    lse = tl.where(has_keys, (m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453,
+    lse = tl.where(has_keys, (m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0))) * _LN2,
                    float("-inf"))
     tl.store(LSE + head * stride_lse_head + tok, lse, mask=row_ok)
 
@@ -284,7 +287,7 @@ def _attn_bwd_preprocess(
     row = head * stride_delta_head + tok
     tl.store(DELTA + row, delta, mask=tok < total)
     # the backward kernels take the log-sum-exp in log2 units: converted here, once, not per key block
-    tl.store(LSE2 + row, tl.load(LSE + row, mask=tok < total) * 1.4426950408889634, mask=tok < total)
+    tl.store(LSE2 + row, tl.load(LSE + row, mask=tok < total) * _LOG2E, mask=tok < total)
 
 
 @triton.jit
@@ -411,7 +414,7 @@ def _attn_bwd_dkdv(
     dv_a = tl.zeros([BLOCK_N, DIM_A], dtype=tl.float32)
     dk_b = tl.zeros([BLOCK_N, DIM_B if DIM_B > 0 else 16], dtype=tl.float32)
     dv_b = tl.zeros([BLOCK_N, DIM_B if DIM_B > 0 else 16], dtype=tl.float32)
-    qk_scale = softmax_scale * 1.4426950408889634
+    qk_scale = softmax_scale * _LOG2E
 
     m_full = (seqlen_q // BLOCK_M) * BLOCK_M
     for start_m in tl.range(0, m_full, BLOCK_M):
@@ -521,7 +524,7 @@ def _attn_bwd_dq(
     delta = tl.load(DELTA + head * stride_lse_head + tok, mask=row_ok, other=0.0)
     dq_a = tl.zeros([BLOCK_M, DIM_A], dtype=tl.float32)
     dq_b = tl.zeros([BLOCK_M, DIM_B if DIM_B > 0 else 16], dtype=tl.float32)
-    qk_scale = softmax_scale * 1.4426950408889634
+    qk_scale = softmax_scale * _LOG2E
 
     n_full = (seqlen_k // BLOCK_N) * BLOCK_N
     for start_n in tl.range(0, n_full, BLOCK_N):

@@ -276,7 +276,7 @@ def test_tma_dq_block_past_the_end_adds_only_zeros():
     block_cu, programs = kernels.block_schedule(cu, cfg.block_n, q.shape[0], max(lens), lens)
     delta = (out.float() * do.float()).sum(-1).T.contiguous()
     kernels._attn_bwd_dkdv[(programs, 1)](
-        q, k, v, do, zeros.clone(), zeros.clone(), dq_acc, desc, (lse * 1.4426950408889634).contiguous(), delta,
+        q, k, v, do, zeros.clone(), zeros.clone(), dq_acc, desc, (lse * math.log2(math.e)).contiguous(), delta,
         cu, cu, block_cu, 1, *kernels._common_strides(q, k, v, do, zeros, zeros), *kernels._common_strides(dq_acc),
         lse.stride(0), 0.125, HEAD_DIM=64, DIM_A=64, DIM_B=0, PRECISION="tf32", ALIGN=8, BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, ATOMIC_DQ=True, TMA_DQ=True)
