@@ -4,12 +4,12 @@ model built from torch's own pieces and torch.compile, in the same run.
 
 Providers:
   ours          the model as the trainer runs it by default: our Triton varlen attention, fused QKV split + 2D
-                RoPE, Triton SigLIP, the rest eager
+                RoPE, Triton RMSNorm, Triton SigLIP, the rest eager
   ours_compile  the same with the trainer's `parallel.compile` (torch.compile per block, our kernels as opaque
                 custom ops in the graphs): the norms, SwiGLU and residuals fused by Inductor, as in `torch`
   torch         the same modules with torch's attention (torch.nn.attention.varlen where this torch has it, else
-         FlexAttention with a document mask), the plain-torch RoPE and the chunked torch loss, every block
-         compiled (torch.compile)
+         FlexAttention with a document mask), the plain-torch RoPE and RMSNorm and the chunked torch loss, every
+         block compiled (torch.compile)
 A step runs under bf16 autocast with fused AdamW and the preset's activation checkpointing. The batch: images
 of random native-resolution patch grids (sides 8..64 patches, multiples of 2) packed to `--budget` patch tokens
 plus one 64-token caption per image; the same batch every step, so shapes are static. TFLOP/s and MFU count model
@@ -62,6 +62,7 @@ def build(preset_name: str, provider: str, device: torch.device):
         cfg.model.attn_backend = torch_attention_backend() if device.type == "cuda" else "torch"
         cfg.model.rope_backend = "torch"
         cfg.model.loss_backend = "chunked"
+        cfg.model.norm_backend = "torch"
     torch.manual_seed(0)
     model = FineViT(cfg.model).to(device)
     parallel.apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing,

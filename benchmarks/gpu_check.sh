@@ -112,7 +112,7 @@ if [ -n "${GPU_CHECK_SECTIONS:-}" ]; then
     --sweep-kind dkdv --sweep-kind dq
 fi
 # The other benchmarks last: the 2026-11-27 files already hold their rows.
-for bench in rope data; do
+for bench in rope data norm; do
   [ -f "benchmarks/bench_$bench.py" ] && section "bench_$bench" 90 "$PY" "benchmarks/bench_$bench.py" --quick
 done
 wait "$report_pid"

@@ -14,6 +14,16 @@ import os
 import torch
 
 
+def env_backend(variable: str, backends: tuple[str, ...], what: str) -> str | None:
+    """The backend named by environment `variable` ("" or "auto": None), checked against `backends`."""
+    value = os.environ.get(variable, "")
+    if value in ("", "auto"):
+        return None
+    if value not in backends:
+        raise ValueError(f"{variable}={value!r} is not a {what} backend; expected one of {backends}")
+    return value
+
+
 def value_checks_enabled(tensor: torch.Tensor, check_values: bool | None = None) -> bool:
     """Whether to check the values of `tensor`: always on the CPU, opt-in on an accelerator; by default not while
     torch.compile traces (a host read of a value would break the graph; check_values=True still asks for it)."""

@@ -26,7 +26,7 @@ from torch import nn
 from fineviti import _checks
 from fineviti.model import config as config_mod
 from fineviti.model.config import AlignerConfig, BuiltinLMConfig
-from fineviti.model.layers import RMSNorm, SwiGLU, init_transformer, rope_1d, rope_1d_cos_sin
+from fineviti.model.layers import RMSNorm, SwiGLU, init_transformer, rope_1d, rope_1d_cos_sin, set_norm_backend
 from fineviti.model.vision import VisionTower
 
 IGNORE_INDEX = -100
@@ -233,6 +233,7 @@ class Aligner(nn.Module):
         self.merger = PatchMerger(width, cfg.merger_hidden or 4 * width, merger_out, cfg.vision.norm_eps)
         self.projector = Projector(merger_out, lm.hidden_size)
         self.placeholder_id = cfg.placeholder_id if cfg.placeholder_id >= 0 else lm.vocab_size
+        set_norm_backend(self, cfg.norm_backend)
         self.set_grad_checkpointing(cfg.grad_checkpointing)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:

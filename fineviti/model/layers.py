@@ -11,23 +11,34 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from fineviti.ops import norm as norm_ops
 from fineviti.ops.attention import varlen_attention
 from fineviti.ops.rope import rotate_half
 
 
 class RMSNorm(nn.Module):
     """RMSNorm computed in fp32, returned in the input's dtype (bf16 activations under autocast keep an fp32
-    statistic)."""
+    statistic): fineviti.ops.rms_norm with `backend` ("auto": the fused Triton kernels on a GPU, the plain torch
+    expression on a CPU; set_norm_backend sets it for a whole model)."""
 
-    def __init__(self, width: int, eps: float = 1e-6):
+    def __init__(self, width: int, eps: float = 1e-6, backend: str = "auto"):
         super().__init__()
         self.eps = eps
+        self.backend = backend
         self.weight = nn.Parameter(torch.ones(width))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        return norm_ops.rms_norm(x, self.weight, self.eps, backend=self.backend)
+
+
+def set_norm_backend(model: nn.Module, backend: str) -> int:
+    """Set the rms_norm backend of every RMSNorm in `model`; returns how many there are."""
+    if backend not in norm_ops.BACKENDS:
+        raise ValueError(f"norm backend must be one of {norm_ops.BACKENDS}, got {backend!r}")
+    norms = [m for m in model.modules() if isinstance(m, RMSNorm)]
+    for m in norms:
+        m.backend = backend
+    return len(norms)
 
 
 class SwiGLU(nn.Module):

@@ -18,6 +18,7 @@ from torch import nn
 
 from fineviti.model import config as config_mod
 from fineviti.model.config import ModelConfig
+from fineviti.model.layers import set_norm_backend
 from fineviti.model.text import TextTower
 from fineviti.model.vision import VisionTower
 
@@ -34,6 +35,7 @@ class FineViT(nn.Module):
         self.text = TextTower(cfg.text, cfg.embed_dim, cfg.attn_backend, cfg.grad_checkpointing)
         self.logit_scale = nn.Parameter(torch.empty(()))
         self.logit_bias = nn.Parameter(torch.empty(())) if cfg.loss == "siglip" else None
+        set_norm_backend(self, cfg.norm_backend)
         self._init_logits()
 
     def _init_logits(self) -> None:

@@ -17,6 +17,8 @@ _WHERE = {
     "siglip_loss_ref": "contrastive",
     "clip_loss": "contrastive",
     "clip_loss_ref": "contrastive",
+    "rms_norm": "norm",
+    "rms_norm_ref": "norm",
 }
 
 __all__ = sorted(_WHERE)

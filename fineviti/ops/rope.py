@@ -95,12 +95,7 @@ def check_positions(pos: torch.Tensor) -> None:
 
 
 def _env_backend() -> str | None:
-    value = os.environ.get(BACKEND_ENV, "")
-    if value in ("", "auto"):
-        return None
-    if value not in BACKENDS:
-        raise ValueError(f"{BACKEND_ENV}={value!r} is not a rope backend; expected one of {BACKENDS}")
-    return value
+    return _checks.env_backend(BACKEND_ENV, BACKENDS, "rope")
 
 
 def _cpp_ops_available() -> bool:

@@ -1,0 +1,138 @@
+"""RMSNorm over the last dim, fused: y = x * rsqrt(mean(x^2) + eps) * weight, computed in fp32 (fp64 for fp64 x)
+and returned in x's dtype, as the towers' norms compute it (Llama's RMSNorm with the statistic in fp32).
+
+Backends: "triton" (kernels/rmsnorm.py: one read of x and one write of y forward; one read of x and dy and one write
+of dx backward, dweight from per-program partial sums) and "torch" (the reference, `rms_norm_ref`, whose eager
+autograd makes several passes over an fp32 copy of x). "auto": triton on CUDA, torch on a CPU;
+FINEVITI_NORM_BACKEND overrides it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from fineviti import _checks
+
+BACKENDS = ("auto", "triton", "torch")
+BACKEND_ENV = "FINEVITI_NORM_BACKEND"
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Plain torch: (x * rsqrt(mean(x^2, -1) + eps)) * weight in fp32 (fp64 for fp64 x), returned in x's dtype."""
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xf = x.to(compute)
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * weight.to(compute)).to(x.dtype)
+
+
+def _env_backend() -> str | None:
+    return _checks.env_backend(BACKEND_ENV, BACKENDS, "norm")
+
+
+def resolve_backend(backend: str, x: torch.Tensor) -> str:
+    """The backend "auto" means for `x` (FINEVITI_NORM_BACKEND overrides it); checks an explicit one."""
+    if backend not in BACKENDS:
+        raise ValueError(f"rms_norm: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = _env_backend() or ("triton" if x.device.type == "cuda" else "torch")
+        if backend == "triton" and (x.dtype not in _TRITON_DTYPES or x.shape[-1] > _max_width()):
+            return "torch"  # fp64, or rows wider than the kernel holds in registers: the reference
+    if backend == "triton":
+        if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+            raise ValueError(f"rms_norm: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {x.device}")
+        if x.dtype not in _TRITON_DTYPES:
+            raise TypeError(f"rms_norm: backend='triton' takes float32, float16 or bfloat16 x, got {x.dtype}")
+        if x.shape[-1] > _max_width():
+            raise ValueError(f"rms_norm: backend='triton' normalises rows of up to {_max_width()} features, got "
+                             f"x.shape[-1]={x.shape[-1]}; use backend='torch'")
+    return backend
+
+
+def _max_width() -> int:
+    from fineviti.kernels import rmsnorm
+
+    return rmsnorm.MAX_WIDTH
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
+    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        raise TypeError(f"rms_norm: x and weight must be tensors, got {type(x).__name__} and {type(weight).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"rms_norm: x must be a floating-point tensor, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] < 1:
+        raise ValueError(f"rms_norm: x must have a last dim of at least 1 feature, got shape {tuple(x.shape)}")
+    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"rms_norm: weight must have shape ({x.shape[-1]},) (x's last dim), got "
+                         f"{tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise TypeError(f"rms_norm: weight must be a floating-point tensor, got {weight.dtype}")
+    if weight.device != x.device:
+        raise ValueError(f"rms_norm: weight is on {weight.device} but x is on {x.device}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"rms_norm: eps must be a finite number >= 0, got {eps!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Triton ops (torch.library custom ops with fake implementations, so torch.compile traces through them)
+
+
+@torch.library.custom_op("fineviti::rms_norm_triton", mutates_args=())
+def _rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    from fineviti.kernels import rmsnorm
+
+    return rmsnorm.forward(x, weight, eps)
+
+
+@_rms_norm_triton.register_fake
+def _(x, weight, eps):
+    return torch.empty_like(x), x.new_empty((x.shape[0],), dtype=torch.float32)
+
+
+@torch.library.custom_op("fineviti::rms_norm_triton_bwd", mutates_args=())
+def _rms_norm_triton_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                         rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from fineviti.kernels import rmsnorm
+
+    return rmsnorm.backward(dy if dy.stride(-1) == 1 else dy.contiguous(), x, weight, rstd)
+
+
+@_rms_norm_triton_bwd.register_fake
+def _(dy, x, weight, rstd):
+    return torch.empty_like(x), torch.empty_like(weight)
+
+
+class _RMSNormTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x2d, weight, eps):
+        y, rstd = torch.ops.fineviti.rms_norm_triton(x2d, weight, eps)
+        ctx.save_for_backward(x2d, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2d, weight, rstd = ctx.saved_tensors
+        dx, dw = torch.ops.fineviti.rms_norm_triton_bwd(dy, x2d, weight, rstd)
+        return dx, (dw if ctx.needs_input_grad[1] else None), None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, backend: str = "auto") -> torch.Tensor:
+    """RMSNorm of x over its last dim: (x * rsqrt(mean(x^2) + eps)) * weight, in fp32, returned in x's dtype.
+
+    x: (..., width) float; weight: (width,) float on x's device (its gradient comes back in its own dtype); eps a
+    finite number >= 0. backend: "auto" (triton on CUDA for float32/float16/bfloat16 and widths up to 8192, else
+    torch; FINEVITI_NORM_BACKEND overrides it), "triton" or "torch". Under autocast x keeps its dtype (the norm runs
+    in fp32 inside either way).
+    """
+    _check(x, weight, eps)
+    backend = resolve_backend(backend, x)
+    if backend == "torch":
+        return rms_norm_ref(x, weight, eps)
+    width = x.shape[-1]
+    x2d = x.reshape(-1, width)
+    if x2d.stride(-1) != 1:
+        x2d = x2d.contiguous()
+    return _RMSNormTriton.apply(x2d, weight, float(eps)).view(x.shape)
