@@ -126,7 +126,7 @@ def run_case(rec, preset_name: str, provider: str, budget: int, steps: int, warm
 
 # Kernel families by name (first match wins): which part of the stack a kernel of a profiled step comes from.
 FAMILIES = (
-    ("ours (Triton)", ("_attn_", "contrastive_", "rope_2d")),
+    ("ours (Triton)", ("_attn_", "contrastive_", "rope_2d", "rmsnorm_")),
     ("inductor (fused)", ("triton_poi_", "triton_red_", "triton_per_", "triton_tem_")),
     ("matmul", ("gemm", "xmma", "cutlass", "cublas", "nvjet", "sm90_", "sm80_", "wgmma")),
     ("attention (torch)", ("flash", "fmha", "cudnn", "attention")),

@@ -407,7 +407,8 @@ def test_train_profile_rows(tmp_path, monkeypatch):
     def fake_times(step, steps_=3, **kwargs):
         step()
         steps.append(1)
-        return {"_attn_fwd": 2.0, "_attn_bwd_dkdv": 3.0, "sm90_xmma_gemm_bf16": 4.0, "triton_poi_fused_mul_0": 0.5,
+        return {"_attn_fwd": 1.5, "rmsnorm_fwd_kernel": 0.5, "_attn_bwd_dkdv": 3.0, "sm90_xmma_gemm_bf16": 4.0,
+                "triton_poi_fused_mul_0": 0.5,
                 "void at::native::vectorized_elementwise_kernel<4, mul>": 0.5, "mystery": 1.0}, 15.0
 
     monkeypatch.setattr(benchmarks.common, "gpu_kernel_times", fake_times)
