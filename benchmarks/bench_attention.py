@@ -187,8 +187,9 @@ SWEEP = {  # candidate configurations (BLOCK_M, BLOCK_N, warps, stages) per laun
     # dkdv_atomic: d128's winner first (M64N128 w8 s3), then d64's pin and the tiles that do not spill at d64
     "dkdv_atomic": [(64, 128, 8, 3), (64, 64, 4, 2), (64, 128, 8, 2), (64, 64, 8, 2), (32, 64, 4, 3),
                     (32, 128, 8, 2), (64, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2)],
-    # dkdv_tma: the atomic dq's tiles with one bulk tensor reduction per tile (FINEVITI_ATTN_DQ=tma), which frees
-    # registers (d64 w4: 226 against 255 on triton 3.6); kernel report, triton 3.6: none of these spills at d64, at
+    # dkdv_tma: the atomic dq's tiles with one bulk tensor reduction per tile (FINEVITI_ATTN_DQ=tma), which shortens
+    # the hot loop (d64 w4: 462 against 493 instructions on triton 3.6); kernel report, triton 3.6: none of these
+    # spills at d64, at
     # d128 the first four spill 60-88 bytes and M64N64 w8 none (M64N128 w4 spilled 1300-3700 bytes and M128N64 w8
     # overflowed shared memory at d128: left out)
     "dkdv_tma": [(64, 128, 8, 3), (64, 64, 4, 2), (64, 128, 8, 2), (64, 64, 4, 3), (64, 64, 8, 2), (32, 64, 4, 3)],

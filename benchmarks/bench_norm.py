@@ -2,8 +2,9 @@
 (rms_norm_ref: fp32 statistic), torch's own F.rms_norm where this torch has it, and torch.compile of the reference.
 
 Rows are GB/s of the bytes a fused norm must move: forward x read and y written (x's dtype) and the fp32 row
-statistic; forward + backward adds x and dy read and dx written. Modes: fwd, full (forward and backward of
-y.sum-like upstream gradients). Inputs are bf16 activations with an fp32 weight, as under autocast in the towers.
+statistic; forward + backward adds x and dy read and dx written. Modes: fwd, full (forward and backward, random
+upstream gradients). Inputs are bf16 activations with an fp32 weight, as under autocast in the towers; rows carry
+peak memory on a GPU.
 
     python benchmarks/bench_norm.py --quick     # a fixed small set (part of the GPU check)
     python benchmarks/bench_norm.py --rows 65536 --width 1024 --provider ours --mode full

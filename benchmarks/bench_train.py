@@ -5,8 +5,9 @@ model built from torch's own pieces and torch.compile, in the same run.
 Providers:
   ours          the model as the trainer runs it by default: our Triton varlen attention, fused QKV split + 2D
                 RoPE, Triton RMSNorm, Triton SigLIP, the rest eager
-  ours_compile  the same with the trainer's `parallel.compile` (torch.compile per block, our kernels as opaque
-                custom ops in the graphs): the norms, SwiGLU and residuals fused by Inductor, as in `torch`
+  ours_compile  the same with the trainer's `parallel.compile` (torch.compile per block, our attention, RoPE and
+                loss as opaque custom ops in the graphs): the norms (their "auto" backend is the plain expression
+                under compile), SwiGLU and residuals fused by Inductor, as in `torch`
   torch         the same modules with torch's attention (torch.nn.attention.varlen where this torch has it, else
          FlexAttention with a document mask), the plain-torch RoPE and RMSNorm and the chunked torch loss, every
          block compiled (torch.compile)
@@ -128,8 +129,9 @@ def run_case(rec, preset_name: str, provider: str, budget: int, steps: int, warm
 FAMILIES = (
     ("ours (Triton)", ("_attn_", "contrastive_", "rope_2d", "rmsnorm_")),
     ("inductor (fused)", ("triton_poi_", "triton_red_", "triton_per_", "triton_tem_")),
+    # before matmul: FlashAttention's kernels name cutlass types, cuDNN's SDPA kernels sm90
+    ("attention (torch)", ("flash", "fmha", "cudnn", "sdpa", "attention")),
     ("matmul", ("gemm", "xmma", "cutlass", "cublas", "nvjet", "sm90_", "sm80_", "wgmma")),
-    ("attention (torch)", ("flash", "fmha", "cudnn", "attention")),
     ("optimizer", ("adam", "multi_tensor")),
     ("elementwise / reduce (eager)", ("elementwise", "reduce", "vectorized", "unrolled", "at::native", "cat",
                                       "copy", "fill", "index", "scatter", "gather", "cumsum", "softmax", "norm")),

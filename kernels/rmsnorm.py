@@ -3,7 +3,7 @@
 Each program of the forward normalises BLOCK_R rows held whole in registers (BLOCK_W = the width rounded up to a
 power of two, the columns past it masked): one read of x, one write of y in x's dtype, the math in fp32, and the
 reciprocal root of each row kept (fp32) for the backward. The backward runs a persistent grid (a few programs per
-SM, each looping over row blocks): dx = rstd * (g - x_hat * mean(g * x_hat)) with g = dy * weight and
+SM, each looping over row blocks: one wave): dx = rstd * (g - x_hat * mean(g * x_hat)) with g = dy * weight and
 x_hat = x * rstd, in one read of x and dy and one write of dx, and each program's share of dweight = sum(dy * x_hat)
 over its rows in an fp32 partial row that the caller sums. The eager torch expression this replaces
 (fineviti.ops.norm.rms_norm_ref) makes about six passes over an fp32 copy of x forward and more backward.
@@ -131,7 +131,10 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     if rows == 0:
         return dx, torch.zeros_like(weight)
     cfg = config(width)
-    programs = min(triton.cdiv(rows, cfg["BLOCK_R"]), 4 * _sm_count(x.device))
+    # as many programs as fit on the GPU at once (kernel report, sm_90: 144-216 registers, so 3 per SM up to width
+    # 2048, 2 at 4096, 1 at 8192): one wave, each program looping over its share of the row blocks
+    per_sm = 3 if cfg["BLOCK_W"] <= 2048 else (2 if cfg["BLOCK_W"] <= 4096 else 1)
+    programs = min(triton.cdiv(rows, cfg["BLOCK_R"]), per_sm * _sm_count(x.device))
     partial = torch.empty((programs, width), dtype=torch.float32, device=x.device)
     rmsnorm_bwd_kernel[(programs,)](
         dy, x, weight, rstd, dx, partial, rows, width, dy.stride(0), x.stride(0), dx.stride(0),

@@ -333,9 +333,12 @@ def _dkdv_step(dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, key_ok, Q, DO, LSE, D
         # the softmax scale is applied once, when the buffer is converted, not per tile
         ds = tl.trans(ds_t)
         dq_a = tl.dot(ds, k_a, input_precision=PRECISION)
-        if TMA_DQ:  # one bulk reduction of the whole tile (cp.reduce.async.bulk.tensor); the rows past the
-            # sequence are zeros (p_t was masked), so adding them into the next sequence's rows changes nothing, and
-            # the tensor's bounds clip the rows past `total` and the columns past head_dim
+        if TMA_DQ:  # one bulk reduction of the whole tile (cp.reduce.async.bulk.tensor): its rows past the
+            # sequence land in the next sequence's rows, so they are set to exact zeros (their ds is 0 already, but
+            # 0 * k is NaN where k is not finite); the tensor's bounds clip the rows past `total` and the columns
+            # past head_dim
+            if MASK_M:
+                dq_a = tl.where(row_ok[:, None], dq_a, 0.0)
             DQ_DESC.atomic_add([q_start + start_m, head32, 0], tl.reshape(dq_a, [BLOCK_M, 1, DIM_A]))
         else:
             _atomic_add_tile(DQ_ACC, dq_a, tok, row_ok, stride_dqa_tok, 0, DIM_A, HEAD_DIM, MASK_M)
@@ -805,10 +808,11 @@ DQ_MODES = ("atomic", "separate", "tma")
 # the additions not fixed). "separate": a second kernel per query block recomputes the scores and dP (7 matmuls,
 # bit-reproducible). "tma" (opt-in, not yet timed): the atomic dq with each tile's share added by one bulk tensor
 # reduction (cp.reduce.async.bulk.tensor, FlashAttention-3's way) instead of one atomic per element: kernel report,
-# triton 3.6, hot loop 493 -> 462 instructions at d64 (M64N64 w4 s2, 255 -> 226 registers) and 673 -> 592 at d128
-# (M64N128 w8 s3, spills 76 -> 60 bytes); one tile of head_dim columns, so two pieces (72) keep the element-wise
-# atomics. DEFAULT_DQ_MODE applies where atomic_dq_preferred holds; FINEVITI_ATTN_DQ=atomic|separate|tma overrides
-# it wherever atomic_dq_supported holds (experiments and the GPU check's sweeps).
+# triton 3.6, hot loop 493 -> 462 instructions at d64 (M64N64 w4 s2, 255 -> 250 registers) and 673 -> 592 at d128
+# (M64N128 w8 s3, spills 76 -> 60 bytes); one tile of head_dim columns, so two pieces (80 or 96 in split mode
+# "pieces") keep the element-wise atomics. DEFAULT_DQ_MODE applies where atomic_dq_preferred holds;
+# FINEVITI_ATTN_DQ=atomic|separate|tma overrides it wherever atomic_dq_supported holds (experiments and the GPU
+# check's sweeps).
 DEFAULT_DQ_MODE = "atomic"
 
 
@@ -879,6 +883,8 @@ def attention_backward(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, max_seql
     dim_a, dim_b = split_head_dim(head_dim, q.dtype, mode)
     longest = max(max_seqlen_q, max_seqlen_k)
     dq_how = dq_mode(deterministic, head_dim, q.dtype, longest, mode)
+    if dq_how == "tma" and total_q == 0:
+        dq_how = "atomic"  # no query rows: nothing to add, and a descriptor needs a non-empty tensor
     atomic = dq_how in ("atomic", "tma")
     dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic else lse
     dq = None if atomic else torch.empty_like(q)

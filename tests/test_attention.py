@@ -262,27 +262,47 @@ def test_tma_dq_matches_reference(monkeypatch, head_dim, lens):
     assert kernels.pick_config("dkdv_tma", head_dim, torch.float16, 4096) == kernels.Config(64, 128, 8, 2)
 
 
-def test_tma_dq_block_past_the_end_adds_only_zeros():
-    """The tile of the last query block reaches past its sequence into rows that belong to the next one: poison
-    those rows' gradient buffer with a value and check that the kernel leaves it exactly there (adds +0.0)."""
-    lens = [3, 61]  # one 64-row query block for the first sequence covers 61 rows of the second
-    q, k, v, cu = make_pack(lens, 1, 64, torch.float16, requires_grad=False)
+@pytest.mark.parametrize("lens_k", [[3, 61], [5, 40]])  # self-attention, and keys of other lengths
+@pytest.mark.parametrize("infinite_key", [False, True])
+def test_tma_dq_block_past_the_end_adds_only_zeros(lens_k, infinite_key):
+    """The tile of a sequence's last query block reaches past it into rows that belong to the next sequence: run
+    the first sequence only, and check that the second's rows of the dq buffer stay exact zeros, also when a key of
+    the first is infinite (its dq is then not finite, and 0 * inf would carry NaN into the neighbour)."""
+    lens_q = [3, 61]  # one 64-row query block for the first sequence covers 61 rows of the second
+    q, _, _, cu = make_pack(lens_q, 1, 64, torch.float16, requires_grad=False)
+    _, k, v, cu_k = make_pack(lens_k, 1, 64, torch.float16, requires_grad=False)
+    if infinite_key:
+        k[1, 0, 5] = float("inf")
     do = torch.randn_like(q)
-    out, lse = kernels.attention_forward(q, k, v, cu, cu, max(lens), max(lens), 0.125)[:2]
-    dq_acc = torch.full(q.shape, 7.0)
-    zeros = torch.zeros_like(q)
-    cfg = kernels.pick_config("dkdv_tma", 64, q.dtype, max(lens))
+    out, lse = kernels.attention_forward(q, k, v, cu, cu_k, max(lens_q), max(lens_k), 0.125)[:2]
+    dq_acc = torch.zeros(q.shape)
+    zeros = torch.zeros_like(k)
+    cfg = kernels.pick_config("dkdv_tma", 64, q.dtype, max(lens_q))
     desc = kernels.TensorDescriptor(dq_acc, list(dq_acc.shape), list(dq_acc.stride()), [cfg.block_m, 1, 64])
-    block_cu, programs = kernels.block_schedule(cu, cfg.block_n, q.shape[0], max(lens), lens)
+    block_cu, programs = kernels.block_schedule(cu_k, cfg.block_n, k.shape[0], max(lens_k), lens_k)
     delta = (out.float() * do.float()).sum(-1).T.contiguous()
     kernels._attn_bwd_dkdv[(programs, 1)](
         q, k, v, do, zeros.clone(), zeros.clone(), dq_acc, desc, (lse * math.log2(math.e)).contiguous(), delta,
-        cu, cu, block_cu, 1, *kernels._common_strides(q, k, v, do, zeros, zeros), *kernels._common_strides(dq_acc),
+        cu, cu_k, block_cu, 1, *kernels._common_strides(q, k, v, do, zeros, zeros), *kernels._common_strides(dq_acc),
         lse.stride(0), 0.125, HEAD_DIM=64, DIM_A=64, DIM_B=0, PRECISION="tf32", ALIGN=8, BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, ATOMIC_DQ=True, TMA_DQ=True)
-    # only the first sequence ran (n_seqs = 1): the second's rows were in its block's box and must be untouched
-    assert torch.equal(dq_acc[3:], torch.full_like(dq_acc[3:], 7.0))
-    assert not torch.equal(dq_acc[:3], torch.full_like(dq_acc[:3], 7.0))
+    # only the first sequence ran (n_seqs = 1): the second's rows were in its block's box and must hold zeros
+    assert torch.equal(dq_acc[3:], torch.zeros_like(dq_acc[3:]))
+    assert (dq_acc[:3] != 0).any()
+    assert torch.isfinite(dq_acc[:3]).all() != infinite_key
+
+
+def test_tma_dq_without_query_tokens(monkeypatch):
+    """No query tokens (cross-attention from empty query sequences): the tma mode takes the element-wise atomics
+    (a descriptor needs a non-empty tensor); dk and dv are zeros, dq empty."""
+    monkeypatch.setenv("FINEVITI_ATTN_DQ", "tma")
+    q = torch.zeros(0, 1, 64, dtype=torch.float16, requires_grad=True)
+    _, k, v, cu_k = make_pack([100, 80], 1, 64, torch.float16)
+    cu_q = torch.zeros(3, dtype=torch.int32)
+    out = varlen_attention(q, k, v, cu_q, 0, cu_seqlens_k=cu_k, max_seqlen_k=100, backend="triton")
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.ones_like(out), allow_unused=True)
+    assert dq.shape == (0, 1, 64)
+    assert torch.equal(dk, torch.zeros_like(dk)) and torch.equal(dv, torch.zeros_like(dv))
 
 
 def test_i32_token_offsets_only_where_they_fit():

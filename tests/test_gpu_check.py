@@ -409,7 +409,9 @@ def test_train_profile_rows(tmp_path, monkeypatch):
         steps.append(1)
         return {"_attn_fwd": 1.5, "rmsnorm_fwd_kernel": 0.5, "_attn_bwd_dkdv": 3.0, "sm90_xmma_gemm_bf16": 4.0,
                 "triton_poi_fused_mul_0": 0.5,
-                "void at::native::vectorized_elementwise_kernel<4, mul>": 0.5, "mystery": 1.0}, 15.0
+                "void at::native::vectorized_elementwise_kernel<4, mul>": 0.5, "mystery": 1.0,
+                "void pytorch_flash::flash_bwd_dq_dk_dv_loop_kernel<cutlass::bfloat16_t, 128>": 2.0,
+                "cudnn_generated_fort_native_sdpa_sm90_flash_fprop": 1.0}, 18.0
 
     monkeypatch.setattr(benchmarks.common, "gpu_kernel_times", fake_times)
     rec = Recorder("train_profile", path=str(tmp_path / "rows.jsonl"))
@@ -417,13 +419,14 @@ def test_train_profile_rows(tmp_path, monkeypatch):
     assert steps == [1]
     by = {r["provider"]: r for r in rec.rows}
     assert by["ours: ours (Triton)"]["median_ms"] == pytest.approx(5.0)
-    assert by["ours: ours (Triton)"]["share"] == pytest.approx(5.0 / 11.0)
+    assert by["ours: ours (Triton)"]["share"] == pytest.approx(5.0 / 14.0)
+    assert by["ours: attention (torch)"]["median_ms"] == pytest.approx(3.0)  # not matmul, for all their cutlass
     assert by["ours: matmul"]["median_ms"] == 4.0 and by["ours: other"]["median_ms"] == 1.0
     assert by["ours: inductor (fused)"]["median_ms"] == 0.5
     assert by["ours: elementwise / reduce (eager)"]["median_ms"] == 0.5
     assert rec.rows[0]["provider"] == "ours: ours (Triton)"  # families first, heaviest first
     assert by["ours: kernel sm90_xmma_gemm_bf16"]["family"] == "matmul"
-    assert by["ours: wall"]["median_ms"] == 15.0 and by["ours: wall"]["kernels_ms"] == pytest.approx(11.0)
+    assert by["ours: wall"]["median_ms"] == 18.0 and by["ours: wall"]["kernels_ms"] == pytest.approx(14.0)
 
 
 def test_attention_profile_needs_a_gpu(capsys):

@@ -13,20 +13,22 @@ DEVICE = "cuda" if CUDA else "cpu"
 
 
 def _grads(fn, x, weight, dy):
-    x = x.detach().clone().requires_grad_()
-    weight = weight.detach().clone().requires_grad_()
+    x = x.detach().requires_grad_()  # detach, not clone: a strided view stays strided
+    weight = weight.detach().requires_grad_()
     y = fn(x, weight)
     dx, dw = torch.autograd.grad(y, (x, weight), dy)
     return y, dx, dw
 
 
-def check_against_reference(shape, dtype, backend="triton", eps=1e-6, x=None, atol=None, sync_free=False):
+def check_against_reference(shape, dtype, backend="triton", eps=1e-6, x=None, weight=None, dy=None, atol=None,
+                            sync_free=False):
     """Ours and the same-dtype reference against fp64: err <= 2 * err(reference in dtype) + atol, for y, dx, dw.
-    sync_free: ours runs under torch.cuda.set_sync_debug_mode("error") (no launch may wait for the device)."""
+    x, weight, dy: given (strided ones too) or random. sync_free: ours runs under
+    torch.cuda.set_sync_debug_mode("error") (no launch may wait for the device)."""
     width = shape[-1]
     x = x if x is not None else torch.randn(shape, device=DEVICE, dtype=torch.float32).to(dtype)
-    weight = 1 + 0.5 * torch.randn(width, device=DEVICE)
-    dy = torch.randn(x.shape, device=DEVICE, dtype=torch.float32).to(dtype)
+    weight = weight if weight is not None else 1 + 0.5 * torch.randn(width, device=DEVICE)
+    dy = dy if dy is not None else torch.randn(x.shape, device=DEVICE, dtype=torch.float32).to(dtype)
     if sync_free:
         torch.cuda.set_sync_debug_mode("error")
     try:
@@ -36,6 +38,8 @@ def check_against_reference(shape, dtype, backend="triton", eps=1e-6, x=None, at
             torch.cuda.set_sync_debug_mode(0)
     same = _grads(lambda a, w: rms_norm_ref(a, w, eps), x, weight, dy)
     exact = _grads(lambda a, w: rms_norm_ref(a, w, eps), x.double(), weight.double(), dy.double())
+    if x.stride(-1) == 1 and x.dim() == 2:
+        assert ours[0].shape == x.shape
     atol = atol if atol is not None else (1e-5 if dtype == torch.float32 else 2e-3)
     for name, a, s, e in zip(("y", "dx", "dweight"), ours, same, exact, strict=True):
         assert a.dtype == s.dtype and a.shape == s.shape, name
@@ -80,13 +84,37 @@ def test_empty_rows():
     assert dx.shape == (0, 64) and torch.equal(dw, torch.zeros(64))
 
 
-def test_strided_rows_read_only_their_features():
-    """x a column slice of a NaN-filled buffer (row stride > width): any read past the width would bring NaN."""
+def test_strided_rows_read_only_their_features(monkeypatch):
+    """x a column slice of a NaN-filled buffer (row stride 90 > width 80) reaches the kernel as it is: any read
+    past the width would bring NaN."""
     base = torch.full((33, 90), float("nan"))
     base[:, :80] = torch.randn(33, 80)
     x = base[:, :80]
-    assert x.stride() == (90, 1)
+    strides = []
+    forward = kernels.forward
+    monkeypatch.setattr(kernels, "forward", lambda x2d, *args: strides.append(x2d.stride()) or forward(x2d, *args))
     check_against_reference((33, 80), torch.float32, x=x)
+    assert strides == [(90, 1)]
+
+
+def test_strided_weight_x_and_upstream_gradient():
+    """A weight with stride 2, x with a non-unit last stride and a transposed dy: copied where the kernels need
+    it, the same results as contiguous inputs (a strided weight read as contiguous was wrong by 7 in y)."""
+    weight = (1 + 0.5 * torch.randn(128))[::2]
+    x = torch.randn(64, 9).t()  # (9, 64), strides (1, 9)
+    dy = torch.randn(64, 9).t()
+    assert weight.stride() == (2,) and x.stride(-1) != 1 and dy.stride(-1) != 1
+    check_against_reference((9, 64), torch.float32, x=x, weight=weight, dy=dy)
+
+
+def test_custom_ops_pass_opcheck():
+    """torch.library.opcheck: the fake implementations agree with the real ops (shapes, dtypes, strides), and the
+    ops are registered as torch.compile and AOT autograd need."""
+    x = torch.randn(5, 48)
+    weight = torch.randn(48)
+    y, rstd = torch.ops.fineviti.rms_norm_triton(x, weight, 1e-6)
+    torch.library.opcheck(torch.ops.fineviti.rms_norm_triton, (x, weight, 1e-6))
+    torch.library.opcheck(torch.ops.fineviti.rms_norm_triton_bwd, (torch.randn_like(y), x, weight, rstd))
 
 
 def test_zero_rows_and_eps():
@@ -143,6 +171,9 @@ def test_auto_rule_and_environment(monkeypatch):
     assert norm.resolve_backend("auto", x) == "triton"
     assert norm.resolve_backend("auto", x.double()) == "torch"  # what the kernel does not take: the reference
     assert norm.resolve_backend("torch", x) == "torch"  # an explicit backend wins over the environment
+    assert norm.auto_backend("cuda", compiling=False) == "triton"
+    assert norm.auto_backend("cuda", compiling=True) == "torch"  # the plain expression, which Inductor fuses
+    assert norm.auto_backend("cpu", compiling=False) == "torch"
     monkeypatch.setenv("FINEVITI_NORM_BACKEND", "fast")
     with pytest.raises(ValueError, match="FINEVITI_NORM_BACKEND='fast' is not a norm backend"):
         norm.resolve_backend("auto", x)

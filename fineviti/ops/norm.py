@@ -3,8 +3,8 @@ and returned in x's dtype, as the towers' norms compute it (Llama's RMSNorm with
 
 Backends: "triton" (kernels/rmsnorm.py: one read of x and one write of y forward; one read of x and dy and one write
 of dx backward, dweight from per-program partial sums) and "torch" (the reference, `rms_norm_ref`, whose eager
-autograd makes several passes over an fp32 copy of x). "auto": triton on CUDA, torch on a CPU;
-FINEVITI_NORM_BACKEND overrides it.
+autograd makes several passes over an fp32 copy of x). "auto": triton on CUDA, torch on a CPU and under
+torch.compile (Inductor fuses the expression itself); FINEVITI_NORM_BACKEND overrides it.
 """
 
 from __future__ import annotations
@@ -33,12 +33,19 @@ def _env_backend() -> str | None:
     return _checks.env_backend(BACKEND_ENV, BACKENDS, "norm")
 
 
+def auto_backend(device_type: str, compiling: bool) -> str:
+    """The rule behind "auto": triton on CUDA; torch on a CPU, and while torch.compile traces (Inductor makes one
+    fused kernel of the plain expression and of the residual add beside it, where our custom op would stay an
+    opaque call between its graphs)."""
+    return "triton" if device_type == "cuda" and not compiling else "torch"
+
+
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
     """The backend "auto" means for `x` (FINEVITI_NORM_BACKEND overrides it); checks an explicit one."""
     if backend not in BACKENDS:
         raise ValueError(f"rms_norm: backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        backend = _env_backend() or ("triton" if x.device.type == "cuda" else "torch")
+        backend = _env_backend() or auto_backend(x.device.type, torch.compiler.is_compiling())
         if backend == "triton" and (x.dtype not in _TRITON_DTYPES or x.shape[-1] > _max_width()):
             return "torch"  # fp64, or rows wider than the kernel holds in registers: the reference
     if backend == "triton":
@@ -80,11 +87,16 @@ def _check(x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
 # Triton ops (torch.library custom ops with fake implementations, so torch.compile traces through them)
 
 
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    """The kernels index rows by a stride and features by position: a unit last stride, copied only if needed."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 @torch.library.custom_op("fineviti::rms_norm_triton", mutates_args=())
 def _rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     from fineviti.kernels import rmsnorm
 
-    return rmsnorm.forward(x, weight, eps)
+    return rmsnorm.forward(_unit_last(x), weight.contiguous(), eps)
 
 
 @_rms_norm_triton.register_fake
@@ -97,7 +109,7 @@ def _rms_norm_triton_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
                          rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     from fineviti.kernels import rmsnorm
 
-    return rmsnorm.backward(dy if dy.stride(-1) == 1 else dy.contiguous(), x, weight, rstd)
+    return rmsnorm.backward(_unit_last(dy), _unit_last(x), weight.contiguous(), rstd.contiguous())
 
 
 @_rms_norm_triton_bwd.register_fake
@@ -123,16 +135,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, backen
     """RMSNorm of x over its last dim: (x * rsqrt(mean(x^2) + eps)) * weight, in fp32, returned in x's dtype.
 
     x: (..., width) float; weight: (width,) float on x's device (its gradient comes back in its own dtype); eps a
-    finite number >= 0. backend: "auto" (triton on CUDA for float32/float16/bfloat16 and widths up to 8192, else
-    torch; FINEVITI_NORM_BACKEND overrides it), "triton" or "torch". Under autocast x keeps its dtype (the norm runs
-    in fp32 inside either way).
+    finite number >= 0; x and weight may be strided (copied where the kernels need a unit last stride or a
+    contiguous weight). backend: "auto" (triton on CUDA for float32/float16/bfloat16 and widths up to 8192, torch
+    on a CPU and while torch.compile traces; FINEVITI_NORM_BACKEND overrides it), "triton" or "torch". Under
+    autocast x keeps its dtype (the norm runs in fp32 inside either way).
     """
     _check(x, weight, eps)
     backend = resolve_backend(backend, x)
     if backend == "torch":
         return rms_norm_ref(x, weight, eps)
-    width = x.shape[-1]
-    x2d = x.reshape(-1, width)
-    if x2d.stride(-1) != 1:
-        x2d = x2d.contiguous()
+    x2d = _unit_last(x.reshape(-1, x.shape[-1]))
     return _RMSNormTriton.apply(x2d, weight, float(eps)).view(x.shape)
