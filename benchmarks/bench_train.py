@@ -4,13 +4,13 @@ model built from torch's own pieces and torch.compile, in the same run.
 
 Providers:
   ours          the model as the trainer runs it by default: our Triton varlen attention, fused QKV split + 2D
-                RoPE, Triton RMSNorm, Triton SigLIP, the rest eager
+                RoPE, Triton RMSNorm and SwiGLU gate, Triton SigLIP, the rest eager
   ours_compile  the same with the trainer's `parallel.compile` (torch.compile per block, our attention, RoPE and
-                loss as opaque custom ops in the graphs): the norms (their "auto" backend is the plain expression
-                under compile), SwiGLU and residuals fused by Inductor, as in `torch`
+                loss as opaque custom ops in the graphs): the norms, SwiGLU and residuals fused by Inductor, as
+                in `torch` (the norm and SwiGLU ops' "auto" backend is the plain expression under compile)
   torch         the same modules with torch's attention (torch.nn.attention.varlen where this torch has it, else
-         FlexAttention with a document mask), the plain-torch RoPE and RMSNorm and the chunked torch loss, every
-         block compiled (torch.compile)
+         FlexAttention with a document mask), the plain-torch RoPE, RMSNorm and SwiGLU and the chunked torch
+         loss, every block compiled (torch.compile)
 A step runs under bf16 autocast with fused AdamW and the preset's activation checkpointing. The batch: images
 of random native-resolution patch grids (sides 8..64 patches, multiples of 2) packed to `--budget` patch tokens
 plus one 64-token caption per image; the same batch every step, so shapes are static. TFLOP/s and MFU count model
@@ -63,7 +63,7 @@ def build(preset_name: str, provider: str, device: torch.device):
         cfg.model.attn_backend = torch_attention_backend() if device.type == "cuda" else "torch"
         cfg.model.rope_backend = "torch"
         cfg.model.loss_backend = "chunked"
-        cfg.model.norm_backend = "torch"
+        cfg.model.norm_backend = cfg.model.swiglu_backend = "torch"
     torch.manual_seed(0)
     model = FineViT(cfg.model).to(device)
     parallel.apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing,
@@ -127,7 +127,7 @@ def run_case(rec, preset_name: str, provider: str, budget: int, steps: int, warm
 
 # Kernel families by name (first match wins): which part of the stack a kernel of a profiled step comes from.
 FAMILIES = (
-    ("ours (Triton)", ("_attn_", "contrastive_", "rope_2d", "rmsnorm_")),
+    ("ours (Triton)", ("_attn_", "contrastive_", "rope_2d", "rmsnorm_", "swiglu_")),
     ("inductor (fused)", ("triton_poi_", "triton_red_", "triton_per_", "triton_tem_")),
     # before matmul: FlashAttention's kernels name cutlass types, cuDNN's SDPA kernels sm90
     ("attention (torch)", ("flash", "fmha", "cudnn", "sdpa", "attention")),

@@ -95,8 +95,9 @@ section bench_train 150 "$PY" benchmarks/bench_train.py --quick
 # Where our eager step loses to compiled torch (0.45x on the H200): GPU time per kernel family against the host's
 # wall time per step, ours and torch, the base preset.
 section train_profile 90 "$PY" benchmarks/bench_train.py --profile --preset base --provider ours --provider torch
-# The towers' RMSNorm runs on our fused kernels by default on a GPU since the eighth session, untimed before this.
-section bench_norm 60 "$PY" benchmarks/bench_norm.py --quick
+# The towers' RMSNorm and SwiGLU gate run on our fused kernels by default on a GPU since the eighth session,
+# untimed before this.
+section bench_fused 75 "$PY" benchmarks/bench_fused.py --quick
 section contrastive_profile 60 "$PY" benchmarks/bench_contrastive.py --profile --n 16384 --d 768
 # Split mode "masked" became the default for 80 and 96 after that run; the probe checks it again and still tries
 # the two-piece kernels (72 always runs them, padded to 128).

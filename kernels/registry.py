@@ -57,6 +57,16 @@ def declare(name: str, fn: object, configs: Callable[[], list[Shipped]]) -> None
     _REGISTRY[name] = Declared(name, fn, configs)
 
 
+def elementwise_row(kernel_name: str, label: str, signature: dict[str, str], constexprs: dict[str, object],
+                    num_warps: int, width_arg: str) -> Shipped:
+    """A row of a row-wise elementwise kernel (the fused norm and SwiGLU): one stage, and specialised as the
+    launch does for the shipped widths: the pointers, the row strides and `width_arg` divisible by 16."""
+    aligned = tuple(n for n, t in signature.items() if t.startswith("*") or n == width_arg
+                    or n.startswith("stride_"))
+    return Shipped(kernel_name=kernel_name, label=label, signature=signature, constexprs=constexprs,
+                   num_warps=num_warps, num_stages=1, aligned=aligned)
+
+
 def compile_attrs(row: Shipped) -> dict:
     """`attrs` for triton.compiler.ASTSource that reproduce the run-time specialisation of `row`."""
     names = list(row.signature)

@@ -163,13 +163,9 @@ def _configs() -> list[registry.Shipped]:
                    "rows": "i32", "width": "i32", "stride_dy": "i32", "stride_x": "i32", "stride_dx": "i32",
                    "BLOCK_R": "constexpr", "BLOCK_W": "constexpr"}
             constexprs = {"BLOCK_R": cfg["BLOCK_R"], "BLOCK_W": cfg["BLOCK_W"]}
-            for kernel, signature in (("rmsnorm_fwd_kernel", fwd), ("rmsnorm_bwd_kernel", bwd)):
-                # the launch specialises the pointers, the width and the row strides (multiples of 16 here)
-                aligned = tuple(n for n, t in signature.items() if t.startswith("*") or n == "width"
-                                or n.startswith("stride_"))
-                rows.append(registry.Shipped(kernel_name=kernel, label=f"w{width} {dtype}", signature=signature,
-                                             constexprs=constexprs, num_warps=cfg["num_warps"], num_stages=1,
-                                             aligned=aligned))
+            rows += [registry.elementwise_row(kernel, f"w{width} {dtype}", signature, constexprs,
+                                              cfg["num_warps"], "width")
+                     for kernel, signature in (("rmsnorm_fwd_kernel", fwd), ("rmsnorm_bwd_kernel", bwd))]
     return rows
 
 

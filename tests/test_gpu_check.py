@@ -369,20 +369,23 @@ def test_attention_sweep_of_a_dq_variant_at_64(tmp_path, monkeypatch, kind):
     assert os.environ["FINEVITI_ATTN_DQ"] == "separate" and f"FINEVITI_ATTN_{kind.upper()}_CONFIG" not in os.environ
 
 
-def test_norm_benchmark_rows(tmp_path, monkeypatch):
-    """bench_norm --quick on the CPU (the interpreter runs ours): a row per provider that runs here and mode, with
-    GB/s of the bytes a fused norm moves; torch.compile is left to the GPU."""
-    import bench_norm
+def test_fused_ops_benchmark_rows(tmp_path, monkeypatch):
+    """bench_fused --quick on the CPU (the interpreter runs ours): a row per op, provider that runs here and mode,
+    with GB/s of the bytes the fused op moves; torch.compile is left to the GPU."""
+    import bench_fused
 
     rows_path = tmp_path / "rows.jsonl"
     monkeypatch.setenv("FINEVITI_RESULTS", str(rows_path))
-    bench_norm.main(["--quick"])
+    bench_fused.main(["--quick"])
     rows = [json.loads(line) for line in rows_path.read_text().splitlines()]
     assert [r.get("error") for r in rows] == [None] * len(rows)
-    got = {(r["provider"], r["mode"]) for r in rows}
-    assert got == {(p, m) for p in ("ours", "torch_eager", "torch_fused") for m in ("fwd", "full")}
-    ours = next(r for r in rows if r["provider"] == "ours" and r["mode"] == "fwd")
-    assert ours["gbps"] == pytest.approx((64 * 96 * 2 * 4 + 64 * 4) / (ours["median_ms"] * 1e-3) / 1e9)
+    got = {(r["benchmark"], r["provider"], r["mode"]) for r in rows}
+    assert got == {("rms_norm", p, m) for p in ("ours", "torch_eager", "torch_fused") for m in ("fwd", "full")} | \
+        {("swiglu", p, m) for p in ("ours", "torch_eager") for m in ("fwd", "full")}
+    norm_fwd = next(r for r in rows if r["benchmark"] == "rms_norm" and r["provider"] == "ours" and r["mode"] == "fwd")
+    assert norm_fwd["gbps"] == pytest.approx((64 * 96 * 2 * 4 + 64 * 4) / (norm_fwd["median_ms"] * 1e-3) / 1e9)
+    glu_full = next(r for r in rows if r["benchmark"] == "swiglu" and r["provider"] == "ours" and r["mode"] == "full")
+    assert glu_full["gbps"] == pytest.approx(64 * 96 * 8 * 4 / (glu_full["median_ms"] * 1e-3) / 1e9)
 
 
 def test_train_profile_needs_a_gpu(capsys):

@@ -153,7 +153,7 @@ def test_bad_inputs_name_the_argument(bad, match):
 
 def test_triton_limits_are_errors_and_auto_falls_back(monkeypatch):
     wide = torch.ones(2, kernels.MAX_WIDTH + 1)
-    with pytest.raises(ValueError, match=f"rows of up to {kernels.MAX_WIDTH} features, got x.shape\\[-1\\]="
+    with pytest.raises(ValueError, match=f"takes rows of up to {kernels.MAX_WIDTH} features, got x.shape\\[-1\\]="
                                          f"{kernels.MAX_WIDTH + 1}"):
         rms_norm(wide, torch.ones(wide.shape[-1]), backend="triton")
     with pytest.raises(TypeError, match="float32, float16 or bfloat16 x, got torch.float64"):
@@ -175,7 +175,7 @@ def test_auto_rule_and_environment(monkeypatch):
     assert norm.auto_backend("cuda", compiling=True) == "torch"  # the plain expression, which Inductor fuses
     assert norm.auto_backend("cpu", compiling=False) == "torch"
     monkeypatch.setenv("FINEVITI_NORM_BACKEND", "fast")
-    with pytest.raises(ValueError, match="FINEVITI_NORM_BACKEND='fast' is not a norm backend"):
+    with pytest.raises(ValueError, match="FINEVITI_NORM_BACKEND='fast' is not a rms_norm backend"):
         norm.resolve_backend("auto", x)
 
 

@@ -26,7 +26,15 @@ from torch import nn
 from fineviti import _checks
 from fineviti.model import config as config_mod
 from fineviti.model.config import AlignerConfig, BuiltinLMConfig
-from fineviti.model.layers import RMSNorm, SwiGLU, init_transformer, rope_1d, rope_1d_cos_sin, set_norm_backend
+from fineviti.model.layers import (
+    RMSNorm,
+    SwiGLU,
+    init_transformer,
+    rope_1d,
+    rope_1d_cos_sin,
+    set_norm_backend,
+    set_swiglu_backend,
+)
 from fineviti.model.vision import VisionTower
 
 IGNORE_INDEX = -100
@@ -234,6 +242,7 @@ class Aligner(nn.Module):
         self.projector = Projector(merger_out, lm.hidden_size)
         self.placeholder_id = cfg.placeholder_id if cfg.placeholder_id >= 0 else lm.vocab_size
         set_norm_backend(self, cfg.norm_backend)
+        set_swiglu_backend(self, cfg.swiglu_backend)
         self.set_grad_checkpointing(cfg.grad_checkpointing)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:

@@ -112,6 +112,7 @@ class ModelConfig:
     rope_backend: str = "auto"  # fineviti.ops.rope_2d backend
     loss_backend: str = "auto"  # fineviti.ops.siglip_loss / clip_loss backend
     norm_backend: str = "auto"  # fineviti.ops.rms_norm backend of every RMSNorm
+    swiglu_backend: str = "auto"  # fineviti.ops.swiglu backend of every SwiGLU
     grad_checkpointing: bool = False  # recompute each block in the backward (torch.utils.checkpoint)
     name: str = "custom"
 
@@ -127,7 +128,7 @@ class ModelConfig:
         _positive(self, "embed_dim")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
-        _norm_backend(self.norm_backend)
+        _fused_backends(self)
         self.vision.validate()
         self.text.validate()
 
@@ -182,11 +183,12 @@ class AlignerConfig:
     attn_backend: str = "auto"
     rope_backend: str = "auto"
     norm_backend: str = "auto"
+    swiglu_backend: str = "auto"
     grad_checkpointing: bool = False
     name: str = "custom"
 
     def validate(self) -> None:
-        _norm_backend(self.norm_backend)
+        _fused_backends(self)
         self.vision.validate()
         if self.vision.merge != 2:
             raise ValueError(f"the stage-2 merger groups 2x2 tokens: vision.merge must be 2, got {self.vision.merge}")
@@ -194,11 +196,12 @@ class AlignerConfig:
             self.builtin_lm.validate()
 
 
-def _norm_backend(backend: str) -> None:
-    from fineviti.ops.norm import BACKENDS
+def _fused_backends(cfg) -> None:
+    from fineviti.ops._fused import BACKENDS
 
-    if backend not in BACKENDS:
-        raise ValueError(f"norm_backend must be one of {BACKENDS}, got {backend!r}")
+    for name in ("norm_backend", "swiglu_backend"):
+        if getattr(cfg, name) not in BACKENDS:
+            raise ValueError(f"{name} must be one of {BACKENDS}, got {getattr(cfg, name)!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -254,7 +257,7 @@ def aligner_config(model: ModelConfig | str = "tiny", **overrides: Any) -> Align
     model = preset(model) if isinstance(model, str) else model
     cfg = AlignerConfig(vision=dataclasses.replace(model.vision), embed_dim=model.embed_dim,
                         attn_backend=model.attn_backend, rope_backend=model.rope_backend,
-                        norm_backend=model.norm_backend,
+                        norm_backend=model.norm_backend, swiglu_backend=model.swiglu_backend,
                         grad_checkpointing=model.grad_checkpointing, name=model.name)
     return apply_overrides(cfg, overrides)
 

@@ -7,10 +7,10 @@ import math
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from fineviti.ops import glu as swiglu_ops
 from fineviti.ops import norm as norm_ops
 from fineviti.ops.attention import varlen_attention
 from fineviti.ops.rope import rotate_half
@@ -31,27 +31,38 @@ class RMSNorm(nn.Module):
         return norm_ops.rms_norm(x, self.weight, self.eps, backend=self.backend)
 
 
+def _set_backend(model: nn.Module, cls: type, backend: str, backends: tuple[str, ...], what: str) -> int:
+    if backend not in backends:
+        raise ValueError(f"{what} backend must be one of {backends}, got {backend!r}")
+    found = [m for m in model.modules() if isinstance(m, cls)]
+    for m in found:
+        m.backend = backend
+    return len(found)
+
+
 def set_norm_backend(model: nn.Module, backend: str) -> int:
     """Set the rms_norm backend of every RMSNorm in `model`; returns how many there are."""
-    if backend not in norm_ops.BACKENDS:
-        raise ValueError(f"norm backend must be one of {norm_ops.BACKENDS}, got {backend!r}")
-    norms = [m for m in model.modules() if isinstance(m, RMSNorm)]
-    for m in norms:
-        m.backend = backend
-    return len(norms)
+    return _set_backend(model, RMSNorm, backend, norm_ops.BACKENDS, "norm")
+
+
+def set_swiglu_backend(model: nn.Module, backend: str) -> int:
+    """Set the swiglu backend of every SwiGLU in `model`; returns how many there are."""
+    return _set_backend(model, SwiGLU, backend, swiglu_ops.BACKENDS, "swiglu")
 
 
 class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x)) with gate and up in one Linear (no biases)."""
+    """down(silu(gate(x)) * up(x)) with gate and up in one Linear (no biases); the gate is fineviti.ops.swiglu with
+    `backend` ("auto": the fused Triton kernels on a GPU, the plain torch expression on a CPU and under compile;
+    set_swiglu_backend sets it for a whole model)."""
 
-    def __init__(self, width: int, hidden: int):
+    def __init__(self, width: int, hidden: int, backend: str = "auto"):
         super().__init__()
+        self.backend = backend
         self.gate_up = nn.Linear(width, 2 * hidden, bias=False)
         self.down = nn.Linear(hidden, width, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        return self.down(swiglu_ops.swiglu(self.gate_up(x), backend=self.backend))
 
 
 class Packed:

@@ -18,7 +18,7 @@ from torch import nn
 
 from fineviti.model import config as config_mod
 from fineviti.model.config import ModelConfig
-from fineviti.model.layers import set_norm_backend
+from fineviti.model.layers import set_norm_backend, set_swiglu_backend
 from fineviti.model.text import TextTower
 from fineviti.model.vision import VisionTower
 
@@ -36,6 +36,7 @@ class FineViT(nn.Module):
         self.logit_scale = nn.Parameter(torch.empty(()))
         self.logit_bias = nn.Parameter(torch.empty(())) if cfg.loss == "siglip" else None
         set_norm_backend(self, cfg.norm_backend)
+        set_swiglu_backend(self, cfg.swiglu_backend)
         self._init_logits()
 
     def _init_logits(self) -> None:

@@ -19,6 +19,8 @@ _WHERE = {
     "clip_loss_ref": "contrastive",
     "rms_norm": "norm",
     "rms_norm_ref": "norm",
+    "swiglu": "glu",
+    "swiglu_ref": "glu",
 }
 
 __all__ = sorted(_WHERE)

@@ -10,15 +10,14 @@ torch.compile (Inductor fuses the expression itself); FINEVITI_NORM_BACKEND over
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
-from fineviti import _checks
+from fineviti.ops import _fused
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = _fused.BACKENDS
 BACKEND_ENV = "FINEVITI_NORM_BACKEND"
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+auto_backend = _fused.auto_backend
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -29,34 +28,9 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> to
     return (y * weight.to(compute)).to(x.dtype)
 
 
-def _env_backend() -> str | None:
-    return _checks.env_backend(BACKEND_ENV, BACKENDS, "norm")
-
-
-def auto_backend(device_type: str, compiling: bool) -> str:
-    """The rule behind "auto": triton on CUDA; torch on a CPU, and while torch.compile traces (Inductor makes one
-    fused kernel of the plain expression and of the residual add beside it, where our custom op would stay an
-    opaque call between its graphs)."""
-    return "triton" if device_type == "cuda" and not compiling else "torch"
-
-
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
     """The backend "auto" means for `x` (FINEVITI_NORM_BACKEND overrides it); checks an explicit one."""
-    if backend not in BACKENDS:
-        raise ValueError(f"rms_norm: backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        backend = _env_backend() or auto_backend(x.device.type, torch.compiler.is_compiling())
-        if backend == "triton" and (x.dtype not in _TRITON_DTYPES or x.shape[-1] > _max_width()):
-            return "torch"  # fp64, or rows wider than the kernel holds in registers: the reference
-    if backend == "triton":
-        if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-            raise ValueError(f"rms_norm: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {x.device}")
-        if x.dtype not in _TRITON_DTYPES:
-            raise TypeError(f"rms_norm: backend='triton' takes float32, float16 or bfloat16 x, got {x.dtype}")
-        if x.shape[-1] > _max_width():
-            raise ValueError(f"rms_norm: backend='triton' normalises rows of up to {_max_width()} features, got "
-                             f"x.shape[-1]={x.shape[-1]}; use backend='torch'")
-    return backend
+    return _fused.resolve("rms_norm", backend, x, BACKEND_ENV, _max_width())
 
 
 def _max_width() -> int:
@@ -86,10 +60,7 @@ def _check(x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Triton ops (torch.library custom ops with fake implementations, so torch.compile traces through them)
 
-
-def _unit_last(t: torch.Tensor) -> torch.Tensor:
-    """The kernels index rows by a stride and features by position: a unit last stride, copied only if needed."""
-    return t if t.stride(-1) == 1 else t.contiguous()
+_unit_last = _fused.unit_last
 
 
 @torch.library.custom_op("fineviti::rms_norm_triton", mutates_args=())
