@@ -374,7 +374,8 @@ def test_triton_backends_match_torch():
     forward and backward, against the torch backends; on the CPU under Triton's interpreter, at a tiny size."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     settings = {"vision": {"width": 64, "depth": 1, "heads": 2, "mlp_hidden": 64}}
-    ref = small_model(**settings).to(device)
+    ref = small_model(norm_backend="torch", swiglu_backend="torch", **settings).to(device)  # the torch paths also
+    # on a GPU, where "auto" means triton
     tri = small_model(attn_backend="triton", rope_backend="triton", norm_backend="triton", swiglu_backend="triton",
                       **settings).to(device)
     tri.load_state_dict(ref.state_dict())

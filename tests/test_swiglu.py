@@ -82,12 +82,14 @@ def test_strided_input_and_upstream_gradient(monkeypatch):
     assert strides == [(150, 1)]
 
 
-def test_empty_rows():
-    gate_up = torch.empty(0, 64, requires_grad=True)
+@pytest.mark.parametrize("shape", [(0, 64), (0, 5, 64), (2, 0, 64), (64,)])
+def test_empty_and_unbatched_shapes(shape):
+    gate_up = torch.randn(shape, requires_grad=True)
     h = swiglu(gate_up, backend="triton")
-    assert h.shape == (0, 32)
-    (dgu,) = torch.autograd.grad(h.sum(), gate_up, allow_unused=True)
-    assert dgu is None or dgu.shape == (0, 64)
+    assert h.shape == (*shape[:-1], 32)
+    (dgu,) = torch.autograd.grad(h, gate_up, torch.ones_like(h))
+    assert dgu.shape == gate_up.shape
+    torch.testing.assert_close(h, swiglu_ref(gate_up))
 
 
 @pytest.mark.parametrize("bad,error,match", [
@@ -111,11 +113,14 @@ def test_backend_rule(monkeypatch):
     assert swiglu_mod.resolve_backend("auto", x.double()) == "torch"  # what the kernels do not take
     with pytest.raises(ValueError, match=r"swiglu: backend must be one of \('auto', 'triton', 'torch'\), got 'x'"):
         swiglu(x, backend="x")
-    with pytest.raises(TypeError, match="backend='triton' takes float32, float16 or bfloat16 x, got torch.float64"):
+    with pytest.raises(TypeError, match="backend='triton' takes a float32, float16 or bfloat16 gate_up, got "
+                                        "gate_up.dtype=torch.float64"):
         swiglu(x.double(), backend="triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(ValueError, match="swiglu: backend='triton' needs CUDA tensors"):
+    with pytest.raises(ValueError, match="swiglu: backend='triton' needs a CUDA gate_up .* got gate_up.device=cpu"):
         swiglu(x, backend="triton")
+    with pytest.raises(ValueError, match="swiglu backend must be one of"):
+        SwiGLU(8, 8, backend="cuda")
 
 
 def test_custom_ops_pass_opcheck_and_trace():
@@ -139,11 +144,15 @@ def test_custom_ops_pass_opcheck_and_trace():
 def test_module_follows_its_backend():
     model = torch.nn.Sequential(SwiGLU(32, 48), torch.nn.ReLU(), SwiGLU(32, 16))
     x = torch.randn(7, 32)
-    assert set_swiglu_backend(model, "triton") == 2
-    out_triton = model(x)
-    set_swiglu_backend(model, "torch")
-    out_torch = model(x)
-    torch.testing.assert_close(out_triton, out_torch, atol=1e-5, rtol=1e-5)
+    results = []
+    for backend in ("triton", "torch"):
+        assert set_swiglu_backend(model, backend) == 2
+        model.zero_grad()
+        out = model(x)
+        out.square().sum().backward()
+        results.append([out] + [p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5 * b.abs().max().item(), rtol=1e-5)
     with pytest.raises(ValueError, match="swiglu backend must be one of"):
         set_swiglu_backend(model, "fast")
 

@@ -23,6 +23,7 @@ class RMSNorm(nn.Module):
 
     def __init__(self, width: int, eps: float = 1e-6, backend: str = "auto"):
         super().__init__()
+        _check_backend(backend, norm_ops.BACKENDS, "norm")
         self.eps = eps
         self.backend = backend
         self.weight = nn.Parameter(torch.ones(width))
@@ -31,9 +32,13 @@ class RMSNorm(nn.Module):
         return norm_ops.rms_norm(x, self.weight, self.eps, backend=self.backend)
 
 
-def _set_backend(model: nn.Module, cls: type, backend: str, backends: tuple[str, ...], what: str) -> int:
+def _check_backend(backend: str, backends: tuple[str, ...], what: str) -> None:
     if backend not in backends:
         raise ValueError(f"{what} backend must be one of {backends}, got {backend!r}")
+
+
+def _set_backend(model: nn.Module, cls: type, backend: str, backends: tuple[str, ...], what: str) -> int:
+    _check_backend(backend, backends, what)
     found = [m for m in model.modules() if isinstance(m, cls)]
     for m in found:
         m.backend = backend
@@ -57,6 +62,7 @@ class SwiGLU(nn.Module):
 
     def __init__(self, width: int, hidden: int, backend: str = "auto"):
         super().__init__()
+        _check_backend(backend, swiglu_ops.BACKENDS, "swiglu")
         self.backend = backend
         self.gate_up = nn.Linear(width, 2 * hidden, bias=False)
         self.down = nn.Linear(hidden, width, bias=False)

@@ -19,9 +19,10 @@ def auto_backend(device_type: str, compiling: bool) -> str:
     return "triton" if device_type == "cuda" and not compiling else "torch"
 
 
-def resolve(op: str, backend: str, x: torch.Tensor, env: str, max_width: int | None = None) -> str:
-    """The backend "auto" means for `x` (environment variable `env` overrides it); checks an explicit one. Where
-    "auto" would pick triton for what the kernels do not take (fp64, rows wider than `max_width`), the reference."""
+def resolve(op: str, backend: str, x: torch.Tensor, env: str, max_width: int | None = None, arg: str = "x") -> str:
+    """The backend "auto" means for input `x` (named `arg` in errors; environment variable `env` overrides it);
+    checks an explicit one. Where "auto" would pick triton for what the kernels do not take (fp64, rows wider than
+    `max_width`), the reference."""
     if backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
     too_wide = max_width is not None and x.shape[-1] > max_width
@@ -32,12 +33,14 @@ def resolve(op: str, backend: str, x: torch.Tensor, env: str, max_width: int | N
             return "torch"
     if backend == "triton":
         if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-            raise ValueError(f"{op}: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {x.device}")
+            raise ValueError(f"{op}: backend='triton' needs a CUDA {arg} (or TRITON_INTERPRET=1), got "
+                             f"{arg}.device={x.device}")
         if x.dtype not in TRITON_DTYPES:
-            raise TypeError(f"{op}: backend='triton' takes float32, float16 or bfloat16 x, got {x.dtype}")
+            raise TypeError(f"{op}: backend='triton' takes a float32, float16 or bfloat16 {arg}, got "
+                            f"{arg}.dtype={x.dtype}")
         if too_wide:
             raise ValueError(f"{op}: backend='triton' takes rows of up to {max_width} features, got "
-                             f"x.shape[-1]={x.shape[-1]}; use backend='torch'")
+                             f"{arg}.shape[-1]={x.shape[-1]}; use backend='torch'")
     return backend
 
 

@@ -25,7 +25,7 @@ def swiglu_ref(gate_up: torch.Tensor) -> torch.Tensor:
 
 def resolve_backend(backend: str, gate_up: torch.Tensor) -> str:
     """The backend "auto" means for `gate_up` (FINEVITI_SWIGLU_BACKEND overrides it); checks an explicit one."""
-    return _fused.resolve("swiglu", backend, gate_up, BACKEND_ENV)
+    return _fused.resolve("swiglu", backend, gate_up, BACKEND_ENV, arg="gate_up")
 
 
 @torch.library.custom_op("fineviti::swiglu_triton", mutates_args=())

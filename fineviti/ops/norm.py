@@ -72,7 +72,7 @@ def _rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple
 
 @_rms_norm_triton.register_fake
 def _(x, weight, eps):
-    return torch.empty_like(x), x.new_empty((x.shape[0],), dtype=torch.float32)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty((x.shape[0],), dtype=torch.float32)
 
 
 @torch.library.custom_op("fineviti::rms_norm_triton_bwd", mutates_args=())
@@ -85,7 +85,7 @@ def _rms_norm_triton_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
 
 @_rms_norm_triton_bwd.register_fake
 def _(dy, x, weight, rstd):
-    return torch.empty_like(x), torch.empty_like(weight)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight)
 
 
 class _RMSNormTriton(torch.autograd.Function):
