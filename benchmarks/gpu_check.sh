@@ -21,10 +21,11 @@
 # (2026-11-28: 545 s reached the loss sweep), so at the default the last sections are skipped and listed as such)
 # bounds the whole script: each section's limit is cut to what is left (30 s kept for the summary) and a section
 # that would get under 20 s is skipped (exit code "skipped"), so the summary is always written inside the device
-# call's timeout. Sections run in order of what is still open: the attention benchmark, correctness, the losses
-# and their tile sweep, the training step (eager, compiled, torch), the loss profile, the split-kernel probe, the
-# rope attention-block rows, then the rope and data benchmarks. A fresh machine takes about 55 s to start and the
-# install 110-130 s; on an H200 (2026-11-28) the default sections of that day took 510 s.
+# call's timeout. Sections run in order of what is still open: the attention benchmark, correctness, the
+# bulk-reduction dq sweep, the losses and their tile sweep, the training step (eager, compiled, torch) and its
+# profile, the fused norm and SwiGLU gate, the loss profile, the split-kernel probe, the rope attention-block rows,
+# then the rope and data benchmarks. A fresh machine takes about 55 s to start and the install 110-130 s; on an
+# H200 (2026-11-28) the default sections of that day took 510 s (fewer sections then).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUTDIR=${1:-${OUT:-benchmarks/results/latest}}
