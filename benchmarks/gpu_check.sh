@@ -43,12 +43,13 @@ BUDGET=${GPU_CHECK_BUDGET:-300}
 T0=$(date +%s)
 
 section() {  # section NAME LIMIT_SECONDS COMMAND...: runs it under a time limit, its output to WORK/NAME.log
+  # (SECTION_MIN=S before it: skipped rather than cut when fewer than S seconds are left; default 20)
   local name=$1 limit=$2; shift 2
-  local start rc=0 wall left
+  local start rc=0 wall left min=${SECTION_MIN:-20}
   if [ -n "${GPU_CHECK_SECTIONS:-}" ] && [[ " $GPU_CHECK_SECTIONS " != *" $name "* ]]; then return; fi
   left=$(( BUDGET - ($(date +%s) - T0) - 30 ))
-  if [ "$left" -lt 20 ]; then
-    echo "== gpu_check: $name skipped (${left}s of the budget left)"
+  if [ "$left" -lt "$min" ]; then
+    echo "== gpu_check: $name skipped (${left}s of the budget left, it needs ${min}s)"
     echo "{\"section\": \"$name\", \"rc\": \"skipped\", \"wall_s\": 0, \"limit_s\": $limit}" >> "$WORK/sections.jsonl"
     failed=1
     return
@@ -92,10 +93,12 @@ section attention_sweep_tma 120 "$PY" benchmarks/bench_attention.py --sweep --sh
 # the blocks compiled (ours_compile; our eager model had 0.45x the throughput of compiled torch).
 section bench_contrastive 90 "$PY" benchmarks/bench_contrastive.py --quick
 section contrastive_sweep 90 "$PY" benchmarks/bench_contrastive.py --sweep-configs --n 16384 --d 768
-section bench_train 150 "$PY" benchmarks/bench_train.py --quick
+# (skipped, not cut, when under 100 s are left: cut short it would time only the first preset's first providers)
+SECTION_MIN=100 section bench_train 150 "$PY" benchmarks/bench_train.py --quick
 # Where our eager step loses to compiled torch (0.45x on the H200): GPU time per kernel family against the host's
 # wall time per step, ours and torch, the base preset.
-section train_profile 90 "$PY" benchmarks/bench_train.py --profile --preset base --provider ours --provider torch
+SECTION_MIN=60 section train_profile 90 "$PY" benchmarks/bench_train.py --profile --preset base --provider ours \
+  --provider torch
 # The towers' RMSNorm and SwiGLU gate run on our fused kernels by default on a GPU since the eighth session,
 # untimed before this.
 section bench_fused 75 "$PY" benchmarks/bench_fused.py --quick

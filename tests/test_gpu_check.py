@@ -60,10 +60,13 @@ def test_budget_cuts_limits_and_skips_sections(tmp_path):
     driver = (f"set -uo pipefail\nWORK={tmp_path}\nfailed=0\nBUDGET=52\nT0=$(date +%s)\n{function}\n"
               "section quick 5 true\nsection cut 100 true\necho after_cut=$failed\nT0=$((T0 - 100))\n"
               "section late 100 true\necho failed=$failed\n"
+              "T0=$((T0 + 100))\nSECTION_MIN=40 section needs_more 100 true\n"
               "GPU_CHECK_SECTIONS='other'\nsection unnamed 5 true\n")
     out = subprocess.run(["bash", "-c", driver], capture_output=True, text=True, check=True).stdout
     sections = [json.loads(line) for line in (tmp_path / "sections.jsonl").read_text().splitlines()]
-    assert [s["section"] for s in sections] == ["quick", "cut", "late"]
+    assert [s["section"] for s in sections] == ["quick", "cut", "late", "needs_more"]
+    assert sections[3]["rc"] == "skipped"  # about 20 s left, fewer than the 40 it asks for
+    assert "it needs 40s" in out
     assert sections[0]["rc"] == 0 and sections[0]["limit_s"] == 5
     assert sections[1]["rc"] == 0 and 15 <= sections[1]["limit_s"] <= 22
     assert sections[2]["rc"] == "skipped"
