@@ -184,7 +184,8 @@ SWEEP = {  # candidate configurations (BLOCK_M, BLOCK_N, warps, stages) per laun
     # plausible first (--sweep-max keeps a prefix)
     "fwd": [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3),
             (64, 128, 4, 3), (128, 32, 4, 4)],
-    # dkdv_atomic: d128's winner first (M64N128 w8 s3), then d64's pin and the tiles that do not spill at d64
+    # dkdv_atomic: the pin at d128 and (since the H200 sweep) at d64 first (M64N128 w8 s3), then the d64 pin before
+    # it and the tiles that do not spill at d64
     "dkdv_atomic": [(64, 128, 8, 3), (64, 64, 4, 2), (64, 128, 8, 2), (64, 64, 8, 2), (32, 64, 4, 3),
                     (32, 128, 8, 2), (64, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2)],
     # dkdv_tma: the atomic dq's tiles with one bulk tensor reduction per tile (FINEVITI_ATTN_DQ=tma), which shortens

@@ -653,9 +653,11 @@ def pick_config(kind: str, head_dim: int, dtype: torch.dtype, max_seqlen: int, m
         kind = "dkdv_atomic"
     if kind in ("dkdv", "dkdv_atomic"):
         if width <= 64:
-            # opt-in at 64: no spill, 2 blocks per SM; H200: 5.333 ms (M64N128 w8 s3: 4.793) against 4.108 separate
+            # opt-in at 64 (the default there is the separate dq): the H200 sweep's best, M64N128 w8 s3, backward
+            # 4.793 ms against 5.333 for M64N64 w4 s2, the pin before, and 4.108 for the separate dq (fa3:4096,
+            # bf16, 2026-11-28_H200_gpu_check_summary.md); no spill at d64 (kernel report)
             if kind == "dkdv_atomic" and not short:
-                return Config(64, 64, 4, 2)
+                return Config(64, 128, 8, 3)
             return Config(64, 64, 8, 2) if short else Config(32, 64, 4, 3)
         if width <= 128:
             return Config(64, 128, 8, 3) if not short and dim_b == 0 else Config(64, 64, 8, 2)
