@@ -86,10 +86,9 @@ def make_batch(cfg, budget: int, device: torch.device, seed: int = 0):
     return source.make(0).to(device)
 
 
-def run_case(rec, preset_name: str, provider: str, budget: int, steps: int, warmup: int, device: torch.device):
-    from fineviti.model.flops import count_flops
-    from fineviti.train.metrics import device_name, peak_tflops
-
+def training_step(preset_name: str, provider: str, budget: int, device: torch.device):
+    """(config, batch, step): one full training step of `provider`'s model on a fixed batch of `budget` patch
+    tokens (forward under bf16 autocast on a GPU, backward, optimizer step)."""
     cfg, model, optimizer = build(preset_name, provider, device)
     batch = make_batch(cfg, budget, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -100,6 +99,15 @@ def run_case(rec, preset_name: str, provider: str, budget: int, steps: int, warm
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+    return cfg, batch, step
+
+
+def run_case(rec, preset_name: str, provider: str, budget: int, steps: int, warmup: int, device: torch.device):
+    from fineviti.model.flops import count_flops
+    from fineviti.train.metrics import device_name, peak_tflops
+
+    cfg, batch, step = training_step(preset_name, provider, budget, device)
 
     for _ in range(warmup):
         step()
@@ -149,19 +157,10 @@ def family(kernel: str) -> str:
 def profile_case(rec, preset_name: str, provider: str, budget: int, device: torch.device, steps: int = 3):
     """Rows of benchmark "train_profile" for one provider: "PROVIDER: FAMILY" (GPU ms per step of that kernel
     family, share of the kernels' sum), "PROVIDER: kernel NAME" for the eight heaviest kernels, and "PROVIDER:
-    wall" (host wall ms per step, kernels_ms the kernels' sum, launches the kernel count per step)."""
+    wall" (host wall ms per step, kernels_ms the kernels' sum)."""
     from benchmarks.common import gpu_kernel_times
 
-    cfg, model, optimizer = build(preset_name, provider, device)
-    batch = make_batch(cfg, budget, device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-    def step():
-        with autocast:
-            loss = model(batch)["loss"]
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    cfg, batch, step = training_step(preset_name, provider, budget, device)
 
     shape = {"preset": preset_name, "patch_tokens": sum(batch.seqlens), "images": batch.n_images,
              "ac": cfg.parallel.activation_checkpointing}
