@@ -190,9 +190,8 @@ SWEEP = {  # candidate configurations (BLOCK_M, BLOCK_N, warps, stages) per laun
                     (32, 128, 8, 2), (64, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2)],
     # dkdv_tma: the atomic dq's tiles with one bulk tensor reduction per tile (FINEVITI_ATTN_DQ=tma), which shortens
     # the hot loop (d64 w4: 462 against 493 instructions on triton 3.6); kernel report, triton 3.6: none of these
-    # spills at d64, at
-    # d128 the first four spill 60-88 bytes and M64N64 w8 none (M64N128 w4 spilled 1300-3700 bytes and M128N64 w8
-    # overflowed shared memory at d128: left out)
+    # spills at d64, at d128 the first four spill 60-88 bytes and M64N64 w8 none (M64N128 w4 spilled 1300-3700
+    # bytes and M128N64 w8 overflowed shared memory at d128: left out)
     "dkdv_tma": [(64, 128, 8, 3), (64, 64, 4, 2), (64, 128, 8, 2), (64, 64, 4, 3), (64, 64, 8, 2), (32, 64, 4, 3)],
     "dkdv": [(64, 128, 8, 2), (64, 64, 8, 2), (32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 2),
              (128, 128, 8, 2), (16, 128, 4, 4)],

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from . import registry
+from ._device import sm_count
 
 SIGLIP = 0
 CLIP = 1
@@ -410,12 +411,6 @@ def _caps(cfg: dict) -> dict:
     return {"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}
 
 
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 2  # the interpreter: a small count, so that tests still split the columns
-
-
 def _check(x: torch.Tensor, y: torch.Tensor) -> None:
     if x.dtype not in _TRITON_DTYPES or y.dtype != x.dtype:
         raise TypeError(f"contrastive kernels take bf16, fp16 or fp32 features of one dtype, got {x.dtype} and "
@@ -436,7 +431,7 @@ def _launch_rows(x, y, scale, bias, loss, diag_offset, splits, col_out, pos=None
     grid_m = triton.cdiv(m, block_m)
     col_blocks = triton.cdiv(n, block_n)
     if splits is None:  # enough programs to fill the GPU a few times over when M alone would not
-        splits = triton.cdiv(4 * _sm_count(x.device), grid_m)
+        splits = triton.cdiv(4 * sm_count(x.device), grid_m)
     blocks_per_split = triton.cdiv(col_blocks, max(1, min(splits, col_blocks)))
     cols_per_split = blocks_per_split * block_n
     splits = triton.cdiv(n, cols_per_split)
@@ -546,7 +541,7 @@ def loss_grad_logits(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias
         raise ValueError(f"mult must be a one-element float32 tensor on {x.device}, got {tuple(mult.shape)} "
                          f"{mult.dtype} on {mult.device}")
     persistent = bool(cfg.get("PERSISTENT", False))
-    programs = min(tiles, _sm_count(x.device)) if persistent else tiles  # one program per SM: 1 block/SM (regs)
+    programs = min(tiles, sm_count(x.device)) if persistent else tiles  # one program per SM: 1 block/SM (regs)
     contrastive_bwd_kernel[(programs,)](
         x, y, scale, bias, lse_row, lse_col, g, grad_scale(x.dtype), mult, partial, m, n, d, x.stride(0), y.stride(0),
         g.stride(0), store_cols, diag_offset,

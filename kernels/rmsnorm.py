@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from . import registry
+from ._device import sm_count
 
 MAX_WIDTH = 8192  # one row in registers: 8192 fp32 values over 8 warps are 32 per thread (16384 spilled)
 _ELEMENTS = 4096  # per program (BLOCK_R * BLOCK_W) up to width 4096: 32 fp32 values per thread over 4 warps
@@ -103,12 +104,6 @@ def config(width: int) -> dict:
     return {"BLOCK_R": block_r, "BLOCK_W": block_w, "num_warps": num_warps}
 
 
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 2  # the interpreter: a small count, so that tests loop over several row blocks per program
-
-
 def forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """y (x's dtype) and rstd (fp32, one per row) of a (rows, width) x with a unit last stride."""
     rows, width = x.shape
@@ -134,7 +129,7 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     # as many programs as fit on the GPU at once (kernel report, sm_90: 144-216 registers, so 3 per SM up to width
     # 2048, 2 at 4096, 1 at 8192): one wave, each program looping over its share of the row blocks
     per_sm = 3 if cfg["BLOCK_W"] <= 2048 else (2 if cfg["BLOCK_W"] <= 4096 else 1)
-    programs = min(triton.cdiv(rows, cfg["BLOCK_R"]), per_sm * _sm_count(x.device))
+    programs = min(triton.cdiv(rows, cfg["BLOCK_R"]), per_sm * sm_count(x.device))
     partial = torch.empty((programs, width), dtype=torch.float32, device=x.device)
     rmsnorm_bwd_kernel[(programs,)](
         dy, x, weight, rstd, dx, partial, rows, width, dy.stride(0), x.stride(0), dx.stride(0),

@@ -6,7 +6,7 @@ import torch
 
 from fineviti.kernels import rmsnorm as kernels
 from fineviti.model.layers import RMSNorm, set_norm_backend
-from fineviti.ops import norm, rms_norm, rms_norm_ref
+from fineviti.ops import _fused, norm, rms_norm, rms_norm_ref
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -169,9 +169,9 @@ def test_auto_rule_and_environment(monkeypatch):
     assert norm.resolve_backend("auto", x) == "triton"
     assert norm.resolve_backend("auto", x.double()) == "torch"  # what the kernel does not take: the reference
     assert norm.resolve_backend("torch", x) == "torch"  # an explicit backend wins over the environment
-    assert norm.auto_backend("cuda", compiling=False) == "triton"
-    assert norm.auto_backend("cuda", compiling=True) == "torch"  # the plain expression, which Inductor fuses
-    assert norm.auto_backend("cpu", compiling=False) == "torch"
+    assert _fused.auto_backend("cuda", compiling=False) == "triton"
+    assert _fused.auto_backend("cuda", compiling=True) == "torch"  # the plain expression, which Inductor fuses
+    assert _fused.auto_backend("cpu", compiling=False) == "torch"
     monkeypatch.setenv("FINEVITI_NORM_BACKEND", "fast")
     with pytest.raises(ValueError, match="FINEVITI_NORM_BACKEND='fast' is not a rms_norm backend"):
         norm.resolve_backend("auto", x)

@@ -197,11 +197,10 @@ class AlignerConfig:
 
 
 def _fused_backends(cfg) -> None:
-    from fineviti.ops._fused import BACKENDS
+    from fineviti.ops._fused import check_backend
 
     for name in ("norm_backend", "swiglu_backend"):
-        if getattr(cfg, name) not in BACKENDS:
-            raise ValueError(f"{name} must be one of {BACKENDS}, got {getattr(cfg, name)!r}")
+        check_backend(name, getattr(cfg, name))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from fineviti.ops import glu as swiglu_ops
 from fineviti.ops import norm as norm_ops
+from fineviti.ops._fused import check_backend
 from fineviti.ops.attention import varlen_attention
 from fineviti.ops.rope import rotate_half
 
@@ -23,7 +24,7 @@ class RMSNorm(nn.Module):
 
     def __init__(self, width: int, eps: float = 1e-6, backend: str = "auto"):
         super().__init__()
-        _check_backend(backend, norm_ops.BACKENDS, "norm")
+        check_backend("norm backend", backend)
         self.eps = eps
         self.backend = backend
         self.weight = nn.Parameter(torch.ones(width))
@@ -32,13 +33,8 @@ class RMSNorm(nn.Module):
         return norm_ops.rms_norm(x, self.weight, self.eps, backend=self.backend)
 
 
-def _check_backend(backend: str, backends: tuple[str, ...], what: str) -> None:
-    if backend not in backends:
-        raise ValueError(f"{what} backend must be one of {backends}, got {backend!r}")
-
-
-def _set_backend(model: nn.Module, cls: type, backend: str, backends: tuple[str, ...], what: str) -> int:
-    _check_backend(backend, backends, what)
+def _set_backend(model: nn.Module, cls: type, backend: str, what: str) -> int:
+    check_backend(f"{what} backend", backend)
     found = [m for m in model.modules() if isinstance(m, cls)]
     for m in found:
         m.backend = backend
@@ -47,12 +43,12 @@ def _set_backend(model: nn.Module, cls: type, backend: str, backends: tuple[str,
 
 def set_norm_backend(model: nn.Module, backend: str) -> int:
     """Set the rms_norm backend of every RMSNorm in `model`; returns how many there are."""
-    return _set_backend(model, RMSNorm, backend, norm_ops.BACKENDS, "norm")
+    return _set_backend(model, RMSNorm, backend, "norm")
 
 
 def set_swiglu_backend(model: nn.Module, backend: str) -> int:
     """Set the swiglu backend of every SwiGLU in `model`; returns how many there are."""
-    return _set_backend(model, SwiGLU, backend, swiglu_ops.BACKENDS, "swiglu")
+    return _set_backend(model, SwiGLU, backend, "swiglu")
 
 
 class SwiGLU(nn.Module):
@@ -62,7 +58,7 @@ class SwiGLU(nn.Module):
 
     def __init__(self, width: int, hidden: int, backend: str = "auto"):
         super().__init__()
-        _check_backend(backend, swiglu_ops.BACKENDS, "swiglu")
+        check_backend("swiglu backend", backend)
         self.backend = backend
         self.gate_up = nn.Linear(width, 2 * hidden, bias=False)
         self.down = nn.Linear(hidden, width, bias=False)

@@ -12,6 +12,12 @@ BACKENDS = ("auto", "triton", "torch")
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def check_backend(name: str, backend: str) -> None:
+    """A clear error unless `backend` is one of BACKENDS (`name`: what it is, for the message)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{name} must be one of {BACKENDS}, got {backend!r}")
+
+
 def auto_backend(device_type: str, compiling: bool) -> str:
     """The rule behind "auto": triton on CUDA; torch on a CPU, and while torch.compile traces (Inductor makes one
     fused kernel of the plain expression and of the elementwise ops beside it, where our custom op would stay an
@@ -23,8 +29,7 @@ def resolve(op: str, backend: str, x: torch.Tensor, env: str, max_width: int | N
     """The backend "auto" means for input `x` (named `arg` in errors; environment variable `env` overrides it);
     checks an explicit one. Where "auto" would pick triton for what the kernels do not take (fp64, rows wider than
     `max_width`), the reference."""
-    if backend not in BACKENDS:
-        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(f"{op}: backend", backend)
     too_wide = max_width is not None and x.shape[-1] > max_width
     if backend == "auto":
         backend = _checks.env_backend(env, BACKENDS, op) or auto_backend(x.device.type,

@@ -17,7 +17,6 @@ from fineviti.ops import _fused
 
 BACKENDS = _fused.BACKENDS
 BACKEND_ENV = "FINEVITI_NORM_BACKEND"
-auto_backend = _fused.auto_backend
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -60,14 +59,12 @@ def _check(x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Triton ops (torch.library custom ops with fake implementations, so torch.compile traces through them)
 
-_unit_last = _fused.unit_last
-
 
 @torch.library.custom_op("fineviti::rms_norm_triton", mutates_args=())
 def _rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     from fineviti.kernels import rmsnorm
 
-    return rmsnorm.forward(_unit_last(x), weight.contiguous(), eps)
+    return rmsnorm.forward(_fused.unit_last(x), weight.contiguous(), eps)
 
 
 @_rms_norm_triton.register_fake
@@ -80,7 +77,7 @@ def _rms_norm_triton_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
                          rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     from fineviti.kernels import rmsnorm
 
-    return rmsnorm.backward(_unit_last(dy), _unit_last(x), weight.contiguous(), rstd.contiguous())
+    return rmsnorm.backward(_fused.unit_last(dy), _fused.unit_last(x), weight.contiguous(), rstd.contiguous())
 
 
 @_rms_norm_triton_bwd.register_fake
@@ -115,5 +112,5 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, backen
     backend = resolve_backend(backend, x)
     if backend == "torch":
         return rms_norm_ref(x, weight, eps)
-    x2d = _unit_last(x.reshape(-1, x.shape[-1]))
+    x2d = _fused.unit_last(x.reshape(-1, x.shape[-1]))
     return _RMSNormTriton.apply(x2d, weight, float(eps)).view(x.shape)
