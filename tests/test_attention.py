@@ -648,6 +648,42 @@ def test_custom_op_traces_without_graph_break():
     assert q.grad is not None and torch.isfinite(q.grad).all()
 
 
+@pytest.mark.parametrize("cross", [False, True])
+def test_torch_backend_traces_whole_and_does_not_recompile_per_pack(cross):
+    """Traced, the torch backend is one custom op (its per-sequence loop reads the lengths on the host, which a
+    fullgraph compile refused and a plain one specialised on): the same values and gradients as eager, and a pack
+    of other lengths (same total) reuses the graph."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    q, k, v, cu = make_pack([3, 0, 17], 2, 32, torch.float32, device="cpu")
+    torch.library.opcheck(torch.ops.fineviti.varlen_attention_torch_fwd.default, (q, k, v, cu, cu, 17, 17, 0.2, True))
+    counter = CompileCounterWithBackend("aot_eager")
+
+    def f(q, k, v, cu, cu_k, lse_weight):
+        out, lse = varlen_attention(q, k, v, cu, 20, cu_seqlens_k=cu_k, max_seqlen_k=20, backend="torch",
+                                    return_lse=True)
+        return out, lse * lse_weight
+
+    compiled = torch.compile(f, fullgraph=True, backend=counter)
+    for lens, lens_k in (([3, 0, 17], [5, 2, 13]), ([19, 1, 0], [0, 19, 1])):
+        q, k, v, cu = make_pack(lens, 2, 32, torch.float32, device="cpu")
+        if cross:
+            cu_k = torch.tensor([0] + torch.tensor(lens_k).cumsum(0).tolist(), dtype=torch.int32)
+        else:
+            cu_k, lens_k = cu, lens
+        out, lse = compiled(q, k, v, cu, cu_k, 1.0)
+        want, want_lse = varlen_attention_ref(q, k, v, cu, cu_k, return_lse=True)
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
+        grad_out = torch.randn_like(out)
+        got = torch.autograd.grad(out, (q, k, v), grad_out)
+        want_grads = torch.autograd.grad(want, (q, k, v), grad_out)
+        for name, a, b in zip("qkv", got, want_grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"d{name}")
+    assert counter.frame_count == 1, f"compiled {counter.frame_count} times for two packs of the same total"
+
+
 def test_backend_lookup_does_no_import_machinery_per_call(monkeypatch):
     """torch 2.11's dynamo refuses importlib.util.find_spec inside a trace (a fullgraph compile of the triton path
     failed on the H100 on 2026-11-28; torch 2.14 here traces it): whether a package is installed is looked up once."""

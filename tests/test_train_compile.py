@@ -1,7 +1,8 @@
 """The trainer's `parallel.compile` (torch.compile per block, inside activation checkpointing) with our kernels
-(Triton, under the interpreter here): the same loss and gradients as eager, and packs of other image counts and
-lengths reuse the compiled blocks instead of recompiling each time (the host-side lengths once put a guard on every
-pack's list of lengths)."""
+(Triton, under the interpreter here) and with the torch attention backend (a CPU's default): the same loss and
+gradients as eager, and packs of other image counts and lengths reuse the compiled blocks instead of recompiling
+each time (the host-side lengths once put a guard on every pack's list of lengths; the torch backend's host read of
+them did so too, until it became one custom op under tracing)."""
 
 import contextlib
 
@@ -22,21 +23,23 @@ def pack(cfg, seed: int, max_side: int):
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_compiled_blocks_match_eager_and_do_not_recompile_per_pack():
+@pytest.mark.parametrize("attn_backend", ["triton", "torch"])
+def test_compiled_blocks_match_eager_and_do_not_recompile_per_pack(attn_backend):
     # past dynamo's recompile limit the blocks would quietly run eager, and stop adding graphs: make that an error
     limit = (torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)
              if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit") else contextlib.nullcontext())
     with limit:
-        _compiled_against_eager()
+        _compiled_against_eager(attn_backend)
 
 
-def _compiled_against_eager():
+def _compiled_against_eager(attn_backend):
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
     cfg = preset("debug")
-    cfg.model.attn_backend = cfg.model.rope_backend = cfg.model.loss_backend = "triton"
+    cfg.model.attn_backend = attn_backend  # "torch": the CPU default, one opaque op when traced
+    cfg.model.rope_backend = cfg.model.loss_backend = "triton"
     torch.manual_seed(0)
     eager = FineViT(cfg.model)
     compiled = FineViT(cfg.model)

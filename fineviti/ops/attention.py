@@ -5,7 +5,8 @@ starts. Attention is non-causal within a sequence and never crosses sequences. B
 
   triton        ours (kernels/varlen_attention.py), forward and backward (dq by atomics, or without them
                 when deterministic=True)
-  torch         reference path: scaled_dot_product_attention per sequence; runs everywhere, differentiable
+  torch         reference path: scaled_dot_product_attention per sequence; runs everywhere, differentiable;
+                one opaque custom op when traced (torch.compile), so the graph neither breaks nor guards on lengths
   torch_varlen  torch.nn.attention.varlen.varlen_attn (FlashAttention inside torch; CUDA only)
   flex          FlexAttention with a document mask (CUDA only; compiles per shape)
   flash_attn    flash_attn.flash_attn_varlen_func (unverified: never run on a machine of this project)
@@ -258,6 +259,16 @@ def varlen_attention_rope(q, k, v, cu_seqlens, max_seqlen, pos, *, theta=10000.0
 
 
 def _run_torch(q, k, v, cu_q, cu_k, max_q, max_k, scale, seqlens, return_lse):
+    if torch.compiler.is_compiling():
+        # Traced, the per-sequence loop reads the lengths on the host (a graph break, or an error under
+        # fullgraph=True) and specialises the graph on them (one recompile per pack): the same computation as one
+        # opaque custom op instead, which the trace keeps whole.
+        o, lse = _torch_fwd(q, k, v, cu_q, cu_k, max_q, max_k, scale, return_lse)
+        return (o, lse) if return_lse else o
+    return _sdpa_per_sequence(q, k, v, cu_q, cu_k, scale, seqlens, return_lse)
+
+
+def _sdpa_per_sequence(q, k, v, cu_q, cu_k, scale, seqlens, return_lse):
     # One host read of the lengths unless `seqlens` is given: this path is the reference, not the fast one.
     # torch.split, not slicing: the backward of a slice writes a zero tensor of the whole input per sequence.
     lens_q = seqlens if seqlens is not None else (cu_q[1:] - cu_q[:-1]).tolist()
@@ -275,6 +286,67 @@ def _run_torch(q, k, v, cu_q, cu_k, max_q, max_k, scale, seqlens, return_lse):
     if return_lse:
         return out, (torch.cat(lses, 1) if lses else q.new_empty((q.shape[1], 0), dtype=torch.float32))
     return out
+
+
+@torch.library.custom_op("fineviti::varlen_attention_torch_fwd", mutates_args=(), device_types=("cuda", "cpu"))
+def _torch_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+               cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
+               return_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch backend as one op, for traced code (_run_torch): (out, lse), lse (heads, total_q) with
+    return_lse, else (heads, 0). The max_seqlen arguments are unused (kept for the other ops' signature)."""
+    if return_lse:
+        return _sdpa_per_sequence(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, None, True)
+    out = _sdpa_per_sequence(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, None, False)
+    return out, q.new_empty((q.shape[1], 0), dtype=torch.float32)
+
+
+@_torch_fwd.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, return_lse):
+    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0] if return_lse else 0), dtype=torch.float32)
+
+
+@torch.library.custom_op("fineviti::varlen_attention_torch_bwd", mutates_args=(), device_types=("cuda", "cpu"))
+def _torch_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+               cu_seqlens_k: torch.Tensor, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv of _torch_fwd's output, per sequence from the recomputed probabilities (in fp32 for 16-bit
+    inputs). Written out rather than through autograd: a custom op's body runs with autograd turned off."""
+    compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for i in range(len(bounds_q) - 1):
+        rows, keys = slice(bounds_q[i], bounds_q[i + 1]), slice(bounds_k[i], bounds_k[i + 1])
+        if rows.start == rows.stop or keys.start == keys.stop:
+            continue  # no queries, or no keys: the output is zeros whatever q, k, v are
+        qi, ki, vi, doi = (t[s].to(compute).transpose(0, 1) for t, s in ((q, rows), (k, keys), (v, keys), (do, rows)))
+        p = torch.softmax((qi @ ki.transpose(1, 2)) * softmax_scale, dim=-1)  # (heads, Lq, Lk)
+        dp = doi @ vi.transpose(1, 2)
+        ds = p * (dp - (dp * p).sum(-1, keepdim=True))  # the row sum of dp * p is that of dO * O
+        dq[rows] = ((ds @ ki) * softmax_scale).transpose(0, 1).to(q.dtype)
+        dk[keys] = ((ds.transpose(1, 2) @ qi) * softmax_scale).transpose(0, 1).to(k.dtype)
+        dv[keys] = (p.transpose(1, 2) @ doi).transpose(0, 1).to(v.dtype)
+    return dq, dk, dv
+
+
+@_torch_bwd.register_fake
+def _(do, q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _torch_fwd_setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, _max_q, _max_k, scale, _return_lse = inputs
+    ctx.save_for_backward(q, k, v, cu_q, cu_k)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(output[1])
+
+
+def _torch_fwd_backward(ctx, do, dlse):
+    q, k, v, cu_q, cu_k = ctx.saved_tensors
+    dq, dk, dv = _torch_bwd(do, q, k, v, cu_q, cu_k, ctx.scale)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+torch.library.register_autograd("fineviti::varlen_attention_torch_fwd", _torch_fwd_backward,
+                                setup_context=_torch_fwd_setup_context)
 
 
 def _run_torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, seqlens, return_lse):
