@@ -180,12 +180,15 @@ def test_autocast_leaves_the_losses_alone(backend, features):
             torch.testing.assert_close(b, a, rtol=0, atol=0, msg=lambda m, name=name, loss=loss: f"{loss} {name}: {m}")
 
 
-def test_siglip_double_backward_raises():
-    """The forward's saved gradients carry no second-order terms: create_graph through the loss raises rather than
-    returning a gradient penalty's gradient without them (the process-group Functions: tests/test_contrastive_dist)."""
+@pytest.mark.parametrize("loss_name", ["siglip", "clip"])
+def test_one_process_double_backward_raises(loss_name):
+    """The backwards carry no second-order terms: create_graph through the loss raises rather than returning a
+    gradient penalty's gradient without them (CLIP's custom op raised torch's "no autograd formula" before; the
+    process-group Functions: tests/test_contrastive_dist)."""
     img, txt, scale, bias = [t.float().requires_grad_() for t in make_inputs(9, 8)]
-    loss = siglip_loss(img, txt, scale, bias, backend="chunked")
-    with pytest.raises(RuntimeError, match="double backward"):
+    loss = (siglip_loss(img, txt, scale, bias, backend="chunked") if loss_name == "siglip"
+            else clip_loss(img, txt, scale, backend="chunked"))
+    with pytest.raises(RuntimeError, match=f"{loss_name}_loss does not support a double backward"):
         torch.autograd.grad(loss, img, create_graph=True)
 
 

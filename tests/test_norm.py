@@ -105,6 +105,23 @@ def test_strided_weight_x_and_upstream_gradient():
     check_against_reference((9, 64), torch.float32, x=x, weight=weight, dy=dy)
 
 
+@pytest.mark.parametrize("weight_grad", [True, False])
+def test_double_backward_matches_reference(weight_grad):
+    """create_graph=True through the triton norm (a gradient penalty): the second-order gradients are those of the
+    reference expression (the kernel's backward has no graph; it raised "no autograd formula" before)."""
+    x0, w0 = torch.randn(6, 40, device=DEVICE), torch.randn(40, device=DEVICE)
+    results = []
+    for backend in ("triton", "torch"):
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_(weight_grad)
+        y = rms_norm(x, w, backend=backend)
+        wanted = (x, w) if weight_grad else (x,)
+        grads = torch.autograd.grad((y * y.detach().cos()).sum(), wanted, create_graph=True)
+        penalty = sum(g.pow(2).sum() for g in grads)
+        results.append(torch.autograd.grad(penalty, wanted))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_custom_ops_pass_opcheck():
     """torch.library.opcheck: the fake implementations agree with the real ops (shapes, dtypes, strides), and the
     ops are registered as torch.compile and AOT autograd need."""

@@ -52,3 +52,14 @@ def resolve(op: str, backend: str, x: torch.Tensor, env: str, max_width: int | N
 def unit_last(t: torch.Tensor) -> torch.Tensor:
     """The kernels index rows by a stride and features by position: a unit last stride, copied only if needed."""
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def differentiable_grads(fn, inputs: tuple, grad_out: torch.Tensor, needed) -> tuple:
+    """For a backward run with create_graph=True (a double backward): the gradients of fn(*inputs) for grad_out,
+    as a differentiable function of the inputs and grad_out, from fn's plain torch expression (the fused kernels'
+    backwards return tensors without a graph, which would silently drop the second-order terms). None where
+    `needed` says an input needs no gradient."""
+    wanted = [t for t, need in zip(inputs, needed, strict=True) if need]
+    with torch.enable_grad():
+        grads = iter(torch.autograd.grad(fn(*inputs), wanted, grad_out, create_graph=True) if wanted else ())
+    return tuple(next(grads) if need else None for need in needed)

@@ -732,6 +732,7 @@ def _clip_setup_context(ctx, inputs, output):
 
 
 def _clip_fwd_backward(ctx, grad, grad_lse_row, grad_lse_col):
+    _first_order_only("clip_loss")
     return *_clip_bwd_op(grad, *ctx.saved_tensors, ctx.backend), None
 
 

@@ -61,7 +61,15 @@ class _SwiGLUTriton(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dh):
         (gate_up,) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the kernel's gradient has no graph of its own
+            return _fused.differentiable_grads(_swiglu_fp32, (gate_up,), dh, (True,))[0]
         return torch.ops.fineviti.swiglu_triton_bwd(dh, gate_up)
+
+
+def _swiglu_fp32(gate_up: torch.Tensor) -> torch.Tensor:
+    """The kernel's arithmetic in torch: silu(gate) * up in fp32, rounded once to gate_up's dtype."""
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    return (F.silu(gate) * up).to(gate_up.dtype)
 
 
 def swiglu(gate_up: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:

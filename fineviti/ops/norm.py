@@ -90,11 +90,16 @@ class _RMSNormTriton(torch.autograd.Function):
     def forward(ctx, x2d, weight, eps):
         y, rstd = torch.ops.fineviti.rms_norm_triton(x2d, weight, eps)
         ctx.save_for_backward(x2d, weight, rstd)
+        ctx.eps = eps
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x2d, weight, rstd = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the kernel's gradients have no graph of their own
+            dx, dw = _fused.differentiable_grads(lambda a, w: rms_norm_ref(a, w, ctx.eps), (x2d, weight), dy,
+                                                 ctx.needs_input_grad[:2])
+            return dx, dw, None
         dx, dw = torch.ops.fineviti.rms_norm_triton_bwd(dy, x2d, weight, rstd)
         return dx, (dw if ctx.needs_input_grad[1] else None), None
 
