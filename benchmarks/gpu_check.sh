@@ -102,6 +102,9 @@ SECTION_MIN=60 section train_profile 90 "$PY" benchmarks/bench_train.py --profil
 # The towers' RMSNorm and SwiGLU gate run on our fused kernels by default on a GPU since the eighth session,
 # untimed before this.
 section bench_fused 75 "$PY" benchmarks/bench_fused.py --quick
+# The stage-2 LM loss without logits (ninth session, untimed before this): against the plain full-logits loss,
+# eager and compiled, at a 7B-class head (3584 x 151936) and a small one.
+section bench_lm_loss 75 "$PY" benchmarks/bench_lm_loss.py --quick
 section contrastive_profile 60 "$PY" benchmarks/bench_contrastive.py --profile --n 16384 --d 768
 # Split mode "masked" became the default for 80 and 96 after that run; the probe checks it again and still tries
 # the two-piece kernels (72 always runs them, padded to 128).

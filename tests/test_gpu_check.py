@@ -391,6 +391,25 @@ def test_fused_ops_benchmark_rows(tmp_path, monkeypatch):
     assert glu_full["gbps"] == pytest.approx(64 * 96 * 8 * 4 / (glu_full["median_ms"] * 1e-3) / 1e9)
 
 
+def test_lm_loss_benchmark_rows(tmp_path, monkeypatch):
+    """bench_lm_loss on the CPU: a row per eager provider and mode, TFLOP/s of the useful head products (3 for
+    forward and backward), the plain providers on positions_per_target rows per target."""
+    import bench_lm_loss
+
+    rows_path = tmp_path / "rows.jsonl"
+    monkeypatch.setenv("FINEVITI_RESULTS", str(rows_path))
+    bench_lm_loss.main(["--positions-per-target", "3"])
+    rows = [json.loads(line) for line in rows_path.read_text().splitlines()]
+    assert [r.get("error") for r in rows] == [None] * len(rows)
+    assert {(r["provider"], r["mode"]) for r in rows} == {(p, m) for p in ("ours", "torch_eager")
+                                                          for m in ("fwd", "full")}
+    full = next(r for r in rows if r["provider"] == "torch_eager" and r["mode"] == "full")
+    assert full["shape"] == {"targets": 64, "hidden": 32, "vocab": 500, "positions_per_target": 3}
+    assert full["tflops"] == pytest.approx(6 * 64 * 32 * 500 / (full["median_ms"] * 1e-3) / 1e12)
+    h, _, t = bench_lm_loss.make_inputs("torch_eager", 64, 32, 500, 3, torch.float32, torch.device("cpu"), False)
+    assert h.shape == (192, 32) and int((t != -100).sum()) == 64
+
+
 def test_train_profile_needs_a_gpu(capsys):
     import bench_train
 

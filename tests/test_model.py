@@ -7,8 +7,10 @@ Small configs in fp32 on the CPU, attention backend "torch" unless a test says o
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import types
 
 import pytest
 import torch
@@ -473,7 +475,7 @@ def test_splice_places_image_tokens_at_placeholders():
 def test_aligner_loss_is_answer_only():
     aligner = small_aligner()
     images, ids, labels, mask = aligner_inputs(aligner)
-    out = aligner(*images[:4], ids, labels, mask, images[4])
+    out = aligner(*images[:4], ids, labels, mask, images[4], return_logits=True)
     logits = out["logits"]
     manual, count = [], 0
     for b in range(ids.shape[0]):
@@ -501,13 +503,39 @@ def test_aligner_loss_is_answer_only():
             assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_aligner_head_loss_matches_the_logits_path(autocast):
+    """The default training forward (labels, no logits) runs the output head on the answer positions only, in
+    chunks: the same loss, target count and gradients of every parameter as the full-logits path (return_logits),
+    in fp32 and under bf16 autocast (where both round the logits to bf16 before the fp32 softmax)."""
+    images, ids, labels, mask = aligner_inputs(small_aligner())
+    results = []
+    for return_logits in (True, False):
+        torch.manual_seed(0)
+        aligner = small_aligner()
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+        with ctx:
+            out = aligner(*images[:4], ids, labels, mask, images[4], return_logits=return_logits)
+        assert ("logits" in out) == return_logits
+        out["loss"].backward()
+        grads = {n: p.grad.clone() for n, p in aligner.named_parameters() if p.grad is not None}
+        results.append((out["loss"].detach(), int(out["n_targets"]), grads))
+    (loss_a, n_a, grads_a), (loss_b, n_b, grads_b) = results
+    assert n_a == n_b == 7 and grads_a.keys() == grads_b.keys()
+    tol = dict(rtol=1e-3, atol=1e-5) if autocast else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss_b, loss_a, **tol)
+    for name, g in grads_a.items():
+        scale = g.abs().max().clamp_min(1e-12)
+        torch.testing.assert_close(grads_b[name] / scale, g / scale, **tol, msg=name)
+
+
 def test_aligner_right_padding_does_not_leak():
     """A sample's logits are the same alone and batched with a longer sample (right padding, causal LM)."""
     aligner = small_aligner().eval()
     images, ids, labels, mask = aligner_inputs(aligner)
     patches, cu, pos, max_len, lengths = images
     with torch.no_grad():
-        both = aligner(patches, cu, pos, max_len, ids, labels, mask, lengths)["logits"]
+        both = aligner(patches, cu, pos, max_len, ids, labels, mask, lengths, return_logits=True)["logits"]
         n = int(mask[1].sum())
         alone = aligner(patches[lengths[0]:], cu[1:] - cu[1], pos[lengths[0]:], lengths[1], ids[1:, :n])["logits"]
     torch.testing.assert_close(both[1, :n], alone[0], rtol=1e-5, atol=1e-5)
@@ -527,6 +555,75 @@ def test_aligner_checkpointing_and_generate():
     new = aligner.generate(patches[:lengths[0]], cu[:2], pos[:lengths[0]], lengths[0], ids[0, :12],
                            max_new_tokens=3)
     assert new.shape == (3,) and int(new.max()) < aligner.lm.vocab_size
+
+
+class _FakeHFBase(torch.nn.Module):
+    """What a Hugging Face causal LM keeps under base_model_prefix: inputs_embeds in, last_hidden_state out."""
+
+    def __init__(self, vocab, width):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, width)
+        self.mix = torch.nn.Linear(width, width)
+
+    def forward(self, inputs_embeds, attention_mask=None):
+        return types.SimpleNamespace(last_hidden_state=torch.tanh(self.mix(inputs_embeds)))
+
+
+class _FakeHFCausalLM(torch.nn.Module):
+    """The parts of a transformers *ForCausalLM that HFCausalLM uses, with an optional Gemma-style soft cap."""
+
+    base_model_prefix = "model"
+
+    def __init__(self, vocab=200, width=48, softcap=None):
+        super().__init__()
+        self.config = types.SimpleNamespace(final_logit_softcapping=softcap)
+        self.model = _FakeHFBase(vocab, width)
+        self.lm_head = torch.nn.Linear(width, vocab, bias=True)
+
+    def get_input_embeddings(self):
+        return self.model.embed
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(self, inputs_embeds, attention_mask=None):
+        logits = self.lm_head(self.model(inputs_embeds=inputs_embeds).last_hidden_state)
+        cap = self.config.final_logit_softcapping
+        return types.SimpleNamespace(logits=logits if cap is None else cap * torch.tanh(logits / cap))
+
+
+def _hf_lm(softcap=None):
+    lm = HFCausalLM.__new__(HFCausalLM)  # without transformers or a directory: the adapter around a fake model
+    torch.nn.Module.__init__(lm)
+    lm.model = _FakeHFCausalLM(softcap=softcap)
+    lm.vocab_size, lm.hidden_size = 200, 48
+    return lm
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_aligner_head_loss_through_a_hugging_face_adapter(softcap):
+    """A Hugging Face LM takes the head loss through its base model and lm_head (with lm_head's bias); one whose
+    logits are transformed (here Gemma's soft cap) keeps the full logits, so its loss stays right."""
+    stage1 = small_model()
+    images, ids, labels, mask = aligner_inputs(create_aligner(stage1.cfg, visual=stage1.visual, lm=_hf_lm()))
+    results = []
+    for return_logits in (True, False):
+        torch.manual_seed(0)
+        lm = _hf_lm(softcap)
+        aligner = create_aligner(stage1.cfg, visual=stage1.visual, lm=lm)
+        assert lm.head_loss_supported() == (softcap is None)
+        out = aligner(*images[:4], ids, labels, mask, images[4], return_logits=return_logits)
+        out["loss"].backward()
+        grads = {n: p.grad.clone() for n, p in aligner.named_parameters() if p.grad is not None}
+        for p in aligner.parameters():
+            p.grad = None
+        results.append((out["loss"].detach(), grads))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-6)
+    assert "lm.model.lm_head.bias" in grads_a and grads_a.keys() == grads_b.keys()
+    for name, g in grads_a.items():
+        scale = g.abs().max().clamp_min(1e-12)
+        torch.testing.assert_close(grads_b[name] / scale, g / scale, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_aligner_config_and_hf_adapter_errors(tmp_path):

@@ -119,7 +119,9 @@ class BuiltinLM(nn.Module):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed
 
-    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden_states(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+        """The final hidden states (B, T, width), after the last norm: what the output head multiplies."""
         b, t, _ = inputs_embeds.shape
         if t > self.cfg.max_length:
             raise ValueError(f"sequence length {t} exceeds the built-in LM's max_length {self.cfg.max_length}")
@@ -136,7 +138,15 @@ class BuiltinLM(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, use_reentrant=False)
             else:
                 x = block(x, cos, sin)
-        return F.linear(self.norm(x), self.embed.weight)
+        return self.norm(x)
+
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab)."""
+        return F.linear(self.hidden_states(inputs_embeds, attention_mask), self.embed.weight)
+
+    def output_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight, bias) of the output head: logits = F.linear(hidden_states(...), weight, bias)."""
+        return self.embed.weight, None
 
 
 class HFCausalLM(nn.Module):
@@ -164,6 +174,30 @@ class HFCausalLM(nn.Module):
 
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask).logits
+
+    # config attributes of Hugging Face models whose logits are not just F.linear(last hidden state, head): soft
+    # capping (Gemma 2 and 3), a logit scale (Cohere), logits scaling (Granite). Such a model keeps the full logits.
+    LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+    def head_loss_supported(self) -> bool:
+        """Whether logits are F.linear(hidden_states(...), *output_head()): the base model under
+        base_model_prefix, an output embedding with a weight, and none of LOGIT_TRANSFORMS set."""
+        config = getattr(self.model, "config", None)
+        if any(getattr(config, name, None) not in (None, 1, 1.0) for name in self.LOGIT_TRANSFORMS):
+            return False
+        head = self.model.get_output_embeddings()
+        prefix = getattr(self.model, "base_model_prefix", "")
+        return isinstance(getattr(head, "weight", None), torch.Tensor) and isinstance(
+            getattr(self.model, prefix, None), nn.Module)
+
+    def hidden_states(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+        base = getattr(self.model, self.model.base_model_prefix)
+        return base(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
+
+    def output_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        head = self.model.get_output_embeddings()
+        return head.weight, getattr(head, "bias", None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -299,10 +333,17 @@ class Aligner(nn.Module):
     def forward(self, patches: torch.Tensor, cu_seqlens: torch.Tensor, pos: torch.Tensor, max_seqlen: int,
                 input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, seqlens: list[int] | None = None,
-                sample_image: torch.Tensor | None = None, padding_tokens: int = 0) -> dict[str, Any]:
+                sample_image: torch.Tensor | None = None, padding_tokens: int = 0,
+                return_logits: bool | None = None) -> dict[str, Any]:
         """Packed images (PackedBatch's fields), input_ids / labels / attention_mask (B, T) as `collate` makes
-        them. Returns logits (B, T, V) and, with labels, the mean next-token cross-entropy over answer tokens
-        (`loss`) and their count (`n_targets`)."""
+        them. Returns, with labels, the mean next-token cross-entropy over answer tokens (`loss`) and their count
+        (`n_targets`); and the logits (B, T, V) (`logits`) when return_logits (default: only without labels).
+
+        Without logits, the loss runs the output head on the answer positions only, in chunks
+        (fineviti.ops.linear_cross_entropy): no (B, T, V) tensor exists, and the image and prompt positions,
+        most of a region sample, cost no head FLOPs. Finding those positions reads their count on the host (one
+        synchronisation). A Hugging Face LM whose logits are more than its head's product
+        (HFCausalLM.head_loss_supported) takes the full logits."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (batch, length), got {tuple(input_ids.shape)}")
         if labels is not None and labels.shape != input_ids.shape:
@@ -310,11 +351,23 @@ class Aligner(nn.Module):
         image_embeds = self.encode_images(patches, cu_seqlens, pos, max_seqlen, seqlens, padding_tokens)
         inputs_embeds = self.splice(input_ids, image_embeds, torch.div(cu_seqlens, 4, rounding_mode="floor"),
                                     sample_image)
+        if return_logits is None:
+            return_logits = labels is None
+        if labels is not None and not return_logits and self._head_loss_supported():
+            hidden = self.lm.hidden_states(inputs_embeds, attention_mask)
+            loss, count = answer_token_loss(hidden, labels, *self.lm.output_head())
+            return {"loss": loss, "n_targets": count}
         logits = self.lm(inputs_embeds, attention_mask)
-        out: dict[str, Any] = {"logits": logits}
+        out: dict[str, Any] = {"logits": logits} if return_logits else {}
         if labels is not None:
             out["loss"], out["n_targets"] = next_token_loss(logits, labels)
         return out
+
+    def _head_loss_supported(self) -> bool:
+        if not (hasattr(self.lm, "hidden_states") and hasattr(self.lm, "output_head")):
+            return False  # an LM module of the caller's own: its forward's logits
+        check = getattr(self.lm, "head_loss_supported", None)
+        return check() if check is not None else True
 
     @torch.no_grad()
     def generate(self, patches: torch.Tensor, cu_seqlens: torch.Tensor, pos: torch.Tensor, max_seqlen: int,
@@ -344,6 +397,19 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
     total = F.cross_entropy(flat, targets, ignore_index=IGNORE_INDEX, reduction="sum")
     count = (targets != IGNORE_INDEX).sum()
     return total / count.clamp(min=1), count
+
+
+def answer_token_loss(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor,
+                      bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """next_token_loss without the logits: the final hidden states (B, T, H) at the positions whose next token is
+    a target, through the output head (weight (V, H), bias) in chunks. Same value and gradients as
+    next_token_loss(F.linear(hidden, weight, bias), labels), up to the order of the sums."""
+    from fineviti.ops import linear_cross_entropy
+
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    loss, count = linear_cross_entropy(hidden[:, :-1][keep], weight, targets[keep], bias, reduction="mean")
+    return loss, count
 
 
 def create_aligner(preset: str | config_mod.ModelConfig | AlignerConfig = "tiny", *, visual: VisionTower | None = None,

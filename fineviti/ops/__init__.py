@@ -21,6 +21,8 @@ _WHERE = {
     "rms_norm_ref": "norm",
     "swiglu": "glu",
     "swiglu_ref": "glu",
+    "linear_cross_entropy": "lm_loss",
+    "linear_cross_entropy_ref": "lm_loss",
 }
 
 __all__ = sorted(_WHERE)
