@@ -1,7 +1,8 @@
 """The trainer on two gloo processes: DDP and FSDP2 (with and without GradCache) give the losses and weights of
 one process training on both ranks' batches together (negatives from every rank), and a run killed after a
 checkpoint and resumed with two ranks continues exactly (each rank its own next batch, its own RNG entry), on
-random batches and on shards through the packed loader (the planner's global state in the checkpoint).
+random batches and on shards through the packed loader (the planner's global state in the checkpoint); stage 2
+(the aligner) trains alike under DDP and FSDP2 and resumes exactly under both.
 
 One spawn runs every case; the tests compare its results with single-process references built here."""
 
@@ -30,9 +31,11 @@ CASES = {  # name: overrides
     "fsdp_gradcache": ["parallel.strategy=fsdp", "training.grad_cache_images=2"],
     "ddp_shards": ["parallel.strategy=ddp", *SHARDS],
     "fsdp_shards": ["parallel.strategy=fsdp", *SHARDS],
+    "ddp_stage2": ["parallel.strategy=ddp", "training.stage=2"],  # the aligner, its LM loss without logits
+    "fsdp_stage2": ["parallel.strategy=fsdp", "training.stage=2"],
 }
 EQUIVALENT = ("ddp", "fsdp", "ddp_gradcache", "fsdp_gradcache")  # random batches: a one-process reference
-RESUMED = ("ddp", "fsdp", "ddp_shards", "fsdp_shards")
+RESUMED = ("ddp", "fsdp", "ddp_shards", "fsdp_shards", "ddp_stage2", "fsdp_stage2")
 
 
 def _config(root, name, *overrides):
@@ -181,6 +184,21 @@ def test_two_rank_resume_is_exact(dist_results, name):
         lines = [json.loads(line) for line in (root / name / "metrics.jsonl").read_text().splitlines()]
         evals = [r for r in lines if r.get("event") == "eval"]
         assert [r["step"] for r in evals] == [2, 4] and all(r["n"] == 8 for r in evals)
+
+
+def test_stage2_ddp_and_fsdp_agree(dist_results):
+    """Stage 2 (the aligner) on two ranks: DDP and FSDP2 train the same batches to the same losses and weights."""
+    _, results = dist_results
+    ddp, fsdp = results["ddp_stage2"], results["fsdp_stage2"]
+    _check(ddp)
+    _check(fsdp)
+    assert list(ddp["losses"]) == list(range(1, STEPS + 1))
+    for step, loss in ddp["losses"].items():
+        assert fsdp["losses"][step] == pytest.approx(loss, rel=1e-5, abs=1e-6), step
+    assert ddp["params"].keys() == fsdp["params"].keys()
+    for key, value in ddp["params"].items():
+        torch.testing.assert_close(fsdp["params"][key], value, rtol=1e-4, atol=1e-5,
+                                   msg=lambda m, key=key: f"{key}: {m}")
 
 
 def test_export_of_a_sharded_checkpoint(dist_results, tmp_path):

@@ -83,7 +83,9 @@ class Trainer:
         self.model = parallel.parallelize(raw, cfg.parallel, self.world, self.mp_dtype)
         fsdp = self.world.distributed and cfg.parallel.strategy == "fsdp"
         self.autocast_dtype = None if fsdp else self.mp_dtype  # FSDP2's policy casts the parameters itself
-        self.optimizer = build_optimizer(self.model, cfg.optimizer, device=self.device, part_scales=scales)
+        # the unwrapped model's names ("visual.", not DDP's "module.visual."): the stage-2 parts' learning-rate
+        # scales look up the first name component (the same parameter objects: DDP wraps, FSDP2 shards in place)
+        self.optimizer = build_optimizer(raw, cfg.optimizer, device=self.device, part_scales=scales)
         self.scheduler = build_scheduler(self.optimizer, cfg.scheduler, cfg.training.steps)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.replicated = parallel.replicated_params(self.model) if fsdp else []
