@@ -339,6 +339,15 @@ def test_stage2_from_a_stage1_checkpoint(tmp_path):
                            reference.visual.blocks[0].attn.qkv.weight)
 
 
+def test_resume_with_other_optimizer_groups_says_why(tmp_path):
+    """A checkpoint whose optimizer was grouped otherwise (here stage2.freeze changed between the runs; a DDP stage-2
+    run saved before the groups followed the unwrapped names is the other case) fails to resume with an error
+    that says so, not DCP's missing-key message."""
+    run(config(tmp_path, "training.stage=2", "training.steps=1", "stage2.freeze=lm", name="s2"))
+    with pytest.raises(ValueError, match=r"optimizer with \d+ parameter groups, and this run builds \d+"):
+        Trainer(config(tmp_path, "training.stage=2", "training.steps=2", "checkpoint.resume=auto", name="s2"))
+
+
 def test_activation_checkpointing_keeps_the_losses(tmp_path):
     from fineviti.train.parallel import block_lists
 

@@ -189,6 +189,7 @@ class Checkpointer:
         """Restores everything `state` saved from checkpoint `path`; returns its step."""
         state = self.state(model, optimizer, scheduler, 0, data_source.state_dict())
         keys = saved_keys(path)
+        _check_param_groups(path, keys, len(optimizer.param_groups))
         rank_key = f"rng.rank{self.rank}"
         if not any(k.startswith(rank_key + ".") for k in keys):
             warnings.warn(f"checkpoint {path} has no RNG state for rank {self.rank} (saved with another world "
@@ -217,6 +218,19 @@ class Checkpointer:
 
     def close(self) -> None:
         self.finish_pending()
+
+
+def _check_param_groups(path, keys: list[str], groups: int) -> None:
+    """A checkpoint whose optimizer was grouped otherwise cannot restore this optimizer: say so, instead of DCP's
+    "Missing key in checkpoint state_dict: optim.param_groups.N...". The one known case: stage 2 under DDP before
+    commit f3a62d9 grouped its parameters by DDP's names, into 2 groups at the base rate."""
+    saved = {int(k.split(".")[2]) for k in keys if k.startswith("optim.param_groups.") and k.split(".")[2].isdigit()}
+    if saved and len(saved) != groups:
+        raise ValueError(
+            f"checkpoint {path} holds an optimizer with {len(saved)} parameter groups, and this run builds "
+            f"{groups}: its optimizer state cannot be restored. (A stage-2 run under DDP saved before commit "
+            f"f3a62d9 had 2 groups at the base learning rate: it ignored stage2.*_lr_scale.) Start a new run "
+            f"instead; stage2.init_from takes the vision tower of that checkpoint.")
 
 
 def saved_keys(path: str | os.PathLike) -> list[str]:
