@@ -649,7 +649,7 @@ def test_custom_op_traces_without_graph_break():
 
 
 @pytest.mark.parametrize("cross", [False, True])
-def test_torch_backend_traces_whole_and_does_not_recompile_per_pack(cross):
+def test_torch_backend_traces_whole_and_does_not_recompile_per_pack(cross, monkeypatch):
     """Traced, the torch backend is one custom op (its per-sequence loop reads the lengths on the host, which a
     fullgraph compile refused and a plain one specialised on): the same values and gradients as eager, and a pack
     of other lengths (same total) reuses the graph."""
@@ -658,6 +658,11 @@ def test_torch_backend_traces_whole_and_does_not_recompile_per_pack(cross):
     torch._dynamo.reset()
     q, k, v, cu = make_pack([3, 0, 17], 2, 32, torch.float32, device="cpu")
     torch.library.opcheck(torch.ops.fineviti.varlen_attention_torch_fwd.default, (q, k, v, cu, cu, 17, 17, 0.2, True))
+    # a dense but permuted q (heads-major storage): the fake's strides are the real output's (contiguous)
+    permuted = [t.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_() for t in (q, k, v)]
+    torch.library.opcheck(torch.ops.fineviti.varlen_attention_torch_fwd.default,
+                          (*permuted, cu, cu, 17, 17, 0.2, False))
+    monkeypatch.setattr(attention_mod, "_TORCH_BWD_BLOCK", 4 * 2 * 17 * 5)  # blocks of 5 query rows at 17 keys
     counter = CompileCounterWithBackend("aot_eager")
 
     def f(q, k, v, cu, cu_k, lse_weight):
@@ -673,6 +678,7 @@ def test_torch_backend_traces_whole_and_does_not_recompile_per_pack(cross):
         else:
             cu_k, lens_k = cu, lens
         out, lse = compiled(q, k, v, cu, cu_k, 1.0)
+        assert not lse.requires_grad  # as in eager mode (and the triton backend)
         want, want_lse = varlen_attention_ref(q, k, v, cu, cu_k, return_lse=True)
         torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
@@ -682,6 +688,23 @@ def test_torch_backend_traces_whole_and_does_not_recompile_per_pack(cross):
         for name, a, b in zip("qkv", got, want_grads, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"d{name}")
     assert counter.frame_count == 1, f"compiled {counter.frame_count} times for two packs of the same total"
+
+
+def test_torch_backend_under_autocast_traced_as_in_eager():
+    """Autocast does not reach into a custom op: traced, the torch backend casts its inputs as SDPA would eagerly,
+    so eager and compiled agree on the output's dtype and values (and the fake on the real op's dtype)."""
+    q, k, v, cu = make_pack([5, 11], 2, 32, torch.float32, device="cpu")
+
+    def f(q, k, v, cu):
+        out, lse = varlen_attention(q, k, v, cu, 11, backend="torch", return_lse=True)
+        return out, lse
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = f(q, k, v, cu)
+        traced = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v, cu)
+    assert eager[0].dtype == traced[0].dtype == torch.bfloat16 and not eager[1].requires_grad
+    torch.testing.assert_close(traced[0], eager[0], rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(traced[1], eager[1], rtol=1e-2, atol=1e-2)
 
 
 def test_backend_lookup_does_no_import_machinery_per_call(monkeypatch):

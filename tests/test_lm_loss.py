@@ -33,11 +33,12 @@ def grads_of(loss, leaves):
     return torch.autograd.grad(loss, want)
 
 
+@pytest.mark.parametrize("vocab", [50, 20])  # more classes than rows (blocks of classes), fewer (blocks of rows)
 @pytest.mark.parametrize("chunk", [1, 3, 16, 1000])
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_matches_full_logits_in_fp64(chunk, reduction, bias):
-    hidden, weight, b, targets = inputs(37, 24, 50, bias=bias, ignored=(0, 5, 36))
+def test_matches_full_logits_in_fp64(chunk, reduction, bias, vocab):
+    hidden, weight, b, targets = inputs(37, 24, vocab, bias=bias, ignored=(0, 5, 36))
     got, count = linear_cross_entropy(hidden, weight, targets, b, reduction=reduction, chunk_rows=chunk)
     want = linear_cross_entropy_ref(hidden, weight, targets, b, reduction=reduction)
     assert int(count) == 34 and got.dtype == torch.float64
@@ -67,19 +68,33 @@ def test_low_precision_inputs_match_the_same_dtype_reference(dtype):
         torch.testing.assert_close(a.double() / scale, e.double() / scale, **tol, msg=name)
 
 
-def test_autocast_rounds_the_logits_as_the_plain_expression_does():
-    """Under bf16 autocast, F.linear gives bf16 logits that the loss upcasts: the op's products run in bf16 too, so
-    the two agree to the order of the sums (fp32 parameters, as a model holds them)."""
-    hidden, weight, b, targets = inputs(33, 48, 40, dtype=torch.float32, bias=False)
+@pytest.mark.parametrize("rows,vocab", [(33, 40), (40, 33)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_autocast_rounds_the_logits_as_the_plain_expression_does(rows, vocab, bias):
+    """Under bf16 autocast, F.linear gives bf16 logits (the bias added before the rounding) that the loss upcasts:
+    the op's products run so too, and the two agree to the order of the sums (fp32 parameters, as a model holds
+    them)."""
+    hidden, weight, b, targets = inputs(rows, 48, vocab, dtype=torch.float32, bias=bias)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got, _ = linear_cross_entropy(hidden, weight, targets, chunk_rows=8)
-        want = linear_cross_entropy_ref(hidden, weight, targets)
+        got, _ = linear_cross_entropy(hidden, weight, targets, b, chunk_rows=8)
+        want = linear_cross_entropy_ref(hidden, weight, targets, b)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    for name, a, e in zip(("hidden", "weight"), grads_of(got, (hidden, weight)), grads_of(want, (hidden, weight)),
+    names = ("hidden", "weight", "bias")[:3 if bias else 2]
+    for name, a, e in zip(names, grads_of(got, (hidden, weight, b)), grads_of(want, (hidden, weight, b)),
                           strict=True):
         assert a.dtype == torch.float32
         scale = e.abs().max()
         torch.testing.assert_close(a / scale, e / scale, rtol=1e-2, atol=1e-2, msg=name)
+
+
+def test_fp64_stays_fp64_under_autocast():
+    """Autocast leaves fp64 alone (F.linear runs it in fp64), and so does the op."""
+    hidden, weight, b, targets = inputs(20, 16, 30)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, _ = linear_cross_entropy(hidden, weight, targets, b)
+        want = linear_cross_entropy_ref(hidden, weight, targets, b)
+    assert got.dtype == want.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
 def test_no_rows_and_all_ignored_give_zero():

@@ -566,17 +566,21 @@ class _FakeHFBase(torch.nn.Module):
         self.mix = torch.nn.Linear(width, width)
 
     def forward(self, inputs_embeds, attention_mask=None):
-        return types.SimpleNamespace(last_hidden_state=torch.tanh(self.mix(inputs_embeds)))
+        hidden = torch.tanh(self.mix(inputs_embeds))
+        if attention_mask is not None:  # as attention would, the mask changes every position's state: it must reach
+            hidden = hidden * (1 + attention_mask.sum(1, keepdim=True)[..., None].to(hidden.dtype) / 8)  # the base
+        return types.SimpleNamespace(last_hidden_state=hidden)
 
 
 class _FakeHFCausalLM(torch.nn.Module):
-    """The parts of a transformers *ForCausalLM that HFCausalLM uses, with an optional Gemma-style soft cap."""
+    """The parts of a transformers *ForCausalLM that HFCausalLM uses, with an optional Gemma-style soft cap and an
+    optional logit multiplier under a config name the adapter does not know (caught by its numeric check)."""
 
     base_model_prefix = "model"
 
-    def __init__(self, vocab=200, width=48, softcap=None):
+    def __init__(self, vocab=200, width=48, softcap=None, multiplier=None):
         super().__init__()
-        self.config = types.SimpleNamespace(final_logit_softcapping=softcap)
+        self.config = types.SimpleNamespace(final_logit_softcapping=softcap, some_new_logit_multiplier=multiplier)
         self.model = _FakeHFBase(vocab, width)
         self.lm_head = torch.nn.Linear(width, vocab, bias=True)
 
@@ -587,31 +591,34 @@ class _FakeHFCausalLM(torch.nn.Module):
         return self.lm_head
 
     def forward(self, inputs_embeds, attention_mask=None):
-        logits = self.lm_head(self.model(inputs_embeds=inputs_embeds).last_hidden_state)
-        cap = self.config.final_logit_softcapping
+        logits = self.lm_head(self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state)
+        cap, mult = self.config.final_logit_softcapping, self.config.some_new_logit_multiplier
+        if mult is not None:
+            logits = logits * mult
         return types.SimpleNamespace(logits=logits if cap is None else cap * torch.tanh(logits / cap))
 
 
-def _hf_lm(softcap=None):
+def _hf_lm(softcap=None, multiplier=None):
     lm = HFCausalLM.__new__(HFCausalLM)  # without transformers or a directory: the adapter around a fake model
     torch.nn.Module.__init__(lm)
-    lm.model = _FakeHFCausalLM(softcap=softcap)
+    lm.model = _FakeHFCausalLM(softcap=softcap, multiplier=multiplier)
     lm.vocab_size, lm.hidden_size = 200, 48
     return lm
 
 
-@pytest.mark.parametrize("softcap", [None, 3.0])
-def test_aligner_head_loss_through_a_hugging_face_adapter(softcap):
-    """A Hugging Face LM takes the head loss through its base model and lm_head (with lm_head's bias); one whose
-    logits are transformed (here Gemma's soft cap) keeps the full logits, so its loss stays right."""
+@pytest.mark.parametrize("softcap,multiplier", [(None, None), (3.0, None), (None, 2.0)])
+def test_aligner_head_loss_through_a_hugging_face_adapter(softcap, multiplier):
+    """A Hugging Face LM takes the head loss through its base model (with the attention mask) and lm_head (with
+    its bias); one whose logits are transformed keeps the full logits, so its loss stays right: Gemma's soft cap by
+    its config name, a multiplier under an unknown name by the adapter's numeric check."""
     stage1 = small_model()
     images, ids, labels, mask = aligner_inputs(create_aligner(stage1.cfg, visual=stage1.visual, lm=_hf_lm()))
     results = []
     for return_logits in (True, False):
         torch.manual_seed(0)
-        lm = _hf_lm(softcap)
+        lm = _hf_lm(softcap, multiplier)
         aligner = create_aligner(stage1.cfg, visual=stage1.visual, lm=lm)
-        assert lm.head_loss_supported() == (softcap is None)
+        assert lm.head_loss_supported() == (softcap is None and multiplier is None)
         out = aligner(*images[:4], ids, labels, mask, images[4], return_logits=return_logits)
         out["loss"].backward()
         grads = {n: p.grad.clone() for n, p in aligner.named_parameters() if p.grad is not None}

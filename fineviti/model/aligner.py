@@ -176,19 +176,42 @@ class HFCausalLM(nn.Module):
         return self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask).logits
 
     # config attributes of Hugging Face models whose logits are not just F.linear(last hidden state, head): soft
-    # capping (Gemma 2 and 3), a logit scale (Cohere), logits scaling (Granite). Such a model keeps the full logits.
-    LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+    # capping (Gemma 2 and 3, xLSTM), a logit scale (Cohere), logits scaling (Granite), a head multiplier
+    # (Falcon-H1). Such a model keeps the full logits. A soft cap barely moves small logits, so the numeric check
+    # in head_loss_supported cannot be relied on to catch it: it is named here.
+    LOGIT_TRANSFORMS = ("final_logit_softcapping", "output_logit_soft_cap", "logit_scale", "logits_scaling",
+                        "lm_head_multiplier")
 
     def head_loss_supported(self) -> bool:
         """Whether logits are F.linear(hidden_states(...), *output_head()): the base model under
-        base_model_prefix, an output embedding with a weight, and none of LOGIT_TRANSFORMS set."""
+        base_model_prefix, an output embedding with a weight, none of LOGIT_TRANSFORMS set, and, checked once on
+        a 4-token input (eval mode, no gradient), the same logits both ways (to 1e-3 of their largest)."""
+        if getattr(self, "_head_loss_supported", None) is None:
+            self._head_loss_supported = self._head_loss_check()
+        return self._head_loss_supported
+
+    def _head_loss_check(self) -> bool:
         config = getattr(self.model, "config", None)
         if any(getattr(config, name, None) not in (None, 1, 1.0) for name in self.LOGIT_TRANSFORMS):
             return False
         head = self.model.get_output_embeddings()
         prefix = getattr(self.model, "base_model_prefix", "")
-        return isinstance(getattr(head, "weight", None), torch.Tensor) and isinstance(
-            getattr(self.model, prefix, None), nn.Module)
+        if not (isinstance(getattr(head, "weight", None), torch.Tensor)
+                and isinstance(getattr(self.model, prefix, None), nn.Module)):
+            return False
+        embed = self.get_input_embeddings().weight
+        probe = torch.randn(1, 4, embed.shape[1], device=embed.device, generator=torch.Generator(
+            device=embed.device).manual_seed(0)).to(embed.dtype)
+        was_training = self.model.training
+        try:
+            self.model.eval()
+            with torch.no_grad():
+                want = self.forward(probe).float()
+                got = F.linear(self.hidden_states(probe), *self.output_head()).float()
+        finally:
+            self.model.train(was_training)
+        return got.shape == want.shape and bool(
+            (got - want).abs().max() <= 1e-3 * want.abs().max().clamp_min(1e-6))
 
     def hidden_states(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None
                       ) -> torch.Tensor:
@@ -353,6 +376,9 @@ class Aligner(nn.Module):
                                     sample_image)
         if return_logits is None:
             return_logits = labels is None
+        if labels is None and not return_logits:
+            raise ValueError("return_logits=False without labels leaves nothing to return: pass labels (for the "
+                             "loss) or return_logits=True")
         if labels is not None and not return_logits and self._head_loss_supported():
             hidden = self.lm.hidden_states(inputs_embeds, attention_mask)
             loss, count = answer_token_loss(hidden, labels, *self.lm.output_head())
@@ -407,8 +433,8 @@ def answer_token_loss(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.
     from fineviti.ops import linear_cross_entropy
 
     targets = labels[:, 1:]
-    keep = targets != IGNORE_INDEX
-    loss, count = linear_cross_entropy(hidden[:, :-1][keep], weight, targets[keep], bias, reduction="mean")
+    where = (targets != IGNORE_INDEX).nonzero(as_tuple=True)  # the one host read: the number of targets
+    loss, count = linear_cross_entropy(hidden[:, :-1][where], weight, targets[where], bias, reduction="mean")
     return loss, count
 
 

@@ -262,10 +262,18 @@ def _run_torch(q, k, v, cu_q, cu_k, max_q, max_k, scale, seqlens, return_lse):
     if torch.compiler.is_compiling():
         # Traced, the per-sequence loop reads the lengths on the host (a graph break, or an error under
         # fullgraph=True) and specialises the graph on them (one recompile per pack): the same computation as one
-        # opaque custom op instead, which the trace keeps whole.
+        # opaque custom op instead, which the trace keeps whole. Autocast does not reach into a custom op: the
+        # inputs take the autocast dtype here, as scaled_dot_product_attention's would in eager mode.
+        device = q.device.type
+        if torch.is_autocast_enabled(device) and q.dtype == torch.float32:
+            low = torch.get_autocast_dtype(device)
+            q, k, v = q.to(low), k.to(low), v.to(low)
         o, lse = _torch_fwd(q, k, v, cu_q, cu_k, max_q, max_k, scale, return_lse)
         return (o, lse) if return_lse else o
-    return _sdpa_per_sequence(q, k, v, cu_q, cu_k, scale, seqlens, return_lse)
+    if return_lse:  # without a gradient, as the triton backend's (and traced, this backend's)
+        o, lse = _sdpa_per_sequence(q, k, v, cu_q, cu_k, scale, seqlens, True)
+        return o, lse.detach()
+    return _sdpa_per_sequence(q, k, v, cu_q, cu_k, scale, seqlens, False)
 
 
 def _sdpa_per_sequence(q, k, v, cu_q, cu_k, scale, seqlens, return_lse):
@@ -280,8 +288,9 @@ def _sdpa_per_sequence(q, k, v, cu_q, cu_k, scale, seqlens, return_lse):
             outs.append(torch.zeros_like(qi[0]).transpose(0, 1))
         else:
             outs.append(torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, scale=scale)[0].transpose(0, 1))
-        if return_lse:
-            lses.append(torch.logsumexp((qi[0].float() @ ki[0].float().transpose(1, 2)) * scale, dim=-1))
+        if return_lse:  # in fp32 also under autocast (the contract's dtype; autocast would run it in 16 bits)
+            with torch.autocast(q.device.type, enabled=False):
+                lses.append(torch.logsumexp((qi[0].float() @ ki[0].float().transpose(1, 2)) * scale, dim=-1))
     out = torch.cat(outs, 0) if outs else torch.empty_like(q)
     if return_lse:
         return out, (torch.cat(lses, 1) if lses else q.new_empty((q.shape[1], 0), dtype=torch.float32))
@@ -292,44 +301,62 @@ def _sdpa_per_sequence(q, k, v, cu_q, cu_k, scale, seqlens, return_lse):
 def _torch_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
                return_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The torch backend as one op, for traced code (_run_torch): (out, lse), lse (heads, total_q) with
-    return_lse, else (heads, 0). The max_seqlen arguments are unused (kept for the other ops' signature)."""
-    if return_lse:
-        return _sdpa_per_sequence(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, None, True)
-    out = _sdpa_per_sequence(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, None, False)
-    return out, q.new_empty((q.shape[1], 0), dtype=torch.float32)
+    """The torch backend as one op, for traced code (_run_torch): (out, lse), out contiguous in q's dtype, lse
+    (heads, total_q) with return_lse, else (heads, 0). The max_seqlen arguments are unused (kept for the other ops'
+    signature). Autocast is off inside (the caller cast the inputs), so the fake's dtypes hold."""
+    with torch.autocast(q.device.type, enabled=False):
+        if return_lse:
+            out, lse = _sdpa_per_sequence(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, None, True)
+        else:
+            out = _sdpa_per_sequence(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, None, False)
+            lse = q.new_empty((q.shape[1], 0), dtype=torch.float32)
+    return out.contiguous(), lse.contiguous()
 
 
 @_torch_fwd.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, return_lse):
-    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0] if return_lse else 0), dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0] if return_lse else 0), dtype=torch.float32)
 
 
 @torch.library.custom_op("fineviti::varlen_attention_torch_bwd", mutates_args=(), device_types=("cuda", "cpu"))
 def _torch_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                cu_seqlens_k: torch.Tensor, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq, dk, dv of _torch_fwd's output, per sequence from the recomputed probabilities (in fp32 for 16-bit
-    inputs). Written out rather than through autograd: a custom op's body runs with autograd turned off."""
+    """dq, dk, dv (contiguous) of _torch_fwd's output, per sequence from the recomputed probabilities (in fp32 for
+    16-bit inputs), in blocks of query rows that keep each (heads, rows, keys) fp32 block near _TORCH_BWD_BLOCK
+    bytes. Written out rather than through autograd: a custom op's body runs with autograd turned off."""
     compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    dq, dk, dv = q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
     bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    for i in range(len(bounds_q) - 1):
-        rows, keys = slice(bounds_q[i], bounds_q[i + 1]), slice(bounds_k[i], bounds_k[i + 1])
-        if rows.start == rows.stop or keys.start == keys.stop:
-            continue  # no queries, or no keys: the output is zeros whatever q, k, v are
-        qi, ki, vi, doi = (t[s].to(compute).transpose(0, 1) for t, s in ((q, rows), (k, keys), (v, keys), (do, rows)))
-        p = torch.softmax((qi @ ki.transpose(1, 2)) * softmax_scale, dim=-1)  # (heads, Lq, Lk)
-        dp = doi @ vi.transpose(1, 2)
-        ds = p * (dp - (dp * p).sum(-1, keepdim=True))  # the row sum of dp * p is that of dO * O
-        dq[rows] = ((ds @ ki) * softmax_scale).transpose(0, 1).to(q.dtype)
-        dk[keys] = ((ds.transpose(1, 2) @ qi) * softmax_scale).transpose(0, 1).to(k.dtype)
-        dv[keys] = (p.transpose(1, 2) @ doi).transpose(0, 1).to(v.dtype)
+    heads = q.shape[1]
+    with torch.autocast(q.device.type, enabled=False):
+        for i in range(len(bounds_q) - 1):
+            keys = slice(bounds_k[i], bounds_k[i + 1])
+            n_keys = keys.stop - keys.start
+            if n_keys == 0:
+                continue  # no keys: the output is zeros whatever q, k, v are
+            ki, vi = (t[keys].to(compute).transpose(0, 1) for t in (k, v))  # (heads, Lk, d)
+            dki, dvi = torch.zeros_like(ki), torch.zeros_like(vi)
+            block = max(1, _TORCH_BWD_BLOCK // (4 * heads * n_keys))
+            for start in range(bounds_q[i], bounds_q[i + 1], block):
+                rows = slice(start, min(start + block, bounds_q[i + 1]))
+                qi, doi = (t[rows].to(compute).transpose(0, 1) for t in (q, do))
+                p = torch.softmax((qi @ ki.transpose(1, 2)) * softmax_scale, dim=-1)  # (heads, rows, Lk)
+                dp = doi @ vi.transpose(1, 2)
+                ds = p * (dp - (dp * p).sum(-1, keepdim=True))  # the row sum of dp * p is that of dO * O
+                dq[rows] = ((ds @ ki) * softmax_scale).transpose(0, 1).to(q.dtype)
+                dki += (ds.transpose(1, 2) @ qi) * softmax_scale
+                dvi += p.transpose(1, 2) @ doi
+            dk[keys] = dki.transpose(0, 1).to(k.dtype)
+            dv[keys] = dvi.transpose(0, 1).to(v.dtype)
     return dq, dk, dv
+
+
+_TORCH_BWD_BLOCK = 64 * 2**20  # bytes of one fp32 (heads, rows, keys) block in _torch_bwd
 
 
 @_torch_bwd.register_fake
 def _(do, q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _torch_fwd_setup_context(ctx, inputs, output):
@@ -514,7 +541,8 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, cu_seqlens_k=None, max_
     cu_seqlens_k / max_seqlen_k: separate key lengths (default: the query ones).
     softmax_scale: default 1/sqrt(head_dim).
     backend: 'auto' or one of BACKENDS (module docstring).
-    return_lse: also return the (heads, total) fp32 log-sum-exp (natural log) of the scaled scores.
+    return_lse: also return the (heads, total) fp32 log-sum-exp (natural log) of the scaled scores (without a
+        gradient on the triton and torch backends).
     deterministic: ask for a bit-reproducible backward (also on when torch.use_deterministic_algorithms(True) is
         set). The triton backend then computes dq in a second kernel without atomics; otherwise it follows
         kernels.varlen_attention.dq_mode (atomic dq at 16-bit head dims above 64;

@@ -1,14 +1,17 @@
 """Cross-entropy of a linear output head without the (rows, vocab) logits: the stage-2 LM loss.
 
 `linear_cross_entropy(hidden, weight, targets)` is `F.cross_entropy(F.linear(hidden, weight, bias).float(),
-targets, ignore_index=-100, reduction="sum")`, computed in chunks of rows: the forward keeps one (chunk, vocab)
-fp32 block at a time and saves only the (rows,) log-sum-exps; the backward recomputes each chunk's logits and
-turns them into the gradients of hidden, weight and bias. Peak memory beyond the inputs and the weight's gradient:
-about 3 x chunk x vocab x 4 bytes, against rows x vocab x (2 + 4 + 4 + 2) bytes for logits, their fp32 copy, its
-gradient and the logits' gradient when the logits exist (9.8 GB of fp32 logits alone for 16k tokens of a 150k
-vocabulary). The products run as F.linear would run them: in the autocast dtype when autocast is on (bf16 logits,
-rounded to bf16 before the fp32 softmax, as the plain expression rounds them), else in the inputs' dtype; the
-weight's gradient is summed over chunks in fp32 (fp64 for fp64 inputs, which run in fp64 throughout).
+targets, ignore_index=-100, reduction="sum")` without the (rows, vocab) logits: the forward runs blocks of
+`chunk_rows` rows over all classes and saves only the (rows,) log-sum-exps; the backward recomputes the logits
+block by block and turns them into the gradients of hidden, weight and bias. With fewer rows than classes (the
+aligner's case) its blocks are of classes over all rows, about as many elements as a forward block: each slice of
+the weight's gradient is then one product written once, and the hidden states' gradient, the smaller tensor, is
+what sums over blocks (in fp32); with more rows than classes it is the other way round. Peak memory beyond the
+inputs, a 16-bit copy of the weight and the gradients: a few (chunk_rows, vocab) fp32 blocks, against rows x vocab
+x (2 + 4 + 4 + 2) bytes for the logits, their fp32 copy, its gradient and the logits' gradient when the logits
+exist (9.8 GB of fp32 logits alone for 16k tokens of a 150k vocabulary). The products run as F.linear would run
+them: in the autocast dtype when autocast is on (bf16 logits with the bias added before the rounding, then the
+fp32 softmax, as the plain expression does), else in the inputs' dtype; fp64 inputs run in fp64 throughout.
 
 Pure torch (cuBLAS does the products; a fused kernel would save the recomputation's extra pass over the logits,
 not memory). The aligner gathers the answer positions first, so the head never runs on image or prompt tokens.
@@ -43,8 +46,11 @@ def default_chunk_rows(vocab: int) -> int:
 
 
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """What F.linear would multiply in: the autocast dtype when autocast is on (it leaves fp64 alone), else the
+    promoted input dtype."""
     device = hidden.device.type
-    if torch.is_autocast_enabled(device) and hidden.is_floating_point():
+    fp64 = torch.float64 in (hidden.dtype, weight.dtype)
+    if torch.is_autocast_enabled(device) and not fp64:
         return torch.get_autocast_dtype(device)
     return torch.promote_types(hidden.dtype, weight.dtype)
 
@@ -53,14 +59,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, ignore_index, chunk, dtype, mean):
         rows = hidden.shape[0]
-        w = weight.to(dtype)
+        h, w, b = hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
         lse = torch.empty(rows, dtype=_loss_dtype(dtype), device=hidden.device)
         total = torch.zeros((), dtype=lse.dtype, device=hidden.device)
         valid = targets != ignore_index
         count = valid.sum()
         for start in range(0, rows, chunk):
             part = slice(start, min(start + chunk, rows))
-            logits = _logits(hidden[part], w, bias, dtype)
+            logits = _logits(h[part], w, b)
             lse[part] = torch.logsumexp(logits, dim=1)
             picked = logits.gather(1, targets[part].clamp(min=0)[:, None])[:, 0]
             total += torch.where(valid[part], lse[part] - picked, 0.0).sum()
@@ -78,35 +84,76 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ignore_index, chunk, dtype, mean = ctx.args
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         scale = grad / count.clamp(min=1) if mean else grad
-        w = weight.to(dtype)
-        dh = torch.empty_like(hidden) if need_h else None
-        dw = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if need_w else None
-        db = torch.zeros(bias.shape, dtype=lse.dtype, device=bias.device) if need_b else None
-        rows = hidden.shape[0]
-        for start in range(0, rows, chunk):
-            part = slice(start, min(start + chunk, rows))
-            logits = _logits(hidden[part], w, bias, dtype)
-            # d(lse - logit[target]) / d logits = softmax - onehot(target), zero on ignored rows, times the
-            # upstream gradient (over the target count for the mean)
-            g = torch.exp(logits.sub_(lse[part, None]))
-            tgt = targets[part]
-            valid = tgt != ignore_index
-            g.scatter_add_(1, tgt.clamp(min=0)[:, None], -valid[:, None].to(g.dtype))
-            g.mul_((valid.to(g.dtype) * scale)[:, None])
-            if db is not None:
-                db += g.sum(0)
-            g16 = g.to(dtype)
-            if dh is not None:
-                dh[part] = (g16 @ w).to(hidden.dtype)
-            if dw is not None:
-                dw += g16.t() @ hidden[part].to(dtype)
-        return (dh, None if dw is None else dw.to(weight.dtype), None if db is None else db.to(bias.dtype),
-                None, None, None, None, None)
+        h, w, b = hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+        rows, vocab = hidden.shape[0], weight.shape[0]
+        valid = targets != ignore_index
+        row_scale = (valid.to(lse.dtype) * scale)[:, None]
+        if rows <= vocab:
+            dh, dw, db = _grads_by_vocab_blocks(h, w, b, targets, valid, lse, row_scale, chunk * vocab,
+                                                need_h, need_w, need_b, weight.dtype)
+        else:
+            dh, dw, db = _grads_by_row_blocks(h, w, b, targets, valid, lse, row_scale, chunk, need_h, need_w,
+                                              need_b)
+        return (None if dh is None else dh.to(hidden.dtype), None if dw is None else dw.to(weight.dtype),
+                None if db is None else db.to(bias.dtype), None, None, None, None, None)
 
 
-def _logits(h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    out = (h.to(dtype) @ w.t()).to(_loss_dtype(dtype))
-    return out if bias is None else out + bias.to(out.dtype)
+def _dlogits(logits, lse, targets, valid, row_scale, col0: int):
+    """d loss / d logits of a (rows, cols) block whose columns start at class col0, in place: (softmax -
+    onehot(target)) times the row's upstream factor (0 on ignored rows)."""
+    g = torch.exp(logits.sub_(lse[:, None]))
+    hit = valid & (targets >= col0) & (targets < col0 + g.shape[1])
+    g.scatter_add_(1, (targets - col0).clamp(0, g.shape[1] - 1)[:, None], -hit[:, None].to(g.dtype))
+    return g.mul_(row_scale)
+
+
+def _grads_by_vocab_blocks(h, w, b, targets, valid, lse, row_scale, block_elems, need_h, need_w, need_b,
+                           weight_dtype):
+    """Fewer rows than classes (the aligner's case: thousands of answer tokens, tens of thousands of classes):
+    blocks of classes over all rows. Each block's slice of the weight's (and bias's) gradient is one product,
+    written once; the hidden states' gradient, the smaller one, is what sums over blocks (fp32)."""
+    rows, vocab = h.shape[0], w.shape[0]
+    cols = max(1, min(vocab, block_elems // max(rows, 1)))
+    dh = torch.zeros(h.shape, dtype=lse.dtype, device=h.device) if need_h else None
+    dw = torch.empty(w.shape, dtype=weight_dtype, device=w.device) if need_w else None  # slices cast as written
+    db = torch.empty(vocab, dtype=lse.dtype, device=h.device) if need_b else None
+    for col0 in range(0, vocab, cols):
+        part = slice(col0, min(col0 + cols, vocab))
+        g = _dlogits(_logits(h, w[part], None if b is None else b[part]), lse, targets, valid, row_scale, col0)
+        if db is not None:
+            db[part] = g.sum(0)
+        g16 = g.to(h.dtype)
+        if dw is not None:
+            dw[part] = g16.t() @ h
+        if dh is not None:
+            dh += g16 @ w[part]
+    return dh, dw, db
+
+
+def _grads_by_row_blocks(h, w, b, targets, valid, lse, row_scale, chunk, need_h, need_w, need_b):
+    """More rows than classes: blocks of rows over all classes; the weight's gradient, now the smaller one, sums
+    over blocks (fp32) and each block's rows get their hidden-state gradient once."""
+    rows = h.shape[0]
+    dh = torch.empty(h.shape, dtype=h.dtype, device=h.device) if need_h else None
+    dw = torch.zeros(w.shape, dtype=lse.dtype, device=w.device) if need_w else None
+    db = torch.zeros(w.shape[0], dtype=lse.dtype, device=h.device) if need_b else None
+    for start in range(0, rows, chunk):
+        part = slice(start, min(start + chunk, rows))
+        g = _dlogits(_logits(h[part], w, b), lse[part], targets[part], valid[part], row_scale[part], 0)
+        if db is not None:
+            db += g.sum(0)
+        g16 = g.to(h.dtype)
+        if dh is not None:
+            dh[part] = g16 @ w
+        if dw is not None:
+            dw += g16.t() @ h[part]
+    return dh, dw, db
+
+
+def _logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """F.linear in the compute dtype (the bias added before the rounding, as F.linear adds it), then the loss
+    dtype."""
+    return F.linear(h, w, b).to(_loss_dtype(h.dtype))
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -141,11 +188,15 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int)
                                    or chunk_rows < 1):
         raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
-    if targets.device.type == "cpu" and targets.numel():
+    if targets.numel():
         bad = (targets != ignore_index) & ((targets < 0) | (targets >= weight.shape[0]))
-        if bool(bad.any()):
-            raise ValueError(f"targets must be in [0, {weight.shape[0]}) or ignore_index ({ignore_index}), got "
-                             f"{targets[bad][:5].tolist()}")
+        if targets.device.type == "cpu":
+            if bool(bad.any()):
+                raise ValueError(f"targets must be in [0, {weight.shape[0]}) or ignore_index ({ignore_index}), "
+                                 f"got {targets[bad][:5].tolist()}")
+        else:  # a device-side assert: no synchronisation, and no silent class 0 for a stray negative label
+            torch._assert_async(~bad.any(), f"linear_cross_entropy: targets must be in [0, {weight.shape[0]}) "
+                                            f"or ignore_index ({ignore_index})")
     chunk = chunk_rows or default_chunk_rows(weight.shape[0])
     return _LinearCrossEntropy.apply(hidden, weight, bias, targets, ignore_index, chunk,
                                      _compute_dtype(hidden, weight), reduction == "mean")
