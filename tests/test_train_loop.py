@@ -333,6 +333,13 @@ def test_stage2_from_a_stage1_checkpoint(tmp_path):
         trainer.close()
     logged = rows(tmp_path / "stage2")
     assert len(logged) == 3 and all(math.isfinite(r["loss"]) and r["answer_tokens"] > 0 for r in logged)
+    # the logged rate is the base one (optimizer.lr times the schedule), not the first group's (the vision tower's,
+    # at half of it here)
+    from fineviti.train.optim import WarmupDecay
+
+    schedule = WarmupDecay(cfg.scheduler, cfg.training.steps)
+    assert [r["lr"] for r in logged] == pytest.approx([cfg.optimizer.lr * schedule(i) for i in range(3)], abs=1e-12)
+    assert any(r["lr"] > 0 for r in logged)
     for n, p in trainer.raw_model.lm.named_parameters():
         assert torch.equal(p, lm_before[n]), n
     assert not torch.equal(trainer.raw_model.visual.blocks[0].attn.qkv.weight,

@@ -243,7 +243,10 @@ class Trainer:
             local = self._stage2_counts(batch, region)
         totals = self._reduce(loss.detach().float(), local)
         check_finite(totals["loss"], self.step)
-        lr = self.optimizer.param_groups[0]["lr"]  # the rate of this step (the schedule moves on below)
+        # the base rate of this step (the schedule moves on below): optimizer.lr times the schedule's factor, not
+        # the first group's rate, which in stage 2 is a part's (the vision tower's, at stage2.vision_lr_scale)
+        first = self.optimizer.param_groups[0]
+        lr = first["lr"] / first["initial_lr"] * self.cfg.optimizer.lr if first.get("initial_lr") else first["lr"]
         with nvtx_range("optimizer", self.nvtx):
             grad_norm = self._clip()
             self.optimizer.step()
