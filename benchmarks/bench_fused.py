@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.common import Recorder, bench  # noqa: E402
+from benchmarks.common import Recorder  # noqa: E402
 from fineviti.ops import glu, norm  # noqa: E402
 
 OPS = ("rms_norm", "swiglu")
@@ -100,13 +100,7 @@ def run_case(rec, op, provider, mode, rows, width, dtype, device):
 
         def step():
             torch.autograd.grad(fn(*inputs), leaves, dy)
-    try:
-        timing = bench(step)
-    except Exception as exc:  # noqa: BLE001 (one provider's failure is a row, not the end of the run)
-        rec.error(provider=provider, mode=mode, shape=shape, dtype=dtype_name, error=f"{type(exc).__name__}: {exc}")
-        return None
-    return rec.add(provider=provider, mode=mode, shape=shape, dtype=dtype_name, timing=timing,
-                   gbps=moved / (timing["median_ms"] * 1e-3) / 1e9)
+    return rec.measure(step, provider=provider, mode=mode, shape=shape, dtype=dtype_name, moved_bytes=moved)
 
 
 def main(argv=None) -> None:

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.common import Recorder, bench  # noqa: E402
+from benchmarks.common import Recorder  # noqa: E402
 from fineviti.ops import lm_loss  # noqa: E402
 
 PROVIDERS = ("ours", "torch_eager", "torch_compile")
@@ -72,15 +72,7 @@ def run_case(rec, provider, mode, targets, hidden, vocab, per_target, dtype, dev
     else:
         def step():
             torch.autograd.grad(fn(h, w, t), (h, w))
-    try:
-        timing = bench(step)
-    except Exception as exc:  # noqa: BLE001 (one provider's failure, often out of memory, is a row)
-        rec.error(provider=provider, mode=mode, shape=shape, dtype=dtype_name, error=f"{type(exc).__name__}: {exc}")
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        return None
-    return rec.add(provider=provider, mode=mode, shape=shape, dtype=dtype_name, timing=timing,
-                   tflops=flops / (timing["median_ms"] * 1e-3) / 1e12)
+    return rec.measure(step, provider=provider, mode=mode, shape=shape, dtype=dtype_name, flops=flops)
 
 
 def main(argv=None) -> None:

@@ -139,6 +139,22 @@ class Recorder:
               f"{timing['median_ms']:9.3f} ms {shown}", flush=True)
         return row
 
+    def measure(self, step, *, provider: str, mode: str, shape: dict, dtype: str, flops: float | None = None,
+                moved_bytes: float | None = None) -> dict | None:
+        """Times `step` (bench) and adds its row, with TFLOP/s of `flops` or GB/s of `moved_bytes` per call; a
+        failure (often out of memory) becomes an error row instead, and the CUDA cache is emptied after it."""
+        try:
+            timing = bench(step)
+        except Exception as exc:  # noqa: BLE001 (one provider's failure is a row, not the end of the run)
+            self.error(provider=provider, mode=mode, shape=shape, dtype=dtype, error=f"{type(exc).__name__}: {exc}")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return None
+        seconds = timing["median_ms"] * 1e-3
+        return self.add(provider=provider, mode=mode, shape=shape, dtype=dtype, timing=timing,
+                        tflops=None if flops is None else flops / seconds / 1e12,
+                        gbps=None if moved_bytes is None else moved_bytes / seconds / 1e9)
+
     def error(self, *, provider: str, mode: str, shape: dict, dtype: str, error: str) -> None:
         row = {"benchmark": self.benchmark, "provider": provider, "mode": mode, "shape": shape, "dtype": dtype,
                "error": error, **self.env}
