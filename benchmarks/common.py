@@ -143,10 +143,13 @@ class Recorder:
                 moved_bytes: float | None = None) -> dict | None:
         """Times `step` (bench) and adds its row, with TFLOP/s of `flops` or GB/s of `moved_bytes` per call; a
         failure (often out of memory) becomes an error row instead, and the CUDA cache is emptied after it."""
+        failure = None
         try:
             timing = bench(step)
         except Exception as exc:  # noqa: BLE001 (one provider's failure is a row, not the end of the run)
-            self.error(provider=provider, mode=mode, shape=shape, dtype=dtype, error=f"{type(exc).__name__}: {exc}")
+            failure = f"{type(exc).__name__}: {exc}"
+        if failure is not None:  # outside the handler: its traceback no longer holds the step's tensors
+            self.error(provider=provider, mode=mode, shape=shape, dtype=dtype, error=failure)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             return None

@@ -346,13 +346,32 @@ def test_stage2_from_a_stage1_checkpoint(tmp_path):
                            reference.visual.blocks[0].attn.qkv.weight)
 
 
-def test_resume_with_other_optimizer_groups_says_why(tmp_path):
-    """A checkpoint whose optimizer was grouped otherwise (here stage2.freeze changed between the runs; a DDP stage-2
-    run saved before the groups followed the unwrapped names is the other case) fails to resume with an error
-    that says so, not DCP's missing-key message."""
+@pytest.mark.parametrize("freeze,match", [("", r"optimizer with 6 parameter groups, and this run builds 8"),
+                                          ("vision", r"no optimizer state for \d+ of this run's trainable")])
+def test_resume_with_other_optimizer_groups_says_why(tmp_path, freeze, match):
+    """A checkpoint whose optimizer was grouped otherwise (here stage2.freeze changed between the runs: more groups,
+    or as many over other parameters; a DDP stage-2 run saved before the groups followed the unwrapped names is
+    the other case) fails to resume with an error that says so, not DCP's missing-key message."""
     run(config(tmp_path, "training.stage=2", "training.steps=1", "stage2.freeze=lm", name="s2"))
-    with pytest.raises(ValueError, match=r"optimizer with \d+ parameter groups, and this run builds \d+"):
-        Trainer(config(tmp_path, "training.stage=2", "training.steps=2", "checkpoint.resume=auto", name="s2"))
+    with pytest.raises(ValueError, match=match):
+        Trainer(config(tmp_path, "training.stage=2", "training.steps=2", "checkpoint.resume=auto",
+                       f"stage2.freeze={freeze}", name="s2"))
+
+
+def test_resume_with_more_steps_follows_the_new_schedule(tmp_path):
+    """Raising training.steps on resume stretches the schedule to the new end (the checkpoint keeps the step count,
+    not the old total: the old one decayed the rate to its floor at step 4 and kept it there)."""
+    from fineviti.train.optim import WarmupDecay
+
+    run(config(tmp_path, "training.steps=4", "scheduler.decay=linear", "scheduler.warmup_steps=1", name="r"))
+    cfg = config(tmp_path, "training.steps=8", "scheduler.decay=linear", "scheduler.warmup_steps=1",
+                 "checkpoint.resume=auto", name="r")
+    run(cfg)
+    logged = {r["step"]: r["lr"] for r in rows(tmp_path / "r")}
+    schedule = WarmupDecay(cfg.scheduler, 8)
+    assert [logged[s] for s in range(5, 9)] == pytest.approx([cfg.optimizer.lr * schedule(s - 1)
+                                                              for s in range(5, 9)], abs=1e-12)
+    assert min(logged[s] for s in range(5, 8)) > 0
 
 
 def test_activation_checkpointing_keeps_the_losses(tmp_path):

@@ -265,9 +265,9 @@ def _run_torch(q, k, v, cu_q, cu_k, max_q, max_k, scale, seqlens, return_lse):
         # opaque custom op instead, which the trace keeps whole. Autocast does not reach into a custom op: the
         # inputs take the autocast dtype here, as scaled_dot_product_attention's would in eager mode.
         device = q.device.type
-        if torch.is_autocast_enabled(device) and q.dtype == torch.float32:
+        if torch.is_autocast_enabled(device):
             low = torch.get_autocast_dtype(device)
-            q, k, v = q.to(low), k.to(low), v.to(low)
+            q, k, v = (t.to(low) if t.dtype == torch.float32 else t for t in (q, k, v))
         o, lse = _torch_fwd(q, k, v, cu_q, cu_k, max_q, max_k, scale, return_lse)
         return (o, lse) if return_lse else o
     if return_lse:  # without a gradient, as the triton backend's (and traced, this backend's)

@@ -167,7 +167,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     with a zero gradient, when there are none). chunk_rows: rows per chunk (default: default_chunk_rows(vocab)).
     Returns (loss, an fp32 scalar (fp64 for fp64 inputs); the number of targets not ignored, an int64 scalar
     without gradient).
-    Targets are not range-checked on the device (that would synchronise); on a CPU they are.
+    Targets out of range raise on a CPU; on a GPU a device-side assert fires (no synchronisation).
     """
     if hidden.dim() != 2:
         raise ValueError(f"hidden must have shape (rows, features), got {tuple(hidden.shape)}")

@@ -189,7 +189,8 @@ class Checkpointer:
         """Restores everything `state` saved from checkpoint `path`; returns its step."""
         state = self.state(model, optimizer, scheduler, 0, data_source.state_dict())
         keys = saved_keys(path)
-        _check_param_groups(path, keys, len(optimizer.param_groups))
+        _check_optimizer_keys(path, keys, state["optim"])
+        groups = _group_layout(state["optim"])
         rank_key = f"rng.rank{self.rank}"
         if not any(k.startswith(rank_key + ".") for k in keys):
             warnings.warn(f"checkpoint {path} has no RNG state for rank {self.rank} (saved with another world "
@@ -197,8 +198,12 @@ class Checkpointer:
             state.pop("rng")
         with _quiet():
             dcp.load(state, checkpoint_id=str(path), process_group=self._group(), no_dist=self._no_dist)
+        _check_group_layout(path, groups, _group_layout(state["optim"]))
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                        options=self._options())
+        # the schedule's shape comes from this run's config (a resume with more training.steps stretches it);
+        # the step count and the rates come from the checkpoint
+        state["scheduler"]["lr_lambdas"] = scheduler.state_dict()["lr_lambdas"]
         scheduler.load_state_dict(state["scheduler"])
         data_source.load_state_dict(state["data"])
         if "rng" in state:
@@ -220,17 +225,42 @@ class Checkpointer:
         self.finish_pending()
 
 
-def _check_param_groups(path, keys: list[str], groups: int) -> None:
-    """A checkpoint whose optimizer was grouped otherwise cannot restore this optimizer: say so, instead of DCP's
-    "Missing key in checkpoint state_dict: optim.param_groups.N...". The one known case: stage 2 under DDP before
-    commit f3a62d9 grouped its parameters by DDP's names, into 2 groups at the base rate."""
-    saved = {int(k.split(".")[2]) for k in keys if k.startswith("optim.param_groups.") and k.split(".")[2].isdigit()}
-    if saved and len(saved) != groups:
-        raise ValueError(
-            f"checkpoint {path} holds an optimizer with {len(saved)} parameter groups, and this run builds "
-            f"{groups}: its optimizer state cannot be restored. (A stage-2 run under DDP saved before commit "
-            f"f3a62d9 had 2 groups at the base learning rate: it ignored stage2.*_lr_scale.) Start a new run "
-            f"instead; stage2.init_from takes the vision tower of that checkpoint.")
+_REGROUPED = ("(A stage-2 run under DDP saved before commit f3a62d9 grouped every parameter into 2 groups at the base "
+              "learning rate, ignoring stage2.*_lr_scale; a change of stage2.freeze regroups too.) Start a new run "
+              "instead; stage2.init_from takes the vision tower of that checkpoint.")
+
+
+def _check_optimizer_keys(path, keys: list[str], optim_state: dict) -> None:
+    """Before loading: the checkpoint must hold this optimizer's groups and the state of each of its parameters;
+    a checkpoint of another grouping fails here with a reason, not in DCP with "Missing key in checkpoint
+    state_dict: optim..."."""
+    saved_groups = {int(k.split(".")[2]) for k in keys if k.startswith("optim.param_groups.")
+                    and k.split(".")[2].isdigit()}
+    if saved_groups and len(saved_groups) != len(optim_state["param_groups"]):
+        raise ValueError(f"checkpoint {path} holds an optimizer with {len(saved_groups)} parameter groups, and this "
+                         f"run builds {len(optim_state['param_groups'])}: its optimizer state cannot be restored. "
+                         + _REGROUPED)
+    saved_params = {k[len("optim.state."):].rsplit(".", 1)[0] for k in keys if k.startswith("optim.state.")}
+    missing = sorted(set(optim_state["state"]) - saved_params)
+    if saved_params and missing:
+        raise ValueError(f"checkpoint {path} has no optimizer state for {len(missing)} of this run's trainable "
+                         f"parameters (e.g. {missing[:3]}): it was saved with other parameters frozen or trained. "
+                         + _REGROUPED)
+
+
+def _group_layout(optim_state: dict) -> list[tuple]:
+    """(part, parameter names) of each group, copied: DCP loads the saved values into the same dicts."""
+    return [(group.get("part"), tuple(group["params"])) for group in optim_state["param_groups"]]
+
+
+def _check_group_layout(path, expected: list[tuple], saved: list[tuple]) -> None:
+    """After loading: the same parameters in the same groups (a regrouping with as many groups and the same
+    trainable parameters would otherwise restore each group's rate onto other parameters)."""
+    if saved != expected:
+        wrong = next(i for i, (a, b) in enumerate(zip(expected, saved, strict=True)) if a != b)
+        raise ValueError(f"checkpoint {path} groups its optimizer's parameters otherwise than this run (group "
+                         f"{wrong}: saved part {saved[wrong][0]!r} with {len(saved[wrong][1])} parameters, this run "
+                         f"part {expected[wrong][0]!r} with {len(expected[wrong][1])}). " + _REGROUPED)
 
 
 def saved_keys(path: str | os.PathLike) -> list[str]:

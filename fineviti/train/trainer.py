@@ -245,8 +245,7 @@ class Trainer:
         check_finite(totals["loss"], self.step)
         # the base rate of this step (the schedule moves on below): optimizer.lr times the schedule's factor, not
         # the first group's rate, which in stage 2 is a part's (the vision tower's, at stage2.vision_lr_scale)
-        first = self.optimizer.param_groups[0]
-        lr = first["lr"] / first["initial_lr"] * self.cfg.optimizer.lr if first.get("initial_lr") else first["lr"]
+        lr = self.cfg.optimizer.lr * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
         with nvtx_range("optimizer", self.nvtx):
             grad_norm = self._clip()
             self.optimizer.step()
