@@ -186,11 +186,12 @@ def _peak_increase_mib(rows: int, vocab: int, which: str) -> float:
 
 
 def test_memory_stays_at_a_chunk_of_logits():
-    """4096 rows x 32000 classes: the fp32 logits alone are 500 MiB, and the plain expression holds them, their
-    gradient and softmax's output at once (the positive control); the chunked op holds a few 64-row blocks (8 MiB
-    each). (With 256-row blocks, 31 MiB, the peak grew to about 250 MiB here: glibc keeps freed blocks of that
-    size in the heap rather than unmapping them, so the high-water mark counts more than the live blocks.)"""
+    """4096 rows x 32000 classes: the fp32 logits alone are 500 MiB, and the plain expression holds them and more
+    (the positive control); the op holds a few blocks of about 8 MiB (64-row chunks). With 256-row blocks (31 MiB)
+    the peak grew to about 170-250 MiB here: glibc keeps freed blocks of that size in the heap rather than
+    unmapping them, so the high-water mark counts more than the live blocks."""
     chunked = _peak_increase_mib(4096, 32000, "chunked")
     full = _peak_increase_mib(4096, 32000, "reference")
-    assert full > 1000, f"the full-logits reference raised peak RSS by only {full:.0f} MiB"
+    # the control: at least most of one logit matrix (it measured 1505 MiB alone and 828 beside a busy CI run)
+    assert full > 400, f"the full-logits reference raised peak RSS by only {full:.0f} MiB"
     assert chunked < 200, f"the chunked op raised peak RSS by {chunked:.0f} MiB (full logits: {full:.0f} MiB)"
