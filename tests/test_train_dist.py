@@ -149,6 +149,69 @@ def reference(tmp_path_factory):
     return _losses(root / "reference"), _full_params(trainer)
 
 
+def _concat_regions(a, b, images_a: int):
+    """One RegionBatch of rank 0's samples then rank 1's (whose images come after rank 0's in the joined batch),
+    right-padded to the longer of the two."""
+    from fineviti.train.stage2 import RegionBatch
+
+    width = max(a.input_ids.shape[1], b.input_ids.shape[1])
+
+    def pad(t, value):
+        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+    return RegionBatch(torch.cat([pad(a.input_ids, 0), pad(b.input_ids, 0)]),  # padding is masked, never a target
+                       torch.cat([pad(a.labels, -100), pad(b.labels, -100)]),
+                       torch.cat([pad(a.attention_mask, 0), pad(b.attention_mask, 0)]),
+                       torch.cat([a.sample_image, b.sample_image + images_a]), a.n_samples + b.n_samples,
+                       a.answer_tokens + b.answer_tokens)
+
+
+def _join_regions(batch):
+    """PackedBatch's region fields of two batches joined (boxes of the second batch's images renumbered)."""
+    a, b = batch
+    n_region = a.region_cu_seqlens[-1]
+    return dict(boxes=torch.cat([a.boxes, b.boxes]), box_image=torch.cat([a.box_image, b.box_image + a.n_images]),
+                region_tokens=torch.cat([a.region_tokens, b.region_tokens]),
+                region_cu_seqlens=torch.cat([a.region_cu_seqlens, b.region_cu_seqlens[1:] + n_region]))
+
+
+@pytest.fixture(scope="module")
+def stage2_reference(tmp_path_factory):
+    """One process training stage 2 on rank 0's and rank 1's batches of each step together, with each rank's own
+    region samples (the ranks draw them from their own random streams)."""
+    from fineviti.train import stage2
+    from fineviti.train.data import RandomBatches
+
+    root = tmp_path_factory.mktemp("train_ref2")
+    trainer = Trainer(_config(root, "reference2", "training.stage=2"))
+    cfg = trainer.cfg
+    ranks = [RandomBatches(cfg.random_data, patch_size=cfg.aligner.vision.patch_size, merge=2,
+                           vocab_size=trainer.raw_model.lm.vocab_size, rank=r, world_size=WORLD, with_regions=True)
+             for r in range(WORLD)]
+    current = []  # the two halves of the batch being trained on
+
+    def make(step):
+        pair = (ranks[0].make(step), ranks[1].make(step))
+        current[:] = pair
+        return dataclasses.replace(_concat(*pair), **_join_regions(pair))
+
+    original = stage2.region_tasks
+
+    def region_tasks(batch, ids, *, step, rank, **kwargs):
+        a, b = current
+        return _concat_regions(original(a, ids, step=step, rank=0, **kwargs),
+                               original(b, ids, step=step, rank=1, **kwargs), a.n_images)
+
+    trainer.data.make = make
+    stage2.region_tasks = region_tasks
+    try:
+        trainer.train()
+    finally:
+        stage2.region_tasks = original
+        trainer.close()
+    return _losses(root / "reference2"), _full_params(trainer)
+
+
 def _check(result):
     if isinstance(result, str):
         pytest.fail(result)
@@ -184,6 +247,21 @@ def test_two_rank_resume_is_exact(dist_results, name):
         lines = [json.loads(line) for line in (root / name / "metrics.jsonl").read_text().splitlines()]
         evals = [r for r in lines if r.get("event") == "eval"]
         assert [r["step"] for r in evals] == [2, 4] and all(r["n"] == 8 for r in evals)
+
+
+@pytest.mark.parametrize("name", ["ddp_stage2", "fsdp_stage2"])
+def test_stage2_two_ranks_equal_one_process_on_both_batches(dist_results, stage2_reference, name):
+    """Stage 2 on two ranks: each rank's loss is weighted by its share of the answer tokens, so that after the
+    gradients' average every token of both ranks counts alike, as in one process over both ranks' samples."""
+    _, results = dist_results
+    result = results[name]
+    _check(result)
+    ref_losses, ref_params = stage2_reference
+    for step, loss in result["losses"].items():
+        assert loss == pytest.approx(ref_losses[step], rel=1e-5, abs=1e-6), (step, loss, ref_losses[step])
+    for key, value in ref_params.items():
+        torch.testing.assert_close(result["params"][key], value, rtol=1e-4, atol=1e-5,
+                                   msg=lambda m, key=key: f"{name} {key}: {m}")
 
 
 def test_stage2_ddp_and_fsdp_agree(dist_results):

@@ -328,9 +328,23 @@ class Trainer:
                              region.input_ids.to(dev), labels=region.labels.to(dev),
                              attention_mask=region.attention_mask.to(dev), seqlens=batch.seqlens,
                              sample_image=region.sample_image.to(dev))
-        loss = out["loss"]
+        # The aligner's loss is this rank's mean over its answer tokens, and the data-parallel wrapper averages
+        # the ranks' gradients: weighted by this rank's share of all answer tokens (times the world size), every
+        # token of the global batch counts alike, as in one process over the ranks' samples together (ranks' token
+        # counts differ from step to step). The weighted loss, averaged over ranks by _reduce, is that global mean.
+        loss = out["loss"] * self._token_share(region.answer_tokens)
         loss.backward()
         return loss, out, region
+
+    def _token_share(self, local: int) -> float:
+        """local * world / (the answer tokens of every rank): 1 on one process."""
+        if not self.world.distributed:
+            return 1.0
+        count = torch.tensor([float(local)], dtype=torch.float64)
+        comm = count.to(self.device) if dist.get_backend() == "nccl" else count
+        dist.all_reduce(comm)
+        total = float(comm.cpu()[0])
+        return local * self.world.world_size / total if total > 0 else 0.0
 
     def _clip(self) -> float:
         if self.replicated:
