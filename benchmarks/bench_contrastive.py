@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-PROVIDERS = ("ours", "naive", "chunked", "compiled")
+PROVIDERS = ("ours", "ours_gemm", "naive", "chunked", "compiled")
 MODES = ("fwd", "full")
 LOSSES = ("siglip", "clip")
 SWEEP_N = (4096, 8192, 16384, 32768, 65536, 131072)
@@ -60,14 +60,51 @@ def loss_fn(provider: str, loss: str):
             _COMPILED[loss] = torch.compile(ref, dynamic=False)
         fn = _COMPILED[loss]
         return (lambda i, t, s, b: fn(i, t, s, b)) if loss == "siglip" else (lambda i, t, s, b: fn(i, t, s))
-    backend = {"ours": "triton", "naive": "reference", "chunked": "chunked"}[provider]
+    backend = {"ours": "triton", "ours_gemm": "triton", "naive": "reference", "chunked": "chunked"}[provider]
+    if provider == "ours_gemm":  # the dot products of the gradient pass from cuBLAS (C.logits_mode)
+        return _with_logits_mode("gemm", loss_fn("ours", loss))
     if loss == "siglip":
         return lambda i, t, s, b: C.siglip_loss(i, t, s, b, backend=backend)
     return lambda i, t, s, b: C.clip_loss(i, t, s, backend=backend)
 
 
+def _with_logits_mode(mode: str, fn):
+    """fn run with FINEVITI_LOSS_LOGITS=mode (the backward too: the mode is read when the gradient pass runs)."""
+    def run(*args):
+        before = os.environ.get("FINEVITI_LOSS_LOGITS")
+        os.environ["FINEVITI_LOSS_LOGITS"] = mode
+        try:
+            out = fn(*args)
+            return _LogitsModeLoss(out, mode) if out.requires_grad else out
+        finally:
+            _restore("FINEVITI_LOSS_LOGITS", before)
+    return run
+
+
+class _LogitsModeLoss:
+    """A loss whose backward() also runs under the mode (CLIP's gradient pass runs in its backward)."""
+
+    def __init__(self, loss, mode):
+        self.loss, self.mode = loss, mode
+
+    def backward(self):
+        before = os.environ.get("FINEVITI_LOSS_LOGITS")
+        os.environ["FINEVITI_LOSS_LOGITS"] = self.mode
+        try:
+            self.loss.backward()
+        finally:
+            _restore("FINEVITI_LOSS_LOGITS", before)
+
+
+def _restore(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
 def skip_reason(provider: str, n: int, device: torch.device) -> str | None:
-    if provider == "ours" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if provider.startswith("ours") and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return "Triton needs a GPU (or TRITON_INTERPRET=1)"
     if provider in _BYTES_PER_LOGIT and device.type == "cuda":
         need = _BYTES_PER_LOGIT[provider] * n * n
@@ -160,8 +197,11 @@ def sweep_configs(rec, n, d, dtype_name, device):
                 d, dtype, kernel, loss)
         return config
 
-    # the pinned configuration first and again last: the two rows bracket the candidates and show the run's drift
-    runs = [("ours[pinned]", default)] + [
+    # the pinned configuration first and again last: the two rows bracket the candidates and show the run's drift;
+    # right after the first, the pinned tiles with the gradient pass's dot products from cuBLAS instead
+    # (FINEVITI_LOSS_LOGITS=gemm, ninth session: cuBLAS ran the same product at about 800 TFLOP/s against the fused
+    # kernel's 233 on the H200, for an fp32 block written and read once)
+    runs = [("ours[pinned]", default), ("ours[gemm logits]", default)] + [
         ("ours[grad {BLOCK_M}x{BLOCK_N}x{BLOCK_K} w{num_warps} s{num_stages}".format(**cfg)
          + (f" r{cfg['maxnreg']}" if cfg.get("maxnreg") else "")
          + (" flat]" if cfg.get("PERSISTENT") else "]"), patched(cfg)) for cfg in candidates] + [
@@ -169,9 +209,10 @@ def sweep_configs(rec, n, d, dtype_name, device):
     try:
         for label, config in runs:
             kc.config = config
+            provider = "ours_gemm" if label == "ours[gemm logits]" else "ours"
             for loss in LOSSES:
                 try:
-                    run_case(rec, "ours", loss, "full", n, d, dtype_name, device, label=label)
+                    run_case(rec, provider, loss, "full", n, d, dtype_name, device, label=label)
                 except Exception as exc:  # a config that does not compile or fit: say so, go on
                     rec.error(provider=label, mode="full", shape={"loss": loss, "N": n, "D": d},
                               dtype=dtype_name, error=f"{type(exc).__name__}: {exc}"[:300])

@@ -354,6 +354,54 @@ def contrastive_bwd_kernel(
                    BLOCK_N, BLOCK_K, GROUP_M, IEEE, True)
 
 
+@triton.jit
+def contrastive_bwd_dots_kernel(
+    DOTS,  # (M, N) fp32 dot products x.y, from cuBLAS (FINEVITI_LOSS_LOGITS=gemm)
+    stride_dots_m,
+    SCALE,  # (1,) fp32
+    BIAS,  # (1,) fp32
+    LSE_ROW,  # (M,) fp32 CLIP row log-sum-exps (unused by SigLIP: pass any fp32 tensor)
+    LSE_COL,  # (N,) fp32 CLIP column log-sum-exps (likewise)
+    G,  # (M, N) 16-bit or fp32, out: as contrastive_bwd_kernel's
+    g_scale,
+    GMUL,
+    PARTIAL,  # (3, tiles) fp32, out: as contrastive_bwd_kernel's
+    M,
+    N,
+    stride_g_m,
+    store_cols,
+    diag_offset,
+    LOSS: tl.constexpr,
+    WITH_LOSS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """contrastive_bwd_kernel's epilogue on dot products read from memory instead of computed: the products run in
+    cuBLAS (at its rate, with the (M, N) fp32 block written and read once), this kernel is elementwise."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    tile = pid_m * tl.num_programs(1) + pid_n
+    tiles = tl.num_programs(0) * tl.num_programs(1)
+    row0 = pid_m * BLOCK_M
+    col0 = pid_n * BLOCK_N
+    scale = tl.load(SCALE)
+    ptrs = DOTS + offs_m[:, None] * stride_dots_m + offs_n[None, :]
+    plain = (row0 + BLOCK_M <= M) & (col0 + BLOCK_N <= N) & _no_positive(row0, col0, diag_offset, BLOCK_M, BLOCK_N)
+    if plain:
+        _grad_epilogue(tl.load(ptrs), scale, offs_m, offs_n, mask_m, mask_n, row0, col0, BIAS, LSE_ROW, LSE_COL, G,
+                       g_scale, GMUL, PARTIAL, tile, tiles, stride_g_m, store_cols, diag_offset, LOSS, WITH_LOSS,
+                       BLOCK_M, BLOCK_N, False)
+    else:
+        dots = tl.load(ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        _grad_epilogue(dots, scale, offs_m, offs_n, mask_m, mask_n, row0, col0, BIAS, LSE_ROW, LSE_COL, G, g_scale,
+                       GMUL, PARTIAL, tile, tiles, stride_g_m, store_cols, diag_offset, LOSS, WITH_LOSS, BLOCK_M,
+                       BLOCK_N, True)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Configurations and launchers
 
@@ -514,8 +562,29 @@ def loss_grad_logits(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias
     _check(x, y)
     m, d = x.shape
     n = y.shape[0]
-    if g.shape != (m, n) or g.dtype != x.dtype or g.stride(1) != 1:
-        raise ValueError(f"g must be a ({m}, {n}) {x.dtype} buffer with unit column stride, got {tuple(g.shape)} "
+    store_cols, lse_row, lse_col, mult = _grad_args(m, n, x.dtype, x.device, scale, g, loss, lse_row, lse_col,
+                                                    with_loss, store_cols, mult)
+    cfg = config(d, x.dtype, "bwd_loss" if with_loss else "bwd", loss)
+    block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    partial = torch.empty((3, tiles), device=x.device, dtype=torch.float32)
+    persistent = bool(cfg.get("PERSISTENT", False))
+    programs = min(tiles, sm_count(x.device)) if persistent else tiles  # one program per SM: 1 block/SM (regs)
+    contrastive_bwd_kernel[(programs,)](
+        x, y, scale, bias, lse_row, lse_col, g, grad_scale(x.dtype), mult, partial, m, n, d, x.stride(0), y.stride(0),
+        g.stride(0), store_cols, diag_offset,
+        LOSS=_LOSSES[loss], WITH_LOSS=with_loss, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=cfg["BLOCK_K"],
+        GROUP_M=_GROUP_M, PERSISTENT=persistent, IEEE=x.dtype == torch.float32, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"], **_caps(cfg))
+    # rows: sum(dL/dz), sum(dL/dz * x.y), the loss terms (WITH_LOSS; else not written). A slice, not an index
+    # list: a list index would copy it to the device and wait for the kernel (a sync per chunk)
+    return partial[:3 if with_loss else 2].sum(1)
+
+
+def _grad_args(m, n, dtype, device, scale, g, loss, lse_row, lse_col, with_loss, store_cols, mult):
+    """The gradient launchers' checks and defaults: (store_cols, lse_row, lse_col, mult)."""
+    if g.shape != (m, n) or g.dtype != dtype or g.stride(1) != 1:
+        raise ValueError(f"g must be a ({m}, {n}) {dtype} buffer with unit column stride, got {tuple(g.shape)} "
                          f"{g.dtype} strides {g.stride()}")
     store_cols = n if store_cols is None else store_cols
     if not n <= store_cols <= max(n, g.stride(0)):
@@ -529,27 +598,42 @@ def loss_grad_logits(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias
     if with_loss and loss != "siglip":
         raise ValueError(f"with_loss needs loss='siglip' (CLIP's gradient needs the finished log-sum-exps), got "
                          f"{loss!r}")
-    cfg = config(d, x.dtype, "bwd_loss" if with_loss else "bwd", loss)
-    block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    partial = torch.empty((3, tiles), device=x.device, dtype=torch.float32)
-    lse_row = scale if lse_row is None else lse_row
-    lse_col = scale if lse_col is None else lse_col
     if mult is None:
-        mult = torch.ones(1, device=x.device, dtype=torch.float32)
-    elif mult.dtype != torch.float32 or mult.numel() != 1 or mult.device != x.device:
-        raise ValueError(f"mult must be a one-element float32 tensor on {x.device}, got {tuple(mult.shape)} "
+        mult = torch.ones(1, device=device, dtype=torch.float32)
+    elif mult.dtype != torch.float32 or mult.numel() != 1 or mult.device != device:
+        raise ValueError(f"mult must be a one-element float32 tensor on {device}, got {tuple(mult.shape)} "
                          f"{mult.dtype} on {mult.device}")
-    persistent = bool(cfg.get("PERSISTENT", False))
-    programs = min(tiles, sm_count(x.device)) if persistent else tiles  # one program per SM: 1 block/SM (regs)
-    contrastive_bwd_kernel[(programs,)](
-        x, y, scale, bias, lse_row, lse_col, g, grad_scale(x.dtype), mult, partial, m, n, d, x.stride(0), y.stride(0),
-        g.stride(0), store_cols, diag_offset,
-        LOSS=_LOSSES[loss], WITH_LOSS=with_loss, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=cfg["BLOCK_K"],
-        GROUP_M=_GROUP_M, PERSISTENT=persistent, IEEE=x.dtype == torch.float32, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"], **_caps(cfg))
-    # rows: sum(dL/dz), sum(dL/dz * x.y), the loss terms (WITH_LOSS; else not written). A slice, not an index
-    # list: a list index would copy it to the device and wait for the kernel (a sync per chunk)
+    return store_cols, scale if lse_row is None else lse_row, scale if lse_col is None else lse_col, mult
+
+
+# The dots epilogue's tile and warps: elementwise and memory-bound, so 16 logits per thread and 512-byte fp32 row
+# segments: 59-80 registers, 3-4 blocks of 8 warps per SM (kernel report, sm_90, bf16; 64 x 128 tiles took 113-162
+# registers and 1-2 blocks). Not yet timed.
+DOTS_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 8, "num_stages": 1}
+
+
+def loss_grad_from_dots(dots: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, g: torch.Tensor, *,
+                        loss: str, diag_offset: int = 0, lse_row: torch.Tensor | None = None,
+                        lse_col: torch.Tensor | None = None, with_loss: bool = False,
+                        store_cols: int | None = None, mult: torch.Tensor | None = None) -> torch.Tensor:
+    """loss_grad_logits from the (M, N) fp32 dot products x.y computed elsewhere (cuBLAS): the same g and the same
+    sums, with the products at cuBLAS's rate and the fp32 block written and read once (an elementwise pass)."""
+    if dots.dtype != torch.float32 or dots.dim() != 2 or dots.stride(1) != 1:
+        raise ValueError(f"dots must be a 2-D float32 tensor with unit column stride, got {dots.dtype} "
+                         f"{tuple(dots.shape)} strides {dots.stride()}")
+    if g.dtype not in _TRITON_DTYPES:
+        raise TypeError(f"g must be bf16, fp16 or fp32, got {g.dtype}")
+    m, n = dots.shape
+    store_cols, lse_row, lse_col, mult = _grad_args(m, n, g.dtype, g.device, scale, g, loss, lse_row, lse_col,
+                                                    with_loss, store_cols, mult)
+    cfg = DOTS_CONFIG
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
+    partial = torch.empty((3, grid[0] * grid[1]), device=g.device, dtype=torch.float32)
+    if m and n:
+        contrastive_bwd_dots_kernel[grid](
+            dots, dots.stride(0), scale, bias, lse_row, lse_col, g, grad_scale(g.dtype), mult, partial, m, n,
+            g.stride(0), store_cols, diag_offset, LOSS=_LOSSES[loss], WITH_LOSS=with_loss, BLOCK_M=cfg["BLOCK_M"],
+            BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return partial[:3 if with_loss else 2].sum(1)
 
 
@@ -639,5 +723,30 @@ def _configs_of(kernel_name: str):
     return lambda: [row for row in _configs() if row.kernel_name == kernel_name]
 
 
+def _dots_configs() -> list[registry.Shipped]:
+    """contrastive_bwd_dots_kernel: one tile, per G dtype, loss and loss-sum flag."""
+    rows = []
+    cfg = DOTS_CONFIG
+    for tname in _TRITON_DTYPES.values():
+        for loss_name, loss in _LOSSES.items():
+            for with_loss in ((False, True) if loss_name == "siglip" else (False,)):
+                sig = {"DOTS": "*fp32", "stride_dots_m": "i32", "SCALE": "*fp32", "BIAS": "*fp32", "LSE_ROW": "*fp32",
+                       "LSE_COL": "*fp32", "G": f"*{tname}", "g_scale": "fp32", "GMUL": "*fp32",
+                       "PARTIAL": "*fp32", "M": "i32", "N": "i32", "stride_g_m": "i32", "store_cols": "i32",
+                       "diag_offset": "i32", "LOSS": "constexpr", "WITH_LOSS": "constexpr",
+                       "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
+                aligned = tuple(k for k, t in sig.items() if t.startswith("*")) + (
+                    "stride_dots_m", "stride_g_m", "store_cols")
+                extra = {"aligned": aligned} if "aligned" in _SHIPPED_FIELDS else {}
+                rows.append(registry.Shipped(
+                    kernel_name="contrastive_bwd_dots_kernel",
+                    label=f"{loss_name} bwd from dots{' +loss' if with_loss else ''} {tname}", signature=sig,
+                    constexprs={"LOSS": loss, "WITH_LOSS": with_loss, "BLOCK_M": cfg["BLOCK_M"],
+                                "BLOCK_N": cfg["BLOCK_N"]},
+                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **extra))
+    return rows
+
+
 registry.declare("contrastive_fwd", contrastive_fwd_kernel, _configs_of("contrastive_fwd_kernel"))
 registry.declare("contrastive_bwd", contrastive_bwd_kernel, _configs_of("contrastive_bwd_kernel"))
+registry.declare("contrastive_bwd_dots", contrastive_bwd_dots_kernel, _dots_configs)

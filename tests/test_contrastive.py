@@ -87,6 +87,63 @@ def test_triton_matches_reference(n, d, dtype, loss, monkeypatch):
     assert_matches(loss, "triton", inputs, dtype)
 
 
+@pytest.mark.parametrize("loss", ["siglip", "clip"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("n,d", TRITON_FAST)
+def test_triton_gemm_logits_match_reference(n, d, dtype, loss, monkeypatch):
+    """FINEVITI_LOSS_LOGITS=gemm: the dot products from a product per chunk of rows, dL/dz from the elementwise
+    kernel; the loss and all four gradients as the fused kernel's are held."""
+    monkeypatch.setattr(C, "_GPU_CHUNK_BYTES", 1)
+    monkeypatch.setenv("FINEVITI_LOSS_LOGITS", "gemm")
+    inputs = make_inputs(n, d, seed=n + d, device="cuda" if CUDA else "cpu")
+    assert_matches(loss, "triton", inputs, dtype)
+
+
+def test_logits_mode_is_checked(monkeypatch):
+    monkeypatch.setenv("FINEVITI_LOSS_LOGITS", "cublas")
+    with pytest.raises(ValueError, match="FINEVITI_LOSS_LOGITS must be one of"):
+        C.logits_mode()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("loss", ["siglip", "clip"])
+def test_dots_kernel_equals_the_fused_kernel(loss, dtype):
+    """loss_grad_from_dots on a ragged problem (dot products in a NaN frame, g poisoned, positives at an offset,
+    a factor, padding columns): the same dL/dz and sums as loss_grad_logits, which computes the products itself."""
+    gen = torch.Generator().manual_seed(3)
+    m, n, d = 77, 301, 40  # ragged against the 32 x 128 tile: interior, edge and diagonal tiles
+    device = "cuda" if CUDA else "cpu"
+    x = (torch.randn(m, d, generator=gen) / 4).to(dtype).to(device)
+    y = (torch.randn(n, d, generator=gen) / 4).to(dtype).to(device)
+    scale = torch.tensor([3.0], device=device)
+    bias = torch.tensor([-1.0] if loss == "siglip" else [0.0], device=device)
+    frame = torch.full((m + 2, n + 40), float("nan"), device=device)
+    dots = frame[:m, :n]
+    dots.copy_(x.float() @ y.float().T)
+    lse_row = lse_col = None
+    if loss == "clip":
+        z = scale * dots
+        lse_row, lse_col = torch.logsumexp(z, 1), torch.logsumexp(z, 0)
+    padded = kc.padded_cols(n)
+    for with_loss in (False, True) if loss == "siglip" else (False,):
+        for mult in (None, torch.tensor([0.25], device=device)):
+            kwargs = dict(loss=loss, diag_offset=5, lse_row=lse_row, lse_col=lse_col, with_loss=with_loss,
+                          store_cols=padded, mult=mult)
+            want_g, got_g = kc.new_grad_buffer(m, n, x), kc.new_grad_buffer(m, n, x)
+            want_g.fill_(float("nan"))
+            got_g.fill_(float("nan"))
+            want = kc.loss_grad_logits(x, y, scale, bias, want_g, **kwargs)
+            got = kc.loss_grad_from_dots(dots, scale, bias, got_g, **kwargs)
+            assert not got_g.isnan().any(), "the dots kernel left entries unwritten"
+            assert (got_g.as_strided((m, padded), got_g.stride())[:, n:] == 0).all()
+            tol = {"rtol": 2e-3, "atol": 2e-3} if dtype == torch.float16 else {"rtol": 1e-5, "atol": 1e-5}
+            torch.testing.assert_close(got_g.double(), want_g.double(), **tol)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="dots must be a 2-D float32"):
+        kc.loss_grad_from_dots(dots.double(), scale, bias, kc.new_grad_buffer(m, n, x), loss=loss,
+                               lse_row=lse_row, lse_col=lse_col)
+
+
 @pytest.mark.parametrize("backend", ["chunked", "triton"])
 @pytest.mark.parametrize("loss", ["siglip", "clip"])
 def test_large_logits_stay_finite(backend, loss):
@@ -478,6 +535,15 @@ def test_registry_rows_match_what_the_launcher_runs():
     declared = registry.declared()
     rows = [(row, declared[name].fn) for name in ("contrastive_fwd", "contrastive_bwd")
             for row in declared[name].configs()]
+    dots_rows = declared["contrastive_bwd_dots"].configs()  # what loss_grad_from_dots launches: its one tile
+    assert {(r.signature["G"][1:], r.constexprs["LOSS"], r.constexprs["WITH_LOSS"]) for r in dots_rows} == {
+        (t, kc._LOSSES[loss], with_loss) for t in kc._TRITON_DTYPES.values()
+        for loss, with_loss in (("siglip", False), ("siglip", True), ("clip", False))}
+    for r in dots_rows:
+        assert (r.constexprs["BLOCK_M"], r.constexprs["BLOCK_N"], r.num_warps, r.num_stages) == (
+            kc.DOTS_CONFIG["BLOCK_M"], kc.DOTS_CONFIG["BLOCK_N"], kc.DOTS_CONFIG["num_warps"],
+            kc.DOTS_CONFIG["num_stages"])
+        assert list(r.signature) == declared["contrastive_bwd_dots"].fn.arg_names
     # what the launchers run: (loss, variant) pairs, a variant being a kernel and its flag
     runs = [("siglip", "fwd"), ("siglip", "bwd"), ("siglip", "bwd_loss"), ("clip", "fwd"), ("clip", "fwd_cols"),
             ("clip", "bwd")]

@@ -198,9 +198,12 @@ def test_loss_sweep_runs_every_candidate(tmp_path, monkeypatch):
     assert [r["error"] for r in rows if "error" in r] == []
     assert rows[0]["provider"] == "ours[pinned]" and rows[-1]["provider"] == "ours[pinned again]"
     labels = list(dict.fromkeys(r["provider"] for r in rows))
-    assert len(labels) == 8 and all(label.startswith("ours[grad ") for label in labels[1:-1])
+    # the pinned tiles with the dot products from cuBLAS second, then the tile candidates
+    assert len(labels) == 9 and labels[1] == "ours[gemm logits]"
+    assert all(label.startswith("ours[grad ") for label in labels[2:-1])
     assert sum(label.endswith(" flat]") for label in labels) == 1
-    assert labels[1] == "ours[grad 128x64x64 w8 s4 r128]"  # the register cap, launched (the interpreter ignores it)
+    assert labels[2] == "ours[grad 128x64x64 w8 s4 r128]"  # the register cap, launched (the interpreter ignores it)
+    assert "FINEVITI_LOSS_LOGITS" not in os.environ  # the gemm row's mode is restored
     for label in labels:
         got = sorted((r["shape"]["loss"], r["mode"]) for r in rows if r["provider"] == label)
         assert got == [("clip", "full"), ("siglip", "full")]
@@ -222,9 +225,10 @@ def test_loss_sweep_patches_only_the_gradient_kernels(monkeypatch):
     assert configs[0][0] == "ours[pinned]" and pinned == {k: shipped(768, torch.bfloat16, k, "clip")
                                                           for k in kc.KERNELS}
     assert [label for label, _ in configs[:2]] == ["ours[pinned]"] * 2  # one run per loss
+    assert [label for label, _ in configs[2:4]] == ["ours[gemm logits]"] * 2 and configs[2][1] == pinned
     assert [label for label, _ in configs[-2:]] == ["ours[pinned again]"] * 2
     assert configs[-1][1] == pinned
-    for label, cfgs in configs[2:-2]:
+    for label, cfgs in configs[4:-2]:
         for kernel, cfg in cfgs.items():
             if kernel.startswith("bwd"):
                 assert f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg['num_warps']} " \

@@ -41,6 +41,20 @@ DIST_IMPLS = ("all_gather", "ring")
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _CPU_CHUNK_ELEMS = 1 << 22  # chunked path: a (chunk, N) fp32 block of at most 16 MiB
 _GPU_CHUNK_BYTES = 256 << 20  # triton path: the (chunk, N) dL/dz buffer of the gradient pass (SigLIP's forward too)
+LOGITS_MODES = ("fused", "gemm")
+
+
+def logits_mode() -> str:
+    """Where the triton backend's gradient pass (SigLIP's forward with a gradient, both losses' backward) takes its
+    dot products x.y from (FINEVITI_LOSS_LOGITS): "fused" (the default), inside the Triton kernel, tile by tile;
+    "gemm" (opt-in, not yet timed), a cuBLAS product per chunk of rows with fp32 output, then an elementwise Triton
+    pass (contrastive_bwd_dots_kernel) over it: the products at cuBLAS's rate (the H200 ran the fused kernel at
+    about 233 TFLOP/s against cuBLAS's 800 for the same product) for an fp32 (chunk, N) block written and read
+    once (6 bytes a logit with the 16-bit dL/dz)."""
+    mode = os.environ.get("FINEVITI_LOSS_LOGITS") or "fused"
+    if mode not in LOGITS_MODES:
+        raise ValueError(f"FINEVITI_LOSS_LOGITS must be one of {LOGITS_MODES}, got {mode!r}")
+    return mode
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -236,8 +250,10 @@ class _Triton:
         # mult folded into the stored dL/dz, so that cuBLAS writes the scaled products straight out: not for fp16,
         # whose buffer holds 2**14 * dL/dz (grad_scale) and has no room for a factor of unknown size
         fold = mult is not None and x.dtype != torch.float16
+        gemm = logits_mode() == "gemm"
         block_m = kc.config(x.shape[1], x.dtype, "bwd_loss" if with_loss else "bwd", loss)["BLOCK_M"]
-        step = max(block_m, self.chunk_bytes // max(1, n * x.element_size()) // block_m * block_m)
+        row_bytes = n * (x.element_size() + (4 if gemm else 0))  # dL/dz (and the fp32 dot products)
+        step = max(block_m, self.chunk_bytes // max(1, row_bytes) // block_m * block_m)
         starts = list(range(0, m if n else 0, step))
         g = kc.new_grad_buffer(min(step, m), n, x)
         dx = (torch.empty if starts else torch.zeros)(x.shape, device=x.device, dtype=dx_dtype)
@@ -248,9 +264,13 @@ class _Triton:
         for start in starts:
             stop = min(m, start + step)
             gc, xc = g[:stop - start], x[start:stop]
-            sums += kc.loss_grad_logits(xc, y, scale, bias, gc, loss=loss, diag_offset=diag_offset + start,
-                                        lse_row=None if lse_row is None else lse_row[start:stop], lse_col=lse_col,
-                                        with_loss=with_loss, store_cols=kc.padded_cols(n), mult=store_mult)
+            args = dict(loss=loss, diag_offset=diag_offset + start,
+                        lse_row=None if lse_row is None else lse_row[start:stop], lse_col=lse_col, with_loss=with_loss,
+                        store_cols=kc.padded_cols(n), mult=store_mult)
+            if gemm:
+                sums += kc.loss_grad_from_dots(_mm_f32(xc, y.T), scale, bias, gc, **args)
+            else:
+                sums += kc.loss_grad_logits(xc, y, scale, bias, gc, **args)
             if fold and dx_dtype == x.dtype:
                 # cuBLAS accumulates in fp32 and rounds once, as every bf16 nn.Linear does (split-K partial sums
                 # follow torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction, as there)
