@@ -674,9 +674,22 @@ def test_gpu_chunked_backward_over_several_chunks(monkeypatch):
 
 
 @pytest.mark.gpu
-def test_gpu_losses_never_wait_for_the_device(monkeypatch):
+@pytest.mark.parametrize("loss", ["siglip", "clip"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+def test_gpu_gemm_logits_match_reference(dtype, loss, monkeypatch):
+    """FINEVITI_LOSS_LOGITS=gemm on the device: cuBLAS's fp32-output products and the elementwise kernel, several
+    chunks of rows."""
+    monkeypatch.setenv("FINEVITI_LOSS_LOGITS", "gemm")
+    monkeypatch.setattr(C, "_GPU_CHUNK_BYTES", 1 << 20)
+    assert_matches(loss, "triton", make_inputs(3000, 768, seed=4, device="cuda"), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["fused", "gemm"])
+def test_gpu_losses_never_wait_for_the_device(monkeypatch, mode):
     """Forward and backward of both losses, bf16, several chunks of dL/dz, under torch's sync debug mode: no call
-    may wait for the GPU (a list index on a CUDA tensor, a .item(), a host copy would)."""
+    may wait for the GPU (a list index on a CUDA tensor, a .item(), a host copy would); both logits modes."""
+    monkeypatch.setenv("FINEVITI_LOSS_LOGITS", mode)
     monkeypatch.setattr(C, "_GPU_CHUNK_BYTES", 1 << 20)
     img, txt, scale, bias = make_inputs(3000, 256, seed=2, device="cuda")
     img, txt = img.bfloat16().requires_grad_(), txt.bfloat16().requires_grad_()
