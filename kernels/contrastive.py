@@ -735,8 +735,8 @@ def _dots_configs() -> list[registry.Shipped]:
                        "PARTIAL": "*fp32", "M": "i32", "N": "i32", "stride_g_m": "i32", "store_cols": "i32",
                        "diag_offset": "i32", "LOSS": "constexpr", "WITH_LOSS": "constexpr",
                        "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
-                aligned = tuple(k for k, t in sig.items() if t.startswith("*")) + (
-                    "stride_dots_m", "stride_g_m", "store_cols")
+                # the dot products' row stride is N, rarely a multiple of 16 for packed batches: not specialised
+                aligned = tuple(k for k, t in sig.items() if t.startswith("*")) + ("stride_g_m", "store_cols")
                 extra = {"aligned": aligned} if "aligned" in _SHIPPED_FIELDS else {}
                 rows.append(registry.Shipped(
                     kernel_name="contrastive_bwd_dots_kernel",

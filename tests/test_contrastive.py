@@ -92,7 +92,8 @@ def test_triton_matches_reference(n, d, dtype, loss, monkeypatch):
 @pytest.mark.parametrize("n,d", TRITON_FAST)
 def test_triton_gemm_logits_match_reference(n, d, dtype, loss, monkeypatch):
     """FINEVITI_LOSS_LOGITS=gemm: the dot products from a product per chunk of rows, dL/dz from the elementwise
-    kernel; the loss and all four gradients as the fused kernel's are held."""
+    kernel (16-bit features; fp32 ones stay with the fused kernel, the IEEE path); the loss and all four gradients
+    as the fused kernel's are held."""
     monkeypatch.setattr(C, "_GPU_CHUNK_BYTES", 1)
     monkeypatch.setenv("FINEVITI_LOSS_LOGITS", "gemm")
     inputs = make_inputs(n, d, seed=n + d, device="cuda" if CUDA else "cpu")

@@ -47,8 +47,9 @@ LOGITS_MODES = ("fused", "gemm")
 def logits_mode() -> str:
     """Where the triton backend's gradient pass (SigLIP's forward with a gradient, both losses' backward) takes its
     dot products x.y from (FINEVITI_LOSS_LOGITS): "fused" (the default), inside the Triton kernel, tile by tile;
-    "gemm" (opt-in, not yet timed), a cuBLAS product per chunk of rows with fp32 output, then an elementwise Triton
-    pass (contrastive_bwd_dots_kernel) over it: the products at cuBLAS's rate (the H200 ran the fused kernel at
+    "gemm" (opt-in, not yet timed; 16-bit features, on a torch whose torch.mm writes fp32 from them, else fused),
+    a cuBLAS product per chunk of rows with fp32 output, then an elementwise Triton pass
+    (contrastive_bwd_dots_kernel) over it: the products at cuBLAS's rate (the H200 ran the fused kernel at
     about 233 TFLOP/s against cuBLAS's 800 for the same product) for an fp32 (chunk, N) block written and read
     once (6 bytes a logit with the 16-bit dL/dz)."""
     mode = os.environ.get("FINEVITI_LOSS_LOGITS") or "fused"
@@ -195,9 +196,22 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if _FP32_OUT_MM["mm"]:
         try:
             return torch.mm(a, b, out_dtype=torch.float32)
+        except torch.cuda.OutOfMemoryError:
+            raise  # not a missing feature: keep the fp32-output products for the next call
         except (TypeError, RuntimeError, NotImplementedError):
             _FP32_OUT_MM["mm"] = False
     return (a @ b).float()
+
+
+def _dots_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+    """a @ b.T of 16-bit features as exact fp32 products (fp32 accumulation and output), or None where this torch
+    cannot write a CUDA product in fp32 (rounding the logits to 16 bits first would bias the gradient)."""
+    if a.device.type != "cuda":
+        return a.float() @ b.float().T
+    if not _FP32_OUT_MM["mm"]:
+        return None
+    out = _mm_f32(a, b.T)
+    return out if _FP32_OUT_MM["mm"] else None
 
 
 def _addmm_f32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -207,6 +221,8 @@ def _addmm_f32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         try:
             torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
             return
+        except torch.cuda.OutOfMemoryError:
+            raise
         except (TypeError, RuntimeError, NotImplementedError):
             _FP32_OUT_MM["addmm"] = False
     acc += _mm_f32(a, b)
@@ -250,7 +266,9 @@ class _Triton:
         # mult folded into the stored dL/dz, so that cuBLAS writes the scaled products straight out: not for fp16,
         # whose buffer holds 2**14 * dL/dz (grad_scale) and has no room for a factor of unknown size
         fold = mult is not None and x.dtype != torch.float16
-        gemm = logits_mode() == "gemm"
+        # 16-bit features only: fp32 stays with the fused kernel, whose products are IEEE fp32 whatever
+        # torch.set_float32_matmul_precision says
+        gemm = logits_mode() == "gemm" and x.dtype in (torch.bfloat16, torch.float16)
         block_m = kc.config(x.shape[1], x.dtype, "bwd_loss" if with_loss else "bwd", loss)["BLOCK_M"]
         row_bytes = n * (x.element_size() + (4 if gemm else 0))  # dL/dz (and the fp32 dot products)
         step = max(block_m, self.chunk_bytes // max(1, row_bytes) // block_m * block_m)
@@ -267,9 +285,11 @@ class _Triton:
             args = dict(loss=loss, diag_offset=diag_offset + start,
                         lse_row=None if lse_row is None else lse_row[start:stop], lse_col=lse_col, with_loss=with_loss,
                         store_cols=kc.padded_cols(n), mult=store_mult)
-            if gemm:
-                sums += kc.loss_grad_from_dots(_mm_f32(xc, y.T), scale, bias, gc, **args)
-            else:
+            dots = _dots_f32(xc, y) if gemm else None
+            if dots is not None:
+                sums += kc.loss_grad_from_dots(dots, scale, bias, gc, **args)
+                del dots
+            else:  # the fused kernel (also where this torch has no fp32-output product: then for every chunk)
                 sums += kc.loss_grad_logits(xc, y, scale, bias, gc, **args)
             if fold and dx_dtype == x.dtype:
                 # cuBLAS accumulates in fp32 and rounds once, as every bf16 nn.Linear does (split-K partial sums
@@ -890,6 +910,8 @@ def _prepare(img, txt, params, backend, group, dist_impl, check_values):
     group = _resolve_group(group)
     _check_inputs(img, txt, params, check_values, distributed=group is not None)
     backend = _resolve_backend(backend, img)
+    if backend == "triton" and not torch.compiler.is_compiling():
+        logits_mode()  # a bad FINEVITI_LOSS_LOGITS fails here, not in the gradient pass halfway through a step
     d = _make_dist(group, img)
     if d.total == 0:
         raise ValueError("img and txt are empty on every rank (global N = 0): a contrastive loss needs a pair")

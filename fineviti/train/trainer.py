@@ -319,9 +319,10 @@ class Trainer:
             batch, self.tokens, tasks=parse_parts(cfg.stage2.tasks, "stage2.tasks", STAGE2_TASKS),
             regions_per_image=cfg.stage2.regions_per_image, patch_size=self.raw_model.visual.patch_size, merge=2,
             placeholder_id=self.raw_model.placeholder_id, seed=cfg.training.seed, step=self.step, rank=self.rank)
-        if region is None:
-            raise ValueError(f"stage 2 step {self.step}: the batch has no region boxes (keys {batch.keys[:3]}...); "
-                             f"stage 2 needs data with regions in its json")
+        if not self._every_rank_has(region):  # every rank stops together (one alone would leave the rest waiting)
+            where = f"(keys {batch.keys[:3]}...)" if region is None else "on another rank"
+            raise ValueError(f"stage 2 step {self.step}: a batch without region boxes {where}; stage 2 needs data "
+                             f"with regions in its json")
         dev = self.device
         with self._autocast():
             out = self.model(batch.patches, batch.cu_seqlens, batch.pos, batch.max_seqlen,
@@ -332,19 +333,19 @@ class Trainer:
         # the ranks' gradients: weighted by this rank's share of all answer tokens (times the world size), every
         # token of the global batch counts alike, as in one process over the ranks' samples together (ranks' token
         # counts differ from step to step). The weighted loss, averaged over ranks by _reduce, is that global mean.
-        loss = out["loss"] * self._token_share(region.answer_tokens)
+        loss = out["loss"] * self._token_share(out["n_targets"])
         loss.backward()
         return loss, out, region
 
-    def _token_share(self, local: int) -> float:
-        """local * world / (the answer tokens of every rank): 1 on one process."""
+    def _token_share(self, local: torch.Tensor) -> torch.Tensor | float:
+        """local * world / (the targets of every rank), from the count the loss averaged over (no host read with
+        NCCL); 1 on one process."""
         if not self.world.distributed:
             return 1.0
-        count = torch.tensor([float(local)], dtype=torch.float64)
-        comm = count.to(self.device) if dist.get_backend() == "nccl" else count
-        dist.all_reduce(comm)
-        total = float(comm.cpu()[0])
-        return local * self.world.world_size / total if total > 0 else 0.0
+        local = local.detach().to(torch.float32)
+        total = local.clone() if dist.get_backend() == "nccl" else local.cpu().clone()  # reduced in place
+        dist.all_reduce(total)
+        return local * self.world.world_size / total.to(local.device).clamp(min=1)
 
     def _clip(self) -> float:
         if self.replicated:
