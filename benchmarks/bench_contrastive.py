@@ -227,30 +227,33 @@ def profile_steps(n, d, dtype_name, device, steps=5):
     from benchmarks.common import Recorder
 
     rec = Recorder("contrastive_profile")
-    for loss in LOSSES:
-        per_kernel = _kernel_times(loss, n, d, dtype_name, device, steps)
-        total = sum(per_kernel.values())
-        shape = {"loss": loss, "N": n, "D": d}
-        for name, ms in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:12]:
-            rec.add(provider=name[:60], mode="full", shape=shape, dtype=dtype_name,
-                    timing={"median_ms": ms}, share=ms / total if total else None)
-        print(f"contrastive_profile {loss}: {total:.3f} ms of GPU kernels per step over {len(per_kernel)} kernels")
-        torch.cuda.empty_cache()
+    for logits, provider in (("fused", "ours"), ("gemm", "ours_gemm")):  # FINEVITI_LOSS_LOGITS, both modes
+        for loss in LOSSES:
+            per_kernel = _kernel_times(loss, n, d, dtype_name, device, steps, provider)
+            total = sum(per_kernel.values())
+            shape = {"loss": loss, "N": n, "D": d, "logits": logits}
+            for name, ms in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:12]:
+                rec.add(provider=name[:60], mode="full", shape=shape, dtype=dtype_name,
+                        timing={"median_ms": ms}, share=ms / total if total else None)
+            print(f"contrastive_profile {loss} ({logits} logits): {total:.3f} ms of GPU kernels per step over "
+                  f"{len(per_kernel)} kernels")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
 
-def _kernel_times(loss, n, d, dtype_name, device, steps) -> dict[str, float]:
-    """{kernel name: GPU ms per step} of `steps` forward+backward steps of our `loss`."""
-    from benchmarks.common import gpu_kernel_times
+def _kernel_times(loss, n, d, dtype_name, device, steps, provider="ours") -> dict[str, float]:
+    """{kernel name: GPU ms per step} of `steps` forward+backward steps of `provider`'s `loss`."""
+    from benchmarks import common
 
     img, txt, scale, bias = make_inputs(n, d, _DTYPES[dtype_name], device)
-    fn = loss_fn("ours", loss)
+    fn = loss_fn(provider, loss)
 
     def step():
         for t in (img, txt, scale, bias):
             t.grad = None
         fn(img, txt, scale, bias).backward()
 
-    return gpu_kernel_times(step, steps)[0]
+    return common.gpu_kernel_times(step, steps)[0]
 
 
 def main(argv=None) -> None:

@@ -6,7 +6,9 @@ shares), so that the gradient of the global tensors, all-reduced and divided by 
 DDP-averaged gradient. One spawn runs every case; the tests compare its results.
 """
 
+import contextlib
 import datetime
+import os
 
 import pytest
 import torch
@@ -31,7 +33,25 @@ FP16_COUNTS = (96, 64)
 FP16_D = 32
 LOSS_SCALE = 65536.0
 FP16_CASES = [("fp16", loss, impl, backend) for loss in ("siglip", "clip") for impl in ("all_gather", "ring")
-              for backend in ("chunked", "triton")]
+              for backend in ("chunked", "triton", "triton_gemm")]  # triton_gemm: FINEVITI_LOSS_LOGITS=gemm
+
+
+@contextlib.contextmanager
+def _backend(name):
+    """The loss backend of a case name: "triton_gemm" is the triton backend with the dot products of its gradient
+    pass from a product per chunk of rows (FINEVITI_LOSS_LOGITS=gemm), for the whole forward and backward."""
+    if name != "triton_gemm":
+        yield name
+        return
+    before = os.environ.get("FINEVITI_LOSS_LOGITS")
+    os.environ["FINEVITI_LOSS_LOGITS"] = "gemm"
+    try:
+        yield "triton"
+    finally:
+        if before is None:
+            os.environ.pop("FINEVITI_LOSS_LOGITS")
+        else:
+            os.environ["FINEVITI_LOSS_LOGITS"] = before
 
 
 def _global_batch(counts, dtype):
@@ -80,11 +100,12 @@ def _run_fp16_case(case, rank):
     bias = torch.tensor(-3.0, requires_grad=True)
     start = sum(FP16_COUNTS[:rank])
     x, y = img[start:start + FP16_COUNTS[rank]], txt[start:start + FP16_COUNTS[rank]]
-    if loss == "siglip":
-        out = siglip_loss(x, y, scale, bias, backend=backend, group="default", dist_impl=impl)
-    else:
-        out = clip_loss(x, y, scale, backend=backend, group="default", dist_impl=impl)
-    (out * LOSS_SCALE).backward()
+    with _backend(backend) as name:
+        if loss == "siglip":
+            out = siglip_loss(x, y, scale, bias, backend=name, group="default", dist_impl=impl)
+        else:
+            out = clip_loss(x, y, scale, backend=name, group="default", dist_impl=impl)
+        (out * LOSS_SCALE).backward()
     grads = [img.grad.float(), txt.grad.float()]  # each entry is owned by one rank: the sum over ranks is a copy
     for g in grads:
         dist.all_reduce(g)
@@ -154,11 +175,12 @@ def test_fp16_feature_gradients_match_one_process(results, case):
     img, txt = _fp16_batch(torch.float16)
     scale = torch.tensor(8.0, requires_grad=True)
     bias = torch.tensor(-3.0, requires_grad=True)
-    if loss == "siglip":
-        out = siglip_loss(img, txt, scale, bias, backend=backend)
-    else:
-        out = clip_loss(img, txt, scale, backend=backend)
-    (out * LOSS_SCALE).backward()
+    with _backend(backend) as backend_name:
+        if loss == "siglip":
+            out = siglip_loss(img, txt, scale, bias, backend=backend_name)
+        else:
+            out = clip_loss(img, txt, scale, backend=backend_name)
+        (out * LOSS_SCALE).backward()
     for name, g, gold in zip(("d_img", "d_txt"), got, (img.grad, txt.grad), strict=True):
         gold = gold.double() / LOSS_SCALE
         rel = (g - gold).abs() / gold.abs().clamp_min(1e-3 * gold.abs().max())

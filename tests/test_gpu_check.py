@@ -458,6 +458,36 @@ def test_train_profile_rows(tmp_path, monkeypatch):
     assert by["ours: wall"]["median_ms"] == 18.0 and by["ours: wall"]["kernels_ms"] == pytest.approx(14.0)
 
 
+def test_loss_profile_covers_both_logits_modes(monkeypatch):
+    """bench_contrastive --profile (the profiler itself needs a GPU: its timings are stubbed, the steps are real,
+    under the interpreter): rows per kernel for both losses in both logits modes, and each mode's steps run with
+    its FINEVITI_LOSS_LOGITS."""
+    import bench_contrastive
+
+    import benchmarks.common
+    from fineviti.ops import contrastive as C
+
+    seen = []
+
+    def fake_times(step, steps_=3, **kwargs):
+        step()
+        seen.append(1)
+        return {"contrastive_bwd_kernel": 1.0, "sm90_xmma_gemm_bf16": 2.0}, 4.0
+
+    modes = []
+    real = C.logits_mode
+    monkeypatch.setattr(C, "logits_mode", lambda: modes.append(real()) or modes[-1])
+    monkeypatch.setattr(benchmarks.common, "gpu_kernel_times", fake_times)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    rows = []
+    monkeypatch.setattr(benchmarks.common.Recorder, "add", lambda self, **kw: rows.append(kw))
+    bench_contrastive.profile_steps(40, 32, "fp16", torch.device("cpu"), steps=1)
+    assert {(r["shape"]["loss"], r["shape"]["logits"]) for r in rows} == {
+        (loss, mode) for loss in ("siglip", "clip") for mode in ("fused", "gemm")}
+    assert len(seen) == 4  # a profiled step per loss and mode
+    assert "gemm" in modes and "fused" in modes and "FINEVITI_LOSS_LOGITS" not in os.environ
+
+
 def test_attention_profile_needs_a_gpu(capsys):
     import bench_attention
 
