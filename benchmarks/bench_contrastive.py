@@ -70,14 +70,12 @@ def loss_fn(provider: str, loss: str):
 
 def _with_logits_mode(mode: str, fn):
     """fn run with FINEVITI_LOSS_LOGITS=mode (the backward too: the mode is read when the gradient pass runs)."""
+    from fineviti.ops import contrastive as C
+
     def run(*args):
-        before = os.environ.get("FINEVITI_LOSS_LOGITS")
-        os.environ["FINEVITI_LOSS_LOGITS"] = mode
-        try:
+        with C.using_logits_mode(mode):
             out = fn(*args)
-            return _LogitsModeLoss(out, mode) if out.requires_grad else out
-        finally:
-            _restore("FINEVITI_LOSS_LOGITS", before)
+        return _LogitsModeLoss(out, mode) if out.requires_grad else out
     return run
 
 
@@ -88,19 +86,10 @@ class _LogitsModeLoss:
         self.loss, self.mode = loss, mode
 
     def backward(self):
-        before = os.environ.get("FINEVITI_LOSS_LOGITS")
-        os.environ["FINEVITI_LOSS_LOGITS"] = self.mode
-        try:
+        from fineviti.ops import contrastive as C
+
+        with C.using_logits_mode(self.mode):
             self.loss.backward()
-        finally:
-            _restore("FINEVITI_LOSS_LOGITS", before)
-
-
-def _restore(name: str, value: str | None) -> None:
-    if value is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = value
 
 
 def skip_reason(provider: str, n: int, device: torch.device) -> str | None:

@@ -8,7 +8,6 @@ DDP-averaged gradient. One spawn runs every case; the tests compare its results.
 
 import contextlib
 import datetime
-import os
 
 import pytest
 import torch
@@ -40,18 +39,13 @@ FP16_CASES = [("fp16", loss, impl, backend) for loss in ("siglip", "clip") for i
 def _backend(name):
     """The loss backend of a case name: "triton_gemm" is the triton backend with the dot products of its gradient
     pass from a product per chunk of rows (FINEVITI_LOSS_LOGITS=gemm), for the whole forward and backward."""
+    from fineviti.ops import contrastive
+
     if name != "triton_gemm":
         yield name
         return
-    before = os.environ.get("FINEVITI_LOSS_LOGITS")
-    os.environ["FINEVITI_LOSS_LOGITS"] = "gemm"
-    try:
+    with contrastive.using_logits_mode("gemm"):
         yield "triton"
-    finally:
-        if before is None:
-            os.environ.pop("FINEVITI_LOSS_LOGITS")
-        else:
-            os.environ["FINEVITI_LOSS_LOGITS"] = before
 
 
 def _global_batch(counts, dtype):

@@ -58,6 +58,23 @@ def logits_mode() -> str:
     return mode
 
 
+@contextlib.contextmanager
+def using_logits_mode(mode: str):
+    """FINEVITI_LOSS_LOGITS=mode inside the block (the gradient pass reads it when it runs: put the backward inside
+    too), the previous setting restored after."""
+    if mode not in LOGITS_MODES:
+        raise ValueError(f"mode must be one of {LOGITS_MODES}, got {mode!r}")
+    before = os.environ.get("FINEVITI_LOSS_LOGITS")
+    os.environ["FINEVITI_LOSS_LOGITS"] = mode
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("FINEVITI_LOSS_LOGITS", None)
+        else:
+            os.environ["FINEVITI_LOSS_LOGITS"] = before
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # References
 # ----------------------------------------------------------------------------------------------------------------

@@ -312,6 +312,7 @@ class Trainer:
         return loss.detach(), {"logit_scale": scale.detach(), "logit_bias": None if bias is None else bias.detach()}
 
     def _stage2_step(self, batch):
+        from fineviti.model.aligner import IGNORE_INDEX
         from fineviti.train import stage2
 
         cfg = self.cfg
@@ -319,7 +320,12 @@ class Trainer:
             batch, self.tokens, tasks=parse_parts(cfg.stage2.tasks, "stage2.tasks", STAGE2_TASKS),
             regions_per_image=cfg.stage2.regions_per_image, patch_size=self.raw_model.visual.patch_size, merge=2,
             placeholder_id=self.raw_model.placeholder_id, seed=cfg.training.seed, step=self.step, rank=self.rank)
-        if not self._every_rank_has(region):  # every rank stops together (one alone would leave the rest waiting)
+        # The loss's targets (labels[:, 1:] not ignored, as the aligner counts them), from the host-side labels,
+        # summed over ranks with a has-regions flag in one all-reduce, before the forward: a rank without regions
+        # stops every rank (one alone would leave the rest waiting in a collective).
+        local = 0 if region is None else int((region.labels[:, 1:] != IGNORE_INDEX).sum())
+        ranks_with_regions, targets = self._sum_over_ranks([float(region is not None), float(local)])
+        if ranks_with_regions < self.world.world_size:
             where = f"(keys {batch.keys[:3]}...)" if region is None else "on another rank"
             raise ValueError(f"stage 2 step {self.step}: a batch without region boxes {where}; stage 2 needs data "
                              f"with regions in its json")
@@ -333,19 +339,9 @@ class Trainer:
         # the ranks' gradients: weighted by this rank's share of all answer tokens (times the world size), every
         # token of the global batch counts alike, as in one process over the ranks' samples together (ranks' token
         # counts differ from step to step). The weighted loss, averaged over ranks by _reduce, is that global mean.
-        loss = out["loss"] * self._token_share(out["n_targets"])
+        loss = out["loss"] * (local * self.world.world_size / max(targets, 1.0))  # 1 on one process
         loss.backward()
         return loss, out, region
-
-    def _token_share(self, local: torch.Tensor) -> torch.Tensor | float:
-        """local * world / (the targets of every rank), from the count the loss averaged over (no host read with
-        NCCL); 1 on one process."""
-        if not self.world.distributed:
-            return 1.0
-        local = local.detach().to(torch.float32)
-        total = local.clone() if dist.get_backend() == "nccl" else local.cpu().clone()  # reduced in place
-        dist.all_reduce(total)
-        return local * self.world.world_size / total.to(local.device).clamp(min=1)
 
     def _clip(self) -> float:
         if self.replicated:
@@ -375,14 +371,9 @@ class Trainer:
     def _reduce(self, loss: torch.Tensor, local: dict) -> dict:
         """Sums the counts over ranks and averages the loss, in one all-reduce (float64: exact integers)."""
         keys = list(local)
-        values = torch.tensor([float(loss)] + [float(local[k]) for k in keys], dtype=torch.float64)
-        if self.world.distributed:
-            comm = values.to(self.device) if dist.get_backend() == "nccl" else values
-            dist.all_reduce(comm)
-            values = comm.cpu()
-            values[0] /= self.world.world_size
-        out = {"loss": float(values[0])}
-        out.update({k: float(v) for k, v in zip(keys, values[1:].tolist(), strict=True)})
+        values = self._sum_over_ranks([float(loss)] + [float(local[k]) for k in keys])
+        out = {"loss": values[0] / self.world.world_size}
+        out.update({k: float(v) for k, v in zip(keys, values[1:], strict=True)})
         if self.stage == 1:  # the loss FLOPs: every pair against every caption of every rank
             out["flops"] += 6 * out["pairs"] * out["pairs"] * self.cfg.model.embed_dim
         return out
@@ -403,22 +394,23 @@ class Trainer:
                 row[key] = int(row[key])
         return out
 
-    def _max_over_ranks(self, value: int) -> int:
+    def _sum_over_ranks(self, values: list[float], op: str = "SUM") -> list[float]:
+        """Host values reduced over the ranks (op: "SUM", "MAX" or "MIN", a dist.ReduceOp's name) in one
+        all-reduce (float64: exact integers; on the device with NCCL), back on the host; the values themselves
+        on one process."""
         if not self.world.distributed:
-            return value
-        t = torch.tensor([value], dtype=torch.int64)
-        t = t.to(self.device) if dist.get_backend() == "nccl" else t
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return int(t.item())
+            return list(values)
+        comm = torch.tensor(values, dtype=torch.float64)
+        if dist.get_backend() == "nccl":
+            comm = comm.to(self.device)
+        dist.all_reduce(comm, op=getattr(dist.ReduceOp, op))
+        return comm.cpu().tolist()
+
+    def _max_over_ranks(self, value: int) -> int:
+        return int(self._sum_over_ranks([float(value)], op="MAX")[0])
 
     def _every_rank_has(self, batch) -> bool:
-        if not self.world.distributed:
-            return batch is not None
-        flag = torch.tensor([0 if batch is None else 1], dtype=torch.int64)
-        if dist.get_backend() == "nccl":
-            flag = flag.to(self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item())
+        return self._sum_over_ranks([float(batch is not None)], op="MIN")[0] > 0
 
 
 def contrastive_loss(model_cfg, img, txt, text_image, scale, bias, group):
