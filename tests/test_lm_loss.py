@@ -87,6 +87,31 @@ def test_autocast_rounds_the_logits_as_the_plain_expression_does(rows, vocab, bi
         torch.testing.assert_close(a / scale, e / scale, rtol=1e-2, atol=1e-2, msg=name)
 
 
+def test_backward_does_not_cast_the_weight_again():
+    """Under autocast with fp32 parameters the forward casts the (vocab, features) weight once and keeps the cast
+    for the backward (as F.linear does): the backward makes no copy of a weight-sized tensor."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Copies(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype, torch.ops.aten.copy_.default):
+                self.shapes.append(tuple(args[0].shape))
+            return func(*args, **(kwargs or {}))
+
+    for rows, vocab in ((12, 40), (40, 12)):  # both backward layouts
+        hidden, weight, b, targets = inputs(rows, 16, vocab, dtype=torch.float32)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = linear_cross_entropy(hidden, weight, targets, b, chunk_rows=8)
+        with Copies() as copies:
+            loss.backward()
+        assert tuple(weight.shape) not in copies.shapes, (rows, vocab, copies.shapes)
+        assert weight.grad.dtype == torch.float32 and hidden.grad.dtype == torch.float32
+
+
 def test_fp64_stays_fp64_under_autocast():
     """Autocast leaves fp64 alone (F.linear runs it in fp64), and so does the op."""
     hidden, weight, b, targets = inputs(20, 16, 30)

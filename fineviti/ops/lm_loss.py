@@ -7,7 +7,8 @@ block by block and turns them into the gradients of hidden, weight and bias. Wit
 aligner's case) its blocks are of classes over all rows, about as many elements as a forward block: each slice of
 the weight's gradient is then one product written once, and the hidden states' gradient, the smaller tensor, is
 what sums over blocks (in fp32); with more rows than classes it is the other way round. Peak memory beyond the
-inputs, a 16-bit copy of the weight and the gradients: a few (chunk_rows, vocab) fp32 blocks, against rows x vocab
+inputs, a 16-bit copy of the weight (cast once, in the forward, and kept for the backward, as F.linear under
+autocast keeps its cast) and the gradients: a few (chunk_rows, vocab) fp32 blocks, against rows x vocab
 x (2 + 4 + 4 + 2) bytes for the logits, their fp32 copy, its gradient and the logits' gradient when the logits
 exist (9.8 GB of fp32 logits alone for 16k tokens of a 150k vocabulary). The products run as F.linear would run
 them: in the autocast dtype when autocast is on (bf16 logits with the bias added before the rounding, then the
@@ -70,8 +71,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             lse[part] = torch.logsumexp(logits, dim=1)
             picked = logits.gather(1, targets[part].clamp(min=0)[:, None])[:, 0]
             total += torch.where(valid[part], lse[part] - picked, 0.0).sum()
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, count)
-        ctx.args = (ignore_index, chunk, dtype, mean)
+        # The operands as multiplied (the casts, where there are any: F.linear under autocast keeps its cast
+        # weight for the backward too), so that the backward does not cast the (vocab, features) weight again.
+        ctx.save_for_backward(h, w, b, targets, lse, count)
+        ctx.args = (ignore_index, chunk, mean, hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.mark_non_differentiable(count)
         return (total / count.clamp(min=1) if mean else total), count
 
@@ -80,22 +83,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if torch.is_grad_enabled():
             raise RuntimeError("linear_cross_entropy does not support a double backward (create_graph=True): its "
                                "backward recomputes the logits without a graph; use linear_cross_entropy_ref")
-        hidden, weight, bias, targets, lse, count = ctx.saved_tensors
-        ignore_index, chunk, dtype, mean = ctx.args
+        h, w, b, targets, lse, count = ctx.saved_tensors
+        ignore_index, chunk, mean, hidden_dtype, weight_dtype, bias_dtype = ctx.args
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         scale = grad / count.clamp(min=1) if mean else grad
-        h, w, b = hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
-        rows, vocab = hidden.shape[0], weight.shape[0]
+        rows, vocab = h.shape[0], w.shape[0]
         valid = targets != ignore_index
         row_scale = (valid.to(lse.dtype) * scale)[:, None]
         if rows <= vocab:
             dh, dw, db = _grads_by_vocab_blocks(h, w, b, targets, valid, lse, row_scale, chunk * vocab,
-                                                need_h, need_w, need_b, weight.dtype)
+                                                need_h, need_w, need_b, weight_dtype)
         else:
             dh, dw, db = _grads_by_row_blocks(h, w, b, targets, valid, lse, row_scale, chunk, need_h, need_w,
                                               need_b)
-        return (None if dh is None else dh.to(hidden.dtype), None if dw is None else dw.to(weight.dtype),
-                None if db is None else db.to(bias.dtype), None, None, None, None, None)
+        return (None if dh is None else dh.to(hidden_dtype), None if dw is None else dw.to(weight_dtype),
+                None if db is None else db.to(bias_dtype), None, None, None, None, None)
 
 
 def _dlogits(logits, lse, targets, valid, row_scale, col0: int):
