@@ -33,6 +33,7 @@ CASES = {  # name: overrides
     "fsdp_shards": ["parallel.strategy=fsdp", *SHARDS],
     "ddp_stage2": ["parallel.strategy=ddp", "training.stage=2"],  # the aligner, its LM loss without logits
     "fsdp_stage2": ["parallel.strategy=fsdp", "training.stage=2"],
+    "stage2_rank1_without_regions": ["parallel.strategy=ddp", "training.stage=2"],  # rank 1 draws no region
 }
 EQUIVALENT = ("ddp", "fsdp", "ddp_gradcache", "fsdp_gradcache")  # random batches: a one-process reference
 RESUMED = ("ddp", "fsdp", "ddp_shards", "fsdp_shards", "ddp_stage2", "fsdp_stage2")
@@ -91,6 +92,10 @@ def _worker(rank, port, root, names):
         for name in names:
             overrides = CASES[name]
             try:
+                if name == "stage2_rank1_without_regions" and rank == 1:
+                    from fineviti.train import stage2
+
+                    stage2.region_tasks = lambda *args, **kwargs: None  # what a batch without boxes gives
                 trainer = _run_case(root, name, overrides)
                 results[name] = {"losses": _losses(root / name) if rank == 0 else None,
                                  "params": _full_params(trainer)}
@@ -105,6 +110,8 @@ def _worker(rank, port, root, names):
                 results[name] = f"rank {rank}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}"
         if rank == 0:
             torch.save(results, root / "results.pt")
+        else:  # the other ranks' errors
+            torch.save({k: v for k, v in results.items() if isinstance(v, str)}, root / f"errors_rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -293,3 +300,16 @@ def test_export_of_a_sharded_checkpoint(dist_results, tmp_path):
     assert set(params) <= set(exported)
     for key, value in params.items():
         assert torch.equal(exported[key], value), key
+
+
+def test_stage2_rank_without_regions_stops_every_rank(dist_results):
+    """One rank's batch without region boxes stops both ranks at the same step with an error that says why (not
+    one rank raising while the other waits in the next collective until the timeout)."""
+    root, results = dist_results
+    errors = torch.load(root / "errors_rank1.pt", weights_only=False)
+    name = "stage2_rank1_without_regions"
+    assert isinstance(results[name], str) and isinstance(errors.get(name), str), (results[name], errors)
+    assert "ValueError: stage 2 step 1: a batch without region boxes on another rank" in results[name]
+    assert "ValueError: stage 2 step 1: a batch without region boxes (keys" in errors[name]
+    assert not any(isinstance(v, str) for k, v in results.items() if k != name)  # nothing else failed on rank 0
+    assert set(errors) == {name}
