@@ -22,6 +22,16 @@ FLOPs (fineviti.model.flops, recomputation excluded) against the device's dense 
     python benchmarks/bench_train.py --quick --device cpu    # the debug model, a smoke test of this script
     python benchmarks/bench_train.py --profile --preset base --provider ours --provider torch   # GPU only
 
+--stage 2: the aligner's step (benchmark "train_stage2"): the preset's vision tower, the 2x2 merger and projector,
+and on a GPU a built-in LM of Qwen2-0.5B's shape (width 896, 24 layers, 14 heads, SwiGLU 4864, tied head over a
+151936-token vocabulary; the debug preset's small LM on a CPU), on region samples (box2caption and caption2box, the
+preset's regions per image) of the same random packed batch. `ours` takes the output head's loss without logits
+(fineviti.ops.linear_cross_entropy, on the answer positions only); `torch` computes the full (samples, length,
+vocab) logits and their cross-entropy, as a plain model would. Its TFLOP/s count fineviti.train.stage2.stage2_flops
+(the head at every LM position, as the plain model runs it).
+
+    python benchmarks/bench_train.py --stage 2 --quick       # base, the three providers (the GPU check)
+
 --profile: where one step's time goes, per provider (benchmark "train_profile"): the GPU time per step of each
 kernel family (our Triton kernels, matmuls, torch's eager elementwise and reductions, Inductor's fused kernels,
 the rest), the heaviest kernels, and the host's wall time per step beside the kernels' sum (well above it: the
@@ -42,6 +52,9 @@ import torch  # noqa: E402
 PROVIDERS = ("ours", "ours_compile", "torch")
 QUICK = [("large", 16384), ("base", 16384)]  # large first: the GPU check gives this script 150 s
 QUICK_CPU = [("debug", 256)]
+QUICK_STAGE2 = [("base", 8192)]  # with 4 regions per image, 8192 patch tokens give about 8k LM tokens
+# The stage-2 LM on a GPU: Qwen2-0.5B's shape (its tied head included); BuiltinLMConfig's fields.
+LM_GPU = {"vocab_size": 151936, "width": 896, "depth": 24, "heads": 14, "mlp_hidden": 4864, "max_length": 4096}
 
 
 def torch_attention_backend() -> str:
@@ -86,6 +99,104 @@ def make_batch(cfg, budget: int, device: torch.device, seed: int = 0):
     return source.make(0).to(device)
 
 
+def build_stage2(preset_name: str, provider: str, device: torch.device):
+    """The aligner for `preset_name`'s vision tower with the LM above (the preset's own built-in LM on a CPU), the
+    providers' backends as in build()."""
+    from fineviti.model.aligner import Aligner
+    from fineviti.model.config import BuiltinLMConfig, aligner_config
+    from fineviti.train import parallel
+    from fineviti.train.config import preset
+
+    cfg = preset(preset_name)
+    lm = BuiltinLMConfig(**LM_GPU) if device.type == "cuda" else cfg.aligner.builtin_lm
+    overrides = {"builtin_lm": lm}
+    if provider == "torch":
+        overrides.update(attn_backend=torch_attention_backend() if device.type == "cuda" else "torch",
+                         rope_backend="torch", norm_backend="torch", swiglu_backend="torch")
+    acfg = aligner_config(cfg.model, **overrides)
+    torch.manual_seed(0)
+    model = Aligner(acfg).to(device)
+    parallel.apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing,
+                                            cfg.parallel.selective_every)
+    if provider in ("torch", "ours_compile"):
+        parallel.apply_compile(model)
+    fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, **fused)
+    return cfg, model, optimizer
+
+
+def stage2_step(preset_name: str, provider: str, budget: int, device: torch.device):
+    """(model, batch, region samples, step): one aligner training step on a fixed batch with its region samples
+    (bf16 autocast on a GPU); `torch` through the full logits (return_logits=True), ours without them."""
+    from fineviti.train import stage2
+    from fineviti.train.config import RandomDataConfig
+    from fineviti.train.data import RandomBatches
+
+    cfg, model, optimizer = build_stage2(preset_name, provider, device)
+    low, high = (8, 64) if budget >= 4096 else (2, 8)
+    random = RandomDataConfig(token_budget=budget, min_side=low, max_side=high, min_text=64, max_text=64, seed=0)
+    batch = RandomBatches(random, patch_size=model.visual.patch_size, merge=2, vocab_size=model.lm.vocab_size,
+                          with_regions=True).make(0)
+    region = stage2.region_tasks(batch, stage2.ByteIds(model.lm.vocab_size),
+                                 tasks=["box2caption", "caption2box"], regions_per_image=cfg.stage2.regions_per_image,
+                                 patch_size=model.visual.patch_size, merge=2, placeholder_id=model.placeholder_id,
+                                 seed=0, step=0, rank=0)
+    if region is None:
+        raise RuntimeError("the random batch has no region boxes")
+    batch = batch.to(device)
+    ids, labels, mask, sample_image = (t.to(device) for t in (region.input_ids, region.labels,
+                                                               region.attention_mask, region.sample_image))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def step():
+        with autocast:
+            out = model(batch.patches, batch.cu_seqlens, batch.pos, batch.max_seqlen, ids, labels=labels,
+                        attention_mask=mask, seqlens=batch.seqlens, sample_image=sample_image,
+                        return_logits=provider == "torch")
+        out["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return cfg, model, batch, region, step
+
+
+def run_stage2_case(rec, preset_name: str, provider: str, budget: int, steps: int, warmup: int,
+                    device: torch.device):
+    from fineviti.train.metrics import device_name, peak_tflops
+    from fineviti.train.stage2 import stage2_flops
+
+    cfg, model, batch, region, step = stage2_step(preset_name, provider, budget, device)
+    seconds, peak_mem = _time_steps(step, steps, warmup, device)
+    tflops = stage2_flops(model, batch.seqlens, region) / seconds / 1e12
+    peak = peak_tflops(device_name(device)) if device.type == "cuda" else None
+    lm_tokens = int(region.attention_mask.sum())
+    shape = {"preset": preset_name, "patch_tokens": sum(batch.seqlens), "images": batch.n_images,
+             "samples": region.n_samples, "lm_tokens": lm_tokens, "answer_tokens": region.answer_tokens,
+             "lm_length": int(region.input_ids.shape[1]), "vocab": model.lm.vocab_size,
+             "ac": cfg.parallel.activation_checkpointing}
+    timing = {"median_ms": seconds * 1000, "p20_ms": None, "p80_ms": None, "peak_mem_mb": peak_mem}
+    return rec.add(provider=provider, mode="train_stage2", shape=shape,
+                   dtype="bf16" if device.type == "cuda" else "fp32", timing=timing, tflops=tflops,
+                   steps_per_s=1 / seconds, images_per_s=batch.n_images / seconds,
+                   tokens_per_s=(sum(batch.seqlens) + lm_tokens) / seconds, mfu=tflops / peak if peak else None)
+
+
+def _time_steps(step, steps: int, warmup: int, device: torch.device) -> tuple[float, float | None]:
+    """Seconds per step over `steps` after `warmup` untimed ones, and the peak memory (MiB) of the timed ones."""
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / steps
+    return seconds, torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
+
+
 def training_step(preset_name: str, provider: str, budget: int, device: torch.device):
     """(config, batch, step): one full training step of `provider`'s model on a fixed batch of `budget` patch
     tokens (forward under bf16 autocast on a GPU, backward, optimizer step)."""
@@ -108,24 +219,12 @@ def run_case(rec, preset_name: str, provider: str, budget: int, steps: int, warm
     from fineviti.train.metrics import device_name, peak_tflops
 
     cfg, batch, step = training_step(preset_name, provider, budget, device)
-
-    for _ in range(warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / steps
+    seconds, peak_mem = _time_steps(step, steps, warmup, device)
     flops = count_flops(cfg.model, batch.seqlens, batch.text_seqlens, training=True, recompute=False).model
     tflops = flops / seconds / 1e12
     peak = peak_tflops(device_name(device)) if device.type == "cuda" else None
     images, tokens = batch.n_images, sum(batch.seqlens) + sum(batch.text_seqlens)
-    timing = {"median_ms": seconds * 1000, "p20_ms": None, "p80_ms": None,
-              "peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None}
+    timing = {"median_ms": seconds * 1000, "p20_ms": None, "p80_ms": None, "peak_mem_mb": peak_mem}
     shape = {"preset": preset_name, "patch_tokens": sum(batch.seqlens), "images": images,
              "text_tokens": sum(batch.text_seqlens), "ac": cfg.parallel.activation_checkpointing}
     return rec.add(provider=provider, mode="train", shape=shape, dtype="bf16" if device.type == "cuda" else "fp32",
@@ -195,12 +294,16 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps (compilation, autotuning)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--stage", type=int, choices=(1, 2), default=1,
+                        help="1: the two towers' contrastive step; 2: the aligner's region-caption step")
     args = parser.parse_args(argv)
     from benchmarks.common import Recorder
 
     device = torch.device(args.device)
     providers = PROVIDERS if not args.provider or "all" in args.provider else tuple(args.provider)
     if args.profile:
+        if args.stage == 2:
+            parser.error("--profile times the stage-1 step only")
         if device.type != "cuda":
             parser.error("--profile needs a GPU")
         rec = Recorder("train_profile")
@@ -212,17 +315,20 @@ def main(argv=None) -> int:
                           dtype="bf16", error=f"{type(exc).__name__}: {exc}")
             torch.cuda.empty_cache()
         return 0
-    rec = Recorder("train")
-    cases = (QUICK if device.type == "cuda" else QUICK_CPU) if args.quick else [(args.preset, args.budget)]
+    rec = Recorder("train" if args.stage == 1 else "train_stage2")
+    quick = (QUICK if args.stage == 1 else QUICK_STAGE2) if device.type == "cuda" else QUICK_CPU
+    cases = quick if args.quick else [(args.preset, args.budget)]
     steps, warmup = (5, 2) if args.quick else (args.steps, args.warmup)
+    run = run_case if args.stage == 1 else run_stage2_case
     for preset_name, budget in cases:
         results = {}
         for provider in providers:
             try:
-                results[provider] = run_case(rec, preset_name, provider, budget, steps, warmup, device)
+                results[provider] = run(rec, preset_name, provider, budget, steps, warmup, device)
             except Exception as exc:  # noqa: BLE001 (one failing provider must not hide the others' rows)
-                rec.error(provider=provider, mode="train", shape={"preset": preset_name, "patch_tokens": budget},
-                          dtype="bf16", error=f"{type(exc).__name__}: {exc}")
+                rec.error(provider=provider, mode="train" if args.stage == 1 else "train_stage2",
+                          shape={"preset": preset_name, "patch_tokens": budget}, dtype="bf16",
+                          error=f"{type(exc).__name__}: {exc}")
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         for ours in ("ours", "ours_compile"):

@@ -105,6 +105,9 @@ section bench_fused 75 "$PY" benchmarks/bench_fused.py --quick
 # The stage-2 LM loss without logits (ninth session, untimed before this): against the plain full-logits loss,
 # eager and compiled, at a 7B-class head (3584 x 151936) and a small one.
 section bench_lm_loss 75 "$PY" benchmarks/bench_lm_loss.py --quick
+# The stage-2 step (tenth session, never timed before): the base vision tower with a Qwen2-0.5B-shaped LM on region
+# samples, ours (the head's loss without logits) against the full logits, eager and compiled.
+SECTION_MIN=60 section bench_train_stage2 120 "$PY" benchmarks/bench_train.py --stage 2 --quick
 section contrastive_profile 60 "$PY" benchmarks/bench_contrastive.py --profile --n 16384 --d 768
 # Split mode "masked" became the default for 80 and 96 after that run; the probe checks it again and still tries
 # the two-piece kernels (72 always runs them, padded to 128).

@@ -414,6 +414,45 @@ def test_lm_loss_benchmark_rows(tmp_path, monkeypatch):
     assert h.shape == (192, 32) and int((t != -100).sum()) == 64
 
 
+def test_stage2_train_benchmark_rows(tmp_path, monkeypatch):
+    """bench_train --stage 2 on the CPU (the debug preset's aligner): a row per provider with the region samples'
+    shape, FLOPs from stage2_flops over the measured time, and the torch provider through the full logits."""
+    import bench_train
+
+    import fineviti.ops
+    from fineviti.model import aligner
+    from fineviti.train.stage2 import stage2_flops
+
+    calls = []
+
+    def counted(name, f):
+        def wrapper(*args, **kwargs):
+            calls.append(name)
+            return f(*args, **kwargs)
+        return wrapper
+
+    for module, name in ((aligner, "next_token_loss"), (fineviti.ops, "linear_cross_entropy")):
+        monkeypatch.setattr(module, name, counted(name, getattr(module, name)))
+    rows_path = tmp_path / "rows.jsonl"
+    monkeypatch.setenv("FINEVITI_RESULTS", str(rows_path))
+    bench_train.main(["--stage", "2", "--device", "cpu", "--preset", "debug", "--budget", "256", "--steps", "1",
+                      "--warmup", "0", "--provider", "ours", "--provider", "torch"])
+    rows = [json.loads(line) for line in rows_path.read_text().splitlines()]
+    assert [r.get("error") for r in rows] == [None, None]
+    assert calls == ["linear_cross_entropy", "next_token_loss"]  # ours without logits, then torch with them
+    assert [(r["benchmark"], r["provider"], r["mode"]) for r in rows] == [
+        ("train_stage2", p, "train_stage2") for p in ("ours", "torch")]
+    shape = rows[0]["shape"]
+    assert rows[1]["shape"] == shape and shape["vocab"] == 96 and shape["samples"] > 0
+    assert 0 < shape["answer_tokens"] < shape["lm_tokens"] <= shape["samples"] * shape["lm_length"]
+    _, model, batch, region, _ = bench_train.stage2_step("debug", "ours", 256, torch.device("cpu"))
+    assert region.n_samples == shape["samples"] and int(region.attention_mask.sum()) == shape["lm_tokens"]
+    flops = stage2_flops(model, batch.seqlens, region)
+    assert rows[0]["tflops"] == pytest.approx(flops / (rows[0]["median_ms"] * 1e-3) / 1e12)
+    with pytest.raises(SystemExit):
+        bench_train.main(["--stage", "2", "--profile", "--device", "cpu"])
+
+
 def test_train_profile_needs_a_gpu(capsys):
     import bench_train
 
