@@ -402,6 +402,53 @@ def contrastive_bwd_dots_kernel(
                        BLOCK_N, True)
 
 
+@triton.jit
+def contrastive_fwd_dots_kernel(
+    DOTS,  # (M, N) fp32 dot products x.y, from cuBLAS (FINEVITI_LOSS_LOGITS=gemm)
+    stride_dots_m,
+    SCALE,  # (1,) fp32
+    ROW_OUT,  # (2, cdiv(N, BLOCK_N), M) fp32, out: per column tile, the row maxima of z * log2 e and the row sums of
+    #          exp2(z * log2 e - max) (planes stride_row_part apart, tiles stride_row_t)
+    COL_OUT,  # (2, cdiv(M, BLOCK_M), N) fp32, out, with COLS: per row tile, the same for the columns
+    M,
+    N,
+    stride_row_t,
+    stride_row_part,
+    stride_col_m,
+    stride_col_part,
+    COLS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """CLIP's forward (contrastive_fwd_kernel with LOSS=1) on dot products read from memory: each program one
+    tile, its rows' and columns' maxima and sums of exponentials, which the caller combines into log-sum-exps
+    (lse_of_partials). Elementwise: the products run in cuBLAS, as in contrastive_bwd_dots_kernel."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    z_scale = tl.load(SCALE) * _LOG2E  # log2 units, as the fused forward's z
+    ptrs = DOTS + offs_m[:, None] * stride_dots_m + offs_n[None, :]
+    if (pid_m * BLOCK_M + BLOCK_M <= M) & (pid_n * BLOCK_N + BLOCK_N <= N):
+        z = z_scale * tl.load(ptrs)
+    else:  # every tile has a row and a column inside: its maxima are finite where stored
+        z = tl.where(mask_m[:, None] & mask_n[None, :],
+                     z_scale * tl.load(ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0), float("-inf"))
+    row_max = tl.max(z, axis=1)
+    row_sum = tl.sum(tl.math.exp2(z - tl.where(mask_m, row_max, 0.0)[:, None]), axis=1)
+    row_ptrs = ROW_OUT + pid_n * stride_row_t + offs_m
+    tl.store(row_ptrs, row_max, mask=mask_m)
+    tl.store(row_ptrs + stride_row_part, row_sum, mask=mask_m)
+    if COLS:
+        col_max = tl.max(z, axis=0)
+        col_sum = tl.sum(tl.math.exp2(z - tl.where(mask_n, col_max, 0.0)[None, :]), axis=0)
+        col_ptrs = COL_OUT + pid_m * stride_col_m + offs_n
+        tl.store(col_ptrs, col_max, mask=mask_n)
+        tl.store(col_ptrs + stride_col_part, col_sum, mask=mask_n)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Configurations and launchers
 
@@ -533,10 +580,38 @@ def loss_rows_cols(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, *, spl
         part = col_part[:, :triton.cdiv(stop - start, block_m)]
         rows = _launch_rows(x[start:stop], y, scale, zero, "clip", start, splits, part, positive[start:stop])
         lse_row[start:stop] = rows[0] if rows.shape[0] == 1 else torch.logsumexp(rows, dim=0)
-        col_max = part[0].amax(0)  # finite: every row block has a row; log2 units, as the kernel's z
-        cols = (col_max + torch.log2((part[1] * torch.exp2(part[0] - col_max)).sum(0))) * math.log(2.0)
+        cols = lse_of_partials(part)
         lse_col = cols if lse_col is None else torch.logaddexp(lse_col, cols)
     return lse_row, lse_col, positive
+
+
+def lse_of_partials(part: torch.Tensor) -> torch.Tensor:
+    """Natural log-sum-exps from (2, tiles, L) partials in log2 units (maxima, then sums of exp2(z - max)): over
+    the tiles, per position L. Every tile holds an element of each position, so the maxima are finite."""
+    top = part[0].amax(0)
+    return (top + torch.log2((part[1] * torch.exp2(part[0] - top)).sum(0))) * math.log(2.0)
+
+
+def clip_partials_from_dots(dots: torch.Tensor, scale: torch.Tensor, *, cols: bool = True
+                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """CLIP's forward partials from the (M, N) fp32 dot products x.y computed elsewhere (cuBLAS), z = scale * x.y:
+    the rows' (2, cdiv(N, BLOCK_N), M) and, with cols, the columns' (2, cdiv(M, BLOCK_M), N), for lse_of_partials.
+    One elementwise pass over the products, the loss_rows_cols of the gemm logits mode."""
+    if dots.dtype != torch.float32 or dots.dim() != 2 or dots.stride(1) != 1:
+        raise ValueError(f"dots must be a 2-D float32 tensor with unit column stride, got {dots.dtype} "
+                         f"{tuple(dots.shape)} strides {dots.stride()}")
+    m, n = dots.shape
+    cfg = DOTS_CONFIG
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
+    row_part = torch.empty((2, grid[1], m), device=dots.device, dtype=torch.float32)
+    col_part = torch.empty((2, grid[0], n), device=dots.device, dtype=torch.float32) if cols else None
+    if m and n:
+        out = row_part if col_part is None else col_part
+        contrastive_fwd_dots_kernel[grid](
+            dots, dots.stride(0), scale, row_part, out, m, n, row_part.stride(1), row_part.stride(0),
+            out.stride(1), out.stride(0), COLS=cols, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return row_part, col_part
 
 
 def grad_scale(dtype: torch.dtype) -> float:
@@ -749,4 +824,21 @@ def _dots_configs() -> list[registry.Shipped]:
 
 registry.declare("contrastive_fwd", contrastive_fwd_kernel, _configs_of("contrastive_fwd_kernel"))
 registry.declare("contrastive_bwd", contrastive_bwd_kernel, _configs_of("contrastive_bwd_kernel"))
+def _fwd_dots_configs() -> list[registry.Shipped]:
+    """contrastive_fwd_dots_kernel: its one tile (DOTS_CONFIG), with and without the columns."""
+    cfg = DOTS_CONFIG
+    sig = {"DOTS": "*fp32", "stride_dots_m": "i32", "SCALE": "*fp32", "ROW_OUT": "*fp32", "COL_OUT": "*fp32",
+           "M": "i32", "N": "i32", "stride_row_t": "i32", "stride_row_part": "i32", "stride_col_m": "i32",
+           "stride_col_part": "i32", "COLS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
+    # M and N (the partials' strides) and the products' row stride are rarely multiples of 16: not specialised
+    aligned = tuple(k for k, t in sig.items() if t.startswith("*"))
+    extra = {"aligned": aligned} if "aligned" in _SHIPPED_FIELDS else {}
+    return [registry.Shipped(kernel_name="contrastive_fwd_dots_kernel",
+                             label=f"clip fwd from dots{' +cols' if cols else ''}", signature=sig,
+                             constexprs={"COLS": cols, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"]},
+                             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **extra)
+            for cols in (False, True)]
+
+
 registry.declare("contrastive_bwd_dots", contrastive_bwd_dots_kernel, _dots_configs)
+registry.declare("contrastive_fwd_dots", contrastive_fwd_dots_kernel, _fwd_dots_configs)

@@ -145,6 +145,34 @@ def test_dots_kernel_equals_the_fused_kernel(loss, dtype):
                                lse_row=lse_row, lse_col=lse_col)
 
 
+@pytest.mark.parametrize("scale", [3.0, 100.0])
+def test_clip_forward_partials_from_dots(scale):
+    """clip_partials_from_dots on a ragged problem (dot products in a NaN frame, partial buffers poisoned): the
+    rows' and columns' log-sum-exps of z = scale * x.y against fp64, with and without the columns, every partial
+    written; at scale 100 the logits reach +-100 (exp2 of them unshifted would overflow fp32)."""
+    gen = torch.Generator().manual_seed(4)
+    m, n = 77, 301  # ragged against the 32 x 128 tile
+    device = "cuda" if CUDA else "cpu"
+    frame = torch.full((m + 3, n + 40), float("nan"), device=device)
+    dots = frame[:m, :n]
+    dots.copy_(torch.rand(m, n, generator=gen).to(device) * 2 - 1)
+    s = torch.tensor([scale], device=device)
+    z = scale * dots.double()
+    for cols in (False, True):
+        row_part, col_part = kc.clip_partials_from_dots(dots, s, cols=cols)
+        assert row_part.shape == (2, 3, m) and not row_part.isnan().any()
+        torch.testing.assert_close(kc.lse_of_partials(row_part).double(), torch.logsumexp(z, 1), rtol=1e-6,
+                                   atol=1e-5)
+        if cols:
+            assert col_part.shape == (2, 3, n) and not col_part.isnan().any()
+            torch.testing.assert_close(kc.lse_of_partials(col_part).double(), torch.logsumexp(z, 0), rtol=1e-6,
+                                       atol=1e-5)
+        else:
+            assert col_part is None
+    with pytest.raises(ValueError, match="dots must be a 2-D float32"):
+        kc.clip_partials_from_dots(dots.double(), s)
+
+
 @pytest.mark.parametrize("backend", ["chunked", "triton"])
 @pytest.mark.parametrize("loss", ["siglip", "clip"])
 def test_large_logits_stay_finite(backend, loss):
@@ -545,6 +573,13 @@ def test_registry_rows_match_what_the_launcher_runs():
             kc.DOTS_CONFIG["BLOCK_M"], kc.DOTS_CONFIG["BLOCK_N"], kc.DOTS_CONFIG["num_warps"],
             kc.DOTS_CONFIG["num_stages"])
         assert list(r.signature) == declared["contrastive_bwd_dots"].fn.arg_names
+    fwd_dots = declared["contrastive_fwd_dots"].configs()  # clip_partials_from_dots: the same tile, both flags
+    assert sorted(r.constexprs["COLS"] for r in fwd_dots) == [False, True]
+    for r in fwd_dots:
+        assert (r.constexprs["BLOCK_M"], r.constexprs["BLOCK_N"], r.num_warps, r.num_stages) == (
+            kc.DOTS_CONFIG["BLOCK_M"], kc.DOTS_CONFIG["BLOCK_N"], kc.DOTS_CONFIG["num_warps"],
+            kc.DOTS_CONFIG["num_stages"])
+        assert list(r.signature) == declared["contrastive_fwd_dots"].fn.arg_names
     # what the launchers run: (loss, variant) pairs, a variant being a kernel and its flag
     runs = [("siglip", "fwd"), ("siglip", "bwd"), ("siglip", "bwd_loss"), ("clip", "fwd"), ("clip", "fwd_cols"),
             ("clip", "bwd")]

@@ -45,13 +45,14 @@ LOGITS_MODES = ("fused", "gemm")
 
 
 def logits_mode() -> str:
-    """Where the triton backend's gradient pass (SigLIP's forward with a gradient, both losses' backward) takes its
-    dot products x.y from (FINEVITI_LOSS_LOGITS): "fused" (the default), inside the Triton kernel, tile by tile;
-    "gemm" (opt-in, not yet timed; 16-bit features, on a torch whose torch.mm writes fp32 from them, else fused),
-    a cuBLAS product per chunk of rows with fp32 output, then an elementwise Triton pass
-    (contrastive_bwd_dots_kernel) over it: the products at cuBLAS's rate (the H200 ran the fused kernel at
-    about 233 TFLOP/s against cuBLAS's 800 for the same product) for an fp32 (chunk, N) block written and read
-    once (6 bytes a logit with the 16-bit dL/dz)."""
+    """Where the triton backend's passes over the logits (the gradient pass: SigLIP's forward with a gradient and
+    both losses' backward; CLIP's forward, its log-sum-exps) take their dot products x.y from
+    (FINEVITI_LOSS_LOGITS): "fused" (the default), inside the Triton kernel, tile by tile; "gemm" (opt-in, not yet
+    timed; 16-bit features, on a torch whose torch.mm writes fp32 from them, else fused), a cuBLAS product per
+    chunk of rows with fp32 output, then an elementwise Triton pass over it (contrastive_bwd_dots_kernel,
+    contrastive_fwd_dots_kernel): the products at cuBLAS's rate (the H200 ran the fused gradient kernel at about
+    233 TFLOP/s against cuBLAS's 800 for the same product) for an fp32 (chunk, N) block written and read once (6
+    bytes a logit with the gradient pass's 16-bit dL/dz, 4 in CLIP's forward)."""
     mode = os.environ.get("FINEVITI_LOSS_LOGITS") or "fused"
     if mode not in LOGITS_MODES:
         raise ValueError(f"FINEVITI_LOSS_LOGITS must be one of {LOGITS_MODES}, got {mode!r}")
@@ -231,6 +232,13 @@ def _dots_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
     return out if _FP32_OUT_MM["mm"] else None
 
 
+def _gemm_logits(x: torch.Tensor) -> bool:
+    """Whether the triton backend takes its dot products from cuBLAS (logits_mode() "gemm"): 16-bit features
+    only; fp32 ones stay with the fused kernels, whose products are IEEE fp32 whatever
+    torch.set_float32_matmul_precision says."""
+    return logits_mode() == "gemm" and x.dtype in (torch.bfloat16, torch.float16)
+
+
 def _addmm_f32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc += a @ b for an fp32 acc: in place in cuBLAS (beta = 1) where torch has addmm(out_dtype=...), so that no
     second acc-sized buffer exists."""
@@ -263,6 +271,10 @@ class _Triton:
         if x.shape[0] == 0 or y.shape[0] == 0:  # no columns: an empty sum, or the log of one
             fill = 0.0 if loss == "siglip" else float("-inf")
             return torch.full((x.shape[0],), fill, device=x.device, dtype=torch.float32)
+        if loss == "clip" and _gemm_logits(x):  # CLIP's bias is zero (it cancels), as the dots kernel assumes
+            out = self._clip_from_dots(x.contiguous(), y.contiguous(), scale, cols=False)
+            if out is not None:
+                return out[0]
         return self._kernels().loss_rows(x.contiguous(), y.contiguous(), scale, bias, loss=loss,
                                          diag_offset=diag_offset)
 
@@ -271,7 +283,38 @@ class _Triton:
             return (torch.full((x.shape[0],), float("-inf"), device=x.device, dtype=torch.float32),
                     torch.full((y.shape[0],), float("-inf"), device=x.device, dtype=torch.float32),
                     torch.zeros(x.shape[0], device=x.device, dtype=torch.float32))
+        if _gemm_logits(x):
+            out = self._clip_from_dots(x.contiguous(), y.contiguous(), scale, cols=True)
+            if out is not None:
+                return out
         return self._kernels().loss_rows_cols(x.contiguous(), y.contiguous(), scale)
+
+    def _clip_from_dots(self, x, y, scale, cols):
+        """CLIP's forward in the gemm logits mode: per chunk of rows, the fp32 dot products from one product, then
+        one elementwise pass (clip_partials_from_dots): (lse_row, lse_col or None, the positives z_ii, rows past
+        N: 0), as loss_rows_cols gives them; None where this torch has no fp32-output product (the fused path
+        then runs instead)."""
+        kc = self._kernels()
+        m, n = x.shape[0], y.shape[0]
+        block_m = kc.DOTS_CONFIG["BLOCK_M"]
+        step = max(block_m, self.chunk_bytes // (4 * n) // block_m * block_m)  # the (chunk, N) fp32 products
+        lse_row = torch.empty(m, device=x.device, dtype=torch.float32)
+        positive = torch.zeros(m, device=x.device, dtype=torch.float32)
+        lse_col = None
+        for start in range(0, m, step):
+            stop = min(m, start + step)
+            dots = _dots_f32(x[start:stop], y)
+            if dots is None:
+                return None
+            row_part, col_part = kc.clip_partials_from_dots(dots, scale, cols=cols)
+            lse_row[start:stop] = kc.lse_of_partials(row_part)
+            if cols:
+                part = kc.lse_of_partials(col_part)
+                lse_col = part if lse_col is None else torch.logaddexp(lse_col, part)
+            diagonal = dots.diagonal(offset=start)  # (r, start + r): row start + r's positive, where it exists
+            torch.mul(diagonal, scale, out=positive[start:start + diagonal.shape[0]])
+            del dots
+        return lse_row, lse_col, positive
 
     def grads(self, x, y, scale, bias, loss, diag_offset=0, lse_row=None, lse_col=None, mult=None, dx_dtype=None,
               dy_dtype=None, with_loss=False):
@@ -283,9 +326,7 @@ class _Triton:
         # mult folded into the stored dL/dz, so that cuBLAS writes the scaled products straight out: not for fp16,
         # whose buffer holds 2**14 * dL/dz (grad_scale) and has no room for a factor of unknown size
         fold = mult is not None and x.dtype != torch.float16
-        # 16-bit features only: fp32 stays with the fused kernel, whose products are IEEE fp32 whatever
-        # torch.set_float32_matmul_precision says
-        gemm = logits_mode() == "gemm" and x.dtype in (torch.bfloat16, torch.float16)
+        gemm = _gemm_logits(x)
         block_m = kc.config(x.shape[1], x.dtype, "bwd_loss" if with_loss else "bwd", loss)["BLOCK_M"]
         row_bytes = n * (x.element_size() + (4 if gemm else 0))  # dL/dz (and the fp32 dot products)
         step = max(block_m, self.chunk_bytes // max(1, row_bytes) // block_m * block_m)
