@@ -57,8 +57,11 @@ class DaliPath:
         def pipeline():
             encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
             sizes = fn.external_source(name="sizes", dtype=types.FLOAT, ndim=1)
-            shapes = fn.peek_image_shape(encoded)
-            images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
+            # EXIF orientation ignored, as PIL and nvJPEG ignore it and the planner's sizes (read from the
+            # header) assume: DALI's default would rotate such an image and squash it into the planned size
+            shapes = fn.peek_image_shape(encoded, adjust_orientation=False)
+            images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB,
+                                       adjust_orientation=False)
             resized = fn.resize(images, size=sizes, interp_type=types.INTERP_CUBIC, antialias=True)
             return fn.transpose(resized, perm=[2, 0, 1]), shapes  # planar, as the patch cutter wants
 

@@ -61,8 +61,11 @@ class NvjpegPath:
     def _decode(self, images: list[bytes]) -> list[torch.Tensor | BadSample]:
         from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
-        raw = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in images]
-        out: list[torch.Tensor | BadSample | None] = [None] * len(images)
+        # torch.frombuffer refuses an empty buffer: an empty member (possible where the json gave the size, so the
+        # scan never read a header) is a bad sample here, as PIL and DALI count it
+        raw = [torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else None for data in images]
+        out: list[torch.Tensor | BadSample | None] = [
+            None if data else BadSample("undecodable_image", "empty image") for data in images]
         jpegs = [i for i, data in enumerate(images) if _is_jpeg(data)]
         if jpegs and self.device.type == "cuda":
             # nvJPEG's hardware engine (A100, H100) does not honour stream order: it writes its output buffers
@@ -87,7 +90,10 @@ class NvjpegPath:
         for i, image in enumerate(out):
             if image is None:
                 try:
-                    out[i] = decode_image(raw[i], mode=ImageReadMode.RGB).to(self.device)
+                    image = decode_image(raw[i], mode=ImageReadMode.RGB)
+                    if image.dtype != torch.uint8:  # 16-bit PNGs decode to uint16: keep the high byte, as PIL
+                        image = (image.to(torch.int32) >> 8).to(torch.uint8)  # and DALI do
+                    out[i] = image.to(self.device)
                 except RuntimeError as exc:
                     out[i] = BadSample("undecodable_image", f"decode_image: {str(exc)[:200]}")
         return out

@@ -43,6 +43,15 @@ class Decoded:
     source_hw: tuple[int, int]  # the decoded image's size before resizing
 
 
+def rgb8(image: Image.Image) -> Image.Image:
+    """An RGB image of 8 bits a channel. 16-bit grayscale (PIL's I;16 modes, and mode I, as PIL opens 16-bit PNGs)
+    keeps its high byte, as DALI's decoder and the nvJPEG path do: convert("RGB") would clip it at 255 (white)."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        values = np.clip(np.asarray(image).astype(np.int64), 0, 65535) >> 8
+        image = Image.fromarray(values.astype(np.uint8), "L")
+    return image.convert("RGB")
+
+
 class PilPath:
     """Decode and resize with PIL on the CPU (Image.BICUBIC, which antialiases when it shrinks)."""
 
@@ -54,7 +63,7 @@ class PilPath:
         for data, (height, width) in zip(images, targets, strict=True):
             try:
                 with Image.open(io.BytesIO(data)) as image:
-                    source = image.convert("RGB")
+                    source = rgb8(image)
             except Exception as exc:  # noqa: BLE001 (PIL raises many types for bad data)
                 out.append(BadSample("undecodable_image", f"{type(exc).__name__}: {exc}"))
                 continue
@@ -111,8 +120,10 @@ def _boxes(raw: RawSample, source_hw: tuple[int, int], target_hw: tuple[int, int
     boxes, captions = [], []
     for region in raw.regions:
         try:
-            x0, y0, x1, y1 = (float(v) for v in region["bbox"])
-            caption = str(region["caption"])
+            bbox, caption = region["bbox"], region["caption"]
+            if isinstance(bbox, (str, bytes)) or not isinstance(caption, str):  # "1234" is no box, null no caption
+                raise TypeError(f"bbox {bbox!r}, caption {caption!r}")
+            x0, y0, x1, y1 = (float(v) for v in bbox)
         except (KeyError, TypeError, ValueError):
             counters["bad_box"] += 1
             continue
