@@ -68,6 +68,31 @@ class DataConfig:
     prefetch: int = 2
     planner_backend: str = "auto"  # cpp | python | auto
 
+    def validate(self, prefix: str = "DataConfig.") -> None:
+        """The numeric fields' ranges, each error naming the field (prefix: how the caller spells this config)."""
+        import operator
+
+        def integer(name: str, low: int, optional: bool = False) -> None:
+            value = getattr(self, name)
+            if optional and value is None:
+                return
+            try:
+                ok = not isinstance(value, bool) and operator.index(value) >= low
+            except TypeError:
+                ok = False
+            if not ok:
+                raise ValueError(f"{prefix}{name} must be an integer >= {low}{' or None' if optional else ''}, "
+                                 f"got {value!r}")
+
+        for name in ("token_budget", "patch", "merge", "min_pixels", "max_pixels", "window", "cost_block",
+                     "max_text_tokens", "prefetch"):
+            integer(name, 1)
+        integer("seed", 0)  # numpy's generators take no negative seed
+        integer("num_workers", 0)
+        integer("epochs", 1, optional=True)
+        if not (isinstance(self.max_aspect, (int, float)) and self.max_aspect >= 1):
+            raise ValueError(f"{prefix}max_aspect must be a number >= 1, got {self.max_aspect!r}")
+
 
 def _tokenizer_path(cfg: DataConfig) -> Path:
     if cfg.tokenizer:
@@ -180,9 +205,7 @@ class PackedLoader:
     def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1, *, manual_consume: bool = False):
         if not 0 <= rank < world_size:
             raise ValueError(f"PackedLoader: rank must be in [0, world_size = {world_size}), got {rank}")
-        if cfg.prefetch < 1 or cfg.num_workers < 0:
-            raise ValueError(f"PackedLoader: prefetch must be >= 1 and num_workers >= 0, got {cfg.prefetch}, "
-                             f"{cfg.num_workers}")
+        cfg.validate()
         if cfg.pixel_path not in PIXEL_PATHS:
             raise ValueError(f"PackedLoader: pixel_path must be one of {PIXEL_PATHS}, got {cfg.pixel_path!r}")
         self.cfg, self.rank, self.world_size, self.manual_consume = cfg, rank, world_size, manual_consume
@@ -253,7 +276,11 @@ class PackedLoader:
                     self.mark_consumed()
                 yield batch
         finally:
-            self._stop()
+            # this iteration's own prefetching only: an older iterator dropped after a newer one started must not
+            # stop the newer one's thread (its consumer would then wait for a batch forever)
+            source.close()
+            if self._iterator is source:
+                self._iterator = None
 
     def _worker_source(self, start: PlanState):
         loader = torch.utils.data.DataLoader(
@@ -297,20 +324,26 @@ class PackedLoader:
         thread = threading.Thread(target=work, name="fineviti-loader", daemon=True)
         self._thread = (thread, stop)
         thread.start()
-        while True:
-            kind, payload = results.get()
-            if kind == "end":
-                return
-            if kind == "error":
-                raise RuntimeError("PackedLoader: the prefetch thread failed") from payload
-            (batch, counters), event = payload
-            if event is not None:
-                current = torch.cuda.current_stream()
-                current.wait_event(event)
-                for value in vars(batch).values():
-                    if isinstance(value, torch.Tensor) and value.is_cuda:
-                        value.record_stream(current)
-            yield batch, counters
+        try:
+            while True:
+                kind, payload = results.get()
+                if kind == "end":
+                    return
+                if kind == "error":
+                    raise RuntimeError("PackedLoader: the prefetch thread failed") from payload
+                (batch, counters), event = payload
+                if event is not None:
+                    current = torch.cuda.current_stream()
+                    current.wait_event(event)
+                    for value in vars(batch).values():
+                        if isinstance(value, torch.Tensor) and value.is_cuda:
+                            value.record_stream(current)
+                yield batch, counters
+        finally:  # this source's thread, whichever thread self._thread names by now
+            stop.set()
+            thread.join(timeout=10)
+            if self._thread is not None and self._thread[0] is thread:
+                self._thread = None
 
     def _stop(self) -> None:
         thread = getattr(self, "_thread", None)

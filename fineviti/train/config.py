@@ -166,6 +166,8 @@ class JobConfig:
         _choice("checkpoint.export", self.checkpoint.export, ("", "vision", "full"))
         _choice("metrics.tensorboard", self.metrics.tensorboard, ("auto", "on", "off"))
         _choice("metrics.progress", self.metrics.progress, ("auto", "on", "off"))
+        if hasattr(self.data, "validate"):
+            self.data.validate("data.")
         for key in ("training.steps", "metrics.log_every", "parallel.selective_every", "stage2.regions_per_image",
                     "random_data.token_budget", "random_data.min_side", "random_data.min_text"):
             value = get_key(self, key)
