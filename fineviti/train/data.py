@@ -188,7 +188,7 @@ def take_images(batch: PackedBatch, first: int, last: int) -> tuple[PackedBatch,
     seqlens = batch.seqlens[first:last]
     chunk = PackedBatch(
         patches=batch.patches[lo:hi], cu_seqlens=(batch.cu_seqlens[first:last + 1] - lo),
-        pos=batch.pos[lo:hi], max_seqlen=max(seqlens), seqlens=seqlens, grid_hw=batch.grid_hw[first:last],
+        pos=batch.pos[lo:hi], max_seqlen=max(seqlens, default=0), seqlens=seqlens, grid_hw=batch.grid_hw[first:last],
         tokens=batch.tokens[torch.tensor(token_index, dtype=torch.long, device=batch.tokens.device)],
         text_cu_seqlens=_cumulative(text_lens).to(batch.text_cu_seqlens.device),
         text_max_seqlen=max(text_lens, default=0), text_seqlens=text_lens,
@@ -208,6 +208,9 @@ def split_images(batch: PackedBatch, n_chunks: int) -> tuple[list[PackedBatch], 
     images (`text_image`), the caption order of the concatenated real chunks as indices into the batch's
     captions (None otherwise: captions follow their images)."""
     n = batch.n_images
+    if n == 0 or n_chunks < 1:
+        raise ValueError(f"split_images needs a batch with images and n_chunks >= 1, got {n} images and n_chunks "
+                         f"{n_chunks} (the trainer skips a step where a rank has no image)")
     real = min(n, n_chunks)
     bounds = [round(k * n / real) for k in range(real + 1)]
     chunks, order = [], []

@@ -55,6 +55,9 @@ class DataExhaustedError(RuntimeError):
     pass
 
 
+MAX_SKIPPED_IN_A_ROW = 100  # batches skipped one after another (a rank's pack without an image) before giving up
+
+
 class Trainer:
     def __init__(self, cfg: JobConfig):
         cfg.validate()
@@ -158,11 +161,19 @@ class Trainer:
         last = self.cfg.training.steps
         batches = iter(self.data)
         tick = time.perf_counter()
+        skipped = 0  # in a row
         while self.step < last:
             batch = next(batches, None)
-            if not self._every_rank_has(batch):
+            have = self._every_rank_has(batch)
+            if have == "none":
                 raise DataExhaustedError(f"the data ran out after {self.step} of {last} steps on at least one rank "
                                          f"({self.data.summary()}); lower training.steps or allow more epochs")
+            if have == "empty":
+                skipped += 1
+                self._skip(batch, skipped)
+                tick = time.perf_counter()
+                continue
+            skipped = 0
             data_wait = time.perf_counter() - tick
             self.step += 1
             self.profiler.begin(self.step)
@@ -409,8 +420,26 @@ class Trainer:
     def _max_over_ranks(self, value: int) -> int:
         return int(self._sum_over_ranks([float(value)], op="MAX")[0])
 
-    def _every_rank_has(self, batch) -> bool:
-        return self._sum_over_ranks([float(batch is not None)], op="MIN")[0] > 0
+    def _every_rank_has(self, batch) -> str:
+        """"none" when a rank's data ran out, "empty" when a rank's pack has no image (the loader hands one out
+        when every image of a pack failed to decode, so that every rank still reaches this point), else "images":
+        from one all-reduce (MIN) per step."""
+        status = 0.0 if batch is None else 1.0 if batch.n_images == 0 else 2.0
+        worst = self._sum_over_ranks([status], op="MIN")[0]
+        return "none" if worst == 0 else "empty" if worst == 1 else "images"
+
+    def _skip(self, batch, in_a_row: int) -> None:
+        """A step without an image on some rank is skipped on every rank (the towers need an image, and a rank
+        cannot sit out the step's collectives): the batches count as consumed, the optimizer and the step counter
+        do not move, and the images the other ranks drop are logged ("skipped_batch" event)."""
+        self.data.mark_consumed(batch)
+        dropped, texts = self._sum_over_ranks([float(batch.n_images), float(len(batch.text_seqlens))])
+        self.metrics.event(kind="skipped_batch", step=self.step, images_dropped=int(dropped),
+                           texts_dropped=int(texts), reason="a rank's pack had no decodable image",
+                           data=self.data.summary())
+        if in_a_row >= MAX_SKIPPED_IN_A_ROW:
+            raise RuntimeError(f"{in_a_row} batches in a row had a rank without a decodable image "
+                               f"({self.data.summary()}): the data looks broken")
 
 
 def contrastive_loss(model_cfg, img, txt, text_image, scale, bias, group):
