@@ -236,3 +236,85 @@ def test_bad_config_is_refused(data):
         PackedLoader(config(data), rank=2, world_size=2)
     with pytest.raises(ValueError, match="pixel_path"):
         PackedLoader(config(data, pixel_path="opencv"))
+    for field, value, expected in (("window", 0, ">= 1"), ("seed", -1, ">= 0"), ("prefetch", 0, ">= 1"),
+                                   ("num_workers", -1, ">= 0"), ("epochs", 0, ">= 1 or None"),
+                                   ("token_budget", 1.5, ">= 1"), ("max_aspect", 0.5, ">= 1")):
+        with pytest.raises(ValueError, match=rf"DataConfig\.{field} must be .*{expected}.*got {value}"):
+            PackedLoader(config(data, **{field: value}))
+
+
+def _pixel_paths():
+    from fineviti.data import dali, nvjpeg
+    from fineviti.data.pixels import PilPath
+
+    paths = [pytest.param(PilPath, id="pil")]
+    paths.append(pytest.param(lambda: nvjpeg.NvjpegPath("cpu"), id="nvjpeg",
+                              marks=pytest.mark.skipif(not nvjpeg.available(), reason="no torchvision")))
+    paths.append(pytest.param(dali.DaliPath, id="dali",
+                              marks=pytest.mark.skipif(not dali.available(), reason="no nvidia-dali")))
+    return paths
+
+
+@pytest.mark.parametrize("make_path", _pixel_paths())
+def test_every_pixel_path_reads_16_bit_pngs_exif_jpegs_and_empty_members_alike(make_path):
+    """A 16-bit grayscale PNG keeps its high byte (convert("RGB") alone clipped it to white, nvJPEG's path passed
+    uint16 values through); an EXIF-rotated JPEG is decoded as stored, as the planner sized it from its header
+    (DALI's default rotated it and squashed it into the planned size); an empty member is an undecodable image
+    (nvJPEG's path failed the whole loader on it)."""
+    height, width = 28, 42
+    ramp = (np.arange(width)[None, :] * 255 // width).repeat(height, 0).astype(np.uint8)
+    png16 = io.BytesIO()
+    Image.fromarray(ramp.astype(np.uint16) * 257).save(png16, "PNG")
+    rgb = np.stack([ramp, np.full_like(ramp, 200), (np.arange(height)[:, None] * 9).repeat(width, 1)], -1)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    jpeg = io.BytesIO()
+    Image.fromarray(rgb.astype(np.uint8)).save(jpeg, "JPEG", quality=95, exif=exif.tobytes())
+    with Image.open(io.BytesIO(jpeg.getvalue())) as stored:
+        want_jpeg = torch.from_numpy(np.asarray(stored.convert("RGB"))).permute(2, 0, 1)
+    out = make_path().decode_resize([png16.getvalue(), jpeg.getvalue(), b""], [(height, width)] * 3)
+    assert out[0].source_hw == (height, width) and out[1].source_hw == (height, width)
+    assert torch.equal(out[0].pixels.cpu(), torch.from_numpy(ramp)[None].expand(3, -1, -1))
+    assert (out[1].pixels.cpu().int() - want_jpeg.int()).abs().max() <= 2  # the same decoder up to its IDCT
+    assert type(out[2]).__name__ == "BadSample" and out[2].reason == "undecodable_image"
+
+
+def test_region_fields_of_the_wrong_type_are_bad_boxes():
+    """A box must be four numbers and a caption a string: a null caption is not the caption "None", nor the string
+    "1234" the box (1, 2, 3, 4)."""
+    from collections import Counter
+
+    from fineviti.data.dataset import RawSample
+    from fineviti.data.pixels import _boxes
+
+    regions = [{"bbox": [1, 2, 30, 40], "caption": "fine"}, {"bbox": [1, 2, 30, 40], "caption": None},
+               {"bbox": "1234", "caption": "a string box"}, {"bbox": [1, 2, 30, 40], "caption": 7},
+               {"bbox": [1, 2, 30], "caption": "three numbers"}, {"caption": "no box"}]
+    raw = RawSample("k", b"", "c", regions, 64, 64)
+    counters = Counter()
+    out = _boxes(raw, (64, 64), (32, 32), counters)
+    assert counters["bad_box"] == 5
+    boxes, captions = out[0], out[1]
+    assert captions == ["fine"] and [list(b) for b in boxes] == [[0.5, 1.0, 15.0, 20.0]]
+
+
+def test_an_older_iterator_dropped_later_leaves_the_newer_one_running(data):
+    """iter() twice, then the first iterator dropped: the second one's prefetch thread keeps running (the first
+    one's cleanup stopped whichever thread was current, and the second then waited for a batch forever)."""
+    import gc
+    import threading
+
+    loader = PackedLoader(config(data, prefetch=1))
+    first = iter(loader)
+    next(first)
+    second = iter(loader)
+    want = next(second).keys
+    del first
+    gc.collect()
+    got = []
+    consumer = threading.Thread(target=lambda: got.extend(next(second).keys for _ in range(2)), daemon=True)
+    consumer.start()
+    consumer.join(timeout=60)
+    assert not consumer.is_alive(), "the newer iterator waits for a batch that never comes"
+    assert len(got) == 2 and want
+    loader.close()

@@ -54,6 +54,8 @@ def test_overrides_are_typed():
     ("stage2.freeze=vision,eyes", "stage2.freeze must be one of"),
     ("model.vision.heads=5", "divisible"),
     ("steps", "must look like key=value"),
+    ("data.window=0", "data.window must be an integer >= 1, got 0"),
+    ("data.seed=-1", "data.seed must be an integer >= 0, got -1"),
 ])
 def test_bad_overrides_are_named(override, message):
     with pytest.raises((KeyError, ValueError)) as info:

@@ -34,6 +34,7 @@ CASES = {  # name: overrides
     "ddp_stage2": ["parallel.strategy=ddp", "training.stage=2"],  # the aligner, its LM loss without logits
     "fsdp_stage2": ["parallel.strategy=fsdp", "training.stage=2"],
     "stage2_rank1_without_regions": ["parallel.strategy=ddp", "training.stage=2"],  # rank 1 draws no region
+    "rank1_empty_pack": ["parallel.strategy=ddp"],  # rank 1's second batch has no image
 }
 EQUIVALENT = ("ddp", "fsdp", "ddp_gradcache", "fsdp_gradcache")  # random batches: a one-process reference
 RESUMED = ("ddp", "fsdp", "ddp_shards", "fsdp_shards", "ddp_stage2", "fsdp_stage2")
@@ -57,8 +58,33 @@ def _full_params(trainer):
     return out
 
 
+def _no_regions_on_rank1(trainer):
+    """Rank 1's batches have no region boxes (what region_tasks gives then: None)."""
+    from fineviti.train import stage2
+
+    if trainer.rank == 1:
+        stage2.region_tasks = lambda *args, **kwargs: None
+
+
+def _empty_second_pack_on_rank1(trainer):
+    """Rank 1's batch of step 2 has no image (a pack whose images all failed to decode)."""
+    from fineviti.train.data import take_images
+
+    if trainer.rank == 1:
+        make = trainer.data.make
+        trainer.data.make = lambda step: take_images(make(step), 0, 0)[0] if step == 1 else make(step)
+
+
+HOOKS = {"stage2_rank1_without_regions": _no_regions_on_rank1, "rank1_empty_pack": _empty_second_pack_on_rank1}
+
+
 def _run_case(root, name, overrides, crash_at=None):
+    from fineviti.train import stage2
+
+    region_tasks = stage2.region_tasks
     trainer = Trainer(_config(root, name, *(o.format(root=root) for o in overrides)))
+    if name in HOOKS:
+        HOOKS[name](trainer)
     if crash_at is not None:
         original = trainer.train_step
 
@@ -73,6 +99,7 @@ def _run_case(root, name, overrides, crash_at=None):
     except KeyboardInterrupt:
         pass
     finally:
+        stage2.region_tasks = region_tasks
         trainer.close()
     return trainer
 
@@ -92,10 +119,6 @@ def _worker(rank, port, root, names):
         for name in names:
             overrides = CASES[name]
             try:
-                if name == "stage2_rank1_without_regions" and rank == 1:
-                    from fineviti.train import stage2
-
-                    stage2.region_tasks = lambda *args, **kwargs: None  # what a batch without boxes gives
                 trainer = _run_case(root, name, overrides)
                 results[name] = {"losses": _losses(root / name) if rank == 0 else None,
                                  "params": _full_params(trainer)}
@@ -313,3 +336,20 @@ def test_stage2_rank_without_regions_stops_every_rank(dist_results):
     assert "ValueError: stage 2 step 1: a batch without region boxes (keys" in errors[name]
     assert not any(isinstance(v, str) for k, v in results.items() if k != name)  # nothing else failed on rank 0
     assert set(errors) == {name}
+
+
+def test_a_rank_with_an_empty_pack_skips_the_step_on_both_ranks(dist_results):
+    """Rank 1's second batch has no image: both ranks skip that step (no rank waits in a collective the other
+    never enters), log the images rank 0 dropped, and train on to the last step."""
+    from fineviti.train.data import RandomBatches
+
+    root, results = dist_results
+    name = "rank1_empty_pack"
+    _check(results[name])
+    assert list(results[name]["losses"]) == list(range(1, STEPS + 1))
+    lines = [json.loads(line) for line in (root / name / "metrics.jsonl").read_text().splitlines()]
+    skipped = [r for r in lines if r.get("event") == "skipped_batch"]
+    cfg = _config(root, name)
+    rank0 = RandomBatches(cfg.random_data, patch_size=14, merge=2, vocab_size=cfg.model.text.vocab_size, rank=0,
+                          world_size=WORLD).make(1)
+    assert len(skipped) == 1 and skipped[0]["step"] == 1 and skipped[0]["images_dropped"] == rank0.n_images > 0

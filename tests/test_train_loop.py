@@ -251,6 +251,39 @@ def test_non_finite_loss_stops_before_the_update(tmp_path):
     assert all(torch.isfinite(p).all() for p in trainer.raw_model.parameters())
 
 
+@pytest.mark.parametrize("grad_cache", [0, 2])
+def test_a_pack_without_images_is_skipped_not_a_crash(tmp_path, grad_cache):
+    """The loader hands out a batch with no image when every image of a pack failed to decode: the trainer skips
+    it (consumed, logged as a "skipped_batch" event, no optimizer step) and trains on; 100 in a row stop the run
+    with a message. Before, the model rejected the empty pack, and GradCache divided by zero."""
+    from fineviti.train.data import take_images
+    from fineviti.train.trainer import MAX_SKIPPED_IN_A_ROW
+
+    trainer = Trainer(config(tmp_path, "training.steps=3", f"training.grad_cache_images={grad_cache}"))
+    make = trainer.data.make
+    trainer.data.make = lambda step: take_images(make(step), 0, 0)[0] if step == 1 else make(step)
+    assert trainer.data.make(1).n_images == 0
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    run_dir = tmp_path / "run"
+    assert [r["step"] for r in rows(run_dir)] == [1, 2, 3] and trainer.data.step == 4  # 4 batches consumed
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"event"' in line]
+    skipped = [e for e in events if e["event"] == "skipped_batch"]
+    assert len(skipped) == 1 and skipped[0]["step"] == 1 and skipped[0]["images_dropped"] == 0
+    assert trainer.optimizer.state[next(iter(trainer.raw_model.parameters()))]["step"] == 3
+
+    broken = Trainer(config(tmp_path, "training.steps=3", name="broken"))
+    make = broken.data.make
+    broken.data.make = lambda step: take_images(make(step), 0, 0)[0]
+    with pytest.raises(RuntimeError, match=f"{MAX_SKIPPED_IN_A_ROW} batches in a row had a rank without"):
+        try:
+            broken.train()
+        finally:
+            broken.close()
+
+
 @pytest.mark.parametrize("several_captions", [False, True])
 def test_grad_cache_gives_the_full_batch_gradients(tmp_path, several_captions):
     grads, values = [], []
