@@ -55,6 +55,21 @@ def test_image_folder_with_and_without_a_mapping(tmp_path):
         loaders.image_folder(root, as_json)
 
 
+def test_image_folder_tells_classes_with_one_first_synonym_apart(tmp_path):
+    """ImageNet's mapping names two classes "maillot" ("maillot" and "maillot, tank suit") and two "crane": a shared
+    first synonym keeps its whole list where that tells them apart, and identical names are reported (a warning
+    and info["duplicate_class_names"]): their images tie at top-1 and never count as correct."""
+    root, _ = fx.build_image_folder(tmp_path)
+    mapping = tmp_path / "LOC_synset_mapping.txt"
+    mapping.write_text("n00000001 maillot\nn00000002 maillot, tank suit\nn00000003 tench, Tinca tinca\n")
+    assert loaders.image_folder(root, mapping).classnames == ["maillot", "maillot, tank suit", "tench"]
+    mapping.write_text("n00000001 crane\nn00000002 crane\nn00000003 tench, Tinca tinca\n")
+    with pytest.warns(UserWarning, match="classes with the same name"):
+        same = loaders.image_folder(root, mapping)
+    assert same.classnames == ["crane", "crane", "tench"]
+    assert same.info["duplicate_class_names"] == {"crane": ["n00000001", "n00000002"]}
+
+
 def test_urban1k(tmp_path):
     root = fx.build_urban1k(tmp_path)
     data = loaders.urban1k(root)

@@ -358,6 +358,10 @@ def test_pool_boxes_bad_inputs():
     with pytest.raises(ValueError, match=r"boxes\[1\].*no area inside its 8x8 image"):
         pool_boxes(tokens, cu, grid_hw, pos, torch.tensor([[0.0, 0, 4, 4], [9.0, 0, 12, 4]]),
                    torch.tensor([0, 0]), 4)
+    two, cu2, grid2, pos2, _ = _packed_grid([(2, 2), (2, 2)], 1, 3, gen)
+    with pytest.raises(ValueError, match=r"boxes\[3\].*no area inside its 8x8 image"):  # not contiguous per image
+        pool_boxes(two, cu2, grid2, pos2, torch.tensor([[0.0, 0, 4, 4], [0, 0, 4, 4], [0, 0, 4, 4], [9, 0, 12, 4]]),
+                   torch.tensor([1, 0, 1, 1]), 4)
     with pytest.raises(ValueError, match="tokens has 3 rows"):
         pool_boxes(tokens[:3], cu, grid_hw, pos, torch.tensor([[0.0, 0, 4, 4]]), torch.tensor([0]), 4)
     with pytest.raises(ValueError, match=r"box_image\[0\] = 1"):

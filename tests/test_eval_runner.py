@@ -87,6 +87,18 @@ def test_hard_negatives_when_the_negative_names_another_colour():
     assert out["accuracy"] == pytest.approx(2 / 3)  # the third negative equals its caption: a tie, a loss
 
 
+def test_task_errors_name_the_record():
+    """A hard-negative set without a single negative says so (it used to fail on the empty embeddings' shape); a
+    region record whose boxes and labels differ in number is named by its index in the task's records (it used to
+    be counted among the records with boxes only)."""
+    image = fx.blocks((28, 28), [((0, 0, 28, 28), "red")])
+    with pytest.raises(ValueError, match="no image of 2 has a hard negative"):
+        _evaluator()[1].run({"hn": HardNegativeTask([(image, "a red photo", []), (image, "a red photo", [])])})
+    records = [(image, [], []), (image, [], []), (image, [(0, 0, 10, 10)], [0, 1])]
+    with pytest.raises(ValueError, match="region record 2: 1 boxes but 2 labels"):
+        _evaluator()[1].run({"boxes": RegionTask(records, ["red", "blue"], project=fx.box_projection)})
+
+
 @pytest.mark.parametrize("method", ["mean", "roi_align"])
 def test_region_classification_on_coco_instances(tmp_path, method):
     data = loaders.coco_instances(fx.build_coco_instances(tmp_path), tmp_path)
@@ -259,6 +271,19 @@ def test_checkpoint_mismatch_names_the_first_difference(tmp_path):
         load_checkpoint(model, tmp_path / "nothing.pt")
 
 
+def test_vision_tower_of_another_depth_is_looked_for_under_its_own_prefix(tmp_path):
+    """The vision tower loaded alone from a checkpoint whose text tower is deeper than its vision tower: the error
+    names the vision blocks the checkpoint lacks, not the text tower's (whose blocks share the vision blocks' key
+    names and once won the prefix detection)."""
+    from fineviti.model import create_model
+
+    saved = create_model("tiny", attn_backend="torch", **{"vision.depth": 2, "text.depth": 4})
+    torch.save({"model": saved.state_dict(), "step": 1}, tmp_path / "ckpt.pt")
+    model = create_model("tiny", attn_backend="torch", **{"vision.depth": 4})
+    with pytest.raises(CheckpointMismatchError, match=r"has no tensor 'visual\.blocks\.2\."):
+        load_checkpoint(model.visual, tmp_path / "ckpt.pt")
+
+
 # ---- torchrun: 2 gloo processes ---------------------------------------------------------------------------------
 
 
@@ -343,6 +368,18 @@ def test_cli_eval_on_synthetic_heldout(tmp_path, capsys):
     # The same checkpoint against the model without the overrides: a clear error, exit code 2.
     assert main(args[: args.index("--region-method")]) == 2
     assert "checkpoint does not match the model config" in capsys.readouterr().err
+    # An input the format does not use is an error, not ignored; only a vision tower loaded says what is random.
+    for extra, flag in ((["--split", "val"], "--split"), (["--annotations", "x.json"], "--annotations"),
+                        (["--class-names", "m.txt"], "--class-names")):
+        with pytest.raises(SystemExit, match=f"{flag} does not apply to --format synthetic"):
+            main([*args, *extra])
+    assert report["regions"]["templates"] == 3  # the synthetic regions' own, without --templates
+    vision_only = [a.replace("--checkpoint", "--vision-checkpoint") for a in args]
+    assert main([*vision_only, "--templates", "default"]) == 0
+    assert "the text tower and the logit scale keep random weights" in capsys.readouterr().err
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["meta"]["loaded"].keys() == {"vision_checkpoint"}
+    assert report["regions"]["templates"] == 1  # --templates default: "a photo of a {}.", not ignored
 
 
 # ---- on a GPU -----------------------------------------------------------------------------------------------------

@@ -458,7 +458,7 @@ def test_export_vision_tower(tmp_path):
 def test_peak_table():
     assert peak_tflops("NVIDIA H100 80GB HBM3") == 989
     assert peak_tflops("NVIDIA H100 PCIe") == 756
-    assert peak_tflops("NVIDIA H200") == 989
+    assert peak_tflops("NVIDIA H200") == 989 and peak_tflops("NVIDIA H200 NVL") == 835  # not the SXM board's
     assert peak_tflops("NVIDIA A100-SXM4-80GB") == 312
     assert peak_tflops("NVIDIA H100 NVL") is None
     assert peak_tflops("Tesla T4") is None and peak_tflops(None) is None

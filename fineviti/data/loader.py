@@ -18,7 +18,8 @@ Static shapes: `pad_to_budget=True` pads patches and pos with zeros to token_bud
 still cover only the real tokens, and PackedBatch.padding_tokens says how many rows were added.
 
 Bad data is skipped and counted (`loader.stats`, also in state_dict and `summary()`); a pack whose images all fail
-yields a batch with no images (counted as empty_pack) so that every rank still runs the step.
+yields a batch with no images (counted as empty_pack) so that every rank still reaches the step (the trainer then
+skips it on every rank, fineviti.train.trainer).
 """
 
 from __future__ import annotations

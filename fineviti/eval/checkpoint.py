@@ -105,16 +105,21 @@ class _Source:
 
 
 def _detect_prefix(expected: dict[str, torch.Tensor], found: dict[str, tuple]) -> str:
-    """The prefix P under which most of the module's keys appear in the checkpoint (the shortest on a tie)."""
-    counts: dict[str, int] = {}
+    """The prefix P under which the module's keys appear in the checkpoint: the most keys outside numbered blocks
+    first (a vision and a text tower share their blocks' key names, "blocks.0.attn.qkv.weight", not their
+    embeddings and heads), then the most keys, then the shortest prefix."""
+    counts: dict[str, list[int]] = {}
     for key in expected:
+        own = not any(part.isdigit() for part in key.split("."))
         for name in found:
             if name == key or name.endswith("." + key):
                 prefix = name[: len(name) - len(key)]
-                counts[prefix] = counts.get(prefix, 0) + 1
+                count = counts.setdefault(prefix, [0, 0])
+                count[0] += own
+                count[1] += 1
     if not counts:
         return ""
-    return min(counts, key=lambda p: (-counts[p], len(p)))
+    return min(counts, key=lambda p: (-counts[p][0], -counts[p][1], len(p)))
 
 
 def check_state_dict(expected: dict[str, torch.Tensor], found: dict[str, tuple], prefix: str,

@@ -48,12 +48,26 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--max-pixels", type=int, help="size rule's max_pixels (default: Qwen2-VL's, capped)")
     parser.add_argument("--context-length", type=int, help="caption tokens kept (default: the text tower's)")
     parser.add_argument("--templates", choices=("default", "imagenet"), default=None,
-                        help="zero-shot prompts: 'a photo of a {}.' or open_clip's 7 ImageNet templates")
+                        help="zero-shot and region prompts: 'a photo of a {}.' or open_clip's 7 ImageNet "
+                        "templates (unset: the former, except the synthetic regions' own 'a small/medium/large {}')")
     parser.add_argument("--region-method", choices=("mean", "roi_align"), default="mean")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--pixel-path", default="pil", choices=("pil", "dali", "nvjpeg", "auto"))
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
     parser.set_defaults(run=run)
+
+
+# The formats each optional input applies to: given for another format it would be ignored, so it is an error.
+APPLIES_TO = {"split": ("coco", "flickr30k", "dci", "docci"), "annotations": ("coco", "flickr30k", "coco_instances"),
+              "class_names": ("imagenet",)}
+
+
+def _check_applies(args) -> None:
+    for name, formats in APPLIES_TO.items():
+        if getattr(args, name) is not None and args.format not in formats:
+            flag = "--" + name.replace("_", "-")
+            raise SystemExit(f"fineviti eval: {flag} does not apply to --format {args.format} (it applies to "
+                             f"{', '.join(formats)})")
 
 
 def _parse_overrides(items: list[str]) -> dict:
@@ -129,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
     from fineviti.eval.checkpoint import CheckpointMismatchError, load_checkpoint
     from fineviti.model import create_model
 
+    _check_applies(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     started = _init_distributed(device)
     try:
@@ -150,7 +165,12 @@ def run(args: argparse.Namespace) -> int:
             return 2
         if not loaded:
             print("fineviti eval: no --checkpoint: the model has random weights", file=sys.stderr)
-        templates = zeroshot.SIMPLE_IMAGENET_TEMPLATES if args.templates == "imagenet" else None
+        elif "checkpoint" not in loaded:
+            print("fineviti eval: only --vision-checkpoint: the text tower and the logit scale keep random weights, "
+                  "so retrieval, zero-shot and region scores mean nothing; add --checkpoint with a stage-1 "
+                  "checkpoint for them", file=sys.stderr)
+        templates = {None: None, "default": zeroshot.DEFAULT_TEMPLATES,
+                     "imagenet": zeroshot.SIMPLE_IMAGENET_TEMPLATES}[args.templates]
         if args.format == "synthetic":
             tasks = runner.synthetic_tasks(args.data, region_method=args.region_method)
             if templates is not None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,8 +140,10 @@ def _read_class_names(path: Path, first_synonym: bool) -> dict[str, str]:
             if len(parts) != 2:
                 raise ValueError(f"{path}:{number}: expected 'folder class name', got {line!r}")
             mapping[parts[0]] = parts[1]
-    if first_synonym:
-        mapping = {k: v.split(",")[0].strip() for k, v in mapping.items()}
+    if first_synonym:  # a first synonym that two classes share keeps its whole list ("maillot, tank suit")
+        short = {k: v.split(",")[0].strip() for k, v in mapping.items()}
+        shared = Counter(short.values())
+        mapping = {k: short[k] if shared[short[k]] == 1 else v.strip() for k, v in mapping.items()}
     return {k: v.replace("_", " ") for k, v in mapping.items()}
 
 
@@ -168,7 +172,15 @@ def image_folder(root: str | os.PathLike, class_names: str | os.PathLike | None 
                 records.append(LabelRecord(str(path), label, f"{folder}/{path.stem}"))
     if not records:
         raise ValueError(f"{root}: the class folders hold no images with extensions {IMAGE_EXTENSIONS}")
-    return EvalSet(root.name, "zero_shot", records, names, info={"source": str(root)})
+    info: dict[str, Any] = {"source": str(root)}
+    repeated = {name: [f for f, n in zip(folders, names, strict=True) if n == name]
+                for name, count in Counter(names).items() if count > 1}
+    if repeated:  # ImageNet's own mapping names two classes "crane" (the bird, the machine)
+        info["duplicate_class_names"] = repeated
+        warnings.warn(f"{root}: classes with the same name get the same prompts and text embedding, so their images "
+                      f"tie and never count as correct at top-1: {repeated}; pass a class-name file that tells them "
+                      f"apart", stacklevel=2)
+    return EvalSet(root.name, "zero_shot", records, names, info=info)
 
 
 # ---- long-caption sets -------------------------------------------------------------------------------------------

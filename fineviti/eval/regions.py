@@ -53,14 +53,15 @@ def _check(tokens, cu_seqlens, grid_hw, pos, boxes, box_image, patch_size, merge
     )
 
 
-def _clip_boxes(boxes: torch.Tensor, height: float, width: float, first: int) -> torch.Tensor:
+def _clip_boxes(boxes: torch.Tensor, height: float, width: float, index: torch.Tensor) -> torch.Tensor:
+    """boxes clipped to the image; index: each box's row in the caller's boxes (named in the error)."""
     limit = torch.tensor([width, height, width, height], dtype=boxes.dtype)
     clipped = torch.minimum(boxes.clamp(min=0), limit)
     empty = (clipped[:, 2] <= clipped[:, 0]) | (clipped[:, 3] <= clipped[:, 1])
     if bool(empty.any()):
         bad = int(empty.nonzero()[0, 0])
         raise ValueError(
-            f"boxes[{first + bad}] = {boxes[bad].tolist()} has no area inside its {width:g}x{height:g} image; "
+            f"boxes[{int(index[bad])}] = {boxes[bad].tolist()} has no area inside its {width:g}x{height:g} image; "
             "expected x0 < x1 and y0 < y1 overlapping the image (boxes are in pixels of the resized image)"
         )
     return clipped
@@ -136,7 +137,7 @@ def pool_boxes(tokens: torch.Tensor, cu_seqlens: torch.Tensor, grid_hw: torch.Te
             cells = cells[:: group * group] // group
             rows, cols = rows // group, cols // group
             start, stop = start // (group * group), stop // (group * group)
-        image_boxes = _clip_boxes(boxes[which], rows * cell, cols * cell, int(which[0]))
+        image_boxes = _clip_boxes(boxes[which], rows * cell, cols * cell, which)
         if method == "mean":
             weights = _area_weights(cells.float(), image_boxes, cell)
             weights = weights / weights.sum(dim=1, keepdim=True)

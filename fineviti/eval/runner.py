@@ -486,24 +486,27 @@ class Evaluator:
         img = self.encode_images([r[0] for r in records])[0]
         pos = self.encode_texts([r[1] for r in records])
         negatives = [(i, text) for i, r in enumerate(records) for text in r[2]]
+        if not negatives:
+            raise ValueError(f"HardNegativeTask: no image of {len(records)} has a hard negative; expected at least "
+                             f"one")
         neg = self.encode_texts([text for _, text in negatives])
         neg_image = torch.tensor([i for i, _ in negatives], dtype=torch.int64)
         return metrics.hard_negative_accuracy(*self._on_device(img, pos, neg, neg_image))
 
     def regions(self, task: RegionTask) -> dict:
+        for i, r in enumerate(task.records):  # i: the index in task.records, before the records without boxes go
+            if len(r[1]) != len(r[2]):
+                raise ValueError(f"region record {i}: {len(r[1])} boxes but {len(r[2])} labels")
         records = [r for r in task.records if len(r[1])]
         if not records:
             raise ValueError("RegionTask has no record with boxes")
-        for i, r in enumerate(records):
-            if len(r[1]) != len(r[2]):
-                raise ValueError(f"region record {i}: {len(r[1])} boxes but {len(r[2])} labels")
         project = task.project or default_box_projection(self.model)
         classes = self.class_embeddings(task.classnames, task.templates)
         _, box_emb = self.encode_images([r[0] for r in records], [r[1] for r in records], project, task.method)
         emb = torch.cat(box_emb)
         labels = torch.tensor([int(label) for r in records for label in r[2]])
         out = metrics.classification_accuracy(*self._on_device(emb, classes, labels))
-        return {**out, "n_images": len(records), "method": task.method}
+        return {**out, "n_images": len(records), "method": task.method, "templates": len(task.templates)}
 
     def run_task(self, task: Task) -> dict:
         start = time.perf_counter()

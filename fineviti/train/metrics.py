@@ -20,6 +20,7 @@ import torch
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from NVIDIA's data sheets. Matched against
 # torch.cuda.get_device_name() by the substrings of each row, first match wins.
 PEAK_BF16_TFLOPS = (
+    (("H200", "NVL"), 835.0),  # 1,671 with sparsity in the H200 NVL's data sheet
     (("H200",), 989.0),
     (("H100", "PCIE"), 756.0),
     (("H100", "SXM"), 989.0),
