@@ -12,6 +12,10 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fineviti.train.metrics import peak_tflops  # noqa: E402 (the one table of GPU peaks, MFU's too)
+
 
 def read_jsonl(path: Path) -> list[dict]:
     if not path.exists():
@@ -75,9 +79,8 @@ def summary_markdown(rows: list[dict], sections: list[dict]) -> str:
 
 
 # The issues' goals, read against the rows (issue 3: FlashAttention-3's published fwd+bwd TFLOP/s on its shapes,
-# non-causal, 1k-16k tokens, as the issue quotes them; the bf16 dense peak of the GPU, from NVIDIA's datasheets).
+# non-causal, 1k-16k tokens, as the issue quotes them; the bf16 dense peak of the GPU: fineviti.train.metrics).
 FA3_FWD_BWD_TFLOPS = {64: (370.0, 480.0), 128: (460.0, 580.0)}
-BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
 VARLEN_SPEEDUP_GOAL = 1.6
 ROPE_COPY_FRACTION_GOAL = 0.8
 ROPE_EAGER_SPEEDUP_GOAL = 5.0
@@ -164,7 +167,7 @@ def _loss_goals(rows: list[dict]) -> list[tuple]:
     out = []
     loss = [r for r in _ok(rows) if r["benchmark"] == "contrastive" and r["mode"] == "full"]
     gpu = str(next((r.get("gpu") for r in rows if r.get("gpu")), ""))
-    peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in gpu), None)
+    peak = peak_tflops(gpu)
     for r in loss:
         if r["provider"] != "ours" or r["dtype"] != "bf16":
             continue
