@@ -68,7 +68,6 @@ def torch_attention_backend() -> str:
 
 def build(preset_name: str, provider: str, device: torch.device):
     from fineviti.model import FineViT
-    from fineviti.train import parallel
     from fineviti.train.config import preset
 
     cfg = preset(preset_name)
@@ -77,8 +76,16 @@ def build(preset_name: str, provider: str, device: torch.device):
         cfg.model.rope_backend = "torch"
         cfg.model.loss_backend = "chunked"
         cfg.model.norm_backend = cfg.model.swiglu_backend = "torch"
+    return _prepared(cfg, lambda: FineViT(cfg.model), provider, device)
+
+
+def _prepared(cfg, make_model, provider: str, device: torch.device):
+    """(cfg, model, optimizer): the model built with seed 0 on `device`, the preset's activation checkpointing,
+    its blocks compiled for the compiled providers, fused AdamW (foreach on a CPU)."""
+    from fineviti.train import parallel
+
     torch.manual_seed(0)
-    model = FineViT(cfg.model).to(device)
+    model = make_model().to(device)
     parallel.apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing,
                                             cfg.parallel.selective_every)
     if provider in ("torch", "ours_compile"):
@@ -104,7 +111,6 @@ def build_stage2(preset_name: str, provider: str, device: torch.device):
     providers' backends as in build()."""
     from fineviti.model.aligner import Aligner
     from fineviti.model.config import BuiltinLMConfig, aligner_config
-    from fineviti.train import parallel
     from fineviti.train.config import preset
 
     cfg = preset(preset_name)
@@ -114,15 +120,7 @@ def build_stage2(preset_name: str, provider: str, device: torch.device):
         overrides.update(attn_backend=torch_attention_backend() if device.type == "cuda" else "torch",
                          rope_backend="torch", norm_backend="torch", swiglu_backend="torch")
     acfg = aligner_config(cfg.model, **overrides)
-    torch.manual_seed(0)
-    model = Aligner(acfg).to(device)
-    parallel.apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing,
-                                            cfg.parallel.selective_every)
-    if provider in ("torch", "ours_compile"):
-        parallel.apply_compile(model)
-    fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, **fused)
-    return cfg, model, optimizer
+    return _prepared(cfg, lambda: Aligner(acfg), provider, device)
 
 
 def stage2_step(preset_name: str, provider: str, budget: int, device: torch.device):
