@@ -355,6 +355,17 @@ def contrastive_bwd_kernel(
 
 
 @triton.jit
+def _tile_of_program(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The elementwise kernels' (BLOCK_M, BLOCK_N) tile of an (M, N) block: program (row tile, column tile), the
+    tile's row and column indices and their masks."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return pid_m, pid_n, offs_m, offs_n, offs_m < M, offs_n < N
+
+
+@triton.jit
 def contrastive_bwd_dots_kernel(
     DOTS,  # (M, N) fp32 dot products x.y, from cuBLAS (FINEVITI_LOSS_LOGITS=gemm)
     stride_dots_m,
@@ -378,12 +389,7 @@ def contrastive_bwd_dots_kernel(
 ):
     """contrastive_bwd_kernel's epilogue on dot products read from memory instead of computed: the products run in
     cuBLAS (at its rate, with the (M, N) fp32 block written and read once), this kernel is elementwise."""
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
+    pid_m, pid_n, offs_m, offs_n, mask_m, mask_n = _tile_of_program(M, N, BLOCK_M, BLOCK_N)
     tile = pid_m * tl.num_programs(1) + pid_n
     tiles = tl.num_programs(0) * tl.num_programs(1)
     row0 = pid_m * BLOCK_M
@@ -423,12 +429,7 @@ def contrastive_fwd_dots_kernel(
     """CLIP's forward (contrastive_fwd_kernel with LOSS=1) on dot products read from memory: each program one
     tile, its rows' and columns' maxima and sums of exponentials, which the caller combines into log-sum-exps
     (lse_of_partials). Elementwise: the products run in cuBLAS, as in contrastive_bwd_dots_kernel."""
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
+    pid_m, pid_n, offs_m, offs_n, mask_m, mask_n = _tile_of_program(M, N, BLOCK_M, BLOCK_N)
     z_scale = tl.load(SCALE) * _LOG2E  # log2 units, as the fused forward's z
     ptrs = DOTS + offs_m[:, None] * stride_dots_m + offs_n[None, :]
     if (pid_m * BLOCK_M + BLOCK_M <= M) & (pid_n * BLOCK_N + BLOCK_N <= N):
