@@ -284,6 +284,21 @@ def test_a_pack_without_images_is_skipped_not_a_crash(tmp_path, grad_cache):
             broken.close()
 
 
+def test_non_finite_gradient_stops_before_the_update(tmp_path):
+    """A NaN gradient with a finite loss (fp16 overflow) used to pass the clip (NaN < 1 is false), write NaN
+    weights and save them in the step's checkpoint: it now stops the run before the optimizer step."""
+    trainer = Trainer(config(tmp_path, "training.steps=4", "checkpoint.interval=1"))
+    weight = next(p for p in trainer.raw_model.parameters() if p.dim() == 2)
+    weight.register_hook(lambda g: g * float("nan") if trainer.step == 2 else g)
+    with pytest.raises(NonFiniteLossError, match="the gradient norm .* is nan at step 2"):
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
+    assert all(torch.isfinite(p).all() for p in trainer.raw_model.parameters())
+    assert [step for step, _ in ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")] == [1]
+
+
 @pytest.mark.parametrize("several_captions", [False, True])
 def test_grad_cache_gives_the_full_batch_gradients(tmp_path, several_captions):
     grads, values = [], []
@@ -405,6 +420,36 @@ def test_resume_with_more_steps_follows_the_new_schedule(tmp_path):
     assert [logged[s] for s in range(5, 9)] == pytest.approx([cfg.optimizer.lr * schedule(s - 1)
                                                               for s in range(5, 9)], abs=1e-12)
     assert min(logged[s] for s in range(5, 8)) > 0
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_resume_applies_this_runs_rates(tmp_path, stage):
+    """The rates a resumed run applies come from its own config and schedule: a new optimizer.lr and a longer
+    schedule take effect at the first resumed step (the saved groups' rates and the scheduler's base rates used to
+    come back from the checkpoint: the old schedule's rate 0 at its end, or the old optimizer.lr for good), each
+    part at its stage-2 scale; the weight decay follows the config too."""
+    from fineviti.train.optim import WarmupDecay
+
+    common = ["scheduler.decay=linear", "scheduler.warmup_steps=1", f"training.stage={stage}"]
+    run(config(tmp_path, "training.steps=4", *common, name="r"))
+    trainer = Trainer(config(tmp_path, "training.steps=8", "optimizer.lr=1e-4", "optimizer.weight_decay=0.2",
+                             "checkpoint.resume=auto", *common, name="r"))
+    try:
+        assert trainer.step == 4
+        factor = WarmupDecay(trainer.cfg.scheduler, 8)(4)  # the rate of step 5 on the new schedule
+        bases = [group["initial_lr"] for group in trainer.optimizer.param_groups]
+        assert min(bases) >= 1e-4 * 0.1 - 1e-15 and max(bases) == pytest.approx(1e-4)
+        if stage == 2:  # the vision tower at stage2.vision_lr_scale
+            assert min(bases) == pytest.approx(1e-4 * trainer.cfg.stage2.vision_lr_scale)
+        assert [g["lr"] for g in trainer.optimizer.param_groups] == pytest.approx([b * factor for b in bases])
+        assert trainer.scheduler.base_lrs == bases
+        assert {g["weight_decay"] for g in trainer.optimizer.param_groups} <= {0.0, 0.2}
+        before = [p.detach().clone() for p in trainer.raw_model.parameters() if p.requires_grad]
+        trainer.train()
+        after = [p for p in trainer.raw_model.parameters() if p.requires_grad]
+        assert all(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
+    finally:
+        trainer.close()
 
 
 def test_activation_checkpointing_keeps_the_losses(tmp_path):

@@ -199,12 +199,22 @@ class Checkpointer:
         with _quiet():
             dcp.load(state, checkpoint_id=str(path), process_group=self._group(), no_dist=self._no_dist)
         _check_group_layout(path, groups, _group_layout(state["optim"]))
+        # this run's hyperparameters (its config: base rates with the parts' scales, weight decay, betas, eps, the
+        # implementation flags), which loading the optimizer's state would replace with the saved run's
+        fresh = [{k: v for k, v in group.items() if k not in ("params", "lr")} for group in optimizer.param_groups]
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                        options=self._options())
-        # the schedule's shape comes from this run's config (a resume with more training.steps stretches it);
-        # the step count and the rates come from the checkpoint
+        for group, hyper in zip(optimizer.param_groups, fresh, strict=True):
+            group.update(hyper)
+        # the schedule's shape comes from this run's config (a resume with more training.steps stretches it), its
+        # step count from the checkpoint; the rate of the next step from both, not the saved run's rate
         state["scheduler"]["lr_lambdas"] = scheduler.state_dict()["lr_lambdas"]
         scheduler.load_state_dict(state["scheduler"])
+        scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+        for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas,
+                                       strict=True):
+            group["lr"] = base * factor(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
         data_source.load_state_dict(state["data"])
         if "rng" in state:
             set_rng_state(state["rng"][f"rank{self.rank}"])

@@ -44,11 +44,13 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
-def check_finite(loss: float, step: int) -> None:
-    if not math.isfinite(loss):
+def check_finite(value: float, step: int, what: str = "the loss") -> None:
+    """NonFiniteLossError for a non-finite loss or gradient norm, raised before the optimizer step (every rank
+    sees the same reduced value, so every rank stops)."""
+    if not math.isfinite(value):
         raise NonFiniteLossError(
-            f"the loss is {loss} at step {step}: training stopped (lower optimizer.lr, check the data of this "
-            f"step, or resume from the last checkpoint)")
+            f"{what} is {value} at step {step}: training stopped before the optimizer step (lower optimizer.lr, "
+            f"check the data of this step, or resume from the last checkpoint)")
 
 
 @contextlib.contextmanager

@@ -259,6 +259,9 @@ class Trainer:
         lr = self.cfg.optimizer.lr * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
         with nvtx_range("optimizer", self.nvtx):
             grad_norm = self._clip()
+            # a NaN norm clips nothing (NaN < 1 is false): the update would write NaN weights and the step's
+            # checkpoint would keep them (fp16 overflow, with a finite loss)
+            check_finite(grad_norm, self.step, "the gradient norm (the loss was finite)")
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
