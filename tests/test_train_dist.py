@@ -31,13 +31,15 @@ CASES = {  # name: overrides
     "fsdp_gradcache": ["parallel.strategy=fsdp", "training.grad_cache_images=2"],
     "ddp_shards": ["parallel.strategy=ddp", *SHARDS],
     "fsdp_shards": ["parallel.strategy=fsdp", *SHARDS],
+    "ddp_async": ["parallel.strategy=ddp", "checkpoint.async_save=true"],  # DCP's writer thread beside the steps
+    "fsdp_async": ["parallel.strategy=fsdp", "checkpoint.async_save=true"],
     "ddp_stage2": ["parallel.strategy=ddp", "training.stage=2"],  # the aligner, its LM loss without logits
     "fsdp_stage2": ["parallel.strategy=fsdp", "training.stage=2"],
     "stage2_rank1_without_regions": ["parallel.strategy=ddp", "training.stage=2"],  # rank 1 draws no region
     "rank1_empty_pack": ["parallel.strategy=ddp"],  # rank 1's second batch has no image
 }
-EQUIVALENT = ("ddp", "fsdp", "ddp_gradcache", "fsdp_gradcache")  # random batches: a one-process reference
-RESUMED = ("ddp", "fsdp", "ddp_shards", "fsdp_shards", "ddp_stage2", "fsdp_stage2")
+EQUIVALENT = ("ddp", "fsdp", "ddp_gradcache", "fsdp_gradcache", "ddp_async", "fsdp_async")  # one-process reference
+RESUMED = ("ddp", "fsdp", "ddp_shards", "fsdp_shards", "ddp_stage2", "fsdp_stage2", "ddp_async", "fsdp_async")
 
 
 def _config(root, name, *overrides):

@@ -91,6 +91,11 @@ class Checkpointer:
         self.folder = Path(run_dir) / "checkpoints"
         self.config_json = config_json
         self._pending = None  # (future, tmp, final, step) of an asynchronous save
+        # An asynchronous save runs its collectives from DCP's writer thread, while the training steps run theirs:
+        # on one group they interleave differently on each rank (a mismatch), and an NCCL-only group has no CPU
+        # backend, which async_save requires. So it gets a gloo group of its own (torchtitan does the same). Every
+        # rank builds the Checkpointer at the same point, as new_group needs.
+        self._async_group = dist.new_group(backend="gloo") if world_size > 1 and cfg.async_save else None
         if world_size == 1:  # async_save warns from its writer thread, past any catch_warnings here
             warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_WARNING)
 
@@ -124,7 +129,7 @@ class Checkpointer:
         self._barrier()
         if self.cfg.async_save:
             with _quiet():
-                future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._group(),
+                future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._async_group,
                                         no_dist=self._no_dist)
             self._pending = (future, tmp, final, step)
             return final
