@@ -26,7 +26,7 @@ SHARDS = ["training.data_source=shards", "data.path={root}/data/train", "data.me
           "model.text.vocab_size=2000", "eval.every=2", "eval.path={root}/data/heldout"]
 CASES = {  # name: overrides
     "ddp": ["parallel.strategy=ddp"],
-    "fsdp": ["parallel.strategy=fsdp"],
+    "fsdp": ["parallel.strategy=fsdp", "checkpoint.export=full"],  # the export at the end gathers the shards
     "ddp_gradcache": ["parallel.strategy=ddp", "training.grad_cache_images=2"],
     "fsdp_gradcache": ["parallel.strategy=fsdp", "training.grad_cache_images=2"],
     "ddp_shards": ["parallel.strategy=ddp", *SHARDS],
@@ -309,6 +309,18 @@ def test_stage2_ddp_and_fsdp_agree(dist_results):
     for key, value in ddp["params"].items():
         torch.testing.assert_close(fsdp["params"][key], value, rtol=1e-4, atol=1e-5,
                                    msg=lambda m, key=key: f"{key}: {m}")
+
+
+def test_export_at_the_end_of_a_sharded_run(dist_results):
+    """checkpoint.export under FSDP2: every rank gathers the shards, rank 0 writes the full tensors (rank 0 alone
+    used to call the collective: the other rank closed the group and no file was written)."""
+    from safetensors.torch import load_file
+
+    root, results = dist_results
+    _check(results["fsdp"])
+    exported = load_file(str(root / "fsdp" / "model.safetensors"))
+    for key, value in results["fsdp"]["params"].items():
+        assert torch.equal(exported[key], value), key
 
 
 def test_export_of_a_sharded_checkpoint(dist_results, tmp_path):

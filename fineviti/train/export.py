@@ -18,8 +18,12 @@ from torch import nn
 PARTS = ("vision", "full")
 
 
-def export_model(model: nn.Module, out: str | os.PathLike, *, part: str = "vision", config: dict | None = None) -> Path:
-    """Writes `model` (a FineViT or an Aligner; part "vision": its .visual) to `out` (.safetensors)."""
+def export_model(model: nn.Module, out: str | os.PathLike, *, part: str = "vision", config: dict | None = None,
+                 write: bool = True) -> Path:
+    """Writes `model` (a FineViT or an Aligner; part "vision": its .visual) to `out` (.safetensors).
+
+    A sharded model (FSDP2's DTensors) is gathered tensor by tensor, a collective: every rank calls this, and only
+    the one with write=True (rank 0) keeps the tensors and writes the file."""
     from safetensors.torch import save_file
 
     if part not in PARTS:
@@ -29,7 +33,11 @@ def export_model(model: nn.Module, out: str | os.PathLike, *, part: str = "visio
     for name, tensor in module.state_dict().items():
         if hasattr(tensor, "full_tensor"):
             tensor = tensor.full_tensor()
-        state[name] = tensor.detach().to("cpu").contiguous()
+        if write:
+            state[name] = tensor.detach().to("cpu").contiguous()
+    out = Path(out)
+    if not write:
+        return out
     # tied weights (the built-in LM's head) are one tensor under two names: safetensors wants distinct storage
     seen: dict[int, str] = {}
     for name in list(state):
@@ -37,7 +45,6 @@ def export_model(model: nn.Module, out: str | os.PathLike, *, part: str = "visio
         if ptr in seen:
             state[name] = state[name].clone()
         seen[ptr] = name
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"part": part, "format": "fineviti", "config": json.dumps(config or {})}
     save_file(state, str(out), metadata=meta)

@@ -224,11 +224,11 @@ class Trainer:
     def close(self) -> None:
         try:
             self.checkpointer.close()
-            if self.cfg.checkpoint.export and self.rank == 0 and self.step > 0:
+            if self.cfg.checkpoint.export and self.step > 0:  # every rank: FSDP2 gathers the shards
                 from fineviti.train.export import export_model
 
                 export_model(self.raw_model, self.run_dir / "model.safetensors", part=self.cfg.checkpoint.export,
-                             config=json.loads(self.config_json))
+                             config=json.loads(self.config_json), write=self.rank == 0)
         finally:
             self.profiler.close()
             self.metrics.close()
