@@ -55,11 +55,12 @@ def test_overrides_are_typed():
     ("model.vision.heads=5", "divisible"),
     ("steps", "must look like key=value"),
     ("data.window=0", "data.window must be an integer >= 1, got 0"),
+    ("training.stage=2 training.grad_cache_images=2", "stage 2 runs each batch in one forward and backward"),
     ("data.seed=-1", "data.seed must be an integer >= 0, got -1"),
 ])
 def test_bad_overrides_are_named(override, message):
     with pytest.raises((KeyError, ValueError)) as info:
-        apply_cli_overrides(preset("tiny"), [override])
+        apply_cli_overrides(preset("tiny"), override.split(" "))
     text = info.value.args[0] if info.value.args else str(info.value)
     assert message in text
 

@@ -70,10 +70,11 @@ class TrainingConfig:
     seed: int = 0
     data_source: str = "shards"  # shards (the data set at data.path) | random (RandomDataConfig)
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping (the norm is still logged)
-    # caption tokens per step: "64" or a schedule "0:64,800:256" (from step 0 on 64 tokens, from 800 on 256);
-    # captions are cut keeping their first tokens and the final <eos>
+    # stage 1: caption tokens per step: "64" or a schedule "0:64,800:256" (from step 0 on 64 tokens, from 800 on
+    # 256); captions are cut keeping their first tokens and the final <eos> (stage 2 keeps its region samples whole)
     text_length: str = "256"
-    grad_cache_images: int = 0  # GradCache chunk size in images; 0: the whole batch in one forward/backward
+    # stage 1: GradCache chunk size in images; 0: the whole batch in one forward/backward (stage 2 refuses > 0)
+    grad_cache_images: int = 0
     mixed_precision: str = "auto"  # auto (bf16 on CUDA, none on CPU) | bf16 | fp16 | none
     device: str = "auto"  # auto | cpu | cuda
 
@@ -190,6 +191,10 @@ class JobConfig:
                              f"({self.random_data.min_text})")
         if self.eval.every and not self.eval.path:
             raise ValueError("eval.every is set but eval.path is empty; expected a folder of held-out shards")
+        if self.training.grad_cache_images and self.training.stage != 1:
+            raise ValueError(f"training.grad_cache_images ({self.training.grad_cache_images}) is GradCache for stage "
+                             f"1's contrastive loss; stage 2 runs each batch in one forward and backward: set it to 0 "
+                             f"(or lower data.token_budget for memory)")
         if self.eval.every and self.training.stage != 1:
             raise ValueError("eval.every: evaluation during training is for stage 1 (retrieval)")
         parse_text_schedule(self.training.text_length)
