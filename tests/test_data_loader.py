@@ -216,7 +216,7 @@ def test_bad_data_is_skipped_and_counted(data, tmp_path):
     assert boxes["badbox"].shape == (1, 4) and boxes["good0"].shape == (1, 4) and boxes["badjson"].shape == (0, 4)
     # the liar's image decodes at 96 x 64 and is resized to the planned 64 x 64 grid (56 x 56 after rounding)
     assert "skipped or repaired" in loader.summary() and "undecodable_image 1" in loader.summary()
-    assert loader.state_dict()["stats"]["bad_box"] == 3
+    assert json.loads(loader.state_dict()["stats_rank0"])["bad_box"] == 3
 
 
 def test_a_pack_of_only_bad_images_gives_an_empty_batch(data, tmp_path):

@@ -193,6 +193,27 @@ def test_exact_resume_on_shards(tmp_path, shards):
     assert state["data"]["path"] == str(shards / "train")
 
 
+def test_resume_keeps_the_loaders_skip_counters(tmp_path, shards):
+    """The loader's counts of skipped samples come back with its planner state (a dict whose keys only the saved
+    run had never loaded: the resumed run's summary started from zero)."""
+    steps = ["training.steps=4", "checkpoint.interval=2"]
+    trainer = Trainer(shard_config(tmp_path, shards, *steps, name="r"))
+    trainer.data.loader.stats.update({"undecodable_image": 3, "bad_box": 1})
+    _crash_at(trainer, 3)
+    with pytest.raises(KeyboardInterrupt):
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
+    resumed = Trainer(shard_config(tmp_path, shards, *steps, "checkpoint.resume=auto", name="r"))
+    try:
+        assert resumed.step == 2
+        assert resumed.data.loader.stats == {"undecodable_image": 3, "bad_box": 1}
+        assert "undecodable_image 3" in resumed.data.summary()
+    finally:
+        resumed.close()
+
+
 def test_evaluation_during_training(tmp_path, shards):
     run(shard_config(tmp_path, shards, "training.steps=4", "eval.every=2", f"eval.path={shards / 'heldout'}"))
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

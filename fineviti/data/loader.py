@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import os
 import queue
 import threading
@@ -235,16 +236,23 @@ class PackedLoader:
     # -- state -------------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        return {"planner": self.state.state_dict(), "world_size": self.world_size, "stats": dict(self.stats)}
+        """The planner's global state, and this rank's skip counters under a key of its own (a JSON string: a key
+        per reason would exist only in the run that met it, and a checkpoint loads the keys the fresh state has;
+        one key for every rank would keep one rank's counts)."""
+        return {"planner": self.state.state_dict(), "world_size": self.world_size,
+                f"stats_rank{self.rank}": json.dumps(dict(self.stats), sort_keys=True)}
 
     def load_state_dict(self, state: dict) -> None:
+        """The planner's state; this rank's counters where the state has them (not after a change of world size;
+        "stats", a plain dict, in states saved before they were per rank)."""
         planned = PlanState.from_state_dict(state["planner"])
         if planned.seed != self.cfg.seed:
             raise ValueError(f"PackedLoader.load_state_dict: the state's seed {planned.seed} differs from "
                              f"DataConfig.seed = {self.cfg.seed}; expected the seed the run started with")
         self.close()
         self.state = planned
-        self.stats = Counter(state.get("stats", {}))
+        stats = state.get(f"stats_rank{self.rank}")
+        self.stats = Counter(json.loads(stats) if stats is not None else state.get("stats", {}))
 
     def mark_consumed(self, batch: PackedBatch | None = None) -> None:
         """The oldest batch handed out and not yet consumed is now consumed (with `batch`, checks it is that one)."""

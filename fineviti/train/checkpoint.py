@@ -196,6 +196,10 @@ class Checkpointer:
         keys = saved_keys(path)
         _check_optimizer_keys(path, keys, state["optim"])
         groups = _group_layout(state["optim"])
+        # a data source's entries the checkpoint lacks (a rank's own counters, saved under another world size)
+        # stay out of the load: the source keeps its fresh ones
+        for name in [n for n, v in state["data"].items() if not isinstance(v, dict) and f"data.{n}" not in keys]:
+            state["data"].pop(name)
         rank_key = f"rng.rank{self.rank}"
         if not any(k.startswith(rank_key + ".") for k in keys):
             warnings.warn(f"checkpoint {path} has no RNG state for rank {self.rank} (saved with another world "
