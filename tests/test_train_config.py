@@ -80,6 +80,14 @@ def test_cli_print_config_and_errors(capsys, tmp_path):
     printed = json.loads(capsys.readouterr().out)
     assert printed["training"]["steps"] == 3 and printed["checkpoint"]["resume"] == "auto"
     assert printed["metrics"]["profile"] == "2:3"
+    # an override right after a bare --resume is an override, not the checkpoint's path
+    assert cli.main(["train", "--preset", "debug", "--print-config", "--resume", "training.steps=5",
+                     "optimizer.lr=1e-3"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["training"]["steps"] == 5 and printed["checkpoint"]["resume"] == "auto"
+    assert printed["optimizer"]["lr"] == 1e-3
+    assert cli.main(["train", "--preset", "debug", "--print-config", "--resume", str(tmp_path)]) == 0
+    assert json.loads(capsys.readouterr().out)["checkpoint"]["resume"] == str(tmp_path)
     assert cli.main(["train", "--preset", "debug", "training.bogus=1"]) == 2
     assert "unknown config key 'training.bogus'" in capsys.readouterr().err
 

@@ -13,15 +13,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
+from pathlib import Path
 
 
 def _run_train(args: argparse.Namespace) -> int:
     from fineviti.train import config as config_mod
 
     overrides = list(args.overrides)
-    if args.resume is not None:
-        overrides.append(f"checkpoint.resume={args.resume}")
+    resume = args.resume
+    if resume is not None and re.fullmatch(r"[A-Za-z_][\w.]*=.*", resume) and not Path(resume).exists():
+        # `--resume training.steps=8`: argparse gave --resume the override that followed it
+        overrides.append(resume)
+        resume = "auto"
+    if resume is not None:
+        overrides.append(f"checkpoint.resume={resume}")
     if args.profile:
         overrides.append(f"metrics.profile={args.profile}")
     try:
