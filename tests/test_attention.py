@@ -572,6 +572,51 @@ def test_auto_rule_table(monkeypatch):
     monkeypatch.setenv("FINEVITI_ATTN_BACKEND", "auto")
     assert attention_mod.resolve_backend("auto", torch.device("cpu")) == "torch"
     assert attention_mod.resolve_backend("torch", torch.device("cpu")) == "torch"
+    # on CUDA: triton, except fp32 beyond the head dims its kernels take in true fp32 (the "fine" preset's 96)
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(attention_mod, "backend_available", lambda name, device: (True, ""))
+    assert attention_mod.resolve_backend("auto", cuda, torch.bfloat16, 96) == "triton"
+    assert attention_mod.resolve_backend("auto", cuda, torch.float32, 64) == "triton"
+    assert attention_mod.resolve_backend("auto", cuda, torch.float32, 96) == "torch"
+    assert attention_mod.resolve_backend("triton", cuda, torch.float32, 96) == "triton"  # asked for: its error
+    monkeypatch.setenv("FINEVITI_ATTN_BACKEND", "flash")
+    with pytest.raises(ValueError, match="FINEVITI_ATTN_BACKEND must be 'auto' or one of .* got 'flash'"):
+        attention_mod.resolve_backend("auto", cuda)
+
+
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_autocast_gives_every_backend_and_empty_keys_its_dtype(dtype, autocast_dtype):
+    """Under autocast q, k and v take the autocast dtype first, as SDPA's do: a pack with a sequence without keys
+    used to come out in the inputs' dtype (fp32) or fail (fp16 inputs under bf16 autocast), and compiled and eager
+    disagreed on fp16 inputs."""
+    q, _, _, cu = make_pack([3, 2], 2, 32, dtype, device="cpu")
+    cu_k = torch.tensor([0, 4, 4], dtype=torch.int32)  # the second sequence has no keys
+    k, v = (torch.randn(4, 2, 32).to(dtype) for _ in range(2))
+
+    def f(q, k, v):
+        return varlen_attention(q, k, v, cu, 3, cu_seqlens_k=cu_k, max_seqlen_k=4, backend="torch")
+
+    with torch.autocast("cpu", dtype=autocast_dtype):
+        eager = f(q, k, v)
+        traced = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v)
+    assert eager.dtype == traced.dtype == autocast_dtype
+    assert (eager[3:] == 0).all()
+    torch.testing.assert_close(traced.float(), eager.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_torch_backend_output_is_differentiable_without_any_key():
+    """Every sequence without keys: zeros with a zero gradient for q (the output used to have no grad_fn, and
+    backward() failed), also where q is not finite."""
+    q = torch.randn(5, 2, 32, requires_grad=True)
+    q.data[0, 0, 0] = float("nan")
+    k = torch.randn(0, 2, 32, requires_grad=True)
+    v = torch.randn(0, 2, 32, requires_grad=True)
+    out = varlen_attention(q, k, v, torch.tensor([0, 2, 5], dtype=torch.int32), 3,
+                           cu_seqlens_k=torch.tensor([0, 0, 0], dtype=torch.int32), max_seqlen_k=0, backend="torch")
+    assert (out == 0).all()
+    out.sum().backward()
+    assert (q.grad == 0).all()
 
 
 def test_unavailable_backend_names_what_is_missing(monkeypatch):

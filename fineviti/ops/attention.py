@@ -12,8 +12,10 @@ starts. Attention is non-causal within a sequence and never crosses sequences. B
   flash_attn    flash_attn.flash_attn_varlen_func (unverified: never run on a machine of this project)
   xformers      xformers.ops.memory_efficient_attention with BlockDiagonalMask (unverified likewise)
 
-`backend="auto"` follows a fixed rule table, never a timing: triton for CUDA tensors, torch for CPU tensors.
-FINEVITI_ATTN_BACKEND overrides "auto".
+`backend="auto"` follows a fixed rule table, never a timing: triton for CUDA tensors (but torch for fp32 beyond
+head_dim 64, which the triton kernels do not take in true fp32 on a GPU), torch for CPU tensors.
+FINEVITI_ATTN_BACKEND overrides "auto". Under autocast the inputs take the autocast dtype first, whatever the
+backend.
 """
 
 from __future__ import annotations
@@ -262,12 +264,8 @@ def _run_torch(q, k, v, cu_q, cu_k, max_q, max_k, scale, seqlens, return_lse):
     if torch.compiler.is_compiling():
         # Traced, the per-sequence loop reads the lengths on the host (a graph break, or an error under
         # fullgraph=True) and specialises the graph on them (one recompile per pack): the same computation as one
-        # opaque custom op instead, which the trace keeps whole. Autocast does not reach into a custom op: the
-        # inputs take the autocast dtype here, as scaled_dot_product_attention's would in eager mode.
-        device = q.device.type
-        if torch.is_autocast_enabled(device):
-            low = torch.get_autocast_dtype(device)
-            q, k, v = (t.to(low) if t.dtype == torch.float32 else t for t in (q, k, v))
+        # opaque custom op instead, which the trace keeps whole.
+        # (varlen_attention has already given the inputs the autocast dtype)
         o, lse = _torch_fwd(q, k, v, cu_q, cu_k, max_q, max_k, scale, return_lse)
         return (o, lse) if return_lse else o
     if return_lse:  # without a gradient, as the triton backend's (and traced, this backend's)
@@ -284,8 +282,8 @@ def _sdpa_per_sequence(q, k, v, cu_q, cu_k, scale, seqlens, return_lse):
     outs, lses = [], []
     for qi, ki, vi in zip(q.split(lens_q), k.split(lens_k), v.split(lens_k), strict=True):
         qi, ki, vi = (t.transpose(0, 1)[None] for t in (qi, ki, vi))
-        if ki.shape[2] == 0:
-            outs.append(torch.zeros_like(qi[0]).transpose(0, 1))
+        if ki.shape[2] == 0:  # no keys: zeros, differentiable (a zero gradient for q, also where q is not finite)
+            outs.append(torch.where(torch.zeros_like(qi[0], dtype=torch.bool), qi[0], 0).transpose(0, 1))
         else:
             outs.append(torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, scale=scale)[0].transpose(0, 1))
         if return_lse:  # in fp32 also under autocast (the contract's dtype; autocast would run it in 16 bits)
@@ -471,15 +469,22 @@ def backend_available(name: str, device: torch.device | str = "cuda") -> tuple[b
     return True, ""
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None,
+                    head_dim: int | None = None) -> str:
     """The fixed rule table: an explicit backend stays; 'auto' is FINEVITI_ATTN_BACKEND, else triton on CUDA and
-    torch on a CPU."""
+    torch on a CPU, and torch on CUDA for fp32 beyond the head dims the triton kernels take in true fp32
+    (kernels.varlen_attention.FP32_MAX_HEAD_DIM_GPU)."""
+    if backend not in ("auto", *BACKENDS):
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         backend = os.environ.get("FINEVITI_ATTN_BACKEND", "auto")
+        if backend not in ("auto", *BACKENDS):
+            raise ValueError(f"FINEVITI_ATTN_BACKEND must be 'auto' or one of {BACKENDS}, got {backend!r}")
         if backend == "auto":
             backend = "triton" if device.type == "cuda" else "torch"
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+            if backend == "triton" and dtype == torch.float32 and head_dim is not None \
+                    and head_dim > _kernels().FP32_MAX_HEAD_DIM_GPU:
+                backend = "torch"
     ok, why = backend_available(backend, device)
     if not ok:
         raise RuntimeError(why)
@@ -489,6 +494,16 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # Public op
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def _autocast_inputs(q, k, v):
+    """Under autocast, q, k and v in the autocast dtype (fp64 excepted), as scaled_dot_product_attention's inputs
+    are cast in eager mode: every backend then returns that dtype (a custom op is outside autocast's reach)."""
+    device = q.device.type
+    if not torch.is_autocast_enabled(device):
+        return q, k, v
+    low = torch.get_autocast_dtype(device)
+    return tuple(t.to(low) if t.dtype not in (low, torch.float64) else t for t in (q, k, v))
 
 
 def _check_inputs(q, k, v, cu_q, cu_k, max_q, max_k, check_values):
@@ -553,7 +568,8 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, cu_seqlens_k=None, max_
         backend launch an exact grid, and xformers skip a host read.
     check_values: check cu_seqlens' values (default: always on CPU, FINEVITI_CHECKS=1 on CUDA, since it costs a
         device-to-host synchronisation).
-    Returns (total, heads, head_dim) in q's dtype (and the log-sum-exp with return_lse).
+    Returns (total, heads, head_dim) in q's dtype, or under autocast in the autocast dtype, which q, k and v take
+    first as scaled_dot_product_attention's do (and the log-sum-exp with return_lse).
     """
     cu_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
     max_k = max_seqlen if max_seqlen_k is None else max_seqlen_k
@@ -563,7 +579,8 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, cu_seqlens_k=None, max_
     if not 16 <= head_dim <= 256:
         raise ValueError(f"head_dim must be in [16, 256], got {head_dim}")
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
-    name = resolve_backend(backend, q.device)
+    q, k, v = _autocast_inputs(q, k, v)
+    name = resolve_backend(backend, q.device, q.dtype, head_dim)
     deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
     if name == "triton":
         return _run_triton(q, k, v, cu_seqlens, cu_k, max_seqlen, max_k, scale,
