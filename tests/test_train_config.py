@@ -56,6 +56,11 @@ def test_overrides_are_typed():
     ("steps", "must look like key=value"),
     ("data.window=0", "data.window must be an integer >= 1, got 0"),
     ("training.stage=2 training.grad_cache_images=2", "stage 2 runs each batch in one forward and backward"),
+    ("model.vision.rope_theta=0", "vision.rope_theta must be a finite number > 0, got 0"),
+    ("model.text.norm_eps=-1e-6", "text.norm_eps must be a finite number >= 0"),
+    ("model.attn_backend=flash", "attn_backend must be one of ['auto', 'triton', 'torch'"),
+    ("model.loss_backend=fused", "loss_backend must be one of"),
+    ("model.rope_backend=cudnn", "rope_backend must be one of"),
     ("data.seed=-1", "data.seed must be an integer >= 0, got -1"),
 ])
 def test_bad_overrides_are_named(override, message):

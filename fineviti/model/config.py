@@ -46,6 +46,7 @@ class VisionConfig:
         if self.patch_size not in (14, 16):
             raise ValueError(f"vision.patch_size must be 14 or 16, got {self.patch_size}")
         _check_heads("vision", self.width, self.heads)
+        _check_rope_and_eps("vision", self)
 
     def block_params(self) -> int:
         """Parameters of one block: qkv (with bias), output projection (with bias), SwiGLU (no bias), 2 norms."""
@@ -89,6 +90,7 @@ class TextConfig:
         if self.pool not in TEXT_POOLS:
             raise ValueError(f"text.pool must be one of {TEXT_POOLS}, got {self.pool!r}")
         _check_heads("text", self.width, self.heads)
+        _check_rope_and_eps("text", self)
 
     def block_params(self) -> int:
         w, h = self.width, self.mlp_hidden
@@ -157,6 +159,7 @@ class BuiltinLMConfig:
     def validate(self) -> None:
         _positive(self, "vocab_size", "width", "depth", "heads", "mlp_hidden", "max_length")
         _check_heads("lm", self.width, self.heads)
+        _check_rope_and_eps("builtin_lm", self)
 
     def num_params(self) -> int:
         w, h = self.width, self.mlp_hidden
@@ -197,10 +200,25 @@ class AlignerConfig:
 
 
 def _fused_backends(cfg) -> None:
+    """Every backend field of a model or aligner config names a backend its op has."""
+    from fineviti.ops import attention, contrastive, rope
     from fineviti.ops._fused import check_backend
 
     for name in ("norm_backend", "swiglu_backend"):
         check_backend(name, getattr(cfg, name))
+    choices = {"attn_backend": ("auto", *attention.BACKENDS), "rope_backend": rope.BACKENDS,
+               "loss_backend": ("auto", *contrastive.BACKENDS)}
+    for name, allowed in choices.items():
+        if hasattr(cfg, name) and getattr(cfg, name) not in allowed:
+            raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(cfg, name)!r}")
+
+
+def _check_rope_and_eps(part: str, cfg) -> None:
+    theta, eps = cfg.rope_theta, cfg.norm_eps
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not (math.isfinite(theta) and theta > 0):
+        raise ValueError(f"{part}.rope_theta must be a finite number > 0, got {theta!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"{part}.norm_eps must be a finite number >= 0, got {eps!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
