@@ -122,6 +122,22 @@ def test_fp64_stays_fp64_under_autocast():
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("vocab", [50, 20])
+def test_any_ignore_index(vocab):
+    """ignore_index past the vocabulary (or inside it) gives the reference's loss and gradients: the forward used
+    to gather the ignored rows' index itself, out of range."""
+    hidden, weight, b, targets = inputs(30, 16, vocab)
+    for ignore in (1000, vocab, 3):
+        t = targets.clone()
+        t[[0, 7]] = ignore
+        got, count = linear_cross_entropy(hidden, weight, t, b, ignore_index=ignore, chunk_rows=8)
+        want = linear_cross_entropy_ref(hidden, weight, t, b, ignore_index=ignore)
+        assert int(count) == int((t != ignore).sum())
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+        for a, e in zip(grads_of(got, (hidden, weight, b)), grads_of(want, (hidden, weight, b)), strict=True):
+            torch.testing.assert_close(a, e, rtol=1e-7, atol=1e-9)
+
+
 def test_no_rows_and_all_ignored_give_zero():
     for rows, ignored in ((0, ()), (4, (0, 1, 2, 3))):
         hidden, weight, b, targets = inputs(rows, 8, 10, dtype=torch.float32, ignored=ignored)

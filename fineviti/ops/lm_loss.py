@@ -69,7 +69,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             part = slice(start, min(start + chunk, rows))
             logits = _logits(h[part], w, b)
             lse[part] = torch.logsumexp(logits, dim=1)
-            picked = logits.gather(1, targets[part].clamp(min=0)[:, None])[:, 0]
+            # ignored rows gather class 0 (any ignore_index, negative or past the vocabulary), then count as 0
+            picked = logits.gather(1, torch.where(valid[part], targets[part], 0)[:, None])[:, 0]
             total += torch.where(valid[part], lse[part] - picked, 0.0).sum()
         # The operands as multiplied (the casts, where there are any: F.linear under autocast keeps its cast
         # weight for the backward too), so that the backward does not cast the (vocab, features) weight again.
