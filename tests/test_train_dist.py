@@ -9,6 +9,7 @@ One spawn runs every case; the tests compare its results with single-process ref
 import dataclasses
 import datetime
 import json
+import math
 
 import pytest
 import torch
@@ -37,6 +38,9 @@ CASES = {  # name: overrides
     "fsdp_stage2": ["parallel.strategy=fsdp", "training.stage=2"],
     "stage2_rank1_without_regions": ["parallel.strategy=ddp", "training.stage=2"],  # rank 1 draws no region
     "rank1_empty_pack": ["parallel.strategy=ddp"],  # rank 1's second batch has no image
+    # fp16 loss scaling under FSDP2 (each rank holds shards: the global norm decides) with GradCache's backward
+    "fsdp_fp16_gradcache": ["parallel.strategy=fsdp", "training.mixed_precision=fp16", "training.grad_cache_images=2",
+                            "training.steps=8"],
 }
 EQUIVALENT = ("ddp", "fsdp", "ddp_gradcache", "fsdp_gradcache", "ddp_async", "fsdp_async")  # one-process reference
 RESUMED = ("ddp", "fsdp", "ddp_shards", "fsdp_shards", "ddp_stage2", "fsdp_stage2", "ddp_async", "fsdp_async")
@@ -367,3 +371,17 @@ def test_a_rank_with_an_empty_pack_skips_the_step_on_both_ranks(dist_results):
     rank0 = RandomBatches(cfg.random_data, patch_size=14, merge=2, vocab_size=cfg.model.text.vocab_size, rank=0,
                           world_size=WORLD).make(1)
     assert len(skipped) == 1 and skipped[0]["step"] == 1 and skipped[0]["images_dropped"] == rank0.n_images > 0
+
+
+def test_fp16_loss_scaling_on_two_sharded_ranks(dist_results):
+    """FSDP2 with fp16 and GradCache on two ranks: both ranks skip the same overflowed updates (a rank deciding
+    alone would leave the shards of the others behind), the scale comes down, and later updates happen."""
+    root, results = dist_results
+    name = "fsdp_fp16_gradcache"
+    _check(results[name])
+    lines = [json.loads(line) for line in (root / name / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in lines if "step" in r and "event" not in r]
+    assert [r["step"] for r in steps] == list(range(1, 9))
+    assert steps[0]["loss_scale"] == 2.0**15 and 0 < sum(r["update_skipped"] for r in steps) < 8
+    assert all(math.isfinite(r["loss"]) for r in steps)
+    assert all(torch.isfinite(p).all() for p in results[name]["params"].values())

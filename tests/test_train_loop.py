@@ -106,6 +106,76 @@ def test_exact_resume(tmp_path):
     assert rows(tmp_path / "crashed")[-1]["grad_norm"] == rows(tmp_path / "straight")[-1]["grad_norm"]
 
 
+def test_fp16_scales_the_loss_skips_overflowed_updates_and_resumes_exactly(tmp_path):
+    """mixed_precision=fp16 (autocast fp16 on this CPU) trains with dynamic loss scaling: a step whose scaled
+    gradients overflow changes no weight and halves the scale, the others update, and the scale is in the
+    checkpoint (a resumed run goes on exactly). Without a scaler fp16 gradients underflow silently."""
+    steps = ["training.steps=12", "checkpoint.interval=6", "training.mixed_precision=fp16"]
+    trainer = Trainer(config(tmp_path, *steps, name="straight"))
+    snapshots = []
+    original = trainer.train_step
+
+    def train_step(batch):
+        before = [p.detach().clone() for p in trainer.params]
+        row = original(batch)
+        snapshots.append((row["update_skipped"], any(not torch.equal(b, p) for b, p in zip(before, trainer.params,
+                                                                                             strict=True))))
+        return row
+
+    trainer.train_step = train_step
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    straight = rows(tmp_path / "straight")
+    scales = [r["loss_scale"] for r in straight]
+    assert scales[0] == 2.0**15 and all(r["update_skipped"] in (0, 1) for r in straight)
+    assert [skipped for skipped, _ in snapshots] == [r["update_skipped"] for r in straight]
+    assert all(changed == (not skipped) for skipped, changed in snapshots)  # skipped: no weight moved
+    assert 0 < sum(s for s, _ in snapshots) < 12  # the scale came down to where updates happen
+    for previous, row in zip(straight, straight[1:], strict=False):  # halved after an overflow, else kept
+        assert row["loss_scale"] == previous["loss_scale"] / (2 if row["update_skipped"] else 1)
+    assert all(torch.isfinite(p).all() for p in trainer.raw_model.parameters())
+
+    crashed = Trainer(config(tmp_path, *steps, name="crashed"))
+    _crash_at(crashed, 8)
+    with pytest.raises(KeyboardInterrupt):
+        try:
+            crashed.train()
+        finally:
+            crashed.close()
+    resumed = Trainer(config(tmp_path, *steps, "checkpoint.resume=auto", name="crashed"))
+    try:
+        assert resumed.step == 6 and resumed.scaler.scale == straight[5]["loss_scale"]
+        resumed.train()
+    finally:
+        resumed.close()
+    got = {r["step"]: r for r in rows(tmp_path / "crashed")}
+    for r in straight[6:]:
+        assert (got[r["step"]]["loss"], got[r["step"]]["loss_scale"]) == (r["loss"], r["loss_scale"]), r["step"]
+
+
+def test_loss_scaler_rule():
+    """Halve after an overflow, double after growth_interval clean steps in a row; the state round-trips."""
+    from fineviti.train.parallel import LossScaler
+
+    scaler = LossScaler(init_scale=8.0, growth_interval=2)
+    scaler.update(True)
+    assert scaler.scale == 8.0
+    scaler.update(True)
+    assert scaler.scale == 16.0 and scaler.clean_steps == 0
+    scaler.update(True)
+    scaler.update(False)
+    assert scaler.scale == 8.0 and scaler.clean_steps == 0
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = scaler.scaled(torch.full((3,), 2.0))
+    scaler.unscale_([p])
+    assert torch.equal(p.grad, torch.full((3,), 2.0))
+    again = LossScaler()
+    again.load_state_dict(scaler.state_dict())
+    assert (again.scale, again.clean_steps) == (8.0, 0)
+
+
 def test_async_save_then_resume(tmp_path):
     trainer = Trainer(config(tmp_path, "training.steps=4", "checkpoint.interval=2", "checkpoint.async_save=true"))
     try:

@@ -104,10 +104,14 @@ class Checkpointer:
     def _options(self) -> StateDictOptions:
         return StateDictOptions(ignore_frozen_params=False)
 
-    def state(self, model, optimizer, scheduler, step: int, data_state: dict) -> dict:
+    def state(self, model, optimizer, scheduler, step: int, data_state: dict, scaler=None) -> dict:
+        """What a checkpoint holds; with an fp16 loss scaler (parallel.LossScaler), its scale and clean steps."""
         model_sd, optim_sd = get_state_dict(model, optimizer, options=self._options())
-        return {"model": model_sd, "optim": optim_sd, "scheduler": scheduler.state_dict(), "step": step,
-                "data": data_state, "rng": {f"rank{self.rank}": rng_state()}}
+        state = {"model": model_sd, "optim": optim_sd, "scheduler": scheduler.state_dict(), "step": step,
+                 "data": data_state, "rng": {f"rank{self.rank}": rng_state()}}
+        if scaler is not None:
+            state["scaler"] = scaler.state_dict()
+        return state
 
     # -- saving --------------------------------------------------------------------------------------------
 
@@ -190,10 +194,13 @@ class Checkpointer:
             return found[-1][1] if found else None
         return resolve_checkpoint(setting)
 
-    def load(self, path: Path, model, optimizer, scheduler, data_source) -> int:
-        """Restores everything `state` saved from checkpoint `path`; returns its step."""
-        state = self.state(model, optimizer, scheduler, 0, data_source.state_dict())
+    def load(self, path: Path, model, optimizer, scheduler, data_source, scaler=None) -> int:
+        """Restores everything `state` saved from checkpoint `path`; returns its step. A loss scaler keeps its
+        fresh state where the checkpoint has none (a run that was not fp16)."""
+        state = self.state(model, optimizer, scheduler, 0, data_source.state_dict(), scaler=scaler)
         keys = saved_keys(path)
+        if "scaler" in state and not any(k.startswith("scaler.") for k in keys):
+            state.pop("scaler")
         _check_optimizer_keys(path, keys, state["optim"])
         groups = _group_layout(state["optim"])
         # a data source's entries the checkpoint lacks (a rank's own counters, saved under another world size)
@@ -225,6 +232,8 @@ class Checkpointer:
             group["lr"] = base * factor(scheduler.last_epoch)
         scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
         data_source.load_state_dict(state["data"])
+        if "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         if "rng" in state:
             set_rng_state(state["rng"][f"rank{self.rank}"])
         return int(state["step"])

@@ -75,7 +75,7 @@ class TrainingConfig:
     text_length: str = "256"
     # stage 1: GradCache chunk size in images; 0: the whole batch in one forward/backward (stage 2 refuses > 0)
     grad_cache_images: int = 0
-    mixed_precision: str = "auto"  # auto (bf16 on CUDA, none on CPU) | bf16 | fp16 | none
+    mixed_precision: str = "auto"  # auto (bf16 on CUDA, none on CPU) | bf16 | fp16 (dynamic loss scaling) | none
     device: str = "auto"  # auto | cpu | cuda
 
 

@@ -144,6 +144,48 @@ def reduce_replicated_grads(params: list[nn.Parameter], world: World) -> None:
         offset += n
 
 
+class LossScaler:
+    """Dynamic loss scaling for fp16 (torch.amp.GradScaler's rule: start at 2**16, halve the scale after an
+    overflow, double it after `growth_interval` clean steps), kept on the host and driven by the global gradient
+    norm that clip_grad_norm computes, so that every rank takes the same decision (under FSDP2 each rank sees only
+    its shards; GradScaler's own check is per rank and cannot take DTensor and plain gradients in one call)."""
+
+    def __init__(self, init_scale: float = 2.0**16, growth_factor: float = 2.0, backoff_factor: float = 0.5,
+                 growth_interval: int = 2000):
+        self.scale, self.growth_factor, self.backoff_factor = float(init_scale), growth_factor, backoff_factor
+        self.growth_interval, self.clean_steps = growth_interval, 0
+
+    def scaled(self, t: torch.Tensor) -> torch.Tensor:
+        return t * self.scale
+
+    def unscale_(self, params: list[nn.Parameter]) -> None:
+        """Divides the gradients by the scale, in place (DTensor shards and plain tensors alike)."""
+        from torch.distributed.tensor import DTensor
+
+        grads = [p.grad for p in params if p.grad is not None]
+        for group in ([g for g in grads if isinstance(g, DTensor)], [g for g in grads if not isinstance(g, DTensor)]):
+            if group:
+                torch._foreach_mul_(group, 1.0 / self.scale)
+
+    def update(self, finite: bool) -> None:
+        """After a step: an overflow (`finite` False: the update was skipped) halves the scale, a run of clean
+        steps doubles it."""
+        if not finite:
+            self.scale *= self.backoff_factor
+            self.clean_steps = 0
+            return
+        self.clean_steps += 1
+        if self.clean_steps >= self.growth_interval:
+            self.scale *= self.growth_factor
+            self.clean_steps = 0
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "clean_steps": self.clean_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale, self.clean_steps = float(state["scale"]), int(state["clean_steps"])
+
+
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
     """The global gradient norm (over DTensor shards and plain tensors alike), and the gradients scaled down to
     max_norm when it is larger (max_norm = inf: only the norm)."""

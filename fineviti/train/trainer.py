@@ -22,6 +22,7 @@ import contextlib
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -86,6 +87,8 @@ class Trainer:
         self.model = parallel.parallelize(raw, cfg.parallel, self.world, self.mp_dtype)
         fsdp = self.world.distributed and cfg.parallel.strategy == "fsdp"
         self.autocast_dtype = None if fsdp else self.mp_dtype  # FSDP2's policy casts the parameters itself
+        # fp16 needs loss scaling (bf16 has fp32's range): dynamic, decided by the global gradient norm
+        self.scaler = parallel.LossScaler() if self.mp_dtype == torch.float16 else None
         # the unwrapped model's names ("visual.", not DDP's "module.visual."): the stage-2 parts' learning-rate
         # scales look up the first name component (the same parameter objects: DDP wraps, FSDP2 shards in place)
         self.optimizer = build_optimizer(raw, cfg.optimizer, device=self.device, part_scales=scales)
@@ -105,7 +108,8 @@ class Trainer:
         self.step = 0
         resume = self.checkpointer.resume_path()
         if resume is not None:
-            self.step = self.checkpointer.load(resume, self.model, self.optimizer, self.scheduler, self.data)
+            self.step = self.checkpointer.load(resume, self.model, self.optimizer, self.scheduler, self.data,
+                                               scaler=self.scaler)
         self.metrics = MetricsLogger(cfg.metrics, self.run_dir, rank=self.rank, total_steps=cfg.training.steps,
                                      start_step=self.step)
         if resume is not None:
@@ -193,7 +197,7 @@ class Trainer:
 
     def save(self) -> Path:
         state = self.checkpointer.state(self.model, self.optimizer, self.scheduler, self.step,
-                                        self.data.state_dict())
+                                        self.data.state_dict(), scaler=self.scaler)
         path = self.checkpointer.save(state, self.step)
         self.metrics.event(kind="checkpoint", step=self.step, path=str(path),
                            asynchronous=self.cfg.checkpoint.async_save)
@@ -258,14 +262,25 @@ class Trainer:
         # the first group's rate, which in stage 2 is a part's (the vision tower's, at stage2.vision_lr_scale)
         lr = self.cfg.optimizer.lr * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
         with nvtx_range("optimizer", self.nvtx):
+            if self.scaler is not None:
+                self.scaler.unscale_(self.params)
             grad_norm = self._clip()
-            # a NaN norm clips nothing (NaN < 1 is false): the update would write NaN weights and the step's
-            # checkpoint would keep them (fp16 overflow, with a finite loss)
-            check_finite(grad_norm, self.step, "the gradient norm (the loss was finite)")
-            self.optimizer.step()
-            self.scheduler.step()
+            if self.scaler is None or math.isfinite(grad_norm):
+                # a NaN norm clips nothing (NaN < 1 is false): the update would write NaN weights and the step's
+                # checkpoint would keep them
+                check_finite(grad_norm, self.step, "the gradient norm (the loss was finite)")
+                self.optimizer.step()
+            # fp16: an overflow in the scaled backward skips the update and lowers the scale for the next step
+            if self.scaler is not None:
+                self.scaler.update(math.isfinite(grad_norm))
+            with warnings.catch_warnings():  # the schedule follows the steps, updates skipped by fp16 included
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+                self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         row = {"loss": totals["loss"], "lr": lr, "grad_norm": grad_norm}
+        if self.scaler is not None:
+            row["loss_scale"] = self.scaler.scale  # after this step's update
+            row["update_skipped"] = int(not math.isfinite(grad_norm))
         if self.stage == 1:
             row["logit_scale"] = float(out["logit_scale"].detach().float())
             if out.get("logit_bias") is not None:
@@ -278,7 +293,7 @@ class Trainer:
         with self._autocast():
             out = self.model(batch, group=self.world.group)
         loss = out["loss"]
-        loss.backward()
+        self._backward(loss)
         return loss, out
 
     def _grad_cache_step(self, batch):
@@ -313,15 +328,16 @@ class Trainer:
                     out = self.model(chunk, compute_loss=False)
                 tensors = [out["image_features"], out["text_features"]]
                 if i < real:
-                    grads = [img_grads[i].to(tensors[0].dtype), txt_grads[i].to(tensors[1].dtype)]
+                    grads = [self._scaled(img_grads[i]).to(tensors[0].dtype),
+                             self._scaled(txt_grads[i]).to(tensors[1].dtype)]
                 else:
                     grads = [torch.zeros_like(t) for t in tensors]
                 if is_last:
                     tensors.append(out["logit_scale"])
-                    grads.append(scale.grad.to(out["logit_scale"].dtype))
+                    grads.append(self._scaled(scale.grad).to(out["logit_scale"].dtype))
                     if bias is not None:
                         tensors.append(out["logit_bias"])
-                        grads.append(bias.grad.to(out["logit_bias"].dtype))
+                        grads.append(self._scaled(bias.grad).to(out["logit_bias"].dtype))
                 torch.autograd.backward(tensors, grads)
         return loss.detach(), {"logit_scale": scale.detach(), "logit_bias": None if bias is None else bias.detach()}
 
@@ -354,8 +370,15 @@ class Trainer:
         # token of the global batch counts alike, as in one process over the ranks' samples together (ranks' token
         # counts differ from step to step). The weighted loss, averaged over ranks by _reduce, is that global mean.
         loss = out["loss"] * (local * self.world.world_size / max(targets, 1.0))  # 1 on one process
-        loss.backward()
+        self._backward(loss)
         return loss, out, region
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        self._scaled(loss).backward()
+
+    def _scaled(self, t: torch.Tensor) -> torch.Tensor:
+        """t times the fp16 loss scale (t itself without one)."""
+        return t if self.scaler is None else self.scaler.scaled(t)
 
     def _clip(self) -> float:
         if self.replicated:
