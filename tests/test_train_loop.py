@@ -79,18 +79,28 @@ def _crash_at(trainer, step):
     trainer.train_step = train_step
 
 
+def _train_expecting(trainer, error, match=None):
+    """trainer.train() raising `error` (matching `match`), the trainer closed after."""
+    with pytest.raises(error, match=match):
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
+
+
+def _train_until_killed(trainer, step):
+    """trainer.train() killed when it reaches `step` (before that step's update), then closed."""
+    _crash_at(trainer, step)
+    _train_expecting(trainer, KeyboardInterrupt)
+
+
 def test_exact_resume(tmp_path):
     steps = ["training.steps=6", "checkpoint.interval=3"]
     run(config(tmp_path, *steps, name="straight"))
     expected = losses(tmp_path / "straight")
 
     trainer = Trainer(config(tmp_path, *steps, name="crashed"))
-    _crash_at(trainer, 5)
-    with pytest.raises(KeyboardInterrupt):
-        try:
-            trainer.train()
-        finally:
-            trainer.close()
+    _train_until_killed(trainer, 5)
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "crashed" / "checkpoints")] == [3]
 
     resumed = Trainer(config(tmp_path, *steps, "checkpoint.resume=auto", name="crashed"))
@@ -138,12 +148,7 @@ def test_fp16_scales_the_loss_skips_overflowed_updates_and_resumes_exactly(tmp_p
     assert all(torch.isfinite(p).all() for p in trainer.raw_model.parameters())
 
     crashed = Trainer(config(tmp_path, *steps, name="crashed"))
-    _crash_at(crashed, 8)
-    with pytest.raises(KeyboardInterrupt):
-        try:
-            crashed.train()
-        finally:
-            crashed.close()
+    _train_until_killed(crashed, 8)
     resumed = Trainer(config(tmp_path, *steps, "checkpoint.resume=auto", name="crashed"))
     try:
         assert resumed.step == 6 and resumed.scaler.scale == straight[5]["loss_scale"]
@@ -248,12 +253,7 @@ def test_exact_resume_on_shards(tmp_path, shards):
     run(shard_config(tmp_path, shards, *steps, name="straight"))
     expected = {r["step"]: r for r in rows(tmp_path / "straight")}
     trainer = Trainer(shard_config(tmp_path, shards, *steps, name="crashed"))
-    _crash_at(trainer, 4)
-    with pytest.raises(KeyboardInterrupt):
-        try:
-            trainer.train()
-        finally:
-            trainer.close()
+    _train_until_killed(trainer, 4)
     run(shard_config(tmp_path, shards, *steps, "checkpoint.resume=auto", name="crashed"))
     got = {r["step"]: r for r in rows(tmp_path / "crashed")}
     for step in range(1, 7):
@@ -269,12 +269,7 @@ def test_resume_keeps_the_loaders_skip_counters(tmp_path, shards):
     steps = ["training.steps=4", "checkpoint.interval=2"]
     trainer = Trainer(shard_config(tmp_path, shards, *steps, name="r"))
     trainer.data.loader.stats.update({"undecodable_image": 3, "bad_box": 1})
-    _crash_at(trainer, 3)
-    with pytest.raises(KeyboardInterrupt):
-        try:
-            trainer.train()
-        finally:
-            trainer.close()
+    _train_until_killed(trainer, 3)
     resumed = Trainer(shard_config(tmp_path, shards, *steps, "checkpoint.resume=auto", name="r"))
     try:
         assert resumed.step == 2
@@ -334,11 +329,7 @@ def test_non_finite_loss_stops_before_the_update(tmp_path):
         return batch
 
     trainer.data.make = poisoned
-    with pytest.raises(NonFiniteLossError, match="at step 2"):
-        try:
-            trainer.train()
-        finally:
-            trainer.close()
+    _train_expecting(trainer, NonFiniteLossError, "at step 2")
     assert all(torch.isfinite(p).all() for p in trainer.raw_model.parameters())
 
 
@@ -368,11 +359,7 @@ def test_a_pack_without_images_is_skipped_not_a_crash(tmp_path, grad_cache):
     broken = Trainer(config(tmp_path, "training.steps=3", name="broken"))
     make = broken.data.make
     broken.data.make = lambda step: take_images(make(step), 0, 0)[0]
-    with pytest.raises(RuntimeError, match=f"{MAX_SKIPPED_IN_A_ROW} batches in a row had a rank without"):
-        try:
-            broken.train()
-        finally:
-            broken.close()
+    _train_expecting(broken, RuntimeError, f"{MAX_SKIPPED_IN_A_ROW} batches in a row had a rank without")
 
 
 def test_non_finite_gradient_stops_before_the_update(tmp_path):
@@ -381,11 +368,7 @@ def test_non_finite_gradient_stops_before_the_update(tmp_path):
     trainer = Trainer(config(tmp_path, "training.steps=4", "checkpoint.interval=1"))
     weight = next(p for p in trainer.raw_model.parameters() if p.dim() == 2)
     weight.register_hook(lambda g: g * float("nan") if trainer.step == 2 else g)
-    with pytest.raises(NonFiniteLossError, match="the gradient norm .* is nan at step 2"):
-        try:
-            trainer.train()
-        finally:
-            trainer.close()
+    _train_expecting(trainer, NonFiniteLossError, "the gradient norm .* is nan at step 2")
     assert all(torch.isfinite(p).all() for p in trainer.raw_model.parameters())
     assert [step for step, _ in ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")] == [1]
 
