@@ -128,10 +128,12 @@ def main(argv=None) -> None:
             rows_list = args.rows or ([16384, 65536] if on_gpu else [64])
             widths = args.width or (default_widths[op] if on_gpu else [96])
         for rows in rows_list:
-            for width in widths:
+            for i, width in enumerate(widths):
                 for provider in args.provider or PROVIDERS[op]:
                     if provider not in PROVIDERS[op]:
                         continue
+                    if provider == "torch_compile" and args.quick and i > 0:
+                        continue  # each width and mode compiles anew: the quick set compiles the first width only
                     reason = available(provider, device)
                     if reason:
                         if args.provider:

@@ -30,7 +30,7 @@ preset's regions per image) of the same random packed batch. `ours` takes the ou
 vocab) logits and their cross-entropy, as a plain model would. Its TFLOP/s count fineviti.train.stage2.stage2_flops
 (the head at every LM position, as the plain model runs it).
 
-    python benchmarks/bench_train.py --stage 2 --quick       # base at 16k patch tokens, three providers (GPU check)
+    python benchmarks/bench_train.py --stage 2 --quick       # base at 12k patch tokens, three providers (GPU check)
 
 --profile: where one step's time goes, per provider (benchmark "train_profile"): the GPU time per step of each
 kernel family (our Triton kernels, matmuls, torch's eager elementwise and reductions, Inductor's fused kernels,
@@ -52,7 +52,7 @@ import torch  # noqa: E402
 PROVIDERS = ("ours", "ours_compile", "torch")
 QUICK = [("large", 16384), ("base", 16384)]  # large first: the GPU check gives this script 150 s
 QUICK_CPU = [("debug", 256)]
-QUICK_STAGE2 = [("base", 16384)]  # 14 images, 38 region samples: 13k LM tokens (27k padded), 564 answers
+QUICK_STAGE2 = [("base", 12288)]  # 12 images, 28 region samples, 8k LM tokens (20k padded), 418 answers
 # The stage-2 LM on a GPU: Qwen2-0.5B's shape (its tied head included); BuiltinLMConfig's fields.
 LM_GPU = {"vocab_size": 151936, "width": 896, "depth": 24, "heads": 14, "mlp_hidden": 4864, "max_length": 4096}
 

@@ -7,13 +7,15 @@
 # the extension for the visible GPU, runs `pytest -m gpu`, every benchmark's --quick set (pinned configurations,
 # no autotuning) and the kernel report with its on-device check (compiling on the CPU cores while the benchmarks
 # run), then writes to OUTDIR: results.json and summary.md (benchmarks/summarize.py), logs.txt, attention.png,
-# kernel_report.json/.md (six files: the device tool brings back at most eight). Exits non-zero when any section
-# failed or was skipped (a wrong result fails pytest), after writing the summary.
+# kernel_report.json/.md, rows.jsonl and sections.jsonl (eight files: the device tool brings back at most eight;
+# logs.txt, rows.jsonl and sections.jsonl grow section by section, so that a call killed by its timeout still
+# brings back what finished: `python benchmarks/summarize.py DIR DIR` summarises them). Exits non-zero when any
+# section failed or was skipped (a wrong result fails pytest), after writing the summary.
 #
 # GPU_CHECK_SECTIONS="install pytest_gpu ..." runs only the named sections (a rerun of what failed); it also
-# enables the targeted sections pytest_targeted and attention_d64, and the attention questions the H200 run
-# answered (attention_sweep_atomic64, attention_profile, attention_sweep, attention_sweep_bwd), which a full run
-# leaves out. A rerun
+# enables the targeted sections pytest_targeted and attention_d64, the split probe, and the attention questions
+# the H200 run answered (attention_sweep_atomic64, attention_profile, attention_sweep, attention_sweep_bwd),
+# which a full run leaves out. A rerun
 # without "install" on a fresh machine still runs every Triton section from the checkout (2026-11-28:
 # GPU_CHECK_SECTIONS="pytest_targeted attention_d64 contrastive_profile contrastive_sweep attention_sweep
 # attention_sweep_atomic" (sweeps renamed since), about 160 s).
@@ -23,9 +25,9 @@
 # that would get under 20 s is skipped (exit code "skipped"), so the summary is always written inside the device
 # call's timeout. Sections run in order of what is still open: the attention benchmark, correctness, the
 # bulk-reduction dq sweep, the losses and their tile sweep, the training step (eager, compiled, torch) and its
-# profile, the fused norm and SwiGLU gate, the loss profile, the split-kernel probe, the rope attention-block rows,
-# then the rope and data benchmarks. A fresh machine takes about 55 s to start and the install 110-130 s; on an
-# H200 (2026-11-28) the default sections of that day took 510 s (fewer sections then).
+# profile, the fused norm and SwiGLU gate, the LM loss and the stage-2 step, the loss profile, the rope
+# attention-block rows, then the rope and data benchmarks. A fresh machine takes about 55 s to start and the
+# install 110-130 s; on an H200 (2026-11-28) the default sections of that day took 510 s (fewer sections then).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUTDIR=${1:-${OUT:-benchmarks/results/latest}}
@@ -62,10 +64,17 @@ section() {  # section NAME LIMIT_SECONDS COMMAND...: runs it under a time limit
   tail -n 3 "$WORK/$name.log"
   echo "{\"section\": \"$name\", \"rc\": $rc, \"wall_s\": $wall, \"limit_s\": $limit}" >> "$WORK/sections.jsonl"
   echo "== gpu_check: $name rc=$rc in ${wall}s"
+  # what this section gave, into OUTDIR at once: a device call killed by its timeout still brings back the rows,
+  # the sections and the logs of every section that finished (summarize.py turns rows.jsonl and sections.jsonl
+  # into the summary afterwards: python benchmarks/summarize.py DIR DIR)
+  { echo "===== $name.log"; cat "$WORK/$name.log"; } >> "$OUTDIR/logs.txt"
+  cp "$WORK/rows.jsonl" "$WORK/sections.jsonl" "$OUTDIR/" 2>/dev/null
   [ "$rc" -eq 0 ] || failed=1
 }
 
+: > "$OUTDIR/logs.txt"
 nvidia-smi -L | tee "$WORK/gpu.log"
+{ echo "===== gpu.log"; cat "$WORK/gpu.log"; } >> "$OUTDIR/logs.txt"
 section install 150 "$PY" -m pip install --no-deps --no-build-isolation --no-index -e .
 section info 30 "$PY" -m fineviti.cli info
 # Targeted sections, run only when GPU_CHECK_SECTIONS names them (subsets of pytest_gpu and bench_attention, for a
@@ -82,7 +91,7 @@ fi
 report_pid=$!
 section bench_attention 150 "$PY" benchmarks/bench_attention.py --quick --plot "$OUTDIR/attention.png"
 # test_attention.py last: a device fault is sticky for the process, and would turn every later test into an error.
-section pytest_gpu 150 "$PY" -m pytest -m "gpu and not slow" -q -p no:cacheprovider --durations=15 \
+section pytest_gpu 210 "$PY" -m pytest -m "gpu and not slow" -q -p no:cacheprovider --durations=15 \
   $(ls tests/test_*.py | grep -v 'tests/test_attention.py') tests/test_attention.py
 # New since the H200 run: the dq by one bulk tensor reduction per tile (FINEVITI_ATTN_DQ=tma, FA3's way) against
 # the pinned backward (d64: the separate dq kernel; d128: the element-wise atomic dq), its tiles at both widths.
@@ -109,13 +118,13 @@ section bench_lm_loss 75 "$PY" benchmarks/bench_lm_loss.py --quick
 # samples, ours (the head's loss without logits) against the full logits, eager and compiled.
 SECTION_MIN=60 section bench_train_stage2 120 "$PY" benchmarks/bench_train.py --stage 2 --quick
 section contrastive_profile 60 "$PY" benchmarks/bench_contrastive.py --profile --n 16384 --d 768
-# Split mode "masked" became the default for 80 and 96 after that run; the probe checks it again and still tries
-# the two-piece kernels (72 always runs them, padded to 128).
-section attention_split_probe 180 "$PY" benchmarks/attention_split_probe.py --all
 section rope_attn_block 90 "$PY" benchmarks/bench_rope.py --provider attn_block --tokens 65536 --head-dim 64
 # Answered by the H200 run (benchmarks/NOTES-attention.md): the atomic dq at d64 (slower: 4.793 ms against 4.108),
 # the seqlen-1024 profile and tile sweeps (pins within 1-4% of the best). Named in GPU_CHECK_SECTIONS only.
 if [ -n "${GPU_CHECK_SECTIONS:-}" ]; then
+  # The split probe: its masked half was answered on the H200 (80 and 96 pass, and beat the padding), and the
+  # two-piece kernels have not changed since they faulted there; named only until they do.
+  section attention_split_probe 180 "$PY" benchmarks/attention_split_probe.py --all
   section attention_sweep_atomic64 90 "$PY" benchmarks/bench_attention.py --sweep --shape fa3:4096 \
     --head-dim 64 --sweep-kind dkdv_atomic
   section attention_profile 60 "$PY" benchmarks/bench_attention.py --profile --shape fa3:1024 --head-dim 64
@@ -131,7 +140,7 @@ done
 wait "$report_pid"
 [ "$(cat "$WORK/kernel_report.failed" 2>/dev/null || echo 1)" -eq 0 ] || failed=1
 
-for log in "$WORK"/*.log; do echo "===== $(basename "$log")"; cat "$log"; done > "$OUTDIR/logs.txt"
+cp "$WORK/rows.jsonl" "$WORK/sections.jsonl" "$OUTDIR/" 2>/dev/null
 "$PY" benchmarks/summarize.py "$WORK" "$OUTDIR" || failed=1
 echo "== gpu_check: results in $OUTDIR/results.json and $OUTDIR/summary.md (failed=$failed)"
 exit "$failed"

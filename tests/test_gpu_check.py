@@ -57,7 +57,10 @@ def test_budget_cuts_limits_and_skips_sections(tmp_path):
     # recorded as such, which alone marks the run failed; GPU_CHECK_SECTIONS leaves out what it does not name.
     script = (REPO / "benchmarks" / "gpu_check.sh").read_text()
     function = re.search(r"^section\(\) \{.*?^\}", script, re.S | re.M).group(0)
-    driver = (f"set -uo pipefail\nWORK={tmp_path}\nfailed=0\nBUDGET=52\nT0=$(date +%s)\n{function}\n"
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (tmp_path / "rows.jsonl").write_text('{"row": 1}\n')
+    driver = (f"set -uo pipefail\nWORK={tmp_path}\nOUTDIR={out_dir}\nfailed=0\nBUDGET=52\nT0=$(date +%s)\n{function}\n"
               "section quick 5 true\nsection cut 100 true\necho after_cut=$failed\nT0=$((T0 - 100))\n"
               "section late 100 true\necho failed=$failed\n"
               "T0=$((T0 + 100))\nSECTION_MIN=40 section needs_more 100 true\n"
@@ -71,6 +74,12 @@ def test_budget_cuts_limits_and_skips_sections(tmp_path):
     assert sections[1]["rc"] == 0 and 15 <= sections[1]["limit_s"] <= 22
     assert sections[2]["rc"] == "skipped"
     assert "after_cut=0" in out and "failed=1" in out
+    # every section that ran left its log, the rows and the sections in OUTDIR at once (a killed call keeps them)
+    logs = (out_dir / "logs.txt").read_text()
+    assert "===== quick.log" in logs and "===== cut.log" in logs and "===== late.log" not in logs
+    assert (out_dir / "rows.jsonl").read_text() == '{"row": 1}\n'
+    assert [json.loads(line)["section"] for line in (out_dir / "sections.jsonl").read_text().splitlines()][:2] == [
+        "quick", "cut"]
 
 
 def test_split_probe_times_the_two_piece_kernel_against_padding(tmp_path, monkeypatch):
