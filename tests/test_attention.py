@@ -735,6 +735,49 @@ def test_torch_backend_traces_whole_and_does_not_recompile_per_pack(cross, monke
     assert counter.frame_count == 1, f"compiled {counter.frame_count} times for two packs of the same total"
 
 
+@pytest.mark.parametrize("cross", [False, True])
+def test_triton_op_traced_takes_host_lengths_as_a_tensor(cross, monkeypatch):
+    """Traced, the triton backend gets the host lengths as a CPU tensor (a list would specialise the graph on its
+    values): the forward and both backward launches build their block schedules from them (exact grids, cached),
+    not from cu_seqlens on the device, the results are eager's, and a pack of other lengths reuses the graph."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from fineviti.kernels import varlen_attention as kernels
+
+    torch._dynamo.reset()
+    calls = []
+    original = kernels.block_schedule
+    monkeypatch.setattr(kernels, "block_schedule", lambda cu, block, total, longest, seqlens=None: (
+        calls.append(seqlens), original(cu, block, total, longest, seqlens))[1])
+    counter = CompileCounterWithBackend("aot_eager")
+
+    def f(q, k, v, cu, cu_k, lengths):
+        return varlen_attention(q, k, v, cu, 20, cu_seqlens_k=cu_k, max_seqlen_k=20, backend="triton",
+                                seqlens=lengths)
+
+    compiled = torch.compile(f, fullgraph=True, backend=counter)
+    for lens, lens_k in (([3, 0, 17], [5, 2, 13]), ([19, 1, 0], [0, 19, 1])):
+        q, k, v, cu = make_pack(lens, 2, 32, torch.float32, device=DEVICE)
+        if cross:
+            cu_k = torch.tensor([0] + torch.tensor(lens_k).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+            k, v = (torch.randn(sum(lens_k), 2, 32, device=DEVICE, requires_grad=True) for _ in range(2))
+        else:
+            cu_k = cu
+        calls.clear()
+        out = compiled(q, k, v, cu, cu_k, torch.tensor(lens, dtype=torch.int32))
+        grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+        # forward, then the backward's two schedules (query blocks; key blocks, whose lengths are the query ones
+        # only in self-attention)
+        assert calls == [lens, None, lens] if cross else calls == [lens] * 3, calls
+        want = f(q, k, v, cu, cu_k, lens)
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+        for a, b in zip(grads, torch.autograd.grad(want, (q, k, v), torch.ones_like(want)), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert counter.frame_count == 1, f"compiled {counter.frame_count} times for two packs of the same total"
+    with pytest.raises(ValueError, match="1-D integer CPU tensor"):
+        f(q, k, v, cu, cu_k, torch.tensor([1.0, 2.0]))
+
+
 def test_torch_backend_under_autocast_traced_as_in_eager():
     """Autocast does not reach into a custom op: traced, the torch backend casts its inputs as SDPA would eagerly,
     so eager and compiled agree on the output's dtype and values (and the fake on the real op's dtype)."""

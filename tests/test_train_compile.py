@@ -52,19 +52,39 @@ def _compiled_against_eager(attn_backend):
     packs = [pack(cfg, seed, side) for seed, side in ((1, 8), (1, 12), (1, 4), (2, 8), (2, 16))]
     assert len({len(b.seqlens) for b in packs}) >= 3 and len({max(b.seqlens) for b in packs}) >= 3
     graphs = []
-    for batch in packs:
-        for model in (eager, compiled):
-            model.zero_grad(set_to_none=True)
-        want = eager(batch)["loss"]
-        want.backward()
-        got = compiled(batch)["loss"]
-        got.backward()
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-        for (name, a), b in zip(eager.named_parameters(), compiled.parameters(), strict=True):
-            if a.grad is not None:
-                torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=name)
-        graphs.append(counters["stats"]["unique_graphs"])
+    from fineviti.kernels import varlen_attention as kernels
+
+    schedules = []  # the host lengths each of the compiled model's attention launches got (None: none)
+    original = kernels.block_schedule
+
+    def block_schedule(cu, block, total, longest, seqlens=None):
+        schedules.append(seqlens)
+        return original(cu, block, total, longest, seqlens)
+
+    kernels.block_schedule = block_schedule
+    try:
+        for batch in packs:
+            for model in (eager, compiled):
+                model.zero_grad(set_to_none=True)
+            want = eager(batch)["loss"]
+            want.backward()
+            schedules.clear()
+            got = compiled(batch)["loss"]
+            got.backward()
+            if attn_backend == "triton":  # compiled, the blocks still launch exact grids from the host lengths
+                assert schedules and all(s is not None for s in schedules), schedules
+            _check_against_eager(eager, compiled, got, want)
+            graphs.append(counters["stats"]["unique_graphs"])
+    finally:
+        kernels.block_schedule = original
     # the first packs compile (static shapes, then dynamic ones, for each tower's blocks, and the long bucket);
     # the last two packs compile nothing new
     assert graphs[0] > 0 and graphs[-1] == graphs[-3], graphs
     torch._dynamo.reset()
+
+
+def _check_against_eager(eager, compiled, got, want):
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for (name, a), b in zip(eager.named_parameters(), compiled.parameters(), strict=True):
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=name)

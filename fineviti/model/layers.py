@@ -76,6 +76,8 @@ class Packed:
         self.cu_seqlens = cu_seqlens
         self.max_seqlen = max_seqlen
         self.seqlens = list(seqlens) if seqlens is not None else None
+        # the same lengths as a CPU tensor, for compiled blocks: an input of their graphs, not a specialisation
+        self.seqlens_host = torch.tensor(self.seqlens, dtype=torch.int32) if seqlens is not None else None
         self.split_rotate = split_rotate
 
 
@@ -93,9 +95,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, packed: Packed) -> torch.Tensor:
         q, k, v = packed.split_rotate(self.qkv(x), self.heads)
         # The towers check cu_seqlens once per forward; the layers do not repeat it. Under torch.compile the host
-        # lengths stay out of the graph: dynamo would guard on the list's length and values and recompile for
-        # every pack (the kernels then count blocks from cu_seqlens on the device).
-        seqlens = None if torch.compiler.is_compiling() else packed.seqlens
+        # lengths go as a CPU tensor: the list would make dynamo guard on its length and values and recompile for
+        # every pack, the tensor is a graph input that the attention op reads when it runs.
+        seqlens = packed.seqlens_host if torch.compiler.is_compiling() else packed.seqlens
         out = varlen_attention(q, k, v, packed.cu_seqlens, packed.max_seqlen, backend=self.backend,
                                seqlens=seqlens, check_values=False)
         return self.proj(out.reshape(x.shape[0], -1))

@@ -80,18 +80,27 @@ def _kernels():
     return varlen_attention
 
 
+def _host_lengths(seqlens_q: list[int] | None, seqlens_host: torch.Tensor | None) -> list[int] | None:
+    """The query lengths on the host, from the list or from the CPU tensor that carries them through a compiled
+    graph (reading a CPU tensor does not wait for the device)."""
+    if seqlens_q is not None or seqlens_host is None:
+        return seqlens_q
+    return seqlens_host.tolist()
+
+
 @torch.library.custom_op("fineviti::varlen_attention_fwd", mutates_args=(), device_types=("cuda", "cpu"))
 def _triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                 cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
                 seqlens_q: list[int] | None = None, deterministic: bool = False,
-                split_mode: str = "masked") -> tuple[torch.Tensor, torch.Tensor]:
+                split_mode: str = "masked", seqlens_host: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     return _kernels().attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                        softmax_scale, seqlens_q, mode=split_mode)
+                                        softmax_scale, _host_lengths(seqlens_q, seqlens_host), mode=split_mode)
 
 
 @_triton_fwd.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, seqlens_q=None,
-      deterministic=False, split_mode="masked"):
+      deterministic=False, split_mode="masked", seqlens_host=None):
     return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
@@ -99,40 +108,46 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_s
 def _triton_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                 lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
                 max_seqlen_k: int, softmax_scale: float, seqlens_q: list[int] | None = None,
-                deterministic: bool = False, split_mode: str = "masked",
+                deterministic: bool = False, split_mode: str = "masked", self_attention: bool = False,
+                seqlens_host: torch.Tensor | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # self_attention: the key lengths are the query lengths (cu_seqlens_k is cu_seqlens_q at the call: an identity
+    # a traced graph does not keep)
+    seqlens_q = _host_lengths(seqlens_q, seqlens_host)
     return _kernels().attention_backward(do.contiguous() if do.stride(-1) != 1 else do, q, k, v, o, lse,
                                          cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                                         seqlens_q, seqlens_q if cu_seqlens_k is cu_seqlens_q else None,
+                                         seqlens_q, seqlens_q if self_attention else None,
                                          deterministic=deterministic, mode=split_mode)
 
 
 @_triton_bwd.register_fake
 def _(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, seqlens_q=None,
-      deterministic=False, split_mode="masked"):
+      deterministic=False, split_mode="masked", self_attention=False, seqlens_host=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _fwd_setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, max_q, max_k, scale, seqlens_q, deterministic, split = inputs
+    q, k, v, cu_q, cu_k, max_q, max_k, scale, seqlens_q, deterministic, split, seqlens_host = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, cu_q, cu_k)
-    ctx.args = (max_q, max_k, scale, seqlens_q, deterministic, split)
+    ctx.save_for_backward(q, k, v, o, lse, cu_q, cu_k, seqlens_host)
+    ctx.args = (max_q, max_k, scale, seqlens_q, deterministic, split, cu_k is cu_q)
     ctx.mark_non_differentiable(lse)
 
 
 def _fwd_backward(ctx, do, dlse):
-    q, k, v, o, lse, cu_q, cu_k = ctx.saved_tensors
-    max_q, max_k, scale, seqlens_q, deterministic, split = ctx.args
+    q, k, v, o, lse, cu_q, cu_k, seqlens_host = ctx.saved_tensors
+    max_q, max_k, scale, seqlens_q, deterministic, split, self_attention = ctx.args
     # the forward's split mode, whatever FINEVITI_ATTN_SPLIT says now
-    dq, dk, dv = _triton_bwd(do, q, k, v, o, lse, cu_q, cu_k, max_q, max_k, scale, seqlens_q, deterministic, split)
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+    dq, dk, dv = _triton_bwd(do, q, k, v, o, lse, cu_q, cu_k, max_q, max_k, scale, seqlens_q, deterministic, split,
+                             self_attention, seqlens_host)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("fineviti::varlen_attention_fwd", _fwd_backward, setup_context=_fwd_setup_context)
 
 
-def _run_triton(q, k, v, cu_q, cu_k, max_q, max_k, scale, seqlens, return_lse, deterministic=False):
+def _run_triton(q, k, v, cu_q, cu_k, max_q, max_k, scale, seqlens, return_lse, deterministic=False,
+                seqlens_host=None):
     if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported "
                            "(Triton's interpreter); use backend='torch' on a CPU")
@@ -144,10 +159,10 @@ def _run_triton(q, k, v, cu_q, cu_k, max_q, max_k, scale, seqlens, return_lse, d
     width = triton_padded_head_dim(head_dim, q, split)
     if width != head_dim:
         prep = [torch.nn.functional.pad(t, (0, width - head_dim)) for t in prep]
-        o, lse = _triton_fwd(*prep, cu_q, cu_k, max_q, max_k, scale, seqlens, deterministic, split)
+        o, lse = _triton_fwd(*prep, cu_q, cu_k, max_q, max_k, scale, seqlens, deterministic, split, seqlens_host)
         o = o[..., :head_dim].contiguous()
     else:
-        o, lse = _triton_fwd(*prep, cu_q, cu_k, max_q, max_k, scale, seqlens, deterministic, split)
+        o, lse = _triton_fwd(*prep, cu_q, cu_k, max_q, max_k, scale, seqlens, deterministic, split, seqlens_host)
     return (o, lse) if return_lse else o
 
 
@@ -539,6 +554,13 @@ def _check_inputs(q, k, v, cu_q, cu_k, max_q, max_k, check_values):
 def _check_seqlens(seqlens, cu_seqlens, total: int, check_values) -> None:
     if seqlens is None:
         return
+    if isinstance(seqlens, torch.Tensor):
+        if seqlens.device.type != "cpu" or seqlens.dim() != 1 or seqlens.is_floating_point() or seqlens.is_complex():
+            raise ValueError(f"seqlens as a tensor must be a 1-D integer CPU tensor (host-side lengths), got "
+                             f"{seqlens.dtype} {tuple(seqlens.shape)} on {seqlens.device}")
+        if torch.compiler.is_compiling():
+            return  # its values are not read while tracing (they would specialise the graph)
+        seqlens = seqlens.tolist()
     if len(seqlens) != cu_seqlens.numel() - 1 or sum(seqlens) != total:
         raise ValueError(f"seqlens must hold {cu_seqlens.numel() - 1} lengths summing to {total} tokens, "
                          f"got {len(seqlens)} lengths summing to {sum(seqlens)}")
@@ -564,8 +586,10 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, cu_seqlens_k=None, max_
         FINEVITI_ATTN_DQ=atomic|separate overrides it from 64 to 128).
     softmax_scale with the triton backend: finite and > 0.
         The torch backend always is; it is passed on to flash_attn.
-    seqlens: optional host-side list of the sequence lengths (the data planner knows them): lets the triton
-        backend launch an exact grid, and xformers skip a host read.
+    seqlens: optional host-side lengths of the sequences (the data planner knows them), a list of ints or a 1-D
+        integer CPU tensor: lets the triton backend launch an exact grid (and reuse its block schedule), and
+        xformers skip a host read. Under torch.compile pass the tensor: a list would specialise the graph on its
+        values (a recompile per pack), the tensor reaches the triton op as an input.
     check_values: check cu_seqlens' values (default: always on CPU, FINEVITI_CHECKS=1 on CUDA, since it costs a
         device-to-host synchronisation).
     Returns (total, heads, head_dim) in q's dtype, or under autocast in the autocast dtype, which q, k and v take
@@ -582,9 +606,13 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, cu_seqlens_k=None, max_
     q, k, v = _autocast_inputs(q, k, v)
     name = resolve_backend(backend, q.device, q.dtype, head_dim)
     deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
+    seqlens_host = None
+    if isinstance(seqlens, torch.Tensor):  # a CPU tensor: traced, it reaches the triton op unread
+        seqlens, seqlens_host = (None, seqlens) if torch.compiler.is_compiling() else (seqlens.tolist(), None)
     if name == "triton":
         return _run_triton(q, k, v, cu_seqlens, cu_k, max_seqlen, max_k, scale,
-                           list(seqlens) if seqlens is not None else None, return_lse, deterministic=deterministic)
+                           list(seqlens) if seqlens is not None else None, return_lse, deterministic=deterministic,
+                           seqlens_host=seqlens_host)
     if name == "flash_attn":
         return _run_flash_attn(q, k, v, cu_seqlens, cu_k, max_seqlen, max_k, scale, seqlens, return_lse,
                                deterministic=deterministic)
