@@ -979,6 +979,30 @@ def test_gpu_compiled_triton_path():
 
 
 @pytest.mark.gpu
+def test_gpu_compiled_triton_path_with_host_lengths_never_syncs():
+    """Compiled with the host lengths as a CPU tensor (as the model's compiled blocks pass them): the same result,
+    forward and backward, without a device synchronisation."""
+    q, k, v, cu = make_pack([64, 300], 2, 64, torch.bfloat16, device="cuda")
+    lengths = torch.tensor([64, 300], dtype=torch.int32)
+
+    def f(q, k, v, lengths):
+        return varlen_attention(q, k, v, cu, 300, backend="triton", seqlens=lengths).float().square().sum()
+
+    compiled = torch.compile(f, fullgraph=True)
+    want = f(q, k, v, [64, 300])
+    compiled(q, k, v, lengths).backward()  # compile both graphs outside the check (compiling may synchronise)
+    q.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = compiled(q, k, v, lengths)
+        got.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert rel_err(got.detach(), want.detach()) < 1e-3 and torch.isfinite(q.grad).all()
+
+
+@pytest.mark.gpu
 def test_gpu_fp32_head_dim_limit_is_a_clear_error():
     q, k, v, cu = make_pack([10, 20], 2, 128, torch.float32, device="cuda")
     with pytest.raises(ValueError, match="float32 inputs on a GPU up to head_dim 64"):
