@@ -97,6 +97,9 @@ def test_task_errors_name_the_record():
     records = [(image, [], []), (image, [], []), (image, [(0, 0, 10, 10)], [0, 1])]
     with pytest.raises(ValueError, match="region record 2: 1 boxes but 2 labels"):
         _evaluator()[1].run({"boxes": RegionTask(records, ["red", "blue"], project=fx.box_projection)})
+    records = [(image, [], []), (image, [(0, 0, 10, 10), (9, 0, 4, 10)], [0, 1])]
+    with pytest.raises(ValueError, match=r"region record 1, box 1 = \[9, 0, 4, 10\]: expected x0 < x1"):
+        _evaluator()[1].run({"boxes": RegionTask(records, ["red", "blue"], project=fx.box_projection)})
 
 
 @pytest.mark.parametrize("method", ["mean", "roi_align"])

@@ -497,6 +497,10 @@ class Evaluator:
         for i, r in enumerate(task.records):  # i: the index in task.records, before the records without boxes go
             if len(r[1]) != len(r[2]):
                 raise ValueError(f"region record {i}: {len(r[1])} boxes but {len(r[2])} labels")
+            for j, (x0, y0, x1, y1) in enumerate(r[1]):  # named here: pool_boxes sees a batch's boxes only
+                if not (x0 < x1 and y0 < y1 and x1 > 0 and y1 > 0):
+                    raise ValueError(f"region record {i}, box {j} = {[x0, y0, x1, y1]}: expected x0 < x1 and "
+                                     f"y0 < y1 with some of the box inside the image (pixels of the original image)")
         records = [r for r in task.records if len(r[1])]
         if not records:
             raise ValueError("RegionTask has no record with boxes")
