@@ -11,7 +11,9 @@ Providers:
   torch         the same modules with torch's attention (torch.nn.attention.varlen where this torch has it, else
          FlexAttention with a document mask), the plain-torch RoPE, RMSNorm and SwiGLU and the chunked torch
          loss, every block compiled (torch.compile)
-A step runs under bf16 autocast with fused AdamW and the preset's activation checkpointing. The batch: images
+A step runs under bf16 autocast with fused AdamW and the preset's activation checkpointing. A row's time per step
+(`median_ms`, the field every benchmark fills) is the mean over one window of timed steps after the warm-up, with
+one synchronisation at its end (no percentiles: per-step times would need one per step). The batch: images
 of random native-resolution patch grids (sides 8..64 patches, multiples of 2) packed to `--budget` patch tokens
 plus one 64-token caption per image; the same batch every step, so shapes are static. TFLOP/s and MFU count model
 FLOPs (fineviti.model.flops, recomputation excluded) against the device's dense bf16 peak

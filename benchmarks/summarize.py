@@ -106,27 +106,51 @@ def _attention_goals(rows: list[dict]) -> list[tuple]:
         shape = f"{r['shape']['shape']}, d{r['shape']['head_dim']}, {r['dtype']}"
         low, high = FA3_FWD_BWD_TFLOPS[r["shape"]["head_dim"]]
         tflops = r["tflops"]
-        verdict = ("met" if tflops >= high else "NOT met" if tflops < low else
-                   "inside FA3's range: needs FA3's figure for this length")
-        out.append((3, f"fwd+bwd >= FA3 ({low:.0f}-{high:.0f} TFLOP/s), {shape}", f"{tflops:.0f} TFLOP/s", verdict))
-        varlen = next((v for v in attn if v["provider"] == "torch_varlen" and v["shape"] == r["shape"]
-                       and v["dtype"] == r["dtype"]), None)
+        seqlen = r["shape"].get("max_len")  # an fa3 shape's sequence length
+        if seqlen is None or 1024 <= seqlen <= 16384:  # the issue quotes FA3 for 1k-16k tokens, on an H100
+            verdict = ("met" if tflops >= high else "NOT met" if tflops < low else
+                       "inside FA3's range: needs FA3's figure for this length")
+            gpu = str(r.get("gpu", ""))
+            where = "" if "H100" in gpu.upper() else f" (FA3's H100 figures, this is {gpu or 'another GPU'})"
+            out.append((3, f"fwd+bwd >= FA3 ({low:.0f}-{high:.0f} TFLOP/s){where}, {shape}",
+                        f"{tflops:.0f} TFLOP/s", verdict))
+        # torch's varlen_attn of the same benchmark process where there is one (two sections can time one shape)
+        varlen = min((v for v in attn if v["provider"] == "torch_varlen" and v["shape"] == r["shape"]
+                      and v["dtype"] == r["dtype"]), key=lambda v: v.get("run") != r.get("run"), default=None)
         if varlen is not None:
             ratio = varlen["median_ms"] / r["median_ms"]
             out.append((3, f">= {VARLEN_SPEEDUP_GOAL}x torch varlen_attn, {shape}", f"{ratio:.2f}x",
                         _verdict(ratio >= VARLEN_SPEEDUP_GOAL)))
+    # d72/d80 against padding to 96 (FA3's way; FA3 itself is not installed: our kernels padded to 96 stand in),
+    # judged on the path the ops layer ships on a GPU at that head dim, not on a candidate it does not run
     split = [r for r in _ok(rows) if r["benchmark"] == "attention_split"]
-    for r in split:
-        if r["provider"] != "two-piece":
-            continue
-        padded = next((p for p in split if p["provider"] == "padded to 96" and p["shape"].get("head_dim") ==
-                       r["shape"].get("head_dim") and p["dtype"] == r["dtype"]), None)
-        if padded is not None:
-            out.append((3, f"d{r['shape']['head_dim']}: more useful TFLOP/s than padding to 96 (FA3's way; FA3 "
-                        "itself not installed: ours padded stands in)",
-                        f"{r['tflops']:.0f} vs {padded['tflops']:.0f} TFLOP/s",
-                        _verdict(r["tflops"] > padded["tflops"])))
+    for d in (72, 80):
+        label = shipped_split_label(d)
+        shipped = next((r for r in split if r["provider"] == label and r["shape"].get("head_dim") == d), None)
+        padded = shipped and next((p for p in split if p["provider"] == "padded to 96"
+                                   and p["shape"].get("head_dim") == d and p["dtype"] == shipped["dtype"]), None)
+        if shipped is not None and padded is not None:
+            out.append((3, f"d{d}: more useful TFLOP/s than padding to 96 (FA3's way; FA3 itself not installed: "
+                        f"ours padded stands in), the shipped path ({label})",
+                        f"{shipped['tflops']:.0f} vs {padded['tflops']:.0f} TFLOP/s",
+                        _verdict(shipped["tflops"] > padded["tflops"])))
     return out
+
+
+def shipped_split_label(head_dim: int) -> str:
+    """The split probe's label of what the ops layer runs on a GPU at `head_dim` (bf16, the default split mode):
+    one masked tile ("masked in 128") where the split mode allows it, else zero-padding to the next power of
+    two (the two-piece kernels are never run there: fineviti.ops.attention.triton_padded_head_dim)."""
+    import torch
+
+    from fineviti.kernels import varlen_attention as kernels
+
+    dim_a, dim_b = kernels.split_head_dim(head_dim, torch.bfloat16, "masked")
+    if dim_b == 0 and dim_a != head_dim:
+        return f"masked in {dim_a}"
+    if dim_b == 0:
+        return "two-piece"  # a power of two: nothing to split (not a case of this goal)
+    return f"padded to {1 << (head_dim - 1).bit_length()}"
 
 
 def _rope_goals(rows: list[dict]) -> list[tuple]:

@@ -294,18 +294,24 @@ def test_rope_attention_block_rows(tmp_path, monkeypatch):
 def test_summary_reads_the_issue_goals():
     """goal_rows: FA3's range and the varlen ratio (issue 3), copy bandwidth, eager speedup and the attention
     block's rotation share against the fastest baseline (issue 4), peak fraction, naive ratio and memory (issue 5)."""
-    env = {"gpu": "NVIDIA H100 80GB HBM3"}
-    fa3 = {"shape": "fa3 seqlen 4096", "head_dim": 128}
+    env = {"gpu": "NVIDIA H100 80GB HBM3", "run": "a"}
+    fa3 = {"shape": "fa3 seqlen 4096", "head_dim": 128, "max_len": 4096}
 
     def row(bench, provider, mode, shape, ms, dtype="bfloat16", **extra):
         return {"benchmark": bench, "provider": provider, "mode": mode, "shape": shape, "dtype": dtype,
                 "median_ms": ms, **env, **extra}
 
     rows = [
+        row("attention", "torch_varlen", "fwd_bwd", fa3, 6.0, run="another section's"),
         row("attention", "ours", "fwd_bwd", fa3, 3.0, tflops=600.0),
-        row("attention", "torch_varlen", "fwd_bwd", fa3, 4.5),
-        row("attention", "ours", "fwd_bwd", {"shape": "fa3 seqlen 1024", "head_dim": 64}, 3.0, tflops=400.0),
+        row("attention", "torch_varlen", "fwd_bwd", fa3, 4.5),  # the same run as ours: the ratio's partner
+        row("attention", "ours", "fwd_bwd", {"shape": "fa3 seqlen 1024", "head_dim": 64, "max_len": 1024}, 3.0,
+            tflops=400.0),
+        row("attention", "ours", "fwd_bwd", {"shape": "fa3 seqlen 512", "head_dim": 64, "max_len": 512}, 3.0,
+            tflops=300.0),  # outside the 1k-16k the issue quotes FA3 for: no verdict
+        # d80: the two-piece kernels are not what a GPU runs (split mode "masked": one 128-column tile)
         row("attention_split", "two-piece", "fwd_bwd", {"head_dim": 80, "width": 80}, 1.0, tflops=300.0),
+        row("attention_split", "masked in 128", "fwd_bwd", {"head_dim": 80, "width": 80}, 1.2, tflops=250.0),
         row("attention_split", "padded to 96", "fwd_bwd", {"head_dim": 80, "width": 96}, 1.1, tflops=280.0),
         row("rope_2d", "triton", "fwd", {"tokens": 8, "head_dim": 64}, 1.0, copy_fraction=0.79,
             speedup_vs_stock=6.0, stock="torch_eager"),
@@ -318,13 +324,15 @@ def test_summary_reads_the_issue_goals():
             tflops=500.0, peak_mem_mb=550.0),
         row("contrastive", "naive", "full", {"loss": "siglip", "N": 65536, "D": 768}, 9.0, dtype="bf16"),
     ]
-    goals = {(issue, goal.split(",")[0]): (measured, verdict) for issue, goal, measured, verdict in
-             summarize.goal_rows(rows)}
+    listed = summarize.goal_rows(rows)
+    goals = {(issue, goal.split(",")[0]): (measured, verdict) for issue, goal, measured, verdict in listed}
+    assert not any("seqlen 512" in goal for _, goal, _, _ in listed)
+    assert sum(goal.startswith("d80") for _, goal, _, _ in listed) == 1
     assert goals[(3, "fwd+bwd >= FA3 (460-580 TFLOP/s)")] == ("600 TFLOP/s", "met")
     assert goals[(3, "fwd+bwd >= FA3 (370-480 TFLOP/s)")][1].startswith("inside FA3's range")
     assert goals[(3, ">= 1.6x torch varlen_attn")] == ("1.50x", "NOT met")
     assert goals[(3, "d80: more useful TFLOP/s than padding to 96 (FA3's way; FA3 itself not installed: ours "
-                     "padded stands in)")][1] == "met"
+                     "padded stands in)")] == ("250 vs 280 TFLOP/s", "NOT met")
     assert goals[(4, "fwd >= 80% of copy bandwidth")] == ("79%", "NOT met")
     assert goals[(4, "fwd >= 5x eager")] == ("6.0x", "met")
     block = next(v for k, v in goals.items() if k[1].startswith("attention block: the rotation"))
