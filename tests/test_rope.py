@@ -341,6 +341,22 @@ def test_inplace_gpu(backend):
     check_inplace(backend, "cuda", torch.bfloat16)
 
 
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_inplace_refuses_targets_that_share_memory(backend):
+    """In place, an expanded tensor (heads sharing memory) and one tensor passed as both q and k are refused: the
+    C++ and Triton kernels rotated the shared elements several times (on a GPU, a race), where the torch backend's
+    copy_ raised."""
+    pos = positions(GRIDS["pack"])
+    x = torch.randn(pos.shape[0], 1, 16).expand(-1, 3, -1)
+    with pytest.raises(ValueError, match="x has elements that share memory"):
+        rope_2d(x, pos, backend=backend, inplace=True)
+    q = torch.randn(pos.shape[0], 2, 16)
+    with pytest.raises(ValueError, match="q and k are the same memory"):
+        rope_2d_qk(q, q, pos, backend=backend, inplace=True)
+    q_out, k_out = rope_2d_qk(q, q, pos, backend=backend)  # out of place, the same tensor twice is fine
+    torch.testing.assert_close(q_out, k_out)
+
+
 def test_int64_and_strided_positions():
     pos32 = positions(GRIDS["pack"])
     pos64 = torch.stack((pos32[:, 1], pos32[:, 0]), dim=1).long()[:, [1, 0]]  # int64, non-contiguous columns

@@ -275,9 +275,23 @@ if _HAS_CPP_OPS:
 # Dispatch and autograd
 
 
+def _check_inplace_targets(tensors: tuple[torch.Tensor, ...]) -> None:
+    """In place, every element is rotated once: no tensor whose elements share memory (an expand()), and not one
+    tensor as both q and k (the kernels would rotate it twice, or race on it on a GPU)."""
+    for name, t in zip(("q", "k") if len(tensors) == 2 else ("x",), tensors, strict=True):
+        if torch._debug_has_internal_overlap(t) == 1:
+            raise ValueError(f"rope in place: {name} has elements that share memory (strides {t.stride()}, e.g. "
+                             f"from expand()); rotate it out of place, or a .contiguous() copy")
+    if len(tensors) == 2 and tensors[0].data_ptr() == tensors[1].data_ptr() and \
+            tensors[0].stride() == tensors[1].stride() and tensors[0].numel() > 0:
+        raise ValueError("rope in place: q and k are the same memory; rotate it once as x, or pass copies")
+
+
 def _rotate(tensors: tuple[torch.Tensor, ...], pos: torch.Tensor, theta: float, inverse: bool, backend: str,
             check_pos: bool, inplace: bool = False) -> tuple[torch.Tensor, ...]:
     """Rotate one tensor or a (q, k) pair with `backend`; out of place unless `inplace`."""
+    if inplace and not torch.compiler.is_compiling():  # (a debug query dynamo need not trace)
+        _check_inplace_targets(tensors)
     if backend == "torch":
         if check_pos and not torch.compiler.is_compiling():
             check_positions(pos)
