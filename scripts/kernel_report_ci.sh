@@ -4,12 +4,14 @@
 # (the GPU machines' version) in a second, cached environment (.venv-t36, made by scripts/triton36_env.sh).
 # Fails when a configuration does not compile, spills, or overflows shared memory, with kernel and config named.
 #   KERNEL_REPORT_T36_FULL=1   the full sweep with triton 3.6 too (opt-in: it doubles the time)
+#   FINEVITI_TEST_T36=0        leaves the triton 3.6 part out (as scripts/test.sh leaves out its interpreter run)
 #   KERNEL_REPORT_OUT=DIR      where the reports go (default out/kernel_report/, ignored by git)
 #   KERNEL_REPORT_JOBS=N       parallel compiles (default: CPU count)
+#   KERNEL_REPORT_PYTHON=PY    the interpreter of the triton 3.8 part (default .venv/bin/python)
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-PY="${PYTHON:-$ROOT/.venv/bin/python}"
+PY="${KERNEL_REPORT_PYTHON:-$ROOT/.venv/bin/python}"  # not PYTHON: scripts/setup.sh reads that one for .venv's base
 OUT="${KERNEL_REPORT_OUT:-$ROOT/out/kernel_report}"
 JOBS=()
 [ -n "${KERNEL_REPORT_JOBS:-}" ] && JOBS=(--jobs "$KERNEL_REPORT_JOBS")
@@ -30,7 +32,9 @@ part() {  # part NAME COMMAND...: runs it, prints its time, remembers a failure
 part "triton 3.8, full sweep + csrc/" "$PY" benchmarks/kernel_report.py --check --out "$OUT/triton-3.8" "${JOBS[@]}"
 
 env_start=$SECONDS
-if T36_PY="$(scripts/triton36_env.sh)"; then
+if [ "${FINEVITI_TEST_T36:-1}" = "0" ]; then
+  echo "== kernel report: triton 3.6 left out (FINEVITI_TEST_T36=0)"
+elif T36_PY="$(scripts/triton36_env.sh)"; then
   echo "== kernel report: triton 3.6 environment ready in $((SECONDS - env_start)) s ($T36_PY)"
   T36_ARGS=(--quick)
   [ "${KERNEL_REPORT_T36_FULL:-0}" = "1" ] && T36_ARGS=()

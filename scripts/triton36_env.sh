@@ -1,50 +1,62 @@
 #!/usr/bin/env bash
 # Creates (once) .venv-t36: the second, small environment with triton 3.6, the version the GPU machines run, in
 # which CI compiles the kernels (the kernel report) and runs the kernel tests under triton 3.6's interpreter
-# (scripts/test_triton36.sh). It holds the CPU build of torch 2.13.0 (pip takes the +cpu wheel from the local
-# wheel folder; it does not pin triton), triton==3.6.0, numpy below 2.4 and pytest; the repository is used from
+# (scripts/test_triton36.sh). Its own site-packages hold only triton==3.6.0 and numpy below 2.4 (installed without
+# their dependencies); a .pth file puts the main environment's site-packages (.venv, made by scripts/setup.sh:
+# torch, pytest and the rest) after them, so that these two shadow the main environment's triton 3.8 and numpy.
+# No second torch is installed: PyPI's torch wheels pin the triton they were built with (2.13.0 pins 3.7.1), so a
+# torch beside triton 3.6 only came from a local wheel folder; torch does not import triton for what runs here
+# (the interpreter, triton.compile for sm_90, torch.compile with aot_eager). The repository is used from
 # PYTHONPATH, never installed. numpy 2.4 made the conversion of a one-element array to a Python scalar an error,
 # which triton 3.6's interpreter does for every loop bound and index it reads from a tensor: with it, nearly every
 # kernel test failed under that interpreter with "only 0-dimensional arrays can be converted to Python scalars".
-# Idempotent: an environment that already has torch and triton at these versions is kept (numpy and pytest are
-# installed into it when missing or wrong). Prints the environment's python.
+# Idempotent: an environment with these versions, linked to this checkout's .venv, is kept; a broken or stale one
+# (another layout, a half-finished creation) is made again. Prints the environment's python.
+#   TRITON36_VENV      where (default .venv-t36)       TRITON36_TRITON   the triton version (default 3.6.0)
+#   TRITON36_MAIN_VENV the environment it builds on (default .venv)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${TRITON36_VENV:-$ROOT/.venv-t36}"
-TORCH_VERSION="${TRITON36_TORCH:-2.13.0}"
+MAIN="${TRITON36_MAIN_VENV:-$ROOT/.venv}"
 TRITON_VERSION="${TRITON36_TRITON:-3.6.0}"
-EXTRAS=("numpy<2.4" "pytest")
-BASE_PY="${TRITON36_BASE_PYTHON:-$(command -v python3.11 || command -v python3)}"
+PACKAGES=("triton==$TRITON_VERSION" "numpy<2.4")
+LINK=zz_fineviti_main_venv.pth  # "zz": read after the environment's own .pth files
 
-have_core() {
-  [ -x "$VENV/bin/python" ] && "$VENV/bin/python" - "$TORCH_VERSION" "$TRITON_VERSION" <<'PY' >/dev/null 2>&1
+[ -x "$MAIN/bin/python" ] || { echo "triton36_env: no main environment at $MAIN (run scripts/setup.sh first)" >&2
+                               exit 1; }
+MAIN_SITE="$("$MAIN/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+
+ready() {
+  [ -x "$VENV/bin/python" ] || return 1
+  local site
+  site="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' 2>/dev/null)" || return 1
+  [ "$(cat "$site/$LINK" 2>/dev/null)" = "$MAIN_SITE" ] || return 1
+  "$VENV/bin/python" - "$TRITON_VERSION" "$VENV" <<'PY' >/dev/null 2>&1
 import sys
 from importlib.metadata import version
-assert version("torch").split("+")[0] == sys.argv[1], version("torch")
-assert version("triton") == sys.argv[2], version("triton")
+
+import numpy
+import pytest  # noqa: F401  (from the main environment)
+import torch  # noqa: F401
+import triton
+
+assert triton.__version__ == sys.argv[1] and triton.__file__.startswith(sys.argv[2]), triton.__file__
+assert tuple(int(x) for x in version("numpy").split(".")[:2]) < (2, 4) and numpy.__file__.startswith(sys.argv[2])
 PY
 }
 
-have_extras() {
-  "$VENV/bin/python" - <<'PY' >/dev/null 2>&1
-from importlib.metadata import version
-major, minor = (int(x) for x in version("numpy").split(".")[:2])
-assert (major, minor) < (2, 4), version("numpy")
-version("pytest")
-PY
-}
-
-if ! have_core; then
-  echo "creating $VENV (torch $TORCH_VERSION CPU, triton $TRITON_VERSION)" >&2
+if ! ready; then
+  echo "creating $VENV (triton $TRITON_VERSION and numpy < 2.4 over $MAIN)" >&2
   rm -rf "$VENV"
-  "$BASE_PY" -m venv "$VENV"
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
-    "torch==$TORCH_VERSION" "triton==$TRITON_VERSION" "${EXTRAS[@]}" >&2
-  have_core || { echo "$VENV: torch $TORCH_VERSION / triton $TRITON_VERSION did not install" >&2; exit 1; }
-fi
-if ! have_extras; then
-  echo "$VENV: installing ${EXTRAS[*]}" >&2
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${EXTRAS[@]}" >&2
-  have_extras || { echo "$VENV: ${EXTRAS[*]} did not install" >&2; exit 1; }
+  "$MAIN/bin/python" -m venv --without-pip "$VENV.tmp"  # built aside: an interrupted creation leaves no $VENV
+  site="$("$VENV.tmp/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+  # the main environment's pip installs into this one's site-packages (no pip of its own to bootstrap)
+  "$MAIN/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps --target "$site" \
+    "${PACKAGES[@]}" >&2
+  echo "$MAIN_SITE" > "$site/$LINK"
+  rm -rf "$VENV"
+  mv "$VENV.tmp" "$VENV"
+  # a venv's python finds its site-packages relative to itself: the move keeps it working
+  ready || { echo "$VENV: triton $TRITON_VERSION / numpy < 2.4 over $MAIN did not come out usable" >&2; exit 1; }
 fi
 echo "$VENV/bin/python"
