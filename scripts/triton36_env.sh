@@ -11,7 +11,7 @@
 # which triton 3.6's interpreter does for every loop bound and index it reads from a tensor: with it, nearly every
 # kernel test failed under that interpreter with "only 0-dimensional arrays can be converted to Python scalars".
 # Idempotent: an environment with these versions, linked to this checkout's .venv, is kept; a broken or stale one
-# (another layout, a half-finished creation) is made again. Prints the environment's python.
+# (another layout, an interrupted creation: the link is written last) is made again. Prints its python.
 #   TRITON36_VENV      where (default .venv-t36)       TRITON36_TRITON   the triton version (default 3.6.0)
 #   TRITON36_MAIN_VENV the environment it builds on (default .venv)
 set -euo pipefail
@@ -48,15 +48,12 @@ PY
 if ! ready; then
   echo "creating $VENV (triton $TRITON_VERSION and numpy < 2.4 over $MAIN)" >&2
   rm -rf "$VENV"
-  "$MAIN/bin/python" -m venv --without-pip "$VENV.tmp"  # built aside: an interrupted creation leaves no $VENV
-  site="$("$VENV.tmp/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+  "$MAIN/bin/python" -m venv --without-pip "$VENV"
+  site="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
   # the main environment's pip installs into this one's site-packages (no pip of its own to bootstrap)
   "$MAIN/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps --target "$site" \
     "${PACKAGES[@]}" >&2
-  echo "$MAIN_SITE" > "$site/$LINK"
-  rm -rf "$VENV"
-  mv "$VENV.tmp" "$VENV"
-  # a venv's python finds its site-packages relative to itself: the move keeps it working
+  echo "$MAIN_SITE" > "$site/$LINK"  # last: until it is written, ready() fails and the next run starts over
   ready || { echo "$VENV: triton $TRITON_VERSION / numpy < 2.4 over $MAIN did not come out usable" >&2; exit 1; }
 fi
 echo "$VENV/bin/python"
