@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from fineviti.data import shards, synth
+from fineviti.data.dataset import ShardDataset
 from fineviti.data.tokenizer import BOS_ID, EOS_ID, CaptionTokenizer
 
 
@@ -71,6 +72,35 @@ def test_samples_follow_the_spec(dataset):
                     assert negative["kind"] in ("colour", "shape", "size", "position", "word")
             else:
                 assert "hard_negatives" not in meta
+
+
+def test_captions_name_only_the_words_that_are_drawn(dataset):
+    """An object too small to carry a legible word carries none, in its metadata and its captions (about a sixth of
+    the word-carrying objects were named with a word that was never drawn)."""
+    ds = ShardDataset(dataset / "train")
+    with_word = 0
+    for i in range(len(ds)):
+        raw = ds.load(i, 0)
+        for obj, region in zip(raw.meta["objects"], raw.regions, strict=True):
+            x0, y0, x1, y1 = region["bbox"]
+            if obj["word"] is not None:
+                with_word += 1
+                assert min(x1 - x0, y1 - y0) >= synth.WORD_MIN_SIDE, (raw.key, obj, region)
+                assert f'"{obj["word"]}"' in region["caption"]
+            else:
+                assert "with the word" not in region["caption"]
+    assert with_word > 0
+
+
+def test_regenerating_replaces_the_old_shards(tmp_path):
+    """generate() into a folder that holds an earlier, larger data set: only the new samples are read (the old
+    shards past the new ones' count used to stay and be read with them)."""
+    synth.generate(tmp_path, images=25, seed=0, heldout=4, samples_per_shard=10, processes=1)
+    synth.generate(tmp_path, images=12, seed=1, heldout=0, samples_per_shard=10, processes=1)
+    assert len(ShardDataset(tmp_path / "train")) == 12
+    assert sorted(p.name for p in (tmp_path / "train").glob("shard-*")) == [
+        "shard-00000.idx", "shard-00000.tar", "shard-00001.idx", "shard-00001.tar"]
+    assert not list((tmp_path / "heldout").glob("shard-*"))
 
 
 def test_objects_are_drawn_where_their_boxes_say(dataset):

@@ -52,6 +52,7 @@ WORDS = ("cat", "sun", "tree", "fine", "vit", "moon", "fish", "bird", "rain", "s
          "ship", "gold", "wind", "lamp", "hill", "rose")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 JPEG_QUALITY = 90
+WORD_MIN_SIDE = 12  # pixels: a smaller object carries no word (it would not be legible)
 CAPTION_PIECES = 232  # words + punctuation marks; 256 tokens hold it with room for bos/eos and split words
 MIN_SIDE, MAX_SIDE, MAX_ASPECT = 64, 1024, 4.0
 TRAIN_SPLIT, HELDOUT_SPLIT = 0, 1
@@ -124,6 +125,8 @@ def place_objects(scene: Scene, rng: np.random.Generator) -> None:
         x0, y0 = int(round(cx - side / 2)), int(round(cy - side / 2))
         x1, y1 = int(round(cx + side / 2)), int(round(cy + side / 2))
         obj.bbox = (max(0, x0), max(0, y0), min(scene.width, x1), min(scene.height, y1))
+        if min(obj.bbox[2] - obj.bbox[0], obj.bbox[3] - obj.bbox[1]) < WORD_MIN_SIDE:
+            obj.word = None  # too small to carry a legible word: none is drawn, so the captions name none
 
 
 @functools.lru_cache(maxsize=64)
@@ -171,7 +174,7 @@ def render_scene(scene: Scene) -> Image.Image:
             draw.rectangle((x0, cy - t, x1, cy + t), fill=fill)
         else:
             draw.polygon(_polygon(obj.shape, box), fill=fill)
-        if obj.word and side >= 12:
+        if obj.word:  # (place_objects dropped the words of objects under WORD_MIN_SIDE)
             font = _font(max(6, side // 4))
             ink = (0, 0, 0) if sum(fill) > 380 or obj.shape == "ring" else (255, 255, 255)
             draw.text(((x0 + x1) / 2, (y0 + y1) / 2), obj.word, fill=ink, font=font, anchor="mm")
@@ -208,8 +211,9 @@ def _detail_sentence(scene: Scene, obj: SceneObject, k: int) -> str:
     x0, y0, x1, y1 = obj.bbox
     share = max(1, round(100 * (x1 - x0) * (y1 - y0) / (scene.width * scene.height)))
     templates = (
-        f"The {obj.name()} covers about {share} percent of the picture and is filled with solid {obj.colour}.",
-        f"Its {obj.colour} {obj.shape} shape is {obj.size}, taking roughly {share} percent of the frame.",
+        f"The {obj.name()}'s bounding box covers about {share} percent of the picture, and the shape is "
+        + (f"drawn as a {obj.colour} outline." if obj.shape == "ring" else f"filled with solid {obj.colour}."),
+        f"Its {obj.colour} {obj.shape} shape is {obj.size}, its box taking roughly {share} percent of the frame.",
     )
     return templates[k]
 
@@ -337,9 +341,17 @@ def _make(args: tuple[int, int, int]) -> tuple[str, bytes, bytes, bytes]:
     return make_sample(*args)
 
 
+def _clear_split(out: Path) -> None:
+    """The shards (and their indexes) an earlier generate() wrote to this split's folder: a new data set replaces
+    them (left there, a smaller or reseeded set would be read together with the rest of the old one)."""
+    for old in [*out.glob("shard-[0-9]*.tar"), *out.glob("shard-[0-9]*.idx")]:
+        old.unlink()
+
+
 def _write_split(out: Path, seed: int, split: int, n: int, per_shard: int, processes: int) -> list[str]:
     captions = []
     jobs = [(seed, split, i) for i in range(n)]
+    _clear_split(out)
     with ShardWriter(out, prefix="shard", samples_per_shard=per_shard) as writer:
         if processes > 1 and n > 16:  # one chunk of 16 or less: not worth a pool
             with multiprocessing.get_context("fork").Pool(processes) as pool:
@@ -370,6 +382,8 @@ def generate(out: str | os.PathLike, images: int, seed: int = 0, heldout: int = 
     captions = _write_split(out / "train", seed, TRAIN_SPLIT, images, samples_per_shard, processes)
     if heldout:
         _write_split(out / "heldout", seed, HELDOUT_SPLIT, heldout, samples_per_shard, processes)
+    else:
+        _clear_split(out / "heldout")
     generated = time.perf_counter() - start
     tokenizer_path = train_tokenizer(captions, out / "tokenizer.json", vocab_size=vocab_size)
     tokenizer = CaptionTokenizer(tokenizer_path)
