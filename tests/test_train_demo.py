@@ -31,6 +31,13 @@ def test_demo_end_to_end_in_miniature(tmp_path, capsys):
         assert again["retrieval"][key] == retrieval[key], key
     assert again["regions"]["after_stage2"]["top1"] == report["regions"]["after_stage2"]["top1"]
     assert again["timings"]["data_s"] == 0.0
+    # another seed is another data set (and tokenizer): the runs start over instead of resuming on it (the
+    # resumed loader refused the other seed after the data had been replaced)
+    said = []
+    other = demo.run_demo(out, images=48, heldout=12, stage1_steps=2, stage2_steps=2, seed=1, echo=said.append)
+    assert any("trained on the old one) is removed" in line for line in said), said
+    assert not any("resuming" in line for line in said), said
+    assert other["training"]["stage1"]["last"]["loss"] > 0
 
 
 @pytest.mark.slow

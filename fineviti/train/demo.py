@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -54,6 +55,11 @@ def ensure_data(data: Path, images: int, heldout: int, seed: int, echo) -> float
     start = time.perf_counter()
     echo(f"data: generating {images} training and {heldout} held-out images in {data}")
     synth.generate(data, images, seed=seed, heldout=heldout)
+    # runs trained on another data set (and its tokenizer) would be resumed on this one: they start over
+    for stale in (data.parent / "stage1", data.parent / "stage2"):
+        if stale.exists():
+            echo(f"data: a new data set, so {stale} (trained on the old one) is removed")
+            shutil.rmtree(stale)
     return time.perf_counter() - start
 
 
