@@ -52,7 +52,13 @@ def _extension(torch) -> dict:
     info["cuda_built"] = bool(torch.ops.fineviti.cuda_built())
     info["cuda_arch_list"] = torch.ops.fineviti.cuda_arch_list() or None
     # Loaded means registered with the dispatcher: these ops reach their CUDA kernels through torch.ops.fineviti.*.
-    ops = sorted(name for name in torch._C._dispatch_get_all_op_names() if name.startswith("fineviti::"))
+    # The extension's own (C++) ops apart from the custom ops Python registers (Triton kernels, torch code), which
+    # share the namespace and appear only once their modules are imported.
+    from torch._library import custom_ops
+
+    python_defined = set(getattr(custom_ops, "OPDEFS", {}))
+    ops = sorted(name for name in torch._C._dispatch_get_all_op_names()
+                 if name.startswith("fineviti::") and name not in python_defined)
     info["ops"] = [name.split("::", 1)[1] for name in ops]
     info["cuda_ops"] = [
         name.split("::", 1)[1] for name in ops if torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA")

@@ -19,6 +19,8 @@ def run_cli(capsys, *argv) -> tuple[int, str]:
 
 
 def test_info_json_reports_this_environment(capsys):
+    import fineviti.ops.attention  # noqa: F401  (registers Python custom ops in the same namespace)
+
     code, out = run_cli(capsys, "info", "--json")
     assert code == 0
     report = json.loads(out)
@@ -29,6 +31,7 @@ def test_info_json_reports_this_environment(capsys):
     ext = report["extension"]
     assert ext["loaded"] is True, ext["error"]
     assert {"build_positions", "cuda_built", "cuda_arch_list"} <= set(ext["ops"])
+    assert "varlen_attention_fwd" not in ext["ops"]  # the extension's own ops only, not Python's custom ops
     assert ext["cuda_built"] == torch.ops.fineviti.cuda_built()
     assert ("build_positions" in ext["cuda_ops"]) == ext["cuda_built"]
     import triton
