@@ -38,6 +38,8 @@ def test_demo_end_to_end_in_miniature(tmp_path, capsys):
     assert any("trained on the old one) is removed" in line for line in said), said
     assert not any("resuming" in line for line in said), said
     assert other["training"]["stage1"]["last"]["loss"] > 0
+    with pytest.raises(ValueError, match="heldout must be at least 10"):
+        demo.run_demo(out, heldout=5)
 
 
 @pytest.mark.slow

@@ -106,6 +106,9 @@ def with_vision_tower(model, tower):
 
 def run_demo(out, *, images: int | None = None, heldout: int = 500, stage1_steps: int | None = None,
              stage2_steps: int | None = None, seed: int = 0, echo=print) -> dict:
+    if heldout < CHANCE_FACTOR:  # R@1 >= 10 x chance = 10 / heldout could never be met (nor measured at 0)
+        raise ValueError(f"heldout must be at least {CHANCE_FACTOR:g} (the pass criterion is retrieval R@1 >= "
+                         f"{CHANCE_FACTOR:g} x chance, chance being 1 / heldout), got {heldout}")
     start = time.perf_counter()
     out = Path(out)
     data = out / "data"
