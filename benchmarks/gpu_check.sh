@@ -67,8 +67,12 @@ section() {  # section NAME LIMIT_SECONDS COMMAND...: runs it under a time limit
   # what this section gave, into OUTDIR at once: a device call killed by its timeout still brings back the rows,
   # the sections and the logs of every section that finished (summarize.py turns rows.jsonl and sections.jsonl
   # into the summary afterwards: python benchmarks/summarize.py DIR DIR)
-  { echo "===== $name.log"; cat "$WORK/$name.log"; } >> "$OUTDIR/logs.txt"
-  cp "$WORK/rows.jsonl" "$WORK/sections.jsonl" "$OUTDIR/" 2>/dev/null
+  # (BACKGROUND=1: a section running beside the others, whose log joins logs.txt after the wait instead, so that
+  # two appends never interleave)
+  if [ "${BACKGROUND:-0}" != "1" ]; then
+    { echo "===== $name.log"; cat "$WORK/$name.log"; } >> "$OUTDIR/logs.txt"
+    cp "$WORK/rows.jsonl" "$WORK/sections.jsonl" "$OUTDIR/" 2>/dev/null
+  fi
   [ "$rc" -eq 0 ] || failed=1
 }
 
@@ -86,7 +90,7 @@ if [ -n "${GPU_CHECK_SECTIONS:-}" ]; then
   section attention_d64 60 "$PY" benchmarks/bench_attention.py --provider ours --provider torch_varlen \
     --shape fa3:1024 --shape fa3:4096 --shape fa3:16384 --head-dim 64 --mode fwd_bwd --mode bwd
 fi
-( section kernel_report 200 "$PY" benchmarks/kernel_report.py --device-check --jobs 8 --out "$OUTDIR"
+( BACKGROUND=1 section kernel_report 200 "$PY" benchmarks/kernel_report.py --device-check --jobs 8 --out "$OUTDIR"
   echo "$failed" > "$WORK/kernel_report.failed" ) &
 report_pid=$!
 section bench_attention 150 "$PY" benchmarks/bench_attention.py --quick --plot "$OUTDIR/attention.png"
@@ -138,6 +142,9 @@ for bench in rope data; do
   [ -f "benchmarks/bench_$bench.py" ] && section "bench_$bench" 90 "$PY" "benchmarks/bench_$bench.py" --quick
 done
 wait "$report_pid"
+if [ -f "$WORK/kernel_report.log" ]; then
+  { echo "===== kernel_report.log"; cat "$WORK/kernel_report.log"; } >> "$OUTDIR/logs.txt"
+fi
 [ "$(cat "$WORK/kernel_report.failed" 2>/dev/null || echo 1)" -eq 0 ] || failed=1
 
 cp "$WORK/rows.jsonl" "$WORK/sections.jsonl" "$OUTDIR/" 2>/dev/null

@@ -298,6 +298,20 @@ def test_region_fields_of_the_wrong_type_are_bad_boxes():
     assert captions == ["fine"] and [list(b) for b in boxes] == [[0.5, 1.0, 15.0, 20.0]]
 
 
+def test_state_without_this_ranks_counters_keeps_the_fresh_ones(data):
+    """A state saved under another world size has no counters for this rank: they stay as they were (they used to
+    be reset, the dataset's own indexing counts with them); a state that has them brings them back."""
+    loader = PackedLoader(config(data))
+    loader.stats.update({"bad_json": 2})
+    state = loader.state_dict()
+    other = PackedLoader(config(data))
+    other.stats.update({"missing_caption": 1})
+    other.load_state_dict({k: v for k, v in state.items() if not k.startswith("stats_rank")})
+    assert other.stats == {"missing_caption": 1}
+    other.load_state_dict(state)
+    assert other.stats == {"bad_json": 2}
+
+
 def test_an_older_iterator_dropped_later_leaves_the_newer_one_running(data):
     """iter() twice, then the first iterator dropped: the second one's prefetch thread keeps running (the first
     one's cleanup stopped whichever thread was current, and the second then waited for a batch forever)."""

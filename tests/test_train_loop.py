@@ -160,6 +160,19 @@ def test_fp16_scales_the_loss_skips_overflowed_updates_and_resumes_exactly(tmp_p
         assert (got[r["step"]]["loss"], got[r["step"]]["loss_scale"]) == (r["loss"], r["loss_scale"]), r["step"]
 
 
+def test_fp16_gradients_that_stay_non_finite_stop_the_run(tmp_path):
+    """fp16: a NaN gradient at every step is no overflow: once the scale has come down past fp16's smallest
+    subnormal the run stops with the reason (before, it skipped every remaining step until the scale reached 0)."""
+    from fineviti.train.parallel import LossScaler
+
+    trainer = Trainer(config(tmp_path, "training.steps=60", "training.mixed_precision=fp16"))
+    weight = next(p for p in trainer.raw_model.parameters() if p.dim() == 2)
+    weight.register_hook(lambda g: g * float("nan"))
+    _train_expecting(trainer, NonFiniteLossError, r"non-finite for \d+ steps in a row, the fp16 loss scale down")
+    assert trainer.scaler.scale < LossScaler.MIN_SCALE and trainer.scaler.overflows_in_a_row >= 40
+    assert all(torch.isfinite(p).all() for p in trainer.raw_model.parameters())
+
+
 def test_loss_scaler_rule():
     """Halve after an overflow, double after growth_interval clean steps in a row; the state round-trips."""
     from fineviti.train.parallel import LossScaler

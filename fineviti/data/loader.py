@@ -243,8 +243,8 @@ class PackedLoader:
                 f"stats_rank{self.rank}": json.dumps(dict(self.stats), sort_keys=True)}
 
     def load_state_dict(self, state: dict) -> None:
-        """The planner's state; this rank's counters where the state has them (not after a change of world size;
-        "stats", a plain dict, in states saved before they were per rank)."""
+        """The planner's state; this rank's counters where the state has them ("stats", a plain dict, in states saved
+        before they were per rank); else (another world size) the counters stay as they are."""
         planned = PlanState.from_state_dict(state["planner"])
         if planned.seed != self.cfg.seed:
             raise ValueError(f"PackedLoader.load_state_dict: the state's seed {planned.seed} differs from "
@@ -252,7 +252,10 @@ class PackedLoader:
         self.close()
         self.state = planned
         stats = state.get(f"stats_rank{self.rank}")
-        self.stats = Counter(json.loads(stats) if stats is not None else state.get("stats", {}))
+        if stats is not None:
+            self.stats = Counter(json.loads(stats))
+        elif "stats" in state:
+            self.stats = Counter(state["stats"])
 
     def mark_consumed(self, batch: PackedBatch | None = None) -> None:
         """The oldest batch handed out and not yet consumed is now consumed (with `batch`, checks it is that one)."""

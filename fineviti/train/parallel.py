@@ -150,10 +150,12 @@ class LossScaler:
     norm that clip_grad_norm computes, so that every rank takes the same decision (under FSDP2 each rank sees only
     its shards; GradScaler's own check is per rank and cannot take DTensor and plain gradients in one call)."""
 
+    MIN_SCALE = 2.0**-24  # fp16's smallest subnormal: gradients still non-finite at a scale below it are no overflow
+
     def __init__(self, init_scale: float = 2.0**16, growth_factor: float = 2.0, backoff_factor: float = 0.5,
                  growth_interval: int = 2000):
         self.scale, self.growth_factor, self.backoff_factor = float(init_scale), growth_factor, backoff_factor
-        self.growth_interval, self.clean_steps = growth_interval, 0
+        self.growth_interval, self.clean_steps, self.overflows_in_a_row = growth_interval, 0, 0
 
     def scaled(self, t: torch.Tensor) -> torch.Tensor:
         return t * self.scale
@@ -173,7 +175,9 @@ class LossScaler:
         if not finite:
             self.scale *= self.backoff_factor
             self.clean_steps = 0
+            self.overflows_in_a_row += 1
             return
+        self.overflows_in_a_row = 0
         self.clean_steps += 1
         if self.clean_steps >= self.growth_interval:
             self.scale *= self.growth_factor

@@ -89,6 +89,8 @@ class Trainer:
         self.autocast_dtype = None if fsdp else self.mp_dtype  # FSDP2's policy casts the parameters itself
         # fp16 needs loss scaling (bf16 has fp32's range): dynamic, decided by the global gradient norm
         self.scaler = parallel.LossScaler() if self.mp_dtype == torch.float16 else None
+        if self.scaler is not None:  # a first update skipped by fp16 makes torch warn that the order is wrong
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
         # the unwrapped model's names ("visual.", not DDP's "module.visual."): the stage-2 parts' learning-rate
         # scales look up the first name component (the same parameter objects: DDP wraps, FSDP2 shards in place)
         self.optimizer = build_optimizer(raw, cfg.optimizer, device=self.device, part_scales=scales)
@@ -270,12 +272,15 @@ class Trainer:
                 # checkpoint would keep them
                 check_finite(grad_norm, self.step, "the gradient norm (the loss was finite)")
                 self.optimizer.step()
-            # fp16: an overflow in the scaled backward skips the update and lowers the scale for the next step
+            # fp16: an overflow in the scaled backward skips the update and lowers the scale for the next step;
+            # gradients that stay non-finite whatever the scale are no overflow: they stop the run
             if self.scaler is not None:
                 self.scaler.update(math.isfinite(grad_norm))
-            with warnings.catch_warnings():  # the schedule follows the steps, updates skipped by fp16 included
-                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
-                self.scheduler.step()
+                if self.scaler.scale < parallel.LossScaler.MIN_SCALE:
+                    check_finite(grad_norm, self.step, f"the gradient norm (non-finite for "
+                                 f"{self.scaler.overflows_in_a_row} steps in a row, the fp16 loss scale down to "
+                                 f"{self.scaler.scale:g})")
+            self.scheduler.step()  # the schedule follows the steps, updates skipped by fp16 included
             self.optimizer.zero_grad(set_to_none=True)
         row = {"loss": totals["loss"], "lr": lr, "grad_norm": grad_norm}
         if self.scaler is not None:
@@ -318,7 +323,9 @@ class Trainer:
         bias = out["logit_bias"].detach().float().requires_grad_() if out["logit_bias"] is not None else None
         text_image = batch.text_image[order.to(batch.text_image.device)] if order is not None else batch.text_image
         loss = contrastive_loss(self.cfg.model, img, txt, text_image, scale, bias, self.world.group)
-        loss.backward()
+        # fp16: the scaled loss, so that the embeddings' 16-bit gradients are scaled as they are made (scaled after,
+        # their small entries would have underflowed already); the chunks' backward passes take them as they are
+        self._backward(loss)
         img_grads = list(img.grad.split([x.shape[0] for x in images]))
         txt_grads = list(txt.grad.split([x.shape[0] for x in texts]))
         for i, chunk in enumerate(chunks):
@@ -328,16 +335,15 @@ class Trainer:
                     out = self.model(chunk, compute_loss=False)
                 tensors = [out["image_features"], out["text_features"]]
                 if i < real:
-                    grads = [self._scaled(img_grads[i]).to(tensors[0].dtype),
-                             self._scaled(txt_grads[i]).to(tensors[1].dtype)]
+                    grads = [img_grads[i].to(tensors[0].dtype), txt_grads[i].to(tensors[1].dtype)]
                 else:
                     grads = [torch.zeros_like(t) for t in tensors]
                 if is_last:
                     tensors.append(out["logit_scale"])
-                    grads.append(self._scaled(scale.grad).to(out["logit_scale"].dtype))
+                    grads.append(scale.grad.to(out["logit_scale"].dtype))
                     if bias is not None:
                         tensors.append(out["logit_bias"])
-                        grads.append(self._scaled(bias.grad).to(out["logit_bias"].dtype))
+                        grads.append(bias.grad.to(out["logit_bias"].dtype))
                 torch.autograd.backward(tensors, grads)
         return loss.detach(), {"logit_scale": scale.detach(), "logit_bias": None if bias is None else bias.detach()}
 
