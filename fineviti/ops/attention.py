@@ -551,16 +551,25 @@ def _check_inputs(q, k, v, cu_q, cu_k, max_q, max_k, check_values):
                          f"got {cu_k.numel()}")
 
 
-def _check_seqlens(seqlens, cu_seqlens, total: int, check_values) -> None:
-    if seqlens is None:
-        return
+def _host_seqlens(seqlens, cu_seqlens, total: int, check_values):
+    """The checked host lengths as (a list, None); traced with a CPU tensor, (None, the tensor): its values are not
+    read while tracing (they would specialise the graph), the triton op reads them when it runs."""
     if isinstance(seqlens, torch.Tensor):
         if seqlens.device.type != "cpu" or seqlens.dim() != 1 or seqlens.is_floating_point() or seqlens.is_complex():
             raise ValueError(f"seqlens as a tensor must be a 1-D integer CPU tensor (host-side lengths), got "
                              f"{seqlens.dtype} {tuple(seqlens.shape)} on {seqlens.device}")
         if torch.compiler.is_compiling():
-            return  # its values are not read while tracing (they would specialise the graph)
+            return None, seqlens
         seqlens = seqlens.tolist()
+    if seqlens is not None:
+        seqlens = list(seqlens)
+        _check_seqlens(seqlens, cu_seqlens, total, check_values)
+    return seqlens, None
+
+
+def _check_seqlens(seqlens, cu_seqlens, total: int, check_values) -> None:
+    if seqlens is None:
+        return
     if len(seqlens) != cu_seqlens.numel() - 1 or sum(seqlens) != total:
         raise ValueError(f"seqlens must hold {cu_seqlens.numel() - 1} lengths summing to {total} tokens, "
                          f"got {len(seqlens)} lengths summing to {sum(seqlens)}")
@@ -598,7 +607,7 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, cu_seqlens_k=None, max_
     cu_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
     max_k = max_seqlen if max_seqlen_k is None else max_seqlen_k
     _check_inputs(q, k, v, cu_seqlens, cu_k, max_seqlen, max_k, check_values)
-    _check_seqlens(seqlens, cu_seqlens, q.shape[0], check_values)
+    seqlens, seqlens_host = _host_seqlens(seqlens, cu_seqlens, q.shape[0], check_values)
     head_dim = q.shape[-1]
     if not 16 <= head_dim <= 256:
         raise ValueError(f"head_dim must be in [16, 256], got {head_dim}")
@@ -606,15 +615,10 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, cu_seqlens_k=None, max_
     q, k, v = _autocast_inputs(q, k, v)
     name = resolve_backend(backend, q.device, q.dtype, head_dim)
     deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
-    seqlens_host = None
-    if isinstance(seqlens, torch.Tensor):  # a CPU tensor: traced, it reaches the triton op unread
-        seqlens, seqlens_host = (None, seqlens) if torch.compiler.is_compiling() else (seqlens.tolist(), None)
     if name == "triton":
-        return _run_triton(q, k, v, cu_seqlens, cu_k, max_seqlen, max_k, scale,
-                           list(seqlens) if seqlens is not None else None, return_lse, deterministic=deterministic,
-                           seqlens_host=seqlens_host)
+        return _run_triton(q, k, v, cu_seqlens, cu_k, max_seqlen, max_k, scale, seqlens, return_lse,
+                           deterministic=deterministic, seqlens_host=seqlens_host)
     if name == "flash_attn":
         return _run_flash_attn(q, k, v, cu_seqlens, cu_k, max_seqlen, max_k, scale, seqlens, return_lse,
                                deterministic=deterministic)
-    return _RUN[name](q, k, v, cu_seqlens, cu_k, max_seqlen, max_k, scale,
-                      list(seqlens) if seqlens is not None else None, return_lse)
+    return _RUN[name](q, k, v, cu_seqlens, cu_k, max_seqlen, max_k, scale, seqlens, return_lse)

@@ -162,10 +162,7 @@ class LossScaler:
 
     def unscale_(self, params: list[nn.Parameter]) -> None:
         """Divides the gradients by the scale, in place (DTensor shards and plain tensors alike)."""
-        from torch.distributed.tensor import DTensor
-
-        grads = [p.grad for p in params if p.grad is not None]
-        for group in ([g for g in grads if isinstance(g, DTensor)], [g for g in grads if not isinstance(g, DTensor)]):
+        for group in grad_groups(params):
             if group:
                 torch._foreach_mul_(group, 1.0 / self.scale)
 
@@ -190,13 +187,20 @@ class LossScaler:
         self.scale, self.clean_steps = float(state["scale"]), int(state["clean_steps"])
 
 
+def grad_groups(params: list[nn.Parameter]) -> list[list[torch.Tensor]]:
+    """The parameters' gradients as [DTensor shards, plain tensors]: a foreach op takes one kind at a time."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None]
+    return [[g for g in grads if isinstance(g, DTensor)], [g for g in grads if not isinstance(g, DTensor)]]
+
+
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
     """The global gradient norm (over DTensor shards and plain tensors alike), and the gradients scaled down to
     max_norm when it is larger (max_norm = inf: only the norm)."""
     from torch.distributed.tensor import DTensor
 
-    grads = [p.grad for p in params if p.grad is not None]
-    groups = [[g for g in grads if isinstance(g, DTensor)], [g for g in grads if not isinstance(g, DTensor)]]
+    groups = grad_groups(params)
     squared = 0.0
     for group in groups:
         if group:
