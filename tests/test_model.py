@@ -217,12 +217,12 @@ def test_attention_pool_against_per_image_softmax():
         attn = torch.softmax(torch.einsum("thd,hd->ht", k, pool.query.view(heads, hd)) / math.sqrt(hd), dim=-1)
         expected.append(pool.out(torch.einsum("ht,thd->hd", attn, v).reshape(-1)))
     expected = torch.stack(expected)
-    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)  # fp64 throughout, not fp32 inside
     g = torch.randn_like(got)
     grads = torch.autograd.grad(got, [x, pool.query], g)
     grads_ref = torch.autograd.grad(expected, [x, pool.query], g)
     for a, b in zip(grads, grads_ref, strict=True):
-        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_vision_tower_against_plain_reimplementation():

@@ -27,7 +27,8 @@ class AttentionPool(nn.Module):
 
     The softmax over an image's tokens is a segment softmax over the packed (total, heads) scores: a per-image
     max (scatter_reduce amax, detached: the softmax does not depend on it), exp, a per-image sum (index_add),
-    then a weighted per-image sum of the values. All in fp32; no padding, no cross-attention kernel.
+    then a weighted per-image sum of the values. All in fp32 (fp64 for fp64 inputs); no padding, no cross-attention
+    kernel.
     """
 
     def __init__(self, width: int, heads: int, out_dim: int):
@@ -42,8 +43,9 @@ class AttentionPool(nn.Module):
         total, width = x.shape
         n = cu_seqlens.numel() - 1
         k, v = self.kv(x).view(total, 2, self.heads, self.head_dim).unbind(1)
-        query = self.query.float().view(self.heads, self.head_dim)
-        scores = (k.float() * query).sum(-1) * self.head_dim**-0.5  # (total, heads)
+        acc = torch.promote_types(k.dtype, torch.float32)
+        query = self.query.to(acc).view(self.heads, self.head_dim)
+        scores = (k.to(acc) * query).sum(-1) * self.head_dim**-0.5  # (total, heads)
         seg = segment_ids(cu_seqlens, total)
         seg_heads = seg[:, None].expand(total, self.heads)
         smax = scores.new_full((n, self.heads), float("-inf"))
@@ -51,7 +53,7 @@ class AttentionPool(nn.Module):
         weights = torch.exp(scores - smax[seg])
         denom = scores.new_zeros((n, self.heads)).index_add(0, seg, weights)
         probs = weights / denom[seg]
-        pooled = scores.new_zeros((n, self.heads, self.head_dim)).index_add(0, seg, probs[..., None] * v.float())
+        pooled = scores.new_zeros((n, self.heads, self.head_dim)).index_add(0, seg, probs[..., None] * v.to(acc))
         return self.out(pooled.view(n, width).to(x.dtype))
 
 
