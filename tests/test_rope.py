@@ -355,6 +355,43 @@ def test_inplace_refuses_targets_that_share_memory(backend):
         rope_2d_qk(q, q, pos, backend=backend, inplace=True)
     q_out, k_out = rope_2d_qk(q, q, pos, backend=backend)  # out of place, the same tensor twice is fine
     torch.testing.assert_close(q_out, k_out)
+    # partly overlapping views of one buffer (heads 0-1 and 1-2): head 1 would be rotated twice
+    buf = torch.randn(pos.shape[0], 3, 16)
+    with pytest.raises(ValueError, match="q and k are the same memory or overlap"):
+        rope_2d_qk(buf[:, 0:2], buf[:, 1:3], pos, backend=backend, inplace=True)
+    # q and k sliced from one qkv buffer interleave but share no element: rotated in place like copies
+    qkv = torch.randn(pos.shape[0], 3, 2, 16)
+    expected = rope_2d_qk(qkv[:, 0].clone(), qkv[:, 1].clone(), pos, backend="torch")
+    v = qkv[:, 2].clone()
+    rope_2d_qk(qkv[:, 0], qkv[:, 1], pos, backend=backend, inplace=True)
+    for got, want in zip((qkv[:, 0], qkv[:, 1], qkv[:, 2]), (*expected, v), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_views_overlap_against_enumeration():
+    """The in-place check's overlap test against the sets of element offsets, for random views of one storage
+    (same shape and strides: exact; other layouts: an answer only where the ranges are apart)."""
+    import itertools
+    import random
+
+    from fineviti.ops.rope import _views_overlap
+
+    def offsets(t):
+        return {t.storage_offset() + sum(i * st for i, st in zip(idx, t.stride(), strict=True))
+                for idx in itertools.product(*[range(n) for n in t.shape])}
+
+    rng = random.Random(0)
+    base = torch.zeros(512)
+    for _ in range(500):
+        shape = [rng.randint(1, 5) for _ in range(rng.randint(1, 4))]
+        strides = [rng.randint(0, 12) for _ in shape]
+        a = base.as_strided(shape, strides, rng.randint(0, 80))
+        b = base.as_strided(shape, strides, rng.randint(0, 80))
+        assert _views_overlap(a, b) == bool(offsets(a) & offsets(b)), (shape, strides)
+        other = base.as_strided([rng.randint(1, 4)], [rng.randint(1, 5)], rng.randint(0, 200))
+        answer = _views_overlap(a, other)
+        assert answer is None or answer == bool(offsets(a) & offsets(other)), (shape, strides, other.stride())
+    assert _views_overlap(torch.zeros(4), torch.zeros(4)) is False  # two storages
 
 
 def test_int64_and_strided_positions():

@@ -275,16 +275,71 @@ if _HAS_CPP_OPS:
 # Dispatch and autograd
 
 
+_OVERLAP_SEARCH_LIMIT = 4096  # index combinations _views_overlap tries before it gives up (None)
+
+
+def _views_overlap(a: torch.Tensor, b: torch.Tensor) -> bool | None:
+    """Whether two tensors share an element of memory: True, False, or None where it could not tell (views of one
+    storage with different shapes or strides whose ranges intersect; torch's own in-place checks give up there
+    too). Views of one shape and strides, as q and k sliced from one qkv buffer are, are decided exactly: they
+    overlap iff their offset difference is sum(c_i * stride_i) with |c_i| < size_i, a short search over the dims
+    from the largest stride."""
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device or \
+            a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def span(t):  # [first, last] byte of t's elements
+        low = high = t.storage_offset()
+        for n, st in zip(t.shape, t.stride(), strict=True):
+            low, high = (low + (n - 1) * st, high) if st < 0 else (low, high + (n - 1) * st)
+        return low * t.element_size(), (high + 1) * t.element_size() - 1
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    if a1 < b0 or b1 < a0:
+        return False
+    if a.dtype != b.dtype or a.shape != b.shape or a.stride() != b.stride():
+        return None
+    dims = sorted(((abs(st), n) for n, st in zip(a.shape, a.stride(), strict=True) if n > 1 and st != 0),
+                  reverse=True)
+    reach = [0] * (len(dims) + 1)  # reach[k]: the largest |sum| the dims from k on can make
+    for k in range(len(dims) - 1, -1, -1):
+        reach[k] = reach[k + 1] + (dims[k][1] - 1) * dims[k][0]
+    budget = [_OVERLAP_SEARCH_LIMIT]
+
+    def reachable(k: int, rest: int) -> bool | None:
+        if k == len(dims):
+            return rest == 0
+        stride, n = dims[k]
+        low = max(-(n - 1), -((reach[k + 1] - rest) // stride))  # ceil((rest - reach) / stride)
+        high = min(n - 1, (rest + reach[k + 1]) // stride)
+        unsure = False
+        for c in range(low, high + 1):
+            budget[0] -= 1
+            if budget[0] < 0:
+                return None
+            found = reachable(k + 1, rest - c * stride)
+            if found:
+                return True
+            unsure = unsure or found is None
+        return None if unsure else False
+
+    return reachable(0, b.storage_offset() - a.storage_offset())
+
+
 def _check_inplace_targets(tensors: tuple[torch.Tensor, ...]) -> None:
-    """In place, every element is rotated once: no tensor whose elements share memory (an expand()), and not one
-    tensor as both q and k (the kernels would rotate it twice, or race on it on a GPU)."""
+    """In place, every element is rotated once: no tensor whose elements share memory (an expand()), and no
+    element in both q and k (the kernels would rotate it twice, or race on it on a GPU). q and k that are views
+    of one buffer are checked exactly where they have the same shape and strides (q and k sliced from one qkv
+    tensor); other overlaps torch cannot tell either are let through."""
     for name, t in zip(("q", "k") if len(tensors) == 2 else ("x",), tensors, strict=True):
         if torch._debug_has_internal_overlap(t) == 1:
             raise ValueError(f"rope in place: {name} has elements that share memory (strides {t.stride()}, e.g. "
                              f"from expand()); rotate it out of place, or a .contiguous() copy")
-    if len(tensors) == 2 and tensors[0].data_ptr() == tensors[1].data_ptr() and \
-            tensors[0].stride() == tensors[1].stride() and tensors[0].numel() > 0:
-        raise ValueError("rope in place: q and k are the same memory; rotate it once as x, or pass copies")
+    if len(tensors) == 2 and _views_overlap(*tensors):
+        q, k = tensors
+        raise ValueError(f"rope in place: q and k are the same memory or overlap (storage offsets "
+                         f"{q.storage_offset()} and {k.storage_offset()}, strides {q.stride()} and {k.stride()}); "
+                         f"rotate one tensor once as x, or pass copies")
 
 
 def _rotate(tensors: tuple[torch.Tensor, ...], pos: torch.Tensor, theta: float, inverse: bool, backend: str,
