@@ -12,8 +12,9 @@ Providers:
          FlexAttention with a document mask), the plain-torch RoPE, RMSNorm and SwiGLU and the chunked torch
          loss, every block compiled (torch.compile)
 A step runs under bf16 autocast with fused AdamW and the preset's activation checkpointing. A row's time per step
-(`median_ms`, the field every benchmark fills) is the mean over one window of timed steps after the warm-up, with
-one synchronisation at its end (no percentiles: per-step times would need one per step). The batch: images
+(`median_ms`, with `p20_ms` and `p80_ms`) is the median over the timed steps after the warm-up, each step timed by
+CUDA events recorded between the steps (on a CPU, the host clock), with one synchronisation after the last; rates
+and TFLOP/s use the median. The batch: images
 of random native-resolution patch grids (sides 8..64 patches, multiples of 2) packed to `--budget` patch tokens
 plus one 64-token caption per image; the same batch every step, so shapes are static. TFLOP/s and MFU count model
 FLOPs (fineviti.model.flops, recomputation excluded) against the device's dense bf16 peak
@@ -29,8 +30,9 @@ and on a GPU a built-in LM of Qwen2-0.5B's shape (width 896, 24 layers, 14 heads
 151936-token vocabulary; the debug preset's small LM on a CPU), on region samples (box2caption and caption2box, the
 preset's regions per image) of the same random packed batch. `ours` takes the output head's loss without logits
 (fineviti.ops.linear_cross_entropy, on the answer positions only); `torch` computes the full (samples, length,
-vocab) logits and their cross-entropy, as a plain model would. Its TFLOP/s count fineviti.train.stage2.stage2_flops
-(the head at every LM position, as the plain model runs it).
+vocab) logits and their cross-entropy, as a plain model would. Both count the same model FLOPs
+(fineviti.train.stage2.stage2_flops: the output head on the answer positions, where the loss needs it), so their
+TFLOP/s compare as their times do.
 
     python benchmarks/bench_train.py --stage 2 --quick       # base at 12k patch tokens, three providers (GPU check)
 
@@ -166,7 +168,8 @@ def run_stage2_case(rec, preset_name: str, provider: str, budget: int, steps: in
     from fineviti.train.stage2 import stage2_flops
 
     cfg, model, batch, region, step = stage2_step(preset_name, provider, budget, device)
-    seconds, peak_mem = _time_steps(step, steps, warmup, device)
+    timing, peak_mem = _time_steps(step, steps, warmup, device)
+    seconds = timing["median_ms"] / 1000
     tflops = stage2_flops(model, batch.seqlens, region) / seconds / 1e12
     peak = peak_tflops(device_name(device)) if device.type == "cuda" else None
     lm_tokens = int(region.attention_mask.sum())
@@ -174,27 +177,39 @@ def run_stage2_case(rec, preset_name: str, provider: str, budget: int, steps: in
              "samples": region.n_samples, "lm_tokens": lm_tokens, "answer_tokens": region.answer_tokens,
              "lm_length": int(region.input_ids.shape[1]), "vocab": model.lm.vocab_size,
              "ac": cfg.parallel.activation_checkpointing}
-    timing = {"median_ms": seconds * 1000, "p20_ms": None, "p80_ms": None, "peak_mem_mb": peak_mem}
+    timing["peak_mem_mb"] = peak_mem
     return rec.add(provider=provider, mode="train_stage2", shape=shape,
                    dtype="bf16" if device.type == "cuda" else "fp32", timing=timing, tflops=tflops,
                    steps_per_s=1 / seconds, images_per_s=batch.n_images / seconds,
                    tokens_per_s=(sum(batch.seqlens) + lm_tokens) / seconds, mfu=tflops / peak if peak else None)
 
 
-def _time_steps(step, steps: int, warmup: int, device: torch.device) -> tuple[float, float | None]:
-    """Seconds per step over `steps` after `warmup` untimed ones, and the peak memory (MiB) of the timed ones."""
+def _time_steps(step, steps: int, warmup: int, device: torch.device) -> tuple[dict, float | None]:
+    """The timing fields of `steps` steps after `warmup` untimed ones (median, p20, p80 in ms: per step, from CUDA
+    events recorded between the steps, or the host clock on a CPU; one synchronisation, after the last) and the
+    peak memory (MiB) of the timed ones."""
     for _ in range(warmup):
         step()
-    if device.type == "cuda":
+    cuda = device.type == "cuda"
+    if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
+        marks = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+        marks[0].record()
+        for mark in marks[1:]:
+            step()
+            mark.record()
         torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / steps
-    return seconds, torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
+        times = [a.elapsed_time(b) for a, b in zip(marks, marks[1:], strict=False)]
+    else:
+        clock = [time.perf_counter()]
+        for _ in range(steps):
+            step()
+            clock.append(time.perf_counter())
+        times = [(b - a) * 1000 for a, b in zip(clock, clock[1:], strict=False)]
+    q = torch.tensor(times, dtype=torch.float64).quantile(torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
+    timing = dict(zip(("median_ms", "p20_ms", "p80_ms"), q.tolist(), strict=True))
+    return timing, torch.cuda.max_memory_allocated() / 2**20 if cuda else None
 
 
 def training_step(preset_name: str, provider: str, budget: int, device: torch.device):
@@ -219,12 +234,13 @@ def run_case(rec, preset_name: str, provider: str, budget: int, steps: int, warm
     from fineviti.train.metrics import device_name, peak_tflops
 
     cfg, batch, step = training_step(preset_name, provider, budget, device)
-    seconds, peak_mem = _time_steps(step, steps, warmup, device)
+    timing, peak_mem = _time_steps(step, steps, warmup, device)
+    seconds = timing["median_ms"] / 1000
     flops = count_flops(cfg.model, batch.seqlens, batch.text_seqlens, training=True, recompute=False).model
     tflops = flops / seconds / 1e12
     peak = peak_tflops(device_name(device)) if device.type == "cuda" else None
     images, tokens = batch.n_images, sum(batch.seqlens) + sum(batch.text_seqlens)
-    timing = {"median_ms": seconds * 1000, "p20_ms": None, "p80_ms": None, "peak_mem_mb": peak_mem}
+    timing["peak_mem_mb"] = peak_mem
     shape = {"preset": preset_name, "patch_tokens": sum(batch.seqlens), "images": images,
              "text_tokens": sum(batch.text_seqlens), "ac": cfg.parallel.activation_checkpointing}
     return rec.add(provider=provider, mode="train", shape=shape, dtype="bf16" if device.type == "cuda" else "fp32",

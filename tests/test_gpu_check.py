@@ -452,11 +452,13 @@ def test_stage2_train_benchmark_rows(tmp_path, monkeypatch):
         monkeypatch.setattr(module, name, counted(name, getattr(module, name)))
     rows_path = tmp_path / "rows.jsonl"
     monkeypatch.setenv("FINEVITI_RESULTS", str(rows_path))
-    bench_train.main(["--stage", "2", "--device", "cpu", "--preset", "debug", "--budget", "256", "--steps", "1",
+    bench_train.main(["--stage", "2", "--device", "cpu", "--preset", "debug", "--budget", "256", "--steps", "3",
                       "--warmup", "0", "--provider", "ours", "--provider", "torch"])
     rows = [json.loads(line) for line in rows_path.read_text().splitlines()]
     assert [r.get("error") for r in rows] == [None, None]
-    assert calls == ["linear_cross_entropy", "next_token_loss"]  # ours without logits, then torch with them
+    assert calls == ["linear_cross_entropy"] * 3 + ["next_token_loss"] * 3  # ours without logits, torch with
+    for r in rows:  # per-step times: the median between its 20th and 80th percentiles
+        assert 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
     assert [(r["benchmark"], r["provider"], r["mode"]) for r in rows] == [
         ("train_stage2", p, "train_stage2") for p in ("ours", "torch")]
     shape = rows[0]["shape"]
