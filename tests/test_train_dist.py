@@ -199,7 +199,7 @@ def _concat_regions(a, b, images_a: int):
                        torch.cat([pad(a.labels, -100), pad(b.labels, -100)]),
                        torch.cat([pad(a.attention_mask, 0), pad(b.attention_mask, 0)]),
                        torch.cat([a.sample_image, b.sample_image + images_a]), a.n_samples + b.n_samples,
-                       a.answer_tokens + b.answer_tokens)
+                       a.answer_tokens + b.answer_tokens, a.text_tokens + b.text_tokens)
 
 
 def _join_regions(batch):

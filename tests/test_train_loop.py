@@ -146,6 +146,11 @@ def test_fp16_scales_the_loss_skips_overflowed_updates_and_resumes_exactly(tmp_p
     for previous, row in zip(straight, straight[1:], strict=False):  # halved after an overflow, else kept
         assert row["loss_scale"] == previous["loss_scale"] / (2 if row["update_skipped"] else 1)
     assert all(torch.isfinite(p).all() for p in trainer.raw_model.parameters())
+    updates = 0  # the schedule follows the updates: a skipped step spends no warmup
+    for r in straight:
+        assert r["lr"] == pytest.approx(trainer.cfg.optimizer.lr * trainer.scheduler.lr_lambdas[0](updates))
+        updates += 1 - r["update_skipped"]
+    assert trainer.scheduler.last_epoch == updates < 12
 
     crashed = Trainer(config(tmp_path, *steps, name="crashed"))
     _train_until_killed(crashed, 8)
@@ -157,7 +162,8 @@ def test_fp16_scales_the_loss_skips_overflowed_updates_and_resumes_exactly(tmp_p
         resumed.close()
     got = {r["step"]: r for r in rows(tmp_path / "crashed")}
     for r in straight[6:]:
-        assert (got[r["step"]]["loss"], got[r["step"]]["loss_scale"]) == (r["loss"], r["loss_scale"]), r["step"]
+        assert (got[r["step"]]["loss"], got[r["step"]]["loss_scale"], got[r["step"]]["lr"]) == \
+            (r["loss"], r["loss_scale"], r["lr"]), r["step"]
 
 
 def test_fp16_gradients_that_stay_non_finite_stop_the_run(tmp_path):
@@ -208,6 +214,38 @@ def test_async_save_then_resume(tmp_path):
             assert torch.equal(p, q), name
     finally:
         resumed.close()
+
+
+def test_a_restart_from_an_older_step_sets_the_abandoned_branch_aside(tmp_path):
+    """Resumed from step 2 of a run saved at 2, 4 and 6 (keep=2 keeps 4 and 6): before, keep pruned the new
+    branch's step-4 checkpoint at once (the old 6 was newer) and resume=auto went back to the old branch."""
+    run(config(tmp_path, "training.steps=6", "checkpoint.interval=2", "checkpoint.keep=0"))
+    folder = tmp_path / "run" / "checkpoints"
+    old = {s: (path / ".metadata").read_bytes() for s, path in ckpt.list_checkpoints(folder)}
+    assert sorted(old) == [2, 4, 6]
+    with pytest.warns(UserWarning, match=r"starts at step 2: 2 checkpoint\(s\) of later steps"):
+        trainer = Trainer(config(tmp_path, "training.steps=5", "checkpoint.interval=2",
+                                 f"checkpoint.resume={folder / 'step-00000002'}", "optimizer.lr=1e-3"))
+    try:
+        assert trainer.step == 2
+        trainer.train()
+    finally:
+        trainer.close()
+    assert [s for s, _ in ckpt.list_checkpoints(folder)] == [4, 5]  # keep=2: the new branch's, not the old 6
+    aside = [p for p in folder.iterdir() if p.name.startswith(ckpt.SUPERSEDED_PREFIX)]
+    assert len(aside) == 1  # nothing lost: the old 4 and 6 whole, out of resume's and keep's way
+    assert {s: (p / ".metadata").read_bytes() for s, p in ckpt.list_checkpoints(aside[0])} == \
+        {4: old[4], 6: old[6]}
+    assert ckpt.resolve_checkpoint(tmp_path / "run").name == "step-00000005"
+    events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+              if '"superseded"' in line]
+    assert len(events) == 1 and events[0]["step"] == 2 and len(events[0]["moved"]) == 2
+    # a fresh run (no resume) in the same folder sets all of them aside instead of overwriting step 2
+    with pytest.warns(UserWarning, match="starts at step 0"):
+        fresh = Trainer(config(tmp_path, "training.steps=1", "checkpoint.save_final=false"))
+    fresh.close()
+    assert ckpt.list_checkpoints(folder) == []
+    assert len([p for p in folder.iterdir() if p.name.startswith(ckpt.SUPERSEDED_PREFIX)]) == 2
 
 
 def test_interrupted_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
@@ -329,6 +367,8 @@ def test_region_tasks_put_boxes_in_text():
     expected = (batch.grid_hw[region.sample_image].prod(1) // 4)
     assert torch.equal(image_tokens, expected)
     assert (region.labels != -100).sum() == region.answer_tokens
+    # the text of the samples (<bos>, prompt, answer, <eos>), not their image placeholders or padding
+    assert region.text_tokens == int(region.attention_mask.sum() - image_tokens.sum()) > region.answer_tokens
 
 
 def test_non_finite_loss_stops_before_the_update(tmp_path):

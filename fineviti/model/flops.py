@@ -4,8 +4,9 @@ With w the width, h the SwiGLU hidden size, d the depth, E the joint embedding, 
 multiply-add counted as 2 FLOPs; a training step (forward + backward) costs 3x the forward (backward = 2x):
 
   matmul     6 x (weights of the matmuls a token passes through) x tokens, per tower:
-               vision, per patch token:  3p^2*w (patch embedding) + d*(4w^2 + 3wh) (qkv, out, SwiGLU)
-                                         + 2w^2 (the pool's key/value projection)
+               vision, per patch token:  3p^2*w (patch embedding: 4x, not 6x, as the pixels take no gradient)
+                                         + d*(4w^2 + 3wh) (qkv, out, SwiGLU) + 2w^2 (the pool's key/value
+                                         projection)
                vision, per image:        w*E (the pool's output projection)
                text, per caption token:  d*(4w^2 + 3wh)   (the embedding is a lookup: 0 FLOPs)
                text, per caption:        w*E (projection of the pooled caption)
@@ -69,17 +70,20 @@ def _recompute(cfg: VisionConfig | TextConfig, tokens: int, sum_sq: int) -> int:
 
 
 def vision_flops(cfg: VisionConfig, embed_dim: int, seqlens: Sequence[int], *, training: bool = True,
-                 recompute: bool = False) -> FlopCount:
-    """The vision tower's part of `count_flops` for images of `seqlens` patch tokens."""
+                 recompute: bool = False, pool: bool = True) -> FlopCount:
+    """The vision tower's part of `count_flops` for images of `seqlens` patch tokens; pool=False: the patch
+    tokens only (stage 2 feeds them to the merger and never runs the pooling head)."""
     lengths = _lengths("seqlens", seqlens)
     mm, attn = (6, 12) if training else (2, 4)
     w, tokens, sq = cfg.width, sum(lengths), sum(n * n for n in lengths)
     block = 4 * w * w + 3 * w * cfg.mlp_hidden
-    per_token = cfg.patch_dim * w + cfg.depth * block + 2 * w * w
+    patch_embed = (mm - 2 if training else mm) * cfg.patch_dim * w * tokens  # no gradient for the pixels
+    matmul = patch_embed + mm * cfg.depth * block * tokens
+    if pool:
+        matmul += mm * (2 * w * w * tokens + w * embed_dim * len(lengths))
     recomputed = _recompute(cfg, tokens, sq) if (training and recompute) else 0
-    return FlopCount(vision_matmul=mm * (per_token * tokens + w * embed_dim * len(lengths)),
-                     vision_attention=attn * sq * w * cfg.depth, vision_pool_attention=attn * tokens * w,
-                     recompute=recomputed)
+    return FlopCount(vision_matmul=matmul, vision_attention=attn * sq * w * cfg.depth,
+                     vision_pool_attention=attn * tokens * w if pool else 0, recompute=recomputed)
 
 
 def text_flops(cfg: TextConfig, embed_dim: int, seqlens: Sequence[int], *, training: bool = True,

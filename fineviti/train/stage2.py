@@ -66,6 +66,7 @@ class RegionBatch:
     sample_image: torch.Tensor  # (B,) the image of each sample
     n_samples: int
     answer_tokens: int
+    text_tokens: int  # tokens of the samples other than image placeholders and padding (<bos>, prompt, answer)
 
 
 def region_tasks(batch: PackedBatch, ids, *, tasks: list[str], regions_per_image: int, patch_size: int,
@@ -79,7 +80,7 @@ def region_tasks(batch: PackedBatch, ids, *, tasks: list[str], regions_per_image
     region_tokens = batch.region_tokens.tolist()
     grid = batch.grid_hw.tolist()
     specials = {ids.bos_id, ids.eos_id, ids.pad_id}
-    examples, sample_image, answers = [], [], 0
+    examples, sample_image, answers, text = [], [], 0, 0
     by_image: dict[int, list[int]] = {}
     for j, i in enumerate(box_image):
         by_image.setdefault(i, []).append(j)
@@ -106,11 +107,12 @@ def region_tasks(batch: PackedBatch, ids, *, tasks: list[str], regions_per_image
                                           eos_id=ids.eos_id))
             sample_image.append(image)
             answers += len(answer) + 1
+            text += len(examples[-1][0]) - n_tokens
     if not examples:
         return None
     input_ids, labels, mask = collate(examples, pad_id=ids.pad_id)
     return RegionBatch(input_ids, labels, mask, torch.tensor(sample_image, dtype=torch.long), len(examples),
-                       answers)
+                       answers, text)
 
 
 def build_aligner(cfg) -> tuple[Aligner, AlignerConfig]:
@@ -145,21 +147,72 @@ def part_scales(cfg) -> dict[str, float]:
             "lm": s.lm_lr_scale}
 
 
+def _trains(module: torch.nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
+def _output_head(lm: torch.nn.Module) -> torch.Tensor | None:
+    """The LM's output projection weight (V, H): BuiltinLM and HFCausalLM name it; another module's is counted
+    with its blocks (None)."""
+    if hasattr(lm, "output_head"):
+        return lm.output_head()[0]
+    getter = getattr(lm, "get_output_embeddings", None)
+    head = getter() if getter is not None else None
+    return getattr(head, "weight", None)
+
+
+def _lm_depth(lm: torch.nn.Module) -> int:
+    """Decoder layers: BuiltinLM's blocks, or a Hugging Face config's num_hidden_layers (0 when neither is
+    there: that LM's attention goes uncounted)."""
+    if hasattr(lm, "blocks"):
+        return len(lm.blocks)
+    config = getattr(getattr(lm, "model", lm), "config", None)
+    return int(getattr(config, "num_hidden_layers", 0) or 0)
+
+
+def _chain_matmuls(modules, tokens: int, seen: bool, skip: tuple) -> tuple[int, bool]:
+    """FLOPs of the matmul weights of `modules` (their registration order is their execution order), each over
+    `tokens` rows: 2 forward, + 2 for the weight's gradient when it trains, + 2 for its input's gradient when a
+    parameter before it trains (`seen`: one before these modules). Weights in `skip` (a lookup embedding, the
+    output head) cost nothing here, but a trained one still makes the gradients flow past it."""
+    flops = 0
+    for module in modules:
+        for p in module.parameters():
+            if p.dim() == 2 and not any(p is q for q in skip):
+                flops += (2 + 2 * p.requires_grad + 2 * seen) * p.numel() * tokens
+            seen = seen or p.requires_grad
+    return flops, seen
+
+
 def stage2_flops(model: Aligner, seqlens: list[int], region: RegionBatch | None) -> int:
-    """Model FLOPs of a training step: the vision tower (fineviti.model.flops), 6 x (merger, projector and LM
-    matmul weights) x tokens, and the LM's causal attention (6 x T^2 x width per layer and sample)."""
+    """Model FLOPs of a training step (a multiply-add is 2 FLOPs; recomputation, e.g. the chunked LM loss's
+    second pass over the logits, not counted), by what the backward computes:
+    - the vision tower's patch tokens (fineviti.model.flops.vision_flops without the pooling head, which stage 2
+      never runs): as training when the tower trains, else its forward only;
+    - each matmul weight of the merger, the projector and the LM's blocks, per token it sees: 2 forward, + 2 for
+      its weight's gradient when it trains, + 2 for its input's gradient when any parameter before it trains
+      (a norm's weight or a bias included);
+    - the output head (tied or not) on the answer positions when the loss takes the head's product by chunks
+      (Aligner._head_loss_supported), else on every token: 2 forward, + 2 for the hidden states' gradient, + 2
+      when it trains;
+    - the LM's causal attention: 2 x T^2 x width per layer and sample forward, twice that backward;
+    - the token embedding is a lookup: 0."""
     from fineviti.model.flops import vision_flops
 
-    vision = model.visual.cfg
-    flops = vision_flops(vision, model.cfg.embed_dim, seqlens, training=True).model
-    merged = sum(seqlens) // 4
-    mm = sum(p.numel() for m in (model.merger, model.projector) for p in m.parameters() if p.dim() == 2)
-    flops += 6 * mm * merged
+    seen = _trains(model.visual)
+    flops = vision_flops(model.visual.cfg, model.cfg.embed_dim, seqlens, training=seen, pool=False).model
+    merged, more = _chain_matmuls((model.merger, model.projector), sum(seqlens) // 4, seen, ())
+    flops += merged
     if region is not None:
-        lm_matmul = sum(p.numel() for name, p in model.lm.named_parameters() if p.dim() == 2)
+        lm = model.lm
+        head = _output_head(lm)
         tokens = int(region.attention_mask.sum())
-        width = getattr(model.lm, "hidden_size", 0)
-        depth = len(getattr(model.lm, "blocks", []))
+        skip = (lm.get_input_embeddings().weight,) + ((head,) if head is not None else ())
+        body, more = _chain_matmuls((lm,), tokens, more, skip)
+        flops += body
+        if head is not None:
+            positions = region.answer_tokens if model._head_loss_supported() else tokens
+            flops += (2 + 2 * more + 2 * head.requires_grad) * head.numel() * positions
         lengths = region.attention_mask.sum(1).tolist()
-        flops += 6 * lm_matmul * tokens + 6 * depth * width * sum(n * n for n in lengths)
+        flops += (2 + 4 * more) * _lm_depth(lm) * getattr(lm, "hidden_size", 0) * sum(n * n for n in lengths)
     return int(flops)

@@ -22,7 +22,6 @@ import contextlib
 import json
 import math
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -89,8 +88,6 @@ class Trainer:
         self.autocast_dtype = None if fsdp else self.mp_dtype  # FSDP2's policy casts the parameters itself
         # fp16 needs loss scaling (bf16 has fp32's range): dynamic, decided by the global gradient norm
         self.scaler = parallel.LossScaler() if self.mp_dtype == torch.float16 else None
-        if self.scaler is not None:  # a first update skipped by fp16 makes torch warn that the order is wrong
-            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
         # the unwrapped model's names ("visual.", not DDP's "module.visual."): the stage-2 parts' learning-rate
         # scales look up the first name component (the same parameter objects: DDP wraps, FSDP2 shards in place)
         self.optimizer = build_optimizer(raw, cfg.optimizer, device=self.device, part_scales=scales)
@@ -112,10 +109,13 @@ class Trainer:
         if resume is not None:
             self.step = self.checkpointer.load(resume, self.model, self.optimizer, self.scheduler, self.data,
                                                scaler=self.scaler)
+        superseded = self.checkpointer.set_aside_after(self.step, resume)
         self.metrics = MetricsLogger(cfg.metrics, self.run_dir, rank=self.rank, total_steps=cfg.training.steps,
                                      start_step=self.step)
         if resume is not None:
             self.metrics.event(kind="resume", step=self.step, checkpoint=str(resume))
+        if superseded:
+            self.metrics.event(kind="superseded", step=self.step, moved=[str(p) for p in superseded])
         self.profiler = StepProfiler(parse_profile(cfg.metrics.profile), self.run_dir, self.rank)
         self.nvtx = cfg.metrics.nvtx and self.device.type == "cuda"
         self.peak = peak_tflops(device_name(self.device)) if self.device.type == "cuda" else None
@@ -267,7 +267,8 @@ class Trainer:
             if self.scaler is not None:
                 self.scaler.unscale_(self.params)
             grad_norm = self._clip()
-            if self.scaler is None or math.isfinite(grad_norm):
+            updated = self.scaler is None or math.isfinite(grad_norm)
+            if updated:
                 # a NaN norm clips nothing (NaN < 1 is false): the update would write NaN weights and the step's
                 # checkpoint would keep them
                 check_finite(grad_norm, self.step, "the gradient norm (the loss was finite)")
@@ -280,7 +281,10 @@ class Trainer:
                     check_finite(grad_norm, self.step, f"the gradient norm (non-finite for "
                                  f"{self.scaler.overflows_in_a_row} steps in a row, the fp16 loss scale down to "
                                  f"{self.scaler.scale:g})")
-            self.scheduler.step()  # the schedule follows the steps, updates skipped by fp16 included
+            if updated:
+                # the schedule follows the updates (as Hugging Face's Trainer does): the steps fp16 skips while its
+                # scale settles spend no warmup; the checkpoint keeps the scheduler's count of them
+                self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         row = {"loss": totals["loss"], "lr": lr, "grad_norm": grad_norm}
         if self.scaler is not None:
@@ -407,7 +411,7 @@ class Trainer:
         from fineviti.train.stage2 import stage2_flops
 
         return {"images": batch.n_images, "patch_tokens": sum(batch.seqlens),
-                "text_tokens": int(region.attention_mask.sum()), "padding_tokens": batch.padding_tokens,
+                "text_tokens": region.text_tokens, "padding_tokens": batch.padding_tokens,
                 "truncated_tokens": batch.truncated_tokens, "pairs": 0, "answer_tokens": region.answer_tokens,
                 "samples": region.n_samples, "flops": stage2_flops(self.raw_model, batch.seqlens, region)}
 
