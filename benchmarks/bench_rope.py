@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.common import Recorder, bench  # noqa: E402
+from benchmarks.common import Recorder, bench, comparable  # noqa: E402
 from fineviti.ops import rope as rope_ops  # noqa: E402
 
 PROVIDERS = ("copy", "torch_eager", "torch_compile", "triton", "cuda", "cpp", "eager_split", "split_copy",
@@ -326,12 +326,14 @@ def run_attn_block(rec, tokens, heads, head_dim, dtype, device, seqlen=1024):
             rec.error(provider=name, mode="full", shape=shape, dtype=str(dtype).replace("torch.", ""),
                       error=f"{type(exc).__name__}: {exc}"[:300])
             continue
-        times[name] = timing["median_ms"]
+        times[name] = timing
         extra = {}
         for key, base in (("rope_share", "attn_no_rope"), ("rope_share_vs_triton_split", "attn_triton_split_no_rope"),
                           ("rope_share_vs_views", "attn_views_no_rope")):
-            if name not in baselines and base in times:  # against each baseline
-                extra[key] = (timing["median_ms"] - times[base]) / times[base]
+            if name not in baselines and base in times:  # against each baseline, by one timer
+                ours, theirs, timer = comparable(timing, times[base])
+                extra[key] = (ours - theirs) / theirs
+                extra[f"{key}_timer"] = timer
         rec.add(provider=name, mode="full", shape=shape, dtype=str(dtype).replace("torch.", ""), timing=timing,
                 **extra)
 
@@ -392,11 +394,13 @@ def run_case(rec, provider, mode, tokens, heads, head_dim, dtype, device, copy_g
     if copy_gbps and provider != "copy":
         extra["copy_gbps"] = copy_gbps
         extra["copy_fraction"] = gbps / copy_gbps
-    stock_ms[(provider, mode, tokens, head_dim)] = timing["median_ms"]
+    stock_ms[(provider, mode, tokens, head_dim)] = timing
     stock = stock_ms.get((STOCK.get(provider), mode, tokens, head_dim))
     if stock:
-        extra["speedup_vs_stock"] = stock / timing["median_ms"]
+        ours, theirs, timer = comparable(timing, stock)
+        extra["speedup_vs_stock"] = theirs / ours
         extra["stock"] = STOCK[provider]
+        extra["speedup_timer"] = timer
     rec.add(provider=provider, mode=mode, shape=shape, dtype=dtype_name, timing=timing, gbps=gbps, **extra)
     return gbps
 

@@ -185,3 +185,12 @@ class Recorder:
                 f.write(json.dumps(row) + "\n")
         print(f"{self.benchmark:12s} {provider:16s} {mode:5s} {json.dumps(shape):60s} {dtype:9s} ERROR {error}",
               flush=True)
+
+
+def comparable(a: dict, b: dict) -> tuple[float, float, str]:
+    """The medians of two rows' timings by one timer, and its name: the CUDA-graph device times where both were
+    captured (or both rows have one timer), else both rows' host-inclusive do_bench figures (a provider that
+    could not be captured keeps only those; against another's graph time, its ratio would mix two timers)."""
+    if a.get("timer") == b.get("timer") or "host_median_ms" not in a or "host_median_ms" not in b:
+        return a["median_ms"], b["median_ms"], a.get("timer", "host")
+    return a["host_median_ms"], b["host_median_ms"], "do_bench (host-inclusive, both rows)"

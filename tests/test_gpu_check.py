@@ -291,6 +291,19 @@ def test_rope_attention_block_rows(tmp_path, monkeypatch):
             assert key in rows[name], (name, key)
 
 
+def test_rope_ratios_compare_one_timer():
+    """A provider that CUDA graphs could not capture keeps only its do_bench time: its ratio against a captured
+    row takes both rows' do_bench figures, not one graph time and one host-inclusive time."""
+    from common import comparable
+
+    graph = {"median_ms": 1.0, "host_median_ms": 3.0, "timer": "cuda_graph"}
+    eager = {"median_ms": 4.0, "host_median_ms": 4.0, "timer": "do_bench (RuntimeError)"}
+    assert comparable(graph, dict(graph, median_ms=2.0)) == (1.0, 2.0, "cuda_graph")
+    assert comparable(eager, graph) == (4.0, 3.0, "do_bench (host-inclusive, both rows)")
+    cpu = {"median_ms": 5.0, "timer": "host"}
+    assert comparable(cpu, dict(cpu, median_ms=10.0)) == (5.0, 10.0, "host")
+
+
 def test_summary_reads_the_issue_goals():
     """goal_rows: FA3's range and the varlen ratio (issue 3), copy bandwidth, eager speedup and the attention
     block's rotation share against the fastest baseline (issue 4), peak fraction, naive ratio and memory (issue 5)."""
@@ -344,6 +357,27 @@ def test_summary_reads_the_issue_goals():
     assert goals[(5, peak_goal)][1] == "met"
     assert goals[(5, "at least as fast as the naive loss")] == ("0.90x", "NOT met")
     assert goals[(5, "memory beyond the features well under 1024 MiB")] == ("550 MiB", "met")
+
+
+def test_summary_block_goal_takes_one_timer():
+    """The attention-block goal when one variant could not be captured in a CUDA graph: every variant's do_bench
+    time, not its do_bench time against the others' graph times (which made it look slower than it was)."""
+    env = {"gpu": "NVIDIA H100 80GB HBM3", "run": "a"}
+
+    def row(provider, graph_ms, host_ms, timer="cuda_graph"):
+        return {"benchmark": "rope_2d", "provider": provider, "mode": "full", "shape": {"tokens": 8},
+                "dtype": "bfloat16", "median_ms": graph_ms if timer == "cuda_graph" else host_ms,
+                "host_median_ms": host_ms, "timer": timer, **env}
+
+    rows = [row("attn_no_rope", 4.0, 5.0), row("attn_triton_split_no_rope", 3.8, 4.6),
+            row("attn_views_no_rope", 3.5, 4.4), row("attn_fused_split", 4.0, 5.0),
+            row("attn_rope_in_kernel", None, 4.65, timer="do_bench (RuntimeError)")]
+    listed = summarize.goal_rows(rows)
+    block = next((m, v) for _, g, m, v in listed if g.startswith("attention block: the rotation"))
+    assert block[0].startswith("attn_rope_in_kernel 4.650 ms over attn_triton_split_no_rope 4.600 ms: +1.1%")
+    assert "do_bench times" in block[0] and block[1] == "met"
+    views = next(m for _, g, m, _ in listed if g.startswith("attention block, for information"))
+    assert views == "attn_rope_in_kernel 4.650 ms over 4.400 ms: +5.7%"
 
 
 def _tiny_dq_sweep(tmp_path, monkeypatch, kind):
