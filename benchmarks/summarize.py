@@ -139,19 +139,19 @@ def _attention_goals(rows: list[dict]) -> list[tuple]:
 
 
 def shipped_split_label(head_dim: int) -> str:
-    """The split probe's label of what the ops layer runs on a GPU at `head_dim` (bf16, the default split mode):
-    one masked tile ("masked in 128") where the split mode allows it, else zero-padding to the next power of
-    two (the two-piece kernels are never run there: fineviti.ops.attention.triton_padded_head_dim)."""
+    """The split probe's label of what the ops layer runs on a GPU at `head_dim` (bf16, the default split mode
+    "masked"): zero-padding to a power of two where fineviti.ops.attention pads it on CUDA, else one masked tile
+    ("masked in 128"), else "two-piece" (a power of two: nothing to split)."""
     import torch
 
     from fineviti.kernels import varlen_attention as kernels
+    from fineviti.ops.attention import padded_head_dim_for
 
+    padded = padded_head_dim_for(head_dim, torch.bfloat16, "cuda", "masked")
+    if padded != head_dim:
+        return f"padded to {padded}"
     dim_a, dim_b = kernels.split_head_dim(head_dim, torch.bfloat16, "masked")
-    if dim_b == 0 and dim_a != head_dim:
-        return f"masked in {dim_a}"
-    if dim_b == 0:
-        return "two-piece"  # a power of two: nothing to split (not a case of this goal)
-    return f"padded to {1 << (head_dim - 1).bit_length()}"
+    return f"masked in {dim_a}" if dim_b == 0 and dim_a != head_dim else "two-piece"
 
 
 def _rope_goals(rows: list[dict]) -> list[tuple]:

@@ -179,8 +179,14 @@ def triton_padded_head_dim(head_dim: int, q: torch.Tensor, split: str | None = N
     padded: the padded FLOPs without the copies. What is padded: 72 always, and 80 and 96 under
     FINEVITI_ATTN_SPLIT=pieces. The H200 run of 2026-11-28 still faulted or computed wrong in the two-piece
     kernels (72, 80, 96)."""
-    dim_a, dim_b = _kernels().split_head_dim(head_dim, q.dtype, split)
-    if dim_b == 0 or q.device.type not in PAD_SPLIT_HEAD_DIMS_ON:
+    return padded_head_dim_for(head_dim, q.dtype, q.device.type, split)
+
+
+def padded_head_dim_for(head_dim: int, dtype: torch.dtype, device_type: str, split: str | None = None) -> int:
+    """triton_padded_head_dim by dtype and device type, without a tensor (the GPU check's summary asks what a GPU
+    runs)."""
+    dim_a, dim_b = _kernels().split_head_dim(head_dim, dtype, split)
+    if dim_b == 0 or device_type not in PAD_SPLIT_HEAD_DIMS_ON:
         return head_dim
     if os.environ.get("FINEVITI_ATTN_PAD_SPLIT", "1") == "0":
         return head_dim
