@@ -174,14 +174,16 @@ def run_stage2_case(rec, preset_name: str, provider: str, budget: int, steps: in
     peak = peak_tflops(device_name(device)) if device.type == "cuda" else None
     lm_tokens = int(region.attention_mask.sum())
     shape = {"preset": preset_name, "patch_tokens": sum(batch.seqlens), "images": batch.n_images,
-             "samples": region.n_samples, "lm_tokens": lm_tokens, "answer_tokens": region.answer_tokens,
+             "samples": region.n_samples, "lm_tokens": lm_tokens, "text_tokens": region.text_tokens,
+             "answer_tokens": region.answer_tokens,
              "lm_length": int(region.input_ids.shape[1]), "vocab": model.lm.vocab_size,
              "ac": cfg.parallel.activation_checkpointing}
     timing["peak_mem_mb"] = peak_mem
     return rec.add(provider=provider, mode="train_stage2", shape=shape,
                    dtype="bf16" if device.type == "cuda" else "fp32", timing=timing, tflops=tflops,
                    steps_per_s=1 / seconds, images_per_s=batch.n_images / seconds,
-                   tokens_per_s=(sum(batch.seqlens) + lm_tokens) / seconds, mfu=tflops / peak if peak else None)
+                   tokens_per_s=(sum(batch.seqlens) + region.text_tokens) / seconds,
+                   mfu=tflops / peak if peak else None)
 
 
 def _time_steps(step, steps: int, warmup: int, device: torch.device) -> tuple[dict, float | None]:

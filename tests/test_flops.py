@@ -118,3 +118,31 @@ def test_stage2_count_matches_torch_flop_counter(freeze):
     # linear_cross_entropy recomputes the answer positions' logits in its backward: hardware, not model, FLOPs
     head_recompute = 2 * model.lm.embed.weight.numel() * region.answer_tokens
     assert _counted(step) == stage2.stage2_flops(model, batch.seqlens, region) + causal_excess + head_recompute
+
+
+def test_stage2_output_head_of_other_lms():
+    """_output_head: BuiltinLM's tied embedding, a Hugging Face model's output embedding, and None (not an
+    AttributeError: stage2_flops runs every step) for one whose get_output_embeddings() is None."""
+    from fineviti.model.aligner import BuiltinLM
+    from fineviti.model.config import BuiltinLMConfig
+    from fineviti.train.stage2 import _output_head
+
+    builtin = BuiltinLM(BuiltinLMConfig(vocab_size=50, width=32, depth=1, heads=2, mlp_hidden=32, max_length=64))
+    assert _output_head(builtin) is builtin.embed.weight
+
+    class HF(torch.nn.Module):
+        def __init__(self, head):
+            super().__init__()
+            self.lm_head = head
+
+        def get_output_embeddings(self):
+            return self.lm_head
+
+    class Wrapper(torch.nn.Module):  # HFCausalLM's layout: the HF model under .model
+        def __init__(self, head):
+            super().__init__()
+            self.model = HF(head)
+
+    head = torch.nn.Linear(16, 50, bias=False)
+    assert _output_head(Wrapper(head)) is head.weight and _output_head(HF(head)) is head.weight
+    assert _output_head(Wrapper(None)) is None and _output_head(torch.nn.Linear(2, 2)) is None

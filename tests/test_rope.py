@@ -392,6 +392,8 @@ def test_views_overlap_against_enumeration():
         answer = _views_overlap(a, other)
         assert answer is None or answer == bool(offsets(a) & offsets(other)), (shape, strides, other.stride())
     assert _views_overlap(torch.zeros(4), torch.zeros(4)) is False  # two storages
+    q = torch.zeros(6, 1, 8)  # a size-1 dim's stride does not matter: the same memory is found
+    assert _views_overlap(q, q.as_strided(q.shape, (8, 99, 1))) is True
 
 
 def test_int64_and_strided_positions():

@@ -223,7 +223,7 @@ def test_a_restart_from_an_older_step_sets_the_abandoned_branch_aside(tmp_path):
     folder = tmp_path / "run" / "checkpoints"
     old = {s: (path / ".metadata").read_bytes() for s, path in ckpt.list_checkpoints(folder)}
     assert sorted(old) == [2, 4, 6]
-    with pytest.warns(UserWarning, match=r"starts at step 2: 2 checkpoint\(s\) of later steps"):
+    with pytest.warns(UserWarning, match=r"starts at step 2: 2 checkpoint\(s\) in .* belong to a branch"):
         trainer = Trainer(config(tmp_path, "training.steps=5", "checkpoint.interval=2",
                                  f"checkpoint.resume={folder / 'step-00000002'}", "optimizer.lr=1e-3"))
     try:
@@ -240,12 +240,37 @@ def test_a_restart_from_an_older_step_sets_the_abandoned_branch_aside(tmp_path):
     events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
               if '"superseded"' in line]
     assert len(events) == 1 and events[0]["step"] == 2 and len(events[0]["moved"]) == 2
-    # a fresh run (no resume) in the same folder sets all of them aside instead of overwriting step 2
+    # a fresh run that never saves leaves them be; one that saves sets all of them aside instead of overwriting
+    Trainer(config(tmp_path, "training.steps=1", "checkpoint.save_final=false")).close()
+    assert [s for s, _ in ckpt.list_checkpoints(folder)] == [4, 5]
     with pytest.warns(UserWarning, match="starts at step 0"):
-        fresh = Trainer(config(tmp_path, "training.steps=1", "checkpoint.save_final=false"))
+        fresh = Trainer(config(tmp_path, "training.steps=1"))
     fresh.close()
     assert ckpt.list_checkpoints(folder) == []
     assert len([p for p in folder.iterdir() if p.name.startswith(ckpt.SUPERSEDED_PREFIX)]) == 2
+
+
+def test_setting_aside_that_fails_says_what_moved(tmp_path, monkeypatch):
+    """A move that fails halfway (e.g. another file system) stops the start with what moved and what to do,
+    raised on every rank (rank 0 broadcasts it), not a barrier that the other ranks wait at forever."""
+    import os
+
+    run(config(tmp_path, "training.steps=4", "checkpoint.interval=2"))
+    folder = tmp_path / "run" / "checkpoints"
+    checkpointer = ckpt.Checkpointer(preset("debug").checkpoint, tmp_path / "run", rank=0, world_size=1,
+                                     config_json="{}")
+    replace, calls = os.replace, []
+
+    def failing(src, dst):
+        calls.append(src)
+        if len(calls) == 2:
+            raise OSError(18, "Invalid cross-device link")
+        replace(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", failing)
+    with pytest.raises(RuntimeError, match=r"could not move .*Invalid cross-device link.*step-00000002"):
+        checkpointer.set_aside_after(0)
+    assert [s for s, _ in ckpt.list_checkpoints(folder)] == [4]  # step 2 moved, step 4 left where it was
 
 
 def test_interrupted_save_leaves_previous_checkpoint(tmp_path, monkeypatch):

@@ -297,8 +297,9 @@ def _views_overlap(a: torch.Tensor, b: torch.Tensor) -> bool | None:
     (a0, a1), (b0, b1) = span(a), span(b)
     if a1 < b0 or b1 < a0:
         return False
-    if a.dtype != b.dtype or a.shape != b.shape or a.stride() != b.stride():
-        return None
+    if a.dtype != b.dtype or a.shape != b.shape or any(
+            n > 1 and sa != sb for n, sa, sb in zip(a.shape, a.stride(), b.stride(), strict=True)):
+        return None  # (a size-1 dim's stride places nothing)
     dims = sorted(((abs(st), n) for n, st in zip(a.shape, a.stride(), strict=True) if n > 1 and st != 0),
                   reverse=True)
     reach = [0] * (len(dims) + 1)  # reach[k]: the largest |sum| the dims from k on can make

@@ -5,9 +5,10 @@ Layout: run_dir/checkpoints/step-00000100/ holds the DCP files (.metadata, one .
 (the run's resolved config, so that stage 2 and `fineviti export` can rebuild the model). A save in progress
 writes run_dir/checkpoints/.tmp-step-00000100/ and renames it when every rank has written and the metadata is
 down; folders left by a save that died are ignored, and removed when the next run starts. A run that starts
-at step s (fresh: 0; resumed: the checkpoint's step) moves this folder's checkpoints of later steps, which belong to
-a branch it abandons, into run_dir/checkpoints/superseded-<time>/: kept, but no longer what `resume = "auto"`
-finds or what `keep` counts (they would otherwise be chosen over, or outlive, the checkpoints of the new branch).
+at step s (fresh: 0; resumed: the checkpoint's step) and will save moves this folder's checkpoints of later steps
+(and one of step s from elsewhere), which belong to a branch it abandons, into run_dir/checkpoints/superseded-<time>/:
+kept, but no longer what `resume = "auto"` finds or what `keep` counts (they would otherwise be chosen over, or
+outlive, the checkpoints of the new branch).
 
 Contents: model (parameters by their names without wrapper prefixes, DTensor shards under FSDP2), optim (the
 optimizer's state in the same names), scheduler, step, data (the loader's global state: planner seed, epoch,
@@ -177,30 +178,42 @@ class Checkpointer:
             shutil.rmtree(path, ignore_errors=True)
 
     def set_aside_after(self, step: int, resumed_from: Path | None = None) -> list[Path]:
-        """Moves this run's checkpoints of steps after `step` (and one at `step` other than `resumed_from`) into a
-        superseded-<UTC time> folder beside them (rank 0; collective); returns their new paths. The run starting
-        at `step` writes a new history from there: left in place, the old branch's newer checkpoints would be
-        what `resume = "auto"` picks, and `keep` would prune the new checkpoints before them."""
-        moved = []
+        """Moves this run's checkpoints of steps after `step` (and one at `step` that is not `resumed_from`: another
+        branch's) into a superseded-<UTC time> folder beside them (rank 0; collective: a failure on rank 0 raises
+        on every rank); returns their new paths. The run starting at `step` writes a new history from there: left
+        in place, the old branch's newer checkpoints would be what `resume = "auto"` picks, and `keep` would prune
+        the new checkpoints before them."""
+        moved, error = [], None
         if self.rank == 0:
             source = resumed_from.resolve() if resumed_from is not None else None
             stale = [path for s, path in list_checkpoints(self.folder)
                      if s > step or (s == step and path.resolve() != source)]
-            if stale:
-                stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
-                target = self.folder / f"{SUPERSEDED_PREFIX}{stamp}"
-                n = 1
-                while target.exists():
-                    n += 1
-                    target = self.folder / f"{SUPERSEDED_PREFIX}{stamp}-{n}"
-                target.mkdir()
-                for path in stale:
-                    os.replace(path, target / path.name)
-                    moved.append(target / path.name)
-                warnings.warn(f"this run starts at step {step}: {len(stale)} checkpoint(s) of later steps in "
-                              f"{self.folder} belong to the branch it abandons and were moved to {target} "
-                              f"({', '.join(p.name for p in stale)})", stacklevel=2)
-        self._barrier()
+            try:
+                if stale:
+                    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
+                    target = self.folder / f"{SUPERSEDED_PREFIX}{stamp}"
+                    n = 1
+                    while target.exists():
+                        n += 1
+                        target = self.folder / f"{SUPERSEDED_PREFIX}{stamp}-{n}"
+                    target.mkdir()
+                    for path in stale:
+                        os.replace(path, target / path.name)
+                        moved.append(target / path.name)
+                    warnings.warn(f"this run starts at step {step}: {len(stale)} checkpoint(s) in {self.folder} "
+                                  f"belong to a branch it abandons (later steps, or this step from another "
+                                  f"source) and were moved to {target} ({', '.join(p.name for p in stale)})",
+                                  stacklevel=2)
+            except OSError as exc:
+                error = (f"could not move the abandoned branch's checkpoints out of {self.folder} ({exc}); moved so "
+                         f"far: {[str(p) for p in moved] or 'none'}. Move or delete the step-* folders after step "
+                         f"{step} by hand, then start again")
+        if self.world_size > 1:  # every rank learns whether rank 0 failed (instead of waiting at a barrier)
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error is not None:
+            raise RuntimeError(error)
         return moved
 
     def clean_partial(self) -> list[Path]:

@@ -95,8 +95,9 @@ class CheckpointConfig:
     interval: int = 0  # save every `interval` steps (0: only at the end)
     keep: int = 2  # checkpoints kept (the newest); 0 keeps all
     async_save: bool = False  # torch.distributed.checkpoint.async_save: the step goes on while it writes
-    # "" (start fresh), "auto" (the newest checkpoint of the run dir if any), or a checkpoint path; the run dir's
-    # checkpoints of later steps than the start are moved to checkpoints/superseded-<time>/ (see train.checkpoint)
+    # "" (start fresh), "auto" (the newest checkpoint of the run dir if any), or a checkpoint path; a run that saves
+    # moves the run dir's checkpoints of later steps than its start (and of its start step, if it resumed from
+    # elsewhere) to checkpoints/superseded-<time>/ (see train.checkpoint)
     resume: str = ""
     save_final: bool = True
     export: str = ""  # at the end, also write model.safetensors: "" | vision | full

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from fineviti.data.batch import PackedBatch
-from fineviti.model.aligner import Aligner, build_example, collate
+from fineviti.model.aligner import Aligner, BuiltinLM, build_example, collate
 from fineviti.model.config import AlignerConfig, VisionConfig
 
 BOX_PROMPT = " describe the region {box}:"
@@ -66,7 +66,7 @@ class RegionBatch:
     sample_image: torch.Tensor  # (B,) the image of each sample
     n_samples: int
     answer_tokens: int
-    text_tokens: int  # tokens of the samples other than image placeholders and padding (<bos>, prompt, answer)
+    text_tokens: int  # tokens of the samples other than image placeholders and padding (<bos>, prompt, answer, <eos>)
 
 
 def region_tasks(batch: PackedBatch, ids, *, tasks: list[str], regions_per_image: int, patch_size: int,
@@ -152,11 +152,12 @@ def _trains(module: torch.nn.Module) -> bool:
 
 
 def _output_head(lm: torch.nn.Module) -> torch.Tensor | None:
-    """The LM's output projection weight (V, H): BuiltinLM and HFCausalLM name it; another module's is counted
-    with its blocks (None)."""
-    if hasattr(lm, "output_head"):
+    """The LM's output projection weight (V, H): BuiltinLM's tied embedding, or the output embedding of a Hugging
+    Face model (HFCausalLM's, or the module's own); None where there is none (its head, if any, is then counted
+    with its blocks)."""
+    if isinstance(lm, BuiltinLM):
         return lm.output_head()[0]
-    getter = getattr(lm, "get_output_embeddings", None)
+    getter = getattr(getattr(lm, "model", lm), "get_output_embeddings", None)
     head = getter() if getter is not None else None
     return getattr(head, "weight", None)
 
@@ -171,10 +172,13 @@ def _lm_depth(lm: torch.nn.Module) -> int:
 
 
 def _chain_matmuls(modules, tokens: int, seen: bool, skip: tuple) -> tuple[int, bool]:
-    """FLOPs of the matmul weights of `modules` (their registration order is their execution order), each over
-    `tokens` rows: 2 forward, + 2 for the weight's gradient when it trains, + 2 for its input's gradient when a
-    parameter before it trains (`seen`: one before these modules). Weights in `skip` (a lookup embedding, the
-    output head) cost nothing here, but a trained one still makes the gradients flow past it."""
+    """FLOPs of the matmul weights of `modules`, each over `tokens` rows: 2 forward, + 2 for the weight's gradient
+    when it trains, + 2 for its input's gradient when a parameter before it trains (`seen`: one before these
+    modules). Weights in `skip` (a lookup embedding, the output head) cost nothing here, but a trained one still
+    makes the gradients flow past it. "Before" is registration order, which is the execution order of the merger,
+    the projector and BuiltinLM; Hugging Face decoder layers register their norms after their attention and MLP,
+    which only matters for a freeze inside the LM (stage2.freeze freezes whole parts, and the LM's embedding, first
+    in both orders, decides for all of it)."""
     flops = 0
     for module in modules:
         for p in module.parameters():

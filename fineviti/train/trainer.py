@@ -109,7 +109,9 @@ class Trainer:
         if resume is not None:
             self.step = self.checkpointer.load(resume, self.model, self.optimizer, self.scheduler, self.data,
                                                scaler=self.scaler)
-        superseded = self.checkpointer.set_aside_after(self.step, resume)
+        superseded = []
+        if cfg.checkpoint.interval > 0 or cfg.checkpoint.save_final:  # a run that never saves leaves them be
+            superseded = self.checkpointer.set_aside_after(self.step, resume)
         self.metrics = MetricsLogger(cfg.metrics, self.run_dir, rank=self.rank, total_steps=cfg.training.steps,
                                      start_step=self.step)
         if resume is not None:
