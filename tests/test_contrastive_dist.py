@@ -101,9 +101,60 @@ def _run_fp16_case(case, rank):
             out = clip_loss(x, y, scale, backend=name, group="default", dist_impl=impl)
         (out * LOSS_SCALE).backward()
     grads = [img.grad.float(), txt.grad.float()]  # each entry is owned by one rank: the sum over ranks is a copy
-    for g in grads:
+    scalars = [out.detach().float().reshape(()) * LOSS_SCALE, scale.grad.clone(),
+               bias.grad.clone() if bias.grad is not None else torch.zeros(())]
+    for g in grads + scalars:
         dist.all_reduce(g)
-    return [g.double() / (WORLD * LOSS_SCALE) for g in grads]
+    return [g.double() / (WORLD * LOSS_SCALE) for g in grads + scalars]
+
+
+def _run_default_group(rank):
+    """The losses called without `group` while torch.distributed is initialised: negatives from every rank (the
+    issue's rule), averaged over the ranks as DDP would."""
+    import torch.distributed as dist
+
+    counts = (9, 4)
+    out = []
+    for loss in ("siglip", "clip"):
+        img, txt, scale, bias = _global_batch(counts, torch.float32)
+        start = sum(counts[:rank])
+        x, y = img[start:start + counts[rank]], txt[start:start + counts[rank]]
+        value = siglip_loss(x, y, scale, bias) if loss == "siglip" else clip_loss(x, y, scale)
+        value.backward()
+        grads = [value.detach().reshape(()), img.grad, txt.grad, scale.grad]
+        for g in grads:
+            dist.all_reduce(g)
+            g /= WORLD
+        out.append([g.double() for g in grads])
+    return out
+
+
+def _run_errors(rank):
+    """Inputs that are wrong on one rank, or disagree between ranks: every rank raises (the message of each), and
+    the group stays usable (no rank is left in a collective)."""
+    import torch.distributed as dist
+
+    scale, bias = torch.tensor(8.0), torch.tensor(-3.0)
+    x = F.normalize(torch.randn(5, D), dim=-1)
+    cases = {
+        "dtype": lambda: siglip_loss(x.half() if rank else x, x.half() if rank else x, scale, bias,
+                                     backend="chunked"),
+        "width": lambda: siglip_loss(x[:, :D - rank], x[:, :D - rank], scale, bias, backend="chunked"),
+        "bad_scale": lambda: clip_loss(x, x, torch.tensor(float("nan")) if rank else scale, backend="chunked"),
+        "not_a_tensor": lambda: siglip_loss(x.tolist() if rank else x, x, scale, bias, backend="chunked"),
+        "global_n_0": lambda: siglip_loss(x[:0], x[:0], scale, bias, backend="chunked"),
+    }
+    out = {}
+    for name, call in cases.items():
+        try:
+            call()
+            out[name] = "no error"
+        except (TypeError, ValueError) as exc:
+            out[name] = f"{type(exc).__name__}: {exc}"
+    probe = torch.tensor([1.0])
+    dist.all_reduce(probe)  # still in step
+    out["in_step"] = probe.item() == WORLD
+    return out
 
 
 def _worker(rank, port, path):
@@ -123,6 +174,16 @@ def _worker(rank, port, path):
                 results[case] = _run_fp16_case(case, rank)
             except Exception as exc:
                 results[case] = f"rank {rank}: {type(exc).__name__}: {exc}"
+        for key, run in (("default_group", _run_default_group), ("errors", _run_errors)):
+            try:
+                results[f"{key}{rank}"] = run(rank)
+            except Exception as exc:
+                results[f"{key}{rank}"] = f"rank {rank}: {type(exc).__name__}: {exc}"
+        gathered = [None] * WORLD
+        mine = {k: v for k, v in results.items() if isinstance(k, str) and k.startswith("errors")}
+        dist.all_gather_object(gathered, mine)
+        for part in gathered:
+            results.update(part)
         if rank == 0:
             from fineviti.ops import contrastive
 
@@ -175,10 +236,17 @@ def test_fp16_feature_gradients_match_one_process(results, case):
         else:
             out = clip_loss(img, txt, scale, backend=backend_name)
         (out * LOSS_SCALE).backward()
-    for name, g, gold in zip(("d_img", "d_txt"), got, (img.grad, txt.grad), strict=True):
+    for name, g, gold in zip(("d_img", "d_txt"), got[:2], (img.grad, txt.grad), strict=True):
         gold = gold.double() / LOSS_SCALE
         rel = (g - gold).abs() / gold.abs().clamp_min(1e-3 * gold.abs().max())
         assert rel.max().item() <= 2 ** -9, f"{name}: max relative error {rel.max().item():.3g} > 2**-9"
+    # the loss (the mean over ranks) and the scalar gradients, summed in fp32: one process's up to the order of sums
+    scalars = (out.detach(), scale.grad / LOSS_SCALE, bias.grad / LOSS_SCALE if loss == "siglip" else None)
+    for name, g, gold in zip(("loss", "d_scale", "d_bias"), got[2:], scalars, strict=True):
+        if gold is None:
+            assert g.item() == 0.0  # clip has no bias: no gradient reached it
+            continue
+        torch.testing.assert_close(g, gold.double(), rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_gloo_ran_the_reduce_scatter(results):
@@ -189,3 +257,36 @@ def test_gloo_ran_the_reduce_scatter(results):
     if not hasattr(dist, "reduce_scatter_single"):
         pytest.skip("this torch's gloo may lack reduce-scatter; the fallback is what ran")
     assert results["gloo_reduce_scatter"] is True
+
+
+def test_default_group_takes_negatives_from_every_rank(results):
+    """Without `group`, under an initialised torch.distributed the losses take every rank's negatives (before,
+    group=None was the default: each rank's loss over its own pairs, and d_scale half of the global one)."""
+    got = results["default_group0"]
+    assert not isinstance(got, str), got
+    for (value, d_img, d_txt, d_scale), loss in zip(got, ("siglip", "clip"), strict=True):
+        img, txt, scale, bias = _global_batch((9, 4), torch.float64)
+        out = siglip_loss_ref(img, txt, scale, bias) if loss == "siglip" else clip_loss_ref(img, txt, scale)
+        out.backward()
+        for g, o in zip((value, d_img, d_txt, d_scale), (out.detach(), img.grad, txt.grad, scale.grad), strict=True):
+            torch.testing.assert_close(g, o, rtol=2e-5, atol=2e-5 * max(1.0, o.abs().max().item()))
+
+
+@pytest.mark.parametrize("name,both,own", [
+    ("dtype", r"same dtype on every rank, got \['float32', 'float16'\]", None),
+    ("width", r"same D on every rank, got D per rank \[24, 23\]", None),
+    ("bad_scale", r"failed their checks on rank\(s\) \[1\]", "logit_scale must be finite, got nan"),
+    ("not_a_tensor", r"failed their checks on rank\(s\) \[1\]", "img must be a torch.Tensor, got list"),
+    ("global_n_0", r"empty on every rank \(global N = 0\)", None),
+])
+def test_a_bad_input_on_one_rank_stops_every_rank(results, name, both, own):
+    """A rank whose inputs fail their checks, or ranks whose D or dtype disagree: each rank raises (the failing
+    one its own reason, the others which rank failed), where before one rank raised alone and the other waited in
+    the collective or crashed gloo (a dtype mismatch)."""
+    import re
+
+    errors = [results[f"errors{r}"] for r in range(WORLD)]
+    assert all(not isinstance(e, str) for e in errors), errors
+    assert all(e["in_step"] for e in errors)
+    assert re.search(both, errors[0][name]), errors[0][name]
+    assert re.search(own or both, errors[1][name]), errors[1][name]

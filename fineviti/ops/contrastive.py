@@ -425,32 +425,56 @@ def _resolve_group(group):
     if isinstance(group, str):
         if group != "default":
             raise ValueError(f"group must be None, 'default' or a ProcessGroup, got {group!r}")
-        if not (dist.is_available() and dist.is_initialized()):
-            return None
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return None  # one process: nothing to exchange
         return dist.group.WORLD
     return group
 
 
-def _make_dist(group, img: torch.Tensor) -> _Dist:
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+
+
+def _make_dist(group, img, failure: Exception | None = None) -> _Dist:
+    """The ranks' row counts, in one all-gather that also carries each rank's D, dtype and whether its inputs
+    failed their checks: an error on one rank (a bad input, a D or dtype that differs from the others') is raised
+    on every rank, where a rank that raised alone left the others waiting in the collective (or, with another
+    dtype, crashed gloo)."""
     if group is None:
+        if failure is not None:
+            raise failure
         return _Dist(None, 1, 0, (img.shape[0],))
     import torch.distributed as dist
 
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    mine = torch.tensor([img.shape[0], img.shape[1]], device=_comm_device(group, img), dtype=torch.int64)
+    shaped = isinstance(img, torch.Tensor) and img.dim() == 2
+    mine = torch.tensor([img.shape[0] if shaped else -1, img.shape[1] if shaped else -1,
+                         _DTYPE_CODES.get(img.dtype, -1) if shaped else -1, int(failure is not None)],
+                        device=_comm_device(group, img if isinstance(img, torch.Tensor) else None), dtype=torch.int64)
     every = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(every, mine, group=group)
     rows = [t.tolist() for t in every]  # one host synchronisation: the shapes of everything below depend on it
-    widths = {d for _, d in rows}
+    if failure is not None:
+        raise failure
+    failed = [r for r, row in enumerate(rows) if row[3]]
+    if failed:
+        raise ValueError(f"the contrastive loss's inputs failed their checks on rank(s) {failed} (the reason is "
+                         f"raised there); every rank of the group stops")
+    widths = {d for _, d, _, _ in rows}
     if len(widths) != 1:
-        raise ValueError(f"img and txt must have the same D on every rank, got D per rank {[d for _, d in rows]}")
-    return _Dist(group, world, rank, tuple(c for c, _ in rows))
+        raise ValueError(f"img and txt must have the same D on every rank, got D per rank {[r[1] for r in rows]}")
+    names = {code: str(dtype).replace("torch.", "") for dtype, code in _DTYPE_CODES.items()}
+    if len({r[2] for r in rows}) != 1:
+        raise TypeError(f"img and txt must have the same dtype on every rank, got "
+                        f"{[names.get(r[2], 'other') for r in rows]} per rank")
+    return _Dist(group, world, rank, tuple(r[0] for r in rows))
 
 
-def _comm_device(group, t: torch.Tensor) -> torch.device:
+def _comm_device(group, t: torch.Tensor | None) -> torch.device:
     import torch.distributed as dist
 
-    return t.device if dist.get_backend(group) != "gloo" else torch.device("cpu")
+    if dist.get_backend(group) == "gloo":
+        return torch.device("cpu")
+    return t.device if t is not None else torch.device("cuda", torch.cuda.current_device())
 
 
 def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
@@ -662,14 +686,58 @@ def _first_order_only(name: str) -> None:
                            "gradients carry no second-order terms; use backend='reference' for that")
 
 
+@contextlib.contextmanager
 def _no_autocast(device: torch.device):
-    """The ops' bodies run with autocast off: their matmuls choose their own precision (fp32 accumulation, fp32 for
-    fp32 features), and a surrounding autocast region would recast them."""
+    """The ops' bodies run with autocast off (their matmuls choose their own precision: fp32 accumulation, fp32 for
+    fp32 features; a surrounding autocast region would recast them) and with fp32 matmuls in IEEE fp32 whatever
+    torch.set_float32_matmul_precision or allow_tf32 say (TF32 on a GPU, or bf16 on a CPU under "medium", gave
+    errors of 1e-3 in fp32 gradients; the Triton logits are IEEE already). Not while torch.compile traces."""
     try:
         available = torch.amp.is_autocast_available(device.type)
     except AttributeError:  # a torch without the query
         available = device.type in ("cuda", "cpu")
-    return torch.autocast(device.type, enabled=False) if available else contextlib.nullcontext()
+    with torch.autocast(device.type, enabled=False) if available else contextlib.nullcontext(), _ieee_fp32():
+        yield
+
+
+def _precision_settings() -> list:
+    """The matmul precision settings of torch's newer per-backend API (torch >= 2.9), else none."""
+    found = []
+    for owner in (torch.backends.cuda, getattr(torch.backends, "mkldnn", None)):
+        matmul = getattr(owner, "matmul", None)
+        if matmul is not None and hasattr(matmul, "fp32_precision"):
+            found.append(matmul)
+    return found
+
+
+@contextlib.contextmanager
+def _ieee_fp32():
+    if torch.compiler.is_compiling():
+        yield
+        return
+    settings = _precision_settings()
+    if settings:  # per backend, restored to exactly what they were (the legacy query raises on a mix of the two APIs)
+        saved = [m.fp32_precision for m in settings]
+        if all(v == "ieee" for v in saved):
+            yield
+            return
+        try:
+            for m in settings:
+                m.fp32_precision = "ieee"
+            yield
+        finally:
+            for m, value in zip(settings, saved, strict=True):
+                m.fp32_precision = value
+        return
+    saved = torch.get_float32_matmul_precision()
+    if saved == "highest":
+        yield
+        return
+    try:
+        torch.set_float32_matmul_precision("highest")
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved)
 
 
 def _siglip_backward(grad, x, y, scale, bias, impl, d: _Dist, ring: bool, dy_dtype=None):
@@ -924,7 +992,8 @@ def _as_param(value, name: str, img: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def _check_inputs(img, txt, params: dict, check_values, distributed: bool) -> None:
+def _check_inputs(img, txt, params: dict, check_values, distributed: bool) -> dict:
+    """The checked inputs' scalar parameters (numbers become tensors on img's device)."""
     for name, t in (("img", img), ("txt", txt)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -942,9 +1011,11 @@ def _check_inputs(img, txt, params: dict, check_values, distributed: bool) -> No
         raise ValueError(f"img and txt need D >= 1 features, got shape {tuple(img.shape)}")
     if img.shape[0] == 0 and not distributed:
         raise ValueError("img and txt are empty (N = 0): a contrastive loss needs at least one pair")
+    params = {name: _as_param(value, name, img) for name, value in params.items()}
     for name, value in params.items():
         if value_checks_enabled(value, check_values) and not bool(torch.isfinite(value).all()):
             raise ValueError(f"{name} must be finite, got {value.detach().reshape(-1).tolist()[0]}")
+    return params
 
 
 def _resolve_backend(backend: str, img: torch.Tensor) -> str:
@@ -959,25 +1030,34 @@ def _resolve_backend(backend: str, img: torch.Tensor) -> str:
             raise TypeError(f"backend='triton' takes bf16, fp16 or fp32 features, got {img.dtype}")
         if img.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
             raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {img.device}")
+        if img.device.type == "cpu" and img.dtype == torch.bfloat16:
+            raise ValueError("backend='triton' on a CPU runs in Triton's interpreter, whose bfloat16 dot products are "
+                             "wrong; got bfloat16 features. Pass float16 or float32 ones, or use backend='chunked'")
     return backend
 
 
 def _prepare(img, txt, params, backend, group, dist_impl, check_values):
-    if dist_impl not in DIST_IMPLS:
-        raise ValueError(f"dist_impl must be one of {DIST_IMPLS}, got {dist_impl!r}")
+    """(backend, the ranks' layout, the checked scalar parameters). On a process group, a rank whose inputs fail
+    their checks raises after the first collective, and every other rank with it (_make_dist)."""
     group = _resolve_group(group)
-    _check_inputs(img, txt, params, check_values, distributed=group is not None)
-    backend = _resolve_backend(backend, img)
-    if backend == "triton" and not torch.compiler.is_compiling():
-        logits_mode()  # a bad FINEVITI_LOSS_LOGITS fails here, not in the gradient pass halfway through a step
-    d = _make_dist(group, img)
+    failure = None
+    try:
+        if dist_impl not in DIST_IMPLS:
+            raise ValueError(f"dist_impl must be one of {DIST_IMPLS}, got {dist_impl!r}")
+        params = _check_inputs(img, txt, params, check_values, distributed=group is not None)
+        backend = _resolve_backend(backend, img)
+        if backend == "triton" and not torch.compiler.is_compiling():
+            logits_mode()  # a bad FINEVITI_LOSS_LOGITS fails here, not in the gradient pass halfway through a step
+    except (TypeError, ValueError) as exc:
+        failure = exc
+    d = _make_dist(group, img, failure)
     if d.total == 0:
         raise ValueError("img and txt are empty on every rank (global N = 0): a contrastive loss needs a pair")
-    return backend, d
+    return backend, d, params
 
 
 def siglip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor, *,
-                backend: str = "auto", group=None, dist_impl: str = "all_gather",
+                backend: str = "auto", group="default", dist_impl: str = "all_gather",
                 check_values: bool | None = None) -> torch.Tensor:
     """SigLIP's sigmoid loss without the N x N logits.
 
@@ -987,9 +1067,12 @@ def siglip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
     dtype) equal on one process to -sum_ij logsigmoid(label_ij * (scale * img_i . txt_j + bias)) / N, labels +1
     for i == j and -1 otherwise; gradients flow to img, txt, logit_scale and logit_bias.
 
-    group: None (this process's pairs only), a ProcessGroup, or "default" (the world group when torch.distributed
-    is initialised). Then every rank's texts are negatives for every rank's images, N may differ per rank, and
-    this rank's loss is  world_size / N_global * sum over its own images i, all texts j of the term above.
+    group: "default" (the default: the world group when torch.distributed is initialised, else this process
+    alone), a ProcessGroup, or None (this process's pairs only, also under torch.distributed). On a group, every
+    rank must call the loss (its first collective exchanges the row counts, D, dtypes and whether each rank's
+    inputs passed their checks: a bad input on one rank raises on all), every rank's texts are negatives for every
+    rank's images, N may differ per rank, and this rank's loss is
+    world_size / N_global * sum over its own images i, all texts j of the term above.
     So the mean of the ranks' losses is the global loss, and after DDP or FSDP average the gradients over the
     ranks every parameter's gradient is that of the single-process loss over the global batch (the features'
     gradients from other ranks' losses reach their owner through the all-gather's backward, a sum).
@@ -1006,10 +1089,9 @@ def siglip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
     dist_impl="ring", whose backward passes the text blocks again): a validation loss should run under
     torch.no_grad(). A backward with create_graph=True through this loss raises (no second-order terms).
     """
-    logit_scale = _as_param(logit_scale, "logit_scale", img)
-    logit_bias = _as_param(logit_bias, "logit_bias", img)
-    backend, d = _prepare(img, txt, {"logit_scale": logit_scale, "logit_bias": logit_bias}, backend, group,
-                          dist_impl, check_values)
+    backend, d, params = _prepare(img, txt, {"logit_scale": logit_scale, "logit_bias": logit_bias}, backend, group,
+                                  dist_impl, check_values)
+    logit_scale, logit_bias = params["logit_scale"], params["logit_bias"]
     if backend == "reference":
         if d.world == 1:
             return siglip_loss_ref(img, txt, logit_scale, logit_bias)
@@ -1027,7 +1109,7 @@ def siglip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
 
 
 def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor, *, backend: str = "auto",
-              group=None, dist_impl: str = "all_gather", check_values: bool | None = None) -> torch.Tensor:
+              group="default", dist_impl: str = "all_gather", check_values: bool | None = None) -> torch.Tensor:
     """CLIP's softmax loss without the N x N logits: the mean of the image-to-text and text-to-image
     cross-entropies of logit_scale * img @ txt.T with labels arange(N) (open_clip's ClipLoss).
 
@@ -1042,8 +1124,8 @@ def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor, *
     forward and (text, gradient accumulator) blocks in the backward; the text log-sum-exps (N floats) are
     all-gathered in both.
     """
-    logit_scale = _as_param(logit_scale, "logit_scale", img)
-    backend, d = _prepare(img, txt, {"logit_scale": logit_scale}, backend, group, dist_impl, check_values)
+    backend, d, params = _prepare(img, txt, {"logit_scale": logit_scale}, backend, group, dist_impl, check_values)
+    logit_scale = params["logit_scale"]
     if backend == "reference":
         if d.world == 1:
             return clip_loss_ref(img, txt, logit_scale)
