@@ -121,6 +121,22 @@ def _case(provider, shape, head_dim, mode, dtype, device, heads=None):
     return fn, info, flops
 
 
+def head_dim_path(provider: str, head_dim: int, dtype, device) -> dict:
+    """{"head_dim_path": ...} for our rows at a head dim that is no power of two (the issue's "the benchmark shows
+    the choice"): one masked tile, two pieces or zero-padding, as the ops layer runs it on `device`; else {}."""
+    if provider not in ("ours", "ours_det") or not head_dim & (head_dim - 1):
+        return {}
+    from fineviti.kernels import varlen_attention as kernels
+    from fineviti.ops.attention import padded_head_dim_for
+
+    split = kernels.split_mode()
+    width = padded_head_dim_for(head_dim, dtype, torch.device(device).type, split)
+    dim_a, dim_b = kernels.split_head_dim(width, dtype, split)
+    path = f"padded to {width}" if width != head_dim else f"masked in {dim_a}" if dim_b == 0 else \
+        f"two pieces {dim_a} + {dim_b}"
+    return {"head_dim_path": path}
+
+
 def run_case(rec, provider, shape, head_dim, mode, dtype, device, once=False, heads=None, tag=None):
     make, info, flops = _case(provider, shape, head_dim, mode, dtype, device, heads)
     if tag:
@@ -137,7 +153,7 @@ def run_case(rec, provider, shape, head_dim, mode, dtype, device, once=False, he
         rec.error(provider=provider, mode=mode, shape=info, dtype=dtype_name, error=f"{type(exc).__name__}: {exc}")
         return
     rec.add(provider=provider, mode=mode, shape=info, dtype=dtype_name, timing=timing,
-            tflops=flops / (timing["median_ms"] * 1e-3) / 1e12)
+            tflops=flops / (timing["median_ms"] * 1e-3) / 1e12, **head_dim_path(provider, head_dim, dtype, device))
 
 
 def profile_case(rec, provider, shape, head_dim, mode, dtype, device, steps=5):

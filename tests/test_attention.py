@@ -532,6 +532,7 @@ def _ok_inputs():
     (lambda q, k, v, cu: (q, k, v, cu, 4), "max_seqlen=4 is smaller than the longest sequence"),
     (lambda q, k, v, cu: (q, k, v, cu, 5.0), "max_seqlen must be a non-negative Python int"),
     (lambda q, k, v, cu: (q.int(), k, v, cu, 5), "q must be float16, bfloat16 or float32"),
+    (lambda q, k, v, cu: (q, k[:6], v[:6], cu, 5), "k has 6 tokens and q has 8: without cu_seqlens_k"),
 ])
 def test_bad_inputs(mutate, match):
     q, k, v, cu, max_seqlen = mutate(*_ok_inputs())
@@ -545,6 +546,49 @@ def test_seqlens_must_match_cu_seqlens():
         varlen_attention(q, k, v, cu, 5, backend="torch", seqlens=[3, 4])
     with pytest.raises(ValueError, match="seqlens disagrees with cu_seqlens"):
         varlen_attention(q, k, v, cu, 5, backend="torch", seqlens=[5, 3])
+    # host lengths longer than max_seqlen: caught without a look at the device (also where values go unchecked)
+    with pytest.raises(ValueError, match=r"max_seqlen=4 is smaller than the longest sequence in seqlens \(5\)"):
+        varlen_attention(q, k, v, cu, 4, backend="torch", seqlens=[3, 5], check_values=False)
+
+
+def test_cu_seqlens_k_needs_max_seqlen_k():
+    """As flash_attn_varlen_func: max_seqlen_k is not taken from max_seqlen (a key sequence longer than the longest
+    query one made too few dk/dv programs run, unwritten gradients, where values go unchecked)."""
+    q, k, v, cu = _ok_inputs()
+    with pytest.raises(ValueError, match="cu_seqlens_k needs max_seqlen_k"):
+        varlen_attention(q, k, v, cu, 5, cu_seqlens_k=cu, backend="torch")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_strided_cu_seqlens(backend):
+    """A cu_seqlens view with a stride (a column of a table): the triton kernels index it with stride 1 and read
+    other entries (garbage, or out-of-bounds writes) before it was made contiguous."""
+    q, k, v, cu = make_pack([5, 7, 3], 2, 32, torch.float32, device="cpu", requires_grad=True)
+    strided = torch.stack((cu, torch.full_like(cu, 9)), dim=1)[:, 0]
+    assert strided.stride() == (2,)
+    out = varlen_attention(q, k, v, strided, 7, backend=backend)
+    torch.testing.assert_close(out, varlen_attention(q, k, v, cu, 7, backend="torch"), rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    ref = torch.autograd.grad(varlen_attention(q, k, v, cu, 7, backend="torch").square().sum(), (q, k, v))
+    for got, want in zip(grads, ref, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_understated_max_seqlen_without_checks_still_covers_every_block():
+    """Without host lengths the triton grid is an upper bound from the token count alone, not from max_seqlen:
+    an understated max_seqlen (unchecked on CUDA by default) left output rows unwritten."""
+    q, k, v, cu = make_pack([300, 5], 1, 32, torch.float32, device="cpu", requires_grad=False)
+    out = varlen_attention(q, k, v, cu, 64, backend="triton", check_values=False)
+    torch.testing.assert_close(out, varlen_attention(q, k, v, cu, 300, backend="torch"), rtol=1e-5, atol=1e-5)
+    _, bound = kernels.block_schedule(cu, 64, 305, 64)
+    assert bound >= 6  # ceil(300 / 64) + 1 blocks exist
+
+
+def test_triton_refuses_bf16_in_the_interpreter():
+    """Triton's interpreter computes bf16 dots wrongly (errors of 1e8): refused, not returned."""
+    q, k, v, cu = make_pack([5, 3], 1, 32, torch.bfloat16, device="cpu", requires_grad=False)
+    with pytest.raises(ValueError, match="Triton's interpreter, whose bfloat16 dot products are wrong"):
+        varlen_attention(q, k, v, cu, 5, backend="triton")
 
 
 def test_negative_softmax_scale_is_a_clear_error():
@@ -1019,3 +1063,24 @@ def test_gpu_tma_dq_matches_reference(monkeypatch, head_dim):
     calls = _backward_spy(monkeypatch)
     _gpu_against_reference(torch.bfloat16, head_dim)
     assert set(calls) == {"tma"}
+
+
+def test_deterministic_is_refused_where_a_cuda_backend_cannot_keep_it(monkeypatch):
+    """deterministic=True on CUDA: triton and flash_attn keep it; torch's attention only under
+    torch.use_deterministic_algorithms(True); flex and xformers never (it was ignored silently). On a CPU it holds."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    for name in ("triton", "flash_attn"):
+        attention_mod._check_deterministic(name, cuda, True)
+    for name in ("torch", "torch_varlen"):
+        with pytest.raises(ValueError, match=f"backend '{name}' on CUDA: .*use_deterministic_algorithms"):
+            attention_mod._check_deterministic(name, cuda, True)
+        monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+        attention_mod._check_deterministic(name, cuda, True)
+        monkeypatch.undo()
+    for name in ("flex", "xformers"):
+        with pytest.raises(ValueError, match=f"backend '{name}' has no deterministic backward on CUDA"):
+            attention_mod._check_deterministic(name, cuda, True)
+        attention_mod._check_deterministic(name, cuda, False)
+        attention_mod._check_deterministic(name, cpu, True)
+    q, k, v, cu = _ok_inputs()
+    varlen_attention(q, k, v, cu, 5, backend="torch", deterministic=True)  # CPU: deterministic already

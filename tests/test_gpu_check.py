@@ -635,3 +635,15 @@ def test_summary_gives_each_sweep_its_verdict():
     text = summarize.summary_markdown(rows, [])
     assert "| shape=fa3 seqlen 4096, head_dim=64, bfloat16 | bwd | ours | dkdv_atomic | 4.000 | M64N64w4s2 | 3.200 " \
            "| 1.25 |" in text
+
+
+def test_attention_rows_name_the_head_dim_path():
+    """Our rows at 72, 80 and 96 say how the ops layer runs that head dim on the device (the issue: the benchmark
+    shows the choice), kept out of `shape`, which rows of other providers are matched by."""
+    import bench_attention
+
+    assert bench_attention.head_dim_path("ours", 72, torch.bfloat16, "cuda") == {"head_dim_path": "padded to 128"}
+    assert bench_attention.head_dim_path("ours_det", 80, torch.bfloat16, "cuda") == {"head_dim_path": "masked in 128"}
+    assert bench_attention.head_dim_path("ours", 72, torch.float16, "cpu") == {"head_dim_path": "two pieces 64 + 16"}
+    assert bench_attention.head_dim_path("ours", 64, torch.bfloat16, "cuda") == {}
+    assert bench_attention.head_dim_path("torch_varlen", 80, torch.bfloat16, "cuda") == {}

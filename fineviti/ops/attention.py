@@ -13,7 +13,7 @@ starts. Attention is non-causal within a sequence and never crosses sequences. B
   xformers      xformers.ops.memory_efficient_attention with BlockDiagonalMask (unverified likewise)
 
 `backend="auto"` follows a fixed rule table, never a timing: triton for CUDA tensors (but torch for fp32 beyond
-head_dim 64, which the triton kernels do not take in true fp32 on a GPU), torch for CPU tensors.
+head_dim 64, which the triton kernels do not take in fp32 on a GPU), torch for CPU tensors.
 FINEVITI_ATTN_BACKEND overrides "auto". Under autocast the inputs take the autocast dtype first, whatever the
 backend.
 """
@@ -151,6 +151,12 @@ def _run_triton(q, k, v, cu_q, cu_k, max_q, max_k, scale, seqlens, return_lse, d
     if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported "
                            "(Triton's interpreter); use backend='torch' on a CPU")
+    _refuse_interpreted_bf16("varlen_attention", q)
+    # the kernels index cu_seqlens with stride 1: a strided view is copied (a few bytes; the identity of a shared
+    # cu_seqlens is kept, it marks self-attention for the backward)
+    same = cu_k is cu_q
+    cu_q = cu_q.contiguous()
+    cu_k = cu_q if same else cu_k.contiguous()
     prep = [t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v)]
     kernels = _kernels()
     kernels.check_supported(q)
@@ -247,7 +253,7 @@ def varlen_attention_rope(q, k, v, cu_seqlens, max_seqlen, pos, *, theta=10000.0
     raises). The model uses the fused QKV split (qkv_split_rope) instead; this exists so that the two can
     be timed against each other (benchmarks/bench_rope.py, attn_block rows)."""
     _check_inputs(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, check_values)
-    _check_seqlens(seqlens, cu_seqlens, q.shape[0], check_values)
+    _check_seqlens(seqlens, cu_seqlens, q.shape[0], check_values, max_seqlen)
     total, heads, head_dim = q.shape
     if head_dim & (head_dim - 1) or not 16 <= head_dim <= 128:
         raise ValueError(f"varlen_attention_rope takes a power-of-two head_dim from 16 to 128, got {head_dim}")
@@ -266,6 +272,8 @@ def varlen_attention_rope(q, k, v, cu_seqlens, max_seqlen, pos, *, theta=10000.0
     if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         raise RuntimeError("varlen_attention_rope on CPU tensors needs TRITON_INTERPRET=1 set before triton is "
                            "imported; use rope_2d and varlen_attention on a CPU")
+    _refuse_interpreted_bf16("varlen_attention_rope", q)
+    cu_seqlens = cu_seqlens.contiguous()  # the kernels index it with stride 1
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
     q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
     if k.stride() != q.stride():  # the rope kernel of the backward reads q and k with one set of strides
@@ -493,7 +501,7 @@ def backend_available(name: str, device: torch.device | str = "cuda") -> tuple[b
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None,
                     head_dim: int | None = None) -> str:
     """The fixed rule table: an explicit backend stays; 'auto' is FINEVITI_ATTN_BACKEND, else triton on CUDA and
-    torch on a CPU, and torch on CUDA for fp32 beyond the head dims the triton kernels take in true fp32
+    torch on a CPU, and torch on CUDA for fp32 beyond the head dims the triton kernels take in fp32
     (kernels.varlen_attention.FP32_MAX_HEAD_DIM_GPU)."""
     if backend not in ("auto", *BACKENDS):
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
@@ -517,6 +525,31 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _check_deterministic(name: str, device: torch.device, asked: bool) -> None:
+    """deterministic=True is a promise the backend must keep, not a hint: triton and flash_attn have a backward
+    without atomics; torch's own attention (torch, torch_varlen) follows torch.use_deterministic_algorithms, which
+    must then be on; flex and xformers have no such mode on a GPU. CPU kernels are deterministic already."""
+    if not asked or device.type != "cuda" or name in ("triton", "flash_attn"):
+        return
+    if name in ("torch", "torch_varlen"):
+        if not torch.are_deterministic_algorithms_enabled():
+            raise ValueError(f"deterministic=True with backend {name!r} on CUDA: torch's attention backward is "
+                             f"deterministic only under torch.use_deterministic_algorithms(True); set that, or use "
+                             f"backend='triton'")
+        return
+    raise ValueError(f"deterministic=True: backend {name!r} has no deterministic backward on CUDA; use "
+                     f"backend='triton' or 'flash_attn'")
+
+
+def _refuse_interpreted_bf16(op: str, q: torch.Tensor) -> None:
+    """Triton's CPU interpreter computes bfloat16 tl.dot products wrongly (triton 3.6-3.8; errors of 1e8 and more,
+    silently): the triton backend refuses bf16 CPU tensors rather than return them."""
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        raise ValueError(f"{op}: backend='triton' on a CPU runs in Triton's interpreter, whose bfloat16 dot "
+                         f"products are wrong; got bfloat16 q. Pass float16 or float32 tensors, or use "
+                         f"backend='torch' on a CPU")
+
+
 def _autocast_inputs(q, k, v):
     """Under autocast, q, k and v in the autocast dtype (fp64 excepted), as scaled_dot_product_attention's inputs
     are cast in eager mode: every backend then returns that dtype (a custom op is outside autocast's reach)."""
@@ -527,7 +560,7 @@ def _autocast_inputs(q, k, v):
     return tuple(t.to(low) if t.dtype not in (low, torch.float64) else t for t in (q, k, v))
 
 
-def _check_inputs(q, k, v, cu_q, cu_k, max_q, max_k, check_values):
+def _check_inputs(q, k, v, cu_q, cu_k, max_q, max_k, check_values, own_keys=False):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -544,6 +577,9 @@ def _check_inputs(q, k, v, cu_q, cu_k, max_q, max_k, check_values):
     if q.shape[1:] != k.shape[1:]:
         raise ValueError(f"q and k must have the same (heads, head_dim), got {tuple(q.shape[1:])} and "
                          f"{tuple(k.shape[1:])}")
+    if not own_keys and k.shape[0] != q.shape[0]:  # a shape: checked on every device
+        raise ValueError(f"k has {k.shape[0]} tokens and q has {q.shape[0]}: without cu_seqlens_k the keys follow "
+                         f"cu_seqlens, so they must match (pass cu_seqlens_k and max_seqlen_k for other key lengths)")
     for name, value in (("max_seqlen", max_q), ("max_seqlen_k", max_k)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name} must be a non-negative Python int, got {value!r}")
@@ -557,7 +593,7 @@ def _check_inputs(q, k, v, cu_q, cu_k, max_q, max_k, check_values):
                          f"got {cu_k.numel()}")
 
 
-def _host_seqlens(seqlens, cu_seqlens, total: int, check_values):
+def _host_seqlens(seqlens, cu_seqlens, total: int, check_values, max_seqlen: int | None = None):
     """The checked host lengths as (a list, None); traced with a CPU tensor, (None, the tensor): its values are not
     read while tracing (they would specialise the graph), the triton op reads them when it runs."""
     if isinstance(seqlens, torch.Tensor):
@@ -569,16 +605,18 @@ def _host_seqlens(seqlens, cu_seqlens, total: int, check_values):
         seqlens = seqlens.tolist()
     if seqlens is not None:
         seqlens = list(seqlens)
-        _check_seqlens(seqlens, cu_seqlens, total, check_values)
+        _check_seqlens(seqlens, cu_seqlens, total, check_values, max_seqlen)
     return seqlens, None
 
 
-def _check_seqlens(seqlens, cu_seqlens, total: int, check_values) -> None:
+def _check_seqlens(seqlens, cu_seqlens, total: int, check_values, max_seqlen: int | None = None) -> None:
     if seqlens is None:
         return
     if len(seqlens) != cu_seqlens.numel() - 1 or sum(seqlens) != total:
         raise ValueError(f"seqlens must hold {cu_seqlens.numel() - 1} lengths summing to {total} tokens, "
                          f"got {len(seqlens)} lengths summing to {sum(seqlens)}")
+    if max_seqlen is not None and seqlens and max(seqlens) > max_seqlen:  # host values: free to check
+        raise ValueError(f"max_seqlen={max_seqlen} is smaller than the longest sequence in seqlens ({max(seqlens)})")
     if value_checks_enabled(cu_seqlens, check_values) and (cu_seqlens[1:] - cu_seqlens[:-1]).tolist() != list(
             seqlens):
         raise ValueError("seqlens disagrees with cu_seqlens: it must list the differences of cu_seqlens")
@@ -596,7 +634,9 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, cu_seqlens_k=None, max_
     return_lse: also return the (heads, total) fp32 log-sum-exp (natural log) of the scaled scores (without a
         gradient on the triton and torch backends).
     deterministic: ask for a bit-reproducible backward (also on when torch.use_deterministic_algorithms(True) is
-        set). The triton backend then computes dq in a second kernel without atomics; otherwise it follows
+        set); on CUDA a backend that cannot keep it raises (torch and torch_varlen need
+        torch.use_deterministic_algorithms(True); flex and xformers have no such mode). The triton backend then
+        computes dq in a second kernel without atomics; otherwise it follows
         kernels.varlen_attention.dq_mode (atomic dq at 16-bit head dims above 64;
         FINEVITI_ATTN_DQ=atomic|separate overrides it from 64 to 128).
     softmax_scale with the triton backend: finite and > 0.
@@ -610,16 +650,20 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, cu_seqlens_k=None, max_
     Returns (total, heads, head_dim) in q's dtype, or under autocast in the autocast dtype, which q, k and v take
     first as scaled_dot_product_attention's do (and the log-sum-exp with return_lse).
     """
+    if cu_seqlens_k is not None and max_seqlen_k is None:
+        raise ValueError("cu_seqlens_k needs max_seqlen_k (a Python int >= the longest key sequence), as "
+                         "flash_attn_varlen_func does: it is not taken from max_seqlen")
     cu_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
     max_k = max_seqlen if max_seqlen_k is None else max_seqlen_k
-    _check_inputs(q, k, v, cu_seqlens, cu_k, max_seqlen, max_k, check_values)
-    seqlens, seqlens_host = _host_seqlens(seqlens, cu_seqlens, q.shape[0], check_values)
+    _check_inputs(q, k, v, cu_seqlens, cu_k, max_seqlen, max_k, check_values, own_keys=cu_seqlens_k is not None)
+    seqlens, seqlens_host = _host_seqlens(seqlens, cu_seqlens, q.shape[0], check_values, max_seqlen)
     head_dim = q.shape[-1]
     if not 16 <= head_dim <= 256:
         raise ValueError(f"head_dim must be in [16, 256], got {head_dim}")
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
     q, k, v = _autocast_inputs(q, k, v)
     name = resolve_backend(backend, q.device, q.dtype, head_dim)
+    _check_deterministic(name, q.device, bool(deterministic))
     deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
     if name == "triton":
         return _run_triton(q, k, v, cu_seqlens, cu_k, max_seqlen, max_k, scale, seqlens, return_lse,
