@@ -51,8 +51,9 @@ def check_against_reference(lens, heads, head_dim, dtype, backend="triton", atol
         assert err <= budget, f"{name}: max error {err:.3e} > budget {budget:.3e} (lens={lens}, d={head_dim})"
 
 
-# Pairwise-reduced matrix for CI: every head dim, both dtypes, 1-4 heads, lengths 1, 3, 17 and one long length
-# in each case; the full product is under -m slow.
+# Reduced matrix for CI: every head dim (and 256) in both dtypes, 1-4 heads, lengths 1, 3 and 17 in each case and
+# the long ones (64, 197, 257, 577) spread over them, 577 once alone and once in a mix; the full product is under
+# -m slow.
 CASES = [
     (32, torch.float32, 1, [1, 3, 197]),
     (64, torch.float16, 2, [3, 17, 257, 1]),
@@ -61,6 +62,14 @@ CASES = [
     (96, torch.float32, 2, [1, 17, 3, 64]),
     (128, torch.float16, 4, [3, 1, 17]),
     (64, torch.float32, 1, [577]),
+    (32, torch.float16, 3, [17, 1, 3, 64]),
+    (72, torch.float16, 2, [3, 17, 1, 257]),
+    (80, torch.float32, 4, [1, 3, 17]),
+    (96, torch.float16, 3, [17, 3, 1]),
+    (128, torch.float32, 1, [1, 17, 3, 197]),
+    (256, torch.float16, 1, [1, 3, 17, 64]),
+    (256, torch.float32, 2, [17, 1, 3]),
+    (64, torch.float16, 1, [577, 1, 17, 3]),
 ]
 
 
@@ -389,9 +398,12 @@ def test_every_launch_kind_ships():
 
 @pytest.mark.parametrize("kind,block_m,block_n", _shipped_block_shapes())
 def test_every_shipped_block_shape(monkeypatch, kind, block_m, block_n):
-    # The interpreter ignores warps and stages, so the block shapes are what differ between shipped configs.
+    # The interpreter ignores warps and stages, so the block shapes are what differ between shipped configs; each
+    # runs in both layouts of a head dim that is no power of two: one masked tile (80 in 128 columns) and two
+    # pieces (72 = 64 + 16)
     monkeypatch.setenv(f"FINEVITI_ATTN_{kind.upper()}_CONFIG", f"{block_m},{block_n},4,1")
     check_against_reference([1, 130, 3, 67], 2, 80, torch.float16, deterministic=kind in ("dkdv", "dq"))
+    check_against_reference([1, 130, 3], 1, 72, torch.float16, deterministic=kind in ("dkdv", "dq"))
 
 
 def test_torch_backend_matches_reference():
@@ -533,6 +545,8 @@ def _ok_inputs():
     (lambda q, k, v, cu: (q, k, v, cu, 5.0), "max_seqlen must be a non-negative Python int"),
     (lambda q, k, v, cu: (q.int(), k, v, cu, 5), "q must be float16, bfloat16 or float32"),
     (lambda q, k, v, cu: (q, k[:6], v[:6], cu, 5), "k has 6 tokens and q has 8: without cu_seqlens_k"),
+    (lambda q, k, v, cu: (q, k.to("meta"), v, cu, 5), "k is on meta but q is on cpu; they must match"),
+    (lambda q, k, v, cu: (q, k, v, cu.to("meta"), 5), "cu_seqlens is on meta but q is on cpu; they must match"),
 ])
 def test_bad_inputs(mutate, match):
     q, k, v, cu, max_seqlen = mutate(*_ok_inputs())
@@ -951,15 +965,24 @@ def test_gpu_matches_reference(dtype, head_dim):
     _gpu_against_reference(dtype, head_dim)
 
 
-def _gpu_against_reference(dtype, head_dim):
-    lens = [1, 3, 197, 257, 577, 1024]
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim,deterministic", [(32, False), (256, False), (80, True), (128, True)])
+def test_gpu_other_head_dims_and_deterministic_match_reference(head_dim, deterministic):
+    """The issue's ends of the head-dim range (32, 256) and the deterministic backward against the fp64 reference
+    (not only against the atomic one), under the sync debug mode too."""
+    _gpu_against_reference(torch.bfloat16, head_dim, deterministic)
+
+
+def _gpu_against_reference(dtype, head_dim, deterministic=False):
+    lens = [1, 3, 17, 197, 257, 577, 1024]
     q, k, v, cu = make_pack(lens, 4, head_dim, dtype, device="cuda")
     grad = torch.randn(q.shape, device="cuda", dtype=dtype)
     torch.cuda.set_sync_debug_mode("error")
     try:
-        out = varlen_attention(q, k, v, cu, max(lens), backend="triton", seqlens=lens)
+        out = varlen_attention(q, k, v, cu, max(lens), backend="triton", seqlens=lens, deterministic=deterministic)
         grads = torch.autograd.grad(out, (q, k, v), grad)
-        out2 = varlen_attention(q, k, v, cu, max(lens), backend="triton")  # upper-bound grid, no host lengths
+        out2 = varlen_attention(q, k, v, cu, max(lens), backend="triton",  # upper-bound grid, no host lengths
+                                deterministic=deterministic)
         torch.autograd.grad(out2, (q, k, v), grad)
     finally:
         torch.cuda.set_sync_debug_mode(0)
