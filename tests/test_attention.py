@@ -1105,5 +1105,13 @@ def test_deterministic_is_refused_where_a_cuda_backend_cannot_keep_it(monkeypatc
             attention_mod._check_deterministic(name, cuda, True)
         attention_mod._check_deterministic(name, cuda, False)
         attention_mod._check_deterministic(name, cpu, True)
+        # the global switch asks too: an error, or a warning under its warn_only
+        monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+        with pytest.raises(ValueError, match="no deterministic backward"):
+            attention_mod._check_deterministic(name, cuda, False)
+        monkeypatch.setattr(torch, "is_deterministic_algorithms_warn_only_enabled", lambda: True)
+        with pytest.warns(UserWarning, match="warn_only=True"):
+            attention_mod._check_deterministic(name, cuda, False)
+        monkeypatch.undo()
     q, k, v, cu = _ok_inputs()
     varlen_attention(q, k, v, cu, 5, backend="torch", deterministic=True)  # CPU: deterministic already

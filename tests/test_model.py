@@ -646,3 +646,14 @@ def test_aligner_config_and_hf_adapter_errors(tmp_path):
     except ImportError:
         with pytest.raises(ImportError, match="transformers"):
             HFCausalLM(str(tmp_path))
+
+
+def test_model_loss_takes_every_ranks_negatives_by_default():
+    """The model's loss passes group="default" on (the world group under torch.distributed, as the losses' own
+    default): with None, a DDP user calling model(batch) got per-rank losses."""
+    import inspect
+
+    from fineviti.model.two_tower import FineViT
+
+    for method in (FineViT.forward, FineViT.contrastive_loss):
+        assert inspect.signature(method).parameters["group"].default == "default"

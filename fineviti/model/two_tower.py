@@ -80,14 +80,15 @@ class FineViT(nn.Module):
             scale = scale.clamp(max=CLIP_MAX_SCALE)
         return scale, self.logit_bias
 
-    def forward(self, batch, *, group=None, compute_loss: bool = True) -> dict[str, Any]:
+    def forward(self, batch, *, group="default", compute_loss: bool = True) -> dict[str, Any]:
         """batch: a fineviti.data.batch.PackedBatch. Returns image_features (n_images, D) and text_features
         (n_texts, D), unit norm; logit_scale (the multiplier) and logit_bias (None for CLIP); and loss.
 
         Captions pair with images one to one unless batch.text_image maps each caption to its image; then each
         caption is a positive of its image and every other pair a negative (several captions of one image are
         then negatives of each other's images: give one caption per image per step to avoid that).
-        group: passed to the loss, for negatives from every rank (see fineviti.ops.siglip_loss)."""
+        group: passed to the loss, for negatives from every rank (see fineviti.ops.siglip_loss): "default" (the
+        world group when torch.distributed is initialised), a ProcessGroup, or None (this process's pairs only)."""
         image_features = self.encode_image(batch.patches, batch.cu_seqlens, batch.pos, batch.max_seqlen,
                                            batch.seqlens, normalize=True, padding_tokens=batch.padding_tokens)
         text_features = self.encode_text(batch.tokens, batch.text_cu_seqlens, batch.text_max_seqlen,
@@ -100,7 +101,7 @@ class FineViT(nn.Module):
         return out
 
     def contrastive_loss(self, image_features: torch.Tensor, text_features: torch.Tensor,
-                         text_image: torch.Tensor | None = None, *, group=None) -> torch.Tensor:
+                         text_image: torch.Tensor | None = None, *, group="default") -> torch.Tensor:
         """The configured loss of normalised features; text_image (n_texts,) pairs caption j with image
         text_image[j] (default: caption i with image i)."""
         from fineviti.ops.contrastive import clip_loss, siglip_loss

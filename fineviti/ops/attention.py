@@ -25,6 +25,7 @@ import importlib.util
 import inspect
 import math
 import os
+import warnings
 
 import torch
 
@@ -526,19 +527,26 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
 
 
 def _check_deterministic(name: str, device: torch.device, asked: bool) -> None:
-    """deterministic=True is a promise the backend must keep, not a hint: triton and flash_attn have a backward
-    without atomics; torch's own attention (torch, torch_varlen) follows torch.use_deterministic_algorithms, which
-    must then be on; flex and xformers have no such mode on a GPU. CPU kernels are deterministic already."""
-    if not asked or device.type != "cuda" or name in ("triton", "flash_attn"):
+    """deterministic=True, or torch.use_deterministic_algorithms(True), is a promise the backend must keep, not a
+    hint: triton and flash_attn have a backward without atomics; torch's own attention (torch, torch_varlen)
+    follows torch.use_deterministic_algorithms, which must then be on; flex and xformers have no such mode on a
+    GPU (an error, or a warning under the global switch's warn_only). CPU kernels are deterministic already."""
+    switch = torch.are_deterministic_algorithms_enabled()
+    if not (asked or switch) or device.type != "cuda" or name in ("triton", "flash_attn"):
         return
     if name in ("torch", "torch_varlen"):
-        if not torch.are_deterministic_algorithms_enabled():
+        if not switch:
             raise ValueError(f"deterministic=True with backend {name!r} on CUDA: torch's attention backward is "
                              f"deterministic only under torch.use_deterministic_algorithms(True); set that, or use "
                              f"backend='triton'")
         return
-    raise ValueError(f"deterministic=True: backend {name!r} has no deterministic backward on CUDA; use "
-                     f"backend='triton' or 'flash_attn'")
+    message = (f"deterministic=True: backend {name!r} has no deterministic backward on CUDA; use "
+               f"backend='triton' or 'flash_attn'")
+    if not asked and torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(message + " (torch.use_deterministic_algorithms(True, warn_only=True): a warning)",
+                      stacklevel=3)
+        return
+    raise ValueError(message)
 
 
 def _refuse_interpreted_bf16(op: str, q: torch.Tensor) -> None:

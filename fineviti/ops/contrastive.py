@@ -450,6 +450,7 @@ def _make_dist(group, img, failure: Exception | None = None) -> _Dist:
     mine = torch.tensor([img.shape[0] if shaped else -1, img.shape[1] if shaped else -1,
                          _DTYPE_CODES.get(img.dtype, -1) if shaped else -1, int(failure is not None)],
                         device=_comm_device(group, img if isinstance(img, torch.Tensor) else None), dtype=torch.int64)
+    # (a bad input's rank still joins the exchange, on the group's device, and raises after it)
     every = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(every, mine, group=group)
     rows = [t.tolist() for t in every]  # one host synchronisation: the shapes of everything below depend on it
@@ -470,11 +471,17 @@ def _make_dist(group, img, failure: Exception | None = None) -> _Dist:
 
 
 def _comm_device(group, t: torch.Tensor | None) -> torch.device:
+    """Where a collective's tensors live: the CPU for gloo, else t's device, or (t missing or not on an
+    accelerator: a bad input, which the exchange reports on every rank) the device the NCCL group is bound to,
+    or this rank's current CUDA device."""
     import torch.distributed as dist
 
     if dist.get_backend(group) == "gloo":
         return torch.device("cpu")
-    return t.device if t is not None else torch.device("cuda", torch.cuda.current_device())
+    if t is not None and t.device.type != "cpu":
+        return t.device
+    bound = getattr(group, "bound_device_id", None)
+    return bound if bound is not None else torch.device("cuda", torch.cuda.current_device())
 
 
 def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
@@ -687,21 +694,23 @@ def _first_order_only(name: str) -> None:
 
 
 @contextlib.contextmanager
-def _no_autocast(device: torch.device):
+def _no_autocast(device: torch.device, dtype: torch.dtype | None = None):
     """The ops' bodies run with autocast off (their matmuls choose their own precision: fp32 accumulation, fp32 for
-    fp32 features; a surrounding autocast region would recast them) and with fp32 matmuls in IEEE fp32 whatever
-    torch.set_float32_matmul_precision or allow_tf32 say (TF32 on a GPU, or bf16 on a CPU under "medium", gave
-    errors of 1e-3 in fp32 gradients; the Triton logits are IEEE already). Not while torch.compile traces."""
+    fp32 features; a surrounding autocast region would recast them) and, unless the features are bf16, with fp32
+    matmuls in IEEE fp32 whatever torch.set_float32_matmul_precision or allow_tf32 say (TF32 on a GPU, or bf16 on a
+    CPU under "medium", gave errors of 1e-3 in fp32 gradients; the Triton logits are IEEE already; bf16 features
+    upcast to fp32 lose nothing in bf16 products). Not while torch.compile traces."""
     try:
         available = torch.amp.is_autocast_available(device.type)
     except AttributeError:  # a torch without the query
         available = device.type in ("cuda", "cpu")
-    with torch.autocast(device.type, enabled=False) if available else contextlib.nullcontext(), _ieee_fp32():
+    exact = _ieee_fp32() if dtype != torch.bfloat16 else contextlib.nullcontext()
+    with torch.autocast(device.type, enabled=False) if available else contextlib.nullcontext(), exact:
         yield
 
 
 def _precision_settings() -> list:
-    """The matmul precision settings of torch's newer per-backend API (torch >= 2.9), else none."""
+    """The matmul precision settings of torch's per-backend API (torch >= 2.9), else none."""
     found = []
     for owner in (torch.backends.cuda, getattr(torch.backends, "mkldnn", None)):
         matmul = getattr(owner, "matmul", None)
@@ -712,32 +721,34 @@ def _precision_settings() -> list:
 
 @contextlib.contextmanager
 def _ieee_fp32():
+    """IEEE fp32 matmuls inside, the caller's settings restored after, exactly: the legacy setting (when it can be
+    read: torch raises on a mix of the two APIs) through set_float32_matmul_precision, which keeps both APIs
+    consistent while the op runs, then each backend's fp32_precision as it was. A process-wide setting: another
+    thread's fp32 matmuls in the same moments run in IEEE fp32 too (slower, not less accurate)."""
     if torch.compiler.is_compiling():
         yield
         return
     settings = _precision_settings()
-    if settings:  # per backend, restored to exactly what they were (the legacy query raises on a mix of the two APIs)
-        saved = [m.fp32_precision for m in settings]
-        if all(v == "ieee" for v in saved):
-            yield
-            return
-        try:
-            for m in settings:
-                m.fp32_precision = "ieee"
-            yield
-        finally:
-            for m, value in zip(settings, saved, strict=True):
-                m.fp32_precision = value
-        return
-    saved = torch.get_float32_matmul_precision()
-    if saved == "highest":
+    saved = [m.fp32_precision for m in settings]
+    try:
+        legacy = torch.get_float32_matmul_precision()
+    except RuntimeError:  # the caller mixed the two APIs
+        legacy = None
+    if legacy == "highest" or (legacy is None and all(v == "ieee" for v in saved)):
         yield
         return
     try:
-        torch.set_float32_matmul_precision("highest")
+        if legacy is not None:
+            torch.set_float32_matmul_precision("highest")
+        else:
+            for m in settings:
+                m.fp32_precision = "ieee"
         yield
     finally:
-        torch.set_float32_matmul_precision(saved)
+        if legacy is not None:
+            torch.set_float32_matmul_precision(legacy)
+        for m, value in zip(settings, saved, strict=True):
+            m.fp32_precision = value
 
 
 def _siglip_backward(grad, x, y, scale, bias, impl, d: _Dist, ring: bool, dy_dtype=None):
@@ -814,7 +825,7 @@ def _siglip_fwd_op(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tens
     """(loss, d_img, d_txt, d_scale, d_bias): with `with_grad`, the gradients for an upstream gradient of 1 come
     from the forward's own pass over the logits (the backward scales them); without it they are empty."""
     impl, d = _backend_impl(backend), _one_process(img)
-    with _no_autocast(img.device):
+    with _no_autocast(img.device, img.dtype):
         if with_grad:
             return _siglip_forward_with_grads(img, txt, logit_scale, logit_bias, impl, d)
         loss = _siglip_forward(img, txt, logit_scale, logit_bias, impl, d, ring=False)
@@ -835,7 +846,7 @@ def _(img, txt, logit_scale, logit_bias, backend, with_grad=False):
 def _siglip_bwd_op(grad: torch.Tensor, img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
                    logit_bias: torch.Tensor,
                    backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    with _no_autocast(img.device):
+    with _no_autocast(img.device, img.dtype):
         return _siglip_backward(grad, img, txt, logit_scale, logit_bias, _backend_impl(backend), _one_process(img),
                                 ring=False)
 
@@ -866,7 +877,7 @@ torch.library.register_autograd("fineviti::siglip_loss_fwd", _siglip_fwd_backwar
 def _clip_fwd_op(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
                  backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, lse_row, lse_col): the loss and the fp32 (N,) image-to-text and text-to-image log-sum-exps."""
-    with _no_autocast(img.device):
+    with _no_autocast(img.device, img.dtype):
         return _clip_forward(img, txt, logit_scale, img, _backend_impl(backend), _one_process(img), ring=False)
 
 
@@ -880,7 +891,7 @@ def _(img, txt, logit_scale, backend):
 def _clip_bwd_op(grad: torch.Tensor, img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
                  lse_row: torch.Tensor, lse_col: torch.Tensor,
                  backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    with _no_autocast(img.device):
+    with _no_autocast(img.device, img.dtype):
         return _clip_backward(grad, img, txt, logit_scale, lse_row, lse_col, _backend_impl(backend),
                               _one_process(img), ring=False)
 
@@ -924,7 +935,7 @@ class _SiglipFn(torch.autograd.Function):
         ctx.with_grad = with_grad and not ring
         ctx.dtypes = [t.dtype for t in (x, y, scale, bias)]
         y_cols = y if ring else _gather_rows(y, d)
-        with _no_autocast(x.device):
+        with _no_autocast(x.device, x.dtype):
             if ctx.with_grad:
                 loss, *grads = _siglip_forward_with_grads(x, y_cols, scale, bias, impl, d)
                 ctx.save_for_backward(*grads)
@@ -941,7 +952,7 @@ class _SiglipFn(torch.autograd.Function):
         if ctx.with_grad:
             grads = _apply_upstream(grad, ctx.saved_tensors, dtypes)
         else:
-            with _no_autocast(grad.device):
+            with _no_autocast(grad.device, ctx.saved_tensors[0].dtype):
                 grads = _siglip_backward(grad, *ctx.saved_tensors, ctx.impl, d, ctx.ring, dy_dtype=dtypes[1])
         dx, dy, ds, db = grads
         if not ctx.ring:
@@ -956,7 +967,7 @@ class _ClipFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y, scale, impl, d, ring):
         y_cols, x_all = (y, x) if ring else (_gather_rows(y, d), _gather_rows(x, d))
-        with _no_autocast(x.device):
+        with _no_autocast(x.device, x.dtype):
             loss, lse_row, lse_col_all = _clip_forward(x, y_cols, scale, x_all, impl, d, ring)
         ctx.save_for_backward(x, y_cols, scale, lse_row, lse_col_all)
         ctx.impl, ctx.d, ctx.ring, ctx.y_dtype = impl, d, ring, y.dtype
@@ -967,7 +978,7 @@ class _ClipFn(torch.autograd.Function):
         _first_order_only("clip_loss")
         y_cols = ctx.saved_tensors[1]
         dy_dtype = ctx.y_dtype if ctx.ring else _saved_grad_dtype(y_cols)
-        with _no_autocast(grad.device):
+        with _no_autocast(grad.device, ctx.saved_tensors[0].dtype):
             dx, dy, ds = _clip_backward(grad, *ctx.saved_tensors, ctx.impl, ctx.d, ctx.ring, dy_dtype=dy_dtype)
         if not ctx.ring:
             dy = _reduce_rows(dy.contiguous(), ctx.d).to(ctx.y_dtype)
@@ -1048,7 +1059,7 @@ def _prepare(img, txt, params, backend, group, dist_impl, check_values):
         backend = _resolve_backend(backend, img)
         if backend == "triton" and not torch.compiler.is_compiling():
             logits_mode()  # a bad FINEVITI_LOSS_LOGITS fails here, not in the gradient pass halfway through a step
-    except (TypeError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 (any failure here is raised on every rank, after the exchange)
         failure = exc
     d = _make_dist(group, img, failure)
     if d.total == 0:
