@@ -332,3 +332,28 @@ def test_an_older_iterator_dropped_later_leaves_the_newer_one_running(data):
     assert not consumer.is_alive(), "the newer iterator waits for a batch that never comes"
     assert len(got) == 2 and want
     loader.close()
+
+
+def test_an_index_older_than_its_tar_is_written_again(tmp_path):
+    """A tar rewritten after its index (other samples, other offsets): the stale index pointed into other
+    samples' bytes (a JPEG kept as a caption). An index older than its tar is written again."""
+    import os
+
+    from fineviti.data.dataset import ShardDataset
+
+    def write(order):
+        with ShardWriter(tmp_path, prefix="s", samples_per_shard=100) as writer:
+            for i in order:
+                writer.write(f"k{i}", [("jpg", _jpeg(64 + 8 * i, 64)), ("txt", f"caption {i}".encode()),
+                                       ("json", json.dumps({"width": 64 + 8 * i, "height": 64}).encode())])
+
+    write([0, 1, 2])
+    assert len(ShardDataset(tmp_path)) == 3  # writes the index
+    idx = index_path(tmp_path / "s-00000.tar")
+    stale = idx.read_bytes()
+    write([2, 0])  # rewritten (another tool, which leaves the old index alone)
+    idx.write_bytes(stale)
+    os.utime(idx, (os.path.getmtime(idx) - 10,) * 2)
+    dataset = ShardDataset(tmp_path)
+    assert [dataset.load(i).caption for i in range(len(dataset))] == ["caption 2", "caption 0"]
+    assert list(dataset.keys) == ["k2", "k0"] and not dataset.stats

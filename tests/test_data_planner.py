@@ -167,3 +167,24 @@ def test_cost_balance_evens_out_the_ranks():
         return float(np.mean(ratios))
 
     assert imbalance(64) < imbalance(1) - 0.05
+
+
+def test_advancing_over_past_epochs_does_not_plan_them_again(monkeypatch):
+    """A loader counts its steps from where it started: advance() walks every epoch since then. With only the plans
+    of the last two epochs kept, from the third epoch on every step planned each past epoch again (3 s each at 10M
+    samples); their pack counts are now kept."""
+    import fineviti.data.planner as planner_mod
+
+    calls = []
+    plan = planner_mod.plan_packs
+    monkeypatch.setattr(planner_mod, "plan_packs", lambda *a: calls.append(1) or plan(*a))
+    p = Planner(np.random.default_rng(0).integers(1, 100, size=200), 400, seed=1)
+    state = PlanState(1, 0, 0, 0)
+    n0 = p.epoch(0).n_packs
+    for step in range(6 * n0):
+        assert p.step_packs(state, step, 1) is not None
+    assert len(calls) == len(p._n_packs) >= 5  # each epoch reached planned once
+    before = len(calls)
+    for step in range(6 * n0 - 5, 6 * n0):
+        p.step_packs(state, step, 1)
+    assert len(calls) == before

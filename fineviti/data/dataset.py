@@ -64,7 +64,9 @@ class ShardDataset:
         image_off, image_size, text_off, text_size, json_off, json_size = [], [], [], [], [], []
         for shard_id, tar in enumerate(self.shards):
             idx = shards_mod.index_path(tar)
-            if not idx.is_file():
+            # an index older than its tar (the tar rewritten or appended since) is written again: its offsets
+            # would point into other samples' bytes
+            if not idx.is_file() or os.path.getmtime(idx) < os.path.getmtime(tar):
                 _, damage = shards_mod.write_index(tar, idx)
                 if damage is not None:  # indexed up to its last whole sample; what followed is lost (uncounted)
                     self._skip("truncated_shard")

@@ -94,6 +94,16 @@ class DataConfig:
         integer("epochs", 1, optional=True)
         if not (isinstance(self.max_aspect, (int, float)) and self.max_aspect >= 1):
             raise ValueError(f"{prefix}max_aspect must be a number >= 1, got {self.max_aspect!r}")
+        from fineviti.data.pixels import NORMS
+
+        if self.norm not in NORMS:
+            raise ValueError(f"{prefix}norm must be one of {sorted(NORMS)}, got {self.norm!r}")
+        dtype = getattr(torch, str(self.dtype), None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"{prefix}dtype must name a floating-point torch dtype (float32, bfloat16, float16), "
+                             f"got {self.dtype!r}")
+        if self.max_text_tokens < 2:
+            raise ValueError(f"{prefix}max_text_tokens must be >= 2 (<bos> and <eos>), got {self.max_text_tokens}")
 
 
 def _tokenizer_path(cfg: DataConfig) -> Path:

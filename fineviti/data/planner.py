@@ -168,12 +168,14 @@ class Planner:
         self.budget, self.seed, self.window, self.cost_block = int(budget), int(seed), int(window), int(cost_block)
         self.epochs, self.backend = epochs, backend
         self._cache: OrderedDict[int, EpochPlan] = OrderedDict()
+        self._n_packs: dict[int, int] = {}  # every epoch planned so far: its pack count (advance() walks them)
         self._lock = threading.Lock()  # the loader's prefetch thread and its consumer both read plans
 
     def __getstate__(self):
         state = dict(self.__dict__)
         del state["_lock"]
         state["_cache"] = OrderedDict()
+        state["_n_packs"] = dict(self._n_packs)
         return state
 
     def __setstate__(self, state):
@@ -189,6 +191,7 @@ class Planner:
                 offsets, positions = plan_packs(self.lengths[perm], self.budget, self.window, self.backend)
                 order, offsets = balance_packs(perm[positions], offsets, self.lengths, self.cost_block)
                 plan = self._cache[epoch] = EpochPlan(epoch, order, offsets)
+                self._n_packs[epoch] = plan.n_packs
                 while len(self._cache) > 2:
                     self._cache.popitem(last=False)
             else:
@@ -196,12 +199,17 @@ class Planner:
             return plan
 
     def advance(self, epoch: int, pack: int, count: int) -> tuple[int, int] | None:
-        """The stream position `count` packs after (epoch, pack), or None when it lies past the last epoch."""
+        """The stream position `count` packs after (epoch, pack), or None when it lies past the last epoch. Walks
+        the epochs in between by their pack counts, kept for every epoch planned (the plans themselves: the last
+        two), so that a loader counting steps from the start of a run does not plan every past epoch again at
+        every step."""
         pack += count
         while True:
             if self.epochs is not None and epoch >= self.epochs:
                 return None
-            n_packs = self.epoch(epoch).n_packs
+            n_packs = self._n_packs.get(epoch)
+            if n_packs is None:
+                n_packs = self.epoch(epoch).n_packs
             if pack < n_packs:
                 return epoch, pack
             pack -= n_packs

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import threading
 import tarfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -140,7 +141,11 @@ def write_index(tar_path: str | os.PathLike, idx_path: str | os.PathLike | None 
     lines = [f"{INDEX_VERSION} {len(samples)}"]
     for sample in samples:
         lines.append(" ".join(f"{ext} {m.offset} {m.size} {m.name}" for ext, m in sample.members.items()))
-    idx_path.write_text("\n".join(lines) + "\n")
+    # written whole or not at all: ranks that open unindexed shards together each write one, and a reader must
+    # never see another's half-written file (it raised "index is empty")
+    tmp = idx_path.with_name(f".{idx_path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, idx_path)
     return idx_path, error
 
 
