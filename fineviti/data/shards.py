@@ -15,8 +15,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
-import threading
 import tarfile
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
