@@ -140,7 +140,7 @@ def launch(q, k, v, q_out, k_out, v_out, pos, theta: float, inverse: bool, confi
     (total, 2) int32. The caller checks shapes; this only builds the grid and launches.
     """
     total, heads, head_dim = q.shape
-    if total == 0:
+    if q.numel() == 0:  # no tokens, heads or columns: nothing to rotate (a grid from 0 heads divided by zero)
         return
     config = config or launch_config(head_dim, heads)
     grid = (triton.cdiv(total, config["BLOCK_T"]), triton.cdiv(heads, config["BLOCK_H"]))

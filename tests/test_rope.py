@@ -398,11 +398,65 @@ def test_views_overlap_against_enumeration():
 
 def test_int64_and_strided_positions():
     pos32 = positions(GRIDS["pack"])
-    pos64 = torch.stack((pos32[:, 1], pos32[:, 0]), dim=1).long()[:, [1, 0]]  # int64, non-contiguous columns
+    pos64 = pos32.long().T.contiguous().T  # int64 with strides (1, total): columns apart
+    pos_rows = torch.zeros(pos32.shape[0], 5, dtype=torch.int32)[:, 1:3]  # a slice of a wider table
+    pos_rows.copy_(pos32)
+    assert not pos64.is_contiguous() and not pos_rows.is_contiguous()
     x = torch.randn(pos32.shape[0], 2, 32)
     backends = ["torch"] + (["triton"] if INTERPRET else []) + (["cpp"] if CPP_BUILT else [])
     for backend in backends:
-        assert torch.equal(rope_2d(x, pos64, backend=backend), rope_2d(x, pos32, backend=backend)), backend
+        want = rope_2d(x, pos32, backend=backend)
+        assert torch.equal(rope_2d(x, pos64, backend=backend), want), backend
+        assert torch.equal(rope_2d(x, pos_rows, backend=backend), want), backend
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_second_derivatives(backend):
+    """create_graph=True through the rotation: the cpp ops have no autograd of their own, and the backward that
+    called them gave second derivatives of 0 with a warning; it now rotates through the Function again."""
+    pos = positions(GRIDS["7x13"])
+    x = torch.randn(pos.shape[0], 3, 24, dtype=torch.float32, requires_grad=True)
+    w = torch.randn_like(x)
+    (gx,) = torch.autograd.grad((rope_2d(x, pos, backend=backend) * w).square().sum(), x, create_graph=True)
+    (ggx,) = torch.autograd.grad(gx.sum(), x)
+    (gx_ref,) = torch.autograd.grad((rope_2d_ref(x, pos) * w).square().sum(), x, create_graph=True)
+    (ggx_ref,) = torch.autograd.grad(gx_ref.sum(), x)
+    torch.testing.assert_close(ggx, ggx_ref, rtol=1e-4, atol=1e-4)
+    qkv = torch.randn(pos.shape[0], 3 * 2 * 8, requires_grad=True)
+    q, k, _ = qkv_split_rope(qkv, pos, 2, backend=backend)
+    (g,) = torch.autograd.grad((q * k).sum(), qkv, create_graph=True)
+    (gg,) = torch.autograd.grad(g.square().sum(), qkv)
+    q_ref, k_ref, _ = (t.reshape(pos.shape[0], 2, 8) for t in qkv.view(pos.shape[0], 3, 16).unbind(1))
+    (g_ref,) = torch.autograd.grad((rope_2d_ref(q_ref, pos) * rope_2d_ref(k_ref, pos)).sum(), qkv, create_graph=True)
+    (gg_ref,) = torch.autograd.grad(g_ref.square().sum(), qkv)
+    torch.testing.assert_close(gg, gg_ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_inplace_on_views_with_gradients(backend):
+    """In place on views of a tensor that autograd tracks (q and k sliced from a qkv activation): autograd's view
+    handling failed (an internal assert, or "cannot return more than one Tensor") before."""
+    pos = positions(GRIDS["pack"])
+    leaf = torch.randn(pos.shape[0], 3, 2, 16, requires_grad=True)
+    base = leaf * 1
+    rope_2d(base[:, 2], pos, backend=backend, inplace=True)
+    q, k = rope_2d_qk(base[:, 0], base[:, 1], pos, backend=backend, inplace=True)
+    assert q.data_ptr() == base[:, 0].data_ptr()
+    w = torch.randn_like(base)
+    (got,) = torch.autograd.grad((base * w).sum(), leaf)
+    ref = torch.stack([rope_2d_ref(leaf[:, i], pos) for i in range(3)], dim=1)
+    (want,) = torch.autograd.grad((ref * w).sum(), leaf)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_empty_heads_and_bad_theta(backend):
+    pos = positions(GRIDS["7x13"])
+    assert rope_2d(torch.randn(pos.shape[0], 0, 8), pos, backend=backend).shape == (pos.shape[0], 0, 8)
+    x = torch.randn(pos.shape[0], 2, 8)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=f"theta must be a finite number > 0, got {bad}"):
+            rope_2d(x, pos, theta=bad, backend=backend)
 
 
 def test_backends_agree_with_each_other():

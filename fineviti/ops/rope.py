@@ -10,6 +10,7 @@ projection into contiguous q, k, v while rotating q and k, reading the projectio
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -384,13 +385,17 @@ def _rotate(tensors: tuple[torch.Tensor, ...], pos: torch.Tensor, theta: float, 
 
 
 class _Rope2d(torch.autograd.Function):
-    """Rotation of x, or of q and k together; the backward rotates the gradients by the negative angle."""
+    """Rotation of x, or of q and k together (the tensors first: a Function whose first input is not the tensor it
+    modifies in place tripped autograd's view handling); the backward rotates the gradients by the negative angle
+    through this Function again, so that it is differentiable too (create_graph=True: the cpp and cuda ops have no
+    autograd of their own, and their second derivatives came out as zeros)."""
 
     @staticmethod
-    def forward(ctx, pos, theta, backend, inplace, check_pos, *tensors):
-        outs = _rotate(tensors, pos, theta, False, backend, check_pos, inplace)
+    def forward(ctx, *args):
+        *tensors, pos, theta, backend, inplace, check_pos, inverse = args
+        outs = _rotate(tuple(tensors), pos, theta, inverse, backend, check_pos, inplace)
         ctx.save_for_backward(pos)
-        ctx.theta, ctx.backend = theta, backend
+        ctx.theta, ctx.backend, ctx.inverse = theta, backend, inverse
         if inplace:
             ctx.mark_dirty(*tensors)
         return outs
@@ -398,8 +403,8 @@ class _Rope2d(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         (pos,) = ctx.saved_tensors
-        grads_in = _rotate(grads, pos, ctx.theta, True, ctx.backend, False)
-        return (None, None, None, None, None, *grads_in)
+        grads_in = _Rope2d.apply(*grads, pos, ctx.theta, ctx.backend, False, False, not ctx.inverse)
+        return (*grads_in, None, None, None, None, None, None)
 
 
 class _QKVSplitRope(torch.autograd.Function):
@@ -418,12 +423,19 @@ class _QKVSplitRope(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dq, dk, dv):
         (pos,) = ctx.saved_tensors
-        if ctx.backend == "triton":
+        if ctx.backend == "triton" and not torch.is_grad_enabled():
             dqkv = torch.ops.fineviti.qkv_split_rope_triton_bwd(dq, dk, dv, pos, ctx.theta)
-        else:
-            dq, dk = _rotate((dq, dk), pos, ctx.theta, True, ctx.backend, False)
+        else:  # differentiable (create_graph=True): the rotation through _Rope2d, the gather through torch.stack
+            dq, dk = _Rope2d.apply(dq, dk, pos, ctx.theta, ctx.backend, False, False, True)
             dqkv = torch.stack((dq, dk, dv), dim=1).view(dq.shape[0], -1)
         return dqkv, None, None, None, None, None
+
+
+def _theta(theta) -> float:
+    value = float(theta)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"rope: theta must be a finite number > 0, got {theta!r}")
+    return value
 
 
 def rope_2d(x: torch.Tensor, pos: torch.Tensor, *, theta: float = 10000.0, backend: str = "auto",
@@ -440,7 +452,7 @@ def rope_2d(x: torch.Tensor, pos: torch.Tensor, *, theta: float = 10000.0, backe
     _check_pos(pos, x.shape[0], x.device, "rope_2d")
     backend = resolve_backend(backend, x.device)
     check_pos = _checks.value_checks_enabled(pos, check_values)
-    return _Rope2d.apply(pos, float(theta), backend, inplace, check_pos, x)[0]
+    return _Rope2d.apply(x, pos, _theta(theta), backend, inplace, check_pos, False)[0]
 
 
 def rope_2d_qk(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, theta: float = 10000.0, *,
@@ -458,7 +470,16 @@ def rope_2d_qk(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, theta: float
     _check_pos(pos, q.shape[0], q.device, "rope_2d_qk")
     backend = resolve_backend(backend, q.device)
     check_pos = _checks.value_checks_enabled(pos, check_values)
-    q_rot, k_rot = _Rope2d.apply(pos, float(theta), backend, inplace, check_pos, q, k)
+    theta = _theta(theta)
+    if inplace and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        # autograd takes one in-place output per Function when the inputs are views (q and k of one qkv buffer):
+        # two Functions, after the joint check of the pair
+        if not torch.compiler.is_compiling():
+            _check_inplace_targets((q, k))
+        q_rot = _Rope2d.apply(q, pos, theta, backend, True, check_pos, False)[0]
+        k_rot = _Rope2d.apply(k, pos, theta, backend, True, False, False)[0]
+        return q_rot, k_rot
+    q_rot, k_rot = _Rope2d.apply(q, k, pos, theta, backend, inplace, check_pos, False)
     return q_rot, k_rot
 
 
@@ -485,4 +506,4 @@ def qkv_split_rope(qkv: torch.Tensor, pos: torch.Tensor, heads: int, theta: floa
     _check_pos(pos, qkv.shape[0], qkv.device, "qkv_split_rope")
     backend = resolve_backend(backend, qkv.device)
     check_pos = _checks.value_checks_enabled(pos, check_values)
-    return _QKVSplitRope.apply(qkv, pos, heads, float(theta), backend, check_pos)
+    return _QKVSplitRope.apply(qkv, pos, heads, _theta(theta), backend, check_pos)
