@@ -172,6 +172,19 @@ def test_seed_mismatch_is_refused(data):
         loader.load_state_dict({"planner": {"seed": 1, "epoch": 0, "pack": 0, "step": 0}})
 
 
+def test_resume_under_another_plan_is_refused(data):
+    """A position saved under one token budget (or data set, or window) means other packs under another: resuming
+    it lost 9 samples and repeated 13 in an epoch, silently. The state carries what it was planned with."""
+    state = PackedLoader(config(data)).state_dict()
+    with pytest.raises(ValueError, match=r"another plan \(token_budget: saved 2048, now 3072\)"):
+        PackedLoader(config(data, token_budget=3072)).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"another plan \(lengths_crc32: saved \d+, now \d+\)"):
+        PackedLoader(config(data, max_pixels=64 * 64 * 4)).load_state_dict(state)
+    PackedLoader(config(data)).load_state_dict(state)  # the same plan
+    old = {k: v for k, v in state.items() if k != "plan"}  # saved before the fingerprint: taken as it is
+    PackedLoader(config(data)).load_state_dict(old)
+
+
 def _jpeg(w, h, colour=(200, 30, 30)):
     buffer = io.BytesIO()
     Image.new("RGB", (w, h), colour).save(buffer, "JPEG", quality=90)

@@ -351,8 +351,14 @@ def test_resume_keeps_the_loaders_skip_counters(tmp_path, shards):
         assert resumed.step == 2
         assert resumed.data.loader.stats == {"undecodable_image": 3, "bad_box": 1}
         assert "undecodable_image 3" in resumed.data.summary()
+        resumed.train()
     finally:
         resumed.close()
+    # the counts reach the metrics: every row (summed over the ranks) and, at the end, the loader's summary
+    lines = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["data_skipped"] >= 4 for r in lines if "loss" in r)
+    (end,) = [r for r in lines if r.get("event") == "data"]
+    assert end["step"] == 4 and "undecodable_image 3" in end["summary"]
 
 
 def test_evaluation_during_training(tmp_path, shards):

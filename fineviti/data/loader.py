@@ -249,8 +249,19 @@ class PackedLoader:
         """The planner's global state, and this rank's skip counters under a key of its own (a JSON string: a key
         per reason would exist only in the run that met it, and a checkpoint loads the keys the fresh state has;
         one key for every rank would keep one rank's counts)."""
-        return {"planner": self.state.state_dict(), "world_size": self.world_size,
+        return {"planner": self.state.state_dict(), "world_size": self.world_size, "plan": self._plan_fingerprint(),
                 f"stats_rank{self.rank}": json.dumps(dict(self.stats), sort_keys=True)}
+
+    def _plan_fingerprint(self) -> str:
+        """What the saved position means: the samples' planned lengths (a CRC of them: the data set, the size rule)
+        and the packing settings. A position resumed under others points into other packs: samples lost and
+        others seen twice, silently."""
+        import zlib
+
+        return json.dumps({"samples": int(len(self.lengths)),
+                           "lengths_crc32": zlib.crc32(np.ascontiguousarray(self.lengths, dtype=np.int64).tobytes()),
+                           "token_budget": self.cfg.token_budget, "window": self.cfg.window,
+                           "cost_block": self.cfg.cost_block}, sort_keys=True)
 
     def load_state_dict(self, state: dict) -> None:
         """The planner's state; this rank's counters where the state has them ("stats", a plain dict, in states saved
@@ -259,6 +270,13 @@ class PackedLoader:
         if planned.seed != self.cfg.seed:
             raise ValueError(f"PackedLoader.load_state_dict: the state's seed {planned.seed} differs from "
                              f"DataConfig.seed = {self.cfg.seed}; expected the seed the run started with")
+        saved_plan = state.get("plan")
+        if saved_plan is not None and saved_plan != self._plan_fingerprint():
+            saved, now = json.loads(saved_plan), json.loads(self._plan_fingerprint())
+            differ = [f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}" for k in sorted(now) if saved.get(k) != now[k]]
+            raise ValueError("PackedLoader.load_state_dict: the saved position belongs to another plan (" +
+                             "; ".join(differ) + "); resuming it would lose some samples and repeat others. "
+                             "Resume with the data and DataConfig the run started with, or start a new run")
         self.close()
         self.state = planned
         stats = state.get(f"stats_rank{self.rank}")

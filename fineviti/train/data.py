@@ -141,6 +141,10 @@ class LoaderSource:
     def summary(self) -> str:
         return self.loader.summary()
 
+    def skipped(self) -> int:
+        """Samples this rank's loader skipped or repaired so far (bad data, empty packs), all reasons."""
+        return int(sum(self.loader.stats.values()))
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Captions cut to the schedule

@@ -197,6 +197,9 @@ class Trainer:
             if self.cfg.eval.every and (self.step % self.cfg.eval.every == 0 or self.step == last):
                 self.evaluate()
             tick = time.perf_counter()
+        if hasattr(self.data, "skipped"):  # what the data cost, once at the end (rank 0's loader; each rank's
+            # counters are in the checkpoints)
+            self.metrics.event(kind="data", step=self.step, summary=self.data.summary())
         return self.last_row
 
     def save(self) -> Path:
@@ -260,6 +263,8 @@ class Trainer:
             with nvtx_range("forward_backward", self.nvtx):
                 loss, out, region = self._stage2_step(batch)
             local = self._stage2_counts(batch, region)
+        # the loaders' skipped or repaired samples so far, summed over the ranks (bad data shows in every row)
+        local["data_skipped"] = self.data.skipped() if hasattr(self.data, "skipped") else 0
         totals = self._reduce(loss.detach().float(), local)
         check_finite(totals["loss"], self.step)
         # the base rate of this step (the schedule moves on below): optimizer.lr times the schedule's factor, not
