@@ -370,3 +370,14 @@ def test_an_index_older_than_its_tar_is_written_again(tmp_path):
     dataset = ShardDataset(tmp_path)
     assert [dataset.load(i).caption for i in range(len(dataset))] == ["caption 2", "caption 0"]
     assert list(dataset.keys) == ["k2", "k0"] and not dataset.stats
+
+
+def test_a_blank_txt_leaves_the_json_caption(tmp_path):
+    """A whitespace-only .txt beside a json "caption": the sample was dropped as missing_caption every epoch."""
+    from fineviti.data.dataset import ShardDataset
+
+    with ShardWriter(tmp_path, prefix="b") as writer:
+        writer.write("k0", [("jpg", _jpeg(64, 64)), ("txt", b"  \n"),
+                            ("json", json.dumps({"width": 64, "height": 64, "caption": "from json"}).encode())])
+    dataset = ShardDataset(tmp_path)
+    assert dataset.load(0).caption == "from json" and not dataset.stats

@@ -153,7 +153,7 @@ class ShardDataset:
         captions = meta.get("captions") if isinstance(meta.get("captions"), list) else None
         if captions:
             caption = str(captions[(epoch + i) % len(captions)])
-        elif text:
+        elif text and text.strip():  # a blank .txt leaves the json's caption in charge
             caption = text.decode("utf-8", errors="replace")
         else:
             caption = str(meta.get("caption") or "")
