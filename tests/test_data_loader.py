@@ -347,9 +347,11 @@ def test_an_older_iterator_dropped_later_leaves_the_newer_one_running(data):
     loader.close()
 
 
-def test_an_index_older_than_its_tar_is_written_again(tmp_path):
+def test_an_index_of_another_tar_is_written_again(tmp_path):
     """A tar rewritten after its index (other samples, other offsets): the stale index pointed into other
-    samples' bytes (a JPEG kept as a caption). An index older than its tar is written again."""
+    samples' bytes (a JPEG kept as a caption). An index whose members' tar headers disagree with it is written
+    again (file times say nothing after a copy: this one is made newer than its tar); an index that matches is
+    kept, and on a read-only folder the scan serves with a warning."""
     import os
 
     from fineviti.data.dataset import ShardDataset
@@ -366,10 +368,32 @@ def test_an_index_older_than_its_tar_is_written_again(tmp_path):
     stale = idx.read_bytes()
     write([2, 0])  # rewritten (another tool, which leaves the old index alone)
     idx.write_bytes(stale)
-    os.utime(idx, (os.path.getmtime(idx) - 10,) * 2)
+    os.utime(idx, (os.path.getmtime(idx) + 10,) * 2)
     dataset = ShardDataset(tmp_path)
     assert [dataset.load(i).caption for i in range(len(dataset))] == ["caption 2", "caption 0"]
     assert list(dataset.keys) == ["k2", "k0"] and not dataset.stats
+    fresh = idx.read_bytes()
+    assert fresh != stale
+    os.utime(idx, (os.path.getmtime(tmp_path / "s-00000.tar") - 100,) * 2)  # older than its tar, yet right
+    ShardDataset(tmp_path)
+    assert idx.read_bytes() == fresh and os.path.getmtime(idx) < os.path.getmtime(tmp_path / "s-00000.tar")
+    idx.write_bytes(stale)  # stale again, in a folder that cannot be written
+    os.chmod(tmp_path, 0o555)
+    try:
+        if os.access(tmp_path, os.W_OK):  # root writes anyway: make the write fail instead
+            import unittest.mock
+
+            from fineviti.data import shards as shards_mod
+
+            with unittest.mock.patch.object(shards_mod.tempfile, "mkstemp", side_effect=PermissionError(13, "ro")):
+                with pytest.warns(UserWarning, match="could not write the index"):
+                    dataset = ShardDataset(tmp_path)
+        else:
+            with pytest.warns(UserWarning, match="could not write the index"):
+                dataset = ShardDataset(tmp_path)
+    finally:
+        os.chmod(tmp_path, 0o755)
+    assert [dataset.load(i).caption for i in range(len(dataset))] == ["caption 2", "caption 0"]
 
 
 def test_a_blank_txt_leaves_the_json_caption(tmp_path):

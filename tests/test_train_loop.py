@@ -361,6 +361,23 @@ def test_resume_keeps_the_loaders_skip_counters(tmp_path, shards):
     assert end["step"] == 4 and "undecodable_image 3" in end["summary"]
 
 
+def test_skipped_samples_count_the_scan_once_over_the_ranks(tmp_path, shards):
+    """Every rank scans the whole data set and starts from its skips: summed over the ranks, data_skipped counted
+    them once per rank. Each rank now reports its loads, and rank 0 the scan too."""
+    from collections import Counter
+
+    from fineviti.train.data import LoaderSource
+
+    data_cfg = shard_config(tmp_path, shards).data
+    sources = [LoaderSource(data_cfg, rank, 2) for rank in (0, 1)]
+    for source in sources:
+        source.loader.dataset.stats = Counter({"missing_caption": 1})
+        source.loader.stats = Counter({"missing_caption": 1, "undecodable_image": 2})
+    assert [s.skipped() for s in sources] == [3, 2]  # 1 scanned + 2 + 2 loaded: 5 in all
+    for source in sources:
+        source.close()
+
+
 def test_evaluation_during_training(tmp_path, shards):
     run(shard_config(tmp_path, shards, "training.steps=4", "eval.every=2", f"eval.path={shards / 'heldout'}"))
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -1,9 +1,9 @@
 """A folder of indexed webdataset shards as a table of samples: what the planner needs (image sizes) and what the
 pixel paths need (the bytes of one sample), with bad data skipped and counted.
 
-Scanning reads each shard's wds2idx index (writing it when missing) and each sample's json; the image size comes
-from the json's "width"/"height" (img2dataset writes them) or else from the image header (PIL reads only the
-header), never from a full decode. A sample is left out at scan time, and counted, when it has no image, no caption
+Scanning reads each shard's wds2idx index (writing it when missing or when it does not describe the tar) and each
+sample's json; the image size comes from the json's "width"/"height" (img2dataset writes them) or else from the
+image header (PIL reads only the header), never from a full decode. A sample is left out at scan time, and counted, when it has no image, no caption
 (`.txt`, or a json "caption"/"captions"), an image whose header does not parse, or bytes past the end of a shard
 cut short. Failures found later (an image body that does not decode, a bad box) are counted by the loader.
 """
@@ -14,6 +14,7 @@ import dataclasses
 import io
 import json
 import os
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -63,14 +64,7 @@ class ShardDataset:
         keys, shard_ids, heights, widths = [], [], [], []
         image_off, image_size, text_off, text_size, json_off, json_size = [], [], [], [], [], []
         for shard_id, tar in enumerate(self.shards):
-            idx = shards_mod.index_path(tar)
-            # an index older than its tar (the tar rewritten or appended since) is written again: its offsets
-            # would point into other samples' bytes
-            if not idx.is_file() or os.path.getmtime(idx) < os.path.getmtime(tar):
-                _, damage = shards_mod.write_index(tar, idx)
-                if damage is not None:  # indexed up to its last whole sample; what followed is lost (uncounted)
-                    self._skip("truncated_shard")
-            indexed = shards_mod.read_index(idx)
+            indexed = self._index(tar)
             file_size = os.path.getsize(tar)
             for sample in indexed:
                 kept = self._scan_sample(shard_id, sample, file_size)
@@ -93,6 +87,29 @@ class ShardDataset:
                          (("image", image_off, image_size), ("text", text_off, text_size),
                           ("json", json_off, json_size))}
         self.reader.close()
+
+    def _index(self, tar: Path) -> list:
+        """The shard's samples from its index; the index is written when missing, or when it does not describe
+        this tar (a tar rewritten since: its offsets would point into other samples' bytes; shards_mod.index_matches
+        reads a few tar headers, where file times say nothing after a copy). On a read-only folder the scan is used
+        as it is, with a warning."""
+        idx = shards_mod.index_path(tar)
+        if idx.is_file():
+            try:
+                indexed = shards_mod.read_index(idx)
+            except ValueError:
+                indexed = None
+            if indexed is not None and shards_mod.index_matches(tar, indexed):
+                return indexed
+        samples, damage = shards_mod.scan_tar(tar)
+        if damage is not None:  # indexed up to its last whole sample; what followed is lost (uncounted)
+            self._skip("truncated_shard")
+        try:
+            shards_mod.write_index(tar, idx, scanned=(samples, damage))
+        except OSError as exc:
+            warnings.warn(f"could not write the index {idx} ({exc}); its scan is used for this run only",
+                          stacklevel=3)
+        return samples
 
     def __len__(self) -> int:
         return len(self.keys)

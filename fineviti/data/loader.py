@@ -98,9 +98,8 @@ class DataConfig:
 
         if self.norm not in NORMS:
             raise ValueError(f"{prefix}norm must be one of {sorted(NORMS)}, got {self.norm!r}")
-        dtype = getattr(torch, str(self.dtype), None)
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise ValueError(f"{prefix}dtype must name a floating-point torch dtype (float32, bfloat16, float16), "
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"{prefix}dtype must be one of ['bfloat16', 'float16', 'float32'] (the patches'), "
                              f"got {self.dtype!r}")
         if self.max_text_tokens < 2:
             raise ValueError(f"{prefix}max_text_tokens must be >= 2 (<bos> and <eos>), got {self.max_text_tokens}")
@@ -233,6 +232,7 @@ class PackedLoader:
         self.planner = Planner(self.lengths, cfg.token_budget, seed=cfg.seed, window=cfg.window,
                                cost_block=cfg.cost_block, epochs=cfg.epochs, backend=cfg.planner_backend)
         self.state = PlanState(seed=cfg.seed)
+        self._fingerprint = self._plan_fingerprint()  # once: a CRC over every sample's length
         self.stats: Counter = Counter(self.dataset.stats)
         self._producer = _Producer(cfg, self.dataset, self.planner, self.targets, rank, world_size)
         self._pending: collections.deque = collections.deque()  # keys of batches handed out, not yet consumed
@@ -249,7 +249,7 @@ class PackedLoader:
         """The planner's global state, and this rank's skip counters under a key of its own (a JSON string: a key
         per reason would exist only in the run that met it, and a checkpoint loads the keys the fresh state has;
         one key for every rank would keep one rank's counts)."""
-        return {"planner": self.state.state_dict(), "world_size": self.world_size, "plan": self._plan_fingerprint(),
+        return {"planner": self.state.state_dict(), "world_size": self.world_size, "plan": self._fingerprint,
                 f"stats_rank{self.rank}": json.dumps(dict(self.stats), sort_keys=True)}
 
     def _plan_fingerprint(self) -> str:
@@ -271,9 +271,13 @@ class PackedLoader:
             raise ValueError(f"PackedLoader.load_state_dict: the state's seed {planned.seed} differs from "
                              f"DataConfig.seed = {self.cfg.seed}; expected the seed the run started with")
         saved_plan = state.get("plan")
-        if saved_plan is not None and saved_plan != self._plan_fingerprint():
-            saved, now = json.loads(saved_plan), json.loads(self._plan_fingerprint())
-            differ = [f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}" for k in sorted(now) if saved.get(k) != now[k]]
+        if saved_plan is not None:  # (the keys both have: a key added later leaves older states loadable)
+            saved, now = json.loads(saved_plan), json.loads(self._fingerprint)
+            differ = [f"{k}: saved {saved[k]!r}, now {now[k]!r}" for k in sorted(now)
+                      if k in saved and saved[k] != now[k]]
+        else:
+            differ = []
+        if differ:
             raise ValueError("PackedLoader.load_state_dict: the saved position belongs to another plan (" +
                              "; ".join(differ) + "); resuming it would lose some samples and repeat others. "
                              "Resume with the data and DataConfig the run started with, or start a new run")

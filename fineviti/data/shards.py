@@ -12,11 +12,12 @@ mode 0644, so the same samples give byte-identical shards.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import os
 import tarfile
-import threading
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -134,19 +135,55 @@ def scan_tar(tar_path: str | os.PathLike) -> tuple[list[IndexedSample], str | No
     return samples, error
 
 
-def write_index(tar_path: str | os.PathLike, idx_path: str | os.PathLike | None = None) -> tuple[Path, str | None]:
-    """Writes the wds2idx-format index of `tar_path`; returns its path and the damage found (None if whole)."""
-    samples, error = scan_tar(tar_path)
+def write_index(tar_path: str | os.PathLike, idx_path: str | os.PathLike | None = None,
+                scanned: tuple[list[IndexedSample], str | None] | None = None) -> tuple[Path, str | None]:
+    """Writes the wds2idx-format index of `tar_path` (from `scanned`, scan_tar's result, when given); returns its
+    path and the damage found (None if whole)."""
+    samples, error = scanned if scanned is not None else scan_tar(tar_path)
     idx_path = Path(idx_path) if idx_path is not None else index_path(tar_path)
     lines = [f"{INDEX_VERSION} {len(samples)}"]
     for sample in samples:
         lines.append(" ".join(f"{ext} {m.offset} {m.size} {m.name}" for ext, m in sample.members.items()))
     # written whole or not at all: ranks that open unindexed shards together each write one, and a reader must
-    # never see another's half-written file (it raised "index is empty")
-    tmp = idx_path.with_name(f".{idx_path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, idx_path)
+    # never see another's half-written file (it raised "index is empty"); a temporary name no other process or
+    # machine can also take
+    fd, tmp = tempfile.mkstemp(prefix=f".{idx_path.name}.", suffix=".tmp", dir=idx_path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        os.replace(tmp, idx_path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     return idx_path, error
+
+
+def index_matches(tar_path: str | os.PathLike, samples: list[IndexedSample], probes: int = 8) -> bool:
+    """Whether an index describes this tar (not an older version of it): for the first and last samples and up to
+    `probes` between, each member's data lies inside the file and the tar header just before it (512 bytes) gives
+    the member's size and, where the index has names (v1.2), its name (or the first 100 bytes of a long one).
+    A few small reads per shard, not a scan."""
+    if not samples:
+        return True
+    size = os.path.getsize(tar_path)
+    picks = sorted({0, len(samples) - 1, *range(0, len(samples), max(1, len(samples) // probes))})
+    with open(tar_path, "rb") as f:
+        for i in picks:
+            for m in samples[i].members.values():
+                if m.offset < 512 or m.offset + m.size > size:
+                    return False
+                f.seek(m.offset - 512)
+                header = f.read(512)
+                try:
+                    stored = int(header[124:136].rstrip(b"\0 ").decode("ascii") or "0", 8)
+                except (ValueError, UnicodeDecodeError):
+                    return False  # (a base-256 size, over 8 GB, or no header there)
+                name = header[:100].rstrip(b"\0").decode("utf-8", "replace")
+                named = m.name.startswith("?.") or m.name.startswith(name) or m.name.endswith(name)
+                if stored != m.size or not name or not named:
+                    return False
+    return True
 
 
 def read_index(idx_path: str | os.PathLike) -> list[IndexedSample]:

@@ -460,7 +460,9 @@ def rope_2d_qk(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, theta: float
                check_values: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q and k (same shape (total, heads, head_dim) and dtype) in one launch; returns (q_rot, k_rot).
 
-    Same arguments and rules as `rope_2d`.
+    Same arguments and rules as `rope_2d`. In place under autograd the two rotate in two launches (autograd takes
+    one in-place output per Function on views). Known limit: in place on views under torch.compile with the torch
+    backend trips an autograd assert (the cpp and triton backends compile); the model rotates out of place.
     """
     _check_x("q", q, "rope_2d_qk")
     _check_x("k", k, "rope_2d_qk")

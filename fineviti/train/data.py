@@ -122,6 +122,7 @@ class LoaderSource:
 
         self.loader = PackedLoader(data_cfg, rank=rank, world_size=world_size, manual_consume=True)
         self.tokenizer = self.loader.tokenizer
+        self.rank = rank
 
     def __iter__(self):
         return iter(self.loader)
@@ -142,8 +143,11 @@ class LoaderSource:
         return self.loader.summary()
 
     def skipped(self) -> int:
-        """Samples this rank's loader skipped or repaired so far (bad data, empty packs), all reasons."""
-        return int(sum(self.loader.stats.values()))
+        """This rank's share of the skipped or repaired samples so far (and empty packs), all reasons, such that
+        the sum over the ranks counts each once: the samples its loads met, and on rank 0 also those the scan of
+        the data set dropped (every rank scans the whole set and starts from those counts)."""
+        scanned = sum(self.loader.dataset.stats.values())
+        return int(sum(self.loader.stats.values()) - scanned + (scanned if self.rank == 0 else 0))
 
 
 # ---------------------------------------------------------------------------------------------------------------

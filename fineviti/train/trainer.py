@@ -263,7 +263,8 @@ class Trainer:
             with nvtx_range("forward_backward", self.nvtx):
                 loss, out, region = self._stage2_step(batch)
             local = self._stage2_counts(batch, region)
-        # the loaders' skipped or repaired samples so far, summed over the ranks (bad data shows in every row)
+        # skipped or repaired samples so far, all ranks (each rank's loads; the scan of the data set, which every
+        # rank makes alike, once): bad data shows in every row
         local["data_skipped"] = self.data.skipped() if hasattr(self.data, "skipped") else 0
         totals = self._reduce(loss.detach().float(), local)
         check_finite(totals["loss"], self.step)
@@ -443,7 +444,7 @@ class Trainer:
             out["tflops_per_gpu"] = tflops
             out["mfu"] = tflops / self.peak if self.peak else None
         for key in ("images", "patch_tokens", "text_tokens", "padding_tokens", "truncated_tokens", "pairs",
-                    "answer_tokens", "samples"):
+                    "answer_tokens", "samples", "data_skipped"):
             if key in row:
                 row[key] = int(row[key])
         return out
