@@ -63,7 +63,7 @@ def test_overrides_are_typed():
     ("model.rope_backend=cudnn", "rope_backend must be one of"),
     ("data.seed=-1", "data.seed must be an integer >= 0, got -1"),
     ("data.norm=clap", "data.norm must be one of ['clip', 'siglip'], got 'clap'"),  # a KeyError at the first batch
-    ("data.dtype=uint8", "data.dtype must name a floating-point torch dtype"),  # silently zeroed patches
+    ("data.dtype=uint8", "data.dtype must be one of ['bfloat16', 'float16', 'float32']"),  # silently zeroed patches
     ("data.max_text_tokens=1", "data.max_text_tokens must be >= 2"),
 ])
 def test_bad_overrides_are_named(override, message):
