@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.common import Recorder, bench, comparable  # noqa: E402
+from benchmarks.common import Recorder, bench, comparable, percentiles  # noqa: E402
 from fineviti.ops import rope as rope_ops  # noqa: E402
 
 PROVIDERS = ("copy", "torch_eager", "torch_compile", "triton", "cuda", "cpp", "eager_split", "split_copy",
@@ -178,9 +178,7 @@ def graph_timing(prepare, fn, inner: int = 5, reps: int = 40) -> dict:
         end.synchronize()
         times.append(start.elapsed_time(end) / inner)
     del graph, state
-    times.sort()
-    pick = lambda q: times[min(len(times) - 1, int(q * len(times)))]  # noqa: E731
-    return {"median_ms": pick(0.5), "p20_ms": pick(0.2), "p80_ms": pick(0.8)}
+    return percentiles(times)
 
 
 def measure(forward, inputs, mode) -> dict:

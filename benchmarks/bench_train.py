@@ -53,6 +53,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from benchmarks.common import percentiles  # noqa: E402
+
 PROVIDERS = ("ours", "ours_compile", "torch")
 QUICK = [("large", 16384), ("base", 16384)]  # large first: the GPU check gives this script 150 s
 QUICK_CPU = [("debug", 256)]
@@ -209,9 +211,7 @@ def _time_steps(step, steps: int, warmup: int, device: torch.device) -> tuple[di
             step()
             clock.append(time.perf_counter())
         times = [(b - a) * 1000 for a, b in zip(clock, clock[1:], strict=False)]
-    q = torch.tensor(times, dtype=torch.float64).quantile(torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
-    timing = dict(zip(("median_ms", "p20_ms", "p80_ms"), q.tolist(), strict=True))
-    return timing, torch.cuda.max_memory_allocated() / 2**20 if cuda else None
+    return percentiles(times), torch.cuda.max_memory_allocated() / 2**20 if cuda else None
 
 
 def training_step(preset_name: str, provider: str, budget: int, device: torch.device):

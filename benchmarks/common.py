@@ -130,9 +130,7 @@ def bench(fn, *, warmup_ms: float = 25, rep_ms: float = 100) -> dict:
         times.append((time.perf_counter() - start) * 1000)
         if time.perf_counter() > deadline and len(times) >= 3:
             break
-    times.sort()
-    pick = lambda q: times[min(len(times) - 1, int(q * len(times)))]  # noqa: E731
-    return {"median_ms": pick(0.5), "p20_ms": pick(0.2), "p80_ms": pick(0.8), "peak_mem_mb": None}
+    return {**percentiles(times), "peak_mem_mb": None}
 
 
 class Recorder:
@@ -187,10 +185,24 @@ class Recorder:
               flush=True)
 
 
+def percentiles(times_ms: list[float]) -> dict:
+    """median_ms, p20_ms and p80_ms of per-call times (the sorted sample's entries at those fractions)."""
+    times = sorted(times_ms)
+    pick = lambda q: times[min(len(times) - 1, int(q * len(times)))]  # noqa: E731
+    return {"median_ms": pick(0.5), "p20_ms": pick(0.2), "p80_ms": pick(0.8)}
+
+
+def one_timer(*rows: dict) -> tuple[str, str]:
+    """(field, timer name) by which rows compare: their medians where all have one timer (the CUDA-graph device
+    times where all were captured) or some row has no host-inclusive figure, else every row's do_bench
+    (host-inclusive) median: a provider that could not be captured keeps only that, and against another's graph
+    time its ratio would mix two timers."""
+    if all(r.get("timer") == rows[0].get("timer") for r in rows) or any("host_median_ms" not in r for r in rows):
+        return "median_ms", rows[0].get("timer", "host")
+    return "host_median_ms", "do_bench (host-inclusive, both rows)"
+
+
 def comparable(a: dict, b: dict) -> tuple[float, float, str]:
-    """The medians of two rows' timings by one timer, and its name: the CUDA-graph device times where both were
-    captured (or both rows have one timer), else both rows' host-inclusive do_bench figures (a provider that
-    could not be captured keeps only those; against another's graph time, its ratio would mix two timers)."""
-    if a.get("timer") == b.get("timer") or "host_median_ms" not in a or "host_median_ms" not in b:
-        return a["median_ms"], b["median_ms"], a.get("timer", "host")
-    return a["host_median_ms"], b["host_median_ms"], "do_bench (host-inclusive, both rows)"
+    """The medians of two rows' timings by one timer (one_timer), and its name."""
+    key, timer = one_timer(a, b)
+    return a[key], b[key], timer

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import comparable  # noqa: E402
+from benchmarks.common import comparable, one_timer  # noqa: E402
 from fineviti.train.metrics import peak_tflops  # noqa: E402 (the one table of GPU peaks, MFU's too)
 
 
@@ -173,11 +173,8 @@ def _rope_goals(rows: list[dict]) -> list[tuple]:
     if rotated and split:
         # one timer for every row compared: the CUDA-graph times where all were captured, else all rows' do_bench
         # figures (a variant that could not be captured has only those)
-        group = [*rotated.values(), *split.values()]
-        graphs = all(r.get("timer") == group[0].get("timer") for r in group) or \
-            any("host_median_ms" not in r for r in group)
-        key = "median_ms" if graphs else "host_median_ms"
-        timer = "" if graphs else "; do_bench times: not every variant was captured in a CUDA graph"
+        key, _ = one_timer(*rotated.values(), *split.values())
+        timer = "" if key == "median_ms" else "; do_bench times: not every variant was captured in a CUDA graph"
         best, base = (min(g.items(), key=lambda kv: kv[1][key]) for g in (rotated, split))
         share = best[1][key] / base[1][key] - 1
         out.append((4, f"attention block: the rotation adds < {ROPE_BLOCK_SHARE_GOAL:.0%} (fastest rotated variant "

@@ -60,3 +60,11 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, name: str = "cu_seqle
         if longest > max_seqlen:
             raise ValueError(f"{max_seqlen_name}={max_seqlen} is smaller than the longest sequence "
                              f"in {name} ({longest})")
+
+
+def refuse_interpreted_bf16(op: str, tensor: torch.Tensor, instead: str) -> None:
+    """Triton's CPU interpreter computes bfloat16 tl.dot products wrongly (triton 3.6-3.8; errors of 1e8 and more,
+    silently): the Triton backends with dot products refuse bf16 CPU tensors rather than return them."""
+    if tensor.device.type == "cpu" and tensor.dtype == torch.bfloat16:
+        raise ValueError(f"{op}: backend='triton' on a CPU runs in Triton's interpreter, whose bfloat16 dot products "
+                         f"are wrong; got bfloat16 tensors. Pass float16 or float32 ones, or use {instead}")

@@ -720,7 +720,7 @@ def _exact_schedule(cu_seqlens: torch.Tensor, block: int, seqlens: list[int]) ->
     return block_cu, cumulative[-1]
 
 
-def block_schedule(cu_seqlens: torch.Tensor, block: int, total: int, max_seqlen: int,
+def block_schedule(cu_seqlens: torch.Tensor, block: int, total: int,
                    seqlens: list[int] | None = None) -> tuple[torch.Tensor, int]:
     """Cumulative count of `block`-sized blocks per sequence (on the device) and the number of programs to launch.
 
@@ -738,9 +738,8 @@ def block_schedule(cu_seqlens: torch.Tensor, block: int, total: int, max_seqlen:
     if seqlens is not None:
         programs = sum((length + block - 1) // block for length in seqlens)
     else:
-        # sum(ceil(L_i / block)) <= ceil(total / block) + n - 1 whatever the lengths: not bounded by max_seqlen,
-        # which the caller states and (on CUDA, by default) nobody checks; an understated one launched too few
-        # programs and left rows of the output unwritten
+        # sum(ceil(L_i / block)) <= ceil(total / block) + n - 1 whatever the lengths (a bound from max_seqlen, which
+        # the caller states and on CUDA nobody checks by default, launched too few programs when it was understated)
         programs = triton.cdiv(total, block) + n - 1
     return block_cu, max(programs, 0)
 
@@ -777,7 +776,7 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     cfg = pick_config("fwd", head_dim, q.dtype, max(max_seqlen_q, max_seqlen_k), mode)
     o = torch.empty_like(q)
     lse = torch.empty((heads, total_q), dtype=torch.float32, device=q.device)
-    block_cu, programs = block_schedule(cu_seqlens_q, cfg.block_m, total_q, max_seqlen_q, seqlens_q)
+    block_cu, programs = block_schedule(cu_seqlens_q, cfg.block_m, total_q, seqlens_q)
     if programs == 0:
         return o, lse.fill_(float("-inf"))
     # without rope, POS_* and COS/SIN are not read: any int32 / fp32 tensor fills them
@@ -914,7 +913,7 @@ def attention_backward(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, max_seql
 
     cfg = pick_config({"tma": "dkdv_tma", "atomic": "dkdv_atomic"}.get(dq_how, "dkdv"), head_dim, q.dtype, longest,
                       mode)
-    block_cu, programs = block_schedule(cu_seqlens_k, cfg.block_n, total_k, max_seqlen_k, seqlens_k)
+    block_cu, programs = block_schedule(cu_seqlens_k, cfg.block_n, total_k, seqlens_k)
     if programs:
         dq_desc = None
         if dq_how == "tma":
@@ -935,7 +934,7 @@ def attention_backward(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, max_seql
         return dq, dk, dv
 
     cfg = pick_config("dq", head_dim, q.dtype, longest, mode)
-    block_cu, programs = block_schedule(cu_seqlens_q, cfg.block_m, total_q, max_seqlen_q, seqlens_q)
+    block_cu, programs = block_schedule(cu_seqlens_q, cfg.block_m, total_q, seqlens_q)
     if programs:
         _attn_bwd_dq[(programs, heads)](
             q, k, v, do, dq, lse, delta, cu_seqlens_q, cu_seqlens_k, block_cu, n_seqs,
@@ -952,7 +951,7 @@ def attention_backward(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, max_seql
 # What ships: every pinned configuration at the representative head dims and dtypes (read by the kernel report).
 # ----------------------------------------------------------------------------------------------------------------
 
-SHIPPED_HEAD_DIMS = (32, 64, 72, 80, 96, 128)  # 256's backward spills (closing note of 2026-11-28)
+SHIPPED_HEAD_DIMS = (32, 64, 72, 80, 96, 128)  # not 256: its backward spills (NOTES-attention.md, eleventh session)
 SHIPPED_SEQLENS = (64, 4096)  # one short and one long bucket
 _TORCH_TO_TRITON = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 

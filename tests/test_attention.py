@@ -288,7 +288,7 @@ def test_tma_dq_block_past_the_end_adds_only_zeros(lens_k, infinite_key):
     zeros = torch.zeros_like(k)
     cfg = kernels.pick_config("dkdv_tma", 64, q.dtype, max(lens_q))
     desc = kernels.TensorDescriptor(dq_acc, list(dq_acc.shape), list(dq_acc.stride()), [cfg.block_m, 1, 64])
-    block_cu, programs = kernels.block_schedule(cu_k, cfg.block_n, k.shape[0], max(lens_k), lens_k)
+    block_cu, programs = kernels.block_schedule(cu_k, cfg.block_n, k.shape[0], lens_k)
     delta = (out.float() * do.float()).sum(-1).T.contiguous()
     kernels._attn_bwd_dkdv[(programs, 1)](
         q, k, v, do, zeros.clone(), zeros.clone(), dq_acc, desc, (lse * math.log2(math.e)).contiguous(), delta,
@@ -439,9 +439,9 @@ def test_empty_sequences_and_host_lengths():
 def test_block_schedule_exact_and_bound():
     lens = [1, 128, 129, 0, 300]
     cu = torch.tensor([0, 1, 129, 258, 258, 558], dtype=torch.int32)
-    block_cu, exact = kernels.block_schedule(cu, 128, 558, 300, lens)
+    block_cu, exact = kernels.block_schedule(cu, 128, 558, lens)
     assert block_cu.tolist() == [0, 1, 2, 4, 4, 7] and exact == 7
-    _, bound = kernels.block_schedule(cu, 128, 558, 300)
+    _, bound = kernels.block_schedule(cu, 128, 558)
     assert 7 <= bound <= 7 + len(lens)
 
 
@@ -452,20 +452,20 @@ def test_block_schedule_is_cached_by_host_lengths_only():
     can change in place without a version bump, through a collective or a DLPack alias)."""
     lens = [1, 128, 129, 0, 300]
     cu = torch.tensor([0, 1, 129, 258, 258, 558], dtype=torch.int32)
-    first, exact = kernels.block_schedule(cu, 128, 558, 300, lens)
+    first, exact = kernels.block_schedule(cu, 128, 558, lens)
     assert first.tolist() == [0, 1, 2, 4, 4, 7] and exact == 7
-    assert kernels.block_schedule(cu.clone(), 128, 558, 300, list(lens))[0] is first  # same lengths: reused
-    assert kernels.block_schedule(cu, 64, 558, 300, lens)[0].tolist() == [0, 1, 3, 6, 6, 11]  # other block
+    assert kernels.block_schedule(cu.clone(), 128, 558, list(lens))[0] is first  # same lengths: reused
+    assert kernels.block_schedule(cu, 64, 558, lens)[0].tolist() == [0, 1, 3, 6, 6, 11]  # other block
     other = [1, 130, 127, 0, 300]
     cu_other = torch.tensor([0, 1, 131, 258, 258, 558], dtype=torch.int32)
-    assert kernels.block_schedule(cu_other, 128, 558, 300, other)[0].tolist() == [0, 1, 3, 4, 4, 7]
+    assert kernels.block_schedule(cu_other, 128, 558, other)[0].tolist() == [0, 1, 3, 4, 4, 7]
     # no host lengths: from cu_seqlens every time, so an in-place change that bumps no version still shows
-    plain, _ = kernels.block_schedule(cu, 128, 558, 300)
+    plain, _ = kernels.block_schedule(cu, 128, 558)
     assert plain is not first and plain.tolist() == first.tolist()
     cu.numpy()[2:] = [131, 258, 258, 558]  # a write torch's version counter does not see
-    assert kernels.block_schedule(cu, 128, 558, 300)[0].tolist() == [0, 1, 3, 4, 4, 7]
+    assert kernels.block_schedule(cu, 128, 558)[0].tolist() == [0, 1, 3, 4, 4, 7]
     for i in range(kernels._SCHEDULE_CACHE_SIZE + 3):  # bounded
-        kernels.block_schedule(torch.tensor([0, 558 - i, 558], dtype=torch.int32), 128, 558, 558, [558 - i, i])
+        kernels.block_schedule(torch.tensor([0, 558 - i, 558], dtype=torch.int32), 128, 558, [558 - i, i])
     assert len(kernels._SCHEDULE_CACHE) <= kernels._SCHEDULE_CACHE_SIZE
 
 
@@ -594,7 +594,7 @@ def test_understated_max_seqlen_without_checks_still_covers_every_block():
     q, k, v, cu = make_pack([300, 5], 1, 32, torch.float32, device="cpu", requires_grad=False)
     out = varlen_attention(q, k, v, cu, 64, backend="triton", check_values=False)
     torch.testing.assert_close(out, varlen_attention(q, k, v, cu, 300, backend="torch"), rtol=1e-5, atol=1e-5)
-    _, bound = kernels.block_schedule(cu, 64, 305, 64)
+    _, bound = kernels.block_schedule(cu, 64, 305)
     assert bound >= 6  # ceil(300 / 64) + 1 blocks exist
 
 
@@ -805,8 +805,8 @@ def test_triton_op_traced_takes_host_lengths_as_a_tensor(cross, monkeypatch):
     torch._dynamo.reset()
     calls = []
     original = kernels.block_schedule
-    monkeypatch.setattr(kernels, "block_schedule", lambda cu, block, total, longest, seqlens=None: (
-        calls.append(seqlens), original(cu, block, total, longest, seqlens))[1])
+    monkeypatch.setattr(kernels, "block_schedule", lambda cu, block, total, seqlens=None: (
+        calls.append(seqlens), original(cu, block, total, seqlens))[1])
     counter = CompileCounterWithBackend("aot_eager")
 
     def f(q, k, v, cu, cu_k, lengths):

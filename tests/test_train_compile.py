@@ -57,9 +57,9 @@ def _compiled_against_eager(attn_backend):
     schedules = []  # the host lengths each of the compiled model's attention launches got (None: none)
     original = kernels.block_schedule
 
-    def block_schedule(cu, block, total, longest, seqlens=None):
+    def block_schedule(cu, block, total, seqlens=None):
         schedules.append(seqlens)
-        return original(cu, block, total, longest, seqlens)
+        return original(cu, block, total, seqlens)
 
     kernels.block_schedule = block_schedule
     try:

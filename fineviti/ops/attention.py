@@ -29,7 +29,7 @@ import warnings
 
 import torch
 
-from fineviti._checks import check_cu_seqlens, value_checks_enabled
+from fineviti._checks import check_cu_seqlens, refuse_interpreted_bf16, value_checks_enabled
 
 BACKENDS = ("triton", "torch", "torch_varlen", "flex", "flash_attn", "xformers")
 UNVERIFIED = ("flash_attn", "xformers")  # tested through fake modules only
@@ -152,7 +152,7 @@ def _run_triton(q, k, v, cu_q, cu_k, max_q, max_k, scale, seqlens, return_lse, d
     if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported "
                            "(Triton's interpreter); use backend='torch' on a CPU")
-    _refuse_interpreted_bf16("varlen_attention", q)
+    refuse_interpreted_bf16("varlen_attention", q, "backend='torch' on a CPU")
     # the kernels index cu_seqlens with stride 1: a strided view is copied (a few bytes; the identity of a shared
     # cu_seqlens is kept, it marks self-attention for the backward)
     same = cu_k is cu_q
@@ -273,7 +273,7 @@ def varlen_attention_rope(q, k, v, cu_seqlens, max_seqlen, pos, *, theta=10000.0
     if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         raise RuntimeError("varlen_attention_rope on CPU tensors needs TRITON_INTERPRET=1 set before triton is "
                            "imported; use rope_2d and varlen_attention on a CPU")
-    _refuse_interpreted_bf16("varlen_attention_rope", q)
+    refuse_interpreted_bf16("varlen_attention_rope", q, "rope_2d and backend='torch' on a CPU")
     cu_seqlens = cu_seqlens.contiguous()  # the kernels index it with stride 1
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
     q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
@@ -547,15 +547,6 @@ def _check_deterministic(name: str, device: torch.device, asked: bool) -> None:
                       stacklevel=3)
         return
     raise ValueError(message)
-
-
-def _refuse_interpreted_bf16(op: str, q: torch.Tensor) -> None:
-    """Triton's CPU interpreter computes bfloat16 tl.dot products wrongly (triton 3.6-3.8; errors of 1e8 and more,
-    silently): the triton backend refuses bf16 CPU tensors rather than return them."""
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-        raise ValueError(f"{op}: backend='triton' on a CPU runs in Triton's interpreter, whose bfloat16 dot "
-                         f"products are wrong; got bfloat16 q. Pass float16 or float32 tensors, or use "
-                         f"backend='torch' on a CPU")
 
 
 def _autocast_inputs(q, k, v):

@@ -34,7 +34,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from fineviti._checks import value_checks_enabled
+from fineviti._checks import refuse_interpreted_bf16, value_checks_enabled
 
 BACKENDS = ("triton", "chunked", "reference")
 DIST_IMPLS = ("all_gather", "ring")
@@ -1041,9 +1041,7 @@ def _resolve_backend(backend: str, img: torch.Tensor) -> str:
             raise TypeError(f"backend='triton' takes bf16, fp16 or fp32 features, got {img.dtype}")
         if img.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
             raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {img.device}")
-        if img.device.type == "cpu" and img.dtype == torch.bfloat16:
-            raise ValueError("backend='triton' on a CPU runs in Triton's interpreter, whose bfloat16 dot products are "
-                             "wrong; got bfloat16 features. Pass float16 or float32 ones, or use backend='chunked'")
+        refuse_interpreted_bf16("contrastive loss", img, "backend='chunked'")
     return backend
 
 

@@ -122,7 +122,6 @@ class LoaderSource:
 
         self.loader = PackedLoader(data_cfg, rank=rank, world_size=world_size, manual_consume=True)
         self.tokenizer = self.loader.tokenizer
-        self.rank = rank
 
     def __iter__(self):
         return iter(self.loader)
@@ -147,7 +146,7 @@ class LoaderSource:
         the sum over the ranks counts each once: the samples its loads met, and on rank 0 also those the scan of
         the data set dropped (every rank scans the whole set and starts from those counts)."""
         scanned = sum(self.loader.dataset.stats.values())
-        return int(sum(self.loader.stats.values()) - scanned + (scanned if self.rank == 0 else 0))
+        return int(sum(self.loader.stats.values()) - scanned + (scanned if self.loader.rank == 0 else 0))
 
 
 # ---------------------------------------------------------------------------------------------------------------
