@@ -434,28 +434,26 @@ def _resolve_group(group):
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 
 
-def _make_dist(group, img, failure: Exception | None = None) -> _Dist:
+def _make_dist(group, img, failed: bool = False) -> _Dist | None:
     """The ranks' row counts, in one all-gather that also carries each rank's D, dtype and whether its inputs
     failed their checks: an error on one rank (a bad input, a D or dtype that differs from the others') is raised
     on every rank, where a rank that raised alone left the others waiting in the collective (or, with another
-    dtype, crashed gloo)."""
+    dtype, crashed gloo). A rank that `failed` gets None after the exchange, and raises its own error."""
     if group is None:
-        if failure is not None:
-            raise failure
-        return _Dist(None, 1, 0, (img.shape[0],))
+        return None if failed else _Dist(None, 1, 0, (img.shape[0],))
     import torch.distributed as dist
 
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     shaped = isinstance(img, torch.Tensor) and img.dim() == 2
     mine = torch.tensor([img.shape[0] if shaped else -1, img.shape[1] if shaped else -1,
-                         _DTYPE_CODES.get(img.dtype, -1) if shaped else -1, int(failure is not None)],
+                         _DTYPE_CODES.get(img.dtype, -1) if shaped else -1, int(failed)],
                         device=_comm_device(group, img if isinstance(img, torch.Tensor) else None), dtype=torch.int64)
     # (a bad input's rank still joins the exchange, on the group's device, and raises after it)
     every = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(every, mine, group=group)
     rows = [t.tolist() for t in every]  # one host synchronisation: the shapes of everything below depend on it
-    if failure is not None:
-        raise failure
+    if failed:
+        return None
     failed = [r for r, row in enumerate(rows) if row[3]]
     if failed:
         raise ValueError(f"the contrastive loss's inputs failed their checks on rank(s) {failed} (the reason is "
@@ -1059,7 +1057,15 @@ def _prepare(img, txt, params, backend, group, dist_impl, check_values):
             logits_mode()  # a bad FINEVITI_LOSS_LOGITS fails here, not in the gradient pass halfway through a step
     except Exception as exc:  # noqa: BLE001 (any failure here is raised on every rank, after the exchange)
         failure = exc
-    d = _make_dist(group, img, failure)
+    d = _make_dist(group, img, failed=failure is not None)
+    if failure is not None:
+        try:
+            raise failure
+        finally:
+            # the traceback holds this frame, whose locals hold the exception and the process group: a cycle that
+            # kept the group, and gloo's threads, alive past destroy_process_group (until a garbage collection;
+            # at exit, an abort)
+            failure = None
     if d.total == 0:
         raise ValueError("img and txt are empty on every rank (global N = 0): a contrastive loss needs a pair")
     return backend, d, params
