@@ -143,7 +143,7 @@ def stage2_step(preset_name: str, provider: str, budget: int, device: torch.devi
                           with_regions=True).make(0)
     region = stage2.region_tasks(batch, stage2.ByteIds(model.lm.vocab_size),
                                  tasks=["box2caption", "caption2box"], regions_per_image=cfg.stage2.regions_per_image,
-                                 patch_size=model.visual.patch_size, merge=2, placeholder_id=model.placeholder_id,
+                                 merge=2, placeholder_id=model.placeholder_id,
                                  seed=0, step=0, rank=0)
     if region is None:
         raise RuntimeError("the random batch has no region boxes")

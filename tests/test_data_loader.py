@@ -74,8 +74,8 @@ def test_batch_patches_hold_the_resized_image_crops(data, merge):
             r, c = batch.pos[t].tolist()
             crop = pixels[r * p:(r + 1) * p, c * p:(c + 1) * p, :].permute(2, 0, 1).reshape(-1)
             torch.testing.assert_close(batch.patches[t], crop, atol=1e-6, rtol=0)
-        # boxes: scaled from the json's pixels to the resized image's
-        scale = torch.tensor([target_w / raw.width, target_h / raw.height] * 2)
+        # boxes: scaled from the json's pixels to the patch grid (columns and rows of p pixels of the resized image)
+        scale = torch.tensor([cols / raw.width, rows / raw.height] * 2)
         expected = torch.tensor([r["bbox"] for r in raw.regions], dtype=torch.float32) * scale
         torch.testing.assert_close(batch.boxes[batch.box_image == image], expected)
     assert batch.text_cu_seqlens.tolist()[-1] == batch.tokens.numel() and batch.n_texts == batch.n_images

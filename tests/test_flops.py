@@ -97,7 +97,7 @@ def test_stage2_count_matches_torch_flop_counter(freeze):
     batch = RandomBatches(dataclasses.replace(cfg.random_data, seed=0), patch_size=14, merge=2, vocab_size=96,
                           with_regions=True).make(0)
     region = stage2.region_tasks(batch, stage2.ByteIds(96), tasks=["box2caption"], regions_per_image=1,
-                                 patch_size=14, merge=2, placeholder_id=model.placeholder_id, seed=0, step=0, rank=0)
+                                 merge=2, placeholder_id=model.placeholder_id, seed=0, step=0, rank=0)
     first = region.sample_image == region.sample_image[0]
     region = dataclasses.replace(region, input_ids=region.input_ids[first][:1], labels=region.labels[first][:1],
                                  attention_mask=region.attention_mask[first][:1],

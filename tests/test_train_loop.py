@@ -401,11 +401,11 @@ def test_region_tasks_put_boxes_in_text():
 
     batch = RandomBatches(dataclasses.replace(preset("debug").random_data, seed=1), patch_size=14, merge=2,
                           vocab_size=96, with_regions=True).make(0)
-    batch.boxes[0] = torch.tensor([0.0, 0.0, batch.grid_hw[0, 1] * 14 / 2, batch.grid_hw[0, 0] * 14.0])
+    batch.boxes[0] = torch.tensor([0.0, 0.0, batch.grid_hw[0, 1] / 2, batch.grid_hw[0, 0] * 1.0])  # patch grid
     captions = ["a red circle in the top left of the image", "describe the region find the box of: [0, 1000]"]
     tokenizer = CaptionTokenizer(train_tokenizer(captions * 20, "/tmp/fineviti_test_tok.json", vocab_size=300))
     ids = TextIds(tokenizer)
-    region = region_tasks(batch, ids, tasks=["box2caption"], regions_per_image=8, patch_size=14, merge=2,
+    region = region_tasks(batch, ids, tasks=["box2caption"], regions_per_image=8, merge=2,
                           placeholder_id=999, seed=0, step=0, rank=0)
     assert region.n_samples == batch.boxes.shape[0]
     texts = [tokenizer.decode([t for t in row.tolist() if t not in (999, 0)])

@@ -28,7 +28,8 @@ class PackedBatch:
     text_max_seqlen: int
     text_seqlens: list[int]
     text_image: torch.Tensor | None = None  # (n_texts,) int64: which image each caption belongs to
-    # regions (stage 2 and region-level evaluation): boxes in pixels of the resized image
+    # regions (stage 2): boxes in patch-grid coordinates, x in patch columns and y in patch rows of their image's
+    # grid (pixels of the resized image / patch size); x0 = 1.5 is the middle of the second patch column
     boxes: torch.Tensor | None = None  # (n_boxes, 4) float32 x0, y0, x1, y1
     box_image: torch.Tensor | None = None  # (n_boxes,) int64: which image each box belongs to
     region_tokens: torch.Tensor | None = None  # (total_region_text,) int64: one caption per box, packed

@@ -12,7 +12,9 @@ path gives the same layout:
   pos[t, 0] * p ... + p and columns pos[t, 1] * p ... + p;
 - normalisation: (x / 255 - mean) / std per channel; SigLIP's 0.5 / 0.5 by default, CLIP's mean and std as an
   option; in float32 unless another dtype is asked for;
-- boxes: scaled from the decoded image's pixels to the resized image's pixels (x by w' / w, y by h' / h).
+- boxes: in patch-grid coordinates, floats: x in patch columns, y in patch rows of the image's grid (the
+  decoded image's pixels scaled by the grid's columns / w and rows / h; a box's pixels in the resized image are
+  these times p).
 """
 
 from __future__ import annotations
@@ -114,9 +116,10 @@ def _positions(grid_hw: torch.Tensor, merge: int) -> tuple[torch.Tensor, torch.T
     return build_positions_ref(grid_hw, merge)
 
 
-def _boxes(raw: RawSample, source_hw: tuple[int, int], target_hw: tuple[int, int], counters: Counter):
-    """Boxes scaled to the resized image and their captions; boxes not inside the image are skipped, counted."""
-    (src_h, src_w), (dst_h, dst_w) = source_hw, target_hw
+def _boxes(raw: RawSample, source_hw: tuple[int, int], grid_hw: tuple[int, int], counters: Counter):
+    """Boxes in patch-grid coordinates (the image's grid of grid_hw patches) and their captions; boxes not inside
+    the image are skipped, counted."""
+    (src_h, src_w), (dst_h, dst_w) = source_hw, grid_hw
     boxes, captions = [], []
     for region in raw.regions:
         try:
@@ -185,8 +188,8 @@ def assemble(samples: list[RawSample], decoded: list[Decoded | BadSample], targe
     captions = [raw.caption for raw, _, _ in kept]
     ids, cut = tokenizer.encode_batch(captions, max_length=max_text_tokens) if captions else ([], 0)
     all_boxes, box_image, region_texts = [], [], []
-    for image, (raw, d, target) in enumerate(kept):
-        boxes, texts = _boxes(raw, d.source_hw, target, counters)
+    for image, ((raw, d, _), grid_hw) in enumerate(zip(kept, grid.tolist(), strict=True)):
+        boxes, texts = _boxes(raw, d.source_hw, grid_hw, counters)
         all_boxes += boxes
         box_image += [image] * len(boxes)
         region_texts += texts

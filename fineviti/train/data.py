@@ -100,7 +100,7 @@ class RandomBatches:
                     boxes.append([x[0], y[0], max(x[1], x[0] + 1), max(y[1], y[0] + 1)])
                     owner.append(i)
                     region_lens.append(int(torch.randint(4, 17, (1,), generator=gen)))
-            batch.boxes = torch.tensor(boxes, dtype=torch.float32)
+            batch.boxes = torch.tensor(boxes, dtype=torch.float32) / self.patch_size  # patch-grid coordinates
             batch.box_image = torch.tensor(owner, dtype=torch.int64)
             batch.region_tokens = torch.randint(4, self.vocab_size, (sum(region_lens),), generator=gen)
             batch.region_cu_seqlens = _cumulative(region_lens)

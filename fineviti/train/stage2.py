@@ -27,8 +27,9 @@ def box_text(box: list[int]) -> str:
     return "[{}, {}, {}, {}]".format(*box)
 
 
-def normalised_box(box: torch.Tensor, height: int, width: int) -> list[int]:
-    """Pixels of the resized image -> integers 0..1000 (x by the width, y by the height)."""
+def normalised_box(box: torch.Tensor, height: float, width: float) -> list[int]:
+    """A box in the units of height and width (the batch's: patch-grid coordinates, with the grid's rows and
+    columns) -> integers 0..1000 (x by the width, y by the height)."""
     x0, y0, x1, y1 = (float(v) for v in box)
     scale = (width, height, width, height)
     return [int(round(min(max(v / s, 0.0), 1.0) * 1000)) for v, s in zip((x0, y0, x1, y1), scale, strict=True)]
@@ -69,7 +70,7 @@ class RegionBatch:
     text_tokens: int  # tokens of the samples other than image placeholders and padding (<bos>, prompt, answer, <eos>)
 
 
-def region_tasks(batch: PackedBatch, ids, *, tasks: list[str], regions_per_image: int, patch_size: int,
+def region_tasks(batch: PackedBatch, ids, *, tasks: list[str], regions_per_image: int,
                  merge: int, placeholder_id: int, seed: int, step: int, rank: int) -> RegionBatch | None:
     """The stage-2 samples of one step (None when the batch has no boxes)."""
     if batch.boxes is None or batch.box_image is None or batch.boxes.shape[0] == 0:
@@ -88,14 +89,13 @@ def region_tasks(batch: PackedBatch, ids, *, tasks: list[str], regions_per_image
     find_ids = ids.encode(FIND_PROMPT)
     for image in sorted(by_image):
         rows, cols = grid[image]
-        height, width = rows * patch_size, cols * patch_size
         n_tokens = rows * cols // (merge * merge)
         boxes = by_image[image]
         chosen = rng.permutation(len(boxes))[:regions_per_image]
         for k in chosen.tolist():
             j = boxes[k]
             caption = [t for t in region_tokens[rcu[j]:rcu[j + 1]] if t not in specials]
-            coords = box_text(normalised_box(batch.boxes[j], height, width))
+            coords = box_text(normalised_box(batch.boxes[j], rows, cols))
             task = tasks[int(rng.integers(len(tasks)))]
             if task == "box2caption":
                 if coords not in box_prompt_cache:

@@ -366,7 +366,7 @@ class Trainer:
         cfg = self.cfg
         region = stage2.region_tasks(
             batch, self.tokens, tasks=parse_parts(cfg.stage2.tasks, "stage2.tasks", STAGE2_TASKS),
-            regions_per_image=cfg.stage2.regions_per_image, patch_size=self.raw_model.visual.patch_size, merge=2,
+            regions_per_image=cfg.stage2.regions_per_image, merge=2,
             placeholder_id=self.raw_model.placeholder_id, seed=cfg.training.seed, step=self.step, rank=self.rank)
         # The loss's targets (labels[:, 1:] not ignored, as the aligner counts them), from the host-side labels,
         # summed over ranks with a has-regions flag in one all-reduce, before the forward: a rank without regions
