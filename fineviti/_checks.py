@@ -36,8 +36,11 @@ def value_checks_enabled(tensor: torch.Tensor, check_values: bool | None = None)
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, name: str = "cu_seqlens",
                      max_seqlen: int | None = None, max_seqlen_name: str = "max_seqlen",
-                     check_values: bool | None = None) -> None:
-    """Check a cu_seqlens tensor: int32, 1-D with at least 2 entries; values when enabled."""
+                     check_values: bool | None = None, *, seqlens: list[int] | None = None,
+                     seqlens_name: str = "seqlens", what: str | None = None) -> None:
+    """Check a cu_seqlens tensor: int32, 1-D with at least 2 entries; values when enabled. `seqlens`: host-side
+    lengths the caller's kernels will trust, checked against cu_seqlens with its values; `what` ("image", ...):
+    every sequence must have at least one token (empty ones are an error naming `what`)."""
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype != torch.int32:
@@ -55,11 +58,23 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, name: str = "cu_seqle
                              f"{name}[{i - 1}]={values[i - 1]}")
     if values[-1] != total:
         raise ValueError(f"{name}[-1] must equal the number of tokens {total}, got {values[-1]}")
+    lengths = [b - a for a, b in zip(values[:-1], values[1:], strict=True)]
+    if what is not None and 0 in lengths:
+        raise ValueError(f"{name} holds an empty {what} (index {lengths.index(0)}, from {name} = "
+                         f"{_abbreviated(values)}); every {what} needs at least one token")
+    if seqlens is not None and list(seqlens) != lengths:
+        raise ValueError(f"{seqlens_name} must list the lengths of {name}, {_abbreviated(lengths)}; got "
+                         f"{_abbreviated(list(seqlens))} (the attention would run on other boundaries than the "
+                         f"pooling)")
     if max_seqlen is not None:
-        longest = max(b - a for a, b in zip(values[:-1], values[1:], strict=True))
+        longest = max(lengths)
         if longest > max_seqlen:
             raise ValueError(f"{max_seqlen_name}={max_seqlen} is smaller than the longest sequence "
                              f"in {name} ({longest})")
+
+
+def _abbreviated(values: list, keep: int = 8) -> str:
+    return str(values) if len(values) <= keep else f"{str(values[:keep])[:-1]}, ... ({len(values)} values)]"
 
 
 def refuse_interpreted_bf16(op: str, tensor: torch.Tensor, instead: str) -> None:

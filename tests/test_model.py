@@ -263,6 +263,26 @@ def test_bad_vision_inputs():
         model.encode_image(patches, cu.long(), pos, max_len)
 
 
+def test_host_lengths_and_empty_sequences_are_checked():
+    """Host `seqlens` that disagree with cu_seqlens (same sum) once ran the attention on seqlens' boundaries and
+    the pooling on cu_seqlens': one image's (or caption's) tokens attended into the next, silently. An empty image
+    pooled to the pool's bias and an empty caption to zeros, both taken as real pairs by the loss."""
+    model = small_model()
+    patches, cu, pos, _, lengths = pack_images([(2, 2), (2, 2)])
+    assert lengths == [4, 4]
+    model.encode_image(patches, cu, pos, 8, seqlens=lengths)
+    with pytest.raises(ValueError, match=r"seqlens must list the lengths of cu_seqlens, \[4, 4\]; got \[6, 2\]"):
+        model.encode_image(patches, cu, pos, 8, seqlens=[6, 2])
+    empty = torch.tensor([0, 4, 4, 8], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"cu_seqlens holds an empty image \(index 1"):
+        model.encode_image(patches, empty, pos, 8)
+    tokens, tcu, tmax, tlens = pack_captions([4, 4])
+    with pytest.raises(ValueError, match=r"text seqlens must list the lengths of text cu_seqlens"):
+        model.encode_text(tokens, tcu, 6, seqlens=[6, 2])
+    with pytest.raises(ValueError, match=r"text cu_seqlens holds an empty caption \(index 0"):
+        model.encode_text(tokens, torch.tensor([0, 0, 8], dtype=torch.int32), 8)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Text tower
 
@@ -441,6 +461,30 @@ def aligner_inputs(aligner, grids=((2, 4), (2, 2)), prompts=((5, 6, 7), (8,)), a
                 for (rows, cols), p, a in zip(grids, prompts, answers, strict=True)]
     ids, labels, mask = collate(examples, pad_id=0)
     return (patches, cu, pos, max_len, lengths), ids, labels, mask
+
+
+def test_aligner_refuses_tokens_not_in_2x2_groups():
+    """The merger concatenates each 4 consecutive tokens: row-major tokens (merge=1) or a 1x4 grid once passed the
+    multiple-of-4 check and were merged as if they were 2x2 groups."""
+    aligner = small_aligner()
+    (patches, cu, pos, max_len, lengths), *_ = aligner_inputs(aligner)
+    assert aligner.encode_images(patches, cu, pos, max_len, lengths).shape[0] == 3
+    row_major = pack_images([(2, 4), (2, 2)], merge=1)
+    with pytest.raises(ValueError, match=r"2x2 groups.*tokens 0..3 are at \[\[0, 0\], \[0, 1\], \[0, 2\], \[0, 3\]\]"):
+        aligner.encode_images(*row_major)
+    with pytest.raises(ValueError, match=r"2x2 groups"):
+        aligner.encode_images(*pack_images([(1, 4)], merge=1))
+
+
+def test_builtin_lm_residual_projections_are_scaled_at_init():
+    """The built-in LM's attention output (blocks.i.proj) writes into the residual stream: initialised with std
+    0.02 / sqrt(2 * depth) like the towers' attn.proj, not 0.02."""
+    lm = small_aligner().lm
+    depth = len(lm.blocks)
+    expected = 0.02 / math.sqrt(2 * depth)
+    for block in lm.blocks:
+        for linear in (block.proj, block.mlp.down):
+            assert abs(linear.weight.std().item() - expected) < 0.25 * expected, linear
 
 
 def test_build_example_and_collate():

@@ -86,6 +86,7 @@ class _CausalBlock(nn.Module):
         self.norm1 = RMSNorm(cfg.width, cfg.norm_eps)
         self.qkv = nn.Linear(cfg.width, 3 * cfg.width, bias=False)
         self.proj = nn.Linear(cfg.width, cfg.width, bias=False)
+        self.proj.writes_residual = True  # init_transformer scales it as the towers' attn.proj
         self.norm2 = RMSNorm(cfg.width, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.width, cfg.mlp_hidden)
 
@@ -274,6 +275,22 @@ def image_token_count(rows: int, cols: int, merge: int = 2) -> int:
 # The aligner
 
 
+def _check_merge_groups(cu_seqlens: torch.Tensor, pos: torch.Tensor) -> None:
+    """The merger concatenates each 4 consecutive tokens: they must be a 2x2 group of patches, (r, c), (r, c + 1),
+    (r + 1, c), (r + 1, c + 1) with r and c even, as build_positions orders them with merge=2 (data.merge=2)."""
+    if bool((cu_seqlens % 4 != 0).any()):
+        raise ValueError(f"every image must have a whole number of 2x2 groups: cu_seqlens must be multiples "
+                         f"of 4, got {cu_seqlens.tolist()}")
+    groups = pos[:int(cu_seqlens[-1])].to(torch.int64).view(-1, 4, 2)
+    offsets = torch.tensor([[0, 0], [0, 1], [1, 0], [1, 1]], device=pos.device)
+    bad = ((groups - groups[:, :1]) != offsets).any(-1).any(-1) | (groups[:, 0] % 2 != 0).any(-1)
+    if bool(bad.any()):
+        g = int(bad.nonzero()[0, 0])
+        raise ValueError(f"pos must order each image's patches in 2x2 groups, (r, c), (r, c+1), (r+1, c), (r+1, c+1) "
+                         f"with r and c even (build_positions with merge=2; data.merge=2): tokens {4 * g}..{4 * g + 3} "
+                         f"are at {groups[g].tolist()}")
+
+
 class Aligner(nn.Module):
     """Vision tower + merger + projector + causal LM. `visual` may be a stage-1 model's tower (shared, not
     copied); its pooling head gets no gradient in stage 2 and is frozen here, so that DDP finds no unused
@@ -313,9 +330,8 @@ class Aligner(nn.Module):
                       seqlens: list[int] | None = None, padding_tokens: int = 0) -> torch.Tensor:
         """(cu_seqlens[-1] / 4, lm hidden): each image's merged tokens in the packed order, projected for the LM
         (padding rows, if any, dropped)."""
-        if _checks.value_checks_enabled(cu_seqlens) and bool((cu_seqlens % 4 != 0).any()):
-            raise ValueError(f"every image must have a whole number of 2x2 groups: cu_seqlens must be multiples "
-                             f"of 4, got {cu_seqlens.tolist()}")
+        if _checks.value_checks_enabled(cu_seqlens):
+            _check_merge_groups(cu_seqlens, pos)
         tokens = self.visual.forward_tokens(patches, cu_seqlens, pos, max_seqlen, seqlens, padding_tokens)
         if padding_tokens:
             tokens = tokens[:tokens.shape[0] - padding_tokens]

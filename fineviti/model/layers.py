@@ -157,11 +157,13 @@ def rope_1d(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 def init_transformer(module: nn.Module, depth: int) -> None:
     """GPT-2 style initialisation: Linear and Embedding weights N(0, 0.02), biases 0, norms 1, and the
-    projections that write into the residual stream scaled by 1/sqrt(2 * depth)."""
+    projections that write into the residual stream scaled by 1/sqrt(2 * depth) (named attn.proj or mlp.down, or
+    marked `writes_residual`)."""
     residual_std = 0.02 / math.sqrt(2 * depth)
     for name, sub in module.named_modules():
         if isinstance(sub, nn.Linear):
-            std = residual_std if name.endswith(("attn.proj", "mlp.down")) else 0.02
+            residual = name.endswith(("attn.proj", "mlp.down")) or getattr(sub, "writes_residual", False)
+            std = residual_std if residual else 0.02
             nn.init.trunc_normal_(sub.weight, std=std, a=-3 * std, b=3 * std)
             if sub.bias is not None:
                 nn.init.zeros_(sub.bias)

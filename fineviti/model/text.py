@@ -62,19 +62,17 @@ class TextTower(nn.Module):
                              f"got {max_seqlen!r}; truncate the captions or raise text.context_length")
         if cu_seqlens.device != tokens.device:
             raise ValueError(f"text cu_seqlens is on {cu_seqlens.device} but tokens are on {tokens.device}")
-        _checks.check_cu_seqlens(cu_seqlens, tokens.shape[0], "text cu_seqlens", max_seqlen, "text max_seqlen")
         if seqlens is not None and len(seqlens) != cu_seqlens.numel() - 1:
             raise ValueError(f"text seqlens must have one length per caption ({cu_seqlens.numel() - 1}), "
                              f"got {len(seqlens)}")
+        _checks.check_cu_seqlens(cu_seqlens, tokens.shape[0], "text cu_seqlens", max_seqlen, "text max_seqlen",
+                                 seqlens=seqlens, seqlens_name="text seqlens", what="caption")
         if _checks.value_checks_enabled(tokens) and tokens.numel():
             lo, hi = int(tokens.min()), int(tokens.max())
             if lo < 0 or hi >= self.vocab_size:
                 bad = lo if lo < 0 else hi
                 raise ValueError(f"tokens must be ids in [0, vocab_size={self.vocab_size}), got {bad}; "
                                  f"text.vocab_size must match the tokenizer")
-            if self.cfg.pool == "last" and bool((cu_seqlens[1:] == cu_seqlens[:-1]).any()):
-                raise ValueError("text pool='last' needs every caption to have at least one token; "
-                                 "got an empty caption in text cu_seqlens")
 
     def forward_tokens(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
                        seqlens: list[int] | None = None) -> torch.Tensor:

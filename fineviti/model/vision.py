@@ -102,10 +102,11 @@ class VisionTower(nn.Module):
         for name, t in (("cu_seqlens", cu_seqlens), ("pos", pos)):
             if t.device != patches.device:
                 raise ValueError(f"{name} is on {t.device} but patches are on {patches.device}; they must match")
-        _checks.check_cu_seqlens(cu_seqlens, total, "cu_seqlens", max_seqlen, "max_seqlen")
         if seqlens is not None and len(seqlens) != cu_seqlens.numel() - 1:
             raise ValueError(f"seqlens must have one length per image ({cu_seqlens.numel() - 1}), "
                              f"got {len(seqlens)}")
+        _checks.check_cu_seqlens(cu_seqlens, total, "cu_seqlens", max_seqlen, "max_seqlen", seqlens=seqlens,
+                                 what="image")
         if _checks.value_checks_enabled(pos):
             check_positions(pos)
 
