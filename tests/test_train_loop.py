@@ -706,3 +706,15 @@ def test_cuda_steps_report_mfu(tmp_path):
     for r in logged:
         assert math.isfinite(r["loss"]) and r["tflops_per_gpu"] > 0
         assert (r["mfu"] is None) == (peak_tflops(name) is None)
+
+
+def test_data_norm_must_match_the_vision_towers(tmp_path, shards):
+    """data.norm normalises training's pixels; the tower's image_mean / image_std (saved with the model) normalise
+    evaluation's and export's: a run whose two differ is refused, naming both and the overrides that fix it."""
+    with pytest.raises(ValueError, match=r"data.norm='clip' .* model.vision.image_mean / image_std .* "
+                                         r"\(0.5, 0.5, 0.5\).*set model.vision.image_mean=0.48145466"):
+        Trainer(shard_config(tmp_path, shards, "data.norm=clip", "training.steps=1"))
+    clip = ["model.vision.image_mean=0.48145466,0.4578275,0.40821073",
+            "model.vision.image_std=0.26862954,0.26130258,0.27577711"]
+    trainer = Trainer(shard_config(tmp_path, shards, "data.norm=clip", *clip, "training.steps=1", name="clip"))
+    trainer.close()

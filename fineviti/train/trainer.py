@@ -58,6 +58,22 @@ class DataExhaustedError(RuntimeError):
 MAX_SKIPPED_IN_A_ROW = 100  # batches skipped one after another (a rank's pack without an image) before giving up
 
 
+def _check_norm(norm: str, vision, prefix: str) -> None:
+    """The data path normalises with data.norm; evaluation and export with the vision tower's image_mean and
+    image_std (saved with the model): they must be the same statistics, else every later evaluation sees pixels
+    normalised differently from training's."""
+    from fineviti.data.pixels import NORMS
+
+    mean, std = NORMS[norm]
+    have = (tuple(vision.image_mean), tuple(vision.image_std))
+    if not all(math.isclose(a, b, rel_tol=1e-6) for a, b in zip((*have[0], *have[1]), (*mean, *std), strict=True)):
+        raise ValueError(
+            f"data.norm={norm!r} normalises with mean {mean} and std {std}, but {prefix}.image_mean / image_std "
+            f"(what evaluation and export normalise with) are {have[0]} / {have[1]}; set {prefix}.image_mean="
+            f"{','.join(map(str, mean))} {prefix}.image_std={','.join(map(str, std))}, or choose the data.norm "
+            f"that matches them")
+
+
 class Trainer:
     def __init__(self, cfg: JobConfig):
         cfg.validate()
@@ -139,6 +155,7 @@ class Trainer:
         if cfg.data.patch != vision.patch_size:
             raise ValueError(f"data.patch = {cfg.data.patch} differs from the model's patch_size "
                              f"{vision.patch_size}; expected them equal")
+        _check_norm(cfg.data.norm, vision, "model.vision" if self.stage == 1 else "aligner.vision")
         if self.stage == 2 and cfg.data.merge != 2:
             raise ValueError(f"stage 2 merges 2x2 patch groups: data.merge must be 2, got {cfg.data.merge}")
         source = LoaderSource(cfg.data, self.rank, self.world.world_size)
