@@ -7,10 +7,16 @@ Reads a torch.distributed.checkpoint folder (the trainer's; only the tensors the
 the checkpoint under one prefix, detected (or given): "" or "model." for a stage-1 model saved whole, "visual." or
 "model.visual." when the vision tower of a stage-2 aligner is loaded into `model.visual`. Every key and shape is
 compared before anything is copied; the first mismatch is named.
+
+Names and shapes do not catch every other config: heads, the text pool, RoPE's theta or the pixel statistics
+change no tensor. A trainer's checkpoint (its config.json) and an exported file (its metadata) carry the config
+they were trained with: `saved_model_config` reads it, and `config_differences` names what differs from the
+model's (the runtime choices, backends and activation checkpointing, aside).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from pathlib import Path
@@ -142,6 +148,57 @@ def check_state_dict(expected: dict[str, torch.Tensor], found: dict[str, tuple],
             f"checkpoint does not match the model config: {problems[0]}{more}; was it saved from another preset, "
             f"another stage or with other overrides?"
         )
+
+
+# ModelConfig fields that choose how the model runs, not what it computes: free to differ from the checkpoint's
+RUNTIME_FIELDS = frozenset({"attn_backend", "rope_backend", "loss_backend", "norm_backend", "swiglu_backend",
+                            "grad_checkpointing", "name"})
+
+
+def saved_config(path: str | os.PathLike) -> dict | None:
+    """The training config a checkpoint was saved with: a trainer's checkpoint folder's config.json, or the config
+    in the metadata of a `fineviti export` .safetensors file; None when there is none (a torch file, a folder
+    written by something else)."""
+    path = Path(path)
+    if path.is_dir():
+        file = path / "config.json"
+        return json.loads(file.read_text()) if file.is_file() else None
+    if path.suffix == ".safetensors" and path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            config = json.loads((f.metadata() or {}).get("config") or "{}")
+        return config or None
+    return None
+
+
+def saved_model_config(path: str | os.PathLike, part: str = "model") -> dict | None:
+    """The saved config of the checkpoint's stage-1 model (part "model"), or what of it the vision tower needs
+    (part "vision": {"vision", "embed_dim"} of stage 1's model or stage 2's aligner); None when the checkpoint has
+    no config, or no such part (part "model" of a stage-2 checkpoint)."""
+    config = saved_config(path)
+    if not config:
+        return None
+    stage = config.get("training", {}).get("stage", 1)
+    if part == "model":
+        return config.get("model") if stage == 1 else None
+    holder = (config.get("model") if stage == 1 else config.get("aligner")) or {}
+    return {k: holder[k] for k in ("vision", "embed_dim") if k in holder} or None
+
+
+def config_differences(saved: dict, have: dict, prefix: str = "") -> list[str]:
+    """"vision.heads: checkpoint 4, model 8" for each field of `saved` that `have` (a config as a dict) sets
+    otherwise, RUNTIME_FIELDS aside; sub-configs are compared field by field."""
+    out = []
+    for key in sorted(set(saved) | set(have)):
+        if key in RUNTIME_FIELDS or key not in saved or key not in have:
+            continue  # a field one version has and the other not keeps its default: not a difference here
+        a, b = saved[key], have[key]
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, f"{prefix}{key}.")
+        elif (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):
+            out.append(f"{prefix}{key}: checkpoint {a!r}, model {b!r}")
+    return out
 
 
 def load_checkpoint(module: torch.nn.Module, path: str | os.PathLike, *, prefix: str | None = None) -> dict:

@@ -20,7 +20,8 @@ FORMAT_HELP = {
     "urban1k": "Urban1k: DATA/image/*.jpg and DATA/caption/*.txt (long-caption retrieval)",
     "dci": "Densely Captioned Images: DATA/densely_captioned_images/{photos,annotations,splits.json}",
     "docci": "DOCCI: DATA/docci_descriptions.jsonlines and DATA/images/",
-    "coco_instances": "COCO boxes (FG-CLIP box classification): --annotations instances_val2017.json, images in DATA",
+    "coco_instances": "COCO boxes (FG-CLIP box classification): DATA/annotations/instances_val2017.json (or "
+                      "--annotations) and the images in DATA/val2017/ (or in DATA)",
     "shards": "webdataset shards (img2dataset layout): retrieval on their captions",
     "synthetic": "fineviti's synthetic held-out shards: retrieval, hard negatives and region classification",
 }
@@ -39,9 +40,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--class-names", help="imagenet: a synset mapping (LOC_synset_mapping.txt or json)")
     parser.add_argument("--checkpoint", help="stage-1 checkpoint: DCP folder, .safetensors or torch file")
     parser.add_argument("--vision-checkpoint", help="load only the vision tower from this one (e.g. stage 2)")
-    parser.add_argument("--preset", default="tiny", help="model preset the checkpoint was trained with")
+    parser.add_argument("--preset", help="model preset (default: the config saved with the checkpoint, else tiny)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="model config override (as in training), e.g. --set vision.depth=2")
+                        help="model config override (as in training), e.g. --set vision.depth=2; with a checkpoint "
+                        "that saved its config, only the backends and grad_checkpointing may differ from it")
     parser.add_argument("--tokenizer", help="tokenizer.json (default: beside the checkpoint or the data)")
     parser.add_argument("--out", help="folder for report.json and report.md")
     parser.add_argument("--token-budget", type=int, default=16384, help="patch tokens per image batch")
@@ -83,6 +85,46 @@ def _parse_overrides(items: list[str]) -> dict:
     return out
 
 
+def _saved_configs(args):
+    """({"model": saved model config or None, "vision": saved vision config or None}, the config to build): the
+    saved one (vision only: tiny's, with the saved vision tower) unless --preset names one."""
+    import dataclasses
+
+    from fineviti.eval.checkpoint import saved_model_config
+    from fineviti.model.config import ModelConfig, VisionConfig, preset
+    from fineviti.train.config import from_dict
+
+    saved = {"model": saved_model_config(args.checkpoint) if args.checkpoint else None,
+             "vision": saved_model_config(args.vision_checkpoint, "vision") if args.vision_checkpoint else None}
+    if args.preset is not None:
+        return saved, args.preset
+    if saved["model"] is not None:
+        return saved, from_dict(saved["model"], ModelConfig)
+    if saved["vision"] is not None:
+        vision = saved["vision"]
+        base = dataclasses.replace(preset("tiny"), vision=from_dict(vision.get("vision", {}), VisionConfig))
+        return saved, dataclasses.replace(base, **({"embed_dim": vision["embed_dim"]} if "embed_dim" in vision else {}))
+    return saved, "tiny"
+
+
+def _check_saved_configs(saved: dict, cfg) -> None:
+    """CheckpointMismatchError naming what the model's config sets otherwise than the checkpoint's saved one."""
+    import dataclasses
+
+    from fineviti.eval.checkpoint import CheckpointMismatchError, config_differences
+
+    differences = []
+    if saved["model"] is not None:
+        differences += config_differences(saved["model"], dataclasses.asdict(cfg))
+    if saved["vision"] is not None:
+        differences += config_differences(saved["vision"], dataclasses.asdict(cfg))
+    if differences:
+        more = f" (and {len(differences) - 1} more)" if len(differences) > 1 else ""
+        raise CheckpointMismatchError(
+            f"checkpoint does not match the model config: it was trained with another one, {differences[0]}{more}; "
+            f"leave out --preset and the --set of architecture fields to use the checkpoint's own config")
+
+
 def _find_tokenizer(args) -> Path:
     if args.tokenizer:
         return Path(args.tokenizer)
@@ -117,7 +159,8 @@ def load_sets(args) -> dict:
         return {"docci": loaders.docci(data, args.split or "test")}
     if fmt == "coco_instances":
         annotations = args.annotations or data / "annotations" / "instances_val2017.json"
-        return {"regions": loaders.coco_instances(annotations, data)}
+        images = data / "val2017" if (data / "val2017").is_dir() else data  # COCO's own layout, else flat
+        return {"regions": loaders.coco_instances(annotations, images)}
     if fmt == "shards":
         return {"retrieval": loaders.shard_captions(data)}
     raise SystemExit(f"fineviti eval: unknown format {fmt!r}")
@@ -151,17 +194,24 @@ def run(args: argparse.Namespace) -> int:
             device = f"cuda:{torch.cuda.current_device()}"
         tokenizer = CaptionTokenizer(_find_tokenizer(args))
         overrides = _parse_overrides(args.overrides)
-        if not any(k in overrides for k in ("text.vocab_size", "text")):
+        saved, base = _saved_configs(args)
+        if saved["model"] is None and not any(k in overrides for k in ("text.vocab_size", "text")):
             overrides["text.vocab_size"] = tokenizer.vocab_size  # as training reads it from the tokenizer
-        model = create_model(args.preset, **overrides).to(device)
+        model = create_model(base, **overrides).to(device)
+        if tokenizer.vocab_size > model.cfg.text.vocab_size:
+            print(f"fineviti eval: the tokenizer has {tokenizer.vocab_size} tokens but the text tower's vocab_size "
+                  f"is {model.cfg.text.vocab_size}; expected a tokenizer of the checkpoint's run", file=sys.stderr)
+            return 2
         loaded = {}
         try:
+            _check_saved_configs(saved, model.cfg)
             if args.checkpoint:
                 loaded["checkpoint"] = load_checkpoint(model, args.checkpoint)
             if args.vision_checkpoint:
                 loaded["vision_checkpoint"] = load_checkpoint(model.visual, args.vision_checkpoint)
         except CheckpointMismatchError as exc:
-            print(f"fineviti eval: {exc} (preset {args.preset!r}, overrides {overrides})", file=sys.stderr)
+            print(f"fineviti eval: {exc} (preset {args.preset or 'from the checkpoint'!r}, overrides {overrides})",
+                  file=sys.stderr)
             return 2
         if not loaded:
             print("fineviti eval: no --checkpoint: the model has random weights", file=sys.stderr)
@@ -183,7 +233,8 @@ def run(args: argparse.Namespace) -> int:
         cfg = runner.EvalConfig(token_budget=args.token_budget, context_length=args.context_length,
                                 pixel_path=args.pixel_path, **({"max_pixels": args.max_pixels}
                                                                if args.max_pixels else {}))
-        meta = {"format": args.format, "data": str(args.data), "preset": args.preset, "overrides": overrides,
+        meta = {"format": args.format, "data": str(args.data), "preset": args.preset or model.cfg.name,
+                "overrides": overrides,
                 "loaded": loaded, "sets": {k: len(t.records) for k, t in tasks.items()}}
         report = runner.evaluate(model, tokenizer, tasks, cfg=cfg, out_dir=args.out, device=device, meta=meta)
         import torch.distributed as dist

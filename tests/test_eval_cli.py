@@ -1,0 +1,118 @@
+"""`fineviti eval` and the config a checkpoint was saved with: names and shapes do not catch heads, the text
+pool, RoPE's theta or the pixel statistics, which change no tensor."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from fineviti.eval.checkpoint import config_differences, saved_config, saved_model_config
+from fineviti.model import create_model
+
+SMALL = {"vision.depth": 1, "vision.width": 64, "vision.heads": 2, "vision.mlp_hidden": 96, "text.depth": 1,
+         "text.width": 64, "text.heads": 2, "text.mlp_hidden": 96, "embed_dim": 32, "attn_backend": "torch"}
+
+
+def test_config_differences():
+    saved = {"vision": {"heads": 2, "image_mean": [0.5, 0.5, 0.5]}, "attn_backend": "torch", "embed_dim": 32,
+             "only_saved": 1}
+    have = {"vision": {"heads": 2, "image_mean": (0.5, 0.5, 0.5)}, "attn_backend": "triton", "embed_dim": 32}
+    assert config_differences(saved, have) == []  # lists against tuples, a runtime field, a field one side lacks
+    have["vision"]["heads"] = 4
+    have["embed_dim"] = 64
+    assert config_differences(saved, have) == ["embed_dim: checkpoint 32, model 64",
+                                               "vision.heads: checkpoint 2, model 4"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A held-out split, its tokenizer, and a stage-1 checkpoint folder with the trainer's config.json."""
+    import torch.distributed.checkpoint as dcp
+
+    from fineviti.data import synth
+    from fineviti.data.tokenizer import CaptionTokenizer
+
+    root = tmp_path_factory.mktemp("evalcli")
+    synth.generate(root / "data", images=4, heldout=6, processes=1, vocab_size=400)
+    vocab = CaptionTokenizer(root / "data" / "tokenizer.json").vocab_size
+    torch.manual_seed(0)
+    model = create_model("tiny", **SMALL, **{"text.vocab_size": vocab, "text.pool": "last"})
+    folder = root / "run" / "step-00000001"
+    dcp.save({"model": model.state_dict(), "step": 1}, checkpoint_id=str(folder), no_dist=True)
+    config = {"model": dataclasses.asdict(model.cfg), "training": {"stage": 1}}
+    (folder / "config.json").write_text(json.dumps(config))
+    return root, folder, model
+
+
+def _args(root, *extra):
+    return ["eval", "--format", "synthetic", "--data", str(root / "data" / "heldout"), "--max-pixels",
+            str(28 * 28 * 16), *extra]
+
+
+def test_eval_builds_the_model_from_the_checkpoints_config(trained, capsys):
+    """No --preset and no --set: the saved config (here with pool "last", which no preset has) builds the model;
+    a runtime choice (the attention backend) may still be set."""
+    from fineviti.cli import main
+
+    root, folder, _ = trained
+    assert saved_model_config(folder)["text"]["pool"] == "last"
+    assert main(_args(root, "--checkpoint", str(folder), "--set", "attn_backend=torch", "--out",
+                      str(root / "eval"))) == 0
+    report = json.loads((root / "eval" / "report.json").read_text())
+    assert report["meta"]["loaded"]["checkpoint"]["tensors"] > 0 and report["retrieval"]["n"] == 6
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("change,named", [
+    ("text.pool=mean", "text.pool: checkpoint 'last', model 'mean'"),
+    ("vision.heads=4", "vision.heads: checkpoint 2, model 4"),  # the same tensor shapes
+    ("vision.rope_theta=100.0", "vision.rope_theta: checkpoint 10000.0, model 100.0"),
+])
+def test_eval_refuses_a_config_the_checkpoint_was_not_trained_with(trained, capsys, change, named):
+    """Each of these changes no tensor's name or shape, so the checkpoint loaded and the scores were wrong."""
+    from fineviti.cli import main
+
+    root, folder, _ = trained
+    assert main(_args(root, "--checkpoint", str(folder), "--set", change)) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint does not match the model config" in err and named in err, err
+
+
+def test_an_exported_vision_tower_carries_its_config(trained, tmp_path, capsys):
+    """`fineviti export`'s file holds the training config in its metadata: --vision-checkpoint is checked too."""
+    from fineviti.cli import main
+    from fineviti.train.export import export_model
+
+    root, folder, model = trained
+    out = export_model(model, tmp_path / "vision.safetensors", config=saved_config(folder))
+    vision = json.loads(json.dumps(dataclasses.asdict(model.cfg.vision)))
+    assert saved_model_config(out, "vision") == {"vision": vision, "embed_dim": 32}
+    assert main(_args(root, "--vision-checkpoint", str(out), "--set", "vision.heads=4")) == 2
+    assert "vision.heads: checkpoint 2, model 4" in capsys.readouterr().err
+    assert main(_args(root, "--vision-checkpoint", str(out))) == 0
+    capsys.readouterr()
+
+
+def test_coco_instances_reads_cocos_own_layout(tmp_path):
+    """COCO ships DATA/annotations/ beside DATA/val2017/: the default once looked for the images in DATA itself,
+    which fit no real layout. A flat folder (the images beside the annotations' folder) still works."""
+    import argparse
+    import shutil
+
+    from fineviti.eval import cli
+    from tests import fixtures_eval as fx
+
+    annotations = fx.build_coco_instances(tmp_path)
+    coco = tmp_path / "coco"
+    (coco / "annotations").mkdir(parents=True)
+    (coco / "val2017").mkdir()
+    shutil.move(str(annotations), coco / "annotations" / "instances_val2017.json")
+    for image in tmp_path.glob("*.jpg"):
+        shutil.move(str(image), coco / "val2017" / image.name)
+    args = argparse.Namespace(data=str(coco), format="coco_instances", annotations=None, split=None,
+                              class_names=None)
+    regions = cli.load_sets(args)["regions"]
+    assert len(regions.records) > 0
