@@ -135,3 +135,76 @@ def test_shards(tmp_path):
     assert by_caption.classnames[:2] == ["a blue square", "a cyan square"]
     names = [by_caption.classnames[k] for k in by_caption.records[0].labels]
     assert names == ["a red square", "a green square"]
+
+
+def build_shards_with_bad_samples(root: Path, *, truncate: bool = False) -> Path:
+    """fx.build_shards' first four samples, and a second shard "bad-00000.tar" with three samples the shard reader
+    counts in its stats: one without a caption and one whose image header does not parse (both left out), and one
+    with broken json (kept, without its regions and hard negatives). truncate: a third shard "cut-00000.tar" of two
+    good samples, cut inside the second one's image."""
+    import io
+
+    from fineviti.data.shards import ShardWriter, scan_tar
+
+    fx.build_shards(root, n=4)
+    buffer = io.BytesIO()
+    fx.blocks((56, 28), [((0, 0, 56, 28), "blue")]).save(buffer, "PNG")
+    png = buffer.getvalue()
+    with ShardWriter(root, prefix="bad", samples_per_shard=10) as writer:
+        writer.write("bad_caption", [("png", png)])
+        writer.write("bad_header", [("png", b"not an image"), ("txt", b"blue blue")])
+        writer.write("bad_json", [("png", png), ("txt", b"blue blue"), ("json", b'{"regions": [')])
+    if truncate:
+        with ShardWriter(root, prefix="cut", samples_per_shard=10) as writer:
+            for key in ("cut_whole", "cut_short"):
+                writer.write(key, [("png", png), ("txt", b"blue blue")])
+        tar = root / "cut-00000.tar"
+        last = scan_tar(tar)[0][-1].members["png"]
+        with open(tar, "r+b") as f:
+            f.truncate(last.offset + last.size // 2)
+    return root
+
+
+def test_shard_loaders_report_the_samples_the_reader_skipped(tmp_path):
+    """The shard reader leaves out samples without a caption or with an unreadable image header, and keeps a sample
+    with broken json without its json: every shard set says so in info["skipped"] and a warning (its n used to
+    shrink silently, and the broken json's sample to vanish from the region and hard-negative sets)."""
+    root = build_shards_with_bad_samples(tmp_path / "heldout")
+    skipped = {"bad_json": 1, "missing_caption": 1, "unreadable_header": 1}
+    with pytest.warns(UserWarning, match=r"kept 5 samples and counted \{'bad_json': 1, 'missing_caption': 1, "
+                                         r"'unreadable_header': 1\}"):
+        captions = loaders.shard_captions(root)
+    assert [r.key for r in captions.records] == ["bad_json", *(f"{i:09d}" for i in range(4))]
+    assert captions.info["skipped"] == skipped and captions.info["samples"] == 5
+    with pytest.warns(UserWarning, match="without its json"):
+        negatives = loaders.shard_hard_negatives(root)
+    assert len(negatives) == 4 and negatives.info["skipped"] == skipped and negatives.info["without_negatives"] == 1
+    with pytest.warns(UserWarning, match="info\\['skipped'\\]"):
+        regions = loaders.shard_regions(root)
+    assert len(regions) == 4 and regions.info["skipped"] == skipped and regions.info["without_regions"] == 1
+
+
+def test_image_folder_walks_class_folders_recursively(tmp_path):
+    """As torchvision's ImageFolder: a class's images at any depth (a folder's files, sorted, before its subfolders';
+    links followed), and a class folder without one is an error (only the top level used to be read, and an empty
+    class kept a label)."""
+    root = tmp_path / "images"
+    for path in ("cat/b.png", "cat/a/z.png", "cat/a/y.JPEG", "dog/batch2/0.png", "dog/batch1/0.png",
+                 "dog/batch1/deep/1.png"):
+        fx.solid(root / path, "red" if path.startswith("cat") else "green", size=(8, 8))
+    (root / "dog" / "batch1" / "notes.txt").write_text("not an image")
+    data = loaders.image_folder(root)
+    keys = ["cat/b", "cat/a/y", "cat/a/z", "dog/batch1/0", "dog/batch1/deep/1", "dog/batch2/0"]
+    assert [r.key for r in data.records] == keys and [r.label for r in data.records] == [0, 0, 0, 1, 1, 1]
+    try:
+        from torchvision.datasets import ImageFolder
+    except ImportError:
+        ImageFolder = None  # noqa: N806
+    if ImageFolder is not None:
+        assert [(r.image, r.label) for r in data.records] == ImageFolder(str(root)).samples
+    (root / "dog" / "batch1" / "loop").symlink_to(root / "dog", target_is_directory=True)
+    assert [r.key for r in loaders.image_folder(root).records] == keys  # a link back up is not walked again
+    (root / "empty_class" / "sub").mkdir(parents=True)
+    (root / "empty_class" / "sub" / "readme.txt").write_text("no images here")
+    with pytest.raises(ValueError, match=r"1 of 3 class folders \('empty_class'\) hold no image with extensions"):
+        loaders.image_folder(root)

@@ -16,9 +16,11 @@ from fineviti.eval.runner import (
     default_box_projection,
     evaluate,
     markdown_table,
+    synthetic_tasks,
     task_for,
 )
 from tests import fixtures_eval as fx
+from tests.test_eval_loaders import build_shards_with_bad_samples
 
 # dcp.save / dcp.load without a process group warn that they assume one process: they do.
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
@@ -100,6 +102,47 @@ def test_task_errors_name_the_record():
     records = [(image, [], []), (image, [(0, 0, 10, 10), (9, 0, 4, 10)], [0, 1])]
     with pytest.raises(ValueError, match=r"region record 1, box 1 = \[9, 0, 4, 10\]: expected x0 < x1"):
         _evaluator()[1].run({"boxes": RegionTask(records, ["red", "blue"], project=fx.box_projection)})
+
+
+def test_region_box_outside_its_image_is_named(tmp_path):
+    """A box right of or below its image is named by its record and box with the image's size, in the original
+    pixels (it used to pass this check, which only tested x1 > 0 and y1 > 0, and fail in pool_boxes with a
+    batch-local index and rescaled coordinates); a box partly outside is clipped, as before."""
+    image = fx.blocks((64, 48), [((0, 0, 32, 24), "red")])
+    path = tmp_path / "image.png"
+    image.save(path)
+    for source in (image, str(path), path.read_bytes()):
+        for box in ((70, 5, 90, 20), (5, 48, 20, 60), (-9, 5, 0, 20)):
+            records = [(source, [(0, 0, 10, 10)], [0]), (source, [(0, 0, 10, 10), box], [0, 1])]
+            task = RegionTask(records, ["red", "blue"], project=fx.box_projection)
+            match = rf"region record 1, box 1 = \[{', '.join(map(str, box))}\] lies outside its 64x48 image"
+            with pytest.raises(ValueError, match=match):
+                _evaluator()[1].run({"r": task})
+    partly = RegionTask([(str(path), [(16, 12, 80, 60)], [0])], ["red", "blue"], project=fx.box_projection)
+    assert _evaluator()[1].run({"r": partly})["r"]["n"] == 1
+    with pytest.raises(ValueError, match=r"region record 0 \(12 bytes\) is not a readable image"):
+        _evaluator()[1].run({"r": RegionTask([(b"not an image", [(0, 0, 4, 4)], [0])], ["red"],
+                                             project=fx.box_projection)})
+
+
+def test_skipped_shard_samples_reach_the_report(tmp_path):
+    """What the shard reader skipped goes from the loaded set's info into each task's report (report.json, and a
+    line under report.md's table); the synthetic set's three tasks share one scan, so a truncated shard is counted
+    in all three (a scan after the first finds the index it rewrote and counts nothing)."""
+    root = build_shards_with_bad_samples(tmp_path / "heldout", truncate=True)
+    with pytest.warns(UserWarning, match="the shard reader kept 6 samples"):
+        tasks = synthetic_tasks(root, project=fx.box_projection)
+    skipped = {"bad_json": 1, "missing_caption": 1, "truncated_shard": 1, "unreadable_header": 1}
+    report = evaluate(fx.FakeModel(), fx.word_tokenizer(), tasks, out_dir=tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    for name, n in (("retrieval", 6), ("hard_negatives", 4), ("regions", 8)):
+        assert saved[name]["n"] == n and saved[name]["info"]["skipped"] == skipped, name
+    table = (tmp_path / "out" / "report.md").read_text()
+    assert table == markdown_table(report) and f"retrieval: the shard reader counted {skipped}" in table
+    with pytest.warns(UserWarning, match="missing_caption"):
+        shards = loaders.shard_captions(root)
+    assert "truncated_shard" not in shards.info["skipped"]  # a scan of its own, after the index was rewritten
+    assert _evaluator()[1].run({"r": task_for(shards)})["r"]["info"] == shards.info
 
 
 @pytest.mark.parametrize("method", ["mean", "roi_align"])

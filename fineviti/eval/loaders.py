@@ -147,11 +147,34 @@ def _read_class_names(path: Path, first_synonym: bool) -> dict[str, str]:
     return {k: v.replace("_", " ") for k, v in mapping.items()}
 
 
+def _class_images(folder: Path) -> list[Path]:
+    """The images under one class folder at any depth, in the order of torchvision's `make_dataset`: os.walk
+    following links, its (folder, ...) tuples sorted, file names sorted within a folder, extension matched
+    case-insensitively."""
+    walked = []
+    ancestors = {str(folder): {os.path.realpath(folder)}}
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        # A link back to a folder above this one would repeat its images, once per level, until the path is too
+        # long: such links are not followed (links elsewhere are, as ImageFolder follows them).
+        chain = ancestors.pop(dirpath)
+        kept = []
+        for name in dirnames:
+            real = os.path.realpath(os.path.join(dirpath, name))
+            if real not in chain:
+                kept.append(name)
+                ancestors[os.path.join(dirpath, name)] = chain | {real}
+        dirnames[:] = kept
+        walked.append((dirpath, filenames))
+    return [Path(dirpath) / name for dirpath, filenames in sorted(walked) for name in sorted(filenames)
+            if name.lower().endswith(IMAGE_EXTENSIONS)]
+
+
 def image_folder(root: str | os.PathLike, class_names: str | os.PathLike | None = None, *,
                  first_synonym: bool = True) -> EvalSet:
-    """root/<class>/<image> as torchvision's ImageFolder reads it (classes = sorted folder names, label = index;
-    files with IMAGE_EXTENSIONS, sorted). Class names come from the folder names ("_" read as a space) or from a
-    mapping file (see `_read_class_names`); `first_synonym` keeps "tench" of "tench, Tinca tinca"."""
+    """root/<class>/.../<image> as torchvision's ImageFolder reads it: classes = sorted folder names, label = index;
+    the files with IMAGE_EXTENSIONS at any depth, in `_class_images` order; a class folder without one is an error.
+    Class names come from the folder names ("_" read as a space) or from a mapping file (see `_read_class_names`);
+    `first_synonym` keeps "tench" of "tench, Tinca tinca"."""
     root = _need_dir(Path(root), "image folder root")
     folders = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not folders:
@@ -165,13 +188,17 @@ def image_folder(root: str | os.PathLike, class_names: str | os.PathLike | None 
             raise ValueError(f"class folder {folder!r} is missing from the mapping file {class_names}")
         else:
             names.append(mapping[folder])
+    images = {folder: _class_images(root / folder) for folder in folders}
+    empty = [folder for folder in folders if not images[folder]]
+    if empty:  # ImageFolder raises here too: an empty class would still take a label and a column of the classifier
+        shown = ", ".join(map(repr, empty[:10])) + (f" and {len(empty) - 10} more" if len(empty) > 10 else "")
+        raise ValueError(f"{root}: {len(empty)} of {len(folders)} class folders ({shown}) hold no image with "
+                         f"extensions {IMAGE_EXTENSIONS} at any depth; expected at least one image per class")
     records = []
     for label, folder in enumerate(folders):
-        for path in sorted((root / folder).iterdir()):
-            if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
-                records.append(LabelRecord(str(path), label, f"{folder}/{path.stem}"))
-    if not records:
-        raise ValueError(f"{root}: the class folders hold no images with extensions {IMAGE_EXTENSIONS}")
+        for path in images[folder]:  # key: folder/sub/stem, unique where stems repeat in subfolders
+            key = (Path(folder) / path.relative_to(root / folder).with_suffix("")).as_posix()
+            records.append(LabelRecord(str(path), label, key))
     info: dict[str, Any] = {"source": str(root)}
     repeated = {name: [f for f, n in zip(folders, names, strict=True) if n == name]
                 for name, count in Counter(names).items() if count > 1}
@@ -329,45 +356,73 @@ class ShardImage:
         return f"ShardImage({self.dataset.keys[self.index]!r})"
 
 
-def _shard_samples(shards: str | os.PathLike):
+def open_shards(shards) -> Any:
+    """A fineviti.data.dataset.ShardDataset of a shard folder (or one tar); one already open is returned as it is,
+    so the loaders of one folder share a scan and its skip counts (see `runner.synthetic_tasks`)."""
+    from fineviti.data.dataset import ShardDataset
+
+    return shards if isinstance(shards, ShardDataset) else ShardDataset(shards)
+
+
+def _shard_samples(dataset):
     """(ShardImage, RawSample) of every usable sample (fineviti.data.dataset: img2dataset's key.jpg / key.txt /
     key.json with a wds2idx index; samples without image or caption are skipped and counted there)."""
-    from fineviti.data.dataset import BadSample, ShardDataset
+    from fineviti.data.dataset import BadSample
 
-    dataset = ShardDataset(shards)
     for i in range(len(dataset)):
         try:
             raw = dataset.load(i)
         except BadSample as exc:
-            raise ValueError(f"{shards}: sample {dataset.keys[i]} cannot be read ({exc.reason}: {exc})") from exc
+            raise ValueError(f"{dataset.path}: sample {dataset.keys[i]} cannot be read ({exc.reason}: {exc})") from exc
         yield ShardImage(dataset, i), raw
 
 
-def shard_captions(shards: str | os.PathLike) -> EvalSet:
-    """Caption records from shards: every caption of json "captions" when the sample has several, else key.txt."""
+def _shard_info(dataset) -> dict:
+    """The EvalSet info of a shard set: its source, the samples the shard reader kept, and the ones it skipped by
+    reason (fineviti.data.dataset.SKIP_REASONS), which the runner copies into the report; a warning when any."""
+    skipped = dict(sorted(dataset.stats.items()))
+    if skipped:
+        # The same text for every loader of one folder and stacklevel 1, so Python's default filter shows it once
+        # (synthetic_tasks reads one scan three times), not once per task.
+        warnings.warn(f"{dataset.path}: the shard reader kept {len(dataset)} samples and counted {skipped}; samples "
+                      f"left out are in no task's n, and a bad_json sample is kept without its json (so without its "
+                      f"regions, hard negatives and json captions); the counts are in the report's info['skipped']",
+                      stacklevel=1)
+    return {"source": str(dataset.path), "samples": len(dataset), "skipped": skipped}
+
+
+def shard_captions(shards) -> EvalSet:
+    """Caption records from shards (a folder, a tar or an `open_shards` dataset): every caption of json "captions"
+    when the sample has several, else key.txt. info["skipped"]: the samples the shard reader left out, by reason."""
+    dataset = open_shards(shards)
     records = []
-    for image, raw in _shard_samples(shards):
+    for image, raw in _shard_samples(dataset):
         many = raw.meta.get("captions")
         texts = [str(c).strip() for c in many] if isinstance(many, list) and many else [raw.caption.strip()]
         records.append(CaptionRecord(image, texts, raw.key))
+    info = _shard_info(dataset)
     if not records:
-        raise ValueError(f"{shards}: no sample with an image and a caption")
-    return EvalSet(Path(shards).name, "retrieval", records, info={"source": str(shards)})
+        raise ValueError(f"{dataset.path}: no sample with an image and a caption (skipped: {info['skipped']})")
+    return EvalSet(dataset.path.name, "retrieval", records, info=info)
 
 
-def shard_hard_negatives(shards: str | os.PathLike, *, field_name: str = "hard_negatives") -> EvalSet:
+def shard_hard_negatives(shards, *, field_name: str = "hard_negatives") -> EvalSet:
     """Hard-negative records: key.txt is the true caption, json[field_name] the captions that differ from it in one
     attribute or one object's position (fineviti.data.synth writes [{"caption", "kind", "object"}] there on the
-    held-out split; plain strings are accepted too). Samples without negatives are left out."""
+    held-out split; plain strings are accepted too). Samples without negatives are left out (counted in
+    info["without_negatives"]); info["skipped"] as in `shard_captions`."""
+    dataset = open_shards(shards)
     records = []
-    for image, raw in _shard_samples(shards):
+    for image, raw in _shard_samples(dataset):
         negatives = raw.meta.get(field_name) or []
         texts = [n["caption"] if isinstance(n, dict) else str(n) for n in negatives]
         if texts:
             records.append(HardNegativeRecord(image, raw.caption.strip(), texts, raw.key))
+    info = {**_shard_info(dataset), "without_negatives": len(dataset) - len(records)}
     if not records:
-        raise ValueError(f"{shards}: no sample has json[{field_name!r}] (hard negatives)")
-    return EvalSet(f"{Path(shards).name}_hard_negatives", "hard_negatives", records, info={"source": str(shards)})
+        raise ValueError(f"{dataset.path}: no sample has json[{field_name!r}] (hard negatives; skipped: "
+                         f"{info['skipped']})")
+    return EvalSet(f"{dataset.path.name}_hard_negatives", "hard_negatives", records, info=info)
 
 
 def synthetic_region_classes() -> list[str]:
@@ -377,12 +432,13 @@ def synthetic_region_classes() -> list[str]:
     return [f"{colour} {shape}" for colour in synth.COLOURS for shape in synth.SHAPES]
 
 
-def shard_regions(shards: str | os.PathLike, *, label_of=None, classnames: Sequence[str] | None = None) -> EvalSet:
+def shard_regions(shards, *, label_of=None, classnames: Sequence[str] | None = None) -> EvalSet:
     """Region records from json {"regions": [{"bbox": [x0, y0, x1, y1], "caption"}]} (pixels of the original image).
 
     label_of(region, meta, j) gives region j's class name; the default reads the synthetic generator's
     json["objects"][j] as "colour shape" when present, else the region's caption. classnames: the classes in
-    label order (default: every distinct label, sorted; `synthetic_region_classes()` for the synthetic set)."""
+    label order (default: every distinct label, sorted; `synthetic_region_classes()` for the synthetic set).
+    Samples without regions are left out (info["without_regions"]); info["skipped"] as in `shard_captions`."""
     def default_label(region, meta, j):
         objects = meta.get("objects")
         if isinstance(objects, list) and j < len(objects):
@@ -390,7 +446,8 @@ def shard_regions(shards: str | os.PathLike, *, label_of=None, classnames: Seque
         return str(region["caption"])
 
     label_of = label_of or default_label
-    samples = [(image, raw) for image, raw in _shard_samples(shards) if raw.regions]
+    dataset = open_shards(shards)
+    samples = [(image, raw) for image, raw in _shard_samples(dataset) if raw.regions]
     labelled = [[label_of(r, raw.meta, j) for j, r in enumerate(raw.regions)] for _, raw in samples]
     if classnames is None:
         classnames = sorted({n for names in labelled for n in names})
@@ -399,12 +456,13 @@ def shard_regions(shards: str | os.PathLike, *, label_of=None, classnames: Seque
     for (image, raw), names in zip(samples, labelled, strict=True):
         for name in names:
             if name not in index:
-                raise ValueError(f"{shards}: sample {raw.key} has a region of class {name!r}, not in classnames")
+                raise ValueError(f"{dataset.path}: sample {raw.key} has a region of class {name!r}, not in classnames")
         boxes = [tuple(float(v) for v in r["bbox"]) for r in raw.regions]
         records.append(RegionRecord(image, boxes, [index[n] for n in names], raw.key))
+    info = {**_shard_info(dataset), "without_regions": len(dataset) - len(records)}
     if not records:
-        raise ValueError(f"{shards}: no sample with an image and regions")
-    return EvalSet(f"{Path(shards).name}_regions", "regions", records, list(classnames), info={"source": str(shards)})
+        raise ValueError(f"{dataset.path}: no sample with an image and regions (skipped: {info['skipped']})")
+    return EvalSet(f"{dataset.path.name}_regions", "regions", records, list(classnames), info=info)
 
 
 FORMATS = ("coco", "flickr30k", "imagenet", "urban1k", "dci", "docci", "coco_instances", "shards", "synthetic")

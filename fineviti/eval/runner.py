@@ -54,6 +54,7 @@ class RetrievalTask:
     """Image-text retrieval (one or several captions per image; long captions too): records (image, captions)."""
 
     records: Sequence
+    info: dict = dataclasses.field(default_factory=dict)  # the loaded set's info (EvalSet.info): into the report
 
 
 @dataclasses.dataclass
@@ -63,6 +64,7 @@ class ZeroShotTask:
     records: Sequence
     classnames: Sequence[str]
     templates: Sequence[Template] = DEFAULT_TEMPLATES
+    info: dict = dataclasses.field(default_factory=dict)  # the loaded set's info (EvalSet.info): into the report
 
 
 @dataclasses.dataclass
@@ -70,6 +72,7 @@ class HardNegativeTask:
     """Each image's true caption against its hard negatives: records (image, caption, negatives)."""
 
     records: Sequence
+    info: dict = dataclasses.field(default_factory=dict)  # the loaded set's info (EvalSet.info): into the report
 
 
 @dataclasses.dataclass
@@ -83,21 +86,23 @@ class RegionTask:
     templates: Sequence[Template] = DEFAULT_TEMPLATES
     method: str = "mean"
     project: Callable[[torch.Tensor], torch.Tensor] | None = None
+    info: dict = dataclasses.field(default_factory=dict)  # the loaded set's info (EvalSet.info): into the report
 
 
 Task = RetrievalTask | ZeroShotTask | HardNegativeTask | RegionTask
 
 
 def task_for(evalset: EvalSet, templates: Sequence[Template] | None = None) -> Task:
-    """The task that evaluates a loaded benchmark (fineviti.eval.loaders)."""
+    """The task that evaluates a loaded benchmark (fineviti.eval.loaders); its info goes into the task's report."""
+    info = dict(evalset.info)
     if evalset.kind == "retrieval":
-        return RetrievalTask(evalset.records)
+        return RetrievalTask(evalset.records, info)
     if evalset.kind == "hard_negatives":
-        return HardNegativeTask(evalset.records)
+        return HardNegativeTask(evalset.records, info)
     if evalset.kind == "zero_shot":
-        return ZeroShotTask(evalset.records, evalset.classnames, templates or DEFAULT_TEMPLATES)
+        return ZeroShotTask(evalset.records, evalset.classnames, templates or DEFAULT_TEMPLATES, info)
     if evalset.kind == "regions":
-        return RegionTask(evalset.records, evalset.classnames, templates or DEFAULT_TEMPLATES)
+        return RegionTask(evalset.records, evalset.classnames, templates or DEFAULT_TEMPLATES, info=info)
     raise ValueError(f"unknown evaluation kind {evalset.kind!r} of set {evalset.name!r}")
 
 
@@ -108,14 +113,19 @@ SYNTHETIC_REGION_TEMPLATES: tuple[str, ...] = ("a small {}", "a medium {}", "a l
 def synthetic_tasks(heldout: str | os.PathLike, *, region_method: str = "mean", project=None) -> dict[str, Task]:
     """The three tasks of fineviti's synthetic held-out shards (fineviti.data.synth): "retrieval" (long captions),
     "hard_negatives" (one attribute or position changed) and "regions" (each object's box against every
-    "colour shape")."""
+    "colour shape"). Each task's info holds what the shard reader skipped (see `loaders.shard_captions`)."""
     from fineviti.eval import loaders
 
-    boxes = loaders.shard_regions(heldout, classnames=loaders.synthetic_region_classes())
+    # One scan for the three sets: the same skip counts in each (a second scan of a truncated shard would find the
+    # index the first one rewrote and count nothing).
+    shards = loaders.open_shards(heldout)
+    boxes = loaders.shard_regions(shards, classnames=loaders.synthetic_region_classes())
+    captions, negatives = loaders.shard_captions(shards), loaders.shard_hard_negatives(shards)
     return {
-        "retrieval": RetrievalTask(loaders.shard_captions(heldout).records),
-        "hard_negatives": HardNegativeTask(loaders.shard_hard_negatives(heldout).records),
-        "regions": RegionTask(boxes.records, boxes.classnames, SYNTHETIC_REGION_TEMPLATES, region_method, project),
+        "retrieval": RetrievalTask(captions.records, captions.info),
+        "hard_negatives": HardNegativeTask(negatives.records, negatives.info),
+        "regions": RegionTask(boxes.records, boxes.classnames, SYNTHETIC_REGION_TEMPLATES, region_method, project,
+                              boxes.info),
     }
 
 
@@ -497,10 +507,16 @@ class Evaluator:
         for i, r in enumerate(task.records):  # i: the index in task.records, before the records without boxes go
             if len(r[1]) != len(r[2]):
                 raise ValueError(f"region record {i}: {len(r[1])} boxes but {len(r[2])} labels")
+            size = None
             for j, (x0, y0, x1, y1) in enumerate(r[1]):  # named here: pool_boxes sees a batch's boxes only
-                if not (x0 < x1 and y0 < y1 and x1 > 0 and y1 > 0):
+                if not (x0 < x1 and y0 < y1):
                     raise ValueError(f"region record {i}, box {j} = {[x0, y0, x1, y1]}: expected x0 < x1 and "
-                                     f"y0 < y1 with some of the box inside the image (pixels of the original image)")
+                                     f"y0 < y1 (pixels of the original image)")
+                width, height = size = size or _image_size(r[0], f"region record {i}")
+                if not (x0 < width and y0 < height and x1 > 0 and y1 > 0):
+                    raise ValueError(f"region record {i}, box {j} = {[x0, y0, x1, y1]} lies outside its "
+                                     f"{width}x{height} image (width x height); expected some of the box inside "
+                                     f"0 <= x < {width}, 0 <= y < {height} (pixels of the original image)")
         records = [r for r in task.records if len(r[1])]
         if not records:
             raise ValueError("RegionTask has no record with boxes")
@@ -524,7 +540,8 @@ class Evaluator:
             out = self.regions(task)
         else:
             raise TypeError(f"unknown task type {type(task).__name__}")
-        return {**out, "seconds": round(time.perf_counter() - start, 3)}
+        info = {"info": dict(task.info)} if task.info else {}  # e.g. the samples a shard set skipped
+        return {**out, **info, "seconds": round(time.perf_counter() - start, 3)}
 
     def run(self, tasks: dict[str, Task], meta: dict | None = None) -> dict:
         """{name: metrics} for every task plus "meta"; the model is put in eval mode and restored."""
@@ -544,6 +561,18 @@ class Evaluator:
             "context_length": self.text.context_length, **(meta or {}),
         }
         return report
+
+
+def _image_size(image: Any, what: str) -> tuple[int, int]:
+    """(width, height) of a record's image as encode_images will decode it, from its header (no pixels read)."""
+    if isinstance(image, Image.Image):
+        return image.size
+    try:
+        source = image if isinstance(image, (str, os.PathLike)) else io.BytesIO(image_bytes(image))
+        with Image.open(source) as header:
+            return header.size
+    except Exception as exc:  # noqa: BLE001 (PIL raises many types for bad data)
+        raise ValueError(f"{what} ({_describe(image)}) is not a readable image: {exc}") from exc
 
 
 def _describe(image: Any) -> str:
@@ -575,8 +604,10 @@ def _format(value: Any) -> str:
 
 
 def markdown_table(report: dict) -> str:
-    """One row per task: its size and headline metrics (fractions in [0, 1]); the rest stays in report.json."""
+    """One row per task: its size and headline metrics (fractions in [0, 1]); the rest stays in report.json, except
+    a line under the table for each task whose data reader skipped samples (they are not in its n)."""
     lines = ["| task | n | metric | value |", "| --- | ---: | --- | ---: |"]
+    notes = []
     for name, result in report.items():
         if name == "meta" or not isinstance(result, dict):
             continue
@@ -584,7 +615,10 @@ def markdown_table(report: dict) -> str:
         for j, key in enumerate(keys):
             n = _format(result.get("n", "")) if j == 0 else ""
             lines.append(f"| {name if j == 0 else ''} | {n} | {key} | {_format(result[key])} |")
-    return "\n".join(lines) + "\n"
+        skipped = result.get("info", {}).get("skipped")
+        if skipped:
+            notes.append(f"{name}: the shard reader counted {skipped} (skipped or repaired samples; see report.json)")
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
 def write_report(report: dict, out_dir: str | os.PathLike) -> tuple[Path, Path]:
