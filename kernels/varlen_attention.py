@@ -295,7 +295,7 @@ def _dkdv_step(dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, key_ok, Q, DO, LSE, D
                q_start, start_m, seqlen_q, stride_q_tok, stride_do_tok, stride_dqa_tok, qk_scale,
                HEAD_DIM: tl.constexpr, DIM_A: tl.constexpr, DIM_B: tl.constexpr, BLOCK_M: tl.constexpr,
                MASK_M: tl.constexpr, PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr, I32_TOKENS: tl.constexpr,
-               TMA_DQ: tl.constexpr):
+               TMA_DQ: tl.constexpr, PART: tl.constexpr):
     rows = start_m + tl.arange(0, BLOCK_M)
     row_ok = rows < seqlen_q
     if I32_TOKENS:  # token offsets in 32 bits (the launcher checked that they fit): no 64-bit multiply per row
@@ -319,11 +319,16 @@ def _dkdv_step(dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, key_ok, Q, DO, LSE, D
     if ATOMIC_DQ:  # key rows past the sequence (zeros) must add nothing to dq: exp(-lse) there can overflow
         p_t = tl.where(key_ok[:, None], p_t, 0.0)
     do_a = _load_tile(DO, tok, row_ok, stride_do_tok, 0, DIM_A, HEAD_DIM, MASK_M)
-    dv_a = tl.dot(p_t.to(do_a.dtype), do_a, dv_a, input_precision=PRECISION)
-    dp_t = tl.dot(v_a, tl.trans(do_a), input_precision=PRECISION)
+    if PART != 2:
+        dv_a = tl.dot(p_t.to(do_a.dtype), do_a, dv_a, input_precision=PRECISION)
     if DIM_B > 0:
         do_b = _load_tile(DO, tok, row_ok, stride_do_tok, DIM_A, DIM_B, HEAD_DIM, MASK_M)
-        dv_b = tl.dot(p_t.to(do_b.dtype), do_b, dv_b, input_precision=PRECISION)
+        if PART != 2:
+            dv_b = tl.dot(p_t.to(do_b.dtype), do_b, dv_b, input_precision=PRECISION)
+    if PART == 1:  # dv only: the dk pass of the same key block (PART 2) computes dp, ds, dk and dq
+        return dk_a, dk_b, dv_a, dv_b
+    dp_t = tl.dot(v_a, tl.trans(do_a), input_precision=PRECISION)
+    if DIM_B > 0:
         dp_t = tl.dot(v_b, tl.trans(do_b), dp_t, input_precision=PRECISION)
     ds_t = (p_t * (dp_t - delta[None, :])).to(q_a.dtype)
     dk_a = tl.dot(ds_t, q_a, dk_a, input_precision=PRECISION)
@@ -367,6 +372,8 @@ def _attn_bwd_dkdv(
     ATOMIC_DQ: tl.constexpr,
     I32_TOKENS: tl.constexpr = False,  # q-side token offsets (token x token stride) fit in 32 bits
     TMA_DQ: tl.constexpr = False,  # ATOMIC_DQ by bulk tensor reductions through DQ_DESC (one piece, DIM_B == 0)
+    PART: tl.constexpr = 0,  # 0: dk and dv; 1: dv only; 2: dk (and the atomic dq) only. Two launches, 1 then 2,
+    # hold one (BLOCK_N, head_dim) fp32 accumulator each instead of two (head_dim 256: see _dkdv_parts)
 ):
     # Token and head strides are multiples of ALIGN elements (checked by the launcher): 16-byte vector loads.
     stride_q_tok = tl.multiple_of(stride_q_tok, ALIGN)
@@ -424,21 +431,25 @@ def _attn_bwd_dkdv(
         dk_a, dk_b, dv_a, dv_b = _dkdv_step(dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, row_ok, Q, DO, LSE,
                                             DELTA, DQ_ACC, DQ_DESC, head32, q_start, start_m, seqlen_q,
                                             stride_q_tok, stride_do_tok, stride_dqa_tok, qk_scale, HEAD_DIM, DIM_A,
-                                            DIM_B, BLOCK_M, False, PRECISION, ATOMIC_DQ, I32_TOKENS, TMA_DQ)
+                                            DIM_B, BLOCK_M, False, PRECISION, ATOMIC_DQ, I32_TOKENS, TMA_DQ, PART)
     if m_full < seqlen_q:
         dk_a, dk_b, dv_a, dv_b = _dkdv_step(dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, row_ok, Q, DO, LSE,
                                             DELTA, DQ_ACC, DQ_DESC, head32, q_start, m_full, seqlen_q,
                                             stride_q_tok, stride_do_tok, stride_dqa_tok, qk_scale, HEAD_DIM, DIM_A,
-                                            DIM_B, BLOCK_M, True, PRECISION, ATOMIC_DQ, I32_TOKENS, TMA_DQ)
+                                            DIM_B, BLOCK_M, True, PRECISION, ATOMIC_DQ, I32_TOKENS, TMA_DQ, PART)
 
     DK += head * stride_dk_head
     DV += head * stride_dv_head
-    _store_tile(DK, (dk_a * softmax_scale).to(DK.dtype.element_ty), tok, row_ok, stride_dk_tok, 0, DIM_A, HEAD_DIM)
-    _store_tile(DV, dv_a.to(DV.dtype.element_ty), tok, row_ok, stride_dv_tok, 0, DIM_A, HEAD_DIM)
-    if DIM_B > 0:
-        _store_tile(DK, (dk_b * softmax_scale).to(DK.dtype.element_ty), tok, row_ok, stride_dk_tok, DIM_A, DIM_B,
+    if PART != 1:
+        _store_tile(DK, (dk_a * softmax_scale).to(DK.dtype.element_ty), tok, row_ok, stride_dk_tok, 0, DIM_A,
                     HEAD_DIM)
-        _store_tile(DV, dv_b.to(DV.dtype.element_ty), tok, row_ok, stride_dv_tok, DIM_A, DIM_B, HEAD_DIM)
+        if DIM_B > 0:
+            _store_tile(DK, (dk_b * softmax_scale).to(DK.dtype.element_ty), tok, row_ok, stride_dk_tok, DIM_A, DIM_B,
+                        HEAD_DIM)
+    if PART != 2:
+        _store_tile(DV, dv_a.to(DV.dtype.element_ty), tok, row_ok, stride_dv_tok, 0, DIM_A, HEAD_DIM)
+        if DIM_B > 0:
+            _store_tile(DV, dv_b.to(DV.dtype.element_ty), tok, row_ok, stride_dv_tok, DIM_A, DIM_B, HEAD_DIM)
 
 
 @triton.jit
@@ -661,13 +672,17 @@ def pick_config(kind: str, head_dim: int, dtype: torch.dtype, max_seqlen: int, m
             return Config(64, 64, 8, 2) if short else Config(32, 64, 4, 3)
         if width <= 128:
             return Config(64, 128, 8, 3) if not short and dim_b == 0 else Config(64, 64, 8, 2)
-        return Config(32, 64, 8, 1)
+        # head dim 256, in two launches (dkdv_parts), neither spilling: the dv part 158 registers, the dk part 187
+        # (triton 3.8, bf16; not timed). With both accumulators the best tile (M16N64 w8 s2) spilled 52 bytes.
+        return Config(32, 64, 8, 2)
     if kind == "dq":
         if width <= 64:
             return Config(64, 64, 8 if short else 4, 2)
         if width <= 128:
             return Config(64, 64, 8, 2)
-        return Config(64, 32, 8, 1)
+        # head dim 256: two stages take 185 registers and no spill (one stage: 255 and 92 bytes of spills, with
+        # more instructions per iteration: 556 against 420; triton 3.8, bf16; not timed)
+        return Config(64, 32, 8, 2)
     raise ValueError(f"kind must be 'fwd', 'dkdv', 'dkdv_atomic', 'dkdv_tma' or 'dq', got {kind!r}")
 
 
@@ -880,6 +895,15 @@ def i32_tokens(width: int, *q_side: torch.Tensor) -> bool:
     return width <= 64 and fits_i32(*q_side)
 
 
+def dkdv_parts(width: int) -> tuple[int, ...]:
+    """The dk/dv kernel's launches (its PART) for a tile `width` columns wide: one (0, dk and dv together), or,
+    beyond 128 columns, two (1: dv, then 2: dk). At head dim 256 the kernel holding both (BLOCK_N, 256) fp32
+    accumulators spilled 52-3296 bytes on sm_90 whatever the tile (M16-M64, N32-N128, 4 or 8 warps, 1-3 stages;
+    triton 3.8, bf16), where each part alone does not (M32N64 w8 s2: 158 and 187 registers). The price: the dk
+    part computes the scores again (5 matrix products per tile pair instead of 4). Not yet timed on a GPU."""
+    return (1, 2) if width > 128 else (0,)
+
+
 def attention_backward(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
                        seqlens_q=None, seqlens_k=None, deterministic=False, mode=None):
     """dq, dk, dv in the inputs' dtypes. With `deterministic`, no atomics (bit-reproducible); else dq_mode().
@@ -918,13 +942,14 @@ def attention_backward(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, max_seql
         dq_desc = None
         if dq_how == "tma":
             dq_desc = TensorDescriptor(dq_acc, list(dq_acc.shape), list(dq_acc.stride()), [cfg.block_m, 1, dim_a])
-        _attn_bwd_dkdv[(programs, heads)](
-            q, k, v, do, dk, dv, dq_acc, dq_desc, lse, delta, cu_seqlens_q, cu_seqlens_k, block_cu, n_seqs,
-            *_common_strides(q, k, v, do, dk, dv), *(_common_strides(dq_acc) if atomic else (0, 0)),
-            lse.stride(0), softmax_scale, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ATOMIC_DQ=atomic,
-            I32_TOKENS=i32_tokens(dim_a + dim_b, q, do, dq_acc if atomic else q), TMA_DQ=dq_how == "tma",
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
-        )
+        for part in dkdv_parts(dim_a + dim_b):
+            _attn_bwd_dkdv[(programs, heads)](
+                q, k, v, do, dk, dv, dq_acc, dq_desc, lse, delta, cu_seqlens_q, cu_seqlens_k, block_cu, n_seqs,
+                *_common_strides(q, k, v, do, dk, dv), *(_common_strides(dq_acc) if atomic else (0, 0)),
+                lse.stride(0), softmax_scale, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ATOMIC_DQ=atomic,
+                I32_TOKENS=i32_tokens(dim_a + dim_b, q, do, dq_acc if atomic else q), TMA_DQ=dq_how == "tma",
+                PART=part, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
+            )
     else:
         dk.zero_()
         dv.zero_()
@@ -951,7 +976,7 @@ def attention_backward(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, max_seql
 # What ships: every pinned configuration at the representative head dims and dtypes (read by the kernel report).
 # ----------------------------------------------------------------------------------------------------------------
 
-SHIPPED_HEAD_DIMS = (32, 64, 72, 80, 96, 128)  # not 256: its backward spills (NOTES-attention.md, eleventh session)
+SHIPPED_HEAD_DIMS = (32, 64, 72, 80, 96, 128, 256)
 SHIPPED_SEQLENS = (64, 4096)  # one short and one long bucket
 _TORCH_TO_TRITON = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
@@ -1015,8 +1040,8 @@ def shipped_configs(kind: str) -> list[registry.Shipped]:
                 tma = kind == "dkdv_tma"
                 signature["DQ_DESC"] = f"tensordesc<fp32[{cfg.block_m},1,{dim_a}]>" if tma else "constexpr"
                 dkdv_flags = {"ATOMIC_DQ": kind != "dkdv", "I32_TOKENS": dim_a + dim_b <= 64, "TMA_DQ": tma,
-                              **({} if tma else {"DQ_DESC": None})}
-            rows.append(registry.Shipped(
+                              "PART": 0, **({} if tma else {"DQ_DESC": None})}
+            row = registry.Shipped(
                 kernel_name=f"attn_{kind}" if kind.startswith("fwd") else f"attn_bwd_{kind}",
                 label=f"d{head_dim}{'' if mode == 'pieces' or dim_a == head_dim else f'in{dim_a}'}-{name}-{cfg.label}",
                 signature=signature,
@@ -1028,7 +1053,12 @@ def shipped_configs(kind: str) -> list[registry.Shipped]:
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                 aligned=_aligned(fn, head_dim, zero_dqa=kind == "dkdv"),
                 **_spill_allowance(kind, head_dim, dim_a, dim_b, cfg),
-            ))
+            )
+            parts = dkdv_parts(dim_a + dim_b) if kind.startswith("dkdv") else (0,)
+            for part in parts:  # the two launches of a wide tile (dv, then dk) are two kernels to the compiler
+                rows.append(row if part == 0 else dataclasses.replace(
+                    row, label=f"{row.label}-{'dv' if part == 1 else 'dk'}",
+                    constexprs={**row.constexprs, "PART": part}))
             last = rows[-1]
             if (last.constexprs["I32_TOKENS"] and head_dim in (64, 128) and dtype == torch.bfloat16
                     and mode == "pieces" and seqlen > 64 and kind != "fwd_rope"):
