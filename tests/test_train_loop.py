@@ -6,6 +6,7 @@ Everything runs the `debug` preset (a model of a few thousand parameters on rand
 import dataclasses
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -212,6 +213,43 @@ def test_async_save_then_resume(tmp_path):
         assert resumed.step == 4
         for (name, p), q in zip(resumed.raw_model.named_parameters(), trainer.raw_model.parameters(), strict=True):
             assert torch.equal(p, q), name
+    finally:
+        resumed.close()
+
+
+def test_an_async_save_is_committed_once_written_not_at_the_next_save(tmp_path):
+    """An asynchronous save was renamed from .tmp-step-N to step-N only at the next save or at close(): a process
+    killed in between (no close) left no checkpoint, and the next start deleted the whole .tmp folder, so a resume
+    started over. It is committed at the first step after every rank wrote it, and a start commits a .tmp folder
+    that a kill left whole (its .metadata written) instead of deleting it."""
+    folder = tmp_path / "run" / "checkpoints"
+    trainer = Trainer(config(tmp_path, "training.steps=8", "checkpoint.interval=3", "checkpoint.async_save=true",
+                             "checkpoint.save_final=false"))
+    original = trainer.train_step
+    seen = {}
+
+    def train_step(batch):  # trainer.step: the step this call runs
+        if trainer.step == 4:  # the save at 3 is pending: let its writer thread finish
+            trainer.checkpointer._pending[0].result()
+        if trainer.step == 5:  # committed before this step, the first after the write
+            seen[5] = [s for s, _ in ckpt.list_checkpoints(folder)]
+        return original(batch)
+
+    trainer.train_step = train_step
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    assert seen[5] == [3]
+
+    # a kill after the write of step 6's save, before its commit: the next start commits the whole .tmp folder
+    step6 = folder / "step-00000006"
+    os.replace(step6, folder / ".tmp-step-00000006")
+    (folder / ".tmp-step-00000007").mkdir()  # a save that never finished writing: deleted, as before
+    with pytest.warns(UserWarning, match="never renamed"):
+        resumed = Trainer(config(tmp_path, "training.steps=8", "checkpoint.resume=auto"))
+    try:
+        assert resumed.step == 6 and not (folder / ".tmp-step-00000007").exists()
     finally:
         resumed.close()
 

@@ -152,6 +152,11 @@ class Checkpointer:
         """True when an asynchronous save is still being written on this rank."""
         return self._pending is not None and not self._pending[0].done()
 
+    @property
+    def pending(self) -> bool:
+        """Whether an asynchronous save waits to be committed (written or not)."""
+        return self._pending is not None
+
     def finish_pending(self) -> None:
         """Waits for an asynchronous save and commits it (collective)."""
         if self._pending is None:
@@ -217,13 +222,22 @@ class Checkpointer:
         return moved
 
     def clean_partial(self) -> list[Path]:
-        """Removes folders of saves that never finished (rank 0); returns them."""
+        """Removes folders of saves that never finished (rank 0); returns them. A save that finished writing but was
+        never renamed (an asynchronous one, the process killed before its commit) is committed instead: DCP writes
+        .metadata last, once every rank's files are written."""
         removed = []
         if self.rank == 0 and self.folder.is_dir():
-            for child in self.folder.iterdir():
-                if child.name.startswith(TMP_PREFIX):
-                    shutil.rmtree(child, ignore_errors=True)
-                    removed.append(child)
+            for child in sorted(self.folder.iterdir()):
+                if not child.name.startswith(TMP_PREFIX):
+                    continue
+                final = self.folder / child.name[len(TMP_PREFIX):]
+                if (child / ".metadata").is_file() and (child / "config.json").is_file() and not final.exists():
+                    os.replace(child, final)
+                    warnings.warn(f"{child} was a whole checkpoint that its run never renamed (killed before the "
+                                  f"commit of an asynchronous save): committed as {final}", stacklevel=2)
+                    continue
+                shutil.rmtree(child, ignore_errors=True)
+                removed.append(child)
         self._barrier()
         return removed
 

@@ -189,7 +189,9 @@ class Trainer:
         skipped = 0  # in a row
         while self.step < last:
             batch = next(batches, None)
-            have = self._every_rank_has(batch)
+            have, saved = self._every_rank_has(batch)
+            if saved:  # an asynchronous save written on every rank: commit it now, not at the next save
+                self.checkpointer.finish_pending()
             if have == "none":
                 raise DataExhaustedError(f"the data ran out after {self.step} of {last} steps on at least one rank "
                                          f"({self.data.summary()}); lower training.steps or allow more epochs")
@@ -481,13 +483,15 @@ class Trainer:
     def _max_over_ranks(self, value: int) -> int:
         return int(self._sum_over_ranks([float(value)], op="MAX")[0])
 
-    def _every_rank_has(self, batch) -> str:
-        """"none" when a rank's data ran out, "empty" when a rank's pack has no image (the loader hands one out
-        when every image of a pack failed to decode, so that every rank still reaches this point), else "images":
-        from one all-reduce (MIN) per step."""
+    def _every_rank_has(self, batch) -> tuple[str, bool]:
+        """("none" when a rank's data ran out, "empty" when a rank's pack has no image (the loader hands one out
+        when every image of a pack failed to decode, so that every rank still reaches this point), else "images";
+        whether an asynchronous save is written on every rank), from one all-reduce (MIN) per step."""
         status = 0.0 if batch is None else 1.0 if batch.n_images == 0 else 2.0
-        worst = self._sum_over_ranks([status], op="MIN")[0]
-        return "none" if worst == 0 else "empty" if worst == 1 else "images"
+        written = float(not self.checkpointer.poll())  # (in the same all-reduce) this rank's async save is done
+        worst, everywhere = self._sum_over_ranks([status, written], op="MIN")
+        have = "none" if worst == 0 else "empty" if worst == 1 else "images"
+        return have, self.checkpointer.pending and everywhere == 1
 
     def _skip(self, batch, in_a_row: int) -> None:
         """A step without an image on some rank is skipped on every rank (the towers need an image, and a rank
