@@ -182,12 +182,28 @@ def test_hard_negative_accuracy():
     out = hard_negative_accuracy(img, pos, neg, neg_image)
     assert out["n"] == 5 and out["n_without_negatives"] == 1 and out["n_negatives"] == 6
     assert out["accuracy"] == pytest.approx(3 / 5)
-    assert out["chance"] == pytest.approx((1 / 3 + 1 / 2 + 1 / 2 + 1 / 2 + 1 / 2) / 5)
+    assert out["chance_exchangeable"] == pytest.approx((1 / 3 + 1 / 2 + 1 / 2 + 1 / 2 + 1 / 2) / 5)
     # pairs: image 0's two and images 1, 2 win; image 3's tie and image 4's closer negative lose
     assert out["pair_accuracy"] == pytest.approx(4 / 6) and out["pair_chance"] == 0.5
-    assert out["chance_independent"] == pytest.approx((1 / 4 + 1 / 2 + 1 / 2 + 1 / 2 + 1 / 2) / 5)
+    assert out["chance"] == pytest.approx((1 / 4 + 1 / 2 + 1 / 2 + 1 / 2 + 1 / 2) / 5)
     with pytest.raises(ValueError, match="no image has a hard negative"):
         hard_negative_accuracy(img, pos, neg[:0], neg_image[:0])
+
+
+def test_hard_negative_chance_is_what_a_model_blind_to_the_edits_gets():
+    """One-edit negatives: each is the true caption with one edit, which a model blind to edits sees as noise around
+    the true caption's embedding. Such a model's accuracy is 0.5 ** k (the reported chance), not 1 / (1 + k): the
+    demo once compared its 0.10 with 0.20. (Were the true caption one more noisy draw, not the centre, the k + 1
+    scores would be exchangeable and 1 / (1 + k) would hold: `chance_exchangeable`.)"""
+    gen = torch.Generator().manual_seed(0)
+    n, k, dim = 4000, 4, 64
+    img = torch.randn(n, dim, generator=gen)
+    pos = img + 3.0 * torch.randn(n, dim, generator=gen)  # the true caption, as the model sees it
+    neg = pos.repeat_interleave(k, 0) + 0.1 * torch.randn(n * k, dim, generator=gen)  # an edit it cannot see
+    out = hard_negative_accuracy(img, pos, neg, torch.arange(n).repeat_interleave(k))
+    assert out["chance"] == pytest.approx(0.5 ** k) and out["chance_exchangeable"] == pytest.approx(1 / (1 + k))
+    assert abs(out["accuracy"] - out["chance"]) < 0.015  # 4 standard errors at n = 4000
+    assert abs(out["pair_accuracy"] - 0.5) < 0.02
 
 
 def test_classification_accuracy_known_answers():
