@@ -65,6 +65,12 @@ def test_overrides_are_typed():
     ("data.norm=clap", "data.norm must be one of ['clip', 'siglip'], got 'clap'"),  # a KeyError at the first batch
     ("data.dtype=uint8", "data.dtype must be one of ['bfloat16', 'float16', 'float32']"),  # silently zeroed patches
     ("data.max_text_tokens=1", "data.max_text_tokens must be >= 2"),
+    # accepted before, each with a silent effect: clipping off, negative learning rates, a warmup above lr, no trace
+    ("training.grad_clip=nan", "training.grad_clip must be a finite number, got nan"),
+    ("optimizer.weight_decay=inf", "optimizer.weight_decay must be a finite number, got inf"),
+    ("scheduler.min_lr_ratio=-1", "scheduler.min_lr_ratio must be in [0, 1]"),
+    ("scheduler.warmup_init=5", "scheduler.warmup_init must be in [0, 1]"),
+    ("training.steps=6 metrics.profile=5:100", "ends after the run's last step (training.steps = 6)"),
 ])
 def test_bad_overrides_are_named(override, message):
     with pytest.raises((KeyError, ValueError)) as info:
@@ -107,3 +113,8 @@ def test_cli_train_runs_and_saves_config(capsys, tmp_path):
     saved = json.loads((run_dir / "config.json").read_text())
     assert saved["training"]["steps"] == 2 and saved["run_dir"] == str(run_dir)
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) >= 2
+    # --resume where there is nothing to resume (a typo in run_dir, another preset's name): an error, not a run
+    # that starts over at step 0 without a word
+    assert cli.main(["train", "--preset", "debug", f"run_dir={tmp_path / 'typo'}", "--resume"]) == 2
+    assert "--resume: no checkpoint in" in capsys.readouterr().err
+    assert not (tmp_path / "typo" / "metrics.jsonl").exists()

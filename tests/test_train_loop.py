@@ -254,6 +254,22 @@ def test_an_async_save_is_committed_once_written_not_at_the_next_save(tmp_path):
         resumed.close()
 
 
+def test_a_resume_under_another_config_says_what_changed(tmp_path):
+    """`fineviti train --preset tiny --resume` without the first run's overrides took the preset's learning rate
+    and schedule with no word; the resumed run keeps this run's config (extending training.steps is how a run is
+    lengthened), but warns and logs each field that differs from the checkpoint's config.json."""
+    run(config(tmp_path, "training.steps=2", "checkpoint.interval=2", "optimizer.lr=1e-4"))
+    with pytest.warns(UserWarning, match=r"optimizer.lr: checkpoint 0.0001, this run 0.0002.*training.steps: "
+                                         r"checkpoint 2, this run 3"):
+        resumed = Trainer(config(tmp_path, "training.steps=3", "checkpoint.interval=2", "checkpoint.resume=auto",
+                                 "optimizer.lr=2e-4"))
+    resumed.close()
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    changed = [e for e in map(json.loads, lines) if e.get("event") == "resume_config_changed"]
+    assert changed and changed[0]["changed"] == ["optimizer.lr: checkpoint 0.0001, this run 0.0002",
+                                                 "training.steps: checkpoint 2, this run 3"], changed
+
+
 def test_a_restart_from_an_older_step_sets_the_abandoned_branch_aside(tmp_path):
     """Resumed from step 2 of a run saved at 2, 4 and 6 (keep=2 keeps 4 and 6): before, keep pruned the new
     branch's step-4 checkpoint at once (the old 6 was newer) and resume=auto went back to the old branch."""
@@ -458,7 +474,9 @@ def test_region_tasks_put_boxes_in_text():
 
 
 def test_non_finite_loss_stops_before_the_update(tmp_path):
-    trainer = Trainer(config(tmp_path, "training.steps=4"))
+    """...and a run stopped by an error exports nothing: the file would look like a finished run's (it once did,
+    with the weights of the step it stopped on); an "export_skipped" event says why."""
+    trainer = Trainer(config(tmp_path, "training.steps=4", "checkpoint.export=vision"))
     make = trainer.data.make
 
     def poisoned(step):
@@ -470,6 +488,10 @@ def test_non_finite_loss_stops_before_the_update(tmp_path):
     trainer.data.make = poisoned
     _train_expecting(trainer, NonFiniteLossError, "at step 2")
     assert all(torch.isfinite(p).all() for p in trainer.raw_model.parameters())
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    events = [e for e in map(json.loads, lines) if e.get("event") == "export_skipped"]
+    assert events and "stopped at step 2 of 4" in events[0]["reason"], events
 
 
 @pytest.mark.parametrize("grad_cache", [0, 2])

@@ -186,18 +186,18 @@ def saved_model_config(path: str | os.PathLike, part: str = "model") -> dict | N
     return {k: holder[k] for k in ("vision", "embed_dim") if k in holder} or None
 
 
-def config_differences(saved: dict, have: dict, prefix: str = "") -> list[str]:
-    """"vision.heads: checkpoint 4, model 8" for each field of `saved` that `have` (a config as a dict) sets
-    otherwise, RUNTIME_FIELDS aside; sub-configs are compared field by field."""
+def config_differences(saved: dict, have: dict, prefix: str = "", other: str = "model") -> list[str]:
+    """"vision.heads: checkpoint 4, model 8" for each field of `saved` that `have` (a config as a dict, named
+    `other` in the text) sets otherwise, RUNTIME_FIELDS aside; sub-configs are compared field by field."""
     out = []
     for key in sorted(set(saved) | set(have)):
         if key in RUNTIME_FIELDS or key not in saved or key not in have:
             continue  # a field one version has and the other not keeps its default: not a difference here
         a, b = saved[key], have[key]
         if isinstance(a, dict) and isinstance(b, dict):
-            out += config_differences(a, b, f"{prefix}{key}.")
+            out += config_differences(a, b, f"{prefix}{key}.", other)
         elif (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):
-            out.append(f"{prefix}{key}: checkpoint {a!r}, model {b!r}")
+            out.append(f"{prefix}{key}: checkpoint {a!r}, {other} {b!r}")
     return out
 
 

@@ -40,6 +40,15 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config_mod.to_json(cfg))
         return 0
+    if resume is not None and cfg.checkpoint.resume == "auto":  # asked for on the command line: not silently fresh
+        from fineviti.train import checkpoint as ckpt
+
+        folder = Path(cfg.out_dir) / "checkpoints"
+        whole_tmp = [p for p in folder.glob(f"{ckpt.TMP_PREFIX}*") if (p / ".metadata").is_file()]
+        if not ckpt.list_checkpoints(folder) and not whole_tmp:
+            print(f"fineviti train: --resume: no checkpoint in {folder} to resume (check the preset, name or run_dir); "
+                  f"leave out --resume to start a new run", file=sys.stderr)
+            return 2
     from fineviti.train.trainer import run, summarise
 
     row = run(cfg)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from typing import Any
@@ -182,6 +183,17 @@ class JobConfig:
             value = get_key(self, key)
             if value < 0:
                 raise ValueError(f"{key} must be >= 0, got {value}")
+        for key, value in _float_fields(self):
+            if not math.isfinite(value):
+                raise ValueError(f"{key} must be a finite number, got {value}")
+        for key in ("scheduler.min_lr_ratio", "scheduler.warmup_init"):
+            value = get_key(self, key)
+            if not 0 <= value <= 1:
+                raise ValueError(f"{key} must be in [0, 1] (a fraction of optimizer.lr), got {value}")
+        window = parse_profile(self.metrics.profile)
+        if window is not None and window[1] > self.training.steps:
+            raise ValueError(f"metrics.profile (--profile) {self.metrics.profile!r} ends after the run's last step "
+                             f"(training.steps = {self.training.steps}): no trace would be written")
         if self.optimizer.lr <= 0:
             raise ValueError(f"optimizer.lr must be > 0, got {self.optimizer.lr}")
         if self.training.grad_clip < 0:
@@ -251,6 +263,18 @@ def text_length_at(schedule: list[tuple[int, int]], step: int) -> int:
         if step >= start:
             length = n
     return length
+
+
+def _float_fields(cfg, prefix: str = ""):
+    """(dotted key, value) of every float field of a config tree."""
+    for field in dataclasses.fields(cfg):
+        value = getattr(cfg, field.name)
+        if dataclasses.is_dataclass(value):
+            yield from _float_fields(value, f"{prefix}{field.name}.")
+        elif isinstance(value, float):
+            yield f"{prefix}{field.name}", value
+        elif isinstance(value, tuple) and all(isinstance(v, float) for v in value):
+            yield from ((f"{prefix}{field.name}[{i}]", v) for i, v in enumerate(value))
 
 
 def parse_profile(text: str) -> tuple[int, int] | None:

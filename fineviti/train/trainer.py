@@ -22,6 +22,7 @@ import contextlib
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -121,6 +122,7 @@ class Trainer:
             (self.run_dir / "config.json").write_text(self.config_json)
         self.checkpointer.clean_partial()
         self.step = 0
+        self.finished = False  # train() reached training.steps (what close() exports)
         resume = self.checkpointer.resume_path()
         if resume is not None:
             self.step = self.checkpointer.load(resume, self.model, self.optimizer, self.scheduler, self.data,
@@ -132,6 +134,13 @@ class Trainer:
                                      start_step=self.step)
         if resume is not None:
             self.metrics.event(kind="resume", step=self.step, checkpoint=str(resume))
+            changed = self._changed_since(resume)
+            if changed:
+                self.metrics.event(kind="resume_config_changed", step=self.step, changed=changed)
+                if self.rank == 0:
+                    warnings.warn(f"resuming {resume} with another config than it was saved with: "
+                                  f"{'; '.join(changed)} (a resumed run takes this run's config, not the "
+                                  f"checkpoint's: repeat the first run's overrides to keep them)", stacklevel=2)
         if superseded:
             self.metrics.event(kind="superseded", step=self.step, moved=[str(p) for p in superseded])
         self.profiler = StepProfiler(parse_profile(cfg.metrics.profile), self.run_dir, self.rank)
@@ -140,6 +149,19 @@ class Trainer:
         self.last_row: dict = {}
 
     # -- construction helpers ----------------------------------------------------------------------------------
+
+    def _changed_since(self, checkpoint: Path) -> list[str]:
+        """What this run's config sets otherwise than the checkpoint's config.json ("optimizer.lr: checkpoint 0.0001,
+        model 0.00256"), checkpoint.resume and the runtime choices (backends) aside."""
+        from fineviti.eval.checkpoint import config_differences, saved_config
+
+        saved = saved_config(checkpoint)
+        if not saved:
+            return []
+        saved.get("checkpoint", {}).pop("resume", None)
+        mine = json.loads(self.config_json)
+        mine.get("checkpoint", {}).pop("resume", None)
+        return config_differences(saved, mine, other="this run")
 
     def _build_data(self):
         cfg = self.cfg
@@ -219,6 +241,7 @@ class Trainer:
         if hasattr(self.data, "skipped"):  # what the data cost, once at the end (rank 0's loader; each rank's
             # counters are in the checkpoints)
             self.metrics.event(kind="data", step=self.step, summary=self.data.summary())
+        self.finished = True
         return self.last_row
 
     def save(self) -> Path:
@@ -254,11 +277,17 @@ class Trainer:
     def close(self) -> None:
         try:
             self.checkpointer.close()
-            if self.cfg.checkpoint.export and self.step > 0:  # every rank: FSDP2 gathers the shards
+            if self.cfg.checkpoint.export and self.finished:  # every rank: FSDP2 gathers the shards
                 from fineviti.train.export import export_model
 
                 export_model(self.raw_model, self.run_dir / "model.safetensors", part=self.cfg.checkpoint.export,
                              config=json.loads(self.config_json), write=self.rank == 0)
+            elif self.cfg.checkpoint.export and self.step > 0:
+                # a run that stopped early (an error, a kill) would leave a file that looks like a finished run's,
+                # with whatever weights it stopped on (NaN after a non-finite loss)
+                self.metrics.event(kind="export_skipped", step=self.step,
+                                   reason=f"the run stopped at step {self.step} of {self.cfg.training.steps}; "
+                                          f"export from a checkpoint with `fineviti export`")
         finally:
             self.profiler.close()
             self.metrics.close()
