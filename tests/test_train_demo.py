@@ -31,6 +31,12 @@ def test_demo_end_to_end_in_miniature(tmp_path, capsys):
         assert again["retrieval"][key] == retrieval[key], key
     assert again["regions"]["after_stage2"]["top1"] == report["regions"]["after_stage2"]["top1"]
     assert again["timings"]["data_s"] == 0.0
+    # stage 1 trained on (more steps): stage 2, grown from the old stage-1 checkpoint, is trained again from the
+    # new one (it was resumed as "already done")
+    said = []
+    demo.run_demo(out, images=48, heldout=12, stage1_steps=3, stage2_steps=2, echo=said.append)
+    assert any("is removed and trained again" in line for line in said), said
+    assert not any("stage2: resuming" in line for line in said), said
     # another seed is another data set (and tokenizer): the runs start over instead of resuming on it (the
     # resumed loader refused the other seed after the data had been replaced)
     said = []

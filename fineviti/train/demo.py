@@ -63,6 +63,26 @@ def ensure_data(data: Path, images: int, heldout: int, seed: int, echo) -> float
     return time.perf_counter() - start
 
 
+def stage2_source(out: Path, echo) -> str:
+    """The stage-1 checkpoint stage 2 starts from (the newest of out/stage1), kept in out/stage2/init.json: a
+    stage-2 run started from another one (stage 1 trained on with more steps) is removed, where resume=auto had
+    reported it "already done" and the report described a tower grown from the old stage-1 weights."""
+    from fineviti.train import checkpoint as ckpt
+
+    found = ckpt.list_checkpoints(out / "stage1" / "checkpoints")
+    source = str(found[-1][1].resolve()) if found else ""
+    marker = out / "stage2" / "init.json"
+    if (out / "stage2").exists():
+        before = json.loads(marker.read_text()).get("stage1_checkpoint") if marker.is_file() else None
+        if before != source:
+            echo(f"stage 2: {out / 'stage2'} started from {before or 'an unrecorded stage-1 checkpoint'}, not from "
+                 f"{source}: it is removed and trained again")
+            shutil.rmtree(out / "stage2")
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"stage1_checkpoint": source}) + "\n")
+    return source
+
+
 def train(cfg: JobConfig, echo):
     from fineviti.train.trainer import Trainer, summarise
 
@@ -125,6 +145,7 @@ def run_demo(out, *, images: int | None = None, heldout: int = 500, stage1_steps
     timings["eval_stage1_s"] = time.perf_counter() - t
 
     cfg2 = stage2_config(out, data, stage2_steps, seed)
+    stage2_source(out, echo)
     model2, row2, timings["stage2_s"] = train(cfg2, echo)
     t = time.perf_counter()
     eval2 = evaluate(with_vision_tower(model1, model2.visual), tokenizer, data / "heldout", cfg1, ("regions",))
