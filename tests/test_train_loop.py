@@ -27,7 +27,11 @@ def config(tmp_path, *overrides, name="run"):
 
 
 def rows(run_dir):
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return rows_of(run_dir / "metrics.jsonl")
+
+
+def rows_of(path):
+    lines = path.read_text().splitlines()
     return [json.loads(line) for line in lines if '"step"' in line and '"event"' not in line]
 
 
@@ -110,8 +114,13 @@ def test_exact_resume(tmp_path):
         resumed.train()
     finally:
         resumed.close()
+    # one row per step: the killed run's row of step 4 (after its last checkpoint) is set aside in a file of its
+    # own, not left beside the resumed run's
+    assert [r["step"] for r in rows(tmp_path / "crashed")] == [1, 2, 3, 4, 5, 6]
+    aside = list((tmp_path / "crashed").glob("metrics.superseded-*.jsonl"))
+    assert len(aside) == 1 and [r["step"] for r in rows_of(aside[0])] == [4]
     got = {r["step"]: r for r in rows(tmp_path / "crashed")}
-    # steps 4 (logged before the crash and again after the resume) to 6 equal the uninterrupted run's exactly
+    # steps 4 to 6 equal the uninterrupted run's exactly
     for step in (4, 5, 6):
         assert got[step]["loss"] == expected[step], (step, got[step]["loss"], expected[step])
     assert rows(tmp_path / "crashed")[-1]["grad_norm"] == rows(tmp_path / "straight")[-1]["grad_norm"]

@@ -8,6 +8,7 @@ peak dense bf16 rate of the device from PEAK_BF16_TFLOPS; an unknown device gets
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import math
 import os
@@ -87,6 +88,31 @@ class ProgressBar:
         self.stream.flush()
 
 
+def _set_aside_after(path: Path, step: int) -> Path | None:
+    """Moves the lines of `path` (JSON rows and events) logged after `step` into metrics.superseded-<UTC>.jsonl
+    beside it; returns that file, or None when there were none. A run resumed from step s (or started afresh, s =
+    0) writes steps s + 1... again: left in place, the killed run's rows after its last checkpoint were logged
+    twice, and a reader taking the first row of a step read the abandoned branch's."""
+    if not path.is_file():
+        return None
+    keep, later = [], []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            logged = json.loads(line).get("step")
+        except (json.JSONDecodeError, AttributeError):
+            logged = None  # a line cut short by a kill: kept where it is
+        (later if isinstance(logged, int) and logged > step else keep).append(line)
+    if not later:
+        return None
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S-%f")
+    aside = path.with_name(f"metrics.superseded-{stamp}.jsonl")
+    aside.write_text("".join(later))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(keep))
+    tmp.replace(path)
+    return aside
+
+
 class MetricsLogger:
     """Writes step rows to run_dir/metrics.jsonl (and TensorBoard, and a progress bar). Only rank 0 writes."""
 
@@ -99,6 +125,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
+        self.superseded = _set_aside_after(run_dir / "metrics.jsonl", start_step)
         self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
         if cfg.tensorboard != "off":
             try:
