@@ -116,3 +116,18 @@ def test_coco_instances_reads_cocos_own_layout(tmp_path):
                               class_names=None)
     regions = cli.load_sets(args)["regions"]
     assert len(regions.records) > 0
+
+
+def test_templates_from_a_file(tmp_path):
+    """--templates takes a file (e.g. CLIP's 80 ImageNet prompts, for numbers comparable with published ones)."""
+    from fineviti.eval import cli
+
+    assert len(cli._templates("imagenet")) == 7 and cli._templates(None) is None
+    path = tmp_path / "templates.txt"
+    path.write_text("# CLIP-style\na photo of a {}.\n\nitap of a {}.\n")
+    assert cli._templates(str(path)) == ("a photo of a {}.", "itap of a {}.")
+    path.write_text("a photo of a {}.\na photo\n")
+    with pytest.raises(SystemExit, match="'a photo' without"):
+        cli._templates(str(path))
+    with pytest.raises(SystemExit, match="no such file"):
+        cli._templates(str(tmp_path / "missing.txt"))

@@ -49,9 +49,11 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--token-budget", type=int, default=16384, help="patch tokens per image batch")
     parser.add_argument("--max-pixels", type=int, help="size rule's max_pixels (default: Qwen2-VL's, capped)")
     parser.add_argument("--context-length", type=int, help="caption tokens kept (default: the text tower's)")
-    parser.add_argument("--templates", choices=("default", "imagenet"), default=None,
-                        help="zero-shot and region prompts: 'a photo of a {}.' or open_clip's 7 ImageNet "
-                        "templates (unset: the former, except the synthetic regions' own 'a small/medium/large {}')")
+    parser.add_argument("--templates", default=None, metavar="default|imagenet|FILE",
+                        help="zero-shot and region prompts: 'default' ('a photo of a {}.'), 'imagenet' (open_clip's "
+                        "7 ImageNet templates), or a text file of templates, one per line, each with {} for the "
+                        "class name (e.g. CLIP's 80, for numbers comparable with published ones); unset: 'default', "
+                        "except the synthetic regions' own 'a small/medium/large {}'")
     parser.add_argument("--region-method", choices=("mean", "roi_align"), default="mean")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--pixel-path", default="pil", choices=("pil", "dali", "nvjpeg", "auto"))
@@ -83,6 +85,27 @@ def _parse_overrides(items: list[str]) -> dict:
         except json.JSONDecodeError:
             out[key] = value
     return out
+
+
+def _templates(value: str | None):
+    """--templates: None, a named set, or a file of templates (one per line, blank lines and # comments skipped)."""
+    from fineviti.eval import zeroshot
+
+    named = {None: None, "default": zeroshot.DEFAULT_TEMPLATES, "imagenet": zeroshot.SIMPLE_IMAGENET_TEMPLATES}
+    if value in named:
+        return named[value]
+    path = Path(value)
+    if not path.is_file():
+        raise SystemExit(f"fineviti eval: --templates must be 'default', 'imagenet' or a file of templates, got "
+                         f"{value!r} (no such file)")
+    lines = [line.strip() for line in path.read_text().splitlines()]
+    templates = tuple(line for line in lines if line and not line.startswith("#"))
+    bad = [t for t in templates if "{}" not in t]
+    if not templates or bad:
+        which = f", {bad[0]!r} without {{}}" if bad else ""
+        raise SystemExit(f"fineviti eval: --templates {value}: expected one template per line, each with {{}} for "
+                         f"the class name; got {len(templates)} templates{which}")
+    return templates
 
 
 def _saved_configs(args):
@@ -182,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from fineviti.data.tokenizer import CaptionTokenizer
-    from fineviti.eval import runner, zeroshot
+    from fineviti.eval import runner
     from fineviti.eval.checkpoint import CheckpointMismatchError, load_checkpoint
     from fineviti.model import create_model
 
@@ -219,8 +242,7 @@ def run(args: argparse.Namespace) -> int:
             print("fineviti eval: only --vision-checkpoint: the text tower and the logit scale keep random weights, "
                   "so retrieval, zero-shot and region scores mean nothing; add --checkpoint with a stage-1 "
                   "checkpoint for them", file=sys.stderr)
-        templates = {None: None, "default": zeroshot.DEFAULT_TEMPLATES,
-                     "imagenet": zeroshot.SIMPLE_IMAGENET_TEMPLATES}[args.templates]
+        templates = _templates(args.templates)
         if args.format == "synthetic":
             tasks = runner.synthetic_tasks(args.data, region_method=args.region_method)
             if templates is not None:
