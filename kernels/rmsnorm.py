@@ -139,7 +139,8 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
 
 # ---------------------------------------------------------------------------------------------------------------
 # What ships: the model widths (fineviti.model presets: 384-1536, and the built-in LM's), 16-bit and fp32 inputs,
-# fp32 weights (the module's parameter).
+# fp32 weights (the module's parameter) and, for 16-bit inputs, weights of the inputs' dtype (FSDP2's
+# MixedPrecisionPolicy(param_dtype=bf16), or a model made with dtype=torch.bfloat16): another compiled kernel.
 
 SHIPPED_WIDTHS = (384, 768, 1024, 1152, 1536, 2048, 4096, 8192)
 _DTYPES = ("bf16", "fp16", "fp32")
@@ -149,17 +150,17 @@ def _configs() -> list[registry.Shipped]:
     rows = []
     for width in SHIPPED_WIDTHS:
         cfg = config(width)
-        for dtype in _DTYPES:
-            ptr = "*" + dtype
-            fwd = {"X": ptr, "W": "*fp32", "Y": ptr, "RSTD": "*fp32", "rows": "i32", "width": "i32",
+        for dtype, weight in [(d, "fp32") for d in _DTYPES] + [("bf16", "bf16"), ("fp16", "fp16")]:
+            ptr, w = "*" + dtype, "*" + weight
+            fwd = {"X": ptr, "W": w, "Y": ptr, "RSTD": "*fp32", "rows": "i32", "width": "i32",
                    "stride_x": "i32", "stride_y": "i32", "eps": "fp32", "BLOCK_R": "constexpr",
                    "BLOCK_W": "constexpr"}
-            bwd = {"DY": ptr, "X": ptr, "W": "*fp32", "RSTD": "*fp32", "DX": ptr, "DW_PARTIAL": "*fp32",
+            bwd = {"DY": ptr, "X": ptr, "W": w, "RSTD": "*fp32", "DX": ptr, "DW_PARTIAL": "*fp32",
                    "rows": "i32", "width": "i32", "stride_dy": "i32", "stride_x": "i32", "stride_dx": "i32",
                    "BLOCK_R": "constexpr", "BLOCK_W": "constexpr"}
             constexprs = {"BLOCK_R": cfg["BLOCK_R"], "BLOCK_W": cfg["BLOCK_W"]}
-            rows += [registry.elementwise_row(kernel, f"w{width} {dtype}", signature, constexprs,
-                                              cfg["num_warps"], "width")
+            label = f"w{width} {dtype}" + ("" if weight == "fp32" else f" weight-{weight}")
+            rows += [registry.elementwise_row(kernel, label, signature, constexprs, cfg["num_warps"], "width")
                      for kernel, signature in (("rmsnorm_fwd_kernel", fwd), ("rmsnorm_bwd_kernel", bwd))]
     return rows
 

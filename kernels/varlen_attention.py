@@ -1123,9 +1123,12 @@ def _aligned(fn, head_dim: int, heads: int = 16, zero_dqa: bool = False) -> tupl
 
 
 def preprocess_block(head_dim: int) -> int:
-    """Rows per program of the backward's preprocess (delta = rowsum(o * do)): 64, or 16 beyond head dim 128, where
-    64 rows of o and do (4 warps) spilled 24-40 bytes on sm_90 and 32 rows still 260 in fp16 (triton 3.8)."""
-    return 64 if triton.next_power_of_2(head_dim) <= 128 else 16
+    """Rows per program of the backward's preprocess (delta = rowsum(o * do)): 64 at every head dim. (16 beyond head
+    dim 128 for a while: 64 rows spilled 24-40 bytes on sm_90 in the variant the kernel report then compiled, whose
+    strides were not specialised as multiples of 16; the variant that launches for contiguous o and do, declared
+    since, takes 44 registers there and does not spill. A do with strides that are no multiple of 16 still
+    compiles the other one.)"""
+    return 64
 
 
 def _shipped_preprocess() -> list[registry.Shipped]:
@@ -1138,7 +1141,8 @@ def _shipped_preprocess() -> list[registry.Shipped]:
                 signature=_signature(_attn_bwd_preprocess, name, {p: "*fp32" for p in ("DELTA", "LSE", "LSE2")}),
                 constexprs=dict(HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
                                 BLOCK_T=preprocess_block(head_dim)),
-                num_warps=4, num_stages=1,
+                num_warps=4, num_stages=3,  # the launch's defaults
+                aligned=_aligned(_attn_bwd_preprocess, head_dim),  # contiguous o and do: strides divisible by 16
             ))
     return rows
 
