@@ -54,15 +54,17 @@ def test_summary_has_every_row_and_ratios(tmp_path):
 def test_budget_cuts_limits_and_skips_sections(tmp_path):
     # The script's section() under a 52 s budget (30 s kept for the summary): the first section runs, the second
     # is cut from 100 s to what is left and passes, then (the clock moved 100 s on) the third is skipped and
-    # recorded as such, which alone marks the run failed; GPU_CHECK_SECTIONS leaves out what it does not name.
+    # recorded as such, which marks the run skipped (exit 3), not failed; GPU_CHECK_SECTIONS leaves out what it does
+    # not name.
     script = (REPO / "benchmarks" / "gpu_check.sh").read_text()
     function = re.search(r"^section\(\) \{.*?^\}", script, re.S | re.M).group(0)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     (tmp_path / "rows.jsonl").write_text('{"row": 1}\n')
-    driver = (f"set -uo pipefail\nWORK={tmp_path}\nOUTDIR={out_dir}\nfailed=0\nBUDGET=52\nT0=$(date +%s)\n{function}\n"
-              "section quick 5 true\nsection cut 100 true\necho after_cut=$failed\nT0=$((T0 - 100))\n"
-              "section late 100 true\necho failed=$failed\n"
+    driver = (f"set -uo pipefail\nWORK={tmp_path}\nOUTDIR={out_dir}\nfailed=0\nskipped=0\nBUDGET=52\n"
+              f"T0=$(date +%s)\n{function}\n"
+              "section quick 5 true\nsection cut 100 true\necho after_cut=$failed$skipped\nT0=$((T0 - 100))\n"
+              "section late 100 true\necho failed=$failed skipped=$skipped\n"
               "T0=$((T0 + 100))\nSECTION_MIN=40 section needs_more 100 true\n"
               "GPU_CHECK_SECTIONS='other'\nsection unnamed 5 true\n")
     out = subprocess.run(["bash", "-c", driver], capture_output=True, text=True, check=True).stdout
@@ -73,7 +75,7 @@ def test_budget_cuts_limits_and_skips_sections(tmp_path):
     assert sections[0]["rc"] == 0 and sections[0]["limit_s"] == 5
     assert sections[1]["rc"] == 0 and 15 <= sections[1]["limit_s"] <= 22
     assert sections[2]["rc"] == "skipped"
-    assert "after_cut=0" in out and "failed=1" in out
+    assert "after_cut=00" in out and "failed=0 skipped=1" in out
     # every section that ran left its log, the rows and the sections in OUTDIR at once (a killed call keeps them)
     logs = (out_dir / "logs.txt").read_text()
     assert "===== quick.log" in logs and "===== cut.log" in logs and "===== late.log" not in logs
@@ -647,3 +649,12 @@ def test_attention_rows_name_the_head_dim_path():
     assert bench_attention.head_dim_path("ours", 72, torch.float16, "cpu") == {"head_dim_path": "two pieces 64 + 16"}
     assert bench_attention.head_dim_path("ours", 64, torch.bfloat16, "cuda") == {}
     assert bench_attention.head_dim_path("torch_varlen", 80, torch.bfloat16, "cuda") == {}
+
+
+def test_an_unknown_section_name_is_refused(tmp_path):
+    """A misspelt GPU_CHECK_SECTIONS name ran nothing and exited 0: now exit 2, naming it and the sections."""
+    env = {**os.environ, "GPU_CHECK_SECTIONS": "install pytest-gpu"}
+    done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), str(tmp_path / "out")], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 2, done
+    assert "names 'pytest-gpu', which is no section" in done.stderr and " pytest_gpu " in done.stderr
