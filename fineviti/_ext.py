@@ -24,7 +24,23 @@ def load(required: bool = True) -> bool:
             ) from exc
         return False
     _state["loaded"] = True
+    _register_fakes()
     return True
+
+
+def _register_fakes() -> None:
+    """Fake (meta) implementations of the C++ ops that have no Python module of their own to register them, so
+    that torch.compile traces torch.ops.fineviti.* right after `import fineviti` (rope_2d's are in
+    fineviti.ops.rope)."""
+    import torch
+
+    @torch.library.register_fake("fineviti::build_positions")
+    def _(grid_hw, merge):
+        # the checks of the real op that need no values; the token count is data-dependent: a dynamic size
+        if grid_hw.dtype != torch.int32 or grid_hw.dim() != 2 or grid_hw.shape[1] != 2:
+            raise TypeError(f"grid_hw must be an int32 (n, 2) tensor, got {grid_hw.dtype} {tuple(grid_hw.shape)}")
+        total = torch.library.get_ctx().new_dynamic_size()
+        return grid_hw.new_empty(grid_hw.shape[0] + 1), grid_hw.new_empty(total, 2)
 
 
 def loaded() -> bool:

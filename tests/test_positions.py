@@ -84,6 +84,31 @@ def test_op_registration_for_compile():
     torch.library.opcheck(torch.ops.fineviti.build_positions.default, (grid, 2))
 
 
+def test_the_op_compiles_right_after_import_fineviti():
+    """The fake was registered by fineviti.data.positions only: torch.ops.fineviti.build_positions after a plain
+    `import fineviti` failed under torch.compile ("does not support running with fake tensors"), and the fake
+    took an int64 grid (int64 outputs) that the real op refuses. (A fresh process: this one imported the module.)"""
+    import subprocess
+    import sys
+
+    code = """
+import torch, fineviti
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
+f = torch.compile(lambda g: [t.sum() for t in torch.ops.fineviti.build_positions(g, 1)], fullgraph=True,
+                  backend="aot_eager", dynamic=True)
+print([int(t) for t in f(torch.tensor([[2, 3], [1, 4]], dtype=torch.int32))])
+with FakeTensorMode(shape_env=ShapeEnv()):
+    try:
+        torch.ops.fineviti.build_positions(torch.empty(2, 2, dtype=torch.int64), 1)
+    except TypeError as exc:
+        print("refused:", exc)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "[16, 15]" in done.stdout and "refused: grid_hw must be an int32" in done.stdout, done.stdout
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("merge", [1, 2])
 def test_cuda_op_matches_reference(merge):

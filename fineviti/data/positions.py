@@ -65,14 +65,4 @@ def build_positions(grid_hw: torch.Tensor, merge: int = 1) -> tuple[torch.Tensor
     _ext.load(required=True)
     return torch.ops.fineviti.build_positions(grid_hw, merge)
 
-
-def _register_fake() -> None:
-    # torch.compile and meta tensors: the token count is data-dependent, hence a dynamic size.
-    @torch.library.register_fake("fineviti::build_positions")
-    def _(grid_hw, merge):
-        total = torch.library.get_ctx().new_dynamic_size()
-        return grid_hw.new_empty(grid_hw.shape[0] + 1), grid_hw.new_empty(total, 2)
-
-
-if _ext.load(required=False):
-    _register_fake()
+# (its fake implementation, for torch.compile and meta tensors, is registered when the extension loads: _ext)
