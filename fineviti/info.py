@@ -105,8 +105,30 @@ def collect() -> dict:
         "gpus": _gpus(torch),
         "extension": _extension(torch),
         "optional": {name: _optional_package(name, dist, status) for name, dist, status in OPTIONAL},
+        "attention_backends": _attention_backends(torch),
         "env": {name: os.environ.get(name) for name in ENV_VARS},
     }
+
+
+def _attention_backends(torch) -> dict:
+    """{device: {backend: "yes" or why not}} for varlen_attention's backends, on the CPU and (when there is one)
+    the GPU, and what backend="auto" picks there."""
+    try:
+        from fineviti.ops.attention import BACKENDS, backend_available, resolve_backend
+    except Exception as exc:  # noqa: BLE001 (reported, not raised: info must work on a broken install)
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    out = {}
+    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        rows = {}
+        for name in BACKENDS:
+            ok, why = backend_available(name, device)
+            rows[name] = "yes" if ok else why
+        try:
+            rows["auto"] = resolve_backend("auto", torch.device(device))
+        except Exception as exc:  # noqa: BLE001
+            rows["auto"] = f"error: {exc}"
+        out[device] = rows
+    return out
 
 
 def _yes(flag) -> str:
@@ -142,6 +164,13 @@ def format_text(info: dict) -> str:
     for name, pkg in info["optional"].items():
         state = f"{pkg['version'] or 'importable'}" if pkg["importable"] else "not importable"
         lines.append(f"  {name:<13}{state:<24}{'[' + pkg['status'] + ']' if pkg['status'] else ''}".rstrip())
+    lines.append("attention backends (varlen_attention):")
+    for device, rows in info.get("attention_backends", {}).items():
+        if not isinstance(rows, dict):
+            lines.append(f"  {rows}")
+            continue
+        ready = [n for n, state in rows.items() if state == "yes"]
+        lines.append(f"  {device:<13}available: {', '.join(ready) or 'none'}; auto: {rows.get('auto')}")
     env = ", ".join(f"{k}={v}" for k, v in info["env"].items() if v is not None)
     lines.append(f"environment  {env or '(none of ' + ', '.join(info['env']) + ' set)'}")
     return "\n".join(lines)

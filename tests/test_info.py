@@ -40,6 +40,12 @@ def test_info_json_reports_this_environment(capsys):
     for name in ("flash_attn", "xformers", "apex"):
         assert report["optional"][name]["status"] == "unverified"
     assert "unverified" in report["optional"]["nvidia.dali"]["status"]
+    # which attention backends can run here (the "which backends ... are importable"), and auto's pick
+    from fineviti.ops.attention import BACKENDS, backend_available
+
+    cpu = report["attention_backends"]["cpu"]
+    assert set(cpu) == {*BACKENDS, "auto"} and cpu["torch"] == "yes" and cpu["auto"] == "torch"
+    assert cpu["flash_attn"] == backend_available("flash_attn", "cpu")[1] != "yes"
 
 
 def test_info_text(capsys):
@@ -48,6 +54,7 @@ def test_info_text(capsys):
     assert f"torch        {torch.__version__}" in out
     assert "build_positions" in out
     assert "flash_attn" in out and "[unverified]" in out
+    assert "attention backends (varlen_attention):" in out and "auto: torch" in out
 
 
 class BrokenInstall(importlib.abc.MetaPathFinder):
