@@ -204,12 +204,17 @@ def parse_loops(text: str) -> dict[str, list[dict]]:
     """`cuobjdump -sass` -> {function: [loop, ...]}: a loop per branch target that some later branch jumps back to
     (several back edges to one header are one loop, up to the last of them), with its own instructions (those not
     in a loop nested inside it), its own HGMMA FLOPs per warpgroup (2 * M * N * K each) and their tensor-core
-    cycles at the SM's rate for their type. A branch to itself (the trap after EXIT) is no loop."""
+    cycles at the SM's rate for their type. A branch to itself (the trap after EXIT) is no loop, and neither is the
+    jump back from an out-of-line block placed after the last EXIT into the body (ptxas puts an mbarrier wait's
+    retry there: `retry: SYNCS.PHASECHK.TRYWAIT; @!P0 BRA retry; BRA <back>`), which would span half the kernel."""
     out = {}
     for fn, ins in parse_instructions(text).items():
+        last_exit = max((a for a, op, _, _ in ins if op == "EXIT"), default=None)
         ends: dict[int, int] = {}  # loop header -> its last back edge
         for addr, op, _, operands in ins:
             target = re.search(r"\b0x([0-9a-f]+)\b", operands) if op == "BRA" else None
+            if target and last_exit is not None and addr > last_exit and int(target.group(1), 16) < last_exit:
+                continue  # an out-of-line block returning into the body: no loop
             if target and int(target.group(1), 16) < addr:
                 lo = int(target.group(1), 16)
                 ends[lo] = max(ends.get(lo, addr), addr)

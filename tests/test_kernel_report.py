@@ -300,6 +300,28 @@ def test_loops_and_their_issue_over_tensor_balance():
     assert row["outside_mma_loops_instructions"] == 13 - 5  # 14 lines, the NOP not counted
 
 
+def test_an_out_of_line_retry_block_after_exit_is_no_loop():
+    """ptxas puts an mbarrier wait's retry after the last EXIT (`retry: TRYWAIT; @!P0 BRA retry; BRA <back>`): the
+    jump back into the body was read as a loop spanning half the kernel, with the K loop's HGMMA in it, and picked
+    as the hot loop (the warp-specialised fixture: 377 instructions for a 58-instruction loop)."""
+    text = "\t\tFunction : k\n" + "".join(f"        /*{a:04x}*/   {ins} ;\n" for a, ins in [
+        (0x00, "MOV R1, R2"),
+        (0x10, "@!P0 BRA 0x90"),                                # to the retry block
+        (0x20, "HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], R24"),  # the K loop: 0x20-0x30
+        (0x30, "@P1 BRA 0x20"),
+        (0x40, "FADD R3, R3, R4"),
+        (0x50, "EXIT"),
+        (0x60, "BRA 0x60"),                                     # the trap
+        (0x90, "SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR4], R2"),   # the retry block
+        (0xa0, "@!P0 BRA 0x90"),
+        (0xb0, "BRA 0x20")])                                    # back into the body: no loop
+    loops = kr.parse_loops(text)["k"]
+    assert [(lp["start"], lp["end"]) for lp in loops] == [(0x20, 0x30), (0x90, 0xa0)]
+    row = kr.analyse({"usage": {"REG": 100}, "ops": kr.parse_sass(text)["k"], "loops": loops}, kernel="k",
+                     config="c", arch=90, num_warps=8)
+    assert row["hot_loop_instructions"] == 2
+
+
 def test_quick_keeps_one_row_per_kernel_head_dim_and_dtype():
     from fineviti.kernels.registry import Shipped
 
