@@ -738,13 +738,20 @@ def compile_cuda_file(path: str | Path, arch: int = 90, include_dirs: list[str] 
         funcs = read_cubin(cubin)
         bounds = _launch_bounds(_run_tool([nvidia_tool("cuobjdump"), "-elf", str(cubin)]))
     names = demangle(sorted(funcs))
+    # what a launch adds as dynamic shared memory (extern __shared__), which the cubin cannot say: declared in the
+    # source as "kernel-report: NAME dynamic shared memory up to BYTES bytes"
+    dynamic = {m[1]: int(m[2]) for m in re.finditer(r"kernel-report: (\w+) dynamic shared memory up to (\d+) bytes",
+                                                    Path(path).read_text())}
     rows = []
     for fn, info in funcs.items():
         threads = bounds.get(fn)
         num_warps = -(-(threads or assumed_threads) // limits.warp_size)
+        extra = next((b for name, b in dynamic.items() if re.search(rf"\b{name}\b", names[fn])), 0)
         config = f"{path.name} sm_{arch}, " + (f"{threads} threads (__launch_bounds__)" if threads
                                                else f"{assumed_threads} threads (assumed)")
-        row = analyse(info, kernel=names[fn], config=config, arch=arch, num_warps=num_warps, limits=limits)
+        config += f", up to {extra} B dynamic shared memory (declared in the source)" if extra else ""
+        row = analyse(info, kernel=names[fn], config=config, arch=arch, num_warps=num_warps, dynamic_shared=extra,
+                      limits=limits)
         p = ptxas.get(fn, {})
         row.update(source="cuda", function=fn, triton=None, spill_store_bytes=p.get("spill_stores"),
                    spill_load_bytes=p.get("spill_loads"), compile_s=round(time.perf_counter() - start, 2))

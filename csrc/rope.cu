@@ -34,6 +34,7 @@ struct alignas(sizeof(scalar_t) * VEC) Pack {
 };
 
 // cos_sin: dynamic shared memory, 2 * tokens_per_block * half floats (cos then sin).
+// kernel-report: rope_2d_cuda_kernel dynamic shared memory up to 16384 bytes (launch_typed caps it there)
 template <typename scalar_t, typename pos_t, int VEC>
 __global__ void __launch_bounds__(kThreads) rope_2d_cuda_kernel(RopeCudaTensors<scalar_t> tensors,
                                                                 const pos_t* __restrict__ pos, int64_t stride_pos_t,

@@ -362,6 +362,14 @@ __global__ void __launch_bounds__(256, 8) pressure_kernel(const float* x, float*
 #pragma unroll
   for (int j = 0; j < 96; ++j) y[threadIdx.x + j * n] = acc[j] * acc[95 - j] + acc[(j * 7) % 96];
 }
+// kernel-report: dynamic_kernel dynamic shared memory up to 8192 bytes
+__global__ void __launch_bounds__(128) dynamic_kernel(const float* __restrict__ x, float* __restrict__ y, int n) {
+  extern __shared__ float staged[];
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  staged[threadIdx.x] = i < n ? x[i] : 0.f;
+  __syncthreads();
+  if (i < n) y[i] = staged[(threadIdx.x + 1) % blockDim.x];
+}
 }  // namespace demo
 """
 
@@ -380,7 +388,12 @@ def test_cuda_file_rows_match_ptxas(tmp_path):
     src.write_text(TINY_CU)
     rows = kr.compile_cuda_file(src, 90, include_dirs=[], keep_dir=tmp_path / "keep")
     by_name = {r["kernel"].split("(")[0]: r for r in rows}
-    assert set(by_name) == {"demo::scale_kernel", "demo::local_array_kernel", "demo::pressure_kernel"}, rows
+    assert set(by_name) == {"demo::scale_kernel", "demo::local_array_kernel", "demo::pressure_kernel",
+                            "demo::dynamic_kernel"}, rows
+    # dynamic shared memory (extern __shared__) is the launch's, not the cubin's: declared in the source
+    dynamic = by_name["demo::dynamic_kernel"]
+    assert dynamic["static_shared_bytes"] == 0 and dynamic["shared_bytes"] == 8192, dynamic
+    assert "up to 8192 B dynamic shared memory" in dynamic["config"]
     # ptxas -v of the same compile, parsed here
     out = subprocess.run([str(kr.cuda_home() / "bin" / "nvcc"), "-cubin", "-arch=sm_90", "-Xptxas", "-v",
                           "-std=c++20", "-O3", str(src), "-o", str(tmp_path / "again.cubin")],
