@@ -102,7 +102,7 @@ if [ -n "${GPU_CHECK_SECTIONS:-}" ]; then
     --shape fa3:1024 --shape fa3:4096 --shape fa3:16384 --head-dim 64 --mode fwd_bwd --mode bwd
 fi
 ( BACKGROUND=1 section kernel_report 200 "$PY" benchmarks/kernel_report.py --device-check --jobs 8 --out "$OUTDIR"
-  echo "$failed" > "$WORK/kernel_report.failed" ) &
+  echo "$failed" > "$WORK/kernel_report.failed"; echo "$skipped" > "$WORK/kernel_report.skipped" ) &
 report_pid=$!
 # test_attention.py last: a device fault is sticky for the process, and would turn every later test into an error.
 section pytest_gpu 210 "$PY" -m pytest -m "gpu and not slow" -q -p no:cacheprovider --durations=15 \
@@ -157,6 +157,7 @@ if [ -f "$WORK/kernel_report.log" ]; then
   { echo "===== kernel_report.log"; cat "$WORK/kernel_report.log"; } >> "$OUTDIR/logs.txt"
 fi
 [ "$(cat "$WORK/kernel_report.failed" 2>/dev/null || echo 1)" -eq 0 ] || failed=1
+[ "$(cat "$WORK/kernel_report.skipped" 2>/dev/null || echo 0)" -eq 0 ] || skipped=1  # (set in its subshell)
 
 cp "$WORK/rows.jsonl" "$WORK/sections.jsonl" "$OUTDIR/" 2>/dev/null
 "$PY" benchmarks/summarize.py "$WORK" "$OUTDIR" || failed=1

@@ -131,3 +131,14 @@ def test_templates_from_a_file(tmp_path):
         cli._templates(str(path))
     with pytest.raises(SystemExit, match="no such file"):
         cli._templates(str(tmp_path / "missing.txt"))
+
+
+def test_an_explicit_preset_that_matches_the_checkpoint_is_accepted(trained, capsys):
+    """--preset with the first run's --set overrides: the text tower's vocab comes from the tokenizer, as training
+    takes it (it took the preset's 8192 for a while, and the saved config then refused the model)."""
+    from fineviti.cli import main
+
+    root, folder, _ = trained
+    sets = [f"--set={k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in SMALL.items()]
+    assert main(_args(root, "--checkpoint", str(folder), "--preset", "tiny", *sets, "--set", "text.pool=last")) == 0
+    capsys.readouterr()

@@ -658,3 +658,18 @@ def test_an_unknown_section_name_is_refused(tmp_path):
                           capture_output=True, text=True)
     assert done.returncode == 2, done
     assert "names 'pytest-gpu', which is no section" in done.stderr and " pytest_gpu " in done.stderr
+
+
+def test_a_skipped_background_kernel_report_counts_as_skipped(tmp_path):
+    """The kernel report runs in a background subshell: its skip (too little budget) set `skipped` there only, and
+    the check exited 0 instead of 3. A stub nvidia-smi and PYTHON=true run the script's logic without a GPU."""
+    stub = tmp_path / "bin"
+    stub.mkdir()
+    (stub / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: stub'\n")
+    (stub / "nvidia-smi").chmod(0o755)
+    env = {**os.environ, "PATH": f"{stub}:{os.environ['PATH']}", "PYTHON": "true",
+           "GPU_CHECK_SECTIONS": "kernel_report", "GPU_CHECK_BUDGET": "45"}
+    done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), str(tmp_path / "out")], env=env,
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert "kernel_report skipped" in done.stdout, done.stdout
+    assert done.returncode == 3, done.stdout + done.stderr

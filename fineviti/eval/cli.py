@@ -218,8 +218,8 @@ def run(args: argparse.Namespace) -> int:
         tokenizer = CaptionTokenizer(_find_tokenizer(args))
         overrides = _parse_overrides(args.overrides)
         saved, base = _saved_configs(args)
-        if saved["model"] is None and not any(k in overrides for k in ("text.vocab_size", "text")):
-            overrides["text.vocab_size"] = tokenizer.vocab_size  # as training reads it from the tokenizer
+        if isinstance(base, str) and not any(k in overrides for k in ("text.vocab_size", "text")):
+            overrides["text.vocab_size"] = tokenizer.vocab_size  # a preset: as training reads it from the tokenizer
         model = create_model(base, **overrides).to(device)
         if tokenizer.vocab_size > model.cfg.text.vocab_size:
             print(f"fineviti eval: the tokenizer has {tokenizer.vocab_size} tokens but the text tower's vocab_size "

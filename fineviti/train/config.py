@@ -183,9 +183,9 @@ class JobConfig:
             value = get_key(self, key)
             if value < 0:
                 raise ValueError(f"{key} must be >= 0, got {value}")
-        for key, value in _float_fields(self):
-            if not math.isfinite(value):
-                raise ValueError(f"{key} must be a finite number, got {value}")
+        for key, value in _float_fields(self):  # (inf can mean "no limit": data.max_aspect, training.grad_clip)
+            if math.isnan(value):
+                raise ValueError(f"{key} must be a number, got nan")
         for key in ("scheduler.min_lr_ratio", "scheduler.warmup_init"):
             value = get_key(self, key)
             if not 0 <= value <= 1:
