@@ -430,7 +430,7 @@ class Trainer:
             out = self.model(batch.patches, batch.cu_seqlens, batch.pos, batch.max_seqlen,
                              region.input_ids.to(dev), labels=region.labels.to(dev),
                              attention_mask=region.attention_mask.to(dev), seqlens=batch.seqlens,
-                             sample_image=region.sample_image.to(dev))
+                             sample_image=region.sample_image.to(dev), padding_tokens=batch.padding_tokens)
         # The aligner's loss is this rank's mean over its answer tokens, and the data-parallel wrapper averages
         # the ranks' gradients: weighted by this rank's share of all answer tokens (times the world size), every
         # token of the global batch counts alike, as in one process over the ranks' samples together (ranks' token
