@@ -136,11 +136,8 @@ def _check_saved_configs(saved: dict, cfg) -> None:
 
     from fineviti.eval.checkpoint import CheckpointMismatchError, config_differences
 
-    differences = []
-    if saved["model"] is not None:
-        differences += config_differences(saved["model"], dataclasses.asdict(cfg))
-    if saved["vision"] is not None:
-        differences += config_differences(saved["vision"], dataclasses.asdict(cfg))
+    have = dataclasses.asdict(cfg)
+    differences = [d for part in saved.values() if part is not None for d in config_differences(part, have)]
     if differences:
         more = f" (and {len(differences) - 1} more)" if len(differences) > 1 else ""
         raise CheckpointMismatchError(

@@ -88,13 +88,13 @@ class ProgressBar:
         self.stream.flush()
 
 
-def _set_aside_after(path: Path, step: int) -> Path | None:
+def _set_aside_after(path: Path, step: int) -> None:
     """Moves the lines of `path` (JSON rows and events) logged after `step` into metrics.superseded-<UTC>.jsonl
-    beside it; returns that file, or None when there were none. A run resumed from step s (or started afresh, s =
-    0) writes steps s + 1... again: left in place, the killed run's rows after its last checkpoint were logged
-    twice, and a reader taking the first row of a step read the abandoned branch's."""
+    beside it. A run resumed from step s (or started afresh, s = 0) writes steps s + 1... again: left in place, the
+    killed run's rows after its last checkpoint were logged twice, and a reader taking the first row of a step read
+    the abandoned branch's."""
     if not path.is_file():
-        return None
+        return
     keep, later = [], []
     for line in path.read_text().splitlines(keepends=True):
         try:
@@ -103,14 +103,13 @@ def _set_aside_after(path: Path, step: int) -> Path | None:
             logged = None  # a line cut short by a kill: kept where it is
         (later if isinstance(logged, int) and logged > step else keep).append(line)
     if not later:
-        return None
+        return
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S-%f")
     aside = path.with_name(f"metrics.superseded-{stamp}.jsonl")
     aside.write_text("".join(later))
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(keep))
     tmp.replace(path)
-    return aside
 
 
 class MetricsLogger:
@@ -125,7 +124,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.superseded = _set_aside_after(run_dir / "metrics.jsonl", start_step)
+        _set_aside_after(run_dir / "metrics.jsonl", start_step)
         self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
         if cfg.tensorboard != "off":
             try:
