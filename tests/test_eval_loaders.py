@@ -137,6 +137,26 @@ def test_shards(tmp_path):
     assert names == ["a red square", "a green square"]
 
 
+def test_a_dropped_shard_set_closes_its_files(tmp_path):
+    """The shard reader keeps its tar files open for the eval set's lazily read images; dropping the set closes
+    them (they were left to the garbage collector, one ResourceWarning per tar at exit)."""
+    import gc
+    import warnings
+
+    root = fx.build_shards(tmp_path / "heldout")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        captions = loaders.shard_captions(root)
+        assert all(isinstance(r.image.read(), bytes) for r in captions.records)
+        reader = captions.records[0].image.dataset.reader
+        files = list(reader._files.values())
+        assert files and not any(f.closed for f in files)
+        del captions, reader
+        gc.collect()
+    assert all(f.closed for f in files)
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
+
+
 def build_shards_with_bad_samples(root: Path, *, truncate: bool = False) -> Path:
     """fx.build_shards' first four samples, and a second shard "bad-00000.tar" with three samples the shard reader
     counts in its stats: one without a caption and one whose image header does not parse (both left out), and one

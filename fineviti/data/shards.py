@@ -244,6 +244,13 @@ class ShardReader:
             f.close()
         self._files = {}
 
+    def __del__(self):
+        # The handles are held for reuse, so nothing else closes them: without this, a reader dropped while open
+        # (an eval set's lazily read images) leaves its files to the garbage collector and a ResourceWarning each.
+        # (In a forked child, closing its copies leaves the parent's descriptors open.)
+        if getattr(self, "_files", None):
+            self.close()
+
     def __getstate__(self):
         return {"shards": self.shards}
 
