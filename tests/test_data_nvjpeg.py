@@ -142,3 +142,31 @@ def test_cuda_decode_drains_the_stream_first(monkeypatch):
     calls.clear()
     nvjpeg.NvjpegPath("cpu").decode_resize([_encode(4, 4, "JPEG")], [(4, 4)])
     assert "sync" not in calls
+
+
+def test_a_jpeg_the_device_refuses_is_decoded_on_the_cpu(monkeypatch):
+    """nvJPEG refuses some JPEGs that libjpeg-turbo reads (the planner's PIL header scan accepted them): such an
+    image is decoded on the CPU and moved to the device, and only one the CPU refuses too is a bad sample (both
+    used to be lost). A fake decoder stands for the device's, on the "meta" device, since this machine has no GPU."""
+    import torchvision.io
+
+    real = torchvision.io.decode_jpeg
+    refused = _encode(30, 20, "JPEG")  # the device's decoder refuses this one; the CPU reads it
+
+    def device_decode_jpeg(data, mode=None, device="cpu"):
+        if torch.device(device).type == "cpu":
+            return real(data, mode=mode, device=device)
+        batch = data if isinstance(data, list) else [data]
+        if any(bytes(d.numpy()) == refused for d in batch):
+            raise RuntimeError("nvjpegDecode: unsupported JPEG")
+        images = [real(d, mode=mode).to(device) for d in batch]  # what the CPU refuses, the device refuses too
+        return images if isinstance(data, list) else images[0]
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", device_decode_jpeg)
+    path = nvjpeg.NvjpegPath("meta")
+    images = [_encode(60, 40, "JPEG"), refused, b"\xff\xd8\xff" + bytes(300)]
+    out = path.decode_resize(images, [(28, 42), (14, 28), (14, 14)])
+    assert [type(o).__name__ for o in out] == ["Decoded", "Decoded", "BadSample"]
+    assert out[1].source_hw == (20, 30) and out[1].pixels.shape == (3, 14, 28)
+    assert out[1].pixels.device.type == "meta"
+    assert "meta" in str(out[2]) and "cpu" in str(out[2])  # both decoders' refusals are named

@@ -86,7 +86,7 @@ class NvjpegPath:
                     try:
                         out[i] = decode_jpeg(raw[i], mode=ImageReadMode.RGB, device=self.device)
                     except RuntimeError as exc:
-                        out[i] = BadSample("undecodable_image", f"decode_jpeg: {str(exc)[:200]}")
+                        out[i] = self._decode_on_cpu(raw[i], exc)
         for i, image in enumerate(out):
             if image is None:
                 try:
@@ -97,6 +97,21 @@ class NvjpegPath:
                 except RuntimeError as exc:
                     out[i] = BadSample("undecodable_image", f"decode_image: {str(exc)[:200]}")
         return out
+
+    def _decode_on_cpu(self, data: torch.Tensor, error: RuntimeError) -> torch.Tensor | BadSample:
+        """A JPEG the device's decoder refused, decoded by libjpeg-turbo on the CPU and moved to the device: nvJPEG
+        refuses some files that libjpeg-turbo (PIL's decoder, which the planner's header scan accepted) reads, and
+        such a sample was lost. A BadSample only when the CPU fails too."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        if self.device.type == "cpu":
+            return BadSample("undecodable_image", f"decode_jpeg: {str(error)[:200]}")
+        try:
+            image = decode_jpeg(data, mode=ImageReadMode.RGB, device="cpu")
+        except RuntimeError as exc:
+            return BadSample("undecodable_image", f"decode_jpeg ({self.device.type}: {str(error)[:100]}; "
+                                                  f"cpu: {str(exc)[:100]})")
+        return image.to(self.device)
 
     def decode_resize(self, images: list[bytes], targets: list[tuple[int, int]]) -> list[Decoded | BadSample]:
         out: list[Decoded | BadSample] = []
