@@ -188,6 +188,8 @@ QUICK = (
     (["pack:16384"], [128], ["fwd_bwd"], ["ours_det"]),
     (["pack:16384"], [64], ["fwd_bwd"], ["sdpa_flash", "sdpa_mask", "flex"]),
     (["pack:65536"], [64, 128], ["fwd_bwd"], ["ours", "torch_varlen"]),
+    # d256 (8 heads at hidden 2048): times the dk/dv kernel's two-part launch beyond 128 columns (PART)
+    (["fa3:4096"], [256], ["fwd_bwd"], ["ours", "torch_varlen"]),
 )
 
 FULL = (
