@@ -102,10 +102,12 @@ class CMakeBuild(build_ext):
                 f"-DCUDA_TOOLKIT_ROOT_DIR={toolkit}",
             ]
         elif torch.version.cuda is not None:
-            raise RuntimeError(
-                f"torch {torch.__version__} is a CUDA build, and its CMake config needs a CUDA toolkit even for "
-                "a C++-only build; no nvcc was found in $CUDA_HOME/bin, /usr/local/cuda/bin or on PATH"
-            )
+            # torch's CMake config refuses to load without a CUDA toolkit, even for a C++-only build: find torch's
+            # headers and libraries by path instead (as torch.utils.cpp_extension.CppExtension does).
+            print(f"fineviti: torch {torch.__version__} is a CUDA build and no nvcc was found in $CUDA_HOME/bin, "
+                  "/usr/local/cuda/bin or on PATH: building the C++ sources only (the Triton kernels need no nvcc)",
+                  flush=True)
+            args.append("-DFINEVITI_TORCH_WITHOUT_CONFIG=ON")
         cmake, ninja = _tool("cmake"), _tool("ninja")
         if cmake is None:
             raise RuntimeError(

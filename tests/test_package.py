@@ -115,3 +115,42 @@ def test_installed_wheel_outside_the_repository(wheel, tmp_path):
     out = run_python(code, cwd=elsewhere, PYTHONPATH=str(site))
     for line in out.split():
         assert Path(line).is_relative_to(site), f"{line} was imported from outside the installed wheel"
+
+
+@pytest.mark.slow
+def test_cxx_only_build_of_a_cuda_torch_without_nvcc(tmp_path):
+    """A CUDA build of torch with no CUDA toolkit (pip's torch on a machine without nvcc) still builds the C++ ops:
+    torch's CMake config refuses to load there, so setup.py finds torch by path (it used to stop with an error).
+    Compiles csrc/*.cpp once (about a minute on 2 cores; its CMake build dir is kept under build/cmake/)."""
+    import torch
+
+    if torch.version.cuda is None:
+        pytest.skip("torch is a CPU build: its CMake config loads without a toolkit")
+    bare_path = "/usr/bin:/bin"
+    if shutil.which("nvcc", path=bare_path):
+        pytest.skip(f"nvcc is in {bare_path}: no way to hide it from setup.py here")
+    lib = tmp_path / "lib"
+    env = {**os.environ, "PATH": bare_path, "CUDA_HOME": str(tmp_path / "no-toolkit"), "CUDA_PATH": ""}
+    env.pop("TRITON_INTERPRET", None)
+    done = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(lib), "--build-temp",
+                           str(tmp_path / "temp")], cwd=ROOT, capture_output=True, text=True, timeout=1200, env=env)
+    assert done.returncode == 0, f"setup.py build_ext failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    assert "building the C++ sources only" in done.stdout
+    # The package as it is here, with this extension in place of the editable build's.
+    package = tmp_path / "site" / "fineviti"
+    shutil.copytree(ROOT / "fineviti", package, ignore=shutil.ignore_patterns("_C.*", "__pycache__"))
+    (built,) = (lib / "fineviti").glob("_C.*.so")
+    shutil.copy2(built, package / built.name)
+    code = (
+        "import fineviti, fineviti._ext as e, numpy as np, torch\n"
+        f"assert fineviti.__file__.startswith({str(package)!r}), fineviti.__file__\n"
+        "assert e.load() and not torch.ops.fineviti.cuda_built()\n"
+        "from fineviti.data.planner import plan_packs, plan_packs_ref\n"
+        "lengths = np.array([5, 3, 7, 2, 9, 1])\n"
+        "ours, ref = plan_packs(lengths, 10, 4, backend='cpp'), plan_packs_ref(lengths, 10, 4)\n"
+        "assert all((a == b).all() for a, b in zip(ours, ref)), (ours, ref)\n"
+        "grid = torch.tensor([[2, 3], [1, 1]], dtype=torch.int32)\n"
+        "cu, pos = torch.ops.fineviti.build_positions(grid, 1)\n"
+        "assert cu.tolist() == [0, 6, 7] and pos.shape == (7, 2), (cu, pos)\n"
+    )
+    run_python(code, cwd=tmp_path, PYTHONPATH=str(tmp_path / "site"))
