@@ -48,8 +48,11 @@ def _compiled_against_eager(attn_backend):
     assert parallel.apply_activation_checkpointing(compiled, "full") > 0
     assert parallel.apply_compile(compiled) == sum(len(blocks) for blocks in parallel.block_lists(compiled)) > 0
     # (seed, largest side in patches): 2 to 30 images, the longest of 16 to 128 patch tokens, so the
-    # attention's short (<= 64) and long buckets both run
-    packs = [pack(cfg, seed, side) for seed, side in ((1, 8), (1, 12), (1, 4), (2, 8), (2, 16))]
+    # attention's short (<= 64) and long buckets both run. Under the interpreter the Triton backend costs about a
+    # second per image and pass, so it leaves out the 30-image pack (about a third of its time); 2 to 13 images
+    # still give four image counts and three longest lengths.
+    shapes = ((1, 8), (1, 12), (1, 4), (2, 8), (2, 16))
+    packs = [pack(cfg, seed, side) for seed, side in shapes if attn_backend != "triton" or (seed, side) != (1, 4)]
     assert len({len(b.seqlens) for b in packs}) >= 3 and len({max(b.seqlens) for b in packs}) >= 3
     graphs = []
     from fineviti.kernels import varlen_attention as kernels
