@@ -815,6 +815,8 @@ def rope_tables(pos: torch.Tensor, head_dim: int, theta: float = 10000.0) -> tup
     low, high = (int(x) for x in torch.aminmax(pos)) if pos.numel() else (0, 0)
     if low < 0:  # the kernel indexes the tables by position: a negative one would read before them
         raise ValueError(f"RoPE inside the attention kernel takes non-negative positions, got a minimum of {low}")
+    if high >= 2**31:  # the kernels take int32 positions
+        raise ValueError(f"RoPE inside the attention kernel takes positions below 2**31, got a maximum of {high}")
     if (high + 1) * (head_dim // 4) >= 2**31:
         raise ValueError(f"positions up to {high} make a cos/sin table of more than 2**31 entries at head_dim "
                          f"{head_dim}")

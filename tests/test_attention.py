@@ -934,6 +934,12 @@ def test_rope_in_kernel_takes_strided_views_and_checks_inputs():
         varlen_attention_rope(q, k, v, cu, 20, pos - 1, check_values=False)  # the kernel's own guard
     with pytest.raises(ValueError, match="seqlens must hold 2 lengths summing to 29 tokens"):
         varlen_attention_rope(q, k, v, cu, 20, pos, seqlens=[1])
+    for bad in (0.0, -1.0, float("nan"), "abc"):  # these made NaN tables without a word
+        with pytest.raises(ValueError, match=f"theta must be a finite number > 0, got {bad!r}"):
+            varlen_attention_rope(q, k, v, cu, 20, pos, theta=bad)
+    # int64 positions beyond int32: the table's host read refuses them (they were cast to int32 first, and wrapped)
+    with pytest.raises(ValueError, match="positions below 2\\*\\*31, got a maximum of 42949673"):
+        varlen_attention_rope(q, k, v, cu, 20, pos.long() + 2**32, check_values=False)
 
 
 @pytest.mark.gpu

@@ -359,6 +359,10 @@ def test_inplace_refuses_targets_that_share_memory(backend):
     buf = torch.randn(pos.shape[0], 3, 16)
     with pytest.raises(ValueError, match="q and k are the same memory or overlap"):
         rope_2d_qk(buf[:, 0:2], buf[:, 1:3], pos, backend=backend, inplace=True)
+    # views of other layouts whose ranges intersect (both hold head 0): undecided, refused (it was rotated twice)
+    buf = torch.randn(pos.shape[0], 4, 16)
+    with pytest.raises(ValueError, match="whether they share an element was not decided"):
+        rope_2d_qk(buf[:, 0:2], buf[:, ::2], pos, backend=backend, inplace=True)
     # q and k sliced from one qkv buffer interleave but share no element: rotated in place like copies
     qkv = torch.randn(pos.shape[0], 3, 2, 16)
     expected = rope_2d_qk(qkv[:, 0].clone(), qkv[:, 1].clone(), pos, backend="torch")
@@ -454,9 +458,28 @@ def test_empty_heads_and_bad_theta(backend):
     pos = positions(GRIDS["7x13"])
     assert rope_2d(torch.randn(pos.shape[0], 0, 8), pos, backend=backend).shape == (pos.shape[0], 0, 8)
     x = torch.randn(pos.shape[0], 2, 8)
-    for bad in (0.0, -1.0, float("nan"), float("inf")):
-        with pytest.raises(ValueError, match=f"theta must be a finite number > 0, got {bad}"):
+    for bad in (0.0, -1.0, float("nan"), float("inf"), "abc", None, True):
+        with pytest.raises(ValueError, match=f"theta must be a finite number > 0, got {bad!r}"):
             rope_2d(x, pos, theta=bad, backend=backend)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_outputs_are_fresh_contiguous_tensors(backend):
+    """Out of place, every backend returns contiguous tensors of its own: the torch backend returned x's layout for
+    a transposed x, and qkv_split_rope's v for one token (a 1x1 image) was a view of qkv, so an in-place op on v
+    changed qkv (and autograd refused it)."""
+    pos = positions(GRIDS["1x1"])
+    qkv = torch.randn(1, 3 * 2 * 8, requires_grad=True)
+    q, k, v = qkv_split_rope(qkv, pos, 2, backend=backend)
+    assert v.untyped_storage().data_ptr() != qkv.untyped_storage().data_ptr()
+    before = qkv.detach().clone()
+    v.mul_(0)
+    torch.testing.assert_close(qkv.detach(), before, rtol=0, atol=0)
+    (q.sum() + k.sum() + v.sum()).backward()
+    assert qkv.grad is not None
+    pos = positions(GRIDS["7x13"])
+    x = torch.randn(8, 2, pos.shape[0]).permute(2, 1, 0)  # (total, heads, head_dim), last stride not 1
+    assert rope_2d(x, pos, backend=backend).is_contiguous()
 
 
 def test_backends_agree_with_each_other():
@@ -605,6 +628,15 @@ def test_torch_compile_fullgraph(backend):
 
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
     loss_c = compiled(qkv, x, pos)
+    if backend != "torch" and device == "cpu":
+        # the default check runs inside the cpp and triton ops, where the tracer does not look: no graph break
+        # (negative positions went through compiled, where eager refuses them)
+        torch._dynamo.reset()
+        checked = torch.compile(lambda x, pos: rope_2d(x, pos, theta=500.0, backend=backend), fullgraph=True,
+                                backend="aot_eager")
+        assert checked(x, pos).shape == x.shape
+        with pytest.raises(ValueError, match="positions must be non-negative"):
+            checked(x, pos - 1)
     grads_c = torch.autograd.grad(loss_c, (qkv, x))
     loss_e = block(qkv, x, pos)
     grads_e = torch.autograd.grad(loss_e, (qkv, x))

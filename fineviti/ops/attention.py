@@ -220,7 +220,8 @@ class _AttentionRope(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu, max_seqlen, pos, theta, scale, seqlens, deterministic):
         kernels = _kernels()
-        cos, sin = kernels.rope_tables(pos, q.shape[-1], theta)
+        cos, sin = kernels.rope_tables(pos, q.shape[-1], theta)  # (its host read refuses what int32 cannot hold)
+        pos = pos.to(torch.int32).contiguous()
         o, lse = kernels.attention_forward(q, k, v, cu, cu, max_seqlen, max_seqlen, scale, seqlens,
                                            rope=(pos, pos, cos, sin))
         ctx.save_for_backward(q, k, v, o, lse, cu, pos)
@@ -266,9 +267,10 @@ def varlen_attention_rope(q, k, v, cu_seqlens, max_seqlen, pos, *, theta=10000.0
                          f"{getattr(pos, 'dtype', type(pos).__name__)} {tuple(getattr(pos, 'shape', ()))}")
     if pos.device != q.device:
         raise ValueError(f"pos is on {pos.device} but q is on {q.device}; they must match")
-    if value_checks_enabled(pos, check_values):
-        from fineviti.ops.rope import check_positions
+    from fineviti.ops.rope import _theta, check_positions
 
+    theta = _theta(theta)  # 0, a negative, NaN or inf made NaN tables without a word
+    if value_checks_enabled(pos, check_values):
         check_positions(pos)
     if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         raise RuntimeError("varlen_attention_rope on CPU tensors needs TRITON_INTERPRET=1 set before triton is "
@@ -281,7 +283,7 @@ def varlen_attention_rope(q, k, v, cu_seqlens, max_seqlen, pos, *, theta=10000.0
         q, k = q.contiguous(), k.contiguous()
     v = v if v.stride(-1) == 1 else v.contiguous()
     deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
-    return _AttentionRope.apply(q, k, v, cu_seqlens, max_seqlen, pos.to(torch.int32).contiguous(), float(theta),
+    return _AttentionRope.apply(q, k, v, cu_seqlens, max_seqlen, pos, theta,
                                 scale, list(seqlens) if seqlens is not None else None, deterministic)
 
 

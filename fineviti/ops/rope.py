@@ -332,16 +332,24 @@ def _check_inplace_targets(tensors: tuple[torch.Tensor, ...]) -> None:
     """In place, every element is rotated once: no tensor whose elements share memory (an expand()), and no
     element in both q and k (the kernels would rotate it twice, or race on it on a GPU). q and k that are views
     of one buffer are checked exactly where they have the same shape and strides (q and k sliced from one qkv
-    tensor); other overlaps torch cannot tell either are let through."""
+    tensor); views with other layouts whose memory ranges intersect are refused as undecided (they used to pass,
+    and a shared element was rotated twice)."""
     for name, t in zip(("q", "k") if len(tensors) == 2 else ("x",), tensors, strict=True):
         if torch._debug_has_internal_overlap(t) == 1:
             raise ValueError(f"rope in place: {name} has elements that share memory (strides {t.stride()}, e.g. "
                              f"from expand()); rotate it out of place, or a .contiguous() copy")
-    if len(tensors) == 2 and _views_overlap(*tensors):
+    overlap = _views_overlap(*tensors) if len(tensors) == 2 else False
+    if overlap:
         q, k = tensors
         raise ValueError(f"rope in place: q and k are the same memory or overlap (storage offsets "
                          f"{q.storage_offset()} and {k.storage_offset()}, strides {q.stride()} and {k.stride()}); "
                          f"rotate one tensor once as x, or pass copies")
+    if overlap is None:  # the kernels would rotate a shared element twice, without a word: refused as undecided
+        q, k = tensors
+        raise ValueError(f"rope in place: q and k are views of one buffer with different layouts whose memory "
+                         f"ranges intersect (storage offsets {q.storage_offset()} and {k.storage_offset()}, strides "
+                         f"{q.stride()} and {k.stride()}); whether they share an element was not decided: rotate "
+                         f"out of place, or pass copies")
 
 
 def _rotate(tensors: tuple[torch.Tensor, ...], pos: torch.Tensor, theta: float, inverse: bool, backend: str,
@@ -352,7 +360,7 @@ def _rotate(tensors: tuple[torch.Tensor, ...], pos: torch.Tensor, theta: float, 
     if backend == "torch":
         if check_pos and not torch.compiler.is_compiling():
             check_positions(pos)
-        outs = tuple(rope_2d_ref(t, pos, theta, inverse=inverse) for t in tensors)
+        outs = tuple(rope_2d_ref(t, pos, theta, inverse=inverse).contiguous() for t in tensors)
         if inplace:
             for t, out in zip(tensors, outs, strict=True):
                 t.copy_(out)
@@ -418,7 +426,8 @@ class _QKVSplitRope(torch.autograd.Function):
             return tuple(torch.ops.fineviti.qkv_split_rope_triton(qkv, pos, heads, theta, check_pos))
         q, k, v = _qkv_views(qkv, heads)
         q, k = _rotate((q, k), pos, theta, False, backend, check_pos)
-        return q, k, v.contiguous()
+        # a copy always: contiguous() returns the view itself for one token, and v then aliased qkv
+        return q, k, v.clone(memory_format=torch.contiguous_format)
 
     @staticmethod
     def backward(ctx, dq, dk, dv):
@@ -431,9 +440,22 @@ class _QKVSplitRope(torch.autograd.Function):
         return dqkv, None, None, None, None, None
 
 
+def _check_pos_flag(pos: torch.Tensor, check_values: bool | None, backend: str) -> bool:
+    """Whether the rotation checks pos's values: _checks' rule, and also on CPU tensors while torch.compile traces
+    where the backend's op checks inside itself (cpp, triton: the tracer does not enter a custom op, so its host
+    read breaks no graph; negative positions were let through compiled)."""
+    check = _checks.value_checks_enabled(pos, check_values)
+    if check_values is None and not check and backend in ("cpp", "triton") and pos.device.type == "cpu":
+        check = True
+    return check
+
+
 def _theta(theta) -> float:
-    value = float(theta)
-    if not (math.isfinite(value) and value > 0):
+    try:
+        value = float(theta)
+    except (TypeError, ValueError):
+        value = math.nan
+    if isinstance(theta, bool) or not (math.isfinite(value) and value > 0):
         raise ValueError(f"rope: theta must be a finite number > 0, got {theta!r}")
     return value
 
@@ -451,7 +473,7 @@ def rope_2d(x: torch.Tensor, pos: torch.Tensor, *, theta: float = 10000.0, backe
     _check_x("x", x, "rope_2d")
     _check_pos(pos, x.shape[0], x.device, "rope_2d")
     backend = resolve_backend(backend, x.device)
-    check_pos = _checks.value_checks_enabled(pos, check_values)
+    check_pos = _check_pos_flag(pos, check_values, backend)
     return _Rope2d.apply(x, pos, _theta(theta), backend, inplace, check_pos, False)[0]
 
 
@@ -471,7 +493,7 @@ def rope_2d_qk(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, theta: float
                          f"{q.dtype} {q.device} and k {tuple(k.shape)} {k.dtype} {k.device}")
     _check_pos(pos, q.shape[0], q.device, "rope_2d_qk")
     backend = resolve_backend(backend, q.device)
-    check_pos = _checks.value_checks_enabled(pos, check_values)
+    check_pos = _check_pos_flag(pos, check_values, backend)
     theta = _theta(theta)
     if inplace and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
         # autograd takes one in-place output per Function when the inputs are views (q and k of one qkv buffer):
@@ -507,5 +529,5 @@ def qkv_split_rope(qkv: torch.Tensor, pos: torch.Tensor, heads: int, theta: floa
         raise TypeError(f"qkv_split_rope: qkv must be float32, float16 or bfloat16, got {qkv.dtype}")
     _check_pos(pos, qkv.shape[0], qkv.device, "qkv_split_rope")
     backend = resolve_backend(backend, qkv.device)
-    check_pos = _checks.value_checks_enabled(pos, check_values)
+    check_pos = _check_pos_flag(pos, check_values, backend)
     return _QKVSplitRope.apply(qkv, pos, heads, _theta(theta), backend, check_pos)
