@@ -450,13 +450,17 @@ def _check_pos_flag(pos: torch.Tensor, check_values: bool | None, backend: str) 
     return check
 
 
+_FP32_MAX = torch.finfo(torch.float32).max
+
+
 def _theta(theta) -> float:
     try:
         value = float(theta)
     except (TypeError, ValueError):
         value = math.nan
-    if isinstance(theta, bool) or not (math.isfinite(value) and value > 0):
-        raise ValueError(f"rope: theta must be a finite number > 0, got {theta!r}")
+    # (above fp32's largest, the Triton kernels, which take theta as fp32, would see inf)
+    if isinstance(theta, bool) or not (math.isfinite(value) and 0 < value <= _FP32_MAX):
+        raise ValueError(f"rope: theta must be a finite number > 0 (at most fp32's largest), got {theta!r}")
     return value
 
 
