@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -78,13 +79,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What a command raises for a bad argument, a missing file or a bad config value: printed as one line and exit
+# status 2, not a traceback (FINEVITI_TRACEBACK=1 shows it). Raised while training steps run, they keep their
+# traceback (Trainer.train marks them): there it may be a bug, not a usage error.
+USAGE_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    return args.run(args)
+    try:
+        return args.run(args)
+    except USAGE_ERRORS as exc:
+        if getattr(exc, "fineviti_during_steps", False) or \
+                os.environ.get("FINEVITI_TRACEBACK", "0") not in ("", "0"):
+            raise
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        print(f"fineviti {args.command}: error: {message}\n"
+              f"fineviti {args.command}: (FINEVITI_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -184,3 +184,22 @@ def test_cli_data_synth(tmp_path, capsys):
     assert info["images"] == 5 and info["heldout"] == 2
     assert (tmp_path / "d/tokenizer.json").is_file()
     shutil.rmtree(tmp_path / "d")
+
+
+def test_generate_refuses_a_folder_it_did_not_write(tmp_path):
+    """generate replaces train/, heldout/, tokenizer.json and info.json: over someone's folder it refused nothing
+    (their tokenizer.json was replaced); over its own set, or one it was cut short writing, it goes ahead."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "tokenizer.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="not a synthetic data set of this generator"):
+        synth.generate(mine, 2, heldout=0, processes=1)
+    assert (mine / "tokenizer.json").read_text() == "{}"
+    with pytest.raises(NotADirectoryError):
+        synth.generate(mine / "tokenizer.json", 2, heldout=0, processes=1)
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    (ours / synth._MARK).write_text("")  # cut short before its info.json
+    (ours / "train").mkdir()
+    assert synth.generate(ours, 2, heldout=0, processes=1)["images"] == 2
+    assert synth.generate(ours, 3, heldout=0, processes=1)["images"] == 3  # again over its own set

@@ -127,9 +127,9 @@ def test_templates_from_a_file(tmp_path):
     path.write_text("# CLIP-style\na photo of a {}.\n\nitap of a {}.\n")
     assert cli._templates(str(path)) == ("a photo of a {}.", "itap of a {}.")
     path.write_text("a photo of a {}.\na photo\n")
-    with pytest.raises(SystemExit, match="'a photo' without"):
+    with pytest.raises(ValueError, match="'a photo' without"):
         cli._templates(str(path))
-    with pytest.raises(SystemExit, match="no such file"):
+    with pytest.raises(FileNotFoundError, match="no such file"):
         cli._templates(str(tmp_path / "missing.txt"))
 
 

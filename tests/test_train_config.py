@@ -71,6 +71,18 @@ def test_overrides_are_typed():
     ("scheduler.min_lr_ratio=-1", "scheduler.min_lr_ratio must be in [0, 1]"),
     ("scheduler.warmup_init=5", "scheduler.warmup_init must be in [0, 1]"),
     ("training.steps=6 metrics.profile=5:100", "ends after the run's last step (training.steps = 6)"),
+    # passed validation, then a traceback from torch or numpy at the first step (or from the first evaluation)
+    ("optimizer.betas=0.9,2", "optimizer.betas must be two numbers in [0, 1)"),
+    ("optimizer.eps=-1", "optimizer.eps must be a finite number > 0, got -1"),
+    ("optimizer.weight_decay=-1", "optimizer.weight_decay must be a finite number >= 0, got -1"),
+    ("optimizer.lr=inf", "optimizer.lr must be a finite number > 0, got inf"),
+    ("random_data.seed=-5", "random_data.seed must be >= 0, got -5"),
+    ("training.seed=-1", "training.seed must be >= 0, got -1"),
+    ("eval.max_images=-1", "eval.max_images must be >= 0, got -1"),  # silently dropped the last image
+    ("eval.every=1 eval.path=x eval.token_budget=0", "eval.token_budget must be >= 1, got 0"),
+    ("eval.every=1 eval.path=x training.data_source=random", "eval.every needs training.data_source=shards"),
+    ("name=", "name must be a non-empty folder name"),  # trained into runs/ itself
+    ("name=a/b", "name must be a non-empty folder name"),
 ])
 def test_bad_overrides_are_named(override, message):
     with pytest.raises((KeyError, ValueError)) as info:
@@ -118,3 +130,55 @@ def test_cli_train_runs_and_saves_config(capsys, tmp_path):
     assert cli.main(["train", "--preset", "debug", f"run_dir={tmp_path / 'typo'}", "--resume"]) == 2
     assert "--resume: no checkpoint in" in capsys.readouterr().err
     assert not (tmp_path / "typo" / "metrics.jsonl").exists()
+
+
+def test_cli_errors_are_one_line_and_exit_2(capsys, tmp_path):
+    """A bad path or value is one line naming it and exit status 2 (they were tracebacks, exit 1); raised while
+    steps run, an error keeps its traceback."""
+    run_dir = tmp_path / "run"
+    assert cli.main(["train", "--preset", "debug", f"run_dir={run_dir}", "training.steps=2"]) == 0
+    config_before = (run_dir / "config.json").read_text()
+    capsys.readouterr()
+    cases = [
+        (["train", "--preset", "debug", f"run_dir={run_dir}", "optimizer.lr=0.5", "--resume", str(tmp_path / "no")],
+         "no complete checkpoint"),
+        (["train", "--preset", "debug", "training.data_source=shards", "data.path=/nonexistent/shards",
+          "eval.every=1", "eval.path=/nonexistent/heldout", f"run_dir={tmp_path / 'e'}"], "eval.path:"),
+        (["data", "synth", "--out", str(tmp_path / "d"), "--images", "0"], "images must be >= 1"),
+        (["export", str(tmp_path / "no"), "--out", str(tmp_path / "v.safetensors")], "no complete checkpoint"),
+        (["export", str(run_dir), "--out", str(tmp_path / "v.txt")], "ending in .safetensors"),
+        (["demo", "--out", str(tmp_path / "demo"), "--heldout", "5"], "heldout must be at least"),
+    ]
+    for argv, message in cases:
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert f"fineviti {argv[0]}: error:" in err and message in err and "Traceback" not in err, (argv, err)
+    # the failed resume left the run's config.json as it was (it was written before the resume was looked for)
+    assert (run_dir / "config.json").read_text() == config_before
+    # resumed at the last step: said so
+    assert cli.main(["train", "--preset", "debug", f"run_dir={run_dir}", "training.steps=2", "--resume"]) == 0
+    assert "nothing to train" in capsys.readouterr().out
+
+
+def test_cli_keeps_the_traceback_of_an_error_while_steps_run(monkeypatch, tmp_path):
+    from fineviti.train.trainer import Trainer
+
+    def broken(self):
+        raise ValueError("a bug inside a step")
+
+    monkeypatch.setattr(Trainer, "_train", broken)
+    with pytest.raises(ValueError, match="a bug inside a step"):
+        cli.main(["train", "--preset", "debug", f"run_dir={tmp_path / 'run'}", "training.steps=2"])
+
+
+def test_export_refuses_to_replace_a_file_without_overwrite(capsys, tmp_path):
+    run_dir = tmp_path / "run"
+    assert cli.main(["train", "--preset", "debug", f"run_dir={run_dir}", "training.steps=2"]) == 0
+    out = tmp_path / "v.safetensors"
+    out.write_text("someone's file")
+    assert cli.main(["export", str(run_dir), "--out", str(out)]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err and out.read_text() == "someone's file"
+    assert cli.main(["export", str(run_dir), "--out", str(out), "--overwrite"]) == 0
+    assert out.stat().st_size > 100 and (tmp_path / "v.safetensors.json").is_file()
+    assert cli.main(["export", str(run_dir), "--out", str(tmp_path)]) == 2  # a folder
+    assert "ending in .safetensors" in capsys.readouterr().err

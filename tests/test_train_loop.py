@@ -463,6 +463,10 @@ def test_stage2_on_shards_with_the_data_tokenizer(tmp_path, shards):
     padded = rows(tmp_path / "stage2_padded")
     assert len(padded) == 2 and all(math.isfinite(r["loss"]) for r in padded)
     assert any(r["padding_tokens"] > 0 for r in padded)
+    # a vision override that the checkpoint's config replaces: said, not dropped without a word
+    with pytest.warns(UserWarning, match="aligner.vision.depth: 7 -> "):
+        run(shard_config(tmp_path, shards, "training.stage=2", "training.steps=1", "aligner.vision.depth=7",
+                         f"stage2.init_from={tmp_path / 'stage1'}", name="stage2_override"))
 
 
 def test_region_tasks_put_boxes_in_text():

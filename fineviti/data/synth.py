@@ -369,6 +369,28 @@ def _write_split(out: Path, seed: int, split: int, n: int, per_shard: int, proce
     return captions
 
 
+_MARK = ".fineviti-synth"  # written first: a folder being (or cut short while being) generated is ours too
+
+
+def _check_out(out: Path) -> None:
+    """generate rewrites out/train, out/heldout, tokenizer.json and info.json: a folder it did not write (no info.json
+    of this generator) must be empty, so that nobody's files are replaced or cleared."""
+    if not str(out).strip():
+        raise ValueError("generate: out must name a folder, got an empty path")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise NotADirectoryError(f"generate: out {str(out)!r} is a file; expected a folder")
+    try:
+        ours = json.loads((out / "info.json").read_text()).get("generator") == "fineviti.data.synth"
+    except (OSError, ValueError, AttributeError):
+        ours = (out / _MARK).is_file()  # a generation cut short: info.json comes last
+    if not ours and any(out.iterdir()):
+        raise FileExistsError(f"generate: out {str(out)!r} holds files that are not a synthetic data set of this "
+                              f"generator (no info.json of it); its train/, heldout/, tokenizer.json and info.json "
+                              f"would be replaced: choose an empty or new folder")
+
+
 def generate(out: str | os.PathLike, images: int, seed: int = 0, heldout: int = 500, *,
              samples_per_shard: int = 1000, processes: int | None = None, vocab_size: int = 2000) -> dict:
     """Writes the synthetic data set to `out` (see the module docstring); returns the info it saved."""
@@ -377,6 +399,9 @@ def generate(out: str | os.PathLike, images: int, seed: int = 0, heldout: int = 
     if images < 1 or heldout < 0:
         raise ValueError(f"generate: images must be >= 1 and heldout >= 0, got images={images}, heldout={heldout}")
     out = Path(out)
+    _check_out(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / _MARK).write_text("written by fineviti.data.synth.generate\n")
     processes = processes or min(os.cpu_count() or 1, 8)
     start = time.perf_counter()
     captions = _write_split(out / "train", seed, TRAIN_SPLIT, images, samples_per_shard, processes)

@@ -70,7 +70,7 @@ def _check_applies(args) -> None:
     for name, formats in APPLIES_TO.items():
         if getattr(args, name) is not None and args.format not in formats:
             flag = "--" + name.replace("_", "-")
-            raise SystemExit(f"fineviti eval: {flag} does not apply to --format {args.format} (it applies to "
+            raise ValueError(f"{flag} does not apply to --format {args.format} (it applies to "
                              f"{', '.join(formats)})")
 
 
@@ -79,7 +79,7 @@ def _parse_overrides(items: list[str]) -> dict:
     for item in items:
         key, eq, value = item.partition("=")
         if not eq or not key:
-            raise SystemExit(f"fineviti eval: --set expects KEY=VALUE, got {item!r}")
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -96,14 +96,14 @@ def _templates(value: str | None):
         return named[value]
     path = Path(value)
     if not path.is_file():
-        raise SystemExit(f"fineviti eval: --templates must be 'default', 'imagenet' or a file of templates, got "
+        raise FileNotFoundError(f"--templates must be 'default', 'imagenet' or a file of templates, got "
                          f"{value!r} (no such file)")
     lines = [line.strip() for line in path.read_text().splitlines()]
     templates = tuple(line for line in lines if line and not line.startswith("#"))
     bad = [t for t in templates if "{}" not in t]
     if not templates or bad:
         which = f", {bad[0]!r} without {{}}" if bad else ""
-        raise SystemExit(f"fineviti eval: --templates {value}: expected one template per line, each with {{}} for "
+        raise ValueError(f"--templates {value}: expected one template per line, each with {{}} for "
                          f"the class name; got {len(templates)} templates{which}")
     return templates
 
@@ -156,7 +156,7 @@ def _find_tokenizer(args) -> Path:
     for place in places:
         if place.is_file():
             return place
-    raise SystemExit("fineviti eval: no --tokenizer given and no tokenizer.json found beside the checkpoint or the "
+    raise FileNotFoundError("no --tokenizer given and no tokenizer.json found beside the checkpoint or the "
                      f"data (looked at {', '.join(map(str, places))})")
 
 
@@ -183,7 +183,7 @@ def load_sets(args) -> dict:
         return {"regions": loaders.coco_instances(annotations, images)}
     if fmt == "shards":
         return {"retrieval": loaders.shard_captions(data)}
-    raise SystemExit(f"fineviti eval: unknown format {fmt!r}")
+    raise ValueError(f"unknown format {fmt!r}")
 
 
 def _init_distributed(device: str):
@@ -249,9 +249,11 @@ def run(args: argparse.Namespace) -> int:
             for task in tasks.values():
                 if isinstance(task, runner.RegionTask):
                     task.method = args.region_method
+        if args.max_pixels is not None and args.max_pixels < 1:
+            raise ValueError(f"--max-pixels must be >= 1 (leave it out for the default), got {args.max_pixels}")
         cfg = runner.EvalConfig(token_budget=args.token_budget, context_length=args.context_length,
                                 pixel_path=args.pixel_path, **({"max_pixels": args.max_pixels}
-                                                               if args.max_pixels else {}))
+                                                               if args.max_pixels is not None else {}))
         meta = {"format": args.format, "data": str(args.data), "preset": args.preset or model.cfg.name,
                 "overrides": overrides,
                 "loaded": loaded, "sets": {k: len(t.records) for k, t in tasks.items()}}

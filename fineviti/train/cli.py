@@ -52,15 +52,19 @@ def _run_train(args: argparse.Namespace) -> int:
     from fineviti.train.trainer import run, summarise
 
     row = run(cfg)
-    if row and os.environ.get("RANK", "0") == "0":
-        print(f"finished step {cfg.training.steps}: {summarise(row)}; run folder {cfg.out_dir}")
+    if os.environ.get("RANK", "0") == "0":
+        if row:
+            print(f"finished step {cfg.training.steps}: {summarise(row)}; run folder {cfg.out_dir}")
+        else:  # resumed at or past the last step
+            print(f"nothing to train: the resumed checkpoint is at or past training.steps = {cfg.training.steps} "
+                  f"(raise training.steps to go on); run folder {cfg.out_dir}")
     return 0
 
 
 def _run_export(args: argparse.Namespace) -> int:
     from fineviti.train.export import export_checkpoint
 
-    path = export_checkpoint(args.checkpoint, args.out, part=args.part)
+    path = export_checkpoint(args.checkpoint, args.out, part=args.part, overwrite=args.overwrite)
     print(f"wrote {path} and {path}.json")
     return 0
 
@@ -101,6 +105,7 @@ def add_parsers(subparsers) -> None:
     export.add_argument("checkpoint", help="checkpoint folder or run folder")
     export.add_argument("--out", required=True, help="output .safetensors file")
     export.add_argument("--part", default="vision", choices=("vision", "full"), help="what to export (default vision)")
+    export.add_argument("--overwrite", action="store_true", help="replace --out (and its .json) when it exists")
     export.set_defaults(run=_run_export)
 
     demo = subparsers.add_parser(

@@ -119,7 +119,7 @@ class EvalConfig:
 
     every: int = 0  # evaluate every `every` steps (0: never during training)
     path: str = ""  # held-out shards (e.g. data/synthetic/heldout); the training tokenizer reads their captions
-    max_images: int = 500  # the first images of the folder
+    max_images: int = 500  # the first images of the folder (0: all of them)
     token_budget: int = 8192  # patch tokens per evaluation batch
 
 
@@ -178,8 +178,11 @@ class JobConfig:
             value = get_key(self, key)
             if value < 1:
                 raise ValueError(f"{key} must be >= 1, got {value}")
+        if not self.name.strip() or "/" in self.name:
+            raise ValueError(f"name must be a non-empty folder name without '/' (the run folder is runs/<name>; "
+                             f"run_dir sets another path), got {self.name!r}")
         for key in ("training.grad_cache_images", "checkpoint.interval", "checkpoint.keep",
-                    "scheduler.warmup_steps", "eval.every"):
+                    "scheduler.warmup_steps", "eval.every", "eval.max_images", "training.seed", "random_data.seed"):
             value = get_key(self, key)
             if value < 0:
                 raise ValueError(f"{key} must be >= 0, got {value}")
@@ -194,8 +197,21 @@ class JobConfig:
         if window is not None and window[1] > self.training.steps:
             raise ValueError(f"metrics.profile (--profile) {self.metrics.profile!r} ends after the run's last step "
                              f"(training.steps = {self.training.steps}): no trace would be written")
-        if self.optimizer.lr <= 0:
-            raise ValueError(f"optimizer.lr must be > 0, got {self.optimizer.lr}")
+        if not 0 < self.optimizer.lr < math.inf:
+            raise ValueError(f"optimizer.lr must be a finite number > 0, got {self.optimizer.lr}")
+        betas = self.optimizer.betas
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"optimizer.betas must be two numbers in [0, 1) (e.g. 0.9,0.95), got {betas}")
+        if not 0 < self.optimizer.eps < math.inf:
+            raise ValueError(f"optimizer.eps must be a finite number > 0, got {self.optimizer.eps}")
+        if not 0 <= self.optimizer.weight_decay < math.inf:
+            raise ValueError(f"optimizer.weight_decay must be a finite number >= 0, got {self.optimizer.weight_decay}")
+        if self.eval.every:
+            if self.eval.token_budget < 1:
+                raise ValueError(f"eval.token_budget must be >= 1, got {self.eval.token_budget}")
+            if self.training.data_source != "shards":
+                raise ValueError(f"eval.every needs training.data_source=shards (the evaluation reads captions with "
+                                 f"the data set's tokenizer), got {self.training.data_source!r}")
         if self.training.grad_clip < 0:
             raise ValueError(f"training.grad_clip must be >= 0 (0 disables clipping), got {self.training.grad_clip}")
         if self.random_data.max_side < self.random_data.min_side:

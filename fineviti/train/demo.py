@@ -132,7 +132,7 @@ def run_demo(out, *, images: int | None = None, heldout: int = 500, stage1_steps
     start = time.perf_counter()
     out = Path(out)
     data = out / "data"
-    images = images or DEMO_IMAGES
+    images = DEMO_IMAGES if images is None else images
     timings = {"data_s": ensure_data(data, images, heldout, seed, echo)}
     from fineviti.data.tokenizer import CaptionTokenizer
 

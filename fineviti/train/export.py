@@ -52,13 +52,31 @@ def export_model(model: nn.Module, out: str | os.PathLike, *, part: str = "visio
     return out
 
 
-def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, part: str = "vision") -> Path:
-    """Loads a trainer checkpoint (any world size, DDP or FSDP2) on this process and exports it."""
+def check_export_path(out: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """`out` as export writes it: a .safetensors file name (fineviti eval picks its loader by the suffix), not a
+    folder, and not an existing file unless `overwrite` (it and its .json would be replaced)."""
+    path = Path(out)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"--out must be a file name ending in .safetensors, got {str(out)!r}")
+    if path.is_dir():
+        raise IsADirectoryError(f"--out {str(out)!r} is a folder; expected a .safetensors file name in one")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"--out {str(out)!r} exists; pass --overwrite to replace it (and its .json)")
+    return path
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, part: str = "vision",
+                      overwrite: bool = False) -> Path:
+    """Loads a trainer checkpoint (any world size, DDP or FSDP2) on this process and exports it to `out` (see
+    check_export_path: an existing file only with overwrite=True)."""
     from fineviti.model import FineViT
     from fineviti.model.aligner import Aligner
     from fineviti.train.checkpoint import load_module_state, resolve_checkpoint, saved_config
     from fineviti.train.config import from_dict
 
+    if part not in PARTS:
+        raise ValueError(f"part must be one of {list(PARTS)}, got {part!r}")
+    check_export_path(out, overwrite=overwrite)
     path = resolve_checkpoint(checkpoint)
     saved = saved_config(path)
     cfg = from_dict(saved)

@@ -11,6 +11,7 @@ choice is a pure function of (seed, step, rank). The loss is on answer tokens on
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import numpy as np
 import torch
@@ -128,6 +129,14 @@ def build_aligner(cfg) -> tuple[Aligner, AlignerConfig]:
         saved = saved_config(source)
         section = saved["model"] if saved["training"]["stage"] == 1 else saved["aligner"]
         vision = from_dict(section["vision"], VisionConfig)
+        ignored = [f"aligner.vision.{f.name}: {getattr(aligner_cfg.vision, f.name)!r} -> {getattr(vision, f.name)!r}"
+                   for f in dataclasses.fields(VisionConfig)
+                   if getattr(aligner_cfg.vision, f.name) != getattr(vision, f.name)]
+        if aligner_cfg.embed_dim != section["embed_dim"]:
+            ignored.append(f"aligner.embed_dim: {aligner_cfg.embed_dim!r} -> {section['embed_dim']!r}")
+        if ignored:  # (they used to be replaced without a word)
+            warnings.warn(f"stage2.init_from {source}: the vision tower's config comes from the checkpoint, so this "
+                          f"run's values are replaced: {'; '.join(ignored)}", stacklevel=2)
         aligner_cfg = dataclasses.replace(aligner_cfg, vision=vision, embed_dim=section["embed_dim"])
     model = Aligner(aligner_cfg)
     if source is not None:

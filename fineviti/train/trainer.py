@@ -87,6 +87,13 @@ class Trainer:
         self.stage = cfg.training.stage
         self.mp_dtype = parallel.mixed_precision_dtype(cfg.training.mixed_precision, self.device)
         self.text_schedule = parse_text_schedule(cfg.training.text_length)
+        if cfg.eval.every:  # found missing now, not at the first evaluation
+            from fineviti.data.shards import list_shards
+
+            try:
+                list_shards(cfg.eval.path)
+            except FileNotFoundError as exc:
+                raise FileNotFoundError(f"eval.path: {exc}") from None
 
         if self.stage == 1:
             from fineviti.model import FineViT
@@ -119,7 +126,6 @@ class Trainer:
                                               world_size=self.world.world_size, config_json=self.config_json)
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.json").write_text(self.config_json)
         self.checkpointer.clean_partial()
         self.step = 0
         self.finished = False  # train() reached training.steps (what close() exports)
@@ -127,6 +133,9 @@ class Trainer:
         if resume is not None:
             self.step = self.checkpointer.load(resume, self.model, self.optimizer, self.scheduler, self.data,
                                                scaler=self.scaler)
+        if self.rank == 0:  # after the resume: a resume that fails (no checkpoint there, another architecture)
+            # leaves the run's config.json as it was
+            (self.run_dir / "config.json").write_text(self.config_json)
         superseded = []
         if cfg.checkpoint.interval > 0 or cfg.checkpoint.save_final:  # a run that never saves leaves them be
             superseded = self.checkpointer.set_aside_after(self.step, resume)
@@ -204,7 +213,15 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------------------------
 
     def train(self) -> dict:
-        """Runs to training.steps (from the resumed step); returns the last step's metrics."""
+        """Runs to training.steps (from the resumed step); returns the last step's metrics. An exception raised
+        here is marked `fineviti_during_steps` (the command line then shows its traceback)."""
+        try:
+            return self._train()
+        except Exception as exc:
+            exc.fineviti_during_steps = True
+            raise
+
+    def _train(self) -> dict:
         last = self.cfg.training.steps
         batches = iter(self.data)
         tick = time.perf_counter()
@@ -258,7 +275,8 @@ class Trainer:
         from fineviti.eval.runner import EvalConfig, Evaluator, RetrievalTask
 
         cfg = self.cfg
-        records = loaders.shard_captions(cfg.eval.path).records[: cfg.eval.max_images]
+        records = loaders.shard_captions(cfg.eval.path).records
+        records = records[: cfg.eval.max_images] if cfg.eval.max_images else records
         tokenizer = getattr(self.data, "tokenizer", None)
         if tokenizer is None:
             raise ValueError("evaluation needs the data set's tokenizer: training.data_source=shards")
