@@ -145,6 +145,7 @@ def test_cli_errors_are_one_line_and_exit_2(capsys, tmp_path):
         (["train", "--preset", "debug", "training.data_source=shards", "data.path=/nonexistent/shards",
           "eval.every=1", "eval.path=/nonexistent/heldout", f"run_dir={tmp_path / 'e'}"], "eval.path:"),
         (["data", "synth", "--out", str(tmp_path / "d"), "--images", "0"], "images must be >= 1"),
+        (["data", "synth", "--out", str(tmp_path / "d"), "--processes", "0"], "processes must be >= 1"),
         (["export", str(tmp_path / "no"), "--out", str(tmp_path / "v.safetensors")], "no complete checkpoint"),
         (["export", str(run_dir), "--out", str(tmp_path / "v.txt")], "ending in .safetensors"),
         (["demo", "--out", str(tmp_path / "demo"), "--heldout", "5"], "heldout must be at least"),
@@ -153,6 +154,8 @@ def test_cli_errors_are_one_line_and_exit_2(capsys, tmp_path):
         assert cli.main(argv) == 2, argv
         err = capsys.readouterr().err
         assert f"fineviti {argv[0]}: error:" in err and message in err and "Traceback" not in err, (argv, err)
+    assert cli.main(["train", "--preset", "debug", f"run_dir={run_dir}", "--resume", ""]) == 2  # was a fresh run
+    assert "--resume takes a checkpoint path or nothing" in capsys.readouterr().err
     # the failed resume left the run's config.json as it was (it was written before the resume was looked for)
     assert (run_dir / "config.json").read_text() == config_before
     # resumed at the last step: said so

@@ -398,6 +398,8 @@ def generate(out: str | os.PathLike, images: int, seed: int = 0, heldout: int = 
 
     if images < 1 or heldout < 0:
         raise ValueError(f"generate: images must be >= 1 and heldout >= 0, got images={images}, heldout={heldout}")
+    if processes is not None and processes < 1:
+        raise ValueError(f"generate: processes must be >= 1 (or None: the CPU count), got {processes}")
     out = Path(out)
     _check_out(out)
     out.mkdir(parents=True, exist_ok=True)

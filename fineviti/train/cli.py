@@ -27,6 +27,10 @@ def _run_train(args: argparse.Namespace) -> int:
         # `--resume training.steps=8`: argparse gave --resume the override that followed it
         overrides.append(resume)
         resume = "auto"
+    if resume is not None and not resume.strip():  # ("" is checkpoint.resume's "start fresh": not what was asked)
+        print("fineviti train: --resume takes a checkpoint path or nothing (the run folder's newest), got ''",
+              file=sys.stderr)
+        return 2
     if resume is not None:
         overrides.append(f"checkpoint.resume={resume}")
     if args.profile:
