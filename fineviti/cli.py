@@ -79,9 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# What a command raises for a bad argument, a missing file or a bad config value: printed as one line and exit
-# status 2, not a traceback (FINEVITI_TRACEBACK=1 shows it). Raised while training steps run, they keep their
-# traceback (Trainer.train marks them): there it may be a bug, not a usage error.
+# What a command raises for a bad argument, a missing file or a bad config value: printed as one line (with the
+# exception's type) and exit status 2, not a traceback (FINEVITI_TRACEBACK=1 shows it). Raised where the work runs
+# (training steps, a run's end, an evaluation's forwards: fineviti._errors.work), they keep their traceback: there
+# it may be a bug, not a usage error.
 USAGE_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
 
 
@@ -94,11 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except USAGE_ERRORS as exc:
-        if getattr(exc, "fineviti_during_steps", False) or \
-                os.environ.get("FINEVITI_TRACEBACK", "0") not in ("", "0"):
+        from fineviti._errors import keeps_traceback
+
+        if keeps_traceback(exc) or os.environ.get("FINEVITI_TRACEBACK", "0") not in ("", "0"):
             raise
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-        print(f"fineviti {args.command}: error: {message}\n"
+        print(f"fineviti {args.command}: error: {type(exc).__name__}: {message}\n"
               f"fineviti {args.command}: (FINEVITI_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
         return 2
 

@@ -203,3 +203,8 @@ def test_generate_refuses_a_folder_it_did_not_write(tmp_path):
     (ours / "train").mkdir()
     assert synth.generate(ours, 2, heldout=0, processes=1)["images"] == 2
     assert synth.generate(ours, 3, heldout=0, processes=1)["images"] == 3  # again over its own set
+    # an older version's generation cut short (shards only, no marker), with a desktop's litter: accepted
+    older = tmp_path / "older"
+    shutil.copytree(ours / "train", older / "train")
+    (older / ".DS_Store").write_bytes(b"")
+    assert synth.generate(older, 2, heldout=0, processes=1)["images"] == 2

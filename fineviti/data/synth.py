@@ -372,6 +372,19 @@ def _write_split(out: Path, seed: int, split: int, n: int, per_shard: int, proce
 _MARK = ".fineviti-synth"  # written first: a folder being (or cut short while being) generated is ours too
 
 
+def _only_shards(out: Path) -> bool:
+    """Whether `out` holds nothing but train/ and heldout/ folders of shards and their indexes (what a generation
+    cut short before its tokenizer left, this version's marker aside), and the files a desktop leaves behind."""
+    entries = [p for p in out.iterdir() if p.name not in (".DS_Store", "Thumbs.db")]
+    for entry in entries:
+        if entry.name not in ("train", "heldout") or not entry.is_dir():
+            return False
+        if any(p.suffix not in (".tar", ".idx") and p.name not in (".DS_Store", "Thumbs.db")
+               for p in entry.iterdir()):
+            return False
+    return True
+
+
 def _check_out(out: Path) -> None:
     """generate rewrites out/train, out/heldout, tokenizer.json and info.json: a folder it did not write (no info.json
     of this generator) must be empty, so that nobody's files are replaced or cleared."""
@@ -384,7 +397,7 @@ def _check_out(out: Path) -> None:
     try:
         ours = json.loads((out / "info.json").read_text()).get("generator") == "fineviti.data.synth"
     except (OSError, ValueError, AttributeError):
-        ours = (out / _MARK).is_file()  # a generation cut short: info.json comes last
+        ours = (out / _MARK).is_file() or _only_shards(out)  # a generation cut short: info.json comes last
     if not ours and any(out.iterdir()):
         raise FileExistsError(f"generate: out {str(out)!r} holds files that are not a synthetic data set of this "
                               f"generator (no info.json of it); its train/, heldout/, tokenizer.json and info.json "
@@ -404,6 +417,9 @@ def generate(out: str | os.PathLike, images: int, seed: int = 0, heldout: int = 
     _check_out(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / _MARK).write_text("written by fineviti.data.synth.generate\n")
+    # the old set's info.json goes first: a regeneration cut short must not pass for the old set (the demo reuses a
+    # folder whose info.json names the images, held-out count and seed it wants)
+    (out / "info.json").unlink(missing_ok=True)
     processes = processes or min(os.cpu_count() or 1, 8)
     start = time.perf_counter()
     captions = _write_split(out / "train", seed, TRAIN_SPLIT, images, samples_per_shard, processes)

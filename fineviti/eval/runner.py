@@ -38,6 +38,7 @@ import torch.distributed as dist
 from PIL import Image
 
 from fineviti import _ext
+from fineviti._errors import work
 from fineviti.data.dataset import BadSample
 from fineviti.data.pixels import normalise, patchify
 from fineviti.data.positions import build_positions, build_positions_ref
@@ -585,7 +586,8 @@ def evaluate(model, tokenizer, tasks: dict[str, Task], *, cfg: EvalConfig | None
              out_dir: str | os.PathLike | None = None, device=None, group=None, meta: dict | None = None) -> dict:
     """Run `tasks` and, with out_dir, write report.json and report.md there (on rank 0). Returns the report."""
     evaluator = Evaluator(model, tokenizer, cfg, device=device, group=group)
-    report = evaluator.run(tasks, meta)
+    with work():  # the forwards: an error here keeps its traceback on the command line
+        report = evaluator.run(tasks, meta)
     if out_dir is not None and evaluator.rank == 0:
         write_report(report, out_dir)
     return report

@@ -17,6 +17,7 @@ import json
 import math
 import types
 import typing
+from pathlib import Path
 from typing import Any
 
 from fineviti.model.config import AlignerConfig, BuiltinLMConfig, ModelConfig
@@ -178,11 +179,13 @@ class JobConfig:
             value = get_key(self, key)
             if value < 1:
                 raise ValueError(f"{key} must be >= 1, got {value}")
-        if not self.name.strip() or "/" in self.name:
-            raise ValueError(f"name must be a non-empty folder name without '/' (the run folder is runs/<name>; "
-                             f"run_dir sets another path), got {self.name!r}")
+        if not self.run_dir and (not self.name.strip() or Path(self.name).is_absolute()
+                                 or any(part in (".", "..") for part in Path(self.name).parts) or
+                                 self.name.strip() in (".", "..")):
+            raise ValueError(f"name must name a folder inside runs/ (the run folder is runs/<name> unless run_dir is "
+                             f"set), got {self.name!r}")
         for key in ("training.grad_cache_images", "checkpoint.interval", "checkpoint.keep",
-                    "scheduler.warmup_steps", "eval.every", "eval.max_images", "training.seed", "random_data.seed"):
+                    "scheduler.warmup_steps", "eval.every", "eval.max_images", "random_data.seed"):
             value = get_key(self, key)
             if value < 0:
                 raise ValueError(f"{key} must be >= 0, got {value}")
@@ -202,8 +205,10 @@ class JobConfig:
         betas = self.optimizer.betas
         if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
             raise ValueError(f"optimizer.betas must be two numbers in [0, 1) (e.g. 0.9,0.95), got {betas}")
-        if not 0 < self.optimizer.eps < math.inf:
-            raise ValueError(f"optimizer.eps must be a finite number > 0, got {self.optimizer.eps}")
+        if not 0 <= self.optimizer.eps < math.inf:
+            raise ValueError(f"optimizer.eps must be a finite number >= 0, got {self.optimizer.eps}")
+        if self.training.stage == 2 and self.training.seed < 0:  # seeds stage 2's region sampling (numpy's rng)
+            raise ValueError(f"training.seed must be >= 0 in stage 2, got {self.training.seed}")
         if not 0 <= self.optimizer.weight_decay < math.inf:
             raise ValueError(f"optimizer.weight_decay must be a finite number >= 0, got {self.optimizer.weight_decay}")
         if self.eval.every:

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from fineviti._errors import work
 from fineviti.train import checkpoint as ckpt
 from fineviti.train import parallel
 from fineviti.train.config import (
@@ -214,12 +215,9 @@ class Trainer:
 
     def train(self) -> dict:
         """Runs to training.steps (from the resumed step); returns the last step's metrics. An exception raised
-        here is marked `fineviti_during_steps` (the command line then shows its traceback)."""
-        try:
+        here keeps its traceback on the command line (fineviti._errors.work)."""
+        with work():
             return self._train()
-        except Exception as exc:
-            exc.fineviti_during_steps = True
-            raise
 
     def _train(self) -> dict:
         last = self.cfg.training.steps
@@ -293,6 +291,10 @@ class Trainer:
         return result
 
     def close(self) -> None:
+        with work():
+            self._close()
+
+    def _close(self) -> None:
         try:
             self.checkpointer.close()
             if self.cfg.checkpoint.export and self.finished:  # every rank: FSDP2 gathers the shards
