@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 
@@ -88,7 +89,14 @@ USAGE_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, NotADi
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # `train --preset x a=1 --print-config b=2`: argparse ends the positional overrides at the first option, so
+        # the overrides after it come back here; anything else is an error as parse_args makes it
+        if getattr(args, "command", None) == "train" and all(re.fullmatch(r"[A-Za-z_][\w.]*=.*", e) for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2

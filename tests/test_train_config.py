@@ -116,6 +116,15 @@ def test_cli_print_config_and_errors(capsys, tmp_path):
     assert printed["optimizer"]["lr"] == 1e-3
     assert cli.main(["train", "--preset", "debug", "--print-config", "--resume", str(tmp_path)]) == 0
     assert json.loads(capsys.readouterr().out)["checkpoint"]["resume"] == str(tmp_path)
+    # overrides after an option: argparse stopped the positional list at the option and refused the rest
+    assert cli.main(["train", "--preset", "debug", "training.steps=3", "--print-config", "optimizer.lr=0.5"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["training"]["steps"] == 3 and printed["optimizer"]["lr"] == 0.5
+    assert cli.main(["train", "--preset", "debug", "--print-config", "notanoverride"]) == 2
+    assert "override 'notanoverride' must look like key=value" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--preset", "debug", "--print-config", "a=1", "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
     assert cli.main(["train", "--preset", "debug", "training.bogus=1"]) == 2
     assert "unknown config key 'training.bogus'" in capsys.readouterr().err
 
