@@ -142,3 +142,13 @@ def test_an_explicit_preset_that_matches_the_checkpoint_is_accepted(trained, cap
     sets = [f"--set={k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in SMALL.items()]
     assert main(_args(root, "--checkpoint", str(folder), "--preset", "tiny", *sets, "--set", "text.pool=last")) == 0
     capsys.readouterr()
+
+
+def test_region_method_for_a_format_without_regions_is_an_error(tmp_path, capsys):
+    """--region-method was taken and ignored for formats without a region task; an input the format does not use is
+    an error, as --split and --annotations are."""
+    from fineviti.cli import main
+
+    argv = ["eval", "--format", "shards", "--data", str(tmp_path), "--region-method", "roi_align"]
+    assert main(argv) == 2
+    assert "--region-method does not apply to --format shards" in capsys.readouterr().err

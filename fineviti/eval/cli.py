@@ -54,7 +54,8 @@ def add_parser(subparsers) -> None:
                         "7 ImageNet templates), or a text file of templates, one per line, each with {} for the "
                         "class name (e.g. CLIP's 80, for numbers comparable with published ones); unset: 'default', "
                         "except the synthetic regions' own 'a small/medium/large {}'")
-    parser.add_argument("--region-method", choices=("mean", "roi_align"), default="mean")
+    parser.add_argument("--region-method", choices=("mean", "roi_align"), default=None,
+                        help="how a box's tokens are pooled (synthetic, coco_instances; default mean)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--pixel-path", default="pil", choices=("pil", "dali", "nvjpeg", "auto"))
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
@@ -63,7 +64,7 @@ def add_parser(subparsers) -> None:
 
 # The formats each optional input applies to: given for another format it would be ignored, so it is an error.
 APPLIES_TO = {"split": ("coco", "flickr30k", "dci", "docci"), "annotations": ("coco", "flickr30k", "coco_instances"),
-              "class_names": ("imagenet",)}
+              "class_names": ("imagenet",), "region_method": ("synthetic", "coco_instances")}
 
 
 def _check_applies(args) -> None:
@@ -241,14 +242,14 @@ def run(args: argparse.Namespace) -> int:
                   "checkpoint for them", file=sys.stderr)
         templates = _templates(args.templates)
         if args.format == "synthetic":
-            tasks = runner.synthetic_tasks(args.data, region_method=args.region_method)
+            tasks = runner.synthetic_tasks(args.data, region_method=args.region_method or "mean")
             if templates is not None:
                 tasks["regions"].templates = templates
         else:
             tasks = {name: runner.task_for(evalset, templates) for name, evalset in load_sets(args).items()}
             for task in tasks.values():
                 if isinstance(task, runner.RegionTask):
-                    task.method = args.region_method
+                    task.method = args.region_method or "mean"
         if args.max_pixels is not None and args.max_pixels < 1:
             raise ValueError(f"--max-pixels must be >= 1 (leave it out for the default), got {args.max_pixels}")
         cfg = runner.EvalConfig(token_budget=args.token_budget, context_length=args.context_length,
