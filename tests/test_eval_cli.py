@@ -152,3 +152,5 @@ def test_region_method_for_a_format_without_regions_is_an_error(tmp_path, capsys
     argv = ["eval", "--format", "shards", "--data", str(tmp_path), "--region-method", "roi_align"]
     assert main(argv) == 2
     assert "--region-method does not apply to --format shards" in capsys.readouterr().err
+    assert main(["eval", "--format", "shards", "--data", str(tmp_path), "--device", "cdua"]) == 2
+    assert "--device must be a torch device such as cpu, cuda or cuda:1, got 'cdua'" in capsys.readouterr().err

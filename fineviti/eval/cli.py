@@ -209,6 +209,10 @@ def run(args: argparse.Namespace) -> int:
 
     _check_applies(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device must be a torch device such as cpu, cuda or cuda:1, got {device!r}") from None
     started = _init_distributed(device)
     try:
         if device == "cuda":
