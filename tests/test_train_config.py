@@ -125,6 +125,16 @@ def test_cli_print_config_and_errors(capsys, tmp_path):
     with pytest.raises(SystemExit):
         cli.main(["train", "--preset", "debug", "--print-config", "a=1", "--bogus"])
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+    # overrides of a section this run does not read: taken without a word before, a warning now
+    assert cli.main(["train", "--preset", "debug", "--print-config", "data.path=/x", "model.vision.depth=3",
+                     "stage2.freeze=lm", "aligner.embed_dim=8", "training.steps=3"]) == 0
+    err = capsys.readouterr().err
+    assert "data.path is not used by this run (training.data_source is random" in err
+    assert "stage2.freeze is not used" in err and "aligner.embed_dim is not used" in err
+    assert "model.vision.depth" not in err and "training.steps" not in err
+    assert cli.main(["train", "--preset", "debug", "--print-config", "training.stage=2", "model.vision.depth=3"]) == 0
+    assert "model.vision.depth is not used by this run (stage 2 builds its model from aligner.*)" in \
+        capsys.readouterr().err
     assert cli.main(["train", "--preset", "debug", "training.bogus=1"]) == 2
     assert "unknown config key 'training.bogus'" in capsys.readouterr().err
 

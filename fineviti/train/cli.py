@@ -41,6 +41,9 @@ def _run_train(args: argparse.Namespace) -> int:
         message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         print(f"fineviti train: {message}", file=sys.stderr)
         return 2
+    for key in _unused_overrides(cfg, overrides):
+        print(f"fineviti train: warning: {key} is not used by this run ({_UNUSED_WHY[key.split('.')[0]](cfg)})",
+              file=sys.stderr)
     if args.print_config:
         print(config_mod.to_json(cfg))
         return 0
@@ -63,6 +66,24 @@ def _run_train(args: argparse.Namespace) -> int:
             print(f"nothing to train: the resumed checkpoint is at or past training.steps = {cfg.training.steps} "
                   f"(raise training.steps to go on); run folder {cfg.out_dir}")
     return 0
+
+
+# Sections a run leaves unread, by config (their overrides were taken without a word): why, for the warning.
+_UNUSED_WHY = {
+    "model": lambda cfg: "stage 2 builds its model from aligner.*",
+    "aligner": lambda cfg: "stage 1 builds its model from model.*",
+    "stage2": lambda cfg: "stage2.* applies to training.stage=2",
+    "random_data": lambda cfg: "training.data_source is shards",
+    "data": lambda cfg: "training.data_source is random: random_data.* makes the batches",
+}
+
+
+def _unused_overrides(cfg, overrides: list[str]) -> list[str]:
+    unused = {"model": cfg.training.stage == 2, "aligner": cfg.training.stage == 1,
+              "stage2": cfg.training.stage == 1, "random_data": cfg.training.data_source == "shards",
+              "data": cfg.training.data_source == "random"}
+    keys = [o.partition("=")[0] for o in overrides if "=" in o]
+    return [k for k in keys if unused.get(k.split(".")[0], False)]
 
 
 def _run_export(args: argparse.Namespace) -> int:
