@@ -79,3 +79,29 @@ def test_dali_mixed_decoder_on_the_gpu(data):
         assert a.patches.is_cuda and torch.equal(a.pos, b.pos)
         levels = (a.patches.cpu() - b.patches).abs() * 0.5 * 255
         assert levels.max() <= dali.PIXEL_TOLERANCE + 1e-3  # nvJPEG's IDCT may differ: unverified here
+
+
+def _encoded(fmt, w=30, h=20, **save):
+    image = Image.new("RGB", (w, h), (200, 40, 90))
+    image.paste((20, 220, 60), (0, 0, w // 2, h))
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **save)
+    return buffer.getvalue()
+
+
+def test_dali_falls_back_to_pil_for_an_image_its_decoder_refuses():
+    """DALI's decoder refuses GIF's, which the planner's PIL header scan accepts: such an image now goes through the
+    PIL path (it was a lost sample), and the BadSample of an image nobody decodes names DALI's cause, not its
+    "pipeline object is no longer valid"."""
+    from fineviti.data.pixels import PilPath
+
+    gif = _encoded("GIF")
+    path = dali.DaliPath()
+    out = path.decode_resize([gif, _jpeg(60, 40)], [(14, 28), (28, 42)])
+    want = PilPath().decode_resize([gif], [(14, 28)])[0]
+    assert type(out[0]).__name__ == "Decoded" and out[0].source_hw == (20, 30)
+    assert torch.equal(out[0].pixels, want.pixels)
+    assert out[1].pixels.shape == (3, 28, 42)
+    (bad,) = path.decode_resize([b"\xff\xd8\xff" + bytes(300)], [(14, 14)])
+    assert bad.reason == "undecodable_image" and "no longer valid" not in str(bad) and "PIL" in str(bad)
+    assert "nvImageCodec failure" in str(bad), str(bad)

@@ -405,3 +405,20 @@ def test_a_blank_txt_leaves_the_json_caption(tmp_path):
                             ("json", json.dumps({"width": 64, "height": 64, "caption": "from json"}).encode())])
     dataset = ShardDataset(tmp_path)
     assert dataset.load(0).caption == "from json" and not dataset.stats
+
+
+def test_images_beyond_pils_limit_are_left_out_for_every_path(tmp_path, monkeypatch):
+    """PIL refuses images above twice Image.MAX_IMAGE_PIXELS (a DecompressionBombError), where DALI and nvJPEG
+    decoded them: which samples a run saw depended on the pixel path, and the header scan counted such an image as
+    an unreadable header. The scan now leaves them out as "too_large", whether the size comes from the header or
+    the json. (PIL's limit is lowered here to keep the images small.)"""
+    from fineviti.data.dataset import ShardDataset
+
+    with ShardWriter(tmp_path, samples_per_shard=10) as writer:
+        writer.write("small", [("jpg", _jpeg(8, 8)), ("txt", b"a")])
+        writer.write("big_header", [("jpg", _jpeg(40, 40)), ("txt", b"b")])
+        writer.write("big_json", [("jpg", _jpeg(8, 8)), ("txt", b"c"),
+                                  ("json", json.dumps({"height": 40, "width": 40}).encode())])
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 400)  # PIL refuses above 800 pixels
+    dataset = ShardDataset(tmp_path)
+    assert dataset.keys == ["small"] and dict(dataset.stats) == {"too_large": 2}

@@ -170,3 +170,39 @@ def test_a_jpeg_the_device_refuses_is_decoded_on_the_cpu(monkeypatch):
     assert out[1].source_hw == (20, 30) and out[1].pixels.shape == (3, 14, 28)
     assert out[1].pixels.device.type == "meta"
     assert "meta" in str(out[2]) and "cpu" in str(out[2])  # both decoders' refusals are named
+
+
+def _encoded(fmt, w=30, h=20, **save):
+    image = Image.new("RGB", (w, h), (200, 40, 90))
+    image.paste((20, 220, 60), (0, 0, w // 2, h))
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **save)
+    return buffer.getvalue()
+
+
+def test_images_that_are_not_jpegs_decode_as_the_pil_path_decodes_them():
+    """Not JPEGs: torchvision's decode_image killed the process (a segfault in libpng) on a PNG with a bad IDAT
+    checksum, and refused GIF's, BMP, TIFF and animated WebP, which PIL, the planner's header scan and the PIL path
+    take. They now decode with PIL, pixel for pixel as the PIL path does."""
+    import struct
+    import zlib
+
+    from fineviti.data.pixels import PilPath
+
+    png = bytearray(_encoded("PNG"))
+    at = png.index(b"IDAT") - 4  # the chunk's length, then its type, data and CRC
+    (length,) = struct.unpack(">I", png[at:at + 4])
+    crc_at = at + 8 + length
+    assert struct.unpack(">I", png[crc_at:crc_at + 4])[0] == zlib.crc32(png[at + 4:crc_at])
+    png[crc_at:crc_at + 4] = b"\x00\x00\x00\x00"  # a bad checksum: PIL reads the data anyway
+    frames = [Image.new("RGB", (30, 20), c) for c in ((200, 40, 90), (10, 10, 10))]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "WEBP", save_all=True, append_images=frames[1:], lossless=True)
+    images = [bytes(png), _encoded("GIF"), _encoded("BMP"), _encoded("TIFF"), buffer.getvalue()]
+    targets = [(14, 28)] * len(images)
+    got = nvjpeg.NvjpegPath("cpu").decode_resize(images, targets)
+    want = PilPath().decode_resize(images, targets)
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert type(g).__name__ == "Decoded" and type(w).__name__ == "Decoded", (i, g, w)
+        assert g.source_hw == w.source_hw == (20, 30)
+        assert (g.pixels.int() - w.pixels.int()).abs().max() <= nvjpeg.PIXEL_TOLERANCE, i

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from fineviti.data.dataset import BadSample
-from fineviti.data.pixels import Decoded
+from fineviti.data.pixels import Decoded, PilPath
 
 PIXEL_TOLERANCE = 24  # max |DALI - PIL| in uint8 levels (measured: 15)
 MEAN_TOLERANCE = 0.25  # mean |DALI - PIL| per image in uint8 levels (measured: at most 0.16, 0.03 on average)
@@ -104,5 +104,19 @@ class DaliPath:
                         out += self._run([data], [size])
                     except RuntimeError as exc:
                         self._pipe = None
-                        out.append(BadSample("undecodable_image", f"DALI: {str(exc).splitlines()[-1][:200]}"))
+                        out.append(self._with_pil(data, size, exc))
         return out
+
+    def _with_pil(self, data: bytes, size: tuple[int, int], error: RuntimeError) -> Decoded | BadSample:
+        """An image DALI's decoder refused (a GIF, which the planner's PIL header scan accepted), decoded and resized
+        by the PIL path and moved to the device; it was a lost sample. A BadSample, with both errors, when PIL fails
+        too."""
+        (done,) = PilPath().decode_resize([data], [size])
+        if isinstance(done, BadSample):
+            # DALI's last line is "Current pipeline object is no longer valid."; the cause is on the lines above
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+            after = lines.index("encountered:") + 1 if "encountered:" in lines else len(lines)
+            operator = next((line for line in lines if line.startswith("Error in")), "")
+            cause = f"{operator} {lines[after]}" if after < len(lines) else (lines[-1] if lines else "")
+            return BadSample("undecodable_image", f"DALI: {cause[:200]}; PIL: {done}")
+        return Decoded(done.pixels.to(self.device), done.source_hw)

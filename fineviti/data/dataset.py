@@ -28,7 +28,16 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 # Why samples were left out or repaired; the keys of `ShardDataset.stats` and of the loader's counters.
 SKIP_REASONS = ("missing_image", "missing_caption", "unreadable_header", "truncated_shard", "bad_json",
-                "undecodable_image", "size_mismatch", "bad_box", "empty_pack")
+                "undecodable_image", "size_mismatch", "bad_box", "empty_pack", "too_large")
+
+
+def max_image_pixels() -> int:
+    """The largest image (height * width) any pixel path takes: what PIL decodes before it raises
+    DecompressionBombError (twice Image.MAX_IMAGE_PIXELS, about 179 MP by default; raise that to take larger ones).
+    The planner leaves larger images out for every path ("too_large"): DALI and nvJPEG decoded them while PIL
+    refused, so which samples a run saw depended on the pixel path."""
+    limit = Image.MAX_IMAGE_PIXELS
+    return 2 * int(limit) if limit else 2**62
 
 
 class BadSample(Exception):
@@ -145,11 +154,19 @@ class ShardDataset:
         height, width = meta.get("height"), meta.get("width")
         if not (isinstance(height, int) and isinstance(width, int) and height > 0 and width > 0):
             try:
-                with Image.open(io.BytesIO(self.reader.read(shard_id, image))) as header:
-                    width, height = header.size
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # (counted below if too large)
+                    with Image.open(io.BytesIO(self.reader.read(shard_id, image))) as header:
+                        width, height = header.size
+            except Image.DecompressionBombError:
+                self._skip("too_large")
+                return None
             except Exception:  # noqa: BLE001 (PIL raises many types for bad headers)
                 self._skip("unreadable_header")
                 return None
+        if height * width > max_image_pixels():
+            self._skip("too_large")
+            return None
         return height, width, image, text, json_member
 
     def load(self, i: int, epoch: int = 0) -> RawSample:

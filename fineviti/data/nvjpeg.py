@@ -1,8 +1,8 @@
 """The torchvision pixel path, for GPU machines without DALI: nvJPEG decoding of a whole pack in one batched call
 (`torchvision.io.decode_jpeg(list, device="cuda")`), then a bicubic antialiased resize on the GPU
 (`F.interpolate(..., mode="bicubic", antialias=True)`, the same separable filter as PIL's, a = -0.5). Other formats
-(PNG, WebP) decode on the CPU with `decode_image` and move to the device. With device="cpu" the same code runs on
-the CPU (libjpeg-turbo), which is how it is tested without a GPU.
+(PNG, WebP, GIF, ...) decode on the CPU with PIL, as the PIL path does, and move to the device. With device="cpu"
+the same code runs on the CPU (libjpeg-turbo), which is how it is tested without a GPU.
 
 Against PIL on the CPU: decoded pixels identical, resized pixels within PIXEL_TOLERANCE (tests/test_data_nvjpeg.py).
 On GPUs the GPU test measured, against PIL (2026-11-28): on an H100 at an earlier commit, max 58 levels, 99.9th
@@ -19,13 +19,16 @@ decoder's share from the resize's.
 
 from __future__ import annotations
 
+import io
 import warnings
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from fineviti.data.dataset import BadSample
-from fineviti.data.pixels import Decoded
+from fineviti.data.pixels import Decoded, rgb8
 
 PIXEL_TOLERANCE = 24  # max |torchvision - PIL| in uint8 levels
 MEAN_TOLERANCE = 0.25  # mean |torchvision - PIL| per image in uint8 levels
@@ -50,6 +53,19 @@ def _is_jpeg(data: bytes) -> bool:
     return data[:3] == b"\xff\xd8\xff"
 
 
+def _decode_with_pil(data: bytes) -> torch.Tensor | BadSample:
+    """(3, h, w) uint8 on the CPU by PIL, as the PIL path decodes (16-bit images keep their high byte). The images
+    that are not JPEGs take this way: torchvision's decode_image killed the process (a segfault in libpng) on a PNG
+    with a bad checksum, which PIL reads, and refused animated WebP, GIF's, BMP, TIFF and JPEG 2000, which the
+    planner's PIL header scan had accepted."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            planes = np.asarray(rgb8(image)).transpose(2, 0, 1)
+    except Exception as exc:  # noqa: BLE001 (PIL raises many types for bad data)
+        return BadSample("undecodable_image", f"PIL: {type(exc).__name__}: {str(exc)[:200]}")
+    return torch.from_numpy(np.ascontiguousarray(planes))
+
+
 class NvjpegPath:
     name = "nvjpeg"
 
@@ -59,7 +75,7 @@ class NvjpegPath:
         self.device = torch.device(device)
 
     def _decode(self, images: list[bytes]) -> list[torch.Tensor | BadSample]:
-        from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+        from torchvision.io import ImageReadMode, decode_jpeg
 
         # torch.frombuffer refuses an empty buffer: an empty member (possible where the json gave the size, so the
         # scan never read a header) is a bad sample here, as PIL and DALI count it
@@ -88,29 +104,25 @@ class NvjpegPath:
                     except RuntimeError as exc:
                         out[i] = self._decode_on_cpu(raw[i], exc)
         for i, image in enumerate(out):
-            if image is None:
-                try:
-                    image = decode_image(raw[i], mode=ImageReadMode.RGB)
-                    if image.dtype != torch.uint8:  # 16-bit PNGs decode to uint16: keep the high byte, as PIL
-                        image = (image.to(torch.int32) >> 8).to(torch.uint8)  # and DALI do
-                    out[i] = image.to(self.device)
-                except RuntimeError as exc:
-                    out[i] = BadSample("undecodable_image", f"decode_image: {str(exc)[:200]}")
+            if image is None:  # not a JPEG: PIL on the CPU (see _decode_with_pil)
+                image = _decode_with_pil(images[i])
+                out[i] = image if isinstance(image, BadSample) else image.to(self.device)
         return out
 
     def _decode_on_cpu(self, data: torch.Tensor, error: RuntimeError) -> torch.Tensor | BadSample:
-        """A JPEG the device's decoder refused, decoded by libjpeg-turbo on the CPU and moved to the device: nvJPEG
-        refuses some files that libjpeg-turbo (PIL's decoder, which the planner's header scan accepted) reads, and
-        such a sample was lost. A BadSample only when the CPU fails too."""
+        """A JPEG the decoder refused, decoded on the CPU and moved to the device: by libjpeg-turbo through
+        torchvision when the decoder was nvJPEG (it refuses some files that libjpeg-turbo reads; such a sample was
+        lost), then by PIL (which the planner's header scan accepted). A BadSample only when PIL fails too."""
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        if self.device.type == "cpu":
-            return BadSample("undecodable_image", f"decode_jpeg: {str(error)[:200]}")
-        try:
-            image = decode_jpeg(data, mode=ImageReadMode.RGB, device="cpu")
-        except RuntimeError as exc:
-            return BadSample("undecodable_image", f"decode_jpeg ({self.device.type}: {str(error)[:100]}; "
-                                                  f"cpu: {str(exc)[:100]})")
+        if self.device.type != "cpu":
+            try:
+                return decode_jpeg(data, mode=ImageReadMode.RGB, device="cpu").to(self.device)
+            except RuntimeError as exc:
+                error = RuntimeError(f"{self.device.type}: {str(error)[:100]}; cpu: {str(exc)[:100]}")
+        image = _decode_with_pil(bytes(data.numpy()))  # what libjpeg-turbo through torchvision refused
+        if isinstance(image, BadSample):
+            return BadSample("undecodable_image", f"decode_jpeg ({str(error)[:200]}); {image}")
         return image.to(self.device)
 
     def decode_resize(self, images: list[bytes], targets: list[tuple[int, int]]) -> list[Decoded | BadSample]:
