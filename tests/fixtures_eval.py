@@ -37,6 +37,15 @@ def blocks(size, boxes_colours, background="black") -> Image.Image:
     return image
 
 
+def encoded(fmt: str, w: int = 30, h: int = 20, **save) -> bytes:
+    """Two colour blocks side by side, encoded as `fmt` (PIL's format name: "GIF", "BMP", ...)."""
+    image = Image.new("RGB", (w, h), (200, 40, 90))
+    image.paste((20, 220, 60), (0, 0, w // 2, h))
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **save)
+    return buffer.getvalue()
+
+
 def build_karpathy(root: Path, dataset: str = "coco") -> Path:
     """dataset_coco.json (with filepath) or dataset_flickr30k.json (without, images in flickr30k-images/)."""
     images = []

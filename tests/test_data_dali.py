@@ -8,6 +8,7 @@ from PIL import Image
 
 from fineviti.data import synth
 from fineviti.data.loader import DataConfig, PackedLoader
+from tests.fixtures_eval import encoded
 
 pytest.importorskip("nvidia.dali")
 pytest.importorskip("tokenizers")
@@ -81,13 +82,6 @@ def test_dali_mixed_decoder_on_the_gpu(data):
         assert levels.max() <= dali.PIXEL_TOLERANCE + 1e-3  # nvJPEG's IDCT may differ: unverified here
 
 
-def _encoded(fmt, w=30, h=20, **save):
-    image = Image.new("RGB", (w, h), (200, 40, 90))
-    image.paste((20, 220, 60), (0, 0, w // 2, h))
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **save)
-    return buffer.getvalue()
-
 
 def test_dali_falls_back_to_pil_for_an_image_its_decoder_refuses():
     """DALI's decoder refuses GIF's, which the planner's PIL header scan accepts: such an image now goes through the
@@ -95,7 +89,7 @@ def test_dali_falls_back_to_pil_for_an_image_its_decoder_refuses():
     "pipeline object is no longer valid"."""
     from fineviti.data.pixels import PilPath
 
-    gif = _encoded("GIF")
+    gif = encoded("GIF")
     path = dali.DaliPath()
     out = path.decode_resize([gif, _jpeg(60, 40)], [(14, 28), (28, 42)])
     want = PilPath().decode_resize([gif], [(14, 28)])[0]

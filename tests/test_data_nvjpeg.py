@@ -8,6 +8,7 @@ from PIL import Image
 
 from fineviti.data import synth
 from fineviti.data.loader import DataConfig, PackedLoader
+from tests.fixtures_eval import encoded
 
 pytest.importorskip("torchvision")
 pytest.importorskip("tokenizers")  # the synthetic data's tokenizer (the GPU machines install offline)
@@ -172,13 +173,6 @@ def test_a_jpeg_the_device_refuses_is_decoded_on_the_cpu(monkeypatch):
     assert "meta" in str(out[2]) and "cpu" in str(out[2])  # both decoders' refusals are named
 
 
-def _encoded(fmt, w=30, h=20, **save):
-    image = Image.new("RGB", (w, h), (200, 40, 90))
-    image.paste((20, 220, 60), (0, 0, w // 2, h))
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **save)
-    return buffer.getvalue()
-
 
 def test_images_that_are_not_jpegs_decode_as_the_pil_path_decodes_them():
     """Not JPEGs: torchvision's decode_image killed the process (a segfault in libpng) on a PNG with a bad IDAT
@@ -189,7 +183,7 @@ def test_images_that_are_not_jpegs_decode_as_the_pil_path_decodes_them():
 
     from fineviti.data.pixels import PilPath
 
-    png = bytearray(_encoded("PNG"))
+    png = bytearray(encoded("PNG"))
     at = png.index(b"IDAT") - 4  # the chunk's length, then its type, data and CRC
     (length,) = struct.unpack(">I", png[at:at + 4])
     crc_at = at + 8 + length
@@ -198,7 +192,7 @@ def test_images_that_are_not_jpegs_decode_as_the_pil_path_decodes_them():
     frames = [Image.new("RGB", (30, 20), c) for c in ((200, 40, 90), (10, 10, 10))]
     buffer = io.BytesIO()
     frames[0].save(buffer, "WEBP", save_all=True, append_images=frames[1:], lossless=True)
-    images = [bytes(png), _encoded("GIF"), _encoded("BMP"), _encoded("TIFF"), buffer.getvalue()]
+    images = [bytes(png), encoded("GIF"), encoded("BMP"), encoded("TIFF"), buffer.getvalue()]
     targets = [(14, 28)] * len(images)
     got = nvjpeg.NvjpegPath("cpu").decode_resize(images, targets)
     want = PilPath().decode_resize(images, targets)
