@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 
 
@@ -93,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         # `train --preset x a=1 --print-config b=2`: argparse ends the positional overrides at the first option, so
         # the overrides after it come back here; anything else is an error as parse_args makes it
-        if getattr(args, "command", None) == "train" and all(re.fullmatch(r"[A-Za-z_][\w.]*=.*", e) for e in extra):
+        from fineviti.train.cli import is_override
+
+        if getattr(args, "command", None) == "train" and all(is_override(e) for e in extra):
             args.overrides = [*args.overrides, *extra]
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -19,16 +19,14 @@ decoder's share from the resize's.
 
 from __future__ import annotations
 
-import io
 import warnings
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from fineviti.data.dataset import BadSample
-from fineviti.data.pixels import Decoded, rgb8
+from fineviti.data.pixels import Decoded, open_rgb
 
 PIXEL_TOLERANCE = 24  # max |torchvision - PIL| in uint8 levels
 MEAN_TOLERANCE = 0.25  # mean |torchvision - PIL| per image in uint8 levels
@@ -58,12 +56,10 @@ def _decode_with_pil(data: bytes) -> torch.Tensor | BadSample:
     that are not JPEGs take this way: torchvision's decode_image killed the process (a segfault in libpng) on a PNG
     with a bad checksum, which PIL reads, and refused animated WebP, GIF's, BMP, TIFF and JPEG 2000, which the
     planner's PIL header scan had accepted."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            planes = np.asarray(rgb8(image)).transpose(2, 0, 1)
-    except Exception as exc:  # noqa: BLE001 (PIL raises many types for bad data)
-        return BadSample("undecodable_image", f"PIL: {type(exc).__name__}: {str(exc)[:200]}")
-    return torch.from_numpy(np.ascontiguousarray(planes))
+    image = open_rgb(data)
+    if isinstance(image, BadSample):
+        return BadSample("undecodable_image", f"PIL: {str(image)[:200]}")
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1)))
 
 
 class NvjpegPath:
@@ -102,14 +98,14 @@ class NvjpegPath:
                     try:
                         out[i] = decode_jpeg(raw[i], mode=ImageReadMode.RGB, device=self.device)
                     except RuntimeError as exc:
-                        out[i] = self._decode_on_cpu(raw[i], exc)
+                        out[i] = self._decode_on_cpu(raw[i], images[i], exc)
         for i, image in enumerate(out):
             if image is None:  # not a JPEG: PIL on the CPU (see _decode_with_pil)
                 image = _decode_with_pil(images[i])
                 out[i] = image if isinstance(image, BadSample) else image.to(self.device)
         return out
 
-    def _decode_on_cpu(self, data: torch.Tensor, error: RuntimeError) -> torch.Tensor | BadSample:
+    def _decode_on_cpu(self, data: torch.Tensor, encoded: bytes, error: RuntimeError) -> torch.Tensor | BadSample:
         """A JPEG the decoder refused, decoded on the CPU and moved to the device: by libjpeg-turbo through
         torchvision when the decoder was nvJPEG (it refuses some files that libjpeg-turbo reads; such a sample was
         lost), then by PIL (which the planner's header scan accepted). A BadSample only when PIL fails too."""
@@ -120,7 +116,7 @@ class NvjpegPath:
                 return decode_jpeg(data, mode=ImageReadMode.RGB, device="cpu").to(self.device)
             except RuntimeError as exc:
                 error = RuntimeError(f"{self.device.type}: {str(error)[:100]}; cpu: {str(exc)[:100]}")
-        image = _decode_with_pil(bytes(data.numpy()))  # what libjpeg-turbo through torchvision refused
+        image = _decode_with_pil(encoded)  # what libjpeg-turbo through torchvision refused
         if isinstance(image, BadSample):
             return BadSample("undecodable_image", f"decode_jpeg ({str(error)[:200]}); {image}")
         return image.to(self.device)

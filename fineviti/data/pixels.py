@@ -54,6 +54,15 @@ def rgb8(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def open_rgb(data: bytes) -> Image.Image | BadSample:
+    """The encoded image `data` as rgb8 decodes it (any format PIL reads), or a BadSample saying why not."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return rgb8(image)
+    except Exception as exc:  # noqa: BLE001 (PIL raises many types for bad data)
+        return BadSample("undecodable_image", f"{type(exc).__name__}: {exc}")
+
+
 class PilPath:
     """Decode and resize with PIL on the CPU (Image.BICUBIC, which antialiases when it shrinks)."""
 
@@ -63,11 +72,9 @@ class PilPath:
     def decode_resize(self, images: list[bytes], targets: list[tuple[int, int]]) -> list[Decoded | BadSample]:
         out = []
         for data, (height, width) in zip(images, targets, strict=True):
-            try:
-                with Image.open(io.BytesIO(data)) as image:
-                    source = rgb8(image)
-            except Exception as exc:  # noqa: BLE001 (PIL raises many types for bad data)
-                out.append(BadSample("undecodable_image", f"{type(exc).__name__}: {exc}"))
+            source = open_rgb(data)
+            if isinstance(source, BadSample):
+                out.append(source)
                 continue
             source_w, source_h = source.size
             if source.size != (width, height):

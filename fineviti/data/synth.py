@@ -375,12 +375,13 @@ _MARK = ".fineviti-synth"  # written first: a folder being (or cut short while b
 def _only_shards(out: Path) -> bool:
     """Whether `out` holds nothing but train/ and heldout/ folders of shards and their indexes (what a generation
     cut short before its tokenizer left, this version's marker aside), and the files a desktop leaves behind."""
-    entries = [p for p in out.iterdir() if p.name not in (".DS_Store", "Thumbs.db")]
-    for entry in entries:
+    litter = (".DS_Store", "Thumbs.db")
+    for entry in out.iterdir():
+        if entry.name in litter:
+            continue
         if entry.name not in ("train", "heldout") or not entry.is_dir():
             return False
-        if any(p.suffix not in (".tar", ".idx") and p.name not in (".DS_Store", "Thumbs.db")
-               for p in entry.iterdir()):
+        if any(p.suffix not in (".tar", ".idx") and p.name not in litter for p in entry.iterdir()):
             return False
     return True
 

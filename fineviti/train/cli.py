@@ -23,7 +23,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
     overrides = list(args.overrides)
     resume = args.resume
-    if resume is not None and re.fullmatch(r"[A-Za-z_][\w.]*=.*", resume) and not Path(resume).exists():
+    if resume is not None and is_override(resume) and not Path(resume).exists():
         # `--resume training.steps=8`: argparse gave --resume the override that followed it
         overrides.append(resume)
         resume = "auto"
@@ -41,9 +41,8 @@ def _run_train(args: argparse.Namespace) -> int:
         message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         print(f"fineviti train: {message}", file=sys.stderr)
         return 2
-    for key in _unused_overrides(cfg, overrides):
-        print(f"fineviti train: warning: {key} is not used by this run ({_UNUSED_WHY[key.split('.')[0]](cfg)})",
-              file=sys.stderr)
+    for key, why in _unused_overrides(cfg, overrides):
+        print(f"fineviti train: warning: {key} is not used by this run ({why})", file=sys.stderr)
     if args.print_config:
         print(config_mod.to_json(cfg))
         return 0
@@ -68,22 +67,27 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-# Sections a run leaves unread, by config (their overrides were taken without a word): why, for the warning.
-_UNUSED_WHY = {
-    "model": lambda cfg: "stage 2 builds its model from aligner.*",
-    "aligner": lambda cfg: "stage 1 builds its model from model.*",
-    "stage2": lambda cfg: "stage2.* applies to training.stage=2",
-    "random_data": lambda cfg: "training.data_source is shards",
-    "data": lambda cfg: "training.data_source is random: random_data.* makes the batches",
+# Sections a run leaves unread (their overrides were taken without a word): when, and why (for the warning).
+_UNUSED = {
+    "model": (lambda cfg: cfg.training.stage == 2, "stage 2 builds its model from aligner.*"),
+    "aligner": (lambda cfg: cfg.training.stage == 1, "stage 1 builds its model from model.*"),
+    "stage2": (lambda cfg: cfg.training.stage == 1, "stage2.* applies to training.stage=2"),
+    "random_data": (lambda cfg: cfg.training.data_source == "shards", "training.data_source is shards"),
+    "data": (lambda cfg: cfg.training.data_source == "random",
+             "training.data_source is random: random_data.* makes the batches"),
 }
 
 
-def _unused_overrides(cfg, overrides: list[str]) -> list[str]:
-    unused = {"model": cfg.training.stage == 2, "aligner": cfg.training.stage == 1,
-              "stage2": cfg.training.stage == 1, "random_data": cfg.training.data_source == "shards",
-              "data": cfg.training.data_source == "random"}
+def _unused_overrides(cfg, overrides: list[str]) -> list[tuple[str, str]]:
+    """(key, why) of each override of a section this run does not read."""
     keys = [o.partition("=")[0] for o in overrides if "=" in o]
-    return [k for k in keys if unused.get(k.split(".")[0], False)]
+    return [(k, _UNUSED[k.split(".")[0]][1]) for k in keys
+            if k.split(".")[0] in _UNUSED and _UNUSED[k.split(".")[0]][0](cfg)]
+
+
+def is_override(text: str) -> bool:
+    """Whether a command-line word is a key=value config override."""
+    return re.fullmatch(r"[A-Za-z_][\w.]*=.*", text) is not None
 
 
 def _run_export(args: argparse.Namespace) -> int:

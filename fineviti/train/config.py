@@ -179,9 +179,8 @@ class JobConfig:
             value = get_key(self, key)
             if value < 1:
                 raise ValueError(f"{key} must be >= 1, got {value}")
-        if not self.run_dir and (not self.name.strip() or Path(self.name).is_absolute()
-                                 or any(part in (".", "..") for part in Path(self.name).parts) or
-                                 self.name.strip() in (".", "..")):
+        name = Path(self.name)  # ("." and "" have no parts)
+        if not self.run_dir and (not self.name.strip() or name.is_absolute() or not name.parts or ".." in name.parts):
             raise ValueError(f"name must name a folder inside runs/ (the run folder is runs/<name> unless run_dir is "
                              f"set), got {self.name!r}")
         for key in ("training.grad_cache_images", "checkpoint.interval", "checkpoint.keep",
