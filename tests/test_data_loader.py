@@ -272,7 +272,8 @@ def _pixel_paths():
 def test_every_pixel_path_reads_16_bit_pngs_exif_jpegs_and_empty_members_alike(make_path):
     """A 16-bit grayscale PNG keeps its high byte (convert("RGB") alone clipped it to white, nvJPEG's path passed
     uint16 values through); an EXIF-rotated JPEG is decoded as stored, as the planner sized it from its header
-    (DALI's default rotated it and squashed it into the planned size); an empty member is an undecodable image
+    (DALI's default rotated it and squashed it into the planned size; turning it upright is `assemble`'s, the same
+    for every path); an empty member is an undecodable image
     (nvJPEG's path failed the whole loader on it)."""
     height, width = 28, 42
     ramp = (np.arange(width)[None, :] * 255 // width).repeat(height, 0).astype(np.uint8)
@@ -422,3 +423,111 @@ def test_images_beyond_pils_limit_are_left_out_for_every_path(tmp_path, monkeypa
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 400)  # PIL refuses above 800 pixels
     dataset = ShardDataset(tmp_path)
     assert dataset.keys == ["small"] and dict(dataset.stats) == {"too_large": 2}
+
+
+def _tagged(array: np.ndarray, code: int, fmt: str = "PNG") -> bytes:
+    """`array` (h, w, 3) uint8 encoded as stored pixels with EXIF orientation `code`."""
+    exif = Image.Exif()
+    exif[0x0112] = code
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, fmt, exif=exif.tobytes(), **({"quality": 95} if fmt == "JPEG" else {}))
+    return buffer.getvalue()
+
+
+def _upright(data: bytes) -> np.ndarray:
+    from PIL import ImageOps
+
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
+def test_orientation_turns_pixels_as_pils_exif_transpose(fmt):
+    """read_orientation finds each of the eight codes, and orient_pixels turns the stored pixels as PIL's
+    ImageOps.exif_transpose does (the reference); a box's content stays under the turned box."""
+    from fineviti.data.pixels import ORIENTATION_STEPS, orient_boxes, orient_pixels, read_orientation
+
+    rng = np.random.default_rng(0)
+    stored = rng.integers(0, 200, (20, 36, 3), dtype=np.uint8)
+    stored[3:9, 22:33] = 255  # a white box: x 22..33, y 3..9
+    for code in range(1, 9):
+        data = _tagged(stored, code, fmt)
+        turn = read_orientation(data)
+        assert turn.code == code and not turn.declared_upright
+        with Image.open(io.BytesIO(data)) as image:
+            decoded = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
+        got = orient_pixels(decoded, ORIENTATION_STEPS[code])
+        want = torch.from_numpy(_upright(data).copy()).permute(2, 0, 1)
+        assert got.is_contiguous() and torch.equal(got, want), code
+        (x0, y0, x1, y1), = orient_boxes([(22, 3, 33, 9)], 20, 36, ORIENTATION_STEPS[code])
+        white = (want.int().min(0).values >= 250).nonzero()
+        if fmt == "PNG":  # lossless: the white pixels are exactly the turned box
+            assert (y0, x0, y1 - 1, x1 - 1) == (*white.min(0).values.tolist(), *white.max(0).values.tolist())
+        else:
+            assert ((white[:, 0] >= y0) & (white[:, 0] < y1) & (white[:, 1] >= x0) & (white[:, 1] < x1)).all()
+    assert read_orientation(b"not an image").code == 1 and read_orientation(_tagged(stored, 9)).code == 1
+    assert read_orientation(_tagged(stored, 6), (36, 20)).declared_upright  # the json gave the upright size
+    assert not read_orientation(_tagged(stored, 6), (20, 36)).declared_upright
+    assert not read_orientation(_tagged(stored, 3), (36, 20)).declared_upright  # 3 keeps the size: never upright
+
+
+def _oriented_shards(folder, tokenizer_from):
+    """Three 56 x 112 stored images with a white box (no resize at patch 14): tagged 6 with the json's size and
+    box as stored, tagged 6 with the json's size and box upright (a tool that wrote the upright size), tagged 3.
+    Returns {key: (encoded bytes, the box's upright pixels)}."""
+    rng = np.random.default_rng(1)
+    stored = rng.integers(0, 200, (56, 112, 3), dtype=np.uint8)
+    stored[0:28, 14:42] = 255
+    box = (14, 0, 42, 28)
+    samples = {}
+    with ShardWriter(folder, samples_per_shard=10) as writer:
+        for key, code, declared_upright in (("six", 6, False), ("six_upright", 6, True), ("three", 3, False)):
+            data = _tagged(stored, code)
+            upright = _upright(data)
+            white = (upright.min(-1) >= 250).nonzero()
+            upright_box = (white[1].min(), white[0].min(), white[1].max() + 1, white[0].max() + 1)
+            height, width = upright.shape[:2] if declared_upright else stored.shape[:2]
+            meta = {"width": int(width), "height": int(height),
+                    "regions": [{"bbox": [int(v) for v in (upright_box if declared_upright else box)],
+                                 "caption": "the white box"}]}
+            writer.write(key, [("png", data), ("txt", b"a white box"), ("json", json.dumps(meta).encode())])
+            samples[key] = data, upright_box
+    (folder / "tokenizer.json").write_bytes((tokenizer_from / "tokenizer.json").read_bytes())
+    return samples
+
+
+@pytest.mark.parametrize("pixel_path", ["pil", "nvjpeg", "dali"])
+def test_the_loader_turns_tagged_images_and_their_boxes_upright(data, tmp_path, pixel_path):
+    """A photo stored sideways with an EXIF orientation tag trained sideways on every path; now it is turned upright
+    (as PIL's exif_transpose, DALI's and Hugging Face's loaders do) in one place for every path, its boxes with it,
+    whether the json gave the stored size and box or the upright ones. Off, the stored pixels as before."""
+    from fineviti.data import dali, nvjpeg
+
+    if pixel_path == "dali" and not dali.available() or pixel_path == "nvjpeg" and not nvjpeg.available():
+        pytest.skip(f"no {pixel_path}")
+    samples = _oriented_shards(tmp_path / "tagged", data)
+    cfg = dict(path=str(tmp_path / "tagged"), token_budget=4096, epochs=1, seed=0, pixel_path=pixel_path,
+               device="cpu" if pixel_path != "pil" else None)
+    for on in (True, False):
+        loader = PackedLoader(DataConfig(exif_orientation=on, **cfg))
+        batches = list(loader)
+        # off, the json's upright size does not describe the stored pixels: counted, and left out of the checks
+        assert loader.stats.get("size_mismatch", 0) == (0 if on else 1) and not loader.stats.get("bad_box")
+        for batch in batches:
+            for i, key in enumerate(batch.keys):
+                if key == "six_upright" and not on:
+                    continue
+                data_bytes, upright_box = samples[key]
+                with Image.open(io.BytesIO(data_bytes)) as image:
+                    stored = np.asarray(image.convert("RGB"))
+                want = _upright(data_bytes) if on else stored
+                rows, cols = batch.grid_hw[i].tolist()
+                assert (rows * 14, cols * 14) == want.shape[:2], (key, on)
+                pixels = torch.from_numpy(want.copy()).permute(2, 0, 1)
+                start, end = batch.cu_seqlens[i:i + 2].tolist()
+                torch.testing.assert_close(batch.patches[start:end], normalise(patchify(pixels, 14, 1), 14),
+                                           rtol=0, atol=1e-6, msg=f"{key} on={on}")
+                (box,) = batch.boxes[batch.box_image == i].tolist()
+                want_box = upright_box if on else (14, 0, 42, 28)
+                assert [v * 14 for v in box] == pytest.approx(want_box), (key, on)
+        loader.close()

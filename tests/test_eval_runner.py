@@ -464,3 +464,40 @@ def test_encode_images_with_boxes_some_empty():
     assert boxes[0][:, :3].argmax(1).tolist() == [0, 2]  # the red box's strongest channel is red, the blue one's blue
     _, none = _evaluator()[1].encode_images(images[1:], [[]], fx.box_projection)
     assert none[0].shape == (0, 5)
+
+
+@pytest.mark.parametrize("code", [3, 6, 8])
+def test_encode_images_turns_tagged_images_and_their_boxes_upright(code):
+    """A photo stored with an EXIF orientation tag gives the embeddings of its upright picture, as the training
+    loader feeds it; its boxes (in the stored pixels) turn with it. With exif_orientation=False, the stored pixels'
+    embeddings, as before."""
+    import io
+
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    from fineviti.data.pixels import ORIENTATION_STEPS, orient_boxes
+
+    stored = np.random.default_rng(code).integers(0, 255, (56, 112, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = code
+    tagged, plain, upright = io.BytesIO(), io.BytesIO(), io.BytesIO()
+    Image.fromarray(stored).save(tagged, "PNG", exif=exif.tobytes())
+    Image.fromarray(stored).save(plain, "PNG")
+    ImageOps.exif_transpose(Image.open(io.BytesIO(tagged.getvalue()))).save(upright, "PNG")
+    boxes = [(14, 0, 42, 28), (56, 28, 112, 56)]
+    turned = orient_boxes(boxes, 56, 112, ORIENTATION_STEPS[code])
+    model = _tiny_model().eval()
+    project = default_box_projection(model)
+    with torch.no_grad():
+        evaluator = Evaluator(model, fx.word_tokenizer(), EvalConfig())
+        emb, box_emb = evaluator.encode_images([tagged.getvalue()], [boxes], project)
+        want, want_boxes = evaluator.encode_images([upright.getvalue()], [turned], project)
+        off = Evaluator(model, fx.word_tokenizer(), EvalConfig(exif_orientation=False))
+        stored_emb, stored_boxes = off.encode_images([tagged.getvalue()], [boxes], project)
+        plain_emb, plain_boxes = off.encode_images([plain.getvalue()], [boxes], project)
+    torch.testing.assert_close(emb, want, rtol=0, atol=0)
+    torch.testing.assert_close(box_emb[0], want_boxes[0], rtol=0, atol=0)
+    torch.testing.assert_close(stored_emb, plain_emb, rtol=0, atol=0)
+    torch.testing.assert_close(stored_boxes[0], plain_boxes[0], rtol=0, atol=0)
+    assert (emb - stored_emb).abs().max() > 1e-3  # the turn reaches the model (positions and pixels)

@@ -57,8 +57,9 @@ class DaliPath:
         def pipeline():
             encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
             sizes = fn.external_source(name="sizes", dtype=types.FLOAT, ndim=1)
-            # EXIF orientation ignored, as PIL and nvJPEG ignore it and the planner's sizes (read from the
-            # header) assume: DALI's default would rotate such an image and squash it into the planned size
+            # the stored pixels, as every path decodes them: fineviti.data.pixels turns them upright afterwards
+            # (read_orientation), the same way for every path and with the boxes; DALI's own turn would squash a
+            # turned image into the planned (stored) size
             shapes = fn.peek_image_shape(encoded, adjust_orientation=False)
             images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB,
                                        adjust_orientation=False)

@@ -3,7 +3,8 @@ pixel paths need (the bytes of one sample), with bad data skipped and counted.
 
 Scanning reads each shard's wds2idx index (writing it when missing or when it does not describe the tar) and each
 sample's json; the image size comes from the json's "width"/"height" (img2dataset writes them) or else from the
-image header (PIL reads only the header), never from a full decode. A sample is left out at scan time, and
+image header (PIL reads only the header), never from a full decode; a header gives the stored pixels' size, before
+any EXIF orientation (which the loader applies: fineviti.data.loader). A sample is left out at scan time, and
 counted, when it has no image, no caption (`.txt`, or a json "caption"/"captions"), an image whose header does not
 parse, or bytes past the end of a shard cut short. Failures found later (an image body that does not decode, a
 bad box) are counted by the loader.

@@ -17,6 +17,14 @@ a resumed run's batches are byte-identical to the ones it would have seen, with 
 Static shapes: `pad_to_budget=True` pads patches and pos with zeros to token_budget rows; cu_seqlens and seqlens
 still cover only the real tokens, and PackedBatch.padding_tokens says how many rows were added.
 
+Orientation (`exif_orientation`, on by default): a photo stored sideways with an EXIF orientation tag is turned
+upright, as PIL's ImageOps.exif_transpose and DALI's and Hugging Face's image loaders turn it, the same way for every
+pixel path (fineviti.data.pixels.assemble), its boxes with it. The planner sizes an image by its declared size
+(transposing an image keeps its tokens). The json's width/height and boxes are read in the stored pixels' frame (as
+the header gives it, and as COCO-style tools that show the raw bitmap write them), except where the json's size is
+the stored one transposed (a tool that wrote the upright size): then both are the upright picture's. Off: the stored
+pixels as they are, which is what open_clip's and webdataset's decoders give.
+
 Bad data is skipped and counted (`loader.stats`, also in state_dict and `summary()`); a pack whose images all fail
 yields a batch with no images (counted as empty_pack) so that every rank still reaches the step (the trainer then
 skips it on every rank, fineviti.train.trainer).
@@ -66,6 +74,7 @@ class DataConfig:
     dtype: str = "float32"  # of the patches
     max_text_tokens: int = 256
     pad_to_budget: bool = False  # static shapes: patches padded to token_budget
+    exif_orientation: bool = True  # turn images upright by their EXIF orientation, boxes with them (see below)
     num_workers: int = 0
     prefetch: int = 2
     planner_backend: str = "auto"  # cpp | python | auto
@@ -162,7 +171,7 @@ class _Producer:
         return state
 
     def __call__(self, start: PlanState, step: int) -> tuple[PackedBatch, Counter] | None:
-        from fineviti.data.pixels import assemble
+        from fineviti.data.pixels import Orientation, assemble, read_orientation
 
         positions = self.planner.step_packs(start, step, self.world_size)
         if positions is None:
@@ -170,21 +179,24 @@ class _Producer:
         epoch, pack = positions[self.rank]
         ids = self.planner.pack_samples(epoch, pack).tolist()
         counters: Counter = Counter()
-        samples, images, targets = [], [], []
+        cfg = self.cfg
+        samples, images, targets, turns = [], [], [], []
         for i in ids:
             try:
                 raw = self.dataset.load(i, epoch)
             except BadSample as bad:
                 counters[bad.reason] += 1
                 continue
+            turn = read_orientation(raw.image, (raw.height, raw.width)) if cfg.exif_orientation else Orientation()
             samples.append(raw)
             images.append(raw.image)
-            targets.append((int(self.targets[0][i]), int(self.targets[1][i])))
+            targets.append(turn.decode_size((int(self.targets[0][i]), int(self.targets[1][i]))))
+            turns.append(turn)
         decoded = self.pixels.decode_resize(images, targets) if images else []
-        cfg = self.cfg
-        batch = assemble(samples, decoded, targets, patch=cfg.patch, merge=cfg.merge, tokenizer=self.tokenizer,
+        batch = assemble(samples, decoded, patch=cfg.patch, merge=cfg.merge, tokenizer=self.tokenizer,
                          max_text_tokens=cfg.max_text_tokens, norm=cfg.norm, dtype=getattr(torch, cfg.dtype),
-                         pad_to=cfg.token_budget if cfg.pad_to_budget else None, counters=counters)
+                         pad_to=cfg.token_budget if cfg.pad_to_budget else None, counters=counters,
+                         orientations=turns)
         if batch.n_images == 0:
             counters["empty_pack"] += 1
         return batch, counters

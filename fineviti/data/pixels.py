@@ -3,9 +3,11 @@
 Every pixel path (PIL here, DALI in fineviti.data.dali, torchvision's nvJPEG in fineviti.data.nvjpeg) implements
 `decode_resize(images, targets) -> list[Decoded | BadSample]`: each image decoded to RGB and resized to its
 planned (height, width) with a bicubic, antialiased filter, as a planar uint8 (3, height, width) tensor on the
-path's device (planar, so that cutting patches copies runs of p contiguous bytes). The rest is shared, so every
-path gives the same layout:
+path's device (planar, so that cutting patches copies runs of p contiguous bytes). Paths decode the stored pixels
+and never apply an EXIF orientation themselves. The rest is shared, so every path gives the same layout:
 
+- orientation: `assemble` turns each image upright by its EXIF orientation (read_orientation, orient_pixels) and
+  its boxes with it (orient_boxes), unless the loader's `exif_orientation` is off;
 - patches: an image of h x w pixels is cut into (h / p) x (w / p) patches, each flattened channel, then row, then
   column of the patch (c * p * p + i * p + j, Qwen2-VL's processor order), in `build_positions`' token order (the
   tokens of each merge x merge group contiguous); patch t of an image holds the pixels of rows
@@ -23,6 +25,7 @@ import dataclasses
 import io
 import math
 from collections import Counter
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -61,6 +64,74 @@ def open_rgb(data: bytes) -> Image.Image | BadSample:
             return rgb8(image)
     except Exception as exc:  # noqa: BLE001 (PIL raises many types for bad data)
         return BadSample("undecodable_image", f"{type(exc).__name__}: {exc}")
+
+
+# EXIF orientation (tag 0x0112): how the stored pixels turn into the upright picture, as steps on a (..., h, w)
+# image in order: "x" mirrors left-right, "y" top-bottom, "t" transposes (rows become columns). PIL's
+# ImageOps.exif_transpose table: 2 FLIP_LEFT_RIGHT, 3 ROTATE_180, 4 FLIP_TOP_BOTTOM, 5 TRANSPOSE, 6 ROTATE_270
+# (a quarter turn clockwise), 7 TRANSVERSE, 8 ROTATE_90.
+ORIENTATION_STEPS = {1: "", 2: "x", 3: "xy", 4: "y", 5: "t", 6: "tx", 7: "txy", 8: "ty"}
+
+
+class Orientation(NamedTuple):
+    """How one image is turned upright. code: its EXIF orientation (1 when it has none or orientation is off).
+    declared_upright: the sample's declared size (the json's width and height) is the upright picture's, the
+    stored pixels' transposed (codes 5-8 only): its boxes are then in the upright picture's pixels too, and the
+    planner's size is already the upright one. Otherwise the declared size and the boxes are the stored pixels'
+    (as the header reads them), and the boxes turn with the pixels."""
+
+    code: int = 1
+    declared_upright: bool = False
+
+    def decode_size(self, planned: tuple[int, int]) -> tuple[int, int]:
+        """The (height, width) to decode and resize the stored pixels to, for the planned size."""
+        return (planned[1], planned[0]) if self.declared_upright else planned
+
+    def box_steps(self) -> str:
+        """The steps still to apply to boxes given in the declared frame."""
+        return "" if self.declared_upright else ORIENTATION_STEPS[self.code]
+
+
+def read_orientation(data: bytes, declared_hw: tuple[int, int] | None = None) -> Orientation:
+    """The EXIF orientation of encoded image `data` from its header, as PIL's ImageOps.exif_transpose reads it (EXIF
+    or XMP), without decoding pixels: a PNG whose eXIf chunk comes after its pixel data counts as upright (PIL
+    would decode the whole image to find it). An unreadable header or a code outside 1-8 counts as 1.
+    declared_hw: the sample's declared (height, width), to tell whether it describes the upright picture."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            code = Image.Image.getexif(image).get(0x0112, 1)  # the base method: PNG's own decodes the image
+            width, height = image.size
+    except Exception:  # noqa: BLE001 (PIL raises many types for bad data; the decoders report those)
+        return Orientation()
+    if code not in ORIENTATION_STEPS:
+        return Orientation()
+    upright = (declared_hw is not None and "t" in ORIENTATION_STEPS[code] and height != width
+               and tuple(declared_hw) == (width, height))
+    return Orientation(code, upright)
+
+
+def orient_pixels(pixels: torch.Tensor, steps: str) -> torch.Tensor:
+    """A (..., h, w) image after `steps` (ORIENTATION_STEPS' letters), contiguous; the same tensor for no steps."""
+    for step in steps:
+        pixels = pixels.transpose(-2, -1) if step == "t" else pixels.flip(-1 if step == "x" else -2)
+    return pixels.contiguous() if steps else pixels
+
+
+def orient_boxes(boxes: list, height: float, width: float, steps: str) -> list[tuple[float, float, float, float]]:
+    """Boxes (x0, y0, x1, y1) in an image of height x width after `steps`: they cover the same content in the
+    turned image as `orient_pixels` turns it (any units, the image's size in the same units)."""
+    out = []
+    for x0, y0, x1, y1 in boxes:
+        h, w = height, width
+        for step in steps:
+            if step == "x":
+                x0, x1 = w - x1, w - x0
+            elif step == "y":
+                y0, y1 = h - y1, h - y0
+            else:
+                x0, y0, x1, y1, h, w = y0, x0, y1, x1, w, h
+        out.append((x0, y0, x1, y1))
+    return out
 
 
 class PilPath:
@@ -147,25 +218,31 @@ def _boxes(raw: RawSample, source_hw: tuple[int, int], grid_hw: tuple[int, int],
     return boxes, captions
 
 
-def assemble(samples: list[RawSample], decoded: list[Decoded | BadSample], targets: list[tuple[int, int]], *,
-             patch: int, merge: int, tokenizer, max_text_tokens: int = 256, norm: str | tuple = "siglip",
-             dtype: torch.dtype = torch.float32, pad_to: int | None = None,
-             counters: Counter | None = None) -> PackedBatch:
+def assemble(samples: list[RawSample], decoded: list[Decoded | BadSample], *, patch: int, merge: int, tokenizer,
+             max_text_tokens: int = 256, norm: str | tuple = "siglip", dtype: torch.dtype = torch.float32,
+             pad_to: int | None = None, counters: Counter | None = None,
+             orientations: list[Orientation] | None = None) -> PackedBatch:
     """The PackedBatch of the samples whose image decoded (the others are counted and left out).
 
+    decoded: each sample's stored pixels as a pixel path decoded and resized them (to its Orientation's
+    decode_size of the planned size). orientations: how each image turns upright (default: none does); the pixels
+    and the boxes are turned here, so every pixel path gives the same batch.
     pad_to: pad patches and pos with zeros up to this many tokens (static shapes); cu_seqlens and seqlens still
     end at the real tokens, and PackedBatch.padding_tokens says how many were added."""
     counters = counters if counters is not None else Counter()
+    orientations = orientations if orientations is not None else [Orientation()] * len(samples)
     kept = []
-    for raw, result, target in zip(samples, decoded, targets, strict=True):
+    for raw, result, turn in zip(samples, decoded, orientations, strict=True):
         if isinstance(result, BadSample):
             counters[result.reason] += 1
             continue
-        if result.source_hw != (raw.height, raw.width):
+        source_hw = result.source_hw[::-1] if turn.declared_upright else result.source_hw  # in the declared frame
+        if source_hw != (raw.height, raw.width):
             counters["size_mismatch"] += 1  # the json lied: boxes follow the decoded size, the plan keeps its size
-        kept.append((raw, result, target))
+        kept.append((raw, result, turn, source_hw))
     device = kept[0][1].pixels.device if kept else torch.device("cpu")
-    grid = torch.tensor([[h // patch, w // patch] for _, _, (h, w) in kept], dtype=torch.int32).view(-1, 2)
+    upright = [orient_pixels(d.pixels, ORIENTATION_STEPS[turn.code]) for _, d, turn, _ in kept]
+    grid = torch.tensor([[p.shape[1] // patch, p.shape[2] // patch] for p in upright], dtype=torch.int32).view(-1, 2)
     cu_seqlens, pos = _positions(grid, merge)
     seqlens = [int(h * w) for h, w in grid.tolist()]
     total = sum(seqlens)
@@ -178,8 +255,8 @@ def assemble(samples: list[RawSample], decoded: list[Decoded | BadSample], targe
     # one float32 buffer: each image's patches are cut straight into it (the uint8 -> float conversion rides on
     # the copy), then normalised in place
     patches = torch.empty(total + padding, 3 * patch * patch, dtype=torch.float32, device=device)
-    for (_, d, _), start, length in zip(kept, cu_seqlens.tolist(), seqlens, strict=False):
-        source = _patch_view(d.pixels, patch, merge)
+    for pixels, start, length in zip(upright, cu_seqlens.tolist()[:-1], seqlens, strict=True):
+        source = _patch_view(pixels, patch, merge)
         target = patches[start:start + length].view(source.shape)
         if device.type == "cpu":  # numpy's strided uint8 -> float copy is ~1.5x torch's on the CPU
             np.copyto(target.numpy(), source.numpy())
@@ -192,12 +269,14 @@ def assemble(samples: list[RawSample], decoded: list[Decoded | BadSample], targe
     if dtype != torch.float32:
         patches = patches.to(dtype)
 
-    captions = [raw.caption for raw, _, _ in kept]
+    captions = [raw.caption for raw, _, _, _ in kept]
     ids, cut = tokenizer.encode_batch(captions, max_length=max_text_tokens) if captions else ([], 0)
     all_boxes, box_image, region_texts = [], [], []
-    for image, ((raw, d, _), grid_hw) in enumerate(zip(kept, grid.tolist(), strict=True)):
-        boxes, texts = _boxes(raw, d.source_hw, grid_hw, counters)
-        all_boxes += boxes
+    for image, ((raw, _, turn, source_hw), (rows, cols)) in enumerate(zip(kept, grid.tolist(), strict=True)):
+        steps = turn.box_steps()
+        frame = (cols, rows) if "t" in steps else (rows, cols)  # the grid in the boxes' frame
+        boxes, texts = _boxes(raw, source_hw, frame, counters)
+        all_boxes += orient_boxes(boxes, frame[0], frame[1], steps)
         box_image += [image] * len(boxes)
         region_texts += texts
     region_ids, region_cut = (tokenizer.encode_batch(region_texts, max_length=max_text_tokens) if region_texts
@@ -220,7 +299,7 @@ def assemble(samples: list[RawSample], decoded: list[Decoded | BadSample], targe
         box_image=torch.tensor(box_image, dtype=torch.int64),
         region_tokens=torch.tensor([t for seq in region_ids for t in seq], dtype=torch.int64),
         region_cu_seqlens=_cumulative(region_seqlens),
-        keys=[raw.key for raw, _, _ in kept],
+        keys=[raw.key for raw, _, _, _ in kept],
         padding_tokens=padding,
         truncated_tokens=cut + region_cut,
     )

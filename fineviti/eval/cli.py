@@ -58,6 +58,9 @@ def add_parser(subparsers) -> None:
                         help="how a box's tokens are pooled (synthetic, coco_instances; default mean)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--pixel-path", default="pil", choices=("pil", "dali", "nvjpeg", "auto"))
+    parser.add_argument("--exif-orientation", action=argparse.BooleanOptionalAction, default=True,
+                        help="turn photos upright by their EXIF orientation tag, and their boxes with them (default: "
+                        "on, as in training; off: the stored pixels, as open_clip's evaluation reads them)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
     parser.set_defaults(run=run)
 
@@ -257,8 +260,8 @@ def run(args: argparse.Namespace) -> int:
         if args.max_pixels is not None and args.max_pixels < 1:
             raise ValueError(f"--max-pixels must be >= 1 (leave it out for the default), got {args.max_pixels}")
         cfg = runner.EvalConfig(token_budget=args.token_budget, context_length=args.context_length,
-                                pixel_path=args.pixel_path, **({"max_pixels": args.max_pixels}
-                                                               if args.max_pixels is not None else {}))
+                                pixel_path=args.pixel_path, exif_orientation=args.exif_orientation,
+                                **({"max_pixels": args.max_pixels} if args.max_pixels is not None else {}))
         meta = {"format": args.format, "data": str(args.data), "preset": args.preset or model.cfg.name,
                 "overrides": overrides,
                 "loaded": loaded, "sets": {k: len(t.records) for k, t in tasks.items()}}

@@ -39,8 +39,9 @@ from PIL import Image
 
 from fineviti import _ext
 from fineviti._errors import work
+from fineviti.data import pixels as pixels_mod
 from fineviti.data.dataset import BadSample
-from fineviti.data.pixels import normalise, patchify
+from fineviti.data.pixels import Orientation, normalise, patchify
 from fineviti.data.positions import build_positions, build_positions_ref
 from fineviti.data.sizes import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, DEFAULT_TOKEN_BUDGET, SizeRule
 from fineviti.eval import metrics, regions, zeroshot
@@ -162,6 +163,7 @@ class EvalConfig:
     max_aspect: float = 8.0
     context_length: int | None = None  # caption tokens kept; default: the text tower's context_length
     pixel_path: str = "pil"  # fineviti.data.loader.make_pixel_path: pil | dali | nvjpeg | auto
+    exif_orientation: bool = True  # turn images upright by their EXIF orientation, boxes with them, as training
     norm: str | tuple | None = None  # default: the vision tower's image_mean / image_std, else SigLIP's 0.5 / 0.5
     autocast_dtype: torch.dtype | None = None  # e.g. torch.bfloat16 on a GPU
 
@@ -327,11 +329,21 @@ class Evaluator:
 
     # -- images --
 
-    def _image_call(self, decoded: list, targets: list[tuple[int, int]], boxes: list | None, project, method):
-        grid = torch.tensor([[h // self.patch, w // self.patch] for h, w in targets], dtype=torch.int32)
-        flat = torch.cat([patchify(d.pixels, self.patch, self.merge) for d in decoded])
+    def _image_call(self, decoded: list, targets: list[tuple[int, int]], boxes: list | None, project, method,
+                    turns: list[Orientation]):
+        """decoded: the stored pixels at their targets; each is turned upright here (turns), its boxes with it."""
+        steps = [pixels_mod.ORIENTATION_STEPS[turn.code] for turn in turns]
+        upright = [pixels_mod.orient_pixels(d.pixels, s) for d, s in zip(decoded, steps, strict=True)]
+        grid = torch.tensor([[p.shape[1] // self.patch, p.shape[2] // self.patch] for p in upright],
+                            dtype=torch.int32)
+        flat = torch.cat([patchify(p, self.patch, self.merge) for p in upright])
         patches = normalise(flat, self.patch, self.norm)
-        return self._forward(patches, grid, [d.source_hw for d in decoded], targets, boxes, project, method)
+        sources = [d.source_hw[::-1] if "t" in s else d.source_hw for d, s in zip(decoded, steps, strict=True)]
+        targets = [t[::-1] if "t" in s else t for t, s in zip(targets, steps, strict=True)]
+        if boxes is not None:
+            boxes = [pixels_mod.orient_boxes(b, d.source_hw[0], d.source_hw[1], s)
+                     for b, d, s in zip(boxes, decoded, steps, strict=True)]
+        return self._forward(patches, grid, sources, targets, boxes, project, method)
 
     def _forward(self, patches, grid, sources, targets, boxes, project, method):
         cu_seqlens, pos = _positions(grid, self.merge)
@@ -367,22 +379,24 @@ class Evaluator:
     def encode_images(self, images: Sequence, boxes: Sequence | None = None, project=None,
                       method: str = "mean") -> tuple[torch.Tensor, list[torch.Tensor] | None]:
         """Embeddings (n, embed_dim) fp32 on the CPU of every image (all ranks get all of them), and with `boxes`
-        (per image a list of x0, y0, x1, y1 in its original pixels) the box embeddings, one tensor per image."""
+        (per image a list of x0, y0, x1, y1 in its original pixels, as stored: with `exif_orientation` they turn upright
+        with the image) the box embeddings, one tensor per image."""
         n = len(images)
         local: dict[int, tuple] = {}
         calls = 0
-        pack: list[tuple[int, bytes, tuple[int, int]]] = []
+        pack: list[tuple[int, bytes, tuple[int, int], Orientation]] = []
         pack_tokens = 0
 
         def flush():
             nonlocal calls
-            decoded = self.pixels.decode_resize([data for _, data, _ in pack], [t for _, _, t in pack])
-            for (i, _, _), d in zip(pack, decoded, strict=True):
+            decoded = self.pixels.decode_resize([data for _, data, _, _ in pack], [t for _, _, t, _ in pack])
+            for (i, _, _, _), d in zip(pack, decoded, strict=True):
                 if isinstance(d, BadSample):
                     raise ValueError(f"image {i} ({_describe(images[i])}) does not decode: {d}")
-            pack_boxes = [boxes[i] for i, _, _ in pack] if boxes is not None else None
-            emb, box_emb = self._image_call(decoded, [t for _, _, t in pack], pack_boxes, project, method)
-            for k, (i, _, _) in enumerate(pack):
+            pack_boxes = [boxes[i] for i, _, _, _ in pack] if boxes is not None else None
+            emb, box_emb = self._image_call(decoded, [t for _, _, t, _ in pack], pack_boxes, project, method,
+                                            [turn for _, _, _, turn in pack])
+            for k, (i, _, _, _) in enumerate(pack):
                 local[i] = (emb[k], box_emb[k] if box_emb is not None else None)
             calls += 1
 
@@ -393,12 +407,13 @@ class Evaluator:
                     width, height = header.size
             except Exception as exc:  # noqa: BLE001 (PIL raises many types for bad data)
                 raise ValueError(f"image {i} ({_describe(images[i])}) is not a readable image: {exc}") from exc
-            target = self.rule.target(height, width)
+            target = self.rule.target(height, width)  # the stored size: turning upright keeps its tokens
             tokens = target[0] * target[1] // (self.patch * self.patch)
             if pack and pack_tokens + tokens > self.cfg.token_budget:
                 flush()
                 pack, pack_tokens = [], 0
-            pack.append((i, data, target))
+            turn = pixels_mod.read_orientation(data) if self.cfg.exif_orientation else Orientation()
+            pack.append((i, data, target, turn))
             pack_tokens += tokens
         if pack:
             flush()
@@ -559,13 +574,14 @@ class Evaluator:
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "device": str(self.device), "world_size": self.world, "patch_size": self.patch, "merge": self.merge,
             "token_budget": self.cfg.token_budget, "max_pixels": self.rule.max_pixels,
+            "exif_orientation": self.cfg.exif_orientation,
             "context_length": self.text.context_length, **(meta or {}),
         }
         return report
 
 
 def _image_size(image: Any, what: str) -> tuple[int, int]:
-    """(width, height) of a record's image as encode_images will decode it, from its header (no pixels read)."""
+    """(width, height) of a record's image as stored (its boxes' frame), from its header (no pixels read)."""
     if isinstance(image, Image.Image):
         return image.size
     try:

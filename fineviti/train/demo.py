@@ -103,7 +103,8 @@ def eval_config(cfg: JobConfig):
     from fineviti.eval.runner import EvalConfig
 
     return EvalConfig(token_budget=4 * cfg.data.token_budget, min_pixels=cfg.data.min_pixels,
-                      max_pixels=cfg.data.max_pixels, max_aspect=cfg.data.max_aspect)
+                      max_pixels=cfg.data.max_pixels, max_aspect=cfg.data.max_aspect,
+                      exif_orientation=cfg.data.exif_orientation)
 
 
 def evaluate(model, tokenizer, heldout: Path, cfg: JobConfig, names: tuple[str, ...]) -> dict:
