@@ -63,7 +63,22 @@ def test_eval_builds_the_model_from_the_checkpoints_config(trained, capsys):
                       str(root / "eval"))) == 0
     report = json.loads((root / "eval" / "report.json").read_text())
     assert report["meta"]["loaded"]["checkpoint"]["tensors"] > 0 and report["retrieval"]["n"] == 6
+    assert report["meta"]["exif_orientation"] is True
+    assert main(_args(root, "--checkpoint", str(folder), "--set", "attn_backend=torch", "--no-exif-orientation",
+                      "--out", str(root / "eval_stored"))) == 0
+    report = json.loads((root / "eval_stored" / "report.json").read_text())
+    assert report["meta"]["exif_orientation"] is False  # the synthetic images have no tag: the same scores
     capsys.readouterr()
+
+
+def test_eval_refuses_an_out_that_is_a_file(trained, capsys, tmp_path):
+    from fineviti.cli import main
+
+    root, folder, _ = trained
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(_args(root, "--checkpoint", str(folder), "--out", str(tmp_path / "notes.txt"))) == 2
+    assert "is a file; expected a folder" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 @pytest.mark.parametrize("change,named", [

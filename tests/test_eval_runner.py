@@ -411,8 +411,14 @@ def test_cli_eval_on_synthetic_heldout(tmp_path, capsys):
     assert report["regions"]["method"] == "roi_align"
     assert report["meta"]["loaded"]["checkpoint"]["prefix"] == "model."
     assert "| retrieval | 8 | i2t_r1 |" in capsys.readouterr().out
+    # A second evaluation into the same --out is refused before any work, the report left as it was.
+    before = (tmp_path / "eval" / "report.json").read_bytes()
+    assert main(args) == 2
+    assert "already holds report.json and report.md; pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "eval" / "report.json").read_bytes() == before
+    args.append("--overwrite")
     # The same checkpoint against the model without the overrides: a clear error, exit code 2.
-    assert main(args[: args.index("--region-method")]) == 2
+    assert main(args[: args.index("--region-method")] + ["--overwrite"]) == 2
     assert "checkpoint does not match the model config" in capsys.readouterr().err
     # An input the format does not use is an error, not ignored; only a vision tower loaded says what is random.
     for extra, flag in ((["--split", "val"], "--split"), (["--annotations", "x.json"], "--annotations"),

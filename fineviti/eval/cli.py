@@ -45,7 +45,8 @@ def add_parser(subparsers) -> None:
                         help="model config override (as in training), e.g. --set vision.depth=2; with a checkpoint "
                         "that saved its config, only the backends and grad_checkpointing may differ from it")
     parser.add_argument("--tokenizer", help="tokenizer.json (default: beside the checkpoint or the data)")
-    parser.add_argument("--out", help="folder for report.json and report.md")
+    parser.add_argument("--out", help="folder for report.json and report.md (not replaced without --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the reports already in --out")
     parser.add_argument("--token-budget", type=int, default=16384, help="patch tokens per image batch")
     parser.add_argument("--max-pixels", type=int, help="size rule's max_pixels (default: Qwen2-VL's, capped)")
     parser.add_argument("--context-length", type=int, help="caption tokens kept (default: the text tower's)")
@@ -76,6 +77,20 @@ def _check_applies(args) -> None:
             flag = "--" + name.replace("_", "-")
             raise ValueError(f"{flag} does not apply to --format {args.format} (it applies to "
                              f"{', '.join(formats)})")
+
+
+def _check_out(args) -> None:
+    """--out before any work: a folder (or a path to create), whose reports are replaced only with --overwrite (an
+    earlier evaluation's report was replaced without a word)."""
+    if not args.out:
+        return
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {args.out!r} is a file; expected a folder for report.json and report.md")
+    existing = [p.name for p in (out / "report.json", out / "report.md") if p.exists()]
+    if existing and not args.overwrite:
+        raise FileExistsError(f"--out {args.out!r} already holds {' and '.join(existing)}; pass --overwrite to "
+                              f"replace them, or another --out")
 
 
 def _parse_overrides(items: list[str]) -> dict:
@@ -211,6 +226,7 @@ def run(args: argparse.Namespace) -> int:
     from fineviti.model import create_model
 
     _check_applies(args)
+    _check_out(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         torch.device(device)
