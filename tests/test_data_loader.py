@@ -458,7 +458,7 @@ def test_orientation_turns_pixels_as_pils_exif_transpose(fmt):
             decoded = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
         got = orient_pixels(decoded, ORIENTATION_STEPS[code])
         want = torch.from_numpy(_upright(data).copy()).permute(2, 0, 1)
-        assert got.is_contiguous() and torch.equal(got, want), code
+        assert torch.equal(got, want), code
         (x0, y0, x1, y1), = orient_boxes([(22, 3, 33, 9)], 20, 36, ORIENTATION_STEPS[code])
         white = (want.int().min(0).values >= 250).nonzero()
         if fmt == "PNG":  # lossless: the white pixels are exactly the turned box
@@ -469,6 +469,11 @@ def test_orientation_turns_pixels_as_pils_exif_transpose(fmt):
     assert read_orientation(_tagged(stored, 6), (36, 20)).declared_upright  # the json gave the upright size
     assert not read_orientation(_tagged(stored, 6), (20, 36)).declared_upright
     assert not read_orientation(_tagged(stored, 3), (36, 20)).declared_upright  # 3 keeps the size: never upright
+    assert read_orientation(_tagged(stored, 3), box_frame="upright").boxes_upright  # a data set can say so
+    assert not read_orientation(_tagged(stored, 6), (36, 20), "stored").boxes_upright
+    assert not read_orientation(stored.tobytes(), box_frame="upright").boxes_upright  # no image, no tag
+    with pytest.raises(ValueError, match=r"box_frame must be one of \['auto', 'stored', 'upright'\], got 'up'"):
+        read_orientation(_tagged(stored, 3), box_frame="up")
 
 
 def _oriented_shards(folder, tokenizer_from):
@@ -531,3 +536,40 @@ def test_the_loader_turns_tagged_images_and_their_boxes_upright(data, tmp_path, 
                 want_box = upright_box if on else (14, 0, 42, 28)
                 assert [v * 14 for v in box] == pytest.approx(want_box), (key, on)
         loader.close()
+
+
+def test_box_frame_upright_keeps_the_boxes_of_a_data_set_annotated_upright(data, tmp_path):
+    """Auto cannot tell the boxes' frame where the orientation keeps the size (a half turn, code 3) or the image is
+    square: their boxes were taken as stored and turned, silently wrong for a data set annotated upright (as tools
+    that show photos upright annotate). `box_frame="upright"` keeps them; "stored" turns even a box whose json size
+    is upright."""
+    rng = np.random.default_rng(2)
+    stored = rng.integers(0, 200, (56, 112, 3), dtype=np.uint8)
+    stored[0:28, 14:42] = 255
+    square = rng.integers(0, 200, (56, 56, 3), dtype=np.uint8)
+    square[0:28, 14:42] = 255
+    folder = tmp_path / "upright"
+    truth = {}
+    with ShardWriter(folder, samples_per_shard=10) as writer:
+        for key, array, code in (("three", stored, 3), ("square_six", square, 6), ("six", stored, 6)):
+            encoded = _tagged(array, code)
+            white = (_upright(encoded).min(-1) >= 250).nonzero()
+            box = [int(white[1].min()), int(white[0].min()), int(white[1].max()) + 1, int(white[0].max()) + 1]
+            truth[key] = box
+            regions = [{"bbox": box, "caption": "the white box"}]  # annotated on the upright photo
+            writer.write(key, [("png", encoded), ("txt", b"a white box"), ("json", json.dumps({"regions": regions})
+                                                                            .encode())])
+    (folder / "tokenizer.json").write_bytes((data / "tokenizer.json").read_bytes())
+
+    def boxes(frame):
+        loader = PackedLoader(DataConfig(path=str(folder), token_budget=4096, epochs=1, seed=0, box_frame=frame))
+        out = {b.keys[i]: [round(v * 14, 3) for v in b.boxes[b.box_image == i][0].tolist()] for b in loader
+               for i in range(b.n_images)}
+        loader.close()
+        return out
+
+    assert boxes("upright") == truth
+    auto = boxes("auto")  # no json size: every box taken as stored, turned
+    assert all(auto[k] != truth[k] for k in truth)
+    with pytest.raises(ValueError, match=r"DataConfig\.box_frame must be one of"):
+        PackedLoader(DataConfig(path=str(folder), box_frame="raw"))

@@ -86,6 +86,21 @@ def test_numpy_twin_equals_scalar_and_invariants_hold(rule):
     assert (tokens == (th // rule.patch) * (tw // rule.patch)).all()
 
 
+@pytest.mark.parametrize("rule", [SizeRule(), SizeRule(merge=2), SizeRule.for_budget(64, merge=2),
+                                  SizeRule(patch=16, merge=2, min_pixels=5120, max_pixels=6144, max_aspect=3),
+                                  SizeRule(min_pixels=28 * 28 * 3, max_pixels=28 * 28 * 3, merge=2)])
+def test_a_transposed_image_gets_the_transposed_size(rule):
+    """The loader turns a photo upright after the planner sized it as stored (fineviti.data.pixels): that is the
+    upright photo's own size only if the rule commutes with transposition. The guard's tie went to the height, so a
+    tall 29 x 24 image got a wide 64 x 96 grid under the tight rule here (tokens equal, shape not)."""
+    rng = np.random.default_rng(3)
+    h, w = rng.integers(1, 3000, 3000), rng.integers(1, 3000, 3000)
+    th, tw = rule.targets(h, w)
+    wt, ht = rule.targets(w, h)
+    assert (th == ht).all() and (tw == wt).all()
+    assert rule.target(24, 29) == rule.target(29, 24)[::-1]
+
+
 def test_for_budget_bounds_every_image_by_the_budget():
     rule = SizeRule.for_budget(256)
     assert rule.max_pixels == 256 * 14 * 14

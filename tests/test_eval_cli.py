@@ -65,9 +65,12 @@ def test_eval_builds_the_model_from_the_checkpoints_config(trained, capsys):
     assert report["meta"]["loaded"]["checkpoint"]["tensors"] > 0 and report["retrieval"]["n"] == 6
     assert report["meta"]["exif_orientation"] is True
     assert main(_args(root, "--checkpoint", str(folder), "--set", "attn_backend=torch", "--no-exif-orientation",
-                      "--out", str(root / "eval_stored"))) == 0
+                      "--box-frame", "upright", "--out", str(root / "eval_stored"))) == 0
     report = json.loads((root / "eval_stored" / "report.json").read_text())
     assert report["meta"]["exif_orientation"] is False  # the synthetic images have no tag: the same scores
+    assert report["meta"]["box_frame"] == "upright"
+    assert main(_args(root, "--checkpoint", str(folder), "--format", "shards", "--box-frame", "upright")) == 2
+    assert "--box-frame does not apply to --format shards" in capsys.readouterr().err
     capsys.readouterr()
 
 

@@ -507,3 +507,40 @@ def test_encode_images_turns_tagged_images_and_their_boxes_upright(code):
     torch.testing.assert_close(stored_emb, plain_emb, rtol=0, atol=0)
     torch.testing.assert_close(stored_boxes[0], plain_boxes[0], rtol=0, atol=0)
     assert (emb - stored_emb).abs().max() > 1e-3  # the turn reaches the model (positions and pixels)
+
+
+def test_region_boxes_in_the_declared_upright_frame_and_pil_images_keep_their_tag():
+    """Two things the training loader did and the evaluator did not: a record whose declared size (COCO's, a
+    shard json's) is the upright one has its boxes upright too (the evaluator turned them again: the wrong region,
+    and a box below the stored height was refused as outside its image); and a PIL image keeps its orientation tag
+    (image_bytes re-encoded it without its EXIF block, so it was read as untagged)."""
+    import io
+
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    stored = np.random.default_rng(5).integers(0, 200, (56, 112, 3), dtype=np.uint8)
+    stored[0:28, 14:42] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    Image.fromarray(stored).save(buffer, "PNG", exif=exif.tobytes())
+    tagged = buffer.getvalue()
+    upright = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(tagged))))
+    white = (upright.min(-1) >= 250).nonzero()
+    upright_box = (int(white[1].min()), int(white[0].min()), int(white[1].max()) + 1, int(white[0].max()) + 1)
+    model = _tiny_model().eval()
+    project = default_box_projection(model)
+    evaluator = Evaluator(model, fx.word_tokenizer(), EvalConfig())
+    with torch.no_grad():
+        emb, as_stored = evaluator.encode_images([tagged], [[(14, 0, 42, 28)]], project)
+        _, as_declared = evaluator.encode_images([tagged], [[upright_box]], project, sizes=[(112, 56)])
+        pil_emb, _ = evaluator.encode_images([Image.open(io.BytesIO(tagged))])
+        low = (0, 70, 28, 100)  # inside the upright 56 x 112 picture, below the stored image's 56 rows
+        task = RegionTask([loaders.RegionRecord(tagged, [upright_box, low], [0, 1], "k", (112, 56))],
+                          ["red", "blue"], ("{}",))
+        assert evaluator.run({"r": task})["r"]["n"] == 2
+    torch.testing.assert_close(as_declared[0], as_stored[0], rtol=0, atol=0)
+    torch.testing.assert_close(pil_emb, emb, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"EvalConfig\.box_frame must be one of"):
+        EvalConfig(box_frame="raw")

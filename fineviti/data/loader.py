@@ -20,10 +20,12 @@ still cover only the real tokens, and PackedBatch.padding_tokens says how many r
 Orientation (`exif_orientation`, on by default): a photo stored sideways with an EXIF orientation tag is turned
 upright, as PIL's ImageOps.exif_transpose and DALI's and Hugging Face's image loaders turn it, the same way for every
 pixel path (fineviti.data.pixels.assemble), its boxes with it. The planner sizes an image by its declared size
-(transposing an image keeps its tokens). The json's width/height and boxes are read in the stored pixels' frame (as
-the header gives it, and as COCO-style tools that show the raw bitmap write them), except where the json's size is
-the stored one transposed (a tool that wrote the upright size): then both are the upright picture's. Off: the stored
-pixels as they are, which is what open_clip's and webdataset's decoders give.
+(transposing an image keeps its tokens). The json's width/height are the stored pixels' (as the header gives them)
+unless they are the stored ones transposed (a tool that wrote the upright size). Boxes (`box_frame`): "stored" (as
+tools that show the raw bitmap annotate; they turn with the image), "upright" (as tools that show the photo upright
+annotate; kept), or "auto" (the default): upright where the json's size is, else stored. Auto cannot tell for
+orientations that keep the size (mirrors, half turns) nor for square images: a data set annotated upright says so.
+Off: the stored pixels and boxes as they are, which is what open_clip's and webdataset's decoders give.
 
 Bad data is skipped and counted (`loader.stats`, also in state_dict and `summary()`); a pack whose images all fail
 yields a batch with no images (counted as empty_pack) so that every rank still reaches the step (the trainer then
@@ -75,6 +77,7 @@ class DataConfig:
     max_text_tokens: int = 256
     pad_to_budget: bool = False  # static shapes: patches padded to token_budget
     exif_orientation: bool = True  # turn images upright by their EXIF orientation, boxes with them (see below)
+    box_frame: str = "auto"  # the frame of the json's boxes for a tagged image: auto | stored | upright (see below)
     num_workers: int = 0
     prefetch: int = 2
     planner_backend: str = "auto"  # cpp | python | auto
@@ -103,8 +106,10 @@ class DataConfig:
         integer("epochs", 1, optional=True)
         if not (isinstance(self.max_aspect, (int, float)) and self.max_aspect >= 1):
             raise ValueError(f"{prefix}max_aspect must be a number >= 1, got {self.max_aspect!r}")
-        from fineviti.data.pixels import NORMS
+        from fineviti.data.pixels import BOX_FRAMES, NORMS
 
+        if self.box_frame not in BOX_FRAMES:
+            raise ValueError(f"{prefix}box_frame must be one of {list(BOX_FRAMES)}, got {self.box_frame!r}")
         if self.norm not in NORMS:
             raise ValueError(f"{prefix}norm must be one of {sorted(NORMS)}, got {self.norm!r}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
@@ -187,7 +192,8 @@ class _Producer:
             except BadSample as bad:
                 counters[bad.reason] += 1
                 continue
-            turn = read_orientation(raw.image, (raw.height, raw.width)) if cfg.exif_orientation else Orientation()
+            turn = (read_orientation(raw.image, (raw.height, raw.width), cfg.box_frame) if cfg.exif_orientation
+                    else Orientation())
             samples.append(raw)
             images.append(raw.image)
             targets.append(turn.decode_size((int(self.targets[0][i]), int(self.targets[1][i]))))

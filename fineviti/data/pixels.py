@@ -73,48 +73,87 @@ def open_rgb(data: bytes) -> Image.Image | BadSample:
 ORIENTATION_STEPS = {1: "", 2: "x", 3: "xy", 4: "y", 5: "t", 6: "tx", 7: "txy", 8: "ty"}
 
 
+BOX_FRAMES = ("auto", "stored", "upright")
+
+
 class Orientation(NamedTuple):
-    """How one image is turned upright. code: its EXIF orientation (1 when it has none or orientation is off).
-    declared_upright: the sample's declared size (the json's width and height) is the upright picture's, the
-    stored pixels' transposed (codes 5-8 only): its boxes are then in the upright picture's pixels too, and the
-    planner's size is already the upright one. Otherwise the declared size and the boxes are the stored pixels'
-    (as the header reads them), and the boxes turn with the pixels."""
+    """How one image is turned upright.
+
+    code: its EXIF orientation (1 when it has none, or orientation is off).
+    declared_upright: the sample's declared size (a json's width and height, which the planner sized it by) is the
+    upright picture's: the stored size transposed, for codes 5-8 on a non-square image. The pixels are then decoded
+    at the planned size transposed, so that they have the planned size once turned.
+    boxes_upright: its boxes are in the upright picture's pixels (kept as they are), not in the stored pixels' (turned
+    with the image)."""
 
     code: int = 1
     declared_upright: bool = False
+    boxes_upright: bool = False
+
+    @property
+    def steps(self) -> str:
+        return ORIENTATION_STEPS[self.code]
 
     def decode_size(self, planned: tuple[int, int]) -> tuple[int, int]:
         """The (height, width) to decode and resize the stored pixels to, for the planned size."""
         return (planned[1], planned[0]) if self.declared_upright else planned
 
     def box_steps(self) -> str:
-        """The steps still to apply to boxes given in the declared frame."""
-        return "" if self.declared_upright else ORIENTATION_STEPS[self.code]
+        """The steps to apply to the boxes, given in their frame (see boxes_upright)."""
+        return "" if self.boxes_upright else self.steps
+
+    def box_frame_size(self, stored_hw: tuple[int, int]) -> tuple[int, int]:
+        """The (height, width) of the boxes' frame for an image whose stored pixels are stored_hw."""
+        return stored_hw[::-1] if self.boxes_upright and "t" in self.steps else stored_hw
 
 
-def read_orientation(data: bytes, declared_hw: tuple[int, int] | None = None) -> Orientation:
+def read_orientation(data: bytes, declared_hw: tuple[int, int] | None = None, box_frame: str = "auto") -> Orientation:
     """The EXIF orientation of encoded image `data` from its header, as PIL's ImageOps.exif_transpose reads it (EXIF
     or XMP), without decoding pixels: a PNG whose eXIf chunk comes after its pixel data counts as upright (PIL
     would decode the whole image to find it). An unreadable header or a code outside 1-8 counts as 1.
-    declared_hw: the sample's declared (height, width), to tell whether it describes the upright picture."""
+
+    declared_hw: the sample's declared (height, width) (a json's), to tell whether it is the upright picture's.
+    box_frame: the frame of the sample's boxes: "stored" (the pixels as stored, as a header gives their size, and as
+    tools that show the raw bitmap annotate), "upright" (as tools that show the photo upright annotate), or "auto":
+    the declared size's frame where it tells (a non-square image with codes 5-8 whose declared size is the upright
+    one), else stored. Auto cannot tell for codes 2-4 (the size does not change) nor for square images: a data set
+    annotated upright says "upright"."""
+    _check_box_frame(box_frame)
     try:
         with Image.open(io.BytesIO(data)) as image:
-            code = Image.Image.getexif(image).get(0x0112, 1)  # the base method: PNG's own decodes the image
-            width, height = image.size
+            return orientation_of(image, declared_hw, box_frame)
     except Exception:  # noqa: BLE001 (PIL raises many types for bad data; the decoders report those)
         return Orientation()
+
+
+def _check_box_frame(box_frame: str) -> None:
+    if box_frame not in BOX_FRAMES:
+        raise ValueError(f"box_frame must be one of {list(BOX_FRAMES)}, got {box_frame!r}")
+
+
+def orientation_of(image: Image.Image, declared_hw: tuple[int, int] | None = None,
+                   box_frame: str = "auto") -> Orientation:
+    """read_orientation of an opened PIL image (its header only; a malformed EXIF block raises)."""
+    _check_box_frame(box_frame)
+    code = Image.Image.getexif(image).get(0x0112, 1)  # the base method: PNG's own decodes the whole image
     if code not in ORIENTATION_STEPS:
         return Orientation()
-    upright = (declared_hw is not None and "t" in ORIENTATION_STEPS[code] and height != width
-               and tuple(declared_hw) == (width, height))
-    return Orientation(code, upright)
+    width, height = image.size
+    declared_upright = (declared_hw is not None and "t" in ORIENTATION_STEPS[code] and height != width
+                        and tuple(declared_hw) == (width, height))
+    boxes_upright = declared_upright if box_frame == "auto" else box_frame == "upright"
+    return Orientation(code, declared_upright, boxes_upright and code != 1)
 
 
 def orient_pixels(pixels: torch.Tensor, steps: str) -> torch.Tensor:
-    """A (..., h, w) image after `steps` (ORIENTATION_STEPS' letters), contiguous; the same tensor for no steps."""
-    for step in steps:
-        pixels = pixels.transpose(-2, -1) if step == "t" else pixels.flip(-1 if step == "x" else -2)
-    return pixels.contiguous() if steps else pixels
+    """A (..., h, w) image after `steps` (ORIENTATION_STEPS' letters): at most one copy (the flips, done before the
+    transpose, which is a view), so the result need not be contiguous; the same tensor for no steps."""
+    if "t" not in steps:
+        dims = [d for d, step in ((-1, "x"), (-2, "y")) if step in steps]
+        return pixels.flip(dims) if dims else pixels
+    # a flip after the transpose is the other axis' flip before it
+    dims = [d for d, step in ((-2, "x"), (-1, "y")) if step in steps]
+    return (pixels.flip(dims) if dims else pixels).transpose(-2, -1)
 
 
 def orient_boxes(boxes: list, height: float, width: float, steps: str) -> list[tuple[float, float, float, float]]:
@@ -239,9 +278,9 @@ def assemble(samples: list[RawSample], decoded: list[Decoded | BadSample], *, pa
         source_hw = result.source_hw[::-1] if turn.declared_upright else result.source_hw  # in the declared frame
         if source_hw != (raw.height, raw.width):
             counters["size_mismatch"] += 1  # the json lied: boxes follow the decoded size, the plan keeps its size
-        kept.append((raw, result, turn, source_hw))
+        kept.append((raw, result, turn))
     device = kept[0][1].pixels.device if kept else torch.device("cpu")
-    upright = [orient_pixels(d.pixels, ORIENTATION_STEPS[turn.code]) for _, d, turn, _ in kept]
+    upright = [orient_pixels(d.pixels, turn.steps) for _, d, turn in kept]
     grid = torch.tensor([[p.shape[1] // patch, p.shape[2] // patch] for p in upright], dtype=torch.int32).view(-1, 2)
     cu_seqlens, pos = _positions(grid, merge)
     seqlens = [int(h * w) for h, w in grid.tolist()]
@@ -269,13 +308,13 @@ def assemble(samples: list[RawSample], decoded: list[Decoded | BadSample], *, pa
     if dtype != torch.float32:
         patches = patches.to(dtype)
 
-    captions = [raw.caption for raw, _, _, _ in kept]
+    captions = [raw.caption for raw, _, _ in kept]
     ids, cut = tokenizer.encode_batch(captions, max_length=max_text_tokens) if captions else ([], 0)
     all_boxes, box_image, region_texts = [], [], []
-    for image, ((raw, _, turn, source_hw), (rows, cols)) in enumerate(zip(kept, grid.tolist(), strict=True)):
+    for image, ((raw, d, turn), (rows, cols)) in enumerate(zip(kept, grid.tolist(), strict=True)):
         steps = turn.box_steps()
         frame = (cols, rows) if "t" in steps else (rows, cols)  # the grid in the boxes' frame
-        boxes, texts = _boxes(raw, source_hw, frame, counters)
+        boxes, texts = _boxes(raw, turn.box_frame_size(d.source_hw), frame, counters)
         all_boxes += orient_boxes(boxes, frame[0], frame[1], steps)
         box_image += [image] * len(boxes)
         region_texts += texts
@@ -299,7 +338,7 @@ def assemble(samples: list[RawSample], decoded: list[Decoded | BadSample], *, pa
         box_image=torch.tensor(box_image, dtype=torch.int64),
         region_tokens=torch.tensor([t for seq in region_ids for t in seq], dtype=torch.int64),
         region_cu_seqlens=_cumulative(region_seqlens),
-        keys=[raw.key for raw, _, _, _ in kept],
+        keys=[raw.key for raw, _, _ in kept],
         padding_tokens=padding,
         truncated_tokens=cut + region_cut,
     )

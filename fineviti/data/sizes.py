@@ -8,8 +8,9 @@ With factor f = patch * merge, for an image of height h and width w (after the a
     elif h' * w' < min_pixels: beta = sqrt(min_pixels / (h * w))
                               h' = ceil(h * beta / f) * f,  w' = ceil(w * beta / f) * f
 
-then, as a guard Qwen2-VL lacks, while h' * w' > max_pixels the longer side loses f (this only fires when
-min_pixels is close to max_pixels or a side was raised to f). The result: both sides multiples of f, at least f,
+then, as a guard Qwen2-VL lacks, while h' * w' > max_pixels the longer side loses f, on a tie the side that was
+shorter before (so that the transposed image gets the transposed size; this only fires when min_pixels is close to
+max_pixels or a side was raised to f). The result: both sides multiples of f, at least f,
 h' * w' <= max_pixels, and the patch grid (h' / patch, w' / patch) has `h' * w' / patch**2` tokens.
 
 Aspect ratio: Qwen2-VL raises above 200:1. Here `max_aspect` (default 8) with `aspect="clamp"` (default) shrinks
@@ -98,8 +99,8 @@ class SizeRule:
             beta = math.sqrt(self.min_pixels / (h * w))
             h_bar, w_bar = math.ceil(h * beta / f) * f, math.ceil(w * beta / f) * f
         while h_bar * w_bar > self.max_pixels:
-            if h_bar >= w_bar:
-                h_bar -= f
+            if h_bar > w_bar or (h_bar == w_bar and h < w):  # a tie: the side that was shorter, so that the
+                h_bar -= f                                    # transposed image gets the transposed size
             else:
                 w_bar -= f
         return int(h_bar), int(w_bar)
@@ -134,7 +135,7 @@ class SizeRule:
         w_bar = np.where(small, np.ceil(w * beta / f) * f, w_bar).astype(np.int64)
         for i in np.flatnonzero(h_bar * w_bar > self.max_pixels).tolist():  # the rare guard case
             while h_bar[i] * w_bar[i] > self.max_pixels:
-                if h_bar[i] >= w_bar[i]:
+                if h_bar[i] > w_bar[i] or (h_bar[i] == w_bar[i] and h[i] < w[i]):
                     h_bar[i] -= f
                 else:
                     w_bar[i] -= f

@@ -59,6 +59,9 @@ def add_parser(subparsers) -> None:
                         help="how a box's tokens are pooled (synthetic, coco_instances; default mean)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--pixel-path", default="pil", choices=("pil", "dali", "nvjpeg", "auto"))
+    parser.add_argument("--box-frame", choices=("auto", "stored", "upright"), default=None,
+                        help="the frame of a tagged photo's boxes (synthetic, coco_instances): stored pixels, upright, "
+                        "or auto (default: upright where the annotation's image size is, else stored)")
     parser.add_argument("--exif-orientation", action=argparse.BooleanOptionalAction, default=True,
                         help="turn photos upright by their EXIF orientation tag, and their boxes with them (default: "
                         "on, as in training; off: the stored pixels, as open_clip's evaluation reads them)")
@@ -68,7 +71,8 @@ def add_parser(subparsers) -> None:
 
 # The formats each optional input applies to: given for another format it would be ignored, so it is an error.
 APPLIES_TO = {"split": ("coco", "flickr30k", "dci", "docci"), "annotations": ("coco", "flickr30k", "coco_instances"),
-              "class_names": ("imagenet",), "region_method": ("synthetic", "coco_instances")}
+              "class_names": ("imagenet",), "region_method": ("synthetic", "coco_instances"),
+              "box_frame": ("synthetic", "coco_instances")}
 
 
 def _check_applies(args) -> None:
@@ -277,6 +281,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--max-pixels must be >= 1 (leave it out for the default), got {args.max_pixels}")
         cfg = runner.EvalConfig(token_budget=args.token_budget, context_length=args.context_length,
                                 pixel_path=args.pixel_path, exif_orientation=args.exif_orientation,
+                                box_frame=args.box_frame or "auto",
                                 **({"max_pixels": args.max_pixels} if args.max_pixels is not None else {}))
         meta = {"format": args.format, "data": str(args.data), "preset": args.preset or model.cfg.name,
                 "overrides": overrides,

@@ -37,6 +37,9 @@ class RegionRecord(NamedTuple):
     boxes: list[tuple[float, float, float, float]]  # x0, y0, x1, y1 in pixels of the original image
     labels: list[int]
     key: str = ""
+    # the (height, width) the set declares for the image (COCO's, a shard's json): with an EXIF orientation tag, a
+    # declared size that is the upright one says the boxes are upright too (fineviti.data.pixels.read_orientation)
+    size: tuple[int, int] | None = None
 
 
 class HardNegativeRecord(NamedTuple):
@@ -334,7 +337,9 @@ def coco_instances(annotations: str | os.PathLike, image_root: str | os.PathLike
         if not boxes:
             continue
         path = _need_file(image_root / image["file_name"], "COCO image")
-        records.append(RegionRecord(str(path), [b for b, _ in boxes], [c for _, c in boxes], str(image["id"])))
+        declared = (image["height"], image["width"]) if "height" in image and "width" in image else None
+        records.append(RegionRecord(str(path), [b for b, _ in boxes], [c for _, c in boxes], str(image["id"]),
+                                    declared))
     names = [c["name"] for c in categories]
     info = {"source": str(annotations), "dropped_boxes": dropped}
     return EvalSet(annotations.stem, "regions", records, names, info=info)
@@ -458,7 +463,7 @@ def shard_regions(shards, *, label_of=None, classnames: Sequence[str] | None = N
             if name not in index:
                 raise ValueError(f"{dataset.path}: sample {raw.key} has a region of class {name!r}, not in classnames")
         boxes = [tuple(float(v) for v in r["bbox"]) for r in raw.regions]
-        records.append(RegionRecord(image, boxes, [index[n] for n in names], raw.key))
+        records.append(RegionRecord(image, boxes, [index[n] for n in names], raw.key, (raw.height, raw.width)))
     info = {**_shard_info(dataset), "without_regions": len(dataset) - len(records)}
     if not records:
         raise ValueError(f"{dataset.path}: no sample with an image and regions (skipped: {info['skipped']})")

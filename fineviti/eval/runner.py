@@ -164,6 +164,7 @@ class EvalConfig:
     context_length: int | None = None  # caption tokens kept; default: the text tower's context_length
     pixel_path: str = "pil"  # fineviti.data.loader.make_pixel_path: pil | dali | nvjpeg | auto
     exif_orientation: bool = True  # turn images upright by their EXIF orientation, boxes with them, as training
+    box_frame: str = "auto"  # boxes of a tagged image: auto | stored | upright (fineviti.data.pixels.read_orientation)
     norm: str | tuple | None = None  # default: the vision tower's image_mean / image_std, else SigLIP's 0.5 / 0.5
     autocast_dtype: torch.dtype | None = None  # e.g. torch.bfloat16 on a GPU
 
@@ -173,6 +174,9 @@ class EvalConfig:
                 raise ValueError(f"EvalConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.context_length is not None and self.context_length < 1:
             raise ValueError(f"EvalConfig.context_length must be >= 1, got {self.context_length}")
+        if self.box_frame not in pixels_mod.BOX_FRAMES:
+            raise ValueError(f"EvalConfig.box_frame must be one of {list(pixels_mod.BOX_FRAMES)}, got "
+                             f"{self.box_frame!r}")
 
 
 def image_bytes(image: Any) -> bytes:
@@ -181,9 +185,9 @@ def image_bytes(image: Any) -> bytes:
         return bytes(image)
     if isinstance(image, (str, os.PathLike)):
         return Path(image).read_bytes()
-    if isinstance(image, Image.Image):
+    if isinstance(image, Image.Image):  # its EXIF block kept: an orientation tag turns it as it turns a file
         buffer = io.BytesIO()
-        image.convert("RGB").save(buffer, "PNG")
+        image.convert("RGB").save(buffer, "PNG", exif=image.getexif())
         return buffer.getvalue()
     if callable(getattr(image, "read", None)):
         return image.read()
@@ -332,7 +336,7 @@ class Evaluator:
     def _image_call(self, decoded: list, targets: list[tuple[int, int]], boxes: list | None, project, method,
                     turns: list[Orientation]):
         """decoded: the stored pixels at their targets; each is turned upright here (turns), its boxes with it."""
-        steps = [pixels_mod.ORIENTATION_STEPS[turn.code] for turn in turns]
+        steps = [turn.steps for turn in turns]
         upright = [pixels_mod.orient_pixels(d.pixels, s) for d, s in zip(decoded, steps, strict=True)]
         grid = torch.tensor([[p.shape[1] // self.patch, p.shape[2] // self.patch] for p in upright],
                             dtype=torch.int32)
@@ -340,9 +344,9 @@ class Evaluator:
         patches = normalise(flat, self.patch, self.norm)
         sources = [d.source_hw[::-1] if "t" in s else d.source_hw for d, s in zip(decoded, steps, strict=True)]
         targets = [t[::-1] if "t" in s else t for t, s in zip(targets, steps, strict=True)]
-        if boxes is not None:
-            boxes = [pixels_mod.orient_boxes(b, d.source_hw[0], d.source_hw[1], s)
-                     for b, d, s in zip(boxes, decoded, steps, strict=True)]
+        if boxes is not None:  # into the upright frame, in original pixels
+            boxes = [pixels_mod.orient_boxes(b, *turn.box_frame_size(d.source_hw), turn.box_steps())
+                     for b, d, turn in zip(boxes, decoded, turns, strict=True)]
         return self._forward(patches, grid, sources, targets, boxes, project, method)
 
     def _forward(self, patches, grid, sources, targets, boxes, project, method):
@@ -376,11 +380,39 @@ class Evaluator:
         self._forward(patches, torch.tensor([[self.merge, self.merge]], dtype=torch.int32), [(side, side)],
                       [(side, side)], None, None, "mean")
 
-    def encode_images(self, images: Sequence, boxes: Sequence | None = None, project=None,
-                      method: str = "mean") -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    def _header(self, source: Any, what: str, declared=None) -> tuple[int, int, Orientation]:
+        """(width, height) of an image as stored and how it turns upright, from its header (no pixels read).
+        source: a path, encoded bytes or a PIL image."""
+        try:
+            if isinstance(source, Image.Image):
+                return *source.size, self._orientation(source, declared)
+            with Image.open(source if isinstance(source, (str, os.PathLike)) else io.BytesIO(source)) as header:
+                return *header.size, self._orientation(header, declared)
+        except Exception as exc:  # noqa: BLE001 (PIL raises many types for bad data)
+            raise ValueError(f"{what} is not a readable image: {exc}") from exc
+
+    def _orientation(self, image: Image.Image, declared) -> Orientation:
+        if not self.cfg.exif_orientation:
+            return Orientation()
+        try:
+            return pixels_mod.orientation_of(image, declared, self.cfg.box_frame)
+        except Exception:  # noqa: BLE001 (a malformed EXIF block: read as untagged, as the loader reads it)
+            return Orientation()
+
+    def _box_frame(self, record, what: str) -> tuple[int, int]:
+        """(width, height) of the frame a region record's boxes are in (the stored image, or the upright one)."""
+        image = record[0]
+        width, height, turn = self._header(image if isinstance(image, (str, os.PathLike, Image.Image))
+                                           else image_bytes(image), f"{what} ({_describe(image)})", _declared(record))
+        height, width = turn.box_frame_size((height, width))
+        return width, height
+
+    def encode_images(self, images: Sequence, boxes: Sequence | None = None, project=None, method: str = "mean",
+                      sizes: Sequence | None = None) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
         """Embeddings (n, embed_dim) fp32 on the CPU of every image (all ranks get all of them), and with `boxes`
         (per image a list of x0, y0, x1, y1 in its original pixels, as stored: with `exif_orientation` they turn upright
-        with the image) the box embeddings, one tensor per image."""
+        with the image; see EvalConfig.box_frame) the box embeddings, one tensor per image. sizes: per image the
+        (height, width) its set declares, or None (read_orientation's declared_hw)."""
         n = len(images)
         local: dict[int, tuple] = {}
         calls = 0
@@ -402,17 +434,13 @@ class Evaluator:
 
         for i in range(self.rank, n, self.world):
             data = image_bytes(images[i])
-            try:
-                with Image.open(io.BytesIO(data)) as header:
-                    width, height = header.size
-            except Exception as exc:  # noqa: BLE001 (PIL raises many types for bad data)
-                raise ValueError(f"image {i} ({_describe(images[i])}) is not a readable image: {exc}") from exc
+            width, height, turn = self._header(data, f"image {i} ({_describe(images[i])})",
+                                               sizes[i] if sizes is not None else None)
             target = self.rule.target(height, width)  # the stored size: turning upright keeps its tokens
             tokens = target[0] * target[1] // (self.patch * self.patch)
             if pack and pack_tokens + tokens > self.cfg.token_budget:
                 flush()
                 pack, pack_tokens = [], 0
-            turn = pixels_mod.read_orientation(data) if self.cfg.exif_orientation else Orientation()
             pack.append((i, data, target, turn))
             pack_tokens += tokens
         if pack:
@@ -528,7 +556,7 @@ class Evaluator:
                 if not (x0 < x1 and y0 < y1):
                     raise ValueError(f"region record {i}, box {j} = {[x0, y0, x1, y1]}: expected x0 < x1 and "
                                      f"y0 < y1 (pixels of the original image)")
-                width, height = size = size or _image_size(r[0], f"region record {i}")
+                width, height = size = size or self._box_frame(r, f"region record {i}")
                 if not (x0 < width and y0 < height and x1 > 0 and y1 > 0):
                     raise ValueError(f"region record {i}, box {j} = {[x0, y0, x1, y1]} lies outside its "
                                      f"{width}x{height} image (width x height); expected some of the box inside "
@@ -538,7 +566,8 @@ class Evaluator:
             raise ValueError("RegionTask has no record with boxes")
         project = task.project or default_box_projection(self.model)
         classes = self.class_embeddings(task.classnames, task.templates)
-        _, box_emb = self.encode_images([r[0] for r in records], [r[1] for r in records], project, task.method)
+        _, box_emb = self.encode_images([r[0] for r in records], [r[1] for r in records], project, task.method,
+                                        [_declared(r) for r in records])
         emb = torch.cat(box_emb)
         labels = torch.tensor([int(label) for r in records for label in r[2]])
         out = metrics.classification_accuracy(*self._on_device(emb, classes, labels))
@@ -574,22 +603,15 @@ class Evaluator:
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "device": str(self.device), "world_size": self.world, "patch_size": self.patch, "merge": self.merge,
             "token_budget": self.cfg.token_budget, "max_pixels": self.rule.max_pixels,
-            "exif_orientation": self.cfg.exif_orientation,
+            "exif_orientation": self.cfg.exif_orientation, "box_frame": self.cfg.box_frame,
             "context_length": self.text.context_length, **(meta or {}),
         }
         return report
 
 
-def _image_size(image: Any, what: str) -> tuple[int, int]:
-    """(width, height) of a record's image as stored (its boxes' frame), from its header (no pixels read)."""
-    if isinstance(image, Image.Image):
-        return image.size
-    try:
-        source = image if isinstance(image, (str, os.PathLike)) else io.BytesIO(image_bytes(image))
-        with Image.open(source) as header:
-            return header.size
-    except Exception as exc:  # noqa: BLE001 (PIL raises many types for bad data)
-        raise ValueError(f"{what} ({_describe(image)}) is not a readable image: {exc}") from exc
+def _declared(record) -> tuple[int, int] | None:
+    """A region record's declared (height, width) (RegionRecord.size), None when it gives none."""
+    return tuple(record[4]) if len(record) > 4 and record[4] is not None else None
 
 
 def _describe(image: Any) -> str:

@@ -104,7 +104,7 @@ def eval_config(cfg: JobConfig):
 
     return EvalConfig(token_budget=4 * cfg.data.token_budget, min_pixels=cfg.data.min_pixels,
                       max_pixels=cfg.data.max_pixels, max_aspect=cfg.data.max_aspect,
-                      exif_orientation=cfg.data.exif_orientation)
+                      exif_orientation=cfg.data.exif_orientation, box_frame=cfg.data.box_frame)
 
 
 def evaluate(model, tokenizer, heldout: Path, cfg: JobConfig, names: tuple[str, ...]) -> dict:

@@ -280,7 +280,7 @@ class Trainer:
             raise ValueError("evaluation needs the data set's tokenizer: training.data_source=shards")
         eval_cfg = EvalConfig(token_budget=cfg.eval.token_budget, min_pixels=cfg.data.min_pixels,
                               max_pixels=cfg.data.max_pixels, max_aspect=cfg.data.max_aspect,
-                              exif_orientation=cfg.data.exif_orientation,
+                              exif_orientation=cfg.data.exif_orientation, box_frame=cfg.data.box_frame,
                               autocast_dtype=self.autocast_dtype or self.mp_dtype)
         start = time.perf_counter()
         with parallel.unsharded(self.model):
