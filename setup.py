@@ -18,6 +18,7 @@ from pathlib import Path
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 
@@ -26,6 +27,17 @@ def _nvcc() -> str | None:
     cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
     candidate = Path(cuda_home) / "bin" / "nvcc"
     return str(candidate) if candidate.exists() else shutil.which("nvcc")
+
+
+def _env_flag(variable: str) -> bool:
+    """An on/off variable as fineviti._checks.env_flag reads it (setup.py cannot import the package it builds)."""
+    value = os.environ.get(variable, "").strip().lower()
+    if value in ("1", "true", "yes", "on", "y"):
+        return True
+    if value in ("", "0", "false", "no", "off", "n"):
+        return False
+    raise ValueError(f"{variable}={os.environ[variable]!r} is not an on/off value; expected 1, true, yes, on or 0, "
+                     "false, no, off")
 
 
 def _tool(name: str) -> str | None:
@@ -71,6 +83,17 @@ def _cache_value(build_dir: Path, name: str) -> str:
     return ""
 
 
+class FreshBuildPy(build_py):
+    """build_py that starts from an empty build/lib/fineviti: setuptools copies the package there and never prunes
+    it, so a module deleted from the checkout went on shipping in every wheel built from it."""
+
+    def run(self) -> None:
+        stale = Path(self.build_lib) / "fineviti"
+        if stale.is_dir() and not stale.resolve().is_relative_to(ROOT / "fineviti"):
+            shutil.rmtree(stale)
+        super().run()
+
+
 class CMakeExtension(Extension):
     def __init__(self, name: str):
         super().__init__(name, sources=[])
@@ -81,7 +104,7 @@ class CMakeBuild(build_ext):
         import torch
 
         nvcc = _nvcc()
-        skip_cuda = os.environ.get("FINEVITI_SKIP_CUDA_BUILD", "0") not in ("", "0")
+        skip_cuda = _env_flag("FINEVITI_SKIP_CUDA_BUILD")
         with_cuda = torch.version.cuda is not None and nvcc is not None and not skip_cuda
         build_type = os.environ.get("FINEVITI_BUILD_TYPE", "Debug" if self.debug else "Release")
         env = dict(os.environ)
@@ -137,7 +160,7 @@ class CMakeBuild(build_ext):
             print(f"fineviti: {compiler} linked a private copy of libstdc++ into {built.name}; rebuilding with "
                   f"{system or compiler} and {shared or 'no loaded libstdc++ found'}", flush=True)
             built = self._cmake(cmake, retry, env, torch)
-            if _private_libstdcxx(built) and os.environ.get("FINEVITI_ALLOW_PRIVATE_LIBSTDCXX", "0") in ("", "0"):
+            if _private_libstdcxx(built) and not _env_flag("FINEVITI_ALLOW_PRIVATE_LIBSTDCXX"):
                 raise RuntimeError(
                     f"fineviti._C still links a private copy of libstdc++ after a rebuild with {system or compiler} "
                     f"and {shared or 'no loaded libstdc++'}: C++ error messages with numbers may crash the process. "
@@ -177,4 +200,4 @@ class CMakeBuild(build_ext):
         return next(build_dir.glob("_C.*.so"))
 
 
-setup(ext_modules=[CMakeExtension("fineviti._C")], cmdclass={"build_ext": CMakeBuild})
+setup(ext_modules=[CMakeExtension("fineviti._C")], cmdclass={"build_ext": CMakeBuild, "build_py": FreshBuildPy})

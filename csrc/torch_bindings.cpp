@@ -1,4 +1,6 @@
-// The one registration block of fineviti: every schema of torch.ops.fineviti.* is declared here.
+// The one registration block of fineviti's C++ ops: every schema of the C++/CUDA torch.ops.fineviti.* ops is declared
+// here (the Triton-backed ops of fineviti/ops/ register theirs in Python with torch.library.custom_op, in the same
+// namespace).
 //
 // To add an op: append one `m.def(...)` line with its schema under a comment naming its family, and
 // register the implementations in the family's own files with TORCH_LIBRARY_IMPL(fineviti, CPU, m)

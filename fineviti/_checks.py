@@ -13,6 +13,28 @@ import os
 
 import torch
 
+# On/off values as Triton reads its own variables (TRITON_INTERPRET=true interprets): any case.
+_ON = ("1", "true", "yes", "on", "y")
+_OFF = ("", "0", "false", "no", "off", "n")
+
+
+def env_flag(variable: str, default: bool = False) -> bool:
+    """An on/off environment variable of ours: 1/true/yes/on/y or 0/false/no/off/n/empty (any case); unset: default.
+    Anything else is an error naming the variable, not silently on (FINEVITI_CHECKS=off turned checks on)."""
+    value = os.environ.get(variable)
+    if value is None:
+        return default
+    if value.strip().lower() in _ON:
+        return True
+    if value.strip().lower() in _OFF:
+        return False
+    raise ValueError(f"{variable}={value!r} is not an on/off value; expected 1, true, yes, on or 0, false, no, off")
+
+
+def triton_interpreting() -> bool:
+    """Whether Triton runs kernels in its interpreter, read as Triton reads TRITON_INTERPRET."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in _ON
+
 
 def env_backend(variable: str, backends: tuple[str, ...], what: str) -> str | None:
     """The backend named by environment `variable` ("" or "auto": None), checked against `backends`."""
@@ -29,7 +51,7 @@ def value_checks_enabled(tensor: torch.Tensor, check_values: bool | None = None)
     torch.compile traces (a host read of a value would break the graph; check_values=True still asks for it)."""
     if check_values is not None:
         return check_values
-    if os.environ.get("FINEVITI_CHECKS", "0") not in ("", "0", "false", "False"):
+    if env_flag("FINEVITI_CHECKS"):
         return True
     return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
 

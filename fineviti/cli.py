@@ -1,4 +1,5 @@
-"""The `fineviti` command: one subcommand per job (`fineviti info`; train, eval, data, bench, demo to come).
+"""The `fineviti` command: one subcommand per job (info, data, eval, train, export, demo; the benchmarks are scripts
+in benchmarks/, not a subcommand).
 
 To add a subcommand, write `_add_<name>(subparsers)` that builds its parser and sets `run` to a function
 taking the parsed arguments and returning an exit code, then list it in COMMANDS.

@@ -672,6 +672,9 @@ def test_auto_backend_rule_and_override(monkeypatch):
     monkeypatch.setenv("FINEVITI_LOSS_BACKEND", "reference")
     assert C._resolve_backend("auto", cpu) == "reference"
     assert C._resolve_backend("chunked", cpu) == "chunked"  # an explicit backend wins over the variable
+    monkeypatch.setenv("FINEVITI_LOSS_BACKEND", "bogus")  # the error named the argument, not the variable
+    with pytest.raises(ValueError, match=r"FINEVITI_LOSS_BACKEND='bogus' is not a contrastive loss backend"):
+        C._resolve_backend("auto", cpu)
 
 
 def test_group_default_without_distributed_is_one_process():

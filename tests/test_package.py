@@ -54,6 +54,23 @@ def test_extension_uses_the_shared_libstdcxx():
     assert "_ZNSo9_M_insertIlEERSoT_" not in symbols, f"{fineviti._C.__file__} holds its own copy of libstdc++"
 
 
+def test_the_cuda_part_is_built_wherever_it_can_be():
+    """A CUDA build of torch with nvcc at hand builds the .cu sources too; only a GPU test looked, so a build that
+    dropped them (a toolkit not found, a flag misread) passed CI here."""
+    import torch
+
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+    nvcc = Path(cuda_home, "bin", "nvcc").exists() or shutil.which("nvcc") is not None
+    from fineviti._checks import env_flag
+
+    if torch.version.cuda is None or not nvcc or env_flag("FINEVITI_SKIP_CUDA_BUILD"):
+        pytest.skip("no CUDA torch, no nvcc, or FINEVITI_SKIP_CUDA_BUILD: a C++-only build is expected")
+    import fineviti._ext
+
+    fineviti._ext.load()
+    assert torch.ops.fineviti.cuda_built(), "nvcc and a CUDA torch are here, but fineviti._C has no CUDA part"
+
+
 @pytest.fixture(scope="session")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
@@ -75,13 +92,21 @@ def wheel(tmp_path_factory) -> Path:
     return path
 
 
+def _package_sources() -> list[str]:
+    """The .py files the wheel should hold, as it names them: fineviti/** and kernels/* (as fineviti/kernels/)."""
+    own = [p.relative_to(ROOT).as_posix() for p in (ROOT / "fineviti").rglob("*.py") if "__pycache__" not in p.parts
+           and not p.relative_to(ROOT / "fineviti").parts[0] == "kernels"]
+    return sorted(own + [f"fineviti/kernels/{p.name}" for p in (ROOT / "kernels").glob("*.py")])
+
+
 def test_wheel_contents(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     assert not [n for n in names if n.startswith("kernels/")], "the wheel must not install a top-level kernels"
     shipped = sorted(n for n in names if n.startswith("fineviti/kernels/"))
     assert len(shipped) == len(set(shipped))
-    sources = sorted(f"fineviti/kernels/{p.name}" for p in (ROOT / "kernels").glob("*.py"))
-    assert [n for n in shipped if n.endswith(".py")] == sources
+    # every module of the checkout, and nothing else: setuptools' build/lib kept modules deleted since the last
+    # build (setup.py's FreshBuildPy empties it)
+    assert sorted(n for n in names if n.endswith(".py")) == _package_sources()
     assert any(n.startswith("fineviti/_C.") and n.endswith(".so") for n in names)
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "fineviti = fineviti.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
@@ -115,6 +140,40 @@ def test_installed_wheel_outside_the_repository(wheel, tmp_path):
     out = run_python(code, cwd=elsewhere, PYTHONPATH=str(site))
     for line in out.split():
         assert Path(line).is_relative_to(site), f"{line} was imported from outside the installed wheel"
+
+
+def test_a_module_deleted_from_the_checkout_leaves_the_next_wheel(tmp_path):
+    """Build the Python part (what a wheel packs) from a copy of the checkout with one extra module, delete the
+    module, build again: it must be gone from build/lib."""
+    copy = tmp_path / "src"
+    shutil.copytree(ROOT, copy, symlinks=True, ignore=shutil.ignore_patterns(
+        ".venv*", "build", "runs", ".git", "*.so", "__pycache__", ".pytest_cache", "*.egg-info", "benchmarks", "tests"))
+    (copy / "fineviti" / "zz_gone.py").write_text("x = 1\n")
+
+    def build() -> list[str]:
+        cmd = [sys.executable, "setup.py", "-q", "build_py"]
+        done = subprocess.run(cmd, cwd=copy, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return sorted(p.name for p in (copy / "build").glob("lib*/fineviti/*.py"))
+
+    assert "zz_gone.py" in build()
+    (copy / "fineviti" / "zz_gone.py").unlink()
+    assert "zz_gone.py" not in build()
+
+
+def test_source_archive_holds_what_the_build_needs(tmp_path):
+    """The sdist had no CMakeLists.txt nor csrc/: `pip install fineviti-*.tar.gz` failed in CMake."""
+    import tarfile
+
+    done = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (archive,) = tmp_path.glob("fineviti-*.tar.gz")
+    with tarfile.open(archive) as tar:
+        names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+    needed = {"CMakeLists.txt", "constraints.txt", "setup.py", "pyproject.toml"}
+    needed |= {p.relative_to(ROOT).as_posix() for p in (ROOT / "csrc").iterdir() if p.is_file()}
+    assert needed <= names, f"missing from the source archive: {sorted(needed - names)}"
 
 
 @pytest.mark.slow

@@ -76,6 +76,9 @@ def test_int32_overflow_is_refused():
     grid = torch.tensor([[46341, 46341]], dtype=torch.int32)  # 46341**2 > 2**31 - 1
     with pytest.raises(ValueError, match=r"grid_hw\[0\].*does not fit in int32"):
         torch.ops.fineviti.build_positions(grid, 1)
+    # the reference built every piece first: 65536 x 65536 asked for 32 GB before its check
+    with pytest.raises(ValueError, match=r"total token count 4294967296 does not fit in int32"):
+        build_positions_ref(torch.tensor([[65536, 65536]], dtype=torch.int32), 1)
 
 
 def test_op_registration_for_compile():

@@ -469,7 +469,7 @@ def test_stage2_on_shards_with_the_data_tokenizer(tmp_path, shards):
                          f"stage2.init_from={tmp_path / 'stage1'}", name="stage2_override"))
 
 
-def test_region_tasks_put_boxes_in_text():
+def test_region_tasks_put_boxes_in_text(tmp_path):
     from fineviti.data.tokenizer import CaptionTokenizer, train_tokenizer
     from fineviti.train.stage2 import TextIds, region_tasks
 
@@ -477,7 +477,7 @@ def test_region_tasks_put_boxes_in_text():
                           vocab_size=96, with_regions=True).make(0)
     batch.boxes[0] = torch.tensor([0.0, 0.0, batch.grid_hw[0, 1] / 2, batch.grid_hw[0, 0] * 1.0])  # patch grid
     captions = ["a red circle in the top left of the image", "describe the region find the box of: [0, 1000]"]
-    tokenizer = CaptionTokenizer(train_tokenizer(captions * 20, "/tmp/fineviti_test_tok.json", vocab_size=300))
+    tokenizer = CaptionTokenizer(train_tokenizer(captions * 20, tmp_path / "tokenizer.json", vocab_size=300))
     ids = TextIds(tokenizer)
     region = region_tasks(batch, ids, tasks=["box2caption"], regions_per_image=8, merge=2,
                           placeholder_id=999, seed=0, step=0, rank=0)

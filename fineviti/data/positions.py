@@ -29,8 +29,12 @@ def _check_args(grid_hw: torch.Tensor, merge: int) -> None:
 def build_positions_ref(grid_hw: torch.Tensor, merge: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Pure-torch reference of `build_positions` (Qwen2-VL's `rot_pos_emb` index construction)."""
     _check_args(grid_hw, merge)
+    grid = grid_hw.tolist()
+    total = sum(rows * cols for rows, cols in grid if rows > 0 and cols > 0)
+    if total > torch.iinfo(torch.int32).max:  # before any piece is built (a 65536 x 65536 grid asked for 32 GB)
+        raise ValueError(f"build_positions: the total token count {total} does not fit in int32")
     lengths, pieces = [], []
-    for i, (rows, cols) in enumerate(grid_hw.tolist()):
+    for i, (rows, cols) in enumerate(grid):
         if rows <= 0 or cols <= 0:
             raise ValueError(
                 f"build_positions: grid_hw[{i}] = ({rows}, {cols}) has a non-positive side; "
@@ -48,8 +52,6 @@ def build_positions_ref(grid_hw: torch.Tensor, merge: int = 1) -> tuple[torch.Te
         lengths.append(rows * cols)
     cu_seqlens = torch.zeros(len(lengths) + 1, dtype=torch.int64)
     cu_seqlens[1:] = torch.tensor(lengths, dtype=torch.int64).cumsum(0)
-    if cu_seqlens[-1] > torch.iinfo(torch.int32).max:
-        raise ValueError(f"build_positions: the total token count {int(cu_seqlens[-1])} does not fit in int32")
     pos = torch.cat(pieces) if pieces else torch.empty(0, 2, dtype=torch.int64)
     device = grid_hw.device
     return cu_seqlens.to(device=device, dtype=torch.int32), pos.to(device=device, dtype=torch.int32)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from fineviti import _checks
@@ -37,7 +35,7 @@ def resolve(op: str, backend: str, x: torch.Tensor, env: str, max_width: int | N
         if backend == "triton" and (x.dtype not in TRITON_DTYPES or too_wide):
             return "torch"
     if backend == "triton":
-        if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        if x.device.type != "cuda" and not _checks.triton_interpreting():
             raise ValueError(f"{op}: backend='triton' needs a CUDA {arg} (or TRITON_INTERPRET=1), got "
                              f"{arg}.device={x.device}")
         if x.dtype not in TRITON_DTYPES:

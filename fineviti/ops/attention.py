@@ -29,7 +29,7 @@ import warnings
 
 import torch
 
-from fineviti._checks import check_cu_seqlens, refuse_interpreted_bf16, value_checks_enabled
+from fineviti._checks import check_cu_seqlens, refuse_interpreted_bf16, triton_interpreting, value_checks_enabled
 
 BACKENDS = ("triton", "torch", "torch_varlen", "flex", "flash_attn", "xformers")
 UNVERIFIED = ("flash_attn", "xformers")  # tested through fake modules only
@@ -149,7 +149,7 @@ torch.library.register_autograd("fineviti::varlen_attention_fwd", _fwd_backward,
 
 def _run_triton(q, k, v, cu_q, cu_k, max_q, max_k, scale, seqlens, return_lse, deterministic=False,
                 seqlens_host=None):
-    if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+    if q.device.type == "cpu" and not triton_interpreting():
         raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported "
                            "(Triton's interpreter); use backend='torch' on a CPU")
     refuse_interpreted_bf16("varlen_attention", q, "backend='torch' on a CPU")
@@ -272,7 +272,7 @@ def varlen_attention_rope(q, k, v, cu_seqlens, max_seqlen, pos, *, theta=10000.0
     theta = _theta(theta)  # 0, a negative, NaN or inf made NaN tables without a word
     if value_checks_enabled(pos, check_values):
         check_positions(pos)
-    if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+    if q.device.type == "cpu" and not triton_interpreting():
         raise RuntimeError("varlen_attention_rope on CPU tensors needs TRITON_INTERPRET=1 set before triton is "
                            "imported; use rope_2d and varlen_attention on a CPU")
     refuse_interpreted_bf16("varlen_attention_rope", q, "rope_2d and backend='torch' on a CPU")
@@ -496,7 +496,7 @@ def backend_available(name: str, device: torch.device | str = "cuda") -> tuple[b
             return False, "backend 'torch_varlen' runs on CUDA tensors only"
     if name in ("flex", "flash_attn", "xformers") and device.type != "cuda":
         return False, f"backend {name!r} runs on CUDA tensors only"
-    if name == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+    if name == "triton" and device.type == "cpu" and not triton_interpreting():
         return False, "backend 'triton' on a CPU needs TRITON_INTERPRET=1 set before triton is imported"
     return True, ""
 

@@ -34,7 +34,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from fineviti._checks import refuse_interpreted_bf16, value_checks_enabled
+from fineviti._checks import env_backend, refuse_interpreted_bf16, triton_interpreting, value_checks_enabled
 
 BACKENDS = ("triton", "chunked", "reference")
 DIST_IMPLS = ("all_gather", "ring")
@@ -1029,7 +1029,7 @@ def _check_inputs(img, txt, params: dict, check_values, distributed: bool) -> di
 
 def _resolve_backend(backend: str, img: torch.Tensor) -> str:
     if backend == "auto":
-        backend = os.environ.get("FINEVITI_LOSS_BACKEND", "") or "auto"
+        backend = env_backend("FINEVITI_LOSS_BACKEND", BACKENDS, "contrastive loss") or "auto"
     if backend == "auto":
         return "triton" if img.device.type == "cuda" and img.dtype in _KERNEL_DTYPES else "chunked"
     if backend not in BACKENDS:
@@ -1037,7 +1037,7 @@ def _resolve_backend(backend: str, img: torch.Tensor) -> str:
     if backend == "triton":
         if img.dtype not in _KERNEL_DTYPES:
             raise TypeError(f"backend='triton' takes bf16, fp16 or fp32 features, got {img.dtype}")
-        if img.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        if img.device.type != "cuda" and not triton_interpreting():
             raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {img.device}")
         refuse_interpreted_bf16("contrastive loss", img, "backend='chunked'")
     return backend

@@ -11,7 +11,6 @@ projection into contiguous q, k, v while rotating q and k, reading the projectio
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
@@ -112,7 +111,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         raise ValueError(f"rope_2d: backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         backend = _env_backend() or ("triton" if device.type == "cuda" else ("cpp" if _HAS_CPP_OPS else "torch"))
-    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+    if backend == "triton" and device.type != "cuda" and not _checks.triton_interpreting():
         raise ValueError(f"rope_2d: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {device}")
     if backend in ("cuda", "cpp") and not _HAS_CPP_OPS:
         raise RuntimeError(f"rope_2d: backend={backend!r} needs the compiled extension fineviti._C with the rope "
