@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up this checkout (scripts/setup.sh), runs the tests (arguments go to pytest; the default leaves out
-# the `slow` sweeps), then the kernel tests under triton 3.6's interpreter (scripts/test_triton36.sh, the GPU
+# the `slow` sweeps), lints with ruff, then the kernel tests under triton 3.6's interpreter (scripts/test_triton36.sh, the GPU
 # machines' triton; FINEVITI_TEST_T36=0 leaves them out) and the kernel report's CI check. Prints the time of each
 # stage.
 set -euo pipefail
@@ -17,6 +17,9 @@ status=0
 .venv/bin/python -m pytest "$@" || status=$?
 echo "== test.sh: tests took $(elapsed "$start")"
 [ "$status" -eq 0 ] || exit "$status"
+
+# lint (STYLE.md: ruff, the rules and line length of pyproject.toml), a second or two
+.venv/bin/ruff check . || exit $?
 
 if [ "${FINEVITI_TEST_T36:-1}" != "0" ]; then
   start=$(date +%s%N)
