@@ -2,17 +2,32 @@
 on a machine without a GPU, with the resources each one takes.
 
 Triton compiles ahead of time for a named target (`triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`
-needs no GPU); nvcc does the same for csrc/*.cu. The cubins are read with the `cuobjdump` and `nvdisasm` that ship
-inside the triton package: registers, stack and local memory (`--dump-resource-usage`), the SASS (matrix
-instructions HGMMA / HMMA, local loads and stores, setmaxnreg). Triton's shared memory is dynamic, so it comes from
-the compiled kernel's metadata ("shared"), not from the cubin. Blocks per SM follow CUDA's occupancy calculator
-(cuda_occupancy.h) with the H100's limits.
+needs no GPU); nvcc does the same for csrc/*.cu (`nvcc -cubin -Xptxas -v`). The cubins are read with the
+`cuobjdump` that ships inside the triton package: registers, stack and local memory (`--dump-resource-usage`), the
+SASS (`-sass`: matrix instructions HGMMA / HMMA, local loads and stores, setmaxnreg, loops) and the ELF sections
+(`-elf`: __launch_bounds__, the reserved shared memory window). Spill figures are not in the cubin: they come from
+ptxas's `-v` log (nvcc's, or Triton's own ptxas step run again with its log printed, for rows with local memory),
+with the spills of __noinline__ callees counted against the kernels that may call them. c++filt demangles the CUDA
+names. Triton's shared memory is dynamic, so it comes from the compiled kernel's metadata ("shared"), not from the
+cubin; a CUDA kernel's dynamic shared memory is declared in its source (`// kernel-report: NAME dynamic shared
+memory up to N bytes`). Blocks per SM follow CUDA's occupancy calculator (cuda_occupancy.h) with the H100's limits.
 
     python benchmarks/kernel_report.py [--arch 90] [--out DIR] [--kernel NAME] [--quick] [--check] [--jobs N]
 
---check exits non-zero, naming kernel and configuration, when a shipped configuration fails to compile, uses local
-memory (spills), or needs more shared memory than a block may have. Warnings (not failures): a 16-bit matrix kernel
-on sm_90 that uses HMMA rather than HGMMA, and warp specialisation that was asked for and did not happen.
+--check exits non-zero, naming kernel and configuration, when
+- a configuration does not compile, its cubin cannot be read, or its compile process dies (named with its exit code
+  and the end of its stderr; the other rows keep their own results);
+- it spills: ptxas reports more bytes of spill stores, in the kernel or in a function it may call (ptxas logs a
+  __noinline__ callee's spills under the callee's own name), than the row's declared `spill_allowance` (0 unless
+  kernels/registry.py declares one, with a reason); local memory with no ptxas log to tell whether it is spills
+  counts as spills;
+- it needs more shared memory (static + dynamic) than a block may have (227 KB), more than 255 registers per thread,
+  or cannot launch at all (0 blocks per SM);
+- a CUDA kernel uses `extern __shared__` without declaring its dynamic shared memory in the source;
+- a kernel declared in the registry ships no configuration at all.
+Warnings (not failures): local memory that ptxas says is not spills (a local array); spills within a declared
+allowance (printed with their reason); a 16-bit matrix kernel on sm_90 that uses HMMA rather than HGMMA; warp
+specialisation that was asked for and did not happen; ptxas and cuobjdump disagreeing on registers.
 With --device-check on a machine with a GPU, each cubin is also loaded through the CUDA driver and the report's
 registers, local memory, static shared memory and blocks per SM are compared with what the driver says.
 """
@@ -28,8 +43,10 @@ import inspect
 import json
 import multiprocessing
 import os
+import pickle
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -71,6 +88,7 @@ class SMLimits:
 
 
 H100 = SMLimits()
+SUPPORTED_ARCHS = {90: H100}  # --arch: the compute capabilities whose limits the report holds
 
 
 def _round_up(x: int, unit: int) -> int:
@@ -383,8 +401,13 @@ def failures(row: dict, limits: SMLimits = H100) -> list[str]:
             row["warnings"].append(note)
     elif row["local_bytes"] > 0 and (spills is None or spills > 0):
         what = f"{spills} bytes of spill stores" if spills is not None else "spills assumed (ptxas log unavailable)"
+        if row.get("callee_spills"):
+            what += " (" + ", ".join(f"{c['spill_stores']} in {fn}" for fn, c in row["callee_spills"].items()) + \
+                    ": not inlined, so ptxas logs it apart; this kernel may call it)"
         out.append(f"spills registers to local memory: {what}, {row['local_bytes']} bytes of local memory per "
                    f"thread, {row['local_instructions']} local loads/stores")
+    if row.get("undeclared_dynamic_shared"):
+        out.append(row["undeclared_dynamic_shared"])
     if row["shared_bytes"] > limits.smem_per_block:
         out.append(f"needs {row['shared_bytes']} bytes of shared memory, more than the {limits.smem_per_block} a "
                    f"block may have on the {limits.name}")
@@ -459,6 +482,14 @@ def compile_attrs(row, fn) -> dict:
     return {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k, t in row.signature.items() if t.startswith("*")}
 
 
+def _compile_options(row) -> dict:
+    """triton.compile's options for a row: its warps, stages and register cap (the launch's)."""
+    options = {"num_warps": row.num_warps, "num_stages": row.num_stages}
+    if getattr(row, "maxnreg", None):
+        options["maxnreg"] = row.maxnreg
+    return options
+
+
 def compile_row(row, arch: int = 90, keep_dir: str | Path | None = None, limits: SMLimits = H100) -> dict:
     """Compile one Shipped row for GPUTarget('cuda', arch, 32) in this process and analyse its cubin.
 
@@ -482,10 +513,7 @@ def compile_row(row, arch: int = 90, keep_dir: str | Path | None = None, limits:
                              f"{fn.arg_names}, got {list(row.signature)}")
         src = ASTSource(fn=fn, signature=dict(row.signature), constexprs=dict(row.constexprs),
                         attrs=compile_attrs(row, fn))
-        options = {"num_warps": row.num_warps, "num_stages": row.num_stages}
-        if getattr(row, "maxnreg", None):
-            options["maxnreg"] = row.maxnreg
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=_compile_options(row))
     except Exception as exc:  # noqa: BLE001  (any compile failure is a report row, not a crash)
         return {**_empty_row(row.kernel_name, label, arch), **base, "error": f"{type(exc).__name__}: {exc}",
                 "compile_s": round(time.perf_counter() - start, 2)}
@@ -521,12 +549,13 @@ def _analyse_compiled(compiled, row, label: str, arch: int, keep_dir, limits: SM
     out.update(base)
     out["spill_store_bytes"] = out["spill_load_bytes"] = 0
     if out["local_bytes"] > 0:
-        log = ptxas_log(compiled.asm["ptx"], GPUTarget("cuda", arch, 32),
-                        {"num_warps": row.num_warps, "num_stages": row.num_stages}).get(meta.name)
-        out["spill_store_bytes"] = log["spill_stores"] if log else None
-        out["spill_load_bytes"] = log["spill_loads"] if log else None
-        if log and log["regs"] != out["regs"]:
-            out["warnings"].append(f"ptxas rerun for its log used {log['regs']} registers, the cubin {out['regs']}")
+        log = ptxas_log(compiled.asm["ptx"], GPUTarget("cuda", arch, 32), _compile_options(row))
+        entry = log.get(meta.name)
+        out["spill_store_bytes"] = entry["spill_stores"] if entry else None
+        out["spill_load_bytes"] = entry["spill_loads"] if entry else None
+        add_callee_spills(out, callee_spills(log))  # one kernel per compile: every other function is its callee
+        if entry and entry["regs"] != out["regs"]:
+            out["warnings"].append(f"ptxas rerun for its log used {entry['regs']} registers, the cubin {out['regs']}")
         note_local_memory(out)
     out["function"] = meta.name
     out["global_scratch_bytes"] = getattr(meta, "global_scratch_size", 0) or 0
@@ -579,7 +608,9 @@ def _compile_located(located: tuple[str, str, int], fields: dict, arch: int, kee
 
 
 def compile_rows(rows, arch: int = 90, jobs: int | None = None, keep_dir: str | Path | None = None) -> list[dict]:
-    """Compile rows in a pool of fresh processes (spawned without TRITON_INTERPRET), in the rows' order."""
+    """Compile rows in a pool of fresh processes (spawned without TRITON_INTERPRET), in the rows' order. When a
+    process dies (which breaks the pool), the rows not yet finished run again one per process: a row whose own
+    process dies gets an error with the exit code and the end of its stderr ("exit_code", "stderr_tail")."""
     rows = list(rows)
     if not rows:
         return []
@@ -590,20 +621,62 @@ def compile_rows(rows, arch: int = 90, jobs: int | None = None, keep_dir: str | 
         tasks.append((_locate(row), fields, arch, None if keep_dir is None else str(keep_dir)))
     ctx = multiprocessing.get_context("spawn")
     saved = os.environ.pop("TRITON_INTERPRET", None)  # the spawned interpreters inherit the environment
+    results: list[dict | None] = []
     try:
         with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init) as pool:
             futures = [pool.submit(_compile_located, *task) for task in tasks]
-            results = []
             for row, fut in zip(rows, futures, strict=True):
                 try:
                     results.append(fut.result())
-                except Exception as exc:  # noqa: BLE001  (a worker that died names its row)
+                except concurrent.futures.process.BrokenProcessPool:
+                    results.append(None)  # some worker died hard: which row killed it is found below
+                except Exception as exc:  # noqa: BLE001  (any other failure names its row)
                     results.append({**_empty_row(row.kernel_name, config_label(row), arch), "source": "triton",
                                     "error": f"{type(exc).__name__}: {exc}"})
     finally:
         if saved is not None:
             os.environ["TRITON_INTERPRET"] = saved
+    # A worker that dies (an LLVM abort, a segfault) breaks the whole pool: every row it had not finished fails with
+    # BrokenProcessPool, the culprit among them. Each of those runs again alone, in a process of its own.
+    unfinished = [i for i, r in enumerate(results) if r is None]
+    if unfinished:
+        with concurrent.futures.ThreadPoolExecutor(min(jobs, len(unfinished))) as threads:
+            alone = threads.map(lambda i: _compile_alone(tasks[i]), unfinished)
+            for i, (row_out, died) in zip(unfinished, alone, strict=True):
+                results[i] = row_out if died is None else {
+                    **_empty_row(rows[i].kernel_name, config_label(rows[i]), arch), "source": "triton", **died}
     return results
+
+
+def _compile_alone(task: tuple) -> tuple[dict | None, dict | None]:
+    """Compile one row in a fresh Python process of its own: (its row, None), or (None, why) when the process dies,
+    with its exit code and the end of its stderr."""
+    with tempfile.TemporaryDirectory() as tmp:
+        task_file, out_file = Path(tmp) / "task.pickle", Path(tmp) / "row.pickle"
+        task_file.write_bytes(pickle.dumps(list(sys.path)) + pickle.dumps(task))
+        code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); from benchmarks.kernel_report import "
+                "_compile_task_file; _compile_task_file(sys.argv[1], sys.argv[2])")
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        proc = subprocess.run([sys.executable, "-c", code, str(task_file), str(out_file)], capture_output=True,
+                              text=True, env=env)
+        if proc.returncode == 0 and out_file.exists():
+            return pickle.loads(out_file.read_bytes()), None
+    rc = proc.returncode
+    how = f"exit code {rc}" + (f" ({signal.Signals(-rc).name})" if rc < 0 and -rc in signal.valid_signals() else "")
+    tail = proc.stderr.strip()[-2000:]
+    last = tail.splitlines()[-1] if tail else "(nothing on stderr)"
+    return None, {"error": f"the compile process died with {how}; the last line of its stderr: {last}",
+                  "exit_code": rc, "stderr_tail": tail}
+
+
+def _compile_task_file(task_file: str, out_file: str) -> None:
+    """The body of `_compile_alone`'s process: the task from one pickle file, the row into another."""
+    os.environ.pop("TRITON_INTERPRET", None)
+    with open(task_file, "rb") as f:
+        search_path = pickle.load(f)  # first the parent's sys.path, which unpickling the task may need
+        sys.path[:] = search_path + [p for p in sys.path if p not in search_path]
+        task = pickle.load(f)
+    Path(out_file).write_bytes(pickle.dumps(_compile_located(*task)))
 
 
 def quick_rows(rows) -> list:
@@ -665,7 +738,10 @@ _PTXAS_LMEM = re.compile(r"(\d+) bytes lmem")
 
 
 def parse_ptxas_verbose(text: str) -> dict[str, dict[str, int]]:
-    """`ptxas -v` output -> {mangled entry: {"regs", "stack", "spill_stores", "spill_loads", "smem", "lmem"}}."""
+    """`ptxas -v` output -> {mangled function: {"regs", "stack", "spill_stores", "spill_loads", "smem", "lmem",
+    "entry"}}: every function ptxas compiled, "entry" 1 for a kernel ("Compiling entry function") and 0 for a
+    function it calls that was not inlined (a __noinline__ callee, a Triton noinline function), whose spills ptxas
+    reports under the callee's own "Function properties" line, not the kernel's."""
     out: dict[str, dict[str, int]] = {}
     current = None
     for line in text.splitlines():
@@ -673,7 +749,9 @@ def parse_ptxas_verbose(text: str) -> dict[str, dict[str, int]]:
         if m:
             current = m.group(1)
             out.setdefault(current, {"regs": 0, "stack": 0, "spill_stores": 0, "spill_loads": 0, "smem": 0,
-                                     "lmem": 0})
+                                     "lmem": 0, "entry": 0})
+            if _PTXAS_ENTRY.search(line):
+                out[current]["entry"] = 1
             continue
         if current is None:
             continue
@@ -686,6 +764,24 @@ def parse_ptxas_verbose(text: str) -> dict[str, dict[str, int]]:
         if m := _PTXAS_LMEM.search(line):
             out[current]["lmem"] = int(m[1])
     return out
+
+
+def callee_spills(ptxas: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    """The functions of a parsed ptxas log that are not kernels and spill: {function: {"spill_stores", "spill_loads"}}.
+    The cubin holds no trace of them (their code sits inside their callers'), so their spills count against the
+    kernels that may call them."""
+    return {fn: {"spill_stores": p["spill_stores"], "spill_loads": p["spill_loads"]} for fn, p in ptxas.items()
+            if not p.get("entry") and (p["spill_stores"] or p["spill_loads"])}
+
+
+def add_callee_spills(row: dict, callees: dict[str, dict[str, int]], names: dict[str, str] | None = None) -> None:
+    """Count the spills of non-inlined callees (`callee_spills`) in a kernel's row, named in "callee_spills"."""
+    if not callees:
+        return
+    if row.get("spill_store_bytes") is not None:  # None: no log for the kernel itself, spills assumed anyway
+        row["spill_store_bytes"] += sum(c["spill_stores"] for c in callees.values())
+        row["spill_load_bytes"] = (row.get("spill_load_bytes") or 0) + sum(c["spill_loads"] for c in callees.values())
+    row["callee_spills"] = {(names or {}).get(fn, fn): c for fn, c in callees.items()}
 
 
 def demangle(names: list[str]) -> dict[str, str]:
@@ -713,6 +809,44 @@ def _launch_bounds(elf: str) -> dict[str, int]:
     return out
 
 
+_GLOBAL_FN = re.compile(r"__global__\s+(?:void\s+)?(?:__launch_bounds__\s*\((?:[^()]|\([^()]*\))*\)\s*)?(?:void\s+)?"
+                        r"(\w+)\s*\(")
+
+
+def _matching(text: str, start: int, open_: str, close: str) -> int:
+    """Index just past the bracket that closes the one at text[start]."""
+    depth = 0
+    for i in range(start, len(text)):
+        depth += (text[i] == open_) - (text[i] == close)
+        if depth == 0:
+            return i + 1
+    return len(text)
+
+
+def dynamic_shared_users(source: str) -> tuple[dict[str, int], list[int]]:
+    """Where a CUDA source declares `extern __shared__` (dynamic shared memory, sized by the launch): {kernel name:
+    line} for declarations inside a __global__ function's body, and the lines of those outside any (in a __device__
+    helper, which some kernel calls). Comments are ignored; brackets are counted, not parsed."""
+    code = re.sub(r"//[^\n]*|/\*.*?\*/", lambda m: re.sub(r"[^\n]", " ", m[0]), source, flags=re.S)
+    bodies = []
+    for m in _GLOBAL_FN.finditer(code):
+        after = _matching(code, m.end() - 1, "(", ")")
+        brace = re.match(r"\s*\{", code[after:])
+        if brace:  # a definition, not a declaration
+            begin = after + brace.end() - 1
+            bodies.append((m[1], begin, _matching(code, begin, "{", "}")))
+    users: dict[str, int] = {}
+    stray = []
+    for m in re.finditer(r"\bextern\s+__shared__\b", code):
+        line = code.count("\n", 0, m.start()) + 1
+        owner = next((name for name, lo, hi in bodies if lo <= m.start() < hi), None)
+        if owner is None:
+            stray.append(line)
+        else:
+            users.setdefault(owner, line)
+    return users, stray
+
+
 def compile_cuda_file(path: str | Path, arch: int = 90, include_dirs: list[str] | None = None,
                       assumed_threads: int = 256, limits: SMLimits = H100, keep_dir: str | Path | None = None
                       ) -> list[dict]:
@@ -738,15 +872,25 @@ def compile_cuda_file(path: str | Path, arch: int = 90, include_dirs: list[str] 
         funcs = read_cubin(cubin)
         bounds = _launch_bounds(_run_tool([nvidia_tool("cuobjdump"), "-elf", str(cubin)]))
     names = demangle(sorted(funcs))
+    source = path.read_text()
     # what a launch adds as dynamic shared memory (extern __shared__), which the cubin cannot say: declared in the
     # source as "kernel-report: NAME dynamic shared memory up to BYTES bytes"
     dynamic = {m[1]: int(m[2]) for m in re.finditer(r"kernel-report: (\w+) dynamic shared memory up to (\d+) bytes",
-                                                    Path(path).read_text())}
+                                                    source)}
+    users, stray = dynamic_shared_users(source)
+    # A callee's spills cannot be pinned on its caller from the cubin (the callee's code sits inside the caller's):
+    # they count against every kernel that makes calls and has the local memory a spill needs, or, if none is
+    # both, every kernel with local memory, or else every kernel of the file.
+    callees = callee_spills(ptxas)
+    with_local = [fn for fn, info in funcs.items() if info["usage"].get("LOCAL", 0) + info["usage"].get("STACK", 0)]
+    charged = ([fn for fn in with_local if funcs[fn]["ops"]["CALL"]] or with_local or list(funcs)) if callees else []
+    callee_names = demangle(sorted(callees))
     rows = []
     for fn, info in funcs.items():
         threads = bounds.get(fn)
         num_warps = -(-(threads or assumed_threads) // limits.warp_size)
-        extra = next((b for name, b in dynamic.items() if re.search(rf"\b{name}\b", names[fn])), 0)
+        declared = [name for name in dynamic if re.search(rf"\b{name}\b", names[fn])]
+        extra = dynamic[declared[0]] if declared else 0
         config = f"{path.name} sm_{arch}, " + (f"{threads} threads (__launch_bounds__)" if threads
                                                else f"{assumed_threads} threads (assumed)")
         config += f", up to {extra} B dynamic shared memory (declared in the source)" if extra else ""
@@ -755,7 +899,18 @@ def compile_cuda_file(path: str | Path, arch: int = 90, include_dirs: list[str] 
         p = ptxas.get(fn, {})
         row.update(source="cuda", function=fn, triton=None, spill_store_bytes=p.get("spill_stores"),
                    spill_load_bytes=p.get("spill_loads"), compile_s=round(time.perf_counter() - start, 2))
+        if fn in charged:
+            add_callee_spills(row, callees, callee_names)
         note_local_memory(row)
+        used = next((line for name, line in users.items() if re.search(rf"\b{name}\b", names[fn])), None)
+        if not declared and (used or stray):
+            where = (f"line {used}" if used else f"line {stray[0]}, in a function that is not a kernel (if this "
+                     "kernel does not call it, declare 0)")
+            short = next((name for name in users if re.search(rf"\b{name}\b", names[fn])), names[fn].split("(")[0])
+            row["undeclared_dynamic_shared"] = (
+                f"uses dynamic shared memory (extern __shared__, {path.name} {where}) without saying how much: "
+                f"its shared memory and blocks per SM leave it out; declare it in the source with a comment "
+                f"`// kernel-report: {short.split('::')[-1]} dynamic shared memory up to BYTES bytes`")
         if p and (p["regs"], p["smem"]) != (row["regs"], row["static_shared_bytes"]):
             row["warnings"].append(f"ptxas -v says {p['regs']} registers and {p['smem']} B shared memory, cuobjdump "
                                    f"{row['regs']} and {row['static_shared_bytes']}")
@@ -926,7 +1081,7 @@ def render_markdown(rows: list[dict], *, arch: int, elapsed_s: float, triton_ver
                      f"{_cell(r.get('spill_store_bytes'))} | {_cell(r.get('mma'))} | {ws} | {limit} | {hot} | "
                      f"{notes.replace('|', '/')} |")
     if not rows:
-        lines.append("| (no kernels declared) | | | | | | | | | | | |")
+        lines.append("| (no rows) | | | | | | | | | | | |")
     lines += ["", f"Check: {'FAILED' if problems else 'passed'}"]
     lines += [f"- {p}" for p in problems]
     grouped: dict[str, list[str]] = {}  # the same warning on many configurations is listed once
@@ -956,33 +1111,106 @@ def write_report(rows: list[dict], out_dir: str | Path, **kwargs) -> tuple[Path,
     return md, js
 
 
-def _load_rows(spec: str | None, kernel: str | None) -> list:
+def rows_function(spec: str):
+    """The function that `--rows MODULE:FUNCTION` names (FUNCTION defaults to `rows`), imported; a ValueError that
+    names the flag, the value and what is wrong when there is none."""
+    module, _, func = spec.partition(":")
+    func = func or "rows"
+    if not module:
+        raise ValueError(f"--rows {spec!r}: expected MODULE:FUNCTION, e.g. tests.kernels_for_report:rows")
+    try:
+        mod = importlib.import_module(module)
+    except Exception as exc:  # noqa: BLE001  (whatever the import raised, it is the value that is wrong)
+        raise ValueError(f"--rows {spec!r}: cannot import module {module!r} ({type(exc).__name__}: {exc}); expected "
+                         "a module importable from the repository root, e.g. tests.kernels_for_report") from None
+    fn = getattr(mod, func, None)
+    if not callable(fn):
+        raise ValueError(f"--rows {spec!r}: module {module!r} has no function {func!r}; expected a function of it "
+                         "that returns Shipped rows")
+    return fn
+
+
+def load_rows(spec: str | None, kernel: str | None) -> tuple[list, list[str]]:
+    """The rows to compile, from `--rows` or from the registry (only `kernel`'s, when given: a registry name or a
+    Shipped.kernel_name), and the problems --check fails on before any compile: a declared kernel that ships no
+    configuration. SystemExit for a `kernel` that matches nothing."""
+    problems: list[str] = []
     if spec:
-        module, _, func = spec.partition(":")
-        rows = list(getattr(importlib.import_module(module), func or "rows")())
+        rows = list(rows_function(spec)())
+        names = sorted({r.kernel_name for r in rows})
+        what = f"the kernel names of --rows {spec}"
     else:
         from fineviti.kernels import registry
 
-        if kernel in registry.declared():
-            return registry.shipped(kernel)
-        rows = registry.shipped()
+        declared = registry.declared()
+        names = sorted(declared)
+        what = "the registry names"
+        rows = []
+        for name in [kernel] if kernel in declared else declared:
+            shipped = registry.shipped(name)
+            if not shipped:
+                problems.append(f"{name}: declared in fineviti.kernels.registry, but its configurations function "
+                                "returned no rows: nothing of it is compiled or checked")
+            rows += shipped
+        if kernel in declared:
+            return rows, problems
     if kernel:
-        known = sorted({r.kernel_name for r in rows})
         rows = [r for r in rows if r.kernel_name == kernel]
         if not rows:
-            raise SystemExit(f"--kernel {kernel!r}: no such kernel; expected one of {known}")
-    return rows
+            raise SystemExit(f"--kernel {kernel!r}: no such kernel; expected one of {what}: {names}")
+        problems = []
+    return rows, problems
+
+
+def _check_folder_arg(p: argparse.ArgumentParser, flag: str, value: str | None) -> None:
+    """A folder the report writes into: it may not exist yet, but it may not be (or lie under) a file."""
+    if value is None:
+        return
+    for path in [Path(value), *Path(value).parents]:
+        if path.exists():
+            if not path.is_dir():
+                p.error(f"{flag} {value!r}: expected a folder to write into (it may not exist yet), but "
+                        f"{'it' if path == Path(value) else str(path)!r} is an existing file")
+            return
+
+
+def validate_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every flag checked before anything compiles; argparse's error (exit 2) names the flag and the value."""
+    if args.arch not in SUPPORTED_ARCHS:
+        p.error(f"--arch {args.arch}: expected one of {sorted(SUPPORTED_ARCHS)}, the compute capabilities whose "
+                "limits (registers, shared memory, occupancy) the report holds")
+    if args.jobs is not None and args.jobs < 1:
+        p.error(f"--jobs {args.jobs}: expected a positive count")
+    _check_folder_arg(p, "--out", args.out)
+    _check_folder_arg(p, "--keep", args.keep)
+    if args.csrc is not None:
+        csrc = Path(args.csrc)
+        if not csrc.is_dir():
+            p.error(f"--csrc {args.csrc!r}: expected a folder of .cu files, got "
+                    f"{'a file' if csrc.exists() else 'a path that does not exist'}")
+        if not any(csrc.glob("*.cu")):
+            p.error(f"--csrc {args.csrc!r}: expected a folder of .cu files, got a folder with none")
+    if args.rows:
+        try:
+            rows_function(args.rows)
+        except ValueError as exc:
+            p.error(str(exc))
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU; must happen before anything imports triton
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--arch", type=int, default=90, help="compute capability to compile for (default 90)")
+    p.add_argument("--arch", type=int, default=90, help="compute capability to compile for: "
+                   f"{', '.join(map(str, sorted(SUPPORTED_ARCHS)))} (default 90)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="folder for kernel_report.md/.json")
     p.add_argument("--kernel", help="only this kernel (its registry name or its Shipped.kernel_name)")
     p.add_argument("--quick", action="store_true", help="one configuration per kernel, head dim and dtype")
-    p.add_argument("--check", action="store_true", help="exit 1 when a configuration fails to compile, spills, "
-                   "or overflows shared memory")
+    p.add_argument("--check", action="store_true", help="exit 1 when a configuration does not compile (or its "
+                   "compile process dies),\nspills more than its declared spill_allowance (0 unless declared; the "
+                   "spills of\nfunctions it calls count), needs more shared memory or registers than a block may "
+                   "have,\nor cannot launch; when a CUDA kernel's extern __shared__ is not declared; or when a\n"
+                   "declared kernel ships no configuration. Local memory that is not spills, and spills\nwithin "
+                   "an allowance, only warn.")
     p.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: CPU count)")
     p.add_argument("--no-csrc", action="store_true", help="leave out the CUDA kernels of csrc/")
     p.add_argument("--csrc", help="folder of .cu files (default csrc/, or none with --rows or --kernel)")
@@ -990,11 +1218,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", help="keep cubins, PTX and IR in this folder")
     p.add_argument("--device-check", action="store_true", help="on a GPU: compare with the CUDA driver's figures")
     args = p.parse_args(argv)
-    if args.jobs is not None and args.jobs < 1:
-        p.error(f"--jobs: expected a positive count, got {args.jobs}")
+    validate_args(p, args)
 
     start = time.perf_counter()
-    rows = _load_rows(args.rows, args.kernel)
+    rows, declared_problems = load_rows(args.rows, args.kernel)
     if args.quick:
         rows = quick_rows(rows)
     keep = args.keep
@@ -1011,7 +1238,7 @@ def main(argv: list[str] | None = None) -> int:
         import triton
 
         triton_version = triton.__version__
-    problems = [f"{r['kernel']} [{r['config']}]: {why}" for r in results for why in failures(r)]
+    problems = declared_problems + [f"{r['kernel']} [{r['config']}]: {why}" for r in results for why in failures(r)]
     mismatches = device_check(results) if args.device_check else []
     elapsed = time.perf_counter() - start
     command = "python benchmarks/kernel_report.py " + " ".join(argv if argv is not None else sys.argv[1:])

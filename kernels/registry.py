@@ -3,8 +3,10 @@
 A kernel module calls `declare(name, kernel, configs)` at import time, where `configs` is a function
 returning `Shipped` rows: one per (autotune config x representative constexprs x dtype) that the
 kernel can launch with in production. `benchmarks/kernel_report.py` compiles each row ahead of time
-for a named target (no GPU needed) and reads its resources; the interpreter tests run the same
-configurations through `Shipped.launch_options()` on small ragged inputs.
+for a named target (no GPU needed) and reads its resources; the interpreter tests run the shipped
+block shapes (`shipped(name)`) on small ragged inputs. Every kernel a module launches is
+declared (tests/test_kernel_report_coverage.py scans for launches), a launch runs with the warps and stages its rows
+declare, and a declaration whose configurations function returns no rows fails the report's --check.
 """
 
 from __future__ import annotations
@@ -58,13 +60,14 @@ def declare(name: str, fn: object, configs: Callable[[], list[Shipped]]) -> None
 
 
 def elementwise_row(kernel_name: str, label: str, signature: dict[str, str], constexprs: dict[str, object],
-                    num_warps: int, width_arg: str) -> Shipped:
-    """A row of a row-wise elementwise kernel (the fused norm and SwiGLU): one stage, and specialised as the
-    launch does for the shipped widths: the pointers, the row strides and `width_arg` divisible by 16."""
+                    num_warps: int, width_arg: str, num_stages: int) -> Shipped:
+    """A row of a row-wise elementwise kernel (the fused norm and SwiGLU) with the warps and stages its launcher
+    passes (both from the module's `config()`, which the launch reads too), specialised as the launch does for the
+    shipped widths: the pointers, the row strides and `width_arg` divisible by 16."""
     aligned = tuple(n for n, t in signature.items() if t.startswith("*") or n == width_arg
                     or n.startswith("stride_"))
     return Shipped(kernel_name=kernel_name, label=label, signature=signature, constexprs=constexprs,
-                   num_warps=num_warps, num_stages=1, aligned=aligned)
+                   num_warps=num_warps, num_stages=num_stages, aligned=aligned)
 
 
 def compile_attrs(row: Shipped) -> dict:

@@ -93,15 +93,16 @@ def rmsnorm_bwd_kernel(
 
 
 def config(width: int) -> dict:
-    """BLOCK_W (the width rounded up to a power of two), BLOCK_R rows per program (4096 elements, at most 16 rows)
-    and the warps (32 elements per thread): one config per width, no autotuning (the interpreter runs what the GPU
+    """BLOCK_W (the width rounded up to a power of two), BLOCK_R rows per program (4096 elements, at most 16 rows),
+    the warps (32 elements per thread) and one stage (the kernel report's figures are for one; the launch passes it
+    rather than take Triton's default): one config per width, no autotuning (the interpreter runs what the GPU
     runs). At 8192 elements per program over 4 warps the backward took 255 registers and spilled at width 384."""
     if not 1 <= width <= MAX_WIDTH:
         raise ValueError(f"rms_norm (triton): width must be in [1, {MAX_WIDTH}], got {width}")
     block_w = triton.next_power_of_2(width)
     block_r = max(1, min(16, _ELEMENTS // block_w))
     num_warps = max(4, min(8, block_r * block_w // 1024))
-    return {"BLOCK_R": block_r, "BLOCK_W": block_w, "num_warps": num_warps}
+    return {"BLOCK_R": block_r, "BLOCK_W": block_w, "num_warps": num_warps, "num_stages": 1}
 
 
 def forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,7 +115,8 @@ def forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Te
     cfg = config(width)
     rmsnorm_fwd_kernel[(triton.cdiv(rows, cfg["BLOCK_R"]),)](
         x, weight, y, rstd, rows, width, x.stride(0), y.stride(0), float(eps),
-        BLOCK_R=cfg["BLOCK_R"], BLOCK_W=cfg["BLOCK_W"], num_warps=cfg["num_warps"])
+        BLOCK_R=cfg["BLOCK_R"], BLOCK_W=cfg["BLOCK_W"], num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
     return y, rstd
 
 
@@ -133,7 +135,8 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     partial = torch.empty((programs, width), dtype=torch.float32, device=x.device)
     rmsnorm_bwd_kernel[(programs,)](
         dy, x, weight, rstd, dx, partial, rows, width, dy.stride(0), x.stride(0), dx.stride(0),
-        BLOCK_R=cfg["BLOCK_R"], BLOCK_W=cfg["BLOCK_W"], num_warps=cfg["num_warps"])
+        BLOCK_R=cfg["BLOCK_R"], BLOCK_W=cfg["BLOCK_W"], num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
     return dx, partial.sum(0).to(weight.dtype)
 
 
@@ -160,7 +163,8 @@ def _configs() -> list[registry.Shipped]:
                    "BLOCK_R": "constexpr", "BLOCK_W": "constexpr"}
             constexprs = {"BLOCK_R": cfg["BLOCK_R"], "BLOCK_W": cfg["BLOCK_W"]}
             label = f"w{width} {dtype}" + ("" if weight == "fp32" else f" weight-{weight}")
-            rows += [registry.elementwise_row(kernel, label, signature, constexprs, cfg["num_warps"], "width")
+            rows += [registry.elementwise_row(kernel, label, signature, constexprs, cfg["num_warps"], "width",
+                                              cfg["num_stages"])
                      for kernel, signature in (("rmsnorm_fwd_kernel", fwd), ("rmsnorm_bwd_kernel", bwd))]
     return rows
 

@@ -2,7 +2,12 @@
 # The kernel report as a CI gate (run after pytest): every shipped Triton configuration and every csrc/ kernel
 # compiled for sm_90 with triton 3.8 (.venv), then one configuration per kernel, head dim and dtype with triton 3.6
 # (the GPU machines' version) in a second, cached environment (.venv-t36, made by scripts/triton36_env.sh).
-# Fails when a configuration does not compile, spills, or overflows shared memory, with kernel and config named.
+# Fails, naming kernel and config, when a configuration does not compile (or its compile process dies), spills
+# more than its declared spill_allowance (kernels/registry.py; 0 unless declared, and a __noinline__ callee's spills
+# count), needs more shared memory or registers than a block may have, or cannot launch; when a csrc/ kernel uses
+# extern __shared__ without a `// kernel-report: NAME dynamic shared memory up to N bytes` comment; or when a
+# declared kernel ships no configuration. Local memory that is not spills (a local array) and spills within an
+# allowance are warnings only (see benchmarks/kernel_report.py's docstring).
 #   KERNEL_REPORT_T36_FULL=1   the full sweep with triton 3.6 too (opt-in: it doubles the time)
 #   FINEVITI_TEST_T36=0        leaves the triton 3.6 part out (as scripts/test.sh leaves out its interpreter run)
 #   KERNEL_REPORT_OUT=DIR      where the reports go (default out/kernel_report/, ignored by git)

@@ -8,6 +8,8 @@ every other test and into the real report); `rows()` returns their `Shipped` row
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 
 import triton
 import triton.language as tl
@@ -100,6 +102,54 @@ def broken_kernel(x_ptr, BLOCK: tl.constexpr):
     tl.store(x_ptr + tl.arange(0, BLOCK), tl.zeros((BLOCK,), dtype=tl.float32))
 
 
+@triton.jit(noinline=True)
+def _spilling_rownorm_noinline(x_ptr, y_ptr, n, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """spilling_rownorm_kernel's body as a function of its own that Triton does not inline: ptxas logs its spills
+    under its own name, not the kernel's."""
+    r = tl.arange(0, ROWS)
+    c = tl.arange(0, COLS)
+    offsets = r[:, None] * n + c[None, :]
+    mask = c[None, :] < n
+    x = tl.load(x_ptr + offsets, mask=mask, other=1.0)
+    s = tl.sum(x * x, 1)
+    tl.store(y_ptr + offsets, x / s[:, None], mask=mask)
+
+
+@triton.jit
+def noinline_spill_kernel(
+    x_ptr,  # (ROWS, n)
+    y_ptr,  # (ROWS, n)
+    n,
+    ROWS: tl.constexpr,
+    COLS: tl.constexpr,
+):
+    _spilling_rownorm_noinline(x_ptr, y_ptr, n, ROWS, COLS)
+
+
+@triton.jit
+def tiny_copy_kernel(x_ptr, y_ptr, BLOCK: tl.constexpr):
+    """The cheapest kernel to compile: one block copied."""
+    offs = tl.arange(0, BLOCK)
+    tl.store(y_ptr + offs, tl.load(x_ptr + offs))
+
+
+class AbortsInAnotherProcess:
+    """A constexpr value that kills the process compiling it, as an LLVM assertion or a segfault in the compiler
+    would: Triton hashes its constexprs by str(), and str() calls os.abort() in any process but the one that made
+    the value (pickling keeps the maker's pid), so the test process itself can print it safely."""
+
+    def __init__(self) -> None:
+        self.maker_pid = os.getpid()
+
+    def __str__(self) -> str:
+        if os.getpid() != self.maker_pid:
+            print("fixture: this compile aborts on purpose", file=sys.stderr, flush=True)
+            os.abort()
+        return "AbortsInAnotherProcess"
+
+    __repr__ = __str__
+
+
 _MATMUL_SIG = {
     "a_ptr": "*fp16",
     "b_ptr": "*fp16",
@@ -171,6 +221,26 @@ def broken_row() -> Shipped:
 def capped_row() -> Shipped:
     """The clean kernel launched with a register cap (ptxas .maxnreg) below what it takes uncapped (168)."""
     return dataclasses.replace(clean_row(), label="fp16-BM64-BN64-BK32-w4-s2-r96", maxnreg=96)
+
+
+def noinline_spill_row() -> Shipped:
+    return dataclasses.replace(spilling_row(), kernel_name="fixture_noinline_spill", fn=noinline_spill_kernel)
+
+
+def copy_row(block: int = 32) -> Shipped:
+    return Shipped("fixture_copy", f"BLOCK{block}", {"x_ptr": "*fp32", "y_ptr": "*fp32", "BLOCK": "constexpr"},
+                   {"BLOCK": block}, num_warps=1, num_stages=1, fn=tiny_copy_kernel)
+
+
+def aborting_row() -> Shipped:
+    return dataclasses.replace(copy_row(), kernel_name="fixture_aborts", label="aborts",
+                               constexprs={"BLOCK": AbortsInAnotherProcess()})
+
+
+def dying_rows() -> list[Shipped]:
+    """A row whose compile kills its process between two that compile: run with one job, the first finishes in the
+    pool, the abort breaks it, and the last had not run."""
+    return [copy_row(32), aborting_row(), copy_row(64)]
 
 
 def rows() -> list[Shipped]:

@@ -258,7 +258,7 @@ def test_parsers_on_known_text():
         "    24 bytes stack frame, 20 bytes spill stores, 12 bytes spill loads\n"
         "ptxas info    : Used 255 registers, used 1 barriers, 512 bytes smem, 24 bytes cumulative stack size\n")
     assert ptxas["_Z1kPf"] == {"regs": 255, "stack": 24, "spill_stores": 20, "spill_loads": 12, "smem": 512,
-                               "lmem": 0}
+                               "lmem": 0, "entry": 1}
     assert kr.dot_operand_types(
         "%5 = tt.dot %a, %b, %c, inputPrecision = tf32 : tensor<64x32xbf16> * tensor<32x64xbf16> -> "
         "tensor<64x64xf32> loc(#loc1)") == ["bf16"]
