@@ -360,9 +360,10 @@ def main(argv=None):
 
 
 def _interpreting() -> bool:
-    import os
 
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    from fineviti._checks import triton_interpreting
+
+    return triton_interpreting()
 
 
 def _print_ratios(rows):

@@ -27,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from fineviti._checks import triton_interpreting  # noqa: E402
+
 PROVIDERS = ("ours", "ours_gemm", "naive", "chunked", "compiled")
 MODES = ("fwd", "full")
 LOSSES = ("siglip", "clip")
@@ -94,7 +96,7 @@ class _LogitsModeLoss:
 
 
 def skip_reason(provider: str, n: int, device: torch.device) -> str | None:
-    if provider.startswith("ours") and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if provider.startswith("ours") and device.type != "cuda" and not triton_interpreting():
         return "Triton needs a GPU (or TRITON_INTERPRET=1)"
     if provider in _BYTES_PER_LOGIT and device.type == "cuda":
         need = _BYTES_PER_LOGIT[provider] * n * n

@@ -19,7 +19,6 @@ On a CPU it runs tiny shapes of the providers that run there (not torch.compile)
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -28,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from benchmarks.common import Recorder  # noqa: E402
+from fineviti._checks import triton_interpreting  # noqa: E402
 from fineviti.ops import glu, norm  # noqa: E402
 
 OPS = ("rms_norm", "swiglu")
@@ -60,7 +60,7 @@ def provider_fn(op, provider):
 
 
 def available(provider, device) -> str | None:
-    if provider == "ours" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+    if provider == "ours" and device.type != "cuda" and not triton_interpreting():
         return "needs a GPU (or TRITON_INTERPRET=1)"
     if provider == "torch_fused" and not hasattr(torch.nn.functional, "rms_norm"):
         return "this torch has no F.rms_norm"

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from benchmarks.common import Recorder, bench, comparable, percentiles  # noqa: E402
+from fineviti._checks import triton_interpreting  # noqa: E402
 from fineviti.ops import rope as rope_ops  # noqa: E402
 
 PROVIDERS = ("copy", "torch_eager", "torch_compile", "triton", "cuda", "cpp", "eager_split", "split_copy",
@@ -201,9 +202,8 @@ def measure(forward, inputs, mode) -> dict:
 
 def available(provider, device) -> str | None:
     """None when the provider runs here, else why not."""
-    import os
 
-    if provider in ("triton", "triton_split") and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if provider in ("triton", "triton_split") and device.type != "cuda" and not triton_interpreting():
         return "Triton needs a GPU (or TRITON_INTERPRET=1)"
     if provider == "cuda" and (device.type != "cuda" or not rope_ops._HAS_CPP_OPS):
         return "needs a GPU and the built extension"

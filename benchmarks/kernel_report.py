@@ -648,6 +648,9 @@ def compile_rows(rows, arch: int = 90, jobs: int | None = None, keep_dir: str | 
     return results
 
 
+COMPILE_ALONE_TIMEOUT_S = 1800
+
+
 def _compile_alone(task: tuple) -> tuple[dict | None, dict | None]:
     """Compile one row in a fresh Python process of its own: (its row, None), or (None, why) when the process dies,
     with its exit code and the end of its stderr."""
@@ -657,8 +660,14 @@ def _compile_alone(task: tuple) -> tuple[dict | None, dict | None]:
         code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); from benchmarks.kernel_report import "
                 "_compile_task_file; _compile_task_file(sys.argv[1], sys.argv[2])")
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        proc = subprocess.run([sys.executable, "-c", code, str(task_file), str(out_file)], capture_output=True,
-                              text=True, env=env)
+        try:  # a compiler's stderr need not be UTF-8; no single row compiles for anywhere near the limit
+            proc = subprocess.run([sys.executable, "-c", code, str(task_file), str(out_file)], capture_output=True,
+                                  text=True, errors="replace", env=env, timeout=COMPILE_ALONE_TIMEOUT_S)
+        except subprocess.TimeoutExpired as exc:
+            tail = (exc.stderr or b"").decode(errors="replace")[-2000:] if isinstance(exc.stderr, bytes) \
+                else (exc.stderr or "")[-2000:]
+            return None, {"error": f"the compile process ran past {COMPILE_ALONE_TIMEOUT_S} s and was stopped",
+                          "exit_code": None, "stderr_tail": tail}
         if proc.returncode == 0 and out_file.exists():
             return pickle.loads(out_file.read_bytes()), None
     rc = proc.returncode

@@ -32,8 +32,9 @@ def env_flag(variable: str, default: bool = False) -> bool:
 
 
 def triton_interpreting() -> bool:
-    """Whether Triton runs kernels in its interpreter, read as Triton reads TRITON_INTERPRET."""
-    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in _ON
+    """Whether Triton runs kernels in its interpreter, read exactly as Triton reads TRITON_INTERPRET (its getenv_bool:
+    any case, no surrounding spaces)."""
+    return os.environ.get("TRITON_INTERPRET", "").lower() in _ON
 
 
 def env_backend(variable: str, backends: tuple[str, ...], what: str) -> str | None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 
@@ -105,9 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except USAGE_ERRORS as exc:
+        from fineviti._checks import env_flag
         from fineviti._errors import keeps_traceback
 
-        if keeps_traceback(exc) or os.environ.get("FINEVITI_TRACEBACK", "0") not in ("", "0"):
+        if keeps_traceback(exc) or env_flag("FINEVITI_TRACEBACK"):
             raise
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
         print(f"fineviti {args.command}: error: {type(exc).__name__}: {message}\n"

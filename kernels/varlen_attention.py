@@ -51,7 +51,7 @@ def _interpreter_descriptor_reduce() -> None:
     builder.create_descriptor_reduce = create_descriptor_reduce
 
 
-if os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on", "y"):  # as Triton reads it
+if os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "yes", "on", "y"):  # as Triton's getenv_bool
     _interpreter_descriptor_reduce()
 
 # ----------------------------------------------------------------------------------------------------------------

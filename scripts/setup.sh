@@ -42,11 +42,13 @@ else
 fi
 stage_done "dependencies"
 
-# Rebuilt when the C++/CUDA sources, the build files, torch or the build knobs change, or the library is gone.
+# Rebuilt when the C++/CUDA sources, the build files, torch, the build knobs or where nvcc is change, or the
+# library is gone (a build made before a CUDA toolkit was installed has no CUDA part).
 stage "build of fineviti._C"
 build_stamp=$(cat setup.py CMakeLists.txt pyproject.toml csrc/* \
   <(ls -d .venv/lib/python*/site-packages/torch-*.dist-info) \
-  <(echo "${FINEVITI_SKIP_CUDA_BUILD:-} ${TORCH_CUDA_ARCH_LIST:-} ${FINEVITI_BUILD_TYPE:-}") | sha256sum | cut -c1-16)
+  <(echo "${FINEVITI_SKIP_CUDA_BUILD:-} ${TORCH_CUDA_ARCH_LIST:-} ${FINEVITI_BUILD_TYPE:-}") \
+  <(ls "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" 2>/dev/null; command -v nvcc || true) | sha256sum | cut -c1-16)
 if [ "$(cat build/.build-stamp 2>/dev/null)" != "$build_stamp" ] || ! ls fineviti/_C.*.so >/dev/null 2>&1 \
   || [ ! -x .venv/bin/fineviti ]; then
   "$PY" -m pip install --quiet --disable-pip-version-check --no-build-isolation --no-deps -e .

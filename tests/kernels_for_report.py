@@ -143,6 +143,9 @@ class AbortsInAnotherProcess:
 
     def __str__(self) -> str:
         if os.getpid() != self.maker_pid:
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core file in the working folder
             print("fixture: this compile aborts on purpose", file=sys.stderr, flush=True)
             os.abort()
         return "AbortsInAnotherProcess"

@@ -39,6 +39,6 @@ def test_triton_interpreting_reads_as_triton_does(monkeypatch):
     and refused CPU tensors."""
     from triton._C.libtriton import getenv_bool
 
-    for value in ("1", "true", "ON", "y", "0", "false", "", "2", "maybe"):
+    for value in ("1", "true", "ON", "y", "0", "false", "", "2", "maybe", " 1", "true "):
         monkeypatch.setenv("TRITON_INTERPRET", value)
         assert _checks.triton_interpreting() is getenv_bool("TRITON_INTERPRET", False), value

@@ -88,7 +88,8 @@ def test_numpy_twin_equals_scalar_and_invariants_hold(rule):
 
 @pytest.mark.parametrize("rule", [SizeRule(), SizeRule(merge=2), SizeRule.for_budget(64, merge=2),
                                   SizeRule(patch=16, merge=2, min_pixels=5120, max_pixels=6144, max_aspect=3),
-                                  SizeRule(min_pixels=28 * 28 * 3, max_pixels=28 * 28 * 3, merge=2)])
+                                  SizeRule(min_pixels=28 * 28 * 3, max_pixels=28 * 28 * 3, merge=2),
+                                  SizeRule(min_pixels=28 * 28 * 2, max_pixels=28 * 28 * 2, merge=2, max_aspect=1)])
 def test_a_transposed_image_gets_the_transposed_size(rule):
     """The loader turns a photo upright after the planner sized it as stored (fineviti.data.pixels): that is the
     upright photo's own size only if the rule commutes with transposition. The guard's tie went to the height, so a

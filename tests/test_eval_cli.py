@@ -79,9 +79,12 @@ def test_eval_refuses_an_out_that_is_a_file(trained, capsys, tmp_path):
 
     root, folder, _ = trained
     (tmp_path / "notes.txt").write_text("mine")
-    assert main(_args(root, "--checkpoint", str(folder), "--out", str(tmp_path / "notes.txt"))) == 2
-    assert "is a file; expected a folder" in capsys.readouterr().err
+    for out in (tmp_path / "notes.txt", tmp_path / "notes.txt" / "sub"):  # the second failed only after the work
+        assert main(_args(root, "--checkpoint", str(folder), "--out", str(out))) == 2
+        assert "notes.txt' is a file; expected a folder" in capsys.readouterr().err
     assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert main(_args(root, "--checkpoint", str(folder), "--overwrite")) == 2
+    assert "--overwrite applies to --out" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("change,named", [

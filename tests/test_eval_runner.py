@@ -542,5 +542,8 @@ def test_region_boxes_in_the_declared_upright_frame_and_pil_images_keep_their_ta
         assert evaluator.run({"r": task})["r"]["n"] == 2
     torch.testing.assert_close(as_declared[0], as_stored[0], rtol=0, atol=0)
     torch.testing.assert_close(pil_emb, emb, rtol=0, atol=0)
+    broken = Image.new("RGB", (28, 28))
+    broken.info["exif"] = b"Exif\0\0garbage"  # a malformed camera block: read as untagged, not an error
+    assert evaluator.encode_images([broken])[0].shape == (1, emb.shape[1])
     with pytest.raises(ValueError, match=r"EvalConfig\.box_frame must be one of"):
         EvalConfig(box_frame="raw")

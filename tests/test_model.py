@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import types
 
 import pytest
@@ -17,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import fineviti
+from fineviti._checks import triton_interpreting
 from fineviti.data.batch import PackedBatch
 from fineviti.data.positions import build_positions_ref
 from fineviti.model import (
@@ -35,7 +35,7 @@ from fineviti.model.layers import rope_1d, rope_1d_cos_sin
 from fineviti.ops.attention import varlen_attention_ref
 from fineviti.ops.rope import rope_2d_ref
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRET = triton_interpreting()
 
 SMALL = {"attn_backend": "torch", "rope_backend": "torch", "embed_dim": 48,
          "vision": {"width": 64, "depth": 2, "heads": 2, "mlp_hidden": 96},

@@ -19,12 +19,13 @@ import pytest
 import torch
 
 import fineviti  # noqa: F401  (loads the extension when built)
+from fineviti._checks import triton_interpreting
 from fineviti.ops import rope as rope_mod
 from fineviti.ops.rope import qkv_split_rope, rope_2d, rope_2d_qk, rope_2d_ref
 
 CPP_BUILT = rope_mod._HAS_CPP_OPS
 CUDA = torch.cuda.is_available()
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRET = triton_interpreting()
 DEVICE = "cuda" if CUDA else "cpu"
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-3}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

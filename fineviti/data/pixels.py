@@ -106,6 +106,18 @@ class Orientation(NamedTuple):
         """The (height, width) of the boxes' frame for an image whose stored pixels are stored_hw."""
         return stored_hw[::-1] if self.boxes_upright and "t" in self.steps else stored_hw
 
+    def upright_size(self, stored_hw: tuple[int, int]) -> tuple[int, int]:
+        """The (height, width) of the upright picture of stored pixels of stored_hw."""
+        return stored_hw[::-1] if "t" in self.steps else stored_hw
+
+    def upright_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The stored pixels (..., h, w) turned upright (orient_pixels)."""
+        return orient_pixels(pixels, self.steps)
+
+    def upright_boxes(self, boxes: list, stored_hw: tuple[int, int]) -> list[tuple[float, float, float, float]]:
+        """Boxes given in their frame (box_frame_size), in original pixels, as boxes of the upright picture."""
+        return orient_boxes(boxes, *self.box_frame_size(stored_hw), self.box_steps())
+
 
 def read_orientation(data: bytes, declared_hw: tuple[int, int] | None = None, box_frame: str = "auto") -> Orientation:
     """The EXIF orientation of encoded image `data` from its header, as PIL's ImageOps.exif_transpose reads it (EXIF
@@ -233,10 +245,10 @@ def _positions(grid_hw: torch.Tensor, merge: int) -> tuple[torch.Tensor, torch.T
     return build_positions_ref(grid_hw, merge)
 
 
-def _boxes(raw: RawSample, source_hw: tuple[int, int], grid_hw: tuple[int, int], counters: Counter):
-    """Boxes in patch-grid coordinates (the image's grid of grid_hw patches) and their captions; boxes not inside
-    the image are skipped, counted."""
-    (src_h, src_w), (dst_h, dst_w) = source_hw, grid_hw
+def _boxes(raw: RawSample, source_hw: tuple[int, int], counters: Counter):
+    """The sample's boxes (in pixels of an image of source_hw, their frame) and their captions; boxes not inside the
+    image are skipped, counted."""
+    src_h, src_w = source_hw
     boxes, captions = [], []
     for region in raw.regions:
         try:
@@ -251,8 +263,7 @@ def _boxes(raw: RawSample, source_hw: tuple[int, int], grid_hw: tuple[int, int],
         if not (finite and 0 <= x0 < x1 <= src_w and 0 <= y0 < y1 <= src_h and caption.strip()):
             counters["bad_box"] += 1
             continue
-        sx, sy = dst_w / src_w, dst_h / src_h
-        boxes.append((x0 * sx, y0 * sy, x1 * sx, y1 * sy))
+        boxes.append((x0, y0, x1, y1))
         captions.append(caption)
     return boxes, captions
 
@@ -280,7 +291,7 @@ def assemble(samples: list[RawSample], decoded: list[Decoded | BadSample], *, pa
             counters["size_mismatch"] += 1  # the json lied: boxes follow the decoded size, the plan keeps its size
         kept.append((raw, result, turn))
     device = kept[0][1].pixels.device if kept else torch.device("cpu")
-    upright = [orient_pixels(d.pixels, turn.steps) for _, d, turn in kept]
+    upright = [turn.upright_pixels(d.pixels) for _, d, turn in kept]
     grid = torch.tensor([[p.shape[1] // patch, p.shape[2] // patch] for p in upright], dtype=torch.int32).view(-1, 2)
     cu_seqlens, pos = _positions(grid, merge)
     seqlens = [int(h * w) for h, w in grid.tolist()]
@@ -312,10 +323,10 @@ def assemble(samples: list[RawSample], decoded: list[Decoded | BadSample], *, pa
     ids, cut = tokenizer.encode_batch(captions, max_length=max_text_tokens) if captions else ([], 0)
     all_boxes, box_image, region_texts = [], [], []
     for image, ((raw, d, turn), (rows, cols)) in enumerate(zip(kept, grid.tolist(), strict=True)):
-        steps = turn.box_steps()
-        frame = (cols, rows) if "t" in steps else (rows, cols)  # the grid in the boxes' frame
-        boxes, texts = _boxes(raw, turn.box_frame_size(d.source_hw), frame, counters)
-        all_boxes += orient_boxes(boxes, frame[0], frame[1], steps)
+        boxes, texts = _boxes(raw, turn.box_frame_size(d.source_hw), counters)
+        src_h, src_w = turn.upright_size(d.source_hw)  # the boxes, upright, scaled to the grid
+        all_boxes += [(x0 * cols / src_w, y0 * rows / src_h, x1 * cols / src_w, y1 * rows / src_h)
+                      for x0, y0, x1, y1 in turn.upright_boxes(boxes, d.source_hw)]
         box_image += [image] * len(boxes)
         region_texts += texts
     region_ids, region_cut = (tokenizer.encode_batch(region_texts, max_length=max_text_tokens) if region_texts

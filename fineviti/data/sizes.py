@@ -99,16 +99,18 @@ class SizeRule:
             beta = math.sqrt(self.min_pixels / (h * w))
             h_bar, w_bar = math.ceil(h * beta / f) * f, math.ceil(w * beta / f) * f
         while h_bar * w_bar > self.max_pixels:
-            if h_bar > w_bar or (h_bar == w_bar and h < w):  # a tie: the side that was shorter, so that the
-                h_bar -= f                                    # transposed image gets the transposed size
+            # a tie: the side that was shorter before the aspect clamp (which can make both equal), so that a
+            # transposed image gets the transposed size
+            if h_bar > w_bar or (h_bar == w_bar and height < width):
+                h_bar -= f
             else:
                 w_bar -= f
         return int(h_bar), int(w_bar)
 
     def targets(self, heights: np.ndarray, widths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """`target` of many images at once (numpy, the same arithmetic in float64): int64 arrays."""
-        h = np.asarray(heights, dtype=np.float64)
-        w = np.asarray(widths, dtype=np.float64)
+        h = h0 = np.asarray(heights, dtype=np.float64)
+        w = w0 = np.asarray(widths, dtype=np.float64)
         if h.shape != w.shape:
             raise ValueError(f"SizeRule.targets: heights {h.shape} and widths {w.shape} differ in shape")
         if h.size and (h.min() < 1 or w.min() < 1):
@@ -135,7 +137,7 @@ class SizeRule:
         w_bar = np.where(small, np.ceil(w * beta / f) * f, w_bar).astype(np.int64)
         for i in np.flatnonzero(h_bar * w_bar > self.max_pixels).tolist():  # the rare guard case
             while h_bar[i] * w_bar[i] > self.max_pixels:
-                if h_bar[i] > w_bar[i] or (h_bar[i] == w_bar[i] and h[i] < w[i]):
+                if h_bar[i] > w_bar[i] or (h_bar[i] == w_bar[i] and h0[i] < w0[i]):
                     h_bar[i] -= f
                 else:
                     w_bar[i] -= f

@@ -63,8 +63,9 @@ def add_parser(subparsers) -> None:
                         help="the frame of a tagged photo's boxes (synthetic, coco_instances): stored pixels, upright, "
                         "or auto (default: upright where the annotation's image size is, else stored)")
     parser.add_argument("--exif-orientation", action=argparse.BooleanOptionalAction, default=True,
-                        help="turn photos upright by their EXIF orientation tag, and their boxes with them (default: "
-                        "on, as in training; off: the stored pixels, as open_clip's evaluation reads them)")
+                        help="turn photos upright by their EXIF orientation tag, and their boxes with them (as "
+                        "training does; --no-exif-orientation: the stored pixels, as open_clip's evaluation reads "
+                        "them)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
     parser.set_defaults(run=run)
 
@@ -87,10 +88,14 @@ def _check_out(args) -> None:
     """--out before any work: a folder (or a path to create), whose reports are replaced only with --overwrite (an
     earlier evaluation's report was replaced without a word)."""
     if not args.out:
+        if args.overwrite:
+            raise ValueError("--overwrite applies to --out, which is not given")
         return
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"--out {args.out!r} is a file; expected a folder for report.json and report.md")
+    blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise NotADirectoryError(f"--out {args.out!r}: {str(blocking)!r} is a file; expected a folder (or a path to "
+                                 f"create) for report.json and report.md")
     existing = [p.name for p in (out / "report.json", out / "report.md") if p.exists()]
     if existing and not args.overwrite:
         raise FileExistsError(f"--out {args.out!r} already holds {' and '.join(existing)}; pass --overwrite to "

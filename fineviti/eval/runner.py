@@ -185,13 +185,26 @@ def image_bytes(image: Any) -> bytes:
         return bytes(image)
     if isinstance(image, (str, os.PathLike)):
         return Path(image).read_bytes()
-    if isinstance(image, Image.Image):  # its EXIF block kept: an orientation tag turns it as it turns a file
+    if isinstance(image, Image.Image):  # its orientation tag kept: it turns the image as it turns a file
         buffer = io.BytesIO()
-        image.convert("RGB").save(buffer, "PNG", exif=image.getexif())
+        image.convert("RGB").save(buffer, "PNG", exif=_orientation_only(image))
         return buffer.getvalue()
     if callable(getattr(image, "read", None)):
         return image.read()
     raise TypeError(f"a record's image must be a path, bytes, a PIL image or have read(); got {type(image).__name__}")
+
+
+def _orientation_only(image: Image.Image) -> Image.Exif:
+    """An EXIF block holding only `image`'s orientation tag (none when it has none, or its EXIF does not parse: read
+    as untagged, as the loader reads a malformed block); the rest of a camera's EXIF could fail to write."""
+    exif = Image.Exif()
+    try:
+        code = image.getexif().get(0x0112)
+    except Exception:  # noqa: BLE001 (PIL raises many types for a malformed EXIF block)
+        code = None
+    if code is not None:
+        exif[0x0112] = code
+    return exif
 
 
 def _positions(grid: torch.Tensor, merge: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -336,17 +349,15 @@ class Evaluator:
     def _image_call(self, decoded: list, targets: list[tuple[int, int]], boxes: list | None, project, method,
                     turns: list[Orientation]):
         """decoded: the stored pixels at their targets; each is turned upright here (turns), its boxes with it."""
-        steps = [turn.steps for turn in turns]
-        upright = [pixels_mod.orient_pixels(d.pixels, s) for d, s in zip(decoded, steps, strict=True)]
+        upright = [turn.upright_pixels(d.pixels) for d, turn in zip(decoded, turns, strict=True)]
         grid = torch.tensor([[p.shape[1] // self.patch, p.shape[2] // self.patch] for p in upright],
                             dtype=torch.int32)
         flat = torch.cat([patchify(p, self.patch, self.merge) for p in upright])
         patches = normalise(flat, self.patch, self.norm)
-        sources = [d.source_hw[::-1] if "t" in s else d.source_hw for d, s in zip(decoded, steps, strict=True)]
-        targets = [t[::-1] if "t" in s else t for t, s in zip(targets, steps, strict=True)]
+        sources = [turn.upright_size(d.source_hw) for d, turn in zip(decoded, turns, strict=True)]
+        targets = [turn.upright_size(t) for t, turn in zip(targets, turns, strict=True)]
         if boxes is not None:  # into the upright frame, in original pixels
-            boxes = [pixels_mod.orient_boxes(b, *turn.box_frame_size(d.source_hw), turn.box_steps())
-                     for b, d, turn in zip(boxes, decoded, turns, strict=True)]
+            boxes = [turn.upright_boxes(b, d.source_hw) for b, d, turn in zip(boxes, decoded, turns, strict=True)]
         return self._forward(patches, grid, sources, targets, boxes, project, method)
 
     def _forward(self, patches, grid, sources, targets, boxes, project, method):

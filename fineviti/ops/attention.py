@@ -29,7 +29,13 @@ import warnings
 
 import torch
 
-from fineviti._checks import check_cu_seqlens, refuse_interpreted_bf16, triton_interpreting, value_checks_enabled
+from fineviti._checks import (
+    check_cu_seqlens,
+    env_flag,
+    refuse_interpreted_bf16,
+    triton_interpreting,
+    value_checks_enabled,
+)
 
 BACKENDS = ("triton", "torch", "torch_varlen", "flex", "flash_attn", "xformers")
 UNVERIFIED = ("flash_attn", "xformers")  # tested through fake modules only
@@ -195,7 +201,7 @@ def padded_head_dim_for(head_dim: int, dtype: torch.dtype, device_type: str, spl
     dim_a, dim_b = _kernels().split_head_dim(head_dim, dtype, split)
     if dim_b == 0 or device_type not in PAD_SPLIT_HEAD_DIMS_ON:
         return head_dim
-    if os.environ.get("FINEVITI_ATTN_PAD_SPLIT", "1") == "0":
+    if not env_flag("FINEVITI_ATTN_PAD_SPLIT", default=True):
         return head_dim
     return 1 << (head_dim - 1).bit_length()
 
