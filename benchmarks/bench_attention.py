@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -95,8 +96,23 @@ def make_call(provider, q, k, v, cu, lens):
     raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
 
 
+# Our rows are checked before they are timed: the output (and dq, dk, dv in the backward modes) against the torch
+# backend (SDPA per sequence) on the same inputs, as relative errors ||ours - ref|| / ||ref||. A wrong result is an
+# error row and a non-zero exit of the script (the GPU check's section fails), never a time. The tolerances are far
+# above what two correct implementations differ by in the dtype (bf16: a few 1e-3), so that a slow GPU session is
+# not lost to a false alarm, and far below what a wrong index or tile gives (about 1).
+CHECK_TOLERANCE = {torch.bfloat16: 5e-2, torch.float16: 2e-2, torch.float32: 5e-3}
+WRONG: list[str] = []  # the cases that failed their check, for main's exit status
+
+
+def _relative_errors(got, want) -> list[float]:
+    return [float((g.float() - w.float()).norm() / w.float().norm().clamp_min(1e-30)) for g, w in zip(got, want,
+                                                                                                        strict=True)]
+
+
 def _case(provider, shape, head_dim, mode, dtype, device, heads=None):
-    """(fn, info, flops): one call of `provider` in `mode` on inputs of `shape` (fn raises where it cannot run)."""
+    """(fn, info, flops, check): one call of `provider` in `mode` on inputs of `shape` (fn raises where it cannot
+    run); check() -> the relative errors of the call's output and gradients against the torch backend."""
     lens, shape_name = shape_lengths(shape)
     heads = heads or (HIDDEN // head_dim if shape.startswith("fa3") else 16)
     total = sum(lens)
@@ -118,7 +134,21 @@ def _case(provider, shape, head_dim, mode, dtype, device, heads=None):
             return lambda: torch.autograd.grad(out, (q, k, v), grad, retain_graph=True)
         return lambda: torch.autograd.grad(call(), (q, k, v), grad)
 
-    return fn, info, flops
+    def check() -> list[float]:
+        results, upstream = [], None
+        for call in (make_call(provider, q, k, v, cu, lens),
+                     lambda: attention_ops.varlen_attention(q, k, v, cu, max(lens), backend="torch", seqlens=lens)):
+            out = call()
+            if mode == "fwd":
+                results.append([out.detach()])
+                continue
+            if upstream is None:  # one random upstream gradient for both, as training gives
+                upstream = torch.randn(out.shape, generator=torch.Generator(out.device).manual_seed(1),
+                                       device=out.device, dtype=out.dtype)
+            results.append([out.detach(), *torch.autograd.grad(out, (q, k, v), upstream)])
+        return _relative_errors(results[0], results[1])
+
+    return fn, info, flops, check
 
 
 def head_dim_path(provider: str, head_dim: int, dtype, device) -> dict:
@@ -138,22 +168,35 @@ def head_dim_path(provider: str, head_dim: int, dtype, device) -> dict:
 
 
 def run_case(rec, provider, shape, head_dim, mode, dtype, device, once=False, heads=None, tag=None):
-    make, info, flops = _case(provider, shape, head_dim, mode, dtype, device, heads)
+    make, info, flops, check = _case(provider, shape, head_dim, mode, dtype, device, heads)
     if tag:
         info["config"] = tag
     dtype_name = str(dtype).replace("torch.", "")
+    checked = {}
     try:
         fn = make()
         if once:
             fn()
             torch.cuda.synchronize() if device == "cuda" else None
             return
+        if provider in ("ours", "ours_det"):
+            errors = check()
+            checked = {"check_rel_err": max(errors)}
+            if not all(e <= CHECK_TOLERANCE[dtype] for e in errors):  # (NaN fails too)
+                names = ("out", "dq", "dk", "dv")
+                what = ", ".join(f"{n} {e:.3g}" for n, e in zip(names, errors, strict=False))
+                WRONG.append(f"{provider} {mode} {info['shape']} d{head_dim} {tag or ''}".strip())
+                rec.error(provider=provider, mode=mode, shape=info, dtype=dtype_name,
+                          error=f"wrong result against the torch backend (relative errors {what}; tolerance "
+                                f"{CHECK_TOLERANCE[dtype]:g}): not timed")
+                return
         timing = bench(fn)
     except Exception as exc:  # a provider that cannot run this case is reported, not fatal
         rec.error(provider=provider, mode=mode, shape=info, dtype=dtype_name, error=f"{type(exc).__name__}: {exc}")
         return
     rec.add(provider=provider, mode=mode, shape=info, dtype=dtype_name, timing=timing,
-            tflops=flops / (timing["median_ms"] * 1e-3) / 1e12, **head_dim_path(provider, head_dim, dtype, device))
+            tflops=flops / (timing["median_ms"] * 1e-3) / 1e12, **checked,
+            **head_dim_path(provider, head_dim, dtype, device))
 
 
 def profile_case(rec, provider, shape, head_dim, mode, dtype, device, steps=5):
@@ -161,7 +204,7 @@ def profile_case(rec, provider, shape, head_dim, mode, dtype, device, steps=5):
     with calls back to back: rows of benchmark "attention_profile", provider "PROVIDER: kernel" (median_ms: that
     kernel's time per call) and "PROVIDER: wall" (tflops from the wall time). A wall time well above the kernels'
     sum means the host's launches, or gaps between kernels, set the pace of short shapes."""
-    make, info, flops = _case(provider, shape, head_dim, mode, dtype, device)
+    make, info, flops, _ = _case(provider, shape, head_dim, mode, dtype, device)
     dtype_name = str(dtype).replace("torch.", "")
     try:
         per_kernel, wall_ms = gpu_kernel_times(make(), steps)
@@ -342,6 +385,7 @@ def main(argv=None):
         for shape in args.shape or ["fa3:4096"]:
             for head_dim in args.head_dim or [64, 128]:
                 sweep(rec, shape, head_dim, dtype, args.device, args.sweep_kind, args.sweep_max)
+        _exit_if_wrong()
         return
     if args.device == "cpu":  # a smoke check of the code path (Triton's interpreter): toy size, fp32, 2 heads
         print("no GPU: one toy case on the CPU as a smoke check")
@@ -357,6 +401,14 @@ def main(argv=None):
     if args.plot:
         plot(rec.rows, args.plot)
     _print_ratios(rec.rows)
+    _exit_if_wrong()
+
+
+def _exit_if_wrong() -> None:
+    if WRONG:
+        print(f"bench_attention: {len(WRONG)} case(s) of ours gave a wrong result (error rows above): "
+              + "; ".join(WRONG), file=sys.stderr)
+        raise SystemExit(1)
 
 
 def _interpreting() -> bool:

@@ -106,6 +106,35 @@ def skip_reason(provider: str, n: int, device: torch.device) -> str | None:
     return None
 
 
+# Our rows (every sweep candidate too) are checked before they are timed: the loss and, in mode "full", the
+# gradients of the features, the scale and the bias against the chunked torch backend on the same inputs, as
+# relative errors. A wrong result is an error row and a non-zero exit (the GPU check's section fails), not a time.
+CHECK_TOLERANCE = {"bf16": 5e-2, "fp16": 2e-2, "fp32": 5e-3}  # generous: a false alarm costs a GPU session's rows
+WRONG: list[str] = []  # the cases that failed their check, for main's exit status
+
+
+def check_errors(fn, loss, mode, img, txt, scale, bias) -> dict[str, float]:
+    """{quantity: relative error} of `fn` against the chunked backend on the same inputs."""
+    results = []
+    for call in (fn, loss_fn("chunked", loss)):
+        for t in (img, txt, scale, bias):
+            t.grad = None
+        out = call(img, txt, scale, bias)
+        value = out.loss if isinstance(out, _LogitsModeLoss) else out
+        got = {"loss": value.detach().float()}
+        if mode == "full":
+            out.backward()
+            got.update({name: t.grad.detach().float() for name, t in
+                        (("d_img", img), ("d_txt", txt), ("d_scale", scale), ("d_bias", bias)) if t.grad is not None})
+        results.append(got)
+    for t in (img, txt, scale, bias):
+        t.grad = None
+    ours, ref = results
+    # the scalars (loss, d_scale, d_bias) against at least 1e-3: a gradient near zero would make any rounding huge
+    return {name: float((ours[name] - ref[name]).norm() / ref[name].norm().clamp_min(1e-3 if ref[name].dim() == 0
+                                                                                       else 1e-30)) for name in ref}
+
+
 def run_case(rec, provider, loss, mode, n, d, dtype_name, device, label=None):
     from benchmarks.common import bench
 
@@ -128,6 +157,15 @@ def run_case(rec, provider, loss, mode, n, d, dtype_name, device, label=None):
         fn(img, txt, scale, bias).backward()
 
     try:
+        if provider.startswith("ours"):
+            errors = check_errors(fn, loss, mode, img, txt, scale, bias)
+            if not all(e <= CHECK_TOLERANCE[dtype_name] for e in errors.values()):  # (NaN fails too)
+                WRONG.append(f"{label} {loss} {mode} N={n} D={d}")
+                what = ", ".join(f"{k} {e:.3g}" for k, e in errors.items())
+                rec.error(provider=label, mode=mode, shape=shape, dtype=dtype_name,
+                          error=f"wrong result against the chunked backend (relative errors {what}; tolerance "
+                                f"{CHECK_TOLERANCE[dtype_name]:g}): not timed")
+                return
         timing = bench(forward if mode == "fwd" else full)
     except torch.cuda.OutOfMemoryError as exc:
         rec.error(provider=label, mode=mode, shape=shape, dtype=dtype_name, error=f"out of memory: {exc}"[:300])
@@ -275,6 +313,7 @@ def main(argv=None) -> None:
         return
     if args.sweep_configs:
         sweep_configs(rec, (args.n or [32768])[0], (args.d or [768])[0], args.dtype, device)
+        _exit_if_wrong()
         return
     if args.n or args.d:
         shapes = [(n, d) for n in (args.n or [16384]) for d in (args.d or [768])]
@@ -298,6 +337,14 @@ def main(argv=None) -> None:
                     except Exception as exc:  # one provider failing must not hide the others' rows
                         rec.error(provider=provider, mode=mode, shape={"loss": loss, "N": n, "D": d},
                                   dtype=args.dtype, error=f"{type(exc).__name__}: {exc}"[:300])
+    _exit_if_wrong()
+
+
+def _exit_if_wrong() -> None:
+    if WRONG:
+        print(f"bench_contrastive: {len(WRONG)} case(s) of ours gave a wrong result (error rows above): "
+              + "; ".join(WRONG), file=sys.stderr)
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

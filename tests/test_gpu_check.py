@@ -191,6 +191,33 @@ def test_split_probe_times_the_masked_mode_against_padding(tmp_path, monkeypatch
     assert [(r["provider"], r["shape"]["width"]) for r in rows] == [("padded to 128", 128), ("masked in 128", 80)]
 
 
+def test_loss_rows_of_ours_are_checked_before_they_are_timed(tmp_path, monkeypatch):
+    """As for attention: ours against the chunked backend first (loss and every gradient); a wrong result is an
+    error row, not a time, and bench_contrastive exits non-zero."""
+    import bench_contrastive
+
+    rows_path = tmp_path / "rows.jsonl"
+    monkeypatch.setenv("FINEVITI_RESULTS", str(rows_path))
+    monkeypatch.setattr(bench_contrastive, "WRONG", [])
+    args = ["--device", "cpu", "--provider", "ours", "--loss", "siglip", "--n", "40", "--d", "32", "--dtype", "fp16",
+            "--mode", "full"]
+    bench_contrastive.main(args)
+    assert "median_ms" in json.loads(rows_path.read_text().splitlines()[-1])
+    right = bench_contrastive.loss_fn
+
+    def wrong_scale(provider, loss):  # ours with a scale 5% off: every gradient and the loss change
+        fn = right(provider, loss)
+        return (lambda i, t, s, b: fn(i, t, s * 1.05, b)) if provider == "ours" else fn
+
+    monkeypatch.setattr(bench_contrastive, "loss_fn", wrong_scale)
+    with pytest.raises(SystemExit) as stop:
+        bench_contrastive.main(args)
+    assert stop.value.code == 1
+    row = json.loads(rows_path.read_text().splitlines()[-1])
+    assert row["error"].startswith("wrong result against the chunked backend (relative errors loss ")
+    assert "d_img" in row["error"] and "median_ms" not in row
+
+
 def test_loss_sweep_runs_every_candidate(tmp_path, monkeypatch):
     """bench_contrastive --sweep-configs (a GPU check section) on a tiny fp16 batch under the interpreter: the
     pinned row first, then a row for every gradient-kernel candidate and loss, no errors; the candidates change the
@@ -427,6 +454,36 @@ def test_attention_sweep_of_a_dq_variant_at_64(tmp_path, monkeypatch, kind):
     with pytest.raises(KeyboardInterrupt):
         bench_attention.sweep(rec, "fa3:tiny", 64, torch.float16, "cpu", kinds=[kind])
     assert os.environ["FINEVITI_ATTN_DQ"] == "separate" and f"FINEVITI_ATTN_{kind.upper()}_CONFIG" not in os.environ
+
+
+def test_attention_rows_of_ours_are_checked_before_they_are_timed(tmp_path, monkeypatch):
+    """A wrong result was timed like a right one (no benchmark looked at its outputs; only pytest -m gpu did, at
+    smaller shapes): ours is now compared with the torch backend on the same inputs first, and a wrong result is
+    an error row, not a time, and a non-zero exit."""
+    import bench_attention
+    from common import Recorder
+
+    monkeypatch.setattr(bench_attention, "shape_lengths", lambda shape: ([70, 5], "tiny"))
+    monkeypatch.setattr(bench_attention, "HIDDEN", 64)  # one head at d64
+    monkeypatch.setattr(bench_attention, "bench", lambda fn: {"median_ms": 1.0, "p20_ms": 1.0, "p80_ms": 1.0})
+    monkeypatch.setattr(bench_attention, "WRONG", [])
+    rec = Recorder("attention", path=str(tmp_path / "rows.jsonl"))
+    bench_attention.run_case(rec, "ours", "fa3:tiny", 64, "fwd_bwd", torch.float16, "cpu")
+    assert "error" not in rec.rows[-1] and rec.rows[-1]["check_rel_err"] < 2e-3
+    bench_attention._exit_if_wrong()  # nothing wrong: no exit
+    right = bench_attention.make_call
+
+    def off_by_a_tenth(provider, *args):  # ours 10% off: what a wrong tile or index would give, and more
+        call = right(provider, *args)
+        return (lambda: call() * 1.1) if provider == "ours" else call
+
+    monkeypatch.setattr(bench_attention, "make_call", off_by_a_tenth)
+    bench_attention.run_case(rec, "ours", "fa3:tiny", 64, "fwd", torch.float16, "cpu")
+    assert rec.rows[-1]["error"].startswith("wrong result against the torch backend (relative errors out 0.1")
+    assert "median_ms" not in rec.rows[-1] and len(bench_attention.WRONG) == 1
+    with pytest.raises(SystemExit) as stop:
+        bench_attention._exit_if_wrong()
+    assert stop.value.code == 1
 
 
 def test_fused_ops_benchmark_rows(tmp_path, monkeypatch):
