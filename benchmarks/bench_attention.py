@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -405,10 +404,9 @@ def main(argv=None):
 
 
 def _exit_if_wrong() -> None:
-    if WRONG:
-        print(f"bench_attention: {len(WRONG)} case(s) of ours gave a wrong result (error rows above): "
-              + "; ".join(WRONG), file=sys.stderr)
-        raise SystemExit(1)
+    from common import exit_if_wrong
+
+    exit_if_wrong("bench_attention", WRONG)
 
 
 def _interpreting() -> bool:

@@ -341,10 +341,9 @@ def main(argv=None) -> None:
 
 
 def _exit_if_wrong() -> None:
-    if WRONG:
-        print(f"bench_contrastive: {len(WRONG)} case(s) of ours gave a wrong result (error rows above): "
-              + "; ".join(WRONG), file=sys.stderr)
-        raise SystemExit(1)
+    from benchmarks.common import exit_if_wrong
+
+    exit_if_wrong("bench_contrastive", WRONG)
 
 
 if __name__ == "__main__":

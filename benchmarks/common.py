@@ -185,6 +185,16 @@ class Recorder:
               flush=True)
 
 
+def exit_if_wrong(benchmark: str, wrong: list[str]) -> None:
+    """Exit 1 naming the cases of ours that gave a wrong result (their error rows were printed and recorded), so
+    that the GPU check's section fails: a benchmark that checks what it times (bench_attention, bench_contrastive)
+    calls this last."""
+    if wrong:
+        print(f"{benchmark}: {len(wrong)} case(s) of ours gave a wrong result (error rows above): " + "; ".join(wrong),
+              file=sys.stderr)
+        raise SystemExit(1)
+
+
 def percentiles(times_ms: list[float]) -> dict:
     """median_ms, p20_ms and p80_ms of per-call times (the sorted sample's entries at those fractions)."""
     times = sorted(times_ms)
