@@ -19,7 +19,13 @@ import random
 
 import torch
 import torch.nn.functional as F
-from common import Recorder, bench, gpu_kernel_times  # noqa: I001  (benchmarks/ is on the path when run as a script)
+from common import (  # noqa: I001  (benchmarks/ is on the path when run as a script)
+    CHECK_TOLERANCE,
+    Recorder,
+    bench,
+    gpu_kernel_times,
+    relative_error,
+)
 
 from fineviti.kernels import varlen_attention as kernels  # noqa: E402
 from fineviti.ops import attention as attention_ops
@@ -96,17 +102,9 @@ def make_call(provider, q, k, v, cu, lens):
 
 
 # Our rows are checked before they are timed: the output (and dq, dk, dv in the backward modes) against the torch
-# backend (SDPA per sequence) on the same inputs, as relative errors ||ours - ref|| / ||ref||. A wrong result is an
-# error row and a non-zero exit of the script (the GPU check's section fails), never a time. The tolerances are far
-# above what two correct implementations differ by in the dtype (bf16: a few 1e-3), so that a slow GPU session is
-# not lost to a false alarm, and far below what a wrong index or tile gives (about 1).
-CHECK_TOLERANCE = {torch.bfloat16: 5e-2, torch.float16: 2e-2, torch.float32: 5e-3}
+# backend (SDPA per sequence) on the same inputs, as relative errors (common.CHECK_TOLERANCE). A wrong result is an
+# error row and a non-zero exit of the script (the GPU check's section fails), never a time.
 WRONG: list[str] = []  # the cases that failed their check, for main's exit status
-
-
-def _relative_errors(got, want) -> list[float]:
-    return [float((g.float() - w.float()).norm() / w.float().norm().clamp_min(1e-30)) for g, w in zip(got, want,
-                                                                                                        strict=True)]
 
 
 def _case(provider, shape, head_dim, mode, dtype, device, heads=None):
@@ -145,7 +143,7 @@ def _case(provider, shape, head_dim, mode, dtype, device, heads=None):
                 upstream = torch.randn(out.shape, generator=torch.Generator(out.device).manual_seed(1),
                                        device=out.device, dtype=out.dtype)
             results.append([out.detach(), *torch.autograd.grad(out, (q, k, v), upstream)])
-        return _relative_errors(results[0], results[1])
+        return [relative_error(g, w) for g, w in zip(results[0], results[1], strict=True)]
 
     return fn, info, flops, check
 

@@ -109,7 +109,6 @@ def skip_reason(provider: str, n: int, device: torch.device) -> str | None:
 # Our rows (every sweep candidate too) are checked before they are timed: the loss and, in mode "full", the
 # gradients of the features, the scale and the bias against the chunked torch backend on the same inputs, as
 # relative errors. A wrong result is an error row and a non-zero exit (the GPU check's section fails), not a time.
-CHECK_TOLERANCE = {"bf16": 5e-2, "fp16": 2e-2, "fp32": 5e-3}  # generous: a false alarm costs a GPU session's rows
 WRONG: list[str] = []  # the cases that failed their check, for main's exit status
 
 
@@ -130,13 +129,14 @@ def check_errors(fn, loss, mode, img, txt, scale, bias) -> dict[str, float]:
     for t in (img, txt, scale, bias):
         t.grad = None
     ours, ref = results
+    from benchmarks.common import relative_error
+
     # the scalars (loss, d_scale, d_bias) against at least 1e-3: a gradient near zero would make any rounding huge
-    return {name: float((ours[name] - ref[name]).norm() / ref[name].norm().clamp_min(1e-3 if ref[name].dim() == 0
-                                                                                       else 1e-30)) for name in ref}
+    return {name: relative_error(ours[name], ref[name], 1e-3 if ref[name].dim() == 0 else 1e-30) for name in ref}
 
 
 def run_case(rec, provider, loss, mode, n, d, dtype_name, device, label=None):
-    from benchmarks.common import bench
+    from benchmarks.common import CHECK_TOLERANCE, bench
 
     label = label or provider
     shape = {"loss": loss, "N": n, "D": d}
@@ -159,12 +159,13 @@ def run_case(rec, provider, loss, mode, n, d, dtype_name, device, label=None):
     try:
         if provider.startswith("ours"):
             errors = check_errors(fn, loss, mode, img, txt, scale, bias)
-            if not all(e <= CHECK_TOLERANCE[dtype_name] for e in errors.values()):  # (NaN fails too)
+            tolerance = CHECK_TOLERANCE[_DTYPES[dtype_name]]
+            if not all(e <= tolerance for e in errors.values()):  # (NaN fails too)
                 WRONG.append(f"{label} {loss} {mode} N={n} D={d}")
                 what = ", ".join(f"{k} {e:.3g}" for k, e in errors.items())
                 rec.error(provider=label, mode=mode, shape=shape, dtype=dtype_name,
                           error=f"wrong result against the chunked backend (relative errors {what}; tolerance "
-                                f"{CHECK_TOLERANCE[dtype_name]:g}): not timed")
+                                f"{tolerance:g}): not timed")
                 return
         timing = bench(forward if mode == "fwd" else full)
     except torch.cuda.OutOfMemoryError as exc:

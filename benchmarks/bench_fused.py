@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.common import Recorder  # noqa: E402
+from benchmarks.common import CHECK_TOLERANCE, Recorder, exit_if_wrong, relative_error  # noqa: E402
 from fineviti._checks import triton_interpreting  # noqa: E402
 from fineviti.ops import glu, norm  # noqa: E402
 
@@ -83,11 +83,38 @@ def make_inputs(op, rows, width, dtype, device, grad):
     return (gate_up,), torch.randn(rows, width, device=device, dtype=dtype), fwd_bytes, bwd_bytes
 
 
+WRONG: list[str] = []  # ours' cases that failed their check (below), for main's exit status
+
+
+def check_errors(op, fn, inputs, dy, mode) -> dict[str, float]:
+    """{quantity: relative error} of `fn` against the op's eager reference on the same inputs: the output and, in
+    mode "full", the gradient of every input."""
+    ref_fn = (lambda x, w: norm.rms_norm_ref(x, w, EPS)) if op == "rms_norm" else glu.swiglu_ref
+    names = ("dx", "dweight") if op == "rms_norm" else ("dgate_up",)
+    results = []
+    for call in (fn, ref_fn):
+        out = call(*inputs)
+        got = {"out": out.detach()}
+        if mode == "full":
+            got.update(zip(names, torch.autograd.grad(out, inputs, dy), strict=True))
+        results.append(got)
+    return {name: relative_error(results[0][name], want) for name, want in results[1].items()}
+
+
 def run_case(rec, op, provider, mode, rows, width, dtype, device):
     inputs, dy, fwd_bytes, bwd_bytes = make_inputs(op, rows, width, dtype, device, mode == "full")
     fn = provider_fn(op, provider)
     shape = {"rows": rows, "width": width}
     dtype_name = str(dtype).replace("torch.", "")
+    if provider == "ours":  # checked before it is timed: a wrong result is an error row and a non-zero exit
+        errors = check_errors(op, fn, inputs, dy, mode)
+        if not all(e <= CHECK_TOLERANCE[dtype] for e in errors.values()):  # (NaN fails too)
+            WRONG.append(f"{op} {mode} rows={rows} width={width}")
+            what = ", ".join(f"{k} {e:.3g}" for k, e in errors.items())
+            rec.error(provider=provider, mode=mode, shape=shape, dtype=dtype_name,
+                      error=f"wrong result against the eager reference (relative errors {what}; tolerance "
+                            f"{CHECK_TOLERANCE[dtype]:g}): not timed")
+            return None
     if mode == "fwd":
         moved = fwd_bytes
 
@@ -141,6 +168,7 @@ def main(argv=None) -> None:
                         continue
                     for mode in args.mode or MODES:
                         run_case(rec, op, provider, mode, rows, width, dtype, device)
+    exit_if_wrong("bench_fused", WRONG)
 
 
 if __name__ == "__main__":

@@ -185,6 +185,19 @@ class Recorder:
               flush=True)
 
 
+# Benchmarks that check what they time (bench_attention, bench_contrastive, bench_fused) hold ours to these relative
+# errors against a torch path on the same inputs: far above what two correct implementations differ by in the dtype
+# (bf16: a few 1e-3), so that a GPU session is not lost to a false alarm, and far below what a wrong index, tile or
+# mask gives (about 1).
+CHECK_TOLERANCE = {torch.bfloat16: 5e-2, torch.float16: 2e-2, torch.float32: 5e-3}
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor, floor: float = 1e-30) -> float:
+    """||got - want|| / max(||want||, floor) in fp32 (NaN stays NaN, so that a check `<= tolerance` fails on it)."""
+    want = want.float()
+    return float((got.float() - want).norm() / want.norm().clamp_min(floor))
+
+
 def exit_if_wrong(benchmark: str, wrong: list[str]) -> None:
     """Exit 1 naming the cases of ours that gave a wrong result (their error rows were printed and recorded), so
     that the GPU check's section fails: a benchmark that checks what it times (bench_attention, bench_contrastive)

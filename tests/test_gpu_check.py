@@ -505,6 +505,30 @@ def test_fused_ops_benchmark_rows(tmp_path, monkeypatch):
     assert glu_full["gbps"] == pytest.approx(64 * 96 * 8 * 4 / (glu_full["median_ms"] * 1e-3) / 1e9)
 
 
+def test_fused_ops_rows_of_ours_are_checked_before_they_are_timed(tmp_path, monkeypatch):
+    """As for attention and the losses: ours against the eager reference first (output and every input's
+    gradient); a wrong result is an error row, not a time, and bench_fused exits non-zero."""
+    import bench_fused
+
+    rows_path = tmp_path / "rows.jsonl"
+    monkeypatch.setenv("FINEVITI_RESULTS", str(rows_path))
+    monkeypatch.setattr(bench_fused, "WRONG", [])
+    right = bench_fused.provider_fn
+
+    def wrong_weight(op, provider):  # ours with its weight 5% off: the output and both gradients change
+        fn = right(op, provider)
+        return (lambda x, w: fn(x, w * 1.05)) if (op, provider) == ("rms_norm", "ours") else fn
+
+    monkeypatch.setattr(bench_fused, "provider_fn", wrong_weight)
+    with pytest.raises(SystemExit) as stop:
+        bench_fused.main(["--quick", "--op", "rms_norm", "--provider", "ours"])
+    assert stop.value.code == 1
+    rows = [json.loads(line) for line in rows_path.read_text().splitlines()]
+    assert [r["mode"] for r in rows] == ["fwd", "full"] and all("median_ms" not in r for r in rows)
+    assert rows[1]["error"].startswith("wrong result against the eager reference (relative errors out 0.05")
+    assert "dweight" in rows[1]["error"]
+
+
 def test_lm_loss_benchmark_rows(tmp_path, monkeypatch):
     """bench_lm_loss on the CPU: a row per eager provider and mode, TFLOP/s of the useful head products (3 for
     forward and backward), the plain providers on positions_per_target rows per target."""
