@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.common import Recorder  # noqa: E402
+from benchmarks.common import CHECK_TOLERANCE, Recorder, exit_if_wrong, relative_error  # noqa: E402
 from fineviti.ops import lm_loss  # noqa: E402
 
 PROVIDERS = ("ours", "torch_eager", "torch_compile")
@@ -59,11 +59,37 @@ def make_inputs(provider, targets, hidden, vocab, per_target, dtype, device, gra
     return h, w, t
 
 
+WRONG: list[str] = []  # ours' cases that failed their check (below), for main's exit status
+
+
+def check_errors(fn, h, w, t, mode) -> dict[str, float]:
+    """{quantity: relative error} of `fn` against the plain full-logits loss on the same rows: the loss and, in mode
+    "full", the gradients of the hidden rows and the weight."""
+    results = []
+    for call in (fn, plain):
+        out = call(h, w, t)
+        got = {"loss": out.detach()}
+        if mode == "full":
+            got.update(zip(("d_hidden", "d_weight"), torch.autograd.grad(out, (h, w)), strict=True))
+        results.append(got)
+    return {name: relative_error(results[0][name], want, 1e-3 if want.dim() == 0 else 1e-30)
+            for name, want in results[1].items()}
+
+
 def run_case(rec, provider, mode, targets, hidden, vocab, per_target, dtype, device):
     h, w, t = make_inputs(provider, targets, hidden, vocab, per_target, dtype, device, mode == "full")
     fn = provider_fn(provider)
     shape = {"targets": targets, "hidden": hidden, "vocab": vocab, "positions_per_target": per_target}
     dtype_name = str(dtype).replace("torch.", "")
+    if provider == "ours":  # checked before it is timed: a wrong result is an error row and a non-zero exit
+        errors = check_errors(fn, h, w, t, mode)
+        if not all(e <= CHECK_TOLERANCE[dtype] for e in errors.values()):  # (NaN fails too)
+            WRONG.append(f"{mode} targets={targets} hidden={hidden} vocab={vocab}")
+            what = ", ".join(f"{k} {e:.3g}" for k, e in errors.items())
+            rec.error(provider=provider, mode=mode, shape=shape, dtype=dtype_name,
+                      error=f"wrong result against the plain full-logits loss (relative errors {what}; tolerance "
+                            f"{CHECK_TOLERANCE[dtype]:g}): not timed")
+            return None
     flops = 2 * targets * hidden * vocab * (3 if mode == "full" else 1)
     if mode == "fwd":
         def step():
@@ -114,6 +140,7 @@ def main(argv=None) -> None:
                 continue
             for mode in args.mode or MODES:
                 run_case(rec, provider, mode, targets, hidden, vocab, per_target, dtype, device)
+    exit_if_wrong("bench_lm_loss", WRONG)
 
 
 if __name__ == "__main__":

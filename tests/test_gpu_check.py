@@ -529,6 +529,25 @@ def test_fused_ops_rows_of_ours_are_checked_before_they_are_timed(tmp_path, monk
     assert "dweight" in rows[1]["error"]
 
 
+def test_lm_loss_rows_of_ours_are_checked_before_they_are_timed(tmp_path, monkeypatch):
+    """ours against the plain full-logits loss on the same rows first; a wrong result is an error row and a
+    non-zero exit."""
+    import bench_lm_loss
+
+    rows_path = tmp_path / "rows.jsonl"
+    monkeypatch.setenv("FINEVITI_RESULTS", str(rows_path))
+    monkeypatch.setattr(bench_lm_loss, "WRONG", [])
+    right = bench_lm_loss.provider_fn
+    monkeypatch.setattr(bench_lm_loss, "provider_fn", lambda provider: (lambda h, w, t: right(provider)(
+        h, w * 1.05, t)) if provider == "ours" else right(provider))  # ours with its weight 5% off
+    with pytest.raises(SystemExit) as stop:
+        bench_lm_loss.main(["--provider", "ours", "--mode", "full"])
+    assert stop.value.code == 1
+    row = json.loads(rows_path.read_text().splitlines()[-1])
+    assert row["error"].startswith("wrong result against the plain full-logits loss (relative errors loss ")
+    assert "d_weight" in row["error"] and "median_ms" not in row
+
+
 def test_lm_loss_benchmark_rows(tmp_path, monkeypatch):
     """bench_lm_loss on the CPU: a row per eager provider and mode, TFLOP/s of the useful head products (3 for
     forward and backward), the plain providers on positions_per_target rows per target."""
