@@ -28,7 +28,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.common import Recorder, bench, comparable, percentiles  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    CHECK_TOLERANCE,
+    Recorder,
+    bench,
+    comparable,
+    exit_if_wrong,
+    percentiles,
+    relative_error,
+)
 from fineviti._checks import triton_interpreting  # noqa: E402
 from fineviti.ops import rope as rope_ops  # noqa: E402
 
@@ -367,6 +375,34 @@ def sweep_configs(rec, tokens, heads, head_dims, dtype, device):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+OURS = ("triton", "cuda", "cpp", "triton_split")  # checked before they are timed (below)
+WRONG: list[str] = []  # ours' cases that failed their check, for main's exit status
+
+
+def check_errors(provider, forward, inputs, mode, tokens, heads) -> dict[str, float]:
+    """{quantity: relative error} of one of OURS against the torch backend on the same inputs (make_case's
+    positions): the outputs and, in the backward modes, the inputs' gradients (one random upstream for both)."""
+    pos = grid_positions(tokens, 32, inputs[0].device)
+    if provider == "triton_split":
+        names = ("q", "k", "v")
+        ref = lambda: rope_ops.qkv_split_rope(inputs[0], pos, heads, backend="torch")  # noqa: E731
+    else:
+        names = ("q", "k")
+        ref = lambda: rope_ops.rope_2d_qk(inputs[0], inputs[1], pos, backend="torch")  # noqa: E731
+    results, upstream = [], None
+    for call in (forward, ref):
+        outs = call()
+        got = {name: out.detach() for name, out in zip(names, outs, strict=True)}
+        if mode != "fwd":
+            if upstream is None:
+                gen = torch.Generator(outs[0].device).manual_seed(1)
+                upstream = [torch.randn(o.shape, generator=gen, device=o.device, dtype=o.dtype) for o in outs]
+            grads = torch.autograd.grad(outs, inputs, upstream)
+            got.update({f"d{i}": g for i, g in enumerate(grads)})
+        results.append(got)
+    return {name: relative_error(results[0][name], want) for name, want in results[1].items()}
+
+
 def run_case(rec, provider, mode, tokens, heads, head_dim, dtype, device, copy_gbps, stock_ms):
     shape = {"tokens": tokens, "heads": heads, "head_dim": head_dim}
     dtype_name = str(dtype).replace("torch.", "")
@@ -374,6 +410,15 @@ def run_case(rec, provider, mode, tokens, heads, head_dim, dtype, device, copy_g
         forward, inputs, nbytes = make_case(provider, tokens, heads, head_dim, dtype, device)
         if mode != "fwd" and not inputs:
             return None
+        if provider in OURS:  # a wrong result is an error row, not a time, and a non-zero exit
+            errors = check_errors(provider, forward, inputs, mode, tokens, heads)
+            if not all(e <= CHECK_TOLERANCE[dtype] for e in errors.values()):  # (NaN fails too)
+                WRONG.append(f"{provider} {mode} tokens={tokens} head_dim={head_dim}")
+                what = ", ".join(f"{k} {e:.3g}" for k, e in errors.items())
+                rec.error(provider=provider, mode=mode, shape=shape, dtype=dtype_name,
+                          error=f"wrong result against the torch backend (relative errors {what}; tolerance "
+                                f"{CHECK_TOLERANCE[dtype]:g}): not timed")
+                return None
         timing = measure(forward, inputs, mode)
     except Exception as exc:
         rec.error(provider=provider, mode=mode, shape=shape, dtype=dtype_name,
@@ -461,6 +506,7 @@ def main(argv=None) -> None:
     if "attn_block" in providers:  # opt-in: the attention kernels' compile time would not fit --quick's budget
         if available("attn_block", device) is None:
             run_attn_block(rec, tokens_list[-1], heads, head_dims[-1], dtype, device)
+    exit_if_wrong("bench_rope", WRONG)
 
 
 if __name__ == "__main__":

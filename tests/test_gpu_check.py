@@ -529,6 +529,38 @@ def test_fused_ops_rows_of_ours_are_checked_before_they_are_timed(tmp_path, monk
     assert "dweight" in rows[1]["error"]
 
 
+def test_rope_rows_of_ours_are_checked_before_they_are_timed(tmp_path, monkeypatch):
+    """ours (here the C++ backend, which runs on the CPU) against the torch backend first; a wrong result is an
+    error row and a non-zero exit."""
+    import bench_rope
+
+    from fineviti import _ext
+
+    if not _ext.load(required=False):
+        pytest.skip("no compiled extension")
+    rows_path = tmp_path / "rows.jsonl"
+    monkeypatch.setenv("FINEVITI_RESULTS", str(rows_path))
+    monkeypatch.setattr(bench_rope, "WRONG", [])
+    args = ["--provider", "cpp", "--tokens", "64", "--head-dim", "32", "--mode", "full", "--dtype", "float32"]
+    bench_rope.main(args)
+    assert "median_ms" in json.loads(rows_path.read_text().splitlines()[-1])
+    right = bench_rope.make_case
+
+    def rotated_too_far(provider, *rest):  # ours' q 5% off: its output and the gradient of q change
+        forward, inputs, nbytes = right(provider, *rest)
+        if provider != "cpp":
+            return forward, inputs, nbytes
+        return (lambda: (lambda q, k: (q * 1.05, k))(*forward())), inputs, nbytes
+
+    monkeypatch.setattr(bench_rope, "make_case", rotated_too_far)
+    with pytest.raises(SystemExit) as stop:
+        bench_rope.main(args)
+    assert stop.value.code == 1
+    row = json.loads(rows_path.read_text().splitlines()[-1])
+    assert row["error"].startswith("wrong result against the torch backend (relative errors q 0.05")
+    assert "d0" in row["error"] and "median_ms" not in row
+
+
 def test_lm_loss_rows_of_ours_are_checked_before_they_are_timed(tmp_path, monkeypatch):
     """ours against the plain full-logits loss on the same rows first; a wrong result is an error row and a
     non-zero exit."""
