@@ -24,6 +24,7 @@ from common import (  # noqa: I001  (benchmarks/ is on the path when run as a sc
     Recorder,
     bench,
     gpu_kernel_times,
+    record_if_wrong,
     relative_error,
 )
 
@@ -177,15 +178,11 @@ def run_case(rec, provider, shape, head_dim, mode, dtype, device, once=False, he
             torch.cuda.synchronize() if device == "cuda" else None
             return
         if provider in ("ours", "ours_det"):
-            errors = check()
-            checked = {"check_rel_err": max(errors)}
-            if not all(e <= CHECK_TOLERANCE[dtype] for e in errors):  # (NaN fails too)
-                names = ("out", "dq", "dk", "dv")
-                what = ", ".join(f"{n} {e:.3g}" for n, e in zip(names, errors, strict=False))
-                WRONG.append(f"{provider} {mode} {info['shape']} d{head_dim} {tag or ''}".strip())
-                rec.error(provider=provider, mode=mode, shape=info, dtype=dtype_name,
-                          error=f"wrong result against the torch backend (relative errors {what}; tolerance "
-                                f"{CHECK_TOLERANCE[dtype]:g}): not timed")
+            errors = dict(zip(("out", "dq", "dk", "dv"), check(), strict=False))
+            checked = {"check_rel_err": max(errors.values())}
+            case = f"{provider} {mode} {info['shape']} d{head_dim} {tag or ''}".strip()
+            if record_if_wrong(rec, WRONG, case, errors, CHECK_TOLERANCE[dtype], "the torch backend",
+                               provider=provider, mode=mode, shape=info, dtype=dtype_name):
                 return
         timing = bench(fn)
     except Exception as exc:  # a provider that cannot run this case is reported, not fatal

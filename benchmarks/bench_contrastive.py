@@ -136,7 +136,7 @@ def check_errors(fn, loss, mode, img, txt, scale, bias) -> dict[str, float]:
 
 
 def run_case(rec, provider, loss, mode, n, d, dtype_name, device, label=None):
-    from benchmarks.common import CHECK_TOLERANCE, bench
+    from benchmarks.common import CHECK_TOLERANCE, bench, record_if_wrong
 
     label = label or provider
     shape = {"loss": loss, "N": n, "D": d}
@@ -159,13 +159,9 @@ def run_case(rec, provider, loss, mode, n, d, dtype_name, device, label=None):
     try:
         if provider.startswith("ours"):
             errors = check_errors(fn, loss, mode, img, txt, scale, bias)
-            tolerance = CHECK_TOLERANCE[_DTYPES[dtype_name]]
-            if not all(e <= tolerance for e in errors.values()):  # (NaN fails too)
-                WRONG.append(f"{label} {loss} {mode} N={n} D={d}")
-                what = ", ".join(f"{k} {e:.3g}" for k, e in errors.items())
-                rec.error(provider=label, mode=mode, shape=shape, dtype=dtype_name,
-                          error=f"wrong result against the chunked backend (relative errors {what}; tolerance "
-                                f"{tolerance:g}): not timed")
+            if record_if_wrong(rec, WRONG, f"{label} {loss} {mode} N={n} D={d}", errors,
+                               CHECK_TOLERANCE[_DTYPES[dtype_name]], "the chunked backend", provider=label,
+                               mode=mode, shape=shape, dtype=dtype_name):
                 return
         timing = bench(forward if mode == "fwd" else full)
     except torch.cuda.OutOfMemoryError as exc:

@@ -26,7 +26,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.common import CHECK_TOLERANCE, Recorder, exit_if_wrong, relative_error  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    CHECK_TOLERANCE,
+    Recorder,
+    exit_if_wrong,
+    record_if_wrong,
+    relative_error,
+)
 from fineviti._checks import triton_interpreting  # noqa: E402
 from fineviti.ops import glu, norm  # noqa: E402
 
@@ -108,12 +114,8 @@ def run_case(rec, op, provider, mode, rows, width, dtype, device):
     dtype_name = str(dtype).replace("torch.", "")
     if provider == "ours":  # checked before it is timed: a wrong result is an error row and a non-zero exit
         errors = check_errors(op, fn, inputs, dy, mode)
-        if not all(e <= CHECK_TOLERANCE[dtype] for e in errors.values()):  # (NaN fails too)
-            WRONG.append(f"{op} {mode} rows={rows} width={width}")
-            what = ", ".join(f"{k} {e:.3g}" for k, e in errors.items())
-            rec.error(provider=provider, mode=mode, shape=shape, dtype=dtype_name,
-                      error=f"wrong result against the eager reference (relative errors {what}; tolerance "
-                            f"{CHECK_TOLERANCE[dtype]:g}): not timed")
+        if record_if_wrong(rec, WRONG, f"{op} {mode} rows={rows} width={width}", errors, CHECK_TOLERANCE[dtype],
+                           "the eager reference", provider=provider, mode=mode, shape=shape, dtype=dtype_name):
             return None
     if mode == "fwd":
         moved = fwd_bytes

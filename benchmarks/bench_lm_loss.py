@@ -25,7 +25,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.common import CHECK_TOLERANCE, Recorder, exit_if_wrong, relative_error  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    CHECK_TOLERANCE,
+    Recorder,
+    exit_if_wrong,
+    record_if_wrong,
+    relative_error,
+)
 from fineviti.ops import lm_loss  # noqa: E402
 
 PROVIDERS = ("ours", "torch_eager", "torch_compile")
@@ -83,12 +89,9 @@ def run_case(rec, provider, mode, targets, hidden, vocab, per_target, dtype, dev
     dtype_name = str(dtype).replace("torch.", "")
     if provider == "ours":  # checked before it is timed: a wrong result is an error row and a non-zero exit
         errors = check_errors(fn, h, w, t, mode)
-        if not all(e <= CHECK_TOLERANCE[dtype] for e in errors.values()):  # (NaN fails too)
-            WRONG.append(f"{mode} targets={targets} hidden={hidden} vocab={vocab}")
-            what = ", ".join(f"{k} {e:.3g}" for k, e in errors.items())
-            rec.error(provider=provider, mode=mode, shape=shape, dtype=dtype_name,
-                      error=f"wrong result against the plain full-logits loss (relative errors {what}; tolerance "
-                            f"{CHECK_TOLERANCE[dtype]:g}): not timed")
+        if record_if_wrong(rec, WRONG, f"{mode} targets={targets} hidden={hidden} vocab={vocab}", errors,
+                           CHECK_TOLERANCE[dtype], "the plain full-logits loss", provider=provider, mode=mode,
+                           shape=shape, dtype=dtype_name):
             return None
     flops = 2 * targets * hidden * vocab * (3 if mode == "full" else 1)
     if mode == "fwd":

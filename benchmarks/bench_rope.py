@@ -35,6 +35,7 @@ from benchmarks.common import (  # noqa: E402
     comparable,
     exit_if_wrong,
     percentiles,
+    record_if_wrong,
     relative_error,
 )
 from fineviti._checks import triton_interpreting  # noqa: E402
@@ -412,12 +413,9 @@ def run_case(rec, provider, mode, tokens, heads, head_dim, dtype, device, copy_g
             return None
         if provider in OURS:  # a wrong result is an error row, not a time, and a non-zero exit
             errors = check_errors(provider, forward, inputs, mode, tokens, heads)
-            if not all(e <= CHECK_TOLERANCE[dtype] for e in errors.values()):  # (NaN fails too)
-                WRONG.append(f"{provider} {mode} tokens={tokens} head_dim={head_dim}")
-                what = ", ".join(f"{k} {e:.3g}" for k, e in errors.items())
-                rec.error(provider=provider, mode=mode, shape=shape, dtype=dtype_name,
-                          error=f"wrong result against the torch backend (relative errors {what}; tolerance "
-                                f"{CHECK_TOLERANCE[dtype]:g}): not timed")
+            if record_if_wrong(rec, WRONG, f"{provider} {mode} tokens={tokens} head_dim={head_dim}", errors,
+                               CHECK_TOLERANCE[dtype], "the torch backend", provider=provider, mode=mode,
+                               shape=shape, dtype=dtype_name):
                 return None
         timing = measure(forward, inputs, mode)
     except Exception as exc:

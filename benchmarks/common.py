@@ -198,6 +198,19 @@ def relative_error(got: torch.Tensor, want: torch.Tensor, floor: float = 1e-30) 
     return float((got.float() - want).norm() / want.norm().clamp_min(floor))
 
 
+def record_if_wrong(rec: Recorder, wrong: list[str], case: str, errors: dict[str, float], tolerance: float,
+                    against: str, *, provider: str, mode: str, shape: dict, dtype: str) -> bool:
+    """Whether a check failed: any of `errors` ({quantity: relative error}) above `tolerance` (NaN too). Then the
+    case gets an error row naming the errors (it is not timed) and joins `wrong` (exit_if_wrong's list)."""
+    if all(e <= tolerance for e in errors.values()):
+        return False
+    wrong.append(case)
+    what = ", ".join(f"{name} {e:.3g}" for name, e in errors.items())
+    rec.error(provider=provider, mode=mode, shape=shape, dtype=dtype,
+              error=f"wrong result against {against} (relative errors {what}; tolerance {tolerance:g}): not timed")
+    return True
+
+
 def exit_if_wrong(benchmark: str, wrong: list[str]) -> None:
     """Exit 1 naming the cases of ours that gave a wrong result (their error rows were printed and recorded), so
     that the GPU check's section fails: a benchmark that checks what it times (bench_attention, bench_contrastive)
