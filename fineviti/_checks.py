@@ -24,9 +24,10 @@ def env_flag(variable: str, default: bool = False) -> bool:
     value = os.environ.get(variable)
     if value is None:
         return default
-    if value.strip().lower() in _ON:
+    spelt = value.strip().lower()
+    if spelt in _ON:
         return True
-    if value.strip().lower() in _OFF:
+    if spelt in _OFF:
         return False
     raise ValueError(f"{variable}={value!r} is not an on/off value; expected 1, true, yes, on or 0, false, no, off")
 
