@@ -166,6 +166,23 @@ def test_resume_on_two_ranks_from_one_keeps_every_sample_once(data):
         loader.close()
 
 
+def test_an_epoch_limited_stream_trains_every_sample_on_two_ranks(data):
+    """The last step of an `epochs` run splits the pack left over (fewer than the ranks) so that each rank has
+    some: every sample once, every rank the same number of steps, as many as steps_left() said."""
+    ranks = [PackedLoader(config(data, epochs=1), rank=r, world_size=2) for r in range(2)]
+    assert ranks[0].planner.epoch(0).n_packs % 2  # (the case under test: a remainder)
+    expected = ranks[0].steps_left()
+    assert expected == -(-ranks[0].planner.epoch(0).n_packs // 2) and ranks[0].left_out() == 0
+    keys = [[b.keys for b in loader] for loader in ranks]
+    assert [len(k) for k in keys] == [expected] * 2
+    assert all(batch for k in keys for batch in k)  # no rank has an empty step
+    seen = [key for k in keys for batch in k for key in batch]
+    assert sorted(seen) == sorted(ranks[0].dataset.keys)
+    assert all(loader.steps_left() == 0 and loader.state.epoch == 1 for loader in ranks)
+    for loader in ranks:
+        loader.close()
+
+
 def test_seed_mismatch_is_refused(data):
     loader = PackedLoader(config(data))
     with pytest.raises(ValueError, match="seed"):

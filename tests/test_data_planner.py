@@ -95,10 +95,10 @@ def run_steps(planner, state, world, steps=None):
     """Packs (sample id arrays) per step and rank from `state` on, until the stream ends or `steps` are taken."""
     out, k = [], 0
     while steps is None or k < steps:
-        positions = planner.step_packs(state, k, world)
-        if positions is None:
+        packs = planner.step_samples(state, k, world)
+        if packs is None:
             break
-        out.append([planner.pack_samples(*p) for p in positions])
+        out.append([ids for _, ids in packs])
         k += 1
     return out
 
@@ -109,12 +109,15 @@ def test_ranks_get_equal_steps_and_disjoint_samples(world):
     planner = Planner(lengths, 600, seed=1, epochs=1, cost_block=16)
     steps = run_steps(planner, PlanState(seed=1), world)
     n_packs = planner.epoch(0).n_packs
-    assert len(steps) == n_packs // world and all(len(s) == world for s in steps)
+    assert n_packs % world or world == 1  # (the case under test: packs left for a last, split step)
+    assert len(steps) == -(-n_packs // world) == planner.steps_left(PlanState(seed=1), world)
+    assert all(len(s) == world and all(len(p) for p in s) for s in steps)  # every rank has samples at every step
     seen = np.concatenate([p for s in steps for p in s])
-    assert len(np.unique(seen)) == len(seen)  # ranks disjoint, no repeats
-    left = [planner.pack_samples(0, j) for j in range(len(steps) * world, n_packs)]
-    everything = np.concatenate([seen, *left]) if left else seen
-    assert sorted(everything.tolist()) == list(range(len(lengths)))  # only the final < world packs are unused
+    assert sorted(seen.tolist()) == list(range(len(lengths)))  # every sample once, the last packs' included
+    assert all(lengths[p].sum() <= 600 for s in steps for p in s)
+    assert planner.left_out(PlanState(seed=1), world) == 0
+    for step in steps[:-1]:  # the steps before the last are the plan's packs, in order
+        assert all(any(np.array_equal(p, planner.pack_samples(0, j)) for j in range(n_packs)) for p in step)
     # the same stream and dealing from a fresh planner: deterministic
     again = run_steps(Planner(lengths, 600, seed=1, epochs=1, cost_block=16), PlanState(seed=1), world)
     assert all(np.array_equal(x, y) for s, t in zip(steps, again, strict=True) for x, y in zip(s, t, strict=True))
@@ -188,3 +191,55 @@ def test_advancing_over_past_epochs_does_not_plan_them_again(monkeypatch):
     for step in range(6 * n0 - 5, 6 * n0):
         p.step_packs(state, step, 1)
     assert len(calls) == before
+
+
+def test_split_tail_cuts_the_costliest_packs_within_the_budget():
+    from fineviti.data.planner import split_tail
+
+    lengths = np.array([500, 10, 20, 30, 400, 5, 90, 7])
+    packs = [(2, np.array([0, 1, 2, 3])), (2, np.array([4, 5, 6, 7]))]
+    out = split_tail(packs, lengths, 4)
+    assert len(out) == 4 and all(e == 2 for e, _ in out)
+    assert sorted(np.concatenate([ids for _, ids in out]).tolist()) == list(range(8))
+    # each piece lies within one of the packs, in that pack's order
+    assert all(any(set(ids) <= set(p) for _, p in packs) and list(ids) == sorted(ids) for _, ids in out)
+    costs = [float((lengths[ids].astype(float) ** 2).sum()) for _, ids in out]
+    assert costs == sorted(costs, reverse=True)
+    assert list(out[0][1]) == [0] and list(out[1][1]) == [4]  # the 500 and the 400 alone: the cut goes by cost
+    assert split_tail(packs, lengths, 9) is None  # fewer samples than parts
+    assert [list(ids) for _, ids in split_tail([(0, np.array([3, 1]))], lengths, 2)] == [[3], [1]]
+
+
+def test_the_last_step_spans_two_epochs_and_leaves_out_fewer_samples_than_ranks():
+    """Packs left from two epochs (an epoch of fewer packs than ranks) keep their epochs; a tail with fewer
+    samples than ranks is left out, and counted."""
+    lengths = np.array([300, 300, 300, 200, 100])
+    planner = Planner(lengths, 600, seed=0, epochs=2, window=8)
+    n_packs = planner.epoch(0).n_packs + planner.epoch(1).n_packs
+    world = n_packs + 1  # so the only step is a split one, of packs of both epochs
+    packs = planner.step_samples(PlanState(seed=0), 0, world)
+    assert packs is not None and len(packs) == world and {e for e, _ in packs} == {0, 1}
+    assert sorted(np.concatenate([ids for e, ids in packs if e == 1]).tolist()) == list(range(len(lengths)))
+    assert planner.steps_left(PlanState(seed=0), world) == 1
+    for more in (len(lengths) * 2 + 1, 64):  # more ranks than the two epochs have samples
+        assert planner.step_samples(PlanState(seed=0), 0, more) is None
+        assert planner.steps_left(PlanState(seed=0), more) == 0
+        assert planner.left_out(PlanState(seed=0), more) == 2 * len(lengths)
+    state = planner.consumed(PlanState(seed=0), 1, world)
+    assert (state.epoch, state.step) == (2, 1)  # the split step consumes the rest of the stream
+    assert planner.steps_left(state, 3) == 0 and planner.left_out(state, 3) == 0
+    with pytest.raises(ValueError, match="endless"):
+        Planner(lengths, 600).steps_left(PlanState(seed=0), 2)
+
+
+@pytest.mark.parametrize("world", [2, 5])
+def test_steps_left_counts_the_rest_of_the_stream_after_a_resume(world):
+    lengths = np.random.default_rng(8).integers(1, 300, 257)
+    planner = Planner(lengths, 600, seed=4, epochs=3)
+    state = PlanState(seed=4)
+    total = planner.steps_left(state, world)
+    assert total == len(run_steps(planner, state, world))
+    for done in (1, total // 2, total - 1, total):
+        after = planner.consumed(state, done, world)
+        assert planner.steps_left(after, world) == total - done
+        assert len(run_steps(planner, after, world)) == total - done

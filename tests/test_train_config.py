@@ -48,7 +48,10 @@ def test_overrides_are_typed():
     ("parallel.compile=maybe", "takes a bool"),
     ("optimizer.betas=0.9", "takes 2 comma-separated values"),
     ("parallel.strategy=zero3", "parallel.strategy must be one of ['ddp', 'fsdp'], got 'zero3'"),
-    ("training.steps=0", "training.steps must be >= 1, got 0"),
+    ("training.steps=-1", "training.steps must be >= 1 (or 0 with data.epochs), got -1"),
+    ("training.steps=0", "training.steps=0 (run to the end of data.epochs) needs data from shards with data.epochs "
+                         "set, got data.epochs=None"),
+    ("training.steps=0 data.epochs=1 training.data_source=random", "got training.data_source='random'"),
     ("training.text_length=64:0", "training.text_length"),
     ("metrics.profile=5:2", "1 <= START <= END"),
     ("stage2.freeze=vision,eyes", "stage2.freeze must be one of"),
@@ -135,6 +138,10 @@ def test_cli_print_config_and_errors(capsys, tmp_path):
     assert cli.main(["train", "--preset", "debug", "--print-config", "training.stage=2", "model.vision.depth=3"]) == 0
     assert "model.vision.depth is not used by this run (stage 2 builds its model from aligner.*)" in \
         capsys.readouterr().err
+    assert cli.main(["train", "--preset", "debug", "--print-config", "training.stage=2", "training.text_length=8"]) == 0
+    assert "training.text_length is not used by this run (it cuts stage 1's captions" in capsys.readouterr().err
+    assert cli.main(["train", "--preset", "debug", "--print-config", "training.text_length=8"]) == 0
+    assert "text_length" not in capsys.readouterr().err
     assert cli.main(["train", "--preset", "debug", "training.bogus=1"]) == 2
     assert "unknown config key 'training.bogus'" in capsys.readouterr().err
 

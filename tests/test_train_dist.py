@@ -38,6 +38,8 @@ CASES = {  # name: overrides
     "fsdp_stage2": ["parallel.strategy=fsdp", "training.stage=2"],
     "stage2_rank1_without_regions": ["parallel.strategy=ddp", "training.stage=2"],  # rank 1 draws no region
     "rank1_empty_pack": ["parallel.strategy=ddp"],  # rank 1's second batch has no image
+    # one epoch, as many steps as it gives: the last step splits the pack left over between the ranks
+    "ddp_one_epoch": ["parallel.strategy=ddp", *SHARDS[:5], "data.epochs=1", "training.steps=0"],
     # fp16 loss scaling under FSDP2 (each rank holds shards: the global norm decides) with GradCache's backward
     "fsdp_fp16_gradcache": ["parallel.strategy=fsdp", "training.mixed_precision=fp16", "training.grad_cache_images=2",
                             "training.steps=8"],
@@ -298,6 +300,23 @@ def test_stage2_two_ranks_equal_one_process_on_both_batches(dist_results, stage2
     for key, value in ref_params.items():
         torch.testing.assert_close(result["params"][key], value, rtol=1e-4, atol=1e-5,
                                    msg=lambda m, key=key: f"{name} {key}: {m}")
+
+
+def test_a_run_of_one_epoch_trains_every_sample_once(dist_results):
+    """training.steps=0 with data.epochs=1: the run takes the steps the epoch gives at two ranks, its last one of
+    the pack left over split between them, and trains every image of the data set once."""
+    from fineviti.data.dataset import ShardDataset
+
+    root, results = dist_results
+    _check(results["ddp_one_epoch"])
+    lines = [json.loads(line) for line in (root / "ddp_one_epoch" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in lines if "loss" in r]
+    (event,) = [r for r in lines if r.get("event") == "steps_from_epochs"]
+    config = json.loads((root / "ddp_one_epoch" / "config.json").read_text())
+    assert event["world_size"] == 2 and event["samples_left_out"] == 0
+    assert [r["step"] for r in steps] == list(range(1, event["steps"] + 1)) and config["training"]["steps"] > 0
+    assert event["steps"] == config["training"]["steps"]
+    assert sum(r["images"] for r in steps) == len(ShardDataset(str(root / "data" / "train")))
 
 
 def test_stage2_ddp_and_fsdp_agree(dist_results):

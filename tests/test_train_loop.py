@@ -402,6 +402,50 @@ def test_exact_resume_on_shards(tmp_path, shards):
     assert state["data"]["path"] == str(shards / "train")
 
 
+def test_steps_from_epochs_run_to_the_end_of_the_data_and_resume(tmp_path, shards):
+    """training.steps=0 takes the steps data.epochs give (here two epochs on one process: every pack); a resumed run
+    counts the same and ends where the straight run ended, with the same losses."""
+    steps = ["training.steps=0", "data.epochs=2", "checkpoint.interval=2", "scheduler.warmup_steps=1"]
+    trainer = Trainer(shard_config(tmp_path, shards, *steps, name="straight"))
+    planner = trainer.data.loader.planner
+    expected_steps = planner.epoch(0).n_packs + planner.epoch(1).n_packs
+    assert trainer.cfg.training.steps == expected_steps and trainer.scheduler.lr_lambdas[0].total == expected_steps
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    expected = losses(tmp_path / "straight")
+    assert sorted(expected) == list(range(1, expected_steps + 1))
+    assert json.loads((tmp_path / "straight" / "config.json").read_text())["training"]["steps"] == expected_steps
+
+    _train_until_killed(Trainer(shard_config(tmp_path, shards, *steps, name="crashed")), 4)
+    resumed = Trainer(shard_config(tmp_path, shards, *steps, "checkpoint.resume=auto", name="crashed"))
+    try:
+        assert resumed.step == 2 and resumed.cfg.training.steps == expected_steps
+        resumed.train()
+    finally:
+        resumed.close()
+    assert losses(tmp_path / "crashed") == expected
+
+
+def test_steps_from_epochs_counted_again_after_a_resume_move_the_schedule(tmp_path, shards):
+    """After a resume under another world size the steps left differ from the count at the start: the schedule's
+    horizon, the next rate and the run's config follow the new count."""
+    trainer = Trainer(shard_config(tmp_path, shards, "training.steps=0", "data.epochs=1", "scheduler.warmup_steps=1"))
+    try:
+        before = trainer.cfg.training.steps
+        trainer.scheduler.last_epoch = 3  # as if resumed at step 3
+        trainer._steps_from(before + 5)
+        shape = trainer.scheduler.lr_lambdas[0]
+        assert shape.total == before + 5 and trainer.cfg.training.steps == before + 5
+        lr = trainer.optimizer.param_groups[0]["lr"]
+        assert lr == pytest.approx(trainer.scheduler.base_lrs[0] * shape(3)) and lr < trainer.scheduler.base_lrs[0]
+        assert json.loads(trainer.config_json)["training"]["steps"] == before + 5
+        assert trainer.checkpointer.config_json == trainer.config_json
+    finally:
+        trainer.close()
+
+
 def test_resume_keeps_the_loaders_skip_counters(tmp_path, shards):
     """The loader's counts of skipped samples come back with its planner state (a dict whose keys only the saved
     run had never loaded: the resumed run's summary started from zero)."""

@@ -178,11 +178,11 @@ class _Producer:
     def __call__(self, start: PlanState, step: int) -> tuple[PackedBatch, Counter] | None:
         from fineviti.data.pixels import Orientation, assemble, read_orientation
 
-        positions = self.planner.step_packs(start, step, self.world_size)
-        if positions is None:
+        packs = self.planner.step_samples(start, step, self.world_size)
+        if packs is None:
             return None
-        epoch, pack = positions[self.rank]
-        ids = self.planner.pack_samples(epoch, pack).tolist()
+        epoch, ids = packs[self.rank]
+        ids = ids.tolist()
         counters: Counter = Counter()
         cfg = self.cfg
         samples, images, targets, turns = [], [], [], []
@@ -316,6 +316,14 @@ class PackedLoader:
             raise ValueError("PackedLoader.mark_consumed: batches are consumed in the order they are handed out; "
                              f"got one with keys {batch.keys[:3]}..., expected {keys[:3]}...")
         self.state = self.planner.consumed(self.state, 1, self.world_size)
+
+    def steps_left(self) -> int:
+        """Steps this loader yields from its state until the stream ends (DataConfig.epochs must be set)."""
+        return self.planner.steps_left(self.state, self.world_size)
+
+    def left_out(self) -> int:
+        """Samples the stream leaves untrained after its last step (fewer than world_size were left for it)."""
+        return self.planner.left_out(self.state, self.world_size)
 
     def summary(self) -> str:
         skipped = ", ".join(f"{k} {v}" for k, v in sorted(self.stats.items())) or "none"

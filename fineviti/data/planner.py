@@ -16,8 +16,9 @@ next R packs of the stream, rank r gets the r-th; after step 3 they have about t
 every rank runs the same number of steps. Loader workers of a rank take its steps round robin (worker w: steps
 k = w mod W) and the loader yields them in step order. A step whose R packs straddle an epoch boundary takes the
 last packs of one epoch and the first of the next: no sample is dropped or repeated within an epoch (the remainder
-of an epoch is deferred to the next step, not dropped). Only a run limited to a number of epochs ends at the last
-full step, leaving fewer than R packs of its last epoch unused.
+of an epoch is deferred to the next step, not dropped). A stream limited to a number of epochs ends with fewer than
+R packs left, in general: its last step splits them (`split_tail`) into R smaller packs, one a rank, so that every
+sample is trained; only when fewer than R samples are left (a rank would have none) are they left out.
 
 State (`PlanState`): seed, epoch, pack (packs of that epoch consumed) and step (global batches consumed).
 Consumed means taken by the optimizer (see the loader's mark_consumed), not produced by a prefetching loader.
@@ -117,6 +118,33 @@ def balance_packs(order: np.ndarray, offsets: np.ndarray, lengths: np.ndarray,
     np.cumsum(sizes[new], out=new_offsets[1:])
     gather = np.repeat(offsets[new] - new_offsets[:-1], sizes[new]) + np.arange(len(order))
     return order[gather], new_offsets
+
+
+def split_tail(packs: list[tuple[int, np.ndarray]], lengths: np.ndarray,
+               parts: int) -> list[tuple[int, np.ndarray]] | None:
+    """`packs` ((epoch, sample ids), fewer than `parts`) split into `parts` packs, or None when they hold fewer
+    than `parts` samples. Splitting never merges, so every pack stays within the budget and one epoch: while there
+    are fewer than `parts`, the costliest pack (sum(L^2); of those with two samples or more) is cut in two of about
+    equal cost (its samples longest first, each to the lighter half; each half keeps the pack's order). The result
+    is sorted by cost, tokens, then position, descending, as `balance_packs` sorts."""
+    if sum(len(ids) for _, ids in packs) < parts:
+        return None
+    out = [(int(epoch), np.asarray(ids, dtype=np.int64)) for epoch, ids in packs]
+
+    def cost(ids: np.ndarray) -> float:
+        return float((lengths[ids].astype(np.float64) ** 2).sum())
+
+    while len(out) < parts:
+        j = max((i for i in range(len(out)) if len(out[i][1]) > 1), key=lambda i: (cost(out[i][1]), -i))
+        epoch, ids = out[j]
+        halves, weight = ([], []), [0.0, 0.0]
+        for k in sorted(range(len(ids)), key=lambda k: (-int(lengths[ids[k]]), k)):
+            side = int(weight[1] < weight[0])
+            halves[side].append(k)
+            weight[side] += float(lengths[ids[k]]) ** 2
+        out[j:j + 1] = [(epoch, ids[np.sort(np.asarray(h, dtype=np.int64))]) for h in halves]
+    keys = sorted(range(parts), key=lambda i: (-cost(out[i][1]), -int(lengths[out[i][1]].sum()), i))
+    return [out[i] for i in keys]
 
 
 @dataclasses.dataclass
@@ -230,6 +258,54 @@ class Planner:
                 return None
             positions.append(following)
         return positions
+
+    def step_samples(self, state: PlanState, step: int, world_size: int) -> list[tuple[int, np.ndarray]] | None:
+        """(epoch, sample ids) of each rank's pack at the `step`-th global step after `state` (rank r gets the r-th),
+        or None past the end of the stream. The packs of `step_packs`, except at the last step of a stream limited
+        to a number of epochs, which finds fewer than `world_size` packs left: those are split into `world_size`
+        (`split_tail`), or, with fewer samples than ranks left, the stream ends there (None)."""
+        positions = self.step_packs(state, step, world_size)
+        if positions is not None:
+            return [(epoch, self.pack_samples(epoch, pack)) for epoch, pack in positions]
+        left = self._packs_from(state, step * world_size, world_size)
+        if not left:
+            return None
+        return split_tail([(epoch, self.pack_samples(epoch, pack)) for epoch, pack in left], self.lengths,
+                          world_size)
+
+    def _packs_from(self, state: PlanState, skip: int, limit: int) -> list[tuple[int, int]]:
+        """Stream positions of at most `limit` packs, from `skip` packs after `state`."""
+        positions = []
+        position = self.advance(state.epoch, state.pack, skip)
+        while position is not None and len(positions) < limit:
+            positions.append(position)
+            position = self.advance(*position, 1)
+        return positions
+
+    def steps_left(self, state: PlanState, world_size: int) -> int:
+        """Global steps of `world_size` packs after `state` until the stream ends, its split last step included
+        (plans every epoch not planned yet: integers only). Needs a stream limited to a number of epochs."""
+        if self.epochs is None:
+            raise ValueError("Planner.steps_left: the stream is endless (epochs=None); expected a number of epochs")
+        if world_size < 1:
+            raise ValueError(f"Planner.steps_left: world_size must be >= 1, got {world_size}")
+        packs = -state.pack
+        for epoch in range(state.epoch, self.epochs):
+            n_packs = self._n_packs.get(epoch)
+            packs += self.epoch(epoch).n_packs if n_packs is None else n_packs
+        if packs <= 0:
+            return 0
+        full, rest = divmod(packs, world_size)
+        return full + int(rest > 0 and self.step_samples(state, full, world_size) is not None)
+
+    def left_out(self, state: PlanState, world_size: int) -> int:
+        """Samples a stream limited to a number of epochs leaves untrained after `state`: those of a last step
+        with fewer samples than ranks (0 for an endless stream)."""
+        if self.epochs is None:
+            return 0
+        full = self.steps_left(state, world_size)
+        left = self._packs_from(state, full * world_size, world_size)
+        return int(sum(len(self.pack_samples(epoch, pack)) for epoch, pack in left))
 
     def consumed(self, state: PlanState, steps: int, world_size: int) -> PlanState:
         """The state after the next `steps` global steps of `world_size` packs are consumed."""

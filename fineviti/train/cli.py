@@ -67,8 +67,10 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-# Sections a run leaves unread (their overrides were taken without a word): when, and why (for the warning).
+# Sections and keys a run leaves unread (their overrides were taken without a word): when, and why (the warning).
 _UNUSED = {
+    "training.text_length": (lambda cfg: cfg.training.stage == 2,
+                             "it cuts stage 1's captions; stage 2 keeps its region samples whole"),
     "model": (lambda cfg: cfg.training.stage == 2, "stage 2 builds its model from aligner.*"),
     "aligner": (lambda cfg: cfg.training.stage == 1, "stage 1 builds its model from model.*"),
     "stage2": (lambda cfg: cfg.training.stage == 1, "stage2.* applies to training.stage=2"),
@@ -79,10 +81,14 @@ _UNUSED = {
 
 
 def _unused_overrides(cfg, overrides: list[str]) -> list[tuple[str, str]]:
-    """(key, why) of each override of a section this run does not read."""
-    keys = [o.partition("=")[0] for o in overrides if "=" in o]
-    return [(k, _UNUSED[k.split(".")[0]][1]) for k in keys
-            if k.split(".")[0] in _UNUSED and _UNUSED[k.split(".")[0]][0](cfg)]
+    """(key, why) of each override of a section or key this run does not read."""
+    out = []
+    for key in (o.partition("=")[0] for o in overrides if "=" in o):
+        for name, (unused, why) in _UNUSED.items():
+            if (key == name or key.startswith(name + ".")) and unused(cfg):
+                out.append((key, why))
+                break
+    return out
 
 
 def is_override(text: str) -> bool:

@@ -68,7 +68,7 @@ class SchedulerConfig:
 @dataclasses.dataclass
 class TrainingConfig:
     stage: int = 1  # 1: contrastive two-tower; 2: vision tower + merger + projector + LM on region tasks
-    steps: int = 1000
+    steps: int = 1000  # optimizer steps; 0: as many as data.epochs give (the last, split, step included)
     seed: int = 0
     data_source: str = "shards"  # shards (the data set at data.path) | random (RandomDataConfig)
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping (the norm is still logged)
@@ -174,11 +174,17 @@ class JobConfig:
         _choice("metrics.progress", self.metrics.progress, ("auto", "on", "off"))
         if hasattr(self.data, "validate"):
             self.data.validate("data.")
+        if self.training.steps == 0 and (self.training.data_source != "shards" or self.data.epochs is None):
+            source = (f"training.data_source={self.training.data_source!r}" if self.training.data_source != "shards"
+                      else "data.epochs=None (endless)")
+            raise ValueError(f"training.steps=0 (run to the end of data.epochs) needs data from shards with "
+                             f"data.epochs set, got {source}; set data.epochs or training.steps >= 1")
         for key in ("training.steps", "metrics.log_every", "parallel.selective_every", "stage2.regions_per_image",
                     "random_data.token_budget", "random_data.min_side", "random_data.min_text"):
             value = get_key(self, key)
-            if value < 1:
-                raise ValueError(f"{key} must be >= 1, got {value}")
+            if value < (0 if key == "training.steps" else 1):
+                raise ValueError(f"{key} must be >= 1{' (or 0 with data.epochs)' if key == 'training.steps' else ''}"
+                                 f", got {value}")
         name = Path(self.name)  # ("." and "" have no parts)
         if not self.run_dir and (not self.name.strip() or name.is_absolute() or not name.parts or ".." in name.parts):
             raise ValueError(f"name must name a folder inside runs/ (the run folder is runs/<name> unless run_dir is "
@@ -196,7 +202,7 @@ class JobConfig:
             if not 0 <= value <= 1:
                 raise ValueError(f"{key} must be in [0, 1] (a fraction of optimizer.lr), got {value}")
         window = parse_profile(self.metrics.profile)
-        if window is not None and window[1] > self.training.steps:
+        if window is not None and 0 < self.training.steps < window[1]:  # (0: known once the data is planned)
             raise ValueError(f"metrics.profile (--profile) {self.metrics.profile!r} ends after the run's last step "
                              f"(training.steps = {self.training.steps}): no trace would be written")
         if not 0 < self.optimizer.lr < math.inf:

@@ -141,6 +141,12 @@ class LoaderSource:
     def summary(self) -> str:
         return self.loader.summary()
 
+    def steps_left(self) -> int:
+        return self.loader.steps_left()
+
+    def left_out(self) -> int:
+        return self.loader.left_out()
+
     def skipped(self) -> int:
         """This rank's share of the skipped or repaired samples so far (and empty packs), all reasons, such that
         the sum over the ranks counts each once: the samples its loads met, and on rank 0 also those the scan of

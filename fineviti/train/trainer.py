@@ -116,11 +116,19 @@ class Trainer:
         # the unwrapped model's names ("visual.", not DDP's "module.visual."): the stage-2 parts' learning-rate
         # scales look up the first name component (the same parameter objects: DDP wraps, FSDP2 shards in place)
         self.optimizer = build_optimizer(raw, cfg.optimizer, device=self.device, part_scales=scales)
-        self.scheduler = build_scheduler(self.optimizer, cfg.scheduler, cfg.training.steps)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.replicated = parallel.replicated_params(self.model) if fsdp else []
 
         self.data = self._build_data()
+        # training.steps=0: the steps data.epochs give from the start at this world size (counted again from the
+        # resumed position below, which differs only after a change of world size)
+        self.steps_from_epochs = cfg.training.steps == 0
+        if self.steps_from_epochs:
+            cfg.training.steps = self.data.steps_left()
+            if cfg.training.steps == 0:
+                raise ValueError(f"training.steps=0: data.epochs={cfg.data.epochs} gives no step at world size "
+                                 f"{self.world.world_size} ({self.data.left_out()} samples, fewer than the ranks)")
+        self.scheduler = build_scheduler(self.optimizer, cfg.scheduler, cfg.training.steps)
         self.tokens = self._prompt_ids() if self.stage == 2 else None
         self.config_json = to_json(cfg)
         self.checkpointer = ckpt.Checkpointer(cfg.checkpoint, self.run_dir, rank=self.rank,
@@ -134,6 +142,8 @@ class Trainer:
         if resume is not None:
             self.step = self.checkpointer.load(resume, self.model, self.optimizer, self.scheduler, self.data,
                                                scaler=self.scaler)
+            if self.steps_from_epochs:
+                self._steps_from(self.step + self.data.steps_left())
         if self.rank == 0:  # after the resume: a resume that fails (no checkpoint there, another architecture)
             # leaves the run's config.json as it was
             (self.run_dir / "config.json").write_text(self.config_json)
@@ -142,6 +152,10 @@ class Trainer:
             superseded = self.checkpointer.set_aside_after(self.step, resume)
         self.metrics = MetricsLogger(cfg.metrics, self.run_dir, rank=self.rank, total_steps=cfg.training.steps,
                                      start_step=self.step)
+        if self.steps_from_epochs:
+            self.metrics.event(kind="steps_from_epochs", step=self.step, steps=cfg.training.steps,
+                               epochs=cfg.data.epochs, world_size=self.world.world_size,
+                               samples_left_out=self.data.left_out())
         if resume is not None:
             self.metrics.event(kind="resume", step=self.step, checkpoint=str(resume))
             changed = self._changed_since(resume)
@@ -159,6 +173,20 @@ class Trainer:
         self.last_row: dict = {}
 
     # -- construction helpers ----------------------------------------------------------------------------------
+
+    def _steps_from(self, total: int) -> None:
+        """training.steps set to `total` after the resume of a run whose steps data.epochs decide; the schedule's
+        horizon with it, and the rate of the next step."""
+        if total == self.cfg.training.steps:
+            return
+        self.cfg.training.steps = total
+        self.config_json = self.checkpointer.config_json = to_json(self.cfg)
+        for shape in self.scheduler.lr_lambdas:
+            shape.total = total
+        for group, base, shape in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
+                                      self.scheduler.lr_lambdas, strict=True):
+            group["lr"] = base * shape(self.scheduler.last_epoch)
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def _changed_since(self, checkpoint: Path) -> list[str]:
         """What this run's config sets otherwise than the checkpoint's config.json ("optimizer.lr: checkpoint 0.0001,
@@ -231,7 +259,8 @@ class Trainer:
                 self.checkpointer.finish_pending()
             if have == "none":
                 raise DataExhaustedError(f"the data ran out after {self.step} of {last} steps on at least one rank "
-                                         f"({self.data.summary()}); lower training.steps or allow more epochs")
+                                         f"({self.data.summary()}); lower training.steps, allow more epochs, or "
+                                         f"set training.steps=0 (the steps data.epochs give)")
             if have == "empty":
                 skipped += 1
                 self._skip(batch, skipped)
