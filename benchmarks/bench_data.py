@@ -11,7 +11,9 @@ synthetic size distribution; `balance` rows the mean over steps of max/mean atte
     python benchmarks/bench_data.py --images 3000 --workers 4 --plan-samples 100000000
     python benchmarks/bench_data.py --data DIR        # an existing folder of shards (with tokenizer.json)
 Paths measured where they run: pil (thread prefetch; and worker processes with --workers), dali on the CPU,
-dali on the GPU (mixed decoder), torchvision nvJPEG on the GPU. Absent ones get an error row saying why.
+dali on the GPU (mixed decoder), torchvision nvJPEG on the GPU. Absent ones get an error row saying why. Each
+path's first batch is checked against pil's (the same samples, pixels within LOAD_MEAN_LEVELS on average): one that
+disagrees gets an error row instead of its time, and the script exits 1.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.common import Recorder  # noqa: E402
+from benchmarks.common import Recorder, exit_if_wrong  # noqa: E402
 from fineviti.data import dali, nvjpeg, synth  # noqa: E402
 from fineviti.data.loader import DataConfig, PackedLoader  # noqa: E402
 from fineviti.data.planner import Planner, PlanState, plan_packs  # noqa: E402
@@ -53,7 +55,33 @@ def providers(workers: int) -> list[tuple[str, dict]]:
     return out
 
 
-def bench_load(rec: Recorder, data: Path, budget: int, workers: int, max_batches: int) -> None:
+# A path's first batch against the pil path's (the same plan: the same samples): the mean |difference| per image, in
+# uint8 levels, may not pass this. Decoders and resizers differ by at most 4 levels on average (nvjpeg's GPU
+# tolerance); a wrong layout, channel order or normalisation differs by tens.
+LOAD_MEAN_LEVELS = 8.0
+
+
+def check_batch(batch, reference) -> str | None:
+    """Why `batch` (a path's first) disagrees with `reference` (pil's first; SigLIP normalisation), or None."""
+    if list(batch.keys) != list(reference.keys):
+        return f"other samples than pil's first batch ({len(batch.keys)} against {len(reference.keys)} images)"
+    for name in ("cu_seqlens", "pos", "grid_hw"):
+        if not torch.equal(getattr(batch, name).cpu(), getattr(reference, name)):
+            return f"another {name} than pil's"
+    levels = (batch.patches.float().cpu() - reference.patches.float()).abs() * 0.5 * 255
+    bounds = reference.cu_seqlens.tolist()
+    worst = max((float(levels[a:b].mean()) for a, b in zip(bounds, bounds[1:], strict=False) if b > a), default=0.0)
+    if not worst <= LOAD_MEAN_LEVELS:
+        return f"pixels {worst:.2f} levels from pil's on average in an image (tolerance {LOAD_MEAN_LEVELS})"
+    return None
+
+
+def bench_load(rec: Recorder, data: Path, budget: int, workers: int, max_batches: int,
+               wrong: list[str] | None = None) -> None:
+    """A `load` row per pixel path; each path's first (untimed) batch is checked against pil's first (check_batch):
+    one that disagrees gets an error row instead of its time and joins `wrong`."""
+    wrong = [] if wrong is None else wrong
+    reference = None
     for name, overrides in providers(workers):
         shape = {"budget": budget, "batches": max_batches}
         if overrides["pixel_path"] == "dali" and not dali.available():
@@ -67,7 +95,18 @@ def bench_load(rec: Recorder, data: Path, budget: int, workers: int, max_batches
             loader = PackedLoader(cfg)
             times, images, tokens, patch_bytes = [], 0, 0, 0
             it = iter(loader)
-            next(it)  # warm-up: builds pipelines, starts workers, plans the epoch
+            first = next(it)  # warm-up: builds pipelines, starts workers, plans the epoch
+            if name == "pil":
+                reference = first
+                problem = None
+            else:
+                problem = None if reference is None else check_batch(first, reference)
+            if problem is not None:
+                loader.close()
+                wrong.append(name)
+                rec.error(provider=name, mode="load", shape=shape, dtype="float32",
+                          error=f"wrong result: {problem}: not timed")
+                continue
             for _ in range(max_batches):
                 start = time.perf_counter()
                 batch = next(it)
@@ -165,7 +204,7 @@ def bench_balance(rec: Recorder, budget: int, n: int, world: int = 8) -> None:
               f"{np.mean(ratios):.3f}", flush=True)
 
 
-def bench_synth_and_load(rec: Recorder, args, tmp: str) -> None:
+def bench_synth_and_load(rec: Recorder, args, tmp: str, wrong: list[str]) -> None:
     data = args.data
     if data is None:
         data = Path(tmp)
@@ -177,7 +216,7 @@ def bench_synth_and_load(rec: Recorder, args, tmp: str) -> None:
                 timing={"median_ms": ms, "p20_ms": ms, "p80_ms": ms, "peak_mem_mb": None},
                 images_per_s=args.images / (ms / 1000), processes=processes)
         print(f"    synth: {args.images / (ms / 1000):.0f} images/s with {processes} processes", flush=True)
-    bench_load(rec, data, args.budget, args.workers, args.batches)
+    bench_load(rec, data, args.budget, args.workers, args.batches, wrong)
 
 
 def main() -> int:
@@ -195,15 +234,17 @@ def main() -> int:
         args.images, args.batches, args.plan_samples = 400, 8, 2_000_000
         args.workers = min(args.workers, 4)
     rec = Recorder("data")
+    wrong: list[str] = []
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            bench_synth_and_load(rec, args, tmp)
+            bench_synth_and_load(rec, args, tmp, wrong)
     except ImportError as exc:  # e.g. no `tokenizers` on an offline machine: the planner rows still run
         rec.error(provider="synth", mode="generate", shape={"images": args.images}, dtype="uint8",
                   error=f"{type(exc).__name__}: {exc}")
     bench_padding(rec, args.budget, 200_000 if args.quick else 1_000_000)
     bench_planner(rec, args.budget, args.plan_samples, min(args.plan_samples, 200_000))
     bench_balance(rec, args.budget, 50_000 if args.quick else 200_000)
+    exit_if_wrong(rec.benchmark, wrong)
     return 0
 
 

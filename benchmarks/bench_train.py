@@ -18,7 +18,9 @@ and TFLOP/s use the median. The batch: images
 of random native-resolution patch grids (sides 8..64 patches, multiples of 2) packed to `--budget` patch tokens
 plus one 64-token caption per image; the same batch every step, so shapes are static. TFLOP/s and MFU count model
 FLOPs (fineviti.model.flops, recomputation excluded) against the device's dense bf16 peak
-(fineviti.train.metrics.PEAK_BF16_TFLOPS; none for an unknown device).
+(fineviti.train.metrics.PEAK_BF16_TFLOPS; none for an unknown device). Every provider starts from the same weights
+and batch: its first step's loss must be finite and, where `torch` ran in the same invocation, within
+benchmarks.common.CHECK_TOLERANCE of torch's; otherwise an error row voids its timed row and the script exits 1.
 
     python benchmarks/bench_train.py --quick                 # base and large, ours and torch (the GPU check)
     python benchmarks/bench_train.py --preset large --provider ours --budget 32768 --steps 20
@@ -45,6 +47,7 @@ host's launches set the pace).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -53,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.common import percentiles  # noqa: E402
+from benchmarks.common import CHECK_TOLERANCE, exit_if_wrong, percentiles  # noqa: E402
 
 PROVIDERS = ("ours", "ours_compile", "torch")
 QUICK = [("large", 16384), ("base", 16384)]  # large first: the GPU check gives this script 150 s
@@ -160,6 +163,7 @@ def stage2_step(preset_name: str, provider: str, budget: int, device: torch.devi
         out["loss"].backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return out["loss"].detach()
 
     return cfg, model, batch, region, step
 
@@ -170,7 +174,7 @@ def run_stage2_case(rec, preset_name: str, provider: str, budget: int, steps: in
     from fineviti.train.stage2 import stage2_flops
 
     cfg, model, batch, region, step = stage2_step(preset_name, provider, budget, device)
-    timing, peak_mem = _time_steps(step, steps, warmup, device)
+    timing, peak_mem, first_loss = _time_steps(step, steps, warmup, device)
     seconds = timing["median_ms"] / 1000
     tflops = stage2_flops(model, batch.seqlens, region) / seconds / 1e12
     peak = peak_tflops(device_name(device)) if device.type == "cuda" else None
@@ -185,15 +189,18 @@ def run_stage2_case(rec, preset_name: str, provider: str, budget: int, steps: in
                    dtype="bf16" if device.type == "cuda" else "fp32", timing=timing, tflops=tflops,
                    steps_per_s=1 / seconds, images_per_s=batch.n_images / seconds,
                    tokens_per_s=(sum(batch.seqlens) + region.text_tokens) / seconds,
-                   mfu=tflops / peak if peak else None)
+                   mfu=tflops / peak if peak else None, first_loss=first_loss)
 
 
-def _time_steps(step, steps: int, warmup: int, device: torch.device) -> tuple[dict, float | None]:
+def _time_steps(step, steps: int, warmup: int, device: torch.device) -> tuple[dict, float | None, float]:
     """The timing fields of `steps` steps after `warmup` untimed ones (median, p20, p80 in ms: per step, from CUDA
-    events recorded between the steps, or the host clock on a CPU; one synchronisation, after the last) and the
-    peak memory (MiB) of the timed ones."""
+    events recorded between the steps, or the host clock on a CPU; one synchronisation, after the last), the
+    peak memory (MiB) of the timed ones, and the loss of the first step (before any update: what check_losses
+    compares), read after the timing."""
+    first = None
     for _ in range(warmup):
-        step()
+        loss = step()
+        first = loss if first is None else first
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
@@ -201,17 +208,40 @@ def _time_steps(step, steps: int, warmup: int, device: torch.device) -> tuple[di
         marks = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
         marks[0].record()
         for mark in marks[1:]:
-            step()
+            loss = step()
+            first = loss if first is None else first
             mark.record()
         torch.cuda.synchronize()
         times = [a.elapsed_time(b) for a, b in zip(marks, marks[1:], strict=False)]
     else:
         clock = [time.perf_counter()]
         for _ in range(steps):
-            step()
+            loss = step()
+            first = loss if first is None else first
             clock.append(time.perf_counter())
         times = [(b - a) * 1000 for a, b in zip(clock, clock[1:], strict=False)]
-    return percentiles(times), torch.cuda.max_memory_allocated() / 2**20 if cuda else None
+    return percentiles(times), torch.cuda.max_memory_allocated() / 2**20 if cuda else None, float(first)
+
+
+def check_losses(rec, wrong: list[str], results: dict[str, dict], case: str, mode: str) -> None:
+    """Each provider's first-step loss (the same weights and batch: seed 0) must be finite and, where `torch` ran
+    in the same case, within CHECK_TOLERANCE of its loss (relative). A provider that fails gets an error row saying
+    its timed row is void, and joins `wrong` (exit_if_wrong: the GPU check's section fails)."""
+    reference = results.get("torch", {}).get("first_loss")
+    for provider, row in results.items():
+        loss = row["first_loss"]
+        tolerance = CHECK_TOLERANCE[torch.bfloat16 if row["dtype"] == "bf16" else torch.float32]
+        if not math.isfinite(loss):
+            problem = f"first-step loss {loss}"
+        elif provider != "torch" and reference is not None and math.isfinite(reference) and \
+                abs(loss - reference) > tolerance * abs(reference):
+            problem = (f"first-step loss {loss:.6g} against torch's {reference:.6g} (relative error "
+                       f"{abs(loss - reference) / abs(reference):.3g}; tolerance {tolerance:g})")
+        else:
+            continue
+        wrong.append(f"{case} {provider}")
+        rec.error(provider=provider, mode=mode, shape=row["shape"], dtype=row["dtype"],
+                  error=f"wrong result: {problem}; its timed row above is void")
 
 
 def training_step(preset_name: str, provider: str, budget: int, device: torch.device):
@@ -227,6 +257,7 @@ def training_step(preset_name: str, provider: str, budget: int, device: torch.de
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
 
     return cfg, batch, step
 
@@ -236,7 +267,7 @@ def run_case(rec, preset_name: str, provider: str, budget: int, steps: int, warm
     from fineviti.train.metrics import device_name, peak_tflops
 
     cfg, batch, step = training_step(preset_name, provider, budget, device)
-    timing, peak_mem = _time_steps(step, steps, warmup, device)
+    timing, peak_mem, first_loss = _time_steps(step, steps, warmup, device)
     seconds = timing["median_ms"] / 1000
     flops = count_flops(cfg.model, batch.seqlens, batch.text_seqlens, training=True, recompute=False).model
     tflops = flops / seconds / 1e12
@@ -247,7 +278,7 @@ def run_case(rec, preset_name: str, provider: str, budget: int, steps: int, warm
              "text_tokens": sum(batch.text_seqlens), "ac": cfg.parallel.activation_checkpointing}
     return rec.add(provider=provider, mode="train", shape=shape, dtype="bf16" if device.type == "cuda" else "fp32",
                    timing=timing, tflops=tflops, steps_per_s=1 / seconds, images_per_s=images / seconds,
-                   tokens_per_s=tokens / seconds, mfu=tflops / peak if peak else None)
+                   tokens_per_s=tokens / seconds, mfu=tflops / peak if peak else None, first_loss=first_loss)
 
 
 # Kernel families by name (first match wins): which part of the stack a kernel of a profiled step comes from.
@@ -338,6 +369,7 @@ def main(argv=None) -> int:
     cases = quick if args.quick else [(args.preset, args.budget)]
     steps, warmup = (5, 2) if args.quick else (args.steps, args.warmup)
     run = run_case if args.stage == 1 else run_stage2_case
+    wrong: list[str] = []
     for preset_name, budget in cases:
         results = {}
         for provider in providers:
@@ -349,12 +381,14 @@ def main(argv=None) -> int:
                           error=f"{type(exc).__name__}: {exc}")
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+        check_losses(rec, wrong, results, f"{preset_name}:{budget}", "train" if args.stage == 1 else "train_stage2")
         for ours in ("ours", "ours_compile"):
             if {ours, "torch"} <= set(results):
                 ratio = results[ours]["tokens_per_s"] / results["torch"]["tokens_per_s"]
                 mfu = results[ours]["mfu"]
                 print(f"{preset_name}: {ours} / torch+compile throughput {ratio:.2f}x; MFU "
                       f"{'n/a' if mfu is None else f'{100 * mfu:.1f}%'}", flush=True)
+    exit_if_wrong(rec.benchmark, wrong)
     return 0
 
 

@@ -640,6 +640,39 @@ def test_stage2_train_benchmark_rows(tmp_path, monkeypatch):
         bench_train.main(["--stage", "2", "--profile", "--device", "cpu"])
 
 
+def test_train_benchmark_checks_the_first_losses(tmp_path, monkeypatch, capsys):
+    """bench_train compares each provider's first-step loss with torch's (same weights and batch): rows carry it,
+    agreeing providers pass, and a provider whose model computes another loss gets an error row and exit 1."""
+    import bench_train
+
+    rows_path = tmp_path / "rows.jsonl"
+    monkeypatch.setenv("FINEVITI_RESULTS", str(rows_path))
+    args = ["--device", "cpu", "--preset", "debug", "--budget", "256", "--steps", "1", "--warmup", "1",
+            "--provider", "ours", "--provider", "torch"]
+    assert bench_train.main(args) == 0
+    rows = [json.loads(line) for line in rows_path.read_text().splitlines()]
+    assert [r.get("error") for r in rows] == [None, None]
+    assert rows[0]["first_loss"] == pytest.approx(rows[1]["first_loss"], rel=1e-4) and rows[0]["first_loss"] > 0
+    build = bench_train.build
+
+    def wrong_ours(preset_name, provider, device):
+        cfg, model, optimizer = build(preset_name, provider, device)
+        if provider == "ours":
+            with torch.no_grad():
+                model.logit_bias.add_(3.0)  # another loss from the same batch
+        return cfg, model, optimizer
+
+    monkeypatch.setattr(bench_train, "build", wrong_ours)
+    rows_path.unlink()
+    with pytest.raises(SystemExit) as info:
+        bench_train.main(args)
+    assert info.value.code == 1
+    rows = [json.loads(line) for line in rows_path.read_text().splitlines()]
+    (error,) = [r for r in rows if "error" in r]
+    assert error["provider"] == "ours" and "against torch's" in error["error"] and "void" in error["error"]
+    assert "1 case(s) of ours gave a wrong result" in capsys.readouterr().err
+
+
 def test_train_profile_needs_a_gpu(capsys):
     import bench_train
 
@@ -805,3 +838,27 @@ def test_a_skipped_background_kernel_report_counts_as_skipped(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path)
     assert "kernel_report skipped" in done.stdout, done.stdout
     assert done.returncode == 3, done.stdout + done.stderr
+
+
+def test_data_benchmark_checks_each_path_against_pil(tmp_path, monkeypatch):
+    """bench_data's load rows: each path's first batch is held to pil's (the same samples, pixels within
+    LOAD_MEAN_LEVELS); a path that normalises otherwise gets an error row instead of its time, and joins `wrong`."""
+    import bench_data
+    from common import Recorder
+
+    from fineviti.data import synth
+
+    synth.generate(tmp_path / "data", images=10, seed=3, heldout=0, processes=1)
+    from fineviti.data import dali
+
+    if not dali.available():
+        pytest.skip("nvidia-dali is not installed")
+    paths = [("pil", {"pixel_path": "pil"}), ("dali_cpu", {"pixel_path": "dali", "device": "cpu"}),
+             ("pil_clip_norm", {"pixel_path": "pil", "norm": "clip"})]
+    monkeypatch.setattr(bench_data, "providers", lambda workers: paths)
+    rec, wrong = Recorder("data", path=str(tmp_path / "rows.jsonl")), []
+    bench_data.bench_load(rec, tmp_path / "data", 4096, 0, 1, wrong)
+    by = {r["provider"]: r for r in rec.rows}
+    assert "error" not in by["pil"] and "error" not in by["dali_cpu"]  # another decoder and resizer: within
+    assert wrong == ["pil_clip_norm"] and "median_ms" not in by["pil_clip_norm"]
+    assert "levels from pil's on average" in by["pil_clip_norm"]["error"]
