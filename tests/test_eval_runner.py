@@ -463,6 +463,36 @@ def test_gpu_tiny_model_embeddings_match_the_cpu(tmp_path):
     torch.testing.assert_close(gpu, cpu, rtol=1e-3, atol=1e-3)
 
 
+class _OneShot:
+    """A stream that gives its bytes once (a socket, a pipe, a response body)."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def read(self) -> bytes:
+        if self.data is None:
+            raise OSError("stream already read")
+        data, self.data = self.data, None
+        return data
+
+
+def test_region_record_stream_is_read_once():
+    """A region record whose image is a stream is read once: the box check and the encoding each took the image,
+    and the second read failed (or got b"" and reported an unreadable image)."""
+    import io
+
+    image = fx.blocks((56, 28), [((0, 0, 28, 28), "red"), ((28, 0, 56, 28), "blue")])
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    data = buffer.getvalue()
+    boxes, labels = [(0, 0, 28, 28), (28, 0, 56, 28)], [0, 1]
+    want = _evaluator()[1].run({"r": RegionTask([(data, boxes, labels)], ["red", "blue"], project=fx.box_projection)})
+    for record in ((_OneShot(data), boxes, labels), loaders.RegionRecord(_OneShot(data), boxes, labels, "k")):
+        task = RegionTask([record], ["red", "blue"], project=fx.box_projection)
+        got = _evaluator()[1].run({"r": task})
+        assert got["r"]["n"] == 2 and got["r"]["top1"] == want["r"]["top1"] == 1.0
+
+
 def test_encode_images_with_boxes_some_empty():
     images = [fx.blocks((56, 28), [((0, 0, 28, 28), "red"), ((28, 0, 56, 28), "blue")]), fx.blocks((28, 28), [])]
     emb, boxes = _evaluator()[1].encode_images(images, [[(0, 0, 28, 28), (28, 0, 56, 28)], []], fx.box_projection)

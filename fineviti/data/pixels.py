@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
+import zlib
 from collections import Counter
 from typing import NamedTuple
 
@@ -120,9 +121,10 @@ class Orientation(NamedTuple):
 
 
 def read_orientation(data: bytes, declared_hw: tuple[int, int] | None = None, box_frame: str = "auto") -> Orientation:
-    """The EXIF orientation of encoded image `data` from its header, as PIL's ImageOps.exif_transpose reads it (EXIF
-    or XMP), without decoding pixels: a PNG whose eXIf chunk comes after its pixel data counts as upright (PIL
-    would decode the whole image to find it). An unreadable header or a code outside 1-8 counts as 1.
+    """The EXIF orientation of encoded image `data` as PIL's ImageOps.exif_transpose reads it (EXIF or XMP), without
+    decoding pixels: from its header, and for a PNG also from the eXIf and text chunks after its pixel data (which
+    PIL reads once it has decoded the image; here the chunk headers are walked, the pixel data skipped). An
+    unreadable header or a code outside 1-8 counts as 1.
 
     declared_hw: the sample's declared (height, width) (a json's), to tell whether it is the upright picture's.
     box_frame: the frame of the sample's boxes: "stored" (the pixels as stored, as a header gives their size, and as
@@ -145,9 +147,10 @@ def _check_box_frame(box_frame: str) -> None:
 
 def orientation_of(image: Image.Image, declared_hw: tuple[int, int] | None = None,
                    box_frame: str = "auto") -> Orientation:
-    """read_orientation of an opened PIL image (its header only; a malformed EXIF block raises)."""
+    """read_orientation of an opened PIL image (its header, and a PNG's chunks after its pixel data while its file is
+    open; a malformed EXIF block raises)."""
     _check_box_frame(box_frame)
-    code = Image.Image.getexif(image).get(0x0112, 1)  # the base method: PNG's own decodes the whole image
+    code = _exif(image).get(0x0112, 1)
     if code not in ORIENTATION_STEPS:
         return Orientation()
     width, height = image.size
@@ -155,6 +158,59 @@ def orientation_of(image: Image.Image, declared_hw: tuple[int, int] | None = Non
                         and tuple(declared_hw) == (width, height))
     boxes_upright = declared_upright if box_frame == "auto" else box_frame == "upright"
     return Orientation(code, declared_upright, boxes_upright and code != 1)
+
+
+def _exif(image: Image.Image) -> Image.Exif:
+    """`image`'s EXIF block (with an XMP orientation) as exif_transpose finds it once the pixels are loaded."""
+    fp = getattr(image, "fp", None)
+    if image.format == "PNG" and fp is not None and not getattr(fp, "closed", False):
+        without_pixels = _png_without_pixels(fp, getattr(image, "is_animated", False))
+        if without_pixels is not None:
+            with Image.open(io.BytesIO(without_pixels), formats=["PNG"]) as header:
+                return Image.Image.getexif(header)
+    return Image.Image.getexif(image)  # the base method: PNG's own decodes the whole image
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_LATE_CHUNKS = (b"eXIf", b"tEXt", b"zTXt", b"iTXt")  # after the pixels, what getexif reads (EXIF, XMP, raw)
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+
+def _png_without_pixels(fp, animated: bool) -> bytes | None:
+    """The PNG file `fp` cut to the chunks before its first IDAT, then the EXIF and text chunks that follow its pixel
+    data (up to IEND, or an animation's next frame), then IEND: PIL opens it to the info that loading the pixels
+    gives. None when no such chunk follows the pixels. Only chunk headers and those chunks are read (fp's position
+    is kept); their CRCs are not checked, as PIL does not check them after the pixels."""
+    start = fp.tell()
+    try:
+        fp.seek(0)
+        if fp.read(8) != _PNG_SIGNATURE:
+            return None
+        pixels_at, late = None, []
+        # PIL stops at a type that is not 4 of [A-Za-z0-9_] as a broken chunk
+        while len(header := fp.read(8)) == 8 and header[4:].replace(b"_", b"a").isalnum():
+            length, kind = int.from_bytes(header[:4], "big"), header[4:]
+            if kind == b"IEND" or (pixels_at is not None and animated and kind == b"fcTL"):
+                break
+            if pixels_at is None and kind == b"IDAT":
+                pixels_at = fp.tell() - 8
+            if pixels_at is not None and kind in _PNG_LATE_CHUNKS:
+                data = fp.read(length)
+                if len(data) < length:
+                    break
+                late.append(_png_chunk(kind, data))
+                fp.seek(4, io.SEEK_CUR)
+            else:
+                fp.seek(length + 4, io.SEEK_CUR)  # the pixel data (and other chunks) skipped, never read
+        if not late:
+            return None
+        fp.seek(0)
+        return fp.read(pixels_at) + b"".join(late) + _png_chunk(b"IEND", b"")
+    finally:
+        fp.seek(start)
 
 
 def orient_pixels(pixels: torch.Tensor, steps: str) -> torch.Tensor:

@@ -198,13 +198,24 @@ def _orientation_only(image: Image.Image) -> Image.Exif:
     """An EXIF block holding only `image`'s orientation tag (none when it has none, or its EXIF does not parse: read
     as untagged, as the loader reads a malformed block); the rest of a camera's EXIF could fail to write."""
     exif = Image.Exif()
-    try:
-        code = image.getexif().get(0x0112)
+    try:  # the reader of every other path: for a PNG, with the chunks after its pixels, as exif_transpose reads it
+        code = pixels_mod.orientation_of(image).code
     except Exception:  # noqa: BLE001 (PIL raises many types for a malformed EXIF block)
-        code = None
-    if code is not None:
+        code = 1
+    if code != 1:
         exif[0x0112] = code
     return exif
+
+
+def _read_once(record):
+    """`record` with its image read into bytes when it is a stream (has read()): the box check and the encoding each
+    take the image, and a stream may not be read twice."""
+    image = record[0]
+    stream = callable(getattr(image, "read", None)) and not isinstance(image, (str, os.PathLike, Image.Image))
+    if not stream:
+        return record
+    data = image_bytes(image)
+    return record._replace(**{record._fields[0]: data}) if hasattr(record, "_replace") else (data, *record[1:])
 
 
 def _positions(grid: torch.Tensor, merge: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -559,7 +570,8 @@ class Evaluator:
         return metrics.hard_negative_accuracy(*self._on_device(img, pos, neg, neg_image))
 
     def regions(self, task: RegionTask) -> dict:
-        for i, r in enumerate(task.records):  # i: the index in task.records, before the records without boxes go
+        all_records = [_read_once(r) for r in task.records]
+        for i, r in enumerate(all_records):  # i: the index in task.records, before the records without boxes go
             if len(r[1]) != len(r[2]):
                 raise ValueError(f"region record {i}: {len(r[1])} boxes but {len(r[2])} labels")
             size = None
@@ -572,7 +584,7 @@ class Evaluator:
                     raise ValueError(f"region record {i}, box {j} = {[x0, y0, x1, y1]} lies outside its "
                                      f"{width}x{height} image (width x height); expected some of the box inside "
                                      f"0 <= x < {width}, 0 <= y < {height} (pixels of the original image)")
-        records = [r for r in task.records if len(r[1])]
+        records = [r for r in all_records if len(r[1])]
         if not records:
             raise ValueError("RegionTask has no record with boxes")
         project = task.project or default_box_projection(self.model)
