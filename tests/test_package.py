@@ -71,6 +71,25 @@ def test_the_cuda_part_is_built_wherever_it_can_be():
     assert torch.ops.fineviti.cuda_built(), "nvcc and a CUDA torch are here, but fineviti._C has no CUDA part"
 
 
+def test_the_version_is_written_once():
+    """pyproject.toml takes the version from fineviti.__version__ (it wrote 0.1.0 a second time), and setuptools reads
+    it from the source without importing the package (which would import torch at build time)."""
+    import tomllib
+
+    import fineviti
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "fineviti.__version__"}
+    code = (
+        "import sys\n"
+        "sys.modules['torch'] = sys.modules['fineviti'] = None  # an import of either fails\n"
+        "from setuptools.config.pyprojecttoml import read_configuration\n"
+        "print(read_configuration('pyproject.toml')['project']['version'])\n"
+    )
+    assert run_python(code, cwd=ROOT).strip() == fineviti.__version__
+
+
 @pytest.fixture(scope="session")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
@@ -110,6 +129,11 @@ def test_wheel_contents(wheel):
     assert any(n.startswith("fineviti/_C.") and n.endswith(".so") for n in names)
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "fineviti = fineviti.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    import fineviti
+
+    metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    assert f"\nVersion: {fineviti.__version__}\n" in metadata  # pyproject.toml takes it from fineviti.__version__
+    assert wheel.name.startswith(f"fineviti-{fineviti.__version__}-")
 
 
 def test_installed_wheel_outside_the_repository(wheel, tmp_path):
