@@ -842,3 +842,14 @@ def test_data_norm_must_match_the_vision_towers(tmp_path, shards):
             "model.vision.image_std=0.26862954,0.26130258,0.27577711"]
     trainer = Trainer(shard_config(tmp_path, shards, "data.norm=clip", *clip, "training.steps=1", name="clip"))
     trainer.close()
+
+
+def test_saved_config_of_a_checkpoint_folder(tmp_path):
+    """The trainer's reader of a checkpoint's config (one reader with the evaluator's): a folder without config.json
+    is named; an exported file is no checkpoint folder."""
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        ckpt.saved_config(tmp_path)
+    (tmp_path / "config.json").write_text('{"training": {"stage": 1}}')
+    assert ckpt.saved_config(tmp_path) == {"training": {"stage": 1}}
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        ckpt.saved_config(tmp_path / "config.json")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import json
 import os
 import re
 import shutil
@@ -356,11 +355,14 @@ def saved_keys(path: str | os.PathLike) -> list[str]:
 
 
 def saved_config(path: str | os.PathLike) -> dict:
-    """The resolved config a checkpoint was written with."""
-    file = Path(path) / "config.json"
-    if not file.is_file():
+    """The resolved config a checkpoint folder was written with (fineviti.eval.checkpoint.saved_config, which also
+    reads an exported file's, and gives None where this raises)."""
+    from fineviti.eval.checkpoint import saved_config as read
+
+    config = read(path) if Path(path).is_dir() else None
+    if config is None:
         raise FileNotFoundError(f"checkpoint {path} has no config.json (not written by fineviti's trainer?)")
-    return json.loads(file.read_text())
+    return config
 
 
 def load_module_state(path: str | os.PathLike, module: torch.nn.Module, prefix: str) -> None:
