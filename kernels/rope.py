@@ -6,7 +6,8 @@ One program takes BLOCK_T tokens x BLOCK_H heads (all heads up to 16): it comput
 reduced to [-pi/4, pi/4], fp32 polynomials) and applies them to those heads of q, of k (HAS_K) and copies v
 (HAS_V), so the trigonometry is shared by heads and tensors and each element is read and written once. INVERSE
 rotates by the negative angle (the backward). Inputs and outputs may be strided views (the fused QKV split reads
-q, k, v out of one projection).
+q, k, v out of one projection). Positions are int32 or int64 as given (one compiled variant each), converted to fp64
+as the C++/CUDA ops do: an int64 position beyond int32 is not cast down and wrapped.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def rope_2d_kernel(
     q_out_ptr,  # (total, heads, HEAD_DIM), strides (stride_out_t, stride_out_h, 1); may alias q_ptr
     k_out_ptr,  # like q_out (written only when HAS_K)
     v_out_ptr,  # like q_out (written only when HAS_V)
-    pos_ptr,  # (total, 2) int32 (row, col), strides (stride_pos_t, stride_pos_c)
+    pos_ptr,  # (total, 2) int32 or int64 (row, col), strides (stride_pos_t, stride_pos_c)
     total,
     heads,
     theta,
@@ -81,7 +82,7 @@ def rope_2d_kernel(
     row = tl.load(pos_ptr + tokens * stride_pos_t, mask=token_mask, other=0)
     col = tl.load(pos_ptr + tokens * stride_pos_t + stride_pos_c, mask=token_mask, other=0)
 
-    # Angles in fp64 (exact enough for any position); sin/cos once per (token, pair), shared by heads and tensors.
+    # Angles in fp64 (positions exact up to 2**53); sin/cos once per (token, pair), shared by heads and tensors.
     j = tl.arange(0, HALF_PAD)
     freq = (j % QUARTER).to(tl.float64)
     log2_theta = tl.log2(tl.zeros((HALF_PAD,), dtype=tl.float64) + theta)
@@ -137,7 +138,7 @@ def launch(q, k, v, q_out, k_out, v_out, pos, theta: float, inverse: bool, confi
     """Rotate q (and k) into q_out (and k_out), copy v into v_out. k, v (and their outputs) may be None.
 
     q, k, v share shape (total, heads, head_dim) and strides with a unit last stride; so do the outputs. pos is
-    (total, 2) int32. The caller checks shapes; this only builds the grid and launches.
+    (total, 2) int32 or int64, read as it is. The caller checks shapes; this only builds the grid and launches.
     """
     total, heads, head_dim = q.shape
     if q.numel() == 0:  # no tokens, heads or columns: nothing to rotate (a grid from 0 heads divided by zero)
@@ -170,16 +171,18 @@ SHIPPED_VARIANTS = {
 
 
 def _configs() -> list[registry.Shipped]:
-    """Contiguous (total, 16, head_dim) tensors (qkv views for the split), int32 contiguous pos: every pointer
-    16-byte aligned, token strides multiples of 16, head strides too except at head_dim 72, and pos's column
-    stride 1, which Triton specialises as a constant."""
+    """Contiguous (total, 16, head_dim) tensors (qkv views for the split), contiguous pos: every pointer 16-byte
+    aligned, token strides multiples of 16, head strides too except at head_dim 72, and pos's column stride 1, which
+    Triton specialises as a constant. pos int32 (build_positions' dtype), and int64 (torch's default integers,
+    labelled "pos64") in bf16 only: the fp16 variants differ from those in the element type alone."""
     rows = []
     for head_dim in SHIPPED_HEAD_DIMS:
-        for dtype in ("bf16", "fp16"):
+        config = launch_config(head_dim, SHIPPED_HEADS)
+        for dtype, pos_type in (("bf16", "i32"), ("fp16", "i32"), ("bf16", "i64")):
             ptr = "*" + dtype
             signature = {
                 "q_ptr": ptr, "k_ptr": ptr, "v_ptr": ptr, "q_out_ptr": ptr, "k_out_ptr": ptr, "v_out_ptr": ptr,
-                "pos_ptr": "*i32", "total": "i32", "heads": "i32", "theta": "fp32",
+                "pos_ptr": "*" + pos_type, "total": "i32", "heads": "i32", "theta": "fp32",
                 "stride_in_t": "i32", "stride_in_h": "i32", "stride_out_t": "i32", "stride_out_h": "i32",
                 "stride_pos_t": "i32", "stride_pos_c": "constexpr",
                 "HEAD_DIM": "constexpr", "HALF_PAD": "constexpr", "BLOCK_T": "constexpr", "BLOCK_H": "constexpr",
@@ -189,13 +192,13 @@ def _configs() -> list[registry.Shipped]:
             aligned += ["heads", "stride_in_t", "stride_out_t"]
             if head_dim % 16 == 0:
                 aligned += ["stride_in_h", "stride_out_h"]
-            config = launch_config(head_dim, SHIPPED_HEADS)
+            suffix = " pos64" if pos_type == "i64" else ""
             for variant, (has_k, has_v, inverse) in SHIPPED_VARIANTS.items():
                 constexprs = {"stride_pos_c": 1, "HEAD_DIM": head_dim, "HALF_PAD": config["HALF_PAD"],
                               "BLOCK_T": config["BLOCK_T"], "BLOCK_H": config["BLOCK_H"], "HAS_K": has_k,
                               "HAS_V": has_v, "INVERSE": inverse, "STRIDE_MULTIPLE": 8}
                 rows.append(registry.Shipped(
-                    kernel_name="rope_2d_kernel", label=f"{variant} d{head_dim} {dtype} h{SHIPPED_HEADS}",
+                    kernel_name="rope_2d_kernel", label=f"{variant} d{head_dim} {dtype} h{SHIPPED_HEADS}{suffix}",
                     signature=signature, constexprs=constexprs, num_warps=config["num_warps"],
                     num_stages=config["num_stages"], aligned=tuple(aligned)))
     return rows

@@ -188,6 +188,49 @@ def test_large_positions_stay_accurate():
         assert max_err(out, ref64) < tol, backend
 
 
+def positions_beyond_int32(device) -> torch.Tensor:
+    """int64 (row, col) at and above 2**31, and two within int32. The triton ops cast pos to int32 before their
+    kernel: 2**31 became -2**31 and 2**32 + 1 became 1, a wrong angle without a word when value checks were off."""
+    return torch.tensor([[2**31, 5], [7, 2**31 + 3], [2**32 + 1, 2**33 - 1], [0, 0], [2**31 - 1, 12],
+                         [3 * 2**31 + 11, 2**34 + 17]], dtype=torch.int64, device=device)
+
+
+def check_positions_beyond_int32(backend, device, dtype, check_values):
+    """Unchecked int64 positions beyond int32 rotate by their fp64 angle (the cpp and cuda ops' rule; the torch
+    backend rounds positions to fp32, as Qwen2-VL does, so it is no reference here): the QKV split and its
+    gradient, rope_2d_qk, and rope_2d in place. err <= 2 * (fp64 result rounded to dtype) + 2e-4: angles up to
+    2**34 rad carry about 1e-5 rad of fp64 rounding; a wrapped position is off by O(1)."""
+    pos = positions_beyond_int32(device)
+    total, heads, head_dim = pos.shape[0], 3, 24
+    qkv = torch.randn(total, 3 * heads * head_dim, dtype=dtype, device=device, requires_grad=True)
+    q_rot, k_rot, _ = qkv_split_rope(qkv, pos, heads, backend=backend, check_values=check_values)
+    dq, dk = torch.randn_like(q_rot), torch.randn_like(k_rot)
+    (dqkv,) = torch.autograd.grad((q_rot, k_rot), qkv, (dq, dk))
+    q, k, _ = (t.detach() for t in rope_mod._qkv_views(qkv, heads))
+    q2, k2 = rope_2d_qk(q, k, pos, backend=backend, check_values=check_values)
+    x = q.clone()
+    rope_2d(x, pos, backend=backend, inplace=True, check_values=check_values)
+    dq_in, dk_in, _ = rope_mod._qkv_views(dqkv, heads)
+    cases = {"split q": (q_rot, q, False), "split k": (k_rot, k, False), "qk q": (q2, q, False),
+             "qk k": (k2, k, False), "in place": (x, q, False), "dq": (dq_in, dq, True), "dk": (dk_in, dk, True)}
+    for name, (got, x_in, inverse) in cases.items():
+        want = rope_2d_ref(x_in.double(), pos, inverse=inverse)
+        err, err_rounding = max_err(got, want), max_err(want.to(dtype), want)
+        assert err <= 2 * err_rounding + 2e-4, f"{backend} {name}: error {err:.3g} against the fp64 angle"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("backend", [p for p in cpu_backends() if p.values[0] != "torch"])
+def test_positions_beyond_int32_unchecked(backend, dtype, poisoned):
+    check_positions_beyond_int32(backend, "cpu", dtype, check_values=False)
+
+
+@pytest.mark.parametrize("backend", gpu_backends())
+def test_positions_beyond_int32_unchecked_gpu(backend, poisoned, monkeypatch):
+    monkeypatch.delenv("FINEVITI_CHECKS", raising=False)  # CUDA's default: no value check, no synchronisation
+    check_positions_beyond_int32(backend, "cuda", torch.bfloat16, check_values=None)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The reference against Qwen2-VL (transcribed from transformers' modeling_qwen2_vl.py)
 
@@ -683,15 +726,18 @@ def test_torch_compile_fullgraph(backend):
 
 
 def test_shipped_configs_run_in_interpreter():
-    """Every shipped (head dim, variant) at its shipped block sizes, 16 heads, on a ragged 5-token input (fp16)."""
+    """Every shipped (head dim, variant, pos dtype) at its shipped block sizes, 16 heads, on a ragged 5-token input
+    (fp16)."""
     triton_or_skip()
     from fineviti.kernels import registry
     from fineviti.kernels import rope as kernels
 
-    pos = torch.tensor([[0, 0], [3, 1], [0, 7], [12, 5], [2, 2]], dtype=torch.int32, device=DEVICE)
+    pos_types = {"*i32": torch.int32, "*i64": torch.int64}
     for row in registry.shipped("rope_2d"):
         if row.signature["q_ptr"] != "*fp16":
             continue
+        pos = torch.tensor([[0, 0], [3, 1], [0, 7], [12, 5], [2, 2]], dtype=pos_types[row.signature["pos_ptr"]],
+                           device=DEVICE)
         c = row.constexprs
         head_dim, heads = c["HEAD_DIM"], kernels.SHIPPED_HEADS
         config = kernels.launch_config(head_dim, heads)
@@ -757,7 +803,7 @@ def check_sm90_rows(rows, expected_count):
 
 
 def test_shipped_configs_compile_for_sm90_sample():
-    labels = ["qk_fwd d128 bf16 h16", "qkv_fwd d72 bf16 h16", "x_bwd d80 fp16 h16"]
+    labels = ["qk_fwd d128 bf16 h16", "qkv_fwd d72 bf16 h16", "x_bwd d80 fp16 h16", "qkv_bwd d96 bf16 h16 pos64"]
     check_sm90_rows(compile_for_sm90(labels), len(labels))
 
 

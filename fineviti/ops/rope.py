@@ -84,7 +84,8 @@ def _check_pos(pos: torch.Tensor, total: int, device: torch.device, op: str) -> 
 
 
 def check_positions(pos: torch.Tensor) -> None:
-    """Value check (reads pos on the host): positions must be non-negative and fit in int32."""
+    """Value check (reads pos on the host): positions must be non-negative and below 2**31 (unchecked, larger int64
+    positions rotate by their fp64 angle on the triton, cpp and cuda backends, by their fp32-rounded one on torch)."""
     if pos.numel() == 0:
         return
     bad = (pos < 0) | (pos > _INT32_MAX)
@@ -139,7 +140,9 @@ def _unit_last(*tensors: torch.Tensor) -> list[torch.Tensor]:
 def _triton_launch(q, k, v, q_out, k_out, v_out, pos, theta, inverse):
     from fineviti.kernels import rope as kernels
 
-    kernels.launch(q, k, v, q_out, k_out, v_out, pos.to(torch.int32), theta, inverse)
+    # pos as it is, int32 or int64: an int32 cast wrapped positions >= 2**31 to wrong angles when value checks were
+    # off (CUDA's default); the kernel converts either to fp64, as the cpp and cuda ops do
+    kernels.launch(q, k, v, q_out, k_out, v_out, pos, theta, inverse)
 
 
 def _empty(x: torch.Tensor) -> torch.Tensor:
@@ -470,8 +473,8 @@ def rope_2d(x: torch.Tensor, pos: torch.Tensor, *, theta: float = 10000.0, backe
     x: (total, heads, head_dim) float32/float16/bfloat16, head_dim divisible by 4; pos: (total, 2) int32/int64.
     Returns a tensor of x's shape and dtype (contiguous; x itself when inplace=True). Computed in fp32.
     backend: "auto" (triton on CUDA; on CPU cpp when the extension is built, else torch; FINEVITI_ROPE_BACKEND
-    overrides it), "triton", "cuda", "cpp" or "torch". check_values: check that positions are non-negative
-    (default: always on CPU, on CUDA only with FINEVITI_CHECKS=1, since it synchronises).
+    overrides it), "triton", "cuda", "cpp" or "torch". check_values: check that positions are non-negative and
+    below 2**31 (default: always on CPU, on CUDA only with FINEVITI_CHECKS=1, since it synchronises).
     """
     _check_x("x", x, "rope_2d")
     _check_pos(pos, x.shape[0], x.device, "rope_2d")
