@@ -10,8 +10,9 @@
 # kernel_report.json/.md, rows.jsonl and sections.jsonl (eight files: the device tool brings back at most eight;
 # logs.txt, rows.jsonl and sections.jsonl grow section by section, so that a call killed by its timeout still
 # brings back what finished: `python benchmarks/summarize.py DIR DIR` summarises them). Exits 1 when any section
-# failed (a wrong result fails pytest, and every benchmark but bench_train and bench_data checks ours against torch
-# before timing it: a wrong result is an error row and fails the section), 3 when none failed but some were skipped for the budget, 2 for a
+# failed (a wrong result fails pytest, and every benchmark checks ours against torch on the same inputs: a wrong
+# result is an error row and fails the section; bench_train compares the first step's losses, bench_data each
+# pixel path's first batch with PIL's), 3 when none failed but some were skipped for the budget, 2 for a
 # GPU_CHECK_SECTIONS name that is no section, 0 when everything ran and passed; after writing the summary.
 #
 # GPU_CHECK_SECTIONS="install pytest_gpu ..." runs only the named sections (a rerun of what failed); it also
