@@ -19,8 +19,11 @@ of random native-resolution patch grids (sides 8..64 patches, multiples of 2) pa
 plus one 64-token caption per image; the same batch every step, so shapes are static. TFLOP/s and MFU count model
 FLOPs (fineviti.model.flops, recomputation excluded) against the device's dense bf16 peak
 (fineviti.train.metrics.PEAK_BF16_TFLOPS; none for an unknown device). Every provider starts from the same weights
-and batch: its first step's loss must be finite and, where `torch` ran in the same invocation, within
-benchmarks.common.CHECK_TOLERANCE of torch's; otherwise an error row voids its timed row and the script exits 1.
+and batch: its first step's loss must be finite and, where `torch` ran in the same invocation, its first forward
+within benchmarks.common.CHECK_TOLERANCE of torch's (relative errors of the loss and of the image and text
+features; stage 2: the loss and the projector's output, the vision tokens the LM reads); otherwise an error row
+voids its timed row and the script exits 1. The check covers the forward only (the ops' benchmarks check their
+gradients); at initialisation the loss hardly depends on the towers, the features do.
 
     python benchmarks/bench_train.py --quick                 # base and large, ours and torch (the GPU check)
     python benchmarks/bench_train.py --preset large --provider ours --budget 32768 --steps 20
@@ -56,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.common import CHECK_TOLERANCE, exit_if_wrong, percentiles  # noqa: E402
+from benchmarks.common import CHECK_TOLERANCE, exit_if_wrong, percentiles, relative_error  # noqa: E402
 
 PROVIDERS = ("ours", "ours_compile", "torch")
 QUICK = [("large", 16384), ("base", 16384)]  # large first: the GPU check gives this script 150 s
@@ -154,8 +157,11 @@ def stage2_step(preset_name: str, provider: str, budget: int, device: torch.devi
     ids, labels, mask, sample_image = (t.to(device) for t in (region.input_ids, region.labels,
                                                                region.attention_mask, region.sample_image))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    projected = []  # the projector's output of each step (the vision tokens the LM reads); check_first_steps
+    model.projector.register_forward_hook(lambda module, args, output: projected.append(output.detach()))
 
     def step():
+        projected.clear()
         with autocast:
             out = model(batch.patches, batch.cu_seqlens, batch.pos, batch.max_seqlen, ids, labels=labels,
                         attention_mask=mask, seqlens=batch.seqlens, sample_image=sample_image,
@@ -163,7 +169,7 @@ def stage2_step(preset_name: str, provider: str, budget: int, device: torch.devi
         out["loss"].backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return out["loss"].detach()
+        return {"loss": out["loss"].detach(), "vision_tokens": projected[0]}
 
     return cfg, model, batch, region, step
 
@@ -174,7 +180,7 @@ def run_stage2_case(rec, preset_name: str, provider: str, budget: int, steps: in
     from fineviti.train.stage2 import stage2_flops
 
     cfg, model, batch, region, step = stage2_step(preset_name, provider, budget, device)
-    timing, peak_mem, first_loss = _time_steps(step, steps, warmup, device)
+    timing, peak_mem, first = _time_steps(step, steps, warmup, device)
     seconds = timing["median_ms"] / 1000
     tflops = stage2_flops(model, batch.seqlens, region) / seconds / 1e12
     peak = peak_tflops(device_name(device)) if device.type == "cuda" else None
@@ -189,14 +195,14 @@ def run_stage2_case(rec, preset_name: str, provider: str, budget: int, steps: in
                    dtype="bf16" if device.type == "cuda" else "fp32", timing=timing, tflops=tflops,
                    steps_per_s=1 / seconds, images_per_s=batch.n_images / seconds,
                    tokens_per_s=(sum(batch.seqlens) + region.text_tokens) / seconds,
-                   mfu=tflops / peak if peak else None, first_loss=first_loss)
+                   mfu=tflops / peak if peak else None, first_loss=first["loss"]), first
 
 
-def _time_steps(step, steps: int, warmup: int, device: torch.device) -> tuple[dict, float | None, float]:
+def _time_steps(step, steps: int, warmup: int, device: torch.device) -> tuple[dict, float | None, dict]:
     """The timing fields of `steps` steps after `warmup` untimed ones (median, p20, p80 in ms: per step, from CUDA
     events recorded between the steps, or the host clock on a CPU; one synchronisation, after the last), the
-    peak memory (MiB) of the timed ones, and the loss of the first step (before any update: what check_losses
-    compares), read after the timing."""
+    peak memory (MiB) of the timed ones, and what the first step returned (before any update: what
+    check_first_steps compares; fp32 on the host, "loss" a float), read after the timing."""
     first = None
     for _ in range(warmup):
         loss = step()
@@ -220,23 +226,27 @@ def _time_steps(step, steps: int, warmup: int, device: torch.device) -> tuple[di
             first = loss if first is None else first
             clock.append(time.perf_counter())
         times = [(b - a) * 1000 for a, b in zip(clock, clock[1:], strict=False)]
-    return percentiles(times), torch.cuda.max_memory_allocated() / 2**20 if cuda else None, float(first)
+    first = {k: float(v) if k == "loss" else v.float().cpu() for k, v in first.items()}
+    return percentiles(times), torch.cuda.max_memory_allocated() / 2**20 if cuda else None, first
 
 
-def check_losses(rec, wrong: list[str], results: dict[str, dict], case: str, mode: str) -> None:
-    """Each provider's first-step loss (the same weights and batch: seed 0) must be finite and, where `torch` ran
-    in the same case, within CHECK_TOLERANCE of its loss (relative). A provider that fails gets an error row saying
-    its timed row is void, and joins `wrong` (exit_if_wrong: the GPU check's section fails)."""
-    reference = results.get("torch", {}).get("first_loss")
-    for provider, row in results.items():
-        loss = row["first_loss"]
+def check_first_steps(rec, wrong: list[str], results: dict[str, tuple[dict, dict]], case: str, mode: str) -> None:
+    """results: provider -> (row, first step's outputs). Each provider's first loss (the same weights and batch:
+    seed 0) must be finite and, where `torch` ran in the same case, each of its first outputs within CHECK_TOLERANCE
+    of torch's (relative_error). A provider that fails gets an error row saying its timed row is void, and joins
+    `wrong` (exit_if_wrong: the GPU check's section fails)."""
+    reference = results["torch"][1] if "torch" in results else None
+    for provider, (row, first) in results.items():
         tolerance = CHECK_TOLERANCE[torch.bfloat16 if row["dtype"] == "bf16" else torch.float32]
-        if not math.isfinite(loss):
-            problem = f"first-step loss {loss}"
-        elif provider != "torch" and reference is not None and math.isfinite(reference) and \
-                abs(loss - reference) > tolerance * abs(reference):
-            problem = (f"first-step loss {loss:.6g} against torch's {reference:.6g} (relative error "
-                       f"{abs(loss - reference) / abs(reference):.3g}; tolerance {tolerance:g})")
+        if not math.isfinite(first["loss"]):
+            problem = f"first-step loss {first['loss']}"
+        elif provider != "torch" and reference is not None:
+            errors = {name: relative_error(torch.tensor(value), torch.tensor(reference[name])) if name == "loss"
+                      else relative_error(value, reference[name]) for name, value in first.items()}
+            if all(e <= tolerance for e in errors.values()):
+                continue
+            what = ", ".join(f"{name} {e:.3g}" for name, e in errors.items())
+            problem = f"first step against torch's: relative errors {what} (tolerance {tolerance:g})"
         else:
             continue
         wrong.append(f"{case} {provider}")
@@ -253,11 +263,12 @@ def training_step(preset_name: str, provider: str, budget: int, device: torch.de
 
     def step():
         with autocast:
-            loss = model(batch)["loss"]
-        loss.backward()
+            out = model(batch)
+        out["loss"].backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        return {"loss": out["loss"].detach(), "image_features": out["image_features"].detach(),
+                "text_features": out["text_features"].detach()}
 
     return cfg, batch, step
 
@@ -267,7 +278,7 @@ def run_case(rec, preset_name: str, provider: str, budget: int, steps: int, warm
     from fineviti.train.metrics import device_name, peak_tflops
 
     cfg, batch, step = training_step(preset_name, provider, budget, device)
-    timing, peak_mem, first_loss = _time_steps(step, steps, warmup, device)
+    timing, peak_mem, first = _time_steps(step, steps, warmup, device)
     seconds = timing["median_ms"] / 1000
     flops = count_flops(cfg.model, batch.seqlens, batch.text_seqlens, training=True, recompute=False).model
     tflops = flops / seconds / 1e12
@@ -278,7 +289,8 @@ def run_case(rec, preset_name: str, provider: str, budget: int, steps: int, warm
              "text_tokens": sum(batch.text_seqlens), "ac": cfg.parallel.activation_checkpointing}
     return rec.add(provider=provider, mode="train", shape=shape, dtype="bf16" if device.type == "cuda" else "fp32",
                    timing=timing, tflops=tflops, steps_per_s=1 / seconds, images_per_s=images / seconds,
-                   tokens_per_s=tokens / seconds, mfu=tflops / peak if peak else None, first_loss=first_loss)
+                   tokens_per_s=tokens / seconds, mfu=tflops / peak if peak else None,
+                   first_loss=first["loss"]), first
 
 
 # Kernel families by name (first match wins): which part of the stack a kernel of a profiled step comes from.
@@ -381,11 +393,12 @@ def main(argv=None) -> int:
                           error=f"{type(exc).__name__}: {exc}")
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        check_losses(rec, wrong, results, f"{preset_name}:{budget}", "train" if args.stage == 1 else "train_stage2")
+        check_first_steps(rec, wrong, results, f"{preset_name}:{budget}",
+                          "train" if args.stage == 1 else "train_stage2")
         for ours in ("ours", "ours_compile"):
             if {ours, "torch"} <= set(results):
-                ratio = results[ours]["tokens_per_s"] / results["torch"]["tokens_per_s"]
-                mfu = results[ours]["mfu"]
+                ratio = results[ours][0]["tokens_per_s"] / results["torch"][0]["tokens_per_s"]
+                mfu = results[ours][0]["mfu"]
                 print(f"{preset_name}: {ours} / torch+compile throughput {ratio:.2f}x; MFU "
                       f"{'n/a' if mfu is None else f'{100 * mfu:.1f}%'}", flush=True)
     exit_if_wrong(rec.benchmark, wrong)

@@ -640,9 +640,10 @@ def test_stage2_train_benchmark_rows(tmp_path, monkeypatch):
         bench_train.main(["--stage", "2", "--profile", "--device", "cpu"])
 
 
-def test_train_benchmark_checks_the_first_losses(tmp_path, monkeypatch, capsys):
-    """bench_train compares each provider's first-step loss with torch's (same weights and batch): rows carry it,
-    agreeing providers pass, and a provider whose model computes another loss gets an error row and exit 1."""
+def test_train_benchmark_checks_the_first_steps(tmp_path, monkeypatch, capsys):
+    """bench_train compares each provider's first step with torch's (same weights and batch): the loss, and the
+    image and text features, which (unlike the loss at initialisation) move with the towers. Agreeing providers
+    pass; a provider whose vision tower or logit bias differs gets an error row and exit 1."""
     import bench_train
 
     rows_path = tmp_path / "rows.jsonl"
@@ -655,22 +656,31 @@ def test_train_benchmark_checks_the_first_losses(tmp_path, monkeypatch, capsys):
     assert rows[0]["first_loss"] == pytest.approx(rows[1]["first_loss"], rel=1e-4) and rows[0]["first_loss"] > 0
     build = bench_train.build
 
-    def wrong_ours(preset_name, provider, device):
-        cfg, model, optimizer = build(preset_name, provider, device)
-        if provider == "ours":
-            with torch.no_grad():
-                model.logit_bias.add_(3.0)  # another loss from the same batch
-        return cfg, model, optimizer
+    def sabotaged(change):
+        def wrong_ours(preset_name, provider, device):
+            cfg, model, optimizer = build(preset_name, provider, device)
+            if provider == "ours":
+                with torch.no_grad():
+                    change(model)
+            return cfg, model, optimizer
+        return wrong_ours
 
-    monkeypatch.setattr(bench_train, "build", wrong_ours)
-    rows_path.unlink()
-    with pytest.raises(SystemExit) as info:
-        bench_train.main(args)
-    assert info.value.code == 1
-    rows = [json.loads(line) for line in rows_path.read_text().splitlines()]
-    (error,) = [r for r in rows if "error" in r]
-    assert error["provider"] == "ours" and "against torch's" in error["error"] and "void" in error["error"]
-    assert "1 case(s) of ours gave a wrong result" in capsys.readouterr().err
+    def noisy_vision(model):  # the loss moves by far less than the tolerance; the image features do not
+        weight = next(model.visual.parameters())
+        weight.add_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)) * weight.std())
+
+    for change, culprit in ((noisy_vision, "image_features"), (lambda m: m.logit_bias.add_(3.0), "loss")):
+        monkeypatch.setattr(bench_train, "build", sabotaged(change))
+        rows_path.unlink()
+        with pytest.raises(SystemExit) as info:
+            bench_train.main(args)
+        assert info.value.code == 1
+        rows = [json.loads(line) for line in rows_path.read_text().splitlines()]
+        (error,) = [r for r in rows if "error" in r]
+        assert error["provider"] == "ours" and "against torch's" in error["error"] and "void" in error["error"]
+        errors = dict(re.findall(r"(\w+) ([\d.e+-]+)", error["error"].split("relative errors ")[1].split(" (")[0]))
+        assert float(errors[culprit]) > 5e-3, error["error"]
+        assert "1 case(s) of ours gave a wrong result" in capsys.readouterr().err
 
 
 def test_train_profile_needs_a_gpu(capsys):
