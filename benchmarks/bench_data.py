@@ -79,7 +79,8 @@ def check_batch(batch, reference) -> str | None:
 def bench_load(rec: Recorder, data: Path, budget: int, workers: int, max_batches: int,
                wrong: list[str] | None = None) -> None:
     """A `load` row per pixel path; each path's first (untimed) batch is checked against pil's first (check_batch):
-    one that disagrees gets an error row instead of its time and joins `wrong`."""
+    one that disagrees gets an error row instead of its time and joins `wrong`. Without a pil batch (its path
+    failed) the others are timed unchecked: their rows say `checked_against_pil: false`."""
     wrong = [] if wrong is None else wrong
     reference = None
     for name, overrides in providers(workers):
@@ -123,7 +124,7 @@ def bench_load(rec: Recorder, data: Path, budget: int, workers: int, max_batches
         seconds = sum(times) / 1000
         rec.add(provider=name, mode="load", shape=shape, dtype="float32", timing=_timing(times),
                 gbps=patch_bytes / seconds / 1e9, images_per_s=images / seconds, tokens_per_s=tokens / seconds,
-                skipped=dict(loader.stats))
+                skipped=dict(loader.stats), checked_against_pil=name == "pil" or reference is not None)
         print(f"    {name}: {images / seconds:.0f} images/s, {tokens / seconds / 1e3:.0f}k tokens/s", flush=True)
 
 

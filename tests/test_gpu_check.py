@@ -870,5 +870,6 @@ def test_data_benchmark_checks_each_path_against_pil(tmp_path, monkeypatch):
     bench_data.bench_load(rec, tmp_path / "data", 4096, 0, 1, wrong)
     by = {r["provider"]: r for r in rec.rows}
     assert "error" not in by["pil"] and "error" not in by["dali_cpu"]  # another decoder and resizer: within
+    assert by["dali_cpu"]["checked_against_pil"]
     assert wrong == ["pil_clip_norm"] and "median_ms" not in by["pil_clip_norm"]
     assert "levels from pil's on average" in by["pil_clip_norm"]["error"]

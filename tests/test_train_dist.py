@@ -39,7 +39,8 @@ CASES = {  # name: overrides
     "stage2_rank1_without_regions": ["parallel.strategy=ddp", "training.stage=2"],  # rank 1 draws no region
     "rank1_empty_pack": ["parallel.strategy=ddp"],  # rank 1's second batch has no image
     # one epoch, as many steps as it gives: the last step splits the pack left over between the ranks
-    "ddp_one_epoch": ["parallel.strategy=ddp", *SHARDS[:5], "data.epochs=1", "training.steps=0"],
+    "ddp_one_epoch": ["parallel.strategy=ddp", *SHARDS[:5], "data.token_budget=384", "data.epochs=1",
+                      "training.steps=0"],  # (29 packs: 14 steps of two, then one of the last pack split in two)
     # fp16 loss scaling under FSDP2 (each rank holds shards: the global norm decides) with GradCache's backward
     "fsdp_fp16_gradcache": ["parallel.strategy=fsdp", "training.mixed_precision=fp16", "training.grad_cache_images=2",
                             "training.steps=8"],
@@ -317,6 +318,11 @@ def test_a_run_of_one_epoch_trains_every_sample_once(dist_results):
     assert [r["step"] for r in steps] == list(range(1, event["steps"] + 1)) and config["training"]["steps"] > 0
     assert event["steps"] == config["training"]["steps"]
     assert sum(r["images"] for r in steps) == len(ShardDataset(str(root / "data" / "train")))
+    from fineviti.data.loader import PackedLoader
+
+    overrides = [o.format(root=root) for o in CASES["ddp_one_epoch"]]
+    n_packs = PackedLoader(_config(root, "count", *overrides).data).planner.epoch(0).n_packs
+    assert n_packs % 2 and event["steps"] == (n_packs + 1) // 2  # the last step: one pack split between the ranks
 
 
 def test_stage2_ddp_and_fsdp_agree(dist_results):

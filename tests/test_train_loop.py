@@ -428,6 +428,43 @@ def test_steps_from_epochs_run_to_the_end_of_the_data_and_resume(tmp_path, shard
     assert losses(tmp_path / "crashed") == expected
 
 
+@pytest.mark.parametrize("bad_pack", ["second", "last"])
+def test_steps_from_epochs_end_where_the_data_ends_when_a_step_is_skipped(tmp_path, shards, monkeypatch, bad_pack):
+    """A pack whose images all fail to decode is a skipped step: a run of training.steps=0 ends one step earlier
+    than counted, with its final checkpoint and evaluation, instead of running out of data (DataExhaustedError)
+    before its last step. Also when the skipped step is the last one: the end comes after the step before it."""
+    from fineviti.data.dataset import SKIP_REASONS, BadSample, ShardDataset
+
+    trainer = Trainer(shard_config(tmp_path, shards, "training.steps=0", "data.epochs=1", "eval.every=100",
+                                   f"eval.path={shards / 'heldout'}", "checkpoint.interval=2"))
+    counted = trainer.cfg.training.steps
+    planner = trainer.data.loader.planner
+    pack = 1 if bad_pack == "second" else planner.epoch(0).n_packs - 1
+    assert counted == planner.epoch(0).n_packs and (counted - 1) % 2  # (the last step taken: no interval save)
+    bad = set(planner.pack_samples(0, pack).tolist())
+    load = ShardDataset.load
+
+    def failing(self, i, epoch=0):
+        if i in bad:
+            raise BadSample(sorted(SKIP_REASONS)[0], "a test's undecodable image")
+        return load(self, i, epoch)
+
+    monkeypatch.setattr(ShardDataset, "load", failing)
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    run_dir = tmp_path / "run"
+    assert [r["step"] for r in rows(run_dir)] == list(range(1, counted))
+    assert trainer.finished and trainer.cfg.training.steps == counted - 1
+    assert json.loads((run_dir / "config.json").read_text())["training"]["steps"] == counted - 1
+    assert [s for s, _ in ckpt.list_checkpoints(run_dir / "checkpoints")][-1] == counted - 1  # the final save
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"event"' in line]
+    assert [e["step"] for e in events if e["event"] == "eval"] == [counted - 1]  # the last step's evaluation, once
+    assert [e["steps"] for e in events if e["event"] == "steps_from_epochs"] == [counted, counted - 1]
+    assert trainer.scheduler.lr_lambdas[0].total == counted - 1
+
+
 def test_steps_from_epochs_counted_again_after_a_resume_move_the_schedule(tmp_path, shards):
     """After a resume under another world size the steps left differ from the count at the start: the schedule's
     horizon, the next rate and the run's config follow the new count."""
@@ -442,8 +479,20 @@ def test_steps_from_epochs_counted_again_after_a_resume_move_the_schedule(tmp_pa
         assert lr == pytest.approx(trainer.scheduler.base_lrs[0] * shape(3)) and lr < trainer.scheduler.base_lrs[0]
         assert json.loads(trainer.config_json)["training"]["steps"] == before + 5
         assert trainer.checkpointer.config_json == trainer.config_json
+        # a checkpoint whose count differs (another world size) is no config change; another setting still is
+        saved = json.loads(trainer.config_json)
+        saved["training"]["steps"] = before
+        (tmp_path / "ckpt").mkdir()
+        (tmp_path / "ckpt" / "config.json").write_text(json.dumps(saved))
+        assert trainer._changed_since(tmp_path / "ckpt") == []
+        saved["optimizer"]["lr"] *= 2
+        (tmp_path / "ckpt" / "config.json").write_text(json.dumps(saved))
+        assert [c.split(":")[0] for c in trainer._changed_since(tmp_path / "ckpt")] == ["optimizer.lr"]
     finally:
         trainer.close()
+    with pytest.raises(ValueError, match=r"ends after the run's last step \(training.steps=0: data.epochs=1 gives"):
+        Trainer(shard_config(tmp_path, shards, "training.steps=0", "data.epochs=1", "metrics.profile=2:1000",
+                             name="profiled"))
 
 
 def test_resume_keeps_the_loaders_skip_counters(tmp_path, shards):

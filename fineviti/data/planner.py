@@ -134,8 +134,9 @@ def split_tail(packs: list[tuple[int, np.ndarray]], lengths: np.ndarray,
     def cost(ids: np.ndarray) -> float:
         return float((lengths[ids].astype(np.float64) ** 2).sum())
 
+    costs = [cost(ids) for _, ids in out]
     while len(out) < parts:
-        j = max((i for i in range(len(out)) if len(out[i][1]) > 1), key=lambda i: (cost(out[i][1]), -i))
+        j = max((i for i in range(len(out)) if len(out[i][1]) > 1), key=lambda i: (costs[i], -i))
         epoch, ids = out[j]
         halves, weight = ([], []), [0.0, 0.0]
         for k in sorted(range(len(ids)), key=lambda k: (-int(lengths[ids[k]]), k)):
@@ -143,7 +144,8 @@ def split_tail(packs: list[tuple[int, np.ndarray]], lengths: np.ndarray,
             halves[side].append(k)
             weight[side] += float(lengths[ids[k]]) ** 2
         out[j:j + 1] = [(epoch, ids[np.sort(np.asarray(h, dtype=np.int64))]) for h in halves]
-    keys = sorted(range(parts), key=lambda i: (-cost(out[i][1]), -int(lengths[out[i][1]].sum()), i))
+        costs[j:j + 1] = [cost(out[j][1]), cost(out[j + 1][1])]
+    keys = sorted(range(parts), key=lambda i: (-costs[i], -int(lengths[out[i][1]].sum()), i))
     return [out[i] for i in keys]
 
 

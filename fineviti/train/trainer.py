@@ -128,6 +128,11 @@ class Trainer:
             if cfg.training.steps == 0:
                 raise ValueError(f"training.steps=0: data.epochs={cfg.data.epochs} gives no step at world size "
                                  f"{self.world.world_size} ({self.data.left_out()} samples, fewer than the ranks)")
+            window = parse_profile(cfg.metrics.profile)  # (checked by validate() where the steps were given)
+            if window is not None and window[1] > cfg.training.steps:
+                raise ValueError(f"metrics.profile (--profile) {cfg.metrics.profile!r} ends after the run's last step "
+                                 f"(training.steps=0: data.epochs={cfg.data.epochs} gives {cfg.training.steps} "
+                                 f"steps): no trace would be written")
         self.scheduler = build_scheduler(self.optimizer, cfg.scheduler, cfg.training.steps)
         self.tokens = self._prompt_ids() if self.stage == 2 else None
         self.config_json = to_json(cfg)
@@ -174,13 +179,24 @@ class Trainer:
 
     # -- construction helpers ----------------------------------------------------------------------------------
 
+    def _end_of_run(self, last: int) -> None:
+        """The last step's save and evaluation, for a step that was taken as a middle one (its run's horizon fell to
+        it afterwards: a later step skipped); what it did then as a middle step is not done twice."""
+        interval, every = self.cfg.checkpoint.interval, self.cfg.eval.every
+        if self.checkpointer.due(last, last) and not (interval > 0 and last % interval == 0):
+            self.save()
+        if every and last % every != 0:
+            self.evaluate()
+
     def _steps_from(self, total: int) -> None:
-        """training.steps set to `total` after the resume of a run whose steps data.epochs decide; the schedule's
-        horizon with it, and the rate of the next step."""
+        """training.steps set to `total` in a run whose steps data.epochs decide (after a resume, or a skipped step);
+        the schedule's horizon with it, the rate of the next step, and the run's config.json."""
         if total == self.cfg.training.steps:
             return
         self.cfg.training.steps = total
         self.config_json = self.checkpointer.config_json = to_json(self.cfg)
+        if self.rank == 0 and (self.run_dir / "config.json").is_file():
+            (self.run_dir / "config.json").write_text(self.config_json)
         for shape in self.scheduler.lr_lambdas:
             shape.total = total
         for group, base, shape in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
@@ -199,6 +215,9 @@ class Trainer:
         saved.get("checkpoint", {}).pop("resume", None)
         mine = json.loads(self.config_json)
         mine.get("checkpoint", {}).pop("resume", None)
+        if self.steps_from_epochs:  # counted by this run (training.steps=0), not a setting that changed
+            for config in (saved, mine):
+                config.get("training", {}).pop("steps", None)
         return config_differences(saved, mine, other="this run")
 
     def _build_data(self):
@@ -258,12 +277,20 @@ class Trainer:
             if saved:  # an asynchronous save written on every rank: commit it now, not at the next save
                 self.checkpointer.finish_pending()
             if have == "none":
+                hint = ("" if self.steps_from_epochs else ", or set training.steps=0 (the steps data.epochs give)")
                 raise DataExhaustedError(f"the data ran out after {self.step} of {last} steps on at least one rank "
-                                         f"({self.data.summary()}); lower training.steps, allow more epochs, or "
-                                         f"set training.steps=0 (the steps data.epochs give)")
+                                         f"({self.data.summary()}); lower training.steps or allow more "
+                                         f"epochs{hint}")
             if have == "empty":
                 skipped += 1
                 self._skip(batch, skipped)
+                if self.steps_from_epochs:  # a step counted at the start that is not taken: the run ends one earlier
+                    last -= 1
+                    self._steps_from(last)
+                    self.metrics.event(kind="steps_from_epochs", step=self.step, steps=last,
+                                       reason="a step was skipped (a rank's pack had no decodable image)")
+                    if 0 < self.step == last:  # the skipped step was the last: the end of the run comes now
+                        self._end_of_run(last)
                 tick = time.perf_counter()
                 continue
             skipped = 0
