@@ -50,7 +50,7 @@ def rope_2d_ref(x: torch.Tensor, pos: torch.Tensor, theta: float = 10000.0, *, i
         sin = -sin
     xc = x.to(compute) if upcast else x
     out = xc * cos.to(xc.dtype) + rotate_half(xc) * sin.to(xc.dtype)
-    return out.to(x.dtype)
+    return out if out.dtype == x.dtype else out.to(x.dtype)  # (see _contiguous: no no-op .to on an output)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -354,6 +354,13 @@ def _check_inplace_targets(tensors: tuple[torch.Tensor, ...]) -> None:
                          f"out of place, or pass copies")
 
 
+def _contiguous(t: torch.Tensor) -> torch.Tensor:
+    """t.contiguous() without the no-op call on a contiguous t: under torch 2.11's torch.compile an
+    autograd.Function output that went through a no-op .contiguous() or .to(same dtype) (the op returning its input)
+    got no gradient (qkv_split_rope's q and k gradients came out zero; fixed in later torch)."""
+    return t if t.is_contiguous() else t.contiguous()
+
+
 def _rotate(tensors: tuple[torch.Tensor, ...], pos: torch.Tensor, theta: float, inverse: bool, backend: str,
             check_pos: bool, inplace: bool = False) -> tuple[torch.Tensor, ...]:
     """Rotate one tensor or a (q, k) pair with `backend`; out of place unless `inplace`."""
@@ -362,7 +369,7 @@ def _rotate(tensors: tuple[torch.Tensor, ...], pos: torch.Tensor, theta: float, 
     if backend == "torch":
         if check_pos and not torch.compiler.is_compiling():
             check_positions(pos)
-        outs = tuple(rope_2d_ref(t, pos, theta, inverse=inverse).contiguous() for t in tensors)
+        outs = tuple([_contiguous(rope_2d_ref(t, pos, theta, inverse=inverse)) for t in tensors])
         if inplace:
             for t, out in zip(tensors, outs, strict=True):
                 t.copy_(out)
