@@ -42,8 +42,10 @@ CASES = {  # name: overrides
     "ddp_one_epoch": ["parallel.strategy=ddp", *SHARDS[:5], "data.token_budget=384", "data.epochs=1",
                       "training.steps=0"],  # (29 packs: 14 steps of two, then one of the last pack split in two)
     # fp16 loss scaling under FSDP2 (each rank holds shards: the global norm decides) with GradCache's backward
+    # (12 steps: at torch 2.11's CPU numerics the first 8 overflow, the debug text tower's tiny feature norms
+    # blowing up the gradient of the normalisation; 2.14 applies its first update earlier)
     "fsdp_fp16_gradcache": ["parallel.strategy=fsdp", "training.mixed_precision=fp16", "training.grad_cache_images=2",
-                            "training.steps=8"],
+                            "training.steps=12"],
 }
 EQUIVALENT = ("ddp", "fsdp", "ddp_gradcache", "fsdp_gradcache", "ddp_async", "fsdp_async")  # one-process reference
 RESUMED = ("ddp", "fsdp", "ddp_shards", "fsdp_shards", "ddp_stage2", "fsdp_stage2", "ddp_async", "fsdp_async")
@@ -265,8 +267,9 @@ def test_two_ranks_equal_one_process_on_both_batches(dist_results, reference, na
     assert list(result["losses"]) == list(range(1, STEPS + 1))
     for step, loss in result["losses"].items():
         assert loss == pytest.approx(ref_losses[step], rel=1e-5, abs=1e-6), (step, loss, ref_losses[step])
-    for key, value in ref_params.items():
-        torch.testing.assert_close(result["params"][key], value, rtol=1e-4, atol=1e-5,
+    for key, value in ref_params.items():  # (atol: Adam's normalised step turns the summation order's rounding in
+        # a near-zero gradient into a visible difference: 1.5e-5 in one of 3072 elements under torch 2.11)
+        torch.testing.assert_close(result["params"][key], value, rtol=1e-4, atol=3e-5,
                                    msg=lambda m, key=key: f"{name} {key}: {m}")
 
 
@@ -298,8 +301,9 @@ def test_stage2_two_ranks_equal_one_process_on_both_batches(dist_results, stage2
     ref_losses, ref_params = stage2_reference
     for step, loss in result["losses"].items():
         assert loss == pytest.approx(ref_losses[step], rel=1e-5, abs=1e-6), (step, loss, ref_losses[step])
-    for key, value in ref_params.items():
-        torch.testing.assert_close(result["params"][key], value, rtol=1e-4, atol=1e-5,
+    for key, value in ref_params.items():  # (atol: Adam's normalised step turns the summation order's rounding in
+        # a near-zero gradient into a visible difference: 1.5e-5 in one of 3072 elements under torch 2.11)
+        torch.testing.assert_close(result["params"][key], value, rtol=1e-4, atol=3e-5,
                                    msg=lambda m, key=key: f"{name} {key}: {m}")
 
 
@@ -406,7 +410,7 @@ def test_fp16_loss_scaling_on_two_sharded_ranks(dist_results):
     _check(results[name])
     lines = [json.loads(line) for line in (root / name / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in lines if "step" in r and "event" not in r]
-    assert [r["step"] for r in steps] == list(range(1, 9))
-    assert steps[0]["loss_scale"] == 2.0**15 and 0 < sum(r["update_skipped"] for r in steps) < 8
+    assert [r["step"] for r in steps] == list(range(1, 13))
+    assert steps[0]["loss_scale"] == 2.0**15 and 0 < sum(r["update_skipped"] for r in steps) < 12
     assert all(math.isfinite(r["loss"]) for r in steps)
     assert all(torch.isfinite(p).all() for p in results[name]["params"].values())
