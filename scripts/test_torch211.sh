@@ -17,8 +17,8 @@
 # from the checkout are deleted from the copy; its build outputs are kept between runs. Arguments go to pytest.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="${TORCH211_VENV:-$ROOT/.venv-t211}"
-TREE="${TORCH211_TREE:-$ROOT/.t211-tree}"
+VENV="$(realpath -m "${TORCH211_VENV:-$ROOT/.venv-t211}")"  # absolute: the build runs from inside the copy
+TREE="$(realpath -m "${TORCH211_TREE:-$ROOT/.t211-tree}")"
 TORCH_VERSION="${TORCH211_TORCH:-2.11.0}"
 PY="${PYTHON:-python3.11}"
 
@@ -47,7 +47,7 @@ mkdir -p "$TREE"
 find "$TREE" -mindepth 1 \( -path "$TREE/build" -o -name '_C*.so' -o -name '*.egg-info' \) -prune -o -type f -print0 \
   | xargs -0 -r rm -f
 (cd "$ROOT" && git ls-files -z --cached --others --exclude-standard \
-  | while IFS= read -r -d '' f; do [ -e "$f" ] && printf '%s\0' "$f"; done \
+  | while IFS= read -r -d '' f; do if [ -e "$f" ]; then printf '%s\0' "$f"; fi; done \
   | tar --null -T - -cf -) | tar -xf - -C "$TREE"
 
 cd "$TREE"

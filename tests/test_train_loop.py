@@ -465,6 +465,22 @@ def test_steps_from_epochs_end_where_the_data_ends_when_a_step_is_skipped(tmp_pa
     assert trainer.scheduler.lr_lambdas[0].total == counted - 1
 
 
+def test_steps_from_epochs_with_every_step_skipped_is_an_error(tmp_path, shards, monkeypatch):
+    """training.steps=0 and no pack with a decodable image: the run fails (it finished with its initial weights,
+    and exported them, when the count fell to 0)."""
+    from fineviti.data.dataset import SKIP_REASONS, BadSample, ShardDataset
+    from fineviti.train.trainer import MAX_SKIPPED_IN_A_ROW, DataExhaustedError
+
+    def failing(self, i, epoch=0):
+        raise BadSample(sorted(SKIP_REASONS)[0], "a test's undecodable image")
+
+    trainer = Trainer(shard_config(tmp_path, shards, "training.steps=0", "data.epochs=1"))
+    assert trainer.cfg.training.steps < MAX_SKIPPED_IN_A_ROW  # (the count reaches 0 first)
+    monkeypatch.setattr(ShardDataset, "load", failing)
+    _train_expecting(trainer, DataExhaustedError, "every step data.epochs=1 gives was skipped")
+    assert not trainer.finished
+
+
 def test_steps_from_epochs_counted_again_after_a_resume_move_the_schedule(tmp_path, shards):
     """After a resume under another world size the steps left differ from the count at the start: the schedule's
     horizon, the next rate and the run's config follow the new count."""

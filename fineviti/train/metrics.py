@@ -139,6 +139,11 @@ class MetricsLogger:
         if cfg.progress == "on" or (cfg.progress == "auto" and tty):
             self._bar = ProgressBar(total_steps, start_step)
 
+    def set_total(self, total_steps: int) -> None:
+        """The run's last step changed (training.steps=0: a step skipped): the progress bar's total follows."""
+        if self._bar is not None:
+            self._bar.total = total_steps
+
     def log(self, step: int, row: dict) -> None:
         if not self.enabled:
             return

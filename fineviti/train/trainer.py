@@ -203,6 +203,8 @@ class Trainer:
                                       self.scheduler.lr_lambdas, strict=True):
             group["lr"] = base * shape(self.scheduler.last_epoch)
         self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        if getattr(self, "metrics", None) is not None:  # (after a resume it is made later, with this total)
+            self.metrics.set_total(total)
 
     def _changed_since(self, checkpoint: Path) -> list[str]:
         """What this run's config sets otherwise than the checkpoint's config.json ("optimizer.lr: checkpoint 0.0001,
@@ -286,6 +288,10 @@ class Trainer:
                 self._skip(batch, skipped)
                 if self.steps_from_epochs:  # a step counted at the start that is not taken: the run ends one earlier
                     last -= 1
+                    if last == 0:
+                        raise DataExhaustedError(f"training.steps=0: every step data.epochs={self.cfg.data.epochs} "
+                                                 f"gives was skipped, no pack had a decodable image on every rank "
+                                                 f"({self.data.summary()})")
                     self._steps_from(last)
                     self.metrics.event(kind="steps_from_epochs", step=self.step, steps=last,
                                        reason="a step was skipped (a rank's pack had no decodable image)")
