@@ -16,6 +16,14 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import summarize  # noqa: E402
 
 
+def _last_row_after_exit_1(main, args, rows_path):
+    """Runs a benchmark's main(args), which must exit 1 (a wrong result of ours); returns the last row it wrote."""
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    assert stop.value.code == 1
+    return json.loads(rows_path.read_text().splitlines()[-1])
+
+
 def test_script_is_valid_bash():
     subprocess.run(["bash", "-n", str(REPO / "benchmarks" / "gpu_check.sh")], check=True)
 
@@ -210,10 +218,7 @@ def test_loss_rows_of_ours_are_checked_before_they_are_timed(tmp_path, monkeypat
         return (lambda i, t, s, b: fn(i, t, s * 1.05, b)) if provider == "ours" else fn
 
     monkeypatch.setattr(bench_contrastive, "loss_fn", wrong_scale)
-    with pytest.raises(SystemExit) as stop:
-        bench_contrastive.main(args)
-    assert stop.value.code == 1
-    row = json.loads(rows_path.read_text().splitlines()[-1])
+    row = _last_row_after_exit_1(bench_contrastive.main, args, rows_path)
     assert row["error"].startswith("wrong result against the chunked backend (relative errors loss ")
     assert "d_img" in row["error"] and "median_ms" not in row
 
@@ -553,10 +558,7 @@ def test_rope_rows_of_ours_are_checked_before_they_are_timed(tmp_path, monkeypat
         return (lambda: (lambda q, k: (q * 1.05, k))(*forward())), inputs, nbytes
 
     monkeypatch.setattr(bench_rope, "make_case", rotated_too_far)
-    with pytest.raises(SystemExit) as stop:
-        bench_rope.main(args)
-    assert stop.value.code == 1
-    row = json.loads(rows_path.read_text().splitlines()[-1])
+    row = _last_row_after_exit_1(bench_rope.main, args, rows_path)
     assert row["error"].startswith("wrong result against the torch backend (relative errors q 0.05")
     assert "d0" in row["error"] and "median_ms" not in row
 
@@ -572,10 +574,7 @@ def test_lm_loss_rows_of_ours_are_checked_before_they_are_timed(tmp_path, monkey
     right = bench_lm_loss.provider_fn
     monkeypatch.setattr(bench_lm_loss, "provider_fn", lambda provider: (lambda h, w, t: right(provider)(
         h, w * 1.05, t)) if provider == "ours" else right(provider))  # ours with its weight 5% off
-    with pytest.raises(SystemExit) as stop:
-        bench_lm_loss.main(["--provider", "ours", "--mode", "full"])
-    assert stop.value.code == 1
-    row = json.loads(rows_path.read_text().splitlines()[-1])
+    row = _last_row_after_exit_1(bench_lm_loss.main, ["--provider", "ours", "--mode", "full"], rows_path)
     assert row["error"].startswith("wrong result against the plain full-logits loss (relative errors loss ")
     assert "d_weight" in row["error"] and "median_ms" not in row
 
