@@ -193,6 +193,22 @@ def test_advancing_over_past_epochs_does_not_plan_them_again(monkeypatch):
     assert len(calls) == before
 
 
+def test_steps_left_counts_packs_without_balancing(monkeypatch):
+    """Counting the steps of a run of several epochs packs each epoch once and balances none (the balancing keeps
+    the number of packs); the counts equal the full plans'."""
+    from fineviti.data import planner as planner_mod
+
+    balanced = []
+    balance = planner_mod.balance_packs
+    monkeypatch.setattr(planner_mod, "balance_packs", lambda *a: balanced.append(1) or balance(*a))
+    p = Planner(np.random.default_rng(3).integers(1, 100, size=300), 400, seed=2, epochs=4, cost_block=4)
+    steps = p.steps_left(PlanState(2), 3)
+    assert steps > 0 and len(balanced) <= 1  # (the last epoch's, planned whole for a split last step)
+    full = Planner(p.lengths, 400, seed=2, epochs=4, cost_block=4)
+    assert [p.n_packs(e) for e in range(4)] == [full.epoch(e).n_packs for e in range(4)]
+    assert steps == full.steps_left(PlanState(2), 3)
+
+
 def test_split_tail_cuts_the_costliest_packs_within_the_budget():
     from fineviti.data.planner import split_tail
 

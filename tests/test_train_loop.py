@@ -35,6 +35,10 @@ def rows_of(path):
     return [json.loads(line) for line in lines if '"step"' in line and '"event"' not in line]
 
 
+def events(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"event"' in line]
+
+
 def losses(run_dir):
     return {r["step"]: r["loss"] for r in rows(run_dir)}
 
@@ -416,7 +420,10 @@ def test_steps_from_epochs_run_to_the_end_of_the_data_and_resume(tmp_path, shard
         trainer.close()
     expected = losses(tmp_path / "straight")
     assert sorted(expected) == list(range(1, expected_steps + 1))
-    assert json.loads((tmp_path / "straight" / "config.json").read_text())["training"]["steps"] == expected_steps
+    # config.json keeps the setting (a run restarted from it counts again), the metrics the count
+    assert json.loads((tmp_path / "straight" / "config.json").read_text())["training"]["steps"] == 0
+    (event,) = [e for e in events(tmp_path / "straight") if e["event"] == "steps_from_epochs"]
+    assert event["steps"] == expected_steps
 
     _train_until_killed(Trainer(shard_config(tmp_path, shards, *steps, name="crashed")), 4)
     resumed = Trainer(shard_config(tmp_path, shards, *steps, "checkpoint.resume=auto", name="crashed"))
@@ -450,19 +457,28 @@ def test_steps_from_epochs_end_where_the_data_ends_when_a_step_is_skipped(tmp_pa
         return load(self, i, epoch)
 
     monkeypatch.setattr(ShardDataset, "load", failing)
+    trainer.cfg.metrics.profile = f"{counted - 1}:{counted}"  # (as --profile sets them: valid for the count)
+    trainer.profiler.window = (counted - 1, counted)
     try:
-        trainer.train()
+        with pytest.warns(UserWarning, match=rf"--profile\) '{counted - 1}:{counted}': steps .* end at the run's"):
+            trainer.train()
     finally:
         trainer.close()
     run_dir = tmp_path / "run"
     assert [r["step"] for r in rows(run_dir)] == list(range(1, counted))
     assert trainer.finished and trainer.cfg.training.steps == counted - 1
-    assert json.loads((run_dir / "config.json").read_text())["training"]["steps"] == counted - 1
-    assert [s for s, _ in ckpt.list_checkpoints(run_dir / "checkpoints")][-1] == counted - 1  # the final save
-    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"event"' in line]
-    assert [e["step"] for e in events if e["event"] == "eval"] == [counted - 1]  # the last step's evaluation, once
-    assert [e["steps"] for e in events if e["event"] == "steps_from_epochs"] == [counted, counted - 1]
+    assert json.loads((run_dir / "config.json").read_text())["training"]["steps"] == 0
+    step, final = ckpt.list_checkpoints(run_dir / "checkpoints")[-1]
+    assert step == counted - 1 and json.loads((final / "config.json").read_text())["training"]["steps"] == 0
+    logged = events(run_dir)
+    assert [e["step"] for e in logged if e["event"] == "eval"] == [counted - 1]  # the last step's evaluation, once
+    assert [e["steps"] for e in logged if e["event"] == "steps_from_epochs"] == [counted, counted - 1]
     assert trainer.scheduler.lr_lambdas[0].total == counted - 1
+    # the profile window ended at the step counted last: it ends at the last step taken, with its trace
+    (shortened,) = [e for e in logged if e["event"] == "profile_shortened"]
+    assert f"a trace of steps {counted - 1}-{counted - 1}" in shortened["window"]
+    assert (run_dir / "profile" / f"trace_steps{counted - 1}-{counted - 1}_rank0.json").is_file()
+
 
 
 def test_steps_from_epochs_with_every_step_skipped_is_an_error(tmp_path, shards, monkeypatch):
@@ -493,14 +509,18 @@ def test_steps_from_epochs_counted_again_after_a_resume_move_the_schedule(tmp_pa
         assert shape.total == before + 5 and trainer.cfg.training.steps == before + 5
         lr = trainer.optimizer.param_groups[0]["lr"]
         assert lr == pytest.approx(trainer.scheduler.base_lrs[0] * shape(3)) and lr < trainer.scheduler.base_lrs[0]
-        assert json.loads(trainer.config_json)["training"]["steps"] == before + 5
+        assert json.loads(trainer.config_json)["training"]["steps"] == 0  # the setting, saved as set
         assert trainer.checkpointer.config_json == trainer.config_json
-        # a checkpoint whose count differs (another world size) is no config change; another setting still is
+        # a checkpoint of a run of training.steps=0 (whatever its count) is no config change; one of a run that gave
+        # its steps is (the switch to 0 changes the schedule's horizon); another setting still is
         saved = json.loads(trainer.config_json)
-        saved["training"]["steps"] = before
         (tmp_path / "ckpt").mkdir()
         (tmp_path / "ckpt" / "config.json").write_text(json.dumps(saved))
         assert trainer._changed_since(tmp_path / "ckpt") == []
+        saved["training"]["steps"] = before
+        (tmp_path / "ckpt" / "config.json").write_text(json.dumps(saved))
+        assert trainer._changed_since(tmp_path / "ckpt") == [f"training.steps: checkpoint {before}, this run 0"]
+        saved["training"]["steps"] = 0
         saved["optimizer"]["lr"] *= 2
         (tmp_path / "ckpt" / "config.json").write_text(json.dumps(saved))
         assert [c.split(":")[0] for c in trainer._changed_since(tmp_path / "ckpt")] == ["optimizer.lr"]
@@ -838,6 +858,24 @@ def test_profile_writes_a_trace(tmp_path):
     run(config(tmp_path, "training.steps=3", "metrics.profile=2:3", "checkpoint.save_final=false"))
     traces = list((tmp_path / "run" / "profile").glob("*.json"))
     assert len(traces) == 1 and "traceEvents" in traces[0].read_text()[:2000]
+
+
+def test_profile_window_shortened_with_the_run(tmp_path):
+    """A run of training.steps=0 that skips a step ends earlier than its window was checked against: the window
+    ends at the new last step (its trace written at once if the run is there), or is dropped when it starts after."""
+    from fineviti.train.metrics import StepProfiler
+
+    profiler = StepProfiler((2, 5), tmp_path, rank=0)
+    assert profiler.shorten(5, 1) is None and profiler.window == (2, 5)  # (no shorter)
+    profiler.begin(2)
+    assert profiler.end(2) is None  # (inside the window)
+    message = profiler.shorten(3, 3)
+    assert message.startswith("steps 2-5 end at the run's last step: a trace of steps 2-3 (")
+    assert (tmp_path / "profile" / "trace_steps2-3_rank0.json").is_file() and profiler._prof is None
+    later = StepProfiler((4, 5), tmp_path, rank=0)
+    assert later.shorten(3, 1) == "steps 4-5 lie past the run's last step 3: no trace" and later.window is None
+    later.begin(4)
+    assert later._prof is None
 
 
 def test_export_vision_tower(tmp_path):

@@ -202,6 +202,21 @@ class StepProfiler:
         self._prof = None
         return path
 
+    def shorten(self, last: int, step: int) -> str | None:
+        """The run now ends at step `last`, before the window's end (a run of training.steps=0 that skipped a step,
+        at step `step`): the window ends there too, its trace written now if `step` is that end. Returns what
+        changed, for the metrics, or None."""
+        if self.window is None or self.window[1] <= last:
+            return None
+        start, end = self.window
+        if start > last:
+            self.window = None
+            return f"steps {start}-{end} lie past the run's last step {last}: no trace"
+        self.window = (start, last)
+        written = self.end(step) if step == last else None
+        return f"steps {start}-{end} end at the run's last step: a trace of steps {start}-{last}" + (
+            f" ({written})" if written is not None else "")
+
     def close(self) -> None:
         if self._prof is not None:
             self._prof.__exit__(None, None, None)

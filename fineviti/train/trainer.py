@@ -128,14 +128,9 @@ class Trainer:
             if cfg.training.steps == 0:
                 raise ValueError(f"training.steps=0: data.epochs={cfg.data.epochs} gives no step at world size "
                                  f"{self.world.world_size} ({self.data.left_out()} samples, fewer than the ranks)")
-            window = parse_profile(cfg.metrics.profile)  # (checked by validate() where the steps were given)
-            if window is not None and window[1] > cfg.training.steps:
-                raise ValueError(f"metrics.profile (--profile) {cfg.metrics.profile!r} ends after the run's last step "
-                                 f"(training.steps=0: data.epochs={cfg.data.epochs} gives {cfg.training.steps} "
-                                 f"steps): no trace would be written")
         self.scheduler = build_scheduler(self.optimizer, cfg.scheduler, cfg.training.steps)
         self.tokens = self._prompt_ids() if self.stage == 2 else None
-        self.config_json = to_json(cfg)
+        self.config_json = self._config_json()
         self.checkpointer = ckpt.Checkpointer(cfg.checkpoint, self.run_dir, rank=self.rank,
                                               world_size=self.world.world_size, config_json=self.config_json)
         if self.rank == 0:
@@ -149,6 +144,12 @@ class Trainer:
                                                scaler=self.scaler)
             if self.steps_from_epochs:
                 self._steps_from(self.step + self.data.steps_left())
+        if self.steps_from_epochs:  # after the resume: its count (checked by validate() where the steps were given)
+            window = parse_profile(cfg.metrics.profile)
+            if window is not None and window[1] > cfg.training.steps:
+                raise ValueError(f"metrics.profile (--profile) {cfg.metrics.profile!r} ends after the run's last step "
+                                 f"(training.steps=0: data.epochs={cfg.data.epochs} gives {cfg.training.steps} "
+                                 f"steps at world size {self.world.world_size}): no trace would be written")
         if self.rank == 0:  # after the resume: a resume that fails (no checkpoint there, another architecture)
             # leaves the run's config.json as it was
             (self.run_dir / "config.json").write_text(self.config_json)
@@ -188,15 +189,21 @@ class Trainer:
         if every and last % every != 0:
             self.evaluate()
 
+    def _config_json(self) -> str:
+        """The config as the run's config.json, its checkpoints and its export keep it: as set, so training.steps=0
+        stays 0 (the count it gave is in the metrics' steps_from_epochs events; a run restarted from the file counts
+        again, and a resume that switches between a count and 0 is reported as a changed setting)."""
+        saved = json.loads(to_json(self.cfg))
+        if self.steps_from_epochs:
+            saved["training"]["steps"] = 0
+        return json.dumps(saved, indent=2)
+
     def _steps_from(self, total: int) -> None:
         """training.steps set to `total` in a run whose steps data.epochs decide (after a resume, or a skipped step);
-        the schedule's horizon with it, the rate of the next step, and the run's config.json."""
+        the schedule's horizon with it and the rate of the next step (config.json keeps 0: `_config_json`)."""
         if total == self.cfg.training.steps:
             return
         self.cfg.training.steps = total
-        self.config_json = self.checkpointer.config_json = to_json(self.cfg)
-        if self.rank == 0 and (self.run_dir / "config.json").is_file():
-            (self.run_dir / "config.json").write_text(self.config_json)
         for shape in self.scheduler.lr_lambdas:
             shape.total = total
         for group, base, shape in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
@@ -217,9 +224,6 @@ class Trainer:
         saved.get("checkpoint", {}).pop("resume", None)
         mine = json.loads(self.config_json)
         mine.get("checkpoint", {}).pop("resume", None)
-        if self.steps_from_epochs:  # counted by this run (training.steps=0), not a setting that changed
-            for config in (saved, mine):
-                config.get("training", {}).pop("steps", None)
         return config_differences(saved, mine, other="this run")
 
     def _build_data(self):
@@ -295,6 +299,12 @@ class Trainer:
                     self._steps_from(last)
                     self.metrics.event(kind="steps_from_epochs", step=self.step, steps=last,
                                        reason="a step was skipped (a rank's pack had no decodable image)")
+                    shortened = self.profiler.shorten(last, self.step)
+                    if shortened is not None:
+                        self.metrics.event(kind="profile_shortened", step=self.step, window=shortened)
+                        if self.rank == 0:
+                            warnings.warn(f"metrics.profile (--profile) {self.cfg.metrics.profile!r}: {shortened}",
+                                          stacklevel=2)
                     if 0 < self.step == last:  # the skipped step was the last: the end of the run comes now
                         self._end_of_run(last)
                 tick = time.perf_counter()
