@@ -59,7 +59,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.common import CHECK_TOLERANCE, exit_if_wrong, percentiles, relative_error  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    CHECK_TOLERANCE,
+    exit_if_wrong,
+    percentiles,
+    record_if_wrong,
+    relative_error,
+)
 
 PROVIDERS = ("ours", "ours_compile", "torch")
 QUICK = [("large", 16384), ("base", 16384)]  # large first: the GPU check gives this script 150 s
@@ -236,22 +242,18 @@ def check_first_steps(rec, wrong: list[str], results: dict[str, tuple[dict, dict
     of torch's (relative_error). A provider that fails gets an error row saying its timed row is void, and joins
     `wrong` (exit_if_wrong: the GPU check's section fails)."""
     reference = results["torch"][1] if "torch" in results else None
+    void = "its timed row above is void"
     for provider, (row, first) in results.items():
         tolerance = CHECK_TOLERANCE[torch.bfloat16 if row["dtype"] == "bf16" else torch.float32]
+        where = {"provider": provider, "mode": mode, "shape": row["shape"], "dtype": row["dtype"]}
         if not math.isfinite(first["loss"]):
-            problem = f"first-step loss {first['loss']}"
+            wrong.append(f"{case} {provider}")
+            rec.error(**where, error=f"wrong result: first-step loss {first['loss']}; {void}")
         elif provider != "torch" and reference is not None:
             errors = {name: relative_error(torch.tensor(value), torch.tensor(reference[name])) if name == "loss"
                       else relative_error(value, reference[name]) for name, value in first.items()}
-            if all(e <= tolerance for e in errors.values()):
-                continue
-            what = ", ".join(f"{name} {e:.3g}" for name, e in errors.items())
-            problem = f"first step against torch's: relative errors {what} (tolerance {tolerance:g})"
-        else:
-            continue
-        wrong.append(f"{case} {provider}")
-        rec.error(provider=provider, mode=mode, shape=row["shape"], dtype=row["dtype"],
-                  error=f"wrong result: {problem}; its timed row above is void")
+            record_if_wrong(rec, wrong, f"{case} {provider}", errors, tolerance, "torch's first step", **where,
+                            timing=void)
 
 
 def training_step(preset_name: str, provider: str, budget: int, device: torch.device):

@@ -199,15 +199,17 @@ def relative_error(got: torch.Tensor, want: torch.Tensor, floor: float = 1e-30) 
 
 
 def record_if_wrong(rec: Recorder, wrong: list[str], case: str, errors: dict[str, float], tolerance: float,
-                    against: str, *, provider: str, mode: str, shape: dict, dtype: str) -> bool:
+                    against: str, *, provider: str, mode: str, shape: dict, dtype: str,
+                    timing: str = "not timed") -> bool:
     """Whether a check failed: any of `errors` ({quantity: relative error}) above `tolerance` (NaN too). Then the
-    case gets an error row naming the errors (it is not timed) and joins `wrong` (exit_if_wrong's list)."""
+    case gets an error row naming the errors and what became of its timing (`timing`: "not timed" where the check
+    comes first; bench_train checks after timing and voids the row) and joins `wrong` (exit_if_wrong's list)."""
     if all(e <= tolerance for e in errors.values()):
         return False
     wrong.append(case)
     what = ", ".join(f"{name} {e:.3g}" for name, e in errors.items())
     rec.error(provider=provider, mode=mode, shape=shape, dtype=dtype,
-              error=f"wrong result against {against} (relative errors {what}; tolerance {tolerance:g}): not timed")
+              error=f"wrong result against {against} (relative errors {what}; tolerance {tolerance:g}): {timing}")
     return True
 
 
