@@ -33,6 +33,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 TMP_PREFIX = ".tmp-"
+REPLACED_PREFIX = ".replaced-"  # a checkpoint saved again, set aside until its replacement is in place
 SUPERSEDED_PREFIX = "superseded-"
 
 
@@ -121,21 +122,24 @@ class Checkpointer:
     # -- saving --------------------------------------------------------------------------------------------
 
     def due(self, step: int, last_step: int) -> bool:
-        if step == last_step:
-            return self.cfg.save_final
-        return self.cfg.interval > 0 and step % self.cfg.interval == 0
+        """Whether `step` saves: every `interval` steps, and the last step unless save_final is off (an interval's
+        step stays due when it is also the last)."""
+        interval = self.cfg.interval > 0 and step % self.cfg.interval == 0
+        return interval or (step == last_step and self.cfg.save_final)
 
     def save(self, state: dict, step: int) -> Path:
         """Writes `state` as the checkpoint of `step` (collective: every rank calls it)."""
         self.finish_pending()
         final = self.folder / step_dir_name(step)
         tmp = self.folder / f"{TMP_PREFIX}{step_dir_name(step)}"
-        if self.rank == 0:
+
+        def prepare():
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
             (tmp / "config.json").write_text(self.config_json)
-        self._barrier()
+
+        self._on_rank0(prepare, f"could not prepare the checkpoint folder {tmp}")
         if self.cfg.async_save:
             with _quiet():
                 future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._async_group,
@@ -167,12 +171,38 @@ class Checkpointer:
 
     def _commit(self, tmp: Path, final: Path) -> None:
         self._barrier()  # every rank's files and the metadata are written
-        if self.rank == 0:
-            if final.exists():
-                shutil.rmtree(final)
+
+        def commit():
+            old = None
+            if final.exists():  # (replaced whole: set aside first, so a kill midway leaves one complete copy)
+                old = final.with_name(f"{REPLACED_PREFIX}{final.name}")
+                if old.exists():
+                    shutil.rmtree(old)
+                os.replace(final, old)
             os.replace(tmp, final)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
             self._prune()
-        self._barrier()
+
+        self._on_rank0(commit, f"could not commit the checkpoint {tmp} as {final} (the written files stay in "
+                               f"{tmp}: the next start commits them)")
+
+    def _on_rank0(self, work, what: str) -> None:
+        """Runs `work` on rank 0 (file operations: one rank does them), then lets every rank go on together; an
+        OSError there raises on every rank, with `what` (the other ranks would otherwise wait at a barrier, or die
+        with a bare "connection closed by peer")."""
+        error = None
+        if self.rank == 0:
+            try:
+                work()
+            except OSError as exc:
+                error = f"{what}: {exc}"
+        if self.world_size > 1:
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error is not None:
+            raise RuntimeError(f"rank 0: {error}")
 
     def _prune(self) -> None:
         if self.cfg.keep <= 0:
@@ -225,8 +255,21 @@ class Checkpointer:
         never renamed (an asynchronous one, the process killed before its commit) is committed instead: DCP writes
         .metadata last, once every rank's files are written."""
         removed = []
-        if self.rank == 0 and self.folder.is_dir():
-            for child in sorted(self.folder.iterdir()):
+
+        def clean():
+            if not self.folder.is_dir():
+                return
+            # the unrenamed saves first: one whose commit was killed between its two renames wins over the copy it
+            # replaced
+            for child in sorted(self.folder.iterdir(), key=lambda c: (not c.name.startswith(TMP_PREFIX), c.name)):
+                if child.name.startswith(REPLACED_PREFIX):  # a commit's replaced copy: the new one is in place
+                    final = self.folder / child.name[len(REPLACED_PREFIX):]
+                    if final.exists():
+                        shutil.rmtree(child, ignore_errors=True)
+                        removed.append(child)
+                    else:  # (killed between its two renames: it is the only copy)
+                        os.replace(child, final)
+                    continue
                 if not child.name.startswith(TMP_PREFIX):
                     continue
                 final = self.folder / child.name[len(TMP_PREFIX):]
@@ -237,20 +280,37 @@ class Checkpointer:
                     continue
                 shutil.rmtree(child, ignore_errors=True)
                 removed.append(child)
-        self._barrier()
+
+        self._on_rank0(clean, f"could not clean up the unfinished saves in {self.folder}")
         return removed
 
     # -- loading -------------------------------------------------------------------------------------------
 
     def resume_path(self) -> Path | None:
-        """The checkpoint `checkpoint.resume` names: "" none, "auto" the newest of this run (if any), else a path."""
+        """The checkpoint `checkpoint.resume` names: "" none, "auto" the newest of this run (if any), else a path.
+        Rank 0 looks and tells the others (collective): each rank listing the folder itself could see another newest
+        checkpoint (a shared file system's cached listing, just after clean_partial renamed one) and resume another
+        step."""
         setting = self.cfg.resume
         if not setting:
             return None
-        if setting == "auto":
-            found = list_checkpoints(self.folder)
-            return found[-1][1] if found else None
-        return resolve_checkpoint(setting)
+        found, error = None, None
+        if self.rank == 0:
+            try:
+                if setting == "auto":
+                    newest = list_checkpoints(self.folder)
+                    found = str(newest[-1][1]) if newest else None
+                else:
+                    found = str(resolve_checkpoint(setting))
+            except FileNotFoundError as exc:
+                error = str(exc)
+        if self.world_size > 1:
+            box = [found, error]
+            dist.broadcast_object_list(box, src=0)
+            found, error = box
+        if error is not None:
+            raise FileNotFoundError(error)
+        return None if found is None else Path(found)
 
     def load(self, path: Path, model, optimizer, scheduler, data_source, scaler=None) -> int:
         """Restores everything `state` saved from checkpoint `path`; returns its step. A loss scaler keeps its
@@ -270,6 +330,15 @@ class Checkpointer:
             warnings.warn(f"checkpoint {path} has no RNG state for rank {self.rank} (saved with another world "
                           f"size?); this rank keeps its freshly seeded generators", stacklevel=2)
             state.pop("rng")
+        else:  # a generator the saving run had not started (CUDA's, saved on a CPU or before CUDA was initialised)
+            generators = state["rng"][f"rank{self.rank}"]
+            for name in [n for n in generators if f"{rank_key}.{n}" not in keys]:
+                warnings.warn(f"checkpoint {path} has no {name} RNG state for rank {self.rank} (the saving run had "
+                              f"not initialised it); this rank keeps its own", stacklevel=2)
+                generators.pop(name)
+        if "scaler" in state:  # (entries added since: their fresh values)
+            for name in [n for n in state["scaler"] if f"scaler.{n}" not in keys]:
+                state["scaler"].pop(name)
         with _quiet():
             dcp.load(state, checkpoint_id=str(path), process_group=self._group(), no_dist=self._no_dist)
         _check_group_layout(path, groups, _group_layout(state["optim"]))

@@ -50,7 +50,8 @@ def _run_train(args: argparse.Namespace) -> int:
         from fineviti.train import checkpoint as ckpt
 
         folder = Path(cfg.out_dir) / "checkpoints"
-        whole_tmp = [p for p in folder.glob(f"{ckpt.TMP_PREFIX}*") if (p / ".metadata").is_file()]
+        whole_tmp = [p for prefix in (ckpt.TMP_PREFIX, ckpt.REPLACED_PREFIX) for p in folder.glob(f"{prefix}*")
+                     if (p / ".metadata").is_file()]
         if not ckpt.list_checkpoints(folder) and not whole_tmp:
             print(f"fineviti train: --resume: no checkpoint in {folder} to resume (check the preset, name or run_dir); "
                   f"leave out --resume to start a new run", file=sys.stderr)

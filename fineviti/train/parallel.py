@@ -181,10 +181,12 @@ class LossScaler:
             self.clean_steps = 0
 
     def state_dict(self) -> dict:
-        return {"scale": self.scale, "clean_steps": self.clean_steps}
+        return {"scale": self.scale, "clean_steps": self.clean_steps, "overflows_in_a_row": self.overflows_in_a_row}
 
     def load_state_dict(self, state: dict) -> None:
+        """(A checkpoint from before overflows_in_a_row was saved restores 0.)"""
         self.scale, self.clean_steps = float(state["scale"]), int(state["clean_steps"])
+        self.overflows_in_a_row = int(state.get("overflows_in_a_row", 0))
 
 
 def grad_groups(params: list[nn.Parameter]) -> list[list[torch.Tensor]]:
