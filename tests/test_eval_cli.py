@@ -173,5 +173,8 @@ def test_region_method_for_a_format_without_regions_is_an_error(tmp_path, capsys
     argv = ["eval", "--format", "shards", "--data", str(tmp_path), "--region-method", "roi_align"]
     assert main(argv) == 2
     assert "--region-method does not apply to --format shards" in capsys.readouterr().err
+    assert main(["eval", "--format", "coco", "--data", str(tmp_path), "--templates", "imagenet"]) == 2
+    assert ("--templates does not apply to --format coco (it applies to imagenet, coco_instances, synthetic)"
+            in capsys.readouterr().err)  # (it was taken and ignored)
     assert main(["eval", "--format", "shards", "--data", str(tmp_path), "--device", "cdua"]) == 2
     assert "--device must be a torch device such as cpu, cuda or cuda:1, got 'cdua'" in capsys.readouterr().err

@@ -218,8 +218,36 @@ def test_classification_accuracy_known_answers():
     assert out["top1"] == 0.0 and out["top5"] == 1.0
     # Labelled as a class with score 0, tied with three others: rank 2 + 3 = 5 (ties count against).
     out = classification_accuracy(emb, classes, (labels + 3) % 6, ks=(1, 5, 6))
-    assert out["top5"] == 0.0 and out["top6"] == 1.0
+    assert out["top5"] == 0.0 and math.isnan(out["top6"])  # (6 of 6 classes: every row a hit, not a measurement)
     assert out["chance_top1"] == pytest.approx(1 / 6)
+
+
+def test_a_k_every_query_reaches_is_nan_and_k_must_be_a_positive_integer():
+    """A recall whose k is at or above the candidates each query ranks was 1.0 whatever the model (top5 of three
+    classes, R@10 of eight images): NaN now. A k of 0, -1 or 1.5 gave keys like i2t_r0 = 0.0: an error now."""
+    gen = torch.Generator().manual_seed(2)
+    img, txt = torch.randn(8, 4, generator=gen), torch.randn(8, 4, generator=gen)
+    out = retrieval_metrics(img, txt, ks=(1, 7, 8, 10))
+    assert not math.isnan(out["i2t_r7"]) and not math.isnan(out["t2i_r7"])
+    assert all(math.isnan(out[f"{d}_r{k}"]) for d in ("i2t", "t2i") for k in (8, 10))
+    # several captions: an image ranks its best own caption among the other images' captions, plus one
+    txt_image = torch.tensor([0, 0, 0, 1, 2, 3, 4, 5, 6, 7])  # image 1 has the most others' captions: 9
+    out = retrieval_metrics_multi(img, torch.randn(10, 4, generator=gen), txt_image, ks=(8, 9, 10))
+    assert not math.isnan(out["i2t_r9"]) and math.isnan(out["i2t_r10"]) and math.isnan(out["t2i_r8"])
+    i2t, _ = retrieval_ranks(img, torch.randn(10, 4, generator=gen), txt_image)
+    assert int(i2t.max()) <= 9
+    out = classification_accuracy(img, torch.randn(3, 4, generator=gen), torch.arange(8) % 3)
+    assert 0 <= out["top1"] <= 1 and math.isnan(out["top5"])
+    for k in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match=rf"k must be an integer >= 1, got {k!r}"):
+            retrieval_metrics(img, txt, ks=(1, k))
+
+
+def test_huge_finite_embeddings_are_normalised_not_zeroed():
+    """fp32's norm overflows from about 1e19: the rows became zeros, every score tied, and recall was 0."""
+    emb = torch.randn(5, 4, generator=torch.Generator().manual_seed(1)) * 1e20
+    out = retrieval_metrics(emb, emb.clone(), ks=(1,))
+    assert out["i2t_r1"] == 1.0 and out["t2i_r1"] == 1.0
 
 
 # ---- region pooling -------------------------------------------------------------------------------------------
@@ -398,6 +426,11 @@ def test_region_classification_with_a_projection():
 
 
 # ---- zero-shot classifier -------------------------------------------------------------------------------------
+
+
+def test_class_embeddings_need_a_positive_class_count():
+    with pytest.raises(ValueError, match="n_classes must be an integer >= 1, got 0"):
+        class_embeddings(torch.randn(4, 3), 0)
 
 
 def test_class_embeddings_average_normalised_template_embeddings():

@@ -1,6 +1,7 @@
 """The evaluation runner with a fake model whose answers are known, the real tiny model, checkpoints, torchrun."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from fineviti.eval.runner import (
     markdown_table,
     synthetic_tasks,
     task_for,
+    write_report,
 )
 from tests import fixtures_eval as fx
 from tests.test_eval_loaders import build_shards_with_bad_samples
@@ -36,11 +38,20 @@ def test_retrieval_with_several_captions_and_packing(tmp_path):
     # 40x30 images become 56x84 (4 x 6 patches of 14, factor 28 and min_pixels 3136): two per 50-token batch.
     model, ev = _evaluator(token_budget=50)
     out = ev.run({"coco": task_for(data)})["coco"]
-    for key in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"):
+    for key in ("i2t_r1", "i2t_r5", "t2i_r1"):
         assert out[key] == 1.0, key
+    for key in ("i2t_r10", "t2i_r5", "t2i_r10"):  # (k at or above the candidates: see fineviti.eval.metrics)
+        assert math.isnan(out[key]), key
     assert out["n"] == 4 and out["n_texts"] == 8 and out["chance_r1"] == pytest.approx(0.25)
     assert model.image_calls == [2, 2] and model.text_calls == [8]
     assert out["caption_tokens_mean"] == pytest.approx((3 + 2) / 2) and out["truncated_tokens"] == 0
+
+
+def test_a_nan_recall_is_null_in_report_json_and_n_a_in_the_table(tmp_path):
+    """A recall whose k reaches every candidate is NaN, which JSON lacks (strict readers refuse the file)."""
+    json_path, md_path = write_report({"zs": {"n": 3, "top1": 0.5, "top5": float("nan")}}, tmp_path)
+    assert json.loads(json_path.read_text(), parse_constant=lambda name: pytest.fail(name))["zs"]["top5"] is None
+    assert "| top5 | n/a |" in md_path.read_text() and "| top1 | 0.5000 |" in md_path.read_text()
 
 
 def test_encode_images_is_independent_of_packing(tmp_path):
@@ -72,7 +83,7 @@ def test_zero_shot_on_a_tiny_image_folder(tmp_path):
     assert model.text_calls == [6]  # 3 classes x 2 templates in one batch
     # Folder names say nothing about colour: every class embeds to zero, all tie, and ties count as misses.
     out = ev.run({"zs": task_for(loaders.image_folder(root))})["zs"]
-    assert out["top1"] == 0.0 and out["top5"] == 1.0  # 3 classes: everything is in the top 5
+    assert out["top1"] == 0.0 and math.isnan(out["top5"])  # 3 classes: everything is in the top 5, no measure
 
 
 def test_hard_negatives_on_shards(tmp_path):
@@ -169,7 +180,7 @@ def test_report_files(tmp_path):
     report = evaluate(fx.FakeModel(), fx.word_tokenizer(), {"retrieval": task_for(data)}, out_dir=tmp_path / "out",
                       meta={"checkpoint": "none"})
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert saved == json.loads(json.dumps(report))
+    assert saved == json.loads(json.dumps(report).replace("NaN", "null"))  # (the recalls k reaches: null)
     assert set(saved["retrieval"]) >= {"i2t_r1", "t2i_r1", "chance_r1", "n"} and saved["meta"]["checkpoint"] == "none"
     table = (tmp_path / "out" / "report.md").read_text()
     assert "| retrieval | 3 | i2t_r1 | 1.0000 |" in table and table == markdown_table(report)

@@ -73,7 +73,7 @@ def add_parser(subparsers) -> None:
 # The formats each optional input applies to: given for another format it would be ignored, so it is an error.
 APPLIES_TO = {"split": ("coco", "flickr30k", "dci", "docci"), "annotations": ("coco", "flickr30k", "coco_instances"),
               "class_names": ("imagenet",), "region_method": ("synthetic", "coco_instances"),
-              "box_frame": ("synthetic", "coco_instances")}
+              "box_frame": ("synthetic", "coco_instances"), "templates": ("imagenet", "coco_instances", "synthetic")}
 
 
 def _check_applies(args) -> None:

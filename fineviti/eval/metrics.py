@@ -6,7 +6,13 @@ held: memory is O(chunk * n), and n = 100k runs on a CPU.
 
 Ties count against the model. The rank of the true candidate is the number of *other* (wrong) candidates whose
 score is greater than or equal to the true one's, and a query is a hit at k when rank < k. A model that maps
-every input to the same embedding therefore scores 0, never 1; random continuous embeddings have no ties.
+every input to the same embedding therefore scores 0, never 1; random continuous embeddings have no ties. A tie
+is between the computed fp32 scores: two scores equal in exact arithmetic may round apart, and which way can
+depend on the matmul's shape (chunk_size), so exact ties are only guaranteed for identical embeddings.
+
+A k at or above the number of candidates a query ranks (images for text-to-image, classes, the captions of the
+other images plus one for image-to-text) makes every query a hit: such a recall is NaN, not 1.0 (e.g. top5 with
+fewer than five classes), as clip_benchmark reports it.
 """
 
 from __future__ import annotations
@@ -37,8 +43,8 @@ def _matrix(x: torch.Tensor, name: str, allow_empty: bool = False) -> torch.Tens
 
 def _prepare(x: torch.Tensor, name: str, normalize: bool, allow_empty: bool = False) -> torch.Tensor:
     x = _matrix(x, name, allow_empty)
-    if normalize:
-        x = torch.nn.functional.normalize(x, dim=-1)
+    if normalize:  # (the norm in fp64: an fp32 one overflows from about 1e19 and zeroes the row)
+        x = torch.nn.functional.normalize(x.double(), dim=-1).float()
     return x
 
 
@@ -133,17 +139,23 @@ def retrieval_ranks(img_emb: torch.Tensor, txt_emb: torch.Tensor, txt_image: tor
     return i2t, t2i
 
 
-def recall_at(ranks: torch.Tensor, k: int) -> float:
-    """Fraction of queries whose true match has rank < k."""
+def recall_at(ranks: torch.Tensor, k: int, candidates: int | None = None) -> float:
+    """Fraction of queries whose true match has rank < k; NaN when k >= `candidates` (each query ranks that many,
+    so every one is a hit: see the module doc)."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    if candidates is not None and k >= candidates:
+        return float("nan")
     return float((ranks < k).double().mean())
 
 
-def _recalls(i2t: torch.Tensor, t2i: torch.Tensor, ks: Sequence[int]) -> dict[str, float]:
+def _recalls(i2t: torch.Tensor, t2i: torch.Tensor, ks: Sequence[int], i2t_candidates: int,
+             t2i_candidates: int) -> dict[str, float]:
     out: dict[str, float] = {}
     for k in ks:
-        out[f"i2t_r{k}"] = recall_at(i2t, k)
+        out[f"i2t_r{k}"] = recall_at(i2t, k, i2t_candidates)
     for k in ks:
-        out[f"t2i_r{k}"] = recall_at(t2i, k)
+        out[f"t2i_r{k}"] = recall_at(t2i, k, t2i_candidates)
     return out
 
 
@@ -156,7 +168,7 @@ def retrieval_metrics(img_emb: torch.Tensor, txt_emb: torch.Tensor, *, ks: Seque
     """
     i2t, t2i = retrieval_ranks(img_emb, txt_emb, None, normalize=normalize, chunk_size=chunk_size)
     n = int(i2t.shape[0])
-    return {**_recalls(i2t, t2i, ks), "chance_r1": 1.0 / n, "n": n}
+    return {**_recalls(i2t, t2i, ks, n, n), "chance_r1": 1.0 / n, "n": n}
 
 
 def retrieval_metrics_multi(img_emb: torch.Tensor, txt_emb: torch.Tensor, txt_image: torch.Tensor, *,
@@ -169,8 +181,11 @@ def retrieval_metrics_multi(img_emb: torch.Tensor, txt_emb: torch.Tensor, txt_im
     1/n_images (random t2i R@1), `n` = n_images and `n_texts`.
     """
     i2t, t2i = retrieval_ranks(img_emb, txt_emb, txt_image, normalize=normalize, chunk_size=chunk_size)
-    n = int(i2t.shape[0])
-    return {**_recalls(i2t, t2i, ks), "chance_r1": 1.0 / n, "n": n, "n_texts": int(t2i.shape[0])}
+    n, n_texts = int(i2t.shape[0]), int(t2i.shape[0])
+    # an image ranks its best own caption among the others' captions: at most n_texts - (its captions) + 1
+    fewest_own = int(torch.bincount(torch.as_tensor(txt_image).long(), minlength=n).min())
+    recalls = _recalls(i2t, t2i, ks, n_texts - fewest_own + 1, n)
+    return {**recalls, "chance_r1": 1.0 / n, "n": n, "n_texts": n_texts}
 
 
 def hard_negative_accuracy(img_emb: torch.Tensor, pos_emb: torch.Tensor, neg_emb: torch.Tensor,
@@ -249,5 +264,5 @@ def classification_accuracy(emb: torch.Tensor, class_emb: torch.Tensor, labels: 
     """
     ranks = classification_ranks(emb, class_emb, labels, normalize=normalize, chunk_size=chunk_size)
     n_classes = int(class_emb.shape[0])
-    out = {f"top{k}": recall_at(ranks, k) for k in ks}
+    out = {f"top{k}": recall_at(ranks, k, n_classes) for k in ks}
     return {**out, "n": int(ranks.shape[0]), "n_classes": n_classes, "chance_top1": 1.0 / n_classes}

@@ -27,6 +27,7 @@ import dataclasses
 import datetime
 import io
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -662,7 +663,7 @@ _HEADLINE = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "chan
 
 def _format(value: Any) -> str:
     if isinstance(value, float):
-        return f"{value:.4f}"
+        return "n/a" if math.isnan(value) else f"{value:.4f}"
     return str(value)
 
 
@@ -684,13 +685,25 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
+def _json_safe(value: Any) -> Any:
+    """NaN (a recall whose k reaches every candidate) as null: JSON has no NaN, and strict readers (jq) refuse it."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def write_report(report: dict, out_dir: str | os.PathLike) -> tuple[Path, Path]:
-    """report.json (everything) and report.md (the table) in out_dir; written to a temporary name, then renamed."""
+    """report.json (everything; NaN as null) and report.md (the table) in out_dir; written to a temporary name,
+    then renamed."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = (out / "report.json", out / "report.md")
-    for path, text in zip(paths, (json.dumps(report, indent=2, sort_keys=True) + "\n", markdown_table(report)),
-                          strict=True):
+    report_json = json.dumps(_json_safe(report), indent=2, sort_keys=True) + "\n"
+    for path, text in zip(paths, (report_json, markdown_table(report)), strict=True):
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(text)
         os.replace(tmp, path)

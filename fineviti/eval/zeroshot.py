@@ -48,6 +48,8 @@ def prompts(classnames: Sequence[str], templates: Sequence[Template]) -> list[st
 
 def class_embeddings(text_emb: torch.Tensor, n_classes: int) -> torch.Tensor:
     """(n_classes * n_templates, dim) prompt embeddings, class-major -> (n_classes, dim) unit class embeddings."""
+    if isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < 1:
+        raise ValueError(f"n_classes must be an integer >= 1, got {n_classes!r}")
     if text_emb.dim() != 2 or text_emb.shape[0] % n_classes:
         raise ValueError(
             f"text_emb has shape {tuple(text_emb.shape)}; expected (n_classes * n_templates, dim) with "
