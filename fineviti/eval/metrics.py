@@ -215,8 +215,10 @@ def hard_negative_accuracy(img_emb: torch.Tensor, pos_emb: torch.Tensor, neg_emb
         raise ValueError(f"pos_emb has {pos.shape[0]} rows, expected one per image ({img.shape[0]})")
     n = img.shape[0]
     neg_image = _index_vector(neg_image, "neg_image", neg.shape[0], n, "n_images").to(img.device)
-    pos_score = (img * pos).sum(dim=1)
-    neg_score = (img[neg_image] * neg).sum(dim=1)
+    # one product for both, so that a negative identical to its true caption scores bit-equal (a tie, a loss) on
+    # any device (two launches of different lengths may sum in different orders)
+    scores = (img[torch.cat([torch.arange(n, device=img.device), neg_image])] * torch.cat([pos, neg])).sum(dim=1)
+    pos_score, neg_score = scores[:n], scores[n:]
     best_neg = torch.full((n,), float("-inf"), device=img.device)
     best_neg = best_neg.scatter_reduce(0, neg_image, neg_score, reduce="amax", include_self=True)
     count = torch.bincount(neg_image, minlength=n)
