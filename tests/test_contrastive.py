@@ -658,6 +658,41 @@ def test_fp32_products_ignore_the_global_matmul_precision(backend, loss):
         assert err < 2e-5, f"{loss} {backend} {name}: relative error {err:.2e}"
 
 
+def test_ieee_fp32_is_restored_by_the_last_thread_out():
+    """Two threads inside the losses at once: the first one out restored its own saved setting ("medium") while the
+    other's loss still ran; now the last one out restores it."""
+    import threading
+
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    inside, leave_a, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def a():
+        with C._ieee_fp32():
+            inside.set()
+            leave_a.wait(10)
+        a_out.set()
+
+    def b():
+        inside.wait(10)
+        with C._ieee_fp32():
+            leave_a.set()
+            a_out.wait(10)
+            seen["b after a left"] = torch.get_float32_matmul_precision()
+
+    try:
+        threads = [threading.Thread(target=a), threading.Thread(target=b)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        assert seen == {"b after a left": "highest"}
+        assert torch.get_float32_matmul_precision() == "medium" and C._IEEE_STATE["depth"] == 0
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 def test_value_checks_can_be_turned_off():
     img, txt, _, bias = [t.float() for t in make_inputs(6, 8)]
     out = siglip_loss(img, txt, torch.tensor(float("inf")), bias, check_values=False)

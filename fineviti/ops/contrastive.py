@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -717,15 +718,37 @@ def _precision_settings() -> list:
     return found
 
 
+_IEEE_LOCK = threading.Lock()
+_IEEE_STATE = {"depth": 0, "restore": None}  # the ops inside _ieee_fp32 now (every thread), and how to undo it
+
+
 @contextlib.contextmanager
 def _ieee_fp32():
     """IEEE fp32 matmuls inside, the caller's settings restored after, exactly: the legacy setting (when it can be
     read: torch raises on a mix of the two APIs) through set_float32_matmul_precision, which keeps both APIs
     consistent while the op runs, then each backend's fp32_precision as it was. A process-wide setting: another
-    thread's fp32 matmuls in the same moments run in IEEE fp32 too (slower, not less accurate)."""
+    thread's fp32 matmuls in the same moments run in IEEE fp32 too (slower, not less accurate). Counted across
+    threads: the first op in sets it, the last out restores it (each restoring its own, a thread leaving first put
+    TF32 back under another's running loss)."""
     if torch.compiler.is_compiling():
         yield
         return
+    with _IEEE_LOCK:
+        if _IEEE_STATE["depth"] == 0:
+            _IEEE_STATE["restore"] = _set_ieee_fp32()
+        _IEEE_STATE["depth"] += 1
+    try:
+        yield
+    finally:
+        with _IEEE_LOCK:
+            _IEEE_STATE["depth"] -= 1
+            if _IEEE_STATE["depth"] == 0 and _IEEE_STATE["restore"] is not None:
+                restore, _IEEE_STATE["restore"] = _IEEE_STATE["restore"], None
+                restore()
+
+
+def _set_ieee_fp32():
+    """Sets IEEE fp32 matmuls; returns what restores the settings before (None where they were IEEE already)."""
     settings = _precision_settings()
     saved = [m.fp32_precision for m in settings]
     try:
@@ -733,20 +756,20 @@ def _ieee_fp32():
     except RuntimeError:  # the caller mixed the two APIs
         legacy = None
     if legacy == "highest" or (legacy is None and all(v == "ieee" for v in saved)):
-        yield
-        return
-    try:
-        if legacy is not None:
-            torch.set_float32_matmul_precision("highest")
-        else:
-            for m in settings:
-                m.fp32_precision = "ieee"
-        yield
-    finally:
+        return None
+    if legacy is not None:
+        torch.set_float32_matmul_precision("highest")
+    else:
+        for m in settings:
+            m.fp32_precision = "ieee"
+
+    def restore():
         if legacy is not None:
             torch.set_float32_matmul_precision(legacy)
         for m, value in zip(settings, saved, strict=True):
             m.fp32_precision = value
+
+    return restore
 
 
 def _siglip_backward(grad, x, y, scale, bias, impl, d: _Dist, ring: bool, dy_dtype=None):
