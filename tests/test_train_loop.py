@@ -860,6 +860,18 @@ def test_profile_writes_a_trace(tmp_path):
     assert len(traces) == 1 and "traceEvents" in traces[0].read_text()[:2000]
 
 
+def test_a_profile_window_before_the_resumed_step_warns(tmp_path):
+    """--profile 1:2 on a run resumed at step 2: the window never begins (its trace was silently missing)."""
+    run(config(tmp_path, "training.steps=2"))
+    with pytest.warns(UserWarning, match=r"--profile\) '1:2' starts at or before the resumed step 2: no trace"):
+        trainer = Trainer(config(tmp_path, "training.steps=4", "metrics.profile=1:2", "checkpoint.resume=auto"))
+    try:
+        assert trainer.step == 2 and trainer.profiler.window is None
+    finally:
+        trainer.close()
+    assert [e["event"] for e in events(tmp_path / "run")].count("profile_skipped") == 1
+
+
 def test_profile_window_shortened_with_the_run(tmp_path):
     """A run of training.steps=0 that skips a step ends earlier than its window was checked against: the window
     ends at the new last step (its trace written at once if the run is there), or is dropped when it starts after."""

@@ -173,7 +173,15 @@ class Trainer:
                                   f"checkpoint's: repeat the first run's overrides to keep them)", stacklevel=2)
         if superseded:
             self.metrics.event(kind="superseded", step=self.step, moved=[str(p) for p in superseded])
-        self.profiler = StepProfiler(parse_profile(cfg.metrics.profile), self.run_dir, self.rank)
+        window = parse_profile(cfg.metrics.profile)
+        if window is not None and window[0] <= self.step:  # a resumed run past the window's start: no trace
+            passed = (f"metrics.profile (--profile) {cfg.metrics.profile!r} starts at or before the resumed step "
+                      f"{self.step}: no trace is written (profile later steps)")
+            self.metrics.event(kind="profile_skipped", step=self.step, reason=passed)
+            if self.rank == 0:
+                warnings.warn(passed, stacklevel=2)
+            window = None
+        self.profiler = StepProfiler(window, self.run_dir, self.rank)
         self.nvtx = cfg.metrics.nvtx and self.device.type == "cuda"
         self.peak = peak_tflops(device_name(self.device)) if self.device.type == "cuda" else None
         self.last_row: dict = {}
