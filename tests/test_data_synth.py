@@ -150,6 +150,106 @@ def test_truncated_tar_is_indexed_up_to_its_last_whole_sample(dataset, tmp_path)
         reader.read(0, whole[9].members["json"])
 
 
+def _tar(path, members, fmt=tarfile.USTAR_FORMAT, end=True):
+    """A tar of (name, bytes) members (directories for names ending in /); end=False leaves out its end blocks."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=fmt) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name.rstrip("/"))
+            if name.endswith("/"):
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        last = buffer.tell()
+    data = buffer.getvalue()
+    path.write_bytes(data if end else data[:last])
+    return path
+
+
+def _sample_members(keys):
+    return [(f"{k}.{ext}", data) for k in keys for ext, data in (("jpg", b"j" * 700), ("txt", b"a caption"))]
+
+
+def test_a_tar_cut_at_or_inside_a_header_is_damage(tmp_path):
+    """tarfile stops without an error where a cut leaves no header or half of one: the samples after it were lost
+    with nothing counted (18 of 55 cuts of a 10-sample tar in a review). A tar without its end-of-archive block is
+    damaged wherever it stops."""
+    whole = _tar(tmp_path / "whole.tar", _sample_members(f"{i:03d}" for i in range(4)))
+    data = whole.read_bytes()
+    samples, error = shards.scan_tar(whole)
+    assert error is None and len(samples) == 4
+    end = max(m.offset + m.size for m in samples[-1].members.values())
+    end = -(-end // 512) * 512
+    cut = tmp_path / "cut.tar"
+    for at in [*range(512, end + 1, 512), *range(100, end, 512)]:
+        cut.write_bytes(data[:at])
+        samples, error = shards.scan_tar(cut)
+        assert error is not None and len(samples) < 4, at
+    cut.write_bytes(data[:end + 512])  # one end block: tarfile stops there, nothing lost
+    assert shards.scan_tar(cut) == (shards.scan_tar(whole)[0], None)
+    samples, error = shards.scan_tar(_tar(tmp_path / "no_end.tar", _sample_members(["a", "b"]), end=False))
+    assert error.startswith("truncated: no end-of-archive block") and [s.key for s in samples] == ["a"]
+
+
+def test_an_index_of_a_tar_cut_short_or_appended_to_does_not_match(tmp_path):
+    """An index matched a tar when the members it lists were there: one written for a tar cut short still matched
+    the tar fetched again whole, and one for a tar since appended to, so the samples after its last were hidden on
+    every run. The tar must end after the index's last sample (members the scan leaves out aside)."""
+    tar = tmp_path / "s.tar"
+    _tar(tar, _sample_members(f"{i:03d}" for i in range(6)))
+    data = tar.read_bytes()
+    whole = shards.scan_tar(tar)[0]
+    assert shards.index_matches(tar, whole)
+    tar.write_bytes(data[:whole[3].members["jpg"].offset + 10])
+    shards.write_index(tar)
+    cut_index = shards.read_index(shards.index_path(tar))
+    assert len(cut_index) == 3 and shards.index_matches(tar, cut_index) is False  # (damage: counted every scan)
+    tar.write_bytes(data)
+    assert shards.index_matches(tar, cut_index) is False
+    ShardDataset(str(tar))  # (its images are not images: it keeps none, but reads the tar's samples again)
+    rewritten = shards.read_index(shards.index_path(tar))
+    assert len(rewritten) == 6 and shards.index_matches(tar, rewritten)
+    _tar(tar, _sample_members(f"{i:03d}" for i in range(8)))  # appended to
+    assert shards.index_matches(tar, whole) is False
+    # members the scan leaves out after the last sample (a directory, a file without a key) are no new samples
+    _tar(tar, [*_sample_members(["a", "b"]), ("extra/", b""), (".hidden", b"x")])
+    assert shards.index_matches(tar, shards.scan_tar(tar)[0])
+    empty = _tar(tmp_path / "empty.tar", [])
+    assert shards.scan_tar(empty) == ([], None) and shards.index_matches(empty, [])
+
+
+def test_extensions_are_lower_cased_as_webdataset_does(tmp_path):
+    """000.JPG with 000.TXT: every sample was left out as missing its image."""
+    tar = _tar(tmp_path / "upper.tar", [("000.JPG", b"j"), ("000.TXT", b"cap"), ("001.Jpg", b"j"), ("001.txt", b"c")])
+    samples, error = shards.scan_tar(tar)
+    assert error is None and [sorted(s.members) for s in samples] == [["jpg", "txt"], ["jpg", "txt"]]
+    shards.write_index(tar)
+    assert [sorted(s.members) for s in shards.read_index(shards.index_path(tar))] == [["jpg", "txt"]] * 2
+    idx = shards.index_path(tar)  # an index from elsewhere keeps the case
+    idx.write_text(idx.read_text().replace("jpg ", "JPG ", 1))
+    assert sorted(shards.read_index(idx)[0].members) == ["jpg", "txt"]
+
+
+def test_shards_with_dots_in_their_names_have_an_index_each(tmp_path):
+    assert shards.index_path(tmp_path / "coyo.v1-00000.tar") == tmp_path / "coyo.v1-00000.idx"
+    assert shards.index_path(tmp_path / "shard-00003.tar") == tmp_path / "shard-00003.idx"
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.PAX_FORMAT], ids=["ustar", "pax"])
+def test_member_names_with_spaces_percent_signs_or_non_ascii_keep_their_index(tmp_path, fmt):
+    """A name with a space broke the index's fields, and a PAX tar's non-ASCII name never matched its header: both
+    made every run scan the shard again."""
+    keys = ["a b", "c%41d", "\u00fcber" if fmt == tarfile.PAX_FORMAT else "plain"]
+    tar = _tar(tmp_path / "names.tar", _sample_members(keys), fmt=fmt)
+    idx, error = shards.write_index(tar)
+    assert error is None
+    indexed = shards.read_index(idx)
+    assert [s.key for s in indexed] == keys and indexed[0].members["jpg"].name == "a b.jpg"
+    assert shards.index_matches(tar, indexed)
+
+
 def test_writer_rejects_keys_with_dots(tmp_path):
     with shards.ShardWriter(tmp_path) as writer, pytest.raises(ValueError, match="key"):
         writer.write("a.b", [("txt", b"x")])

@@ -18,6 +18,7 @@ import io
 import os
 import tarfile
 import tempfile
+import urllib.parse
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -25,11 +26,12 @@ INDEX_VERSION = "v1.2"
 
 
 def split_name(name: str) -> tuple[str, str]:
-    """`dir/key.ext.gz` -> ('dir/key', 'ext.gz'), as wds2idx splits (at the first dot of the base name)."""
+    """`dir/key.EXT.gz` -> ('dir/key', 'ext.gz'), as wds2idx splits (at the first dot of the base name); the
+    extension lower-cased, as webdataset's group_by_keys does (`000.JPG` is an image)."""
     dot = name.find(".", name.rfind("/") + 1)
     if dot < 0:
         return name, ""
-    return name[:dot], name[dot + 1:]
+    return name[:dot], name[dot + 1:].lower()
 
 
 @dataclasses.dataclass
@@ -100,9 +102,24 @@ class ShardWriter:
 
 
 def index_path(tar_path: str | os.PathLike) -> Path:
-    """`dir/name.tar` -> `dir/name.idx` (wds2idx's default)."""
+    """`dir/name.tar` -> `dir/name.idx` (wds2idx's default); `coyo.v1-00000.tar` -> `coyo.v1-00000.idx` (cut at
+    the first dot, shards with dotted names shared one index, each overwriting the others')."""
     tar_path = Path(tar_path)
-    return tar_path.with_name(split_name(tar_path.name)[0] + ".idx")
+    return tar_path.with_suffix(".idx")
+
+
+_END = b"\0" * 512  # a tar ends with (at least) two zero blocks; tarfile stops reading at the first
+
+
+def _escape(name: str) -> str:
+    """A member name as the index's space-separated fields can hold it (whitespace and % percent-encoded)."""
+    if not any(c.isspace() or c == "%" for c in name):
+        return name
+    return "".join(f"%{ord(c):02X}" if c.isspace() or c == "%" else c for c in name)
+
+
+def _unescape(name: str) -> str:
+    return urllib.parse.unquote(name) if "%" in name else name
 
 
 def scan_tar(tar_path: str | os.PathLike) -> tuple[list[IndexedSample], str | None]:
@@ -121,6 +138,12 @@ def scan_tar(tar_path: str | os.PathLike) -> tuple[list[IndexedSample], str | No
                 if not samples or samples[-1].key != key:
                     samples.append(IndexedSample(key, {}))
                 samples[-1].members[ext] = Member(info.offset_data, info.size, info.name)
+            end = tar.offset  # where tarfile stopped: a whole tar has its end-of-archive block there
+        # tarfile stops without an error where a cut leaves no header, or half of one: every later sample was lost
+        with open(tar_path, "rb") as f:
+            f.seek(end)
+            if f.read(512) != _END:
+                error = f"truncated: no end-of-archive block at byte {end} (the tar stops or breaks there)"
     except (tarfile.TarError, EOFError, OSError) as exc:
         error = f"{type(exc).__name__}: {exc}"
     if samples:
@@ -143,7 +166,7 @@ def write_index(tar_path: str | os.PathLike, idx_path: str | os.PathLike | None 
     idx_path = Path(idx_path) if idx_path is not None else index_path(tar_path)
     lines = [f"{INDEX_VERSION} {len(samples)}"]
     for sample in samples:
-        lines.append(" ".join(f"{ext} {m.offset} {m.size} {m.name}" for ext, m in sample.members.items()))
+        lines.append(" ".join(f"{ext} {m.offset} {m.size} {_escape(m.name)}" for ext, m in sample.members.items()))
     # written whole or not at all: ranks that open unindexed shards together each write one, and a reader must
     # never see another's half-written file (it raised "index is empty"); a temporary name no other process or
     # machine can also take
@@ -159,31 +182,59 @@ def write_index(tar_path: str | os.PathLike, idx_path: str | os.PathLike | None 
     return idx_path, error
 
 
+def _header_size(header: bytes) -> int | None:
+    try:
+        return int(header[124:136].rstrip(b"\0 ").decode("ascii") or "0", 8)
+    except (ValueError, UnicodeDecodeError):
+        return None  # (a base-256 size, over 8 GB, or no header there)
+
+
 def index_matches(tar_path: str | os.PathLike, samples: list[IndexedSample], probes: int = 8) -> bool:
     """Whether an index describes this tar (not an older version of it): for the first and last samples and up to
     `probes` between, each member's data lies inside the file and the tar header just before it (512 bytes) gives
-    the member's size and, where the index has names (v1.2), its name (or the first 100 bytes of a long one).
-    A few small reads per shard, not a scan."""
-    if not samples:
-        return True
+    the member's size and, where the index has names (v1.2), its name (or the first 100 bytes of a long one); and
+    after the last sample the tar ends (`_ends_after`: an index of a tar cut short, or of one since appended to,
+    hid every sample after its last). A few small reads per shard, not a scan."""
     size = os.path.getsize(tar_path)
-    picks = sorted({0, len(samples) - 1, *range(0, len(samples), max(1, len(samples) // probes))})
     with open(tar_path, "rb") as f:
+        if not samples:
+            return _ends_after(f, 0)
+        picks = sorted({0, len(samples) - 1, *range(0, len(samples), max(1, len(samples) // probes))})
         for i in picks:
             for m in samples[i].members.values():
                 if m.offset < 512 or m.offset + m.size > size:
                     return False
                 f.seek(m.offset - 512)
                 header = f.read(512)
-                try:
-                    stored = int(header[124:136].rstrip(b"\0 ").decode("ascii") or "0", 8)
-                except (ValueError, UnicodeDecodeError):
-                    return False  # (a base-256 size, over 8 GB, or no header there)
-                name = header[:100].rstrip(b"\0").decode("utf-8", "replace")
-                named = m.name.startswith("?.") or m.name.startswith(name) or m.name.endswith(name)
-                if stored != m.size or not name or not named:
+                raw = header[:100].rstrip(b"\0")
+                # the header's name: UTF-8 in ustar tars, '?' for each non-ASCII character in a PAX tar's (whose
+                # real name is in the PAX record before it); a long name's last part (ustar) or first 100 bytes
+                spelled = (m.name.encode("utf-8"), m.name.encode("ascii", "replace"))
+                named = m.name.startswith("?.") or any(n.startswith(raw) or n.endswith(raw) for n in spelled)
+                if _header_size(header) != m.size or not raw or not named:
                     return False
-    return True
+        last = max(m.offset + m.size for m in samples[-1].members.values())
+        return _ends_after(f, -(-last // 512) * 512)
+
+
+def _ends_after(f, position: int, most: int = 64) -> bool:
+    """Whether the tar open as `f` ends at `position` (a header's place): its end-of-archive block, after at most
+    `most` members the scan leaves out (directories, links, files without a key)."""
+    for _ in range(most):
+        f.seek(position)
+        header = f.read(512)
+        if header == _END:
+            return True
+        size = _header_size(header)
+        if len(header) < 512 or size is None:
+            return False
+        kind = header[156:157]
+        name = header[:100].rstrip(b"\0").decode("utf-8", "replace")
+        key = split_name(name)[0]
+        if kind in (b"0", b"\0", b"7") and key and not key.endswith("/"):
+            return False  # a sample the index lacks
+        position += 512 + -(-size // 512) * 512
+    return False
 
 
 def read_index(idx_path: str | os.PathLike) -> list[IndexedSample]:
@@ -207,7 +258,8 @@ def read_index(idx_path: str | os.PathLike) -> list[IndexedSample]:
         key = None
         for i in range(0, len(fields), per_file):
             ext, offset, size = fields[i], int(fields[i + 1]), int(fields[i + 2])
-            name = fields[i + 3] if per_file == 4 else f"?.{ext}"
+            name = _unescape(fields[i + 3]) if per_file == 4 else f"?.{ext}"
+            ext = ext.lower()  # (an index from elsewhere: wds2idx keeps the case)
             members[ext] = Member(offset, size, name)
             key = split_name(name)[0] if per_file == 4 else f"{line_no - 2}"
         samples.append(IndexedSample(key, members))
