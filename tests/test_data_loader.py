@@ -144,6 +144,38 @@ def test_manual_consume_counts_only_what_the_trainer_consumed(data):
         resumed.mark_consumed()
 
 
+@pytest.mark.parametrize("manual", [True, False])
+def test_skip_counts_saved_before_a_batch_is_consumed_count_it_once_after_resume(data, tmp_path, manual):
+    """A batch's skip counters join the stats when it is consumed, as the position does: saved between receiving a
+    batch and mark_consumed (as the trainer saves), they were in the saved stats, and the batch, replayed after the
+    resume, added them again (undecodable_image 5 where an uninterrupted run counts 4)."""
+    folder = tmp_path / "halfbad"
+    meta = json.dumps({"width": 112, "height": 112}).encode()
+    with ShardWriter(folder, samples_per_shard=100) as writer:
+        for i in range(8):
+            image = _jpeg(112, 112) if i % 2 else b"\xff\xd8\xff" + bytes(300)  # every other one undecodable
+            writer.write(f"{i:06d}", [("jpg", image), ("txt", b"a caption"), ("json", meta)])
+    (folder / "tokenizer.json").write_bytes((data / "tokenizer.json").read_bytes())
+    cfg = lambda: DataConfig(path=str(folder), token_budget=128, epochs=1, seed=0,  # noqa: E731
+                             min_pixels=56 * 56, max_pixels=112 * 112)
+    uninterrupted = PackedLoader(cfg())
+    assert len(list(uninterrupted)) >= 3 and uninterrupted.stats["undecodable_image"] == 4
+    first = PackedLoader(cfg(), manual_consume=manual)
+    it = iter(first)
+    for k in range(3):
+        batch = next(it)
+        if manual and k < 2:
+            first.mark_consumed(batch)
+    state = first.state_dict()  # manual: after receiving the third batch, before stepping on it
+    first.close()
+    resumed = PackedLoader(cfg(), manual_consume=manual)
+    resumed.load_state_dict(state)
+    for batch in resumed:
+        if manual:
+            resumed.mark_consumed(batch)
+    assert resumed.stats == uninterrupted.stats
+
+
 def test_resume_on_two_ranks_from_one_keeps_every_sample_once(data):
     single = PackedLoader(config(data))
     seen = []
@@ -362,6 +394,43 @@ def test_an_older_iterator_dropped_later_leaves_the_newer_one_running(data):
     consumer.join(timeout=60)
     assert not consumer.is_alive(), "the newer iterator waits for a batch that never comes"
     assert len(got) == 2 and want
+    loader.close()
+
+
+def test_a_prefetch_thread_failing_on_a_full_queue_ends_when_closed_and_reports_to_a_reader(data, monkeypatch):
+    """The thread's error put waited for room without looking at the stop flag: failing with the queue full (the
+    consumer busy on a step), it blocked forever, close() gave up on it after 10 s and the thread leaked."""
+    import threading
+    import time
+
+    from fineviti.data.loader import _Producer
+
+    produce, failed = _Producer.__call__, threading.Event()
+
+    def flaky(self, start, step):
+        if step == 2:
+            failed.set()
+            raise OSError("disk went away")  # not a BadSample: the thread fails
+        return produce(self, start, step)
+
+    monkeypatch.setattr(_Producer, "__call__", flaky)
+    loader = PackedLoader(config(data, prefetch=1))
+    it = iter(loader)
+    next(it)
+    thread = loader._thread[0]
+    assert failed.wait(timeout=60)  # step 1 fills the queue (prefetch 1), then step 2 fails
+    began = time.monotonic()
+    it.close()
+    assert time.monotonic() - began < 5 and not thread.is_alive()
+    # a consumer that keeps reading gets the batch before the failure, then the failure
+    failed.clear()
+    it = iter(loader)
+    next(it)
+    assert failed.wait(timeout=60)
+    next(it)
+    with pytest.raises(RuntimeError, match="prefetch thread failed") as raised:
+        next(it)
+    assert isinstance(raised.value.__cause__, OSError)
     loader.close()
 
 

@@ -27,9 +27,10 @@ annotate; kept), or "auto" (the default): upright where the json's size is, else
 orientations that keep the size (mirrors, half turns) nor for square images: a data set annotated upright says so.
 Off: the stored pixels and boxes as they are, which is what open_clip's and webdataset's decoders give.
 
-Bad data is skipped and counted (`loader.stats`, also in state_dict and `summary()`); a pack whose images all fail
-yields a batch with no images (counted as empty_pack) so that every rank still reaches the step (the trainer then
-skips it on every rank, fineviti.train.trainer).
+Bad data is skipped and counted (`loader.stats`, also in state_dict and `summary()`); a batch's counts are added when
+it is consumed, with the state (a batch saved unconsumed and replayed after a resume counts once). A pack whose images
+all fail yields a batch with no images (counted as empty_pack) so that every rank still reaches the step (the trainer
+then skips it on every rank, fineviti.train.trainer).
 """
 
 from __future__ import annotations
@@ -253,7 +254,7 @@ class PackedLoader:
         self._fingerprint = self._plan_fingerprint()  # once: a CRC over every sample's length
         self.stats: Counter = Counter(self.dataset.stats)
         self._producer = _Producer(cfg, self.dataset, self.planner, self.targets, rank, world_size)
-        self._pending: collections.deque = collections.deque()  # keys of batches handed out, not yet consumed
+        self._pending: collections.deque = collections.deque()  # (keys, skip counters) handed out, not consumed
         self._iterator = None
 
     @property
@@ -311,11 +312,13 @@ class PackedLoader:
         """The oldest batch handed out and not yet consumed is now consumed (with `batch`, checks it is that one)."""
         if not self._pending:
             raise RuntimeError("PackedLoader.mark_consumed: no batch handed out is waiting to be consumed")
-        keys = self._pending.popleft()
+        keys, counters = self._pending[0]
         if batch is not None and list(batch.keys) != keys:
             raise ValueError("PackedLoader.mark_consumed: batches are consumed in the order they are handed out; "
                              f"got one with keys {batch.keys[:3]}..., expected {keys[:3]}...")
+        self._pending.popleft()
         self.state = self.planner.consumed(self.state, 1, self.world_size)
+        self.stats.update(counters)
 
     def steps_left(self) -> int:
         """Steps this loader yields from its state until the stream ends (DataConfig.epochs must be set)."""
@@ -340,8 +343,7 @@ class PackedLoader:
         self._iterator = source
         try:
             for batch, counters in source:
-                self.stats.update(counters)
-                self._pending.append(list(batch.keys))
+                self._pending.append((list(batch.keys), counters))
                 if not self.manual_consume:
                     self.mark_consumed()
                 yield batch
@@ -366,6 +368,15 @@ class PackedLoader:
         pin = torch.cuda.is_available()
         device_index = torch.cuda.current_device() if cuda_out else None  # threads start on device 0
 
+        def put(item) -> None:
+            """Waits for room in the queue until the consumer stops (then the item is dropped)."""
+            while not stop.is_set():
+                try:
+                    results.put(item, timeout=0.1)
+                    return
+                except queue.Full:
+                    continue
+
         def work():
             if device_index is not None:
                 torch.cuda.set_device(device_index)
@@ -378,18 +389,12 @@ class PackedLoader:
                         if out is not None and pin:
                             out = (_pin(out[0]), out[1])
                         event = stream.record_event() if stream is not None else None
-                    item = ("end", None) if out is None else ("batch", (out, event))
-                    while not stop.is_set():
-                        try:
-                            results.put(item, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
+                    put(("end", None) if out is None else ("batch", (out, event)))
                     if out is None:
                         return
                     step += 1
             except BaseException as exc:  # noqa: BLE001 (handed to the consumer, which re-raises)
-                results.put(("error", exc))
+                put(("error", exc))  # (a plain put on a full queue blocked forever once the consumer stopped)
 
         thread = threading.Thread(target=work, name="fineviti-loader", daemon=True)
         self._thread = (thread, stop)
