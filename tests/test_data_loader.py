@@ -305,6 +305,27 @@ def test_bad_config_is_refused(data):
             PackedLoader(config(data, **{field: value}))
 
 
+def test_gpu_decoding_stays_out_of_forked_workers(data, monkeypatch):
+    """DataLoader workers are forked: CUDA cannot start there (nvJPEG and DALI's mixed decoder raised at the first
+    batch of a GPU preset, whose 4 workers resolved pixel_path auto to a CUDA decoder: is_available answers what the
+    parent saw). A GPU path with workers is refused; auto decodes with PIL inside a worker."""
+    from fineviti.data import loader as loader_mod
+    from fineviti.data.pixels import PilPath
+
+    for path, device in (("nvjpeg", None), ("nvjpeg", "cuda:1"), ("dali", "cuda")):
+        with pytest.raises(ValueError, match=rf"DataConfig\.pixel_path='{path}' decodes on the GPU.*its 2 DataLoader "
+                                             r"workers .*DataConfig\.num_workers=0"):
+            config(data, pixel_path=path, device=device, num_workers=2).validate()
+    for path, device in (("dali", None), ("dali", "cpu"), ("nvjpeg", "cpu"), ("auto", None), ("pil", None)):
+        config(data, pixel_path=path, device=device, num_workers=2).validate()
+    for field, value in (("aspect", "crop"), ("planner_backend", "rust")):
+        with pytest.raises(ValueError, match=rf"DataConfig\.{field} must be one of .* got '{value}'"):
+            config(data, **{field: value}).validate()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())  # as inside a worker
+    assert isinstance(loader_mod.make_pixel_path("auto"), PilPath)
+
+
 def _pixel_paths():
     from fineviti.data import dali, nvjpeg
     from fineviti.data.pixels import PilPath

@@ -12,7 +12,9 @@ prefetched behind it do not count); with `manual_consume=True` only `mark_consum
 trainer that saves between receiving a batch and stepping on it. Prefetch: a background thread
 (`num_workers=0`) or DataLoader worker processes (`num_workers>0`, steps dealt round robin, yielded in step
 order); `prefetch` batches ahead per worker. Batches are a pure function of (state, step, rank, world size), so
-a resumed run's batches are byte-identical to the ones it would have seen, with any number of workers.
+a resumed run's batches are byte-identical to the ones it would have seen, with any number of workers. GPU
+decoding (pixel_path nvjpeg, dali on cuda, auto on a GPU machine) runs in the thread: forked workers cannot use
+CUDA, so there auto decodes with PIL and the GPU paths are refused (DataConfig.validate).
 
 Static shapes: `pad_to_budget=True` pads patches and pos with zeros to token_budget rows; cu_seqlens and seqlens
 still cover only the real tokens, and PackedBatch.padding_tokens says how many rows were added.
@@ -118,6 +120,17 @@ class DataConfig:
                              f"got {self.dtype!r}")
         if self.max_text_tokens < 2:
             raise ValueError(f"{prefix}max_text_tokens must be >= 2 (<bos> and <eos>), got {self.max_text_tokens}")
+        for name, allowed in (("pixel_path", PIXEL_PATHS), ("aspect", ("clamp", "error")),
+                              ("planner_backend", ("auto", "cpp", "python"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{prefix}{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+        on_gpu = self.pixel_path == "nvjpeg" and (self.device is None or not str(self.device).startswith("cpu")) \
+            or self.pixel_path == "dali" and self.device is not None and str(self.device).startswith("cuda")
+        if on_gpu and self.num_workers > 0:
+            raise ValueError(f"{prefix}pixel_path={self.pixel_path!r} decodes on the GPU, which only the loader's "
+                             f"own process can: its {self.num_workers} DataLoader workers are forked processes, "
+                             f"where CUDA cannot start. Set {prefix}num_workers=0 (the loader's prefetch thread "
+                             f"decodes, on the GPU) or {prefix}pixel_path='pil' (the workers decode on the CPU)")
 
 
 def _tokenizer_path(cfg: DataConfig) -> Path:
@@ -135,7 +148,9 @@ def make_pixel_path(name: str, device: str | None = None):
     if name not in PIXEL_PATHS:
         raise ValueError(f"pixel_path must be one of {PIXEL_PATHS}, got {name!r}")
     if name == "auto":
-        if torch.cuda.is_available():
+        # a DataLoader worker (a forked process: CUDA cannot start there, though is_available says what the parent
+        # saw) decodes on the CPU
+        if torch.cuda.is_available() and torch.utils.data.get_worker_info() is None:
             from fineviti.data import dali, nvjpeg
 
             name = "dali" if dali.available() else "nvjpeg" if nvjpeg.available() else "pil"

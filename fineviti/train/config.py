@@ -363,7 +363,8 @@ def tiny_stage2() -> JobConfig:
 
 
 def _gpu(name: str, model: str, budget: int) -> JobConfig:
-    cfg = _stage1(name, model, path="data/train", token_budget=budget, num_workers=4, pixel_path="auto")
+    # the GPU decoders (DALI, nvJPEG) in the loader's prefetch thread: forked workers cannot use CUDA
+    cfg = _stage1(name, model, path="data/train", token_budget=budget, num_workers=0, pixel_path="auto")
     cfg.model.text.vocab_size = 32000
     cfg.training.steps = 100_000
     cfg.training.text_length = "0:64,80000:256"
