@@ -140,7 +140,26 @@ def test_logit_initialisation():
     assert torch.allclose(scale, torch.tensor(1 / 0.07))
     with torch.no_grad():
         clip.logit_scale.fill_(math.log(500.0))
-    assert float(clip.logit_params()[0].detach()) == 100.0
+    assert float(clip.logit_params()[0].detach()) == pytest.approx(100.0)
+
+
+def test_clip_logit_scale_capped_in_place_keeps_its_gradient():
+    """CLIP capped exp(scale) at 100 in the forward only: a stored log past log(100) had a zero gradient and
+    stayed there for good. The trainer caps the parameter after each step (open_clip's rule), and at the cap the
+    gradient flows."""
+    clip = small_model(loss="clip")
+    with torch.no_grad():
+        clip.logit_scale.fill_(math.log(105.0))
+    clip.clamp_logit_scale_()
+    assert float(clip.logit_scale) == pytest.approx(math.log(100.0))
+    scale, _ = clip.logit_params()
+    scale.backward()
+    assert float(clip.logit_scale.grad) == pytest.approx(100.0, rel=1e-5)  # d exp(s)/ds at the cap
+    siglip = small_model()
+    with torch.no_grad():
+        siglip.logit_scale.fill_(math.log(500.0))
+    siglip.clamp_logit_scale_()  # SigLIP has no cap (big_vision)
+    assert float(siglip.logit_params()[0]) == pytest.approx(500.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------

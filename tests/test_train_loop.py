@@ -854,6 +854,19 @@ def test_activation_checkpointing_keeps_the_losses(tmp_path):
     assert results["selective"] == pytest.approx(results["none"], rel=1e-6)
 
 
+def test_clip_logit_scale_is_capped_after_each_step(tmp_path):
+    """The trainer caps CLIP's stored log scale at log(100) after the optimizer's step (open_clip's rule)."""
+    trainer = Trainer(config(tmp_path, "model.loss=clip", "training.steps=1", "checkpoint.save_final=false"))
+    with torch.no_grad():
+        trainer.raw_model.logit_scale.fill_(math.log(300.0))
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    assert float(trainer.raw_model.logit_scale) == pytest.approx(math.log(100.0))
+    assert rows(tmp_path / "run")[0]["logit_scale"] == pytest.approx(100.0)  # (used capped in the step)
+
+
 def test_profile_writes_a_trace(tmp_path):
     run(config(tmp_path, "training.steps=3", "metrics.profile=2:3", "checkpoint.save_final=false"))
     traces = list((tmp_path / "run" / "profile").glob("*.json"))

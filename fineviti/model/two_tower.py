@@ -2,7 +2,8 @@
 forward over a PackedBatch that returns the normalised features and the contrastive loss.
 
 SigLIP (default): learnable logit scale and bias, stored as log(10) and -10 and used as exp(log scale) and bias,
-as SigLIP initialises them. CLIP (option): logit scale stored as log(1/0.07), used as min(exp(.), 100), no bias.
+as SigLIP initialises them. CLIP (option): logit scale stored as log(1/0.07), used as min(exp(.), 100) (its
+gradient kept) and capped at log(100) after every optimizer step, no bias.
 """
 
 from __future__ import annotations
@@ -74,11 +75,20 @@ class FineViT(nn.Module):
         return _normalize(features) if normalize else features
 
     def logit_params(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The logit scale as the loss uses it (exp of the stored log, clamped at 100 for CLIP) and the bias."""
-        scale = self.logit_scale.exp()
+        """The logit scale as the loss uses it (exp of the stored log, at most 100 for CLIP) and the bias."""
+        log_scale = self.logit_scale
+        if self.cfg.loss == "clip":  # capped with the gradient kept (a clamp's is 0 at a cap that rounds below the
+            # parameter: fp32's log(100) above the float's, or a bf16 copy under FSDP2), see clamp_logit_scale_
+            log_scale = log_scale - (log_scale - math.log(CLIP_MAX_SCALE)).clamp(min=0).detach()
+        return log_scale.exp(), self.logit_bias
+
+    def clamp_logit_scale_(self) -> None:
+        """CLIP: the stored log scale capped at log(100) in place, as open_clip does after every optimizer step (the
+        trainer does too). Only capped in the forward, a log that an update took past the cap got no gradient
+        there, and stayed above it for good even when the loss wanted a smaller scale."""
         if self.cfg.loss == "clip":
-            scale = scale.clamp(max=CLIP_MAX_SCALE)
-        return scale, self.logit_bias
+            with torch.no_grad():
+                self.logit_scale.clamp_(max=math.log(CLIP_MAX_SCALE))
 
     def forward(self, batch, *, group="default", compute_loss: bool = True) -> dict[str, Any]:
         """batch: a fineviti.data.batch.PackedBatch. Returns image_features (n_images, D) and text_features

@@ -430,6 +430,8 @@ class Trainer:
                 # checkpoint would keep them
                 check_finite(grad_norm, self.step, "the gradient norm (the loss was finite)")
                 self.optimizer.step()
+                if self.stage == 1:
+                    self.raw_model.clamp_logit_scale_()  # (CLIP's cap, as open_clip keeps it)
             # fp16: an overflow in the scaled backward skips the update and lowers the scale for the next step;
             # gradients that stay non-finite whatever the scale are no overflow: they stop the run
             if self.scaler is not None:
