@@ -262,6 +262,16 @@ def test_read_index_rejects_other_formats(tmp_path):
         shards.read_index(bad)
 
 
+def test_caption_text_that_spells_a_special_token_is_text(dataset):
+    """Hugging Face tokenizers match added tokens inside the text: 'a cat <eos> on a mat' had <eos> (id 2) in the
+    middle, and '<image>' in a caption faked a stage-2 placeholder. Only the ends are special now."""
+    tok = CaptionTokenizer(dataset / "tokenizer.json")
+    (ids,), _ = tok.encode_batch(["a cat <eos> on a mat <image> <pad><bos>"])
+    assert ids[0] == BOS_ID and ids[-1] == EOS_ID
+    assert not set(ids[1:-1]) & {0, 1, 2, 3}
+    assert tok.decode(ids) == "a cat <eos> on a mat <image> <pad><bos>"
+
+
 def test_tokenizer_truncation_keeps_the_first_tokens_and_counts_the_cut(dataset):
     tokenizer = CaptionTokenizer(dataset / "tokenizer.json")
     text = (dataset / "train").glob("*.tar").__next__()

@@ -2,8 +2,9 @@
 
 The trained tokenizer is a byte-level BPE (any text encodes, no unknown token) with four special tokens at fixed ids:
 <pad> = 0, <bos> = 1, <eos> = 2, <image> = 3 (a placeholder for image tokens in stage-2 prompts). Encoding adds
-<bos> ... <eos>. Truncation to `max_length` keeps <bos>, the first tokens and a final <eos>, and returns how many
-tokens it cut, which the loader reports as PackedBatch.truncated_tokens.
+<bos> ... <eos>; text that spells a special token is encoded as text. Truncation to `max_length` keeps <bos>, the
+first tokens and a final <eos>, and returns how many tokens it cut, which the loader reports as
+PackedBatch.truncated_tokens.
 """
 
 from __future__ import annotations
@@ -51,6 +52,10 @@ class CaptionTokenizer:
         self.tokenizer = Tokenizer.from_file(str(self.path))
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()
+        # a caption's text that spells a special token ("<eos>", "<image>") is text, not that token (HF tokenizers
+        # match added tokens inside the text by default: a caption could end itself early or fake a placeholder)
+        if hasattr(self.tokenizer, "encode_special_tokens"):  # (tokenizers >= 0.15)
+            self.tokenizer.encode_special_tokens = True
         self.bos_id = self.tokenizer.token_to_id("<bos>")
         self.eos_id = self.tokenizer.token_to_id("<eos>")
         self.pad_id = self.tokenizer.token_to_id("<pad>")
