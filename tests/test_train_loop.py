@@ -622,6 +622,57 @@ def test_region_tasks_put_boxes_in_text(tmp_path):
     assert region.text_tokens == int(region.attention_mask.sum() - image_tokens.sum()) > region.answer_tokens
 
 
+def _hf_like_tokenizer(folder, captions, bos=None):
+    """A tokenizer.json as a Hugging Face LM ships it (Qwen2-like: its own special tokens, no <bos>/<eos>/<pad>,
+    no template) with the tokenizer_config.json that names them."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(captions * 20, trainer=trainer)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": bos, "eos_token": "<|endoftext|>", "pad_token": {"content": "<|endoftext|>"}}))
+    return folder / "tokenizer.json"
+
+
+def test_a_hugging_face_lm_reads_text_with_its_own_tokenizer(tmp_path):
+    """Stage 2 with aligner.lm a Hugging Face directory encoded prompts and captions with the data set's tokenizer:
+    ids that mean other tokens to the LM. It takes the LM's tokenizer.json, with the special tokens its
+    tokenizer_config.json names (no <bos>, pad as eos); data.tokenizer may only name a copy of it."""
+    from fineviti.data.tokenizer import CaptionTokenizer, train_tokenizer
+    from fineviti.train.stage2 import TextIds, build_example, lm_tokenizer
+
+    captions = ["a red circle in the top left of the image", "describe the region find the box of: [0, 1000]"]
+    lm = tmp_path / "lm"
+    own = _hf_like_tokenizer(lm, captions)
+    tokenizer = CaptionTokenizer(own)
+    eos = tokenizer.tokenizer.token_to_id("<|endoftext|>")
+    assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) == (None, eos, eos)
+    ids = TextIds(tokenizer)
+    prompt = ids.encode(" describe the region [0, 0, 500, 1000]:")
+    input_ids, labels = build_example(prompt, ids.encode(" a red circle"), 3, 999, bos_id=ids.bos_id,
+                                      eos_id=ids.eos_id)
+    assert input_ids[:3].tolist() == [999] * 3 and int(input_ids[-1]) == eos  # no <bos>; the answer ends in eos
+    assert lm_tokenizer(str(lm), None) == str(own)
+    copy = tmp_path / "copy" / "tokenizer.json"
+    copy.parent.mkdir()
+    copy.write_bytes(own.read_bytes())
+    assert lm_tokenizer(str(lm), str(copy)) == str(own)  # (the names are in the LM's tokenizer_config.json)
+    other = train_tokenizer(captions * 20, tmp_path / "data" / "tokenizer.json", vocab_size=300)
+    with pytest.raises(ValueError, match=r"data.tokenizer=.* is not the tokenizer of aligner.lm="):
+        lm_tokenizer(str(lm), str(other))
+    with pytest.raises(FileNotFoundError, match=r"aligner.lm=.* has no tokenizer.json"):
+        lm_tokenizer(str(tmp_path / "data" / "nothing"), None)
+    (lm / "tokenizer_config.json").write_text(json.dumps({"eos_token": None}))
+    with pytest.raises(ValueError, match="no end-of-text token"):
+        lm_tokenizer(str(lm), None)
+
+
 def test_non_finite_loss_stops_before_the_update(tmp_path):
     """...and a run stopped by an error exports nothing: the file would look like a finished run's (it once did,
     with the weights of the step it stopped on); an "export_skipped" event says why."""

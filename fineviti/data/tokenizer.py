@@ -40,8 +40,34 @@ def train_tokenizer(texts: Iterable[str], path: str | os.PathLike, vocab_size: i
     return path
 
 
+def special_token_names(path: str | os.PathLike) -> dict[str, str]:
+    """The names of the <bos>, <eos> and <pad> tokens of the tokenizer.json at `path`: fineviti's, or a Hugging Face
+    model's from the tokenizer_config.json beside it (bos_token, eos_token, pad_token: a string or {"content": ...};
+    e.g. Qwen2's eos "<|endoftext|>" and no bos). A name the file leaves out keeps fineviti's."""
+    import json
+
+    names = {"bos": "<bos>", "eos": "<eos>", "pad": "<pad>"}
+    config = Path(path).with_name("tokenizer_config.json")
+    if config.is_file():
+        try:
+            data = json.loads(config.read_text())
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{config}: not a readable tokenizer_config.json ({err})") from err
+        for key in names:
+            value = data.get(f"{key}_token")
+            if isinstance(value, dict):
+                value = value.get("content")
+            if isinstance(value, str):
+                names[key] = value
+            elif f"{key}_token" in data and value is None:  # set to null: the model has none
+                names[key] = ""
+    return names
+
+
 class CaptionTokenizer:
-    """Loads a tokenizer.json; encodes captions with <bos>/<eos> and truncation that counts what it cut."""
+    """Loads a tokenizer.json; encodes captions with <bos>/<eos> (as its template adds them) and truncation that
+    counts what it cut. Its special ids: fineviti's names, or those a Hugging Face tokenizer_config.json beside the
+    file gives (`special_token_names`); None where the tokenizer has no such token (pad then falls back to eos)."""
 
     def __init__(self, path: str | os.PathLike):
         from tokenizers import Tokenizer
@@ -56,9 +82,12 @@ class CaptionTokenizer:
         # match added tokens inside the text by default: a caption could end itself early or fake a placeholder)
         if hasattr(self.tokenizer, "encode_special_tokens"):  # (tokenizers >= 0.15)
             self.tokenizer.encode_special_tokens = True
-        self.bos_id = self.tokenizer.token_to_id("<bos>")
-        self.eos_id = self.tokenizer.token_to_id("<eos>")
-        self.pad_id = self.tokenizer.token_to_id("<pad>")
+        names = special_token_names(self.path)
+        self.bos_id = self.tokenizer.token_to_id(names["bos"]) if names["bos"] else None
+        self.eos_id = self.tokenizer.token_to_id(names["eos"]) if names["eos"] else None
+        self.pad_id = self.tokenizer.token_to_id(names["pad"]) if names["pad"] else None
+        if self.pad_id is None:
+            self.pad_id = self.eos_id
         self.image_id = self.tokenizer.token_to_id("<image>")
 
     @property

@@ -116,6 +116,33 @@ def region_tasks(batch: PackedBatch, ids, *, tasks: list[str], regions_per_image
                        answers, text)
 
 
+def lm_tokenizer(lm: str, given: str | None) -> str:
+    """The tokenizer.json stage 2 reads text with when aligner.lm is a Hugging Face model's directory: that model's
+    own (the ids the LM was trained on; a data set's tokenizer gave it ids that mean other tokens). data.tokenizer
+    (`given`) may name a copy of it, not another vocabulary."""
+    from pathlib import Path
+
+    from fineviti.data.tokenizer import CaptionTokenizer
+
+    own = Path(lm) / "tokenizer.json"
+    if not own.is_file():
+        raise FileNotFoundError(f"aligner.lm={lm!r} has no tokenizer.json: stage 2 reads its prompts and captions with "
+                                f"the LM's own tokenizer, as a fast tokenizer file (save one into the directory with "
+                                f"transformers: AutoTokenizer.from_pretrained(dir).save_pretrained(dir))")
+    theirs = CaptionTokenizer(own)
+    if given and Path(given).resolve() != own.resolve():
+        mine = CaptionTokenizer(given)
+        if theirs.tokenizer.get_vocab(with_added_tokens=True) != mine.tokenizer.get_vocab(with_added_tokens=True):
+            raise ValueError(f"data.tokenizer={given!r} is not the tokenizer of aligner.lm={lm!r} ({own}): the LM "
+                             f"reads the ids of its own vocabulary; leave data.tokenizer unset (stage 2 then takes "
+                             f"the LM's) or name a copy of {own}")
+    # (the LM's file even for a copy: its special tokens' names are in the tokenizer_config.json beside it)
+    if theirs.eos_id is None:
+        raise ValueError(f"aligner.lm={lm!r}: its tokenizer has no end-of-text token (eos_token in "
+                         f"tokenizer_config.json, or <eos>): stage 2's answers end with it")
+    return str(own)
+
+
 def build_aligner(cfg) -> tuple[Aligner, AlignerConfig]:
     """The stage-2 model; with stage2.init_from, the vision tower's config and weights come from that
     checkpoint (stage 1 or 2)."""

@@ -245,6 +245,10 @@ class Trainer:
             return RandomBatches(cfg.random_data, patch_size=patch, merge=merge, vocab_size=vocab, rank=self.rank,
                                  world_size=self.world.world_size, with_regions=self.stage == 2)
         vision = cfg.model.vision if self.stage == 1 else cfg.aligner.vision
+        if self.stage == 2 and cfg.aligner.lm != "builtin":  # the LM's own vocabulary, not the data set's
+            from fineviti.train import stage2
+
+            cfg.data.tokenizer = stage2.lm_tokenizer(cfg.aligner.lm, cfg.data.tokenizer)
         if cfg.data.patch != vision.patch_size:
             raise ValueError(f"data.patch = {cfg.data.patch} differs from the model's patch_size "
                              f"{vision.patch_size}; expected them equal")
