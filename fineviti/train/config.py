@@ -59,9 +59,13 @@ class OptimizerConfig:
 
 @dataclasses.dataclass
 class SchedulerConfig:
-    warmup_steps: int = 100  # linear from warmup_init * lr to lr
+    # linear from warmup_init * lr to lr: the warmup's step s (0-based) takes init + (1 - init) * (s + 1) / warmup,
+    # so its last step is at lr already and the first step above warmup_init (as timm's and torchtitan's)
+    warmup_steps: int = 100
     warmup_init: float = 0.0
-    decay: str = "cosine"  # cosine | linear | constant (after the warmup, down to min_lr_ratio * lr at the end)
+    # cosine | linear | constant: after the warmup, from lr toward min_lr_ratio * lr, which the schedule reaches at
+    # step training.steps (0-based), one past the last step taken (Hugging Face's convention: no step at the floor)
+    decay: str = "cosine"
     min_lr_ratio: float = 0.0
 
 
