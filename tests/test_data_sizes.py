@@ -120,3 +120,5 @@ def test_bad_arguments(kwargs, match):
         SizeRule(**kwargs)
     with pytest.raises(ValueError, match="positive"):
         SizeRule().target(0, 10)
+    with pytest.raises(ValueError, match=r"image 2 has size 5x0 \(height x width\); expected both >= 1"):
+        SizeRule().targets(np.array([10, 20, 5]), np.array([10, 20, 0]))

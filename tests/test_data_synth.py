@@ -250,6 +250,14 @@ def test_member_names_with_spaces_percent_signs_or_non_ascii_keep_their_index(tm
     assert shards.index_matches(tar, indexed)
 
 
+def test_a_file_that_is_not_a_tar_is_refused_as_a_data_set(tmp_path):
+    """data.path=tokenizer.json was read as a damaged shard (counted truncated_shard) and got a stray index."""
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"tokenizer.json is a file but not a .tar shard"):
+        shards.list_shards(tmp_path / "tokenizer.json")
+    assert not list(tmp_path.glob("*.idx"))
+
+
 def test_writer_rejects_keys_with_dots(tmp_path):
     with shards.ShardWriter(tmp_path) as writer, pytest.raises(ValueError, match="key"):
         writer.write("a.b", [("txt", b"x")])

@@ -284,8 +284,7 @@ class ShardReader:
         f = self._files.get(shard)
         if f is None:
             f = self._files[shard] = open(self.shards[shard], "rb")  # noqa: SIM115 (kept open for reuse)
-        f.seek(member.offset)
-        data = f.read(member.size)
+        data = os.pread(f.fileno(), member.size, member.offset)  # (positional: no shared file offset between threads)
         if len(data) != member.size:
             raise EOFError(f"{self.shards[shard]}: {member.name} needs {member.size} bytes at offset "
                            f"{member.offset}, the file has {len(data)} there (truncated shard?)")
@@ -314,6 +313,9 @@ def list_shards(path: str | os.PathLike) -> list[Path]:
     """The tar files of a dataset folder (sorted by name), or a single tar."""
     path = Path(path)
     if path.is_file():
+        if path.suffix != ".tar":
+            raise ValueError(f"list_shards: {path} is a file but not a .tar shard; expected a folder of .tar shards "
+                             f"or one .tar file")
         return [path]
     if not path.is_dir():
         raise FileNotFoundError(f"list_shards: {path} is neither a folder of .tar shards nor a .tar file")

@@ -114,7 +114,9 @@ class SizeRule:
         if h.shape != w.shape:
             raise ValueError(f"SizeRule.targets: heights {h.shape} and widths {w.shape} differ in shape")
         if h.size and (h.min() < 1 or w.min() < 1):
-            raise ValueError("SizeRule.targets: every image size must be positive")
+            i = int(np.argmax((h < 1) | (w < 1)))
+            raise ValueError(f"SizeRule.targets: image {i} has size {h.flat[i]:g}x{w.flat[i]:g} (height x width); "
+                             f"expected both >= 1")
         ratio = np.maximum(h, w) / np.minimum(h, w)
         over = ratio > self.max_aspect
         if over.any():
