@@ -630,6 +630,8 @@ def test_auto_rule_table(monkeypatch):
     assert attention_mod.resolve_backend("auto", torch.device("cpu")) == "triton"
     monkeypatch.setenv("FINEVITI_ATTN_BACKEND", "auto")
     assert attention_mod.resolve_backend("auto", torch.device("cpu")) == "torch"
+    monkeypatch.setenv("FINEVITI_ATTN_BACKEND", "")  # empty is "auto", as the other ops' variables (it raised)
+    assert attention_mod.resolve_backend("auto", torch.device("cpu")) == "torch"
     assert attention_mod.resolve_backend("torch", torch.device("cpu")) == "torch"
     # on CUDA: triton, except fp32 beyond the head dims its kernels take in true fp32 (the "fine" preset's 96)
     cuda = torch.device("cuda")
@@ -639,7 +641,7 @@ def test_auto_rule_table(monkeypatch):
     assert attention_mod.resolve_backend("auto", cuda, torch.float32, 96) == "torch"
     assert attention_mod.resolve_backend("triton", cuda, torch.float32, 96) == "triton"  # asked for: its error
     monkeypatch.setenv("FINEVITI_ATTN_BACKEND", "flash")
-    with pytest.raises(ValueError, match="FINEVITI_ATTN_BACKEND must be 'auto' or one of .* got 'flash'"):
+    with pytest.raises(ValueError, match="FINEVITI_ATTN_BACKEND='flash' is not a varlen attention backend"):
         attention_mod.resolve_backend("auto", cuda)
 
 
@@ -676,6 +678,33 @@ def test_torch_backend_output_is_differentiable_without_any_key():
     assert (out == 0).all()
     out.sum().backward()
     assert (q.grad == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_autocast_takes_mixed_input_dtypes(backend):
+    """Under autocast q, k and v are cast before the dtype check, as SDPA casts them: q fp16 with k, v fp32 raised
+    a TypeError (the check ran on the uncast inputs)."""
+    q, k, v, cu = make_pack([3, 4], 2, 16, torch.float32, device="cpu")
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = varlen_attention(q.half(), k, v, cu, 4, backend=backend)
+    assert out.dtype == torch.float16
+    want = varlen_attention_ref(q.half().double(), k.half().double(), v.half().double(), cu)
+    assert (out.double() - want).abs().max() < 2e-3
+    out.float().sum().backward()
+    assert k.grad.dtype == torch.float32 and torch.isfinite(k.grad).all()
+    with pytest.raises(TypeError, match="k has dtype torch.float32 but q has torch.float16"):  # outside autocast
+        varlen_attention(q.half(), k, v, cu, 4, backend=backend)
+
+
+def test_reference_is_differentiable_without_any_token():
+    """Every sequence empty: the reference's zeros for a sequence without keys had no grad_fn, so its output could
+    not be backpropagated (the torch backend's are differentiable); now both give an empty gradient."""
+    for cu in (torch.tensor([0, 0], dtype=torch.int32), torch.tensor([0, 0, 0], dtype=torch.int32)):
+        q, k, v = (torch.randn(0, 2, 16, requires_grad=True) for _ in range(3))
+        out = varlen_attention_ref(q, k, v, cu)
+        assert out.shape == (0, 2, 16) and out.grad_fn is not None
+        out.sum().backward()
+        assert q.grad.shape == q.shape
 
 
 def test_unavailable_backend_names_what_is_missing(monkeypatch):
@@ -941,6 +970,20 @@ def test_rope_in_kernel_takes_strided_views_and_checks_inputs():
     # int64 positions beyond int32: the table's host read refuses them (they were cast to int32 first, and wrapped)
     with pytest.raises(ValueError, match="positions below 2\\*\\*31, got a maximum of 42949673"):
         varlen_attention_rope(q, k, v, cu, 20, pos.long() + 2**32, check_values=False)
+
+
+def test_rope_in_kernel_refuses_a_double_backward():
+    """create_graph=True through varlen_attention_rope returned first-order gradients without a grad_fn, so a
+    gradient penalty silently lost its second-order terms: it raises now; a plain backward still works."""
+    from fineviti.ops import varlen_attention_rope
+
+    q, k, v, cu = make_pack([3, 4], 2, 16, torch.float32, device="cpu")
+    pos = _grid_pos([3, 4], "cpu")
+    out = varlen_attention_rope(q, k, v, cu, 4, pos)
+    with pytest.raises(RuntimeError, match="varlen_attention_rope does not support a double backward"):
+        torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    (dq,) = torch.autograd.grad(varlen_attention_rope(q, k, v, cu, 4, pos).square().sum(), q)
+    assert dq.grad_fn is None and torch.isfinite(dq).all()
 
 
 @pytest.mark.gpu

@@ -189,13 +189,22 @@ def test_large_logits_stay_finite(backend, loss):
     assert_matches(loss, backend, inputs, torch.float32)
 
 
-def test_fp64_on_the_torch_paths():
+@pytest.mark.parametrize("backend", ["chunked", "auto"])
+def test_fp64_on_the_torch_paths(backend, monkeypatch):
+    """fp64 features are computed in fp64 (the chunked path computed them in fp32: errors of 1e-7, and gradcheck
+    failed), the loss and every gradient to fp64 precision, over several chunks of rows."""
+    monkeypatch.delenv("FINEVITI_LOSS_BACKEND", raising=False)
+    monkeypatch.setattr(C, "_CPU_CHUNK_ELEMS", 37 * 5)
     inputs = make_inputs(37, 16, seed=5)
     for loss in ("siglip", "clip"):
         gold = run(loss, "reference", inputs, torch.float64)
-        got = run(loss, "chunked", inputs, torch.float64)
-        for name, g, o in zip(NAMES, got, gold, strict=True):  # the chunked path computes in fp32
-            assert (g - o).abs().max() <= 1e-5 * max(1.0, o.abs().max()), name
+        got = run(loss, backend, inputs, torch.float64)
+        for name, g, o in zip(NAMES, got, gold, strict=True):
+            assert (g - o).abs().max() <= 1e-12 * max(1.0, o.abs().max()), name
+    leaves = [t.requires_grad_() for t in make_inputs(6, 5, seed=7)]
+    assert siglip_loss(*leaves, backend=backend).dtype == torch.float64
+    assert torch.autograd.gradcheck(lambda *a: siglip_loss(*a, backend=backend), leaves)
+    assert torch.autograd.gradcheck(lambda *a: clip_loss(*a, backend=backend), leaves[:3])
 
 
 @pytest.mark.parametrize("shape", [(), (1,)])
@@ -625,6 +634,10 @@ def test_bad_inputs_are_named():
         siglip_loss(img, txt, scale, torch.tensor(float("nan")))
     with pytest.raises(ValueError, match="logit_scale must be a floating-point tensor with one element"):
         clip_loss(img, txt, torch.ones(2))
+    with pytest.raises(TypeError, match="logit_scale must be a tensor or a number, got the bool True"):
+        clip_loss(img, txt, True)  # an int to isinstance: it was a scale of 1
+    with pytest.raises(TypeError, match="logit_bias must be a tensor or a number, got the bool False"):
+        siglip_loss(img, txt, scale, False)
     with pytest.raises(ValueError, match="backend must be"):
         clip_loss(img, txt, scale, backend="cuda")
     with pytest.raises(ValueError, match="dist_impl must be"):

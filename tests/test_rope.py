@@ -482,6 +482,18 @@ def test_second_derivatives(backend):
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("create_graph", [False, True], ids=["first", "create_graph"])
+def test_qkv_split_rope_backward_of_no_tokens(backend, create_graph):
+    """0 tokens (an empty pack): the backward's .view(0, -1) could not infer the width (torch and cpp; triton too
+    with create_graph=True); the gradient is an empty (0, 3 * heads * head_dim) tensor."""
+    qkv = torch.randn(0, 3 * 2 * 8, requires_grad=True)
+    q, k, v = qkv_split_rope(qkv, torch.zeros(0, 2, dtype=torch.long), 2, backend=backend)
+    assert q.shape == k.shape == v.shape == (0, 2, 8)
+    (g,) = torch.autograd.grad(q.sum() + k.sum() + v.sum(), qkv, create_graph=create_graph)
+    assert g.shape == qkv.shape
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
 def test_inplace_on_views_with_gradients(backend):
     """In place on views of a tensor that autograd tracks (q and k sliced from a qkv activation): autograd's view
     handling failed (an internal assert, or "cannot return more than one Tensor") before."""

@@ -14,8 +14,8 @@ starts. Attention is non-causal within a sequence and never crosses sequences. B
 
 `backend="auto"` follows a fixed rule table, never a timing: triton for CUDA tensors (but torch for fp32 beyond
 head_dim 64, which the triton kernels do not take in fp32 on a GPU), torch for CPU tensors.
-FINEVITI_ATTN_BACKEND overrides "auto". Under autocast the inputs take the autocast dtype first, whatever the
-backend.
+FINEVITI_ATTN_BACKEND overrides "auto" (empty: "auto", as the other ops' variables). Under autocast the inputs
+take the autocast dtype first, whatever the backend.
 """
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ import importlib
 import importlib.util
 import inspect
 import math
-import os
 import warnings
 
 import torch
 
 from fineviti._checks import (
     check_cu_seqlens,
+    env_backend,
     env_flag,
     refuse_interpreted_bf16,
     triton_interpreting,
@@ -65,8 +65,8 @@ def varlen_attention_ref(q, k, v, cu_seqlens, cu_seqlens_k=None, softmax_scale=N
         vi = v[bounds_k[i]:bounds_k[i + 1]].to(compute).transpose(0, 1)
         scores = (qi @ ki.transpose(1, 2)) * scale
         lse = torch.logsumexp(scores, dim=-1)  # (heads, Lq)
-        if ki.shape[1] == 0:
-            outs.append(torch.zeros_like(qi).transpose(0, 1))
+        if ki.shape[1] == 0:  # no keys: zeros, differentiable (as _sdpa_per_sequence's: a zero gradient for q)
+            outs.append(torch.where(torch.zeros_like(qi, dtype=torch.bool), qi, 0).transpose(0, 1))
         else:
             outs.append((torch.softmax(scores, dim=-1) @ vi).transpose(0, 1))
         lses.append(lse)
@@ -238,6 +238,10 @@ class _AttentionRope(torch.autograd.Function):
     def backward(ctx, do):
         from fineviti.kernels import rope as rope_kernels
 
+        if torch.is_grad_enabled():  # create_graph=True: the kernels' gradients would come back without a grad_fn
+            raise RuntimeError("varlen_attention_rope does not support a double backward (create_graph=True through "
+                               "it): its gradients carry no second-order terms; use rope_2d and "
+                               "varlen_attention_ref for that")
         q, k, v, o, lse, cu, pos = ctx.saved_tensors
         max_seqlen, theta, scale, seqlens, deterministic = ctx.args
         q_rot = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous, also for strided q and k
@@ -515,9 +519,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
     if backend not in ("auto", *BACKENDS):
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        backend = os.environ.get("FINEVITI_ATTN_BACKEND", "auto")
-        if backend not in ("auto", *BACKENDS):
-            raise ValueError(f"FINEVITI_ATTN_BACKEND must be 'auto' or one of {BACKENDS}, got {backend!r}")
+        backend = env_backend("FINEVITI_ATTN_BACKEND", BACKENDS, "varlen attention") or "auto"  # "": "auto"
         if backend == "auto":
             backend = "triton" if device.type == "cuda" else "torch"
             if backend == "triton" and dtype == torch.float32 and head_dim is not None \
@@ -560,11 +562,12 @@ def _check_deterministic(name: str, device: torch.device, asked: bool) -> None:
 def _autocast_inputs(q, k, v):
     """Under autocast, q, k and v in the autocast dtype (fp64 excepted), as scaled_dot_product_attention's inputs
     are cast in eager mode: every backend then returns that dtype (a custom op is outside autocast's reach)."""
-    device = q.device.type
-    if not torch.is_autocast_enabled(device):
+    if not isinstance(q, torch.Tensor) or not torch.is_autocast_enabled(q.device.type):
         return q, k, v
-    low = torch.get_autocast_dtype(device)
-    return tuple(t.to(low) if t.dtype not in (low, torch.float64) else t for t in (q, k, v))
+    low = torch.get_autocast_dtype(q.device.type)
+    # (what is no floating-point tensor, or fp64, is left to _check_inputs, which names it)
+    return tuple(t.to(low) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype not in (
+        low, torch.float64) else t for t in (q, k, v))
 
 
 def _check_inputs(q, k, v, cu_q, cu_k, max_q, max_k, check_values, own_keys=False):
@@ -633,7 +636,8 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, cu_seqlens_k=None, max_
                      backend="auto", return_lse=False, deterministic=False, seqlens=None, check_values=None):
     """Non-causal attention within each packed sequence.
 
-    q, k, v: (total, heads, head_dim), float16/bfloat16/float32, the same dtype and device; head_dim 16..256.
+    q, k, v: (total, heads, head_dim), float16/bfloat16/float32, the same dtype (under autocast: after the cast to
+        its dtype) and device; head_dim 16..256.
     cu_seqlens: int32 (n+1,), 0 first, non-decreasing, last = total. max_seqlen: Python int >= every length.
     cu_seqlens_k / max_seqlen_k: separate key lengths (default: the query ones).
     softmax_scale: default 1/sqrt(head_dim).
@@ -662,13 +666,13 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, cu_seqlens_k=None, max_
                          "flash_attn_varlen_func does: it is not taken from max_seqlen")
     cu_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
     max_k = max_seqlen if max_seqlen_k is None else max_seqlen_k
+    q, k, v = _autocast_inputs(q, k, v)  # before the dtype checks: under autocast q, k and v may differ, as in SDPA
     _check_inputs(q, k, v, cu_seqlens, cu_k, max_seqlen, max_k, check_values, own_keys=cu_seqlens_k is not None)
     seqlens, seqlens_host = _host_seqlens(seqlens, cu_seqlens, q.shape[0], check_values, max_seqlen)
     head_dim = q.shape[-1]
     if not 16 <= head_dim <= 256:
         raise ValueError(f"head_dim must be in [16, 256], got {head_dim}")
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
-    q, k, v = _autocast_inputs(q, k, v)
     name = resolve_backend(backend, q.device, q.dtype, head_dim)
     _check_deterministic(name, q.device, bool(deterministic))
     deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()

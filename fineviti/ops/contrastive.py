@@ -13,8 +13,8 @@ Backends (one contract):
              features, whose small gradients would flush before a loss scale reached them; else the features'
              dtype), a dL/dz buffer of at most _GPU_CHUNK_BYTES, and for CLIP's forward column partials of at most
              kernels.contrastive.COL_PARTIAL_BYTES (and their reduction's temporary of the same size).
-  chunked    memory-efficient torch path (the default on the CPU): the same algorithm with torch matmuls in fp32,
-             at most a (chunk, N) block alive in the forward or the backward.
+  chunked    memory-efficient torch path (the default on the CPU): the same algorithm with torch matmuls in fp32
+             (fp64 for fp64 features), at most a (chunk, N) block alive in the forward or the backward.
   reference  plain torch with autograd over the full logits (siglip_loss_ref / clip_loss_ref).
 
 `backend="auto"` is a fixed rule: triton for CUDA tensors in bf16/fp16/fp32, chunked otherwise;
@@ -127,8 +127,15 @@ def _positives(start: int, stop: int, diag_offset: int, n_cols: int, device) -> 
     return rows[keep] - start, cols[keep]
 
 
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype the torch paths compute and accumulate in: fp32 for 16-bit and fp32 features, fp64 for fp64 ones
+    (the docstrings accept fp64 there; computed in fp32 it lost 1e-7 against the fp64 reference)."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
 class _Chunked:
-    """torch matmuls in fp32 over chunks of rows: never more than a few (chunk, N) fp32 blocks alive."""
+    """torch matmuls in fp32 (fp64 for fp64 features: _acc_dtype) over chunks of rows: never more than a few
+    (chunk, N) blocks of that dtype alive."""
 
     name = "chunked"
 
@@ -140,10 +147,11 @@ class _Chunked:
         return [(start, min(m, start + step)) for start in range(0, m, step)]
 
     def rows(self, x, y, scale, bias, loss, diag_offset=0):
-        y32 = y.float()
-        out = torch.empty(x.shape[0], device=x.device, dtype=torch.float32)
+        acc = _acc_dtype(x)
+        y32 = y.to(acc)
+        out = torch.empty(x.shape[0], device=x.device, dtype=acc)
         for start, stop in self._chunks(x.shape[0], y.shape[0]):
-            z = (x[start:stop].float() @ y32.T).mul_(scale).add_(bias)
+            z = (x[start:stop].to(acc) @ y32.T).mul_(scale).add_(bias)
             if loss == "siglip":
                 r, c = _positives(start, stop, diag_offset, y.shape[0], x.device)
                 z[r, c] = -z[r, c]  # now -label * z
@@ -154,13 +162,14 @@ class _Chunked:
 
     def rows_cols(self, x, y, scale):
         """CLIP log-sum-exps of z = scale * x @ y.T along both axes, and the positives' z_ii, from one pass:
-        ((M,), (N,), (M,); rows past N: 0) fp32."""
-        y32 = y.float()
-        lse_row = torch.empty(x.shape[0], device=x.device, dtype=torch.float32)
-        lse_col = torch.full((y.shape[0],), float("-inf"), device=x.device, dtype=torch.float32)
-        positive = torch.zeros(x.shape[0], device=x.device, dtype=torch.float32)
+        ((M,), (N,), (M,); rows past N: 0) in _acc_dtype(x)."""
+        acc = _acc_dtype(x)
+        y32 = y.to(acc)
+        lse_row = torch.empty(x.shape[0], device=x.device, dtype=acc)
+        lse_col = torch.full((y.shape[0],), float("-inf"), device=x.device, dtype=acc)
+        positive = torch.zeros(x.shape[0], device=x.device, dtype=acc)
         for start, stop in self._chunks(x.shape[0], y.shape[0]):
-            z = (x[start:stop].float() @ y32.T).mul_(scale)
+            z = (x[start:stop].to(acc) @ y32.T).mul_(scale)
             lse_row[start:stop] = torch.logsumexp(z, dim=1)
             lse_col = torch.logaddexp(lse_col, torch.logsumexp(z, dim=0))
             r, c = _positives(start, stop, 0, y.shape[0], x.device)
@@ -170,12 +179,13 @@ class _Chunked:
     def grads(self, x, y, scale, bias, loss, diag_offset=0, lse_row=None, lse_col=None, mult=None, dx_dtype=None,
               dy_dtype=None, with_loss=False):
         m, n = x.shape[0], y.shape[0]
-        y32 = y.float()
-        dx = torch.empty(x.shape, device=x.device, dtype=torch.float32 if mult is None else (dx_dtype or x.dtype))
-        dy = torch.zeros(y.shape, device=x.device, dtype=torch.float32)
-        ds_db = torch.zeros(3, device=x.device, dtype=torch.float32)
+        acc = _acc_dtype(x)
+        y32 = y.to(acc)
+        dx = torch.empty(x.shape, device=x.device, dtype=acc if mult is None else (dx_dtype or x.dtype))
+        dy = torch.zeros(y.shape, device=x.device, dtype=acc)
+        ds_db = torch.zeros(3, device=x.device, dtype=acc)
         for start, stop in self._chunks(m, n):
-            xc = x[start:stop].float()
+            xc = x[start:stop].to(acc)
             dots = xc @ y32.T
             r, c = _positives(start, stop, diag_offset, n, x.device)
             if loss == "siglip":
@@ -586,8 +596,8 @@ def _ring(local_padded: torch.Tensor, d: _Dist):
 def _ring_grads(impl, x, y, scale, bias, loss, d: _Dist, lse_row=None, lse_col_all=None):
     """Backward of the ring: text blocks travel again and their gradient accumulators travel with them, one hop
     behind, so that after a full turn each accumulator reaches its owner. Returns fp32 (dx, dy_local, ds, db)."""
-    dx = torch.zeros(x.shape, device=x.device, dtype=torch.float32)
-    ds_db = torch.zeros(2, device=x.device, dtype=torch.float32)
+    dx = torch.zeros(x.shape, device=x.device, dtype=_acc_dtype(x))
+    ds_db = torch.zeros(2, device=x.device, dtype=_acc_dtype(x))
     pending, received = None, None
     offsets = d.offsets
     for owner, block in _ring(_pad_rows(y, d.n_max), d):
@@ -620,16 +630,18 @@ def _ring_grads(impl, x, y, scale, bias, loss, d: _Dist, lse_row=None, lse_col_a
 
 
 def _row_dots(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """fp32 x_i . y_i per row, a few thousand rows at a time: no fp32 copies of the whole features."""
-    out = torch.empty(x.shape[0], device=x.device, dtype=torch.float32)
+    """x_i . y_i per row in _acc_dtype(x), a few thousand rows at a time: no fp32 copies of the whole features."""
+    acc = _acc_dtype(x)
+    out = torch.empty(x.shape[0], device=x.device, dtype=acc)
     step = max(1, _CPU_CHUNK_ELEMS // max(1, x.shape[1]))
     for start in range(0, x.shape[0], step):
-        out[start:start + step] = (x[start:start + step].float() * y[start:start + step].float()).sum(-1)
+        out[start:start + step] = (x[start:start + step].to(acc) * y[start:start + step].to(acc)).sum(-1)
     return out
 
 
-def _scalar(t: torch.Tensor, device) -> torch.Tensor:
-    return t.detach().to(device=device, dtype=torch.float32).reshape(1)
+def _scalar(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A scalar parameter as a (1,) tensor on the features' device, in the dtype they are computed in."""
+    return t.detach().to(device=like.device, dtype=_acc_dtype(like)).reshape(1)
 
 
 def _param_grad(raw: torch.Tensor, factor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -646,8 +658,8 @@ def _feature_grad(raw: torch.Tensor, factor: torch.Tensor, like: torch.Tensor,
 def _siglip_forward(x, y, scale, bias, impl, d: _Dist, ring: bool) -> torch.Tensor:
     """Local image rows against all text columns (gathered, or this process's own); or, with `ring`, text blocks
     passed around the ring."""
-    s32, b32 = _scalar(scale, x.device), _scalar(bias, x.device)
-    total = torch.zeros((), device=x.device, dtype=torch.float32)
+    s32, b32 = _scalar(scale, x), _scalar(bias, x)
+    total = torch.zeros((), device=x.device, dtype=_acc_dtype(x))
     if ring:
         for owner, block in _ring(_pad_rows(y, d.n_max), d):
             total += impl.rows(x, block[:d.counts[owner]], s32, b32, "siglip",
@@ -669,8 +681,8 @@ def _siglip_forward_with_grads(x, y, scale, bias, impl, d: _Dist):
     1, in the shapes of the inputs and the dtypes of _saved_grad_dtype (parameters: their own): SigLIP's dL/dz needs
     no normaliser, so the forward can produce them and the backward only multiplies (three logit matmuls in all
     instead of four). Texts: all of them (gathered)."""
-    s32, b32 = _scalar(scale, x.device), _scalar(bias, x.device)
-    coef = torch.full((1,), d.world / d.total, device=x.device, dtype=torch.float32)
+    s32, b32 = _scalar(scale, x), _scalar(bias, x)
+    coef = torch.full((1,), d.world / d.total, device=x.device, dtype=_acc_dtype(x))
     dx, dy, ds, db, total = impl.grads(x, y, s32, b32, "siglip", diag_offset=d.row_start, mult=coef * s32,
                                        dx_dtype=_saved_grad_dtype(x), dy_dtype=_saved_grad_dtype(y), with_loss=True)
     return total * coef[0], dx, dy, _param_grad(ds, coef, scale), _param_grad(db, coef, bias)
@@ -775,8 +787,8 @@ def _set_ieee_fp32():
 def _siglip_backward(grad, x, y, scale, bias, impl, d: _Dist, ring: bool, dy_dtype=None):
     """(d_img, d_txt, d_scale, d_bias) in the dtypes and shapes of the inputs (d_txt: in `dy_dtype` if given); with
     `ring`, the text blocks travel again, with their gradient accumulators."""
-    s32, b32 = _scalar(scale, x.device), _scalar(bias, x.device)
-    factor = grad.float() * (d.world / d.total)
+    s32, b32 = _scalar(scale, x), _scalar(bias, x)
+    factor = grad.to(_acc_dtype(x)) * (d.world / d.total)
     if ring:
         dx, dy, ds, db = _ring_grads(impl, x, y, s32, b32, "siglip", d)
         dx, dy = _feature_grad(dx, factor * s32, x), _feature_grad(dy, factor * s32, y, dtype=dy_dtype)
@@ -789,15 +801,16 @@ def _siglip_backward(grad, x, y, scale, bias, impl, d: _Dist, ring: bool, dy_dty
 def _clip_forward(x, y, scale, x_all, impl, d: _Dist, ring: bool):
     """CLIP over this rank's image rows and text rows: image-to-text log-sum-exps of the local images against all
     texts, text-to-image ones of the local texts against all images, and their positives. Returns the loss, the
-    local images' log-sum-exps and every text's (an all-gather of N floats), both fp32, for the backward."""
-    s32 = _scalar(scale, x.device)
-    zero = torch.zeros(1, device=x.device, dtype=torch.float32)
+    local images' log-sum-exps and every text's (an all-gather of N floats), both fp32 (fp64 for fp64 features),
+    for the backward."""
+    s32 = _scalar(scale, x)
+    zero = torch.zeros(1, device=x.device, dtype=_acc_dtype(x))
     n = d.counts[d.rank]
     y_loc = y if ring else y[d.row_start:d.row_start + n]
     positive = None  # s32 * x_i . y_i, where no pass over the logits gives them
     if ring:
-        lse_row = torch.full((n,), float("-inf"), device=x.device, dtype=torch.float32)
-        lse_col = torch.full((n,), float("-inf"), device=x.device, dtype=torch.float32)
+        lse_row = torch.full((n,), float("-inf"), device=x.device, dtype=_acc_dtype(x))
+        lse_col = torch.full((n,), float("-inf"), device=x.device, dtype=_acc_dtype(x))
         both = torch.cat([_pad_rows(x, d.n_max), _pad_rows(y, d.n_max)], 0)
         for owner, block in _ring(both, d):
             count = d.counts[owner]
@@ -817,9 +830,9 @@ def _clip_forward(x, y, scale, x_all, impl, d: _Dist, ring: bool):
 def _clip_backward(grad, x, y, scale, lse_row, lse_col_all, impl, d: _Dist, ring: bool, dy_dtype=None):
     """dL/dz of both directions for the pairs (local image, every text): (d_img, d_txt, d_scale), the texts' for
     all texts (the caller sums them to their owners), d_txt in `dy_dtype` if given."""
-    s32 = _scalar(scale, x.device)
-    zero = torch.zeros(1, device=x.device, dtype=torch.float32)
-    factor = grad.float() * (d.world / (2 * d.total))
+    s32 = _scalar(scale, x)
+    zero = torch.zeros(1, device=x.device, dtype=_acc_dtype(x))
+    factor = grad.to(_acc_dtype(x)) * (d.world / (2 * d.total))
     if ring:
         dx, dy, ds, _ = _ring_grads(impl, x, y, s32, zero, "clip", d, lse_row=lse_row, lse_col_all=lse_col_all)
         dx, dy = _feature_grad(dx, factor * s32, x), _feature_grad(dy, factor * s32, y, dtype=dy_dtype)
@@ -855,7 +868,7 @@ def _siglip_fwd_op(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tens
 
 @_siglip_fwd_op.register_fake
 def _(img, txt, logit_scale, logit_bias, backend, with_grad=False):
-    loss = img.new_empty((), dtype=torch.float32)
+    loss = img.new_empty((), dtype=_acc_dtype(img))
     if with_grad:
         return (loss, img.new_empty(img.shape, dtype=_saved_grad_dtype(img)),
                 txt.new_empty(txt.shape, dtype=_saved_grad_dtype(txt)), *(t.new_empty(t.shape) for t in
@@ -897,15 +910,16 @@ torch.library.register_autograd("fineviti::siglip_loss_fwd", _siglip_fwd_backwar
 @torch.library.custom_op("fineviti::clip_loss_fwd", mutates_args=())
 def _clip_fwd_op(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
                  backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, lse_row, lse_col): the loss and the fp32 (N,) image-to-text and text-to-image log-sum-exps."""
+    """(loss, lse_row, lse_col): the loss and the (N,) image-to-text and text-to-image log-sum-exps, fp32 (fp64 for
+    fp64 features)."""
     with _no_autocast(img.device, img.dtype):
         return _clip_forward(img, txt, logit_scale, img, _backend_impl(backend), _one_process(img), ring=False)
 
 
 @_clip_fwd_op.register_fake
 def _(img, txt, logit_scale, backend):
-    lse = img.new_empty((img.shape[0],), dtype=torch.float32)
-    return img.new_empty((), dtype=torch.float32), lse, torch.empty_like(lse)
+    lse = img.new_empty((img.shape[0],), dtype=_acc_dtype(img))
+    return img.new_empty((), dtype=lse.dtype), lse, torch.empty_like(lse)
 
 
 @torch.library.custom_op("fineviti::clip_loss_bwd", mutates_args=())
@@ -1012,6 +1026,8 @@ class _ClipFn(torch.autograd.Function):
 
 
 def _as_param(value, name: str, img: torch.Tensor) -> torch.Tensor:
+    if isinstance(value, bool):  # an int to isinstance: logit_scale=True was a scale of 1
+        raise TypeError(f"{name} must be a tensor or a number, got the bool {value!r}")
     if isinstance(value, (int, float)):
         return torch.tensor(float(value), device=img.device, dtype=torch.float32)
     if not isinstance(value, torch.Tensor):
@@ -1101,9 +1117,10 @@ def siglip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
 
     img, txt: (N, D) image and text features of one dtype (bf16, fp16 or fp32; fp64 on the torch paths), already
     normalised by the caller; row i of each is a positive pair. logit_scale (the multiplier, already exponentiated)
-    and logit_bias: one-element tensors, learnable. Returns an fp32 scalar (the reference backend: the features'
-    dtype) equal on one process to -sum_ij logsigmoid(label_ij * (scale * img_i . txt_j + bias)) / N, labels +1
-    for i == j and -1 otherwise; gradients flow to img, txt, logit_scale and logit_bias.
+    and logit_bias: one-element tensors, learnable. Returns an fp32 scalar (fp64 for fp64 features, which the torch
+    paths compute in fp64; the reference backend: the features' dtype) equal on one process to
+    -sum_ij logsigmoid(label_ij * (scale * img_i . txt_j + bias)) / N, labels +1 for i == j and -1 otherwise;
+    gradients flow to img, txt, logit_scale and logit_bias.
 
     group: "default" (the default: the world group when torch.distributed is initialised, else this process
     alone), a ProcessGroup, or None (this process's pairs only, also under torch.distributed). On a group, every

@@ -445,7 +445,7 @@ class _QKVSplitRope(torch.autograd.Function):
             dqkv = torch.ops.fineviti.qkv_split_rope_triton_bwd(dq, dk, dv, pos, ctx.theta)
         else:  # differentiable (create_graph=True): the rotation through _Rope2d, the gather through torch.stack
             dq, dk = _Rope2d.apply(dq, dk, pos, ctx.theta, ctx.backend, False, False, True)
-            dqkv = torch.stack((dq, dk, dv), dim=1).view(dq.shape[0], -1)
+            dqkv = torch.stack((dq, dk, dv), dim=1).view(dq.shape[0], 3 * dq.shape[1] * dq.shape[2])  # (0 tokens)
         return dqkv, None, None, None, None, None
 
 
