@@ -53,6 +53,8 @@ def test_overrides_are_typed():
                          "set, got data.epochs=None"),
     ("training.steps=0 data.epochs=1 training.data_source=random", "got training.data_source='random'"),
     ("training.text_length=64:0", "training.text_length"),
+    ("training.text_length=0:64,800:256,800:32", "training.text_length gives step 800 more than one length"),
+    ("model.vision.image_std=0.5,0,0.5", "vision.image_std must be three finite numbers > 0, got (0.5, 0.0, 0.5)"),
     ("metrics.profile=5:2", "1 <= START <= END"),
     ("stage2.freeze=vision,eyes", "stage2.freeze must be one of"),
     ("model.vision.heads=5", "divisible"),
@@ -94,6 +96,20 @@ def test_bad_overrides_are_named(override, message):
         apply_cli_overrides(preset("tiny"), override.split(" "))
     text = info.value.args[0] if info.value.args else str(info.value)
     assert message in text
+
+
+def test_infinite_settings_are_strict_json_and_read_back():
+    """training.grad_clip=inf and data.max_aspect=inf (no limit) were written as Infinity, which strict JSON
+    readers refuse (config.json, an export's metadata): "inf" now, read back as the float."""
+    import json
+
+    from fineviti.train.config import from_dict, to_dict, to_json
+
+    cfg = apply_cli_overrides(preset("debug"), ["training.grad_clip=inf", "data.max_aspect=inf"])
+    saved = json.loads(to_json(cfg), parse_constant=lambda name: pytest.fail(name))
+    assert saved["training"]["grad_clip"] == "inf" and saved["data"]["max_aspect"] == "inf"
+    again = from_dict(saved)
+    assert again.training.grad_clip == float("inf") and to_dict(again) == to_dict(cfg)
 
 
 def test_schedules():

@@ -918,6 +918,36 @@ def test_clip_logit_scale_is_capped_after_each_step(tmp_path):
     assert rows(tmp_path / "run")[0]["logit_scale"] == pytest.approx(100.0)  # (used capped in the step)
 
 
+def test_metrics_lines_are_strict_json_and_a_cut_line_does_not_swallow_the_next(tmp_path, monkeypatch):
+    """An fp16 overflow's grad_norm (NaN or inf) was written as NaN / Infinity, which jq and JavaScript refuse: null
+    now. A line cut short by a kill stayed without its newline, and the resumed run's first row was glued to it
+    (lost). TensorBoard drops the killed run's steps after the resumed one (purge_step), as metrics.jsonl does."""
+    import sys
+    import types
+
+    from fineviti.train.config import MetricsConfig
+    from fineviti.train.metrics import MetricsLogger, json_line
+
+    assert json.loads(json_line({"grad_norm": float("nan"), "x": [float("inf"), 1.0], "y": {"z": -float("inf")}}),
+                      parse_constant=lambda name: pytest.fail(name)) == {"grad_norm": None, "x": [None, 1.0],
+                                                                            "y": {"z": None}}
+    writers = []
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = lambda *args, **kwargs: writers.append(kwargs) or types.SimpleNamespace(
+        add_scalar=lambda *a: None, close=lambda: None)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
+    cfg = MetricsConfig(progress="off", tensorboard="on")
+    logger = MetricsLogger(cfg, tmp_path, rank=0, total_steps=4, start_step=1)
+    logger.log(2, {"loss": 1.5, "grad_norm": float("inf")})
+    logger.close()
+    lines = path.read_text().splitlines()
+    assert lines[0] == '{"step": 1, "loss": 2.0}' and lines[1] == '{"step": 2, "lo'
+    assert json.loads(lines[2]) == {"step": 2, "loss": 1.5, "grad_norm": None}
+    assert writers == [{"purge_step": 2}]
+
+
 def test_profile_writes_a_trace(tmp_path):
     run(config(tmp_path, "training.steps=3", "metrics.profile=2:3", "checkpoint.save_final=false"))
     traces = list((tmp_path / "run" / "profile").glob("*.json"))

@@ -47,6 +47,12 @@ class VisionConfig:
             raise ValueError(f"vision.patch_size must be 14 or 16, got {self.patch_size}")
         _check_heads("vision", self.width, self.heads)
         _check_rope_and_eps("vision", self)
+        for name in ("image_mean", "image_std"):  # (a zero std divided the patches by zero)
+            values = getattr(self, name)
+            if len(values) != 3 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values) or (
+                    name == "image_std" and min(values) <= 0):
+                least = " > 0" if name == "image_std" else ""
+                raise ValueError(f"vision.{name} must be three finite numbers{least}, got {tuple(values)!r}")
 
     def block_params(self) -> int:
         """Parameters of one block: qkv (with bias), output projection (with bias), SwiGLU (no bias), 2 norms."""

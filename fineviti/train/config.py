@@ -269,7 +269,8 @@ def parse_parts(text: str, key: str, allowed) -> list[str]:
 
 
 def parse_text_schedule(text: str) -> list[tuple[int, int]]:
-    """"64" -> [(0, 64)]; "0:64,800:256" -> [(0, 64), (800, 256)] (from step s on, captions of at most n tokens)."""
+    """"64" -> [(0, 64)]; "0:64,800:256" -> [(0, 64), (800, 256)] (from step s on, captions of at most n tokens;
+    s counts the optimizer steps taken before, so 800 applies from the row logged as step 801)."""
     schedule = []
     for piece in str(text).split(","):
         piece = piece.strip()
@@ -281,6 +282,11 @@ def parse_text_schedule(text: str) -> list[tuple[int, int]]:
         if length < 2 or step < 0:
             raise ValueError(f"training.text_length: {piece!r} needs a step >= 0 and a length >= 2 (<bos> and <eos>)")
         schedule.append((step, length))
+    starts = [step for step, _ in schedule]
+    twice = sorted({step for step in starts if starts.count(step) > 1})
+    if twice:  # (sorted, the larger length won whatever the order written)
+        raise ValueError(f"training.text_length gives step {twice[0]} more than one length, got {text!r}; expected "
+                         f"each start step once")
     schedule.sort()
     if schedule[0][0] != 0:
         raise ValueError(f"training.text_length must start at step 0, got {text!r}")
@@ -536,8 +542,21 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def _json_numbers(value):
+    """Infinities (data.max_aspect, training.grad_clip: 'no limit') as the strings "inf" / "-inf": JSON has no
+    Infinity, and strict readers (jq, JavaScript) refused config.json and an export's metadata. from_dict reads
+    them back."""
+    if isinstance(value, float) and math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    if isinstance(value, dict):
+        return {k: _json_numbers(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_numbers(v) for v in value]
+    return value
+
+
 def to_json(cfg) -> str:
-    return json.dumps(to_dict(cfg), indent=2, sort_keys=False, default=str)
+    return json.dumps(_json_numbers(to_dict(cfg)), indent=2, sort_keys=False, default=str)
 
 
 def from_dict(data: dict, cls=JobConfig):
@@ -556,6 +575,8 @@ def from_dict(data: dict, cls=JobConfig):
             kwargs[key] = from_dict(value, sub)
         elif isinstance(value, list):
             kwargs[key] = tuple(value)
+        elif value in ("inf", "-inf") and float in (hint, *typing.get_args(hint)):  # (to_json's infinities)
+            kwargs[key] = float(value)
         else:
             kwargs[key] = value
     return cls(**kwargs)

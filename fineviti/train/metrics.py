@@ -88,6 +88,23 @@ class ProgressBar:
         self.stream.flush()
 
 
+def _finite(value):
+    """`value` with NaN and infinities as None, in dicts and lists too."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def json_line(row: dict) -> str:
+    """One metrics.jsonl line, strict JSON: a non-finite value (an fp16 overflow's grad_norm) is null, not NaN or
+    Infinity, which jq, JavaScript and serde refuse."""
+    return json.dumps(_finite(row)) + "\n"
+
+
 def _set_aside_after(path: Path, step: int) -> None:
     """Moves the lines of `path` (JSON rows and events) logged after `step` into metrics.superseded-<UTC>.jsonl
     beside it. A run resumed from step s (or started afresh, s = 0) writes steps s + 1... again: left in place, the
@@ -102,6 +119,10 @@ def _set_aside_after(path: Path, step: int) -> None:
         except (json.JSONDecodeError, AttributeError):
             logged = None  # a line cut short by a kill: kept where it is
         (later if isinstance(logged, int) and logged > step else keep).append(line)
+    if keep and not keep[-1].endswith("\n"):  # (ended, so that the next row appended is a line of its own: glued
+        keep[-1] += "\n"  # to the cut line, the resumed run's first row was lost with it)
+        if not later:
+            path.write_text("".join(keep))
     if not later:
         return
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S-%f")
@@ -130,7 +151,8 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+                # purge_step: a resumed run's steps replace the killed run's later ones, as in metrics.jsonl
+                self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
             except ImportError:
                 if cfg.tensorboard == "on":
                     raise ImportError("metrics.tensorboard=on needs the `tensorboard` package "
@@ -152,7 +174,7 @@ class MetricsLogger:
         if step % self.cfg.log_every:
             return
         row = {"step": step, **row}
-        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.write(json_line(row))
         if self._tb is not None:
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)) and value is not None:
@@ -161,7 +183,7 @@ class MetricsLogger:
     def event(self, **fields) -> None:
         """A non-step row (a checkpoint saved, a resume): JSONL only."""
         if self.enabled:
-            self._jsonl.write(json.dumps({"event": fields.pop("kind"), **fields}) + "\n")
+            self._jsonl.write(json_line({"event": fields.pop("kind"), **fields}))
 
     def close(self) -> None:
         if self._bar is not None:
