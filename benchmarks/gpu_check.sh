@@ -24,8 +24,8 @@
 # attention_sweep_atomic" (sweeps renamed since), about 160 s).
 # GPU_CHECK_BUDGET (seconds, default 300, the design's five minutes; the whole list takes over 600 s on an H100
 # (2026-11-28: 545 s reached the loss sweep), so at the default the last sections are skipped and listed as such)
-# bounds the whole script: each section's limit is cut to what is left (30 s kept for the summary) and a section
-# that would get under 20 s is skipped (exit code "skipped"), so the summary is always written inside the device
+# bounds the whole script: each section's limit is cut to what is left (40 s kept for the summary and the kill) and
+# a section that would get under 20 s (or its SECTION_MIN) is skipped (exit code "skipped"), so the summary is always written inside the device
 # call's timeout. Sections run in order: correctness (pytest_gpu: at the default budget it had come after the
 # attention benchmark and was cut at 76 s of its 113-131), the attention benchmark, the bulk-reduction dq sweep, the losses and their tile sweep, the training step (eager, compiled, torch) and its
 # profile, the fused norm and SwiGLU gate, the LM loss and the stage-2 step, the loss profile, the rope
@@ -62,7 +62,7 @@ section() {  # section NAME LIMIT_SECONDS COMMAND...: runs it under a time limit
   local name=$1 limit=$2; shift 2
   local start rc=0 wall left min=${SECTION_MIN:-20}
   if [ -n "${GPU_CHECK_SECTIONS:-}" ] && [[ " $GPU_CHECK_SECTIONS " != *" $name "* ]]; then return; fi
-  left=$(( BUDGET - ($(date +%s) - T0) - 30 ))
+  left=$(( BUDGET - ($(date +%s) - T0) - 40 ))  # (the summary's time, and timeout -k's 10 s below)
   if [ "$left" -lt "$min" ]; then
     echo "== gpu_check: $name skipped (${left}s of the budget left, it needs ${min}s)"
     echo "{\"section\": \"$name\", \"rc\": \"skipped\", \"wall_s\": 0, \"limit_s\": $limit}" >> "$WORK/sections.jsonl"
@@ -72,7 +72,9 @@ section() {  # section NAME LIMIT_SECONDS COMMAND...: runs it under a time limit
   [ "$limit" -le "$left" ] || limit=$left
   start=$(date +%s.%N)
   echo "== gpu_check: $name"
-  timeout "$limit" "$@" > "$WORK/$name.log" 2>&1 || rc=$?
+  # -k: a section that ignores the TERM (a call stuck in the driver) is killed 10 s later, not left to run past
+  # the budget and the device call's limit, which would lose the summary
+  timeout -k 10 "$limit" "$@" > "$WORK/$name.log" 2>&1 || rc=$?
   wall=$(python3 -c "import time; print(round(time.time() - $start, 1))")
   tail -n 3 "$WORK/$name.log"
   echo "{\"section\": \"$name\", \"rc\": $rc, \"wall_s\": $wall, \"limit_s\": $limit}" >> "$WORK/sections.jsonl"
@@ -127,10 +129,10 @@ SECTION_MIN=60 section train_profile 90 "$PY" benchmarks/bench_train.py --profil
   --provider torch
 # The towers' RMSNorm and SwiGLU gate run on our fused kernels by default on a GPU since the eighth session,
 # untimed before this.
-section bench_fused 75 "$PY" benchmarks/bench_fused.py --quick
+SECTION_MIN=60 section bench_fused 75 "$PY" benchmarks/bench_fused.py --quick  # (cut short: an rc 124 for nothing)
 # The stage-2 LM loss without logits (ninth session, untimed before this): against the plain full-logits loss,
 # eager and compiled, at a 7B-class head (3584 x 151936) and a small one.
-section bench_lm_loss 75 "$PY" benchmarks/bench_lm_loss.py --quick
+SECTION_MIN=60 section bench_lm_loss 75 "$PY" benchmarks/bench_lm_loss.py --quick
 # The stage-2 step (tenth session, never timed before): the base vision tower with a Qwen2-0.5B-shaped LM on region
 # samples, ours (the head's loss without logits) against the full logits, eager and compiled.
 SECTION_MIN=60 section bench_train_stage2 120 "$PY" benchmarks/bench_train.py --stage 2 --quick

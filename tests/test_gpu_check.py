@@ -60,7 +60,7 @@ def test_summary_has_every_row_and_ratios(tmp_path):
 
 
 def test_budget_cuts_limits_and_skips_sections(tmp_path):
-    # The script's section() under a 52 s budget (30 s kept for the summary): the first section runs, the second
+    # The script's section() under a 62 s budget (40 s kept for the summary): the first section runs, the second
     # is cut from 100 s to what is left and passes, then (the clock moved 100 s on) the third is skipped and
     # recorded as such, which marks the run skipped (exit 3), not failed; GPU_CHECK_SECTIONS leaves out what it does
     # not name.
@@ -69,7 +69,7 @@ def test_budget_cuts_limits_and_skips_sections(tmp_path):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     (tmp_path / "rows.jsonl").write_text('{"row": 1}\n')
-    driver = (f"set -uo pipefail\nWORK={tmp_path}\nOUTDIR={out_dir}\nfailed=0\nskipped=0\nBUDGET=52\n"
+    driver = (f"set -uo pipefail\nWORK={tmp_path}\nOUTDIR={out_dir}\nfailed=0\nskipped=0\nBUDGET=62\n"
               f"T0=$(date +%s)\n{function}\n"
               "section quick 5 true\nsection cut 100 true\necho after_cut=$failed$skipped\nT0=$((T0 - 100))\n"
               "section late 100 true\necho failed=$failed skipped=$skipped\n"
@@ -90,6 +90,25 @@ def test_budget_cuts_limits_and_skips_sections(tmp_path):
     assert (out_dir / "rows.jsonl").read_text() == '{"row": 1}\n'
     assert [json.loads(line)["section"] for line in (out_dir / "sections.jsonl").read_text().splitlines()][:2] == [
         "quick", "cut"]
+
+
+def test_a_section_that_ignores_term_is_killed(tmp_path):
+    """timeout without -k left a section that ignores SIGTERM (a call stuck in the driver) running past its limit
+    and the budget: the device call's own limit then ended the script before its summary."""
+    import time
+
+    script = (REPO / "benchmarks" / "gpu_check.sh").read_text()
+    function = re.search(r"^section\(\) \{.*?^\}", script, re.S | re.M).group(0)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    driver = (f"set -uo pipefail\nWORK={tmp_path}\nOUTDIR={out_dir}\nfailed=0\nskipped=0\nBUDGET=600\n"
+              f"T0=$(date +%s)\n{function}\n"
+              "section stubborn 1 bash -c 'trap \"\" TERM; sleep 60'\necho failed=$failed\n")
+    began = time.monotonic()
+    out = subprocess.run(["bash", "-c", driver], capture_output=True, text=True, check=True).stdout
+    assert time.monotonic() - began < 30 and "failed=1" in out  # killed 10 s after its 1 s limit, not after 60
+    (section,) = [json.loads(line) for line in (tmp_path / "sections.jsonl").read_text().splitlines()]
+    assert section["rc"] == 137
 
 
 def test_split_probe_times_the_two_piece_kernel_against_padding(tmp_path, monkeypatch):
