@@ -37,6 +37,12 @@ def test_demo_end_to_end_in_miniature(tmp_path, capsys):
     demo.run_demo(out, images=48, heldout=12, stage1_steps=3, stage2_steps=2, echo=said.append)
     assert any("is removed and trained again" in line for line in said), said
     assert not any("stage2: resuming" in line for line in said), said
+    # fewer steps asked than the folder's stage 1 has: its weights (step 3) are evaluated, and the report says
+    # so (it said 2 steps)
+    said = []
+    fewer = demo.run_demo(out, images=48, heldout=12, stage1_steps=2, stage2_steps=2, echo=said.append)
+    assert any("newest checkpoint is at step 3, past the 2 asked" in line for line in said), said
+    assert fewer["training"]["stage1"]["steps"] == 3 and fewer["training"]["stage2"]["steps"] == 2
     # another seed is another data set (and tokenizer): the runs start over instead of resuming on it (the
     # resumed loader refused the other seed after the data had been replaced)
     said = []

@@ -89,14 +89,18 @@ def train(cfg: JobConfig, echo):
     start = time.perf_counter()
     trainer = Trainer(cfg)
     try:
-        if trainer.step:
+        if trainer.step > cfg.training.steps:  # an earlier demo in this folder trained longer: its weights are used
+            echo(f"{cfg.name}: its newest checkpoint is at step {trainer.step}, past the {cfg.training.steps} asked; "
+                 f"those weights are evaluated (delete {cfg.out_dir} to train {cfg.training.steps} steps)")
+        elif trainer.step:
             echo(f"{cfg.name}: resuming at step {trainer.step} of {cfg.training.steps}")
         row = trainer.train()
     finally:
         trainer.close()
     seconds = time.perf_counter() - start
-    echo(f"{cfg.name}: {cfg.training.steps} steps in {seconds:.0f} s ({summarise(row) if row else 'already done'})")
-    return trainer.raw_model, row, seconds
+    steps = trainer.step  # the step of the weights returned (past training.steps when resumed there)
+    echo(f"{cfg.name}: {steps} steps in {seconds:.0f} s ({summarise(row) if row else 'already done'})")
+    return trainer.raw_model, row, seconds, steps
 
 
 def eval_config(cfg: JobConfig):
@@ -140,14 +144,14 @@ def run_demo(out, *, images: int | None = None, heldout: int = 500, stage1_steps
     tokenizer = CaptionTokenizer(data / "tokenizer.json")
 
     cfg1 = stage1_config(out, data, stage1_steps, seed)
-    model1, row1, timings["stage1_s"] = train(cfg1, echo)
+    model1, row1, timings["stage1_s"], steps1 = train(cfg1, echo)
     t = time.perf_counter()
     eval1 = evaluate(model1, tokenizer, data / "heldout", cfg1, ("retrieval", "hard_negatives", "regions"))
     timings["eval_stage1_s"] = time.perf_counter() - t
 
     cfg2 = stage2_config(out, data, stage2_steps, seed)
     stage2_source(out, echo)
-    model2, row2, timings["stage2_s"] = train(cfg2, echo)
+    model2, row2, timings["stage2_s"], steps2 = train(cfg2, echo)
     t = time.perf_counter()
     eval2 = evaluate(with_vision_tower(model1, model2.visual), tokenizer, data / "heldout", cfg1, ("regions",))
     timings["eval_stage2_s"] = time.perf_counter() - t
@@ -161,8 +165,8 @@ def run_demo(out, *, images: int | None = None, heldout: int = 500, stage1_steps
         "hard_negatives": eval1["hard_negatives"],
         "regions": {"after_stage1": eval1["regions"], "after_stage2": eval2["regions"]},
         "training": {
-            "stage1": {"run_dir": cfg1.out_dir, "steps": cfg1.training.steps, "last": row1},
-            "stage2": {"run_dir": cfg2.out_dir, "steps": cfg2.training.steps, "last": row2},
+            "stage1": {"run_dir": cfg1.out_dir, "steps": steps1, "last": row1},
+            "stage2": {"run_dir": cfg2.out_dir, "steps": steps2, "last": row2},
         },
         "data": {"path": str(data), "train_images": images, "heldout_images": heldout, "seed": seed},
         "timings": {k: round(v, 1) for k, v in timings.items()},
