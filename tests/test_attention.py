@@ -972,6 +972,22 @@ def test_rope_in_kernel_takes_strided_views_and_checks_inputs():
         varlen_attention_rope(q, k, v, cu, 20, pos.long() + 2**32, check_values=False)
 
 
+def test_rope_in_kernel_takes_the_autocast_dtype():
+    """Under autocast varlen_attention_rope computed fp32 inputs in fp32 and returned fp32, where varlen_attention
+    (the same computation without the fused rotation) returns the autocast dtype."""
+    from fineviti.ops import rope_2d_ref, varlen_attention_rope
+
+    q, k, v, cu = make_pack([3, 4], 2, 16, torch.float32, device="cpu")
+    pos = _grid_pos([3, 4], "cpu")
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = varlen_attention_rope(q, k, v, cu, 4, pos)
+        plain = varlen_attention(rope_2d_ref(q, pos), rope_2d_ref(k, pos), v, cu, 4)
+    assert out.dtype == plain.dtype == torch.float16
+    assert (out.float() - plain.float()).abs().max() < 2e-3
+    out.float().sum().backward()
+    assert q.grad.dtype == torch.float32 and torch.isfinite(q.grad).all()
+
+
 def test_rope_in_kernel_refuses_a_double_backward():
     """create_graph=True through varlen_attention_rope returned first-order gradients without a grad_fn, so a
     gradient penalty silently lost its second-order terms: it raises now; a plain backward still works."""

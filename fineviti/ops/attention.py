@@ -263,7 +263,9 @@ def varlen_attention_rope(q, k, v, cu_seqlens, max_seqlen, pos, *, theta=10000.0
     16 to 128. pos: (total, 2) non-negative integers (row, col), as rope_2d takes them. One host read of pos's
     minimum and maximum (the size of the cos/sin tables: (max + 1) x head_dim / 4 floats each; a negative position
     raises). The model uses the fused QKV split (qkv_split_rope) instead; this exists so that the two can
-    be timed against each other (benchmarks/bench_rope.py, attn_block rows)."""
+    be timed against each other (benchmarks/bench_rope.py, attn_block rows). Under autocast q, k and v take its
+    dtype first, as in varlen_attention (they were computed and returned in their own dtype)."""
+    q, k, v = _autocast_inputs(q, k, v)
     _check_inputs(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, check_values)
     _check_seqlens(seqlens, cu_seqlens, q.shape[0], check_values, max_seqlen)
     total, heads, head_dim = q.shape
