@@ -96,6 +96,14 @@ def test_a_checkpoint_saved_again_is_replaced_whole(tmp_path, monkeypatch):
     assert _checkpointer(tmp_path).clean_partial() == []
     assert [p.name for _, p in ckpt.list_checkpoints(tmp_path / "checkpoints")] == ["step-00000002"]
 
+    # a copy set aside that a failed deletion left half deleted (no .metadata), its step since pruned: removed,
+    # not restored as a checkpoint
+    half = tmp_path / "checkpoints" / ".replaced-step-00000005"
+    half.mkdir()
+    (half / "__0_0.distcp").write_bytes(b"x")
+    assert [p.name for p in _checkpointer(tmp_path).clean_partial()] == [half.name]
+    assert not (tmp_path / "checkpoints" / "step-00000005").exists()
+
     # and the normal case: replaced, nothing left beside it
     _save(checkpointer, 2)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000002"]
@@ -161,6 +169,11 @@ def _ranks_worker(rank, port, root, out):
             checkpointer.resume_path()
         except FileNotFoundError as exc:
             results["missing"] = str(exc)
+        checkpointer.cfg.resume = os.path.join(root, "x" * 300)  # another OSError (a name too long) on rank 0
+        try:
+            checkpointer.resume_path()
+        except OSError as exc:
+            results["oserror"] = str(exc)
         # rank 0's rename fails: every rank raises with its reason (rank 1 waited at a barrier, or died with
         # "connection closed by peer")
         real_replace = os.replace
@@ -195,6 +208,7 @@ def test_ranks_resume_the_same_checkpoint_and_share_rank0s_failures(tmp_path):
         assert "error" not in got, (rank, got["error"])
         assert got["resume"] == "step-00000002", rank
         assert "no complete checkpoint at" in got["missing"] and "nowhere" in got["missing"], rank
+        assert got["oserror"].startswith("rank 0: OSError: ") and "too long" in got["oserror"], rank
         assert got["commit"].startswith("rank 0: could not commit the checkpoint "), rank
         assert "Permission denied" in got["commit"], rank
         assert got["after"] == [1, 2], rank  # (keep=2; step 3's files stay in its .tmp folder)

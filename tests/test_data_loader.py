@@ -2,6 +2,7 @@
 
 import io
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -165,7 +166,9 @@ def test_skip_counts_saved_before_a_batch_is_consumed_count_it_once_after_resume
     for k in range(3):
         batch = next(it)
         if manual and k < 2:
+            before, pending = Counter(first.stats), first.pending_stats()
             first.mark_consumed(batch)
+            assert first.stats == before + pending and not first.pending_stats()  # (what data_skipped counts)
     state = first.state_dict()  # manual: after receiving the third batch, before stepping on it
     first.close()
     resumed = PackedLoader(cfg(), manual_consume=manual)

@@ -241,7 +241,7 @@ def test_shards_with_dots_in_their_names_have_an_index_each(tmp_path):
 def test_member_names_with_spaces_percent_signs_or_non_ascii_keep_their_index(tmp_path, fmt):
     """A name with a space broke the index's fields, and a PAX tar's non-ASCII name never matched its header: both
     made every run scan the shard again."""
-    keys = ["a b", "c%41d", "\u00fcber" if fmt == tarfile.PAX_FORMAT else "plain"]
+    keys = ["a b", "c%41d", "e\u00a0f", "g\u3000h", "\u00fcber" if fmt == tarfile.PAX_FORMAT else "plain"]
     tar = _tar(tmp_path / "names.tar", _sample_members(keys), fmt=fmt)
     idx, error = shards.write_index(tar)
     assert error is None

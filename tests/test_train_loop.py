@@ -521,6 +521,10 @@ def test_steps_from_epochs_counted_again_after_a_resume_move_the_schedule(tmp_pa
         (tmp_path / "ckpt" / "config.json").write_text(json.dumps(saved))
         assert trainer._changed_since(tmp_path / "ckpt") == [f"training.steps: checkpoint {before}, this run 0"]
         saved["training"]["steps"] = 0
+        saved["training"]["grad_clip"] = float("inf")  # Infinity, as config.json held it before "inf"
+        trainer.config_json = trainer.config_json.replace('"grad_clip": 1.0', '"grad_clip": "inf"')
+        (tmp_path / "ckpt" / "config.json").write_text(json.dumps(saved))
+        assert trainer._changed_since(tmp_path / "ckpt") == []
         saved["optimizer"]["lr"] *= 2
         (tmp_path / "ckpt" / "config.json").write_text(json.dumps(saved))
         assert [c.split(":")[0] for c in trainer._changed_since(tmp_path / "ckpt")] == ["optimizer.lr"]
@@ -943,8 +947,10 @@ def test_metrics_lines_are_strict_json_and_a_cut_line_does_not_swallow_the_next(
     logger.log(2, {"loss": 1.5, "grad_norm": float("inf")})
     logger.close()
     lines = path.read_text().splitlines()
-    assert lines[0] == '{"step": 1, "loss": 2.0}' and lines[1] == '{"step": 2, "lo'
-    assert json.loads(lines[2]) == {"step": 2, "loss": 1.5, "grad_norm": None}
+    assert lines[0] == '{"step": 1, "loss": 2.0}' and len(lines) == 2  # the cut line aside, with the killed run's
+    assert json.loads(lines[1]) == {"step": 2, "loss": 1.5, "grad_norm": None}
+    (aside,) = tmp_path.glob("metrics.superseded-*.jsonl")
+    assert aside.read_text() == '{"step": 2, "lo'
     assert writers == [{"purge_step": 2}]
 
 

@@ -335,6 +335,13 @@ class PackedLoader:
         self.state = self.planner.consumed(self.state, 1, self.world_size)
         self.stats.update(counters)
 
+    def pending_stats(self) -> Counter:
+        """The skip counters of the batches handed out and not consumed yet (they join `stats` when consumed)."""
+        total: Counter = Counter()
+        for _, counters in self._pending:
+            total.update(counters)
+        return total
+
     def steps_left(self) -> int:
         """Steps this loader yields from its state until the stream ends (DataConfig.epochs must be set)."""
         return self.planner.steps_left(self.state, self.world_size)

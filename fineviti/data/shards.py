@@ -115,7 +115,7 @@ def _escape(name: str) -> str:
     """A member name as the index's space-separated fields can hold it (whitespace and % percent-encoded)."""
     if not any(c.isspace() or c == "%" for c in name):
         return name
-    return "".join(f"%{ord(c):02X}" if c.isspace() or c == "%" else c for c in name)
+    return "".join(urllib.parse.quote(c, safe="") if c.isspace() or c == "%" else c for c in name)  # (UTF-8)
 
 
 def _unescape(name: str) -> str:
@@ -217,7 +217,7 @@ def index_matches(tar_path: str | os.PathLike, samples: list[IndexedSample], pro
         return _ends_after(f, -(-last // 512) * 512)
 
 
-def _ends_after(f, position: int, most: int = 64) -> bool:
+def _ends_after(f, position: int, most: int = 4096) -> bool:
     """Whether the tar open as `f` ends at `position` (a header's place): its end-of-archive block, after at most
     `most` members the scan leaves out (directories, links, files without a key)."""
     for _ in range(most):

@@ -264,11 +264,11 @@ class Checkpointer:
             for child in sorted(self.folder.iterdir(), key=lambda c: (not c.name.startswith(TMP_PREFIX), c.name)):
                 if child.name.startswith(REPLACED_PREFIX):  # a commit's replaced copy: the new one is in place
                     final = self.folder / child.name[len(REPLACED_PREFIX):]
-                    if final.exists():
+                    if not final.exists() and (child / ".metadata").is_file():  # (killed between the commit's two
+                        os.replace(child, final)  # renames: the only copy)
+                    else:  # replaced, or half deleted
                         shutil.rmtree(child, ignore_errors=True)
                         removed.append(child)
-                    else:  # (killed between its two renames: it is the only copy)
-                        os.replace(child, final)
                     continue
                 if not child.name.startswith(TMP_PREFIX):
                     continue
@@ -302,14 +302,15 @@ class Checkpointer:
                     found = str(newest[-1][1]) if newest else None
                 else:
                     found = str(resolve_checkpoint(setting))
-            except FileNotFoundError as exc:
-                error = str(exc)
+            except OSError as exc:  # (any: a rank raising alone left the others waiting at the broadcast)
+                error = (type(exc).__name__, str(exc))
         if self.world_size > 1:
             box = [found, error]
             dist.broadcast_object_list(box, src=0)
             found, error = box
         if error is not None:
-            raise FileNotFoundError(error)
+            kind, text = error
+            raise FileNotFoundError(text) if kind == "FileNotFoundError" else OSError(f"rank 0: {kind}: {text}")
         return None if found is None else Path(found)
 
     def load(self, path: Path, model, optimizer, scheduler, data_source, scaler=None) -> int:

@@ -152,7 +152,10 @@ class LoaderSource:
         the sum over the ranks counts each once: the samples its loads met, and on rank 0 also those the scan of
         the data set dropped (every rank scans the whole set and starts from those counts)."""
         scanned = sum(self.loader.dataset.stats.values())
-        return int(sum(self.loader.stats.values()) - scanned + (scanned if self.loader.rank == 0 else 0))
+        # (with the batches handed out and not consumed yet: the step being taken's own skips, which join the stats
+        # when it is marked consumed, after its row)
+        pending = sum(self.loader.pending_stats().values())
+        return int(sum(self.loader.stats.values()) + pending - scanned + (scanned if self.loader.rank == 0 else 0))
 
 
 # ---------------------------------------------------------------------------------------------------------------

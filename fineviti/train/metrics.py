@@ -107,18 +107,19 @@ def json_line(row: dict) -> str:
 
 def _set_aside_after(path: Path, step: int) -> None:
     """Moves the lines of `path` (JSON rows and events) logged after `step` into metrics.superseded-<UTC>.jsonl
-    beside it. A run resumed from step s (or started afresh, s = 0) writes steps s + 1... again: left in place, the
-    killed run's rows after its last checkpoint were logged twice, and a reader taking the first row of a step read
-    the abandoned branch's."""
+    beside it, with a line a kill cut short (metrics.jsonl stays strict JSON). A run resumed from step s (or started
+    afresh, s = 0) writes steps s + 1... again: left in place, the killed run's rows after its last checkpoint were
+    logged twice, and a reader taking the first row of a step read the abandoned branch's."""
     if not path.is_file():
         return
     keep, later = [], []
     for line in path.read_text().splitlines(keepends=True):
         try:
             logged = json.loads(line).get("step")
+            cut = False
         except (json.JSONDecodeError, AttributeError):
-            logged = None  # a line cut short by a kill: kept where it is
-        (later if isinstance(logged, int) and logged > step else keep).append(line)
+            logged, cut = None, True  # a line cut short by a kill: the killed run's last, aside with its later ones
+        (later if cut or isinstance(logged, int) and logged > step else keep).append(line)
     if keep and not keep[-1].endswith("\n"):  # (ended, so that the next row appended is a line of its own: glued
         keep[-1] += "\n"  # to the cut line, the resumed run's first row was lost with it)
         if not later:
