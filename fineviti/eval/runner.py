@@ -40,6 +40,7 @@ from PIL import Image
 
 from fineviti import _ext
 from fineviti._errors import work
+from fineviti._json import finite_or_null
 from fineviti.data import pixels as pixels_mod
 from fineviti.data.dataset import BadSample
 from fineviti.data.pixels import Orientation, normalise, patchify
@@ -685,24 +686,13 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
-def _json_safe(value: Any) -> Any:
-    """NaN (a recall whose k reaches every candidate) as null: JSON has no NaN, and strict readers (jq) refuse it."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def write_report(report: dict, out_dir: str | os.PathLike) -> tuple[Path, Path]:
     """report.json (everything; NaN as null) and report.md (the table) in out_dir; written to a temporary name,
     then renamed."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = (out / "report.json", out / "report.md")
-    report_json = json.dumps(_json_safe(report), indent=2, sort_keys=True) + "\n"
+    report_json = json.dumps(finite_or_null(report), indent=2, sort_keys=True) + "\n"  # (a NaN recall: null)
     for path, text in zip(paths, (report_json, markdown_table(report)), strict=True):
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(text)

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from fineviti._json import finite_or_null
+
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from NVIDIA's data sheets. Matched against
 # torch.cuda.get_device_name() by the substrings of each row, first match wins.
 PEAK_BF16_TFLOPS = (
@@ -88,21 +90,10 @@ class ProgressBar:
         self.stream.flush()
 
 
-def _finite(value):
-    """`value` with NaN and infinities as None, in dicts and lists too."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
 def json_line(row: dict) -> str:
     """One metrics.jsonl line, strict JSON: a non-finite value (an fp16 overflow's grad_norm) is null, not NaN or
     Infinity, which jq, JavaScript and serde refuse."""
-    return json.dumps(_finite(row)) + "\n"
+    return json.dumps(finite_or_null(row)) + "\n"
 
 
 def _set_aside_after(path: Path, step: int) -> None:
