@@ -35,6 +35,7 @@ from fineviti.train.config import (
     STAGE2_PARTS,
     STAGE2_TASKS,
     JobConfig,
+    json_numbers,
     parse_parts,
     parse_profile,
     parse_text_schedule,
@@ -229,9 +230,7 @@ class Trainer:
         saved = saved_config(checkpoint)
         if not saved:
             return []
-        from fineviti.train.config import _json_numbers
-
-        saved = _json_numbers(saved)  # (Infinity in a config.json from before to_json wrote "inf")
+        saved = json_numbers(saved)  # (Infinity in a config.json from before to_json wrote "inf")
         saved.get("checkpoint", {}).pop("resume", None)
         mine = json.loads(self.config_json)
         mine.get("checkpoint", {}).pop("resume", None)
