@@ -124,8 +124,9 @@ class DataConfig:
                               ("planner_backend", ("auto", "cpp", "python"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{prefix}{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
-        on_gpu = self.pixel_path == "nvjpeg" and (self.device is None or not str(self.device).startswith("cpu")) \
-            or self.pixel_path == "dali" and self.device is not None and str(self.device).startswith("cuda")
+        device = "" if self.device is None else str(self.device)  # (nvjpeg's default is cuda, DALI's the CPU)
+        on_gpu = (self.pixel_path == "nvjpeg" and not device.startswith("cpu")) or (
+            self.pixel_path == "dali" and device.startswith("cuda"))
         if on_gpu and self.num_workers > 0:
             raise ValueError(f"{prefix}pixel_path={self.pixel_path!r} decodes on the GPU, which only the loader's "
                              f"own process can: its {self.num_workers} DataLoader workers are forked processes, "

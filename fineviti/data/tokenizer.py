@@ -9,6 +9,7 @@ PackedBatch.truncated_tokens.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -44,8 +45,6 @@ def special_token_names(path: str | os.PathLike) -> dict[str, str]:
     """The names of the <bos>, <eos> and <pad> tokens of the tokenizer.json at `path`: fineviti's, or a Hugging Face
     model's from the tokenizer_config.json beside it (bos_token, eos_token, pad_token: a string or {"content": ...};
     e.g. Qwen2's eos "<|endoftext|>" and no bos). A name the file leaves out keeps fineviti's."""
-    import json
-
     names = {"bos": "<bos>", "eos": "<eos>", "pad": "<pad>"}
     config = Path(path).with_name("tokenizer_config.json")
     if config.is_file():

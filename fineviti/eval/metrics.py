@@ -43,8 +43,9 @@ def _matrix(x: torch.Tensor, name: str, allow_empty: bool = False) -> torch.Tens
 
 def _prepare(x: torch.Tensor, name: str, normalize: bool, allow_empty: bool = False) -> torch.Tensor:
     x = _matrix(x, name, allow_empty)
-    if normalize:  # (the norm in fp64: an fp32 one overflows from about 1e19 and zeroes the row)
-        x = torch.nn.functional.normalize(x.double(), dim=-1).float()
+    if normalize:  # each row scaled by its largest magnitude first: an fp32 norm overflows from about 1e19 and
+        # zeroed the row (no fp64 copy of the whole matrix)
+        x = torch.nn.functional.normalize(x / x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-30), dim=-1)
     return x
 
 

@@ -187,22 +187,27 @@ class Checkpointer:
         self._on_rank0(commit, f"could not commit the checkpoint {tmp} as {final} (the written files stay in "
                                f"{tmp}: the next start commits them)")
 
-    def _on_rank0(self, work, what: str) -> None:
-        """Runs `work` on rank 0 (file operations: one rank does them), then lets every rank go on together; an
-        OSError there raises on every rank, with `what` (the other ranks would otherwise wait at a barrier, or die
-        with a bare "connection closed by peer")."""
-        error = None
+    def _on_rank0(self, work, what: str | None = None):
+        """Runs `work` on rank 0 (file operations: one rank does them), then lets every rank go on together with its
+        result (collective). An OSError there raises on every rank (the other ranks would otherwise wait at a
+        barrier, or die with a bare "connection closed by peer"): a RuntimeError naming `what`, or without `what`
+        the error as rank 0 met it (FileNotFoundError as itself, any other as an OSError naming its kind)."""
+        result, error = None, None
         if self.rank == 0:
             try:
-                work()
+                result = work()
             except OSError as exc:
-                error = f"{what}: {exc}"
+                error = (type(exc).__name__, str(exc))
         if self.world_size > 1:
-            box = [error]
+            box = [result, error]
             dist.broadcast_object_list(box, src=0)
-            error = box[0]
+            result, error = box
         if error is not None:
-            raise RuntimeError(f"rank 0: {error}")
+            kind, text = error
+            if what is not None:
+                raise RuntimeError(f"rank 0: {what}: {text}")
+            raise FileNotFoundError(text) if kind == "FileNotFoundError" else OSError(f"rank 0: {kind}: {text}")
+        return result
 
     def _prune(self) -> None:
         if self.cfg.keep <= 0:
@@ -294,23 +299,14 @@ class Checkpointer:
         setting = self.cfg.resume
         if not setting:
             return None
-        found, error = None, None
-        if self.rank == 0:
-            try:
-                if setting == "auto":
-                    newest = list_checkpoints(self.folder)
-                    found = str(newest[-1][1]) if newest else None
-                else:
-                    found = str(resolve_checkpoint(setting))
-            except OSError as exc:  # (any: a rank raising alone left the others waiting at the broadcast)
-                error = (type(exc).__name__, str(exc))
-        if self.world_size > 1:
-            box = [found, error]
-            dist.broadcast_object_list(box, src=0)
-            found, error = box
-        if error is not None:
-            kind, text = error
-            raise FileNotFoundError(text) if kind == "FileNotFoundError" else OSError(f"rank 0: {kind}: {text}")
+
+        def find() -> str | None:
+            if setting == "auto":
+                newest = list_checkpoints(self.folder)
+                return str(newest[-1][1]) if newest else None
+            return str(resolve_checkpoint(setting))
+
+        found = self._on_rank0(find)
         return None if found is None else Path(found)
 
     def load(self, path: Path, model, optimizer, scheduler, data_source, scaler=None) -> int:

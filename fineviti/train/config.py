@@ -20,6 +20,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from fineviti._json import infinities_as_text
 from fineviti.model.config import AlignerConfig, BuiltinLMConfig, ModelConfig
 from fineviti.model.config import preset as model_preset
 
@@ -542,21 +543,8 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def json_numbers(value):
-    """Infinities (data.max_aspect, training.grad_clip: 'no limit') as the strings "inf" / "-inf": JSON has no
-    Infinity, and strict readers (jq, JavaScript) refused config.json and an export's metadata. from_dict reads
-    them back."""
-    if isinstance(value, float) and math.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    if isinstance(value, dict):
-        return {k: json_numbers(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_numbers(v) for v in value]
-    return value
-
-
 def to_json(cfg) -> str:
-    return json.dumps(json_numbers(to_dict(cfg)), indent=2, sort_keys=False, default=str)
+    return json.dumps(infinities_as_text(to_dict(cfg)), indent=2, sort_keys=False, default=str)
 
 
 def from_dict(data: dict, cls=JobConfig):

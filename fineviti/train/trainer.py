@@ -29,13 +29,13 @@ import torch
 import torch.distributed as dist
 
 from fineviti._errors import work
+from fineviti._json import infinities_as_text
 from fineviti.train import checkpoint as ckpt
 from fineviti.train import parallel
 from fineviti.train.config import (
     STAGE2_PARTS,
     STAGE2_TASKS,
     JobConfig,
-    json_numbers,
     parse_parts,
     parse_profile,
     parse_text_schedule,
@@ -230,7 +230,7 @@ class Trainer:
         saved = saved_config(checkpoint)
         if not saved:
             return []
-        saved = json_numbers(saved)  # (Infinity in a config.json from before to_json wrote "inf")
+        saved = infinities_as_text(saved)  # (Infinity in a config.json from before to_json wrote "inf")
         saved.get("checkpoint", {}).pop("resume", None)
         mine = json.loads(self.config_json)
         mine.get("checkpoint", {}).pop("resume", None)
