@@ -543,7 +543,9 @@ def _ok_inputs():
     (lambda q, k, v, cu: (q, k, v, torch.tensor([0, 6, 3, 8], dtype=torch.int32), 6), "non-decreasing"),
     (lambda q, k, v, cu: (q, k, v, torch.tensor([0, 3, 7], dtype=torch.int32), 5), "must equal the number"),
     (lambda q, k, v, cu: (q, k, v, cu, 4), "max_seqlen=4 is smaller than the longest sequence"),
-    (lambda q, k, v, cu: (q, k, v, cu, 5.0), "max_seqlen must be a non-negative Python int"),
+    (lambda q, k, v, cu: (q, k, v, cu, 5.0), "max_seqlen must be a non-negative integer \\(a Python int\\), got 5.0"),
+    (lambda q, k, v, cu: (q, k, v, cu, True), "max_seqlen must be a non-negative integer, got True"),
+    (lambda q, k, v, cu: (q, k, v, cu, -1), "max_seqlen must be a non-negative integer, got -1"),
     (lambda q, k, v, cu: (q.int(), k, v, cu, 5), "q must be float16, bfloat16 or float32"),
     (lambda q, k, v, cu: (q, k[:6], v[:6], cu, 5), "k has 6 tokens and q has 8: without cu_seqlens_k"),
     (lambda q, k, v, cu: (q, k.to("meta"), v, cu, 5), "k is on meta but q is on cpu; they must match"),
@@ -553,6 +555,19 @@ def test_bad_inputs(mutate, match):
     q, k, v, cu, max_seqlen = mutate(*_ok_inputs())
     with pytest.raises((ValueError, TypeError), match=match):
         varlen_attention(q, k, v, cu, max_seqlen, backend="torch")
+
+
+def test_max_seqlen_takes_numpy_integers():
+    """flash_attn_varlen_func takes any integer for max_seqlen (a planner's numpy max, say); so do we, as an int."""
+    np = pytest.importorskip("numpy")
+    q, k, v, cu = _ok_inputs()
+    want = varlen_attention(q, k, v, cu, 5, backend="torch")
+    for value in (np.int64(5), np.int32(5)):
+        torch.testing.assert_close(varlen_attention(q, k, v, cu, value, backend="torch"), want, rtol=0, atol=0)
+        out = varlen_attention(q, k, v, cu, 5, cu_seqlens_k=cu, max_seqlen_k=value, backend="torch")
+        torch.testing.assert_close(out, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="max_seqlen_k must be a non-negative integer \\(a Python int\\), got 5.0"):
+        varlen_attention(q, k, v, cu, 5, cu_seqlens_k=cu, max_seqlen_k=5.0, backend="torch")
 
 
 def test_seqlens_must_match_cu_seqlens():
@@ -617,7 +632,7 @@ def test_bad_backend_and_head_dim():
     q, k, v, cu = _ok_inputs()
     with pytest.raises(ValueError, match="backend must be"):
         varlen_attention(q, k, v, cu, 5, backend="nope")
-    with pytest.raises(ValueError, match="head_dim must be in \\[16, 256\\]"):
+    with pytest.raises(ValueError, match="head_dim \\(the last dim of q, k and v\\) must be in \\[16, 256\\], got 8"):
         varlen_attention(q[..., :8], k[..., :8], v[..., :8], cu, 5, backend="torch")
 
 

@@ -24,6 +24,7 @@ import importlib
 import importlib.util
 import inspect
 import math
+import operator
 import warnings
 
 import torch
@@ -266,6 +267,7 @@ def varlen_attention_rope(q, k, v, cu_seqlens, max_seqlen, pos, *, theta=10000.0
     be timed against each other (benchmarks/bench_rope.py, attn_block rows). Under autocast q, k and v take its
     dtype first, as in varlen_attention (they were computed and returned in their own dtype)."""
     q, k, v = _autocast_inputs(q, k, v)
+    max_seqlen = _max_seqlen("max_seqlen", max_seqlen)
     _check_inputs(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, check_values)
     _check_seqlens(seqlens, cu_seqlens, q.shape[0], check_values, max_seqlen)
     total, heads, head_dim = q.shape
@@ -572,6 +574,19 @@ def _autocast_inputs(q, k, v):
         low, torch.float64) else t for t in (q, k, v))
 
 
+def _max_seqlen(name: str, value) -> int:
+    """max_seqlen as a Python int: any integer type (numpy's too, as flash_attn takes them), not bool or float."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be a non-negative integer (a Python int), got {value!r}") from None
+    if number < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    return number
+
+
 def _check_inputs(q, k, v, cu_q, cu_k, max_q, max_k, check_values, own_keys=False):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -592,9 +607,6 @@ def _check_inputs(q, k, v, cu_q, cu_k, max_q, max_k, check_values, own_keys=Fals
     if not own_keys and k.shape[0] != q.shape[0]:  # a shape: checked on every device
         raise ValueError(f"k has {k.shape[0]} tokens and q has {q.shape[0]}: without cu_seqlens_k the keys follow "
                          f"cu_seqlens, so they must match (pass cu_seqlens_k and max_seqlen_k for other key lengths)")
-    for name, value in (("max_seqlen", max_q), ("max_seqlen_k", max_k)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be a non-negative Python int, got {value!r}")
     for name, cu in (("cu_seqlens", cu_q), ("cu_seqlens_k", cu_k)):
         if isinstance(cu, torch.Tensor) and cu.device != q.device:
             raise ValueError(f"{name} is on {cu.device} but q is on {q.device}; they must match")
@@ -667,13 +679,14 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, cu_seqlens_k=None, max_
         raise ValueError("cu_seqlens_k needs max_seqlen_k (a Python int >= the longest key sequence), as "
                          "flash_attn_varlen_func does: it is not taken from max_seqlen")
     cu_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
-    max_k = max_seqlen if max_seqlen_k is None else max_seqlen_k
+    max_seqlen = _max_seqlen("max_seqlen", max_seqlen)
+    max_k = max_seqlen if max_seqlen_k is None else _max_seqlen("max_seqlen_k", max_seqlen_k)
     q, k, v = _autocast_inputs(q, k, v)  # before the dtype checks: under autocast q, k and v may differ, as in SDPA
     _check_inputs(q, k, v, cu_seqlens, cu_k, max_seqlen, max_k, check_values, own_keys=cu_seqlens_k is not None)
     seqlens, seqlens_host = _host_seqlens(seqlens, cu_seqlens, q.shape[0], check_values, max_seqlen)
     head_dim = q.shape[-1]
     if not 16 <= head_dim <= 256:
-        raise ValueError(f"head_dim must be in [16, 256], got {head_dim}")
+        raise ValueError(f"head_dim (the last dim of q, k and v) must be in [16, 256], got {head_dim}")
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
     name = resolve_backend(backend, q.device, q.dtype, head_dim)
     _check_deterministic(name, q.device, bool(deterministic))

@@ -469,7 +469,7 @@ def _theta(theta) -> float:
         value = math.nan
     # (above fp32's largest, the Triton kernels, which take theta as fp32, would see inf)
     if isinstance(theta, bool) or not (math.isfinite(value) and 0 < value <= _FP32_MAX):
-        raise ValueError(f"rope: theta must be a finite number > 0 (at most fp32's largest), got {theta!r}")
+        raise ValueError(f"theta must be a finite number > 0 (at most fp32's largest), got {theta!r}")
     return value
 
 
