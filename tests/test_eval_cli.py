@@ -178,3 +178,32 @@ def test_region_method_for_a_format_without_regions_is_an_error(tmp_path, capsys
             in capsys.readouterr().err)  # (it was taken and ignored)
     assert main(["eval", "--format", "shards", "--data", str(tmp_path), "--device", "cdua"]) == 2
     assert "--device must be a torch device such as cpu, cuda or cuda:1, got 'cdua'" in capsys.readouterr().err
+
+
+def test_a_run_folder_means_its_newest_complete_checkpoint(trained, tmp_path, capsys):
+    """--checkpoint and --vision-checkpoint take a run folder (or its checkpoints/) as `train --resume` and
+    stage2.init_from do: the newest complete step, its config.json with it; an unfinished step (no .metadata) is
+    passed over."""
+    import shutil
+
+    from fineviti.cli import main
+    from fineviti.eval.checkpoint import checkpoint_path
+
+    root, folder, _ = trained
+    run = tmp_path / "run"
+    for step in (1, 3):
+        shutil.copytree(folder, run / "checkpoints" / f"step-{step:08d}")
+    (run / "checkpoints" / "step-00000005").mkdir()  # a save that never finished
+    (run / "config.json").write_text("{}")  # the run's own config.json beside checkpoints/ is not a checkpoint's
+    newest = run / "checkpoints" / "step-00000003"
+    assert checkpoint_path(run) == checkpoint_path(run / "checkpoints") == newest
+    assert checkpoint_path(folder) == folder and saved_model_config(run) == saved_model_config(folder)
+    for flag, key in (("--checkpoint", "checkpoint"), ("--vision-checkpoint", "vision_checkpoint")):
+        out = tmp_path / f"eval_{key}"
+        assert main(_args(root, flag, str(run), "--set", "attn_backend=torch", "--out", str(out))) == 0
+        assert json.loads((out / "report.json").read_text())["meta"]["loaded"][key]["path"] == str(newest)
+    empty = tmp_path / "empty_run"
+    (empty / "checkpoints").mkdir(parents=True)
+    capsys.readouterr()
+    assert main(_args(root, "--checkpoint", str(empty), "--set", "attn_backend=torch")) == 2
+    assert "nor a run folder with a complete checkpoint in checkpoints/" in capsys.readouterr().err

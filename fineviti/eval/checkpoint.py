@@ -1,6 +1,7 @@
 """Loading weights for evaluation from a checkpoint of either stage, with a clear error when they do not fit.
 
-Reads a torch.distributed.checkpoint folder (the trainer's; only the tensors the module needs are loaded), a
+Reads a torch.distributed.checkpoint folder (the trainer's; only the tensors the module needs are loaded; a run
+folder or its checkpoints/ folder means the newest complete checkpoint in it, as for `--resume`), a
 .safetensors file (`fineviti export`'s) or a torch.save file (a state dict, or a dict holding one under "model"
 / "state_dict"). Nested dicts are flattened with "." as DCP does, and the wrappers' name pieces ("module.",
 "_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.") are dropped. The module's keys are found in
@@ -47,11 +48,25 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def checkpoint_path(path: str | os.PathLike) -> Path:
+    """`path`, or for a training run's folder or its checkpoints/ folder the newest complete checkpoint in it (what
+    `fineviti train --resume` and stage2.init_from take from such a folder)."""
+    path = Path(path)
+    if path.is_dir() and not (path / ".metadata").is_file():
+        from fineviti.train.checkpoint import list_checkpoints
+
+        for folder in (path, path / "checkpoints"):
+            found = list_checkpoints(folder)
+            if found:
+                return found[-1][1]
+    return path
+
+
 class _Source:
     """The tensor names and shapes of a checkpoint, and a way to read some of them."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+        self.path = checkpoint_path(path)
         self.kind = ""
         self.tensors: dict[str, Any] = {}  # cleaned name -> tensor (files) or original name (DCP)
         self.shapes: dict[str, tuple[int, ...]] = {}
@@ -89,7 +104,7 @@ class _Source:
 
         if not (self.path / ".metadata").is_file():
             raise FileNotFoundError(f"{self.path} is a folder but not a torch.distributed.checkpoint one "
-                                    "(no .metadata)")
+                                    "(no .metadata), nor a run folder with a complete checkpoint in checkpoints/")
         self.kind = "dcp"
         metadata = FileSystemReader(str(self.path)).read_metadata()
         for key, value in metadata.state_dict_metadata.items():
@@ -159,7 +174,7 @@ def saved_config(path: str | os.PathLike) -> dict | None:
     """The training config a checkpoint was saved with: a trainer's checkpoint folder's config.json, or the config
     in the metadata of a `fineviti export` .safetensors file; None when there is none (a torch file, a folder
     written by something else)."""
-    path = Path(path)
+    path = checkpoint_path(path)
     if path.is_dir():
         file = path / "config.json"
         return json.loads(file.read_text()) if file.is_file() else None

@@ -38,8 +38,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--annotations", help="the annotation file where the format has one (default: in --data)")
     parser.add_argument("--split", help="split to evaluate (coco/flickr30k: test; dci: all; docci: test)")
     parser.add_argument("--class-names", help="imagenet: a synset mapping (LOC_synset_mapping.txt or json)")
-    parser.add_argument("--checkpoint", help="stage-1 checkpoint: DCP folder, .safetensors or torch file")
-    parser.add_argument("--vision-checkpoint", help="load only the vision tower from this one (e.g. stage 2)")
+    parser.add_argument("--checkpoint", help="stage-1 checkpoint: DCP folder (or a run folder: its newest), "
+                        ".safetensors or torch file")
+    parser.add_argument("--vision-checkpoint", help="load only the vision tower from this one (e.g. stage 2's run)")
     parser.add_argument("--preset", help="model preset (default: the config saved with the checkpoint, else tiny)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="model config override (as in training), e.g. --set vision.depth=2; with a checkpoint "
