@@ -19,6 +19,7 @@ OPTIONAL = [
     ("tokenizers", "tokenizers", None),
     ("safetensors", "safetensors", None),
     ("tensorboard", "tensorboard", None),
+    ("transformers", "transformers", None),
 ]
 ENV_VARS = ["TRITON_INTERPRET", "FINEVITI_CHECKS", "CUDA_VISIBLE_DEVICES", "TORCH_CUDA_ARCH_LIST"]
 

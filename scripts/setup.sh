@@ -21,7 +21,7 @@ fi
 PY=.venv/bin/python
 stage_done "virtual environment"
 
-# The packages to install: the project's dependencies and its `test`, `dali` and `vision` extras, at the versions of
+# The packages to install: the project's dependencies and its `test`, `dali`, `vision` and `hf` extras, at the versions of
 # constraints.txt, plus the build tools (setuptools, cmake, ninja) since the build runs without isolation.
 stage "dependencies"
 deps_stamp=$(cat constraints.txt pyproject.toml <("$PY" -V) | sha256sum | cut -c1-16)
@@ -31,7 +31,7 @@ if [ "$(cat .venv/.deps-stamp 2>/dev/null)" != "$deps_stamp" ]; then
 import tomllib
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
 extras = project["optional-dependencies"]
-for requirement in [*project["dependencies"], *extras["test"], *extras["dali"], *extras["vision"], "setuptools", "cmake", "ninja"]:
+for requirement in [*project["dependencies"], *extras["test"], *extras["dali"], *extras["vision"], *extras["hf"], "setuptools", "cmake", "ninja"]:
     print(requirement)
 PYEOF
 )

@@ -628,7 +628,8 @@ class _FakeHFBase(torch.nn.Module):
         self.embed = torch.nn.Embedding(vocab, width)
         self.mix = torch.nn.Linear(width, width)
 
-    def forward(self, inputs_embeds, attention_mask=None):
+    def forward(self, inputs_embeds, attention_mask=None, use_cache=None):
+        assert use_cache is False  # a cache filled in the forward would be filled again by a checkpointed recompute
         hidden = torch.tanh(self.mix(inputs_embeds))
         if attention_mask is not None:  # as attention would, the mask changes every position's state: it must reach
             hidden = hidden * (1 + attention_mask.sum(1, keepdim=True)[..., None].to(hidden.dtype) / 8)  # the base
@@ -653,8 +654,9 @@ class _FakeHFCausalLM(torch.nn.Module):
     def get_output_embeddings(self):
         return self.lm_head
 
-    def forward(self, inputs_embeds, attention_mask=None):
-        logits = self.lm_head(self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state)
+    def forward(self, inputs_embeds, attention_mask=None, use_cache=None):
+        logits = self.lm_head(self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                         use_cache=use_cache).last_hidden_state)
         cap, mult = self.config.final_logit_softcapping, self.config.some_new_logit_multiplier
         if mult is not None:
             logits = logits * mult

@@ -47,8 +47,16 @@ CASES = {  # name: overrides
     "fsdp_fp16_gradcache": ["parallel.strategy=fsdp", "training.mixed_precision=fp16", "training.grad_cache_images=2",
                             "training.steps=12"],
 }
+try:  # stage 2 with a Hugging Face LM (the `hf` extra): its decoder layers checkpointed and sharded one by one
+    import transformers  # noqa: F401
+
+    HF = ["training.stage=2", "aligner.lm={root}/hf_llama", "parallel.activation_checkpointing=full", *SHARDS[:4]]
+    CASES.update(ddp_stage2_hf=["parallel.strategy=ddp", *HF], fsdp_stage2_hf=["parallel.strategy=fsdp", *HF])
+except ImportError:
+    pass
 EQUIVALENT = ("ddp", "fsdp", "ddp_gradcache", "fsdp_gradcache", "ddp_async", "fsdp_async")  # one-process reference
-RESUMED = ("ddp", "fsdp", "ddp_shards", "fsdp_shards", "ddp_stage2", "fsdp_stage2", "ddp_async", "fsdp_async")
+RESUMED = ("ddp", "fsdp", "ddp_shards", "fsdp_shards", "ddp_stage2", "fsdp_stage2", "ddp_async", "fsdp_async",
+           *[name for name in CASES if name == "fsdp_stage2_hf"])
 
 
 def _config(root, name, *overrides):
@@ -67,6 +75,13 @@ def _full_params(trainer):
         p = p.full_tensor() if hasattr(p, "full_tensor") else p
         out[name.replace("_checkpoint_wrapped_module.", "")] = p.detach().clone()
     return out
+
+
+def _block_kinds(trainer):
+    """The class of each block the trainer's parallelism wrapped, per list (FSDP2 subclasses what it shards)."""
+    from fineviti.train.parallel import block_lists
+
+    return [[type(b).__name__ for b in blocks] for blocks in block_lists(trainer.raw_model)]
 
 
 def _no_regions_on_rank1(trainer):
@@ -132,7 +147,7 @@ def _worker(rank, port, root, names):
             try:
                 trainer = _run_case(root, name, overrides)
                 results[name] = {"losses": _losses(root / name) if rank == 0 else None,
-                                 "params": _full_params(trainer)}
+                                 "params": _full_params(trainer), "blocks": _block_kinds(trainer)}
                 if name in RESUMED:
                     _run_case(root, f"{name}_resumed", overrides, crash_at=3)
                     resumed = _run_case(root, f"{name}_resumed", [*overrides, "checkpoint.resume=auto"])
@@ -156,6 +171,10 @@ def dist_results(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("train_dist")
     synth.generate(root / "data", 48, heldout=8, samples_per_shard=16, processes=1)
+    if "fsdp_stage2_hf" in CASES:
+        from tests.hf_util import make_hf_lm
+
+        make_hf_lm(root / "hf_llama", root / "data" / "tokenizer.json")
     mp.start_processes(_worker, args=(free_port(), str(root), list(CASES)), nprocs=WORLD, join=True,
                        start_method="spawn")
     return root, torch.load(root / "results.pt", weights_only=False)
@@ -339,6 +358,29 @@ def test_stage2_ddp_and_fsdp_agree(dist_results):
     for step, loss in ddp["losses"].items():
         assert fsdp["losses"][step] == pytest.approx(loss, rel=1e-5, abs=1e-6), step
     assert ddp["params"].keys() == fsdp["params"].keys()
+    for key, value in ddp["params"].items():
+        torch.testing.assert_close(fsdp["params"][key], value, rtol=1e-4, atol=1e-5,
+                                   msg=lambda m, key=key: f"{key}: {m}")
+
+
+def test_stage2_with_a_hugging_face_lm_on_two_ranks(dist_results):
+    """A Hugging Face LM's decoder layers are blocks: checkpointed, and under FSDP2 sharded one by one (they were
+    one unit with the whole LM, gathered at once); DDP and FSDP2 agree; the sharded run resumes exactly
+    (test_two_rank_resume_is_exact)."""
+    if "fsdp_stage2_hf" not in CASES:
+        pytest.skip("needs transformers (the hf extra)")
+    _, results = dist_results
+    ddp, fsdp = results["ddp_stage2_hf"], results["fsdp_stage2_hf"]
+    _check(ddp)
+    _check(fsdp)
+    # the vision tower's two blocks, then the LM's two decoder layers
+    assert ddp["blocks"] == [["CheckpointWrapper"] * 2] * 2, ddp["blocks"]
+    assert fsdp["blocks"] == [["FSDPCheckpointWrapper"] * 2] * 2, fsdp["blocks"]
+    assert list(ddp["losses"]) == list(range(1, STEPS + 1))
+    for step, loss in ddp["losses"].items():
+        assert fsdp["losses"][step] == pytest.approx(loss, rel=1e-5, abs=1e-6), step
+    assert ddp["params"].keys() == fsdp["params"].keys()
+    assert any(".layers." in key for key in ddp["params"])
     for key, value in ddp["params"].items():
         torch.testing.assert_close(fsdp["params"][key], value, rtol=1e-4, atol=1e-5,
                                    msg=lambda m, key=key: f"{key}: {m}")

@@ -150,6 +150,18 @@ class BuiltinLM(nn.Module):
         return self.embed.weight, None
 
 
+def decoder_layer_lists(model: nn.Module) -> list[nn.ModuleList]:
+    """The ModuleLists of a Hugging Face model whose entries are of the classes it names in `_no_split_modules`
+    (its decoder layers: LlamaDecoderLayer, Qwen2DecoderLayer, GPT2Block...), the unit that accelerate's and
+    transformers' FSDP wrapping shard by. Empty for a model that names none: it is then sharded as one unit."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+
+    def is_layer(m: nn.Module) -> bool:  # also inside a checkpoint wrapper, or as FSDP2's subclass of it
+        return any(c.__name__ in names for c in type(getattr(m, "_checkpoint_wrapped_module", m)).__mro__)
+
+    return [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) and all(map(is_layer, m))]
+
+
 class HFCausalLM(nn.Module):
     """A Hugging Face causal LM loaded from a local directory (local_files_only: never downloaded)."""
 
@@ -170,11 +182,18 @@ class HFCausalLM(nn.Module):
         self.vocab_size = self.model.get_input_embeddings().num_embeddings
         self.hidden_size = self.model.get_input_embeddings().embedding_dim
 
+    def layer_lists(self) -> list[nn.ModuleList]:
+        """The decoder's layer stacks (`decoder_layer_lists`): what the trainer's activation checkpointing,
+        compile and FSDP2 treat as blocks, as they do the towers' and the built-in LM's."""
+        return decoder_layer_lists(self.model)
+
     def get_input_embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()
 
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask).logits
+        # use_cache=False: a key/value cache filled in the forward would be filled again when a checkpointed layer
+        # recomputes (parallel.activation_checkpointing wraps the decoder layers), doubling its keys
+        return self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False).logits
 
     # config attributes of Hugging Face models whose logits are not just F.linear(last hidden state, head): soft
     # capping (Gemma 2 and 3, xLSTM), a logit scale (Cohere), logits scaling (Granite), a head multiplier
@@ -217,7 +236,7 @@ class HFCausalLM(nn.Module):
     def hidden_states(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None
                       ) -> torch.Tensor:
         base = getattr(self.model, self.model.base_model_prefix)
-        return base(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
+        return base(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
     def output_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         head = self.model.get_output_embeddings()

@@ -2,7 +2,8 @@
 FSDP2 (fully_shard per block, then the root) or DDP. On one process only the first two apply.
 
 Launch with torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT in the environment); gloo on CPUs, NCCL on
-GPUs. The blocks are every nn.ModuleList named `blocks` in the model (the two towers, the built-in LM).
+GPUs. The blocks are every nn.ModuleList named `blocks` in the model (the two towers, the built-in LM) and a
+Hugging Face LM's decoder layers (`block_lists`).
 """
 
 from __future__ import annotations
@@ -68,7 +69,14 @@ def close_world(world: World) -> None:
 
 
 def block_lists(model: nn.Module) -> list[nn.ModuleList]:
-    return [m for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and name.split(".")[-1] == "blocks"]
+    """Every nn.ModuleList named `blocks`, and the lists a module declares with a `layer_lists()` method (a Hugging
+    Face LM's decoder layers, model.aligner.HFCausalLM): each once."""
+    found = [m for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and name.split(".")[-1] == "blocks"]
+    for module in model.modules():
+        declared = getattr(module, "layer_lists", None)
+        if callable(declared):
+            found += [m for m in declared() if not any(m is f for f in found)]
+    return found
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 2) -> int:
