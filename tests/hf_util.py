@@ -5,10 +5,10 @@ import json
 import torch
 
 
-def make_hf_lm(folder, tokenizer_json, kind="llama", seed=0):
+def make_hf_lm(folder, tokenizer_json, kind="llama", seed=0, dtype=torch.float32):
     """A random `kind` causal LM of two layers over the vocabulary of tokenizer_json, saved with its tokenizer in
     `folder` as a downloaded model would be (config.json, model.safetensors, tokenizer.json and the special
-    tokens' names in tokenizer_config.json)."""
+    tokens' names in tokenizer_config.json), its weights in `dtype` (pretrained LMs ship bf16)."""
     import shutil
 
     import transformers
@@ -31,5 +31,5 @@ def make_hf_lm(folder, tokenizer_json, kind="llama", seed=0):
         model = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**shape, head_dim=8))
     else:
         raise ValueError(kind)
-    model.save_pretrained(folder)
+    model.to(dtype).save_pretrained(folder)
     return folder

@@ -3,7 +3,7 @@ configs here (nothing downloaded), with the synthetic data set's tokenizer as th
 and resumes exactly; the decoder layers are blocks to the trainer's activation checkpointing, compile and FSDP2
 (found through `_no_split_modules`); a checkpointed layer recomputes without the key/value cache (Gemma 2 failed
 with it); the loss without logits equals the loss of the full logits, and a soft-capped model takes the full
-logits. Two ranks: tests/test_train_dist.py."""
+logits; a bf16 checkpoint loads as fp32 weights. Two ranks: tests/test_train_dist.py."""
 
 from __future__ import annotations
 
@@ -149,3 +149,13 @@ def test_loss_without_logits_is_the_full_logits_loss(lms, tmp_path, kind):
     for name in want_grads:
         atol = 1e-6 * max(1.0, want_grads[name].abs().max().item())
         torch.testing.assert_close(grads[name], want_grads[name], rtol=1e-4, atol=atol, msg=name)
+
+
+def test_a_bf16_checkpoint_trains_in_fp32_weights(lms, tmp_path):
+    """transformers 5 loads a checkpoint in its own dtype; pretrained LMs ship bf16. The adapter loads fp32 weights
+    (the optimizer's, as the vision tower's; mixed precision computes in bf16), unless dtype says otherwise."""
+    root, _ = lms
+    folder = make_hf_lm(tmp_path / "bf16", root / "data" / "tokenizer.json", dtype=torch.bfloat16)
+    assert {p.dtype for p in HFCausalLM(str(folder)).parameters()} == {torch.float32}
+    assert {p.dtype for p in HFCausalLM(str(folder), dtype=None).parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in HFCausalLM(str(folder), dtype=torch.float16).parameters()} == {torch.float16}

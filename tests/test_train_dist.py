@@ -174,7 +174,8 @@ def dist_results(tmp_path_factory):
     if "fsdp_stage2_hf" in CASES:
         from tests.hf_util import make_hf_lm
 
-        make_hf_lm(root / "hf_llama", root / "data" / "tokenizer.json")
+        # saved in bf16 as pretrained LMs are: loaded so, the LM's units held bf16 beside fp32 ones and FSDP2 refused
+        make_hf_lm(root / "hf_llama", root / "data" / "tokenizer.json", dtype=torch.bfloat16)
     mp.start_processes(_worker, args=(free_port(), str(root), list(CASES)), nprocs=WORLD, join=True,
                        start_method="spawn")
     return root, torch.load(root / "results.pt", weights_only=False)

@@ -163,9 +163,13 @@ def decoder_layer_lists(model: nn.Module) -> list[nn.ModuleList]:
 
 
 class HFCausalLM(nn.Module):
-    """A Hugging Face causal LM loaded from a local directory (local_files_only: never downloaded)."""
+    """A Hugging Face causal LM loaded from a local directory (local_files_only: never downloaded).
 
-    def __init__(self, path: str, dtype: torch.dtype | None = None):
+    dtype: of the parameters, float32 by default whatever the checkpoint's (transformers 5 loads a bf16 checkpoint
+    in bf16): the optimizer keeps fp32 weights as for the vision tower, mixed precision computes in bf16, and
+    FSDP2 takes one dtype per unit (the root holds the LM's embeddings beside the fp32 merger and projector)."""
+
+    def __init__(self, path: str, dtype: torch.dtype | None = torch.float32):
         super().__init__()
         if not os.path.isdir(path):
             raise FileNotFoundError(f"lm={path!r} is neither 'builtin' nor a local directory holding a Hugging Face "
@@ -176,8 +180,10 @@ class HFCausalLM(nn.Module):
             raise ImportError(f"lm={path!r} needs the `transformers` package to load a Hugging Face causal LM; "
                               f"install it (`pip install transformers`) or use lm='builtin'") from err
         kwargs = {"local_files_only": True}
-        if dtype is not None:
-            kwargs["torch_dtype"] = dtype
+        if dtype is not None:  # (`dtype` since transformers 4.56; `torch_dtype` before, deprecated after)
+            from packaging.version import Version  # (a dependency of transformers)
+
+            kwargs["dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"] = dtype
         self.model = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
         self.vocab_size = self.model.get_input_embeddings().num_embeddings
         self.hidden_size = self.model.get_input_embeddings().embedding_dim
