@@ -1,7 +1,7 @@
 """Stage 2 with a Hugging Face causal LM (aligner.lm=DIR, the `hf` extra): tiny random models built from their
-configs here (nothing downloaded), with the synthetic data set's tokenizer as theirs. The trainer runs, checkpoints
-and resumes exactly; the decoder layers are blocks to the trainer's activation checkpointing, compile and FSDP2
-(found through `_no_split_modules`); a checkpointed layer recomputes without the key/value cache (Gemma 2 failed
+configs here (nothing downloaded), with the synthetic data set's tokenizer as theirs. The trainer runs,
+checkpoints, resumes exactly and exports; the decoder layers are blocks to the trainer's activation checkpointing,
+compile and FSDP2 (found through `_no_split_modules`); a checkpointed layer recomputes without the key/value cache (Gemma 2 failed
 with it); the loss without logits equals the loss of the full logits, and a soft-capped model takes the full
 logits; a bf16 checkpoint loads as fp32 weights. Two ranks: tests/test_train_dist.py."""
 
@@ -90,6 +90,18 @@ def test_trains_checkpointed_and_resumes_exactly(lms, tmp_path):
     assert want.keys() == got.keys()
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, msg=name)
+    # exported whole: the model is built on the meta device, where from_pretrained refuses (the LM's config.json
+    # gives its architecture; the checkpoint its weights)
+    from safetensors.torch import load_file
+
+    from fineviti.train.export import export_checkpoint
+
+    exported = load_file(str(export_checkpoint(tmp_path / "whole", tmp_path / "full.safetensors", part="full")))
+    assert any(name.startswith("lm.model.") for name in exported)
+    for name, value in want.items():
+        torch.testing.assert_close(exported[name], value, rtol=0, atol=0, msg=name)
+    vision = load_file(str(export_checkpoint(tmp_path / "whole", tmp_path / "vision.safetensors")))
+    assert vision and not any(name.startswith("lm.") for name in vision)
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma2"])

@@ -167,9 +167,11 @@ class HFCausalLM(nn.Module):
 
     dtype: of the parameters, float32 by default whatever the checkpoint's (transformers 5 loads a bf16 checkpoint
     in bf16): the optimizer keeps fp32 weights as for the vision tower, mixed precision computes in bf16, and
-    FSDP2 takes one dtype per unit (the root holds the LM's embeddings beside the fp32 merger and projector)."""
+    FSDP2 takes one dtype per unit (the root holds the LM's embeddings beside the fp32 merger and projector).
+    weights: False builds the architecture of DIR/config.json alone, without reading its weights (also on the meta
+    device, where from_pretrained refuses to run), for a checkpoint of ours to be loaded into."""
 
-    def __init__(self, path: str, dtype: torch.dtype | None = torch.float32):
+    def __init__(self, path: str, dtype: torch.dtype | None = torch.float32, weights: bool = True):
         super().__init__()
         if not os.path.isdir(path):
             raise FileNotFoundError(f"lm={path!r} is neither 'builtin' nor a local directory holding a Hugging Face "
@@ -179,12 +181,16 @@ class HFCausalLM(nn.Module):
         except ImportError as err:
             raise ImportError(f"lm={path!r} needs the `transformers` package to load a Hugging Face causal LM; "
                               f"install it (`pip install transformers`) or use lm='builtin'") from err
-        kwargs = {"local_files_only": True}
+        kwargs = {}
         if dtype is not None:  # (`dtype` since transformers 4.56; `torch_dtype` before, deprecated after)
             from packaging.version import Version  # (a dependency of transformers)
 
             kwargs["dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"] = dtype
-        self.model = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        if weights:
+            self.model = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
+        else:
+            config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+            self.model = transformers.AutoModelForCausalLM.from_config(config, **kwargs)
         self.vocab_size = self.model.get_input_embeddings().num_embeddings
         self.hidden_size = self.model.get_input_embeddings().embedding_dim
 

@@ -70,7 +70,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
     """Loads a trainer checkpoint (any world size, DDP or FSDP2) on this process and exports it to `out` (see
     check_export_path: an existing file only with overwrite=True)."""
     from fineviti.model import FineViT
-    from fineviti.model.aligner import Aligner
+    from fineviti.model.aligner import Aligner, HFCausalLM
     from fineviti.train.checkpoint import load_module_state, resolve_checkpoint, saved_config
     from fineviti.train.config import from_dict
 
@@ -81,7 +81,11 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
     saved = saved_config(path)
     cfg = from_dict(saved)
     with torch.device("meta"):
-        model = FineViT(cfg.model) if cfg.training.stage == 1 else Aligner(cfg.aligner)
+        if cfg.training.stage == 1:
+            model = FineViT(cfg.model)
+        else:  # a Hugging Face LM's architecture from its config.json: its weights come from the checkpoint
+            lm = None if cfg.aligner.lm == "builtin" else HFCausalLM(cfg.aligner.lm, weights=False)
+            model = Aligner(cfg.aligner, lm=lm)
     model = model.to_empty(device="cpu")
     load_module_state(path, model, "")
     return export_model(model, out, part=part, config=saved)
