@@ -155,7 +155,9 @@ class CMakeBuild(build_ext):
             retry = list(args)
             if system is not None and Path(system).resolve() != Path(compiler).resolve():
                 retry.append(f"-DCMAKE_CXX_COMPILER={system}")
-            if shared is not None:
+            if os.environ.get("FINEVITI_LIBSTDCXX"):  # the user's choice stands (already in args)
+                shared = os.environ["FINEVITI_LIBSTDCXX"]
+            elif shared is not None:
                 retry.append(f"-DFINEVITI_LIBSTDCXX={shared}")
             print(f"fineviti: {compiler} linked a private copy of libstdc++ into {built.name}; rebuilding with "
                   f"{system or compiler} and {shared or 'no loaded libstdc++ found'}", flush=True)
