@@ -207,3 +207,11 @@ def test_a_run_folder_means_its_newest_complete_checkpoint(trained, tmp_path, ca
     capsys.readouterr()
     assert main(_args(root, "--checkpoint", str(empty), "--set", "attn_backend=torch")) == 2
     assert "nor a run folder with a complete checkpoint in checkpoints/" in capsys.readouterr().err
+
+
+def test_a_missing_data_folder_is_named(tmp_path, capsys):
+    from fineviti.cli import main
+
+    missing = tmp_path / "nowhere"
+    assert main(["eval", "--format", "synthetic", "--data", str(missing)]) == 2
+    assert f"--data '{missing}' does not exist (the synthetic benchmark's folder)" in capsys.readouterr().err

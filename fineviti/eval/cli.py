@@ -236,6 +236,8 @@ def run(args: argparse.Namespace) -> int:
     from fineviti.model import create_model
 
     _check_applies(args)
+    if not Path(args.data).exists():  # (before the tokenizer's search, which would name only the places it looked)
+        raise FileNotFoundError(f"--data {str(args.data)!r} does not exist (the {args.format} benchmark's folder)")
     _check_out(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
