@@ -1,9 +1,10 @@
 """Stage 2 with a Hugging Face causal LM (aligner.lm=DIR, the `hf` extra): tiny random models built from their
 configs here (nothing downloaded), with the synthetic data set's tokenizer as theirs. The trainer runs,
-checkpoints, resumes exactly and exports; the decoder layers are blocks to the trainer's activation checkpointing,
-compile and FSDP2 (found through `_no_split_modules`); a checkpointed layer recomputes without the key/value cache (Gemma 2 failed
-with it); the loss without logits equals the loss of the full logits, and a soft-capped model takes the full
-logits; a bf16 checkpoint loads as fp32 weights. Two ranks: tests/test_train_dist.py."""
+checkpoints, resumes exactly and exports; the decoder layers are blocks to the trainer's activation
+checkpointing, compile and FSDP2 (found through `_no_split_modules`); a checkpointed layer recomputes without the
+key/value cache (Gemma 2 failed with it); the loss without logits equals the loss of the full logits, and a
+soft-capped model takes the full logits; a bf16 checkpoint loads as fp32 weights. Two ranks:
+tests/test_train_dist.py."""
 
 from __future__ import annotations
 
