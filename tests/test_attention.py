@@ -1,5 +1,6 @@
 """varlen_attention: every backend against an fp64 reference, awkward packs, bad inputs, dispatch, compile."""
 
+import itertools
 import math
 import re
 import sys
@@ -544,8 +545,9 @@ def _ok_inputs():
     (lambda q, k, v, cu: (q, k, v, torch.tensor([0, 3, 7], dtype=torch.int32), 5), "must equal the number"),
     (lambda q, k, v, cu: (q, k, v, cu, 4), "max_seqlen=4 is smaller than the longest sequence"),
     (lambda q, k, v, cu: (q, k, v, cu, 5.0), "max_seqlen must be a non-negative integer \\(a Python int\\), got 5.0"),
-    (lambda q, k, v, cu: (q, k, v, cu, True), "max_seqlen must be a non-negative integer, got True"),
+    (lambda q, k, v, cu: (q, k, v, cu, True), "max_seqlen must be a non-negative integer \\(a Python int\\), got True"),
     (lambda q, k, v, cu: (q, k, v, cu, -1), "max_seqlen must be a non-negative integer, got -1"),
+    (lambda q, k, v, cu: (q, k, v, cu, torch.tensor(5)), "max_seqlen must be a non-negative integer \\(a Python"),
     (lambda q, k, v, cu: (q.int(), k, v, cu, 5), "q must be float16, bfloat16 or float32"),
     (lambda q, k, v, cu: (q, k[:6], v[:6], cu, 5), "k has 6 tokens and q has 8: without cu_seqlens_k"),
     (lambda q, k, v, cu: (q, k.to("meta"), v, cu, 5), "k is on meta but q is on cpu; they must match"),
@@ -568,6 +570,31 @@ def test_max_seqlen_takes_numpy_integers():
         torch.testing.assert_close(out, want, rtol=0, atol=0)
     with pytest.raises(ValueError, match="max_seqlen_k must be a non-negative integer \\(a Python int\\), got 5.0"):
         varlen_attention(q, k, v, cu, 5, cu_seqlens_k=cu, max_seqlen_k=5.0, backend="torch")
+
+
+def test_max_seqlen_stays_dynamic_under_compile():
+    """Compiled, a changing max_seqlen becomes a dynamic size after the first recompile; converting it with
+    operator.index pinned it (a guard on its value): one graph per value, and past dynamo's recompile limit the
+    caller ran uncompiled (the model's blocks under selective or no activation checkpointing)."""
+    from torch._dynamo.utils import counters
+
+    class Pack:
+        def __init__(self, cu, longest):
+            self.cu, self.longest = cu, longest
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def attend(q, pack):
+        return varlen_attention(q, q, q, pack.cu, pack.longest, backend="torch", check_values=False)
+
+    torch._dynamo.reset()
+    counters.clear()
+    graphs = []
+    for lens in ([3, 5], [4, 6], [2, 7], [8, 1], [5, 5, 2], [6, 6, 6], [1, 9, 3]):
+        cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32)
+        attend(torch.randn(sum(lens), 2, 16), Pack(cu, max(lens)))
+        graphs.append(counters["stats"]["unique_graphs"])
+    torch._dynamo.reset()
+    assert graphs[-1] <= 3 and graphs[-1] == graphs[-3], graphs  # the seven lengths: not seven graphs
 
 
 def test_seqlens_must_match_cu_seqlens():

@@ -24,16 +24,18 @@ def pack(cfg, seed: int, max_side: int):
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-@pytest.mark.parametrize("attn_backend", ["triton", "torch"])
-def test_compiled_blocks_match_eager_and_do_not_recompile_per_pack(attn_backend):
+@pytest.mark.parametrize("attn_backend,checkpointing", [("triton", "full"), ("torch", "full"), ("torch", "none")])
+def test_compiled_blocks_match_eager_and_do_not_recompile_per_pack(attn_backend, checkpointing):
+    """checkpointing "none": the compiled blocks called directly, not inside a checkpoint wrapper (as "selective"
+    leaves every other block); there a max_seqlen converted with operator.index was pinned, a graph per value."""
     # past dynamo's recompile limit the blocks would quietly run eager, and stop adding graphs: make that an error
     limit = (torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)
              if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit") else contextlib.nullcontext())
     with limit:
-        _compiled_against_eager(attn_backend)
+        _compiled_against_eager(attn_backend, checkpointing)
 
 
-def _compiled_against_eager(attn_backend):
+def _compiled_against_eager(attn_backend, checkpointing="full"):
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
@@ -48,7 +50,7 @@ def _compiled_against_eager(attn_backend):
     compiled = FineViT(cfg.model)
     compiled.load_state_dict(eager.state_dict())
     # as the presets run it: activation checkpointing around the blocks, then compile (parallel.setup's order)
-    assert parallel.apply_activation_checkpointing(compiled, "full") > 0
+    assert (parallel.apply_activation_checkpointing(compiled, checkpointing) > 0) is (checkpointing != "none")
     assert parallel.apply_compile(compiled) == sum(len(blocks) for blocks in parallel.block_lists(compiled)) > 0
     # (seed, largest side in patches): 2 to 30 images, the longest of 16 to 128 patch tokens, so the
     # attention's short (<= 64) and long buckets both run. Under the interpreter the Triton backend costs about a
@@ -84,8 +86,10 @@ def _compiled_against_eager(attn_backend):
     finally:
         kernels.block_schedule = original
     # the first packs compile (static shapes, then dynamic ones, for each tower's blocks, and the long bucket);
-    # the last two packs compile nothing new
-    assert graphs[0] > 0 and graphs[-1] == graphs[-3], graphs
+    # the last two packs compile nothing new. Unwrapped ("none"), the blocks' graph breaks take a pack longer to
+    # settle ([2, 7, 11, 13, 13] graphs; a pinned max_seqlen gave [2, 7, 11, 14, 16]): the last pack adds none.
+    settled = graphs[-3] if checkpointing != "none" else graphs[-2]
+    assert graphs[0] > 0 and graphs[-1] == settled, graphs
     torch._dynamo.reset()
 
 

@@ -24,7 +24,7 @@ import importlib
 import importlib.util
 import inspect
 import math
-import operator
+import numbers
 import warnings
 
 import torch
@@ -575,13 +575,15 @@ def _autocast_inputs(q, k, v):
 
 
 def _max_seqlen(name: str, value) -> int:
-    """max_seqlen as a Python int: any integer type (numpy's too, as flash_attn takes them), not bool or float."""
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-    try:
-        number = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be a non-negative integer (a Python int), got {value!r}") from None
+    """max_seqlen as an int: a Python int as it is (under torch.compile a dynamic size: operator.index would
+    specialise it, one graph per value), another integer type (numpy's, as flash_attn takes them) converted; not
+    bool, float or a tensor."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        number = int(value)
+    else:
+        raise ValueError(f"{name} must be a non-negative integer (a Python int), got {value!r}")
     if number < 0:
         raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
     return number
@@ -652,7 +654,8 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, cu_seqlens_k=None, max_
 
     q, k, v: (total, heads, head_dim), float16/bfloat16/float32, the same dtype (under autocast: after the cast to
         its dtype) and device; head_dim 16..256.
-    cu_seqlens: int32 (n+1,), 0 first, non-decreasing, last = total. max_seqlen: Python int >= every length.
+    cu_seqlens: int32 (n+1,), 0 first, non-decreasing, last = total. max_seqlen: an integer >= every length (a
+        Python int; numpy's are taken too).
     cu_seqlens_k / max_seqlen_k: separate key lengths (default: the query ones).
     softmax_scale: default 1/sqrt(head_dim).
     backend: 'auto' or one of BACKENDS (module docstring).
@@ -676,7 +679,7 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, cu_seqlens_k=None, max_
     first as scaled_dot_product_attention's do (and the log-sum-exp with return_lse).
     """
     if cu_seqlens_k is not None and max_seqlen_k is None:
-        raise ValueError("cu_seqlens_k needs max_seqlen_k (a Python int >= the longest key sequence), as "
+        raise ValueError("cu_seqlens_k needs max_seqlen_k (an integer >= the longest key sequence), as "
                          "flash_attn_varlen_func does: it is not taken from max_seqlen")
     cu_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
     max_seqlen = _max_seqlen("max_seqlen", max_seqlen)
