@@ -722,3 +722,55 @@ def test_model_loss_takes_every_ranks_negatives_by_default():
 
     for method in (FineViT.forward, FineViT.contrastive_loss):
         assert inspect.signature(method).parameters["group"].default == "default"
+
+
+def test_decoder_layer_lists_take_the_named_layers_once_and_not_shared_ones():
+    """`_no_split_modules` names the layer class (in a checkpoint wrapper too); a list whose layers share
+    parameters (Zamba's shared transformer block) is left out, since FSDP2 cannot put one parameter in two units;
+    the trainer warns when an LM declares no list at all."""
+    import warnings
+
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    from fineviti.model.aligner import decoder_layer_lists
+    from fineviti.train import parallel
+
+    class DecoderLayer(torch.nn.Module):
+        def __init__(self, shared=None):
+            super().__init__()
+            self.mlp = torch.nn.Linear(4, 4)
+            self.shared = shared
+
+    class Other(torch.nn.Module):
+        pass
+
+    class Model(torch.nn.Module):
+        _no_split_modules = ["DecoderLayer"]
+
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList([DecoderLayer(), checkpoint_wrapper(DecoderLayer())])
+            shared = torch.nn.Linear(4, 4)
+            self.hybrid = torch.nn.ModuleList([DecoderLayer(shared), DecoderLayer(shared)])
+            self.mixed = torch.nn.ModuleList([DecoderLayer(), Other()])
+
+    model = Model()
+    assert decoder_layer_lists(model) == [model.layers]
+    Model._no_split_modules = None
+    assert decoder_layer_lists(model) == []
+
+    class Holder(torch.nn.Module):  # what HFCausalLM declares, for a model that names no layer class
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def layer_lists(self):
+            return decoder_layer_lists(self.model)
+
+    cfg = types.SimpleNamespace(activation_checkpointing="full", selective_every=2, compile=False, strategy="ddp")
+    with pytest.warns(UserWarning, match=r"lm \(Model\) declares no layer list .* FSDP2 shards it as one unit"):
+        parallel.parallelize(torch.nn.ModuleDict({"lm": Holder()}), cfg, parallel.World(), None)
+    cfg.activation_checkpointing = "none"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        parallel.parallelize(torch.nn.ModuleDict({"lm": Holder()}), cfg, parallel.World(), None)  # nothing to say

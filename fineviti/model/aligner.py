@@ -153,13 +153,25 @@ class BuiltinLM(nn.Module):
 def decoder_layer_lists(model: nn.Module) -> list[nn.ModuleList]:
     """The ModuleLists of a Hugging Face model whose entries are of the classes it names in `_no_split_modules`
     (its decoder layers: LlamaDecoderLayer, Qwen2DecoderLayer, GPT2Block...), the unit that accelerate's and
-    transformers' FSDP wrapping shard by. Empty for a model that names none: it is then sharded as one unit."""
+    transformers' FSDP wrapping shard by. Left out: a list whose layers share parameters (Zamba's shared
+    block). Empty for a model that names none: the LM is then one unit (parallelize warns)."""
     names = set(getattr(model, "_no_split_modules", None) or ())
 
     def is_layer(m: nn.Module) -> bool:  # also inside a checkpoint wrapper, or as FSDP2's subclass of it
         return any(c.__name__ in names for c in type(getattr(m, "_checkpoint_wrapped_module", m)).__mro__)
 
-    return [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) and all(map(is_layer, m))]
+    def shares_parameters(layers: nn.ModuleList) -> bool:
+        # (Zamba's layers share one transformer block: FSDP2 cannot give a parameter to two units)
+        seen: set[int] = set()
+        for layer in layers:
+            own = {id(p) for p in layer.parameters()}
+            if own & seen:
+                return True
+            seen |= own
+        return False
+
+    return [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) and all(map(is_layer, m))
+            and not shares_parameters(m)]
 
 
 class HFCausalLM(nn.Module):

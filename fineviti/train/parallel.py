@@ -237,6 +237,17 @@ def parallelize(model: nn.Module, cfg, world: World, mp_dtype: torch.dtype | Non
     """The model, moved to the device, with activation checkpointing, compile and FSDP2/DDP applied in that
     order. With FSDP2 the mixed-precision policy casts the parameters (the trainer then skips autocast)."""
     model.to(world.device)
+    fsdp = world.distributed and cfg.strategy == "fsdp"
+    uses_blocks = cfg.activation_checkpointing != "none" or cfg.compile or fsdp
+    for name, module in model.named_modules():
+        declared = getattr(module, "layer_lists", None)
+        if uses_blocks and callable(declared) and not declared():
+            import warnings
+
+            warnings.warn(f"{name or 'the model'} ({type(getattr(module, 'model', module)).__name__}) declares no "
+                          f"layer list (a Hugging Face model without _no_split_modules, or whose layers share "
+                          f"parameters): parallel.activation_checkpointing and parallel.compile leave it as it is, "
+                          f"and FSDP2 shards it as one unit", stacklevel=2)
     apply_activation_checkpointing(model, cfg.activation_checkpointing, cfg.selective_every)
     if cfg.compile:
         apply_compile(model)
