@@ -21,6 +21,7 @@ from fineviti.model.aligner import HFCausalLM, decoder_layer_lists  # noqa: E402
 from fineviti.train import parallel  # noqa: E402
 from fineviti.train.config import apply_cli_overrides, preset  # noqa: E402
 from fineviti.train.trainer import Trainer  # noqa: E402
+from tests.dist_util import kill_before_step  # noqa: E402
 from tests.hf_util import make_hf_lm  # noqa: E402
 
 
@@ -42,14 +43,7 @@ def _config(run_dir, lm, *overrides):
 def _run(cfg, crash_at=None):
     trainer = Trainer(cfg)
     if crash_at is not None:
-        original = trainer.train_step
-
-        def train_step(batch):
-            if trainer.step == crash_at:
-                raise KeyboardInterrupt("simulated kill")
-            return original(batch)
-
-        trainer.train_step = train_step
+        kill_before_step(trainer, crash_at)
     try:
         trainer.train()
     except KeyboardInterrupt:

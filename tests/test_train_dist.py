@@ -19,7 +19,7 @@ from fineviti.data.batch import PackedBatch
 from fineviti.train import checkpoint as ckpt
 from fineviti.train.config import apply_cli_overrides, preset
 from fineviti.train.trainer import Trainer
-from tests.dist_util import free_port
+from tests.dist_util import free_port, kill_before_step
 
 WORLD = 2
 STEPS = 4
@@ -112,14 +112,7 @@ def _run_case(root, name, overrides, crash_at=None):
     if name in HOOKS:
         HOOKS[name](trainer)
     if crash_at is not None:
-        original = trainer.train_step
-
-        def train_step(batch):
-            if trainer.step == crash_at:
-                raise KeyboardInterrupt("simulated kill")
-            return original(batch)
-
-        trainer.train_step = train_step
+        kill_before_step(trainer, crash_at)
     try:
         trainer.train()
     except KeyboardInterrupt:
