@@ -10,14 +10,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def kill_before_step(trainer, step: int) -> None:
-    """Make `trainer` raise KeyboardInterrupt (a simulated kill) as step `step` begins: steps before it ran and
-    saved as configured."""
-    original = trainer.train_step
+def train_until(trainer, crash_at: int | None = None):
+    """Train `trainer` to its end, or, with crash_at, until a simulated kill (KeyboardInterrupt) as step crash_at
+    begins (the steps before it ran and saved as configured); closes it either way and returns it."""
+    if crash_at is not None:
+        original = trainer.train_step
 
-    def train_step(batch):
-        if trainer.step == step:
-            raise KeyboardInterrupt("simulated kill")
-        return original(batch)
+        def train_step(batch):
+            if trainer.step == crash_at:
+                raise KeyboardInterrupt("simulated kill")
+            return original(batch)
 
-    trainer.train_step = train_step
+        trainer.train_step = train_step
+    try:
+        trainer.train()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        trainer.close()
+    return trainer

@@ -21,7 +21,7 @@ from fineviti.model.aligner import HFCausalLM, decoder_layer_lists  # noqa: E402
 from fineviti.train import parallel  # noqa: E402
 from fineviti.train.config import apply_cli_overrides, preset  # noqa: E402
 from fineviti.train.trainer import Trainer  # noqa: E402
-from tests.dist_util import kill_before_step  # noqa: E402
+from tests.dist_util import train_until  # noqa: E402
 from tests.hf_util import make_hf_lm  # noqa: E402
 
 
@@ -41,16 +41,7 @@ def _config(run_dir, lm, *overrides):
 
 
 def _run(cfg, crash_at=None):
-    trainer = Trainer(cfg)
-    if crash_at is not None:
-        kill_before_step(trainer, crash_at)
-    try:
-        trainer.train()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        trainer.close()
-    return trainer
+    return train_until(Trainer(cfg), crash_at)
 
 
 def _losses(run_dir):

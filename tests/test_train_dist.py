@@ -19,7 +19,7 @@ from fineviti.data.batch import PackedBatch
 from fineviti.train import checkpoint as ckpt
 from fineviti.train.config import apply_cli_overrides, preset
 from fineviti.train.trainer import Trainer
-from tests.dist_util import free_port, kill_before_step
+from tests.dist_util import free_port, train_until
 
 WORLD = 2
 STEPS = 4
@@ -111,16 +111,10 @@ def _run_case(root, name, overrides, crash_at=None):
     trainer = Trainer(_config(root, name, *(o.format(root=root) for o in overrides)))
     if name in HOOKS:
         HOOKS[name](trainer)
-    if crash_at is not None:
-        kill_before_step(trainer, crash_at)
     try:
-        trainer.train()
-    except KeyboardInterrupt:
-        pass
+        return train_until(trainer, crash_at)
     finally:
         stage2.region_tasks = region_tasks
-        trainer.close()
-    return trainer
 
 
 def _worker(rank, port, root, names):
