@@ -467,8 +467,10 @@ def _theta(theta) -> float:
         value = float(theta)
     except (TypeError, ValueError):
         value = math.nan
-    # (above fp32's largest, the Triton kernels, which take theta as fp32, would see inf)
-    if isinstance(theta, bool) or not (math.isfinite(value) and 0 < value <= _FP32_MAX):
+    # (above fp32's largest, the Triton kernels, which take theta as fp32, would see inf). The bounds refuse NaN and
+    # the infinities without math.isfinite, which dynamo cannot trace on a float it keeps symbolic (a closure's
+    # theta in a compiled block): it broke the block's graph there.
+    if isinstance(theta, bool) or not (0 < value <= _FP32_MAX):
         raise ValueError(f"theta must be a finite number > 0 (at most fp32's largest), got {theta!r}")
     return value
 
