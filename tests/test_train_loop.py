@@ -1068,3 +1068,42 @@ def test_saved_config_of_a_checkpoint_folder(tmp_path):
     assert ckpt.saved_config(tmp_path) == {"training": {"stage": 1}}
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         ckpt.saved_config(tmp_path / "config.json")
+
+
+def test_a_stage1_checkpoint_and_its_exports_keep_the_tokenizer(tmp_path, shards):
+    """The text tower's ids mean nothing without the tokenizer that made them, and the training config's path to
+    it may be relative or gone by the time a checkpoint is evaluated: each checkpoint keeps a copy, each export
+    writes one beside its file, and `fineviti eval` finds them from a run folder, a checkpoint or an export."""
+    import argparse
+    import shutil
+
+    from fineviti.eval.cli import _find_tokenizer
+    from fineviti.train.export import export_checkpoint, tokenizer_file
+
+    given = tmp_path / "elsewhere" / "tokenizer.json"
+    given.parent.mkdir()
+    shutil.copyfile(shards / "tokenizer.json", given)
+    run(shard_config(tmp_path, shards, "training.steps=2", "checkpoint.interval=1", f"data.tokenizer={given}",
+                     "checkpoint.export=vision"))
+    original = given.read_bytes()
+    given.unlink()
+    run_dir = tmp_path / "run"
+    kept = [folder / "tokenizer.json" for _, folder in ckpt.list_checkpoints(run_dir / "checkpoints")]
+    assert len(kept) == 2 and all(path.read_bytes() == original for path in kept)
+    assert tokenizer_file(run_dir / "model.safetensors").read_bytes() == original  # the trainer's own export
+    out = export_checkpoint(run_dir, tmp_path / "vision.safetensors")
+    assert tokenizer_file(out).read_bytes() == original
+
+    def found(**kw):
+        args = {"tokenizer": None, "checkpoint": None, "vision_checkpoint": None, "data": str(tmp_path / "none")}
+        return _find_tokenizer(argparse.Namespace(**{**args, **kw}))
+
+    assert found(checkpoint=str(run_dir)) == kept[-1]  # a run folder: its newest checkpoint's copy
+    assert found(checkpoint=str(kept[0].parent)) == kept[0]
+    assert found(vision_checkpoint=str(out)) == tokenizer_file(out)
+    # an export from a checkpoint without a copy (an older run's) leaves no stale one beside the file it replaces
+    kept[-1].unlink()
+    export_checkpoint(kept[-1].parent, out, overwrite=True)
+    assert not tokenizer_file(out).exists()
+    with pytest.raises(FileNotFoundError, match="no --tokenizer given"):
+        found(vision_checkpoint=str(out))

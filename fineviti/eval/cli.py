@@ -45,7 +45,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="model config override (as in training), e.g. --set vision.depth=2; with a checkpoint "
                         "that saved its config, only the backends and grad_checkpointing may differ from it")
-    parser.add_argument("--tokenizer", help="tokenizer.json (default: beside the checkpoint or the data)")
+    parser.add_argument("--tokenizer", help="tokenizer.json (default: the checkpoint's copy, else one beside the "
+                        "checkpoint or the data)")
     parser.add_argument("--out", help="folder for report.json and report.md (not replaced without --overwrite)")
     parser.add_argument("--overwrite", action="store_true", help="replace the reports already in --out")
     parser.add_argument("--token-budget", type=int, default=16384, help="patch tokens per image batch")
@@ -175,13 +176,24 @@ def _check_saved_configs(saved: dict, cfg) -> None:
 
 
 def _find_tokenizer(args) -> Path:
+    """--tokenizer; else the copy a checkpoint keeps (a stage-1 run's checkpoint folder's tokenizer.json, an
+    export's <file>.tokenizer.json; a run folder: its newest checkpoint's); else a tokenizer.json beside the
+    checkpoint, its folder or the folder above, then beside the data."""
+    from fineviti.eval.checkpoint import checkpoint_path
+    from fineviti.train.export import tokenizer_file
+
     if args.tokenizer:
         return Path(args.tokenizer)
     places = []
+    for start in (args.checkpoint, args.vision_checkpoint):
+        if start:
+            kept = checkpoint_path(start)
+            places.append(kept / "tokenizer.json" if kept.is_dir() else tokenizer_file(kept))
     for start in (args.checkpoint, args.vision_checkpoint, args.data):
         if start:
             path = Path(start)
             places += [path / "tokenizer.json", path.parent / "tokenizer.json", path.parent.parent / "tokenizer.json"]
+    places = list(dict.fromkeys(places))
     for place in places:
         if place.is_file():
             return place

@@ -1,12 +1,13 @@
 """Checkpoints with torch.distributed.checkpoint (DCP): written to a temporary folder, then renamed, so that a
 checkpoint folder is either complete or absent.
 
-Layout: run_dir/checkpoints/step-00000100/ holds the DCP files (.metadata, one .distcp per rank) and config.json
-(the run's resolved config, so that stage 2 and `fineviti export` can rebuild the model). A save in progress
-writes run_dir/checkpoints/.tmp-step-00000100/ and renames it when every rank has written and the metadata is
-down; folders left by a save that died are ignored, and removed when the next run starts. A run that starts
-at step s (fresh: 0; resumed: the checkpoint's step) and will save moves this folder's checkpoints of later steps
-(and one of step s from elsewhere), which belong to a branch it abandons, into run_dir/checkpoints/superseded-<time>/:
+Layout: run_dir/checkpoints/step-00000100/ holds the DCP files (.metadata, one .distcp per rank), config.json (the
+run's resolved config, so that stage 2 and `fineviti export` can rebuild the model) and, for a stage-1 run on a data
+set, tokenizer.json (a copy of the one its captions were encoded with, which `fineviti eval` reads). A save in
+progress writes run_dir/checkpoints/.tmp-step-00000100/ and renames it when every rank has written and the metadata
+is down; folders left by a save that died are ignored, and removed when the next run starts. A run that starts at
+step s (fresh: 0; resumed: the checkpoint's step) and will save moves this folder's checkpoints of later steps (and
+one of step s from elsewhere), which belong to a branch it abandons, into run_dir/checkpoints/superseded-<time>/:
 kept, but no longer what `resume = "auto"` finds or what `keep` counts (they would otherwise be chosen over, or
 outlive, the checkpoints of the new branch).
 
@@ -92,10 +93,14 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
 
 
 class Checkpointer:
-    def __init__(self, cfg, run_dir: Path, *, rank: int, world_size: int, config_json: str):
+    def __init__(self, cfg, run_dir: Path, *, rank: int, world_size: int, config_json: str,
+                 tokenizer: str | os.PathLike | None = None):
+        """tokenizer: a tokenizer.json that every checkpoint keeps a copy of (the text tower's ids mean nothing
+        without it, and the training config's path to it may be relative or gone by the time it is evaluated)."""
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.folder = Path(run_dir) / "checkpoints"
         self.config_json = config_json
+        self.tokenizer = Path(tokenizer) if tokenizer is not None else None
         self._pending = None  # (future, tmp, final, step) of an asynchronous save
         # An asynchronous save runs its collectives from DCP's writer thread, while the training steps run theirs:
         # on one group they interleave differently on each rank (a mismatch), and an NCCL-only group has no CPU
@@ -138,6 +143,8 @@ class Checkpointer:
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
             (tmp / "config.json").write_text(self.config_json)
+            if self.tokenizer is not None:
+                shutil.copyfile(self.tokenizer, tmp / "tokenizer.json")
 
         self._on_rank0(prepare, f"could not prepare the checkpoint folder {tmp}")
         if self.cfg.async_save:

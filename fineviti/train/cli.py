@@ -98,10 +98,11 @@ def is_override(text: str) -> bool:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from fineviti.train.export import export_checkpoint
+    from fineviti.train.export import export_checkpoint, tokenizer_file
 
     path = export_checkpoint(args.checkpoint, args.out, part=args.part, overwrite=args.overwrite)
-    print(f"wrote {path} and {path}.json")
+    tokenizer = f" and {tokenizer_file(path)}" if tokenizer_file(path).is_file() else ""
+    print(f"wrote {path}, {path}.json{tokenizer}")
     return 0
 
 

@@ -1,8 +1,9 @@
 """`fineviti export`: a checkpoint's vision tower (or whole model) as one safetensors file with its config.
 
-The file holds the tensors by their parameter names (the vision tower's without the "visual." prefix) and, in
-the safetensors metadata, the resolved training config ("config", JSON) and what was exported ("part"); the
-same config is also written beside it as <file>.json. Loading: safetensors.torch.load_file, then
+The file holds the tensors by their parameter names (the vision tower's without the "visual." prefix) and, in the
+safetensors metadata, the resolved training config ("config", JSON) and what was exported ("part"); the same config
+is also written beside it as <file>.json, and the tokenizer of a stage-1 run's captions as <file>.tokenizer.json
+(where the checkpoint has one: `fineviti eval` reads it). Loading: safetensors.torch.load_file, then
 VisionTower(VisionConfig(**config["model"]["vision"]), ...).load_state_dict (fineviti.eval reads it too).
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -19,8 +21,10 @@ PARTS = ("vision", "full")
 
 
 def export_model(model: nn.Module, out: str | os.PathLike, *, part: str = "vision", config: dict | None = None,
-                 write: bool = True) -> Path:
-    """Writes `model` (a FineViT or an Aligner; part "vision": its .visual) to `out` (.safetensors).
+                 write: bool = True, tokenizer: str | os.PathLike | None = None) -> Path:
+    """Writes `model` (a FineViT or an Aligner; part "vision": its .visual) to `out` (.safetensors), and a copy of
+    `tokenizer` (a tokenizer.json) to tokenizer_file(out); without one, an earlier export's copy there is removed
+    (it would belong to other weights).
 
     A sharded model (FSDP2's DTensors) is gathered tensor by tensor, a collective: every rank calls this, and only
     the one with write=True (rank 0) keeps the tensors and writes the file."""
@@ -49,19 +53,30 @@ def export_model(model: nn.Module, out: str | os.PathLike, *, part: str = "visio
     meta = {"part": part, "format": "fineviti", "config": json.dumps(config or {})}
     save_file(state, str(out), metadata=meta)
     out.with_suffix(out.suffix + ".json").write_text(json.dumps({"part": part, "config": config or {}}, indent=2))
+    if tokenizer is not None:
+        if not tokenizer_file(out).exists() or not os.path.samefile(tokenizer, tokenizer_file(out)):
+            shutil.copyfile(tokenizer, tokenizer_file(out))
+    else:
+        tokenizer_file(out).unlink(missing_ok=True)
     return out
+
+
+def tokenizer_file(out: str | os.PathLike) -> Path:
+    """Where an export keeps its tokenizer: <file>.tokenizer.json beside <file>.safetensors."""
+    out = Path(out)
+    return out.with_suffix(out.suffix + ".tokenizer.json")
 
 
 def check_export_path(out: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """`out` as export writes it: a .safetensors file name (fineviti eval picks its loader by the suffix), not a
-    folder, and not an existing file unless `overwrite` (it and its .json would be replaced)."""
+    folder, and not an existing file unless `overwrite` (it, its .json and .tokenizer.json would be replaced)."""
     path = Path(out)
     if path.suffix != ".safetensors":
         raise ValueError(f"--out must be a file name ending in .safetensors, got {str(out)!r}")
     if path.is_dir():
         raise IsADirectoryError(f"--out {str(out)!r} is a folder; expected a .safetensors file name in one")
     if path.exists() and not overwrite:
-        raise FileExistsError(f"--out {str(out)!r} exists; pass --overwrite to replace it (and its .json)")
+        raise FileExistsError(f"--out {str(out)!r} exists; pass --overwrite to replace it (and its .json files)")
     return path
 
 
@@ -88,4 +103,5 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
             model = Aligner(cfg.aligner, lm=lm)
     model = model.to_empty(device="cpu")
     load_module_state(path, model, "")
-    return export_model(model, out, part=part, config=saved)
+    tokenizer = path / "tokenizer.json"
+    return export_model(model, out, part=part, config=saved, tokenizer=tokenizer if tokenizer.is_file() else None)

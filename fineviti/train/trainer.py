@@ -132,8 +132,12 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.scheduler, cfg.training.steps)
         self.tokens = self._prompt_ids() if self.stage == 2 else None
         self.config_json = self._config_json()
+        # stage 1 on a data set: its checkpoints keep the captions' tokenizer (a stage-2 run's is its LM's, or the
+        # built-in LM's data set's, which nothing reads back from a checkpoint)
+        tokenizer = self.data.tokenizer.path if self.stage == 1 and isinstance(self.data, LoaderSource) else None
         self.checkpointer = ckpt.Checkpointer(cfg.checkpoint, self.run_dir, rank=self.rank,
-                                              world_size=self.world.world_size, config_json=self.config_json)
+                                              world_size=self.world.world_size, config_json=self.config_json,
+                                              tokenizer=tokenizer)
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.checkpointer.clean_partial()
@@ -388,7 +392,8 @@ class Trainer:
                 from fineviti.train.export import export_model
 
                 export_model(self.raw_model, self.run_dir / "model.safetensors", part=self.cfg.checkpoint.export,
-                             config=json.loads(self.config_json), write=self.rank == 0)
+                             config=json.loads(self.config_json), write=self.rank == 0,
+                             tokenizer=self.checkpointer.tokenizer)
             elif self.cfg.checkpoint.export and self.step > 0:
                 # a run that stopped early (an error, a kill) would leave a file that looks like a finished run's,
                 # with whatever weights it stopped on (NaN after a non-finite loss)
