@@ -1077,22 +1077,29 @@ def test_a_stage1_checkpoint_and_its_exports_keep_the_tokenizer(tmp_path, shards
     import argparse
     import shutil
 
+    from fineviti.data.tokenizer import CaptionTokenizer, tokenizer_config_path
     from fineviti.eval.cli import _find_tokenizer
     from fineviti.train.export import export_checkpoint, tokenizer_file
 
     given = tmp_path / "elsewhere" / "tokenizer.json"
     given.parent.mkdir()
     shutil.copyfile(shards / "tokenizer.json", given)
+    # a Hugging Face style tokenizer_config.json beside it names the special tokens: here no pad (eos pads)
+    given.with_name("tokenizer_config.json").write_text(json.dumps({"pad_token": None}))
+    trained_with = CaptionTokenizer(given)
+    assert trained_with.pad_id == trained_with.eos_id != CaptionTokenizer(shards / "tokenizer.json").pad_id
     run(shard_config(tmp_path, shards, "training.steps=2", "checkpoint.interval=1", f"data.tokenizer={given}",
                      "checkpoint.export=vision"))
     original = given.read_bytes()
-    given.unlink()
+    shutil.rmtree(given.parent)
     run_dir = tmp_path / "run"
     kept = [folder / "tokenizer.json" for _, folder in ckpt.list_checkpoints(run_dir / "checkpoints")]
-    assert len(kept) == 2 and all(path.read_bytes() == original for path in kept)
-    assert tokenizer_file(run_dir / "model.safetensors").read_bytes() == original  # the trainer's own export
     out = export_checkpoint(run_dir, tmp_path / "vision.safetensors")
-    assert tokenizer_file(out).read_bytes() == original
+    for copy in (*kept, tokenizer_file(run_dir / "model.safetensors"), tokenizer_file(out)):  # the trainer's export
+        assert copy.read_bytes() == original and tokenizer_config_path(copy).is_file(), copy
+        assert CaptionTokenizer(copy).pad_id == trained_with.pad_id, copy
+    assert len(kept) == 2
+    assert tokenizer_config_path(tokenizer_file(out)).name == "vision.safetensors.tokenizer_config.json"
 
     def found(**kw):
         args = {"tokenizer": None, "checkpoint": None, "vision_checkpoint": None, "data": str(tmp_path / "none")}
@@ -1104,6 +1111,6 @@ def test_a_stage1_checkpoint_and_its_exports_keep_the_tokenizer(tmp_path, shards
     # an export from a checkpoint without a copy (an older run's) leaves no stale one beside the file it replaces
     kept[-1].unlink()
     export_checkpoint(kept[-1].parent, out, overwrite=True)
-    assert not tokenizer_file(out).exists()
+    assert not tokenizer_file(out).exists() and not tokenizer_config_path(tokenizer_file(out)).exists()
     with pytest.raises(FileNotFoundError, match="no --tokenizer given"):
         found(vision_checkpoint=str(out))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -41,12 +42,34 @@ def train_tokenizer(texts: Iterable[str], path: str | os.PathLike, vocab_size: i
     return path
 
 
+def tokenizer_config_path(path: str | os.PathLike) -> Path:
+    """The tokenizer_config.json that goes with the tokenizer file at `path`: the one beside it, or for a copy
+    named <name>.tokenizer.json (an export's), <name>.tokenizer_config.json."""
+    path = Path(path)
+    if path.name.endswith(".tokenizer.json"):
+        return path.with_name(path.name[:-len("tokenizer.json")] + "tokenizer_config.json")
+    return path.with_name("tokenizer_config.json")
+
+
+def copy_tokenizer(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Copies the tokenizer file `source` to `target`, with the tokenizer_config.json that names its special
+    tokens where there is one (tokenizer_config_path of each); a config at the target's place that the source
+    lacks is removed (it would name another tokenizer's tokens)."""
+    shutil.copyfile(source, target)
+    config = tokenizer_config_path(source)
+    if config.is_file():
+        shutil.copyfile(config, tokenizer_config_path(target))
+    else:
+        tokenizer_config_path(target).unlink(missing_ok=True)
+
+
 def special_token_names(path: str | os.PathLike) -> dict[str, str]:
     """The names of the <bos>, <eos> and <pad> tokens of the tokenizer.json at `path`: fineviti's, or a Hugging Face
-    model's from the tokenizer_config.json beside it (bos_token, eos_token, pad_token: a string or {"content": ...};
-    e.g. Qwen2's eos "<|endoftext|>" and no bos). A name the file leaves out keeps fineviti's."""
+    model's from the tokenizer_config.json that goes with it (`tokenizer_config_path`: bos_token, eos_token,
+    pad_token: a string or {"content": ...}; e.g. Qwen2's eos "<|endoftext|>" and no bos). A name the file leaves
+    out keeps fineviti's."""
     names = {"bos": "<bos>", "eos": "<eos>", "pad": "<pad>"}
-    config = Path(path).with_name("tokenizer_config.json")
+    config = tokenizer_config_path(path)
     if config.is_file():
         try:
             data = json.loads(config.read_text())

@@ -3,13 +3,13 @@ checkpoint folder is either complete or absent.
 
 Layout: run_dir/checkpoints/step-00000100/ holds the DCP files (.metadata, one .distcp per rank), config.json (the
 run's resolved config, so that stage 2 and `fineviti export` can rebuild the model) and, for a stage-1 run on a data
-set, tokenizer.json (a copy of the one its captions were encoded with, which `fineviti eval` reads). A save in
-progress writes run_dir/checkpoints/.tmp-step-00000100/ and renames it when every rank has written and the metadata
-is down; folders left by a save that died are ignored, and removed when the next run starts. A run that starts at
-step s (fresh: 0; resumed: the checkpoint's step) and will save moves this folder's checkpoints of later steps (and
-one of step s from elsewhere), which belong to a branch it abandons, into run_dir/checkpoints/superseded-<time>/:
-kept, but no longer what `resume = "auto"` finds or what `keep` counts (they would otherwise be chosen over, or
-outlive, the checkpoints of the new branch).
+set, tokenizer.json (a copy of the one its captions were encoded with, which `fineviti eval` reads; with its
+tokenizer_config.json where it has one). A save in progress writes run_dir/checkpoints/.tmp-step-00000100/ and
+renames it when every rank has written and the metadata is down; folders left by a save that died are ignored, and
+removed when the next run starts. A run that starts at step s (fresh: 0; resumed: the checkpoint's step) and will
+save moves this folder's checkpoints of later steps (and one of step s from elsewhere), which belong to a branch it
+abandons, into run_dir/checkpoints/superseded-<time>/: kept, but no longer what `resume = "auto"` finds or what
+`keep` counts (they would otherwise be chosen over, or outlive, the checkpoints of the new branch).
 
 Contents: model (parameters by their names without wrapper prefixes, DTensor shards under FSDP2), optim (the
 optimizer's state in the same names), scheduler, step, data (the loader's global state: planner seed, epoch,
@@ -144,7 +144,9 @@ class Checkpointer:
             tmp.mkdir(parents=True)
             (tmp / "config.json").write_text(self.config_json)
             if self.tokenizer is not None:
-                shutil.copyfile(self.tokenizer, tmp / "tokenizer.json")
+                from fineviti.data.tokenizer import copy_tokenizer
+
+                copy_tokenizer(self.tokenizer, tmp / "tokenizer.json")
 
         self._on_rank0(prepare, f"could not prepare the checkpoint folder {tmp}")
         if self.cfg.async_save:

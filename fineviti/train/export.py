@@ -3,15 +3,15 @@
 The file holds the tensors by their parameter names (the vision tower's without the "visual." prefix) and, in the
 safetensors metadata, the resolved training config ("config", JSON) and what was exported ("part"); the same config
 is also written beside it as <file>.json, and the tokenizer of a stage-1 run's captions as <file>.tokenizer.json
-(where the checkpoint has one: `fineviti eval` reads it). Loading: safetensors.torch.load_file, then
-VisionTower(VisionConfig(**config["model"]["vision"]), ...).load_state_dict (fineviti.eval reads it too).
+(where the checkpoint has one, with <file>.tokenizer_config.json where that has one: `fineviti eval` reads them).
+Loading: safetensors.torch.load_file, then VisionTower(VisionConfig(**config["model"]["vision"]),
+...).load_state_dict (fineviti.eval reads it too).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -53,11 +53,13 @@ def export_model(model: nn.Module, out: str | os.PathLike, *, part: str = "visio
     meta = {"part": part, "format": "fineviti", "config": json.dumps(config or {})}
     save_file(state, str(out), metadata=meta)
     out.with_suffix(out.suffix + ".json").write_text(json.dumps({"part": part, "config": config or {}}, indent=2))
+    from fineviti.data.tokenizer import copy_tokenizer, tokenizer_config_path
+
     if tokenizer is not None:
-        if not tokenizer_file(out).exists() or not os.path.samefile(tokenizer, tokenizer_file(out)):
-            shutil.copyfile(tokenizer, tokenizer_file(out))
+        copy_tokenizer(tokenizer, tokenizer_file(out))
     else:
         tokenizer_file(out).unlink(missing_ok=True)
+        tokenizer_config_path(tokenizer_file(out)).unlink(missing_ok=True)
     return out
 
 
