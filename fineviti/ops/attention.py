@@ -672,9 +672,11 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, cu_seqlens_k=None, max_
     seqlens: optional host-side lengths of the sequences (the data planner knows them), a list of ints or a 1-D
         integer CPU tensor: lets the triton backend launch an exact grid (and reuse its block schedule), and
         xformers skip a host read. Under torch.compile pass the tensor: a list would specialise the graph on its
-        values (a recompile per pack), the tensor reaches the triton op as an input.
-    check_values: check cu_seqlens' values (default: always on CPU, FINEVITI_CHECKS=1 on CUDA, since it costs a
-        device-to-host synchronisation).
+        values (a recompile per pack), the tensor reaches the triton op as an input. Its count, sum and maximum are
+        always checked; that it lists the differences of cu_seqlens, only with the values (check_values): on CUDA
+        it is otherwise trusted, like cu_seqlens itself, and a wrong list leaves rows of the output unwritten.
+    check_values: check cu_seqlens' values, and seqlens against them (default: always on CPU, FINEVITI_CHECKS=1 on
+        CUDA, since it costs a device-to-host synchronisation).
     Returns (total, heads, head_dim) in q's dtype, or under autocast in the autocast dtype, which q, k and v take
     first as scaled_dot_product_attention's do (and the log-sum-exp with return_lse).
     """
