@@ -128,6 +128,8 @@ void launch_typed(const RopeCudaTensors<scalar_t>& tensors, const at::Tensor& po
               " bytes of shared memory per block, more than 48 KiB");
   TORCH_CHECK(tokens_per_block * heads * half < (int64_t(1) << 31), "rope_2d: ", heads,
               " heads of head_dim ", 2 * half, " exceed the 32-bit in-block indexing");
+  TORCH_CHECK(blocks < (int64_t(1) << 31), "rope_2d: ", total, " tokens need ", blocks,
+              " blocks, more than a CUDA grid's 2**31 - 1");
   const pos_t* pos_data = pos.data_ptr<pos_t>();
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const double log2_theta = std::log2(theta);

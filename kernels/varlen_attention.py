@@ -883,9 +883,10 @@ def dq_mode(deterministic: bool, head_dim: int, dtype: torch.dtype, max_seqlen: 
 
 
 def fits_i32(*tensors: torch.Tensor) -> bool:
-    """Whether every token offset (token x token stride) of these (total, heads, head_dim) tensors is below 2**31:
-    then the kernels' loops index them in 32 bits (the head offset is added in 64 bits apart)."""
-    return all(t.shape[0] * t.stride(0) < 2**31 for t in tensors)
+    """Whether every token offset (token x token stride) of these (total, heads, head_dim) tensors, plus a row's
+    columns, is below 2**31: then the kernels' loops index them in 32 bits (the head offset is added in 64 bits
+    apart). (The columns count only for views whose rows overlap, a token stride below head_dim.)"""
+    return all(t.shape[0] * t.stride(0) + t.shape[2] * t.stride(2) < 2**31 for t in tensors)
 
 
 def i32_tokens(width: int, *q_side: torch.Tensor) -> bool:

@@ -328,6 +328,9 @@ def test_i32_token_offsets_only_where_they_fit():
     assert kernels.i32_tokens(64, fused) and fused.stride(0) == 3 * 16 * 64
     # the forward and dq kernels: any width, k and v must fit
     assert kernels.fits_i32(small, edge) and not kernels.fits_i32(small, big)
+    # rows that overlap (a token stride below head_dim): the last row's columns reach past its token offset
+    overlapping = torch.empty(1 << 31, device="meta").as_strided(((1 << 31) - 32, 1, 64), (1, 64, 1))
+    assert overlapping.shape[0] * overlapping.stride(0) < 2**31 and not kernels.fits_i32(overlapping)
 
 
 @pytest.mark.parametrize("deterministic", [True, False])
