@@ -1114,3 +1114,35 @@ def test_a_stage1_checkpoint_and_its_exports_keep_the_tokenizer(tmp_path, shards
     assert not tokenizer_file(out).exists() and not tokenizer_config_path(tokenizer_file(out)).exists()
     with pytest.raises(FileNotFoundError, match="no --tokenizer given"):
         found(vision_checkpoint=str(out))
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_what_the_step_reads_from_the_batch_is_read_before_its_copy_to_the_device(tmp_path, monkeypatch, stage):
+    """Caption truncation (stage 1) and the region samples (stage 2) read the batch's values (offsets, boxes,
+    captions, grids): after the copy to the GPU each read waited for the device, the stage-2 samples four per box
+    (an audit of the step's host synchronisations). They now take the host batch, before PackedBatch.to."""
+    from fineviti.data.batch import PackedBatch
+    from fineviti.train import stage2
+    from fineviti.train import trainer as trainer_mod
+
+    moved = []
+    original_to = PackedBatch.to
+
+    def to(self, *args, **kwargs):
+        out = original_to(self, *args, **kwargs)
+        moved.append(id(out))
+        return out
+
+    seen = []
+
+    def spy(function):
+        def wrapped(batch, *args, **kwargs):
+            seen.append(id(batch) in moved)
+            return function(batch, *args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(PackedBatch, "to", to)
+    monkeypatch.setattr(trainer_mod, "truncate_captions", spy(trainer_mod.truncate_captions))
+    monkeypatch.setattr(stage2, "region_tasks", spy(stage2.region_tasks))
+    run(config(tmp_path, f"training.stage={stage}", "training.steps=2"))
+    assert len(seen) == 2 and moved and not any(seen), seen

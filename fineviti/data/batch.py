@@ -48,18 +48,31 @@ class PackedBatch:
         return self.text_cu_seqlens.numel() - 1
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedBatch:
-        """A copy with every tensor on `device` (host lists stay)."""
+        """A copy with every tensor on `device` (host lists stay). non_blocking to a GPU: host tensors not yet in
+        pinned memory are pinned first (`to_device`)."""
         moved = {}
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if isinstance(value, torch.Tensor):
-                value = value.to(device, non_blocking=non_blocking)
+                value = to_device(value, device, non_blocking)
             moved[field.name] = value
         return PackedBatch(**moved)
 
     def pin_memory(self) -> PackedBatch:
+        """A copy whose host tensors are in pinned memory (tensors already on a GPU stay)."""
         pinned = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         for name, value in pinned.items():
-            if isinstance(value, torch.Tensor):
+            if isinstance(value, torch.Tensor) and value.device.type == "cpu":
                 pinned[name] = value.pin_memory()
         return PackedBatch(**pinned)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device | str, non_blocking: bool = False) -> torch.Tensor:
+    """tensor.to(device, non_blocking); to a GPU from host memory that is not pinned, pinned first: CUDA copies
+    from pageable memory after synchronising the stream, so a non-blocking copy of such a tensor would still make
+    the host wait for all the GPU's queued work (the pinned staging buffer comes from torch's caching allocator)."""
+    device = torch.device(device)
+    if (non_blocking and device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned()
+            and torch.cuda.is_available()):
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=non_blocking)

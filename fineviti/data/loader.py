@@ -468,6 +468,6 @@ class _nullcontext:
 
 
 def _pin(batch: PackedBatch) -> PackedBatch:
-    if batch.patches.is_cuda:
-        return batch
+    # (patches decoded on the GPU stay there; the small host tensors beside them are pinned all the same: the
+    # trainer's non-blocking copy of a pageable one would wait for the GPU)
     return batch.pin_memory()

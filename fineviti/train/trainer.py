@@ -409,10 +409,15 @@ class Trainer:
     # -- one step ----------------------------------------------------------------------------------------------
 
     def train_step(self, batch) -> dict:
+        # What is built from the batch's values is built on the host, before the copy: read after it, each value
+        # would wait for the GPU (the copy, and every step queued before it)
+        if self.stage == 1:
+            batch = truncate_captions(batch, text_length_at(self.text_schedule, self.step - 1))
+        else:
+            region = self._region_tasks(batch)
         with nvtx_range("h2d", self.nvtx):
             batch = batch.to(self.device, non_blocking=True)
         if self.stage == 1:
-            batch = truncate_captions(batch, text_length_at(self.text_schedule, self.step - 1))
             with nvtx_range("forward_backward", self.nvtx):
                 if self.cfg.training.grad_cache_images:
                     loss, out = self._grad_cache_step(batch)
@@ -421,7 +426,7 @@ class Trainer:
             local = self._stage1_counts(batch)
         else:
             with nvtx_range("forward_backward", self.nvtx):
-                loss, out, region = self._stage2_step(batch)
+                loss, out = self._stage2_step(batch, region)
             local = self._stage2_counts(batch, region)
         # skipped or repaired samples so far, all ranks (each rank's loads; the scan of the data set, which every
         # rank makes alike, once): bad data shows in every row
@@ -521,15 +526,20 @@ class Trainer:
                 torch.autograd.backward(tensors, grads)
         return loss.detach(), {"logit_scale": scale.detach(), "logit_bias": None if bias is None else bias.detach()}
 
-    def _stage2_step(self, batch):
-        from fineviti.model.aligner import IGNORE_INDEX
+    def _region_tasks(self, batch):
+        """The step's stage-2 samples, from the batch on the host (its boxes, captions and grids are read)."""
         from fineviti.train import stage2
 
         cfg = self.cfg
-        region = stage2.region_tasks(
+        return stage2.region_tasks(
             batch, self.tokens, tasks=parse_parts(cfg.stage2.tasks, "stage2.tasks", STAGE2_TASKS),
             regions_per_image=cfg.stage2.regions_per_image, merge=2,
             placeholder_id=self.raw_model.placeholder_id, seed=cfg.training.seed, step=self.step, rank=self.rank)
+
+    def _stage2_step(self, batch, region):
+        from fineviti.data.batch import to_device
+        from fineviti.model.aligner import IGNORE_INDEX
+
         # The loss's targets (labels[:, 1:] not ignored, as the aligner counts them), from the host-side labels,
         # summed over ranks with a has-regions flag in one all-reduce, before the forward: a rank without regions
         # stops every rank (one alone would leave the rest waiting in a collective).
@@ -539,19 +549,21 @@ class Trainer:
             where = f"(keys {batch.keys[:3]}...)" if region is None else "on another rank"
             raise ValueError(f"stage 2 step {self.step}: a batch without region boxes {where}; stage 2 needs data "
                              f"with regions in its json")
-        dev = self.device
+        def dev(t):
+            return to_device(t, self.device, non_blocking=True)
+
         with self._autocast():
             out = self.model(batch.patches, batch.cu_seqlens, batch.pos, batch.max_seqlen,
-                             region.input_ids.to(dev), labels=region.labels.to(dev),
-                             attention_mask=region.attention_mask.to(dev), seqlens=batch.seqlens,
-                             sample_image=region.sample_image.to(dev), padding_tokens=batch.padding_tokens)
+                             dev(region.input_ids), labels=dev(region.labels),
+                             attention_mask=dev(region.attention_mask), seqlens=batch.seqlens,
+                             sample_image=dev(region.sample_image), padding_tokens=batch.padding_tokens)
         # The aligner's loss is this rank's mean over its answer tokens, and the data-parallel wrapper averages
         # the ranks' gradients: weighted by this rank's share of all answer tokens (times the world size), every
         # token of the global batch counts alike, as in one process over the ranks' samples together (ranks' token
         # counts differ from step to step). The weighted loss, averaged over ranks by _reduce, is that global mean.
         loss = out["loss"] * (local * self.world.world_size / max(targets, 1.0))  # 1 on one process
         self._backward(loss)
-        return loss, out, region
+        return loss, out
 
     def _backward(self, loss: torch.Tensor) -> None:
         self._scaled(loss).backward()
