@@ -462,7 +462,8 @@ def _make_dist(group, img, failed: bool = False) -> _Dist | None:
     # (a bad input's rank still joins the exchange, on the group's device, and raises after it)
     every = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(every, mine, group=group)
-    rows = [t.tolist() for t in every]  # one host synchronisation: the shapes of everything below depend on it
+    # one host synchronisation (one read of all ranks' rows, not one per rank): the shapes below depend on it
+    rows = torch.stack(every).tolist()
     if failed:
         return None
     failed = [r for r, row in enumerate(rows) if row[3]]

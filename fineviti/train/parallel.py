@@ -26,6 +26,9 @@ class World:
     device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
     group: object = None  # the process group of the contrastive negatives (None on one process)
     owns_group: bool = False  # this World created the default process group (and destroys it on close)
+    # every rank, on gloo: for host values (counts, flags, the loss for the metrics), which on NCCL would go
+    # through the GPU and make the host wait for every kernel queued before them
+    host_group: object = None
 
     @property
     def distributed(self) -> bool:
@@ -59,8 +62,10 @@ def init_world(cfg, device: str) -> World:
     if owns:
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.timeout_s), **kwargs)
+    # (new_group is collective over every rank: each calls init_world at the same point)
+    host = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
     return World(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=dev,
-                 group=dist.group.WORLD, owns_group=owns)
+                 group=dist.group.WORLD, owns_group=owns, host_group=host)
 
 
 def close_world(world: World) -> None:
@@ -211,13 +216,14 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
     from torch.distributed.tensor import DTensor
 
     groups = grad_groups(params)
-    squared = 0.0
+    norms = []
     for group in groups:
         if group:
             norm = torch.nn.utils.get_total_norm(group, norm_type=2.0, foreach=True)
-            norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
-            squared += float(norm) ** 2
-    total = squared**0.5
+            norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    # one read of the device for both groups (FSDP2's shards and its replicated parameters), in float64 as the host
+    # summed them before: one group's norm comes back exactly
+    total = float(torch.stack([n.double() for n in norms]).square().sum().sqrt()) if norms else 0.0
     coef = max_norm / (total + 1e-6)
     if coef < 1.0:
         for group in groups:

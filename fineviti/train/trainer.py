@@ -431,7 +431,15 @@ class Trainer:
         # skipped or repaired samples so far, all ranks (each rank's loads; the scan of the data set, which every
         # rank makes alike, once): bad data shows in every row
         local["data_skipped"] = self.data.skipped() if hasattr(self.data, "skipped") else 0
-        totals = self._reduce(loss.detach().float(), local)
+        # the loss and, in stage 1, the logit scale and bias: one read of the device (read one by one, each waits
+        # for the GPU; the scale's read once came after the optimizer step, and held the next step's host work
+        # until the update had run)
+        scalars = [loss.detach().float().reshape(())]
+        if self.stage == 1:
+            scalars += [out[k].detach().float().reshape(()) for k in ("logit_scale", "logit_bias")
+                        if out.get(k) is not None]
+        read = torch.stack(scalars).tolist()
+        totals = self._reduce(read[0], local)
         check_finite(totals["loss"], self.step)
         # the base rate of this step (the schedule moves on below): optimizer.lr times the schedule's factor, not
         # the first group's rate, which in stage 2 is a part's (the vision tower's, at stage2.vision_lr_scale)
@@ -466,9 +474,9 @@ class Trainer:
             row["loss_scale"] = self.scaler.scale  # after this step's update
             row["update_skipped"] = int(not math.isfinite(grad_norm))
         if self.stage == 1:
-            row["logit_scale"] = float(out["logit_scale"].detach().float())
+            row["logit_scale"] = read[1]
             if out.get("logit_bias") is not None:
-                row["logit_bias"] = float(out["logit_bias"].detach().float())
+                row["logit_bias"] = read[2]
             row["text_length"] = text_length_at(self.text_schedule, self.step - 1)
         row.update({k: v for k, v in totals.items() if k != "loss"})
         return row
@@ -597,10 +605,10 @@ class Trainer:
                 "truncated_tokens": batch.truncated_tokens, "pairs": 0, "answer_tokens": region.answer_tokens,
                 "samples": region.n_samples, "flops": stage2_flops(self.raw_model, batch.seqlens, region)}
 
-    def _reduce(self, loss: torch.Tensor, local: dict) -> dict:
+    def _reduce(self, loss: float, local: dict) -> dict:
         """Sums the counts over ranks and averages the loss, in one all-reduce (float64: exact integers)."""
         keys = list(local)
-        values = self._sum_over_ranks([float(loss)] + [float(local[k]) for k in keys])
+        values = self._sum_over_ranks([loss] + [float(local[k]) for k in keys])
         out = {"loss": values[0] / self.world.world_size}
         out.update({k: float(v) for k, v in zip(keys, values[1:], strict=True)})
         if self.stage == 1:  # the loss FLOPs: every pair against every caption of every rank
@@ -625,15 +633,13 @@ class Trainer:
 
     def _sum_over_ranks(self, values: list[float], op: str = "SUM") -> list[float]:
         """Host values reduced over the ranks (op: "SUM", "MAX" or "MIN", a dist.ReduceOp's name) in one
-        all-reduce (float64: exact integers; on the device with NCCL), back on the host; the values themselves
-        on one process."""
+        all-reduce (float64: exact integers; on the host, over gloo, whatever the training backend: through NCCL
+        each would wait for the GPU's queue); the values themselves on one process."""
         if not self.world.distributed:
             return list(values)
         comm = torch.tensor(values, dtype=torch.float64)
-        if dist.get_backend() == "nccl":
-            comm = comm.to(self.device)
-        dist.all_reduce(comm, op=getattr(dist.ReduceOp, op))
-        return comm.cpu().tolist()
+        dist.all_reduce(comm, op=getattr(dist.ReduceOp, op), group=self.world.host_group)
+        return comm.tolist()
 
     def _max_over_ranks(self, value: int) -> int:
         return int(self._sum_over_ranks([float(value)], op="MAX")[0])
