@@ -1047,6 +1047,44 @@ def test_cuda_steps_report_mfu(tmp_path):
         assert (r["mfu"] is None) == (peak_tflops(name) is None)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("stage", [1, 2])
+def test_cuda_steps_read_the_device_only_where_they_must(tmp_path, monkeypatch, stage):
+    """Every host read of the GPU in a step waits for all the work queued before it. After the first step (Triton
+    compiles, autotuning), a step on one GPU reads the device only at these lines: the loss with the logit scale and
+    bias (one read), the gradient norm (one), and in stage 2 the aligner's count of image rows and of answer tokens.
+    An audit found 7 in stage 1 (caption truncation on the GPU batch, the scale read after the optimizer step) and
+    4 per region box in stage 2; torch.cuda.set_sync_debug_mode("warn") names each at its Python line."""
+    import linecache
+    import warnings
+
+    allowed = ["torch.stack(scalars).tolist()", "float(torch.stack([n.double()"]
+    if stage == 2:
+        allowed += ["total = int(per_sample.sum())", "(targets != IGNORE_INDEX).nonzero("]
+    original = Trainer.train_step
+    caught = []
+
+    def train_step(self, batch):
+        if self.step < 2:
+            return original(self, batch)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                return original(self, batch)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+                caught.extend(w for w in seen if "synchroniz" in str(w.message))
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    run(config(tmp_path, f"training.stage={stage}", "training.steps=4", "training.device=cuda",
+               "random_data.token_budget=4096", "random_data.max_side=32", "checkpoint.save_final=false",
+               "checkpoint.interval=0"))
+    sites = {(w.filename, w.lineno, linecache.getline(w.filename, w.lineno).strip()) for w in caught}
+    unexpected = [site for site in sites if not any(a in site[2] for a in allowed)]
+    assert caught and not unexpected, sorted(sites)
+
+
 def test_data_norm_must_match_the_vision_towers(tmp_path, shards):
     """data.norm normalises training's pixels; the tower's image_mean / image_std (saved with the model) normalise
     evaluation's and export's: a run whose two differ is refused, naming both and the overrides that fix it."""
