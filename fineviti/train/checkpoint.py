@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import os
 import re
 import shutil
@@ -321,6 +322,10 @@ class Checkpointer:
     def load(self, path: Path, model, optimizer, scheduler, data_source, scaler=None) -> int:
         """Restores everything `state` saved from checkpoint `path`; returns its step. A loss scaler keeps its
         fresh state where the checkpoint has none (a run that was not fp16)."""
+        saved = _saved_config_or_none(path)
+        current = json.loads(self.config_json)
+        if saved is not None:
+            _check_same_model(path, saved, current)
         state = self.state(model, optimizer, scheduler, 0, data_source.state_dict(), scaler=scaler)
         keys = saved_keys(path)
         if "scaler" in state and not any(k.startswith("scaler.") for k in keys):
@@ -364,7 +369,15 @@ class Checkpointer:
                                        strict=True):
             group["lr"] = base * factor(scheduler.last_epoch)
         scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
-        data_source.load_state_dict(state["data"])
+        try:
+            data_source.load_state_dict(state["data"])
+        except ValueError as err:
+            differ = _differences(saved, current, "data") if saved is not None else []
+            if not differ:
+                raise
+            raise ValueError(f"{err}. This run's data config differs from the checkpoint's: {', '.join(differ)}; "
+                             f"--resume continues with this run's config: repeat the overrides the run was started "
+                             f"with (its config.json is in the checkpoint)") from err
         if "scaler" in state:
             scaler.load_state_dict(state["scaler"])
         if "rng" in state:
@@ -422,6 +435,44 @@ def _check_group_layout(path, expected: list[tuple], saved: list[tuple]) -> None
         raise ValueError(f"checkpoint {path} groups its optimizer's parameters otherwise than this run (group "
                          f"{wrong}: saved part {saved[wrong][0]!r} with {len(saved[wrong][1])} parameters, this run "
                          f"part {expected[wrong][0]!r} with {len(expected[wrong][1])}). " + _REGROUPED)
+
+
+def _saved_config_or_none(path: str | os.PathLike) -> dict | None:
+    from fineviti._json import infinities_as_text
+    from fineviti.eval.checkpoint import saved_config as read
+
+    saved = read(path) if Path(path).is_dir() else None
+    return infinities_as_text(saved) if saved else None  # (Infinity in a config.json from before "inf" was written)
+
+
+def _differences(saved: dict, current: dict, section: str, leave_out: tuple[str, ...] = ()) -> list[str]:
+    """"section.key: checkpoint A, run B" for each field of the config section that the run sets otherwise
+    (the backends and other runtime fields aside, and the keys in `leave_out`)."""
+    from fineviti.eval.checkpoint import config_differences
+
+    def part(config):
+        return {k: v for k, v in (config.get(section) or {}).items() if k not in leave_out}
+
+    return config_differences(part(saved), part(current), f"{section}.", other="this run")
+
+
+def _check_same_model(path, saved: dict, current: dict) -> None:
+    """A resumed run builds its model from its own config: a checkpoint of another stage or architecture is
+    named here, field by field, before its tensors fail to fit (a shape error from deep in the loader, or none at
+    all for a change no shape shows, such as the heads or RoPE's theta)."""
+    stage = current.get("training", {}).get("stage", 1)
+    saved_stage = saved.get("training", {}).get("stage", 1)
+    if saved_stage != stage:
+        hint = " (stage 2 starts from a stage-1 checkpoint with stage2.init_from)" if stage == 2 else ""
+        raise ValueError(f"checkpoint {path} is of a stage-{saved_stage} run, this run is stage {stage}: --resume "
+                         f"continues a run of the same stage{hint}")
+    # (the LM's folder may have moved: its tensors' shapes still have to fit)
+    differ = _differences(saved, current, "model" if stage == 1 else "aligner", leave_out=("lm",))
+    if differ:
+        more = f" (and {len(differ) - 1} more)" if len(differ) > 1 else ""
+        raise ValueError(f"checkpoint {path} was saved by a run with another model, {differ[0]}{more}; --resume "
+                         f"continues with this run's config: repeat the overrides the run was started with (its "
+                         f"config.json is in the checkpoint)")
 
 
 def saved_keys(path: str | os.PathLike) -> list[str]:
