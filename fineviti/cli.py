@@ -101,13 +101,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
+    from fineviti._checks import env_flag
+
+    try:  # read before the work: a bad value found in the error handler buried the error it was handling
+        traceback = env_flag("FINEVITI_TRACEBACK")
+    except ValueError as exc:
+        print(f"fineviti {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     try:
         return args.run(args)
     except USAGE_ERRORS as exc:
-        from fineviti._checks import env_flag
         from fineviti._errors import keeps_traceback
 
-        if keeps_traceback(exc) or env_flag("FINEVITI_TRACEBACK"):
+        if keeps_traceback(exc) or traceback:
             raise
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
         print(f"fineviti {args.command}: error: {type(exc).__name__}: {message}\n"

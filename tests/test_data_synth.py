@@ -326,3 +326,30 @@ def test_generate_refuses_a_folder_it_did_not_write(tmp_path):
     shutil.copytree(ours / "train", older / "train")
     (older / ".DS_Store").write_bytes(b"")
     assert synth.generate(older, 2, heldout=0, processes=1)["images"] == 2
+
+
+def test_indexes_and_exports_get_the_mode_of_a_new_file(dataset, tmp_path):
+    """An index (written under a temporary name from tempfile.mkstemp, then renamed) and an export's .safetensors
+    (safetensors' writer) were 0600 whatever the umask: other users of a shared data set or export could not read
+    them. They get what open() would give, 0644 under the usual umask 022."""
+    import os
+    import stat
+
+    import torch
+
+    from fineviti._files import new_file_mode
+    from fineviti.train.export import export_model
+
+    old = os.umask(0o022)
+    try:
+        assert new_file_mode() == 0o644
+        tar = tmp_path / "copy.tar"
+        shutil.copyfile(dataset / "train/shard-00000.tar", tar)
+        idx, _ = shards.write_index(tar)
+        out = export_model(torch.nn.Linear(2, 2), tmp_path / "x.safetensors", part="full")
+        for path in (idx, out, out.with_suffix(".safetensors.json")):
+            assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+        os.umask(0o077)
+        assert new_file_mode() == 0o600
+    finally:
+        os.umask(old)

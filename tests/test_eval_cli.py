@@ -215,3 +215,17 @@ def test_a_missing_data_folder_is_named(tmp_path, capsys):
     missing = tmp_path / "nowhere"
     assert main(["eval", "--format", "synthetic", "--data", str(missing)]) == 2
     assert f"--data '{missing}' does not exist (the synthetic benchmark's folder)" in capsys.readouterr().err
+
+
+def test_a_bad_traceback_flag_is_one_error_line(tmp_path, capsys, monkeypatch):
+    """FINEVITI_TRACEBACK was read in the error handler: a bad value raised there, two chained tracebacks burying
+    the error being reported. It is read before the work now, and a bad value is one line, as FINEVITI_CHECKS's."""
+    from fineviti.cli import main
+
+    monkeypatch.setenv("FINEVITI_TRACEBACK", "maybe")
+    assert main(["eval", "--format", "synthetic", "--data", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert "FINEVITI_TRACEBACK" in err and "maybe" in err and "Traceback" not in err, err
+    monkeypatch.setenv("FINEVITI_TRACEBACK", "1")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        main(["eval", "--format", "synthetic", "--data", str(tmp_path / "nowhere")])

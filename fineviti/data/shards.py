@@ -22,6 +22,8 @@ import urllib.parse
 from collections.abc import Iterable
 from pathlib import Path
 
+from fineviti._files import as_new_file
+
 INDEX_VERSION = "v1.2"
 
 
@@ -174,6 +176,7 @@ def write_index(tar_path: str | os.PathLike, idx_path: str | os.PathLike | None 
     try:
         with os.fdopen(fd, "w") as f:
             f.write("\n".join(lines) + "\n")
+        as_new_file(tmp)  # (mkstemp's 0600 would keep the index from the data set's other users)
         os.replace(tmp, idx_path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fineviti._files import as_new_file
+
 PARTS = ("vision", "full")
 
 
@@ -52,6 +54,7 @@ def export_model(model: nn.Module, out: str | os.PathLike, *, part: str = "visio
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"part": part, "format": "fineviti", "config": json.dumps(config or {})}
     save_file(state, str(out), metadata=meta)
+    as_new_file(out)  # (safetensors writes 0600: an export is meant to be shared)
     out.with_suffix(out.suffix + ".json").write_text(json.dumps({"part": part, "config": config or {}}, indent=2))
     from fineviti.data.tokenizer import copy_tokenizer, tokenizer_config_path
 
