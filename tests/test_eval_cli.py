@@ -115,6 +115,17 @@ def test_an_exported_vision_tower_carries_its_config(trained, tmp_path, capsys):
     assert "vision.heads: checkpoint 2, model 4" in capsys.readouterr().err
     assert main(_args(root, "--vision-checkpoint", str(out))) == 0
     capsys.readouterr()
+    # as --checkpoint (which takes the whole stage-1 model) it was a list of missing tensors; now where it goes
+    assert main(_args(root, "--checkpoint", str(out))) == 2
+    assert "holds a vision tower alone (fineviti export's default --part vision): pass it as --vision-checkpoint" \
+        in capsys.readouterr().err
+    stage2 = tmp_path / "stage2" / "step-00000001"
+    stage2.mkdir(parents=True)
+    (stage2 / "config.json").write_text(json.dumps({"training": {"stage": 2}}))
+    (stage2 / ".metadata").write_bytes(b"")  # (only the config is read)
+    assert main(_args(root, "--checkpoint", str(stage2))) == 2
+    assert "is of a stage-2 run (the aligner, which has no text tower): pass it as --vision-checkpoint" \
+        in capsys.readouterr().err
 
 
 def test_coco_instances_reads_cocos_own_layout(tmp_path):

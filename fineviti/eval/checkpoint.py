@@ -187,6 +187,18 @@ def saved_config(path: str | os.PathLike) -> dict | None:
     return None
 
 
+def exported_part(path: str | os.PathLike) -> str | None:
+    """What a `fineviti export` file holds ("vision" or "full", from its metadata); None for anything else."""
+    path = checkpoint_path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    return meta.get("part") if meta.get("format") == "fineviti" else None
+
+
 def saved_model_config(path: str | os.PathLike, part: str = "model") -> dict | None:
     """The saved config of the checkpoint's stage-1 model (part "model"), or what of it the vision tower needs
     (part "vision": {"vision", "embed_dim"} of stage 1's model or stage 2's aligner); None when the checkpoint has

@@ -175,6 +175,24 @@ def _check_saved_configs(saved: dict, cfg) -> None:
             f"leave out --preset and the --set of architecture fields to use the checkpoint's own config")
 
 
+def _check_checkpoint_kind(args) -> None:
+    """--checkpoint takes a whole stage-1 model: a vision tower alone, or a stage-2 run's, is named with where it
+    goes (it failed as a list of missing tensors)."""
+    from fineviti.eval.checkpoint import exported_part, saved_config
+
+    if not args.checkpoint or not Path(args.checkpoint).exists():
+        return
+    where = ("pass it as --vision-checkpoint (with a stage-1 --checkpoint for the text tower and the logit scale, "
+             "which retrieval and zero-shot need)")
+    if exported_part(args.checkpoint) == "vision":
+        raise ValueError(f"--checkpoint {args.checkpoint!r} holds a vision tower alone (fineviti export's default "
+                         f"--part vision): {where}, or export the stage-1 run with --part full")
+    config = saved_config(args.checkpoint)
+    if config and config.get("training", {}).get("stage", 1) == 2:
+        raise ValueError(f"--checkpoint {args.checkpoint!r} is of a stage-2 run (the aligner, which has no text "
+                         f"tower): {where}")
+
+
 def _find_tokenizer(args) -> Path:
     """--tokenizer; else the copy a checkpoint keeps (a stage-1 run's checkpoint folder's tokenizer.json, an
     export's <file>.tokenizer.json; a run folder: its newest checkpoint's); else a tokenizer.json beside the
@@ -248,6 +266,7 @@ def run(args: argparse.Namespace) -> int:
     from fineviti.model import create_model
 
     _check_applies(args)
+    _check_checkpoint_kind(args)
     if not Path(args.data).exists():  # (before the tokenizer's search, which would name only the places it looked)
         raise FileNotFoundError(f"--data {str(args.data)!r} does not exist (the {args.format} benchmark's folder)")
     _check_out(args)
