@@ -630,11 +630,25 @@ def _seqlen_bucket(max_seqlen: int) -> int:
     return triton.next_power_of_2(max(max_seqlen, 16))
 
 
+def _config_from_text(variable: str, text: str) -> Config:
+    """BLOCK_M,BLOCK_N,WARPS,STAGES (e.g. "128,64,8,3"): powers of two, stages at least 1."""
+    parts = text.split(",")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) != 4 or any(v < 1 or v & (v - 1) for v in values[:3]) or values[3] < 1:
+        raise ValueError(f"{variable} must be BLOCK_M,BLOCK_N,WARPS,STAGES (four integers, the first three powers of "
+                         f"two, e.g. 128,64,8,3), got {text!r}")
+    return Config(*values)
+
+
 def pick_config(kind: str, head_dim: int, dtype: torch.dtype, max_seqlen: int, mode: str | None = None) -> Config:
     """The pinned configuration of launch `kind` ('fwd', 'dkdv' or 'dq'); `mode`: the split mode (split_mode())."""
-    override = os.environ.get(f"FINEVITI_ATTN_{kind.upper()}_CONFIG")
+    variable = f"FINEVITI_ATTN_{kind.upper()}_CONFIG"
+    override = os.environ.get(variable)
     if override:
-        return Config(*(int(x) for x in override.split(",")))
+        return _config_from_text(variable, override)
     dim_a, dim_b = split_head_dim(head_dim, dtype, mode)
     width = dim_a + dim_b
     short = _seqlen_bucket(max_seqlen) <= 64

@@ -411,6 +411,17 @@ def test_every_shipped_block_shape(monkeypatch, kind, block_m, block_n):
     check_against_reference([1, 130, 3], 1, 72, torch.float16, deterministic=kind in ("dkdv", "dq"))
 
 
+@pytest.mark.parametrize("text", ["64,64", "a,b,c,d", "64,48,4,1", "64,64,4,0", "64,64,4,1,2"])
+def test_a_malformed_config_override_names_its_variable(monkeypatch, text):
+    """It was a bare TypeError from Config's constructor, or int()'s message, naming neither."""
+    monkeypatch.setenv("FINEVITI_ATTN_FWD_CONFIG", text)
+    with pytest.raises(ValueError, match=rf"FINEVITI_ATTN_FWD_CONFIG must be BLOCK_M,BLOCK_N,WARPS,STAGES .*"
+                                         rf"got '{text}'"):
+        kernels.pick_config("fwd", 64, torch.float16, 128)
+    monkeypatch.setenv("FINEVITI_ATTN_FWD_CONFIG", "64,32,4,2")
+    assert kernels.pick_config("fwd", 64, torch.float16, 128) == kernels.Config(64, 32, 4, 2)
+
+
 def test_torch_backend_matches_reference():
     check_against_reference([1, 3, 17, 40], 2, 64, torch.float32, backend="torch")
     check_against_reference([5, 33], 1, 72, torch.float16, backend="torch")

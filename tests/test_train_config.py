@@ -51,7 +51,8 @@ def test_overrides_are_typed():
     ("training.steps=-1", "training.steps must be >= 1 (or 0 with data.epochs), got -1"),
     ("training.steps=0", "training.steps=0 (run to the end of data.epochs) needs data from shards with data.epochs "
                          "set, got data.epochs=None"),
-    ("training.steps=0 data.epochs=1 training.data_source=random", "got training.data_source='random'"),
+    ("training.steps=0 data.epochs=1 training.data_source=random",
+     "got training.data_source='random'; set training.data_source=shards with data.path, or training.steps >= 1"),
     ("training.text_length=64:0", "training.text_length"),
     ("training.text_length=0:64,800:256,800:32", "training.text_length gives step 800 more than one length"),
     ("model.vision.image_std=0.5,0,0.5", "vision.image_std must be three finite numbers > 0, got (0.5, 0.0, 0.5)"),

@@ -1208,3 +1208,16 @@ def test_resume_names_what_differs_from_the_checkpoint(tmp_path, shards):
                                    "checkpoint.resume=auto"))  # a backend is no architecture
     assert trainer.step == 2
     trainer.close()
+
+
+def test_a_missing_data_path_says_how_to_make_one(tmp_path):
+    """The tiny preset's default data.path (data/synthetic/train) does not exist on a fresh checkout: the error
+    named only the path; now also the command that makes the synthetic set and the random-batch alternative."""
+    with pytest.raises(FileNotFoundError, match=r"data.path '.*nowhere' does not exist: .*`fineviti data synth "
+                                                r"--out DIR`, then data.path=DIR/train; .*training.data_source=random"):
+        Trainer(config(tmp_path, "training.data_source=shards", f"data.path={tmp_path / 'nowhere'}"))
+
+
+def test_stage2_without_init_from_warns_of_a_random_vision_tower(tmp_path):
+    with pytest.warns(UserWarning, match="stage 2 starts from a random vision tower: stage2.init_from"):
+        run(config(tmp_path, "training.stage=2", "training.steps=1"))

@@ -138,11 +138,15 @@ def add_parsers(subparsers) -> None:
     export = subparsers.add_parser(
         "export", help="write a checkpoint's vision tower (or whole model) as safetensors with its config",
         description="Load a trainer checkpoint (a step-XXXXXXXX folder, or a run folder: its newest) and write "
-        "one .safetensors file (the config in its metadata and beside it as FILE.json).")
+        "one .safetensors file: the config in its metadata and beside it as FILE.safetensors.json, and a stage-1 "
+        "checkpoint's tokenizer as FILE.safetensors.tokenizer.json (with its tokenizer_config.json, if any, as "
+        "FILE.safetensors.tokenizer_config.json). A vision export evaluates as `fineviti eval --vision-checkpoint`; "
+        "`--part full` of a stage-1 run as `--checkpoint`.")
     export.add_argument("checkpoint", help="checkpoint folder or run folder")
     export.add_argument("--out", required=True, help="output .safetensors file")
     export.add_argument("--part", default="vision", choices=("vision", "full"), help="what to export (default vision)")
-    export.add_argument("--overwrite", action="store_true", help="replace --out (and its .json) when it exists")
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace --out (and the files beside it) when it exists")
     export.set_defaults(run=_run_export)
 
     demo = subparsers.add_parser(

@@ -180,10 +180,13 @@ class JobConfig:
         if hasattr(self.data, "validate"):
             self.data.validate("data.")
         if self.training.steps == 0 and (self.training.data_source != "shards" or self.data.epochs is None):
-            source = (f"training.data_source={self.training.data_source!r}" if self.training.data_source != "shards"
-                      else "data.epochs=None (endless)")
+            if self.training.data_source != "shards":
+                source, fix = (f"training.data_source={self.training.data_source!r}",
+                               "training.data_source=shards with data.path")
+            else:
+                source, fix = "data.epochs=None (endless)", "data.epochs"
             raise ValueError(f"training.steps=0 (run to the end of data.epochs) needs data from shards with "
-                             f"data.epochs set, got {source}; set data.epochs or training.steps >= 1")
+                             f"data.epochs set, got {source}; set {fix}, or training.steps >= 1")
         for key in ("training.steps", "metrics.log_every", "parallel.selective_every", "stage2.regions_per_image",
                     "random_data.token_budget", "random_data.min_side", "random_data.min_text"):
             value = get_key(self, key)

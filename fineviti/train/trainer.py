@@ -176,6 +176,9 @@ class Trainer:
                     warnings.warn(f"resuming {resume} with another config than it was saved with: "
                                   f"{'; '.join(changed)} (a resumed run takes this run's config, not the "
                                   f"checkpoint's: repeat the first run's overrides to keep them)", stacklevel=2)
+        if self.stage == 2 and resume is None and not cfg.stage2.init_from and self.rank == 0:
+            warnings.warn("stage 2 starts from a random vision tower: stage2.init_from names no stage-1 checkpoint "
+                          "or run folder to start it from", stacklevel=2)
         if superseded:
             self.metrics.event(kind="superseded", step=self.step, moved=[str(p) for p in superseded])
         window = parse_profile(cfg.metrics.profile)
@@ -250,6 +253,11 @@ class Trainer:
                 vocab = self.raw_model.lm.vocab_size
             return RandomBatches(cfg.random_data, patch_size=patch, merge=merge, vocab_size=vocab, rank=self.rank,
                                  world_size=self.world.world_size, with_regions=self.stage == 2)
+        if not Path(cfg.data.path).exists():
+            raise FileNotFoundError(
+                f"data.path {cfg.data.path!r} does not exist: a folder of .tar shards (or one .tar) is expected. The "
+                f"synthetic set: `fineviti data synth --out DIR`, then data.path=DIR/train; or train on random "
+                f"batches with training.data_source=random")
         vision = cfg.model.vision if self.stage == 1 else cfg.aligner.vision
         if self.stage == 2 and cfg.aligner.lm != "builtin":  # the LM's own vocabulary, not the data set's
             from fineviti.train import stage2
