@@ -63,6 +63,9 @@ def test_eval_builds_the_model_from_the_checkpoints_config(trained, capsys):
                       str(root / "eval"))) == 0
     report = json.loads((root / "eval" / "report.json").read_text())
     assert report["meta"]["loaded"]["checkpoint"]["tensors"] > 0 and report["retrieval"]["n"] == 6
+    # the tokenizer it found (beside the data here: the checkpoint keeps no copy) is named and recorded
+    assert report["meta"]["tokenizer"] == str(root / "data" / "tokenizer.json")
+    assert f"fineviti eval: tokenizer {root / 'data' / 'tokenizer.json'}" in capsys.readouterr().err
     assert report["meta"]["exif_orientation"] is True
     assert main(_args(root, "--checkpoint", str(folder), "--set", "attn_backend=torch", "--no-exif-orientation",
                       "--box-frame", "upright", "--out", str(root / "eval_stored"))) == 0

@@ -237,3 +237,10 @@ def test_cxx_only_build_of_a_cuda_torch_without_nvcc(tmp_path):
         "assert cu.tolist() == [0, 6, 7] and pos.shape == (7, 2), (cu, pos)\n"
     )
     run_python(code, cwd=tmp_path, PYTHONPATH=str(tmp_path / "site"))
+
+
+def test_the_ops_are_listed_before_their_first_use():
+    """fineviti.ops resolves its names lazily; dir() (tab completion, help()) listed none of them."""
+    out = run_python("import fineviti.ops as o; names = dir(o); print(set(o.__all__) <= set(names), "
+                     "'varlen_attention' in vars(o))", cwd=ROOT)
+    assert out.split() == ["True", "False"]

@@ -1221,3 +1221,16 @@ def test_a_missing_data_path_says_how_to_make_one(tmp_path):
 def test_stage2_without_init_from_warns_of_a_random_vision_tower(tmp_path):
     with pytest.warns(UserWarning, match="stage 2 starts from a random vision tower: stage2.init_from"):
         run(config(tmp_path, "training.stage=2", "training.steps=1"))
+
+
+def test_a_backend_the_device_cannot_run_is_named_before_any_work(tmp_path, monkeypatch):
+    """model.attn_backend=triton on a CPU without Triton's interpreter failed at the first step, a traceback from
+    inside the forward; the rope backend 'cuda' likewise."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match=r"model.attn_backend='triton' cannot run on this run's device \(cpu\): "
+                                         r".*TRITON_INTERPRET=1"):
+        Trainer(config(tmp_path, "model.attn_backend=triton", "training.device=cpu"))
+    with pytest.raises(ValueError, match=r"aligner.rope_backend='cuda' cannot run .*CUDA tensors only"):
+        Trainer(config(tmp_path, "training.stage=2", "aligner.rope_backend=cuda", "training.device=cpu"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    Trainer(config(tmp_path, "model.norm_backend=triton", "training.device=cpu")).close()

@@ -280,6 +280,8 @@ def run(args: argparse.Namespace) -> int:
         if device == "cuda":
             device = f"cuda:{torch.cuda.current_device()}"
         tokenizer = CaptionTokenizer(_find_tokenizer(args))
+        if not args.tokenizer:  # (found: said, and recorded in the report's meta)
+            print(f"fineviti eval: tokenizer {tokenizer.path}", file=sys.stderr)
         overrides = _parse_overrides(args.overrides)
         saved, base = _saved_configs(args)
         if isinstance(base, str) and not any(k in overrides for k in ("text.vocab_size", "text")):
@@ -322,7 +324,8 @@ def run(args: argparse.Namespace) -> int:
                                 pixel_path=args.pixel_path, exif_orientation=args.exif_orientation,
                                 box_frame=args.box_frame or "auto",
                                 **({"max_pixels": args.max_pixels} if args.max_pixels is not None else {}))
-        meta = {"format": args.format, "data": str(args.data), "preset": args.preset or model.cfg.name,
+        meta = {"format": args.format, "data": str(args.data), "tokenizer": str(tokenizer.path),
+                "preset": args.preset or model.cfg.name,
                 "overrides": overrides,
                 "loaded": loaded, "sets": {k: len(t.records) for k, t in tasks.items()}}
         report = runner.evaluate(model, tokenizer, tasks, cfg=cfg, out_dir=args.out, device=device, meta=meta)

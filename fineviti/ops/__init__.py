@@ -32,3 +32,8 @@ def __getattr__(name):
     if name not in _WHERE:
         raise AttributeError(f"module 'fineviti.ops' has no attribute {name!r}")
     return getattr(importlib.import_module(f"fineviti.ops.{_WHERE[name]}"), name)
+
+
+def __dir__():
+    # (the ops resolve lazily: listed here, dir(), help() and tab completion show them before their first use)
+    return sorted({*globals(), *_WHERE})

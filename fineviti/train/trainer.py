@@ -89,6 +89,7 @@ class Trainer:
         self.stage = cfg.training.stage
         self.mp_dtype = parallel.mixed_precision_dtype(cfg.training.mixed_precision, self.device)
         self.text_schedule = parse_text_schedule(cfg.training.text_length)
+        self._check_backends()
         if cfg.eval.every:  # found missing now, not at the first evaluation
             from fineviti.data.shards import list_shards
 
@@ -228,6 +229,27 @@ class Trainer:
         self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
         if getattr(self, "metrics", None) is not None:  # (after a resume it is made later, with this total)
             self.metrics.set_total(total)
+
+    def _check_backends(self) -> None:
+        """A backend the run's device cannot run, named before any work (it failed at the first step, from inside
+        the forward)."""
+        from fineviti._checks import triton_interpreting
+        from fineviti.ops.attention import backend_available
+
+        section, prefix = (self.cfg.model, "model") if self.stage == 1 else (self.cfg.aligner, "aligner")
+        for field in ("attn_backend", "rope_backend", "loss_backend", "norm_backend", "swiglu_backend"):
+            value = getattr(section, field, "auto")
+            if value == "auto":
+                continue
+            if field == "attn_backend":
+                ok, why = backend_available(value, self.device)
+            elif value == "triton":
+                ok = self.device.type == "cuda" or triton_interpreting()
+                why = "backend 'triton' on a CPU needs TRITON_INTERPRET=1 set before triton is imported"
+            else:
+                ok, why = value != "cuda" or self.device.type == "cuda", "backend 'cuda' runs on CUDA tensors only"
+            if not ok:
+                raise ValueError(f"{prefix}.{field}={value!r} cannot run on this run's device ({self.device}): {why}")
 
     def _changed_since(self, checkpoint: Path) -> list[str]:
         """What this run's config sets otherwise than the checkpoint's config.json ("optimizer.lr: checkpoint 0.0001,
