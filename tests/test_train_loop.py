@@ -1126,10 +1126,16 @@ def test_a_stage1_checkpoint_and_its_exports_keep_the_tokenizer(tmp_path, shards
     given.with_name("tokenizer_config.json").write_text(json.dumps({"pad_token": None}))
     trained_with = CaptionTokenizer(given)
     assert trained_with.pad_id == trained_with.eos_id != CaptionTokenizer(shards / "tokenizer.json").pad_id
-    run(shard_config(tmp_path, shards, "training.steps=2", "checkpoint.interval=1", f"data.tokenizer={given}",
-                     "checkpoint.export=vision"))
+    trainer = Trainer(shard_config(tmp_path, shards, "training.steps=2", "checkpoint.interval=1",
+                                   f"data.tokenizer={given}", "checkpoint.export=vision"))
     original = given.read_bytes()
+    # removed (or moved, or rewritten) while the run goes on: its saves keep the tokenizer it started with (each
+    # save once copied the file anew, and failed the run at its next save without it)
     shutil.rmtree(given.parent)
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
     run_dir = tmp_path / "run"
     kept = [folder / "tokenizer.json" for _, folder in ckpt.list_checkpoints(run_dir / "checkpoints")]
     out = export_checkpoint(run_dir, tmp_path / "vision.safetensors")
@@ -1152,6 +1158,27 @@ def test_a_stage1_checkpoint_and_its_exports_keep_the_tokenizer(tmp_path, shards
     assert not tokenizer_file(out).exists() and not tokenizer_config_path(tokenizer_file(out)).exists()
     with pytest.raises(FileNotFoundError, match="no --tokenizer given"):
         found(vision_checkpoint=str(out))
+
+
+def test_tokenizer_copies_carry_the_special_tokens_they_were_read_with(tmp_path, shards):
+    """A tokenizer without a tokenizer_config.json is copied with one that names the special tokens it was read
+    with (fineviti's), so that the copy reads them alike even beside another tokenizer_config.json; a file named
+    <name>.tokenizer.json without its own <name>.tokenizer_config.json still reads the one beside it."""
+    import shutil
+
+    from fineviti.data.tokenizer import CaptionTokenizer, tokenizer_config_path, tokenizer_files, write_tokenizer
+
+    source = CaptionTokenizer(shards / "tokenizer.json")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"pad_token": None, "eos_token": "<bos>"}))
+    copy = tmp_path / "x.safetensors.tokenizer.json"
+    write_tokenizer(tokenizer_files(shards / "tokenizer.json"), copy)
+    assert tokenizer_config_path(copy) == tmp_path / "x.safetensors.tokenizer_config.json"
+    read = CaptionTokenizer(copy)
+    assert (read.bos_id, read.eos_id, read.pad_id) == (source.bos_id, source.eos_id, source.pad_id)
+    named = tmp_path / "qwen.tokenizer.json"
+    shutil.copyfile(shards / "tokenizer.json", named)
+    assert tokenizer_config_path(named) == tmp_path / "tokenizer_config.json"
+    assert CaptionTokenizer(named).eos_id == source.bos_id
 
 
 @pytest.mark.parametrize("stage", [1, 2])

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -43,24 +42,46 @@ def train_tokenizer(texts: Iterable[str], path: str | os.PathLike, vocab_size: i
 
 
 def tokenizer_config_path(path: str | os.PathLike) -> Path:
-    """The tokenizer_config.json that goes with the tokenizer file at `path`: the one beside it, or for a copy
-    named <name>.tokenizer.json (an export's), <name>.tokenizer_config.json."""
+    """The tokenizer_config.json that goes with the tokenizer file at `path`: for a copy named <name>.tokenizer.json
+    (an export's), <name>.tokenizer_config.json where there is one; else the tokenizer_config.json beside it."""
     path = Path(path)
+    own = _own_config_path(path)
+    return own if own.name != "tokenizer_config.json" and own.is_file() else path.with_name("tokenizer_config.json")
+
+
+def _own_config_path(path: Path) -> Path:
     if path.name.endswith(".tokenizer.json"):
         return path.with_name(path.name[:-len("tokenizer.json")] + "tokenizer_config.json")
     return path.with_name("tokenizer_config.json")
 
 
-def copy_tokenizer(source: str | os.PathLike, target: str | os.PathLike) -> None:
-    """Copies the tokenizer file `source` to `target`, with the tokenizer_config.json that names its special
-    tokens where there is one (tokenizer_config_path of each); a config at the target's place that the source
-    lacks is removed (it would name another tokenizer's tokens)."""
-    shutil.copyfile(source, target)
+def tokenizer_files(source: str | os.PathLike) -> dict[str, bytes]:
+    """The tokenizer file `source`, read now, with a tokenizer_config.json: its own where it has one, else one that
+    names the special tokens it is read with here, so that a copy reads them alike wherever it lies (write_tokenizer).
+    Read once when a run starts, the copies a run writes stay the tokenizer its captions were encoded with, even if
+    the file is later moved, removed or rewritten."""
     config = tokenizer_config_path(source)
     if config.is_file():
-        shutil.copyfile(config, tokenizer_config_path(target))
+        settings = config.read_bytes()
     else:
-        tokenizer_config_path(target).unlink(missing_ok=True)
+        names = special_token_names(source)
+        settings = json.dumps({f"{k}_token": v or None for k, v in names.items()}, indent=2).encode()
+    return {"tokenizer": Path(source).read_bytes(), "config": settings}
+
+
+def write_tokenizer(files: dict[str, bytes], target: str | os.PathLike) -> None:
+    """Writes tokenizer_files' result as the tokenizer file `target` and its tokenizer_config.json (beside it, or
+    <name>.tokenizer_config.json for a target named <name>.tokenizer.json)."""
+    target = Path(target)
+    target.write_bytes(files["tokenizer"])
+    _own_config_path(target).write_bytes(files["config"])
+
+
+def remove_tokenizer(target: str | os.PathLike) -> None:
+    """Removes the tokenizer file `target` and the config write_tokenizer writes beside it, where they exist."""
+    target = Path(target)
+    target.unlink(missing_ok=True)
+    _own_config_path(target).unlink(missing_ok=True)
 
 
 def special_token_names(path: str | os.PathLike) -> dict[str, str]:

@@ -97,11 +97,14 @@ class Checkpointer:
     def __init__(self, cfg, run_dir: Path, *, rank: int, world_size: int, config_json: str,
                  tokenizer: str | os.PathLike | None = None):
         """tokenizer: a tokenizer.json that every checkpoint keeps a copy of (the text tower's ids mean nothing
-        without it, and the training config's path to it may be relative or gone by the time it is evaluated)."""
+        without it, and the training config's path to it may be relative or gone by the time it is evaluated); read
+        here, once, with its tokenizer_config.json (data.tokenizer.tokenizer_files)."""
+        from fineviti.data.tokenizer import tokenizer_files
+
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.folder = Path(run_dir) / "checkpoints"
         self.config_json = config_json
-        self.tokenizer = Path(tokenizer) if tokenizer is not None else None
+        self.tokenizer_files = tokenizer_files(tokenizer) if tokenizer is not None else None
         self._pending = None  # (future, tmp, final, step) of an asynchronous save
         # An asynchronous save runs its collectives from DCP's writer thread, while the training steps run theirs:
         # on one group they interleave differently on each rank (a mismatch), and an NCCL-only group has no CPU
@@ -144,10 +147,10 @@ class Checkpointer:
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
             (tmp / "config.json").write_text(self.config_json)
-            if self.tokenizer is not None:
-                from fineviti.data.tokenizer import copy_tokenizer
+            if self.tokenizer_files is not None:
+                from fineviti.data.tokenizer import write_tokenizer
 
-                copy_tokenizer(self.tokenizer, tmp / "tokenizer.json")
+                write_tokenizer(self.tokenizer_files, tmp / "tokenizer.json")
 
         self._on_rank0(prepare, f"could not prepare the checkpoint folder {tmp}")
         if self.cfg.async_save:

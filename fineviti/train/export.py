@@ -23,10 +23,10 @@ PARTS = ("vision", "full")
 
 
 def export_model(model: nn.Module, out: str | os.PathLike, *, part: str = "vision", config: dict | None = None,
-                 write: bool = True, tokenizer: str | os.PathLike | None = None) -> Path:
-    """Writes `model` (a FineViT or an Aligner; part "vision": its .visual) to `out` (.safetensors), and a copy of
-    `tokenizer` (a tokenizer.json) to tokenizer_file(out); without one, an earlier export's copy there is removed
-    (it would belong to other weights).
+                 write: bool = True, tokenizer: dict[str, bytes] | None = None) -> Path:
+    """Writes `model` (a FineViT or an Aligner; part "vision": its .visual) to `out` (.safetensors), and
+    `tokenizer` (data.tokenizer.tokenizer_files' result) as tokenizer_file(out); without one, an earlier export's
+    tokenizer there is removed (it would belong to other weights).
 
     A sharded model (FSDP2's DTensors) is gathered tensor by tensor, a collective: every rank calls this, and only
     the one with write=True (rank 0) keeps the tensors and writes the file."""
@@ -56,13 +56,12 @@ def export_model(model: nn.Module, out: str | os.PathLike, *, part: str = "visio
     save_file(state, str(out), metadata=meta)
     as_new_file(out)  # (safetensors writes 0600: an export is meant to be shared)
     out.with_suffix(out.suffix + ".json").write_text(json.dumps({"part": part, "config": config or {}}, indent=2))
-    from fineviti.data.tokenizer import copy_tokenizer, tokenizer_config_path
+    from fineviti.data.tokenizer import remove_tokenizer, write_tokenizer
 
     if tokenizer is not None:
-        copy_tokenizer(tokenizer, tokenizer_file(out))
+        write_tokenizer(tokenizer, tokenizer_file(out))
     else:
-        tokenizer_file(out).unlink(missing_ok=True)
-        tokenizer_config_path(tokenizer_file(out)).unlink(missing_ok=True)
+        remove_tokenizer(tokenizer_file(out))
     return out
 
 
@@ -108,5 +107,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
             model = Aligner(cfg.aligner, lm=lm)
     model = model.to_empty(device="cpu")
     load_module_state(path, model, "")
-    tokenizer = path / "tokenizer.json"
-    return export_model(model, out, part=part, config=saved, tokenizer=tokenizer if tokenizer.is_file() else None)
+    from fineviti.data.tokenizer import tokenizer_files
+
+    kept = path / "tokenizer.json"
+    tokenizer = tokenizer_files(kept) if kept.is_file() else None
+    return export_model(model, out, part=part, config=saved, tokenizer=tokenizer)

@@ -423,7 +423,7 @@ class Trainer:
 
                 export_model(self.raw_model, self.run_dir / "model.safetensors", part=self.cfg.checkpoint.export,
                              config=json.loads(self.config_json), write=self.rank == 0,
-                             tokenizer=self.checkpointer.tokenizer)
+                             tokenizer=self.checkpointer.tokenizer_files)
             elif self.cfg.checkpoint.export and self.step > 0:
                 # a run that stopped early (an error, a kill) would leave a file that looks like a finished run's,
                 # with whatever weights it stopped on (NaN after a non-finite loss)
