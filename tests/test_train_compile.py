@@ -89,7 +89,6 @@ def _compiled_against_eager(attn_backend, checkpointing="full"):
     # the last two packs compile nothing new. A block's graph once broke at the RoPE theta check (math.isfinite
     # on the float dynamo keeps symbolic) where no checkpoint wrapper surrounds it ("none"): [2, 7, 11, 13, 13]
     # graphs, and a pinned max_seqlen gave [2, 7, 11, 14, 16].
-    print(graphs)
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert graphs[0] > 0 and graphs[-1] == graphs[-3], graphs
     torch._dynamo.reset()

@@ -1058,6 +1058,7 @@ def test_cuda_steps_read_the_device_only_where_they_must(tmp_path, monkeypatch, 
     import linecache
     import warnings
 
+    monkeypatch.delenv("FINEVITI_CHECKS", raising=False)  # (value checks read the device by design)
     allowed = ["torch.stack(scalars).tolist()", "float(torch.stack([n.double()"]
     if stage == 2:
         allowed += ["total = int(per_sample.sum())", "(targets != IGNORE_INDEX).nonzero("]
@@ -1152,8 +1153,15 @@ def test_a_stage1_checkpoint_and_its_exports_keep_the_tokenizer(tmp_path, shards
     assert found(checkpoint=str(run_dir)) == kept[-1]  # a run folder: its newest checkpoint's copy
     assert found(checkpoint=str(kept[0].parent)) == kept[0]
     assert found(vision_checkpoint=str(out)) == tokenizer_file(out)
+    # both: the text tower's checkpoint's first (it reads the captions), whatever the vision tower's keeps
+    assert found(checkpoint=str(kept[0].parent), vision_checkpoint=str(out)) == kept[0]
     # an export from a checkpoint without a copy (an older run's) leaves no stale one beside the file it replaces
     kept[-1].unlink()
+    # a text tower's checkpoint without a copy: a tokenizer beside it still comes before the vision tower's copy
+    beside = kept[-1].parent.parent / "tokenizer.json"
+    shutil.copyfile(kept[0], beside)
+    assert found(checkpoint=str(kept[-1].parent), vision_checkpoint=str(out)) == beside
+    beside.unlink()
     export_checkpoint(kept[-1].parent, out, overwrite=True)
     assert not tokenizer_file(out).exists() and not tokenizer_config_path(tokenizer_file(out)).exists()
     with pytest.raises(FileNotFoundError, match="no --tokenizer given"):
@@ -1190,19 +1198,19 @@ def test_what_the_step_reads_from_the_batch_is_read_before_its_copy_to_the_devic
     from fineviti.train import stage2
     from fineviti.train import trainer as trainer_mod
 
-    moved = []
+    moved = []  # the batches .to() made, kept alive (ids of freed objects are reused)
     original_to = PackedBatch.to
 
     def to(self, *args, **kwargs):
         out = original_to(self, *args, **kwargs)
-        moved.append(id(out))
+        moved.append(out)
         return out
 
     seen = []
 
     def spy(function):
         def wrapped(batch, *args, **kwargs):
-            seen.append(id(batch) in moved)
+            seen.append(any(batch is m for m in moved))
             return function(batch, *args, **kwargs)
         return wrapped
 
@@ -1228,13 +1236,32 @@ def test_resume_names_what_differs_from_the_checkpoint(tmp_path, shards):
                              "model.text.rope_theta=100", "checkpoint.resume=auto"))
     with pytest.raises(ValueError, match=r"stage-1 run, this run is stage 2: .*stage2.init_from"):
         Trainer(shard_config(tmp_path, shards, "training.steps=3", "training.stage=2", "checkpoint.resume=auto"))
-    with pytest.raises(ValueError, match=r"another plan .* data config differs from the checkpoint's: "
-                                         r"data.token_budget: checkpoint 256, this run 320"):
-        Trainer(shard_config(tmp_path, shards, "training.steps=3", "data.token_budget=320", "checkpoint.resume=auto"))
+    with pytest.raises(ValueError, match=r"another plan .* data settings differ from the checkpoint's: "
+                                         r"data.token_budget: checkpoint 256, this run 320;"):
+        Trainer(shard_config(tmp_path, shards, "training.steps=3", "data.token_budget=320", "data.prefetch=4",
+                             "checkpoint.resume=auto"))  # (the prefetch depth shapes no plan: not named)
     trainer = Trainer(shard_config(tmp_path, shards, "training.steps=3", "model.attn_backend=torch",
                                    "checkpoint.resume=auto"))  # a backend is no architecture
     assert trainer.step == 2
     trainer.close()
+
+
+def test_resume_on_a_data_set_that_changed_says_so(tmp_path, shards):
+    """Same settings, other samples at data.path: the plan's fingerprint differs and no setting does; the error
+    says the data set changed (it once listed settings that shape no plan, as if repeating them would help)."""
+    import shutil
+
+    from fineviti.data import synth
+
+    data = tmp_path / "data"
+    shutil.copytree(shards, data)
+    steps = ("training.steps=3", "checkpoint.interval=1", f"data.path={data / 'train'}")
+    run(shard_config(tmp_path, shards, *steps[:2], steps[2]))
+    shutil.rmtree(data)
+    synth.generate(data, 40, heldout=0, samples_per_shard=16, processes=1, seed=7)
+    with pytest.raises(ValueError, match=r"another plan .* No data setting that shapes the plan differs from the "
+                                         r"checkpoint's: the data set itself changed"):
+        Trainer(shard_config(tmp_path, shards, *steps, "data.prefetch=4", "checkpoint.resume=auto"))
 
 
 def test_a_missing_data_path_says_how_to_make_one(tmp_path):

@@ -56,6 +56,10 @@ from fineviti.data.sizes import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, DEFAULT_
 from fineviti.data.tokenizer import CaptionTokenizer
 
 PIXEL_PATHS = ("pil", "dali", "nvjpeg", "auto")
+# The DataConfig fields that shape the plan a saved position points into (the samples and their planned lengths,
+# the packing): resumed under other values, the position means other packs (PackedLoader._plan_fingerprint)
+PLAN_FIELDS = ("path", "token_budget", "patch", "merge", "min_pixels", "max_pixels", "max_aspect", "aspect",
+               "window", "cost_block", "seed", "exif_orientation")
 
 
 @dataclasses.dataclass

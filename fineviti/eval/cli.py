@@ -194,23 +194,24 @@ def _check_checkpoint_kind(args) -> None:
 
 
 def _find_tokenizer(args) -> Path:
-    """--tokenizer; else the copy a checkpoint keeps (a stage-1 run's checkpoint folder's tokenizer.json, an
-    export's <file>.tokenizer.json; a run folder: its newest checkpoint's); else a tokenizer.json beside the
-    checkpoint, its folder or the folder above, then beside the data."""
+    """--tokenizer; else, for --checkpoint (whose text tower reads the captions), then --vision-checkpoint: the
+    copy it keeps (a stage-1 run's checkpoint folder's tokenizer.json, an export's <file>.tokenizer.json; a run
+    folder: its newest checkpoint's), then a tokenizer.json beside it, its folder or the folder above; then one
+    beside the data."""
     from fineviti.eval.checkpoint import checkpoint_path
     from fineviti.train.export import tokenizer_file
 
     if args.tokenizer:
         return Path(args.tokenizer)
     places = []
-    for start in (args.checkpoint, args.vision_checkpoint):
-        if start:
+    for start, weights in ((args.checkpoint, True), (args.vision_checkpoint, True), (args.data, False)):
+        if not start:
+            continue
+        if weights:
             kept = checkpoint_path(start)
             places.append(kept / "tokenizer.json" if kept.is_dir() else tokenizer_file(kept))
-    for start in (args.checkpoint, args.vision_checkpoint, args.data):
-        if start:
-            path = Path(start)
-            places += [path / "tokenizer.json", path.parent / "tokenizer.json", path.parent.parent / "tokenizer.json"]
+        path = Path(start)
+        places += [path / "tokenizer.json", path.parent / "tokenizer.json", path.parent.parent / "tokenizer.json"]
     places = list(dict.fromkeys(places))
     for place in places:
         if place.is_file():

@@ -375,12 +375,18 @@ class Checkpointer:
         try:
             data_source.load_state_dict(state["data"])
         except ValueError as err:
-            differ = _differences(saved, current, "data") if saved is not None else []
-            if not differ:
+            if saved is None or "another plan" not in str(err):
                 raise
-            raise ValueError(f"{err}. This run's data config differs from the checkpoint's: {', '.join(differ)}; "
-                             f"--resume continues with this run's config: repeat the overrides the run was started "
-                             f"with (its config.json is in the checkpoint)") from err
+            from fineviti.data.loader import PLAN_FIELDS
+
+            differ = [d for d in _differences(saved, current, "data") if d.split(":")[0][len("data."):] in PLAN_FIELDS]
+            if differ:
+                raise ValueError(f"{err}. This run's data settings differ from the checkpoint's: {', '.join(differ)}; "
+                                 f"--resume continues with this run's config: repeat the overrides the run was "
+                                 f"started with (its config.json is in the checkpoint)") from err
+            raise ValueError(f"{err}. No data setting that shapes the plan differs from the checkpoint's: the data "
+                             f"set itself changed (data.path {current.get('data', {}).get('path')!r} holds other "
+                             f"samples, or other image sizes, than when the run started)") from err
         if "scaler" in state:
             scaler.load_state_dict(state["scaler"])
         if "rng" in state:

@@ -63,14 +63,19 @@ def init_world(cfg, device: str) -> World:
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.timeout_s), **kwargs)
     # (new_group is collective over every rank: each calls init_world at the same point)
-    host = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    timeout = datetime.timedelta(seconds=cfg.timeout_s)
+    host = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
     return World(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=dev,
                  group=dist.group.WORLD, owns_group=owns, host_group=host)
 
 
 def close_world(world: World) -> None:
-    if world.owns_group and dist.is_initialized():
-        dist.destroy_process_group()
+    if not dist.is_initialized():
+        return
+    if world.owns_group:
+        dist.destroy_process_group()  # (every group with it)
+    elif world.host_group is not None and world.host_group is not dist.group.WORLD:
+        dist.destroy_process_group(world.host_group)  # ours, in the caller's default group
 
 
 def block_lists(model: nn.Module) -> list[nn.ModuleList]:

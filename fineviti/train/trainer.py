@@ -246,8 +246,10 @@ class Trainer:
             elif value == "triton":
                 ok = self.device.type == "cuda" or triton_interpreting()
                 why = "backend 'triton' on a CPU needs TRITON_INTERPRET=1 set before triton is imported"
+            elif value == "cuda":
+                ok, why = self.device.type == "cuda", "backend 'cuda' runs on CUDA tensors only"
             else:
-                ok, why = value != "cuda" or self.device.type == "cuda", "backend 'cuda' runs on CUDA tensors only"
+                ok, why = value != "cpp" or self.device.type == "cpu", "backend 'cpp' runs on CPU tensors only"
             if not ok:
                 raise ValueError(f"{prefix}.{field}={value!r} cannot run on this run's device ({self.device}): {why}")
 
