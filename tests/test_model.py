@@ -592,6 +592,38 @@ def test_aligner_head_loss_matches_the_logits_path(autocast):
         torch.testing.assert_close(grads_b[name] / scale, g / scale, **tol, msg=name)
 
 
+def test_aligner_host_counts_give_the_same_loss_and_gradients():
+    """The trainer passes the placeholder and target counts it knows on the host, so that the forward reads nothing
+    from the device (it read both, two synchronisations mid-forward): the same loss, count and gradients as
+    without them, with samples that share an image (sample_image, where the image rows are gathered); counts
+    that do not match the batch are refused by the value checks."""
+    images, ids, labels, mask = aligner_inputs(small_aligner())
+    sample_image = torch.tensor([1, 1])  # both samples use the second image (the gathered path)
+    same = ids.clone()
+    same[0] = ids[1]
+    labels_same = labels.clone()
+    labels_same[0] = labels[1]
+    placeholders = int((same == small_aligner().placeholder_id).sum())
+    targets = int((labels_same[:, 1:] != IGNORE_INDEX).sum())
+    results = []
+    for counts in ({}, {"image_tokens": placeholders, "n_targets": targets}):
+        torch.manual_seed(0)
+        aligner = small_aligner()
+        out = aligner(*images[:4], same, labels_same, mask, images[4], sample_image=sample_image, **counts)
+        out["loss"].backward()
+        results.append((out["loss"].detach(), int(out["n_targets"]),
+                        {n: p.grad.clone() for n, p in aligner.named_parameters() if p.grad is not None}))
+    (loss_a, n_a, grads_a), (loss_b, n_b, grads_b) = results
+    assert n_a == n_b == targets > 0 and grads_a.keys() == grads_b.keys()
+    torch.testing.assert_close(loss_b, loss_a, rtol=0, atol=0)
+    for name, g in grads_a.items():
+        torch.testing.assert_close(grads_b[name], g, rtol=0, atol=0, msg=name)
+    for wrong in ({"image_tokens": placeholders + 1}, {"n_targets": targets - 1}):
+        name = next(iter(wrong))
+        with pytest.raises(ValueError, match=rf"{name}={wrong[name]} but the batch has"):
+            small_aligner()(*images[:4], same, labels_same, mask, images[4], sample_image=sample_image, **wrong)
+
+
 def test_aligner_right_padding_does_not_leak():
     """A sample's logits are the same alone and batched with a longer sample (right padding, causal LM)."""
     aligner = small_aligner().eval()

@@ -381,9 +381,11 @@ class Aligner(nn.Module):
         return self.projector(self.merger(tokens))
 
     def splice(self, input_ids: torch.Tensor, image_embeds: torch.Tensor, cu_merged: torch.Tensor,
-               sample_image: torch.Tensor | None = None) -> torch.Tensor:
+               sample_image: torch.Tensor | None = None, image_tokens: int | None = None) -> torch.Tensor:
         """The LM's input embeddings (B, T, H): token embeddings, with the placeholders of each sample (row
-        order) replaced by its image's merged tokens. Sample b uses image sample_image[b] (default: image b)."""
+        order) replaced by its image's merged tokens. Sample b uses image sample_image[b] (default: image b).
+        image_tokens: the number of placeholders in input_ids, where the caller knows it on the host (else it is
+        read from the device: a synchronisation)."""
         is_image = input_ids == self.placeholder_id
         lengths = cu_merged[1:] - cu_merged[:-1]
         n_images = lengths.numel()
@@ -399,7 +401,8 @@ class Aligner(nn.Module):
                                  f"{tuple(sample_image.shape)}")
             per_sample = lengths[sample_image]
             starts = cu_merged[:-1][sample_image].long()
-            total = int(per_sample.sum())  # host read: the gathered rows' count sizes the gather
+            # the gathered rows' count sizes the gather: the caller's, or a host read
+            total = int(per_sample.sum()) if image_tokens is None else image_tokens
             owner = torch.repeat_interleave(torch.arange(per_sample.numel(), device=input_ids.device),
                                             per_sample.long(), output_size=total)
             offset = torch.arange(total, device=input_ids.device) - (per_sample.long().cumsum(0) - per_sample)[owner]
@@ -416,7 +419,8 @@ class Aligner(nn.Module):
                 input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, seqlens: list[int] | None = None,
                 sample_image: torch.Tensor | None = None, padding_tokens: int = 0,
-                return_logits: bool | None = None) -> dict[str, Any]:
+                return_logits: bool | None = None, image_tokens: int | None = None,
+                n_targets: int | None = None) -> dict[str, Any]:
         """Packed images (PackedBatch's fields), input_ids / labels / attention_mask (B, T) as `collate` makes
         them. Returns, with labels, the mean next-token cross-entropy over answer tokens (`loss`) and their count
         (`n_targets`); and the logits (B, T, V) (`logits`) when return_logits (default: only without labels).
@@ -424,15 +428,25 @@ class Aligner(nn.Module):
         Without logits, the loss runs the output head on the answer positions only, in chunks
         (fineviti.ops.linear_cross_entropy): no (B, T, V) tensor exists, and the image and prompt positions,
         most of a region sample, cost no head FLOPs. Finding those positions reads their count on the host (one
-        synchronisation). A Hugging Face LM whose logits are more than its head's product
+        synchronisation), and so does sizing the images' rows for samples that share images (sample_image); a
+        caller that knows both on the host passes them, and the forward reads nothing from the device:
+        image_tokens, the placeholders in input_ids, and n_targets, the labels[:, 1:] other than -100 (with value
+        checks, both are checked). A Hugging Face LM whose logits are more than its head's product
         (HFCausalLM.head_loss_supported) takes the full logits."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (batch, length), got {tuple(input_ids.shape)}")
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"labels must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
         image_embeds = self.encode_images(patches, cu_seqlens, pos, max_seqlen, seqlens, padding_tokens)
+        if _checks.value_checks_enabled(input_ids):
+            for name, given, counted in (
+                    ("image_tokens", image_tokens, lambda: input_ids == self.placeholder_id),
+                    ("n_targets", n_targets, lambda: (labels[:, 1:] if labels is not None else input_ids[:0])
+                     != IGNORE_INDEX)):
+                if given is not None and given != int(counted().sum()):
+                    raise ValueError(f"{name}={given} but the batch has {int(counted().sum())}")
         inputs_embeds = self.splice(input_ids, image_embeds, torch.div(cu_seqlens, 4, rounding_mode="floor"),
-                                    sample_image)
+                                    sample_image, image_tokens=image_tokens)
         if return_logits is None:
             return_logits = labels is None
         if labels is None and not return_logits:
@@ -440,7 +454,7 @@ class Aligner(nn.Module):
                              "loss) or return_logits=True")
         if labels is not None and not return_logits and self._head_loss_supported():
             hidden = self.lm.hidden_states(inputs_embeds, attention_mask)
-            loss, count = answer_token_loss(hidden, labels, *self.lm.output_head())
+            loss, count = answer_token_loss(hidden, labels, *self.lm.output_head(), n_targets=n_targets)
             return {"loss": loss, "n_targets": count}
         logits = self.lm(inputs_embeds, attention_mask)
         out: dict[str, Any] = {"logits": logits} if return_logits else {}
@@ -485,14 +499,22 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
 
 
 def answer_token_loss(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor,
-                      bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      bias: torch.Tensor | None = None, n_targets: int | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """next_token_loss without the logits: the final hidden states (B, T, H) at the positions whose next token is
     a target, through the output head (weight (V, H), bias) in chunks. Same value and gradients as
-    next_token_loss(F.linear(hidden, weight, bias), labels), up to the order of the sums."""
+    next_token_loss(F.linear(hidden, weight, bias), labels), up to the order of the sums. n_targets: the number of
+    targets, where the caller knows it on the host (else read from the device: a synchronisation)."""
     from fineviti.ops import linear_cross_entropy
 
     targets = labels[:, 1:]
-    where = (targets != IGNORE_INDEX).nonzero(as_tuple=True)  # the one host read: the number of targets
+    is_target = targets != IGNORE_INDEX
+    if n_targets is None:
+        where = is_target.nonzero(as_tuple=True)  # the host read: the number of targets
+    else:  # the targets' positions in order, without a read: first after a stable sort of the flags
+        flat = torch.sort(is_target.reshape(-1).to(torch.int8), descending=True, stable=True).indices[:n_targets]
+        where = (flat // targets.shape[1], flat % targets.shape[1])
+    # (indexed, not reshaped: hidden[:, :-1] is a view, and a reshape would copy all of it)
     loss, count = linear_cross_entropy(hidden[:, :-1][where], weight, targets[where], bias, reduction="mean")
     return loss, count
 

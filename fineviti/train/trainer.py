@@ -592,11 +592,14 @@ class Trainer:
         def dev(t):
             return to_device(t, self.device, non_blocking=True)
 
+        # the counts the aligner would otherwise read from the device mid-forward, from the host-side samples
+        image_tokens = int((region.input_ids == self.raw_model.placeholder_id).sum())
         with self._autocast():
             out = self.model(batch.patches, batch.cu_seqlens, batch.pos, batch.max_seqlen,
                              dev(region.input_ids), labels=dev(region.labels),
                              attention_mask=dev(region.attention_mask), seqlens=batch.seqlens,
-                             sample_image=dev(region.sample_image), padding_tokens=batch.padding_tokens)
+                             sample_image=dev(region.sample_image), padding_tokens=batch.padding_tokens,
+                             image_tokens=image_tokens, n_targets=local)
         # The aligner's loss is this rank's mean over its answer tokens, and the data-parallel wrapper averages
         # the ranks' gradients: weighted by this rank's share of all answer tokens (times the world size), every
         # token of the global batch counts alike, as in one process over the ranks' samples together (ranks' token
