@@ -1117,6 +1117,7 @@ def test_a_stage1_checkpoint_and_its_exports_keep_the_tokenizer(tmp_path, shards
     from fineviti.data.tokenizer import CaptionTokenizer, tokenizer_config_path
     from fineviti.eval.cli import _find_tokenizer
     from fineviti.train.export import export_checkpoint, tokenizer_file
+    from tests.dist_util import train_until
 
     given = tmp_path / "elsewhere" / "tokenizer.json"
     given.parent.mkdir()
@@ -1131,10 +1132,7 @@ def test_a_stage1_checkpoint_and_its_exports_keep_the_tokenizer(tmp_path, shards
     # removed (or moved, or rewritten) while the run goes on: its saves keep the tokenizer it started with (each
     # save once copied the file anew, and failed the run at its next save without it)
     shutil.rmtree(given.parent)
-    try:
-        trainer.train()
-    finally:
-        trainer.close()
+    train_until(trainer)
     run_dir = tmp_path / "run"
     kept = [folder / "tokenizer.json" for _, folder in ckpt.list_checkpoints(run_dir / "checkpoints")]
     out = export_checkpoint(run_dir, tmp_path / "vision.safetensors")
@@ -1282,7 +1280,7 @@ def test_a_backend_the_device_cannot_run_is_named_before_any_work(tmp_path, monk
     with pytest.raises(ValueError, match=r"model.attn_backend='triton' cannot run on this run's device \(cpu\): "
                                          r".*TRITON_INTERPRET=1"):
         Trainer(config(tmp_path, "model.attn_backend=triton", "training.device=cpu"))
-    with pytest.raises(ValueError, match=r"aligner.rope_backend='cuda' cannot run .*CUDA tensors only"):
+    with pytest.raises(ValueError, match=r"aligner.rope_backend='cuda' cannot run .*needs CUDA tensors"):
         Trainer(config(tmp_path, "training.stage=2", "aligner.rope_backend=cuda", "training.device=cpu"))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     Trainer(config(tmp_path, "model.norm_backend=triton", "training.device=cpu")).close()

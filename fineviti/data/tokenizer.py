@@ -46,7 +46,7 @@ def tokenizer_config_path(path: str | os.PathLike) -> Path:
     (an export's), <name>.tokenizer_config.json where there is one; else the tokenizer_config.json beside it."""
     path = Path(path)
     own = _own_config_path(path)
-    return own if own.name != "tokenizer_config.json" and own.is_file() else path.with_name("tokenizer_config.json")
+    return own if own.is_file() else path.with_name("tokenizer_config.json")
 
 
 def _own_config_path(path: Path) -> Path:

@@ -439,12 +439,12 @@ class Aligner(nn.Module):
             raise ValueError(f"labels must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
         image_embeds = self.encode_images(patches, cu_seqlens, pos, max_seqlen, seqlens, padding_tokens)
         if _checks.value_checks_enabled(input_ids):
-            for name, given, counted in (
-                    ("image_tokens", image_tokens, lambda: input_ids == self.placeholder_id),
-                    ("n_targets", n_targets, lambda: (labels[:, 1:] if labels is not None else input_ids[:0])
-                     != IGNORE_INDEX)):
-                if given is not None and given != int(counted().sum()):
-                    raise ValueError(f"{name}={given} but the batch has {int(counted().sum())}")
+            flags = {"image_tokens": (image_tokens, input_ids == self.placeholder_id)}
+            if labels is not None:
+                flags["n_targets"] = (n_targets, labels[:, 1:] != IGNORE_INDEX)
+            for name, (given, counted) in flags.items():
+                if given is not None and given != int(counted.sum()):
+                    raise ValueError(f"{name}={given} but the batch has {int(counted.sum())}")
         inputs_embeds = self.splice(input_ids, image_embeds, torch.div(cu_seqlens, 4, rounding_mode="floor"),
                                     sample_image, image_tokens=image_tokens)
         if return_logits is None:

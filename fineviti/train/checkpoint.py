@@ -325,7 +325,7 @@ class Checkpointer:
     def load(self, path: Path, model, optimizer, scheduler, data_source, scaler=None) -> int:
         """Restores everything `state` saved from checkpoint `path`; returns its step. A loss scaler keeps its
         fresh state where the checkpoint has none (a run that was not fp16)."""
-        saved = _saved_config_or_none(path)
+        saved = saved_config_or_none(path)
         current = json.loads(self.config_json)
         if saved is not None:
             _check_same_model(path, saved, current)
@@ -379,11 +379,10 @@ class Checkpointer:
                 raise
             from fineviti.data.loader import PLAN_FIELDS
 
-            differ = [d for d in _differences(saved, current, "data") if d.split(":")[0][len("data."):] in PLAN_FIELDS]
+            differ = _differences(saved, current, "data", fields=PLAN_FIELDS)
             if differ:
                 raise ValueError(f"{err}. This run's data settings differ from the checkpoint's: {', '.join(differ)}; "
-                                 f"--resume continues with this run's config: repeat the overrides the run was "
-                                 f"started with (its config.json is in the checkpoint)") from err
+                                 f"{_REPEAT}") from err
             raise ValueError(f"{err}. No data setting that shapes the plan differs from the checkpoint's: the data "
                              f"set itself changed (data.path {current.get('data', {}).get('path')!r} holds other "
                              f"samples, or other image sizes, than when the run started)") from err
@@ -446,21 +445,29 @@ def _check_group_layout(path, expected: list[tuple], saved: list[tuple]) -> None
                          f"part {expected[wrong][0]!r} with {len(expected[wrong][1])}). " + _REGROUPED)
 
 
-def _saved_config_or_none(path: str | os.PathLike) -> dict | None:
+_REPEAT = ("--resume continues with this run's config: repeat the overrides the run was started with (its "
+           "config.json is in the checkpoint)")
+
+
+def saved_config_or_none(path: str | os.PathLike) -> dict | None:
+    """The config.json of checkpoint folder `path` (Infinity, as configs from before "inf" was written spell it,
+    as "inf"), or None where it has none."""
     from fineviti._json import infinities_as_text
     from fineviti.eval.checkpoint import saved_config as read
 
     saved = read(path) if Path(path).is_dir() else None
-    return infinities_as_text(saved) if saved else None  # (Infinity in a config.json from before "inf" was written)
+    return infinities_as_text(saved) if saved else None
 
 
-def _differences(saved: dict, current: dict, section: str, leave_out: tuple[str, ...] = ()) -> list[str]:
-    """"section.key: checkpoint A, run B" for each field of the config section that the run sets otherwise
-    (the backends and other runtime fields aside, and the keys in `leave_out`)."""
+def _differences(saved: dict, current: dict, section: str, *, fields: tuple[str, ...] | None = None,
+                 leave_out: tuple[str, ...] = ()) -> list[str]:
+    """"section.key: checkpoint A, this run B" for each field of the config section (only `fields`, when given;
+    never those in `leave_out` or the backends and other runtime fields) that the run sets otherwise."""
     from fineviti.eval.checkpoint import config_differences
 
     def part(config):
-        return {k: v for k, v in (config.get(section) or {}).items() if k not in leave_out}
+        return {k: v for k, v in (config.get(section) or {}).items()
+                if (fields is None or k in fields) and k not in leave_out}
 
     return config_differences(part(saved), part(current), f"{section}.", other="this run")
 
@@ -479,9 +486,7 @@ def _check_same_model(path, saved: dict, current: dict) -> None:
     differ = _differences(saved, current, "model" if stage == 1 else "aligner", leave_out=("lm",))
     if differ:
         more = f" (and {len(differ) - 1} more)" if len(differ) > 1 else ""
-        raise ValueError(f"checkpoint {path} was saved by a run with another model, {differ[0]}{more}; --resume "
-                         f"continues with this run's config: repeat the overrides the run was started with (its "
-                         f"config.json is in the checkpoint)")
+        raise ValueError(f"checkpoint {path} was saved by a run with another model, {differ[0]}{more}; {_REPEAT}")
 
 
 def saved_keys(path: str | os.PathLike) -> list[str]:

@@ -59,11 +59,11 @@ def init_world(cfg, device: str) -> World:
     if backend == "nccl" and dev.type != "cuda":
         raise ValueError("parallel.backend=nccl needs training.device=cuda")
     owns = not dist.is_initialized()
+    timeout = datetime.timedelta(seconds=cfg.timeout_s)
     if owns:
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.timeout_s), **kwargs)
+        dist.init_process_group(backend, timeout=timeout, **kwargs)
     # (new_group is collective over every rank: each calls init_world at the same point)
-    timeout = datetime.timedelta(seconds=cfg.timeout_s)
     host = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
     return World(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=dev,
                  group=dist.group.WORLD, owns_group=owns, host_group=host)

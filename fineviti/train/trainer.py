@@ -29,7 +29,6 @@ import torch
 import torch.distributed as dist
 
 from fineviti._errors import work
-from fineviti._json import infinities_as_text
 from fineviti.train import checkpoint as ckpt
 from fineviti.train import parallel
 from fineviti.train.config import (
@@ -232,36 +231,34 @@ class Trainer:
 
     def _check_backends(self) -> None:
         """A backend the run's device cannot run, named before any work (it failed at the first step, from inside
-        the forward)."""
-        from fineviti._checks import triton_interpreting
-        from fineviti.ops.attention import backend_available
+        the forward): each op's own rule, on the run's device."""
+        from fineviti.ops import attention, contrastive, glu, norm, rope
 
+        probe = torch.empty(0, 4, device=self.device)  # (fp32: every backend takes it)
+        resolvers = {"attn_backend": lambda b: attention.resolve_backend(b, self.device),
+                     "rope_backend": lambda b: rope.resolve_backend(b, self.device),
+                     "loss_backend": lambda b: contrastive._resolve_backend(b, probe),
+                     "norm_backend": lambda b: norm.resolve_backend(b, probe),
+                     "swiglu_backend": lambda b: glu.resolve_backend(b, probe)}
         section, prefix = (self.cfg.model, "model") if self.stage == 1 else (self.cfg.aligner, "aligner")
-        for field in ("attn_backend", "rope_backend", "loss_backend", "norm_backend", "swiglu_backend"):
+        for field, resolve in resolvers.items():
             value = getattr(section, field, "auto")
             if value == "auto":
                 continue
-            if field == "attn_backend":
-                ok, why = backend_available(value, self.device)
-            elif value == "triton":
-                ok = self.device.type == "cuda" or triton_interpreting()
-                why = "backend 'triton' on a CPU needs TRITON_INTERPRET=1 set before triton is imported"
-            elif value == "cuda":
-                ok, why = self.device.type == "cuda", "backend 'cuda' runs on CUDA tensors only"
-            else:
-                ok, why = value != "cpp" or self.device.type == "cpu", "backend 'cpp' runs on CPU tensors only"
-            if not ok:
-                raise ValueError(f"{prefix}.{field}={value!r} cannot run on this run's device ({self.device}): {why}")
+            try:
+                resolve(value)
+            except (ValueError, RuntimeError, TypeError) as exc:
+                raise ValueError(f"{prefix}.{field}={value!r} cannot run on this run's device ({self.device}): "
+                                 f"{exc}") from None
 
     def _changed_since(self, checkpoint: Path) -> list[str]:
         """What this run's config sets otherwise than the checkpoint's config.json ("optimizer.lr: checkpoint 0.0001,
         model 0.00256"), checkpoint.resume and the runtime choices (backends) aside."""
-        from fineviti.eval.checkpoint import config_differences, saved_config
+        from fineviti.eval.checkpoint import config_differences
 
-        saved = saved_config(checkpoint)
+        saved = ckpt.saved_config_or_none(checkpoint)
         if not saved:
             return []
-        saved = infinities_as_text(saved)  # (Infinity in a config.json from before to_json wrote "inf")
         saved.get("checkpoint", {}).pop("resume", None)
         mine = json.loads(self.config_json)
         mine.get("checkpoint", {}).pop("resume", None)
