@@ -164,6 +164,63 @@ def _run_errors(rank):
     return out
 
 
+def _run_host_group(rank):
+    """The first exchange over a separate gloo group (host_group): the same losses and gradients as without, that
+    exchange (and only it) on the host group; a host group of another size or kind refused on every rank, before
+    any collective; a rank's bad input still stops both ranks."""
+    import torch.distributed as dist
+
+    host = dist.new_group(backend="gloo")
+    singles = [dist.new_group([r], backend="gloo") for r in range(WORLD)]  # (collective: every rank makes both)
+    counts = (9, 4)
+    out = {"same": [], "via_host": []}
+    calls = []
+    original = dist.all_gather
+
+    def all_gather(tensors, tensor, group=None, **kwargs):
+        calls.append(group)
+        return original(tensors, tensor, group=group, **kwargs)
+
+    for loss in ("siglip", "clip"):
+        values = []
+        for host_group in (None, host):
+            img, txt, scale, bias = _global_batch(counts, torch.float32)
+            start = sum(counts[:rank])
+            x, y = img[start:start + counts[rank]], txt[start:start + counts[rank]]
+            calls.clear()
+            dist.all_gather = all_gather
+            try:
+                if loss == "siglip":
+                    value = siglip_loss(x, y, scale, bias, backend="chunked", host_group=host_group)
+                else:
+                    value = clip_loss(x, y, scale, backend="chunked", host_group=host_group)
+            finally:
+                dist.all_gather = original
+            value.backward()
+            values.append([value.detach(), img.grad, txt.grad, scale.grad])
+            if host_group is not None:
+                out["via_host"].append([g is host for g in calls])
+        out["same"].append(all(torch.equal(a, b) for a, b in zip(*values, strict=True)))
+    x = F.normalize(torch.randn(5, D), dim=-1)
+    scale, bias = torch.tensor(8.0), torch.tensor(-3.0)
+    cases = {
+        "size": lambda: siglip_loss(x, x, scale, bias, backend="chunked", host_group=singles[rank]),
+        "kind": lambda: siglip_loss(x, x, scale, bias, backend="chunked", host_group="default"),
+        "bad_scale": lambda: clip_loss(x, x, torch.tensor(float("nan")) if rank else scale, backend="chunked",
+                                       host_group=host),
+    }
+    for name, call in cases.items():
+        try:
+            call()
+            out[name] = "no error"
+        except (TypeError, ValueError) as exc:
+            out[name] = f"{type(exc).__name__}: {exc}"
+    probe = torch.tensor([1.0])
+    dist.all_reduce(probe)  # still in step
+    out["in_step"] = probe.item() == WORLD
+    return out
+
+
 def _worker(rank, port, path):
     import torch.distributed as dist
 
@@ -181,13 +238,14 @@ def _worker(rank, port, path):
                 results[case] = _run_fp16_case(case, rank)
             except Exception as exc:
                 results[case] = f"rank {rank}: {type(exc).__name__}: {exc}"
-        for key, run in (("default_group", _run_default_group), ("errors", _run_errors)):
+        for key, run in (("default_group", _run_default_group), ("errors", _run_errors),
+                         ("host_group", _run_host_group)):
             try:
                 results[f"{key}{rank}"] = run(rank)
             except Exception as exc:
                 results[f"{key}{rank}"] = f"rank {rank}: {type(exc).__name__}: {exc}"
         gathered = [None] * WORLD
-        mine = {k: v for k, v in results.items() if isinstance(k, str) and k.startswith("errors")}
+        mine = {k: v for k, v in results.items() if isinstance(k, str) and k.startswith(("errors", "host_group"))}
         dist.all_gather_object(gathered, mine)
         for part in gathered:
             results.update(part)
@@ -305,3 +363,21 @@ def test_a_failing_rank_leaves_no_reference_cycle(results):
     garbage collection; a process that exited first aborted ("terminate called without an active exception",
     in about 1 of 5 runs of this module)."""
     assert [results[f"errors{r}"]["cycles"] for r in range(WORLD)] == [0] * WORLD
+
+
+def test_a_host_group_carries_the_first_exchange(results):
+    """host_group (the trainer's gloo group; on NCCL the exchange would go through the GPU and its read wait for the
+    forward): bit-identical losses and gradients, its all-gather the loss's first one and only that one (the
+    chunked backend's all-gather of the texts stays on `group`), other sizes or kinds refused on both ranks
+    before any collective, and a bad input on one rank still stops both."""
+    outs = [results[f"host_group{r}"] for r in range(WORLD)]
+    assert all(not isinstance(o, str) for o in outs), outs
+    for out in outs:
+        assert out["same"] == [True, True]
+        for via_host in out["via_host"]:
+            assert via_host[0] and not any(via_host[1:]), via_host
+        assert out["size"] == "ValueError: host_group must hold the processes of group: it has 1 ranks, group 2"
+        assert out["kind"] == "TypeError: host_group must be None or a gloo ProcessGroup, got str"
+        assert out["in_step"]
+    assert "failed their checks on rank(s) [1]" in outs[0]["bad_scale"], outs[0]["bad_scale"]
+    assert "logit_scale must be finite, got nan" in outs[1]["bad_scale"], outs[1]["bad_scale"]

@@ -90,7 +90,7 @@ class FineViT(nn.Module):
             with torch.no_grad():
                 self.logit_scale.clamp_(max=math.log(CLIP_MAX_SCALE))
 
-    def forward(self, batch, *, group="default", compute_loss: bool = True) -> dict[str, Any]:
+    def forward(self, batch, *, group="default", compute_loss: bool = True, host_group=None) -> dict[str, Any]:
         """batch: a fineviti.data.batch.PackedBatch. Returns image_features (n_images, D) and text_features
         (n_texts, D), unit norm; logit_scale (the multiplier) and logit_bias (None for CLIP); and loss.
 
@@ -98,7 +98,8 @@ class FineViT(nn.Module):
         caption is a positive of its image and every other pair a negative (several captions of one image are
         then negatives of each other's images: give one caption per image per step to avoid that).
         group: passed to the loss, for negatives from every rank (see fineviti.ops.siglip_loss): "default" (the
-        world group when torch.distributed is initialised), a ProcessGroup, or None (this process's pairs only)."""
+        world group when torch.distributed is initialised), a ProcessGroup, or None (this process's pairs only);
+        host_group: a gloo group of the same processes, for the loss's first exchange (see siglip_loss)."""
         image_features = self.encode_image(batch.patches, batch.cu_seqlens, batch.pos, batch.max_seqlen,
                                            batch.seqlens, normalize=True, padding_tokens=batch.padding_tokens)
         text_features = self.encode_text(batch.tokens, batch.text_cu_seqlens, batch.text_max_seqlen,
@@ -107,11 +108,13 @@ class FineViT(nn.Module):
         out = {"image_features": image_features, "text_features": text_features, "logit_scale": scale,
                "logit_bias": bias}
         if compute_loss:
-            out["loss"] = self.contrastive_loss(image_features, text_features, batch.text_image, group=group)
+            out["loss"] = self.contrastive_loss(image_features, text_features, batch.text_image, group=group,
+                                                host_group=host_group)
         return out
 
     def contrastive_loss(self, image_features: torch.Tensor, text_features: torch.Tensor,
-                         text_image: torch.Tensor | None = None, *, group="default") -> torch.Tensor:
+                         text_image: torch.Tensor | None = None, *, group="default",
+                         host_group=None) -> torch.Tensor:
         """The configured loss of normalised features; text_image (n_texts,) pairs caption j with image
         text_image[j] (default: caption i with image i)."""
         from fineviti.ops.contrastive import clip_loss, siglip_loss
@@ -125,8 +128,9 @@ class FineViT(nn.Module):
         text_features = text_features.to(image_features.dtype)
         if self.cfg.loss == "siglip":
             return siglip_loss(image_features, text_features, scale, bias, backend=self.cfg.loss_backend,
-                               group=group)
-        return clip_loss(image_features, text_features, scale, backend=self.cfg.loss_backend, group=group)
+                               group=group, host_group=host_group)
+        return clip_loss(image_features, text_features, scale, backend=self.cfg.loss_backend, group=group,
+                         host_group=host_group)
 
     def flops(self, batch, *, training: bool = True, world_negatives: int | None = None):
         """The FlopCount of one step on `batch` (fineviti.model.flops.count_flops)."""

@@ -445,32 +445,42 @@ def _resolve_group(group):
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 
 
-def _make_dist(group, img, failed: bool = False) -> _Dist | None:
+def _make_dist(group, img, failed: bool = False, host_group=None) -> _Dist | None:
     """The ranks' row counts, in one all-gather that also carries each rank's D, dtype and whether its inputs
     failed their checks: an error on one rank (a bad input, a D or dtype that differs from the others') is raised
     on every rank, where a rank that raised alone left the others waiting in the collective (or, with another
-    dtype, crashed gloo). A rank that `failed` gets None after the exchange, and raises its own error."""
+    dtype, crashed gloo). A rank that `failed` gets None after the exchange, and raises its own error.
+
+    The exchange goes over `host_group` when one is given (a gloo group of the same processes, _check_host_group):
+    host tensors, so reading the result does not wait for the device. Over an NCCL `group` it goes through the GPU,
+    and reading it back waits for every kernel queued before the loss."""
     if group is None:
         return None if failed else _Dist(None, 1, 0, (img.shape[0],))
     import torch.distributed as dist
 
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     shaped = isinstance(img, torch.Tensor) and img.dim() == 2
+    via = group if host_group is None else host_group
+    # each row carries its rank in `group`: a host group may number the same processes differently
     mine = torch.tensor([img.shape[0] if shaped else -1, img.shape[1] if shaped else -1,
-                         _DTYPE_CODES.get(img.dtype, -1) if shaped else -1, int(failed)],
-                        device=_comm_device(group, img if isinstance(img, torch.Tensor) else None), dtype=torch.int64)
+                         _DTYPE_CODES.get(img.dtype, -1) if shaped else -1, int(failed), rank],
+                        device=_comm_device(via, img if isinstance(img, torch.Tensor) else None), dtype=torch.int64)
     # (a bad input's rank still joins the exchange, on the group's device, and raises after it)
     every = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(every, mine, group=group)
-    # one host synchronisation (one read of all ranks' rows, not one per rank): the shapes below depend on it
-    rows = torch.stack(every).tolist()
+    dist.all_gather(every, mine, group=via)
+    # one read of all ranks' rows (not one per rank), a host synchronisation when they are on the GPU: the shapes
+    # below depend on it
+    rows = sorted(torch.stack(every).tolist(), key=lambda row: row[4])
+    if [row[4] for row in rows] != list(range(world)):
+        raise ValueError(f"host_group must hold the processes of group: their ranks in group, gathered over "
+                         f"host_group, are {sorted(row[4] for row in rows)}, expected 0..{world - 1}")
     if failed:
         return None
     failed = [r for r, row in enumerate(rows) if row[3]]
     if failed:
         raise ValueError(f"the contrastive loss's inputs failed their checks on rank(s) {failed} (the reason is "
                          f"raised there); every rank of the group stops")
-    widths = {d for _, d, _, _ in rows}
+    widths = {row[1] for row in rows}
     if len(widths) != 1:
         raise ValueError(f"img and txt must have the same D on every rank, got D per rank {[r[1] for r in rows]}")
     names = {code: str(dtype).replace("torch.", "") for dtype, code in _DTYPE_CODES.items()}
@@ -478,6 +488,23 @@ def _make_dist(group, img, failed: bool = False) -> _Dist | None:
         raise TypeError(f"img and txt must have the same dtype on every rank, got "
                         f"{[names.get(r[2], 'other') for r in rows]} per rank")
     return _Dist(group, world, rank, tuple(r[0] for r in rows))
+
+
+def _check_host_group(host_group, group) -> None:
+    """host_group: None, or a gloo group as large as `group` (checked before the exchange, with the same outcome on
+    every rank; that it holds the same processes is checked by the exchange itself)."""
+    if host_group is None or group is None:
+        return
+    import torch.distributed as dist
+
+    if isinstance(host_group, str) or not isinstance(host_group, dist.ProcessGroup):
+        raise TypeError(f"host_group must be None or a gloo ProcessGroup, got {type(host_group).__name__}")
+    backend = dist.get_backend(host_group)
+    if backend != "gloo":
+        raise ValueError(f"host_group must be a gloo group (its exchange stays on the host), got backend {backend!r}")
+    sizes = dist.get_world_size(host_group), dist.get_world_size(group)
+    if sizes[0] != sizes[1]:
+        raise ValueError(f"host_group must hold the processes of group: it has {sizes[0]} ranks, group {sizes[1]}")
 
 
 def _comm_device(group, t: torch.Tensor | None) -> torch.device:
@@ -1083,10 +1110,11 @@ def _resolve_backend(backend: str, img: torch.Tensor) -> str:
     return backend
 
 
-def _prepare(img, txt, params, backend, group, dist_impl, check_values):
+def _prepare(img, txt, params, backend, group, dist_impl, check_values, host_group=None):
     """(backend, the ranks' layout, the checked scalar parameters). On a process group, a rank whose inputs fail
     their checks raises after the first collective, and every other rank with it (_make_dist)."""
     group = _resolve_group(group)
+    _check_host_group(host_group, group)
     failure = None
     try:
         if dist_impl not in DIST_IMPLS:
@@ -1097,7 +1125,7 @@ def _prepare(img, txt, params, backend, group, dist_impl, check_values):
             logits_mode()  # a bad FINEVITI_LOSS_LOGITS fails here, not in the gradient pass halfway through a step
     except Exception as exc:  # noqa: BLE001 (any failure here is raised on every rank, after the exchange)
         failure = exc
-    d = _make_dist(group, img, failed=failure is not None)
+    d = _make_dist(group, img, failed=failure is not None, host_group=host_group)
     if failure is not None:
         try:
             raise failure
@@ -1113,7 +1141,7 @@ def _prepare(img, txt, params, backend, group, dist_impl, check_values):
 
 def siglip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor, *,
                 backend: str = "auto", group="default", dist_impl: str = "all_gather",
-                check_values: bool | None = None) -> torch.Tensor:
+                check_values: bool | None = None, host_group=None) -> torch.Tensor:
     """SigLIP's sigmoid loss without the N x N logits.
 
     img, txt: (N, D) image and text features of one dtype (bf16, fp16 or fp32; fp64 on the torch paths), already
@@ -1137,6 +1165,10 @@ def siglip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
     "ring" passes text blocks to the next rank with isend/irecv while the current block is computed, and in the
     backward passes them again together with their gradient accumulators, which end at their owners: no rank
     ever holds more than two text blocks. The reference backend always all-gathers.
+    host_group: None, or a gloo group of the same processes (torch.distributed.new_group(backend="gloo"), as the
+    trainer keeps): the first exchange then runs on the host. Without one, on an NCCL group, that exchange goes
+    through the GPU and reading it back waits for every kernel queued before the loss (the forward); with one, the
+    host queues the loss and the backward while the forward still runs. Ignored on one process.
     check_values: check that logit_scale and logit_bias are finite (always on CPU; on CUDA only when True or
     FINEVITI_CHECKS=1, since it synchronises).
 
@@ -1146,7 +1178,7 @@ def siglip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
     torch.no_grad(). A backward with create_graph=True through this loss raises (no second-order terms).
     """
     backend, d, params = _prepare(img, txt, {"logit_scale": logit_scale, "logit_bias": logit_bias}, backend, group,
-                                  dist_impl, check_values)
+                                  dist_impl, check_values, host_group)
     logit_scale, logit_bias = params["logit_scale"], params["logit_bias"]
     if backend == "reference":
         if d.world == 1:
@@ -1165,12 +1197,13 @@ def siglip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
 
 
 def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor, *, backend: str = "auto",
-              group="default", dist_impl: str = "all_gather", check_values: bool | None = None) -> torch.Tensor:
+              group="default", dist_impl: str = "all_gather", check_values: bool | None = None,
+              host_group=None) -> torch.Tensor:
     """CLIP's softmax loss without the N x N logits: the mean of the image-to-text and text-to-image
     cross-entropies of logit_scale * img @ txt.T with labels arange(N) (open_clip's ClipLoss).
 
-    Shapes, dtypes, backend, group, dist_impl and check_values as in siglip_loss. Distributed, the labels of this
-    rank's rows are offset by its position in the global batch, and this rank's loss is
+    Shapes, dtypes, backend, group, dist_impl, check_values and host_group as in siglip_loss. Distributed, the
+    labels of this rank's rows are offset by its position in the global batch, and this rank's loss is
     world_size / (2 N_global) * (sum over its images of their image-to-text cross-entropy against all texts +
     sum over its texts of their text-to-image cross-entropy against all images); the mean over ranks is the global
     loss. The gradient each rank returns is a different split of the global gradient (its images' rows of dL/dz
@@ -1180,7 +1213,8 @@ def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor, *
     forward and (text, gradient accumulator) blocks in the backward; the text log-sum-exps (N floats) are
     all-gathered in both.
     """
-    backend, d, params = _prepare(img, txt, {"logit_scale": logit_scale}, backend, group, dist_impl, check_values)
+    backend, d, params = _prepare(img, txt, {"logit_scale": logit_scale}, backend, group, dist_impl, check_values,
+                                  host_group)
     logit_scale = params["logit_scale"]
     if backend == "reference":
         if d.world == 1:

@@ -512,7 +512,7 @@ class Trainer:
 
     def _stage1_step(self, batch):
         with self._autocast():
-            out = self.model(batch, group=self.world.group)
+            out = self.model(batch, group=self.world.group, host_group=self.world.host_group)
         loss = out["loss"]
         self._backward(loss)
         return loss, out
@@ -538,7 +538,8 @@ class Trainer:
         scale = out["logit_scale"].detach().float().requires_grad_()
         bias = out["logit_bias"].detach().float().requires_grad_() if out["logit_bias"] is not None else None
         text_image = batch.text_image[order.to(batch.text_image.device)] if order is not None else batch.text_image
-        loss = contrastive_loss(self.cfg.model, img, txt, text_image, scale, bias, self.world.group)
+        loss = contrastive_loss(self.cfg.model, img, txt, text_image, scale, bias, self.world.group,
+                                self.world.host_group)
         # fp16: the scaled loss, so that the embeddings' 16-bit gradients are scaled as they are made (scaled after,
         # their small entries would have underflowed already); the chunks' backward passes take them as they are
         self._backward(loss)
@@ -700,7 +701,7 @@ class Trainer:
                                f"({self.data.summary()}): the data looks broken")
 
 
-def contrastive_loss(model_cfg, img, txt, text_image, scale, bias, group):
+def contrastive_loss(model_cfg, img, txt, text_image, scale, bias, group, host_group=None):
     """The model's contrastive loss of normalised features with given logit scale (multiplier) and bias (GradCache
     computes it outside the model's forward; FineViT.contrastive_loss does the same with its own parameters)."""
     from fineviti.ops.contrastive import clip_loss, siglip_loss
@@ -709,8 +710,8 @@ def contrastive_loss(model_cfg, img, txt, text_image, scale, bias, group):
         img = img[text_image]
     txt = txt.to(img.dtype)
     if model_cfg.loss == "siglip":
-        return siglip_loss(img, txt, scale, bias, backend=model_cfg.loss_backend, group=group)
-    return clip_loss(img, txt, scale, backend=model_cfg.loss_backend, group=group)
+        return siglip_loss(img, txt, scale, bias, backend=model_cfg.loss_backend, group=group, host_group=host_group)
+    return clip_loss(img, txt, scale, backend=model_cfg.loss_backend, group=group, host_group=host_group)
 
 
 def run(cfg: JobConfig) -> dict:
