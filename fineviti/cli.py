@@ -1,5 +1,4 @@
-"""The `fineviti` command: one subcommand per job (info, data, eval, train, export, demo; the benchmarks are scripts
-in benchmarks/, not a subcommand).
+"""The `fineviti` command: one subcommand per job (info, data, bench, eval, train, export, demo).
 
 To add a subcommand, write `_add_<name>(subparsers)` that builds its parser and sets `run` to a function
 taking the parsed arguments and returning an exit code, then list it in COMMANDS.
@@ -56,6 +55,68 @@ def _add_data(subparsers) -> None:
     synth.set_defaults(run=_run_data_synth)
 
 
+BENCH_EXTRA = {"report": "kernel_report.py"}  # benchmarks/ scripts that are not named bench_<name>.py
+
+
+def benchmarks_dir():
+    """The benchmarks/ folder of the source checkout this fineviti runs from (an editable install), or None: the
+    benchmarks are scripts beside the package, not part of a wheel."""
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    return folder if (folder / "common.py").is_file() else None
+
+
+def bench_scripts(folder) -> dict:
+    """name -> path of every benchmark in `folder`: bench_<name>.py, and BENCH_EXTRA."""
+    found = {p.stem.removeprefix("bench_"): p for p in sorted(folder.glob("bench_*.py"))}
+    found.update({name: folder / file for name, file in BENCH_EXTRA.items() if (folder / file).is_file()})
+    return found
+
+
+def _summary(path) -> str:
+    """The first paragraph of a script's docstring, shortened to one line."""
+    import ast
+    import textwrap
+
+    doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""
+    return textwrap.shorten(doc.split("\n\n", 1)[0], width=96, placeholder=" ...")
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    import subprocess
+
+    folder = benchmarks_dir()
+    if folder is None:
+        raise FileNotFoundError(
+            "fineviti bench runs the scripts of a source checkout's benchmarks/ folder, and this fineviti "
+            f"({__file__}) was not installed from one: clone the repository and `pip install -e .` there (or run "
+            "`python benchmarks/<script>.py` in it)")
+    scripts = bench_scripts(folder)
+    if args.name is None:
+        width = max(map(len, scripts))
+        print(f"benchmarks in {folder} (fineviti bench NAME --help for each one's options):")
+        for name, path in scripts.items():
+            print(f"  {name:<{width}}  {_summary(path)}")
+        return 0
+    name = args.name.replace("-", "_")  # lm-loss or lm_loss
+    if name not in scripts:
+        raise ValueError(f"no benchmark named {args.name!r} in {folder}: expected one of {sorted(scripts)}")
+    # a process of its own: the scripts set up sys.path, TRITON_INTERPRET and their own exit status
+    return subprocess.run([sys.executable, str(scripts[name]), *args.args], check=False).returncode
+
+
+def _add_bench(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "bench", help="run a benchmark of benchmarks/ (without NAME: list them)",
+        description="Run benchmarks/bench_NAME.py (or `report`: the kernel report) of the source checkout this "
+        "fineviti is installed from, with the arguments that follow NAME; its exit status is the command's. "
+        "Without NAME, list the benchmarks. The GPU check is benchmarks/gpu_check.sh.")
+    parser.add_argument("name", nargs="?", metavar="NAME", help="the benchmark (bench_NAME.py), or report")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own arguments (NAME --help)")
+    parser.set_defaults(run=_run_bench)
+
+
 def _add_eval(subparsers) -> None:
     from fineviti.eval import cli as eval_cli  # argparse only: the heavy imports happen when it runs
 
@@ -68,7 +129,7 @@ def _add_train(subparsers) -> None:
     train_cli.add_parsers(subparsers)
 
 
-COMMANDS = [_add_info, _add_data, _add_eval, _add_train]
+COMMANDS = [_add_info, _add_data, _add_bench, _add_eval, _add_train]
 
 
 def build_parser() -> argparse.ArgumentParser:

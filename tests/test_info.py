@@ -104,3 +104,31 @@ def test_console_script():
     done = subprocess.run([str(script), "info", "--json"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["extension"]["loaded"] is True
+
+
+def test_bench_lists_the_benchmarks(capsys):
+    """`fineviti bench` lists every bench_*.py of the checkout's benchmarks/ and the kernel report, each with its
+    docstring's first paragraph on one line."""
+    code, out = run_cli(capsys, "bench")
+    assert code == 0
+    listed = {line.split()[0] for line in out.splitlines()[1:]}
+    folder = cli.benchmarks_dir()
+    assert listed == {p.stem.removeprefix("bench_") for p in folder.glob("bench_*.py")} | {"report"}
+    assert any(line.split()[:2] == ["attention", "Varlen"] for line in out.splitlines())
+
+
+def test_bench_runs_the_script_with_its_arguments(capfd):
+    """NAME's arguments reach the script (lm-loss and lm_loss alike), and its exit status is the command's."""
+    assert cli.main(["bench", "lm-loss", "--help"]) == 0
+    assert "usage: bench_lm_loss.py" in capfd.readouterr().out
+    assert cli.main(["bench", "rope", "--no-such-option"]) == 2
+    assert "bench_rope.py: error: unrecognized arguments: --no-such-option" in capfd.readouterr().err
+
+
+def test_bench_errors_name_what_is_missing(capsys, monkeypatch):
+    assert cli.main(["bench", "attn"]) == 2
+    err = capsys.readouterr().err
+    assert "no benchmark named 'attn'" in err and "'attention'" in err
+    monkeypatch.setattr(cli, "benchmarks_dir", lambda: None)
+    assert cli.main(["bench"]) == 2
+    assert "was not installed from one: clone the repository and `pip install -e .`" in capsys.readouterr().err
