@@ -249,7 +249,8 @@ class HFCausalLM(nn.Module):
         was_training = self.model.training
         try:
             self.model.eval()
-            with torch.no_grad():
+            # eager: in compiled layers the probe's no-grad call compiled a graph that no step uses
+            with torch.no_grad(), torch.compiler.set_stance("force_eager"):
                 want = self.forward(probe).float()
                 got = F.linear(self.hidden_states(probe), *self.output_head()).float()
         finally:

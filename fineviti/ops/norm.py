@@ -52,7 +52,9 @@ def _check(x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
         raise TypeError(f"rms_norm: weight must be a floating-point tensor, got {weight.dtype}")
     if weight.device != x.device:
         raise ValueError(f"rms_norm: weight is on {weight.device} but x is on {x.device}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+    # (the bounds refuse NaN and inf without math.isfinite, which dynamo cannot trace on the symbolic float that
+    # eps is in a block compiled with dynamic shapes: it broke the block's graph there)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 <= eps < math.inf):
         raise ValueError(f"rms_norm: eps must be a finite number >= 0, got {eps!r}")
 
 

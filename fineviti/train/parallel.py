@@ -106,11 +106,13 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 2) 
 
 
 def apply_compile(model: nn.Module) -> int:
-    """torch.compile each block (in place: parameter names do not change)."""
+    """torch.compile each block (in place: parameter names do not change), with dynamic shapes from the first call:
+    the packed token count changes every step, and compiled static first, each tower's blocks compiled twice (the
+    first step's shapes, then dynamic ones at the second step)."""
     count = 0
     for blocks in block_lists(model):
         for block in blocks:
-            block.compile()
+            block.compile(dynamic=True)
             count += 1
     return count
 
