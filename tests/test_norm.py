@@ -155,6 +155,7 @@ def test_weight_gradient_in_its_dtype_and_x_dtype_kept():
     (dict(weight=torch.ones(64, dtype=torch.int64)), "weight must be a floating-point tensor"),
     (dict(eps=-1e-6), r"eps must be a finite number >= 0, got -1e-06"),
     (dict(eps=float("nan")), "eps must be a finite number >= 0, got nan"),
+    (dict(eps=float("inf")), "eps must be a finite number >= 0, got inf"),
     (dict(eps=True), "eps must be a finite number >= 0, got True"),
     (dict(backend="cuda"), r"backend must be one of \('auto', 'triton', 'torch'\), got 'cuda'"),
     (dict(x=torch.ones(3, 0), weight=torch.ones(0)), "last dim of at least 1 feature"),
