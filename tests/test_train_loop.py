@@ -1185,11 +1185,13 @@ def test_tokenizer_copies_carry_the_special_tokens_they_were_read_with(tmp_path,
     assert CaptionTokenizer(named).eos_id == source.bos_id
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_what_the_step_reads_from_the_batch_is_read_before_its_copy_to_the_device(tmp_path, monkeypatch, stage):
-    """Caption truncation (stage 1) and the region samples (stage 2) read the batch's values (offsets, boxes,
-    captions, grids): after the copy to the GPU each read waited for the device, the stage-2 samples four per box
-    (an audit of the step's host synchronisations). They now take the host batch, before PackedBatch.to."""
+@pytest.mark.parametrize("stage,grad_cache", [(1, 0), (2, 0), (1, 2)])
+def test_what_the_step_reads_from_the_batch_is_read_before_its_copy_to_the_device(tmp_path, monkeypatch, stage,
+                                                                                  grad_cache):
+    """Caption truncation (stage 1), the region samples (stage 2) and GradCache's chunks read the batch's values
+    (offsets, boxes, captions, grids): after the copy to the GPU each read waited for the device, the stage-2
+    samples four per box, the chunks 4-6 each (an audit of the step's host synchronisations). They now take the
+    host batch, before PackedBatch.to."""
     from fineviti.data.batch import PackedBatch
     from fineviti.train import stage2
     from fineviti.train import trainer as trainer_mod
@@ -1213,8 +1215,9 @@ def test_what_the_step_reads_from_the_batch_is_read_before_its_copy_to_the_devic
     monkeypatch.setattr(PackedBatch, "to", to)
     monkeypatch.setattr(trainer_mod, "truncate_captions", spy(trainer_mod.truncate_captions))
     monkeypatch.setattr(stage2, "region_tasks", spy(stage2.region_tasks))
-    run(config(tmp_path, f"training.stage={stage}", "training.steps=2"))
-    assert len(seen) == 2 and moved and not any(seen), seen
+    monkeypatch.setattr(trainer_mod, "split_images", spy(trainer_mod.split_images))
+    run(config(tmp_path, f"training.stage={stage}", "training.steps=2", f"training.grad_cache_images={grad_cache}"))
+    assert len(seen) == (4 if grad_cache else 2) and moved and not any(seen), seen
 
 
 def test_resume_names_what_differs_from_the_checkpoint(tmp_path, shards):

@@ -444,11 +444,13 @@ class Trainer:
             batch = truncate_captions(batch, text_length_at(self.text_schedule, self.step - 1))
         else:
             region = self._region_tasks(batch)
-        with nvtx_range("h2d", self.nvtx):
-            batch = batch.to(self.device, non_blocking=True)
+        grad_cache = self.stage == 1 and self.cfg.training.grad_cache_images
+        if not grad_cache:  # (GradCache cuts the host batch into chunks, and copies each)
+            with nvtx_range("h2d", self.nvtx):
+                batch = batch.to(self.device, non_blocking=True)
         if self.stage == 1:
             with nvtx_range("forward_backward", self.nvtx):
-                if self.cfg.training.grad_cache_images:
+                if grad_cache:
                     loss, out = self._grad_cache_step(batch)
                 else:
                     loss, out = self._stage1_step(batch)
@@ -521,10 +523,19 @@ class Trainer:
         """GradCache: (1) embeddings of every chunk without autograd, (2) the loss over all of them and its
         gradients with respect to the embeddings (and the logit scale and bias), (3) per chunk, the forward
         again and a backward of the embeddings with those gradients (the logit scale and bias with the last
-        chunk, where the gradient reduction of DDP / FSDP2 also happens)."""
+        chunk, where the gradient reduction of DDP / FSDP2 also happens).
+
+        batch: the batch as the loader gives it, its bounds and captions on the host: it is cut there and each chunk
+        copied to the device (cut on the GPU, each chunk read the batch's bounds back: 4-6 synchronisations)."""
+        from fineviti.data.batch import to_device
+
         per_chunk = self.cfg.training.grad_cache_images
         n_chunks = self._max_over_ranks(-(-batch.n_images // per_chunk))  # FSDP2: one count of forwards per rank
         chunks, real, order = split_images(batch, n_chunks)
+        with nvtx_range("h2d", self.nvtx):
+            chunks = [chunk.to(self.device, non_blocking=True) for chunk in chunks]
+            text_image = None if batch.text_image is None else to_device(
+                batch.text_image if order is None else batch.text_image[order], self.device, non_blocking=True)
         images, texts = [], []
         with torch.no_grad(), self._autocast():
             for chunk in chunks[:real]:
@@ -537,7 +548,6 @@ class Trainer:
         txt = torch.cat(texts).detach().requires_grad_()
         scale = out["logit_scale"].detach().float().requires_grad_()
         bias = out["logit_bias"].detach().float().requires_grad_() if out["logit_bias"] is not None else None
-        text_image = batch.text_image[order.to(batch.text_image.device)] if order is not None else batch.text_image
         loss = contrastive_loss(self.cfg.model, img, txt, text_image, scale, bias, self.world.group,
                                 self.world.host_group)
         # fp16: the scaled loss, so that the embeddings' 16-bit gradients are scaled as they are made (scaled after,
