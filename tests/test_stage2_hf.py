@@ -157,3 +157,17 @@ def test_a_bf16_checkpoint_trains_in_fp32_weights(lms, tmp_path):
     assert {p.dtype for p in HFCausalLM(str(folder)).parameters()} == {torch.float32}
     assert {p.dtype for p in HFCausalLM(str(folder), dtype=None).parameters()} == {torch.bfloat16}
     assert {p.dtype for p in HFCausalLM(str(folder), dtype=torch.float16).parameters()} == {torch.float16}
+
+
+def test_a_frozen_lm_takes_the_mixed_precision_dtype_but_not_its_buffers(lms, tmp_path):
+    """stage2.freeze=lm under bf16 (stage2.frozen_dtype=auto): the LM's parameters bf16, its rotary frequency
+    buffer still fp32 (a module-wide .to(bf16) would have rounded it), the trained parts fp32; steps finite."""
+    _, lm = lms
+    trainer = _run(_config(tmp_path / "run", lm["llama"], "training.mixed_precision=bf16", "stage2.freeze=lm"))
+    model = trainer.raw_model
+    assert {p.dtype for p in model.lm.parameters()} == {torch.bfloat16}
+    buffers = dict(model.lm.named_buffers())
+    assert any("inv_freq" in name for name in buffers) and all(
+        b.dtype == torch.float32 for name, b in buffers.items() if "inv_freq" in name)
+    assert {p.dtype for p in model.projector.parameters()} == {torch.float32}
+    assert all(math.isfinite(loss) for loss in _losses(tmp_path / "run").values())

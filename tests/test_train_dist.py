@@ -35,6 +35,9 @@ CASES = {  # name: overrides
     "ddp_async": ["parallel.strategy=ddp", "checkpoint.async_save=true"],  # DCP's writer thread beside the steps
     "fsdp_async": ["parallel.strategy=fsdp", "checkpoint.async_save=true"],
     "ddp_stage2": ["parallel.strategy=ddp", "training.stage=2"],  # the aligner, its LM loss without logits
+    # a frozen LM in bf16 beside the trained fp32 parts (stage2.frozen_dtype=auto): DDP's broadcast of both dtypes
+    "ddp_stage2_frozen_bf16": ["parallel.strategy=ddp", "training.stage=2", "training.mixed_precision=bf16",
+                               "stage2.freeze=lm"],
     "fsdp_stage2": ["parallel.strategy=fsdp", "training.stage=2"],
     "stage2_rank1_without_regions": ["parallel.strategy=ddp", "training.stage=2"],  # rank 1 draws no region
     "rank1_empty_pack": ["parallel.strategy=ddp"],  # rank 1's second batch has no image
@@ -55,7 +58,8 @@ try:  # stage 2 with a Hugging Face LM (the `hf` extra): its decoder layers chec
 except ImportError:
     pass
 EQUIVALENT = ("ddp", "fsdp", "ddp_gradcache", "fsdp_gradcache", "ddp_async", "fsdp_async")  # one-process reference
-RESUMED = ("ddp", "fsdp", "ddp_shards", "fsdp_shards", "ddp_stage2", "fsdp_stage2", "ddp_async", "fsdp_async",
+RESUMED = ("ddp", "fsdp", "ddp_shards", "fsdp_shards", "ddp_stage2", "ddp_stage2_frozen_bf16", "fsdp_stage2",
+           "ddp_async", "fsdp_async",
            *[name for name in CASES if name == "fsdp_stage2_hf"])
 
 
@@ -444,3 +448,13 @@ def test_fp16_loss_scaling_on_two_sharded_ranks(dist_results):
     assert steps[0]["loss_scale"] == 2.0**15 and 0 < sum(r["update_skipped"] for r in steps) < 12
     assert all(math.isfinite(r["loss"]) for r in steps)
     assert all(torch.isfinite(p).all() for p in results[name]["params"].values())
+
+
+def test_a_frozen_bf16_lm_trains_beside_fp32_parts_under_ddp(dist_results):
+    """stage2.freeze=lm under bf16: the LM's weights bf16, the rest fp32, on both ranks alike (DDP broadcasts both
+    dtypes from rank 0 and buckets only the trained ones); the resume test above checks the rest."""
+    _, results = dist_results
+    _check(results["ddp_stage2_frozen_bf16"])
+    dtypes = {(name.startswith("lm."), p.dtype) for name, p in results["ddp_stage2_frozen_bf16"]["params"].items()}
+    assert dtypes == {(True, torch.bfloat16), (False, torch.float32)}, dtypes
+    assert all(math.isfinite(v) for v in results["ddp_stage2_frozen_bf16"]["losses"].values())

@@ -1287,3 +1287,34 @@ def test_a_backend_the_device_cannot_run_is_named_before_any_work(tmp_path, monk
         Trainer(config(tmp_path, "training.stage=2", "aligner.rope_backend=cuda", "training.device=cpu"))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     Trainer(config(tmp_path, "model.norm_backend=triton", "training.device=cpu")).close()
+
+
+def test_frozen_parts_take_the_mixed_precision_dtype(tmp_path):
+    """stage2.frozen_dtype=auto: under bf16 mixed precision the frozen LM's weights are bf16 (autocast computes with
+    bf16 copies anyway, cast at every use: a frozen weight is no trainable leaf, whose cast autocast would keep), the
+    trained parts stay fp32, the losses stay those of fp32 frozen weights to bf16 rounding, and a run killed after
+    its checkpoint resumes to the same weights; a checkpoint of either dtype resumes under the other."""
+    from tests.dist_util import train_until
+
+    def cfg(name, *overrides):
+        return config(tmp_path, "training.stage=2", "training.steps=3", "training.mixed_precision=bf16",
+                      "stage2.freeze=lm", "checkpoint.interval=2", *overrides, name=name)
+
+    whole = train_until(Trainer(cfg("auto")))
+    assert {p.dtype for p in whole.raw_model.lm.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in whole.raw_model.visual.parameters()} == {torch.float32}
+    fp32 = train_until(Trainer(cfg("fp32", "stage2.frozen_dtype=fp32")))
+    assert {p.dtype for p in fp32.raw_model.lm.parameters()} == {torch.float32}
+    want = [r["loss"] for r in rows(tmp_path / "fp32")]
+    assert [r["loss"] for r in rows(tmp_path / "auto")] == pytest.approx(want, rel=1e-3)
+    train_until(Trainer(cfg("resumed")), crash_at=3)
+    resumed = train_until(Trainer(cfg("resumed", "checkpoint.resume=auto")))
+    assert [r["loss"] for r in rows(tmp_path / "resumed")] == [r["loss"] for r in rows(tmp_path / "auto")]
+    for (name, a), b in zip(whole.raw_model.named_parameters(), resumed.raw_model.parameters(), strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    # the fp32 run's checkpoint under auto, the bf16 run's under fp32: loaded into this run's dtypes
+    other = train_until(Trainer(cfg("fp32", "training.steps=4", "checkpoint.resume=auto")))
+    assert {p.dtype for p in other.raw_model.lm.parameters()} == {torch.bfloat16}
+    other = train_until(Trainer(cfg("auto", "training.steps=4", "stage2.frozen_dtype=fp32", "checkpoint.resume=auto")))
+    assert {p.dtype for p in other.raw_model.lm.parameters()} == {torch.float32}
+    assert len(rows(tmp_path / "auto")) == 4

@@ -133,6 +133,9 @@ class EvalConfig:
 class Stage2Config:
     init_from: str = ""  # a stage-1 checkpoint (folder) whose vision tower stage 2 starts from; "" = random init
     freeze: str = ""  # comma-separated parts kept frozen: vision, merger, projector, lm (e.g. "lm")
+    # the frozen parts' weights: auto (in the mixed-precision dtype, which autocast computes with anyway: half the
+    # memory, no cast per step; fp32 without mixed precision and under FSDP2, whose policy casts per unit) | fp32
+    frozen_dtype: str = "auto"
     vision_lr_scale: float = 0.1  # learning rate of each part as a multiple of optimizer.lr
     merger_lr_scale: float = 1.0
     projector_lr_scale: float = 1.0
@@ -166,6 +169,7 @@ class JobConfig:
         _choice("training.stage", self.training.stage, (1, 2))
         _choice("training.data_source", self.training.data_source, ("shards", "random"))
         _choice("training.mixed_precision", self.training.mixed_precision, ("auto", "bf16", "fp16", "none"))
+        _choice("stage2.frozen_dtype", self.stage2.frozen_dtype, ("auto", "fp32"))
         _choice("training.device", self.training.device, ("auto", "cpu", "cuda"))
         _choice("optimizer.name", self.optimizer.name, ("adamw", "apex_fused_adam"))
         _choice("optimizer.implementation", self.optimizer.implementation, ("auto", "fused", "foreach", "for_loop"))

@@ -171,10 +171,27 @@ def build_aligner(cfg) -> tuple[Aligner, AlignerConfig]:
     return model, aligner_cfg
 
 
+def _parts(model: Aligner) -> dict[str, torch.nn.Module]:
+    return {"vision": model.visual, "merger": model.merger, "projector": model.projector, "lm": model.lm}
+
+
 def freeze_parts(model: Aligner, parts: list[str]) -> None:
-    names = {"vision": model.visual, "merger": model.merger, "projector": model.projector, "lm": model.lm}
     for part in parts:
-        names[part].requires_grad_(False)
+        _parts(model)[part].requires_grad_(False)
+
+
+def cast_frozen(model: Aligner, parts: list[str], dtype: torch.dtype) -> int:
+    """The floating-point parameters of the frozen `parts` in `dtype` (autocast casts a frozen weight at every use:
+    it keeps casts of trainable leaves only); their buffers stay as they are (RoPE frequency tables: fp32).
+    Returns the number of parameters cast; tied parameters (one Parameter in two places) stay one."""
+    cast = 0
+    for part in parts:
+        for p in _parts(model)[part].parameters():
+            if p.requires_grad or not p.is_floating_point() or p.dtype == dtype:
+                continue
+            p.data = p.data.to(dtype)
+            cast += p.numel()
+    return cast
 
 
 def part_scales(cfg) -> dict[str, float]:

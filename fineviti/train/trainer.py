@@ -97,6 +97,7 @@ class Trainer:
             except FileNotFoundError as exc:
                 raise FileNotFoundError(f"eval.path: {exc}") from None
 
+        fsdp = self.world.distributed and cfg.parallel.strategy == "fsdp"
         if self.stage == 1:
             from fineviti.model import FineViT
 
@@ -106,11 +107,13 @@ class Trainer:
             from fineviti.train import stage2
 
             raw, cfg.aligner = stage2.build_aligner(cfg)
-            stage2.freeze_parts(raw, parse_parts(cfg.stage2.freeze, "stage2.freeze", STAGE2_PARTS))
+            frozen = parse_parts(cfg.stage2.freeze, "stage2.freeze", STAGE2_PARTS)
+            stage2.freeze_parts(raw, frozen)
+            if cfg.stage2.frozen_dtype == "auto" and self.mp_dtype is not None and not fsdp:
+                stage2.cast_frozen(raw, frozen, self.mp_dtype)
             scales = stage2.part_scales(cfg)
         self.raw_model = raw
         self.model = parallel.parallelize(raw, cfg.parallel, self.world, self.mp_dtype)
-        fsdp = self.world.distributed and cfg.parallel.strategy == "fsdp"
         self.autocast_dtype = None if fsdp else self.mp_dtype  # FSDP2's policy casts the parameters itself
         # fp16 needs loss scaling (bf16 has fp32's range): dynamic, decided by the global gradient norm
         self.scaler = parallel.LossScaler() if self.mp_dtype == torch.float16 else None
