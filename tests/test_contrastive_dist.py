@@ -205,6 +205,9 @@ def _run_host_group(rank):
     scale, bias = torch.tensor(8.0), torch.tensor(-3.0)
     cases = {
         "size": lambda: siglip_loss(x, x, scale, bias, backend="chunked", host_group=singles[rank]),
+        # the other rank's group of one: this rank holds no member handle (an int), and each rank raises alone
+        # before any collective, where a check of sizes left it to fail on the int
+        "member": lambda: siglip_loss(x, x, scale, bias, backend="chunked", host_group=singles[1 - rank]),
         "kind": lambda: siglip_loss(x, x, scale, bias, backend="chunked", host_group="default"),
         "bad_scale": lambda: clip_loss(x, x, torch.tensor(float("nan")) if rank else scale, backend="chunked",
                                        host_group=host),
@@ -368,15 +371,20 @@ def test_a_failing_rank_leaves_no_reference_cycle(results):
 def test_a_host_group_carries_the_first_exchange(results):
     """host_group (the trainer's gloo group; on NCCL the exchange would go through the GPU and its read wait for the
     forward): bit-identical losses and gradients, its all-gather the loss's first one and only that one (the
-    chunked backend's all-gather of the texts stays on `group`), other sizes or kinds refused on both ranks
-    before any collective, and a bad input on one rank still stops both."""
+    chunked backend's all-gather of the texts stays on `group`), other members or kinds refused on each rank
+    before any collective (none is left waiting), and a bad input on one rank still stops both."""
     outs = [results[f"host_group{r}"] for r in range(WORLD)]
     assert all(not isinstance(o, str) for o in outs), outs
     for out in outs:
         assert out["same"] == [True, True]
         for via_host in out["via_host"]:
             assert via_host[0] and not any(via_host[1:]), via_host
-        assert out["size"] == "ValueError: host_group must hold the processes of group: it has 1 ranks, group 2"
+    assert outs[0]["size"] == ("ValueError: host_group must hold the processes of group in the same order: it "
+                               "holds global ranks [0], group [0, 1]")
+    assert outs[1]["size"].endswith("it holds global ranks [1], group [0, 1]")
+    for rank, out in enumerate(outs):
+        assert out["member"] == (f"ValueError: host_group must hold the processes of group, and this rank ({rank}) "
+                                 f"is no member of it")
         assert out["kind"] == "TypeError: host_group must be None or a gloo ProcessGroup, got str"
         assert out["in_step"]
     assert "failed their checks on rank(s) [1]" in outs[0]["bad_scale"], outs[0]["bad_scale"]

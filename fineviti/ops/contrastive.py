@@ -451,9 +451,9 @@ def _make_dist(group, img, failed: bool = False, host_group=None) -> _Dist | Non
     on every rank, where a rank that raised alone left the others waiting in the collective (or, with another
     dtype, crashed gloo). A rank that `failed` gets None after the exchange, and raises its own error.
 
-    The exchange goes over `host_group` when one is given (a gloo group of the same processes, _check_host_group):
-    host tensors, so reading the result does not wait for the device. Over an NCCL `group` it goes through the GPU,
-    and reading it back waits for every kernel queued before the loss."""
+    The exchange goes over `host_group` when one is given (a gloo group of the same processes in the same order,
+    _check_host_group): host tensors, so reading the result does not wait for the device. Over an NCCL `group` it
+    goes through the GPU, and reading it back waits for every kernel queued before the loss."""
     if group is None:
         return None if failed else _Dist(None, 1, 0, (img.shape[0],))
     import torch.distributed as dist
@@ -461,19 +461,15 @@ def _make_dist(group, img, failed: bool = False, host_group=None) -> _Dist | Non
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     shaped = isinstance(img, torch.Tensor) and img.dim() == 2
     via = group if host_group is None else host_group
-    # each row carries its rank in `group`: a host group may number the same processes differently
     mine = torch.tensor([img.shape[0] if shaped else -1, img.shape[1] if shaped else -1,
-                         _DTYPE_CODES.get(img.dtype, -1) if shaped else -1, int(failed), rank],
+                         _DTYPE_CODES.get(img.dtype, -1) if shaped else -1, int(failed)],
                         device=_comm_device(via, img if isinstance(img, torch.Tensor) else None), dtype=torch.int64)
     # (a bad input's rank still joins the exchange, on the group's device, and raises after it)
     every = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(every, mine, group=via)
     # one read of all ranks' rows (not one per rank), a host synchronisation when they are on the GPU: the shapes
     # below depend on it
-    rows = sorted(torch.stack(every).tolist(), key=lambda row: row[4])
-    if [row[4] for row in rows] != list(range(world)):
-        raise ValueError(f"host_group must hold the processes of group: their ranks in group, gathered over "
-                         f"host_group, are {sorted(row[4] for row in rows)}, expected 0..{world - 1}")
+    rows = torch.stack(every).tolist()
     if failed:
         return None
     failed = [r for r, row in enumerate(rows) if row[3]]
@@ -491,20 +487,25 @@ def _make_dist(group, img, failed: bool = False, host_group=None) -> _Dist | Non
 
 
 def _check_host_group(host_group, group) -> None:
-    """host_group: None, or a gloo group as large as `group` (checked before the exchange, with the same outcome on
-    every rank; that it holds the same processes is checked by the exchange itself)."""
+    """host_group: None, or a gloo group of the processes of `group`, in the same order. Checked on each rank from
+    the groups' member lists, before any collective: every rank of `group` reaches the same verdict (a rank outside
+    host_group raises its own error), so none is left waiting in the exchange."""
     if host_group is None or group is None:
         return
     import torch.distributed as dist
 
+    if isinstance(host_group, int) and host_group == dist.GroupMember.NON_GROUP_MEMBER:
+        raise ValueError(f"host_group must hold the processes of group, and this rank ({dist.get_rank()}) is no "
+                         f"member of it")
     if isinstance(host_group, str) or not isinstance(host_group, dist.ProcessGroup):
         raise TypeError(f"host_group must be None or a gloo ProcessGroup, got {type(host_group).__name__}")
     backend = dist.get_backend(host_group)
     if backend != "gloo":
         raise ValueError(f"host_group must be a gloo group (its exchange stays on the host), got backend {backend!r}")
-    sizes = dist.get_world_size(host_group), dist.get_world_size(group)
-    if sizes[0] != sizes[1]:
-        raise ValueError(f"host_group must hold the processes of group: it has {sizes[0]} ranks, group {sizes[1]}")
+    members = dist.get_process_group_ranks(host_group), dist.get_process_group_ranks(group)
+    if members[0] != members[1]:
+        raise ValueError(f"host_group must hold the processes of group in the same order: it holds global ranks "
+                         f"{members[0]}, group {members[1]}")
 
 
 def _comm_device(group, t: torch.Tensor | None) -> torch.device:
