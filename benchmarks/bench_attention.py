@@ -23,6 +23,7 @@ from common import (  # noqa: I001  (benchmarks/ is on the path when run as a sc
     CHECK_TOLERANCE,
     Recorder,
     bench,
+    cpu_dtype,
     gpu_kernel_times,
     record_if_wrong,
     relative_error,
@@ -358,8 +359,11 @@ def main(argv=None):
                         help="GPU time per kernel and wall time per call at --shape/--head-dim/--mode/--provider "
                              "(default ours and torch_varlen, fwd and bwd; GPU only)")
     args = parser.parse_args(argv)
-    dtype = getattr(torch, args.dtype)
-    if args.provider or args.shape or args.head_dim or args.mode:
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device is available here (the default: cpu)")
+    dtype = cpu_dtype(getattr(torch, args.dtype), args.device)
+    explicit = bool(args.provider or args.shape or args.head_dim or args.mode)
+    if explicit:
         plan = ((args.shape or ["fa3:4096"], args.head_dim or [64], args.mode or ["fwd_bwd"],
                  args.provider or ["ours"]),)
     else:
@@ -381,9 +385,11 @@ def main(argv=None):
                 sweep(rec, shape, head_dim, dtype, args.device, args.sweep_kind, args.sweep_max)
         _exit_if_wrong()
         return
-    if args.device == "cpu":  # a smoke check of the code path (Triton's interpreter): toy size, fp32, 2 heads
-        print("no GPU: one toy case on the CPU as a smoke check")
+    if args.device == "cpu" and not explicit:  # a smoke check of the code path: toy size, fp32, 2 heads
         provider = "ours" if _interpreting() else "sdpa_mask"
+        why = "Triton's interpreter" if provider == "ours" else "TRITON_INTERPRET=0: ours left out"
+        print(f"on the CPU: one toy case of {provider} ({why}) as a smoke check; --provider, --shape, --head-dim "
+              f"and --mode choose others")
         run_case(rec, provider, "pack:200", 64, "fwd_bwd", torch.float32, "cpu", once=args.once, heads=2)
         plan = ()
     for shapes, head_dims, modes, providers in plan:

@@ -292,12 +292,16 @@ def main(argv=None) -> None:
     parser.add_argument("--mode", choices=MODES, action="append", help="run only these modes")
     parser.add_argument("--n", type=int, action="append", help="batch sizes N")
     parser.add_argument("--d", type=int, action="append", help="feature widths D")
-    parser.add_argument("--dtype", choices=tuple(_DTYPES), default="bf16")
+    parser.add_argument("--dtype", choices=tuple(_DTYPES), default=None,
+                        help="default bf16 on a GPU, fp32 on a CPU (the interpreter's bf16 dot products are wrong)")
     parser.add_argument("--sweep-configs", action="store_true", help="block-size candidates of our kernels")
     parser.add_argument("--profile", action="store_true", help="GPU time per kernel of one step of ours (GPU only)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available here (the default: cpu)")
+    args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     if device.type == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
     from benchmarks.common import Recorder

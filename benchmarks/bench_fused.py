@@ -165,8 +165,7 @@ def main(argv=None) -> None:
                         continue  # each width and mode compiles anew: the quick set compiles the first width only
                     reason = available(provider, device)
                     if reason:
-                        if args.provider:
-                            print(f"{op:12s} {provider:16s} skipped: {reason}")
+                        print(f"{op:12s} {provider:16s} skipped: {reason}")
                         continue
                     for mode in args.mode or MODES:
                         run_case(rec, op, provider, mode, rows, width, dtype, device)

@@ -33,6 +33,7 @@ from benchmarks.common import (  # noqa: E402
     Recorder,
     bench,
     comparable,
+    cpu_dtype,
     exit_if_wrong,
     percentiles,
     record_if_wrong,
@@ -459,7 +460,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype)
+    dtype = cpu_dtype(getattr(torch, args.dtype), device)
     rec = Recorder("rope_2d")
     on_gpu = device.type == "cuda"
     if args.quick:
@@ -494,8 +495,7 @@ def main(argv=None) -> None:
                     continue
                 reason = available(provider, device)
                 if reason:
-                    if args.provider:
-                        print(f"rope_2d      {provider:16s} skipped: {reason}")
+                    print(f"rope_2d      {provider:16s} skipped: {reason}")
                     continue
                 for mode in ("fwd",) if provider in ("copy",) else modes:
                     gbps = run_case(rec, provider, mode, tokens, heads, head_dim, dtype, device, copy_gbps, stock_ms)

@@ -1,8 +1,8 @@
 """Shared pieces of the benchmarks: timing, environment facts and result rows.
 
 Every benchmark writes rows through `Recorder`, one JSON object a line, with the fields that
-`benchmarks/gpu_check.sh` gathers into results.json and summary.md. Run benchmarks from the
-repository root: `python benchmarks/bench_<op>.py ...`.
+`benchmarks/gpu_check.sh` gathers into results.json and summary.md. Run them as
+`python benchmarks/bench_<op>.py ...` or `fineviti bench <op> ...`, from any folder.
 """
 
 from __future__ import annotations
@@ -16,6 +16,12 @@ import time
 from pathlib import Path
 
 import torch
+
+# Without a GPU our Triton kernels run in Triton's interpreter, at toy sizes. It must be chosen before anything
+# imports triton: torch._dynamo, below, does, and triton.language's own helpers would then be compiled functions that
+# an interpreted kernel cannot call.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Benchmarks compile many shapes in one process (the compiled providers of the full sweeps): past dynamo's default
 # recompile limit of 8 a compiled function quietly runs eager, and its rows would time eager code under a
@@ -244,3 +250,12 @@ def comparable(a: dict, b: dict) -> tuple[float, float, str]:
     """The medians of two rows' timings by one timer (one_timer), and its name."""
     key, timer = one_timer(a, b)
     return a[key], b[key], timer
+
+
+def cpu_dtype(dtype: torch.dtype, device) -> torch.dtype:
+    """dtype, or float32 on a CPU where dtype is bf16 (the interpreter computes bf16 dot products wrongly), said
+    once on stdout."""
+    if torch.device(device).type == "cpu" and dtype == torch.bfloat16:
+        print("on the CPU: float32 instead of bfloat16 (Triton's interpreter computes bf16 dot products wrongly)")
+        return torch.float32
+    return dtype

@@ -1211,7 +1211,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--arch", type=int, default=90, help="compute capability to compile for: "
                    f"{', '.join(map(str, sorted(SUPPORTED_ARCHS)))} (default 90)")
-    p.add_argument("--out", default=str(DEFAULT_OUT), help="folder for kernel_report.md/.json")
+    p.add_argument("--out", help="folder for kernel_report.md/.json (default benchmarks/results/; with --kernel,\n"
+                   "--quick or --rows benchmarks/results/latest/, which git ignores: a partial report never\n"
+                   "replaces the full one)")
     p.add_argument("--kernel", help="only this kernel (its registry name or its Shipped.kernel_name)")
     p.add_argument("--quick", action="store_true", help="one configuration per kernel, head dim and dtype")
     p.add_argument("--check", action="store_true", help="exit 1 when a configuration does not compile (or its "
@@ -1227,6 +1229,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", help="keep cubins, PTX and IR in this folder")
     p.add_argument("--device-check", action="store_true", help="on a GPU: compare with the CUDA driver's figures")
     args = p.parse_args(argv)
+    if args.out is None:
+        args.out = str(DEFAULT_OUT / "latest" if args.kernel or args.quick or args.rows else DEFAULT_OUT)
     validate_args(p, args)
 
     start = time.perf_counter()

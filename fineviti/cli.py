@@ -63,8 +63,15 @@ def benchmarks_dir():
     benchmarks are scripts beside the package, not part of a wheel."""
     from pathlib import Path
 
-    folder = Path(__file__).resolve().parents[1] / "benchmarks"
-    return folder if (folder / "common.py").is_file() else None
+    root = Path(__file__).resolve().parents[1]
+    folder = root / "benchmarks"
+    # this project's checkout (its pyproject names it), not another package's top-level benchmarks/ beside ours in
+    # site-packages
+    try:
+        ours = 'name = "fineviti"' in (root / "pyproject.toml").read_text(encoding="utf-8")
+    except OSError:
+        return None
+    return folder if ours and (folder / "common.py").is_file() else None
 
 
 def bench_scripts(folder) -> dict:
@@ -93,6 +100,8 @@ def _run_bench(args: argparse.Namespace) -> int:
             f"({__file__}) was not installed from one: clone the repository and `pip install -e .` there (or run "
             "`python benchmarks/<script>.py` in it)")
     scripts = bench_scripts(folder)
+    if not scripts:
+        raise FileNotFoundError(f"no benchmark (bench_*.py) in {folder}")
     if args.name is None:
         width = max(map(len, scripts))
         print(f"benchmarks in {folder} (fineviti bench NAME --help for each one's options):")
@@ -103,7 +112,11 @@ def _run_bench(args: argparse.Namespace) -> int:
     if name not in scripts:
         raise ValueError(f"no benchmark named {args.name!r} in {folder}: expected one of {sorted(scripts)}")
     # a process of its own: the scripts set up sys.path, TRITON_INTERPRET and their own exit status
-    return subprocess.run([sys.executable, str(scripts[name]), *args.args], check=False).returncode
+    try:
+        code = subprocess.run([sys.executable, str(scripts[name]), *args.args], check=False).returncode
+    except KeyboardInterrupt:  # (the script got the Ctrl-C too, and has ended)
+        return 130
+    return code if code >= 0 else 128 - code  # killed by signal N: 128 + N, as a shell reports it
 
 
 def _add_bench(subparsers) -> None:

@@ -132,3 +132,11 @@ def test_bench_errors_name_what_is_missing(capsys, monkeypatch):
     monkeypatch.setattr(cli, "benchmarks_dir", lambda: None)
     assert cli.main(["bench"]) == 2
     assert "was not installed from one: clone the repository and `pip install -e .`" in capsys.readouterr().err
+
+
+def test_bench_reports_a_killed_benchmark_as_a_shell_does(monkeypatch):
+    """A benchmark killed by signal N exits 128 + N (subprocess's -N became 256 - N through sys.exit)."""
+    import subprocess
+
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, -9))
+    assert cli.main(["bench", "rope"]) == 137

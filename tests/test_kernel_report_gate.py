@@ -65,6 +65,16 @@ def test_a_declared_kernel_without_configurations_fails_the_check(run_main, empt
     assert "Check: FAILED" in md and "- fixture_empty: declared" in md
 
 
+def test_a_partial_report_goes_to_latest_without_out(run_main, empty_declaration, tmp_path, monkeypatch):
+    """Without --out, a report of one kernel (or --quick, --rows) goes to benchmarks/results/latest/, which git
+    ignores: it once replaced the committed full report in benchmarks/results/."""
+    monkeypatch.setattr(kr, "DEFAULT_OUT", tmp_path / "results")
+    rc, out, err = run_main("--kernel", empty_declaration, "--no-csrc")
+    assert rc == 0, out + err
+    assert (tmp_path / "results" / "latest" / "kernel_report.md").is_file()
+    assert not (tmp_path / "results" / "kernel_report.md").exists()
+
+
 def test_the_full_registry_names_its_declared_kernels_without_rows(empty_declaration):
     rows, problems = kr.load_rows(None, None)  # rows only: nothing compiles
     assert rows and [p.split(":")[0] for p in problems] == ["fixture_empty"]
