@@ -16,10 +16,10 @@ def train_until(trainer, crash_at: int | None = None):
     if crash_at is not None:
         original = trainer.train_step
 
-        def train_step(batch):
+        def train_step(batch, **kwargs):
             if trainer.step == crash_at:
                 raise KeyboardInterrupt("simulated kill")
-            return original(batch)
+            return original(batch, **kwargs)
 
         trainer.train_step = train_step
     try:

@@ -35,6 +35,10 @@ CASES = {  # name: overrides
     "ddp_async": ["parallel.strategy=ddp", "checkpoint.async_save=true"],  # DCP's writer thread beside the steps
     "fsdp_async": ["parallel.strategy=fsdp", "checkpoint.async_save=true"],
     "ddp_stage2": ["parallel.strategy=ddp", "training.stage=2"],  # the aligner, its LM loss without logits
+    # metrics.log_every=2: steps 1 and 3 read nothing, their clipping factor computed on the device, where FSDP2's
+    # gradients are DTensor shards (a clip that scales every step: the debug model's norms are above 0.05)
+    "fsdp_clip": ["parallel.strategy=fsdp", "training.grad_clip=0.05"],
+    "fsdp_clip_deferred": ["parallel.strategy=fsdp", "training.grad_clip=0.05", "metrics.log_every=2"],
     # a frozen LM in bf16 beside the trained fp32 parts (stage2.frozen_dtype=auto): DDP's broadcast of both dtypes
     "ddp_stage2_frozen_bf16": ["parallel.strategy=ddp", "training.stage=2", "training.mixed_precision=bf16",
                                "stage2.freeze=lm"],
@@ -458,3 +462,16 @@ def test_a_frozen_bf16_lm_trains_beside_fp32_parts_under_ddp(dist_results):
     dtypes = {(name.startswith("lm."), p.dtype) for name, p in results["ddp_stage2_frozen_bf16"]["params"].items()}
     assert dtypes == {(True, torch.bfloat16), (False, torch.float32)}, dtypes
     assert all(math.isfinite(v) for v in results["ddp_stage2_frozen_bf16"]["losses"].values())
+
+
+def test_steps_between_rows_clip_sharded_gradients_as_the_host_does(dist_results):
+    """FSDP2 with metrics.log_every=2: the steps between rows clip by a factor computed on the device (DTensor
+    shards scaled locally) and end with the same weights, bit for bit, as a run that reads every step."""
+    _, results = dist_results
+    every, deferred = results["fsdp_clip"], results["fsdp_clip_deferred"]
+    _check(every)
+    _check(deferred)
+    assert list(deferred["losses"]) == [2, 4]
+    assert all(deferred["losses"][s] == every["losses"][s] for s in (2, 4))
+    for key, value in every["params"].items():
+        assert torch.equal(deferred["params"][key], value), key

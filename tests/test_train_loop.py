@@ -16,6 +16,7 @@ from fineviti.train.config import apply_cli_overrides, from_dict, preset, to_dic
 from fineviti.train.data import RandomBatches, split_images, truncate_captions
 from fineviti.train.metrics import NonFiniteLossError, peak_tflops
 from fineviti.train.trainer import Trainer, run
+from tests.dist_util import train_until
 
 STAGE1_KEYS = {"loss", "lr", "grad_norm", "logit_scale", "logit_bias", "images_per_s", "tokens_per_s",
                "padding_fraction", "text_length", "step_time_s", "data_wait_s", "images", "patch_tokens",
@@ -80,10 +81,10 @@ def test_stage1_learns_a_repeated_batch(tmp_path):
 def _crash_at(trainer, step):
     original = trainer.train_step
 
-    def train_step(batch):
+    def train_step(batch, **kwargs):
         if trainer.step == step:
             raise KeyboardInterrupt(f"simulated kill at step {step}")
-        return original(batch)
+        return original(batch, **kwargs)
 
     trainer.train_step = train_step
 
@@ -139,9 +140,9 @@ def test_fp16_scales_the_loss_skips_overflowed_updates_and_resumes_exactly(tmp_p
     snapshots = []
     original = trainer.train_step
 
-    def train_step(batch):
+    def train_step(batch, **kwargs):
         before = [p.detach().clone() for p in trainer.params]
-        row = original(batch)
+        row = original(batch, **kwargs)
         snapshots.append((row["update_skipped"], any(not torch.equal(b, p) for b, p in zip(before, trainer.params,
                                                                                              strict=True))))
         return row
@@ -241,12 +242,12 @@ def test_an_async_save_is_committed_once_written_not_at_the_next_save(tmp_path):
     original = trainer.train_step
     seen = {}
 
-    def train_step(batch):  # trainer.step: the step this call runs
+    def train_step(batch, **kwargs):  # trainer.step: the step this call runs
         if trainer.step == 4:  # the save at 3 is pending: let its writer thread finish
             trainer.checkpointer._pending[0].result()
         if trainer.step == 5:  # committed before this step, the first after the write
             seen[5] = [s for s, _ in ckpt.list_checkpoints(folder)]
-        return original(batch)
+        return original(batch, **kwargs)
 
     trainer.train_step = train_step
     try:
@@ -1048,40 +1049,45 @@ def test_cuda_steps_report_mfu(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("stage", [1, 2])
-def test_cuda_steps_read_the_device_only_where_they_must(tmp_path, monkeypatch, stage):
+@pytest.mark.parametrize("stage,log_every", [(1, 1), (2, 1), (1, 3), (2, 3)])
+def test_cuda_steps_read_the_device_only_where_they_must(tmp_path, monkeypatch, stage, log_every):
     """Every host read of the GPU in a step waits for all the work queued before it. After the first step (Triton
     compiles, autotuning), a step on one GPU reads the device only at these lines: the loss with the logit scale and
-    bias (one read) and the gradient norm (one). An audit found 7 in stage 1 (caption truncation on the GPU batch,
-    the scale read after the optimizer step) and 12 plus 4 per region box in stage 2 (the aligner's counts of
-    image rows and of answer tokens among them); torch.cuda.set_sync_debug_mode("warn") names each at its line."""
+    bias (one read, with the losses and norms of the steps since the last row) and the gradient norm (one); with
+    metrics.log_every=3 the steps between rows (2) read nothing. An audit found 7 in stage 1 (caption truncation on
+    the GPU batch, the scale read after the optimizer step) and 12 plus 4 per region box in stage 2 (the aligner's
+    counts of image rows and of answer tokens among them); torch.cuda.set_sync_debug_mode("warn") names each at its
+    line."""
     import linecache
     import warnings
 
     monkeypatch.delenv("FINEVITI_CHECKS", raising=False)  # (value checks read the device by design)
-    allowed = ["torch.stack(scalars).tolist()", "float(torch.stack([n.double()"]
+    allowed = ["scalars.tolist()", "torch.cat([scalars, torch.stack(held)]).tolist()",
+               "float(torch.stack([n.double()"]
     original = Trainer.train_step
-    caught = []
+    caught = []  # (step, warning)
 
-    def train_step(self, batch):
+    def train_step(self, batch, **kwargs):
         if self.step < 2:
-            return original(self, batch)
+            return original(self, batch, **kwargs)
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                return original(self, batch)
+                return original(self, batch, **kwargs)
             finally:
                 torch.cuda.set_sync_debug_mode(0)
-                caught.extend(w for w in seen if "synchroniz" in str(w.message))
+                caught.extend((self.step, w) for w in seen if "synchroniz" in str(w.message))
 
     monkeypatch.setattr(Trainer, "train_step", train_step)
     run(config(tmp_path, f"training.stage={stage}", "training.steps=4", "training.device=cuda",
                "random_data.token_budget=4096", "random_data.max_side=32", "checkpoint.save_final=false",
-               "checkpoint.interval=0"))
-    sites = {(w.filename, w.lineno, linecache.getline(w.filename, w.lineno).strip()) for w in caught}
+               "checkpoint.interval=0", f"metrics.log_every={log_every}"))
+    sites = {(w.filename, w.lineno, linecache.getline(w.filename, w.lineno).strip()) for _, w in caught}
     unexpected = [site for site in sites if not any(a in site[2] for a in allowed)]
     assert caught and not unexpected, sorted(sites)
+    if log_every == 3:  # step 2 lies between rows; steps 3 (a row) and 4 (the last) read
+        assert {step for step, _ in caught} == {3, 4}, sorted(sites)
 
 
 def test_data_norm_must_match_the_vision_towers(tmp_path, shards):
@@ -1294,8 +1300,6 @@ def test_frozen_parts_take_the_mixed_precision_dtype(tmp_path):
     bf16 copies anyway, cast at every use: a frozen weight is no trainable leaf, whose cast autocast would keep), the
     trained parts stay fp32, the losses stay those of fp32 frozen weights to bf16 rounding, and a run killed after
     its checkpoint resumes to the same weights; a checkpoint of either dtype resumes under the other."""
-    from tests.dist_util import train_until
-
     def cfg(name, *overrides):
         return config(tmp_path, "training.stage=2", "training.steps=3", "training.mixed_precision=bf16",
                       "stage2.freeze=lm", "checkpoint.interval=2", *overrides, name=name)
@@ -1318,3 +1322,62 @@ def test_frozen_parts_take_the_mixed_precision_dtype(tmp_path):
     other = train_until(Trainer(cfg("auto", "training.steps=4", "stage2.frozen_dtype=fp32", "checkpoint.resume=auto")))
     assert {p.dtype for p in other.raw_model.lm.parameters()} == {torch.float32}
     assert len(rows(tmp_path / "auto")) == 4
+
+
+def test_steps_between_rows_read_nothing_and_train_the_same(tmp_path, monkeypatch):
+    """metrics.log_every=3: the steps between two rows (1, 2, 4, 5) read nothing from the device (their loss and
+    gradient norm wait for the next row's one read, the norm clips by a factor computed on the device); rows at 3,
+    6 and the last step, 7, with the same loss, norm and logit scale as a run that reads every step, and the same
+    weights; rates over the steps since the previous row."""
+    from fineviti.train import parallel
+    from fineviti.train import trainer as trainer_mod
+
+    clip_reads = []
+    original_clip = parallel.clip_grad_norm
+
+    def clip(params, max_norm, read=True):
+        clip_reads.append(read)
+        return original_clip(params, max_norm, read=read)
+
+    monkeypatch.setattr(parallel, "clip_grad_norm", clip)
+    reads = []
+    original_read = trainer_mod.Trainer._read_with_pending
+
+    def read_with_pending(self, scalars):
+        reads.append((self.step, len(self._pending)))
+        return original_read(self, scalars)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "_read_with_pending", read_with_pending)
+    steps = ["training.steps=7", "training.grad_clip=0.5"]  # (the debug model's norms clip at 0.5)
+    every = train_until(Trainer(config(tmp_path, *steps, name="every")))
+    assert reads == [(s, 0) for s in range(1, 8)] and clip_reads == [True] * 7
+    reads.clear()
+    clip_reads.clear()
+    deferred = train_until(Trainer(config(tmp_path, *steps, "metrics.log_every=3", name="deferred")))
+    assert reads == [(3, 2), (6, 2), (7, 0)]
+    assert clip_reads == [False, False, True, False, False, True, True]
+    want = {r["step"]: r for r in rows(tmp_path / "every")}
+    got = rows(tmp_path / "deferred")
+    assert [r["step"] for r in got] == [3, 6, 7]
+    assert any(r["grad_norm"] > 0.5 for r in want.values())  # (the clip scaled some steps' gradients)
+    for row in got:
+        for key in ("loss", "grad_norm", "lr", "logit_scale", "logit_bias", "images", "patch_tokens"):
+            assert row[key] == want[row["step"]][key], (row["step"], key)
+        assert row["images_per_s"] > 0 and row["tokens_per_s"] > 0 and row["step_time_s"] > 0
+    for (name, a), b in zip(every.raw_model.named_parameters(), deferred.raw_model.parameters(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_a_non_finite_step_between_rows_stops_at_the_next_and_saves_nothing_after_it(tmp_path):
+    """metrics.log_every=3 and a NaN gradient at step 4 (between rows): the update runs on it (nothing was read),
+    the checkpoint due at step 5 is not written, and the error names step 4."""
+    # (no clipping: a NaN norm would scale every gradient, the logit scale's too, and the next forward's value
+    # check of the scale, which runs on a CPU, would stop the run first)
+    trainer = Trainer(config(tmp_path, "training.steps=9", "metrics.log_every=3", "checkpoint.interval=5",
+                             "checkpoint.save_final=false", "training.grad_clip=0"))
+    weight = next(p for p in trainer.raw_model.parameters() if p.dim() == 2)
+    weight.register_hook(lambda g: g * float("nan") if trainer.step == 4 else g)
+    _train_expecting(trainer, NonFiniteLossError, r"the gradient norm is nan at step 4, a step between two metrics "
+                                                  r"rows \(metrics.log_every=3\): its update ran, and steps up to 5")
+    assert [r["step"] for r in rows(tmp_path / "run")] == [3]
+    assert ckpt.list_checkpoints(tmp_path / "run" / "checkpoints") == []

@@ -112,7 +112,10 @@ class CheckpointConfig:
 
 @dataclasses.dataclass
 class MetricsConfig:
-    log_every: int = 1  # JSONL and TensorBoard rows (metrics are computed every step)
+    # a JSONL and TensorBoard row every N steps (and at the last step, checkpoints and evaluations); the steps
+    # between rows read nothing from the device: their loss and gradient norm are checked, in one read, at the next
+    # row or checkpoint (a non-finite one then stops the run there, naming its step; fp16 reads every step)
+    log_every: int = 1
     tensorboard: str = "auto"  # auto (when installed) | on | off
     progress: str = "auto"  # auto (a bar on a TTY) | on | off
     profile: str = ""  # "START:END": a torch.profiler trace of steps START..END (inclusive) in run_dir/profile

@@ -158,12 +158,15 @@ class MetricsLogger:
         if self._bar is not None:
             self._bar.total = total_steps
 
-    def log(self, step: int, row: dict) -> None:
+    def log(self, step: int, row: dict, always: bool = False) -> None:
+        """The row of `step`: to the progress bar, and to the JSONL and TensorBoard every metrics.log_every steps
+        (or `always`: the last step, and the steps that read the device between rows, a checkpoint's or an
+        evaluation's)."""
         if not self.enabled:
             return
         if self._bar is not None:
             self._bar.update(step, row)
-        if step % self.cfg.log_every:
+        if step % self.cfg.log_every and not always:
             return
         row = {"step": step, **row}
         self._jsonl.write(json_line(row))

@@ -217,9 +217,11 @@ def grad_groups(params: list[nn.Parameter]) -> list[list[torch.Tensor]]:
     return [[g for g in grads if isinstance(g, DTensor)], [g for g in grads if not isinstance(g, DTensor)]]
 
 
-def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float, read: bool = True):
     """The global gradient norm (over DTensor shards and plain tensors alike), and the gradients scaled down to
-    max_norm when it is larger (max_norm = inf: only the norm)."""
+    max_norm when it is larger (max_norm = inf: only the norm). read=False: the norm stays a device tensor (fp64,
+    0-d) and the gradients are scaled by a factor computed on the device, min(1, max_norm / (norm + 1e-6)), the
+    same as the host's; nothing is read (a non-finite norm then makes the gradients non-finite)."""
     from torch.distributed.tensor import DTensor
 
     groups = grad_groups(params)
@@ -228,6 +230,16 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
         if group:
             norm = torch.nn.utils.get_total_norm(group, norm_type=2.0, foreach=True)
             norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    if not read:
+        device = next((g.device for group in groups for g in group), torch.device("cpu"))
+        total = (torch.stack([n.double() for n in norms]).square().sum().sqrt() if norms
+                 else torch.zeros((), dtype=torch.float64, device=device))
+        if max_norm != float("inf"):
+            coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+            for group in groups:
+                if group:
+                    _scale_grads(group, coef)
+        return total
     # one read of the device for both groups (FSDP2's shards and its replicated parameters), in float64 as the host
     # summed them before: one group's norm comes back exactly
     total = float(torch.stack([n.double() for n in norms]).square().sum().sqrt()) if norms else 0.0
@@ -237,6 +249,18 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
             if group:
                 torch._foreach_mul_(group, coef)
     return total
+
+
+def _scale_grads(grads: list[torch.Tensor], coef: torch.Tensor) -> None:
+    """grads *= coef (a 0-d fp64 device tensor), in each gradient's dtype as the host's float factor would be."""
+    from torch.distributed.tensor import DTensor
+
+    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]  # (a shard scales like its whole)
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for g in local:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    for dtype, same in by_dtype.items():
+        torch._foreach_mul_(same, coef.to(dtype))
 
 
 def apply_ddp(model: nn.Module, world: World) -> nn.Module:

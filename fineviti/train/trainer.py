@@ -44,6 +44,7 @@ from fineviti.train.config import (
 from fineviti.train.data import LoaderSource, RandomBatches, split_images, truncate_captions
 from fineviti.train.metrics import (
     MetricsLogger,
+    NonFiniteLossError,
     StepProfiler,
     check_finite,
     device_name,
@@ -196,6 +197,10 @@ class Trainer:
         self.nvtx = cfg.metrics.nvtx and self.device.type == "cuda"
         self.peak = peak_tflops(device_name(self.device)) if self.device.type == "cuda" else None
         self.last_row: dict = {}
+        # metrics.log_every > 1: the steps between two rows read nothing from the device (_reads_at); their loss and
+        # gradient norm wait here, on the device, for the next row's one read; their counts and host times add up
+        self._pending: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []
+        self._window = _Window()
 
     # -- construction helpers ----------------------------------------------------------------------------------
 
@@ -364,17 +369,21 @@ class Trainer:
             self.step += 1
             self.profiler.begin(self.step)
             with torch.profiler.record_function(f"step {self.step}"):
-                row = self.train_step(batch)
+                row = self.train_step(batch, read=self._reads_at(self.step, last))
             self.data.mark_consumed(batch)
             self.profiler.end(self.step)
-            row.update(self._timing(row, time.perf_counter() - tick, data_wait))
-            self.metrics.log(self.step, row)
-            self.last_row = row
+            self._window.add(time.perf_counter() - tick, data_wait)
+            if row is not None:
+                row.update(self._timing(row))
+                # (between rows every step reads under fp16: only its own rows are written there)
+                self.metrics.log(self.step, row, always=self.step == last or self.scaler is None)
+                self.last_row = row
             if self.checkpointer.due(self.step, last):
                 self.save()
             if self.cfg.eval.every and (self.step % self.cfg.eval.every == 0 or self.step == last):
                 self.evaluate()
             tick = time.perf_counter()
+        self._check_pending()  # (the last step reads; a skipped last step leaves the ones before it here)
         if hasattr(self.data, "skipped"):  # what the data cost, once at the end (rank 0's loader; each rank's
             # counters are in the checkpoints)
             self.metrics.event(kind="data", step=self.step, summary=self.data.summary())
@@ -382,6 +391,7 @@ class Trainer:
         return self.last_row
 
     def save(self) -> Path:
+        self._check_pending()  # (a step whose reads were deferred: never a checkpoint of non-finite weights)
         state = self.checkpointer.state(self.model, self.optimizer, self.scheduler, self.step,
                                         self.data.state_dict(), scaler=self.scaler)
         path = self.checkpointer.save(state, self.step)
@@ -440,7 +450,9 @@ class Trainer:
 
     # -- one step ----------------------------------------------------------------------------------------------
 
-    def train_step(self, batch) -> dict:
+    def train_step(self, batch, read: bool = True) -> dict | None:
+        """One step; its metrics row, or None where `read` is False (metrics.log_every > 1, a step between two rows):
+        then nothing is read from the device, and the step's loss and gradient norm are checked at the next row."""
         # What is built from the batch's values is built on the host, before the copy: read after it, each value
         # would wait for the GPU (the copy, and every step queued before it)
         if self.stage == 1:
@@ -472,8 +484,12 @@ class Trainer:
         if self.stage == 1:
             scalars += [out[k].detach().float().reshape(()) for k in ("logit_scale", "logit_bias")
                         if out.get(k) is not None]
-        read = torch.stack(scalars).tolist()
-        totals = self._reduce(read[0], local)
+        if not read:
+            self._deferred_update(scalars[0], local)
+            return None
+        values, pending_bad = self._read_with_pending(torch.stack(scalars))
+        totals = self._reduce(values[0], {**local, **self._window.counts(local), "pending_bad": pending_bad})
+        self._raise_if_pending_bad(totals.pop("pending_bad"))
         check_finite(totals["loss"], self.step)
         # the base rate of this step (the schedule moves on below): optimizer.lr times the schedule's factor, not
         # the first group's rate, which in stage 2 is a part's (the vision tower's, at stage2.vision_lr_scale)
@@ -508,9 +524,9 @@ class Trainer:
             row["loss_scale"] = self.scaler.scale  # after this step's update
             row["update_skipped"] = int(not math.isfinite(grad_norm))
         if self.stage == 1:
-            row["logit_scale"] = read[1]
+            row["logit_scale"] = values[1]
             if out.get("logit_bias") is not None:
-                row["logit_bias"] = read[2]
+                row["logit_bias"] = values[2]
             row["text_length"] = text_length_at(self.text_schedule, self.step - 1)
         row.update({k: v for k, v in totals.items() if k != "loss"})
         return row
@@ -626,11 +642,73 @@ class Trainer:
         """t times the fp16 loss scale (t itself without one)."""
         return t if self.scaler is None else self.scaler.scaled(t)
 
-    def _clip(self) -> float:
+    def _clip(self, read: bool = True):
+        """The gradient norm (a float; a device tensor where read is False), the gradients clipped to it."""
         if self.replicated:
             parallel.reduce_replicated_grads(self.replicated, self.world)
         max_norm = self.cfg.training.grad_clip if self.cfg.training.grad_clip > 0 else float("inf")
-        return parallel.clip_grad_norm(self.params, max_norm)
+        return parallel.clip_grad_norm(self.params, max_norm, read=read)
+
+    # -- deferred reads (metrics.log_every > 1) ----------------------------------------------------------------
+
+    def _reads_at(self, step: int, last: int) -> bool:
+        """Whether `step` reads the device: every step with metrics.log_every = 1 or fp16 (its loss scale is decided
+        on the host from each step's gradient norm); else the steps that log a row, the last, and those that save
+        a checkpoint or evaluate (neither runs on weights whose steps were not checked)."""
+        every, evaluate = self.cfg.metrics.log_every, self.cfg.eval.every
+        return (every == 1 or self.scaler is not None or step % every == 0 or step == last
+                or self.checkpointer.due(step, last) or bool(evaluate and step % evaluate == 0))
+
+    def _deferred_update(self, loss: torch.Tensor, local: dict) -> None:
+        """A step between two rows: the update with the gradient norm kept on the device (clipping by a device-side
+        factor; a non-finite norm then makes non-finite weights, stopped at the next row or checkpoint, which is not
+        written), the loss and norm kept for the next row's read, the step's counts added to the window."""
+        with nvtx_range("optimizer", self.nvtx):
+            norm = self._clip(read=False)
+            self.optimizer.step()
+            if self.stage == 1:
+                self.raw_model.clamp_logit_scale_()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self._pending.append((self.step, loss, norm))
+        self._window.add_counts(local)
+
+    def _read_with_pending(self, scalars: torch.Tensor) -> tuple[list[float], int]:
+        """This step's scalars, and the count of non-finite losses and norms of the pending steps, in one read."""
+        if not self._pending:
+            return scalars.tolist(), 0
+        held = [t.reshape(()).float() for _, loss, norm in self._pending for t in (loss, norm) if t is not None]
+        every = torch.cat([scalars, torch.stack(held)]).tolist()
+        values, held_values = every[:scalars.numel()], every[scalars.numel():]
+        self._pending_values = held_values
+        return values, sum(not math.isfinite(v) for v in held_values)
+
+    def _raise_if_pending_bad(self, bad_on_ranks: float) -> None:
+        """NonFiniteLossError (on every rank: the count is summed over them) naming the first pending step whose
+        loss or gradient norm was not finite here, or that one was elsewhere."""
+        pending, values = self._pending, getattr(self, "_pending_values", [])
+        self._pending, self._pending_values = [], []
+        if not bad_on_ranks:
+            return
+        i = 0
+        for step, _, norm in pending:
+            for what in ("the loss", "the gradient norm")[: 1 + (norm is not None)]:
+                if not math.isfinite(values[i]):
+                    raise NonFiniteLossError(
+                        f"{what} is {values[i]} at step {step}, a step between two metrics rows "
+                        f"(metrics.log_every={self.cfg.metrics.log_every}): its update ran, and steps up to "
+                        f"{self.step} computed on its weights; resume from the last checkpoint (none was written "
+                        f"after it)")
+                i += 1
+        raise NonFiniteLossError(f"a loss or gradient norm between steps {pending[0][0]} and {pending[-1][0]} was "
+                                 f"not finite on another rank (metrics.log_every={self.cfg.metrics.log_every}); "
+                                 f"resume from the last checkpoint")
+
+    def _check_pending(self) -> None:
+        """The pending steps' loss and gradient norm read and checked now (before a checkpoint, at the end)."""
+        if self._pending:
+            _, bad = self._read_with_pending(torch.zeros(0, device=self.device))
+            self._raise_if_pending_bad(self._sum_over_ranks([float(bad)])[0])
 
     # -- metrics -----------------------------------------------------------------------------------------------
 
@@ -657,18 +735,27 @@ class Trainer:
         values = self._sum_over_ranks([loss] + [float(local[k]) for k in keys])
         out = {"loss": values[0] / self.world.world_size}
         out.update({k: float(v) for k, v in zip(keys, values[1:], strict=True)})
+        window = [out.pop(k) for k in keys if k.startswith("window_pairs_")]  # (the window's other steps)
         if self.stage == 1:  # the loss FLOPs: every pair against every caption of every rank
-            out["flops"] += 6 * out["pairs"] * out["pairs"] * self.cfg.model.embed_dim
+            loss_flops = 6 * self.cfg.model.embed_dim
+            out["flops"] += loss_flops * out["pairs"] ** 2
+            if "window_flops" in out:
+                out["window_flops"] += loss_flops * (out["pairs"] ** 2 + sum(p * p for p in window))
         return out
 
-    def _timing(self, row: dict, step_time: float, data_wait: float) -> dict:
+    def _timing(self, row: dict) -> dict:
+        """Times and rates of the steps since the last row (one step with metrics.log_every = 1): the host times
+        summed over them, the counts of the window's steps (summed over ranks with the row's own, in `row`)."""
         world = self.world.world_size
-        tokens = row["patch_tokens"] + row["text_tokens"]
-        out = {"step_time_s": step_time, "data_wait_s": data_wait, "images_per_s": row["images"] / step_time,
-               "tokens_per_s": tokens / step_time,
+        steps, elapsed, data_wait = self._window.steps, self._window.time, self._window.wait
+        images, tokens, flops = (row.pop(f"window_{k}") for k in ("images", "tokens", "flops"))
+        self._window = _Window()
+        step_time = elapsed / steps
+        out = {"step_time_s": step_time, "data_wait_s": data_wait / steps, "images_per_s": images / elapsed,
+               "tokens_per_s": tokens / elapsed,
                "padding_fraction": row["padding_tokens"] / max(1.0, row["patch_tokens"] + row["padding_tokens"])}
         if self.device.type == "cuda":
-            tflops = row["flops"] / world / step_time / 1e12
+            tflops = flops / world / elapsed / 1e12
             out["tflops_per_gpu"] = tflops
             out["mfu"] = tflops / self.peak if self.peak else None
         for key in ("images", "patch_tokens", "text_tokens", "padding_tokens", "truncated_tokens", "pairs",
@@ -712,6 +799,35 @@ class Trainer:
         if in_a_row >= MAX_SKIPPED_IN_A_ROW:
             raise RuntimeError(f"{in_a_row} batches in a row had a rank without a decodable image "
                                f"({self.data.summary()}): the data looks broken")
+
+
+class _Window:
+    """What the steps since the last metrics row add up to: host time, data wait, and counts of this rank (the row's
+    own step's counts join at the row, summed over ranks with them)."""
+
+    def __init__(self):
+        self.steps, self.time, self.wait = 0, 0.0, 0.0
+        self.images = self.tokens = self.flops = 0.0
+        self.pairs: list[float] = []
+
+    def add(self, elapsed: float, data_wait: float) -> None:
+        self.steps += 1
+        self.time += elapsed
+        self.wait += data_wait
+
+    def add_counts(self, local: dict) -> None:
+        self.images += local["images"]
+        self.tokens += local["patch_tokens"] + local["text_tokens"]
+        self.flops += local["flops"]
+        self.pairs.append(local["pairs"])  # (stage 1's loss FLOPs grow with the square of each step's global count)
+
+    def counts(self, local: dict) -> dict:
+        """The window's counts with the row's own step (`local`), as fields of the row's all-reduce."""
+        out = {"window_images": self.images + local["images"],
+               "window_tokens": self.tokens + local["patch_tokens"] + local["text_tokens"],
+               "window_flops": self.flops + local["flops"]}
+        out.update({f"window_pairs_{i}": pairs for i, pairs in enumerate(self.pairs)})
+        return out
 
 
 def contrastive_loss(model_cfg, img, txt, text_image, scale, bias, group, host_group=None):
