@@ -1368,16 +1368,24 @@ def test_steps_between_rows_read_nothing_and_train_the_same(tmp_path, monkeypatc
         assert torch.equal(a, b), name
 
 
-def test_a_non_finite_step_between_rows_stops_at_the_next_and_saves_nothing_after_it(tmp_path):
+@pytest.mark.parametrize("clip", [0.0, 1.0])
+def test_a_non_finite_step_between_rows_stops_at_the_next_and_saves_nothing_after_it(tmp_path, clip):
     """metrics.log_every=3 and a NaN gradient at step 4 (between rows): the update runs on it (nothing was read),
-    the checkpoint due at step 5 is not written, and the error names step 4."""
-    # (no clipping: a NaN norm would scale every gradient, the logit scale's too, and the next forward's value
-    # check of the scale, which runs on a CPU, would stop the run first)
+    the checkpoint due at step 5 is not written, and the error names step 4. Clipped (1.0), the NaN norm scales
+    every gradient, the logit scale's too, and step 5's value check of the scale (which runs on a CPU) fails
+    first: that error is chained to the one that names step 4 (it once stood alone, naming no step)."""
     trainer = Trainer(config(tmp_path, "training.steps=9", "metrics.log_every=3", "checkpoint.interval=5",
-                             "checkpoint.save_final=false", "training.grad_clip=0"))
+                             "checkpoint.save_final=false", f"training.grad_clip={clip}"))
     weight = next(p for p in trainer.raw_model.parameters() if p.dim() == 2)
     weight.register_hook(lambda g: g * float("nan") if trainer.step == 4 else g)
-    _train_expecting(trainer, NonFiniteLossError, r"the gradient norm is nan at step 4, a step between two metrics "
-                                                  r"rows \(metrics.log_every=3\): its update ran, and steps up to 5")
+    with pytest.raises(NonFiniteLossError, match=r"the gradient norm is nan at step 4, a step between two metrics "
+                                                 r"rows \(metrics.log_every=3\): its update ran, and steps up to 5") \
+            as raised:
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
+    cause = raised.value.__cause__
+    assert (cause is None) if not clip else "logit_scale must be finite, got nan" in str(cause)
     assert [r["step"] for r in rows(tmp_path / "run")] == [3]
     assert ckpt.list_checkpoints(tmp_path / "run" / "checkpoints") == []

@@ -231,11 +231,12 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float, read: bool = Tru
             norm = torch.nn.utils.get_total_norm(group, norm_type=2.0, foreach=True)
             norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
     if not read:
-        device = next((g.device for group in groups for g in group), torch.device("cpu"))
+        device = params[0].device if params else torch.device("cpu")
         total = (torch.stack([n.double() for n in norms]).square().sum().sqrt() if norms
                  else torch.zeros((), dtype=torch.float64, device=device))
         if max_norm != float("inf"):
-            coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+            # (a true division, as the host's: max_norm / tensor is reciprocal() * max_norm, rounded otherwise)
+            coef = torch.div(torch.full_like(total, max_norm), total + 1e-6).clamp(max=1.0)
             for group in groups:
                 if group:
                     _scale_grads(group, coef)
@@ -252,7 +253,9 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float, read: bool = Tru
 
 
 def _scale_grads(grads: list[torch.Tensor], coef: torch.Tensor) -> None:
-    """grads *= coef (a 0-d fp64 device tensor), in each gradient's dtype as the host's float factor would be."""
+    """grads *= coef (a 0-d fp64 device tensor) rounded to each gradient's dtype: as the host's float factor for
+    fp32 gradients; for 16-bit ones as on a CPU (CUDA multiplies them by a float factor in fp32: the last bit can
+    differ; no trained parameter has 16-bit gradients here, FSDP2 reduces in fp32)."""
     from torch.distributed.tensor import DTensor
 
     local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]  # (a shard scales like its whole)

@@ -207,6 +207,7 @@ class Trainer:
     def _end_of_run(self, last: int) -> None:
         """The last step's save and evaluation, for a step that was taken as a middle one (its run's horizon fell to
         it afterwards: a later step skipped); what it did then as a middle step is not done twice."""
+        self._check_pending()  # (the step was taken as a middle one: it may not have read)
         interval, every = self.cfg.checkpoint.interval, self.cfg.eval.every
         if self.checkpointer.due(last, last) and not (interval > 0 and last % interval == 0):
             self.save()
@@ -369,7 +370,13 @@ class Trainer:
             self.step += 1
             self.profiler.begin(self.step)
             with torch.profiler.record_function(f"step {self.step}"):
-                row = self.train_step(batch, read=self._reads_at(self.step, last))
+                try:
+                    row = self.train_step(batch, read=self._reads_at(self.step, last))
+                except Exception as exc:
+                    # a non-finite step between rows first shows as an error of its own in a later step (a value
+                    # check of a NaN logit scale, on a CPU or with FINEVITI_CHECKS=1): named as what it is
+                    self._raise_if_pending_bad_here(exc)
+                    raise
             self.data.mark_consumed(batch)
             self.profiler.end(self.step)
             self._window.add(time.perf_counter() - tick, data_wait)
@@ -703,6 +710,16 @@ class Trainer:
         raise NonFiniteLossError(f"a loss or gradient norm between steps {pending[0][0]} and {pending[-1][0]} was "
                                  f"not finite on another rank (metrics.log_every={self.cfg.metrics.log_every}); "
                                  f"resume from the last checkpoint")
+
+    def _raise_if_pending_bad_here(self, error: Exception) -> None:
+        """NonFiniteLossError, from `error`, when a pending step's loss or norm was non-finite on this rank (a local
+        read: ranks may fail apart, so no collective)."""
+        if self._pending:
+            _, bad = self._read_with_pending(torch.zeros(0, device=self.device))
+            try:
+                self._raise_if_pending_bad(bad)
+            except NonFiniteLossError as named:
+                raise named from error
 
     def _check_pending(self) -> None:
         """The pending steps' loss and gradient norm read and checked now (before a checkpoint, at the end)."""
