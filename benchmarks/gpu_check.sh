@@ -136,6 +136,9 @@ SECTION_MIN=60 section bench_lm_loss 75 "$PY" benchmarks/bench_lm_loss.py --quic
 # The stage-2 step (tenth session, never timed before): the base vision tower with a Qwen2-0.5B-shaped LM on region
 # samples, ours (the head's loss without logits) against the full logits, eager and compiled.
 SECTION_MIN=60 section bench_train_stage2 120 "$PY" benchmarks/bench_train.py --stage 2 --quick
+# The trainer's loop reading the device at every step against every tenth (metrics.log_every=10, nineteenth
+# session, never timed): the host wall time per step, base at 16k patch tokens, same batches and last loss.
+SECTION_MIN=45 section bench_loop 75 "$PY" benchmarks/bench_loop.py --quick
 section contrastive_profile 60 "$PY" benchmarks/bench_contrastive.py --profile --n 16384 --d 768
 section rope_attn_block 90 "$PY" benchmarks/bench_rope.py --provider attn_block --tokens 65536 --head-dim 64
 # Answered by the H200 run (benchmarks/NOTES-attention.md): the atomic dq at d64 (slower: 4.793 ms against 4.108),

@@ -892,3 +892,31 @@ def test_data_benchmark_checks_each_path_against_pil(tmp_path, monkeypatch):
     assert by["dali_cpu"]["checked_against_pil"]
     assert wrong == ["pil_clip_norm"] and "median_ms" not in by["pil_clip_norm"]
     assert "levels from pil's on average" in by["pil_clip_norm"]["error"]
+
+
+def test_loop_benchmark_rows(tmp_path, monkeypatch):
+    """bench_loop on the CPU: a row per metrics.log_every (1 and 3), the steps after the warm-up, and the same last
+    loss in both (the same training); bad arguments name themselves."""
+    import bench_loop
+
+    rows_path = tmp_path / "rows.jsonl"
+    monkeypatch.setenv("FINEVITI_RESULTS", str(rows_path))
+    assert bench_loop.main(["--steps", "6"]) == 0
+    rows = [json.loads(line) for line in rows_path.read_text().splitlines()]
+    assert [r.get("error") for r in rows] == [None, None]
+    assert [r["provider"] for r in rows] == ["log_every=1", "log_every=3"]
+    assert all(r["shape"]["steps"] == 3 and r["median_ms"] > 0 for r in rows)
+    assert rows[0]["loss"] == rows[1]["loss"]
+    with pytest.raises(SystemExit):
+        bench_loop.main(["--warmup", "4"])  # (not a multiple of --every 3)
+
+
+def test_loop_benchmark_fails_when_the_runs_disagree(tmp_path, monkeypatch):
+    import bench_loop
+
+    monkeypatch.setenv("FINEVITI_RESULTS", str(tmp_path / "rows.jsonl"))
+    losses = iter([1.0, 2.0])
+    monkeypatch.setattr(bench_loop, "run_case", lambda *a, **k: {"loss": next(losses)})
+    with pytest.raises(SystemExit) as exited:
+        bench_loop.main([])
+    assert exited.value.code == 1
