@@ -7,7 +7,7 @@ float32 patches produced); `plan` rows time planning `samples` lengths (samples_
 seconds for 1e9 samples); `padding` rows give the unused fraction of the packs at the default budget on the
 synthetic size distribution; `balance` rows the mean over steps of max/mean attention cost across 8 ranks.
 
-    python benchmarks/bench_data.py --quick           # a small set (part of the GPU check): ~300 synthetic images
+    python benchmarks/bench_data.py --quick           # a small set (part of the GPU check): 400 synthetic images
     python benchmarks/bench_data.py --images 3000 --workers 4 --plan-samples 100000000
     python benchmarks/bench_data.py --data DIR        # an existing folder of shards (with tokenizer.json)
 Paths measured where they run: pil (thread prefetch; and worker processes with --workers), dali on the CPU,
@@ -232,7 +232,13 @@ def main() -> int:
     parser.add_argument("--plan-samples", type=int, default=10_000_000, help="lengths planned by the C++ op")
     args = parser.parse_args()
     if args.quick:
-        args.images, args.batches, args.plan_samples = 400, 8, 2_000_000
+        quick = {"images": 400, "batches": 8, "plan_samples": 2_000_000}
+        changed = [f"--{k.replace('_', '-')} {quick[k]}" for k in quick
+                   if getattr(args, k) != parser.get_default(k) and getattr(args, k) != quick[k]]
+        if changed:
+            print(f"--quick sets {', '.join(changed)} (its fixed set)")
+        for key, value in quick.items():
+            setattr(args, key, value)
         args.workers = min(args.workers, 4)
     rec = Recorder("data")
     wrong: list[str] = []

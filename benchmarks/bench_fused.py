@@ -149,6 +149,10 @@ def main(argv=None) -> None:
     dtype = getattr(torch, args.dtype) if on_gpu else torch.float32  # the interpreter is unreliable in bf16
     default_widths = {"rms_norm": [768, 1024, 1152, 1536], "swiglu": [2048, 2816, 4608]}
     quick_widths = {"rms_norm": [768, 1152], "swiglu": [2048, 2816]}
+    if args.quick and (args.rows or args.width):
+        print("--quick runs its fixed rows and widths: --rows and --width not used")
+    if not on_gpu and args.dtype != "float32":
+        print("on the CPU: float32 (Triton's interpreter computes 16-bit arithmetic wrongly)")
     for op in args.op or OPS:
         rec = Recorder(op)
         if args.quick:

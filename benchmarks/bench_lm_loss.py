@@ -133,13 +133,17 @@ def main(argv=None) -> None:
                  for d in args.hidden or [1024, 3584] for v in args.vocab or [32000, 151936]]
     else:
         cases = [(64, 32, 500, args.positions_per_target)]
+        ignored = [flag for flag, value in (("--targets", args.targets), ("--hidden", args.hidden),
+                                            ("--vocab", args.vocab)) if value]
+        ignored += ["--dtype"] if args.dtype != parser.get_default("dtype") else []
+        print("on the CPU: one toy shape (64 targets, hidden 32, vocabulary 500) in float32"
+              + (f"; {', '.join(ignored)} not used" if ignored else ""))
     for i, (targets, hidden, vocab, per_target) in enumerate(cases):
         for provider in args.provider or PROVIDERS:
             if provider == "torch_compile" and args.quick and i > 0:
                 continue
             if provider == "torch_compile" and not on_gpu:
-                if args.provider:
-                    print(f"lm_loss      {provider:16s} skipped: torch.compile's CPU code generation is GPU-only here")
+                print(f"lm_loss      {provider:16s} skipped: torch.compile's CPU code generation is GPU-only here")
                 continue
             for mode in args.mode or MODES:
                 run_case(rec, provider, mode, targets, hidden, vocab, per_target, dtype, device)
