@@ -130,6 +130,18 @@ def _run_default_group(rank):
     return out
 
 
+def _outcomes(cases) -> dict:
+    """name -> "no error", or the TypeError / ValueError each call raised, as "Type: message"."""
+    out = {}
+    for name, call in cases.items():
+        try:
+            call()
+            out[name] = "no error"
+        except (TypeError, ValueError) as exc:
+            out[name] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
 def _run_errors(rank):
     """Inputs that are wrong on one rank, or disagree between ranks: every rank raises (the message of each), and
     the group stays usable (no rank is left in a collective)."""
@@ -149,12 +161,7 @@ def _run_errors(rank):
     gc.collect()
     gc.disable()  # what the cases leave in reference cycles, counted below
     try:
-        for name, call in cases.items():
-            try:
-                call()
-                out[name] = "no error"
-            except (TypeError, ValueError) as exc:
-                out[name] = f"{type(exc).__name__}: {exc}"
+        out.update(_outcomes(cases))
     finally:
         out["cycles"] = gc.collect()
         gc.enable()
@@ -212,12 +219,7 @@ def _run_host_group(rank):
         "bad_scale": lambda: clip_loss(x, x, torch.tensor(float("nan")) if rank else scale, backend="chunked",
                                        host_group=host),
     }
-    for name, call in cases.items():
-        try:
-            call()
-            out[name] = "no error"
-        except (TypeError, ValueError) as exc:
-            out[name] = f"{type(exc).__name__}: {exc}"
+    out.update(_outcomes(cases))
     probe = torch.tensor([1.0])
     dist.all_reduce(probe)  # still in step
     out["in_step"] = probe.item() == WORLD
