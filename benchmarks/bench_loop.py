@@ -4,12 +4,14 @@ wait for the GPU's queue to drain before the host launches the rest of the step)
 N-th step (metrics.log_every=N: the steps between rows read nothing, and the host queues ahead of the GPU).
 
 bench_train times a step function of its own; this one times the Trainer, checkpoints and evaluation off, so that
-what differs between the two rows is the reads. The first `--warmup` steps (Triton compiles, autotuning) are not
-timed; warmup is a multiple of N, so that timing starts after a step that read (the GPU's queue empty), and the
-last step reads (the end of the timing waits for the GPU). Both runs train the same model on the same batches:
-their last losses must be equal (a mismatch is an error row and exit status 1).
+what differs between the two rows is the reads (and the log_every=1 run's JSONL line per step). The first
+`--warmup` steps (Triton compiles) are not timed; warmup is a multiple of N, so that timing starts after a step that
+read (the GPU's queue holding at most that step's update), and the last step reads (the end of the timing waits for
+the GPU). Both runs train the same model on the same batches: their last losses must be equal on a CPU, within 1%
+on a GPU (kernels with atomic sums are not bit-reproducible); a mismatch is an error row and exit status 1.
 
-    python benchmarks/bench_loop.py --quick                  # base at 16k patch tokens, log_every 1 against 10
+    python benchmarks/bench_loop.py --quick     # the defaults, the GPU check's case: on a GPU base at 16k patch
+                                                # tokens, log_every 1 against 10; on a CPU debug at 256, 1 against 3
     python benchmarks/bench_loop.py --preset large --every 20 --steps 60
 """
 
@@ -54,7 +56,7 @@ def run_case(rec: Recorder, preset: str, budget: int, every: int, steps: int, wa
         try:
             last = trainer.train()
             if device == "cuda":
-                torch.cuda.synchronize()  # (the last step read: nothing is left, but say so)
+                torch.cuda.synchronize()  # (the last step read; its update may still be queued)
             seconds = time.perf_counter() - starts["t0"]
         finally:
             trainer.close()
@@ -71,7 +73,7 @@ def run_case(rec: Recorder, preset: str, budget: int, every: int, steps: int, wa
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     on_gpu = torch.cuda.is_available()
-    parser.add_argument("--quick", action="store_true", help="the GPU check's case: base at 16k, 1 against 10")
+    parser.add_argument("--quick", action="store_true", help="the defaults (the GPU check's case)")
     parser.add_argument("--preset", default="base" if on_gpu else "debug")
     parser.add_argument("--budget", type=int, default=16384 if on_gpu else 256, help="patch tokens per step")
     parser.add_argument("--every", type=int, default=10 if on_gpu else 3, help="N of the deferred run")
@@ -98,8 +100,10 @@ def main(argv=None) -> int:
             rec.error(provider=f"log_every={every}", mode="train", shape={"preset": args.preset}, dtype="",
                       error=f"{type(exc).__name__}: {exc}")
             wrong.append(f"log_every={every}: {type(exc).__name__}")
-    if len(losses) == 2 and losses[1] != losses[args.every]:
-        message = f"the last losses differ: {losses[1]} reading every step, {losses[args.every]} every {args.every}"
+    tolerance = 1e-2 if on_gpu else 0.0
+    if len(losses) == 2 and abs(losses[1] - losses[args.every]) > tolerance * abs(losses[1]):
+        message = (f"the last losses differ: {losses[1]} reading every step, {losses[args.every]} every "
+                   f"{args.every} (allowed: a relative {tolerance:g})")
         rec.error(provider=f"log_every={args.every}", mode="train", shape={"preset": args.preset}, dtype="",
                   error=message)
         wrong.append(message)

@@ -5,14 +5,14 @@
 #
 # Installs the package into this machine's python3 (offline: --no-deps --no-build-isolation --no-index), builds
 # the extension for the visible GPU, runs `pytest -m gpu`, every benchmark's --quick set (pinned configurations,
-# no autotuning) and the kernel report with its on-device check (compiling on the CPU cores while the benchmarks
+# no autotuning of ours) and the kernel report with its on-device check (compiling on the CPU cores while the benchmarks
 # run), then writes to OUTDIR: results.json and summary.md (benchmarks/summarize.py), logs.txt, attention.png,
 # kernel_report.json/.md, rows.jsonl and sections.jsonl (eight files: the device tool brings back at most eight;
 # logs.txt, rows.jsonl and sections.jsonl grow section by section, so that a call killed by its timeout still
 # brings back what finished: `python benchmarks/summarize.py DIR DIR` summarises them). Exits 1 when any section
 # failed (a wrong result fails pytest, and every benchmark checks ours against torch on the same inputs: a wrong
 # result is an error row and fails the section; bench_train compares the first step's losses, bench_data each
-# pixel path's first batch with PIL's), 3 when none failed but some were skipped for the budget, 2 for a
+# pixel path's first batch with PIL's, bench_loop its two runs' last losses), 3 when none failed but some were skipped for the budget, 2 for a
 # GPU_CHECK_SECTIONS name that is no section, 0 when everything ran and passed; after writing the summary.
 #
 # GPU_CHECK_SECTIONS="install pytest_gpu ..." runs only the named sections (a rerun of what failed); it also
@@ -28,7 +28,8 @@
 # a section that would get under 20 s (or its SECTION_MIN) is skipped (exit code "skipped"), so the summary is always written inside the device
 # call's timeout. Sections run in order: correctness (pytest_gpu: at the default budget it had come after the
 # attention benchmark and was cut at 76 s of its 113-131), the attention benchmark, the bulk-reduction dq sweep, the losses and their tile sweep, the training step (eager, compiled, torch) and its
-# profile, the fused norm and SwiGLU gate, the LM loss and the stage-2 step, the loss profile, the rope
+# profile, the fused norm and SwiGLU gate, the LM loss and the stage-2 step, the trainer's loop (log_every 1
+# against 10), the loss profile, the rope
 # attention-block rows, then the rope and data benchmarks. A fresh machine takes about 55 s to start and the
 # install 110-130 s; on an H200 (2026-11-28) the default sections of that day took 510 s (fewer sections then).
 set -uo pipefail

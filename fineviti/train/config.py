@@ -114,7 +114,8 @@ class CheckpointConfig:
 class MetricsConfig:
     # a JSONL and TensorBoard row every N steps (and at the last step, checkpoints and evaluations); the steps
     # between rows read nothing from the device: their loss and gradient norm are checked, in one read, at the next
-    # row or checkpoint (a non-finite one then stops the run there, naming its step; fp16 reads every step)
+    # row or checkpoint (a non-finite one then stops the run there, naming its step). fp16 reads every step (its
+    # loss scale): its rows every N steps and at the last, each with that step's rates
     log_every: int = 1
     tensorboard: str = "auto"  # auto (when installed) | on | off
     progress: str = "auto"  # auto (a bar on a TTY) | on | off

@@ -1,8 +1,11 @@
-"""Metrics of every step, and where they go: JSONL always, TensorBoard when installed, a progress bar on a TTY.
+"""Metrics rows (every metrics.log_every steps), and where they go: JSONL always, TensorBoard when installed, a
+progress bar on a TTY.
 
-Throughput is global (all ranks): images/s and tokens/s (patch + caption tokens). TFLOP/s and MFU are per GPU:
-the model FLOPs of the step (fineviti.model.flops, recomputation excluded) over the step time, divided by the
-peak dense bf16 rate of the device from PEAK_BF16_TFLOPS; an unknown device gets no MFU rather than a wrong one.
+Throughput is global (all ranks) over the steps since the previous row (the row's own step alone with
+metrics.log_every = 1, or under fp16, which reads every step): images/s and tokens/s (patch + caption
+tokens). TFLOP/s and MFU are per GPU: the model FLOPs of those steps (fineviti.model.flops, recomputation
+excluded) over their time, divided by the peak dense bf16 rate of the device from PEAK_BF16_TFLOPS; an unknown
+device gets no MFU rather than a wrong one.
 """
 
 from __future__ import annotations
