@@ -1063,7 +1063,7 @@ def test_cuda_steps_read_the_device_only_where_they_must(tmp_path, monkeypatch, 
 
     monkeypatch.delenv("FINEVITI_CHECKS", raising=False)  # (value checks read the device by design)
     allowed = ["scalars.tolist()", "torch.cat([scalars, torch.stack(held)]).tolist()",
-               "float(torch.stack([n.double()"]
+               "float(on_device)"]
     original = Trainer.train_step
     caught = []  # (step, warning)
 

@@ -117,19 +117,8 @@ class FineViT(nn.Module):
                          host_group=None) -> torch.Tensor:
         """The configured loss of normalised features; text_image (n_texts,) pairs caption j with image
         text_image[j] (default: caption i with image i)."""
-        from fineviti.ops.contrastive import clip_loss, siglip_loss
-
-        if text_image is not None:
-            image_features = image_features[text_image]
-        elif image_features.shape[0] != text_features.shape[0]:
-            raise ValueError(f"the batch has {image_features.shape[0]} images and {text_features.shape[0]} "
-                             f"captions; without text_image they must pair one to one")
         scale, bias = self.logit_params()
-        text_features = text_features.to(image_features.dtype)
-        if self.cfg.loss == "siglip":
-            return siglip_loss(image_features, text_features, scale, bias, backend=self.cfg.loss_backend,
-                               group=group, host_group=host_group)
-        return clip_loss(image_features, text_features, scale, backend=self.cfg.loss_backend, group=group,
+        return pair_loss(self.cfg, image_features, text_features, text_image, scale, bias, group=group,
                          host_group=host_group)
 
     def flops(self, batch, *, training: bool = True, world_negatives: int | None = None):
@@ -161,3 +150,23 @@ def create_model(preset: str | ModelConfig = "tiny", *, device: torch.device | s
     with torch.device(device) if device is not None else contextlib.nullcontext():
         model = FineViT(cfg)
     return model.to(dtype) if dtype is not None else model
+
+
+def pair_loss(cfg, image_features: torch.Tensor, text_features: torch.Tensor, text_image: torch.Tensor | None,
+              scale: torch.Tensor, bias: torch.Tensor | None, *, group="default", host_group=None) -> torch.Tensor:
+    """The loss `cfg` (a ModelConfig) names, SigLIP or CLIP, of normalised features with a given logit scale
+    (multiplier) and bias: FineViT.contrastive_loss with its own parameters, and GradCache's loss (the trainer)
+    with their detached copies. text_image as in FineViT.contrastive_loss; group and host_group as in siglip_loss."""
+    from fineviti.ops.contrastive import clip_loss, siglip_loss
+
+    if text_image is not None:
+        image_features = image_features[text_image]
+    elif image_features.shape[0] != text_features.shape[0]:
+        raise ValueError(f"the batch has {image_features.shape[0]} images and {text_features.shape[0]} "
+                         f"captions; without text_image they must pair one to one")
+    text_features = text_features.to(image_features.dtype)
+    if cfg.loss == "siglip":
+        return siglip_loss(image_features, text_features, scale, bias, backend=cfg.loss_backend, group=group,
+                           host_group=host_group)
+    return clip_loss(image_features, text_features, scale, backend=cfg.loss_backend, group=group,
+                     host_group=host_group)

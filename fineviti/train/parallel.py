@@ -230,20 +230,20 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float, read: bool = Tru
         if group:
             norm = torch.nn.utils.get_total_norm(group, norm_type=2.0, foreach=True)
             norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
-    if not read:
-        device = params[0].device if params else torch.device("cpu")
-        total = (torch.stack([n.double() for n in norms]).square().sum().sqrt() if norms
+    # both groups (FSDP2's shards and its replicated parameters) in float64, as the host summed them before: one
+    # group's norm comes back exactly
+    device = params[0].device if params else torch.device("cpu")
+    on_device = (torch.stack([n.double() for n in norms]).square().sum().sqrt() if norms
                  else torch.zeros((), dtype=torch.float64, device=device))
+    if not read:
         if max_norm != float("inf"):
             # (a true division, as the host's: max_norm / tensor is reciprocal() * max_norm, rounded otherwise)
-            coef = torch.div(torch.full_like(total, max_norm), total + 1e-6).clamp(max=1.0)
+            coef = torch.div(torch.full_like(on_device, max_norm), on_device + 1e-6).clamp(max=1.0)
             for group in groups:
                 if group:
                     _scale_grads(group, coef)
-        return total
-    # one read of the device for both groups (FSDP2's shards and its replicated parameters), in float64 as the host
-    # summed them before: one group's norm comes back exactly
-    total = float(torch.stack([n.double() for n in norms]).square().sum().sqrt()) if norms else 0.0
+        return on_device
+    total = float(on_device)  # the one read of the device
     coef = max_norm / (total + 1e-6)
     if coef < 1.0:
         for group in groups:

@@ -180,18 +180,14 @@ def freeze_parts(model: Aligner, parts: list[str]) -> None:
         _parts(model)[part].requires_grad_(False)
 
 
-def cast_frozen(model: Aligner, parts: list[str], dtype: torch.dtype) -> int:
+def cast_frozen(model: Aligner, parts: list[str], dtype: torch.dtype) -> None:
     """The floating-point parameters of the frozen `parts` in `dtype` (autocast casts a frozen weight at every use:
-    it keeps casts of trainable leaves only); their buffers stay as they are (RoPE frequency tables: fp32).
-    Returns the number of parameters cast; tied parameters (one Parameter in two places) stay one."""
-    cast = 0
+    it keeps casts of trainable leaves only); their buffers stay as they are (RoPE frequency tables: fp32). Tied
+    parameters (one Parameter in two places) stay one."""
     for part in parts:
         for p in _parts(model)[part].parameters():
-            if p.requires_grad or not p.is_floating_point() or p.dtype == dtype:
-                continue
-            p.data = p.data.to(dtype)
-            cast += p.numel()
-    return cast
+            if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
 
 
 def part_scales(cfg) -> dict[str, float]:

@@ -375,7 +375,7 @@ class Trainer:
                 except Exception as exc:
                     # a non-finite step between rows first shows as an error of its own in a later step (a value
                     # check of a NaN logit scale, on a CPU or with FINEVITI_CHECKS=1): named as what it is
-                    self._raise_if_pending_bad_here(exc)
+                    self._check_pending(cause=exc)
                     raise
             self.data.mark_consumed(batch)
             self.profiler.end(self.step)
@@ -494,9 +494,9 @@ class Trainer:
         if not read:
             self._deferred_update(scalars[0], local)
             return None
-        values, pending_bad = self._read_with_pending(torch.stack(scalars))
-        totals = self._reduce(values[0], {**local, **self._window.counts(local), "pending_bad": pending_bad})
-        self._raise_if_pending_bad(totals.pop("pending_bad"))
+        values, held = self._read_with_pending(torch.stack(scalars))
+        totals = self._reduce(values[0], {**local, **self._window.counts(local), "pending_bad": _non_finite(held)})
+        self._raise_if_pending_bad(held, totals.pop("pending_bad"))
         check_finite(totals["loss"], self.step)
         # the base rate of this step (the schedule moves on below): optimizer.lr times the schedule's factor, not
         # the first group's rate, which in stage 2 is a part's (the vision tower's, at stage2.vision_lr_scale)
@@ -554,6 +554,7 @@ class Trainer:
         batch: the batch as the loader gives it, its bounds and captions on the host: it is cut there and each chunk
         copied to the device (cut on the GPU, each chunk read the batch's bounds back: 4-6 synchronisations)."""
         from fineviti.data.batch import to_device
+        from fineviti.model.two_tower import pair_loss
 
         per_chunk = self.cfg.training.grad_cache_images
         n_chunks = self._max_over_ranks(-(-batch.n_images // per_chunk))  # FSDP2: one count of forwards per rank
@@ -574,8 +575,8 @@ class Trainer:
         txt = torch.cat(texts).detach().requires_grad_()
         scale = out["logit_scale"].detach().float().requires_grad_()
         bias = out["logit_bias"].detach().float().requires_grad_() if out["logit_bias"] is not None else None
-        loss = contrastive_loss(self.cfg.model, img, txt, text_image, scale, bias, self.world.group,
-                                self.world.host_group)
+        loss = pair_loss(self.cfg.model, img, txt, text_image, scale, bias, group=self.world.group,
+                         host_group=self.world.host_group)
         # fp16: the scaled loss, so that the embeddings' 16-bit gradients are scaled as they are made (scaled after,
         # their small entries would have underflowed already); the chunks' backward passes take them as they are
         self._backward(loss)
@@ -680,52 +681,48 @@ class Trainer:
         self._pending.append((self.step, loss, norm))
         self._window.add_counts(local)
 
-    def _read_with_pending(self, scalars: torch.Tensor) -> tuple[list[float], int]:
-        """This step's scalars, and the count of non-finite losses and norms of the pending steps, in one read."""
+    def _read_with_pending(self, scalars: torch.Tensor) -> tuple[list[float], list[float]]:
+        """This step's scalars, and the pending steps' losses and norms (in their order), in one read."""
         if not self._pending:
-            return scalars.tolist(), 0
-        held = [t.reshape(()).float() for _, loss, norm in self._pending for t in (loss, norm) if t is not None]
+            return scalars.tolist(), []
+        held = [t.reshape(()).float() for _, loss, norm in self._pending for t in (loss, norm)]
         every = torch.cat([scalars, torch.stack(held)]).tolist()
-        values, held_values = every[:scalars.numel()], every[scalars.numel():]
-        self._pending_values = held_values
-        return values, sum(not math.isfinite(v) for v in held_values)
+        return every[:scalars.numel()], every[scalars.numel():]
 
-    def _raise_if_pending_bad(self, bad_on_ranks: float) -> None:
-        """NonFiniteLossError (on every rank: the count is summed over them) naming the first pending step whose
+    def _raise_if_pending_bad(self, held: list[float], bad_on_ranks: float) -> None:
+        """Ends the pending steps (their values `held`, as _read_with_pending gives them); NonFiniteLossError (on
+        every rank: `bad_on_ranks` counts the non-finite values of all of them) naming the first pending step whose
         loss or gradient norm was not finite here, or that one was elsewhere."""
-        pending, values = self._pending, getattr(self, "_pending_values", [])
-        self._pending, self._pending_values = [], []
+        pending, self._pending = self._pending, []
         if not bad_on_ranks:
             return
-        i = 0
-        for step, _, norm in pending:
-            for what in ("the loss", "the gradient norm")[: 1 + (norm is not None)]:
-                if not math.isfinite(values[i]):
+        for (step, _, _), values in zip(pending, zip(held[::2], held[1::2], strict=True), strict=True):
+            for what, value in zip(("the loss", "the gradient norm"), values, strict=True):
+                if not math.isfinite(value):
                     raise NonFiniteLossError(
-                        f"{what} is {values[i]} at step {step}, a step between two metrics rows "
+                        f"{what} is {value} at step {step}, a step between two metrics rows "
                         f"(metrics.log_every={self.cfg.metrics.log_every}): its update ran, and steps up to "
                         f"{self.step} computed on its weights; resume from the last checkpoint (none was written "
                         f"after it)")
-                i += 1
         raise NonFiniteLossError(f"a loss or gradient norm between steps {pending[0][0]} and {pending[-1][0]} was "
                                  f"not finite on another rank (metrics.log_every={self.cfg.metrics.log_every}); "
                                  f"resume from the last checkpoint")
 
-    def _raise_if_pending_bad_here(self, error: Exception) -> None:
-        """NonFiniteLossError, from `error`, when a pending step's loss or norm was non-finite on this rank (a local
-        read: ranks may fail apart, so no collective)."""
-        if self._pending:
-            _, bad = self._read_with_pending(torch.zeros(0, device=self.device))
-            try:
-                self._raise_if_pending_bad(bad)
-            except NonFiniteLossError as named:
-                raise named from error
-
-    def _check_pending(self) -> None:
-        """The pending steps' loss and gradient norm read and checked now (before a checkpoint, at the end)."""
-        if self._pending:
-            _, bad = self._read_with_pending(torch.zeros(0, device=self.device))
-            self._raise_if_pending_bad(self._sum_over_ranks([float(bad)])[0])
+    def _check_pending(self, cause: Exception | None = None) -> None:
+        """The pending steps' losses and norms read and checked now: before a checkpoint and at the end, on every
+        rank; or, with `cause` (an error raised in a later step), on this rank alone (ranks may fail apart: no
+        collective), a non-finite one raised from `cause`."""
+        if not self._pending:
+            return
+        _, held = self._read_with_pending(torch.zeros(0, device=self.device))
+        bad = float(_non_finite(held))
+        if cause is None:
+            self._raise_if_pending_bad(held, self._sum_over_ranks([bad])[0])
+            return
+        try:
+            self._raise_if_pending_bad(held, bad)
+        except NonFiniteLossError as named:
+            raise named from cause
 
     # -- metrics -----------------------------------------------------------------------------------------------
 
@@ -818,6 +815,10 @@ class Trainer:
                                f"({self.data.summary()}): the data looks broken")
 
 
+def _non_finite(values: list[float]) -> int:
+    return sum(not math.isfinite(v) for v in values)
+
+
 class _Window:
     """What the steps since the last metrics row add up to: host time, data wait, and counts of this rank (the row's
     own step's counts join at the row, summed over ranks with them)."""
@@ -845,19 +846,6 @@ class _Window:
                "window_flops": self.flops + local["flops"]}
         out.update({f"window_pairs_{i}": pairs for i, pairs in enumerate(self.pairs)})
         return out
-
-
-def contrastive_loss(model_cfg, img, txt, text_image, scale, bias, group, host_group=None):
-    """The model's contrastive loss of normalised features with given logit scale (multiplier) and bias (GradCache
-    computes it outside the model's forward; FineViT.contrastive_loss does the same with its own parameters)."""
-    from fineviti.ops.contrastive import clip_loss, siglip_loss
-
-    if text_image is not None:
-        img = img[text_image]
-    txt = txt.to(img.dtype)
-    if model_cfg.loss == "siglip":
-        return siglip_loss(img, txt, scale, bias, backend=model_cfg.loss_backend, group=group, host_group=host_group)
-    return clip_loss(img, txt, scale, backend=model_cfg.loss_backend, group=group, host_group=host_group)
 
 
 def run(cfg: JobConfig) -> dict:
